@@ -1,0 +1,24 @@
+"""Evaluate a checkpoint: `python evaluate.py ckpt_path=outputs/<task>/runs/<time>/checkpoints/last.ckpt`."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import vl.config  # noqa: F401  (registers structured-config schemas and resolvers)
+from vl.errors import VLError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from vl.pipeline import evaluate
+
+    try:
+        evaluate(cfg)
+    except VLError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

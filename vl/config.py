@@ -1,0 +1,173 @@
+"""Structured-config schemas (validated at compose time) and OmegaConf resolvers.
+
+YAML files in `conf/model`, `conf/data`, `conf/trainer` start with `defaults: [/schema/<group>/<name>@_here_, _self_]`,
+so an unknown key or a wrong type fails while Hydra composes, naming the full key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@dataclass
+class TextEncoderConfig:
+    """BERT sizes (random init), or `pretrained`: a local HF dir / "minilm" (then the sizes come from its config)."""
+
+    pretrained: Optional[str] = None
+    vocab_size: int = 30522
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    add_pooling_layer: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    _recursive_: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: Optional[dict[str, Any]] = None
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    init_from: Optional[str] = None
+    pretrained_lr_mult: float = 1.0
+
+
+@dataclass
+class VisualBertModelConfig(ModelConfig):
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def _corpus_schema() -> type:
+    """A mutable schema with exactly the fields and types of `vl.data.scenes.SceneSettings`."""
+    from vl.data.scenes import SceneSettings
+
+    hints = typing.get_type_hints(SceneSettings)
+    fields = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(SceneSettings)]
+    return dataclasses.make_dataclass("CorpusConfig", fields)
+
+
+CorpusConfig = _corpus_schema()
+
+
+@dataclass
+class DataConfig:
+    _target_: str = MISSING
+    root: Optional[str] = None
+    cache_dir: str = "data"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # type: ignore[valid-type]
+    objectives: list[str] = field(default_factory=list)
+    tokenizer: str = "minilm"
+    batch_size: int = 64
+    batch_size_per_device: Optional[int] = None
+    num_workers: int = 0
+    max_text_len: int = 32
+    max_regions: int = 36
+    mlm_probability: float = 0.15
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    pin_memory: bool = False
+
+
+@dataclass
+class CaptionsDataConfig(DataConfig):
+    captions: str = "annotations/captions_{split}.json"
+    features: str = "regions.lmdb"
+
+
+@dataclass
+class VQADataConfig(DataConfig):
+    questions: str = "vqa/v2_OpenEnded_mscoco_{split}2014_questions.json"
+    targets: str = "vqa/cache/{split}_target.pkl"
+    answers: str = "vqa/cache/trainval_ans2label.pkl"
+    features: str = "regions.lmdb"
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    """The `lightning.pytorch.Trainer` arguments `vl` uses (unions typed `Any`)."""
+
+    _target_: str = "lightning.pytorch.Trainer"
+    default_root_dir: Optional[str] = None
+    accelerator: str = "cpu"
+    strategy: Any = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    min_epochs: Optional[int] = None
+    max_epochs: Optional[int] = None
+    max_steps: int = -1
+    val_check_interval: Any = None
+    check_val_every_n_epoch: Optional[int] = 1
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = None
+    deterministic: Any = False
+    benchmark: Optional[bool] = None
+    fast_dev_run: Any = False
+    overfit_batches: Any = 0.0
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    num_sanity_val_steps: Optional[int] = None
+    profiler: Any = None
+    detect_anomaly: bool = False
+    enable_progress_bar: Optional[bool] = None
+    enable_model_summary: Optional[bool] = None
+    sync_batchnorm: bool = False
+    use_distributed_sampler: bool = True
+    reload_dataloaders_every_n_epochs: int = 0
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(group="schema/model", name="visual_bert", node=VisualBertModelConfig)
+    cs.store(group="schema/data", name="captions", node=CaptionsDataConfig)
+    cs.store(group="schema/data", name="vqa", node=VQADataConfig)
+    cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
+
+
+def _sweep_group(default: str) -> str:
+    """W&B group: the multirun's sweep dir name, else `default`."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return f"{default}-{hc.sweep.dir.rstrip('/').split('/')[-1]}"
+    except ValueError:
+        pass
+    return default
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("vl_sweep_group"):
+        OmegaConf.register_new_resolver("vl_sweep_group", _sweep_group)
+
+
+register_configs()
+register_resolvers()

@@ -1,0 +1,155 @@
+"""Shared LightningDataModule base: embedded-corpus resolution, file checks, batch sizes, dataloaders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from vl.data.collate import Collator, load_tokenizer
+from vl.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class VLDataModule(L.LightningDataModule):
+    """Base for one corpus. Subclasses implement `required_files()` and `build_dataset(split)`.
+
+    `root=None` uses the embedded scene corpus (generated once into `cache_dir`, keyed by `corpus` settings).
+    `batch_size` is the global batch; `batch_size_per_device` what one device sees; the training entry point derives
+    gradient accumulation = batch_size / (batch_size_per_device x world size).
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | None = None,
+        cache_dir: str = "data",
+        corpus: dict[str, Any] | None = None,
+        objectives: list[str] = (),
+        tokenizer: str = "minilm",
+        batch_size: int = 64,
+        batch_size_per_device: int | None = None,
+        num_workers: int = 0,
+        max_text_len: int = 32,
+        max_regions: int = 36,
+        mlm_probability: float = 0.15,
+        splits: dict[str, str] | None = None,
+        monitor: str = "val/loss",
+        monitor_mode: str = "min",
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.root_arg = root
+        self.cache_dir = cache_dir
+        self.corpus = dict(corpus or {})
+        self.objectives = list(objectives)
+        self.tokenizer_name = tokenizer
+        self.batch_size = int(batch_size)
+        self.batch_size_per_device = int(batch_size_per_device or batch_size)
+        if self.batch_size % self.batch_size_per_device:
+            raise ConfigError(
+                f"data.batch_size={batch_size} is not a multiple of data.batch_size_per_device={batch_size_per_device}"
+            )
+        self.num_workers = num_workers
+        self.max_text_len = max_text_len
+        self.max_regions = max_regions
+        self.mlm_probability = mlm_probability
+        self.splits = {s: s for s in SPLITS} | dict(splits or {})
+        self.monitor = monitor
+        self.monitor_mode = monitor_mode
+        self.pin_memory = pin_memory
+        self._root: Path | None = None
+        self._tokenizer = None
+        self.datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ files
+    @property
+    def root(self) -> Path:
+        """The corpus dir: `root` as given, or the embedded corpus (generated on first use)."""
+        if self._root is None:
+            if self.root_arg:
+                self._root = Path(self.root_arg).expanduser()
+                if not self._root.is_dir():
+                    raise DataError(f"{self._root}: data.root does not exist or is not a directory")
+            else:
+                from vl.data.scenes import SceneSettings, ensure_corpus
+
+                self._root = ensure_corpus(Path(self.cache_dir), SceneSettings(**self.corpus))
+        return self._root
+
+    def path(self, relative: str, split: str | None = None) -> Path:
+        """`root / relative`, with `{split}` replaced by the file split name of `split`."""
+        if split is not None:
+            relative = relative.format(split=self.splits[split])
+        return self.root / relative
+
+    def required_files(self) -> list[Path]:
+        """Every file the module will read; checked before any compute."""
+        raise NotImplementedError
+
+    def check_files(self) -> None:
+        for path in self.required_files():
+            if not path.exists():
+                raise DataError(f"{path}: file not found (data.root={self.root})")
+
+    def prepare_data(self) -> None:
+        self.check_files()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ datasets
+    def build_dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage or "", SPLITS):
+            if split not in self.datasets:
+                self.datasets[split] = self.build_dataset(split)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Corpus facts a model needs to build its heads (e.g. `visual_dim`, `num_answers`)."""
+        return {}
+
+    # ------------------------------------------------------------------ loaders
+    def collator(self, split: str) -> Collator:
+        return Collator(
+            self.tokenizer,
+            max_text_len=self.max_text_len,
+            max_regions=self.max_regions,
+            mlm="mlm" in self.objectives,
+            mlm_probability=self.mlm_probability,
+            deterministic=split != "train",
+        )
+
+    def loader(self, split: str) -> DataLoader:
+        self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size_per_device,
+            shuffle=split == "train",
+            num_workers=self.num_workers,
+            collate_fn=self.collator(split),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")

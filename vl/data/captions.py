@@ -1,0 +1,97 @@
+"""Image-caption pairs for pretraining (MLM + ITM): COCO-style captions JSON + region-feature LMDB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vl.data.base import VLDataModule
+from vl.data.coco import load_coco_captions
+from vl.data.features import RegionFeatureReader
+from vl.errors import DataError
+
+
+class CaptionPairs(Dataset):
+    """One example per caption. With `itm`, half the captions are swapped for a caption of another image
+    (`itm_label` 0); eval splits draw the swap deterministically from the example index."""
+
+    def __init__(
+        self,
+        captions: list[dict[str, Any]],
+        regions: RegionFeatureReader,
+        *,
+        itm: bool,
+        deterministic: bool,
+        seed: int = 0,
+    ) -> None:
+        self.captions = captions
+        self.regions = regions
+        self.itm = itm
+        self.deterministic = deterministic
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def _random(self, index: int) -> tuple[float, int]:
+        if self.deterministic:
+            rng = np.random.default_rng((self.seed, index))
+            return float(rng.random()), int(rng.integers(len(self.captions)))
+        return float(torch.rand(())), int(torch.randint(len(self.captions), ()))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ann = self.captions[index]
+        example = {"text": ann["caption"], "image_id": ann["image_id"], "index": index}
+        if self.itm:
+            coin, other = self._random(index)
+            example["itm_label"] = 1
+            if coin < 0.5:
+                while self.captions[other]["image_id"] == ann["image_id"]:
+                    other = (other + 1) % len(self.captions)
+                example["text"] = self.captions[other]["caption"]
+                example["itm_label"] = 0
+        example["visual"] = self.regions[str(ann["image_id"])]
+        return example
+
+
+class CaptionsDataModule(VLDataModule):
+    """`data=captions`: `captions` (COCO captions JSON per split) + `features` (region LMDB)."""
+
+    def __init__(
+        self,
+        *,
+        captions: str = "annotations/captions_{split}.json",
+        features: str = "regions.lmdb",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.captions_file = captions
+        self.features_file = features
+        self._regions: RegionFeatureReader | None = None
+
+    def required_files(self) -> list[Path]:
+        files = [self.path(self.captions_file, split) for split in ("train", "val", "test")]
+        return files + [self.path(self.features_file)]
+
+    @property
+    def regions(self) -> RegionFeatureReader:
+        if self._regions is None:
+            self._regions = RegionFeatureReader(self.path(self.features_file))
+        return self._regions
+
+    def build_dataset(self, split: str) -> CaptionPairs:
+        path = self.path(self.captions_file, split)
+        _, annotations = load_coco_captions(path)
+        missing = next((a["image_id"] for a in annotations if str(a["image_id"]) not in self.regions), None)
+        if missing is not None:
+            raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {path})")
+        return CaptionPairs(annotations, self.regions, itm="itm" in self.objectives, deterministic=split != "train")
+
+    @property
+    def info(self) -> dict[str, Any]:
+        first = self.regions[self.regions.ids()[0]]
+        return {"visual_dim": int(first["features"].shape[1])}

@@ -1,0 +1,135 @@
+"""Tokenisation, MLM masking and padding: the picklable collator every data module uses.
+
+Batch keys (one vocabulary for all collators and encoders):
+  input_ids, attention_mask, token_type_ids   (B, T) long
+  visual_feats (B, R, D) float; visual_boxes (B, R, 4) normalised x1y1x2y2; visual_mask (B, R) long
+  mlm_labels (B, T) long, -100 = not predicted      itm_labels (B,) long, 1 = aligned
+  vqa_targets (B, A) float soft scores             question_id, image_id, index (B,) long
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from vl.objectives import IGNORE_INDEX
+
+
+def load_tokenizer(name_or_path: str):
+    """A `BertTokenizerFast` from a local dir, or `"minilm"` for the packaged bert-base-uncased vocab."""
+    from transformers import BertTokenizerFast
+
+    from vl.models.bert import resolve_model_dir
+
+    return BertTokenizerFast.from_pretrained(str(resolve_model_dir(name_or_path)))
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special_mask: torch.Tensor,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose `probability` of the non-special tokens; of those 80 % -> [MASK], 10 % -> a random token,
+    10 % unchanged. Returns (masked input_ids, labels with -100 where not chosen). Shapes (B, T)."""
+    labels = input_ids.clone()
+    probs = torch.full(input_ids.shape, probability)
+    probs.masked_fill_(special_mask.bool(), 0.0)
+    chosen = torch.bernoulli(probs, generator=generator).bool()
+    labels[~chosen] = IGNORE_INDEX
+    ids = input_ids.clone()
+    to_mask = torch.bernoulli(torch.full(ids.shape, 0.8), generator=generator).bool() & chosen
+    ids[to_mask] = mask_token_id
+    to_random = torch.bernoulli(torch.full(ids.shape, 0.5), generator=generator).bool() & chosen & ~to_mask
+    ids[to_random] = torch.randint(vocab_size, ids.shape, generator=generator)[to_random]
+    return ids, labels
+
+
+def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int) -> dict[str, torch.Tensor]:
+    """Stack reader outputs (`features` (N,D), `boxes_norm` (N,4)) into padded (B,R,D), (B,R,4) and a (B,R) mask."""
+    n = min(max(v["features"].shape[0] for v in visuals), max_regions)
+    dim = visuals[0]["features"].shape[1]
+    feats = torch.zeros(len(visuals), n, dim)
+    boxes = torch.zeros(len(visuals), n, 4)
+    mask = torch.zeros(len(visuals), n, dtype=torch.long)
+    for i, v in enumerate(visuals):
+        k = min(v["features"].shape[0], n)
+        feats[i, :k] = torch.from_numpy(np.asarray(v["features"][:k], dtype=np.float32))
+        boxes[i, :k] = torch.from_numpy(np.asarray(v["boxes_norm"][:k], dtype=np.float32))
+        mask[i, :k] = 1
+    return {"visual_feats": feats, "visual_boxes": boxes, "visual_mask": mask}
+
+
+class Collator:
+    """Turns a list of examples into a batch dict (see the module docstring).
+
+    Example keys: `text` (str), optional `text_b`; `visual` (reader dict) ; optional `itm_label`, `vqa_target`
+    (np.ndarray (A,)), `question_id`, `image_id`; `index` (int, seeds deterministic masking when `deterministic`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        max_text_len: int = 32,
+        max_regions: int = 36,
+        mlm: bool = False,
+        mlm_probability: float = 0.15,
+        deterministic: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
+        self.max_regions = max_regions
+        self.mlm = mlm
+        self.mlm_probability = mlm_probability
+        self.deterministic = deterministic
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        texts = [ex["text"] for ex in examples]
+        pairs = [ex["text_b"] for ex in examples] if "text_b" in examples[0] else None
+        enc = self.tokenizer(
+            texts,
+            pairs,
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_len,
+            return_tensors="pt",
+            return_special_tokens_mask=self.mlm,
+            return_token_type_ids=True,
+        )
+        batch: dict[str, torch.Tensor] = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "token_type_ids": enc["token_type_ids"],
+            "index": torch.tensor([ex.get("index", 0) for ex in examples]),
+        }
+        if "visual" in examples[0]:
+            batch.update(pad_regions([ex["visual"] for ex in examples], self.max_regions))
+        if "itm_label" in examples[0]:
+            batch["itm_labels"] = torch.tensor([int(ex["itm_label"]) for ex in examples])
+        if self.mlm:
+            generator = None
+            if self.deterministic:
+                generator = torch.Generator().manual_seed(int(batch["index"].sum()) + 1)
+            special = enc["special_tokens_mask"] | (enc["attention_mask"] == 0)
+            batch["input_ids"], batch["mlm_labels"] = mask_tokens(
+                enc["input_ids"],
+                special,
+                mask_token_id=self.tokenizer.mask_token_id,
+                vocab_size=len(self.tokenizer),
+                probability=self.mlm_probability,
+                generator=generator,
+            )
+            if "itm_labels" in batch:  # MLM only on aligned pairs (LXMERT convention)
+                batch["mlm_labels"][batch["itm_labels"] == 0] = IGNORE_INDEX
+        if "vqa_target" in examples[0]:
+            batch["vqa_targets"] = torch.from_numpy(np.stack([ex["vqa_target"] for ex in examples])).float()
+        for key in ("question_id", "image_id"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([int(ex[key]) for ex in examples])
+        return batch

@@ -1,0 +1,117 @@
+"""VQA: official questions JSON + soft-score targets (pickle/JSON) + answer vocabulary + region-feature LMDB."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from vl.data.base import VLDataModule
+from vl.data.features import RegionFeatureReader
+from vl.data.vqa_format import load_answer_vocab, load_questions, load_targets
+from vl.errors import DataError
+
+
+class VQAQuestions(Dataset):
+    """One example per question: text, regions, dense soft-score target (A,)."""
+
+    def __init__(
+        self, questions: list[dict], targets: dict[int, dict], regions: RegionFeatureReader, num_answers: int
+    ) -> None:
+        self.questions = questions
+        self.targets = targets
+        self.regions = regions
+        self.num_answers = num_answers
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        q = self.questions[index]
+        target = np.zeros(self.num_answers, dtype=np.float32)
+        entry = self.targets.get(q["question_id"])
+        if entry is not None:
+            target[np.asarray(entry["labels"], dtype=np.int64)] = np.asarray(entry["scores"], dtype=np.float32)
+        return {
+            "text": q["question"],
+            "question_id": q["question_id"],
+            "image_id": q["image_id"],
+            "index": index,
+            "vqa_target": target,
+            "visual": self.regions[str(q["image_id"])],
+        }
+
+
+class VQADataModule(VLDataModule):
+    """`data=vqa`. Files are relative to `root` with `{split}` filled from `splits`."""
+
+    def __init__(
+        self,
+        *,
+        questions: str = "vqa/v2_OpenEnded_mscoco_{split}2014_questions.json",
+        targets: str = "vqa/cache/{split}_target.pkl",
+        answers: str = "vqa/cache/trainval_ans2label.pkl",
+        features: str = "regions.lmdb",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.questions_file = questions
+        self.targets_file = targets
+        self.answers_file = answers
+        self.features_file = features
+        self._regions: RegionFeatureReader | None = None
+        self._ans2label: dict[str, int] | None = None
+
+    def required_files(self) -> list[Path]:
+        files = [self.path(self.answers_file), self.path(self.features_file)]
+        for split in ("train", "val", "test"):
+            files += [self.path(self.questions_file, split), self.path(self.targets_file, split)]
+        return files
+
+    @property
+    def regions(self) -> RegionFeatureReader:
+        if self._regions is None:
+            self._regions = RegionFeatureReader(self.path(self.features_file))
+        return self._regions
+
+    @property
+    def ans2label(self) -> dict[str, int]:
+        if self._ans2label is None:
+            self._ans2label = load_answer_vocab(self.path(self.answers_file))
+        return self._ans2label
+
+    @property
+    def label2ans(self) -> list[str]:
+        out = [""] * len(self.ans2label)
+        for ans, idx in self.ans2label.items():
+            out[idx] = ans
+        return out
+
+    def build_dataset(self, split: str) -> VQAQuestions:
+        qpath, tpath = self.path(self.questions_file, split), self.path(self.targets_file, split)
+        questions = load_questions(qpath)
+        targets = {int(t["question_id"]): t for t in load_targets(tpath)}
+        n = len(self.ans2label)
+        for t in targets.values():
+            bad = [label for label in t["labels"] if not 0 <= int(label) < n]
+            if bad:
+                raise DataError(f"{tpath}: question {t['question_id']} has answer label {bad[0]} outside [0, {n})")
+        missing = next((q["image_id"] for q in questions if str(q["image_id"]) not in self.regions), None)
+        if missing is not None:
+            raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {qpath})")
+        return VQAQuestions(questions, targets, self.regions, n)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        first = self.regions[self.regions.ids()[0]]
+        return {"visual_dim": int(first["features"].shape[1]), "num_answers": len(self.ans2label)}
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path:
+        """EvalAI-style `[{"question_id", "answer"}]`."""
+        label2ans = self.label2ans
+        rows = [{"question_id": p["question_id"], "answer": label2ans[p["answer_idx"]]} for p in predictions]
+        path.write_text(json.dumps(sorted(rows, key=lambda r: r["question_id"])))
+        return path

@@ -1,0 +1,50 @@
+"""torchmetrics `Metric`s shared by all architectures (states are sums, so they sync correctly under DDP)."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+
+class Accuracy(Metric):
+    """Fraction of correct predictions. `update(preds (N,), target (N,))`; entries with target == ignore_index skipped."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.add_state("correct", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        keep = target != self.ignore_index
+        self.correct += (preds[keep] == target[keep]).sum().float()
+        self.total += keep.sum().float()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total.clamp(min=1)
+
+
+class VQAAccuracy(Metric):
+    """Soft VQA accuracy: the soft score (0/0.3/0.6/0.9/1) of the arg-max answer, averaged over questions.
+
+    `update(logits (N, A), scores (N, A))`.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("score", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, scores: torch.Tensor) -> None:
+        pred = logits.argmax(dim=-1, keepdim=True)
+        self.score += scores.gather(1, pred).sum().float()
+        self.total += float(logits.shape[0])
+
+    def compute(self) -> torch.Tensor:
+        return self.score / self.total.clamp(min=1)

@@ -1,0 +1,178 @@
+"""The LightningModule base every architecture subclasses: objective dispatch, metrics, optimisation, init loading.
+
+A subclass only builds `self.encoder` (an nn.Module with `forward(batch) -> EncoderOutput` and
+`word_embeddings` (nn.Embedding)) before calling `self.build_objectives()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vl.errors import ConfigError
+from vl.models.bert import log_key_report
+from vl.objectives import EncoderOutput, build_objectives
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class VLSystem(L.LightningModule):
+    """Sums weighted objective losses, updates per-stage torchmetrics, logs `stage/name`."""
+
+    def __init__(
+        self,
+        *,
+        objectives: list[str],
+        data_info: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        init_from: str | None = None,
+        pretrained_lr_mult: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not objectives:
+            raise ConfigError("data.objectives: at least one objective is needed")
+        self.objective_names = list(objectives)
+        self.data_info = dict(data_info)
+        self.optimizer_cfg = _plain(optimizer)
+        self.scheduler_cfg = _plain(scheduler)
+        self.loss_weights = dict(loss_weights or {})
+        self.init_from = init_from
+        self.pretrained_lr_mult = pretrained_lr_mult
+        self.predictions: list[dict[str, Any]] = []
+
+    def build_objectives(self, hidden_size: int) -> None:
+        """Call at the end of a subclass `__init__`, once `self.encoder` exists."""
+        self.objectives = build_objectives(
+            self.objective_names,
+            hidden_size=hidden_size,
+            word_embeddings=self.encoder.word_embeddings,
+            data_info=self.data_info,
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_": nn.ModuleDict(  # "train" would clash with nn.Module.train
+                    {name: nn.ModuleDict(head.make_metrics()) for name, head in self.objectives.items()}
+                )
+                for stage in STAGES
+            }
+        )
+        if self.init_from:
+            self.load_init_checkpoint(self.init_from)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> EncoderOutput:
+        return self.encoder(batch)
+
+    def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        out = self(batch)
+        total = 0.0
+        bs = batch["input_ids"].shape[0]
+        for name, head in self.objectives.items():
+            if any(key not in batch for key in head.requires):
+                continue
+            result = head(out, batch)
+            total = total + self.loss_weights.get(name, 1.0) * result.loss
+            head.update_metrics(self.metrics[f"{stage}_"][name], result)
+            self.log(f"{stage}/{name}_loss", result.loss, batch_size=bs, sync_dist=stage != "train")
+            for metric_name, metric in self.metrics[f"{stage}_"][name].items():
+                self.log(f"{stage}/{metric_name}", metric, batch_size=bs, prog_bar=stage != "train")
+            if stage == "test":
+                self.collect_predictions(name, result, batch)
+        self.log(f"{stage}/loss", total, batch_size=bs, prog_bar=True, sync_dist=stage != "train")
+        return total
+
+    # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        # Reseed per epoch so a run resumed from an epoch-boundary checkpoint draws the same masks, negatives,
+        # shuffles and dropout as an uninterrupted run.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(seed + 7919 * self.current_epoch + self.global_rank)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    # ------------------------------------------------------------------ validation / test
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "test")
+
+    def collect_predictions(self, name: str, result: Any, batch: dict[str, Any]) -> None:
+        """Keep VQA answers per question id (for the EvalAI-style JSON)."""
+        if name == "vqa" and "question_id" in batch:
+            pred = result.logits.argmax(-1).tolist()
+            for qid, idx in zip(batch["question_id"].tolist(), pred):
+                self.predictions.append({"question_id": int(qid), "answer_idx": int(idx)})
+
+    def gathered_predictions(self) -> list[dict[str, Any]]:
+        """Predictions from all ranks, de-duplicated by question id (the distributed sampler pads)."""
+        preds = self.predictions
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everything: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everything, preds)
+            preds = [p for part in everything for p in part]
+        return list({p["question_id"]: p for p in preds}.values())
+
+    # ------------------------------------------------------------------ optimisation
+    def pretrained_parameter_names(self) -> set[str]:
+        """Names of parameters that came from pretrained weights (they get lr x `pretrained_lr_mult`)."""
+        return set()
+
+    def configure_optimizers(self) -> Any:
+        pretrained = self.pretrained_parameter_names()
+        base_lr = float(self.optimizer_cfg["lr"])
+        weight_decay = float(self.optimizer_cfg.get("weight_decay", 0.0))
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = not any(name.endswith(nd) for nd in NO_DECAY) and param.ndim > 1
+            groups.setdefault((decay, name in pretrained), []).append(param)
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": base_lr * (self.pretrained_lr_mult if is_pre else 1.0),
+            }
+            for (decay, is_pre), params in groups.items()
+        ]
+        optimizer = instantiate(self.optimizer_cfg)(param_groups)  # `_partial_: true` configs
+        if not self.scheduler_cfg:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = instantiate(self.scheduler_cfg)(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ loading
+    def load_init_checkpoint(self, path: str) -> None:
+        """Initialise from an earlier run's checkpoint (e.g. pretraining -> fine-tuning), non-strict and loud."""
+        if not os.path.isfile(path):
+            raise ConfigError(f"model.init_from: checkpoint '{path}' does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state)
+        own = self.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+        result = self.load_state_dict(usable, strict=False)
+        unexpected = sorted(set(state) - set(own)) + [f"{k} (shape mismatch)" for k in skipped]
+        log_key_report(f"init from {path}", result.missing_keys, unexpected)

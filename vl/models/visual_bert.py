@@ -1,0 +1,95 @@
+"""Single-stream VisualBERT-style encoder: BERT layers over [text tokens ; projected region tokens].
+
+Text tokens: BERT word + position + type-0 embeddings. Region tokens: Linear(feat) + Linear(box) projected to the
+hidden size, then BERT position-0 + type-1 embeddings and the shared LayerNorm. One attention mask over both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vl.models.base import VLSystem
+from vl.models.bert import build_bert
+from vl.objectives import EncoderOutput
+
+
+class VisualBertEncoder(nn.Module):
+    """`forward(batch) -> EncoderOutput(text (B,T,H), visual (B,R,H), pooled (B,H))`.
+
+    Batch keys: input_ids, attention_mask, token_type_ids (B,T); visual_feats (B,R,D); visual_boxes (B,R,4)
+    normalised x1y1x2y2; visual_mask (B,R).
+    """
+
+    def __init__(self, *, text_encoder: dict[str, Any], visual_dim: int, box_dim: int = 5) -> None:
+        super().__init__()
+        self.bert = build_bert(**text_encoder)
+        hidden = self.bert.config.hidden_size
+        self.hidden_size = hidden
+        self.visual_proj = nn.Linear(visual_dim, hidden)
+        self.box_proj = nn.Linear(box_dim, hidden)
+        self.visual_norm = nn.LayerNorm(hidden, eps=1e-12)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    @staticmethod
+    def box_features(boxes: torch.Tensor) -> torch.Tensor:
+        """(B,R,4) normalised x1y1x2y2 -> (B,R,5) with the relative area appended."""
+        area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+        return torch.cat([boxes, area.unsqueeze(-1)], dim=-1)
+
+    def forward(self, batch: dict[str, Any]) -> EncoderOutput:
+        input_ids = batch["input_ids"]
+        bsz, text_len = input_ids.shape
+        text_emb = self.word_embeddings(input_ids)  # (B,T,H)
+        feats = batch["visual_feats"]
+        vis_emb = self.visual_norm(self.visual_proj(feats) + self.box_proj(self.box_features(batch["visual_boxes"])))
+        n_regions = vis_emb.shape[1]
+        inputs = torch.cat([text_emb, vis_emb], dim=1)  # (B,T+R,H)
+        token_type = torch.cat(
+            [batch["token_type_ids"], torch.ones(bsz, n_regions, dtype=torch.long, device=input_ids.device)], dim=1
+        )
+        positions = torch.arange(text_len, device=input_ids.device).expand(bsz, -1)
+        position_ids = torch.cat([positions, torch.zeros_like(token_type[:, text_len:])], dim=1)
+        mask = torch.cat([batch["attention_mask"], batch["visual_mask"].to(batch["attention_mask"].dtype)], dim=1)
+        out = self.bert(inputs_embeds=inputs, token_type_ids=token_type, position_ids=position_ids, attention_mask=mask)
+        states = out.last_hidden_state
+        return EncoderOutput(text=states[:, :text_len], visual=states[:, text_len:], pooled=out.pooler_output)
+
+
+class VisualBertSystem(VLSystem):
+    """VisualBERT-style single-stream model + the data's objectives (MLM, ITM, VQA, ...)."""
+
+    def __init__(
+        self,
+        *,
+        text_encoder: dict[str, Any],
+        objectives: list[str],
+        data_info: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        init_from: str | None = None,
+        pretrained_lr_mult: float = 1.0,
+    ) -> None:
+        super().__init__(
+            objectives=objectives,
+            data_info=data_info,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_weights=loss_weights,
+            init_from=init_from,
+            pretrained_lr_mult=pretrained_lr_mult,
+        )
+        self.save_hyperparameters()
+        self.encoder = VisualBertEncoder(text_encoder=dict(text_encoder), visual_dim=int(data_info["visual_dim"]))
+        self.build_objectives(self.encoder.hidden_size)
+
+    def pretrained_parameter_names(self) -> set[str]:
+        if not self.hparams.text_encoder.get("pretrained"):
+            return set()
+        return {f"encoder.bert.{name}" for name, _ in self.encoder.bert.named_parameters()}

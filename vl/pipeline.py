@@ -1,0 +1,197 @@
+"""`train(cfg)` and `evaluate(cfg)`: plain functions that tests call; `train.py`/`evaluate.py` only wrap them."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vl.errors import ConfigError
+from vl.report import plot_curves, write_results
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a group dict (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def _check_fresh_output(output_dir: Path) -> None:
+    ckpts = output_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        raise ConfigError(
+            f"paths.output_dir: {output_dir} already holds checkpoints of an earlier run; refusing to overwrite them"
+        )
+
+
+def build_datamodule(cfg: DictConfig):
+    """Instantiate the data module, check its files, and return it (no compute spent yet)."""
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    return dm
+
+
+def build_model(cfg: DictConfig, dm: Any, init_from: str | None = None) -> L.LightningModule:
+    extra: dict[str, Any] = {"objectives": list(dm.objectives), "data_info": dm.info}
+    if init_from:
+        extra["init_from"] = init_from
+    return instantiate(cfg.model, **extra)
+
+
+def _accumulation(cfg: DictConfig, dm: Any, world_size: int) -> int:
+    per_step = dm.batch_size_per_device * world_size
+    if dm.batch_size % per_step:
+        raise ConfigError(
+            f"data.batch_size={dm.batch_size} is not divisible by batch_size_per_device x world size = "
+            f"{dm.batch_size_per_device} x {world_size}"
+        )
+    return dm.batch_size // per_step
+
+
+def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple[dict[str, float], str | None]:
+    """Fit (and test) one stage. Returns (metrics, path of the checkpoint to continue from)."""
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("ckpt_path") is None:
+        _check_fresh_output(output_dir)
+    dm = build_datamodule(cfg)
+    model = build_model(cfg, dm, init_from=init_from)
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    loggers = _instantiate_dict(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.accumulate_grad_batches = _accumulation(cfg, dm, trainer.world_size)
+    log.info(
+        "[%s] %s on %s: global batch %d = %d per device x %d devices x %d accumulation",
+        name,
+        type(model).__name__,
+        type(dm).__name__,
+        dm.batch_size,
+        dm.batch_size_per_device,
+        trainer.world_size,
+        trainer.accumulate_grad_batches,
+    )
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    last = str(output_dir / "checkpoints" / "last.ckpt")
+    ckpt = best or (last if Path(last).exists() else None)
+    if cfg.get("test", True) and not trainer.fast_dev_run:
+        test_metrics = trainer.test(model, datamodule=dm, ckpt_path=ckpt)[0] if ckpt else trainer.test(model, dm)[0]
+        metrics.update({k: float(v) for k, v in test_metrics.items()})
+        if hasattr(dm, "write_predictions") and trainer.is_global_zero:
+            preds = model.gathered_predictions()
+            if preds:
+                dm.write_predictions(preds, output_dir / "vqa_predictions.json")
+    elif cfg.get("test", True):
+        trainer.test(model, datamodule=dm)
+    if trainer.is_global_zero and loggers:
+        plot_curves(output_dir, title=f"{cfg.task_name} / {name}")
+    return metrics, ckpt
+
+
+def _stage_cfg(cfg: DictConfig, stage: DictConfig, output_dir: Path) -> DictConfig:
+    """The pretrain stage's config: the main config with `data` and trainer overrides swapped in."""
+    stage_cfg = cfg.copy()
+    with open_dict(stage_cfg):
+        stage_cfg.data = stage.data
+        stage_cfg.trainer = OmegaConf.merge(cfg.trainer, stage.get("trainer") or {})
+        if stage.get("model"):
+            stage_cfg.model = OmegaConf.merge(cfg.model, stage.model)
+        stage_cfg.paths.output_dir = str(output_dir)
+        stage_cfg.ckpt_path = None
+        stage_cfg.pretrain = None
+    return stage_cfg
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
+    """Train (optionally after a pretrain stage), test, write results. Returns (metrics, optimized metric value)."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, dict[str, float]]] = []
+    try:
+        init_from = cfg.model.get("init_from")
+        if cfg.get("pretrain") and cfg.get("ckpt_path") is None:
+            stage_cfg = _stage_cfg(cfg, cfg.pretrain, output_dir / "pretrain")
+            pre_metrics, init_from = run_stage(stage_cfg, "pretrain")
+            rows.append(("pretrain", pre_metrics))
+            _finish_wandb()
+            L.seed_everything(cfg.seed, workers=True)
+        metrics, _ = run_stage(cfg, "main", init_from=init_from)
+        rows.append(("main" if rows else "train", metrics))
+    finally:
+        _finish_wandb()
+    merged = {f"{stage}:{k}" if stage == "pretrain" else k: v for stage, m in rows for k, v in m.items()}
+    if rows:
+        write_results(output_dir, rows, title=str(cfg.task_name))
+    value = merged.get(str(cfg.get("optimized_metric"))) if cfg.get("optimized_metric") else None
+    if value is not None and math.isnan(value):
+        value = None
+    return merged, value
+
+
+def _finish_wandb() -> None:
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def load_run_config(ckpt_path: str | Path) -> tuple[DictConfig, Path]:
+    """The saved `.hydra/config.yaml` of the run that wrote `ckpt_path` (…/<run>/checkpoints/x.ckpt)."""
+    ckpt = Path(ckpt_path).expanduser()
+    if not ckpt.is_file():
+        raise ConfigError(f"ckpt_path: '{ckpt}' does not exist")
+    for run_dir in (ckpt.parent.parent, ckpt.parent.parent.parent):
+        saved = run_dir / ".hydra" / "config.yaml"
+        if saved.is_file():
+            return OmegaConf.load(saved), ckpt.parent.parent  # type: ignore[return-value]
+    raise ConfigError(f"ckpt_path: no .hydra/config.yaml in the run dir above '{ckpt}'")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Rebuild the model from the run's saved config, load `cfg.ckpt_path`, test, write predictions + results."""
+    run_cfg, stage_dir = load_run_config(cfg.ckpt_path)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if stage_dir.name == "pretrain" and run_cfg.get("pretrain"):
+        run_cfg = _stage_cfg(run_cfg, run_cfg.pretrain, output_dir)
+    with open_dict(run_cfg):
+        run_cfg.paths = cfg.paths
+        run_cfg.trainer = OmegaConf.merge(run_cfg.trainer, cfg.get("trainer") or {})
+        run_cfg.trainer.default_root_dir = str(output_dir)
+        run_cfg.model.init_from = None
+        run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(run_cfg)
+    model = build_model(run_cfg, dm)
+    trainer: L.Trainer = instantiate(run_cfg.trainer, logger=False, callbacks=[])
+    run = trainer.validate if cfg.get("split", "test") == "val" else trainer.test
+    results = run(model, datamodule=dm, ckpt_path=str(cfg.ckpt_path))[0]
+    metrics = {k: float(v) for k, v in results.items()}
+    if trainer.is_global_zero:
+        if hasattr(dm, "write_predictions"):
+            preds = model.gathered_predictions()
+            if preds:
+                path = dm.write_predictions(preds, output_dir / "vqa_predictions.json")
+                log.info("VQA predictions (EvalAI format): %s", path)
+        write_results(output_dir, [("evaluate", metrics)], title=f"evaluate {cfg.ckpt_path}")
+    return metrics
+
+
+__all__ = ["train", "evaluate", "build_datamodule", "build_model", "load_run_config"]

@@ -3,6 +3,12 @@
 - Region features, ViLBERT LMDB layout (``RegionFeatureReader`` / ``write_region_lmdb``): key ``b"keys"`` -> pickled
   list of image-id bytes; key ``str(image_id).encode()`` -> pickled dict ``{"image_id", "image_h", "image_w",
   "num_boxes", "boxes": b64 float32 (N,4) x1y1x2y2 px, "features": b64 float32 (N,D), ["cls_prob": b64 float32 (N,C)]}``.
+- Region features, one HDF5 file (``HDF5RegionReader`` / ``write_region_hdf5``): flat ``features`` / ``boxes`` /
+  ``cls_prob`` rows plus per-image ``ids`` / ``offsets`` / ``num_boxes`` / ``image_w`` / ``image_h`` (see the class).
+- Region features, MM-BERT / bottom-up-attention per-image Faster R-CNN JSON with base64 arrays, as a directory of
+  ``<image_id>.json`` or a JSONL file (``FrcnnJsonRegionReader`` / ``write_region_json``).
+- ``open_region_features(path)`` picks the region reader from what ``path`` is; all three return the same dict.
+  ``python -m vl.data.convert`` converts TSV / LMDB / HDF5 / JSON (see ``vl.data.convert``).
 - CLIP global embeddings, HDF5 (``ClipFeatureReader`` / ``write_clip_hdf5``): dataset ``features`` float (N,D) and
   dataset ``ids`` fixed-length bytes ``S{maxlen}`` (N,) holding ``str(image_id)``.
 
@@ -15,8 +21,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import pickle
+import re
 import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,8 +37,14 @@ from vl.errors import DataError
 
 __all__ = [
     "RegionFeatureReader",
+    "HDF5RegionReader",
+    "FrcnnJsonRegionReader",
+    "RegionReader",
+    "open_region_features",
     "ClipFeatureReader",
     "write_region_lmdb",
+    "write_region_hdf5",
+    "write_region_json",
     "write_clip_hdf5",
     "encode_array",
 ]
@@ -319,55 +333,85 @@ class RegionFeatureReader:
             rec = pickle.loads(raw)
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{self.path}: record for image id {sid!r} is corrupt ({type(e).__name__}: {e})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{self.path}: record for image id {sid!r} is a {type(rec).__name__}, expected a dict")
-        for field in ("image_h", "image_w", "num_boxes", "boxes", "features"):
-            if field not in rec:
-                raise DataError(f"{self.path}: record for image id {sid!r} has no {field!r}")
-        n = int(rec["num_boxes"])
-        w, h = int(rec["image_w"]), int(rec["image_h"])
-        boxes = self._decode(rec["boxes"], n, 4, sid, "boxes")
-        features = self._decode(rec["features"], n, None, sid, "features")
-        cls_prob = rec.get("cls_prob")
-        if cls_prob is not None:
-            cls_prob = self._decode(cls_prob, n, None, sid, "cls_prob")
-        if w <= 0 or h <= 0:
-            raise DataError(f"{self.path}: record for image id {sid!r} has image size {w}x{h}")
-        scale = np.array([w, h, w, h], dtype=np.float32)
-        boxes_norm = np.clip(boxes / scale, 0.0, 1.0).astype(np.float32)
-        return {
-            "image_id": sid,
-            "features": features,
-            "boxes": boxes,
-            "boxes_norm": boxes_norm,
-            "cls_prob": cls_prob,
-            "image_w": w,
-            "image_h": h,
-            "num_boxes": n,
-        }
+        return _record_to_item(self.path, sid, rec)
 
     def _decode(self, value: Any, n: int, cols: int | None, sid: str, field: str) -> np.ndarray:
         """base64 float32 (or a raw array) -> writable float32 (n, cols); cols inferred when None."""
-        if isinstance(value, np.ndarray):
-            flat = value.astype(np.float32).reshape(-1)
-        else:
-            try:
-                buf = base64.b64decode(value)
-            except (binascii.Error, TypeError, ValueError) as e:
-                raise DataError(f"{self.path}: image id {sid!r} field {field!r} is not valid base64 ({e})") from None
-            if len(buf) % 4:
-                raise DataError(f"{self.path}: image id {sid!r} field {field!r} has {len(buf)} bytes, not float32s")
-            flat = np.frombuffer(bytearray(buf), dtype=np.float32)
-        if n == 0:
-            if flat.size:
-                raise DataError(f"{self.path}: image id {sid!r} field {field!r} has data but num_boxes=0")
-            return flat.reshape(0, cols or 0)
-        if flat.size % n or (cols is not None and flat.size != n * cols):
-            want = f"{n}x{cols}" if cols is not None else f"a multiple of num_boxes={n}"
-            raise DataError(
-                f"{self.path}: image id {sid!r} field {field!r} has {flat.size} floats, expected {want} (truncated?)"
-            )
-        return flat.reshape(n, flat.size // n)
+        return _decode_array(self.path, value, n, cols, sid, field)
+
+
+def _decode_array(path: Path, value: Any, n: int, cols: int | None, sid: str, field: str) -> np.ndarray:
+    """base64 float32 (or an array / nested list) -> writable float32 (n, cols); cols inferred when None."""
+    if isinstance(value, np.ndarray | list):
+        try:
+            flat = np.asarray(value, dtype=np.float32).reshape(-1).copy()
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path}: image id {sid!r} field {field!r} is not a numeric array ({e})") from None
+    else:
+        try:
+            buf = base64.b64decode(value)
+        except (binascii.Error, TypeError, ValueError) as e:
+            raise DataError(f"{path}: image id {sid!r} field {field!r} is not valid base64 ({e}; truncated?)") from None
+        if len(buf) % 4:
+            raise DataError(f"{path}: image id {sid!r} field {field!r} has {len(buf)} bytes, not float32s (truncated?)")
+        flat = np.frombuffer(bytearray(buf), dtype=np.float32)
+    if n == 0:
+        if flat.size:
+            raise DataError(f"{path}: image id {sid!r} field {field!r} has data but num_boxes=0")
+        return flat.reshape(0, cols or 0)
+    if flat.size % n or (cols is not None and flat.size != n * cols):
+        want = f"{n}x{cols}" if cols is not None else f"a multiple of num_boxes={n}"
+        raise DataError(
+            f"{path}: image id {sid!r} field {field!r} has {flat.size} floats, expected {want} (truncated?)"
+        )
+    return flat.reshape(n, flat.size // n)
+
+
+def _make_item(
+    path: Path,
+    sid: str,
+    features: np.ndarray,
+    boxes: np.ndarray,
+    cls_prob: np.ndarray | None,
+    w: int,
+    h: int,
+) -> dict[str, Any]:
+    """The reader output dict (shared by every format so they agree bit for bit)."""
+    if w <= 0 or h <= 0:
+        raise DataError(f"{path}: record for image id {sid!r} has image size {w}x{h}")
+    scale = np.array([w, h, w, h], dtype=np.float32)
+    boxes_norm = np.clip(boxes / scale, 0.0, 1.0).astype(np.float32)
+    return {
+        "image_id": sid,
+        "features": features,
+        "boxes": boxes,
+        "boxes_norm": boxes_norm,
+        "cls_prob": cls_prob,
+        "image_w": w,
+        "image_h": h,
+        "num_boxes": int(boxes.shape[0]),
+    }
+
+
+def _record_to_item(path: Path, sid: str, rec: Any) -> dict[str, Any]:
+    """Decode an LMDB / FRCNN-JSON record dict (base64 or array fields) into the reader output dict."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}: record for image id {sid!r} is a {type(rec).__name__}, expected a dict")
+    for field in ("image_h", "image_w", "num_boxes", "boxes", "features"):
+        if field not in rec:
+            raise DataError(f"{path}: record for image id {sid!r} has no {field!r}")
+    try:
+        n, w, h = int(rec["num_boxes"]), int(rec["image_w"]), int(rec["image_h"])
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: record for image id {sid!r} has a non-integer size field ({e})") from None
+    if n < 0:
+        raise DataError(f"{path}: record for image id {sid!r} has num_boxes={n}")
+    boxes = _decode_array(path, rec["boxes"], n, 4, sid, "boxes")
+    features = _decode_array(path, rec["features"], n, None, sid, "features")
+    cls_prob = rec.get("cls_prob")
+    if cls_prob is not None:
+        cls_prob = _decode_array(path, cls_prob, n, None, sid, "cls_prob")
+    return _make_item(path, sid, features, boxes, cls_prob, w, h)
 
 
 # -------------------------------------------------------------------------------------------------------- CLIP HDF5
@@ -515,3 +559,564 @@ class ClipFeatureReader:
             return np.array(feats[row], dtype=np.float32)
         except OSError as e:
             raise DataError(f"{self.path}: cannot read 'features' row {row} for image id {sid!r} ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------------ region HDF5
+
+HDF5_FORMAT = "vl-region-features"
+HDF5_VERSION = 1
+_HDF5_PER_IMAGE = ("ids", "offsets", "num_boxes", "image_w", "image_h")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _chunk_rows(cols: int, target_bytes: int) -> int:
+    return max(1, min(1 << 16, target_bytes // (4 * max(1, cols))))
+
+
+def write_region_hdf5(path: str | Path, records: Iterable[Mapping[str, Any]], *, flush_bytes: int = 32 << 20) -> int:
+    """Write region-feature records to one HDF5 file (layout in ``HDF5RegionReader``); returns the number of images.
+
+    Records as for ``write_region_lmdb``; ``cls_prob`` must be given for all images with boxes or for none. Streams:
+    the flat datasets grow as records arrive (buffered ``flush_bytes`` at a time). Written to a temporary sibling, then
+    renamed.
+    """
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    _remove(tmp)
+    ids: list[bytes] = []
+    seen: set[bytes] = set()
+    offsets: list[int] = []
+    counts: list[int] = []
+    widths: list[int] = []
+    heights: list[int] = []
+    buf: dict[str, list[np.ndarray]] = {"features": [], "boxes": [], "cls_prob": []}
+    buffered = 0
+    total = 0
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = HDF5_FORMAT
+            f.attrs["version"] = HDF5_VERSION
+            dsets: dict[str, Any] = {}
+
+            def create(dim: int, classes: int | None) -> None:
+                for name, cols in (("features", dim), ("boxes", 4), ("cls_prob", classes)):
+                    if cols is not None:
+                        rows = _chunk_rows(cols, 64 * 1024 if name == "boxes" else 256 * 1024)
+                        dsets[name] = f.create_dataset(
+                            name, (0, cols), np.float32, maxshape=(None, cols or None), chunks=(rows, max(1, cols))
+                        )
+
+            def flush() -> None:
+                nonlocal buffered
+                for name, parts in buf.items():
+                    if not parts:
+                        continue
+                    block = np.concatenate(parts, axis=0)
+                    ds = dsets[name]
+                    start = ds.shape[0]
+                    ds.resize(start + block.shape[0], axis=0)
+                    ds[start:] = block
+                    parts.clear()
+                buffered = 0
+
+            for rec in records:
+                sid = str(rec["image_id"])
+                key = sid.encode()
+                if not key or key in seen:
+                    raise ValueError(f"duplicate or empty image id {rec['image_id']!r}")
+                seen.add(key)
+                boxes = np.asarray(rec["boxes"], dtype=np.float32)
+                feats = np.asarray(rec["features"], dtype=np.float32)
+                n = boxes.shape[0] if boxes.ndim == 2 else -1
+                if boxes.shape != (n, 4) or feats.ndim != 2 or feats.shape[0] != n:
+                    raise ValueError(
+                        f"image {sid!r}: boxes {boxes.shape} / features {feats.shape} are not (N,4) / (N,D)"
+                    )
+                cls = rec.get("cls_prob")
+                if cls is not None:
+                    cls = np.asarray(cls, dtype=np.float32)
+                    if cls.ndim != 2 or cls.shape[0] != n:
+                        raise ValueError(f"image {sid!r}: cls_prob {cls.shape} is not (N,C) with N={n}")
+                if n:  # images without boxes add no rows (and fix neither D nor whether cls_prob is present)
+                    if not dsets:
+                        create(feats.shape[1], None if cls is None else cls.shape[1])
+                    if feats.shape[1] != dsets["features"].shape[1]:
+                        raise ValueError(f"image {sid!r}: features {feats.shape} differ in D from earlier images")
+                    if (cls is not None) != ("cls_prob" in dsets):
+                        raise ValueError(f"image {sid!r}: cls_prob must be given for every image or for none")
+                    if cls is not None:
+                        if cls.shape[1] != dsets["cls_prob"].shape[1]:
+                            raise ValueError(f"image {sid!r}: cls_prob {cls.shape} differs in C from earlier images")
+                        buf["cls_prob"].append(cls)
+                    buf["features"].append(feats)
+                    buf["boxes"].append(boxes)
+                ids.append(key)
+                offsets.append(total)
+                counts.append(n)
+                widths.append(int(rec["image_w"]))
+                heights.append(int(rec["image_h"]))
+                total += n
+                buffered += feats.nbytes
+                if buffered >= flush_bytes:
+                    flush()
+            if not dsets:  # no records, or none with boxes
+                create(0, None)
+            flush()
+            maxlen = max((len(k) for k in ids), default=1)
+            f.create_dataset("ids", data=np.array(ids, dtype=f"S{maxlen}"))
+            f.create_dataset("offsets", data=np.array(offsets, dtype=np.int64))
+            f.create_dataset("num_boxes", data=np.array(counts, dtype=np.int32))
+            f.create_dataset("image_w", data=np.array(widths, dtype=np.int32))
+            f.create_dataset("image_h", data=np.array(heights, dtype=np.int32))
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return len(ids)
+
+
+class _LazyIndex:
+    """Shared behaviour: an id -> row dict built once (kept when pickled), a handle opened once per process."""
+
+    path: Path
+    _index: dict[str, int] | None
+    _pid: int | None
+
+    def _ensure(self) -> None:  # opens the per-process handle and builds the index if needed
+        raise NotImplementedError
+
+    def _drop_handle(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release this process's file handle (reopened on the next access)."""
+        if self._pid == os.getpid():
+            self._drop_handle()
+        self._pid = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pid"] = None
+        for k in self._HANDLE_FIELDS:  # type: ignore[attr-defined]
+            state[k] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def _row(self, image_id: object) -> tuple[str, int]:
+        self._ensure()
+        assert self._index is not None
+        sid = str(image_id)
+        row = self._index.get(sid)
+        if row is None:
+            raise DataError(f"{self.path}: no image id {sid!r}")
+        return sid, row
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def __contains__(self, image_id: object) -> bool:
+        self._ensure()
+        assert self._index is not None
+        return str(image_id) in self._index
+
+
+class HDF5RegionReader(_LazyIndex):
+    """Reads region features from one HDF5 file. ``reader[image_id]`` -> the same dict as ``RegionFeatureReader``.
+
+    Layout (S images, R = sum of their boxes; written by ``write_region_hdf5``)::
+
+        attrs   format = "vl-region-features", version = 1       (optional when reading)
+        ids         bytes S{maxlen} (S,)  str(image_id), unique
+        offsets     int64 (S,)            first row of image s in the flat datasets
+        num_boxes   int32 (S,)            N_s; image s owns rows offsets[s] : offsets[s] + N_s
+        image_w     int32 (S,)            pixels
+        image_h     int32 (S,)
+        features    float (R, D)          any float dtype, returned as float32
+        boxes       float (R, 4)          x1y1x2y2 in pixels
+        cls_prob    float (R, C)          optional (all images or none)
+
+    The per-image datasets are loaded once (id -> row dict, kept when pickled); the file is opened read-only lazily,
+    once per process, so the reader can be handed to DataLoader workers and DDP processes.
+    """
+
+    _HANDLE_FIELDS = ("_file", "_dsets")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: region feature HDF5 file not found")
+        self._index: dict[str, int] | None = None
+        self._ids: list[str] | None = None
+        self._meta: np.ndarray | None = None  # int64 (S, 4): offset, num_boxes, image_w, image_h
+        self._rows = 0
+        self._file: Any = None
+        self._dsets: tuple[Any, Any, Any] | None = None  # features, boxes, cls_prob | None
+        self._pid: int | None = None
+
+    def _drop_handle(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = self._dsets = None
+
+    def _ensure(self, sid: str | None = None) -> Any:
+        if self._file is not None and self._pid == os.getpid():
+            return self._file
+        import h5py
+
+        self._file = self._dsets = None  # never touch an HDF5 handle inherited through fork
+        where = f" (reading image id {sid!r})" if sid is not None else ""
+        try:
+            f = h5py.File(self.path, "r", locking=False)  # read-only; file locks fail on some cluster filesystems
+        except OSError as e:
+            raise DataError(f"{self.path}: not a readable HDF5 file{where} ({e})") from None
+        try:
+            for name in (*_HDF5_PER_IMAGE, "features", "boxes"):
+                if name not in f or not isinstance(f[name], h5py.Dataset):
+                    raise DataError(f"{self.path}: missing dataset {name!r} (not a vl region-feature HDF5 file?)")
+            feats, boxes = f["features"], f["boxes"]
+            if feats.ndim != 2 or boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.shape[0] != feats.shape[0]:
+                raise DataError(f"{self.path}: 'features' {feats.shape} / 'boxes' {boxes.shape} are not (R,D) / (R,4)")
+            if "cls_prob" in f and (f["cls_prob"].ndim != 2 or f["cls_prob"].shape[0] != feats.shape[0]):
+                raise DataError(f"{self.path}: 'cls_prob' {f['cls_prob'].shape} is not (R,C) with R={feats.shape[0]}")
+            if self._index is None:
+                n_images = f["ids"].shape[0] if f["ids"].ndim == 1 else -1
+                for name in _HDF5_PER_IMAGE:
+                    if f[name].shape != (n_images,):
+                        raise DataError(f"{self.path}: dataset {name!r} has shape {f[name].shape}, expected (S,)")
+                try:
+                    ids = [str(s) for s in f["ids"].asstr()[()]]
+                except (TypeError, ValueError, OSError) as e:
+                    raise DataError(f"{self.path}: dataset 'ids' is not a string dataset ({e})") from None
+                index = {s: i for i, s in enumerate(ids)}
+                if len(index) != len(ids):
+                    raise DataError(f"{self.path}: dataset 'ids' has repeated ids")
+                meta = np.stack([np.asarray(f[k][()], dtype=np.int64) for k in _HDF5_PER_IMAGE[1:]], axis=1)
+                self._ids, self._index, self._meta = ids, index, meta.reshape(len(ids), 4)
+                self._rows = int(feats.shape[0])
+        except DataError:
+            f.close()
+            raise
+        except OSError as e:
+            f.close()
+            raise DataError(f"{self.path}: cannot read HDF5 data{where} ({e})") from None
+        self._file, self._pid = f, os.getpid()
+        self._dsets = (feats, boxes, f["cls_prob"] if "cls_prob" in f else None)
+        return f
+
+    def ids(self) -> list[str]:
+        """Image ids (str) in file order."""
+        self._ensure()
+        assert self._ids is not None
+        return self._ids
+
+    @property
+    def dim(self) -> int:
+        """Feature size D."""
+        return int(self._ensure()["features"].shape[1])
+
+    def __getitem__(self, image_id: str | int) -> dict[str, Any]:
+        self._ensure(str(image_id))
+        sid, row = self._row(image_id)
+        assert self._meta is not None and self._dsets is not None
+        feats_ds, boxes_ds, cls_ds = self._dsets
+        off, n, w, h = (int(v) for v in self._meta[row])
+        if off < 0 or n < 0 or off + n > self._rows:
+            raise DataError(
+                f"{self.path}: image id {sid!r} owns rows {off}:{off + n} but the flat datasets have {self._rows} rows"
+                " (truncated?)"
+            )
+        try:
+            features = np.asarray(feats_ds[off : off + n], dtype=np.float32)
+            boxes = np.asarray(boxes_ds[off : off + n], dtype=np.float32)
+            cls_prob = None if cls_ds is None else np.asarray(cls_ds[off : off + n], dtype=np.float32)
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot read rows {off}:{off + n} for image id {sid!r} ({e})") from None
+        return _make_item(self.path, sid, features, boxes, cls_prob, w, h)
+
+
+# ------------------------------------------------------------------------------------------- region FRCNN JSON
+
+_JSON_ID_RE = re.compile(rb'(?<!\\)"image_id"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|(-?\d+))')
+_JSON_IN_MEMORY_LIMIT = 256 * 1024 * 1024
+
+
+class FrcnnJsonRegionReader(_LazyIndex):
+    """Reads MM-BERT / bottom-up-attention per-image Faster R-CNN JSON records (``data/generate_tsv_v2.py``)::
+
+        {"image_id", "image_h", "image_w", "num_boxes", "boxes": b64 float32 (N,4) x1y1x2y2 px,
+         "features": b64 float32 (N,D), "classes": b64 float32 (N,1601), "attrs": b64 float32 (N,401)}
+
+    ``classes`` (or ``cls_prob``) becomes ``cls_prob``; ``attrs`` is ignored. Arrays may also be plain JSON lists.
+    ``path`` is one of:
+
+    - a directory of ``<image_id>.json`` files, one record each (MM-BERT's ``*_frcnn/``). The id is the file name
+      stem; an all-digit stem is also found by its integer value (``00001234.json`` <- ``1234``) and ``ids()`` lists
+      that value. The files are indexed by listing the directory once.
+    - a JSONL file (``.jsonl`` or ``.json``), one record a line: indexed once by byte offset (the ``image_id`` is found
+      without decoding the arrays), records are read with ``os.pread`` from a handle opened once per process.
+    - a ``.json`` file holding one record or a list of records (loaded into memory; for small files).
+
+    MM-BERT's *annotation* JSONL (``val_frcnn.json``: ``{"image", "caption_en", "caption_de", "frcnn"}``) holds no
+    features; it is rejected with a DataError that points at the per-image directory its ``frcnn`` field names.
+    """
+
+    _HANDLE_FIELDS = ("_fd",)
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"{self.path}: FRCNN JSON features not found")
+        self._mode = "dir" if self.path.is_dir() else "file"
+        self._index: dict[str, int] | None = None
+        self._ids: list[str] | None = None
+        self._files: list[str] | None = None  # dir mode: file name per row
+        self._spans: np.ndarray | None = None  # JSONL mode: int64 (S, 2) byte offset, length
+        self._records: list[dict[str, Any]] | None = None  # whole-file mode
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    # -- index ------------------------------------------------------------------------------------------------------
+    def _build_dir_index(self) -> None:
+        names = sorted(e.name for e in os.scandir(self.path) if e.name.endswith(".json") and e.is_file())
+        if not names:
+            raise DataError(f"{self.path}: directory has no .json files (expected one <image_id>.json per image)")
+        stems = [n[: -len(".json")] for n in names]
+        canonical = [str(int(s)) if s.isdigit() else s for s in stems]
+        order = sorted(
+            range(len(names)),
+            key=lambda i: (not stems[i].isdigit(), int(stems[i]) if stems[i].isdigit() else 0, stems[i]),
+        )
+        self._files = [names[i] for i in order]
+        self._ids = [canonical[i] for i in order]
+        index: dict[str, int] = {}
+        for row, i in enumerate(order):
+            if canonical[i] in index:
+                raise DataError(f"{self.path}: {names[i]} and {self._files[index[canonical[i]]]} are the same image id")
+            index[canonical[i]] = row
+        for row, i in enumerate(order):
+            index.setdefault(stems[i], row)  # the zero-padded spelling too
+        self._index = index
+
+    def _build_file_index(self) -> None:
+        with open(self.path, "rb") as f:
+            head = f.read(1 << 16).lstrip()
+            if not head:
+                raise DataError(f"{self.path}: file is empty")
+            f.seek(0)
+            if head[:1] == b"[":
+                self._load_whole(f.read())
+                return
+            ids: list[str] = []
+            spans: list[tuple[int, int]] = []
+            offset = 0
+            for lineno, line in enumerate(f, 1):
+                start, length = offset, len(line)
+                offset += length
+                if not line.strip():
+                    continue
+                sid = self._line_id(line, lineno)
+                if sid is None:  # first line is not a complete object: a pretty-printed single record
+                    f.seek(0)
+                    self._load_whole(f.read())
+                    return
+                ids.append(sid)
+                spans.append((start, length))
+        self._set_index(ids)
+        self._spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+
+    def _line_id(self, line: bytes, lineno: int) -> str | None:
+        """The record's image id (found without decoding its arrays), or None when line 1 is not a whole object."""
+        m = _JSON_ID_RE.search(line) if lineno > 1 else None
+        if m is not None:
+            return m.group(2).decode() if m.group(2) is not None else str(json.loads(b'"' + m.group(1) + b'"'))
+        try:
+            obj = json.loads(line)  # line 1 is always parsed, to tell JSONL from a pretty-printed document
+        except ValueError:
+            if lineno == 1:
+                return None
+            raise DataError(f"{self.path}: line {lineno} is not a JSON record with an 'image_id'") from None
+        self._check_feature_record(obj, f"line {lineno}")
+        return str(obj["image_id"])
+
+    def _check_feature_record(self, obj: Any, where: str) -> None:
+        if isinstance(obj, dict) and "image_id" in obj:
+            return
+        if isinstance(obj, dict) and "frcnn" in obj:
+            frcnn = str(obj["frcnn"]).replace(".zip@", "")
+            raise DataError(
+                f"{self.path}: {where} is an MM-BERT annotation record (keys {sorted(obj)}) with no features; open "
+                f"the directory of per-image Faster R-CNN JSON files its 'frcnn' field names (here {frcnn!r}) instead"
+            )
+        raise DataError(f"{self.path}: {where} is not a Faster R-CNN feature record (no 'image_id')")
+
+    def _load_whole(self, data: bytes) -> None:
+        if len(data) > _JSON_IN_MEMORY_LIMIT:
+            raise DataError(f"{self.path}: a {len(data) >> 20} MiB JSON document; write one record per line (JSONL)")
+        try:
+            obj = json.loads(data)
+        except ValueError as e:
+            raise DataError(f"{self.path}: not valid JSON or JSONL ({e}; truncated?)") from None
+        records = obj if isinstance(obj, list) else [obj]
+        for i, rec in enumerate(records):
+            self._check_feature_record(rec, f"record {i}")
+        self._records = records
+        self._set_index([str(r["image_id"]) for r in records])
+
+    def _set_index(self, ids: list[str]) -> None:
+        index = {s: i for i, s in enumerate(ids)}
+        if len(index) != len(ids):
+            dup = next(s for s in ids if ids.count(s) > 1)
+            raise DataError(f"{self.path}: image id {dup!r} appears more than once")
+        self._ids, self._index = ids, index
+
+    # -- handle -----------------------------------------------------------------------------------------------------
+    def _drop_handle(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+
+    def _ensure(self) -> None:
+        if self._index is None:
+            if self._mode == "dir":
+                self._build_dir_index()
+            else:
+                self._build_file_index()
+        if self._spans is not None and (self._fd is None or self._pid != os.getpid()):
+            self._fd = None  # never use a descriptor inherited through fork (it is closed by its owner)
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise DataError(f"{self.path}: cannot open ({e.strerror})") from None
+        self._pid = os.getpid()
+
+    # -- mapping interface ------------------------------------------------------------------------------------------
+    def ids(self) -> list[str]:
+        """Image ids (str): file order (JSONL / list), or numeric-then-lexicographic stem order (directory)."""
+        self._ensure()
+        assert self._ids is not None
+        return self._ids
+
+    def __getitem__(self, image_id: str | int) -> dict[str, Any]:
+        sid, row = self._row(image_id)
+        if self._records is not None:
+            return self._to_item(self.path, sid, self._records[row])
+        if self._files is not None:
+            file = self.path / self._files[row]
+            try:
+                data = file.read_bytes()
+            except OSError as e:
+                raise DataError(f"{file}: cannot read the record for image id {sid!r} ({e.strerror})") from None
+        else:
+            file = self.path
+            assert self._spans is not None and self._fd is not None
+            off, length = (int(v) for v in self._spans[row])
+            data = os.pread(self._fd, length, off)
+            if len(data) != length:
+                raise DataError(f"{file}: record for image id {sid!r} is cut short (file changed or truncated)")
+        try:
+            rec = json.loads(data)
+        except ValueError as e:
+            raise DataError(f"{file}: record for image id {sid!r} is not valid JSON ({e}; truncated?)") from None
+        return self._to_item(file, sid, rec)
+
+    @staticmethod
+    def _to_item(file: Path, sid: str, rec: Any) -> dict[str, Any]:
+        if isinstance(rec, dict) and rec.get("cls_prob") is None and "classes" in rec:
+            rec = {**rec, "cls_prob": rec["classes"]}
+        return _record_to_item(file, sid, rec)
+
+
+def write_region_json(
+    out_dir: str | Path, records: Iterable[Mapping[str, Any]], *, classes_key: str = "classes"
+) -> int:
+    """Write one per-image FRCNN JSON file ``out_dir/<image_id>.json`` per record (base64 float32 arrays;
+    ``cls_prob`` is stored under ``classes_key``). Written into a temporary sibling directory then renamed."""
+    out_dir = Path(out_dir)
+    tmp = _tmp_sibling(out_dir)
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    count = 0
+    try:
+        for rec in records:
+            sid = str(rec["image_id"])
+            if not sid or "/" in sid or sid.startswith("."):
+                raise ValueError(f"image id {sid!r} cannot be a file name")
+            boxes = np.asarray(rec["boxes"], dtype=np.float32)
+            feats = np.asarray(rec["features"], dtype=np.float32)
+            value: dict[str, Any] = {
+                "image_id": rec["image_id"],
+                "image_h": int(rec["image_h"]),
+                "image_w": int(rec["image_w"]),
+                "num_boxes": int(boxes.shape[0]),
+                "boxes": encode_array(boxes).decode(),
+                "features": encode_array(feats).decode(),
+            }
+            if rec.get("cls_prob") is not None:
+                value[classes_key] = encode_array(rec["cls_prob"]).decode()
+            path = tmp / f"{sid}.json"
+            if path.exists():
+                raise ValueError(f"duplicate image id {sid!r}")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(value, f)
+            count += 1
+        _replace(tmp, out_dir)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------------- factory
+
+RegionReader = RegionFeatureReader | HDF5RegionReader | FrcnnJsonRegionReader
+
+
+def open_region_features(path: str | Path) -> RegionReader:
+    """Open region features in whichever supported format ``path`` is. All readers give the same ``reader[id]`` dict.
+
+    - a directory holding ``data.mdb``, a ``*.lmdb`` directory, or a ``.lmdb``/``.mdb`` file -> ``RegionFeatureReader``
+    - ``.h5`` / ``.hdf5`` / ``.hdf`` file (or any file with the HDF5 signature) -> ``HDF5RegionReader``
+    - a directory of ``.json`` files, or a ``.json`` / ``.jsonl`` file -> ``FrcnnJsonRegionReader``
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: region features not found")
+    suffix = p.suffix.lower()
+    if p.is_dir():
+        if (p / "data.mdb").is_file() or suffix == ".lmdb":
+            return RegionFeatureReader(p)
+        if any(e.name.endswith(".json") for e in os.scandir(p)):
+            return FrcnnJsonRegionReader(p)
+        raise DataError(f"{p}: directory is neither an LMDB (no data.mdb) nor a directory of per-image .json files")
+    if suffix in (".lmdb", ".mdb"):
+        return RegionFeatureReader(p)
+    if suffix in (".h5", ".hdf5", ".hdf"):
+        return HDF5RegionReader(p)
+    if suffix in (".json", ".jsonl"):
+        return FrcnnJsonRegionReader(p)
+    if suffix in (".tsv", ".csv"):
+        raise DataError(
+            f"{p}: a bottom-up-attention TSV is not read directly; convert it first with "
+            f"`python -m vl.data.convert tsv2lmdb {p} OUT.lmdb`"
+        )
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(8)
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror})") from None
+    if magic == _HDF5_SIGNATURE:
+        return HDF5RegionReader(p)
+    raise DataError(
+        f"{p}: cannot tell the region-feature format (expected an LMDB directory, .h5/.hdf5, or FRCNN .json/.jsonl)"
+    )

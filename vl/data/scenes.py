@@ -8,6 +8,8 @@ derived from (and true of) the scene. ``write_corpus`` writes (paths relative to
     vlp/{train,val,test}.jsonl                              {"text": caption, "image_id": "<image_id>"}
     clip_features.hdf5                                      features float32 (N, clip_dim); ids S{maxlen} (N,)
     regions.lmdb/data.mdb                                   ViLBERT region-feature LMDB (see vl.data.features)
+    regions.hdf5                                            the same region features, vl HDF5 layout
+    regions_json/<image_id>.json                            the same, per-image FRCNN JSON (base64, MM-BERT)
     vqa/v2_OpenEnded_mscoco_{split}2014_questions.json      official VQA questions
     vqa/v2_mscoco_{split}2014_annotations.json              official VQA annotations (10 answers each)
     vqa/cache/{split}_target.pkl / .json                    [{question_id, image_id, labels, scores}]
@@ -68,7 +70,7 @@ __all__ = [
     "default_cache_dir",
 ]
 
-GENERATOR_VERSION = "scenes-v1"
+GENERATOR_VERSION = "scenes-v2"
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "white", "black", "purple", "orange")
@@ -504,7 +506,8 @@ def corpus_key(settings: SceneSettings) -> str:
 
 
 def corpus_paths(root: str | Path) -> dict[str, Path]:
-    """Canonical paths inside a corpus root. Keys: ``images``, ``clip``, ``regions``, ``manifest``, ``ans2label``,
+    """Canonical paths inside a corpus root. Keys: ``images``, ``clip``, ``regions`` (LMDB), ``regions_hdf5``,
+    ``regions_json`` (directory), ``manifest``, ``ans2label``,
     ``label2ans`` (JSON), ``ans2label_pkl``, ``label2ans_pkl``, and per split s: ``captions_s``, ``vlp_s``,
     ``vqa_questions_s``, ``vqa_annotations_s``, ``vqa_targets_s`` (pkl), ``vqa_targets_json_s``."""
     root = Path(root)
@@ -512,6 +515,8 @@ def corpus_paths(root: str | Path) -> dict[str, Path]:
         "images": root / "images",
         "clip": root / "clip_features.hdf5",
         "regions": root / "regions.lmdb",
+        "regions_hdf5": root / "regions.hdf5",
+        "regions_json": root / "regions_json",
         "manifest": root / "manifest.json",
         "ans2label": root / "vqa" / "trainval_ans2label.json",
         "label2ans": root / "vqa" / "trainval_label2ans.json",
@@ -550,7 +555,7 @@ _CHECKSUM_MAX_BYTES = 8 * 1024 * 1024
 
 def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Path:
     """Generate the corpus and write every format into ``root`` (created); ``manifest.json`` last. Returns ``root``."""
-    from vl.data.features import write_clip_hdf5, write_region_lmdb
+    from vl.data.features import write_clip_hdf5, write_region_hdf5, write_region_json, write_region_lmdb
     from vl.data.jsonl import write_jsonl
     from vl.data.vqa_format import build_targets
 
@@ -598,14 +603,17 @@ def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Pat
     )
     written.append(paths["clip"])
 
-    def region_records():
-        for sc in scenes:
-            rec = region_features(sc, settings)
-            rec.pop("labels")
-            yield rec
-
-    write_region_lmdb(paths["regions"], region_records())
-    written.append(paths["regions"] / "data.mdb")
+    region_records = []
+    for sc in scenes:
+        rec = region_features(sc, settings)
+        rec.pop("labels")
+        region_records.append(rec)
+    write_region_lmdb(paths["regions"], region_records)
+    write_region_hdf5(paths["regions_hdf5"], region_records)
+    write_region_json(paths["regions_json"], region_records)
+    del region_records
+    written += [paths["regions"] / "data.mdb", paths["regions_hdf5"]]
+    written += [paths["regions_json"] / f"{sc.image_id}.json" for sc in scenes]
 
     label2ans = answer_vocab(settings)
     ans2label = {a: i for i, a in enumerate(label2ans)}
@@ -651,7 +659,11 @@ def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Pat
     files = []
     for p in written:
         entry: dict[str, Any] = {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size}
-        if p.suffix in _CHECKSUM_SUFFIXES and entry["size"] <= _CHECKSUM_MAX_BYTES:
+        if (
+            p.suffix in _CHECKSUM_SUFFIXES
+            and entry["size"] <= _CHECKSUM_MAX_BYTES
+            and p.parent != paths["regions_json"]
+        ):
             entry["sha1"] = _sha1(p)
         files.append(entry)
     manifest = {
@@ -677,8 +689,9 @@ def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Pat
 def verify_corpus(root: str | Path, settings: SceneSettings | None = None) -> str | None:
     """Why the corpus at ``root`` can't be reused (a one-line reason), or None when it is complete and matches
     ``settings``: manifest present and for these settings, every file with its recorded size (and sha1 for the small
-    text/pickle files), the LMDB and HDF5 open with the expected number of images."""
-    from vl.data.features import ClipFeatureReader, RegionFeatureReader
+    text/pickle files; region JSON files by size only), the region LMDB / HDF5 / JSON and the CLIP HDF5 open with the
+    expected number of images."""
+    from vl.data.features import ClipFeatureReader, FrcnnJsonRegionReader, HDF5RegionReader, RegionFeatureReader
     from vl.errors import DataError
 
     settings = settings or SceneSettings()
@@ -716,6 +729,13 @@ def verify_corpus(root: str | Path, settings: SceneSettings | None = None) -> st
         regions[ids[0]]
         regions[ids[-1]]
         regions.close()
+        for name, reader_cls in (("regions.hdf5", HDF5RegionReader), ("regions_json", FrcnnJsonRegionReader)):
+            other = reader_cls(root / name)
+            if len(other) != count:
+                return f"{name} has {len(other)} images, expected {count}"
+            other[ids[0]]
+            other[ids[-1]]
+            other.close()
         clip = ClipFeatureReader(root / "clip_features.hdf5")
         if len(clip) != count or clip.dim != settings.clip_dim:
             return f"clip_features.hdf5 has {len(clip)}x{clip.dim} features, expected {count}x{settings.clip_dim}"

@@ -29,6 +29,7 @@ class TextEncoderConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     dropout: float = 0.1
+    initializer_range: float = 0.02  # std of the random init (larger = shorter plateaus for tiny models)
     add_pooling_layer: bool = True
 
 
@@ -45,7 +46,8 @@ class OptimizerConfig:
 @dataclass
 class ModelConfig:
     _target_: str = MISSING
-    _recursive_: bool = False
+    _recursive_: bool = False  # optimizer/scheduler are instantiated in configure_optimizers
+    _convert_: str = "all"  # plain dicts in, so checkpoints hold no OmegaConf objects
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: Optional[dict[str, Any]] = None
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -56,6 +58,25 @@ class ModelConfig:
 @dataclass
 class VisualBertModelConfig(ModelConfig):
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    pooling: str = "cls"  # "cls": BERT pooler on [CLS]; "mean": masked mean of all states
+
+
+@dataclass
+class VilbertModelConfig(ModelConfig):
+    """ViLBERT (vl/models/vilbert.py): BERT text stream + vision stream + co-attention layers."""
+
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    v_hidden: int = 1024
+    v_num_layers: int = 6
+    v_heads: int = 8
+    v_intermediate: int = 1024
+    bi_hidden: int = 1024
+    bi_heads: int = 8
+    # co-attention layer k runs after text layer t_biattention_id[k] and vision layer v_biattention_id[k]
+    v_biattention_id: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    t_biattention_id: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
+    dropout: float = 0.1  # vision stream and co-attention layers (the text stream uses text_encoder.dropout)
+    pretrained_lr_mult: float = 0.1
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -145,6 +166,7 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(group="schema/model", name="visual_bert", node=VisualBertModelConfig)
+    cs.store(group="schema/model", name="vilbert", node=VilbertModelConfig)
     cs.store(group="schema/data", name="captions", node=CaptionsDataConfig)
     cs.store(group="schema/data", name="vqa", node=VQADataConfig)
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)

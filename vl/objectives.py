@@ -131,15 +131,26 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 
 def build_objectives(
-    names: list[str], *, hidden_size: int, word_embeddings: nn.Embedding, data_info: dict[str, Any]
+    names: list[str],
+    *,
+    hidden_size: int,
+    word_embeddings: nn.Embedding,
+    data_info: dict[str, Any],
+    text_hidden_size: int | None = None,
 ) -> nn.ModuleDict:
-    """Instantiate the named objectives; `data_info` supplies corpus facts (e.g. `num_answers`)."""
+    """Instantiate the named objectives; `data_info` supplies corpus facts (e.g. `num_answers`).
+
+    `hidden_size` is the size of `EncoderOutput.pooled` (ITM, VQA heads); `text_hidden_size` that of
+    `EncoderOutput.text` (MLM head), when it differs (two-stream models such as ViLBERT).
+    """
     heads = nn.ModuleDict()
     for name in names:
         if name not in OBJECTIVES:
             raise ConfigError(f"data.objectives: unknown objective '{name}'; choose from {sorted(OBJECTIVES)}")
         if name == "mlm":
-            heads[name] = MaskedLanguageModeling(hidden_size=hidden_size, word_embeddings=word_embeddings)
+            heads[name] = MaskedLanguageModeling(
+                hidden_size=text_hidden_size or hidden_size, word_embeddings=word_embeddings
+            )
         elif name == "vqa":
             if "num_answers" not in data_info:
                 raise ConfigError("data.objectives: 'vqa' needs a data module that provides an answer vocabulary")

@@ -8,13 +8,27 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vl.errors import ConfigError
+from vl.errors import ConfigError, VLError
 from vl.report import plot_curves, write_results
 
 log = logging.getLogger(__name__)
+
+
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, re-raising vl's own errors unwrapped (Hydra wraps them in InstantiationException)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, VLError):
+            cause = cause.__cause__
+        if isinstance(cause, VLError):
+            raise cause from None
+        raise
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -34,7 +48,7 @@ def _check_fresh_output(output_dir: Path) -> None:
 
 def build_datamodule(cfg: DictConfig):
     """Instantiate the data module, check its files, and return it (no compute spent yet)."""
-    dm = instantiate(cfg.data)
+    dm = _instantiate(cfg.data)
     dm.prepare_data()
     return dm
 
@@ -43,7 +57,7 @@ def build_model(cfg: DictConfig, dm: Any, init_from: str | None = None) -> L.Lig
     extra: dict[str, Any] = {"objectives": list(dm.objectives), "data_info": dm.info}
     if init_from:
         extra["init_from"] = init_from
-    return instantiate(cfg.model, **extra)
+    return _instantiate(cfg.model, **extra)
 
 
 def _accumulation(cfg: DictConfig, dm: Any, world_size: int) -> int:
@@ -90,6 +104,8 @@ def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple
     if cfg.get("test", True) and not trainer.fast_dev_run:
         test_metrics = trainer.test(model, datamodule=dm, ckpt_path=ckpt)[0] if ckpt else trainer.test(model, dm)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
+        if hasattr(dm, "baselines"):
+            metrics.update(dm.baselines("test"))
         if hasattr(dm, "write_predictions") and trainer.is_global_zero:
             preds = model.gathered_predictions()
             if preds:

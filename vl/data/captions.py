@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule
 from vl.data.coco import load_coco_captions
-from vl.data.features import RegionFeatureReader
+from vl.data.features import RegionReader, open_region_features
 from vl.errors import DataError
 
 
@@ -22,7 +22,7 @@ class CaptionPairs(Dataset):
     def __init__(
         self,
         captions: list[dict[str, Any]],
-        regions: RegionFeatureReader,
+        regions: RegionReader,
         *,
         itm: bool,
         deterministic: bool,
@@ -71,16 +71,16 @@ class CaptionsDataModule(VLDataModule):
         super().__init__(**kwargs)
         self.captions_file = captions
         self.features_file = features
-        self._regions: RegionFeatureReader | None = None
+        self._regions: RegionReader | None = None
 
     def required_files(self) -> list[Path]:
         files = [self.path(self.captions_file, split) for split in ("train", "val", "test")]
         return files + [self.path(self.features_file)]
 
     @property
-    def regions(self) -> RegionFeatureReader:
+    def regions(self) -> RegionReader:
         if self._regions is None:
-            self._regions = RegionFeatureReader(self.path(self.features_file))
+            self._regions = open_region_features(self.path(self.features_file))
         return self._regions
 
     def build_dataset(self, split: str) -> CaptionPairs:

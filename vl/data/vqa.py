@@ -10,16 +10,20 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule
-from vl.data.features import RegionFeatureReader
+from vl.data.features import RegionReader, open_region_features
 from vl.data.vqa_format import load_answer_vocab, load_questions, load_targets
 from vl.errors import DataError
+
+
+def _question_type(question: str) -> str:
+    return " ".join(question.lower().split()[:3])
 
 
 class VQAQuestions(Dataset):
     """One example per question: text, regions, dense soft-score target (A,)."""
 
     def __init__(
-        self, questions: list[dict], targets: dict[int, dict], regions: RegionFeatureReader, num_answers: int
+        self, questions: list[dict], targets: dict[int, dict], regions: RegionReader, num_answers: int
     ) -> None:
         self.questions = questions
         self.targets = targets
@@ -62,7 +66,7 @@ class VQADataModule(VLDataModule):
         self.targets_file = targets
         self.answers_file = answers
         self.features_file = features
-        self._regions: RegionFeatureReader | None = None
+        self._regions: RegionReader | None = None
         self._ans2label: dict[str, int] | None = None
 
     def required_files(self) -> list[Path]:
@@ -72,9 +76,9 @@ class VQADataModule(VLDataModule):
         return files
 
     @property
-    def regions(self) -> RegionFeatureReader:
+    def regions(self) -> RegionReader:
         if self._regions is None:
-            self._regions = RegionFeatureReader(self.path(self.features_file))
+            self._regions = open_region_features(self.path(self.features_file))
         return self._regions
 
     @property
@@ -108,6 +112,28 @@ class VQADataModule(VLDataModule):
     def info(self) -> dict[str, Any]:
         first = self.regions[self.regions.ids()[0]]
         return {"visual_dim": int(first["features"].shape[1]), "num_answers": len(self.ans2label)}
+
+    def baselines(self, split: str = "test") -> dict[str, float]:
+        """Reference points for `test/vqa_acc`: a uniformly random answer, and the best constant answer per question
+        type (first three words) fitted on train — a model must beat the prior to be using the image."""
+        self.setup("fit")
+        self.setup("test" if split == "test" else "validate")
+        prior: dict[str, np.ndarray] = {}
+        train = self.datasets["train"]
+        for q in train.questions:
+            entry = train.targets.get(q["question_id"])
+            if entry is not None:
+                vec = prior.setdefault(_question_type(q["question"]), np.zeros(train.num_answers))
+                np.add.at(vec, np.asarray(entry["labels"], dtype=np.int64), np.asarray(entry["scores"]))
+        best = {k: int(v.argmax()) for k, v in prior.items()}
+        data = self.datasets[split]
+        chance, prior_acc = [], []
+        for q in data.questions:
+            entry = data.targets.get(q["question_id"], {"labels": [], "scores": []})
+            scores = dict(zip((int(x) for x in entry["labels"]), entry["scores"]))
+            chance.append(sum(scores.values()) / data.num_answers)
+            prior_acc.append(scores.get(best.get(_question_type(q["question"]), -1), 0.0))
+        return {f"{split}/vqa_acc_chance": float(np.mean(chance)), f"{split}/vqa_acc_prior": float(np.mean(prior_acc))}
 
     def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path:
         """EvalAI-style `[{"question_id", "answer"}]`."""

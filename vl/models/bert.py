@@ -51,6 +51,7 @@ def build_bert(
     max_position_embeddings: int = 512,
     type_vocab_size: int = 2,
     dropout: float = 0.1,
+    initializer_range: float = 0.02,
     add_pooling_layer: bool = True,
 ) -> BertModel:
     """A `BertModel`: random-init from the given sizes, or `from_pretrained(pretrained)` (sizes then come from its
@@ -74,5 +75,6 @@ def build_bert(
         type_vocab_size=type_vocab_size,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
+        initializer_range=initializer_range,
     )
     return BertModel(config, add_pooling_layer=add_pooling_layer)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vl.errors import ConfigError
 from vl.models.base import VLSystem
 from vl.models.bert import build_bert
 from vl.objectives import EncoderOutput
@@ -23,8 +24,13 @@ class VisualBertEncoder(nn.Module):
     normalised x1y1x2y2; visual_mask (B,R).
     """
 
-    def __init__(self, *, text_encoder: dict[str, Any], visual_dim: int, box_dim: int = 5) -> None:
+    def __init__(
+        self, *, text_encoder: dict[str, Any], visual_dim: int, box_dim: int = 5, pooling: str = "cls"
+    ) -> None:
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f"model.pooling: '{pooling}' is not one of 'cls', 'mean'")
+        self.pooling = pooling
         self.bert = build_bert(**text_encoder)
         hidden = self.bert.config.hidden_size
         self.hidden_size = hidden
@@ -58,7 +64,12 @@ class VisualBertEncoder(nn.Module):
         mask = torch.cat([batch["attention_mask"], batch["visual_mask"].to(batch["attention_mask"].dtype)], dim=1)
         out = self.bert(inputs_embeds=inputs, token_type_ids=token_type, position_ids=position_ids, attention_mask=mask)
         states = out.last_hidden_state
-        return EncoderOutput(text=states[:, :text_len], visual=states[:, text_len:], pooled=out.pooler_output)
+        if self.pooling == "mean":  # masked mean over text and region states
+            weights = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        else:  # BERT pooler: tanh(Linear(h_[CLS]))
+            pooled = out.pooler_output
+        return EncoderOutput(text=states[:, :text_len], visual=states[:, text_len:], pooled=pooled)
 
 
 class VisualBertSystem(VLSystem):
@@ -69,6 +80,7 @@ class VisualBertSystem(VLSystem):
         *,
         text_encoder: dict[str, Any],
         objectives: list[str],
+        pooling: str = "cls",
         data_info: dict[str, Any],
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
@@ -86,7 +98,9 @@ class VisualBertSystem(VLSystem):
             pretrained_lr_mult=pretrained_lr_mult,
         )
         self.save_hyperparameters()
-        self.encoder = VisualBertEncoder(text_encoder=dict(text_encoder), visual_dim=int(data_info["visual_dim"]))
+        self.encoder = VisualBertEncoder(
+            text_encoder=dict(text_encoder), visual_dim=int(data_info["visual_dim"]), pooling=pooling
+        )
         self.build_objectives(self.encoder.hidden_size)
 
     def pretrained_parameter_names(self) -> set[str]:

@@ -1,0 +1,84 @@
+"""Shared fixtures: compose configs the way `train.py` does, with tiny models and a small embedded corpus."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import vl.config  # noqa: F401  (schemas + resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+REAL_SAMPLES = Path(os.environ.get("VL_REAL_SAMPLES", ROOT.parent / "shared" / "real_samples"))
+
+#: a model small enough for many CPU fits per test session
+TINY_MODEL = (
+    "model.text_encoder.hidden_size=32",
+    "model.text_encoder.num_heads=2",
+    "model.text_encoder.intermediate_size=64",
+    "model.text_encoder.num_layers=1",
+)
+TINY_CORPUS_IMAGES = 150
+
+
+def compose_cfg(
+    overrides: Sequence[str] = (),
+    *,
+    output_dir: Path,
+    data_dir: Path,
+    config_name: str = "train",
+    tiny: bool = True,
+) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` like the CLI, point paths at tmp dirs, make `${hydra:...}` resolvable."""
+    GlobalHydra.instance().clear()
+    extra: list[str] = []
+    if tiny and config_name == "train":
+        extra += list(TINY_MODEL) + ["callbacks.rich_progress_bar=null", "trainer.enable_model_summary=false"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name, overrides=extra + list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(ROOT)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.data_dir = str(data_dir)
+        if tiny and config_name == "train":
+            for node in (cfg.data, (cfg.get("pretrain") or {}).get("data")):
+                if node is not None and node.corpus.num_images == 1500:
+                    node.corpus.num_images = TINY_CORPUS_IMAGES
+    return cfg
+
+
+def save_run_config(cfg: DictConfig) -> None:
+    """What Hydra writes for a CLI run (`<run>/.hydra/config.yaml`), so `evaluate` can find it."""
+    out = Path(cfg.paths.output_dir) / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.save(plain, out / "config.yaml")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One embedded-corpus cache for the whole session."""
+    return tmp_path_factory.mktemp("vl-data")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, data_dir: Path) -> Callable[..., DictConfig]:
+    def factory(*overrides: str, name: str = "run", **kwargs) -> DictConfig:
+        return compose_cfg(overrides, output_dir=tmp_path / name, data_dir=data_dir, **kwargs)
+
+    return factory

@@ -1,0 +1,109 @@
+"""Bad input fails before any compute, with one line naming the file/field, and never touches earlier outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from vl.data.scenes import SceneSettings, ensure_corpus
+from vl.errors import ConfigError, DataError
+from vl.pipeline import train
+
+
+@pytest.fixture
+def corpus_copy(tmp_path: Path, data_dir: Path) -> Path:
+    """A private, writable copy of the small embedded corpus."""
+    src = ensure_corpus(data_dir, SceneSettings(num_images=150))
+    dst = tmp_path / "corpus"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _datamodule(make_cfg, *overrides: str):
+    cfg = make_cfg("experiment=null", *overrides)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_missing_data_file_is_named(make_cfg, corpus_copy: Path) -> None:
+    (corpus_copy / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json").unlink()
+    cfg = make_cfg("experiment=null", "data=vqa", f"data.root={corpus_copy}")
+    with pytest.raises(DataError, match=r"v2_OpenEnded_mscoco_val2014_questions\.json: file not found"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("features", ["regions.lmdb", "regions.hdf5"])
+def test_corrupt_feature_file_is_named(make_cfg, corpus_copy: Path, features: str) -> None:
+    target = corpus_copy / features
+    target = target / "data.mdb" if target.is_dir() else target
+    size = target.stat().st_size
+    with open(target, "r+b") as f:
+        f.truncate(size // 3)
+    with pytest.raises(DataError, match=features.split(".")[0]):
+        _datamodule(make_cfg, "data=vqa", f"data.root={corpus_copy}", f"data.features={features}")
+
+
+def test_garbage_hdf5_is_named(make_cfg, corpus_copy: Path) -> None:
+    (corpus_copy / "regions.hdf5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"garbage" * 100)
+    with pytest.raises(DataError, match="regions.hdf5"):
+        _datamodule(make_cfg, "data=vqa", f"data.root={corpus_copy}", "data.features=regions.hdf5")
+
+
+def test_malformed_question_entry_is_named(make_cfg, corpus_copy: Path) -> None:
+    path = corpus_copy / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json"
+    data = json.loads(path.read_text())
+    del data["questions"][3]["question"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"v2_OpenEnded_mscoco_train2014_questions\.json.*question"):
+        _datamodule(make_cfg, "data=vqa", f"data.root={corpus_copy}")
+
+
+def test_malformed_captions_json_is_named(make_cfg, corpus_copy: Path) -> None:
+    path = corpus_copy / "annotations" / "captions_train.json"
+    path.write_text(path.read_text()[:-50])
+    with pytest.raises(DataError, match=r"captions_train\.json"):
+        _datamodule(make_cfg, "data=captions", f"data.root={corpus_copy}")
+
+
+def test_image_without_features_is_named(make_cfg, corpus_copy: Path) -> None:
+    path = corpus_copy / "annotations" / "captions_val.json"
+    data = json.loads(path.read_text())
+    data["annotations"][0]["image_id"] = 987654
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="987654"):
+        _datamodule(make_cfg, "data=captions", f"data.root={corpus_copy}")
+
+
+def test_answer_label_out_of_range_is_named(make_cfg, corpus_copy: Path) -> None:
+    import pickle
+
+    path = corpus_copy / "vqa" / "cache" / "train_target.pkl"
+    targets = pickle.loads(path.read_bytes())
+    targets[0]["labels"] = [10_000]
+    path.write_bytes(pickle.dumps(targets))
+    with pytest.raises(DataError, match=r"train_target\.pkl.*10000"):
+        _datamodule(make_cfg, "data=vqa", f"data.root={corpus_copy}")
+
+
+def test_batch_sizes_must_divide(make_cfg) -> None:
+    with pytest.raises(Exception, match="batch_size"):
+        _datamodule(make_cfg, "data=vqa", "data.batch_size=30", "data.batch_size_per_device=8")
+
+
+def test_unknown_objective_is_named(make_cfg) -> None:
+    cfg = make_cfg("experiment=null", "data=vqa", "data.objectives=[vqa,foo]", "debug=fdr")
+    with pytest.raises(ConfigError, match="unknown objective 'foo'"):
+        train(cfg)
+
+
+def test_missing_pretrained_dir_is_named(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("experiment=null", "data=vqa", f"model.text_encoder.pretrained={tmp_path}/nope", "debug=fdr")
+    with pytest.raises(ConfigError, match="nope"):
+        train(cfg)

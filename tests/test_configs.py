@@ -1,0 +1,61 @@
+"""Every config file composes; schemas reject unknown keys and wrong types at compose time."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from tests.conftest import CONF
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).glob("*.yaml"))]
+
+
+def _resolve_all(cfg) -> None:
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.to_container(plain, resolve=True)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group: str, option: str, make_cfg) -> None:
+    cfg = make_cfg(f"{group}={option}")
+    _resolve_all(cfg)
+    assert cfg.data._target_ and cfg.model._target_
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
+def test_primary_configs_compose(name: str, make_cfg) -> None:
+    overrides = ("ckpt_path=x.ckpt",) if name == "evaluate" else ()
+    cfg = make_cfg(*overrides, config_name=name, tiny=False)
+    _resolve_all(cfg)
+
+
+def test_hydra_group_is_applied(make_cfg) -> None:
+    cfg = make_cfg()
+    assert "/runs/" in cfg.hydra.run.dir and "/multiruns/" in cfg.hydra.sweep.dir
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model.text_encoder.hiden_size=3", "hiden_size"),
+        ("data.batch_sise=3", "batch_sise"),
+        ("trainer.max_epoch=3", "max_epoch"),
+        ("model.text_encoder.hidden_size=abc", "model.text_encoder.hidden_size"),
+        ("data.num_workers=many", "data.num_workers"),
+        ("trainer.max_steps=1.5", "trainer.max_steps"),
+    ],
+)
+def test_schema_rejects_bad_keys_and_types(override: str, needle: str, make_cfg) -> None:
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)) as err:
+        make_cfg(override)
+    text = str(err.value) + str(err.value.__cause__ or "")
+    assert needle in text
+
+
+def test_unknown_model_name_lists_options(make_cfg) -> None:
+    with pytest.raises(Exception) as err:
+        make_cfg("model=vilbrt")
+    assert "model/vilbrt" in str(err.value) and "visual_bert" in str(err.value)

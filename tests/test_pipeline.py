@@ -1,0 +1,140 @@
+"""End to end: fit, test, evaluate, resume, DDP, sweeps, run-dir contents."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONF, ROOT, TINY_MODEL, save_run_config
+from vl.pipeline import evaluate, train
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+DATAS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+FAST = ("experiment=null", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2")
+
+
+def read_metric(run_dir: Path, key: str) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("data", DATAS)
+def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> None:
+    cfg = make_cfg("experiment=null", f"model={model}", f"data={data}", "debug=fdr")
+    metrics, _ = train(cfg)
+    assert metrics == {} or all(v == v for v in metrics.values())
+
+
+def test_overfit_one_batch_drives_loss_down(make_cfg) -> None:
+    cfg = make_cfg("experiment=null", "data=vqa", "trainer.overfit_batches=1", "trainer.max_epochs=40",
+                   "trainer.log_every_n_steps=1", "model.optimizer.lr=1e-3", "model.scheduler=null",
+                   "model.text_encoder.dropout=0.0", "callbacks=none", "test=false")
+    train(cfg)
+    losses = read_metric(Path(cfg.paths.output_dir), "train/loss")
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_default_experiment_writes_a_complete_run_dir(make_cfg) -> None:
+    cfg = make_cfg("pretrain.trainer.max_epochs=1", "trainer.max_epochs=1")
+    metrics, value = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    for rel in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "pretrain/checkpoints/best.ckpt",
+                "csv/metrics.csv", "curves.png", "pretrain/curves.png", "results.md", "vqa_predictions.json"):
+        assert (run / rel).is_file(), rel
+    assert {"test/vqa_acc", "pretrain:test/itm_acc", "pretrain:test/mlm_acc"} <= set(metrics)
+    assert value == metrics["val/vqa_acc"]
+    preds = json.loads((run / "vqa_predictions.json").read_text())
+    assert preds and set(preds[0]) == {"question_id", "answer"}
+    assert "test/vqa_acc" in (run / "results.md").read_text()
+
+
+def test_evaluate_reproduces_training_test_metrics(make_cfg) -> None:
+    cfg = make_cfg(*FAST[:1], "data=vqa", "trainer.max_epochs=2")
+    metrics, _ = train(cfg)
+    save_run_config(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    eval_cfg = make_cfg(f"ckpt_path={ckpt}", name="eval", config_name="evaluate", tiny=False)
+    again = evaluate(eval_cfg)
+    assert again["test/vqa_acc"] == pytest.approx(metrics["test/vqa_acc"], abs=1e-6)
+    assert again["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
+    assert (Path(eval_cfg.paths.output_dir) / "vqa_predictions.json").is_file()
+
+
+def test_resume_from_last_matches_uninterrupted_run(make_cfg) -> None:
+    common = ("experiment=null", "data=vqa", "trainer.deterministic=true", "trainer.limit_train_batches=4",
+              "trainer.limit_val_batches=1", "test=false")
+    straight = make_cfg(*common, "trainer.max_epochs=4", name="straight")
+    metrics_straight, _ = train(straight)
+    first = make_cfg(*common, "trainer.max_epochs=2", name="first")
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resumed = make_cfg(*common, "trainer.max_epochs=4", f"ckpt_path={last}", name="resumed")
+    metrics_resumed, _ = train(resumed)
+    assert read_metric(Path(resumed.paths.output_dir), "train/loss")  # it trained epochs 3-4
+    assert metrics_resumed["train/loss"] == pytest.approx(metrics_straight["train/loss"], rel=1e-5)
+    assert metrics_resumed["val/loss"] == pytest.approx(metrics_straight["val/loss"], rel=1e-5)
+
+
+def test_refuses_to_overwrite_an_earlier_run(make_cfg) -> None:
+    cfg = make_cfg(*FAST, "data=vqa")
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    again = make_cfg(*FAST, "data=vqa")  # same output dir
+    with pytest.raises(Exception, match="already holds checkpoints"):
+        train(again)
+    assert ckpt.read_bytes() == before
+
+
+def test_ddp_cpu_two_processes_fit(make_cfg) -> None:
+    cfg = make_cfg(*FAST, "data=vqa", "hardware=ddp_cpu", "data.batch_size=32", "data.batch_size_per_device=16")
+    metrics, _ = train(cfg)
+    assert "test/vqa_acc" in metrics
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_global_batch_derives_accumulation(make_cfg, caplog) -> None:
+    cfg = make_cfg(*FAST, "data=vqa", "data.batch_size=64", "data.batch_size_per_device=16", "test=false")
+    with caplog.at_level("INFO"):
+        train(cfg)
+    assert "64 = 16 per device x 1 devices x 4 accumulation" in caplog.text
+
+
+def _cli(*args: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+
+
+def test_cli_help_lists_groups(tmp_path: Path) -> None:
+    out = _cli(str(ROOT / "train.py"), "--help", cwd=tmp_path, timeout=60)
+    assert out.returncode == 0
+    for group in ("model:", "data:", "hardware:", "experiment:", "logger:"):
+        assert group in out.stdout
+
+
+def test_cli_multirun_makes_one_dir_per_job(tmp_path: Path, data_dir: Path) -> None:
+    args = [str(ROOT / "train.py"), "-m", *FAST, "data=vqa", *TINY_MODEL, "callbacks.rich_progress_bar=null",
+            "model.optimizer.lr=1e-4,3e-4", f"paths.data_dir={data_dir}", "data.corpus.num_images=150",
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    out = _cli(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file()
+        assert (tmp_path / "sweep" / job / ".hydra" / "config.yaml").is_file()
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path: Path) -> None:
+    out = _cli(str(ROOT / "train.py"), "model=vilbrt", cwd=tmp_path, timeout=60)
+    assert out.returncode != 0
+    assert "model/vilbrt" in out.stderr.splitlines()[0] or "model/vilbrt" in out.stderr
+    out = _cli(str(ROOT / "train.py"), "data.root=/nonexistent/corpus", "experiment=null", cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert "error: /nonexistent/corpus: data.root does not exist" in out.stderr
+    assert not list((tmp_path / "outputs").rglob("*.ckpt"))

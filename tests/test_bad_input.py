@@ -24,7 +24,7 @@ def corpus_copy(tmp_path: Path, data_dir: Path) -> Path:
 
 
 def _datamodule(make_cfg, *overrides: str):
-    cfg = make_cfg("experiment=null", *overrides)
+    cfg = make_cfg("experiment=none", *overrides)
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
@@ -33,7 +33,7 @@ def _datamodule(make_cfg, *overrides: str):
 
 def test_missing_data_file_is_named(make_cfg, corpus_copy: Path) -> None:
     (corpus_copy / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json").unlink()
-    cfg = make_cfg("experiment=null", "data=vqa", f"data.root={corpus_copy}")
+    cfg = make_cfg("experiment=none", "data=vqa", f"data.root={corpus_copy}")
     with pytest.raises(DataError, match=r"v2_OpenEnded_mscoco_val2014_questions\.json: file not found"):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
@@ -98,12 +98,12 @@ def test_batch_sizes_must_divide(make_cfg) -> None:
 
 
 def test_unknown_objective_is_named(make_cfg) -> None:
-    cfg = make_cfg("experiment=null", "data=vqa", "data.objectives=[vqa,foo]", "debug=fdr")
+    cfg = make_cfg("experiment=none", "data=vqa", "data.objectives=[vqa,foo]", "debug=fdr")
     with pytest.raises(ConfigError, match="unknown objective 'foo'"):
         train(cfg)
 
 
 def test_missing_pretrained_dir_is_named(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("experiment=null", "data=vqa", f"model.text_encoder.pretrained={tmp_path}/nope", "debug=fdr")
+    cfg = make_cfg("experiment=none", "data=vqa", f"model.text_encoder.pretrained={tmp_path}/nope", "debug=fdr")
     with pytest.raises(ConfigError, match="nope"):
         train(cfg)

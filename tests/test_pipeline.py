@@ -15,7 +15,7 @@ from vl.pipeline import evaluate, train
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 DATAS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
-FAST = ("experiment=null", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+FAST = ("experiment=none", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2")
 
 
@@ -27,13 +27,13 @@ def read_metric(run_dir: Path, key: str) -> list[float]:
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("data", DATAS)
 def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> None:
-    cfg = make_cfg("experiment=null", f"model={model}", f"data={data}", "debug=fdr")
+    cfg = make_cfg("experiment=none", f"model={model}", f"data={data}", "debug=fdr")
     metrics, _ = train(cfg)
     assert metrics == {} or all(v == v for v in metrics.values())
 
 
 def test_overfit_one_batch_drives_loss_down(make_cfg) -> None:
-    cfg = make_cfg("experiment=null", "data=vqa", "trainer.overfit_batches=1", "trainer.max_epochs=40",
+    cfg = make_cfg("experiment=none", "data=vqa", "trainer.overfit_batches=1", "trainer.max_epochs=40",
                    "trainer.log_every_n_steps=1", "model.optimizer.lr=1e-3", "model.scheduler=null",
                    "model.text_encoder.dropout=0.0", "callbacks=none", "test=false")
     train(cfg)
@@ -68,7 +68,7 @@ def test_evaluate_reproduces_training_test_metrics(make_cfg) -> None:
 
 
 def test_resume_from_last_matches_uninterrupted_run(make_cfg) -> None:
-    common = ("experiment=null", "data=vqa", "trainer.deterministic=true", "trainer.limit_train_batches=4",
+    common = ("experiment=none", "data=vqa", "trainer.deterministic=true", "trainer.limit_train_batches=4",
               "trainer.limit_val_batches=1", "test=false")
     straight = make_cfg(*common, "trainer.max_epochs=4", name="straight")
     metrics_straight, _ = train(straight)
@@ -120,7 +120,7 @@ def test_cli_help_lists_groups(tmp_path: Path) -> None:
 
 
 def test_cli_multirun_makes_one_dir_per_job(tmp_path: Path, data_dir: Path) -> None:
-    args = [str(ROOT / "train.py"), "-m", *FAST, "data=vqa", *TINY_MODEL, "callbacks.rich_progress_bar=null",
+    args = [str(ROOT / "train.py"), "-m", *FAST, "data=vqa", *TINY_MODEL, "~callbacks.rich_progress_bar",
             "model.optimizer.lr=1e-4,3e-4", f"paths.data_dir={data_dir}", "data.corpus.num_images=150",
             f"hydra.sweep.dir={tmp_path}/sweep"]
     out = _cli(*args, cwd=tmp_path)
@@ -134,7 +134,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     out = _cli(str(ROOT / "train.py"), "model=vilbrt", cwd=tmp_path, timeout=60)
     assert out.returncode != 0
     assert "model/vilbrt" in out.stderr.splitlines()[0] or "model/vilbrt" in out.stderr
-    out = _cli(str(ROOT / "train.py"), "data.root=/nonexistent/corpus", "experiment=null", cwd=tmp_path, timeout=120)
+    out = _cli(str(ROOT / "train.py"), "data.root=/nonexistent/corpus", "experiment=none", cwd=tmp_path, timeout=120)
     assert out.returncode == 2
     assert "error: /nonexistent/corpus: data.root does not exist" in out.stderr
     assert not list((tmp_path / "outputs").rglob("*.ckpt"))

@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -32,6 +33,17 @@ TINY_MODEL = (
 TINY_CORPUS_IMAGES = 150
 
 
+class StopAtEpoch(L.Callback):
+    """Simulates an interrupted run: stop (after checkpointing) once `epochs` epochs are done."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
 def compose_cfg(
     overrides: Sequence[str] = (),
     *,
@@ -44,7 +56,10 @@ def compose_cfg(
     GlobalHydra.instance().clear()
     extra: list[str] = []
     if tiny and config_name == "train":
-        extra += list(TINY_MODEL) + ["trainer.enable_model_summary=false"]
+        extra.append("trainer.enable_model_summary=false")
+        model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "visual_bert")
+        if model.startswith("visual_bert"):
+            extra += list(TINY_MODEL)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(config_name, overrides=extra + list(overrides), return_hydra_config=True)
     with open_dict(cfg):

@@ -15,8 +15,13 @@ from vl.pipeline import evaluate, train
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 DATAS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
-FAST = ("experiment=none", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2")
+FAST = (
+    "experiment=none",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+)
 
 
 def read_metric(run_dir: Path, key: str) -> list[float]:
@@ -27,15 +32,25 @@ def read_metric(run_dir: Path, key: str) -> list[float]:
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("data", DATAS)
 def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> None:
-    cfg = make_cfg("experiment=none", f"model={model}", f"data={data}", "debug=fdr")
+    small = ("data.batch_size=2", "data.batch_size_per_device=2") if model == "vilbert" else ()
+    cfg = make_cfg("experiment=none", f"model={model}", f"data={data}", "debug=fdr", *small)
     metrics, _ = train(cfg)
     assert metrics == {} or all(v == v for v in metrics.values())
 
 
 def test_overfit_one_batch_drives_loss_down(make_cfg) -> None:
-    cfg = make_cfg("experiment=none", "data=vqa", "trainer.overfit_batches=1", "trainer.max_epochs=40",
-                   "trainer.log_every_n_steps=1", "model.optimizer.lr=1e-3", "model.scheduler=null",
-                   "model.text_encoder.dropout=0.0", "callbacks=none", "test=false")
+    cfg = make_cfg(
+        "experiment=none",
+        "data=vqa",
+        "trainer.overfit_batches=1",
+        "trainer.max_epochs=50",
+        "trainer.log_every_n_steps=1",
+        "model.optimizer.lr=3e-3",
+        "model.scheduler=null",
+        "model.text_encoder.dropout=0.0",
+        "callbacks=none",
+        "test=false",
+    )
     train(cfg)
     losses = read_metric(Path(cfg.paths.output_dir), "train/loss")
     assert losses[-1] < 0.3 * losses[0], losses
@@ -45,8 +60,16 @@ def test_default_experiment_writes_a_complete_run_dir(make_cfg) -> None:
     cfg = make_cfg("pretrain.trainer.max_epochs=1", "trainer.max_epochs=1")
     metrics, value = train(cfg)
     run = Path(cfg.paths.output_dir)
-    for rel in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "pretrain/checkpoints/best.ckpt",
-                "csv/metrics.csv", "curves.png", "pretrain/curves.png", "results.md", "vqa_predictions.json"):
+    for rel in (
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "pretrain/checkpoints/best.ckpt",
+        "csv/metrics.csv",
+        "curves.png",
+        "pretrain/curves.png",
+        "results.md",
+        "vqa_predictions.json",
+    ):
         assert (run / rel).is_file(), rel
     assert {"test/vqa_acc", "pretrain:test/itm_acc", "pretrain:test/mlm_acc"} <= set(metrics)
     assert value == metrics["val/vqa_acc"]
@@ -68,11 +91,24 @@ def test_evaluate_reproduces_training_test_metrics(make_cfg) -> None:
 
 
 def test_resume_from_last_matches_uninterrupted_run(make_cfg) -> None:
-    common = ("experiment=none", "data=vqa", "trainer.deterministic=true", "trainer.limit_train_batches=4",
-              "trainer.limit_val_batches=1", "test=false")
+    common = (
+        "experiment=none",
+        "data=vqa",
+        "trainer.deterministic=true",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1",
+        "test=false",
+        "trainer.log_every_n_steps=1",
+    )
     straight = make_cfg(*common, "trainer.max_epochs=4", name="straight")
     metrics_straight, _ = train(straight)
-    first = make_cfg(*common, "trainer.max_epochs=2", name="first")
+    first = make_cfg(
+        *common,
+        "trainer.max_epochs=4",
+        "+callbacks.stop._target_=tests.conftest.StopAtEpoch",
+        "+callbacks.stop.epochs=2",
+        name="first",
+    )
     train(first)
     last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     resumed = make_cfg(*common, "trainer.max_epochs=4", f"ckpt_path={last}", name="resumed")
@@ -108,8 +144,14 @@ def test_global_batch_derives_accumulation(make_cfg, caplog) -> None:
 
 
 def _cli(*args: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**__import__("os").environ, "WANDB_MODE": "disabled"},
+    )
 
 
 def test_cli_help_lists_groups(tmp_path: Path) -> None:
@@ -120,9 +162,18 @@ def test_cli_help_lists_groups(tmp_path: Path) -> None:
 
 
 def test_cli_multirun_makes_one_dir_per_job(tmp_path: Path, data_dir: Path) -> None:
-    args = [str(ROOT / "train.py"), "-m", *FAST, "data=vqa", *TINY_MODEL, "~callbacks.rich_progress_bar",
-            "model.optimizer.lr=1e-4,3e-4", f"paths.data_dir={data_dir}", "data.corpus.num_images=150",
-            f"hydra.sweep.dir={tmp_path}/sweep"]
+    args = [
+        str(ROOT / "train.py"),
+        "-m",
+        *FAST,
+        "data=vqa",
+        *TINY_MODEL,
+        "~callbacks.rich_progress_bar",
+        "model.optimizer.lr=1e-4,3e-4",
+        f"paths.data_dir={data_dir}",
+        "data.corpus.num_images=150",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
     out = _cli(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     for job in ("0", "1"):

@@ -101,17 +101,15 @@ def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     last = str(output_dir / "checkpoints" / "last.ckpt")
     ckpt = best or (last if Path(last).exists() else None)
-    if cfg.get("test", True) and not trainer.fast_dev_run:
-        test_metrics = trainer.test(model, datamodule=dm, ckpt_path=ckpt)[0] if ckpt else trainer.test(model, dm)[0]
+    if cfg.get("test", True):
+        # a fresh Trainer without loggers: test metrics go to results.md (and CSVLogger cannot take new columns
+        # in the processes a ddp_spawn test starts); VQA predictions are written by the model's test hook
+        tester: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+        ckpt = None if trainer.fast_dev_run else ckpt
+        test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
-        if hasattr(dm, "baselines"):
+        if hasattr(dm, "baselines") and not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))
-        if hasattr(dm, "write_predictions") and trainer.is_global_zero:
-            preds = model.gathered_predictions()
-            if preds:
-                dm.write_predictions(preds, output_dir / "vqa_predictions.json")
-    elif cfg.get("test", True):
-        trainer.test(model, datamodule=dm)
     if trainer.is_global_zero and loggers:
         plot_curves(output_dir, title=f"{cfg.task_name} / {name}")
     return metrics, ckpt
@@ -201,11 +199,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     results = run(model, datamodule=dm, ckpt_path=str(cfg.ckpt_path))[0]
     metrics = {k: float(v) for k, v in results.items()}
     if trainer.is_global_zero:
-        if hasattr(dm, "write_predictions"):
-            preds = model.gathered_predictions()
-            if preds:
-                path = dm.write_predictions(preds, output_dir / "vqa_predictions.json")
-                log.info("VQA predictions (EvalAI format): %s", path)
         write_results(output_dir, [("evaluate", metrics)], title=f"evaluate {cfg.ckpt_path}")
     return metrics
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vl.data.collate import Collator, load_tokenizer
 from vl.errors import ConfigError, DataError
@@ -15,6 +18,26 @@ from vl.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """Dataset keys are an index, or (epoch, index) from `EpochShuffleSampler`: -> (epoch, index)."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (0, int(key))
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Shuffles with its own generator seeded by (seed + epoch) and yields `(epoch, index)` keys, so every random
+    choice a dataset or collator makes can be derived from (seed, epoch, index) instead of the global RNG.
+
+    This is what makes a run resumed from `last.ckpt` see exactly the batches of an uninterrupted run: Lightning
+    creates the first iterator of a resumed fit before any epoch hook runs. Rank-aware (a DistributedSampler), so
+    Lightning keeps it under DDP.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch = self.epoch
+        for index in super().__iter__():
+            yield (epoch, index)
 
 
 class VLDataModule(L.LightningDataModule):
@@ -130,15 +153,27 @@ class VLDataModule(L.LightningDataModule):
             max_regions=self.max_regions,
             mlm="mlm" in self.objectives,
             mlm_probability=self.mlm_probability,
-            deterministic=split != "train",
         )
 
     def loader(self, split: str) -> DataLoader:
         self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        sampler = None
+        if split == "train":
+            trainer = self.trainer
+            sampler = EpochShuffleSampler(
+                self.datasets[split],
+                num_replicas=trainer.world_size if trainer else 1,
+                rank=trainer.global_rank if trainer else 0,
+                shuffle=True,
+                seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            )
+            sampler.set_epoch(trainer.current_epoch if trainer else 0)  # resumed fits start mid-way
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size_per_device,
-            shuffle=split == "train",
+            sampler=sampler,
+            # its own generator: creating an iterator then draws no number from the global RNG (resume parity)
+            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
             num_workers=self.num_workers,
             collate_fn=self.collator(split),
             pin_memory=self.pin_memory,

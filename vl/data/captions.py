@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule
+from vl.data.base import VLDataModule, split_key
 from vl.data.coco import load_coco_captions
 from vl.data.features import RegionReader, open_region_features
 from vl.errors import DataError
@@ -17,7 +16,7 @@ from vl.errors import DataError
 
 class CaptionPairs(Dataset):
     """One example per caption. With `itm`, half the captions are swapped for a caption of another image
-    (`itm_label` 0); eval splits draw the swap deterministically from the example index."""
+    (`itm_label` 0), drawn from (seed, epoch, index): reproducible, and fixed on eval splits (epoch 0)."""
 
     def __init__(
         self,
@@ -25,29 +24,23 @@ class CaptionPairs(Dataset):
         regions: RegionReader,
         *,
         itm: bool,
-        deterministic: bool,
         seed: int = 0,
     ) -> None:
         self.captions = captions
         self.regions = regions
         self.itm = itm
-        self.deterministic = deterministic
         self.seed = seed
 
     def __len__(self) -> int:
         return len(self.captions)
 
-    def _random(self, index: int) -> tuple[float, int]:
-        if self.deterministic:
-            rng = np.random.default_rng((self.seed, index))
-            return float(rng.random()), int(rng.integers(len(self.captions)))
-        return float(torch.rand(())), int(torch.randint(len(self.captions), ()))
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = split_key(key)
         ann = self.captions[index]
-        example = {"text": ann["caption"], "image_id": ann["image_id"], "index": index}
+        example = {"text": ann["caption"], "image_id": ann["image_id"], "index": index, "epoch": epoch}
         if self.itm:
-            coin, other = self._random(index)
+            rng = np.random.default_rng((self.seed, epoch, index))
+            coin, other = rng.random(), int(rng.integers(len(self.captions)))
             example["itm_label"] = 1
             if coin < 0.5:
                 while self.captions[other]["image_id"] == ann["image_id"]:
@@ -89,7 +82,7 @@ class CaptionsDataModule(VLDataModule):
         missing = next((a["image_id"] for a in annotations if str(a["image_id"]) not in self.regions), None)
         if missing is not None:
             raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {path})")
-        return CaptionPairs(annotations, self.regions, itm="itm" in self.objectives, deterministic=split != "train")
+        return CaptionPairs(annotations, self.regions, itm="itm" in self.objectives)
 
     @property
     def info(self) -> dict[str, Any]:

@@ -69,7 +69,8 @@ class Collator:
     """Turns a list of examples into a batch dict (see the module docstring).
 
     Example keys: `text` (str), optional `text_b`; `visual` (reader dict) ; optional `itm_label`, `vqa_target`
-    (np.ndarray (A,)), `question_id`, `image_id`; `index` (int, seeds deterministic masking when `deterministic`).
+    (np.ndarray (A,)), `question_id`, `image_id`; `index` and `epoch` (ints): MLM masks are drawn from a generator
+    seeded by (epoch, indices), never from the global RNG, so runs and resumed runs see the same masks.
     """
 
     def __init__(
@@ -80,14 +81,12 @@ class Collator:
         max_regions: int = 36,
         mlm: bool = False,
         mlm_probability: float = 0.15,
-        deterministic: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
         self.max_regions = max_regions
         self.mlm = mlm
         self.mlm_probability = mlm_probability
-        self.deterministic = deterministic
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts = [ex["text"] for ex in examples]
@@ -113,9 +112,8 @@ class Collator:
         if "itm_label" in examples[0]:
             batch["itm_labels"] = torch.tensor([int(ex["itm_label"]) for ex in examples])
         if self.mlm:
-            generator = None
-            if self.deterministic:
-                generator = torch.Generator().manual_seed(int(batch["index"].sum()) + 1)
+            key = (int(examples[0].get("epoch", 0)), *batch["index"].tolist())
+            generator = torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
             special = enc["special_tokens_mask"] | (enc["attention_mask"] == 0)
             batch["input_ids"], batch["mlm_labels"] = mask_tokens(
                 enc["input_ids"],

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule
+from vl.data.base import VLDataModule, split_key
 from vl.data.features import RegionReader, open_region_features
 from vl.data.vqa_format import load_answer_vocab, load_questions, load_targets
 from vl.errors import DataError
@@ -33,7 +33,8 @@ class VQAQuestions(Dataset):
     def __len__(self) -> int:
         return len(self.questions)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = split_key(key)
         q = self.questions[index]
         target = np.zeros(self.num_answers, dtype=np.float32)
         entry = self.targets.get(q["question_id"])
@@ -44,6 +45,7 @@ class VQAQuestions(Dataset):
             "question_id": q["question_id"],
             "image_id": q["image_id"],
             "index": index,
+            "epoch": epoch,
             "vqa_target": target,
             "visual": self.regions[str(q["image_id"])],
         }

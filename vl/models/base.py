@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -101,8 +102,8 @@ class VLSystem(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
-        # Reseed per epoch so a run resumed from an epoch-boundary checkpoint draws the same masks, negatives,
-        # shuffles and dropout as an uninterrupted run.
+        # Reseed per epoch so a run resumed from an epoch-boundary checkpoint draws the same dropout as an
+        # uninterrupted run (data randomness is derived from (seed, epoch, index): see EpochShuffleSampler).
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         torch.manual_seed(seed + 7919 * self.current_epoch + self.global_rank)
 
@@ -118,6 +119,14 @@ class VLSystem(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.shared_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Write VQA answers as EvalAI JSON into the run dir (rank 0, after gathering from all ranks)."""
+        preds = self.gathered_predictions()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if preds and self.trainer.is_global_zero and hasattr(datamodule, "write_predictions"):
+            path = datamodule.write_predictions(preds, Path(self.trainer.default_root_dir) / "vqa_predictions.json")
+            log.info("VQA predictions (EvalAI format): %s", path)
 
     def collect_predictions(self, name: str, result: Any, batch: dict[str, Any]) -> None:
         """Keep VQA answers per question id (for the EvalAI-style JSON)."""

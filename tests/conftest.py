@@ -58,7 +58,7 @@ def compose_cfg(
     if tiny and config_name == "train":
         extra.append("trainer.enable_model_summary=false")
         model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "visual_bert")
-        if model.startswith("visual_bert"):
+        if model == "visual_bert":
             extra += list(TINY_MODEL)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(config_name, overrides=extra + list(overrides), return_hydra_config=True)
@@ -73,8 +73,9 @@ def compose_cfg(
         if tiny and config_name == "train":
             if cfg.get("callbacks"):
                 cfg.callbacks.pop("rich_progress_bar", None)  # plain logs in tests
+            explicit = any("corpus.num_images" in o for o in overrides)
             for node in (cfg.data, (cfg.get("pretrain") or {}).get("data")):
-                if node is not None and node.corpus.num_images == 1500:
+                if node is not None and not explicit:
                     node.corpus.num_images = TINY_CORPUS_IMAGES
     return cfg
 

@@ -7,6 +7,7 @@ so an unknown key or a wrong type fails while Hydra composes, naming the full ke
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -189,6 +190,9 @@ def _sweep_group(default: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vl_sweep_group"):
         OmegaConf.register_new_resolver("vl_sweep_group", _sweep_group)
+    if not OmegaConf.has_resolver("vl_cwd"):
+        # like ${hydra:runtime.cwd}, but also resolvable where HydraConfig is not set yet (sweepers' launch)
+        OmegaConf.register_new_resolver("vl_cwd", os.getcwd)
 
 
 register_configs()

@@ -25,11 +25,21 @@ IGNORE_INDEX = -100
 
 @dataclass
 class EncoderOutput:
-    """What every encoder returns: text (B, T, H), visual (B, R, H) or None, pooled (B, H)."""
+    """What every encoder returns: text (B, T, Ht), visual (B, P+R, Hv) or None, pooled (B, Hp).
+
+    `visual_prefix` = P extra leading visual positions that are not regions (ViLBERT's global image token): region
+    heads read `visual[:, visual_prefix:]`, aligned with the batch's (B, R) region tensors.
+    """
 
     text: torch.Tensor
     visual: torch.Tensor | None
     pooled: torch.Tensor
+    visual_prefix: int = 0
+
+    def regions(self) -> torch.Tensor:
+        """(B, R, Hv): the visual states of the regions only."""
+        assert self.visual is not None, "this encoder returns no visual states"
+        return self.visual[:, self.visual_prefix :]
 
 
 @dataclass
@@ -123,11 +133,71 @@ class VQAClassification(Objective):
         metrics["vqa_acc"].update(result.logits, result.target)
 
 
+def _region_head(hidden_size: int, out_size: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(hidden_size, hidden_size),
+        nn.GELU(),
+        nn.LayerNorm(hidden_size, eps=1e-12),
+        nn.Linear(hidden_size, out_size),
+    )
+
+
+class MaskedRegionClassification(Objective):
+    """ViLBERT masked-region loss: KL(detector class distribution || predicted distribution), averaged over the masked
+    regions only (`region_mask_labels` (B,R) bool; targets `region_cls_prob` (B,R,C)). Accuracy = arg-max agreement."""
+
+    name = "mrc"
+    requires = ("region_mask_labels", "region_cls_prob")
+
+    def __init__(self, *, hidden_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.head = _region_head(hidden_size, num_classes)
+
+    def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
+        masked = batch["region_mask_labels"].bool()
+        logits = self.head(out.regions()[masked])  # (M, C)
+        target = batch["region_cls_prob"][masked]  # (M, C)
+        if not target.shape[0]:
+            return ObjectiveResult(out.pooled.sum() * 0.0, logits, target.argmax(-1))
+        loss = F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="sum") / target.shape[0]
+        return ObjectiveResult(loss, logits, target.argmax(-1))
+
+
+class MaskedRegionFeatureRegression(Objective):
+    """Optional alternative (`--predict_feature` in ViLBERT): MSE to the original region feature (B,R,D) on masked
+    regions. No metric beyond its loss."""
+
+    name = "mrfr"
+    requires = ("region_mask_labels", "region_feat_targets")
+
+    def __init__(self, *, hidden_size: int, feature_dim: int) -> None:
+        super().__init__()
+        self.head = _region_head(hidden_size, feature_dim)
+
+    def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
+        masked = batch["region_mask_labels"].bool()
+        pred = self.head(out.regions()[masked])
+        target = batch["region_feat_targets"][masked]
+        loss = F.mse_loss(pred, target) if target.shape[0] else out.pooled.sum() * 0.0
+        return ObjectiveResult(loss, pred, target)
+
+    def make_metrics(self) -> dict[str, Metric]:
+        return {}
+
+    def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
+        pass
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "mlm": MaskedLanguageModeling,
     "itm": ImageTextMatching,
     "vqa": VQAClassification,
+    "mrc": MaskedRegionClassification,
+    "mrfr": MaskedRegionFeatureRegression,
 }
+
+#: objectives whose collator must mask regions
+REGION_MASKING = ("mrc", "mrfr")
 
 
 def build_objectives(
@@ -137,11 +207,13 @@ def build_objectives(
     word_embeddings: nn.Embedding,
     data_info: dict[str, Any],
     text_hidden_size: int | None = None,
+    visual_hidden_size: int | None = None,
 ) -> nn.ModuleDict:
-    """Instantiate the named objectives; `data_info` supplies corpus facts (e.g. `num_answers`).
+    """Instantiate the named objectives; `data_info` supplies corpus facts (`num_answers`, `num_region_classes`,
+    `visual_dim`).
 
-    `hidden_size` is the size of `EncoderOutput.pooled` (ITM, VQA heads); `text_hidden_size` that of
-    `EncoderOutput.text` (MLM head), when it differs (two-stream models such as ViLBERT).
+    `hidden_size` is the size of `EncoderOutput.pooled` (ITM, VQA heads); `text_hidden_size` / `visual_hidden_size`
+    those of `EncoderOutput.text` (MLM head) / `.visual` (region heads), when they differ (two-stream models).
     """
     heads = nn.ModuleDict()
     for name in names:
@@ -150,6 +222,16 @@ def build_objectives(
         if name == "mlm":
             heads[name] = MaskedLanguageModeling(
                 hidden_size=text_hidden_size or hidden_size, word_embeddings=word_embeddings
+            )
+        elif name == "mrc":
+            if not data_info.get("num_region_classes"):
+                raise ConfigError("data.objectives: 'mrc' needs region features with class distributions (cls_prob)")
+            heads[name] = MaskedRegionClassification(
+                hidden_size=visual_hidden_size or hidden_size, num_classes=int(data_info["num_region_classes"])
+            )
+        elif name == "mrfr":
+            heads[name] = MaskedRegionFeatureRegression(
+                hidden_size=visual_hidden_size or hidden_size, feature_dim=int(data_info["visual_dim"])
             )
         elif name == "vqa":
             if "num_answers" not in data_info:

@@ -353,7 +353,7 @@ def _mtime(p: Path) -> int:
 
 
 def test_ensure_corpus_reuses_and_repairs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="vl.data.scenes")
+    caplog.set_level(logging.INFO, logger="vl.data.scene_corpus")
     root = ensure_corpus(tmp_path, TINY)
     assert root == tmp_path / f"scenes-{corpus_key(TINY)}" and verify_corpus(root, TINY) is None
     manifest = root / "manifest.json"

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vl.data.collate import Collator, load_tokenizer
 from vl.errors import ConfigError, DataError
+from vl.objectives import REGION_MASKING
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class VLDataModule(L.LightningDataModule):
             max_regions=self.max_regions,
             mlm="mlm" in self.objectives,
             mlm_probability=self.mlm_probability,
+            region_masking=any(name in REGION_MASKING for name in self.objectives),
         )
 
     def loader(self, split: str) -> DataLoader:

@@ -87,4 +87,8 @@ class CaptionsDataModule(VLDataModule):
     @property
     def info(self) -> dict[str, Any]:
         first = self.regions[self.regions.ids()[0]]
-        return {"visual_dim": int(first["features"].shape[1])}
+        cls_prob = first.get("cls_prob")
+        return {
+            "visual_dim": int(first["features"].shape[1]),
+            "num_region_classes": int(cls_prob.shape[1]) if cls_prob is not None else 0,
+        }

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from vl.data.jsonl import read_json
 from vl.errors import DataError
 
 __all__ = ["load_coco_captions"]
@@ -18,13 +18,7 @@ def load_coco_captions(path: str | Path) -> tuple[dict[int, dict[str, Any]], lis
     ``annotations`` is the list of ``{"id", "image_id", "caption"}`` records, each referring to a listed image.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with path.open("r", encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations'")
     for key in ("images", "annotations"):
@@ -33,11 +27,7 @@ def load_coco_captions(path: str | Path) -> tuple[dict[int, dict[str, Any]], lis
 
     images: dict[int, dict[str, Any]] = {}
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict):
-            raise DataError(f"{path}: images[{i}] is not an object")
-        for field in ("id", "file_name"):
-            if field not in img:
-                raise DataError(f"{path}: images[{i}] has no {field!r}")
+        _check_object(path, f"images[{i}]", img, ("id", "file_name"))
         if not isinstance(img["id"], int):
             raise DataError(f"{path}: images[{i}] field 'id' is not an integer")
         if img["id"] in images:
@@ -46,13 +36,18 @@ def load_coco_captions(path: str | Path) -> tuple[dict[int, dict[str, Any]], lis
 
     annotations: list[dict[str, Any]] = data["annotations"]
     for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict):
-            raise DataError(f"{path}: annotations[{i}] is not an object")
-        for field in ("image_id", "caption"):
-            if field not in ann:
-                raise DataError(f"{path}: annotations[{i}] has no {field!r}")
+        _check_object(path, f"annotations[{i}]", ann, ("image_id", "caption"))
         if not isinstance(ann["caption"], str):
             raise DataError(f"{path}: annotations[{i}] field 'caption' is not a string")
         if ann["image_id"] not in images:
             raise DataError(f"{path}: annotations[{i}] refers to unknown image id {ann['image_id']!r}")
     return images, annotations
+
+
+def _check_object(path: Path, where: str, obj: Any, fields: tuple[str, ...]) -> None:
+    """DataError naming ``path`` and ``where`` unless ``obj`` is a JSON object holding every one of ``fields``."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: {where} is not an object")
+    for field in fields:
+        if field not in obj:
+            raise DataError(f"{path}: {where} has no {field!r}")

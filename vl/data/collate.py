@@ -51,18 +51,42 @@ def mask_tokens(
 
 
 def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int) -> dict[str, torch.Tensor]:
-    """Stack reader outputs (`features` (N,D), `boxes_norm` (N,4)) into padded (B,R,D), (B,R,4) and a (B,R) mask."""
+    """Stack reader outputs (`features` (N,D), `boxes_norm` (N,4), optional `cls_prob` (N,C)) into padded
+    visual_feats (B,R,D), visual_boxes (B,R,4), visual_mask (B,R) and region_cls_prob (B,R,C)."""
     n = min(max(v["features"].shape[0] for v in visuals), max_regions)
     dim = visuals[0]["features"].shape[1]
+    with_cls = all(v.get("cls_prob") is not None for v in visuals)
     feats = torch.zeros(len(visuals), n, dim)
     boxes = torch.zeros(len(visuals), n, 4)
     mask = torch.zeros(len(visuals), n, dtype=torch.long)
+    cls = torch.zeros(len(visuals), n, visuals[0]["cls_prob"].shape[1]) if with_cls else None
     for i, v in enumerate(visuals):
         k = min(v["features"].shape[0], n)
         feats[i, :k] = torch.from_numpy(np.asarray(v["features"][:k], dtype=np.float32))
         boxes[i, :k] = torch.from_numpy(np.asarray(v["boxes_norm"][:k], dtype=np.float32))
         mask[i, :k] = 1
-    return {"visual_feats": feats, "visual_boxes": boxes, "visual_mask": mask}
+        if cls is not None:
+            cls[i, :k] = torch.from_numpy(np.asarray(v["cls_prob"][:k], dtype=np.float32))
+    out = {"visual_feats": feats, "visual_boxes": boxes, "visual_mask": mask}
+    if cls is not None:
+        out["region_cls_prob"] = cls
+    return out
+
+
+def mask_regions(
+    feats: torch.Tensor,
+    visual_mask: torch.Tensor,
+    *,
+    probability: float = 0.15,
+    zero_fraction: float = 0.9,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViLBERT region masking: choose `probability` of the real regions; zero the features of `zero_fraction` of
+    those, keep the rest. Returns (masked feats (B,R,D), chosen (B,R) bool)."""
+    chosen = torch.bernoulli(torch.full(visual_mask.shape, probability), generator=generator).bool()
+    chosen &= visual_mask.bool()
+    zero = chosen & torch.bernoulli(torch.full(visual_mask.shape, zero_fraction), generator=generator).bool()
+    return feats.masked_fill(zero.unsqueeze(-1), 0.0), chosen
 
 
 class Collator:
@@ -81,12 +105,16 @@ class Collator:
         max_regions: int = 36,
         mlm: bool = False,
         mlm_probability: float = 0.15,
+        region_masking: bool = False,
+        region_mask_probability: float = 0.15,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
         self.max_regions = max_regions
         self.mlm = mlm
         self.mlm_probability = mlm_probability
+        self.region_masking = region_masking
+        self.region_mask_probability = region_mask_probability
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts = [ex["text"] for ex in examples]
@@ -111,9 +139,17 @@ class Collator:
             batch.update(pad_regions([ex["visual"] for ex in examples], self.max_regions))
         if "itm_label" in examples[0]:
             batch["itm_labels"] = torch.tensor([int(ex["itm_label"]) for ex in examples])
+        key = (int(examples[0].get("epoch", 0)), *batch["index"].tolist())
+        generator = torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+        if self.region_masking and "visual_feats" in batch:
+            batch["region_feat_targets"] = batch["visual_feats"]
+            batch["visual_feats"], batch["region_mask_labels"] = mask_regions(
+                batch["visual_feats"],
+                batch["visual_mask"],
+                probability=self.region_mask_probability,
+                generator=generator,
+            )
         if self.mlm:
-            key = (int(examples[0].get("epoch", 0)), *batch["index"].tolist())
-            generator = torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
             special = enc["special_tokens_mask"] | (enc["attention_mask"] == 0)
             batch["input_ids"], batch["mlm_labels"] = mask_tokens(
                 enc["input_ids"],

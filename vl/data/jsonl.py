@@ -1,4 +1,4 @@
-"""JSON-lines reading with one-line, file:line error messages."""
+"""JSON and JSON-lines reading with one-line, file:line error messages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,19 @@ from typing import Any
 
 from vl.errors import DataError
 
-__all__ = ["load_jsonl", "write_jsonl"]
+__all__ = ["read_json", "load_jsonl", "write_jsonl"]
+
+
+def read_json(path: str | Path) -> Any:
+    """Read one JSON document. Raises DataError ``"<path>: file not found"`` / ``"<path>: invalid JSON (...)"``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
 
 
 def load_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:

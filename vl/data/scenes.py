@@ -1,48 +1,35 @@
-"""The embedded scene corpus: a deterministic procedural generator of shape scenes, written in real on-disk formats.
+"""The embedded scene corpus, what a scene is: a deterministic procedural generator of shape scenes.
 
 Every image is a grey canvas with 1..max_shapes coloured shapes; every caption, question answer, box and feature is
-derived from (and true of) the scene. ``write_corpus`` writes (paths relative to the corpus root)::
-
-    images/<image_id>.png                                   RGB PNG, image_size x image_size
-    annotations/captions_{train,val,test}.json              COCO captions {"info","images","annotations"}
-    vlp/{train,val,test}.jsonl                              {"text": caption, "image_id": "<image_id>"}
-    clip_features.hdf5                                      features float32 (N, clip_dim); ids S{maxlen} (N,)
-    regions.lmdb/data.mdb                                   ViLBERT region-feature LMDB (see vl.data.features)
-    regions.hdf5                                            the same region features, vl HDF5 layout
-    regions_json/<image_id>.json                            the same, per-image FRCNN JSON (base64, MM-BERT)
-    vqa/v2_OpenEnded_mscoco_{split}2014_questions.json      official VQA questions
-    vqa/v2_mscoco_{split}2014_annotations.json              official VQA annotations (10 answers each)
-    vqa/cache/{split}_target.pkl / .json                    [{question_id, image_id, labels, scores}]
-    vqa/cache/trainval_ans2label.pkl / trainval_label2ans.pkl
-    vqa/trainval_ans2label.json / trainval_label2ans.json
-    manifest.json                                           written last: settings, version, files with sizes/sha1
-
-``ensure_corpus(cache_dir, settings)`` keeps one validated copy per (settings, GENERATOR_VERSION) in
-``cache_dir/scenes-<key>``. Run ``python -m vl.data.scenes --out DIR`` to write a corpus by hand.
+derived from (and true of) the scene. This module holds the settings, the vocabularies, the generator
+(``generate_scenes``), the renderer (``render``) and the feature projections (``region_features``,
+``clip_embedding``). Writing the corpus to disk in the real formats (``write_corpus``, ``verify_corpus``,
+``ensure_corpus``, ``corpus_paths``, the manifest) is ``vl.data.scene_corpus``; those names are served from here too.
+``python -m vl.data.scenes --out DIR`` (or ``python -m vl.data.scene_corpus``) writes a corpus by hand.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import hashlib
-import json
-import logging
-import os
-import pickle
-import shutil
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # served at run time by ``__getattr__`` (bottom): vl.data.scene_corpus imports this module
+    from vl.data.scene_corpus import (
+        corpus_key,
+        corpus_paths,
+        default_cache_dir,
+        ensure_corpus,
+        main,
+        verify_corpus,
+        write_corpus,
+    )
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -496,326 +483,23 @@ def clip_embedding(scene: Scene, settings: SceneSettings) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------- writing
+# ------------------------------------------------------------------------------------ corpus files (scene_corpus)
+
+_CORPUS_NAMES = frozenset(
+    {"corpus_key", "corpus_paths", "write_corpus", "verify_corpus", "ensure_corpus", "default_cache_dir", "main"}
+)
 
 
-def corpus_key(settings: SceneSettings) -> str:
-    """Short hash of the settings and GENERATOR_VERSION (names the cache directory)."""
-    blob = json.dumps({"settings": settings.to_dict(), "version": GENERATOR_VERSION}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+def __getattr__(name: str) -> Any:
+    """Serve the corpus writers of ``vl.data.scene_corpus`` from here (imported on first use: it imports this module)."""
+    if name in _CORPUS_NAMES:
+        from vl.data import scene_corpus
 
-
-def corpus_paths(root: str | Path) -> dict[str, Path]:
-    """Canonical paths inside a corpus root. Keys: ``images``, ``clip``, ``regions`` (LMDB), ``regions_hdf5``,
-    ``regions_json`` (directory), ``manifest``, ``ans2label``,
-    ``label2ans`` (JSON), ``ans2label_pkl``, ``label2ans_pkl``, and per split s: ``captions_s``, ``vlp_s``,
-    ``vqa_questions_s``, ``vqa_annotations_s``, ``vqa_targets_s`` (pkl), ``vqa_targets_json_s``."""
-    root = Path(root)
-    paths = {
-        "images": root / "images",
-        "clip": root / "clip_features.hdf5",
-        "regions": root / "regions.lmdb",
-        "regions_hdf5": root / "regions.hdf5",
-        "regions_json": root / "regions_json",
-        "manifest": root / "manifest.json",
-        "ans2label": root / "vqa" / "trainval_ans2label.json",
-        "label2ans": root / "vqa" / "trainval_label2ans.json",
-        "ans2label_pkl": root / "vqa" / "cache" / "trainval_ans2label.pkl",
-        "label2ans_pkl": root / "vqa" / "cache" / "trainval_label2ans.pkl",
-    }
-    for s in SPLITS:
-        paths[f"captions_{s}"] = root / "annotations" / f"captions_{s}.json"
-        paths[f"vlp_{s}"] = root / "vlp" / f"{s}.jsonl"
-        paths[f"vqa_questions_{s}"] = root / "vqa" / f"v2_OpenEnded_mscoco_{s}2014_questions.json"
-        paths[f"vqa_annotations_{s}"] = root / "vqa" / f"v2_mscoco_{s}2014_annotations.json"
-        paths[f"vqa_targets_{s}"] = root / "vqa" / "cache" / f"{s}_target.pkl"
-        paths[f"vqa_targets_json_{s}"] = root / "vqa" / "cache" / f"{s}_target.json"
-    return paths
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        json.dump(obj, f)
-
-
-def _write_pickle(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        pickle.dump(obj, f, protocol=4)
-
-
-def _sha1(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
-_CHECKSUM_SUFFIXES = (".json", ".jsonl", ".pkl")
-_CHECKSUM_MAX_BYTES = 8 * 1024 * 1024
-
-
-def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Path:
-    """Generate the corpus and write every format into ``root`` (created); ``manifest.json`` last. Returns ``root``."""
-    from vl.data.features import write_clip_hdf5, write_region_hdf5, write_region_json, write_region_lmdb
-    from vl.data.jsonl import write_jsonl
-    from vl.data.vqa_format import build_targets
-
-    settings = settings or SceneSettings()
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = corpus_paths(root)
-    manifest_path = paths["manifest"]
-    if manifest_path.exists():
-        manifest_path.unlink()  # an old manifest must never vouch for new files
-    scenes = generate_scenes(settings)
-    by_split = {s: [sc for sc in scenes if sc.split == s] for s in SPLITS}
-    written: list[Path] = []
-
-    paths["images"].mkdir(parents=True, exist_ok=True)
-    for sc in scenes:
-        p = paths["images"] / f"{sc.image_id}.png"
-        render(sc).save(p, format="PNG")
-        written.append(p)
-
-    ann_id = 0
-    info = {
-        "description": "vl procedural scene corpus",
-        "version": GENERATOR_VERSION,
-        "seed": settings.seed,
-        "contributor": "vl",
-    }
-    for s in SPLITS:
-        images, anns, lines = [], [], []
-        for sc in by_split[s]:
-            images.append(
-                {"id": sc.image_id, "file_name": f"{sc.image_id}.png", "width": sc.width, "height": sc.height}
-            )
-            for cap in sc.captions:
-                ann_id += 1
-                anns.append({"id": ann_id, "image_id": sc.image_id, "caption": cap})
-                lines.append({"text": cap, "image_id": str(sc.image_id)})
-        _write_json(paths[f"captions_{s}"], {"info": {**info, "split": s}, "images": images, "annotations": anns})
-        paths[f"vlp_{s}"].parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(paths[f"vlp_{s}"], lines)
-        written += [paths[f"captions_{s}"], paths[f"vlp_{s}"]]
-
-    write_clip_hdf5(
-        paths["clip"], [str(sc.image_id) for sc in scenes], np.stack([clip_embedding(sc, settings) for sc in scenes])
-    )
-    written.append(paths["clip"])
-
-    region_records = []
-    for sc in scenes:
-        rec = region_features(sc, settings)
-        rec.pop("labels")
-        region_records.append(rec)
-    write_region_lmdb(paths["regions"], region_records)
-    write_region_hdf5(paths["regions_hdf5"], region_records)
-    write_region_json(paths["regions_json"], region_records)
-    del region_records
-    written += [paths["regions"] / "data.mdb", paths["regions_hdf5"]]
-    written += [paths["regions_json"] / f"{sc.image_id}.json" for sc in scenes]
-
-    label2ans = answer_vocab(settings)
-    ans2label = {a: i for i, a in enumerate(label2ans)}
-    for s in SPLITS:
-        questions, annotations = [], []
-        for sc in by_split[s]:
-            for q in sc.questions:
-                questions.append({"image_id": sc.image_id, "question": q["question"], "question_id": q["question_id"]})
-                mc = Counter(q["answers"]).most_common()
-                top = mc[0][1]
-                mc_answer = q["answer"] if Counter(q["answers"])[q["answer"]] == top else mc[0][0]
-                annotations.append(
-                    {
-                        "question_id": q["question_id"],
-                        "image_id": sc.image_id,
-                        "question_type": q["question_type"],
-                        "answer_type": q["answer_type"],
-                        "multiple_choice_answer": mc_answer,
-                        "answers": [
-                            {"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
-                            for k, a in enumerate(q["answers"])
-                        ],
-                    }
-                )
-        common = {"info": {**info, "split": s}, "task_type": "Open-Ended", "data_type": "mscoco"}
-        _write_json(paths[f"vqa_questions_{s}"], {**common, "data_subtype": f"{s}2014", "questions": questions})
-        _write_json(paths[f"vqa_annotations_{s}"], {**common, "data_subtype": f"{s}2014", "annotations": annotations})
-        targets = build_targets(annotations, ans2label)
-        _write_pickle(paths[f"vqa_targets_{s}"], targets)
-        _write_json(paths[f"vqa_targets_json_{s}"], targets)
-        written += [
-            paths[f"vqa_questions_{s}"],
-            paths[f"vqa_annotations_{s}"],
-            paths[f"vqa_targets_{s}"],
-            paths[f"vqa_targets_json_{s}"],
-        ]
-    _write_pickle(paths["ans2label_pkl"], ans2label)
-    _write_pickle(paths["label2ans_pkl"], label2ans)
-    _write_json(paths["ans2label"], ans2label)
-    _write_json(paths["label2ans"], label2ans)
-    written += [paths["ans2label_pkl"], paths["label2ans_pkl"], paths["ans2label"], paths["label2ans"]]
-
-    files = []
-    for p in written:
-        entry: dict[str, Any] = {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size}
-        if (
-            p.suffix in _CHECKSUM_SUFFIXES
-            and entry["size"] <= _CHECKSUM_MAX_BYTES
-            and p.parent != paths["regions_json"]
-        ):
-            entry["sha1"] = _sha1(p)
-        files.append(entry)
-    manifest = {
-        "generator_version": GENERATOR_VERSION,
-        "key": corpus_key(settings),
-        "settings": settings.to_dict(),
-        "counts": {
-            "images": len(scenes),
-            **{f"images_{s}": len(by_split[s]) for s in SPLITS},
-            "captions": sum(len(sc.captions) for sc in scenes),
-            "questions": sum(len(sc.questions) for sc in scenes),
-            "answers": len(label2ans),
-            "region_classes": NUM_REGION_CLASSES,
-        },
-        "files": files,
-    }
-    tmp = manifest_path.with_name(".manifest.json.tmp")
-    _write_json(tmp, manifest)
-    os.replace(tmp, manifest_path)
-    return root
-
-
-def verify_corpus(root: str | Path, settings: SceneSettings | None = None) -> str | None:
-    """Why the corpus at ``root`` can't be reused (a one-line reason), or None when it is complete and matches
-    ``settings``: manifest present and for these settings, every file with its recorded size (and sha1 for the small
-    text/pickle files; region JSON files by size only), the region LMDB / HDF5 / JSON and the CLIP HDF5 open with the
-    expected number of images."""
-    from vl.data.features import ClipFeatureReader, FrcnnJsonRegionReader, HDF5RegionReader, RegionFeatureReader
-    from vl.errors import DataError
-
-    settings = settings or SceneSettings()
-    root = Path(root)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        return "no manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-        if manifest["generator_version"] != GENERATOR_VERSION or manifest["settings"] != settings.to_dict():
-            return "manifest is for another generator version or settings"
-        count = int(manifest["counts"]["images"])
-    except (ValueError, KeyError, TypeError) as e:
-        return f"manifest.json is unreadable ({type(e).__name__}: {e})"
-    for entry in files:
-        try:
-            rel, expected_size = entry["path"], entry["size"]
-        except (KeyError, TypeError):
-            return f"manifest.json has a malformed file entry {entry!r}"
-        p = root / rel
-        try:
-            size = p.stat().st_size
-        except OSError:
-            return f"{rel} is missing"
-        if size != expected_size:
-            return f"{rel} has {size} bytes, expected {expected_size}"
-        if "sha1" in entry and _sha1(p) != entry["sha1"]:
-            return f"{rel} checksum differs"
-    try:
-        regions = RegionFeatureReader(root / "regions.lmdb")
-        ids = regions.ids()
-        if len(ids) != count:
-            return f"regions.lmdb has {len(ids)} images, expected {count}"
-        regions[ids[0]]
-        regions[ids[-1]]
-        regions.close()
-        for name, reader_cls in (("regions.hdf5", HDF5RegionReader), ("regions_json", FrcnnJsonRegionReader)):
-            other = reader_cls(root / name)
-            if len(other) != count:
-                return f"{name} has {len(other)} images, expected {count}"
-            other[ids[0]]
-            other[ids[-1]]
-            other.close()
-        clip = ClipFeatureReader(root / "clip_features.hdf5")
-        if len(clip) != count or clip.dim != settings.clip_dim:
-            return f"clip_features.hdf5 has {len(clip)}x{clip.dim} features, expected {count}x{settings.clip_dim}"
-        clip.close()
-    except DataError as e:
-        return str(e)
-    return None
-
-
-def default_cache_dir() -> Path:
-    """``$VL_CACHE_DIR`` or ``~/.cache/vl``."""
-    env = os.environ.get("VL_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vl"
-
-
-def ensure_corpus(cache_dir: str | Path, settings: SceneSettings | None = None) -> Path:
-    """Path of a valid corpus for ``settings`` under ``cache_dir/scenes-<key>``, writing it when missing or invalid.
-
-    Reuse is checked with ``verify_corpus`` (fast). A missing/partial/corrupt corpus is written into a temporary
-    sibling and renamed into place. Concurrent callers serialise on an ``fcntl.flock`` lock file."""
-    import fcntl
-
-    settings = settings or SceneSettings()
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key = corpus_key(settings)
-    final = cache_dir / f"scenes-{key}"
-    with open(cache_dir / f".scenes-{key}.lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            reason = verify_corpus(final, settings) if final.exists() else None
-            if final.exists() and reason is None:
-                log.debug("reusing scene corpus %s", final)
-                return final
-            t0 = time.perf_counter()
-            for leftover in cache_dir.glob(f".scenes-{key}.*-*"):  # from writers that died (we hold the lock)
-                shutil.rmtree(leftover, ignore_errors=True)
-            tmp = cache_dir / f".scenes-{key}.tmp-{os.getpid()}"
-            try:
-                write_corpus(tmp, settings)
-                if final.exists():
-                    stale = cache_dir / f".scenes-{key}.stale-{os.getpid()}"
-                    if stale.exists():
-                        shutil.rmtree(stale)
-                    os.replace(final, stale)
-                    shutil.rmtree(stale, ignore_errors=True)
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            dt = time.perf_counter() - t0
-            if reason is not None:
-                log.warning("scene corpus %s was invalid (%s); rewrote it in %.1fs", final, reason, dt)
-            else:
-                log.info("wrote scene corpus %s (%d images) in %.1fs", final, settings.num_images, dt)
-            return final
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-# --------------------------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vl.data.scenes", description="Write the procedural scene corpus.")
-    parser.add_argument("--out", required=True, type=Path, help="directory to write the corpus into")
-    defaults = SceneSettings()
-    parser.add_argument("--num-images", type=int, default=defaults.num_images)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    args = parser.parse_args(argv)
-    try:
-        settings = SceneSettings(seed=args.seed, num_images=args.num_images, image_size=args.image_size)
-    except ValueError as e:
-        parser.error(str(e))
-    t0 = time.perf_counter()
-    root = write_corpus(args.out, settings)
-    print(f"wrote {settings.num_images} scenes to {root.resolve()} in {time.perf_counter() - t0:.1f}s")
-    return 0
+        return getattr(scene_corpus, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vl.data.scene_corpus import main
+
+    sys.exit(main(prog="python -m vl.data.scenes"))

@@ -10,13 +10,13 @@ Formats:
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from vl.data.jsonl import read_json
 from vl.errors import DataError
 
 __all__ = [
@@ -74,16 +74,6 @@ def _answer_text(answer: Any, index: int) -> str:
 # ----------------------------------------------------------------------------------------------------------- loaders
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with path.open("r", encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from None
-
-
 def _read_pickle(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -97,7 +87,7 @@ def _read_pickle(path: Path) -> Any:
 def _read_json_or_pickle(path: Path) -> Any:
     if path.suffix in (".pkl", ".pickle"):
         return _read_pickle(path)
-    return _read_json(path)
+    return read_json(path)
 
 
 def _check_entries(
@@ -119,7 +109,7 @@ def _check_entries(
 def load_questions(path: str | Path) -> list[dict[str, Any]]:
     """Official VQA questions JSON -> list of ``{"question_id": int, "image_id": int, "question": str, ...}``."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or "questions" not in data:
         raise DataError(f"{path}: missing top-level field 'questions'")
     return _check_entries(path, data["questions"], {"question_id": int, "image_id": int, "question": str})
@@ -131,7 +121,7 @@ def load_annotations(path: str | Path) -> list[dict[str, Any]]:
     Other fields (``image_id``, ``answer_type``, ...) are kept when present but not required (some public fixtures
     lack them)."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or "annotations" not in data:
         raise DataError(f"{path}: missing top-level field 'annotations'")
     anns = _check_entries(path, data["annotations"], {"question_id": int, "answers": list})

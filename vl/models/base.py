@@ -57,15 +57,18 @@ class VLSystem(L.LightningModule):
         self.pretrained_lr_mult = pretrained_lr_mult
         self.predictions: list[dict[str, Any]] = []
 
-    def build_objectives(self, hidden_size: int, *, text_hidden_size: int | None = None) -> None:
+    def build_objectives(
+        self, hidden_size: int, *, text_hidden_size: int | None = None, visual_hidden_size: int | None = None
+    ) -> None:
         """Call at the end of a subclass `__init__`, once `self.encoder` exists. `hidden_size`: the pooled size;
-        `text_hidden_size`: the text states' size where it differs (two-stream models)."""
+        `text_hidden_size` / `visual_hidden_size`: the streams' sizes where they differ (two-stream models)."""
         self.objectives = build_objectives(
             self.objective_names,
             hidden_size=hidden_size,
             word_embeddings=self.encoder.word_embeddings,
             data_info=self.data_info,
             text_hidden_size=text_hidden_size,
+            visual_hidden_size=visual_hidden_size,
         )
         self.metrics = nn.ModuleDict(
             {

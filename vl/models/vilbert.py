@@ -294,7 +294,7 @@ class VilbertEncoder(nn.Module):
             vision = layer(vision, v_mask)
 
         pooled = self.fusion_dropout(self.text_pooler(text[:, 0]) * self.image_pooler(vision[:, 0]))  # (B,Hb)
-        return EncoderOutput(text=text, visual=vision, pooled=pooled)
+        return EncoderOutput(text=text, visual=vision, pooled=pooled, visual_prefix=1)
 
 
 class VilbertSystem(VLSystem):
@@ -347,7 +347,11 @@ class VilbertSystem(VLSystem):
             t_biattention_id=list(t_biattention_id),
             dropout=dropout,
         )
-        self.build_objectives(self.encoder.pooled_hidden, text_hidden_size=self.encoder.text_hidden)
+        self.build_objectives(
+            self.encoder.pooled_hidden,
+            text_hidden_size=self.encoder.text_hidden,
+            visual_hidden_size=self.encoder.visual_hidden,
+        )
 
     def pretrained_parameter_names(self) -> set[str]:
         if not self.hparams.text_encoder.get("pretrained"):

@@ -1,0 +1,230 @@
+"""What every feature format shares: the base64 float32 array encoding, atomic file replacement, decoding a record
+into the one reader output dict, the lazily opened per-process handle, and the HDF5 open / error helpers.
+
+Internal to ``vl.data.features``; import the readers and writers from the package.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vl.errors import DataError
+
+# ------------------------------------------------------------------------------------------------ encoding and files
+
+
+def encode_array(arr: np.ndarray) -> bytes:
+    """float32 C-order bytes of ``arr``, base64-encoded (the LMDB record encoding)."""
+    return base64.b64encode(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
+
+
+def tmp_sibling(path: Path) -> Path:
+    """The hidden per-process name a writer fills before renaming it to ``path``."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_path(path: Path) -> None:
+    """Delete the file, link or directory tree at ``path`` (nothing there is fine)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace_path(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``, replacing whatever is there (directories included)."""
+    if final.is_dir() and not final.is_symlink():
+        stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
+        remove_path(stale)
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+# ------------------------------------------------------------------------------------------------ records -> item
+
+
+def decode_array(path: Path, value: Any, n: int, cols: int | None, sid: str, field: str) -> np.ndarray:
+    """base64 float32 (or an array / nested list) -> writable float32 (n, cols); cols inferred when None."""
+    if isinstance(value, np.ndarray | list):
+        try:
+            flat = np.asarray(value, dtype=np.float32).reshape(-1).copy()
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path}: image id {sid!r} field {field!r} is not a numeric array ({e})") from None
+    else:
+        try:
+            buf = base64.b64decode(value)
+        except (binascii.Error, TypeError, ValueError) as e:
+            raise DataError(f"{path}: image id {sid!r} field {field!r} is not valid base64 ({e}; truncated?)") from None
+        if len(buf) % 4:
+            raise DataError(f"{path}: image id {sid!r} field {field!r} has {len(buf)} bytes, not float32s (truncated?)")
+        flat = np.frombuffer(bytearray(buf), dtype=np.float32)
+    if n == 0:
+        if flat.size:
+            raise DataError(f"{path}: image id {sid!r} field {field!r} has data but num_boxes=0")
+        return flat.reshape(0, cols or 0)
+    if flat.size % n or (cols is not None and flat.size != n * cols):
+        want = f"{n}x{cols}" if cols is not None else f"a multiple of num_boxes={n}"
+        raise DataError(
+            f"{path}: image id {sid!r} field {field!r} has {flat.size} floats, expected {want} (truncated?)"
+        )
+    return flat.reshape(n, flat.size // n)
+
+
+def make_item(
+    path: Path,
+    sid: str,
+    features: np.ndarray,
+    boxes: np.ndarray,
+    cls_prob: np.ndarray | None,
+    w: int,
+    h: int,
+) -> dict[str, Any]:
+    """The reader output dict (shared by every format so they agree bit for bit)."""
+    if w <= 0 or h <= 0:
+        raise DataError(f"{path}: record for image id {sid!r} has image size {w}x{h}")
+    scale = np.array([w, h, w, h], dtype=np.float32)
+    boxes_norm = np.clip(boxes / scale, 0.0, 1.0).astype(np.float32)
+    return {
+        "image_id": sid,
+        "features": features,
+        "boxes": boxes,
+        "boxes_norm": boxes_norm,
+        "cls_prob": cls_prob,
+        "image_w": w,
+        "image_h": h,
+        "num_boxes": int(boxes.shape[0]),
+    }
+
+
+def record_to_item(path: Path, sid: str, rec: Any) -> dict[str, Any]:
+    """Decode an LMDB / FRCNN-JSON record dict (base64 or array fields) into the reader output dict."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}: record for image id {sid!r} is a {type(rec).__name__}, expected a dict")
+    for field in ("image_h", "image_w", "num_boxes", "boxes", "features"):
+        if field not in rec:
+            raise DataError(f"{path}: record for image id {sid!r} has no {field!r}")
+    try:
+        n, w, h = int(rec["num_boxes"]), int(rec["image_w"]), int(rec["image_h"])
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: record for image id {sid!r} has a non-integer size field ({e})") from None
+    if n < 0:
+        raise DataError(f"{path}: record for image id {sid!r} has num_boxes={n}")
+    boxes = decode_array(path, rec["boxes"], n, 4, sid, "boxes")
+    features = decode_array(path, rec["features"], n, None, sid, "features")
+    cls_prob = rec.get("cls_prob")
+    if cls_prob is not None:
+        cls_prob = decode_array(path, cls_prob, n, None, sid, "cls_prob")
+    return make_item(path, sid, features, boxes, cls_prob, w, h)
+
+
+# ------------------------------------------------------------------------------------------------- lazy handles
+
+
+class LazyIndex:
+    """Shared behaviour: an id -> row dict built once (kept when pickled), a handle opened once per process."""
+
+    path: Path
+    _index: dict[str, int] | None
+    _pid: int | None
+
+    def _ensure(self) -> None:  # opens the per-process handle and builds the index if needed
+        raise NotImplementedError
+
+    def _drop_handle(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release this process's file handle (reopened on the next access)."""
+        if self._pid == os.getpid():
+            self._drop_handle()
+        self._pid = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pid"] = None
+        for k in self._HANDLE_FIELDS:  # type: ignore[attr-defined]
+            state[k] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def _row(self, image_id: object) -> tuple[str, int]:
+        self._ensure()
+        assert self._index is not None
+        sid = str(image_id)
+        row = self._index.get(sid)
+        if row is None:
+            raise DataError(f"{self.path}: no image id {sid!r}")
+        return sid, row
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def __contains__(self, image_id: object) -> bool:
+        self._ensure()
+        assert self._index is not None
+        return str(image_id) in self._index
+
+
+# ------------------------------------------------------------------------------------------------------------- HDF5
+
+
+def open_hdf5(path: Path, datasets: Sequence[str], *, where: str = "", hint: str = "", **kwargs: Any) -> Any:
+    """Open ``path`` read-only (``kwargs`` go to ``h5py.File``) and check it holds ``datasets``.
+
+    Raises DataError naming the file (``where`` says what was being read, ``hint`` follows a missing-dataset error)."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r", **kwargs)
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file{where} ({e})") from None
+    with hdf5_errors(f, path, where):
+        for name in datasets:
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise DataError(f"{path}: missing dataset {name!r}{hint}")
+    return f
+
+
+@contextmanager
+def hdf5_errors(f: Any, path: Path, where: str = "") -> Iterator[None]:
+    """Close ``f`` when the block fails; an h5py ``OSError`` becomes a DataError naming ``path``."""
+    try:
+        yield
+    except DataError:
+        f.close()
+        raise
+    except OSError as e:
+        f.close()
+        raise DataError(f"{path}: cannot read HDF5 data{where} ({e})") from None
+
+
+def read_hdf5_ids(path: Path, dataset: Any) -> tuple[list[str], dict[str, int]]:
+    """The string dataset ``ids`` -> (ids in row order, id -> row). Raises DataError when not strings or repeated."""
+    try:
+        ids = [str(s) for s in dataset.asstr()[()]]
+    except (TypeError, ValueError, OSError) as e:
+        raise DataError(f"{path}: dataset 'ids' is not a string dataset ({e})") from None
+    index = {s: i for i, s in enumerate(ids)}
+    if len(index) != len(ids):
+        raise DataError(f"{path}: dataset 'ids' has repeated ids")
+    return ids, index

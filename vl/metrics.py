@@ -48,3 +48,29 @@ class VQAAccuracy(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.score / self.total.clamp(min=1)
+
+
+class RetrievalRecall(Metric):
+    """Recall@k, median and mean rank from the rank (1 = best) of each query's gold item.
+
+    `update(ranks (N,))`: ranks are computed by the caller in chunks (`vl.retrieval.chunked_ranks`), so memory grows
+    with the number of queries, never with queries x items (torchmetrics.retrieval keeps every score).
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10)) -> None:
+        super().__init__()
+        self.ks = ks
+        self.add_state("ranks", default=[], dist_reduce_fx="cat")
+
+    def update(self, ranks: torch.Tensor) -> None:
+        self.ranks.append(ranks.flatten().float())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        ranks = torch.cat(self.ranks) if isinstance(self.ranks, list) else self.ranks
+        out = {f"recall@{k}": (ranks <= k).float().mean() for k in self.ks}
+        out["median_rank"] = ranks.median()
+        out["mean_rank"] = ranks.mean()
+        return out

@@ -192,6 +192,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.model.init_from = None
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
     L.seed_everything(cfg.seed, workers=True)
+    task = cfg.get("task") or "test"
+    if task != "test":
+        from vl.tasks import run_eval_task
+
+        metrics = run_eval_task(task, cfg=cfg, run_cfg=run_cfg, output_dir=output_dir)
+        write_results(output_dir, [(task, metrics)], title=f"{task} {cfg.ckpt_path}")
+        return metrics
     dm = build_datamodule(run_cfg)
     model = build_model(run_cfg, dm)
     trainer: L.Trainer = instantiate(run_cfg.trainer, logger=False, callbacks=[])

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +36,10 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def init_bert_weights(module: nn.Module) -> None:
-    """BERT's initialisation (normal(0, 0.02) weights, zero biases, unit LayerNorms) for the non-BERT parts."""
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation (normal(0, std) weights, zero biases, unit LayerNorms) for the non-BERT parts."""
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -262,7 +264,7 @@ class VilbertEncoder(nn.Module):
         self.image_pooler = nn.Sequential(nn.Linear(v_hidden, bi_hidden), nn.ReLU())
         self.fusion_dropout = nn.Dropout(0.1)
         for part in (self.image_embedding, self.vision_layers, self.co_layers, self.text_pooler, self.image_pooler):
-            part.apply(init_bert_weights)
+            part.apply(partial(init_bert_weights, std=float(text_encoder.get("initializer_range", 0.02))))
 
     @property
     def word_embeddings(self) -> nn.Embedding:

@@ -1,0 +1,69 @@
+"""Objectives and metrics against independent computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vl.data.collate import mask_regions
+from vl.metrics import RetrievalRecall, VQAAccuracy
+from vl.objectives import EncoderOutput, MaskedRegionClassification
+from vl.retrieval import chunked_ranks
+
+
+def test_masked_region_kl_equals_hand_computation() -> None:
+    torch.manual_seed(0)
+    head = MaskedRegionClassification(hidden_size=8, num_classes=5)
+    visual = torch.randn(2, 4, 8)  # global token + 3 regions
+    out = EncoderOutput(text=torch.zeros(2, 3, 8), visual=visual, pooled=torch.zeros(2, 8), visual_prefix=1)
+    target = torch.softmax(torch.randn(2, 3, 5), -1)
+    masked = torch.tensor([[True, False, True], [False, False, True]])
+    result = head(out, {"region_mask_labels": masked, "region_cls_prob": target})
+    logits = head.head(visual[:, 1:])  # global token dropped
+    expected = 0.0
+    for b, r in masked.nonzero().tolist():
+        p, q = target[b, r], torch.log_softmax(logits[b, r], -1)
+        expected += float((p * (p.log() - q)).sum())
+    assert torch.isclose(result.loss, torch.tensor(expected / 3), atol=1e-6)
+    assert result.target.tolist() == [int(target[0, 0].argmax()), int(target[0, 2].argmax()), int(target[1, 2].argmax())]
+
+
+def test_region_masking_rates_and_padding() -> None:
+    g = torch.Generator().manual_seed(0)
+    feats = torch.ones(400, 10, 3)
+    vmask = torch.ones(400, 10, dtype=torch.long)
+    vmask[:, 8:] = 0
+    masked, chosen = mask_regions(feats, vmask, generator=g)
+    assert not chosen[:, 8:].any()  # padding is never chosen
+    assert abs(chosen[:, :8].float().mean().item() - 0.15) < 0.02
+    zeroed = (masked.abs().sum(-1) == 0) & chosen
+    assert abs(zeroed.sum().item() / chosen.sum().item() - 0.9) < 0.05
+    assert (masked[~chosen] == 1).all()
+
+
+def test_vqa_accuracy_is_the_soft_score_of_the_argmax() -> None:
+    metric = VQAAccuracy()
+    scores = torch.tensor([[1.0, 0.3, 0.0], [0.0, 0.6, 0.9], [0.3, 0.0, 0.0]])
+    logits = torch.tensor([[5.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 2.0]])
+    metric.update(logits, scores)
+    assert torch.isclose(metric.compute(), torch.tensor((1.0 + 0.6 + 0.0) / 3))
+
+
+def test_chunked_ranks_match_brute_force_numpy() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(37, 23))
+    gold = rng.integers(0, 23, size=37).tolist()
+
+    def block(texts: list[int], images: list[int]) -> torch.Tensor:
+        return torch.from_numpy(scores[np.ix_(texts, images)])
+
+    ranks = chunked_ranks(block, 37, 23, gold, text_chunk=5, image_chunk=7)
+    brute = 1 + (scores > scores[np.arange(37), gold][:, None]).sum(1)
+    assert (ranks == brute).all()
+    metric = RetrievalRecall()
+    metric.update(torch.from_numpy(ranks))
+    got = metric.compute()
+    for k in (1, 5, 10):
+        assert abs(float(got[f"recall@{k}"]) - float((brute <= k).mean())) < 1e-6
+    assert float(got["median_rank"]) == float(torch.from_numpy(brute).float().median())
+    assert abs(float(got["mean_rank"]) - brute.mean()) < 1e-5

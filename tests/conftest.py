@@ -57,11 +57,14 @@ def compose_cfg(
     extra: list[str] = []
     if tiny and config_name == "train":
         extra.append("trainer.enable_model_summary=false")
-        model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "visual_bert")
-        if model == "visual_bert":
-            extra += list(TINY_MODEL)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(config_name, overrides=extra + list(overrides), return_hydra_config=True)
+        chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), None)
+        if tiny and config_name == "train" and cfg.model._target_.endswith("VisualBertSystem") and chosen in (
+            None,
+            "visual_bert",
+        ):
+            cfg = compose(config_name, overrides=extra + list(TINY_MODEL) + list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.runtime.cwd = str(ROOT)

@@ -27,6 +27,16 @@ STAGES = ("train", "val", "test")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
+def region_feature_dim(data_info: dict[str, Any]) -> int:
+    """The data's region-feature size, or a clear error when the data module provides no region features."""
+    if "visual_dim" not in data_info:
+        raise ConfigError(
+            "model: this architecture reads region features (visual_feats), but the chosen data module provides "
+            "none (text-only or CLIP-embedding data); use data=captions / data=vqa, or a text model (model=bert)"
+        )
+    return int(data_info["visual_dim"])
+
+
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 

@@ -22,7 +22,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
 from vl.errors import ConfigError
-from vl.models.base import VLSystem
+from vl.models.base import VLSystem, region_feature_dim
 from vl.models.bert import build_bert
 from vl.objectives import EncoderOutput
 
@@ -338,7 +338,7 @@ class VilbertSystem(VLSystem):
         self.save_hyperparameters()
         self.encoder = VilbertEncoder(
             text_encoder=dict(text_encoder),
-            visual_dim=int(data_info["visual_dim"]),
+            visual_dim=region_feature_dim(data_info),
             v_hidden=v_hidden,
             v_num_layers=v_num_layers,
             v_heads=v_heads,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vl.errors import ConfigError
-from vl.models.base import VLSystem
+from vl.models.base import VLSystem, region_feature_dim
 from vl.models.bert import build_bert
 from vl.objectives import EncoderOutput
 
@@ -99,7 +99,7 @@ class VisualBertSystem(VLSystem):
         )
         self.save_hyperparameters()
         self.encoder = VisualBertEncoder(
-            text_encoder=dict(text_encoder), visual_dim=int(data_info["visual_dim"]), pooling=pooling
+            text_encoder=dict(text_encoder), visual_dim=region_feature_dim(data_info), pooling=pooling
         )
         self.build_objectives(self.encoder.hidden_size)
 

@@ -129,8 +129,18 @@ def _stage_cfg(cfg: DictConfig, stage: DictConfig, output_dir: Path) -> DictConf
     return stage_cfg
 
 
+def _single_log_lines() -> None:
+    """Lightning adds its own console handler when imported; under Hydra's root handler every line would print twice."""
+    if logging.getLogger().handlers:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+                logger.removeHandler(handler)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Train (optionally after a pretrain stage), test, write results. Returns (metrics, optimized metric value)."""
+    _single_log_lines()
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +190,7 @@ def load_run_config(ckpt_path: str | Path) -> tuple[DictConfig, Path]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from the run's saved config, load `cfg.ckpt_path`, test, write predictions + results."""
+    _single_log_lines()
     run_cfg, stage_dir = load_run_config(cfg.ckpt_path)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

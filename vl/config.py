@@ -127,6 +127,31 @@ class VQADataConfig(DataConfig):
     features: str = "regions.lmdb"
 
 
+# ---------------------------------------------------------------------------------------------------- clip_bert / vlp
+@dataclass
+class ClipBertModelConfig(ModelConfig):
+    """CLIP-BERT / BERT baselines (vl/models/clip_bert.py). `state_dict_path`: a whole-model state dict (DeepSpeed
+    `{"module": ...}`, `BertForMaskedLM`, or this class's), loaded non-strictly with the key report logged."""
+
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image_dim: Optional[int] = None  # None: the data's CLIP dim (info["clip_dim"]), else 512
+    use_image: bool = True  # false: ignore clip_feats (model=bert: the text-only baselines)
+    state_dict_path: Optional[str] = None
+
+
+@dataclass
+class VLPDataConfig(DataConfig):
+    jsonl: str = "vlp/{split}.jsonl"
+    features: str = "clip_features.hdf5"
+    text_only: bool = False  # the text-only baseline corpus: no image features at all
+    feature_dtype: str = "float32"  # or "float16" (the original loader's dtype)
+
+
+@dataclass
+class LxmertTextDataConfig(DataConfig):
+    jsonl: str = "lxmert_text/{split}.jsonl"
+
+
 # ---------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class TrainerConfig:
@@ -171,6 +196,9 @@ def register_configs() -> None:
     cs.store(group="schema/data", name="captions", node=CaptionsDataConfig)
     cs.store(group="schema/data", name="vqa", node=VQADataConfig)
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
+    cs.store(group="schema/model", name="clip_bert", node=ClipBertModelConfig)
+    cs.store(group="schema/data", name="vlp", node=VLPDataConfig)
+    cs.store(group="schema/data", name="lxmert_text", node=LxmertTextDataConfig)
 
 
 def _sweep_group(default: str) -> str:

@@ -5,6 +5,8 @@
     images/<image_id>.png                                   RGB PNG, image_size x image_size
     annotations/captions_{train,val,test}.json              COCO captions {"info","images","annotations"}
     vlp/{train,val,test}.jsonl                              {"text": caption, "image_id": "<image_id>"}
+    lxmert/mscoco_{train,val,test}.json                     LXMERT pretraining JSON (captions + VQA questions)
+    lxmert_text/{train,val,test}.jsonl                      {"text"}: that JSON as an MLM text corpus
     clip_features.hdf5                                      features float32 (N, clip_dim); ids S{maxlen} (N,)
     regions.lmdb/data.mdb                                   ViLBERT region-feature LMDB (see vl.data.features)
     regions.hdf5                                            the same region features, vl HDF5 layout
@@ -82,7 +84,8 @@ def corpus_paths(root: str | Path) -> dict[str, Path]:
     """Canonical paths inside a corpus root. Keys: ``images``, ``clip``, ``regions`` (LMDB), ``regions_hdf5``,
     ``regions_json`` (directory), ``manifest``, ``ans2label``,
     ``label2ans`` (JSON), ``ans2label_pkl``, ``label2ans_pkl``, and per split s: ``captions_s``, ``vlp_s``,
-    ``vqa_questions_s``, ``vqa_annotations_s``, ``vqa_targets_s`` (pkl), ``vqa_targets_json_s``."""
+    ``vqa_questions_s``, ``vqa_annotations_s``, ``vqa_targets_s`` (pkl), ``vqa_targets_json_s``, ``lxmert_s`` (LXMERT
+    pretraining JSON), ``lxmert_text_s`` (its MLM text JSONL)."""
     root = Path(root)
     paths = {
         "images": root / "images",
@@ -99,6 +102,8 @@ def corpus_paths(root: str | Path) -> dict[str, Path]:
     for s in SPLITS:
         paths[f"captions_{s}"] = root / "annotations" / f"captions_{s}.json"
         paths[f"vlp_{s}"] = root / "vlp" / f"{s}.jsonl"
+        paths[f"lxmert_{s}"] = root / "lxmert" / f"mscoco_{s}.json"
+        paths[f"lxmert_text_{s}"] = root / "lxmert_text" / f"{s}.jsonl"
         paths[f"vqa_questions_{s}"] = root / "vqa" / f"v2_OpenEnded_mscoco_{s}2014_questions.json"
         paths[f"vqa_annotations_{s}"] = root / "vqa" / f"v2_mscoco_{s}2014_annotations.json"
         paths[f"vqa_targets_{s}"] = root / "vqa" / "cache" / f"{s}_target.pkl"
@@ -147,6 +152,7 @@ def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Pat
     written += _write_captions(paths, by_split, info)
     written += _write_features(paths, scenes, settings)
     written += _write_vqa(paths, by_split, info, label2ans)
+    written += _write_lxmert(paths, by_split)
     _write_manifest(root, paths, written, settings, scenes, by_split, len(label2ans))
     return root
 
@@ -246,6 +252,31 @@ def _write_vqa(
     return written + [paths["ans2label_pkl"], paths["label2ans_pkl"], paths["ans2label"], paths["label2ans"]]
 
 
+def _write_lxmert(paths: dict[str, Path], by_split: dict[str, list[Scene]]) -> list[Path]:
+    """LXMERT pretraining JSON per split (``[{"img_id", "sentf": {"mscoco": captions, "vqa": questions},
+    "labelf": {"vqa": [{answer: score}]}}]``, VQA scores min(1, count / 3)) and its MLM text JSONL
+    (``vl.data.lxmert_text`` rules)."""
+    from vl.data.lxmert_text import lxmert_texts
+
+    written: list[Path] = []
+    for s in SPLITS:
+        datums = []
+        for sc in by_split[s]:
+            labels = [{a: min(1.0, c / 3) for a, c in Counter(q["answers"]).items()} for q in sc.questions]
+            datums.append(
+                {
+                    "img_id": f"scene_{sc.image_id}",
+                    "sentf": {"mscoco": list(sc.captions), "vqa": [q["question"] for q in sc.questions]},
+                    "labelf": {"vqa": labels},
+                }
+            )
+        _write_json(paths[f"lxmert_{s}"], datums)
+        paths[f"lxmert_text_{s}"].parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(paths[f"lxmert_text_{s}"], [{"text": t} for t in lxmert_texts(datums)])
+        written += [paths[f"lxmert_{s}"], paths[f"lxmert_text_{s}"]]
+    return written
+
+
 def _write_manifest(
     root: Path,
     paths: dict[str, Path],
@@ -321,6 +352,11 @@ def verify_corpus(root: str | Path, settings: SceneSettings | None = None) -> st
             return f"{rel} has {size} bytes, expected {expected_size}"
         if "sha1" in entry and _sha1(p) != entry["sha1"]:
             return f"{rel} checksum differs"
+    listed = {entry.get("path") for entry in files if isinstance(entry, dict)}
+    for s in SPLITS:  # corpora cached before these writers existed lack them
+        for rel in (f"lxmert/mscoco_{s}.json", f"lxmert_text/{s}.jsonl"):
+            if rel not in listed:
+                return f"{rel} is missing (corpus written by an older writer)"
     try:
         ids: list[str] = []
         for name, reader_cls in (

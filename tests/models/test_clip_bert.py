@@ -1,0 +1,336 @@
+"""CLIP-BERT: image-token placement and zeroed embeddings against a hand-built BERT forward; text-only = BERT;
+weight loading (HF dir MLM head, DeepSpeed `module` state dicts); experiments run; the colour-word effect."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForMaskedLM
+
+from vl.models.clip_bert import ClipBertSystem, map_original_key
+from vl.pipeline import train
+
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "dropout": 0.0, "vocab_size": 100}
+OPT = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+
+
+def make_system(**kwargs) -> ClipBertSystem:
+    torch.manual_seed(0)
+    args = {"text_encoder": TINY, "objectives": ["mlm"], "data_info": {"clip_dim": 12}, "optimizer": OPT}
+    return ClipBertSystem(**(args | kwargs)).eval()
+
+
+def batch_with_padding(clip: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0  # padded rows: the image token still goes after the pads
+    mask[2, 2:] = 0
+    ids[mask == 0] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    if clip:
+        batch["clip_feats"] = torch.randn(3, 1, 12, generator=g)
+    return batch
+
+
+def hand_bert(bert, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BERT layers written out by hand: embeddings `x` (B,L,H) after LayerNorm, key mask (B,L)."""
+    cfg = bert.config
+    heads, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(x.dtype).min
+    for layer in bert.encoder.layer:
+        att = layer.attention
+        b, n, _ = x.shape
+        q, k, v = (
+            lin(x).view(b, n, heads, hd).transpose(1, 2) for lin in (att.self.query, att.self.key, att.self.value)
+        )
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + bias, dim=-1)
+        ctx = (probs @ v).transpose(1, 2).reshape(b, n, -1)
+        x = att.output.LayerNorm(att.output.dense(ctx) + x)
+        inter = F.gelu(layer.intermediate.dense(x))
+        x = layer.output.LayerNorm(layer.output.dense(inter) + x)
+    return x
+
+
+def test_image_token_appended_after_padding_without_position_or_type_embedding() -> None:
+    system = make_system()
+    batch = batch_with_padding()
+    bert, emb = system.encoder.bert, system.encoder.bert.embeddings
+    with torch.no_grad():
+        out = system(batch)
+        t = batch["input_ids"].shape[1]
+        text = (
+            emb.word_embeddings(batch["input_ids"])
+            + emb.position_embeddings.weight[:t]
+            + emb.token_type_embeddings.weight[0]
+        )
+        image = system.encoder.img_projection(batch["clip_feats"])  # no position, no type embedding
+        x = emb.LayerNorm(torch.cat([text, image], dim=1))
+        mask = torch.cat([batch["attention_mask"], torch.ones(3, 1, dtype=torch.long)], dim=1)
+        ref = hand_bert(bert, x, mask)
+    assert out.visual is not None and out.visual.shape == (3, 1, 32)
+    assert out.text.shape == (3, t, 32) and out.pooled.shape == (3, 32)
+    torch.testing.assert_close(out.visual, ref[:, t:], atol=1e-5, rtol=1e-4)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.text[real], ref[:, :t][real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.pooled, ref[:, 0], atol=1e-5, rtol=1e-4)
+    # the image changes the text states (it is attended to), and moving its position/type rows changes nothing
+    assert not torch.allclose(out.text[:, 0], system(batch_with_padding(clip=False)).text[:, 0], atol=1e-4)
+    with torch.no_grad():
+        emb.position_embeddings.weight[t:] += 5.0
+        emb.token_type_embeddings.weight[1] += 5.0
+        again = system(batch)
+    torch.testing.assert_close(again.visual, out.visual)
+
+
+def test_without_image_it_is_bert_for_masked_lm() -> None:
+    system = make_system()
+    batch = batch_with_padding(clip=False)
+    enc = system.encoder.bert
+    config = BertConfig(**enc.config.to_dict())
+    hf = BertForMaskedLM(config).eval()
+    hf.bert.load_state_dict(enc.state_dict(), strict=False)
+    head = system.objectives["mlm"]
+    with torch.no_grad():
+        hf.cls.predictions.transform.dense.load_state_dict(head.transform[0].state_dict())
+        hf.cls.predictions.transform.LayerNorm.load_state_dict(head.transform[2].state_dict())
+        hf.cls.predictions.bias.copy_(head.bias)
+        ref = hf(**batch).logits
+        out = system(batch)
+        logits = head.logits(out.text)
+    assert out.visual is None
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], ref[real], atol=1e-4, rtol=1e-4)
+    # model=bert (use_image=False) ignores clip_feats even when a corpus provides them
+    text_only = make_system(use_image=False)
+    with torch.no_grad():
+        ignored = text_only(batch_with_padding(clip=True))
+    assert ignored.visual is None
+    torch.testing.assert_close(text_only.objectives["mlm"].logits(ignored.text)[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+def test_mlm_head_loads_from_a_bert_for_masked_lm_dir(tmp_path: Path, caplog) -> None:
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(3)
+    hf = BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        hf.cls.predictions.bias.normal_()
+    hf.save_pretrained(tmp_path / "bert")
+    with caplog.at_level(logging.INFO):
+        system = make_system(text_encoder={"pretrained": str(tmp_path / "bert")})
+    assert "MLM head from" in caplog.text
+    batch = batch_with_padding(clip=False)
+    with torch.no_grad():
+        ref = hf(**batch).logits
+        logits = system.objectives["mlm"].logits(system(batch).text)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], ref[real], atol=1e-4, rtol=1e-4)
+    assert "objectives.mlm.bias" in system.pretrained_parameter_names()
+
+
+def test_deepspeed_module_state_dict_loads_non_strictly(tmp_path: Path, caplog) -> None:
+    source = make_system()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    head = source.objectives["mlm"]
+    original = {f"bert.{k}": v for k, v in source.encoder.bert.state_dict().items()}
+    original |= {f"img_projection.{k}": v for k, v in source.encoder.img_projection.state_dict().items()}
+    original |= {
+        "cls.predictions.transform.dense.weight": head.transform[0].weight,
+        "cls.predictions.transform.dense.bias": head.transform[0].bias,
+        "cls.predictions.transform.LayerNorm.weight": head.transform[2].weight,
+        "cls.predictions.transform.LayerNorm.bias": head.transform[2].bias,
+        "cls.predictions.bias": head.bias,
+        "cls.predictions.decoder.weight": source.encoder.word_embeddings.weight,
+        "bert.pooler.dense.weight": torch.zeros(32, 32),  # the original had a pooler: unexpected here
+    }
+    torch.save(
+        {"module": {k: v.detach().clone() for k, v in original.items()}}, tmp_path / "mp_rank_00_model_states.pt"
+    )
+    assert (
+        map_original_key("module.bert.embeddings.word_embeddings.weight")
+        == "encoder.bert.embeddings.word_embeddings.weight"
+    )
+    torch.manual_seed(5)
+    with caplog.at_level(logging.INFO):
+        target = ClipBertSystem(
+            text_encoder=TINY,
+            objectives=["mlm"],
+            data_info={"clip_dim": 12},
+            optimizer=OPT,
+            state_dict_path=str(tmp_path / "mp_rank_00_model_states.pt"),
+        ).eval()
+    assert "bert.pooler.dense.weight" in caplog.text and "0 missing keys, 1 unexpected keys" in caplog.text
+    batch = batch_with_padding()
+    with torch.no_grad():
+        a, b = source(batch), target(batch)
+        torch.testing.assert_close(a.visual, b.visual)
+        torch.testing.assert_close(head.logits(a.text), target.objectives["mlm"].logits(b.text))
+
+
+# ----------------------------------------------------------------------------------------------- training
+TINY_OVERRIDES = (
+    "model.text_encoder.pretrained=null",
+    "model.text_encoder.hidden_size=32",
+    "model.text_encoder.num_heads=2",
+    "model.text_encoder.num_layers=1",
+    "model.text_encoder.intermediate_size=64",
+    "data.batch_size=8",
+    "data.batch_size_per_device=4",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "callbacks.last_checkpoint.every_n_train_steps=2",
+)
+
+
+@pytest.mark.parametrize(
+    "experiment", ["clip_bert", "bert_clip_bert_train", "bert_lxmert_train", "bert_lxmert_train_scratch"]
+)
+def test_experiments_compose_and_run(experiment: str, make_cfg) -> None:
+    cfg = make_cfg(f"experiment={experiment}", *TINY_OVERRIDES)
+    assert cfg.data.batch_size == 8 and list(cfg.data.objectives) == ["mlm"]
+    metrics, _ = train(cfg)
+    assert "test/mlm_loss" in metrics and all(v == v for v in metrics.values())
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("experiment", "lr", "scheduler", "max_steps", "pretrained", "data_target"),
+    [
+        ("clip_bert", 5e-5, None, 100000, "minilm", "vl.data.vlp.VLPDataModule"),
+        ("bert_clip_bert_train", 5e-5, None, 100000, "minilm", "vl.data.vlp.VLPDataModule"),
+        ("bert_lxmert_train", 5e-5, None, 100000, "minilm", "vl.data.lxmert_text.LxmertTextDataModule"),
+        (
+            "bert_lxmert_train_scratch",
+            1e-4,
+            "vl.optim.linear_warmup_decay",
+            88000,
+            None,
+            "vl.data.lxmert_text.LxmertTextDataModule",
+        ),
+    ],
+)
+def test_experiment_settings(experiment, lr, scheduler, max_steps, pretrained, data_target, make_cfg) -> None:
+    cfg = make_cfg(f"experiment={experiment}", "model=bert" if "bert_" in experiment else "model=clip_bert")
+    assert cfg.data._target_ == data_target and list(cfg.data.objectives) == ["mlm"]
+    assert (cfg.data.batch_size, cfg.data.batch_size_per_device) == (2048, 64)
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == lr
+    assert (cfg.model.scheduler or {}).get("_target_") == scheduler
+    assert cfg.model.text_encoder.pretrained == pretrained
+    assert cfg.trainer.max_steps == max_steps and cfg.trainer.val_check_interval == 1000
+    assert cfg.callbacks.last_checkpoint.every_n_train_steps == 1000 and cfg.callbacks.last_checkpoint.save_top_k == 1
+    if scheduler:
+        assert cfg.model.scheduler.warmup_ratio * max_steps == 4400
+        assert cfg.model.text_encoder.hidden_size == 768 and cfg.model.text_encoder.num_layers == 12
+    assert cfg.model.use_image == (experiment == "clip_bert")
+    if experiment == "bert_clip_bert_train":
+        assert cfg.data.text_only
+
+
+@pytest.mark.parametrize("hardware", ["bf16", "fp16_mixed", "deepspeed"])
+def test_hardware_presets_compose(hardware: str, make_cfg) -> None:
+    cfg = make_cfg("experiment=clip_bert", f"hardware={hardware}")
+    if hardware == "deepspeed":
+        assert cfg.trainer.strategy._target_.endswith("DeepSpeedStrategy") and cfg.trainer.precision == "16-mixed"
+        assert cfg.trainer.strategy.initial_scale_power == 0
+    else:
+        assert cfg.trainer.precision == {"bf16": "bf16-mixed", "fp16_mixed": "16-mixed"}[hardware]
+
+
+# ----------------------------------------------------------------------------------------------- learning
+def fit_mlm(dm, *, steps: int, use_image: bool = True, lr: float = 2e-3) -> tuple[ClipBertSystem, list[float]]:
+    """Plain Adam loop over the data module's train loader (the same batches and init for every call)."""
+    dm.prepare_data()
+    torch.manual_seed(0)
+    system = ClipBertSystem(
+        text_encoder={
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "intermediate_size": 128,
+            "dropout": 0.0,
+            "initializer_range": 0.05,
+        },
+        objectives=["mlm"],
+        data_info=dm.info,
+        optimizer=OPT,
+        use_image=use_image,
+    )
+    opt = torch.optim.Adam(system.parameters(), lr=lr)
+    losses: list[float] = []
+    while len(losses) < steps:
+        for batch in dm.loader("train"):
+            loss = system.objectives["mlm"](system(batch), batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if len(losses) == steps:
+                break
+    return system.eval(), losses
+
+
+def colour_accuracy(system: ClipBertSystem, dm) -> float:
+    """Mask exactly the colour words of the val captions; top-1 accuracy of the MLM head at those positions."""
+    from vl.data.scenes import COLOURS
+
+    tok = dm.tokenizer
+    colour_ids = torch.tensor(tok.convert_tokens_to_ids(list(COLOURS)))
+    assert (colour_ids != tok.unk_token_id).all()  # single wordpieces
+    dm.setup("validate")
+    data, collate = dm.datasets["val"], dm.collator("val")
+    collate.mlm = False
+    correct = total = 0
+    with torch.no_grad():
+        for start in range(0, len(data), 64):
+            batch = collate([data[i] for i in range(start, min(len(data), start + 64))])
+            ids = batch["input_ids"]
+            is_colour = torch.isin(ids, colour_ids)
+            batch["input_ids"] = ids.masked_fill(is_colour, tok.mask_token_id)
+            logits = system.objectives["mlm"].logits(system(batch).text[is_colour])
+            correct += int((logits.argmax(-1) == ids[is_colour]).sum())
+            total += int(is_colour.sum())
+    assert total > 50
+    return correct / total
+
+
+def vlp_module(data_dir: Path, *, num_images: int, text_only: bool = False, mlm_probability: float = 0.15):
+    from vl.data.vlp import VLPDataModule
+
+    return VLPDataModule(
+        cache_dir=str(data_dir),
+        corpus={"num_images": num_images},
+        objectives=["mlm"],
+        batch_size=32,
+        max_text_len=24,
+        text_only=text_only,
+        mlm_probability=mlm_probability,
+    )
+
+
+def test_clip_bert_mlm_loss_falls_on_the_embedded_corpus(data_dir: Path) -> None:
+    _, losses = fit_mlm(vlp_module(data_dir, num_images=150), steps=30)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+@pytest.mark.slow
+def test_clip_bert_beats_text_only_bert_on_colour_words(data_dir: Path) -> None:
+    """The study in miniature: the same model, data order, init and steps, with vs without the CLIP image token;
+    evaluated by masking only the colour words of held-out captions (chance ~1/8: a colour is not in the text)."""
+    with_image = vlp_module(data_dir, num_images=300, mlm_probability=0.3)
+    text_only = vlp_module(data_dir, num_images=300, mlm_probability=0.3, text_only=True)
+    clip_bert, _ = fit_mlm(with_image, steps=200)
+    bert, _ = fit_mlm(text_only, steps=200, use_image=False)
+    acc_clip, acc_text = colour_accuracy(clip_bert, with_image), colour_accuracy(bert, text_only)
+    print(f"colour-word accuracy: CLIP-BERT {acc_clip:.3f}, text-only BERT {acc_text:.3f}")
+    assert acc_clip > 0.35 and acc_clip > acc_text + 0.15, (acc_clip, acc_text)

@@ -1,0 +1,230 @@
+"""CLIP-BERT: BERT + one projected CLIP image embedding appended as an extra token after the (padded) text.
+
+The image token = `img_projection(clip_feats)` (Linear 512 -> hidden) with **no** position and **no** token-type
+embedding; it goes through the embedding LayerNorm/dropout with the text, the attention mask gets one more column of
+1s, and the MLM head reads the text positions only. No pooler: `pooled` is the [CLS] state. Without `clip_feats` in
+the batch (or with `use_image=False`: `model=bert`, the same class) the forward is exactly BERT's.
+
+Weights: `text_encoder.pretrained` (a local HF BERT dir, or "minilm") loads the BERT body and, where the checkpoint has
+them, the `BertForMaskedLM` MLM head weights `cls.predictions.*`. `state_dict_path` loads a whole-model state dict:
+a DeepSpeed `mp_rank_00_model_states.pt` (state dict under `"module"`, keys of the original `BertImageForMaskedLM`:
+`bert.*`, `img_projection.*`, `cls.predictions.*`), a `BertForMaskedLM` `pytorch_model.bin`/`model.safetensors`, or a
+Lightning checkpoint of this class; non-strict, with every missing/unexpected key logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from vl.errors import ConfigError
+from vl.models.base import VLSystem
+from vl.models.bert import build_bert, log_key_report, resolve_model_dir
+from vl.objectives import EncoderOutput
+
+log = logging.getLogger(__name__)
+
+#: `BertForMaskedLM` / `BertImageForMaskedLM` MLM-head names -> this model's (`objectives.mlm` = MaskedLanguageModeling)
+_HEAD_KEYS = {
+    "cls.predictions.transform.dense.weight": "objectives.mlm.transform.0.weight",
+    "cls.predictions.transform.dense.bias": "objectives.mlm.transform.0.bias",
+    "cls.predictions.transform.LayerNorm.weight": "objectives.mlm.transform.2.weight",
+    "cls.predictions.transform.LayerNorm.bias": "objectives.mlm.transform.2.bias",
+    "cls.predictions.transform.LayerNorm.gamma": "objectives.mlm.transform.2.weight",
+    "cls.predictions.transform.LayerNorm.beta": "objectives.mlm.transform.2.bias",
+    "cls.predictions.bias": "objectives.mlm.bias",
+    "cls.predictions.decoder.bias": "objectives.mlm.bias",
+}
+#: tied to the word embeddings here: dropped when loading (not reported as unexpected)
+_TIED_KEYS = {"cls.predictions.decoder.weight"}
+WORD_EMB = "encoder.bert.embeddings.word_embeddings.weight"
+
+
+def map_original_key(key: str) -> str | None:
+    """A key of the original CLIP-BERT / HF `BertForMaskedLM` state dict -> this system's key (None: tied, drop).
+    Keys already in this system's naming (`encoder.*`, `objectives.*`) pass unchanged."""
+    if key.startswith("module."):
+        key = key[len("module.") :]
+    if key in _TIED_KEYS:
+        return None
+    if key in _HEAD_KEYS:
+        return _HEAD_KEYS[key]
+    if key.startswith("bert."):
+        return f"encoder.{key}"
+    if key.startswith("img_projection."):
+        return f"encoder.{key}"
+    return key
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from `.safetensors`, or a torch file holding it directly or under `module` (DeepSpeed) /
+    `state_dict` (Lightning) / `model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.state_dict_path: '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("module", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.state_dict_path: '{path}' holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+class ClipBertEncoder(nn.Module):
+    """`forward(batch) -> EncoderOutput(text (B,T,H), visual (B,1,H) or None, pooled (B,H) = [CLS] state)`.
+
+    Batch keys: input_ids, attention_mask (B,T), optional token_type_ids (B,T); optional clip_feats (B,1,D) or (B,D)
+    (any float dtype; cast to the projection's dtype). No clip_feats, or `use_image=False` -> plain BERT.
+    """
+
+    def __init__(self, *, text_encoder: dict[str, Any], image_dim: int = 512, use_image: bool = True) -> None:
+        super().__init__()
+        self.use_image = use_image
+        self.bert = build_bert(**{**text_encoder, "add_pooling_layer": False})
+        hidden = self.bert.config.hidden_size
+        self.hidden_size = hidden
+        self.image_dim = image_dim
+        self.img_projection = nn.Linear(image_dim, hidden)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (embeddings after LayerNorm+dropout (B,T[+1],H), attention mask (B,T[+1]))."""
+        emb = self.bert.embeddings
+        input_ids = batch["input_ids"]
+        bsz, text_len = input_ids.shape
+        token_type = batch.get("token_type_ids")
+        if token_type is None:
+            token_type = torch.zeros_like(input_ids)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        positions = torch.arange(text_len, device=input_ids.device).unsqueeze(0)
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type) + emb.position_embeddings(positions)
+        clip = batch.get("clip_feats") if self.use_image else None
+        if clip is not None:
+            if clip.dim() == 2:
+                clip = clip.unsqueeze(1)
+            if clip.shape[1] != 1 or clip.shape[2] != self.image_dim:
+                raise ValueError(f"clip_feats: expected (B, 1, {self.image_dim}), got {tuple(clip.shape)}")
+            image = self.img_projection(clip.to(self.img_projection.weight.dtype))  # no position, no type embedding
+            x = torch.cat([x, image.to(x.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones(bsz, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        return emb.dropout(emb.LayerNorm(x)), mask
+
+    def forward(self, batch: dict[str, Any]) -> EncoderOutput:
+        text_len = batch["input_ids"].shape[1]
+        hidden, mask = self.embed(batch)
+        attn = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=mask)
+        states = self.bert.encoder(hidden, attention_mask=attn).last_hidden_state
+        visual = states[:, text_len:] if states.shape[1] > text_len else None
+        return EncoderOutput(text=states[:, :text_len], visual=visual, pooled=states[:, 0])
+
+
+class ClipBertSystem(VLSystem):
+    """CLIP-BERT (`model=clip_bert`) and the BERT baselines (`model=bert`: the same class on text-only data)."""
+
+    def __init__(
+        self,
+        *,
+        text_encoder: dict[str, Any],
+        objectives: list[str],
+        data_info: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        init_from: str | None = None,
+        pretrained_lr_mult: float = 1.0,
+        image_dim: int | None = None,
+        use_image: bool = True,
+        state_dict_path: str | None = None,
+    ) -> None:
+        super().__init__(
+            objectives=objectives,
+            data_info=data_info,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_weights=loss_weights,
+            init_from=init_from,
+            pretrained_lr_mult=pretrained_lr_mult,
+        )
+        self.save_hyperparameters()
+        data_dim = data_info.get("clip_dim")
+        if image_dim is not None and data_dim is not None and int(image_dim) != int(data_dim):
+            raise ConfigError(f"model.image_dim={image_dim} but the data's CLIP features are {data_dim}-d")
+        dim = int(image_dim or data_dim or 512)
+        self.encoder = ClipBertEncoder(text_encoder=dict(text_encoder), image_dim=dim, use_image=use_image)
+        pretrained = text_encoder.get("pretrained")
+        self._pretrained_head: dict[str, torch.Tensor] = {}
+        self.build_objectives(self.encoder.hidden_size)
+        if pretrained and "mlm" in self.objectives and not init_from:
+            self.load_pretrained_mlm_head(pretrained)
+        if state_dict_path:
+            self.load_original_state_dict(state_dict_path)
+
+    def pretrained_parameter_names(self) -> set[str]:
+        if not self.hparams.text_encoder.get("pretrained"):
+            return set()
+        names = {f"encoder.bert.{name}" for name, _ in self.encoder.bert.named_parameters()}
+        return names | set(self._pretrained_head)
+
+    # ------------------------------------------------------------------ loading
+    def load_pretrained_mlm_head(self, pretrained: str) -> None:
+        """`cls.predictions.*` of a `BertForMaskedLM` checkpoint in the pretrained dir -> the MLM head (logged)."""
+        model_dir = resolve_model_dir(pretrained)
+        files = [model_dir / "model.safetensors", model_dir / "pytorch_model.bin"]
+        weights = next((f for f in files if f.is_file()), None)
+        if weights is None:
+            log.warning("MLM head: no weights file in %s; the head stays randomly initialised", model_dir)
+            return
+        if weights.suffix == ".safetensors":  # read the head's tensors only, not the whole checkpoint
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as f:
+                head = {_HEAD_KEYS[k]: f.get_tensor(k) for k in f.keys() if k in _HEAD_KEYS}
+        else:
+            head = {_HEAD_KEYS[k]: v for k, v in read_state_dict(weights).items() if k in _HEAD_KEYS}
+        own = self.state_dict()
+        missing = sorted(k for k in own if k.startswith("objectives.mlm.") and k not in head)
+        missing = [k for k in missing if k != "objectives.mlm.word_embeddings.weight"]  # tied, comes with BERT
+        if not head:
+            log.info("MLM head: %s has no cls.predictions.* weights; the head stays randomly initialised", weights)
+            return
+        bad = sorted(k for k, v in head.items() if own[k].shape != v.shape)
+        head = {k: v for k, v in head.items() if k not in bad}
+        self.load_state_dict(head, strict=False)
+        self._pretrained_head = head
+        log_key_report(f"MLM head from {weights}", missing, [f"{k} (shape mismatch)" for k in bad])
+
+    def load_original_state_dict(self, path: str) -> None:
+        """Non-strict load of a whole-model state dict (see the module docstring); every key mismatch is logged."""
+        state = read_state_dict(path)
+        own = self.state_dict()
+        mapped: dict[str, torch.Tensor] = {}
+        unexpected: list[str] = []
+        for key, value in state.items():
+            new = map_original_key(key)
+            if new is None:
+                continue
+            if new not in own:
+                unexpected.append(key)
+            elif own[new].shape != value.shape:
+                unexpected.append(f"{key} (shape {tuple(value.shape)} != {tuple(own[new].shape)})")
+            else:
+                mapped[new] = value
+        if WORD_EMB in mapped and "objectives.mlm.word_embeddings.weight" in own:
+            mapped["objectives.mlm.word_embeddings.weight"] = mapped[WORD_EMB]  # the tied decoder
+        result = self.load_state_dict(mapped, strict=False)
+        log_key_report(f"state dict from {path}", result.missing_keys, unexpected)

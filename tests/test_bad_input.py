@@ -107,3 +107,17 @@ def test_missing_pretrained_dir_is_named(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("experiment=none", "data=vqa", f"model.text_encoder.pretrained={tmp_path}/nope", "debug=fdr")
     with pytest.raises(ConfigError, match="nope"):
         train(cfg)
+
+
+def test_conceptual_captions_tsv_reads_and_bad_line_is_named(make_cfg, corpus_copy: Path) -> None:
+    dm = _datamodule(make_cfg, "data=captions", f"data.root={corpus_copy}", "data.captions='cc/{split}.tsv'")
+    coco = _datamodule(make_cfg, "data=captions", f"data.root={corpus_copy}")
+    assert [a["caption"] for a in dm.datasets["train"].captions] == [
+        a["caption"] for a in coco.datasets["train"].captions
+    ]
+    path = corpus_copy / "cc" / "val.tsv"
+    lines = path.read_text().splitlines()
+    lines[4] = "a caption without an image id"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"val\.tsv:5: expected 'caption<TAB>image_id'"):
+        _datamodule(make_cfg, "data=captions", f"data.root={corpus_copy}", "data.captions='cc/{split}.tsv'")

@@ -25,7 +25,11 @@ def test_masked_region_kl_equals_hand_computation() -> None:
         p, q = target[b, r], torch.log_softmax(logits[b, r], -1)
         expected += float((p * (p.log() - q)).sum())
     assert torch.isclose(result.loss, torch.tensor(expected / 3), atol=1e-6)
-    assert result.target.tolist() == [int(target[0, 0].argmax()), int(target[0, 2].argmax()), int(target[1, 2].argmax())]
+    assert result.target.tolist() == [
+        int(target[0, 0].argmax()),
+        int(target[0, 2].argmax()),
+        int(target[1, 2].argmax()),
+    ]
 
 
 def test_region_masking_rates_and_padding() -> None:
@@ -67,3 +71,19 @@ def test_chunked_ranks_match_brute_force_numpy() -> None:
         assert abs(float(got[f"recall@{k}"]) - float((brute <= k).mean())) < 1e-6
     assert float(got["median_rank"]) == float(torch.from_numpy(brute).float().median())
     assert abs(float(got["mean_rank"]) - brute.mean()) < 1e-5
+
+
+def test_seed_alignment_head_converts_to_vl_itm_convention() -> None:
+    from vl.objectives import ImageTextMatching, itm_head_from_seed, itm_labels_from_seed
+
+    torch.manual_seed(0)
+    seed_w, seed_b = torch.randn(2, 6), torch.randn(2)
+    pooled = torch.randn(5, 6)
+    seed_aligned_prob = torch.softmax(pooled @ seed_w.T + seed_b, -1)[:, 0]  # seed: 0 = aligned
+    head = ImageTextMatching(hidden_size=6)
+    w, b = itm_head_from_seed(seed_w, seed_b)
+    head.classifier.weight.data.copy_(w)
+    head.classifier.bias.data.copy_(b)
+    vl_aligned_prob = torch.softmax(head.classifier(pooled), -1)[:, 1]  # vl: 1 = aligned
+    assert torch.allclose(seed_aligned_prob, vl_aligned_prob)
+    assert itm_labels_from_seed(torch.tensor([0, 1, 0])).tolist() == [1, 0, 1]

@@ -104,6 +104,17 @@ class ImageTextMatching(Objective):
         return ObjectiveResult(F.cross_entropy(logits, batch["itm_labels"]), logits, batch["itm_labels"])
 
 
+def itm_head_from_seed(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Import a ViLBERT-seed alignment head (`bi_seq_relationship`, (2, H) / (2,), index 0 = aligned) as a vl ITM
+    classifier (index 1 = aligned): the two rows swap. The only place the seed's convention is converted."""
+    return weight.flip(0).clone(), bias.flip(0).clone()
+
+
+def itm_labels_from_seed(labels: torch.Tensor) -> torch.Tensor:
+    """Seed-format alignment labels (0 = aligned, 1 = not) -> vl's (1 = aligned)."""
+    return 1 - labels
+
+
 class VQAClassification(Objective):
     """Answer classifier Linear-GELU-LN-Linear on the pooled output; BCE-with-logits (mean) x num_answers."""
 

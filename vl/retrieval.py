@@ -78,9 +78,9 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
     model.load_state_dict(state["state_dict"])
     model.eval()
 
-    from vl.data.coco import load_coco_captions
+    from vl.data.captions import load_captions
 
-    _, annotations = load_coco_captions(dm.path(dm.captions_file, split))
+    annotations = load_captions(dm.path(dm.captions_file, split))
     image_ids = sorted({a["image_id"] for a in annotations})[: opts.get("max_images") or None]
     position = {image_id: i for i, image_id in enumerate(image_ids)}
     per_image = int(opts.get("captions_per_image", 1))

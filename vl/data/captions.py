@@ -14,6 +14,29 @@ from vl.data.features import RegionReader, open_region_features
 from vl.errors import DataError
 
 
+def load_caption_tsv(path: Path) -> list[dict[str, Any]]:
+    """Conceptual-Captions-style TSV, one `caption<TAB>image_id` a line -> [{"id", "image_id", "caption"}]."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise DataError(f"{path}:{lineno}: expected 'caption<TAB>image_id', got {len(fields)} field(s)")
+        image_id = int(fields[1]) if fields[1].strip().isdigit() else fields[1].strip()
+        out.append({"id": lineno, "image_id": image_id, "caption": fields[0]})
+    return out
+
+
+def load_captions(path: Path) -> list[dict[str, Any]]:
+    """Caption annotations from a COCO captions JSON or a Conceptual-Captions-style TSV (by suffix)."""
+    if path.suffix == ".tsv":
+        return load_caption_tsv(path)
+    return load_coco_captions(path)[1]
+
+
 class CaptionPairs(Dataset):
     """One example per caption. With `itm`, half the captions are swapped for a caption of another image
     (`itm_label` 0), drawn from (seed, epoch, index): reproducible, and fixed on eval splits (epoch 0)."""
@@ -52,7 +75,8 @@ class CaptionPairs(Dataset):
 
 
 class CaptionsDataModule(VLDataModule):
-    """`data=captions`: `captions` (COCO captions JSON per split) + `features` (region LMDB)."""
+    """`data=captions`: `captions` per split (COCO captions JSON, or a Conceptual-Captions-style TSV
+    `caption<TAB>image_id`: `data.captions=cc/{split}.tsv`) + `features` (region LMDB / HDF5 / FRCNN JSON)."""
 
     def __init__(
         self,
@@ -78,7 +102,7 @@ class CaptionsDataModule(VLDataModule):
 
     def build_dataset(self, split: str) -> CaptionPairs:
         path = self.path(self.captions_file, split)
-        _, annotations = load_coco_captions(path)
+        annotations = load_captions(path)
         missing = next((a["image_id"] for a in annotations if str(a["image_id"]) not in self.regions), None)
         if missing is not None:
             raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {path})")

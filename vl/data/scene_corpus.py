@@ -102,6 +102,7 @@ def corpus_paths(root: str | Path) -> dict[str, Path]:
     for s in SPLITS:
         paths[f"captions_{s}"] = root / "annotations" / f"captions_{s}.json"
         paths[f"vlp_{s}"] = root / "vlp" / f"{s}.jsonl"
+        paths[f"cc_{s}"] = root / "cc" / f"{s}.tsv"
         paths[f"lxmert_{s}"] = root / "lxmert" / f"mscoco_{s}.json"
         paths[f"lxmert_text_{s}"] = root / "lxmert_text" / f"{s}.jsonl"
         paths[f"vqa_questions_{s}"] = root / "vqa" / f"v2_OpenEnded_mscoco_{s}2014_questions.json"
@@ -169,7 +170,8 @@ def _write_images(paths: dict[str, Path], scenes: Sequence[Scene]) -> list[Path]
 
 
 def _write_captions(paths: dict[str, Path], by_split: dict[str, list[Scene]], info: dict[str, Any]) -> list[Path]:
-    """COCO captions JSON and VLP JSONL per split (annotation ids run on across the splits)."""
+    """COCO captions JSON, VLP JSONL and Conceptual-Captions-style TSV (`caption<TAB>image_id`) per split
+    (annotation ids run on across the splits)."""
     written: list[Path] = []
     ann_id = 0
     for s in SPLITS:
@@ -185,7 +187,9 @@ def _write_captions(paths: dict[str, Path], by_split: dict[str, list[Scene]], in
         _write_json(paths[f"captions_{s}"], {"info": {**info, "split": s}, "images": images, "annotations": anns})
         paths[f"vlp_{s}"].parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(paths[f"vlp_{s}"], lines)
-        written += [paths[f"captions_{s}"], paths[f"vlp_{s}"]]
+        paths[f"cc_{s}"].parent.mkdir(parents=True, exist_ok=True)
+        paths[f"cc_{s}"].write_text("".join(f"{a['caption']}\t{a['image_id']}\n" for a in anns), encoding="utf-8")
+        written += [paths[f"captions_{s}"], paths[f"vlp_{s}"], paths[f"cc_{s}"]]
     return written
 
 

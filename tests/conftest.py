@@ -60,9 +60,15 @@ def compose_cfg(
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(config_name, overrides=extra + list(overrides), return_hydra_config=True)
         chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), None)
-        if tiny and config_name == "train" and cfg.model._target_.endswith("VisualBertSystem") and chosen in (
-            None,
-            "visual_bert",
+        if (
+            tiny
+            and config_name == "train"
+            and cfg.model._target_.endswith("VisualBertSystem")
+            and chosen
+            in (
+                None,
+                "visual_bert",
+            )
         ):
             cfg = compose(config_name, overrides=extra + list(TINY_MODEL) + list(overrides), return_hydra_config=True)
     with open_dict(cfg):

@@ -16,16 +16,31 @@ FULL_CORPUS = ("data.corpus.num_images=1500",)
 
 def test_vqa_beats_the_question_prior(make_cfg) -> None:
     """A few epochs of VQA from random init: accuracy clears the best-constant-answer-per-question-type prior."""
-    cfg = make_cfg("experiment=none", "data=vqa", "model=visual_bert_tiny", *FULL_CORPUS, "data.batch_size=32",
-                   "data.batch_size_per_device=32", "trainer.max_epochs=4")
+    cfg = make_cfg(
+        "experiment=none",
+        "data=vqa",
+        "model=visual_bert_tiny",
+        *FULL_CORPUS,
+        "data.batch_size=32",
+        "data.batch_size_per_device=32",
+        "trainer.max_epochs=4",
+    )
     metrics, _ = train(cfg)
     assert metrics["test/vqa_acc_chance"] < 0.1
     assert metrics["test/vqa_acc"] > metrics["test/vqa_acc_prior"] + 0.1, metrics
 
 
 def test_mlm_loss_falls_on_captions(make_cfg) -> None:
-    cfg = make_cfg("experiment=none", "data=captions", "model=visual_bert_tiny", "trainer.max_epochs=2", *FULL_CORPUS,
-                   "data.batch_size=32", "data.batch_size_per_device=32", "test=false")
+    cfg = make_cfg(
+        "experiment=none",
+        "data=captions",
+        "model=visual_bert_tiny",
+        "trainer.max_epochs=2",
+        *FULL_CORPUS,
+        "data.batch_size=32",
+        "data.batch_size_per_device=32",
+        "test=false",
+    )
     metrics, _ = train(cfg)
     assert metrics["val/mlm_loss"] < 0.5 * 10.3  # ln(30522) = 10.3 at init
     assert metrics["val/mlm_acc"] > 0.4

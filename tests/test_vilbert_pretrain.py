@@ -13,19 +13,30 @@ TINY_RUN = ("experiment=vilbert_pretrain_tiny",)
 
 
 def _retrieval(make_cfg, ckpt: Path, *extra: str) -> dict[str, float]:
-    cfg = make_cfg(f"ckpt_path={ckpt}", "task=zero_shot_retrieval", *extra, name="eval", config_name="evaluate",
-                   tiny=False)
+    cfg = make_cfg(
+        f"ckpt_path={ckpt}", "task=zero_shot_retrieval", *extra, name="eval", config_name="evaluate", tiny=False
+    )
     return evaluate(cfg)
 
 
 def test_pretrain_then_zero_shot_retrieval_runs(make_cfg) -> None:
-    cfg = make_cfg(*TINY_RUN, "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-                   "trainer.limit_test_batches=2")
+    cfg = make_cfg(
+        *TINY_RUN,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+    )
     metrics, _ = train(cfg)
     assert {"test/itm_acc", "test/mrc_acc", "test/mlm_acc"} <= set(metrics)
     save_run_config(cfg)
-    got = _retrieval(make_cfg, Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", "+task_cfg.max_images=12",
-                     "+task_cfg.image_chunk=5", "+task_cfg.text_chunk=4")
+    got = _retrieval(
+        make_cfg,
+        Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+        "+task_cfg.max_images=12",
+        "+task_cfg.image_chunk=5",
+        "+task_cfg.text_chunk=4",
+    )
     assert got["test/num_images"] == 12 and got["test/num_captions"] == 12
     assert 0 <= got["test/recall@1"] <= got["test/recall@5"] <= got["test/recall@10"] <= 1
     assert 1 <= got["test/median_rank"] <= 12

@@ -11,9 +11,8 @@ masked region must drop it (`out.visual[:, 1:]`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F

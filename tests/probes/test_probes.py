@@ -1,0 +1,423 @@
+"""Memory Colors / Visual Property Norms probes: real sample files, numbers equal a direct computation, AP vs sklearn,
+single-wordpiece and one-[MASK] errors, checkpoint scorer (implicit / explicit CLIP-BERT), report files, CLI."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from sklearn.metrics import average_precision_score
+from transformers import BertConfig, BertForMaskedLM
+
+from vl.errors import DataError
+from vl.probes import memory_colors as mc
+from vl.probes import visual_property_norms as vpn
+from vl.probes.scorers import CheckpointScorer, HFMaskedLMScorer, RandomScorer, encode_masked
+
+ROOT = Path(__file__).resolve().parents[2]
+REAL = ROOT.parent / "shared" / "real_samples"
+MC_REAL = REAL / "memory_colors" / "memory_colors.jsonl"
+VPN_REAL = REAL / "visual_property_norms"
+needs_real = pytest.mark.skipif(not MC_REAL.is_file(), reason="real samples not available")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BertForMaskedLM with the bert-base-uncased vocab (copied from the packaged MiniLM)."""
+    from vl.models.bert import resolve_model_dir
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertForMaskedLM(cfg).save_pretrained(path)
+    src = resolve_model_dir("minilm")
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_bert_dir):
+    return HFMaskedLMScorer(str(tiny_bert_dir), name="tiny")
+
+
+@functools.cache
+def _load_direct(model_dir: Path) -> BertForMaskedLM:
+    return BertForMaskedLM.from_pretrained(str(model_dir)).eval()
+
+
+def _direct_logits(model_dir: Path, tokenizer, text: str) -> torch.Tensor:
+    """One text, no padding, no batching: the reference computation."""
+    model = _load_direct(model_dir)
+    enc = tokenizer(text, return_tensors="pt")
+    pos = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().item()
+    with torch.no_grad():
+        return model(**enc).logits[0, pos]
+
+
+# ------------------------------------------------------------------------------------------ real samples
+@needs_real
+def test_real_memory_colors_and_vpn_samples_load():
+    items = mc.load_memory_colors(MC_REAL)
+    assert len(items) == 109
+    counts = {c: sum(it["label"] == c for it in items) for c in mc.COLORS}
+    assert counts["white"] == 25 and counts["green"] == 19 and counts["purple"] == 3
+    labels = vpn.load_labels(VPN_REAL / "labels.txt")
+    assert len(labels) == 614
+    descriptors = vpn.load_descriptors(VPN_REAL / "descriptors.csv")
+    assert descriptors["accordion"] == "an" and len(descriptors) > 600
+    from vl.data.collate import load_tokenizer
+
+    tok = load_tokenizer("minilm")
+    assert len(mc.single_wordpiece_ids(tok, labels, what="label")) == 614
+    assert len(mc.single_wordpiece_ids(tok, mc.COLORS)) == 11
+
+
+# ------------------------------------------------------------------------------------------ templates / errors
+def test_templates_and_fill():
+    assert len(mc.TEMPLATES) == 13 and len(set(mc.TEMPLATES)) == 13
+    assert all(t.count("[MASK]") == 1 for t in mc.TEMPLATES)
+    assert len(vpn.TEMPLATES) == 9 and all(t.count("[MASK]") == 1 for t in vpn.TEMPLATES)
+    t = "Q: What is the color of [DESCRIPTOR] [ITEM]? A: It is [MASK]."
+    assert mc.fill_template(t, "", "grass") == "Q: What is the color of grass? A: It is [MASK]."
+    assert (
+        mc.fill_template(t, "the inside of a", "kiwi")
+        == "Q: What is the color of the inside of a kiwi? A: It is [MASK]."
+    )
+    assert vpn.fill_template(vpn.TEMPLATES[0], "an", "apple", "is") == "an apple is [MASK]."
+    assert vpn.fill_template(vpn.TEMPLATES[0], "", "grass", "has") == "grass has [MASK]."
+    with pytest.raises(DataError, match="exactly one"):
+        mc.fill_template("[MASK] [ITEM] [MASK]", "", "x")
+
+
+def test_single_wordpiece_and_one_mask_errors(scorer):
+    with pytest.raises(DataError, match="'aquamarine'"):
+        mc.single_wordpiece_ids(scorer.tokenizer, ["white", "aquamarine"])
+    items = [{"descriptor": "", "item": "grass", "label": "green"}]
+    with pytest.raises(DataError, match="aquamarine"):
+        mc.run_memory_colors(scorer, items, mc.TEMPLATES[:1], colors=("green", "aquamarine"))
+    with pytest.raises(DataError, match="exactly one"):
+        encode_masked(scorer.tokenizer, ["no mask here."])
+    with pytest.raises(DataError, match="exactly one"):
+        scorer.mask_logits(["[MASK] and [MASK]."])
+
+
+def test_bad_memory_colors_file(tmp_path):
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text('{"descriptor": "", "item": "sky", "label": "azure"}\n')
+    with pytest.raises(DataError, match="azure"):
+        mc.load_memory_colors(bad)
+    bad.write_text('{"descriptor": "", "item": "sky"}\n')
+    with pytest.raises(DataError, match="label"):
+        mc.load_memory_colors(bad)
+
+
+# ------------------------------------------------------------------------------------------ memory colors
+@needs_real
+def test_memory_colors_equals_direct_computation(scorer, tiny_bert_dir):
+    items = mc.load_memory_colors(MC_REAL)[:12]
+    templates = mc.TEMPLATES[:3]
+    res = mc.run_memory_colors(scorer, items, templates)
+    tok = scorer.tokenizer
+    color_ids = [tok.convert_tokens_to_ids(c) for c in mc.COLORS]
+    expected = []
+    for template in templates:
+        correct = 0
+        for it in items:
+            text = mc.fill_template(template, it["descriptor"], it["item"])
+            logits = _direct_logits(tiny_bert_dir, tok, text)
+            correct += mc.COLORS[int(logits[color_ids].argmax())] == it["label"]
+        expected.append(correct / len(items))
+    assert res["per_template"] == pytest.approx(expected)
+    assert res["accuracy_mean"] == pytest.approx(statistics.fmean(expected))
+    assert res["accuracy_sd"] == pytest.approx(statistics.stdev(expected))
+    assert len(res["predictions"]) == len(items) * len(templates)
+
+
+def test_random_baseline_memory_colors():
+    items = [{"descriptor": "the", "item": f"thing{i}", "label": mc.COLORS[i % 11]} for i in range(200)]
+    res = mc.run_memory_colors(RandomScorer(seed=3), items, mc.TEMPLATES[:2])
+    assert 0.0 <= res["accuracy_mean"] <= 0.25  # chance = 1/11
+
+
+# ------------------------------------------------------------------------------------------ AP
+@pytest.mark.parametrize("seed", range(6))
+def test_average_precision_equals_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 300))
+    y = (rng.random(n) < 0.2).astype(int)
+    y[rng.integers(n)] = 1
+    scores = rng.random(n) if seed % 2 else rng.integers(0, 5, n).astype(float)  # odd: ties
+    assert vpn.average_precision(y, scores) == pytest.approx(average_precision_score(y, scores), abs=1e-12)
+    assert vpn.average_precision(torch.tensor(y), torch.tensor(scores)) == pytest.approx(
+        average_precision_score(y, scores), abs=1e-12
+    )
+
+
+def test_average_precision_edge_cases():
+    assert vpn.average_precision([1, 0, 0], [3.0, 2.0, 1.0]) == 1.0
+    assert vpn.average_precision([0, 0, 1], [3.0, 2.0, 1.0]) == pytest.approx(1 / 3)
+    assert np.isnan(vpn.average_precision([0, 0], [1.0, 2.0]))
+
+
+# ------------------------------------------------------------------------------------------ VPN
+NORMS = """concept_id\tconcept\tfeature\tfeature type\tpf
+1\tapple\tis red\tvisual perceptual\t20
+1\tapple\tis round\tvisual perceptual\t30
+1\tapple\thas a stalk\tvisual perceptual\t5
+1\tapple\thas pips\tvisual perceptual\t12
+1\tapple\tis dark green\tvisual perceptual\t10
+1\tapple\tis tasty\ttaste\t25
+1\tapple\tis green\tvisual perceptual\t2
+2\tkettle\tmade of metal\tvisual perceptual\t18
+2\tkettle\thas a handle\tvisual perceptual\t12
+2\tkettle\thas a lid\tvisual perceptual\t31
+2\tkettle\thas a spout\tvisual perceptual\t9
+2\tkettle\tis shiny\tvisual perceptual\t4
+3\tcar_(vehicle)\thas wheels\tvisual perceptual\t25
+"""
+
+
+@pytest.fixture()
+def vpn_data(tmp_path, scorer):
+    (tmp_path / "norms.dat").write_text(NORMS)
+    (tmp_path / "descriptors.csv").write_text("concept,descriptor\napple,an\nkettle,a\ncar_(vehicle),a\n")
+    counts = vpn.build_vpn_queries(tmp_path / "norms.dat", tmp_path / "descriptors.csv", scorer.tokenizer, tmp_path)
+    return tmp_path, counts
+
+
+def test_vpn_builder(vpn_data):
+    root, counts = vpn_data
+    labels = vpn.load_labels(root / "labels.txt")
+    # tasty: not visual; pips / spout: not one wordpiece; "dark green": two words
+    assert labels == ["green", "handle", "lid", "metal", "red", "round", "shiny", "stalk", "wheels"]
+    rows = vpn.load_queries(root / "queries" / "template_1_pf_2.jsonl")
+    by_key = {(r["concept"], r["feature_starter"]): r for r in rows}
+    assert set(by_key) == {
+        ("apple", "is"),
+        ("apple", "has a"),
+        ("kettle", "is made of"),
+        ("kettle", "has a"),
+        ("kettle", "is"),
+        ("car_(vehicle)", "has"),
+    }
+    assert by_key[("apple", "is")]["labels"] == ["green", "red", "round"]
+    assert by_key[("apple", "is")]["query"] == "an apple is [MASK]."
+    assert by_key[("kettle", "is made of")]["query"] == "a kettle is made of [MASK]."
+    assert set(by_key[("apple", "is")]) == {"query", "labels", "concept", "query_template", "feature_starter", "pf"}
+    pf30 = vpn.load_queries(root / "queries" / "template_1_pf_30.jsonl")
+    assert {(r["concept"], tuple(r["labels"])) for r in pf30} == {("apple", ("round",)), ("kettle", ("lid",))}
+    assert counts["template_9_pf_30"] == 2 and len(list((root / "queries").glob("*.jsonl"))) == 45
+    with pytest.raises(DataError, match="feature type"):
+        (root / "bad.dat").write_text("concept\tfeature\tpf\nx\tis red\t3\n")
+        vpn.build_vpn_queries(root / "bad.dat", root / "descriptors.csv", None, root / "out")
+
+
+def test_vpn_equals_direct_computation(vpn_data, scorer, tiny_bert_dir):
+    root, _ = vpn_data
+    labels = vpn.load_labels(root / "labels.txt")
+    queries = [q for q in vpn.load_query_dir(root / "queries") if q["template"] in (1, 6) and q["pf"] in (2, 10)]
+    res = vpn.run_visual_property_norms(scorer, queries, labels)
+    tok = scorer.tokenizer
+    label_ids = [tok.convert_tokens_to_ids(w) for w in labels]
+    for pf in (2, 10):
+        per_template = {}
+        for template in (1, 6):
+            concept_scores: dict[str, list[tuple[float, float]]] = {}
+            for q in queries:
+                if q["pf"] != pf or q["template"] != template:
+                    continue
+                logits = _direct_logits(tiny_bert_dir, tok, q["query"]).numpy()
+                y = np.zeros(logits.shape[0])
+                y[[tok.convert_tokens_to_ids(w) for w in q["labels"]]] = 1
+                ym = np.array([w in q["labels"] for w in labels], dtype=int)
+                concept_scores.setdefault(q["concept"], []).append(
+                    (average_precision_score(y, logits), average_precision_score(ym, logits[label_ids]))
+                )
+            means = [np.mean(v, axis=0) for v in concept_scores.values()]
+            per_template[template] = (np.mean([m[0] for m in means]), np.mean([m[1] for m in means]))
+            got = res["per_template"][(pf, template)]
+            assert got["map"] == pytest.approx(per_template[template][0], abs=1e-5)
+            assert got["masked_map"] == pytest.approx(per_template[template][1], abs=1e-5)
+        masked = [v[1] for v in per_template.values()]
+        assert res["per_pf"][pf]["masked_map_mean"] == pytest.approx(np.mean(masked), abs=1e-5)
+        assert res["per_pf"][pf]["masked_map_sd"] == pytest.approx(statistics.stdev(masked), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint scorer
+@pytest.fixture(scope="module")
+def clip_bert_ckpt(tmp_path_factory) -> Path:
+    """A `vl` run dir with a tiny CLIP-BERT checkpoint (state_dict + hyper_parameters) and .hydra/config.yaml."""
+    from hydra.utils import instantiate
+
+    run = tmp_path_factory.mktemp("run")
+    model_cfg = {
+        "_target_": "vl.models.clip_bert.ClipBertSystem",
+        "_recursive_": False,
+        "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0.0},
+        "image_dim": 512,
+        "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
+    }
+    cfg = OmegaConf.create(
+        {"task_name": "clip_bert_tiny", "model": model_cfg, "data": {"tokenizer": "minilm"}, "trainer": {}}
+    )
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    torch.manual_seed(0)
+    system = instantiate(cfg.model, objectives=["mlm"], data_info={"clip_dim": 512})
+    (run / "checkpoints").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, ckpt)
+    return ckpt
+
+
+def test_checkpoint_scorer_implicit_and_explicit(clip_bert_ckpt, tmp_path):
+    from vl.data.clip_extract import save_tiny_clip
+    from vl.probes.scorers import ClipTextEmbedder
+
+    sc = CheckpointScorer(clip_bert_ckpt)
+    texts = ["the sky is [MASK].", "Q: What is the color of grass? A: It is [MASK]."]
+    got = sc.mask_logits(texts)
+    assert got.shape == (2, 30522)
+    system = sc.system
+    for text, row in zip(texts, got):  # one text at a time, no padding: same logits
+        enc = sc.tokenizer(text, return_tensors="pt")
+        pos = (enc["input_ids"][0] == sc.tokenizer.mask_token_id).nonzero().item()
+        with torch.no_grad():
+            out = system.encoder(dict(enc))
+            ref = system.objectives["mlm"].logits(out.text[0, pos])
+        assert torch.allclose(row, ref, atol=1e-4)
+    clip = ClipTextEmbedder(save_tiny_clip(tmp_path / "clip"))
+    image = clip(texts)
+    assert image.shape == (2, 512)
+    explicit = sc.mask_logits(texts, image)
+    assert not torch.allclose(explicit, got)
+    with torch.no_grad():
+        enc = sc.tokenizer(texts[:1], return_tensors="pt")
+        pos = (enc["input_ids"][0] == sc.tokenizer.mask_token_id).nonzero().item()
+        out = system.encoder({**enc, "clip_feats": image[:1, None]})
+        assert torch.allclose(explicit[0], system.objectives["mlm"].logits(out.text[0, pos]), atol=1e-4)
+    # the explicit memory-colors run feeds each query's CLIP text embedding
+    items = [
+        {"descriptor": "the", "item": "sky", "label": "blue"},
+        {"descriptor": "", "item": "grass", "label": "green"},
+    ]
+    seen = []
+
+    class Spy:
+        tokenizer = sc.tokenizer
+
+        def mask_logits(self, queries, image_embeds=None):
+            seen.append((list(queries), image_embeds))
+            return sc.mask_logits(queries, image_embeds)
+
+    mc.run_memory_colors(Spy(), items, mc.TEMPLATES[:1], clip_text=clip)
+    queries, emb = seen[0]
+    assert torch.allclose(emb, clip(queries))
+
+
+@needs_real
+def test_evaluate_task_writes_report(clip_bert_ckpt, tmp_path):
+    from vl.tasks import EVAL_TASKS, run_eval_task
+
+    assert {"memory_colors", "visual_property_norms"} <= set(EVAL_TASKS)
+    cfg = OmegaConf.create(
+        {"task": "memory_colors", "ckpt_path": str(clip_bert_ckpt), "seed": 1, "task_cfg": {"data": str(MC_REAL)}}
+    )
+    run_cfg = OmegaConf.load(clip_bert_ckpt.parent.parent / ".hydra" / "config.yaml")
+    metrics = run_eval_task("memory_colors", cfg=cfg, run_cfg=run_cfg, output_dir=tmp_path)
+    assert "clip_bert_tiny/accuracy_mean" in metrics and "random/accuracy_mean" in metrics
+    for ext in ("csv", "md", "png"):
+        assert (tmp_path / f"memory_colors_results.{ext}").is_file()
+    assert "clip_bert_tiny" in (tmp_path / "memory_colors_results.md").read_text()
+
+
+def test_cli_compares_models_on_vpn(vpn_data, tiny_bert_dir, tmp_path, capsys):
+    from vl.probes.__main__ import main
+
+    root, _ = vpn_data
+    out = tmp_path / "report"
+    rc = main(
+        [
+            "--task",
+            "visual_property_norms",
+            "--queries",
+            str(root / "queries"),
+            "--labels",
+            str(root / "labels.txt"),
+            "--models",
+            f"tiny={tiny_bert_dir}",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    import csv
+
+    rows = list(csv.DictReader(open(out / "visual_property_norms_results.csv")))
+    assert {r["model"] for r in rows} == {"tiny", "random"}
+    assert {int(r["pf"]) for r in rows} == {2, 5, 10, 20, 30}
+    assert (out / "visual_property_norms_results.png").stat().st_size > 0
+    assert "masked MAP" in capsys.readouterr().out
+
+
+@needs_real
+def test_evaluate_entry_point_runs_memory_colors(clip_bert_ckpt, make_cfg):
+    """`python evaluate.py task=memory_colors ckpt_path=... +task_cfg.data=...` through `vl.pipeline.evaluate`."""
+    from vl.pipeline import evaluate
+
+    cfg = make_cfg(
+        f"ckpt_path={clip_bert_ckpt}",
+        "task=memory_colors",
+        f"+task_cfg.data={MC_REAL}",
+        "+task_cfg.random_baseline=false",
+        name="eval_mc",
+        config_name="evaluate",
+        tiny=False,
+    )
+    metrics = evaluate(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert set(metrics) == {"clip_bert_tiny/accuracy_mean", "clip_bert_tiny/accuracy_sd"}
+    assert (out / "memory_colors_results.png").is_file() and (out / "results.md").is_file()
+
+
+def test_checkpoint_scorer_region_model_gets_masked_zero_region(tmp_path):
+    """A region model (VisualBERT-style system) cannot run without visual keys: one zero region, visual_mask 0."""
+    from hydra.utils import instantiate
+
+    model_cfg = {
+        "_target_": "vl.models.visual_bert.VisualBertSystem",
+        "_recursive_": False,
+        "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0.0},
+        "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
+    }
+    cfg = OmegaConf.create({"task_name": "vb", "model": model_cfg, "data": {"tokenizer": "minilm"}})
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    torch.manual_seed(0)
+    system = instantiate(cfg.model, objectives=["mlm", "itm"], data_info={"visual_dim": 16})
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, ckpt)
+    sc = CheckpointScorer(ckpt)
+    logits = sc.mask_logits(["the sky is [MASK].", "grass is [MASK] ."])
+    assert logits.shape == (2, 30522) and sc._needs_visual is True
+    enc = sc.tokenizer(["the sky is [MASK]."], return_tensors="pt")
+    with torch.no_grad():
+        out = sc.system.encoder(
+            {
+                **enc,
+                "visual_feats": torch.ones(1, 1, 16) * 5,
+                "visual_boxes": torch.rand(1, 1, 4),
+                "visual_mask": torch.zeros(1, 1, dtype=torch.long),
+            }
+        )  # masked-out region content does not matter
+        pos = (enc["input_ids"][0] == sc.tokenizer.mask_token_id).nonzero().item()
+        assert torch.allclose(logits[0], sc.system.objectives["mlm"].logits(out.text[0, pos]), atol=1e-4)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vl.data.jsonl import load_jsonl
 from vl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -54,26 +55,15 @@ def list_images(image_dir: str | Path) -> list[tuple[str, Path]]:
 def read_image_jsonl(path: str | Path) -> list[tuple[str, Path]]:
     """(id, path) from `{"image_id", "path"}` lines; relative paths are relative to the JSONL's directory."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: image JSONL not found")
     out: list[tuple[str, Path]] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if "image_id" not in row or "path" not in row:
-                raise DataError(f"{path}:{lineno}: expected keys 'image_id' and 'path', got {sorted(row)}")
-            image_id = str(row["image_id"])
-            if image_id in seen:
-                continue  # the same image listed twice (e.g. one line per caption)
-            seen.add(image_id)
-            img = Path(row["path"]).expanduser()
-            out.append((image_id, img if img.is_absolute() else path.parent / img))
+    for row in load_jsonl(path, required=("image_id", "path")):
+        image_id = str(row["image_id"])
+        if image_id in seen:
+            continue  # the same image listed twice (e.g. one line per caption)
+        seen.add(image_id)
+        img = Path(row["path"]).expanduser()
+        out.append((image_id, img if img.is_absolute() else path.parent / img))
     if not out:
         raise DataError(f"{path}: no images listed")
     return out

@@ -14,7 +14,6 @@ written from those variants (inferred, not copied from the original notebook).
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from vl.data.jsonl import load_jsonl
 from vl.errors import DataError
 
 COLORS: tuple[str, ...] = (
@@ -59,24 +59,10 @@ REQUIRED_FIELDS = ("descriptor", "item", "label")
 
 def load_memory_colors(path: str | Path) -> list[dict[str, Any]]:
     """Read the Memory Colors JSONL (blank lines skipped; a last line without newline is fine)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: Memory Colors JSONL not found")
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            missing = [k for k in REQUIRED_FIELDS if k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field(s) {missing}")
-            if row["label"] not in COLORS:
-                raise DataError(f"{path}:{lineno}: label '{row['label']}' is not one of the colours {list(COLORS)}")
-            items.append(row)
+    items = load_jsonl(path, required=REQUIRED_FIELDS)
+    for number, row in enumerate(items, 1):
+        if row["label"] not in COLORS:
+            raise DataError(f"{path}: item {number}: label '{row['label']}' is not one of the colours {list(COLORS)}")
     if not items:
         raise DataError(f"{path}: no items")
     return items

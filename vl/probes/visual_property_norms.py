@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vl.data.jsonl import load_jsonl
 from vl.errors import DataError
 from vl.probes.memory_colors import single_wordpiece_ids
 
@@ -101,23 +102,8 @@ def load_descriptors(path: str | Path) -> dict[str, str]:
 
 
 def load_queries(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: query JSONL not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            missing = [k for k in ("query", "labels", "concept", "query_template", "pf") if k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field(s) {missing}")
-            rows.append(row)
-    return rows
+    """One query JSONL (`{"query", "labels", "concept", "query_template", "pf", ...}` a line)."""
+    return load_jsonl(path, required=("query", "labels", "concept", "query_template", "pf"))
 
 
 def load_query_dir(query_dir: str | Path) -> list[dict[str, Any]]:

@@ -195,3 +195,17 @@ def test_cli_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "error: /nonexistent/corpus: data.root does not exist" in out.stderr
     assert not list((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+def test_ddp_cpu_evaluation_matches_one_process(make_cfg) -> None:
+    """2 spawned processes score every test question exactly once: the metric equals the 1-process one."""
+    cfg = make_cfg(*FAST[:1], "data=vqa", "trainer.max_epochs=1", "trainer.limit_train_batches=3")
+    train(cfg)
+    save_run_config(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    one = evaluate(make_cfg(f"ckpt_path={ckpt}", name="eval1", config_name="evaluate", tiny=False))
+    two = evaluate(make_cfg(f"ckpt_path={ckpt}", "hardware=ddp_cpu", name="eval2", config_name="evaluate", tiny=False))
+    assert two["test/vqa_acc"] == pytest.approx(one["test/vqa_acc"], abs=1e-6)
+    preds1 = json.loads((Path(cfg.paths.output_dir).parent / "eval1" / "vqa_predictions.json").read_text())
+    preds2 = json.loads((Path(cfg.paths.output_dir).parent / "eval2" / "vqa_predictions.json").read_text())
+    assert preds1 == preds2 and len({p["question_id"] for p in preds2}) == len(preds2)

@@ -41,6 +41,19 @@ class EpochShuffleSampler(DistributedSampler):
             yield (epoch, index)
 
 
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Evaluation sharding without padding: rank r gets examples r, r + world, ... so every example is scored exactly
+    once (torch's DistributedSampler repeats examples to even out the ranks, which would count them twice)."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
 class VLDataModule(L.LightningDataModule):
     """Base for one corpus. Subclasses implement `required_files()` and `build_dataset(split)`.
 
@@ -170,6 +183,10 @@ class VLDataModule(L.LightningDataModule):
                 seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
             )
             sampler.set_epoch(trainer.current_epoch if trainer else 0)  # resumed fits start mid-way
+        elif self.trainer is not None and self.trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(
+                self.datasets[split], num_replicas=self.trainer.world_size, rank=self.trainer.global_rank
+            )
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size_per_device,

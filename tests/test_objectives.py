@@ -87,3 +87,21 @@ def test_seed_alignment_head_converts_to_vl_itm_convention() -> None:
     vl_aligned_prob = torch.softmax(head.classifier(pooled), -1)[:, 1]  # vl: 1 = aligned
     assert torch.allclose(seed_aligned_prob, vl_aligned_prob)
     assert itm_labels_from_seed(torch.tensor([0, 1, 0])).tolist() == [1, 0, 1]
+
+
+def test_shortlist_rerank_equals_exhaustive_when_k_is_n() -> None:
+    from vl.retrieval import shortlist_ranks
+
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(29, 17))
+    cheap = rng.normal(size=(29, 17))
+    gold = rng.integers(0, 17, size=29).tolist()
+
+    def block(texts: list[int], images: list[int]) -> torch.Tensor:
+        return torch.from_numpy(scores[np.ix_(texts, images)])
+
+    exhaustive = chunked_ranks(block, 29, 17, gold, text_chunk=4, image_chunk=6)
+    assert (shortlist_ranks(block, cheap, gold, k=17) == exhaustive).all()
+    short = shortlist_ranks(block, cheap, gold, k=5)
+    in_list = np.array([g in np.argsort(-cheap[t], kind="stable")[:5] for t, g in enumerate(gold)])
+    assert (short[~in_list] == 6).all() and (short[in_list] <= exhaustive[in_list]).all()

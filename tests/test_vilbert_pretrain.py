@@ -40,6 +40,13 @@ def test_pretrain_then_zero_shot_retrieval_runs(make_cfg) -> None:
     assert got["test/num_images"] == 12 and got["test/num_captions"] == 12
     assert 0 <= got["test/recall@1"] <= got["test/recall@5"] <= got["test/recall@10"] <= 1
     assert 1 <= got["test/median_rank"] <= 12
+    shortlisted = _retrieval(
+        make_cfg,
+        Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+        "+task_cfg.max_images=12",
+        "+task_cfg.shortlist_k=12",
+    )
+    assert shortlisted == got  # shortlist + re-rank with k = N is the exhaustive ranking, exactly
 
 
 def test_full_size_experiment_composes(make_cfg) -> None:

@@ -50,10 +50,10 @@ def mask_tokens(
     return ids, labels
 
 
-def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int) -> dict[str, torch.Tensor]:
+def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int, fixed: bool = False) -> dict[str, torch.Tensor]:
     """Stack reader outputs (`features` (N,D), `boxes_norm` (N,4), optional `cls_prob` (N,C)) into padded
     visual_feats (B,R,D), visual_boxes (B,R,4), visual_mask (B,R) and region_cls_prob (B,R,C)."""
-    n = min(max(v["features"].shape[0] for v in visuals), max_regions)
+    n = max_regions if fixed else min(max(v["features"].shape[0] for v in visuals), max_regions)
     dim = visuals[0]["features"].shape[1]
     with_cls = all(v.get("cls_prob") is not None for v in visuals)
     feats = torch.zeros(len(visuals), n, dim)
@@ -107,6 +107,7 @@ class Collator:
         mlm_probability: float = 0.15,
         region_masking: bool = False,
         region_mask_probability: float = 0.15,
+        fixed_shapes: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
@@ -115,6 +116,7 @@ class Collator:
         self.mlm_probability = mlm_probability
         self.region_masking = region_masking
         self.region_mask_probability = region_mask_probability
+        self.fixed_shapes = fixed_shapes  # pad to max_text_len / max_regions: a pair scores the same in any batch
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts = [ex["text"] for ex in examples]
@@ -122,7 +124,7 @@ class Collator:
         enc = self.tokenizer(
             texts,
             pairs,
-            padding=True,
+            padding="max_length" if self.fixed_shapes else True,
             truncation=True,
             max_length=self.max_text_len,
             return_tensors="pt",
@@ -136,7 +138,7 @@ class Collator:
             "index": torch.tensor([ex.get("index", 0) for ex in examples]),
         }
         if "visual" in examples[0]:
-            batch.update(pad_regions([ex["visual"] for ex in examples], self.max_regions))
+            batch.update(pad_regions([ex["visual"] for ex in examples], self.max_regions, fixed=self.fixed_shapes))
         if "itm_label" in examples[0]:
             batch["itm_labels"] = torch.tensor([int(ex["itm_label"]) for ex in examples])
         key = (int(examples[0].get("epoch", 0)), *batch["index"].tolist())

@@ -54,6 +54,8 @@ class ModelConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)
     init_from: Optional[str] = None
     pretrained_lr_mult: float = 1.0
+    heads: dict[str, Any] = field(default_factory=dict)  # per-head options, e.g. {vqa: {classifier: simple}}
+    head_lr: Optional[float] = None  # lr of the task heads (objectives.*); null = optimizer.lr
 
 
 @dataclass

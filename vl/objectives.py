@@ -61,6 +61,10 @@ class Objective(nn.Module):
     def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
         metrics[f"{self.name}_acc"].update(result.logits.argmax(-1), result.target)
 
+    def predictions(self, result: ObjectiveResult, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Rows for the task's submission file (test stage); each has a unique `key` (de-duplication across ranks)."""
+        return []
+
 
 class MaskedLanguageModeling(Objective):
     """BERT MLM head (dense-GELU-LN + decoder tied to the word embeddings); CE on masked positions only."""
@@ -115,21 +119,41 @@ def itm_labels_from_seed(labels: torch.Tensor) -> torch.Tensor:
     return 1 - labels
 
 
+def simple_classifier(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.5) -> nn.Sequential:
+    """ViLBERT's `SimpleClassifier`: weight-normed Linear -> ReLU -> Dropout -> weight-normed Linear."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    return nn.Sequential(
+        weight_norm(nn.Linear(in_dim, hidden), dim=None),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        weight_norm(nn.Linear(hidden, out_dim), dim=None),
+    )
+
+
 class VQAClassification(Objective):
-    """Answer classifier Linear-GELU-LN-Linear on the pooled output; BCE-with-logits (mean) x num_answers."""
+    """Answer classifier on the pooled output; BCE-with-logits (mean) x num_answers.
+
+    `classifier="mlp"`: Linear-GELU-LN-Linear (VisualBERT/LXMERT); `"simple"`: ViLBERT's weight-normed SimpleClassifier
+    (2 x hidden, dropout 0.5)."""
 
     name = "vqa"
     requires = ("vqa_targets",)
 
-    def __init__(self, *, hidden_size: int, num_answers: int) -> None:
+    def __init__(self, *, hidden_size: int, num_answers: int, classifier: str = "mlp") -> None:
         super().__init__()
         self.num_answers = num_answers
-        self.classifier = nn.Sequential(
-            nn.Linear(hidden_size, 2 * hidden_size),
-            nn.GELU(),
-            nn.LayerNorm(2 * hidden_size, eps=1e-12),
-            nn.Linear(2 * hidden_size, num_answers),
-        )
+        if classifier == "simple":
+            self.classifier = simple_classifier(hidden_size, 2 * hidden_size, num_answers)
+        elif classifier == "mlp":
+            self.classifier = nn.Sequential(
+                nn.Linear(hidden_size, 2 * hidden_size),
+                nn.GELU(),
+                nn.LayerNorm(2 * hidden_size, eps=1e-12),
+                nn.Linear(2 * hidden_size, num_answers),
+            )
+        else:
+            raise ConfigError(f"model.heads.vqa.classifier: '{classifier}' is not one of 'mlp', 'simple'")
 
     def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
         logits = self.classifier(out.pooled)
@@ -142,6 +166,15 @@ class VQAClassification(Objective):
 
     def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
         metrics["vqa_acc"].update(result.logits, result.target)
+
+    def predictions(self, result: ObjectiveResult, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        if "question_id" not in batch:
+            return []
+        pred = result.logits.argmax(-1).tolist()
+        return [
+            {"key": int(q), "question_id": int(q), "answer_idx": int(i)}
+            for q, i in zip(batch["question_id"].tolist(), pred)
+        ]
 
 
 def _region_head(hidden_size: int, out_size: int) -> nn.Sequential:
@@ -199,12 +232,121 @@ class MaskedRegionFeatureRegression(Objective):
         pass
 
 
+class MultipleChoice(Objective):
+    """ViLBERT's `vil_logit`: Linear(H, 1) on the pooled output of every (text, image) row.
+
+    The collator flattens each example's K blocks of C choices into B*K*C rows (block-major); `mc_labels` (B, K) holds
+    the correct choice per block (-1 = unlabelled). Loss: cross-entropy over the C choices of every labelled block.
+    Retrieval training uses one block of 4 (true pair, random caption, random image, hard negative)."""
+
+    name = "retrieval"
+    requires = ("mc_labels",)
+
+    def __init__(self, *, hidden_size: int) -> None:
+        super().__init__()
+        self.vil_logit = nn.Linear(hidden_size, 1)
+
+    def score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, H) -> (N,) matching score of each row (higher = better match)."""
+        return self.vil_logit(pooled).squeeze(-1)
+
+    def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
+        labels = batch["mc_labels"]  # (B, K)
+        logits = self.score(out.pooled).view(labels.shape[0], labels.shape[1], -1)  # (B, K, C)
+        keep = labels >= 0
+        loss = F.cross_entropy(logits[keep], labels[keep]) if keep.any() else logits.sum() * 0.0
+        return ObjectiveResult(loss, logits, labels)
+
+    def make_metrics(self) -> dict[str, Metric]:
+        return {f"{self.name}_acc": Accuracy(ignore_index=-1)}
+
+    def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
+        metrics[f"{self.name}_acc"].update(result.logits.argmax(-1).flatten(), result.target.flatten())
+
+
+class VCRMultipleChoice(MultipleChoice):
+    """VCR Q->A and QA->R as two 4-way blocks per example: `mc_labels` (B, 2) = (answer, rationale given the gold
+    answer). Metrics: `vcr_qa_acc`, `vcr_qar_acc` and the joint `vcr_q2ar_acc` (both right).
+
+    Unlabelled test data uses 5 blocks (Q->A, then QA->R conditioned on each of the 4 answers) for the leaderboard
+    file; its labels are all -1."""
+
+    name = "vcr"
+
+    def make_metrics(self) -> dict[str, Metric]:
+        return {name: Accuracy(ignore_index=-1) for name in ("vcr_qa_acc", "vcr_qar_acc", "vcr_q2ar_acc")}
+
+    def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
+        labels, pred = result.target, result.logits.argmax(-1)  # (B, K)
+        if labels.shape[1] != 2:
+            return  # the unlabelled 5-block layout
+        metrics["vcr_qa_acc"].update(pred[:, 0], labels[:, 0])
+        metrics["vcr_qar_acc"].update(pred[:, 1], labels[:, 1])
+        both_labelled = (labels >= 0).all(1)
+        joint = (pred == labels).all(1).long()
+        metrics["vcr_q2ar_acc"].update(joint, torch.where(both_labelled, 1, -1))
+
+    def predictions(self, result: ObjectiveResult, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        probs = result.logits.softmax(-1)  # (B, K, 4)
+        rows = []
+        for i, annot_id in enumerate(batch.get("annot_id", [])):
+            rows.append(
+                {
+                    "key": str(annot_id),
+                    "annot_id": str(annot_id),
+                    "answer_probs": probs[i, 0].tolist(),
+                    "rationale_probs": probs[i, 1:].tolist() if probs.shape[1] > 2 else probs[i, 1].tolist(),
+                }
+            )
+        return rows
+
+
+class RegionGrounding(Objective):
+    """ViLBERT's `vision_logit`: Linear(Hv, 1) per region, padded regions pushed to -1e4. Loss: BCE-with-logits against
+    `refer_targets` (B, R) (IoU with the referred box, < 0.5 set to 0), mean x R. Metric `refer_acc`: the arg-max
+    region's IoU (`refer_ious` (B, R)) is > 0.5."""
+
+    name = "refer"
+    requires = ("refer_targets",)
+
+    def __init__(self, *, hidden_size: int, iou_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.vision_logit = nn.Linear(hidden_size, 1)
+        self.iou_threshold = iou_threshold
+
+    def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
+        logits = self.vision_logit(out.regions()).squeeze(-1)  # (B, R)
+        logits = logits.masked_fill(batch["visual_mask"] == 0, -1e4)
+        target = batch["refer_targets"]
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean() * target.shape[1]
+        return ObjectiveResult(loss, logits, batch.get("refer_ious", target))
+
+    def make_metrics(self) -> dict[str, Metric]:
+        return {"refer_acc": Accuracy()}
+
+    def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
+        best_iou = result.target.gather(1, result.logits.argmax(-1, keepdim=True)).squeeze(1)
+        metrics["refer_acc"].update((best_iou > self.iou_threshold).long(), torch.ones_like(best_iou, dtype=torch.long))
+
+    def predictions(self, result: ObjectiveResult, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        if "ref_id" not in batch:
+            return []
+        regions = result.logits.argmax(-1).tolist()
+        return [
+            {"key": f"{r}:{s}", "ref_id": int(r), "sent_id": int(s), "region": int(k)}
+            for r, s, k in zip(batch["ref_id"].tolist(), batch["sent_id"].tolist(), regions)
+        ]
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "mlm": MaskedLanguageModeling,
     "itm": ImageTextMatching,
     "vqa": VQAClassification,
     "mrc": MaskedRegionClassification,
     "mrfr": MaskedRegionFeatureRegression,
+    "retrieval": MultipleChoice,
+    "vcr": VCRMultipleChoice,
+    "refer": RegionGrounding,
 }
 
 #: objectives whose collator must mask regions
@@ -219,15 +361,20 @@ def build_objectives(
     data_info: dict[str, Any],
     text_hidden_size: int | None = None,
     visual_hidden_size: int | None = None,
+    head_options: dict[str, dict[str, Any]] | None = None,
 ) -> nn.ModuleDict:
     """Instantiate the named objectives; `data_info` supplies corpus facts (`num_answers`, `num_region_classes`,
-    `visual_dim`).
+    `visual_dim`); `head_options[name]` extra keyword arguments of a head (`model.heads`, e.g. the VQA classifier type).
 
     `hidden_size` is the size of `EncoderOutput.pooled` (ITM, VQA heads); `text_hidden_size` / `visual_hidden_size`
     those of `EncoderOutput.text` (MLM head) / `.visual` (region heads), when they differ (two-stream models).
     """
     heads = nn.ModuleDict()
+    head_options = dict(head_options or {})
+    for unknown in sorted(set(head_options) - set(OBJECTIVES)):  # options of heads this data doesn't use are fine
+        raise ConfigError(f"model.heads.{unknown}: unknown objective; choose from {sorted(OBJECTIVES)}")
     for name in names:
+        options = dict(head_options.get(name) or {})
         if name not in OBJECTIVES:
             raise ConfigError(f"data.objectives: unknown objective '{name}'; choose from {sorted(OBJECTIVES)}")
         if name == "mlm":
@@ -247,7 +394,11 @@ def build_objectives(
         elif name == "vqa":
             if "num_answers" not in data_info:
                 raise ConfigError("data.objectives: 'vqa' needs a data module that provides an answer vocabulary")
-            heads[name] = VQAClassification(hidden_size=hidden_size, num_answers=int(data_info["num_answers"]))
+            heads[name] = VQAClassification(
+                hidden_size=hidden_size, num_answers=int(data_info["num_answers"]), **options
+            )
+        elif name == "refer":
+            heads[name] = RegionGrounding(hidden_size=visual_hidden_size or hidden_size, **options)
         else:
-            heads[name] = OBJECTIVES[name](hidden_size=hidden_size)
+            heads[name] = OBJECTIVES[name](hidden_size=hidden_size, **options)
     return heads

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -25,3 +27,24 @@ def linear_warmup_constant(optimizer: Optimizer, *, total_steps: int, warmup_rat
     """Linear warmup, then constant."""
     warmup = max(1, int(warmup_ratio * total_steps))
     return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+
+def warmup_constant_step_decay(
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_ratio: float = 0.1,
+    decay_epochs: Sequence[int] = (12, 16),
+    gamma: float = 0.1,
+) -> LambdaLR:
+    """ViLBERT fine-tuning: linear warmup over `warmup_ratio * total_steps` then constant (BertAdam
+    `warmup_constant`), times `gamma` from each epoch in `decay_epochs` on (LambdaLR x0.1 at epochs 12 and 16)."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    milestones = sorted(int(e) for e in decay_epochs)
+
+    def factor(step: int) -> float:
+        epoch = step // max(1, steps_per_epoch)
+        return min(1.0, (step + 1) / warmup) * gamma ** sum(epoch >= m for m in milestones)
+
+    return LambdaLR(optimizer, factor)

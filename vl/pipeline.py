@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +73,28 @@ def _accumulation(cfg: DictConfig, dm: Any, world_size: int) -> int:
     return dm.batch_size // per_step
 
 
+@contextlib.contextmanager
+def _own_rendezvous() -> Iterator[None]:
+    """Spawned DDP (`ddp_spawn`) picks a free MASTER_PORT and leaves it in os.environ; the next run in this process
+    (a multirun job, a test) would reuse that port while the old one may still be held. Restore what the user had."""
+    saved = {key: os.environ.get(key) for key in ("MASTER_PORT", "MASTER_ADDR")}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple[dict[str, float], str | None]:
     """Fit (and test) one stage. Returns (metrics, path of the checkpoint to continue from)."""
+    with _own_rendezvous():
+        return _run_stage(cfg, name, init_from)
+
+
+def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[str, float], str | None]:
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path") is None:
         _check_fresh_output(output_dir)
@@ -214,7 +237,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = build_model(run_cfg, dm)
     trainer: L.Trainer = instantiate(run_cfg.trainer, logger=False, callbacks=[])
     run = trainer.validate if cfg.get("split", "test") == "val" else trainer.test
-    results = run(model, datamodule=dm, ckpt_path=str(cfg.ckpt_path))[0]
+    with _own_rendezvous():
+        results = run(model, datamodule=dm, ckpt_path=str(cfg.ckpt_path))[0]
     metrics = {k: float(v) for k, v in results.items()}
     if trainer.is_global_zero:
         write_results(output_dir, [("evaluate", metrics)], title=f"evaluate {cfg.ckpt_path}")

@@ -88,10 +88,12 @@ def pooled_similarity(
     return (text_emb @ image_emb.T).numpy()
 
 
-def itm_scorer(model: Any, collator: Collator, texts: list[str], visuals: list[dict], *, batch_size: int) -> ScoreBlock:
-    """A `ScoreBlock` from a system with an `itm` head: softmax(ITM logits)[:, 1] (1 = aligned in vl)."""
-    if "itm" not in model.objectives:
-        raise ConfigError("task=zero_shot_retrieval: the checkpoint's model has no 'itm' head (train with itm)")
+def gallery_scorer(
+    model: Any, collator: Collator, texts: list[str], visuals: list[dict], *, batch_size: int
+) -> ScoreBlock:
+    """A `ScoreBlock` from a system's `pair_scorer()`: its fine-tuned retrieval head (`vil_logit`), else the ITM
+    head's aligned probability softmax(logits)[:, 1] (1 = aligned in vl)."""
+    head = model.pair_scorer()
 
     @torch.no_grad()
     def score_block(text_idx: list[int], image_idx: list[int]) -> torch.Tensor:
@@ -100,8 +102,8 @@ def itm_scorer(model: Any, collator: Collator, texts: list[str], visuals: list[d
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             batch = collator([{"text": texts[t], "visual": visuals[i]} for t, i in chunk])
-            enc = model(batch)
-            out[start : start + len(chunk)] = model.objectives["itm"].classifier(enc.pooled).softmax(-1)[:, 1]
+            batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            out[start : start + len(chunk)] = head(model(batch).pooled).float().cpu()
         return out.view(len(text_idx), len(image_idx))
 
     return score_block
@@ -135,8 +137,8 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
             queries.append(a)
     visuals = [dm.regions[str(i)] for i in image_ids]
     # fixed shapes: a pair's score must not depend on which other pairs share its batch (exact rank comparisons)
-    collator = Collator(dm.tokenizer, max_text_len=dm.max_text_len, max_regions=dm.max_regions, fixed_shapes=True)
-    score = itm_scorer(
+    collator = dm.scoring_collator()
+    score = gallery_scorer(
         model, collator, [q["caption"] for q in queries], visuals, batch_size=int(opts.get("batch_size", 256))
     )
     log.info("zero-shot retrieval: %d captions x %d images", len(queries), len(image_ids))

@@ -170,6 +170,11 @@ class VLDataModule(L.LightningDataModule):
             region_masking=any(name in REGION_MASKING for name in self.objectives),
         )
 
+    def scoring_collator(self) -> Collator:
+        """Padding to max_text_len / max_regions: a (text, image) pair scores the same whatever shares its batch
+        (retrieval ranks compare scores computed in different batches)."""
+        return Collator(self.tokenizer, max_text_len=self.max_text_len, max_regions=self.max_regions, fixed_shapes=True)
+
     def loader(self, split: str) -> DataLoader:
         self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
         sampler = None

@@ -5,6 +5,8 @@ Batch keys (one vocabulary for all collators and encoders):
   visual_feats (B, R, D) float; visual_boxes (B, R, 4) normalised x1y1x2y2; visual_mask (B, R) long
   mlm_labels (B, T) long, -100 = not predicted      itm_labels (B,) long, 1 = aligned
   vqa_targets (B, A) float soft scores             question_id, image_id, index (B,) long
+  mc_labels (B, K) long, -1 = unlabelled: multiple-choice examples (`choices`) are flattened into B*K*C rows
+  refer_targets, refer_ious (B, R) float          per-region IoU targets / raw IoUs (referring expressions)
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ class Collator:
         self.region_mask_probability = region_mask_probability
         self.fixed_shapes = fixed_shapes  # pad to max_text_len / max_regions: a pair scores the same in any batch
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if "choices" in examples[0]:
+            return self.collate_choices(examples)
         texts = [ex["text"] for ex in examples]
         pairs = [ex["text_b"] for ex in examples] if "text_b" in examples[0] else None
         enc = self.tokenizer(
@@ -165,7 +169,41 @@ class Collator:
                 batch["mlm_labels"][batch["itm_labels"] == 0] = IGNORE_INDEX
         if "vqa_target" in examples[0]:
             batch["vqa_targets"] = torch.from_numpy(np.stack([ex["vqa_target"] for ex in examples])).float()
-        for key in ("question_id", "image_id"):
+        for key in ("refer_targets", "refer_ious"):
+            if key in examples[0]:
+                n = batch["visual_mask"].shape[1]
+                values = torch.zeros(len(examples), n)
+                for i, ex in enumerate(examples):
+                    v = torch.as_tensor(np.asarray(ex[key][:n], dtype=np.float32))
+                    values[i, : v.shape[0]] = v
+                batch[key] = values
+        for key in ("question_id", "image_id", "ref_id", "sent_id", "example_id", "query_index", "gold"):
             if key in examples[0]:
                 batch[key] = torch.tensor([int(ex[key]) for ex in examples])
+        if "annot_id" in examples[0]:
+            batch["annot_id"] = [str(ex["annot_id"]) for ex in examples]
+        return batch
+
+    def collate_choices(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Multiple-choice examples (`choices`: K*C dicts with `text`, optional `text_b` / `visual`, else the
+        example's `visual`; `mc_labels`: K ints) -> B*K*C rows, block-major per example, plus `mc_labels` (B, K)."""
+        rows = []
+        for ex in examples:
+            for choice in ex["choices"]:
+                row = {"text": choice["text"], "visual": choice.get("visual", ex.get("visual"))}
+                if "text_b" in choice:
+                    row["text_b"] = choice["text_b"]
+                row["index"], row["epoch"] = ex.get("index", 0), ex.get("epoch", 0)
+                rows.append(row)
+        sizes = {len(ex["choices"]) for ex in examples}
+        if len(sizes) != 1:
+            raise ValueError(f"multiple-choice examples in one batch have different numbers of rows: {sorted(sizes)}")
+        batch = self(rows)
+        batch["mc_labels"] = torch.tensor([list(ex["mc_labels"]) for ex in examples], dtype=torch.long)
+        batch["index"] = torch.tensor([ex.get("index", 0) for ex in examples])
+        for key in ("example_id",):
+            if key in examples[0]:
+                batch[key] = torch.tensor([int(ex[key]) for ex in examples])
+        if "annot_id" in examples[0]:
+            batch["annot_id"] = [str(ex["annot_id"]) for ex in examples]
         return batch

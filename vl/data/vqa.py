@@ -54,6 +54,8 @@ class VQAQuestions(Dataset):
 class VQADataModule(VLDataModule):
     """`data=vqa`. Files are relative to `root` with `{split}` filled from `splits`."""
 
+    prediction_file = "vqa_predictions.json"  # EvalAI format, written into the run dir by `test`
+
     def __init__(
         self,
         *,

@@ -6,6 +6,7 @@ A subclass only builds `self.encoder` (an nn.Module with `forward(batch) -> Enco
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vl.errors import ConfigError
+from vl.metrics import RetrievalRecall
 from vl.models.bert import log_key_report
 from vl.objectives import EncoderOutput, build_objectives
 
@@ -54,6 +56,8 @@ class VLSystem(L.LightningModule):
         loss_weights: dict[str, float] | None = None,
         init_from: str | None = None,
         pretrained_lr_mult: float = 1.0,
+        heads: dict[str, dict[str, Any]] | None = None,
+        head_lr: float | None = None,
     ) -> None:
         super().__init__()
         if not objectives:
@@ -65,7 +69,11 @@ class VLSystem(L.LightningModule):
         self.loss_weights = dict(loss_weights or {})
         self.init_from = init_from
         self.pretrained_lr_mult = pretrained_lr_mult
+        self.head_options = dict(heads or {})
+        self.head_lr = head_lr
         self.predictions: list[dict[str, Any]] = []
+        self._gallery: dict[str, Any] = {}
+        self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
 
     def build_objectives(
         self, hidden_size: int, *, text_hidden_size: int | None = None, visual_hidden_size: int | None = None
@@ -79,6 +87,7 @@ class VLSystem(L.LightningModule):
             data_info=self.data_info,
             text_hidden_size=text_hidden_size,
             visual_hidden_size=visual_hidden_size,
+            head_options=self.head_options,
         )
         self.metrics = nn.ModuleDict(
             {
@@ -88,6 +97,8 @@ class VLSystem(L.LightningModule):
                 for stage in STAGES
             }
         )
+        # ranks of retrieval queries (data=retrieval val/test); metric states, no parameters
+        self.retrieval_metrics = nn.ModuleDict({f"{stage}_": RetrievalRecall() for stage in ("val", "test")})
         if self.init_from:
             self.load_init_checkpoint(self.init_from)
 
@@ -96,9 +107,11 @@ class VLSystem(L.LightningModule):
         return self.encoder(batch)
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        if "gold" in batch:  # retrieval queries: rank every gallery image (val / test)
+            return self.retrieval_step(batch, stage)
         out = self(batch)
         total = 0.0
-        bs = batch["input_ids"].shape[0]
+        bs = batch["index"].shape[0]  # examples (multiple-choice batches have more rows)
         for name, head in self.objectives.items():
             if any(key not in batch for key in head.requires):
                 continue
@@ -109,7 +122,7 @@ class VLSystem(L.LightningModule):
             for metric_name, metric in self.metrics[f"{stage}_"][name].items():
                 self.log(f"{stage}/{metric_name}", metric, batch_size=bs, prog_bar=stage != "train")
             if stage == "test":
-                self.collect_predictions(name, result, batch)
+                self.predictions.extend(head.predictions(result, batch))
         self.log(f"{stage}/loss", total, batch_size=bs, prog_bar=True, sync_dist=stage != "train")
         return total
 
@@ -134,28 +147,73 @@ class VLSystem(L.LightningModule):
         return self.shared_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        """Write VQA answers as EvalAI JSON into the run dir (rank 0, after gathering from all ranks)."""
+        """Write the task's submission file into the run dir (rank 0, after gathering from all ranks)."""
+        self._log_retrieval("test")
+        self._gallery.pop("test", None)
         preds = self.gathered_predictions()
         datamodule = getattr(self.trainer, "datamodule", None)
         if preds and self.trainer.is_global_zero and hasattr(datamodule, "write_predictions"):
-            path = datamodule.write_predictions(preds, Path(self.trainer.default_root_dir) / "vqa_predictions.json")
-            log.info("VQA predictions (EvalAI format): %s", path)
-
-    def collect_predictions(self, name: str, result: Any, batch: dict[str, Any]) -> None:
-        """Keep VQA answers per question id (for the EvalAI-style JSON)."""
-        if name == "vqa" and "question_id" in batch:
-            pred = result.logits.argmax(-1).tolist()
-            for qid, idx in zip(batch["question_id"].tolist(), pred):
-                self.predictions.append({"question_id": int(qid), "answer_idx": int(idx)})
+            name = getattr(datamodule, "prediction_file", "predictions.json")
+            path = datamodule.write_predictions(preds, Path(self.trainer.default_root_dir) / name)
+            log.info("test predictions: %s", path)
 
     def gathered_predictions(self) -> list[dict[str, Any]]:
-        """Predictions from all ranks, de-duplicated by question id (the distributed sampler pads)."""
+        """Predictions from all ranks, de-duplicated by their `key`."""
         preds = self.predictions
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             everything: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(everything, preds)
             preds = [p for part in everything for p in part]
-        return list({p["question_id"]: p for p in preds}.values())
+        return list({p["key"]: p for p in preds}.values())
+
+    # ------------------------------------------------------------------ retrieval evaluation
+    def pair_scorer(self) -> Any:
+        """(pooled (N, H)) -> (N,) image-text match score: the fine-tuned `retrieval` head, else ITM's aligned prob."""
+        if "retrieval" in self.objectives:
+            return self.objectives["retrieval"].score
+        if "itm" in self.objectives:
+            return lambda pooled: self.objectives["itm"].classifier(pooled).softmax(-1)[:, 1]
+        raise ConfigError("retrieval needs a model with a 'retrieval' or 'itm' head")
+
+    @torch.no_grad()
+    def retrieval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """Rank each query's gold image among the whole gallery of the split (`datamodule.gallery(split)`) by
+        cross-encoder scores, in chunks; updates `<stage>/recall@k`, median and mean rank."""
+        from vl.retrieval import chunked_ranks, gallery_scorer
+
+        split = {"val": "val", "test": "test"}[stage]
+        if split not in self._gallery:
+            dm = self.trainer.datamodule
+            self._gallery[split] = (dm.gallery(split), dm.scoring_collator())
+        gallery, collator = self._gallery[split]
+        texts = [gallery["texts"][int(q)] for q in batch["query_index"]]
+        score = gallery_scorer(self, collator, texts, gallery["visuals"], batch_size=self.retrieval_batch_size)
+        ranks = chunked_ranks(
+            score,
+            len(texts),
+            len(gallery["visuals"]),
+            batch["gold"].tolist(),
+            text_chunk=len(texts),
+            image_chunk=max(1, self.retrieval_batch_size // max(1, len(texts))),
+        )
+        metric = self.retrieval_metrics[f"{stage}_"]
+        metric.update(torch.as_tensor(ranks, device=self.device))
+        if stage == "test":
+            self.predictions.extend(
+                {"key": int(q), "query_index": int(q), "rank": int(r)} for q, r in zip(batch["query_index"], ranks)
+            )
+        return torch.zeros((), device=self.device)
+
+    def _log_retrieval(self, stage: str) -> None:
+        metric = self.retrieval_metrics[f"{stage}_"]
+        if metric.update_called:
+            for key, value in metric.compute().items():
+                self.log(f"{stage}/{key}", value, prog_bar=key == "recall@1", sync_dist=False)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+        self._gallery.pop("val", None)
 
     # ------------------------------------------------------------------ optimisation
     def pretrained_parameter_names(self) -> set[str]:
@@ -163,28 +221,37 @@ class VLSystem(L.LightningModule):
         return set()
 
     def configure_optimizers(self) -> Any:
+        """AdamW-style param groups: no weight decay on biases / norms; pretrained params at lr x pretrained_lr_mult;
+        task heads (`objectives.*`) at `head_lr` when set. The scheduler gets `total_steps` from
+        `trainer.estimated_stepping_batches` (and `steps_per_epoch` when it takes one)."""
         pretrained = self.pretrained_parameter_names()
         base_lr = float(self.optimizer_cfg["lr"])
         weight_decay = float(self.optimizer_cfg.get("weight_decay", 0.0))
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        groups: dict[tuple[bool, str], list[nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             decay = not any(name.endswith(nd) for nd in NO_DECAY) and param.ndim > 1
-            groups.setdefault((decay, name in pretrained), []).append(param)
+            kind = "pretrained" if name in pretrained else "head" if name.startswith("objectives.") else "other"
+            groups.setdefault((decay, kind), []).append(param)
+        lrs = {
+            "pretrained": base_lr * self.pretrained_lr_mult,
+            "head": float(self.head_lr) if self.head_lr is not None else base_lr,
+            "other": base_lr,
+        }
         param_groups = [
-            {
-                "params": params,
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr": base_lr * (self.pretrained_lr_mult if is_pre else 1.0),
-            }
-            for (decay, is_pre), params in groups.items()
+            {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lrs[kind], "name": f"{kind}{'' if decay else '_no_decay'}"}
+            for (decay, kind), params in groups.items()
         ]
         optimizer = instantiate(self.optimizer_cfg)(param_groups)  # `_partial_: true` configs
         if not self.scheduler_cfg:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = instantiate(self.scheduler_cfg)(optimizer, total_steps=total)
+        factory = instantiate(self.scheduler_cfg)
+        kwargs: dict[str, Any] = {"total_steps": total}
+        if "steps_per_epoch" in inspect.signature(factory).parameters:
+            kwargs["steps_per_epoch"] = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        scheduler = factory(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ loading

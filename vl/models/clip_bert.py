@@ -147,6 +147,8 @@ class ClipBertSystem(VLSystem):
         loss_weights: dict[str, float] | None = None,
         init_from: str | None = None,
         pretrained_lr_mult: float = 1.0,
+        heads: dict[str, dict[str, Any]] | None = None,
+        head_lr: float | None = None,
         image_dim: int | None = None,
         use_image: bool = True,
         state_dict_path: str | None = None,
@@ -159,6 +161,8 @@ class ClipBertSystem(VLSystem):
             loss_weights=loss_weights,
             init_from=init_from,
             pretrained_lr_mult=pretrained_lr_mult,
+            heads=heads,
+            head_lr=head_lr,
         )
         self.save_hyperparameters()
         data_dim = data_info.get("clip_dim")

@@ -324,6 +324,8 @@ class VilbertSystem(VLSystem):
         loss_weights: dict[str, float] | None = None,
         init_from: str | None = None,
         pretrained_lr_mult: float = 0.1,
+        heads: dict[str, dict[str, Any]] | None = None,
+        head_lr: float | None = None,
     ) -> None:
         super().__init__(
             objectives=objectives,
@@ -333,6 +335,8 @@ class VilbertSystem(VLSystem):
             loss_weights=loss_weights,
             init_from=init_from,
             pretrained_lr_mult=pretrained_lr_mult,
+            heads=heads,
+            head_lr=head_lr,
         )
         self.save_hyperparameters()
         self.encoder = VilbertEncoder(

@@ -129,6 +129,32 @@ class VQADataConfig(DataConfig):
     features: str = "regions.lmdb"
 
 
+@dataclass
+class VCRDataConfig(DataConfig):
+    jsonl: str = "vcr/{split}.jsonl"
+    images_dir: str = "vcr/vcr1images"
+    names_table: str = "vcr/unisex_names_table.csv"
+    features: str = "vcr/regions.lmdb"
+
+
+@dataclass
+class RefCOCODataConfig(DataConfig):
+    refs: str = "refcoco+/refs(unc).p"
+    instances: str = "refcoco+/instances.json"
+    features: str = "refcoco+/dets.lmdb"
+    gt_features: Optional[str] = "refcoco+/gt.lmdb"  # null: train on detections only
+    iou_threshold: float = 0.5
+
+
+@dataclass
+class RetrievalDataConfig(DataConfig):
+    jsonl: str = "retrieval/{split}.jsonl"
+    hard_negatives: Optional[str] = "retrieval/hard_negative.pkl"  # null: random hard negatives
+    features: str = "regions.lmdb"
+    captions_per_image: int = 5  # val/test queries per image
+    max_images: Optional[int] = None  # val/test gallery size (1000 for the Flickr30k 1k test)
+
+
 # ---------------------------------------------------------------------------------------------------- clip_bert / vlp
 @dataclass
 class ClipBertModelConfig(ModelConfig):
@@ -197,6 +223,9 @@ def register_configs() -> None:
     cs.store(group="schema/model", name="vilbert", node=VilbertModelConfig)
     cs.store(group="schema/data", name="captions", node=CaptionsDataConfig)
     cs.store(group="schema/data", name="vqa", node=VQADataConfig)
+    cs.store(group="schema/data", name="vcr", node=VCRDataConfig)
+    cs.store(group="schema/data", name="refcoco", node=RefCOCODataConfig)
+    cs.store(group="schema/data", name="retrieval", node=RetrievalDataConfig)
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     cs.store(group="schema/model", name="clip_bert", node=ClipBertModelConfig)
     cs.store(group="schema/data", name="vlp", node=VLPDataConfig)

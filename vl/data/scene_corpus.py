@@ -16,6 +16,9 @@
     vqa/cache/{split}_target.pkl / .json                    [{question_id, image_id, labels, scores}]
     vqa/cache/trainval_ans2label.pkl / trainval_label2ans.pkl
     vqa/trainval_ans2label.json / trainval_label2ans.json
+    retrieval/{train,val,test}.jsonl, hard_negative.pkl     Flickr30k retrieval layout (vl.data.retrieval_format)
+    vcr/{split}.jsonl, vcr1images/, names table, regions.lmdb   VCR layout (vl.data.vcr_format)
+    refcoco+/refs(unc).p, instances.json, dets.lmdb, gt.lmdb   RefCOCO+ REFER layout (vl.data.refcoco_format)
     manifest.json                                           written last: settings, version, files with sizes/sha1
 
 ``ensure_corpus(cache_dir, settings)`` keeps one validated copy per (settings, GENERATOR_VERSION) in
@@ -52,6 +55,8 @@ from vl.data.features import (
     write_region_lmdb,
 )
 from vl.data.jsonl import write_jsonl
+from vl.data.refcoco_format import write_refcoco_corpus
+from vl.data.retrieval_format import write_retrieval_corpus
 from vl.data.scenes import (
     GENERATOR_VERSION,
     NUM_REGION_CLASSES,
@@ -64,6 +69,7 @@ from vl.data.scenes import (
     region_features,
     render,
 )
+from vl.data.vcr_format import write_vcr_corpus
 from vl.data.vqa_format import build_targets
 from vl.errors import DataError
 
@@ -154,6 +160,9 @@ def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Pat
     written += _write_features(paths, scenes, settings)
     written += _write_vqa(paths, by_split, info, label2ans)
     written += _write_lxmert(paths, by_split)
+    written += write_retrieval_corpus(root, scenes, settings)
+    written += write_vcr_corpus(root, scenes, settings)
+    written += write_refcoco_corpus(root, scenes, settings)
     _write_manifest(root, paths, written, settings, scenes, by_split, len(label2ans))
     return root
 

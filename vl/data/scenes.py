@@ -57,7 +57,7 @@ __all__ = [
     "default_cache_dir",
 ]
 
-GENERATOR_VERSION = "scenes-v3"
+GENERATOR_VERSION = "scenes-v4"
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "white", "black", "purple", "orange")

@@ -240,7 +240,12 @@ class VLSystem(L.LightningModule):
             "other": base_lr,
         }
         param_groups = [
-            {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lrs[kind], "name": f"{kind}{'' if decay else '_no_decay'}"}
+            {
+                "params": params,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": lrs[kind],
+                "name": f"{kind}{'' if decay else '_no_decay'}",
+            }
             for (decay, kind), params in groups.items()
         ]
         optimizer = instantiate(self.optimizer_cfg)(param_groups)  # `_partial_: true` configs

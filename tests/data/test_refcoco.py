@@ -1,0 +1,384 @@
+"""RefCOCO+: box IoU, REFER / COCO-instances readers, the embedded refcoco+ writer and RefCOCODataModule."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vl.data.features import open_region_features, write_region_lmdb
+from vl.data.refcoco import RefCOCODataModule
+from vl.data.refcoco_format import (
+    box_iou,
+    load_expressions_json,
+    load_instances,
+    load_refs,
+    pairwise_iou,
+    scene_expressions,
+    write_refcoco_corpus,
+    xywh_to_xyxy,
+)
+from vl.data.scenes import SceneSettings, generate_scenes
+from vl.errors import ConfigError, DataError
+
+REAL = Path(os.environ.get("VL_REAL_SAMPLES") or Path(__file__).resolve().parents[2].parent / "shared" / "real_samples")
+SAMPLE = REAL / "refcoco" / "sample_expressions_testA.json"
+SETTINGS = SceneSettings(num_images=60)
+
+# ------------------------------------------------------------------------------------------------------------ IoU
+
+
+def _iou_by_hand(a: list[float], b: list[float]) -> float:
+    """Plain-Python IoU of two x1y1x2y2 boxes (the independent reference)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+    if area_a == 0 or area_b == 0:
+        return 0.0
+    return inter / (area_a + area_b - inter)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ([0, 0, 4, 4], [0, 0, 4, 4], 1.0),  # identical
+        ([0, 0, 4, 4], [4, 0, 8, 4], 0.0),  # touching edge
+        ([0, 0, 4, 4], [4, 4, 8, 8], 0.0),  # touching corner
+        ([0, 0, 4, 4], [10, 10, 12, 12], 0.0),  # disjoint
+        ([0, 0, 4, 4], [1, 1, 3, 3], 4 / 16),  # containment
+        ([0, 0, 2, 2], [1, 1, 3, 3], 1 / 7),  # partial overlap
+        ([0, 0, 4, 2], [2, 0, 6, 2], 4 / 12),  # half overlap along x
+        ([2, 2, 2, 2], [2, 2, 2, 2], 0.0),  # zero-area, identical
+        ([0, 0, 4, 4], [1, 1, 1, 3], 0.0),  # zero-width inside another box
+        ([4, 4, 0, 0], [0, 0, 4, 4], 0.0),  # inverted box
+    ],
+)
+def test_iou_edge_cases(a: list[float], b: list[float], expected: float) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divide-by-zero / invalid-value warnings
+        got = box_iou(np.array([a], dtype=np.float32), np.array(b))
+    assert got.shape == (1,)
+    assert not np.isnan(got).any()
+    assert got[0] == pytest.approx(expected, abs=1e-9)
+    assert got[0] == pytest.approx(_iou_by_hand(a, b), abs=1e-9)
+
+
+def test_pairwise_iou_matches_hand_computation() -> None:
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 50, (12, 2))
+    wh = rng.uniform(0, 30, (12, 2))
+    wh[:2] = 0  # a couple of degenerate boxes
+    a = np.concatenate([xy, xy + wh], axis=1)
+    b = np.concatenate([a[:5] + rng.uniform(-3, 3, (5, 4)), a[:2]])
+    got = pairwise_iou(a, b)
+    assert got.shape == (12, 7)
+    want = np.array([[_iou_by_hand(list(x), list(y)) for y in b] for x in a])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    np.testing.assert_allclose(pairwise_iou(b, a), got.T, atol=1e-12)
+    np.testing.assert_allclose(box_iou(a, b[3]), got[:, 3])
+    assert pairwise_iou(np.zeros((0, 4)), b).shape == (0, 7)
+
+
+def test_xywh_to_xyxy() -> None:
+    np.testing.assert_array_equal(xywh_to_xyxy([10, 20, 5, 7]), [10, 20, 15, 27])
+    np.testing.assert_array_equal(xywh_to_xyxy(np.array([[0, 0, 1, 2], [3, 4, 0, 0]])), [[0, 0, 1, 2], [3, 4, 3, 4]])
+    with pytest.raises(ValueError):
+        xywh_to_xyxy([1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------------------- file readers
+
+
+@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"real sample not found at {SAMPLE} (set VL_REAL_SAMPLES)")
+def test_real_expressions_sample() -> None:
+    exprs = load_expressions_json(SAMPLE)
+    raw = json.loads(SAMPLE.read_text())["predictions"]
+    assert len(exprs) == len(raw) > 1000
+    assert exprs[0] == (47, "man in black")
+    assert all(isinstance(r, int) and isinstance(s, str) and s for r, s in exprs)
+    assert [r for r, _ in exprs] == [p["ref_id"] for p in raw]
+
+
+def test_expressions_json_errors(tmp_path: Path) -> None:
+    p = tmp_path / "e.json"
+    p.write_text(json.dumps({"preds": []}))
+    with pytest.raises(DataError, match=r"e\.json: missing top-level list 'predictions'"):
+        load_expressions_json(p)
+    p.write_text(json.dumps({"predictions": [{"sent": "a", "ref_id": 1}, {"sent": "b"}]}))
+    with pytest.raises(DataError, match=r"e\.json: predictions\[1\] has no integer 'ref_id'"):
+        load_expressions_json(p)
+    with pytest.raises(DataError, match="file not found"):
+        load_expressions_json(tmp_path / "missing.json")
+
+
+def _ref(**over) -> dict:
+    ref = {
+        "ref_id": 1,
+        "ann_id": 10,
+        "image_id": 100,
+        "split": "train",
+        "sentences": [{"raw": "The cat", "sent": "the cat", "tokens": ["the", "cat"], "sent_id": 5}],
+        "sent_ids": [5],
+        "category_id": 1,
+    }
+    return ref | over
+
+
+def _pickle(path: Path, obj) -> Path:
+    path.write_bytes(pickle.dumps(obj))
+    return path
+
+
+def test_load_refs_and_errors(tmp_path: Path) -> None:
+    p = _pickle(tmp_path / "refs(unc).p", [_ref(), _ref(ref_id=2, split="testA")])
+    assert [r["ref_id"] for r in load_refs(p)] == [1, 2]
+    bad = {k: v for k, v in _ref(ref_id=2).items() if k != "ann_id"}
+    _pickle(p, [_ref(), bad])
+    with pytest.raises(DataError, match=r"refs\(unc\)\.p: ref 1 has no 'ann_id'"):
+        load_refs(p)
+    _pickle(p, [_ref(image_id="100")])
+    with pytest.raises(DataError, match=r"ref 0 field 'image_id' has type str"):
+        load_refs(p)
+    _pickle(p, [_ref(sentences=[{"sent": "x"}])])
+    with pytest.raises(DataError, match=r"ref 0 sentences\[0\] has no integer 'sent_id'"):
+        load_refs(p)
+    _pickle(p, [_ref(), _ref()])
+    with pytest.raises(DataError, match="ref 1 repeats ref_id 1"):
+        load_refs(p)
+    _pickle(p, {"refs": []})
+    with pytest.raises(DataError, match="expected a list of refs"):
+        load_refs(p)
+    p.write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="cannot unpickle"):
+        load_refs(p)
+    with pytest.raises(DataError, match="file not found"):
+        load_refs(tmp_path / "nope.p")
+
+
+def test_load_instances_and_errors(tmp_path: Path) -> None:
+    p = tmp_path / "instances.json"
+    data = {
+        "images": [{"id": 100, "width": 640, "height": 480}],
+        "annotations": [{"id": 10, "image_id": 100, "bbox": [10.5, 20, 30, 40], "category_id": 1, "area": 1200}],
+        "categories": [{"id": 1, "name": "person"}],
+    }
+    p.write_text(json.dumps(data))
+    inst = load_instances(p)
+    np.testing.assert_allclose(inst.boxes[10], [10.5, 20, 40.5, 60])
+    assert inst.ann_image == {10: 100} and inst.sizes == {100: (640, 480)} and inst.categories == {1: "person"}
+    data["annotations"][0]["bbox"] = [1, 2, 3]
+    p.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"instances\.json: annotations\[0\] field 'bbox'"):
+        load_instances(p)
+    data["annotations"][0].update(bbox=[1, 2, 3, 4], image_id=7)
+    p.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"annotations\[0\] refers to unknown image id 7"):
+        load_instances(p)
+    p.write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match="missing top-level list 'annotations'"):
+        load_instances(p)
+
+
+# ---------------------------------------------------------------------------------------------- embedded corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("refcoco")
+    return root, write_refcoco_corpus(root, generate_scenes(SETTINGS), SETTINGS)
+
+
+def _module(root: Path, **kwargs) -> RefCOCODataModule:
+    return RefCOCODataModule(root=str(root), **kwargs)
+
+
+def test_scene_expressions_are_unique() -> None:
+    for sc in generate_scenes(SETTINGS)[:40]:
+        per_shape = scene_expressions(sc.shapes)
+        assert len(per_shape) == len(sc.shapes)
+        texts = [t for exprs in per_shape for t in exprs]
+        assert len(texts) == len(set(texts)), "an expression names two shapes of one scene"
+        assert all(per_shape), "every shape has at least its colour + shape"
+
+
+def test_write_refcoco_corpus(corpus: tuple[Path, list[Path]]) -> None:
+    root, written = corpus
+    assert [p.relative_to(root).as_posix() for p in written] == [
+        "refcoco+/refs(unc).p",
+        "refcoco+/instances.json",
+        "refcoco+/dets.lmdb/data.mdb",
+        "refcoco+/gt.lmdb/data.mdb",
+    ]
+    assert all(p.is_file() for p in written)
+    refs = load_refs(written[0])
+    inst = load_instances(written[1])
+    assert {r["split"] for r in refs} == {"train", "val", "testA", "testB"}
+    assert len({s["sent_id"] for r in refs for s in r["sentences"]}) == sum(len(r["sentences"]) for r in refs)
+    dets, gt = open_region_features(written[2]), open_region_features(written[3])
+    assert len(dets) == len(gt) == SETTINGS.num_images
+    best_det, below = [], 0
+    for r in refs:
+        box = inst.boxes[r["ann_id"]]
+        d, g = dets[r["image_id"]], gt[r["image_id"]]
+        ious_d, ious_g = box_iou(d["boxes"], box), box_iou(g["boxes"], box)
+        assert ious_g.max() == pytest.approx(1.0)  # GT features sit at the exact box
+        best_det.append(ious_d.max())
+        below += int((ious_d < 0.5).sum())
+        assert d["features"].shape[1] == g["features"].shape[1] == SETTINGS.region_dim
+    assert 0.5 < min(best_det) and max(best_det) < 1.0  # jittered but good detections
+    assert below > 0  # background / other shapes' boxes
+
+
+def test_datamodule_contract(corpus: tuple[Path, list[Path]]) -> None:
+    root, _ = corpus
+    dm = _module(root, max_regions=36)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.info == {"visual_dim": SETTINGS.region_dim}
+    train, val, test = dm.datasets["train"], dm.datasets["val"], dm.datasets["test"]
+    refs = load_refs(root / "refcoco+" / "refs(unc).p")
+    for ds, name in ((train, "train"), (val, "val"), (test, "testA")):
+        assert len(ds) == sum(len(r["sentences"]) for r in refs if r["split"] == name) > 0
+    dets = open_region_features(root / "refcoco+" / "dets.lmdb")
+    for i in range(len(train)):
+        ex = train[(3, i)]
+        assert set(ex) == {"text", "visual", "refer_targets", "refer_ious", "ref_id", "sent_id", "index", "epoch"}
+        assert (ex["index"], ex["epoch"]) == (i, 3)
+        n = ex["visual"]["features"].shape[0]
+        assert ex["visual"]["num_boxes"] == n > dets[train.examples[i].image_id]["num_boxes"]  # + GT boxes
+        assert ex["refer_targets"].dtype == ex["refer_ious"].dtype == np.float32
+        assert ex["refer_targets"].shape == ex["refer_ious"].shape == (n,)
+        assert ex["refer_targets"].max() > 0
+        low = ex["refer_ious"] < 0.5
+        assert (ex["refer_targets"][low] == 0).all()
+        np.testing.assert_array_equal(ex["refer_targets"][~low], ex["refer_ious"][~low])
+    reader_keys = set(dets[dets.ids()[0]])
+    for ds in (val, test):
+        ex = ds[0]
+        assert set(ex["visual"]) == reader_keys
+        for key in ("features", "boxes", "boxes_norm", "cls_prob"):
+            assert ex["visual"][key].shape[0] == ex["refer_ious"].shape[0]
+        assert ex["visual"]["num_boxes"] == dets[ds.examples[0].image_id]["num_boxes"]  # detections only
+        assert isinstance(ex["text"], str) and isinstance(ex["ref_id"], int) and isinstance(ex["sent_id"], int)
+    assert max(val[i]["refer_ious"].max() for i in range(len(val))) > 0.5
+
+    batch = dm.collator("train")([train[i] for i in range(4)])
+    r = batch["visual_mask"].shape[1]
+    assert batch["refer_targets"].shape == batch["refer_ious"].shape == (4, r)
+
+
+def test_test_split_option_gt_off_and_truncation(corpus: tuple[Path, list[Path]]) -> None:
+    root, _ = corpus
+    refs = load_refs(root / "refcoco+" / "refs(unc).p")
+    dm = _module(root, splits={"test": "testB"}, gt_features=None)
+    assert dm.splits == {"train": "train", "val": "val", "test": "testB"}
+    assert len(dm.dataset("test")) == sum(len(r["sentences"]) for r in refs if r["split"] == "testB")
+    assert _module(root).splits["test"] == "testA"
+    train = dm.dataset("train")
+    dets = open_region_features(root / "refcoco+" / "dets.lmdb")
+    assert train[0]["visual"]["num_boxes"] == dets[train.examples[0].image_id]["num_boxes"]  # no GT regions
+
+    small = _module(root, max_regions=4).dataset("train")  # detections are cut, the GT regions kept
+    for i in range(len(small)):
+        ex = small[i]
+        assert ex["visual"]["features"].shape[0] <= 4 and ex["refer_targets"].max() > 0
+    with pytest.raises(ConfigError, match="iou_threshold"):
+        _module(root, iou_threshold=1.5)
+
+
+def test_predictions_and_baselines(corpus: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    root, _ = corpus
+    dm = _module(root)
+    test = dm.dataset("test")
+    preds = []
+    for i in range(len(test)):
+        ex = test[i]
+        preds.append({"ref_id": ex["ref_id"], "sent_id": ex["sent_id"], "region": int(np.argmax(ex["refer_ious"]))})
+    out = dm.write_predictions(preds[::-1], tmp_path / "refer.json")
+    rows = json.loads(out.read_text())
+    assert [(r["ref_id"], r["sent_id"]) for r in rows] == sorted((p["ref_id"], p["sent_id"]) for p in preds)
+    for row in rows:
+        assert set(row) == {"ref_id", "sent_id", "box", "iou"} and len(row["box"]) == 4
+        assert row["iou"] > 0.5  # the oracle region
+    with pytest.raises(ValueError, match="region 99"):
+        dm.write_predictions([{**preds[0], "region": 99}], tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="no such example"):
+        dm.write_predictions([{**preds[0], "sent_id": -1}], tmp_path / "bad.json")
+
+    base = dm.baselines("test")
+    assert set(base) == {"test/refer_acc_chance", "test/refer_acc_largest"}
+    assert 0 < base["test/refer_acc_chance"] < 1 and 0 <= base["test/refer_acc_largest"] <= 1
+    by_hand = np.mean([np.mean(test[i]["refer_ious"] > 0.5) for i in range(len(test))])
+    assert base["test/refer_acc_chance"] == pytest.approx(by_hand)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def _copy(corpus: tuple[Path, list[Path]], tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    shutil.copytree(corpus[0] / "refcoco+", root / "refcoco+")
+    return root
+
+
+def test_missing_files(corpus: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    root = _copy(corpus, tmp_path)
+    (root / "refcoco+" / "instances.json").unlink()
+    with pytest.raises(DataError, match=r"instances\.json: file not found"):
+        _module(root).prepare_data()
+    with pytest.raises(DataError, match=r"instances\.json: file not found"):
+        _module(root).setup("fit")
+    shutil.copy(corpus[0] / "refcoco+" / "instances.json", root / "refcoco+" / "instances.json")
+    shutil.rmtree(root / "refcoco+" / "gt.lmdb")
+    with pytest.raises(DataError, match=r"gt\.lmdb: file not found"):
+        _module(root).prepare_data()
+    _module(root, gt_features=None).prepare_data()  # GT regions are optional
+
+
+def test_ref_with_unknown_annotation(corpus: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    root = _copy(corpus, tmp_path)
+    refs_path = root / "refcoco+" / "refs(unc).p"
+    refs = load_refs(refs_path)
+    bad = next(r for r in refs if r["split"] == "val")
+    bad["ann_id"] = 424242
+    _pickle(refs_path, refs)
+    dm = _module(root)
+    dm.dataset("train")  # other splits are fine
+    with pytest.raises(DataError, match=rf"refs\(unc\)\.p: ref_id {bad['ref_id']} field 'ann_id' = 424242 .*instances"):
+        dm.dataset("val")
+    with pytest.raises(DataError, match=r"no refs with split 'testC'"):
+        _module(root, splits={"test": "testC"}).dataset("test")
+
+
+def test_image_without_features(corpus: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    root = _copy(corpus, tmp_path)
+    refs = load_refs(root / "refcoco+" / "refs(unc).p")
+    dropped = next(r["image_id"] for r in refs if r["split"] == "train")
+    for name in ("dets", "gt"):
+        reader = open_region_features(corpus[0] / "refcoco+" / f"{name}.lmdb")
+        records = [reader[i] for i in reader.ids() if name == "dets" or i != str(dropped)]
+        reader.close()
+        write_region_lmdb(root / "refcoco+" / f"{name}_new.lmdb", records)
+    with pytest.raises(DataError, match=rf"gt_new\.lmdb: no region features for image id {dropped}"):
+        _module(root, features="refcoco+/dets_new.lmdb", gt_features="refcoco+/gt_new.lmdb").dataset("train")
+    # evaluation splits use detections only: the GT file is not consulted
+    _module(root, features="refcoco+/dets_new.lmdb", gt_features="refcoco+/gt_new.lmdb").dataset("val")
+
+
+def test_embedded_corpus_gets_refcoco_files(data_dir: Path) -> None:
+    from tests.conftest import TINY_CORPUS_IMAGES
+
+    dm = RefCOCODataModule(cache_dir=str(data_dir), corpus={"num_images": TINY_CORPUS_IMAGES})
+    dm.prepare_data()
+    assert (dm.root / "refcoco+" / "refs(unc).p").is_file()
+    ex = dm.dataset("train")[0]
+    assert ex["refer_targets"].max() > 0 and dm.info["visual_dim"] == ex["visual"]["features"].shape[1]

@@ -1,0 +1,322 @@
+"""VCR: format readers on the real sample, text conversion, errors, the embedded-corpus writer, the data module
+contract (labelled 2-block and unlabelled 5-block layouts) and the leaderboard CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vl.data.scenes import SceneSettings, generate_scenes
+from vl.data.vcr import VCRDataModule, VCRQuestions
+from vl.data.vcr_format import (
+    SUBMISSION_COLUMNS,
+    image_int_id,
+    load_metadata,
+    load_names_table,
+    load_vcr_jsonl,
+    person_names,
+    record_texts,
+    token_detections,
+    tokens_to_text,
+    write_vcr_corpus,
+    write_vcr_submission,
+)
+from vl.errors import DataError
+
+REAL = Path(os.environ.get("VL_REAL_SAMPLES") or Path(__file__).resolve().parents[2].parent / "shared" / "real_samples")
+REAL_VCR = REAL / "vcr"
+needs_real = pytest.mark.skipif(not (REAL_VCR / "val_sample.jsonl").is_file(), reason=f"no VCR sample at {REAL_VCR}")
+
+
+def _record(**over) -> dict:
+    rec = {
+        "question": ["What", "is", [0], "doing", "?"],
+        "answer_choices": [[[0], "runs", "."], [[1], "sits", "."], ["nothing", "."], [[0, 1], "talk", "."]],
+        "rationale_choices": [["r", str(i), "."] for i in range(4)],
+        "answer_label": 0,
+        "rationale_label": 2,
+        "img_id": "val-5",
+        "annot_id": "val-0",
+        "img_fn": "d/x.jpg",
+        "metadata_fn": "d/x.json",
+        "objects": ["person", "dog"],
+    }
+    rec.update(over)
+    return rec
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ real sample
+
+
+@needs_real
+def test_real_sample_reads_and_converts() -> None:
+    (rec,) = load_vcr_jsonl(REAL_VCR / "val_sample.jsonl")
+    names = load_names_table(REAL_VCR / "unisex_names_table.csv")
+    assert names[:2] == ["Casey", "Riley"] and len(names) > 900
+    meta = load_metadata(REAL_VCR / "vcr1images" / rec["metadata_fn"])
+    assert meta["names"] == rec["objects"] and meta["boxes"].shape == (len(rec["objects"]), 5)
+    assert meta["width"] > 0 and meta["height"] > 0
+    assert image_int_id(rec["img_id"]) == 1_000_000 + int(rec["img_id"].split("-")[1])
+
+    texts = record_texts(rec, names)
+    assert record_texts(rec, names) == texts  # deterministic per record
+    mapping = person_names(rec["objects"], names, rec["annot_id"])
+    assert sorted(mapping) == [i for i, o in enumerate(rec["objects"]) if o == "person"]
+    assert len(set(mapping.values())) == len(mapping) and set(mapping.values()) <= set(names)
+    name0 = mapping[0]
+    # question ["Does", [0], "live", ...]: [0] is a person -> the same name in question, answers and rationales
+    assert texts["question"] == f"Does {name0} live in this house ?"
+    assert texts["answers"][2] == f"No , {name0} is a visitor ."
+    assert texts["answers"][3] == f"No {mapping[1]} does not belong here ."
+    assert texts["rationales"][3].startswith(f"{name0} is wearing outerwear")
+    assert texts["detections"] == [0, 1, 2]
+    assert all("[" not in t for t in [texts["question"], *texts["answers"], *texts["rationales"]])
+    # a non-person detection keeps its class name; lists are joined with "and"
+    assert tokens_to_text(["see", [0, 3, 5]], rec["objects"], mapping) == f"see {name0} and car and clock"
+
+
+def test_text_helpers() -> None:
+    objects = ["person", "dog", "person"]
+    mapping = person_names(objects, ["A", "B", "C"], "k-1")
+    assert sorted(mapping) == [0, 2] and mapping[0] != mapping[2]
+    assert mapping == person_names(objects, ["A", "B", "C"], "k-1")
+    assert person_names(["dog"], [], "x") == {}
+    assert tokens_to_text([[1], "barks", "at", [0, 2]], objects, {0: "Ann", 2: "Bo"}) == "dog barks at Ann and Bo"
+    assert token_detections([[2], "x", [0, 2], [1]]) == [2, 0, 1]
+    # more persons than names: repeats allowed
+    assert len(person_names(["person"] * 3, ["Z"], "k")) == 3
+
+
+def test_image_int_id() -> None:
+    assert image_int_id("train-123") == 123
+    assert image_int_id("val-0") == 1_000_000
+    assert image_int_id("test-7") == 2_000_007
+    for bad in ("dev-1", "train", "train-x", "train--1", "val-1000000", "123"):
+        with pytest.raises(ValueError):
+            image_int_id(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"answer_choices": [[[0], "runs"], [[2], "x"], ["a"], ["b"]]}, r":2: field 'answer_choices' choice 1 .*2"),
+        ({"question": ["who", [5]]}, r":2: field 'question' token 1 refers to detection 5"),
+        ({"rationale_choices": [["a"]] * 3}, r":2: field 'rationale_choices' has 3 choices"),
+        ({"answer_label": 4}, r":2: field 'answer_label'"),
+        ({"img_id": "dev-3"}, r":2: field 'img_id'"),
+        ({"objects": "person"}, r":2: field 'objects'"),
+        ({"question": ["a", ["0"]]}, r":2: field 'question' token 1"),
+        ({"annot_id": "val-0"}, r":2: field 'annot_id' 'val-0' repeats line 1"),
+    ],
+)
+def test_load_vcr_jsonl_errors(tmp_path: Path, over: dict, match: str) -> None:
+    path = _write_jsonl(tmp_path / "v.jsonl", [_record(), _record(**{"annot_id": "val-1", **over})])
+    with pytest.raises(DataError, match=match) as e:
+        load_vcr_jsonl(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_format_reader_errors(tmp_path: Path) -> None:
+    rec = _record()
+    del rec["objects"]
+    path = _write_jsonl(tmp_path / "v.jsonl", [rec])
+    with pytest.raises(DataError, match=r"v.jsonl:1: missing field 'objects'"):
+        load_vcr_jsonl(path)
+    with pytest.raises(DataError, match="file not found"):
+        load_vcr_jsonl(tmp_path / "none.jsonl")
+    # a test record has no labels
+    rec = _record()
+    del rec["answer_label"], rec["rationale_label"]
+    assert load_vcr_jsonl(_write_jsonl(tmp_path / "t.jsonl", [rec]))[0]["annot_id"] == "val-0"
+
+    (tmp_path / "names.csv").write_text("id,first\n1,Ann\n")
+    with pytest.raises(DataError, match=r"names.csv:1: .*'name'"):
+        load_names_table(tmp_path / "names.csv")
+    (tmp_path / "names.csv").write_text('"","name"\n"1","Ann"\n"2",""\n')
+    with pytest.raises(DataError, match=r"names.csv:3: column 1"):
+        load_names_table(tmp_path / "names.csv")
+
+    meta = tmp_path / "m.json"
+    meta.write_text(json.dumps({"names": ["a"], "boxes": [[0, 0, 1, 1, 0.9]], "width": 4}))
+    with pytest.raises(DataError, match=r"m.json: missing field 'height'"):
+        load_metadata(meta)
+    meta.write_text(json.dumps({"names": ["a", "b"], "boxes": [[0, 0, 1, 1]], "width": 4, "height": 3}))
+    with pytest.raises(DataError, match=r"'boxes' has 1 rows but 'names' has 2"):
+        load_metadata(meta)
+    meta.write_text(json.dumps({"names": ["a"], "boxes": [[0, 0, 1, 1]], "width": 4, "height": 3}))
+    assert load_metadata(meta)["boxes"].shape == (1, 4)
+
+
+# ---------------------------------------------------------------------------------------------- embedded corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list[Path]]:
+    root = tmp_path_factory.mktemp("vcr_corpus")
+    settings = SceneSettings(num_images=60)
+    scenes = generate_scenes(settings)
+    written = write_vcr_corpus(root, scenes, settings)
+    return root, scenes, written
+
+
+def test_corpus_files(corpus) -> None:
+    root, scenes, written = corpus
+    assert all(p.is_file() for p in written)
+    rel = {p.relative_to(root).as_posix() for p in written}
+    assert {"vcr/train.jsonl", "vcr/val.jsonl", "vcr/test.jsonl", "vcr/unisex_names_table.csv"} <= rel
+    assert "vcr/regions.lmdb/data.mdb" in rel
+    assert len([r for r in rel if r.startswith("vcr/vcr1images/")]) == len(scenes)
+    names = load_names_table(root / "vcr" / "unisex_names_table.csv")
+    assert 15 <= len(names) <= 30
+    by_id = {sc.image_id: sc for sc in scenes}
+    labels = []
+    for split in ("train", "val", "test"):
+        records = load_vcr_jsonl(root / "vcr" / f"{split}.jsonl")
+        assert records, split
+        for rec in records:
+            assert rec["img_id"].startswith(f"{split}-") and rec["annot_id"].startswith(f"{split}-")
+            scene = by_id[int(rec["img_id"].split("-")[1])]
+            assert scene.split == split
+            meta = load_metadata(root / "vcr" / "vcr1images" / rec["metadata_fn"])
+            assert meta["names"] == rec["objects"] and meta["boxes"].shape == (len(scene.shapes), 5)
+            (k,) = token_detections(rec["question"])
+            shape = scene.shapes[k]
+            # the gold answer and rationale are true of the scene; the gold rationale agrees with the gold answer
+            assert shape.colour in rec["answer_choices"][rec["answer_label"]]
+            gold_r = rec["rationale_choices"][rec["rationale_label"]]
+            assert shape.colour in gold_r and shape.position in gold_r
+            assert sum(shape.colour in r for r in rec["answer_choices"]) == 1
+            assert sum(shape.colour in r and shape.position in r for r in rec["rationale_choices"]) == 1
+            labels.append((rec["answer_label"], rec["rationale_label"]))
+    assert {a for a, _ in labels} == {0, 1, 2, 3} and {r for _, r in labels} == {0, 1, 2, 3}
+
+
+def test_datamodule_contract(corpus) -> None:
+    root, scenes, _ = corpus
+    dm = VCRDataModule(root=str(root))
+    dm.prepare_data()
+    assert dm.info == {"visual_dim": 2048, "num_choices": 4, "mc_blocks": ["vcr_qa", "vcr_qar"]}
+    dm.setup()
+    saw_name = False
+    for split in ("train", "val", "test"):
+        data = dm.datasets[split]
+        records = load_vcr_jsonl(root / "vcr" / f"{split}.jsonl")
+        assert len(data) == len(records) > 0 and data.has_labels
+        for i in range(len(data)):
+            ex = data[(3, i)] if i % 2 else data[i]
+            rec = records[i]
+            assert ex["annot_id"] == rec["annot_id"] and ex["example_id"] == ex["index"] == i
+            assert ex["epoch"] == (3 if i % 2 else 0)
+            assert ex["mc_labels"] == [rec["answer_label"], rec["rationale_label"]]
+            choices = ex["choices"]
+            assert len(choices) == 8 and all(set(c) == {"text", "text_b"} for c in choices)
+            q = choices[0]["text"]
+            assert all(c["text"] == q for c in choices[:4])
+            gold = choices[rec["answer_label"]]["text_b"]
+            assert all(c["text"] == f"{q} {gold}" for c in choices[4:])
+            visual = ex["visual"]
+            assert visual["features"].shape[1] == 2048 and visual["cls_prob"] is not None
+            assert int(visual["image_id"]) == image_int_id(rec["img_id"])
+            if "person" in rec["objects"] and rec["objects"][token_detections(rec["question"])[0]] == "person":
+                assert "person" not in q
+                assert any(n in q for n in dm.names)
+                saw_name = True
+    assert saw_name
+    assert dm.metadata("val", 0)["names"] == dm.datasets["val"].records[0]["objects"]
+    assert dm.baselines("test") == pytest.approx(
+        {
+            "test/vcr_qa_acc_chance": 0.25,
+            "test/vcr_qar_acc_chance": 0.25,
+            "test/vcr_q2ar_acc_chance": 0.0625,
+            "test/vcr_qa_acc_longest": 0.25,
+            "test/vcr_qar_acc_longest": 0.25,
+            "test/vcr_q2ar_acc_longest": 0.0625,
+        }
+    )
+
+
+def test_unlabelled_layout(corpus) -> None:
+    root, _, _ = corpus
+    dm = VCRDataModule(root=str(root))
+    records = [dict(r) for r in load_vcr_jsonl(root / "vcr" / "test.jsonl")]
+    for r in records:
+        del r["answer_label"], r["rationale_label"]
+    data = VCRQuestions(records, dm.regions, dm.names, has_labels=False)
+    ex = data[0]
+    texts = record_texts(records[0], dm.names)
+    assert ex["mc_labels"] == [-1] * 5 and len(ex["choices"]) == 20
+    for a in range(4):
+        for r in range(4):
+            row = ex["choices"][4 + 4 * a + r]
+            assert row == {"text": f"{texts['question']} {texts['answers'][a]}", "text_b": texts["rationales"][r]}
+
+
+def _copy_root(src: Path, dst: Path) -> Path:
+    (dst / "vcr").mkdir(parents=True)
+    for name in ("vcr1images", "unisex_names_table.csv", "regions.lmdb", "train.jsonl", "val.jsonl", "test.jsonl"):
+        os.symlink(src / "vcr" / name, dst / "vcr" / name)
+    return dst
+
+
+def test_datamodule_errors(corpus, tmp_path: Path) -> None:
+    root, _, _ = corpus
+    bad = _copy_root(root, tmp_path / "r")
+    records = load_vcr_jsonl(root / "vcr" / "val.jsonl")
+
+    (bad / "vcr" / "val.jsonl").unlink()
+    _write_jsonl(bad / "vcr" / "val.jsonl", [{**records[0], "img_id": "val-999999"}])
+    dm = VCRDataModule(root=str(bad))
+    with pytest.raises(DataError, match=r"regions.lmdb: no region features .*field 'img_id' 'val-999999'.*val.jsonl"):
+        dm.setup("validate")
+
+    (bad / "vcr" / "val.jsonl").unlink()
+    unlabelled = {k: v for k, v in records[1].items() if k not in ("answer_label", "rationale_label")}
+    _write_jsonl(bad / "vcr" / "val.jsonl", [records[0], unlabelled])
+    with pytest.raises(DataError, match=r"val.jsonl: field 'answer_label' is present in some records"):
+        VCRDataModule(root=str(bad)).setup("validate")
+
+    (bad / "vcr" / "val.jsonl").unlink()
+    _write_jsonl(bad / "vcr" / "val.jsonl", [{**records[0], "question": ["is", [9], "?"]}])
+    with pytest.raises(DataError, match=r"val.jsonl:1: field 'question' token 1 refers to detection 9"):
+        VCRDataModule(root=str(bad)).setup("validate")
+
+    (bad / "vcr" / "regions.lmdb").unlink()
+    with pytest.raises(DataError, match=r"regions.lmdb: file not found"):
+        VCRDataModule(root=str(bad)).prepare_data()
+
+
+# ----------------------------------------------------------------------------------------------------- submission
+
+
+def test_submission_csv(tmp_path: Path) -> None:
+    preds = [
+        {"annot_id": "test-10", "answer_probs": [0.1, 0.2, 0.3, 0.4], "rationale_probs": np.eye(4).tolist()},
+        {"annot_id": "test-2", "answer_probs": [0.25] * 4, "rationale_probs": [0.7, 0.1, 0.1, 0.1]},
+    ]
+    path = write_vcr_submission(preds, tmp_path / "sub.csv")
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == list(SUBMISSION_COLUMNS) and len(rows[0]) == 21
+    assert rows[0][:6] == ["annot_id", "answer_0", "answer_1", "answer_2", "answer_3", "rationale_conditioned_on_a0_0"]
+    assert rows[0][-1] == "rationale_conditioned_on_a3_3"
+    assert [r[0] for r in rows[1:]] == ["test-2", "test-10"]  # numeric order within the split
+    gold_only = [float(x) for x in rows[1][5:]]
+    assert gold_only == [0.7, 0.1, 0.1, 0.1] * 4  # gold-conditioned probs repeated for every answer
+    assert [float(x) for x in rows[2][1:5]] == [0.1, 0.2, 0.3, 0.4]
+    assert [float(x) for x in rows[2][5:]] == np.eye(4).reshape(-1).tolist()
+    dm = VCRDataModule(root=str(tmp_path))
+    assert dm.write_predictions(preds[:1], tmp_path / "b.csv").read_text().count("\n") == 2
+    with pytest.raises(ValueError, match="rationale_probs has shape"):
+        write_vcr_submission([{**preds[0], "rationale_probs": [[0.5] * 4] * 2}], tmp_path / "c.csv")

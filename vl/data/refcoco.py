@@ -1,0 +1,291 @@
+"""RefCOCO+ referring-expression grounding: REFER refs + COCO instances + detection (and GT-box) region features.
+
+One example per (ref, sentence). Regions are the image's detections; for training (ViLBERT) the GT-box regions of the
+image are appended after them. Each region's target is its IoU with the ref's GT box, zeroed below ``iou_threshold``;
+a prediction is correct when the IoU of the arg-max region is > 0.5.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from vl.data.base import VLDataModule, split_key
+from vl.data.features import RegionReader, open_region_features
+from vl.data.refcoco_format import (
+    Instances,
+    box_area,
+    box_iou,
+    load_instances,
+    load_refs,
+    split_counts,
+)
+from vl.errors import ConfigError, DataError
+
+__all__ = ["RefExample", "RefCOCOExpressions", "RefCOCODataModule", "concat_regions"]
+
+#: a prediction is correct when the IoU of the chosen region is above this (ViLBERT uses ``> 0.5``)
+CORRECT_IOU = 0.5
+
+
+class RefExample(NamedTuple):
+    """One (ref, sentence): ids, the sentence, the image and the GT box (4,) x1y1x2y2 px."""
+
+    ref_id: int
+    sent_id: int
+    text: str
+    image_id: int
+    box: np.ndarray
+
+
+def _truncate(item: dict[str, Any], n: int) -> dict[str, Any]:
+    out = dict(item)
+    for key in ("features", "boxes", "boxes_norm", "cls_prob"):
+        if out.get(key) is not None:
+            out[key] = out[key][:n]
+    out["num_boxes"] = int(out["features"].shape[0])
+    return out
+
+
+def concat_regions(dets: dict[str, Any], gt: dict[str, Any] | None, max_regions: int) -> dict[str, Any]:
+    """Reader dicts -> one reader dict: detections then GT regions, at most ``max_regions`` rows. Detections are
+    truncated first (the GT regions are kept so a training example always has a positive); ``cls_prob`` is kept only
+    when both have it."""
+    if gt is None:
+        return _truncate(dets, max_regions)
+    n_gt = min(int(gt["features"].shape[0]), max_regions)
+    n_det = min(int(dets["features"].shape[0]), max_regions - n_gt)
+    out = dict(dets)
+    for key in ("features", "boxes", "boxes_norm"):
+        out[key] = np.concatenate([dets[key][:n_det], gt[key][:n_gt]]).astype(np.float32, copy=False)
+    if dets.get("cls_prob") is not None and gt.get("cls_prob") is not None:
+        out["cls_prob"] = np.concatenate([dets["cls_prob"][:n_det], gt["cls_prob"][:n_gt]])
+    else:
+        out["cls_prob"] = None
+    out["num_boxes"] = n_det + n_gt
+    return out
+
+
+class RefCOCOExpressions(Dataset):
+    """Examples of one split. ``dataset[key]`` -> ``{"text", "visual" (reader dict, N rows), "refer_targets" float32
+    (N,), "refer_ious" float32 (N,), "ref_id", "sent_id", "index", "epoch"}``."""
+
+    def __init__(
+        self,
+        examples: list[RefExample],
+        dets: RegionReader,
+        gt: RegionReader | None,
+        *,
+        iou_threshold: float = 0.5,
+        max_regions: int = 36,
+    ) -> None:
+        self.examples = examples
+        self.dets = dets
+        self.gt = gt
+        self.iou_threshold = float(iou_threshold)
+        self.max_regions = int(max_regions)
+        self.lookup = {(ex.ref_id, ex.sent_id): i for i, ex in enumerate(examples)}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def regions(self, index: int) -> dict[str, Any]:
+        """The example's region dict (detections, + GT regions when this split has them), <= max_regions rows."""
+        image_id = str(self.examples[index].image_id)
+        return concat_regions(self.dets[image_id], self.gt[image_id] if self.gt is not None else None, self.max_regions)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = split_key(key)
+        ex = self.examples[index]
+        visual = self.regions(index)
+        ious = box_iou(visual["boxes"], ex.box).astype(np.float32)
+        targets = np.where(ious >= self.iou_threshold, ious, 0.0).astype(np.float32)
+        return {
+            "text": ex.text,
+            "visual": visual,
+            "refer_targets": targets,
+            "refer_ious": ious,
+            "ref_id": ex.ref_id,
+            "sent_id": ex.sent_id,
+            "index": index,
+            "epoch": epoch,
+        }
+
+
+class RefCOCODataModule(VLDataModule):
+    """`data=refcoco`. Files are relative to `root`; `splits` maps train/val/test to the refs' split names (default
+    test -> testA; set `splits={"test": "testB"}` for the other half). `gt_features=None` trains on detections only.
+
+    With `root=None` the embedded scene corpus (`vl.data.scene_corpus`) holds these files."""
+
+    prediction_file = "refcoco_predictions.json"  # box per expression, written into the run dir by `test`
+
+    def __init__(
+        self,
+        *,
+        refs: str = "refcoco+/refs(unc).p",
+        instances: str = "refcoco+/instances.json",
+        features: str = "refcoco+/dets.lmdb",
+        gt_features: str | None = "refcoco+/gt.lmdb",
+        iou_threshold: float = 0.5,
+        splits: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(splits={"test": "testA", **dict(splits or {})}, **kwargs)
+        if not 0.0 <= float(iou_threshold) <= 1.0:
+            raise ConfigError(f"data.iou_threshold={iou_threshold} is not in [0, 1]")
+        self.refs_file = refs
+        self.instances_file = instances
+        self.features_file = features
+        self.gt_features_file = gt_features
+        self.iou_threshold = float(iou_threshold)
+        self._embedded_checked = False
+        self._refs: list[dict[str, Any]] | None = None
+        self._instances: Instances | None = None
+        self._dets: RegionReader | None = None
+        self._gt: RegionReader | None = None
+
+    # ------------------------------------------------------------------ files
+    def required_files(self) -> list[Path]:
+        files = [self.path(self.refs_file), self.path(self.instances_file), self.path(self.features_file)]
+        if self.gt_features_file is not None:
+            files.append(self.path(self.gt_features_file))
+        return files
+
+    @property
+    def refs(self) -> list[dict[str, Any]]:
+        if self._refs is None:
+            self._refs = load_refs(self.path(self.refs_file))
+        return self._refs
+
+    @property
+    def instances(self) -> Instances:
+        if self._instances is None:
+            self._instances = load_instances(self.path(self.instances_file))
+        return self._instances
+
+    @property
+    def dets(self) -> RegionReader:
+        if self._dets is None:
+            self._dets = open_region_features(self.path(self.features_file))
+        return self._dets
+
+    @property
+    def gt(self) -> RegionReader | None:
+        if self._gt is None and self.gt_features_file is not None:
+            self._gt = open_region_features(self.path(self.gt_features_file))
+        return self._gt
+
+    # ------------------------------------------------------------------ datasets
+    def build_dataset(self, split: str) -> RefCOCOExpressions:
+        """Examples of `split` (file split `splits[split]`); every ref, annotation and image is checked first."""
+        self.check_files()
+        refs_path = self.path(self.refs_file)
+        name = self.splits[split]
+        refs = [r for r in self.refs if r["split"] == name]
+        if not refs:
+            raise DataError(
+                f"{refs_path}: no refs with split {name!r} (data.splits.{split}); the file has {split_counts(self.refs)}"
+            )
+        inst = self.instances
+        for r in refs:
+            aid, image_id = int(r["ann_id"]), int(r["image_id"])
+            if aid not in inst.boxes:
+                raise DataError(
+                    f"{refs_path}: ref_id {r['ref_id']} field 'ann_id' = {aid} is not an annotation id of {inst.path}"
+                )
+            if inst.ann_image[aid] != image_id:
+                raise DataError(
+                    f"{refs_path}: ref_id {r['ref_id']} field 'image_id' = {image_id}, but annotation {aid} of "
+                    f"{inst.path} is on image {inst.ann_image[aid]}"
+                )
+        gt = self.gt if split == "train" else None
+        readers = [self.dets] + ([gt] if gt is not None else [])
+        for image_id in sorted({int(r["image_id"]) for r in refs}):
+            for reader in readers:
+                if str(image_id) not in reader:
+                    ref_id = next(r["ref_id"] for r in refs if int(r["image_id"]) == image_id)
+                    raise DataError(
+                        f"{reader.path}: no region features for image id {image_id} (field 'image_id' of ref_id "
+                        f"{ref_id} in {refs_path})"
+                    )
+        if gt is not None:
+            self._check_dims(gt)
+        examples = [
+            RefExample(int(r["ref_id"]), int(s["sent_id"]), s["sent"], int(r["image_id"]), inst.boxes[int(r["ann_id"])])
+            for r in refs
+            for s in r["sentences"]
+        ]
+        if not examples:
+            raise DataError(f"{refs_path}: the refs of split {name!r} have no sentences")
+        return RefCOCOExpressions(
+            examples, self.dets, gt, iou_threshold=self.iou_threshold, max_regions=self.max_regions
+        )
+
+    def _check_dims(self, gt: RegionReader) -> None:
+        d_det, d_gt = self.info["visual_dim"], int(gt[gt.ids()[0]]["features"].shape[1])
+        if d_det != d_gt:
+            raise DataError(f"{gt.path}: GT region features have dim {d_gt}, detections ({self.dets.path}) {d_det}")
+
+    def dataset(self, split: str) -> RefCOCOExpressions:
+        """The dataset of `split`, built on first use."""
+        if split not in self.datasets:
+            self.datasets[split] = self.build_dataset(split)
+        return self.datasets[split]  # type: ignore[return-value]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        ids = self.dets.ids()
+        if not ids:
+            raise DataError(f"{self.dets.path}: no images")
+        return {"visual_dim": int(self.dets[ids[0]]["features"].shape[1])}
+
+    # ------------------------------------------------------------------ evaluation helpers
+    def baselines(self, split: str = "test") -> dict[str, float]:
+        """Reference points for `{split}/refer_acc` over the split's examples: a uniformly random region (expected
+        accuracy = fraction of regions with IoU > 0.5) and always the largest box."""
+        data = self.dataset(split)
+        chance, largest, weights = [], [], []
+        first: dict[int, int] = {}
+        counts: dict[int, int] = {}
+        for i, ex in enumerate(data.examples):
+            first.setdefault(ex.ref_id, i)
+            counts[ex.ref_id] = counts.get(ex.ref_id, 0) + 1
+        for ref_id, i in first.items():  # IoUs depend on the ref only: one read per ref, weighted by its sentences
+            visual = data.regions(i)
+            ious = box_iou(visual["boxes"], data.examples[i].box)
+            correct = ious > CORRECT_IOU
+            chance.append(float(correct.mean()) if len(ious) else 0.0)
+            largest.append(float(correct[int(np.argmax(box_area(visual["boxes"])))]) if len(ious) else 0.0)
+            weights.append(counts[ref_id])
+        return {
+            f"{split}/refer_acc_chance": float(np.average(chance, weights=weights)),
+            f"{split}/refer_acc_largest": float(np.average(largest, weights=weights)),
+        }
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: str | Path, split: str = "test") -> Path:
+        """`[{"ref_id", "sent_id", "box": [x1, y1, x2, y2], "iou"}]` (sorted by ids) from `{"ref_id", "sent_id",
+        "region"}` dicts, `region` indexing the example's regions of `split` (as `dataset[i]["visual"]`)."""
+        data = self.dataset(split)
+        rows = []
+        for p in predictions:
+            key = (int(p["ref_id"]), int(p["sent_id"]))
+            index = data.lookup.get(key)
+            if index is None:
+                raise ValueError(f"prediction for ref_id {key[0]} sent_id {key[1]}: no such example in split {split!r}")
+            boxes = data.regions(index)["boxes"]
+            region = int(p["region"])
+            if not 0 <= region < len(boxes):
+                raise ValueError(
+                    f"prediction for ref_id {key[0]} sent_id {key[1]}: region {region} not in [0, {len(boxes)})"
+                )
+            box = boxes[region]
+            iou = float(box_iou(box[None], data.examples[index].box)[0])
+            rows.append({"ref_id": key[0], "sent_id": key[1], "box": [float(v) for v in box], "iou": iou})
+        path = Path(path)
+        path.write_text(json.dumps(sorted(rows, key=lambda r: (r["ref_id"], r["sent_id"]))))
+        return path

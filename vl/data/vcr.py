@@ -1,0 +1,199 @@
+"""VCR fine-tuning: Q->A and QA->R as 4-way multiple choice over one image's regions (ViLBERT TASK1 / TASK2).
+
+Files (``vl.data.vcr_format``): ``vcr/{split}.jsonl``, the names table, per-image metadata under ``vcr/vcr1images`` and
+region features keyed by ``str(image_int_id(img_id))``. With ``root=None`` the VCR files are added to the embedded scene
+corpus on first use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from vl.data.base import VLDataModule, split_key
+from vl.data.features import RegionReader, open_region_features
+from vl.data.vcr_format import (
+    NUM_CHOICES,
+    image_int_id,
+    load_metadata,
+    load_names_table,
+    load_vcr_jsonl,
+    record_texts,
+    write_vcr_submission,
+)
+from vl.errors import DataError
+
+MC_BLOCKS = ["vcr_qa", "vcr_qar"]
+
+
+class VCRQuestions(Dataset):
+    """One example per VCR question; ``__getitem__(key)`` (an index or (epoch, index)) ->
+
+    ``{"choices": [{"text", "text_b"}, ...], "visual": region dict (the same image for every row), "mc_labels",
+    "annot_id": str, "example_id": int (position in the split file), "index", "epoch"}``.
+
+    - labelled (``has_labels``): 8 rows, block-major: 4 Q->A rows (text = question, text_b = answer i), then 4 QA->R
+      rows (text = question + " " + gold answer, text_b = rationale i); ``mc_labels = [answer_label,
+      rationale_label]`` (rationale -1 when only the answer label is known).
+    - unlabelled (the real test split): 4 + 16 rows: Q->A, then QA->R conditioned on answer 0, 1, 2, 3 in turn (the
+      leaderboard wants all four); ``mc_labels = [-1] * 5``.
+
+    Person detections are named from ``names`` (``vcr_format.person_names``, fixed per annot_id)."""
+
+    def __init__(
+        self, records: list[dict[str, Any]], regions: RegionReader, names: list[str], has_labels: bool
+    ) -> None:
+        self.records = records
+        self.regions = regions
+        self.names = names
+        self.has_labels = has_labels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of 4 choices per example: 2 when labelled, else 5."""
+        return 2 if self.has_labels else 1 + NUM_CHOICES
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = split_key(key)
+        rec = self.records[index]
+        texts = record_texts(rec, self.names)
+        question, answers, rationales = texts["question"], texts["answers"], texts["rationales"]
+        choices = [{"text": question, "text_b": a} for a in answers]
+        if self.has_labels:
+            gold = int(rec["answer_label"])
+            choices += [{"text": f"{question} {answers[gold]}", "text_b": r} for r in rationales]
+            labels = [gold, int(rec.get("rationale_label", -1))]
+        else:
+            for a in answers:
+                choices += [{"text": f"{question} {a}", "text_b": r} for r in rationales]
+            labels = [-1] * self.num_blocks
+        return {
+            "choices": choices,
+            "visual": self.regions[str(image_int_id(rec["img_id"]))],
+            "mc_labels": labels,
+            "annot_id": str(rec["annot_id"]),
+            "example_id": index,
+            "index": index,
+            "epoch": epoch,
+        }
+
+
+def _expected_longest(choices: list[list[Any]], label: int) -> float:
+    """Accuracy of picking the choice with the most tokens (ties broken at random, in expectation)."""
+    lengths = np.asarray([len(c) for c in choices])
+    best = np.flatnonzero(lengths == lengths.max())
+    return float(label in best) / len(best)
+
+
+class VCRDataModule(VLDataModule):
+    """`data=vcr`. Files are relative to `root` with `{split}` filled from `splits`; ``images_dir`` (per-image metadata
+    JSON, see ``metadata``) may be None when absent. Q->A and QA->R are trained together: every example is two blocks
+    of 4 choices (``mc_blocks``), see ``VCRQuestions``."""
+
+    prediction_file = "vcr_submission.csv"  # VCR leaderboard CSV, written into the run dir by `test`
+
+    def __init__(
+        self,
+        *,
+        jsonl: str = "vcr/{split}.jsonl",
+        images_dir: str | None = "vcr/vcr1images",
+        names_table: str = "vcr/unisex_names_table.csv",
+        features: str = "vcr/regions.lmdb",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.jsonl_file = jsonl
+        self.images_dir = images_dir
+        self.names_file = names_table
+        self.features_file = features
+        self._regions: RegionReader | None = None
+        self._names: list[str] | None = None
+
+    # ------------------------------------------------------------------ files
+    def required_files(self) -> list[Path]:
+        files = [self.path(self.jsonl_file, split) for split in ("train", "val", "test")]
+        files += [self.path(self.names_file), self.path(self.features_file)]
+        if self.images_dir is not None:
+            files.append(self.path(self.images_dir))
+        return files
+
+    @property
+    def regions(self) -> RegionReader:
+        if self._regions is None:
+            self._regions = open_region_features(self.path(self.features_file))
+        return self._regions
+
+    @property
+    def names(self) -> list[str]:
+        """The person names table (column 1 of ``names_table``)."""
+        if self._names is None:
+            self._names = load_names_table(self.path(self.names_file))
+        return self._names
+
+    def metadata(self, split: str, index: int) -> dict[str, Any]:
+        """Metadata of example ``index`` of ``split`` (``vcr_format.load_metadata``: names, boxes, width, height)."""
+        if self.images_dir is None:
+            raise DataError("data.images_dir is null: no VCR image metadata to read")
+        self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        rec = self.datasets[split].records[index]
+        if "metadata_fn" not in rec:
+            raise DataError(f"{self.path(self.jsonl_file, split)}: record {rec['annot_id']!r} has no 'metadata_fn'")
+        return load_metadata(self.path(self.images_dir) / rec["metadata_fn"])
+
+    # ------------------------------------------------------------------ datasets
+    def build_dataset(self, split: str) -> VCRQuestions:
+        path = self.path(self.jsonl_file, split)
+        records = load_vcr_jsonl(path)
+        labelled = ["answer_label" in r for r in records]
+        if any(labelled) and not all(labelled):
+            odd = records[labelled.index(not labelled[0])]
+            raise DataError(
+                f"{path}: field 'answer_label' is present in some records and absent in others (e.g. annot_id "
+                f"{odd['annot_id']!r}); a split is either labelled or not"
+            )
+        names = self.names
+        regions = self.regions
+        for img_id in dict.fromkeys(r["img_id"] for r in records):
+            if str(image_int_id(img_id)) not in regions:
+                raise DataError(
+                    f"{regions.path}: no region features for image id {image_int_id(img_id)} "
+                    f"(field 'img_id' {img_id!r} in {path})"
+                )
+        return VCRQuestions(records, regions, names, has_labels=bool(records) and all(labelled))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        first = self.regions[self.regions.ids()[0]]
+        return {"visual_dim": int(first["features"].shape[1]), "num_choices": NUM_CHOICES, "mc_blocks": MC_BLOCKS}
+
+    def baselines(self, split: str = "test") -> dict[str, float]:
+        """Reference points: chance (1/4 per block, 1/16 for Q->AR) and, when the split is labelled, a text-only
+        prior that picks the choice with the most tokens (expected accuracy under random tie-breaking)."""
+        out = {
+            f"{split}/vcr_qa_acc_chance": 1.0 / NUM_CHOICES,
+            f"{split}/vcr_qar_acc_chance": 1.0 / NUM_CHOICES,
+            f"{split}/vcr_q2ar_acc_chance": 1.0 / NUM_CHOICES**2,
+        }
+        self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        data = self.datasets[split]
+        labelled = [r for r in data.records if "rationale_label" in r] if data.has_labels else []
+        if labelled:
+            qa = np.asarray([_expected_longest(r["answer_choices"], r["answer_label"]) for r in labelled])
+            qar = np.asarray([_expected_longest(r["rationale_choices"], r["rationale_label"]) for r in labelled])
+            out[f"{split}/vcr_qa_acc_longest"] = float(qa.mean())
+            out[f"{split}/vcr_qar_acc_longest"] = float(qar.mean())
+            out[f"{split}/vcr_q2ar_acc_longest"] = float((qa * qar).mean())
+        return out
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path:
+        """VCR leaderboard CSV (``vcr_format.write_vcr_submission``): ``annot_id, answer_0..3,
+        rationale_conditioned_on_a0_0 .. a3_3`` probabilities. Predictions ``{"annot_id", "answer_probs": [4],
+        "rationale_probs": [4][4] | [4]}``; a single [4] list (rationales given the gold answer, the labelled 2-block
+        layout) is repeated under every ``rationale_conditioned_on_a{i}`` column group."""
+        return write_vcr_submission(predictions, path)

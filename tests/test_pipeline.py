@@ -35,9 +35,19 @@ def read_metric(run_dir: Path, key: str) -> list[float]:
 def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> None:
     small = ("data.batch_size=2", "data.batch_size_per_device=2") if model == "vilbert" else ()
     cfg = make_cfg("experiment=none", f"model={model}", f"data={data}", "debug=fdr", *small)
-    region_models = ("VisualBertSystem", "VilbertSystem")
-    if "visual_dim" not in build_datamodule(cfg).info and cfg.model._target_.endswith(region_models):
-        with pytest.raises(ConfigError, match="reads region features"):  # incompatible pair: a clear error
+    info = build_datamodule(cfg).info
+    objectives = set(cfg.data.objectives)
+    region_model = cfg.model._target_.endswith(("VisualBertSystem", "VilbertSystem"))
+    sees_image = region_model or (cfg.model.get("use_image", True) and "clip_dim" in info)
+    incompatible = None  # an incompatible pair fails with a clear error before any compute
+    if region_model and "visual_dim" not in info:
+        incompatible = "reads region features"
+    elif not region_model and objectives & {"refer", "mrc", "mrfr"}:
+        incompatible = "has no region states"
+    elif not sees_image and objectives & {"itm", "retrieval"}:
+        incompatible = "sees no image"
+    if incompatible:
+        with pytest.raises(ConfigError, match=incompatible):
             train(cfg)
         return
     metrics, _ = train(cfg)

@@ -26,6 +26,9 @@ from vl.objectives import EncoderOutput, build_objectives
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
+#: objectives that score region states (`EncoderOutput.regions()`) / that are meaningless without any image input
+REGION_OBJECTIVES = ("refer", "mrc", "mrfr")
+IMAGE_OBJECTIVES = ("itm", "retrieval")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
@@ -76,10 +79,29 @@ class VLSystem(L.LightningModule):
         self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
 
     def build_objectives(
-        self, hidden_size: int, *, text_hidden_size: int | None = None, visual_hidden_size: int | None = None
+        self,
+        hidden_size: int,
+        *,
+        text_hidden_size: int | None = None,
+        visual_hidden_size: int | None = None,
+        visual_input: str | None = "regions",
     ) -> None:
         """Call at the end of a subclass `__init__`, once `self.encoder` exists. `hidden_size`: the pooled size;
-        `text_hidden_size` / `visual_hidden_size`: the streams' sizes where they differ (two-stream models)."""
+        `text_hidden_size` / `visual_hidden_size`: the streams' sizes where they differ (two-stream models);
+        `visual_input`: what the encoder sees of the image with this data: "regions", "global" (one embedding) or
+        None (text only). An objective the encoder cannot serve fails here, before any compute."""
+        for name in self.objective_names:
+            if name in REGION_OBJECTIVES and visual_input != "regions":
+                raise ConfigError(
+                    f"data.objectives: '{name}' scores image regions, but {type(self).__name__} has no region states "
+                    f"({'one global image embedding' if visual_input else 'text only'} with this data); "
+                    "use a region-feature model (model=visual_bert, model=vilbert)"
+                )
+            if name in IMAGE_OBJECTIVES and visual_input is None:
+                raise ConfigError(
+                    f"data.objectives: '{name}' matches text against images, but {type(self).__name__} sees no image "
+                    "with this data (text only); use a model that reads this data's visual features"
+                )
         self.objectives = build_objectives(
             self.objective_names,
             hidden_size=hidden_size,

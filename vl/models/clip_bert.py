@@ -172,7 +172,8 @@ class ClipBertSystem(VLSystem):
         self.encoder = ClipBertEncoder(text_encoder=dict(text_encoder), image_dim=dim, use_image=use_image)
         pretrained = text_encoder.get("pretrained")
         self._pretrained_head: dict[str, torch.Tensor] = {}
-        self.build_objectives(self.encoder.hidden_size)
+        sees_image = use_image and data_dim is not None
+        self.build_objectives(self.encoder.hidden_size, visual_input="global" if sees_image else None)
         if pretrained and "mlm" in self.objectives and not init_from:
             self.load_pretrained_mlm_head(pretrained)
         if state_dict_path:

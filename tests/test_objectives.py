@@ -7,7 +7,13 @@ import torch
 
 from vl.data.collate import mask_regions
 from vl.metrics import RetrievalRecall, VQAAccuracy
-from vl.objectives import EncoderOutput, MaskedRegionClassification
+from vl.objectives import (
+    EncoderOutput,
+    MaskedRegionClassification,
+    MultipleChoice,
+    RegionGrounding,
+    VCRMultipleChoice,
+)
 from vl.retrieval import chunked_ranks
 
 
@@ -22,7 +28,7 @@ def test_masked_region_kl_equals_hand_computation() -> None:
     logits = head.head(visual[:, 1:])  # global token dropped
     expected = 0.0
     for b, r in masked.nonzero().tolist():
-        p, q = target[b, r], torch.log_softmax(logits[b, r], -1)
+        p, q = target[b, r], torch.log_softmax(logits[b, r], -1).detach()
         expected += float((p * (p.log() - q)).sum())
     assert torch.isclose(result.loss, torch.tensor(expected / 3), atol=1e-6)
     assert result.target.tolist() == [
@@ -105,3 +111,98 @@ def test_shortlist_rerank_equals_exhaustive_when_k_is_n() -> None:
     short = shortlist_ranks(block, cheap, gold, k=5)
     in_list = np.array([g in np.argsort(-cheap[t], kind="stable")[:5] for t, g in enumerate(gold)])
     assert (short[~in_list] == 6).all() and (short[in_list] <= exhaustive[in_list]).all()
+
+
+def _pooled_rows(n: int, hidden: int = 6) -> EncoderOutput:
+    return EncoderOutput(text=torch.zeros(n, 2, hidden), visual=None, pooled=torch.randn(n, hidden))
+
+
+def test_vcr_accuracies_match_numpy() -> None:
+    """Q->A, QA->R and joint Q->AR from the 2 x 4-way blocks, with unlabelled entries (-1) skipped."""
+    torch.manual_seed(1)
+    head = VCRMultipleChoice(hidden_size=6)
+    labels = torch.randint(0, 4, (40, 2))
+    labels[3, 1] = -1  # rationale unknown: counts for Q->A only
+    labels[7, 0] = -1
+    batch = {"mc_labels": labels}
+    out = _pooled_rows(40 * 8)
+    result = head(out, batch)
+    metrics = torch.nn.ModuleDict(head.make_metrics())
+    head.update_metrics(metrics, result)
+    logits = head.score(out.pooled).view(40, 2, 4).detach().numpy()
+    pred, lab = logits.argmax(-1), labels.numpy()
+    qa_keep, qar_keep = lab[:, 0] >= 0, lab[:, 1] >= 0
+    both = qa_keep & qar_keep
+    expected = {
+        "vcr_qa_acc": (pred[qa_keep, 0] == lab[qa_keep, 0]).mean(),
+        "vcr_qar_acc": (pred[qar_keep, 1] == lab[qar_keep, 1]).mean(),
+        "vcr_q2ar_acc": ((pred[both] == lab[both]).all(1)).mean(),
+    }
+    for name, value in expected.items():
+        assert abs(float(metrics[name].compute()) - value) < 1e-6, name
+    # loss: mean cross-entropy over the labelled blocks
+    flat = torch.as_tensor(logits).view(-1, 4)
+    keep = labels.flatten() >= 0
+    ce = torch.nn.functional.cross_entropy(flat[keep], labels.flatten()[keep])
+    assert torch.isclose(result.loss, ce, atol=1e-6)
+
+
+def test_retrieval_multiple_choice_loss_is_4way_ce() -> None:
+    torch.manual_seed(2)
+    head = MultipleChoice(hidden_size=6)
+    out = _pooled_rows(5 * 4)
+    labels = torch.zeros(5, 1, dtype=torch.long)  # the true pair is choice 0
+    result = head(out, {"mc_labels": labels})
+    scores = head.score(out.pooled).view(5, 4)
+    expected = -torch.log_softmax(scores, -1)[:, 0].mean()
+    assert torch.isclose(result.loss, expected, atol=1e-6)
+
+
+def test_region_grounding_loss_and_accuracy_match_hand_computation() -> None:
+    """BCE vs IoU targets averaged over B x R and scaled by R, padded regions excluded from the arg-max;
+    accuracy = IoU of the arg-max region > 0.5."""
+    torch.manual_seed(3)
+    head = RegionGrounding(hidden_size=6)
+    b, r = 6, 5
+    visual = torch.randn(b, r + 1, 6)  # a global token first, as ViLBERT returns
+    out = EncoderOutput(text=torch.zeros(b, 2, 6), visual=visual, pooled=torch.zeros(b, 6), visual_prefix=1)
+    ious = torch.rand(b, r)
+    mask = torch.ones(b, r, dtype=torch.long)
+    mask[:, 4] = 0  # a padded region: never the arg-max, even with a huge raw logit
+    ious[:, 4] = 1.0
+    targets = torch.where(ious < 0.5, torch.zeros_like(ious), ious) * mask
+    with torch.no_grad():
+        head.vision_logit.bias.fill_(0.0)
+    result = head(out, {"refer_targets": targets, "refer_ious": ious, "visual_mask": mask})
+    raw = head.vision_logit(visual[:, 1:]).squeeze(-1).detach().numpy()
+    raw[:, 4] = -1e4
+    t = targets.numpy()
+    bce = np.maximum(raw, 0) - raw * t + np.log1p(np.exp(-np.abs(raw)))
+    assert abs(float(result.loss.detach()) - bce.mean() * r) < 1e-5
+    metrics = torch.nn.ModuleDict(head.make_metrics())
+    head.update_metrics(metrics, result)
+    best = ious.numpy()[np.arange(b), raw.argmax(1)]
+    assert raw.argmax(1).max() < 4
+    assert abs(float(metrics["refer_acc"].compute()) - (best > 0.5).mean()) < 1e-6
+
+
+def test_vcr_five_block_layout_scores_the_gold_answer_block() -> None:
+    """Test-split layout (Q->A + QA->R under each answer): metrics equal the 2-block ones built from the gold block."""
+    torch.manual_seed(4)
+    head = VCRMultipleChoice(hidden_size=6)
+    answer, rationale = torch.randint(0, 4, (30,)), torch.randint(0, 4, (30,))
+    five = torch.full((30, 5), -1)
+    five[:, 0] = answer
+    five[torch.arange(30), 1 + answer] = rationale
+    out = _pooled_rows(30 * 20)
+    result = head(out, {"mc_labels": five})
+    metrics = torch.nn.ModuleDict(head.make_metrics())
+    head.update_metrics(metrics, result)
+    pred = head.score(out.pooled).view(30, 5, 4).argmax(-1)
+    qa = pred[:, 0] == answer
+    qar = pred[torch.arange(30), 1 + answer] == rationale
+    assert torch.isclose(metrics["vcr_qa_acc"].compute(), qa.float().mean())
+    assert torch.isclose(metrics["vcr_qar_acc"].compute(), qar.float().mean())
+    assert torch.isclose(metrics["vcr_q2ar_acc"].compute(), (qa & qar).float().mean())
+    rows = head.predictions(result, {"annot_id": [f"test-{i}" for i in range(30)]})
+    assert len(rows[0]["rationale_probs"]) == 4 and len(rows[0]["rationale_probs"][0]) == 4

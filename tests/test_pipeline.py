@@ -216,6 +216,7 @@ def test_ddp_cpu_evaluation_matches_one_process(make_cfg) -> None:
     one = evaluate(make_cfg(f"ckpt_path={ckpt}", name="eval1", config_name="evaluate", tiny=False))
     two = evaluate(make_cfg(f"ckpt_path={ckpt}", "hardware=ddp_cpu", name="eval2", config_name="evaluate", tiny=False))
     assert two["test/vqa_acc"] == pytest.approx(one["test/vqa_acc"], abs=1e-6)
+    assert two["test/loss"] == pytest.approx(one["test/loss"], abs=1e-6)
     preds1 = json.loads((Path(cfg.paths.output_dir).parent / "eval1" / "vqa_predictions.json").read_text())
     preds2 = json.loads((Path(cfg.paths.output_dir).parent / "eval2" / "vqa_predictions.json").read_text())
     assert preds1 == preds2 and len({p["question_id"] for p in preds2}) == len(preds2)

@@ -268,8 +268,9 @@ class VCRMultipleChoice(MultipleChoice):
     """VCR Q->A and QA->R as two 4-way blocks per example: `mc_labels` (B, 2) = (answer, rationale given the gold
     answer). Metrics: `vcr_qa_acc`, `vcr_qar_acc` and the joint `vcr_q2ar_acc` (both right).
 
-    Unlabelled test data uses 5 blocks (Q->A, then QA->R conditioned on each of the 4 answers) for the leaderboard
-    file; its labels are all -1."""
+    The test split uses 5 blocks (Q->A, then QA->R conditioned on each of the 4 answers) for the leaderboard file;
+    only the block of the gold answer carries a rationale label there (all -1 when unlabelled), and the metrics read
+    that block."""
 
     name = "vcr"
 
@@ -278,8 +279,10 @@ class VCRMultipleChoice(MultipleChoice):
 
     def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
         labels, pred = result.target, result.logits.argmax(-1)  # (B, K)
-        if labels.shape[1] != 2:
-            return  # the unlabelled 5-block layout
+        if labels.shape[1] > 2:  # 5-block layout: keep Q->A and the QA->R block conditioned on the gold answer
+            block = (1 + labels[:, :1].clamp(min=0)).long()  # (B, 1); unlabelled rows are all -1 anyway
+            labels = torch.cat([labels[:, :1], labels.gather(1, block)], 1)
+            pred = torch.cat([pred[:, :1], pred.gather(1, block)], 1)
         metrics["vcr_qa_acc"].update(pred[:, 0], labels[:, 0])
         metrics["vcr_qar_acc"].update(pred[:, 1], labels[:, 1])
         both_labelled = (labels >= 0).all(1)

@@ -220,13 +220,18 @@ def test_datamodule_contract(corpus) -> None:
             rec = records[i]
             assert ex["annot_id"] == rec["annot_id"] and ex["example_id"] == ex["index"] == i
             assert ex["epoch"] == (3 if i % 2 else 0)
-            assert ex["mc_labels"] == [rec["answer_label"], rec["rationale_label"]]
+            a, r = rec["answer_label"], rec["rationale_label"]
             choices = ex["choices"]
-            assert len(choices) == 8 and all(set(c) == {"text", "text_b"} for c in choices)
+            assert all(set(c) == {"text", "text_b"} for c in choices)
             q = choices[0]["text"]
             assert all(c["text"] == q for c in choices[:4])
-            gold = choices[rec["answer_label"]]["text_b"]
-            assert all(c["text"] == f"{q} {gold}" for c in choices[4:])
+            gold = choices[a]["text_b"]
+            if split == "test":  # every answer's QA->R block (a complete leaderboard file); labelled under the gold
+                assert ex["mc_labels"] == [a] + [r if i == a else -1 for i in range(4)] and len(choices) == 20
+                assert all(c["text"] == f"{q} {choices[i // 4]['text_b']}" for i, c in enumerate(choices[4:]))
+            else:
+                assert ex["mc_labels"] == [a, r] and len(choices) == 8
+                assert all(c["text"] == f"{q} {gold}" for c in choices[4:])
             visual = ex["visual"]
             assert visual["features"].shape[1] == 2048 and visual["cls_prob"] is not None
             assert int(visual["image_id"]) == image_int_id(rec["img_id"])

@@ -38,26 +38,34 @@ class VCRQuestions(Dataset):
     - labelled (``has_labels``): 8 rows, block-major: 4 Q->A rows (text = question, text_b = answer i), then 4 QA->R
       rows (text = question + " " + gold answer, text_b = rationale i); ``mc_labels = [answer_label,
       rationale_label]`` (rationale -1 when only the answer label is known).
-    - unlabelled (the real test split): 4 + 16 rows: Q->A, then QA->R conditioned on answer 0, 1, 2, 3 in turn (the
-      leaderboard wants all four); ``mc_labels = [-1] * 5``.
+    - unlabelled (the real test split), or ``all_rationales`` (the test split of labelled data, so that its
+      submission file is complete too): 4 + 16 rows: Q->A, then QA->R conditioned on answer 0, 1, 2, 3 in turn (the
+      leaderboard wants all four); ``mc_labels = [-1] * 5``, or when labelled ``[answer_label] + [rationale_label if
+      a == answer_label else -1 for a in 0..3]`` (metrics read the block conditioned on the gold answer).
 
     Person detections are named from ``names`` (``vcr_format.person_names``, fixed per annot_id)."""
 
     def __init__(
-        self, records: list[dict[str, Any]], regions: RegionReader, names: list[str], has_labels: bool
+        self,
+        records: list[dict[str, Any]],
+        regions: RegionReader,
+        names: list[str],
+        has_labels: bool,
+        all_rationales: bool = False,
     ) -> None:
         self.records = records
         self.regions = regions
         self.names = names
         self.has_labels = has_labels
+        self.all_rationales = all_rationales or not has_labels
 
     def __len__(self) -> int:
         return len(self.records)
 
     @property
     def num_blocks(self) -> int:
-        """Blocks of 4 choices per example: 2 when labelled, else 5."""
-        return 2 if self.has_labels else 1 + NUM_CHOICES
+        """Blocks of 4 choices per example: 5 with every answer's QA->R block, else 2."""
+        return 1 + NUM_CHOICES if self.all_rationales else 2
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
@@ -65,14 +73,15 @@ class VCRQuestions(Dataset):
         texts = record_texts(rec, self.names)
         question, answers, rationales = texts["question"], texts["answers"], texts["rationales"]
         choices = [{"text": question, "text_b": a} for a in answers]
-        if self.has_labels:
-            gold = int(rec["answer_label"])
-            choices += [{"text": f"{question} {answers[gold]}", "text_b": r} for r in rationales]
-            labels = [gold, int(rec.get("rationale_label", -1))]
-        else:
+        gold = int(rec["answer_label"]) if self.has_labels else -1
+        rationale = int(rec.get("rationale_label", -1)) if self.has_labels else -1
+        if self.all_rationales:
             for a in answers:
                 choices += [{"text": f"{question} {a}", "text_b": r} for r in rationales]
-            labels = [-1] * self.num_blocks
+            labels = [gold] + [rationale if a == gold else -1 for a in range(NUM_CHOICES)]
+        else:
+            choices += [{"text": f"{question} {answers[gold]}", "text_b": r} for r in rationales]
+            labels = [gold, rationale]
         return {
             "choices": choices,
             "visual": self.regions[str(image_int_id(rec["img_id"]))],
@@ -165,7 +174,10 @@ class VCRDataModule(VLDataModule):
                     f"{regions.path}: no region features for image id {image_int_id(img_id)} "
                     f"(field 'img_id' {img_id!r} in {path})"
                 )
-        return VCRQuestions(records, regions, names, has_labels=bool(records) and all(labelled))
+        # the test split scores QA->R under every answer, so that its leaderboard CSV is complete (2.5x the rows)
+        return VCRQuestions(
+            records, regions, names, has_labels=bool(records) and all(labelled), all_rationales=split == "test"
+        )
 
     @property
     def info(self) -> dict[str, Any]:
@@ -193,7 +205,6 @@ class VCRDataModule(VLDataModule):
 
     def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path:
         """VCR leaderboard CSV (``vcr_format.write_vcr_submission``): ``annot_id, answer_0..3,
-        rationale_conditioned_on_a0_0 .. a3_3`` probabilities. Predictions ``{"annot_id", "answer_probs": [4],
-        "rationale_probs": [4][4] | [4]}``; a single [4] list (rationales given the gold answer, the labelled 2-block
-        layout) is repeated under every ``rationale_conditioned_on_a{i}`` column group."""
+        rationale_conditioned_on_a0_0 .. a3_3`` probabilities, from predictions ``{"annot_id", "answer_probs": [4],
+        "rationale_probs": [4][4]}`` (the test split always has the 5-block layout)."""
         return write_vcr_submission(predictions, path)

@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torchmetrics import MeanMetric
 
 from vl.errors import ConfigError
 from vl.metrics import RetrievalRecall
@@ -119,6 +120,14 @@ class VLSystem(L.LightningModule):
                 for stage in STAGES
             }
         )
+        # val/test losses as weighted means with float states: Lightning's own epoch mean of a logged tensor divides
+        # an integer batch-size sum by the world size, which truncates when ranks hold uneven example counts
+        self.loss_means = nn.ModuleDict(
+            {
+                f"{stage}_": nn.ModuleDict({name: MeanMetric() for name in [*self.objectives, "total"]})
+                for stage in ("val", "test")
+            }
+        )
         # ranks of retrieval queries (data=retrieval val/test); metric states, no parameters
         self.retrieval_metrics = nn.ModuleDict({f"{stage}_": RetrievalRecall() for stage in ("val", "test")})
         if self.init_from:
@@ -140,13 +149,24 @@ class VLSystem(L.LightningModule):
             result = head(out, batch)
             total = total + self.loss_weights.get(name, 1.0) * result.loss
             head.update_metrics(self.metrics[f"{stage}_"][name], result)
-            self.log(f"{stage}/{name}_loss", result.loss, batch_size=bs, sync_dist=stage != "train")
+            self._log_loss(stage, name, result.loss, bs)
             for metric_name, metric in self.metrics[f"{stage}_"][name].items():
                 self.log(f"{stage}/{metric_name}", metric, batch_size=bs, prog_bar=stage != "train")
             if stage == "test":
                 self.predictions.extend(head.predictions(result, batch))
-        self.log(f"{stage}/loss", total, batch_size=bs, prog_bar=True, sync_dist=stage != "train")
+        self._log_loss(stage, "total", total, bs)
         return total
+
+    def _log_loss(self, stage: str, name: str, loss: torch.Tensor, batch_size: int) -> None:
+        """`<stage>/<name>_loss` (`<stage>/loss` for the total): per step in training, an exact example-weighted
+        epoch mean over all ranks in val/test."""
+        key = f"{stage}/loss" if name == "total" else f"{stage}/{name}_loss"
+        if stage == "train":
+            self.log(key, loss, batch_size=batch_size, prog_bar=name == "total")
+            return
+        mean = self.loss_means[f"{stage}_"][name]
+        mean.update(torch.as_tensor(loss, device=self.device).detach().float(), batch_size)
+        self.log(key, mean, batch_size=batch_size, prog_bar=name == "total")
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:

@@ -1,0 +1,106 @@
+"""Every downstream task fine-tunes on the embedded corpus past chance, and `evaluate.py` reproduces its test metrics
+and writes its submission file (VQA is covered in test_learning / test_pipeline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import save_run_config
+from vl.pipeline import evaluate, train
+
+#: task -> (experiment, headline metric, its chance reference, margin over chance, submission file, quick settings)
+TASKS: dict[str, tuple[str, str, str, float, str, tuple[str, ...]]] = {
+    "vcr": (
+        "vcr_finetune",
+        "test/vcr_q2ar_acc",
+        "test/vcr_q2ar_acc_chance",
+        0.15,
+        "vcr_submission.csv",
+        ("data.corpus.num_images=400", "trainer.max_epochs=4"),
+    ),
+    "refcoco": (
+        "refcoco_finetune",
+        "test/refer_acc",
+        "test/refer_acc_chance",
+        0.25,
+        "refcoco_predictions.json",
+        ("data.corpus.num_images=300", "trainer.max_epochs=4"),
+    ),
+    "retrieval": (
+        "retrieval_finetune",
+        "test/recall@1",
+        "test/recall@1_chance",
+        0.1,
+        "retrieval_predictions.json",
+        ("data.corpus.num_images=300", "trainer.max_epochs=2", "data.captions_per_image=2"),
+    ),
+}
+#: ViLBERT-tiny needs more steps from random init than the single-stream model
+VILBERT_EXTRA = ("trainer.max_epochs=8",)
+
+
+def _finetune_and_evaluate(task: str, model: str, make_cfg, extra: tuple[str, ...] = ()) -> None:
+    experiment, metric, chance, margin, submission, quick = TASKS[task]
+    cfg = make_cfg(f"experiment={experiment}", f"model={model}", *quick, *extra)
+    metrics, _ = train(cfg)
+    assert metrics[metric] > metrics[chance] + margin, {k: v for k, v in metrics.items() if k.startswith("test/")}
+    run = Path(cfg.paths.output_dir)
+    assert (run / submission).is_file()
+    save_run_config(cfg)
+    eval_cfg = make_cfg(
+        f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", name="eval", config_name="evaluate", tiny=False
+    )
+    again = evaluate(eval_cfg)
+    assert again[metric] == pytest.approx(metrics[metric], abs=1e-6)
+    written = Path(eval_cfg.paths.output_dir) / submission
+    assert written.is_file() and written.read_bytes() == (run / submission).read_bytes()
+    if submission.endswith(".json"):
+        assert json.loads(written.read_text())
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_single_stream_finetunes_above_chance(task: str, make_cfg) -> None:
+    _finetune_and_evaluate(task, "visual_bert_tiny", make_cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_vilbert_finetunes_above_chance(task: str, make_cfg) -> None:
+    _finetune_and_evaluate(task, "vilbert_tiny", make_cfg, VILBERT_EXTRA)
+
+
+@pytest.mark.parametrize("task", ["retrieval", "vcr"])
+def test_ddp_cpu_evaluation_matches_one_process(task: str, make_cfg) -> None:
+    """2 spawned processes score every query / question once: metrics and submission equal the 1-process ones."""
+    experiment, metric, _, _, submission, _ = TASKS[task]
+    cfg = make_cfg(
+        f"experiment={experiment}",
+        "model=visual_bert_tiny",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "data.captions_per_image=2" if task == "retrieval" else "data.max_text_len=40",
+    )
+    train(cfg)
+    save_run_config(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    one = evaluate(make_cfg(f"ckpt_path={ckpt}", name="eval1", config_name="evaluate", tiny=False))
+    two = evaluate(make_cfg(f"ckpt_path={ckpt}", "hardware=ddp_cpu", name="eval2", config_name="evaluate", tiny=False))
+    keys = [k for k in one if k.startswith("test/")]
+    assert keys and {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-6)
+    root = Path(cfg.paths.output_dir).parent
+    first, second = (_rows(root / name / submission) for name in ("eval1", "eval2"))
+    assert len(first) == len(second) and [r[0] for r in first] == [r[0] for r in second]  # same ids, no duplicates
+    assert len({r[0] for r in first}) == len(first)
+    for a, b in zip(first, second):
+        assert a[1:] == pytest.approx(b[1:], abs=1e-5)
+
+
+def _rows(path: Path) -> list[list]:
+    """Submission rows as [id, values...]: CSV (VCR) or a JSON list of records (retrieval)."""
+    if path.suffix == ".csv":
+        lines = path.read_text().splitlines()[1:]
+        return [[cells[0], *map(float, cells[1:])] for cells in (line.split(",") for line in lines)]
+    return [[r["query_index"], r["rank"]] for r in json.loads(path.read_text())]

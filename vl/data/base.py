@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vl.data.collate import Collator, load_tokenizer
+from vl.data.features import RegionReader, open_region_features
 from vl.errors import ConfigError, DataError
 from vl.objectives import REGION_MASKING
 
@@ -103,6 +104,8 @@ class VLDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self._root: Path | None = None
         self._tokenizer = None
+        self.features_file: str | None = None  # region features, relative to root (set by region-feature corpora)
+        self._regions: RegionReader | None = None
         self.datasets: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------ files
@@ -137,6 +140,15 @@ class VLDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.check_files()
+
+    @property
+    def regions(self) -> RegionReader:
+        """The reader of `features_file` (LMDB / HDF5 / FRCNN JSON), opened lazily once per process."""
+        if self._regions is None:
+            if self.features_file is None:
+                raise ConfigError(f"{type(self).__name__} reads no region features")
+            self._regions = open_region_features(self.path(self.features_file))
+        return self._regions
 
     @property
     def tokenizer(self):

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule, split_key
 from vl.data.coco import load_coco_captions
-from vl.data.features import RegionReader, open_region_features
+from vl.data.features import RegionReader
 from vl.errors import DataError
 
 
@@ -88,17 +88,10 @@ class CaptionsDataModule(VLDataModule):
         super().__init__(**kwargs)
         self.captions_file = captions
         self.features_file = features
-        self._regions: RegionReader | None = None
 
     def required_files(self) -> list[Path]:
         files = [self.path(self.captions_file, split) for split in ("train", "val", "test")]
         return files + [self.path(self.features_file)]
-
-    @property
-    def regions(self) -> RegionReader:
-        if self._regions is None:
-            self._regions = open_region_features(self.path(self.features_file))
-        return self._regions
 
     def build_dataset(self, split: str) -> CaptionPairs:
         path = self.path(self.captions_file, split)

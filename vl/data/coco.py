@@ -8,7 +8,19 @@ from typing import Any
 from vl.data.jsonl import read_json
 from vl.errors import DataError
 
-__all__ = ["load_coco_captions"]
+__all__ = ["load_coco_captions", "read_coco_json"]
+
+
+def read_coco_json(path: str | Path) -> dict[str, Any]:
+    """A COCO-layout JSON (captions or instances) -> its object, checked to hold lists `images` and `annotations`."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations'")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: missing top-level list {key!r}")
+    return data
 
 
 def load_coco_captions(path: str | Path) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
@@ -18,12 +30,7 @@ def load_coco_captions(path: str | Path) -> tuple[dict[int, dict[str, Any]], lis
     ``annotations`` is the list of ``{"id", "image_id", "caption"}`` records, each referring to a listed image.
     """
     path = Path(path)
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations'")
-    for key in ("images", "annotations"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: missing top-level list {key!r}")
+    data = read_coco_json(path)
 
     images: dict[int, dict[str, Any]] = {}
     for i, img in enumerate(data["images"]):

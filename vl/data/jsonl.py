@@ -1,14 +1,29 @@
-"""JSON and JSON-lines reading with one-line, file:line error messages."""
+"""JSON and JSON-lines reading with one-line, file:line error messages; atomic file writing."""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vl.errors import DataError
 
-__all__ = ["read_json", "load_jsonl", "write_jsonl"]
+__all__ = ["read_json", "load_jsonl", "write_jsonl", "write_atomically"]
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` into a hidden sibling of `path`, then rename it to `path`: an interrupted write never leaves a
+    half file under the final name (the temp file is removed on failure)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def read_json(path: str | Path) -> Any:

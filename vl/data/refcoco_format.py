@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from vl.data.jsonl import read_json
+from vl.data.coco import read_coco_json
+from vl.data.jsonl import read_json, write_atomically
 from vl.errors import DataError
 
 __all__ = [
@@ -183,12 +183,7 @@ def load_instances(path: str | Path) -> Instances:
     """COCO instances JSON -> ``Instances``. Every annotation needs ``id``, ``image_id`` (a listed image) and ``bbox``
     (4 numbers, w, h >= 0); every image ``id``, ``width``, ``height``. Raises DataError naming file, entry and field."""
     path = Path(path)
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations'")
-    for key in ("images", "annotations"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: missing top-level list {key!r}")
+    data = read_coco_json(path)
     sizes: dict[int, tuple[int, int]] = {}
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict):
@@ -343,15 +338,6 @@ def _scene_regions(scene: Any, settings: Any) -> tuple[dict[str, Any], dict[str,
     return dets, gt
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_refcoco_corpus(root: str | Path, scenes: Sequence[Any], settings: Any) -> list[Path]:
     """Write the RefCOCO+-shaped task of ``scenes`` (``vl.data.scenes.Scene``) into ``root/refcoco+`` -> written paths
     (refs pickle, instances JSON, ``dets.lmdb/data.mdb``, ``gt.lmdb/data.mdb``).
@@ -429,10 +415,10 @@ def write_refcoco_corpus(root: str | Path, scenes: Sequence[Any], settings: Any)
             pickle.dump(refs, f, protocol=4)
 
     paths["refs"].unlink(missing_ok=True)  # an old refs file must never vouch for new files
-    _replace_atomically(paths["instances"], dump_json)
+    write_atomically(paths["instances"], dump_json)
     write_region_lmdb(paths["dets"], det_records)
     write_region_lmdb(paths["gt"], gt_records)
-    _replace_atomically(paths["refs"], dump_refs)
+    write_atomically(paths["refs"], dump_refs)
     return [paths["refs"], paths["instances"], paths["dets"] / "data.mdb", paths["gt"] / "data.mdb"]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule, split_key
-from vl.data.features import RegionReader, open_region_features
+from vl.data.features import RegionReader
 from vl.data.retrieval_format import (
     image_key,
     load_hard_negatives,
@@ -192,7 +192,6 @@ class RetrievalDataModule(VLDataModule):
         self.features_file = features
         self.captions_per_image = int(captions_per_image)
         self.max_images = None if max_images is None else int(max_images)
-        self._regions: RegionReader | None = None
         self._galleries: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ files
@@ -201,12 +200,6 @@ class RetrievalDataModule(VLDataModule):
         if self.hard_negatives_file is not None:
             files.append(self.path(self.hard_negatives_file))
         return files + [self.path(self.features_file)]
-
-    @property
-    def regions(self) -> RegionReader:
-        if self._regions is None:
-            self._regions = open_region_features(self.path(self.features_file))
-        return self._regions
 
     def _load_split(self, split: str) -> tuple[Path, list[str], list[list[str]]]:
         """(jsonl path, image keys, captions per image); DataError for an image without region features."""

@@ -13,7 +13,6 @@ the corpus's region LMDB (``regions.lmdb``, keys ``str(image_id)``).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vl.data.jsonl import write_jsonl
+from vl.data.jsonl import write_atomically, write_jsonl
 from vl.data.scenes import SPLITS, Scene, SceneSettings, clip_embedding
 from vl.errors import DataError
 
@@ -166,15 +165,6 @@ def retrieval_paths(root: str | Path) -> dict[str, Path]:
     return {**{s: base / f"{s}.jsonl" for s in SPLITS}, "hard_negatives": base / "hard_negative.pkl"}
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_retrieval_corpus(root: str | Path, scenes: Sequence[Scene], settings: SceneSettings) -> list[Path]:
     """Write ``retrieval/{train,val,test}.jsonl`` (img_path ``f"{image_id}.jpg"``, sentences = the scene's captions,
     in scene order) and ``retrieval/hard_negative.pkl`` for train (pool by cosine similarity of ``clip_embedding``,
@@ -185,7 +175,7 @@ def write_retrieval_corpus(root: str | Path, scenes: Sequence[Scene], settings: 
     written: list[Path] = []
     for s in SPLITS:
         lines = [{"img_path": f"{sc.image_id}.jpg", "sentences": list(sc.captions)} for sc in scenes if sc.split == s]
-        _replace_atomically(paths[s], lambda tmp, lines=lines: write_jsonl(tmp, lines))
+        write_atomically(paths[s], lambda tmp, lines=lines: write_jsonl(tmp, lines))
         written.append(paths[s])
     train = [sc for sc in scenes if sc.split == "train"]
     ids = [str(sc.image_id) for sc in train]
@@ -197,5 +187,5 @@ def write_retrieval_corpus(root: str | Path, scenes: Sequence[Scene], settings: 
         with tmp.open("wb") as f:
             pickle.dump({"train_image_list": ids, "train_hard_pool": pool}, f, protocol=4)
 
-    _replace_atomically(paths["hard_negatives"], dump)
+    write_atomically(paths["hard_negatives"], dump)
     return written + [paths["hard_negatives"]]

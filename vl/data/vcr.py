@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule, split_key
-from vl.data.features import RegionReader, open_region_features
+from vl.data.features import RegionReader
 from vl.data.vcr_format import (
     NUM_CHOICES,
     image_int_id,
@@ -121,7 +121,6 @@ class VCRDataModule(VLDataModule):
         self.images_dir = images_dir
         self.names_file = names_table
         self.features_file = features
-        self._regions: RegionReader | None = None
         self._names: list[str] | None = None
 
     # ------------------------------------------------------------------ files
@@ -131,12 +130,6 @@ class VCRDataModule(VLDataModule):
         if self.images_dir is not None:
             files.append(self.path(self.images_dir))
         return files
-
-    @property
-    def regions(self) -> RegionReader:
-        if self._regions is None:
-            self._regions = open_region_features(self.path(self.features_file))
-        return self._regions
 
     @property
     def names(self) -> list[str]:

@@ -19,15 +19,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vl.data.jsonl import load_jsonl, read_json, write_jsonl
+from vl.data.jsonl import load_jsonl, read_json, write_atomically, write_jsonl
 from vl.data.scenes import COLOURS, POSITIONS, SPLITS, Scene, SceneSettings, region_features
 from vl.errors import DataError
 
@@ -315,6 +314,12 @@ def write_vcr_submission(predictions: Sequence[Mapping[str, Any]], path: str | P
 
 # ------------------------------------------------------------------------------------------- embedded corpus writer
 
+
+def _text(text: str) -> Callable[[Path], None]:
+    """A `write_atomically` writer of `text` (UTF-8, \\n line ends)."""
+    return lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n")
+
+
 #: names of the embedded corpus's names table (all in the real VCR table)
 _SCENE_NAMES = (
     "Casey", "Riley", "Jessie", "Jackie", "Avery", "Jaime", "Peyton", "Kerry", "Jody", "Kendall",
@@ -336,15 +341,6 @@ def vcr_paths(root: str | Path) -> dict[str, Path]:
         "names": base / "unisex_names_table.csv",
         "regions": base / "regions.lmdb",
     }
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _where(position: str) -> list[str]:
@@ -414,7 +410,7 @@ def write_vcr_corpus(root: str | Path, scenes: Sequence[Scene], settings: SceneS
 
     header = '"","name","total","male_share","female_share","gap"\n'
     lines = [f'"{i}","{n}",{1000.0 - i:.1f},0.5,0.5,0\n' for i, n in enumerate(_SCENE_NAMES, start=1)]
-    _replace_atomically(paths["names"], header + "".join(lines))
+    write_atomically(paths["names"], _text(header + "".join(lines)))
     written.append(paths["names"])
 
     regions = []
@@ -429,7 +425,7 @@ def write_vcr_corpus(root: str | Path, scenes: Sequence[Scene], settings: SceneS
             "width": sc.width,
             "height": sc.height,
         }
-        _replace_atomically(meta_path, json.dumps(meta))
+        write_atomically(meta_path, _text(json.dumps(meta)))
         written.append(meta_path)
         rec = region_features(sc, settings)
         rec.pop("labels")
@@ -450,11 +446,6 @@ def write_vcr_corpus(root: str | Path, scenes: Sequence[Scene], settings: SceneS
     write_region_lmdb(paths["regions"], regions)
     written.append(paths["regions"] / "data.mdb")
     for s in SPLITS:
-        tmp = paths[s].with_name(f".{paths[s].name}.tmp-{os.getpid()}")
-        try:
-            write_jsonl(tmp, split_lines[s])
-            os.replace(tmp, paths[s])
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(paths[s], lambda tmp, lines=split_lines[s]: write_jsonl(tmp, lines))
         written.append(paths[s])
     return written

@@ -10,7 +10,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule, split_key
-from vl.data.features import RegionReader, open_region_features
+from vl.data.features import RegionReader
 from vl.data.vqa_format import load_answer_vocab, load_questions, load_targets
 from vl.errors import DataError
 
@@ -70,7 +70,6 @@ class VQADataModule(VLDataModule):
         self.targets_file = targets
         self.answers_file = answers
         self.features_file = features
-        self._regions: RegionReader | None = None
         self._ans2label: dict[str, int] | None = None
 
     def required_files(self) -> list[Path]:
@@ -78,12 +77,6 @@ class VQADataModule(VLDataModule):
         for split in ("train", "val", "test"):
             files += [self.path(self.questions_file, split), self.path(self.targets_file, split)]
         return files
-
-    @property
-    def regions(self) -> RegionReader:
-        if self._regions is None:
-            self._regions = open_region_features(self.path(self.features_file))
-        return self._regions
 
     @property
     def ans2label(self) -> dict[str, int]:

@@ -28,9 +28,18 @@ def build(steps: int, data_dir: str):
     from vl.pipeline import build_datamodule, build_model
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("train", overrides=["experiment=none", "data=vqa", "model=visual_bert_tiny",
-                                          f"paths.data_dir={data_dir}", "paths.output_dir=/tmp/vl-bench",
-                                          "data.batch_size=32", "data.batch_size_per_device=32"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=none",
+                "data=vqa",
+                "model=visual_bert_tiny",
+                f"paths.data_dir={data_dir}",
+                "paths.output_dir=/tmp/vl-bench",
+                "data.batch_size=32",
+                "data.batch_size_per_device=32",
+            ],
+        )
     L.seed_everything(0, workers=True)
     dm = build_datamodule(cfg)
     dm.setup("fit")
@@ -69,9 +78,17 @@ def _loss(model, batch):
 def lightning_fit(model, dm, steps: int) -> float:
     import lightning as L
 
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     return steps / (time.perf_counter() - start)

@@ -1,5 +1,6 @@
 """Image-text retrieval with a cross-encoder: rank every image for each caption by the ITM head's aligned
-probability, in chunks, keeping only each caption's gold rank (memory O(captions), not O(captions x images))."""
+probability, in chunks, keeping only each caption's gold rank (memory O(text chunk x images + captions), never
+O(captions x images))."""
 
 from __future__ import annotations
 
@@ -28,22 +29,24 @@ def chunked_ranks(
 ) -> np.ndarray:
     """Rank (1 = best) of `gold[t]` among all images for each text t, scoring (text_chunk x image_chunk) blocks.
 
-    Rank = 1 + number of images scoring strictly higher than the gold image (ties count in the gold's favour).
+    Rank = 1 + number of images scoring strictly higher than the gold image (ties count in the gold's favour). One
+    chunk of texts is held against every image at a time: memory O(text_chunk x images), never texts x images, and
+    the gold score is the one from the same pass (no extra forwards).
     """
-    gold_scores = np.empty(n_texts)
-    for start in range(0, n_texts, text_chunk):
-        idx = list(range(start, min(start + text_chunk, n_texts)))
-        for t in idx:  # one pair per text: cheap next to the full pass
-            gold_scores[t] = float(score_block([t], [gold[t]])[0, 0])
-    better = np.zeros(n_texts, dtype=np.int64)
+    gold_arr = np.asarray(gold, dtype=np.int64)
+    ranks = np.empty(n_texts, dtype=np.int64)
     for t0 in range(0, n_texts, text_chunk):
         texts = list(range(t0, min(t0 + text_chunk, n_texts)))
+        rows = np.empty((len(texts), n_images))
         for i0 in range(0, n_images, image_chunk):
             images = list(range(i0, min(i0 + image_chunk, n_images)))
-            scores = score_block(texts, images).double().cpu().numpy()  # (t, i)
-            is_gold = np.asarray(images)[None, :] == np.asarray(gold)[texts][:, None]  # never count the gold itself
-            better[t0 : t0 + len(texts)] += ((scores > gold_scores[texts, None] + 1e-9) & ~is_gold).sum(1)
-    return better + 1
+            rows[:, i0 : i0 + len(images)] = score_block(texts, images).double().cpu().numpy()
+        own = np.arange(len(texts))
+        g = gold_arr[t0 : t0 + len(texts)]
+        better = rows > rows[own, g][:, None] + 1e-9
+        better[own, g] = False  # never count the gold itself
+        ranks[t0 : t0 + len(texts)] = better.sum(1) + 1
+    return ranks
 
 
 def shortlist_ranks(

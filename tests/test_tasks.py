@@ -63,6 +63,20 @@ def _finetune_and_evaluate(task: str, model: str, make_cfg, extra: tuple[str, ..
     assert written.is_file() and written.read_bytes() == (run / submission).read_bytes()
     if submission.endswith(".json"):
         assert json.loads(written.read_text())
+    if task == "retrieval":  # the evaluate task ranks the same gallery: exhaustive and shortlist(k = N) agree with test
+        ckpt = run / "checkpoints" / "best.ckpt"
+        for mode in ("+task_cfg.text_chunk=4", "+task_cfg.shortlist_k=1000"):
+            zs = make_cfg(
+                f"ckpt_path={ckpt}",
+                "task=zero_shot_retrieval",
+                mode,
+                name=f"zs{len(mode)}",
+                config_name="evaluate",
+                tiny=False,
+            )
+            got = evaluate(zs)
+            assert got["test/recall@1"] == pytest.approx(metrics["test/recall@1"], abs=1e-6)
+            assert got["test/median_rank"] == metrics["test/median_rank"]
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import save_run_config
+from vl.errors import ConfigError
 from vl.pipeline import evaluate, train
 
 TINY_RUN = ("experiment=vilbert_pretrain_tiny",)
@@ -47,6 +48,15 @@ def test_pretrain_then_zero_shot_retrieval_runs(make_cfg) -> None:
         "+task_cfg.shortlist_k=12",
     )
     assert shortlisted == got  # shortlist + re-rank with k = N is the exhaustive ranking, exactly
+    short = _retrieval(
+        make_cfg,
+        Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+        "+task_cfg.max_images=12",
+        "+task_cfg.shortlist_k=3",
+    )
+    assert short["test/mean_rank"] <= 4  # a gold image outside the top 3 counts as rank k + 1 = 4
+    with pytest.raises(ConfigError, match="shortlist_kk"):
+        _retrieval(make_cfg, Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", "+task_cfg.shortlist_kk=3")
 
 
 def test_full_size_experiment_composes(make_cfg) -> None:

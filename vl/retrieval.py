@@ -112,20 +112,78 @@ def gallery_scorer(
     return score_block
 
 
+TASK_OPTIONS = {"max_images", "captions_per_image", "batch_size", "text_chunk", "image_chunk", "shortlist_k"}
+
+
 def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    """`evaluate.py task=zero_shot_retrieval`: image retrieval (caption -> image) on the captions of `split`."""
+    """`evaluate.py task=zero_shot_retrieval`: image retrieval (caption -> image) on `split` of the run's data: the
+    captions of an image-caption corpus (data=captions), or the gallery of a retrieval corpus (data=retrieval).
+
+    `task_cfg`: `max_images`, `captions_per_image` (captions corpus; default 1), `batch_size` (pairs per forward),
+    `text_chunk` / `image_chunk` (exhaustive scoring blocks), `shortlist_k` (shortlist the top k images per caption by
+    the dual-encoder cosine, then re-rank them with the cross-encoder; k = all images equals the exhaustive ranking)."""
     from vl.pipeline import build_datamodule, build_model
 
     opts = dict(cfg.get("task_cfg") or {})
+    unknown = sorted(set(opts) - TASK_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"task_cfg: unknown key(s) {unknown} for task 'zero_shot_retrieval'; known: {sorted(TASK_OPTIONS)}"
+        )
     split = str(cfg.get("split", "test"))
     dm = build_datamodule(run_cfg)
-    if not hasattr(dm, "regions") or not hasattr(dm, "captions_file"):
-        raise ConfigError("task=zero_shot_retrieval: the run's data must be an image-caption corpus (data=captions)")
+    if hasattr(dm, "gallery"):  # data=retrieval: its own query/gallery layout
+        gallery = dm.gallery(split)
+        texts, gold, visuals = gallery["texts"], list(gallery["gold"]), list(gallery["visuals"])
+        n_images = len(visuals)
+    elif hasattr(dm, "regions") and hasattr(dm, "captions_file"):
+        texts, gold, visuals = _caption_queries(dm, split, opts)
+        n_images = len(visuals)
+    else:
+        raise ConfigError(
+            "task=zero_shot_retrieval: the run's data must be an image-caption corpus (data=captions) or a retrieval "
+            "corpus (data=retrieval)"
+        )
     model = build_model(run_cfg, dm)
     state = torch.load(str(cfg.ckpt_path), map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"])
     model.eval()
+    # fixed shapes: a pair's score must not depend on which other pairs share its batch (exact rank comparisons)
+    collator = dm.scoring_collator()
+    batch_size = int(opts.get("batch_size", 256))
+    score = gallery_scorer(model, collator, texts, visuals, batch_size=batch_size)
+    k = opts.get("shortlist_k")
+    log.info(
+        "zero-shot retrieval: %d captions x %d images%s",
+        len(texts),
+        n_images,
+        f", shortlist top {k} by dual-encoder cosine then cross-encoder re-rank" if k else " (exhaustive)",
+    )
+    if k:
+        cheap = pooled_similarity(model, collator, texts, visuals, batch_size)
+        ranks = shortlist_ranks(score, cheap, gold, k=int(k), text_chunk=int(opts.get("text_chunk", 16)))
+    else:
+        ranks = chunked_ranks(
+            score,
+            len(texts),
+            n_images,
+            gold,
+            text_chunk=int(opts.get("text_chunk", 16)),
+            image_chunk=int(opts.get("image_chunk", 128)),
+        )
+    metric = RetrievalRecall()
+    metric.update(torch.from_numpy(ranks))
+    metrics = {f"{split}/{key}": float(v) for key, v in metric.compute().items()}
+    metrics[f"{split}/recall@1_chance"] = 1.0 / n_images
+    metrics[f"{split}/num_images"] = float(n_images)
+    metrics[f"{split}/num_captions"] = float(len(texts))
+    assert math.isfinite(metrics[f"{split}/mean_rank"])
+    return metrics
 
+
+def _caption_queries(dm: Any, split: str, opts: dict[str, Any]) -> tuple[list[str], list[int], list[dict]]:
+    """(caption texts, gold image position, image region dicts) of a captions corpus split: the first `max_images`
+    images (sorted ids), `captions_per_image` captions each."""
     from vl.data.captions import load_captions
 
     annotations = load_captions(dm.path(dm.captions_file, split))
@@ -139,25 +197,4 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
             seen[a["image_id"]] = seen.get(a["image_id"], 0) + 1
             queries.append(a)
     visuals = [dm.regions[str(i)] for i in image_ids]
-    # fixed shapes: a pair's score must not depend on which other pairs share its batch (exact rank comparisons)
-    collator = dm.scoring_collator()
-    score = gallery_scorer(
-        model, collator, [q["caption"] for q in queries], visuals, batch_size=int(opts.get("batch_size", 256))
-    )
-    log.info("zero-shot retrieval: %d captions x %d images", len(queries), len(image_ids))
-    ranks = chunked_ranks(
-        score,
-        len(queries),
-        len(image_ids),
-        [position[q["image_id"]] for q in queries],
-        text_chunk=int(opts.get("text_chunk", 16)),
-        image_chunk=int(opts.get("image_chunk", 128)),
-    )
-    metric = RetrievalRecall()
-    metric.update(torch.from_numpy(ranks))
-    metrics = {f"{split}/{k}": float(v) for k, v in metric.compute().items()}
-    metrics[f"{split}/recall@1_chance"] = 1.0 / len(image_ids)
-    metrics[f"{split}/num_images"] = float(len(image_ids))
-    metrics[f"{split}/num_captions"] = float(len(queries))
-    assert math.isfinite(metrics[f"{split}/mean_rank"])
-    return metrics
+    return [q["caption"] for q in queries], [position[q["image_id"]] for q in queries], visuals

@@ -354,6 +354,9 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 #: objectives whose collator must mask regions
 REGION_MASKING = ("mrc", "mrfr")
+#: objectives that score region states (`EncoderOutput.regions()`) / that are meaningless without any image input
+REGION_OBJECTIVES = (*REGION_MASKING, "refer")
+IMAGE_OBJECTIVES = ("itm", "retrieval")
 
 
 def build_objectives(

@@ -134,16 +134,15 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
     dm = build_datamodule(run_cfg)
     if hasattr(dm, "gallery"):  # data=retrieval: its own query/gallery layout
         gallery = dm.gallery(split)
-        texts, gold, visuals = gallery["texts"], list(gallery["gold"]), list(gallery["visuals"])
-        n_images = len(visuals)
+        texts, gold, visuals = gallery["texts"], list(gallery["gold"]), gallery["visuals"]  # lazy: read per image
     elif hasattr(dm, "regions") and hasattr(dm, "captions_file"):
         texts, gold, visuals = _caption_queries(dm, split, opts)
-        n_images = len(visuals)
     else:
         raise ConfigError(
             "task=zero_shot_retrieval: the run's data must be an image-caption corpus (data=captions) or a retrieval "
             "corpus (data=retrieval)"
         )
+    n_images = len(visuals)
     model = build_model(run_cfg, dm)
     state = torch.load(str(cfg.ckpt_path), map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"])
@@ -153,6 +152,7 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
     batch_size = int(opts.get("batch_size", 256))
     score = gallery_scorer(model, collator, texts, visuals, batch_size=batch_size)
     k = opts.get("shortlist_k")
+    text_chunk = int(opts.get("text_chunk", 16))
     log.info(
         "zero-shot retrieval: %d captions x %d images%s",
         len(texts),
@@ -161,14 +161,14 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
     )
     if k:
         cheap = pooled_similarity(model, collator, texts, visuals, batch_size)
-        ranks = shortlist_ranks(score, cheap, gold, k=int(k), text_chunk=int(opts.get("text_chunk", 16)))
+        ranks = shortlist_ranks(score, cheap, gold, k=int(k), text_chunk=text_chunk)
     else:
         ranks = chunked_ranks(
             score,
             len(texts),
             n_images,
             gold,
-            text_chunk=int(opts.get("text_chunk", 16)),
+            text_chunk=text_chunk,
             image_chunk=int(opts.get("image_chunk", 128)),
         )
     metric = RetrievalRecall()

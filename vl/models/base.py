@@ -22,14 +22,11 @@ from torchmetrics import MeanMetric
 from vl.errors import ConfigError
 from vl.metrics import RetrievalRecall
 from vl.models.bert import log_key_report
-from vl.objectives import EncoderOutput, build_objectives
+from vl.objectives import IMAGE_OBJECTIVES, REGION_OBJECTIVES, EncoderOutput, build_objectives
 
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
-#: objectives that score region states (`EncoderOutput.regions()`) / that are meaningless without any image input
-REGION_OBJECTIVES = ("refer", "mrc", "mrfr")
-IMAGE_OBJECTIVES = ("itm", "retrieval")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from vl.data.collate import Collator
+from vl.data.collate import Collator, pad_regions
 from vl.errors import ConfigError
 from vl.metrics import RetrievalRecall
 
@@ -29,84 +29,189 @@ def chunked_ranks(
 ) -> np.ndarray:
     """Rank (1 = best) of `gold[t]` among all images for each text t, scoring (text_chunk x image_chunk) blocks.
 
-    Rank = 1 + number of images scoring strictly higher than the gold image (ties count in the gold's favour). One
-    chunk of texts is held against every image at a time: memory O(text_chunk x images), never texts x images, and
-    the gold score is the one from the same pass (no extra forwards).
+    Rank = 1 + number of images scoring strictly higher than the gold image by more than 1e-9 (ties count in the
+    gold's favour). One chunk of texts is held against every image at a time, in the scores' own dtype: memory
+    O(text_chunk x images), never texts x images, and the gold score is the one from the same pass (no extra
+    forwards).
     """
     gold_arr = np.asarray(gold, dtype=np.int64)
     ranks = np.empty(n_texts, dtype=np.int64)
     for t0 in range(0, n_texts, text_chunk):
         texts = list(range(t0, min(t0 + text_chunk, n_texts)))
-        rows = np.empty((len(texts), n_images))
+        rows: np.ndarray | None = None
         for i0 in range(0, n_images, image_chunk):
             images = list(range(i0, min(i0 + image_chunk, n_images)))
-            rows[:, i0 : i0 + len(images)] = score_block(texts, images).double().cpu().numpy()
+            block = _as_numpy(score_block(texts, images))
+            if rows is None:  # numpy, so that tracemalloc sees it (bench/retrieval_memory.py, tests)
+                rows = np.empty((len(texts), n_images), dtype=block.dtype)
+            rows[:, i0 : i0 + len(images)] = block
+        assert rows is not None
         own = np.arange(len(texts))
         g = gold_arr[t0 : t0 + len(texts)]
-        better = rows > rows[own, g][:, None] + 1e-9
+        better = rows > _strict_threshold(rows[own, g])[:, None]
         better[own, g] = False  # never count the gold itself
         ranks[t0 : t0 + len(texts)] = better.sum(1) + 1
     return ranks
 
 
+def _as_numpy(scores: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Scores as a numpy array in their own floating dtype (bfloat16, which numpy lacks, and integers -> float32 /
+    float64)."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu()
+        if scores.dtype == torch.bfloat16:
+            scores = scores.float()
+        scores = scores.numpy()
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    return scores
+
+
+def _strict_threshold(gold_scores: np.ndarray) -> np.ndarray:
+    """The largest value t of the scores' dtype with t <= float64(gold) + 1e-9, so that for any score x of that dtype
+    `x > t` is exactly `float64(x) > float64(gold) + 1e-9` (the comparison the float64 rows of earlier versions made)
+    without a float64 copy of the rows."""
+    exact = gold_scores.astype(np.float64) + 1e-9
+    t = exact.astype(gold_scores.dtype)
+    over = t.astype(np.float64) > exact
+    t[over] = np.nextafter(t[over], np.asarray(-np.inf, dtype=t.dtype))
+    return t
+
+
+#: cheap(text_indices) -> (len(texts), images) similarity rows, higher = more similar
+CheapRows = Callable[[list[int]], np.ndarray]
+
+
 def shortlist_ranks(
-    score_block: ScoreBlock, cheap: np.ndarray, gold: list[int], *, k: int, text_chunk: int = 16
+    score_block: ScoreBlock,
+    cheap: np.ndarray | CheapRows,
+    gold: list[int],
+    *,
+    k: int,
+    text_chunk: int = 16,
+    n_images: int | None = None,
 ) -> np.ndarray:
-    """Shortlist-then-rerank: per text, the top-`k` images by a cheap similarity (T, I) are re-scored by the
-    cross-encoder; rank = 1 + shortlisted images scoring above the gold one, or k + 1 when the gold image is not
-    shortlisted (a miss for every R@j with j <= k). With k = number of images this equals `chunked_ranks` exactly."""
-    n_texts, n_images = cheap.shape
+    """Shortlist-then-rerank: per text, the top-`k` images by a cheap similarity are re-scored by the cross-encoder;
+    rank = 1 + shortlisted images scoring above the gold one (by more than 1e-9, as in `chunked_ranks`), or k + 1
+    when the gold image is not shortlisted (a miss for every R@j with j <= k). With k = number of images this equals
+    `chunked_ranks` exactly.
+
+    `cheap` is a (texts, images) array, or a function giving the rows of a chunk of texts (`pooled_similarity`; then
+    `n_images` is required): the similarity is taken `text_chunk` texts at a time and only each text's top k kept, so
+    memory is O(text_chunk x images + texts), never texts x images. Ties at the k-th similarity go to the lower image
+    index (the top k of a stable descending sort).
+    """
+    n_texts = len(gold)
+    if isinstance(cheap, np.ndarray):
+        if cheap.shape[0] != n_texts:
+            raise ValueError(f"shortlist_ranks: cheap similarity has {cheap.shape[0]} rows for {n_texts} texts")
+        matrix = cheap
+        n_images = cheap.shape[1]
+
+        def cheap_rows(texts: list[int]) -> np.ndarray:
+            return matrix[texts[0] : texts[-1] + 1]
+
+    elif n_images is None:
+        raise ValueError("shortlist_ranks: n_images is required when `cheap` is a function of text indices")
+    else:
+        cheap_rows = cheap
     k = min(k, n_images)
-    shortlist = np.argsort(-cheap, axis=1, kind="stable")[:, :k]  # (T, k)
     ranks = np.full(n_texts, k + 1, dtype=np.int64)
     for t0 in range(0, n_texts, text_chunk):
-        for t in range(t0, min(t0 + text_chunk, n_texts)):
-            candidates = shortlist[t].tolist()
-            if gold[t] not in candidates:
+        texts = list(range(t0, min(t0 + text_chunk, n_texts)))
+        rows = np.asarray(cheap_rows(texts))
+        if rows.shape != (len(texts), n_images):
+            raise ValueError(
+                f"shortlist_ranks: cheap similarity rows of texts {t0}..{texts[-1]} have shape {rows.shape}, "
+                f"expected {(len(texts), n_images)}"
+            )
+        if not np.isfinite(rows).all():
+            raise ValueError(f"shortlist_ranks: non-finite cheap similarity among texts {t0}..{texts[-1]}")
+        keep = _top_k_mask(rows, k)  # (chunk, images) bool
+        for j, t in enumerate(texts):
+            if not keep[j, gold[t]]:
                 continue
-            scores = score_block([t], candidates)[0].double().cpu().numpy()
+            candidates = np.flatnonzero(keep[j]).tolist()
+            scores = _as_numpy(score_block([t], candidates))[0].astype(np.float64)
             gold_score = scores[candidates.index(gold[t])]
             ranks[t] = 1 + int((scores > gold_score + 1e-9).sum())
     return ranks
 
 
-@torch.no_grad()
-def pooled_similarity(
-    model: Any, collator: Collator, texts: list[str], visuals: list[dict], batch_size: int
-) -> np.ndarray:
-    """The cheap dual-encoder similarity: cosine between each text encoded alone (all regions masked) and each image
-    encoded alone (an empty caption). Two passes of O(T + I) forwards instead of O(T x I)."""
+def _top_k_mask(rows: np.ndarray, k: int) -> np.ndarray:
+    """(n, m) bool: each row's k largest entries, ties at the k-th value to the lowest indices (the first k of
+    `np.argsort(-rows, kind="stable")`), in O(n x m) time (a partition, not a sort)."""
+    m = rows.shape[1]
+    if k >= m:
+        return np.ones(rows.shape, dtype=bool)
+    kth = np.partition(rows, m - k, axis=1)[:, m - k : m - k + 1]  # (n, 1): each row's k-th largest value
+    keep = rows > kth
+    tied = rows == kth
+    room = k - keep.sum(1, keepdims=True)  # how many tied entries still fit, lowest index first
+    keep |= tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= room)
+    return keep
 
-    def encode(examples: list[dict], drop_regions: bool) -> torch.Tensor:
+
+@torch.no_grad()
+def pooled_similarity(model: Any, collator: Collator, texts: list[str], visuals: Any, batch_size: int) -> CheapRows:
+    """The cheap dual-encoder similarity: cosine between each text encoded alone (all regions masked) and each image
+    encoded alone (an empty caption). O(T + I) forwards instead of O(T x I). The images are encoded here, once
+    ((I, H) float32); the returned function encodes a chunk of texts and gives their (chunk, I) cosine rows, so no
+    (T, I) matrix is ever built."""
+    device = getattr(model, "device", torch.device("cpu"))
+
+    def encode(examples: list[dict], drop_regions: bool) -> np.ndarray:
         out = []
         for start in range(0, len(examples), batch_size):
             batch = collator(examples[start : start + batch_size])
             if drop_regions:
                 batch["visual_mask"] = torch.zeros_like(batch["visual_mask"])
-            out.append(torch.nn.functional.normalize(model(batch).pooled, dim=-1))
-        return torch.cat(out)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            pooled = torch.nn.functional.normalize(model(batch).pooled.float(), dim=-1)
+            out.append(pooled.cpu().numpy())
+        return np.concatenate(out)
 
-    text_emb = encode([{"text": t, "visual": visuals[0]} for t in texts], drop_regions=True)
-    image_emb = encode([{"text": "", "visual": v} for v in visuals], drop_regions=False)
-    return (text_emb @ image_emb.T).numpy()
+    image_emb = encode([{"text": "", "visual": visuals[i]} for i in range(len(visuals))], drop_regions=False)
+    blank = visuals[0]
+
+    @torch.no_grad()
+    def cheap_rows(text_idx: list[int]) -> np.ndarray:
+        return encode([{"text": texts[t], "visual": blank} for t in text_idx], drop_regions=True) @ image_emb.T
+
+    return cheap_rows
 
 
-def gallery_scorer(
-    model: Any, collator: Collator, texts: list[str], visuals: list[dict], *, batch_size: int
-) -> ScoreBlock:
+def gallery_scorer(model: Any, collator: Collator, texts: list[str], visuals: Any, *, batch_size: int) -> ScoreBlock:
     """A `ScoreBlock` from a system's `pair_scorer()`: its fine-tuned retrieval head (`vil_logit`), else the ITM
-    head's aligned probability softmax(logits)[:, 1] (1 = aligned in vl)."""
+    head's aligned probability softmax(logits)[:, 1] (1 = aligned in vl).
+
+    Each call tokenises its texts once and pads its images once (the last call's tokens are kept, so the image chunks
+    of one text chunk reuse them), then forms the pair batches by indexing: a caption is tokenised once per text
+    chunk, not once per image. With the scoring collator (`fixed_shapes`) a pair's batch rows are exactly those the
+    collator would give it."""
     head = model.pair_scorer()
+    cache: dict[str, Any] = {"texts": None, "tokens": None}
+
+    def tokens(text_idx: list[int]) -> dict[str, torch.Tensor]:
+        key = tuple(text_idx)
+        if cache["texts"] != key:
+            enc = collator([{"text": texts[t]} for t in text_idx])
+            cache["texts"], cache["tokens"] = key, {n: v for n, v in enc.items() if n != "index"}
+        return cache["tokens"]
 
     @torch.no_grad()
     def score_block(text_idx: list[int], image_idx: list[int]) -> torch.Tensor:
-        pairs = [(t, i) for t in text_idx for i in image_idx]
-        out = torch.empty(len(pairs))
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            batch = collator([{"text": texts[t], "visual": visuals[i]} for t, i in chunk])
-            batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            out[start : start + len(chunk)] = head(model(batch).pooled).float().cpu()
+        text = tokens(text_idx)
+        image = pad_regions([visuals[i] for i in image_idx], collator.max_regions, fixed=collator.fixed_shapes)
+        n_pairs = len(text_idx) * len(image_idx)
+        out = torch.empty(n_pairs)
+        for start in range(0, n_pairs, batch_size):
+            pair = torch.arange(start, min(start + batch_size, n_pairs))
+            t, i = pair // len(image_idx), pair % len(image_idx)
+            batch = {n: v[t] for n, v in text.items()} | {n: v[i] for n, v in image.items()}
+            batch["index"] = torch.zeros(len(pair), dtype=torch.long)
+            batch = {n: v.to(model.device) for n, v in batch.items()}
+            out[start : start + len(pair)] = head(model(batch).pooled).float().cpu()
         return out.view(len(text_idx), len(image_idx))
 
     return score_block
@@ -161,7 +266,7 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
     )
     if k:
         cheap = pooled_similarity(model, collator, texts, visuals, batch_size)
-        ranks = shortlist_ranks(score, cheap, gold, k=int(k), text_chunk=text_chunk)
+        ranks = shortlist_ranks(score, cheap, gold, k=int(k), text_chunk=text_chunk, n_images=n_images)
     else:
         ranks = chunked_ranks(
             score,

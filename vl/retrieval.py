@@ -144,11 +144,13 @@ def _top_k_mask(rows: np.ndarray, k: int) -> np.ndarray:
     m = rows.shape[1]
     if k >= m:
         return np.ones(rows.shape, dtype=bool)
-    kth = np.partition(rows, m - k, axis=1)[:, m - k : m - k + 1]  # (n, 1): each row's k-th largest value
+    kth = np.partition(rows, m - k, axis=1)[:, [m - k]]  # (n, 1): each row's k-th largest value (a copy)
     keep = rows > kth
     tied = rows == kth
     room = k - keep.sum(1, keepdims=True)  # how many tied entries still fit, lowest index first
-    keep |= tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= room)
+    over = np.flatnonzero(tied.sum(1, keepdims=True) > room)  # rows whose ties straddle the k-th place
+    tied[over] &= np.cumsum(tied[over], axis=1, dtype=np.int32) <= room[over]
+    keep |= tied
     return keep
 
 

@@ -65,6 +65,16 @@ def test_shortlist_ranks_match_brute_force_and_chunked_cheap_rows() -> None:
     assert (shortlist_ranks(block, cheap, gold, k=k, text_chunk=4) == expected).all()
     rows = shortlist_ranks(block, lambda ts: cheap[ts], gold, k=k, text_chunk=5, n_images=n_images)
     assert (rows == expected).all()
+    calls = []
+
+    def pairs(texts: list[int], images: list[int]) -> torch.Tensor:  # the batched re-rank path (gallery_scorer's)
+        calls.append(len(texts))
+        return torch.from_numpy(scores[texts, images])
+
+    block.pairs = pairs
+    assert (shortlist_ranks(block, cheap, gold, k=k, text_chunk=8) == expected).all()
+    assert len(calls) <= 5 and sum(calls) == k * int((expected <= k).sum())  # one call per chunk, k pairs per hit
+    del block.pairs
     exhaustive = chunked_ranks(block, n_texts, n_images, gold, text_chunk=7, image_chunk=4)
     full = shortlist_ranks(block, lambda ts: cheap[ts], gold, k=n_images, text_chunk=5, n_images=n_images)
     assert (full == exhaustive).all()  # k = N is the exhaustive ranking
@@ -150,6 +160,8 @@ def test_gallery_scorer_equals_per_pair_collation_and_tokenises_once(make_cfg) -
     score = gallery_scorer(model, collator, texts, visuals, batch_size=4)
     got = torch.cat([torch.cat([score([t], [i]) for i in range(len(visuals))], 1) for t in range(len(texts))])
     torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
+    pick_t, pick_i = rng.integers(0, len(texts), size=23).tolist(), rng.integers(0, len(visuals), size=23).tolist()
+    torch.testing.assert_close(score.pairs(pick_t, pick_i), alone[pick_t, pick_i], rtol=0, atol=1e-5)
     counting.counts.clear()
     ranks = chunked_ranks(score, len(texts), len(visuals), [0, 1, 2, 3, 4], text_chunk=2, image_chunk=3)
     assert counting.counts == {t: 1 for t in texts}

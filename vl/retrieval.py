@@ -99,7 +99,9 @@ def shortlist_ranks(
     `cheap` is a (texts, images) array, or a function giving the rows of a chunk of texts (`pooled_similarity`; then
     `n_images` is required): the similarity is taken `text_chunk` texts at a time and only each text's top k kept, so
     memory is O(text_chunk x images + texts), never texts x images. Ties at the k-th similarity go to the lower image
-    index (the top k of a stable descending sort).
+    index (the top k of a stable descending sort). A `score_block` with a `pairs(text_indices, image_indices) -> (n,)`
+    method (`gallery_scorer`'s) is asked for all shortlisted pairs of a text chunk at once (full forward batches);
+    otherwise for one (1, k) block per text.
     """
     n_texts = len(gold)
     if isinstance(cheap, np.ndarray):
@@ -116,6 +118,7 @@ def shortlist_ranks(
     else:
         cheap_rows = cheap
     k = min(k, n_images)
+    pairs = getattr(score_block, "pairs", None)
     ranks = np.full(n_texts, k + 1, dtype=np.int64)
     for t0 in range(0, n_texts, text_chunk):
         texts = list(range(t0, min(t0 + text_chunk, n_texts)))
@@ -128,12 +131,24 @@ def shortlist_ranks(
         if not np.isfinite(rows).all():
             raise ValueError(f"shortlist_ranks: non-finite cheap similarity among texts {t0}..{texts[-1]}")
         keep = _top_k_mask(rows, k)  # (chunk, images) bool
-        for j, t in enumerate(texts):
-            if not keep[j, gold[t]]:
-                continue
-            candidates = np.flatnonzero(keep[j]).tolist()
-            scores = _as_numpy(score_block([t], candidates))[0].astype(np.float64)
-            gold_score = scores[candidates.index(gold[t])]
+        del rows
+        hits = [j for j, t in enumerate(texts) if keep[j, gold[t]]]  # a text whose gold is not shortlisted: k + 1
+        candidates = [np.flatnonzero(keep[j]) for j in hits]
+        if pairs is not None and hits:  # every shortlisted pair of the chunk in one call: full batches
+            flat = _as_numpy(
+                pairs(
+                    np.repeat([texts[j] for j in hits], [len(c) for c in candidates]).tolist(),
+                    np.concatenate(candidates).tolist(),
+                )
+            ).astype(np.float64)
+            per_text = np.split(flat, np.cumsum([len(c) for c in candidates])[:-1])
+        else:
+            per_text = [
+                _as_numpy(score_block([texts[j]], c.tolist()))[0].astype(np.float64) for j, c in zip(hits, candidates)
+            ]
+        for j, cand, scores in zip(hits, candidates, per_text):
+            t = texts[j]
+            gold_score = scores[int(np.flatnonzero(cand == gold[t])[0])]
             ranks[t] = 1 + int((scores > gold_score + 1e-9).sum())
     return ranks
 
@@ -189,7 +204,8 @@ def gallery_scorer(model: Any, collator: Collator, texts: list[str], visuals: An
 
     Each call tokenises its texts once and pads its images once (the last call's tokens are kept, so the image chunks
     of one text chunk reuse them), then forms the pair batches by indexing: a caption is tokenised once per text
-    chunk, not once per image. With the scoring collator (`fixed_shapes`) a pair's batch rows are exactly those the
+    chunk, not once per image. `score_block.pairs(text_indices, image_indices)` scores a list of pairs the same way
+    (the shortlist's re-rank). With the scoring collator (`fixed_shapes`) a pair's batch rows are exactly those the
     collator would give it."""
     head = model.pair_scorer()
     cache: dict[str, Any] = {"texts": None, "tokens": None}
@@ -201,21 +217,35 @@ def gallery_scorer(model: Any, collator: Collator, texts: list[str], visuals: An
             cache["texts"], cache["tokens"] = key, {n: v for n, v in enc.items() if n != "index"}
         return cache["tokens"]
 
+    def forward(text: dict, image: dict, t_rows: torch.Tensor, i_rows: torch.Tensor) -> torch.Tensor:
+        """Scores of the pairs (text row t_rows[p], image row i_rows[p]), `batch_size` pairs per forward."""
+        out = torch.empty(len(t_rows))
+        for start in range(0, len(t_rows), batch_size):
+            t, i = t_rows[start : start + batch_size], i_rows[start : start + batch_size]
+            batch = {n: v[t] for n, v in text.items()} | {n: v[i] for n, v in image.items()}
+            batch["index"] = torch.zeros(len(t), dtype=torch.long)
+            batch = {n: v.to(model.device) for n, v in batch.items()}
+            out[start : start + len(t)] = head(model(batch).pooled).float().cpu()
+        return out
+
+    def regions(image_idx: list[int]) -> dict[str, torch.Tensor]:
+        return pad_regions([visuals[i] for i in image_idx], collator.max_regions, fixed=collator.fixed_shapes)
+
     @torch.no_grad()
     def score_block(text_idx: list[int], image_idx: list[int]) -> torch.Tensor:
-        text = tokens(text_idx)
-        image = pad_regions([visuals[i] for i in image_idx], collator.max_regions, fixed=collator.fixed_shapes)
-        n_pairs = len(text_idx) * len(image_idx)
-        out = torch.empty(n_pairs)
-        for start in range(0, n_pairs, batch_size):
-            pair = torch.arange(start, min(start + batch_size, n_pairs))
-            t, i = pair // len(image_idx), pair % len(image_idx)
-            batch = {n: v[t] for n, v in text.items()} | {n: v[i] for n, v in image.items()}
-            batch["index"] = torch.zeros(len(pair), dtype=torch.long)
-            batch = {n: v.to(model.device) for n, v in batch.items()}
-            out[start : start + len(pair)] = head(model(batch).pooled).float().cpu()
-        return out.view(len(text_idx), len(image_idx))
+        pair = torch.arange(len(text_idx) * len(image_idx))
+        scores = forward(tokens(text_idx), regions(image_idx), pair // len(image_idx), pair % len(image_idx))
+        return scores.view(len(text_idx), len(image_idx))
 
+    @torch.no_grad()
+    def score_pairs(text_idx: list[int], image_idx: list[int]) -> torch.Tensor:
+        """(n,) scores of the pairs zip(text_idx, image_idx); each distinct text tokenised, each image padded once."""
+        t_uniq, t_rows = np.unique(np.asarray(text_idx, dtype=np.int64), return_inverse=True)
+        i_uniq, i_rows = np.unique(np.asarray(image_idx, dtype=np.int64), return_inverse=True)
+        text, image = tokens(t_uniq.tolist()), regions(i_uniq.tolist())
+        return forward(text, image, torch.from_numpy(t_rows.reshape(-1)), torch.from_numpy(i_rows.reshape(-1)))
+
+    score_block.pairs = score_pairs  # type: ignore[attr-defined]  # used by shortlist_ranks
     return score_block
 
 

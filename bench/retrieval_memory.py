@@ -155,7 +155,9 @@ def cross_encoder(n_images: int, n_captions: int, *, k: int, repeats: int, data_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="5000x1000,10000x2000,25000x5000", help="captions x images, comma-separated")
+    parser.add_argument(
+        "--sizes", default="5000x1000,10000x2000,25000x5000", help="captions x images, comma-separated ('' for none)"
+    )
     parser.add_argument("--k", type=int, default=20, help="shortlist length")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--text-chunk", type=int, default=500)
@@ -180,7 +182,7 @@ def main() -> None:
         "shortlist |"
     )
     print("|---|---|---|---|---|---|")
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         n_texts, n_images = (int(x) for x in size.lower().split("x"))
         r = machinery(
             n_texts, n_images, k=args.k, dim=args.dim, text_chunk=args.text_chunk, image_chunk=args.image_chunk

@@ -15,16 +15,18 @@ from omegaconf import OmegaConf
 from sklearn.metrics import average_precision_score
 from transformers import BertConfig, BertForMaskedLM
 
+from tests.conftest import REAL_SAMPLES
 from vl.errors import DataError
 from vl.probes import memory_colors as mc
 from vl.probes import visual_property_norms as vpn
 from vl.probes.scorers import CheckpointScorer, HFMaskedLMScorer, RandomScorer, encode_masked
 
-ROOT = Path(__file__).resolve().parents[2]
-REAL = ROOT.parent / "shared" / "real_samples"
-MC_REAL = REAL / "memory_colors" / "memory_colors.jsonl"
-VPN_REAL = REAL / "visual_property_norms"
-needs_real = pytest.mark.skipif(not MC_REAL.is_file(), reason="real samples not available")
+MC_REAL = REAL_SAMPLES / "memory_colors" / "memory_colors.jsonl"
+VPN_REAL = REAL_SAMPLES / "visual_property_norms"
+needs_real = pytest.mark.skipif(
+    not (MC_REAL.is_file() and VPN_REAL.is_dir()),
+    reason=f"real samples not found at {REAL_SAMPLES} (set VL_REAL_SAMPLES to the shared real_samples dir)",
+)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ def real_sample(*parts: str) -> Path:
         pytest.skip(f"real sample {path} not found (set VL_REAL_SAMPLES to the shared real_samples dir)")
     return path
 
+
 #: a model small enough for many CPU fits per test session
 TINY_MODEL = (
     "model.text_encoder.hidden_size=32",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import real_sample
 from vl.data.convert import convert, main, read_bottom_up_tsv
 from vl.data.features import (
     FrcnnJsonRegionReader,
@@ -28,7 +29,6 @@ from vl.data.features import (
     write_region_json,
     write_region_lmdb,
 )
-from tests.conftest import real_sample
 from vl.errors import DataError
 
 ITEM_KEYS = {"image_id", "features", "boxes", "boxes_norm", "cls_prob", "image_w", "image_h", "num_boxes"}

@@ -3,6 +3,7 @@ single-wordpiece and one-[MASK] errors, checkpoint scorer (implicit / explicit C
 
 from __future__ import annotations
 
+import csv
 import functools
 import shutil
 import statistics
@@ -19,6 +20,7 @@ from tests.conftest import REAL_SAMPLES
 from vl.errors import DataError
 from vl.probes import memory_colors as mc
 from vl.probes import visual_property_norms as vpn
+from vl.probes.report import probe_metrics, write_probe_report
 from vl.probes.scorers import CheckpointScorer, HFMaskedLMScorer, RandomScorer, encode_masked
 
 MC_REAL = REAL_SAMPLES / "memory_colors" / "memory_colors.jsonl"
@@ -83,6 +85,43 @@ def test_real_memory_colors_and_vpn_samples_load():
 
 
 # ------------------------------------------------------------------------------------------ templates / errors
+#: the 13 published Memory Colors templates, in the order of ../shared/spec/clip_bert.md (copied by hand from the spec)
+PUBLISHED_MC_TEMPLATES = [
+    "Q: What is the color of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
+    "Q: What is the color of [DESCRIPTOR] [ITEM]? [SEP] A: It is [MASK].",
+    "Q: What is the colour of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
+    "The color of [DESCRIPTOR] [ITEM] is [MASK].",
+    "The usual color of [DESCRIPTOR] [ITEM] is [MASK].",
+    "What is the color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "What is the colour of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "What is the usual color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the usual color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "[DESCRIPTOR] [ITEM] usually has the color of [MASK].",
+]
+
+
+def test_memory_colors_templates_are_the_published_ones(tmp_path):
+    assert list(mc.TEMPLATES) == PUBLISHED_MC_TEMPLATES
+    # results and the report name each template by its text, in that order
+    items = [{"descriptor": "the", "item": f"thing{i}", "label": mc.COLORS[i % 11]} for i in range(5)]
+    res = mc.run_memory_colors(RandomScorer(seed=0), items)
+    assert list(res["per_template"]) == PUBLISHED_MC_TEMPLATES
+    assert {p["template"] for p in res["predictions"]} == set(PUBLISHED_MC_TEMPLATES)
+    paths = write_probe_report(tmp_path, "memory_colors", {"random": res})
+    with open(paths["csv"], newline="") as f:
+        row = next(csv.DictReader(f))
+    assert [k for k in row if "[MASK]" in k] == PUBLISHED_MC_TEMPLATES
+    assert all(float(row[t]) == pytest.approx(res["per_template"][t]) for t in PUBLISHED_MC_TEMPLATES)
+    md = paths["md"].read_text()
+    assert all(f"`{t}`" in md for t in PUBLISHED_MC_TEMPLATES) and "template_1" not in md
+    assert not any("[MASK]" in k for k in probe_metrics("memory_colors", {"random": res}))
+    with pytest.raises(DataError, match="distinct"):
+        mc.run_memory_colors(RandomScorer(seed=0), items, [mc.TEMPLATES[0]] * 2)
+
+
 def test_templates_and_fill():
     assert len(mc.TEMPLATES) == 13 and len(set(mc.TEMPLATES)) == 13
     assert all(t.count("[MASK]") == 1 for t in mc.TEMPLATES)
@@ -137,7 +176,7 @@ def test_memory_colors_equals_direct_computation(scorer, tiny_bert_dir):
             logits = _direct_logits(tiny_bert_dir, tok, text)
             correct += mc.COLORS[int(logits[color_ids].argmax())] == it["label"]
         expected.append(correct / len(items))
-    assert res["per_template"] == pytest.approx(expected)
+    assert res["per_template"] == pytest.approx(dict(zip(templates, expected)))
     assert res["accuracy_mean"] == pytest.approx(statistics.fmean(expected))
     assert res["accuracy_sd"] == pytest.approx(statistics.stdev(expected))
     assert len(res["predictions"]) == len(items) * len(templates)

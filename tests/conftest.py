@@ -21,7 +21,17 @@ import vl.config  # noqa: F401  (schemas + resolvers)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-REAL_SAMPLES = Path(os.environ.get("VL_REAL_SAMPLES", ROOT.parent / "shared" / "real_samples"))
+#: the shared real sample files (`VL_REAL_SAMPLES`, default `../shared/real_samples`); absent on a plain clone
+REAL_SAMPLES = Path(os.environ.get("VL_REAL_SAMPLES") or ROOT.parent / "shared" / "real_samples")
+
+
+def real_sample(*parts: str) -> Path:
+    """`REAL_SAMPLES/<parts>`; skips the calling test, naming the path, when the file is absent."""
+    path = REAL_SAMPLES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real sample {path} not found (set VL_REAL_SAMPLES to the shared real_samples dir)")
+    return path
+
 
 #: a model small enough for many CPU fits per test session
 TINY_MODEL = (

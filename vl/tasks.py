@@ -23,7 +23,8 @@ def _zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pa
 def _probe(task: str, *, cfg: DictConfig, run_cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     """A masked-LM probe (vl/probes) on the checkpoint's MLM head. `task_cfg`: memory_colors: `data` (JSONL);
     visual_property_norms: `queries` (dir or JSONL), `labels` (labels.txt); both: optional `clip_model` (a local CLIP
-    dir: adds the CLIP-BERT-explicit variant), `random_baseline` (default true), `device` (default cpu)."""
+    dir: adds the CLIP-BERT-explicit variant), `random_baseline` (default true), `device` (default cpu);
+    visual_property_norms: `average` ("query" = the seed's mean over all queries, default; or "concept")."""
     from omegaconf import OmegaConf
 
     from vl.probes import run_probes
@@ -31,7 +32,7 @@ def _probe(task: str, *, cfg: DictConfig, run_cfg: DictConfig, output_dir: Path)
 
     task_cfg = OmegaConf.to_container(cfg.get("task_cfg") or {}, resolve=True)
     assert isinstance(task_cfg, dict)
-    unknown = set(task_cfg) - {"data", "queries", "labels", "clip_model", "random_baseline", "device"}
+    unknown = set(task_cfg) - {"data", "queries", "labels", "clip_model", "random_baseline", "device", "average"}
     if unknown:
         raise ConfigError(f"task_cfg: unknown key(s) {sorted(unknown)} for task '{task}'")
     device = str(task_cfg.get("device", "cpu"))
@@ -48,6 +49,7 @@ def _probe(task: str, *, cfg: DictConfig, run_cfg: DictConfig, output_dir: Path)
         random_baseline=bool(task_cfg.get("random_baseline", True)),
         seed=int(cfg.get("seed", 0)),
         device=device,
+        average=str(task_cfg.get("average", "query")),
     )
     return metrics
 

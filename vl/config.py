@@ -75,7 +75,7 @@ class VilbertModelConfig(ModelConfig):
     v_intermediate: int = 1024
     bi_hidden: int = 1024
     bi_heads: int = 8
-    # co-attention layer k runs after text layer t_biattention_id[k] and vision layer v_biattention_id[k]
+    # co-attention layer k runs before text layer t_biattention_id[k] and vision layer v_biattention_id[k] (as upstream)
     v_biattention_id: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
     t_biattention_id: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
     dropout: float = 0.1  # vision stream and co-attention layers (the text stream uses text_encoder.dropout)

@@ -110,7 +110,8 @@ def _call_order(encoder: VilbertEncoder, batch: dict[str, torch.Tensor]) -> list
 
 
 def test_layer_order_of_the_base_config() -> None:
-    """6-layer/6-connection placement at toy width: text layers 0-5 alone, then co-layer k after text 6+k, vision k."""
+    """6-layer/6-connection placement at toy width, as vilbert-multi-task's `BertEncoder.forward` runs it: for each k,
+    text layers [t_prev, t_k), vision layers [v_prev, v_k), co-layer k; then the remaining vision, then text layers."""
     encoder = VilbertEncoder(
         text_encoder={"hidden_size": 16, "num_layers": 12, "num_heads": 2, "intermediate_size": 16},
         visual_dim=8,
@@ -125,13 +126,15 @@ def test_layer_order_of_the_base_config() -> None:
     ).eval()
     batch = make_batch(batch_size=1, text_len=3, regions=2)
     batch["visual_feats"] = batch["visual_feats"][..., :8]
-    expected = [f"t{i}" for i in range(6)] + [n for k in range(6) for n in (f"t{6 + k}", f"v{k}", f"c{k}")]
+    # written out by hand from the reference loop (T0..T5, CO0, T6, V0, CO1, ..., T10, V4, CO5, V5, T11)
+    expected = "t0 t1 t2 t3 t4 t5 c0 t6 v0 c1 t7 v1 c2 t8 v2 c3 t9 v3 c4 t10 v4 c5 v5 t11".split()
     assert _call_order(encoder, batch) == expected
 
 
 def test_vision_reaches_text_only_after_the_first_co_layer(tiny: VilbertSystem) -> None:
-    """Tiny config: co-layers after text layers 2 and 3, so text layers 0-2 never see the image, layer 3 does."""
-    assert _call_order(tiny.encoder, make_batch()) == ["t0", "t1", "t2", "v0", "c0", "t3", "v1", "c1"]
+    """Tiny config: co-layers before text layers 2 and 3, so text layers 0-1 never see the image, layer 2 does; the
+    first co-layer reads the raw image embedding (no vision layer before it)."""
+    assert _call_order(tiny.encoder, make_batch()) == ["t0", "t1", "c0", "t2", "v0", "c1", "v1", "t3"]
     outputs: list[list[torch.Tensor]] = [[], []]
     for run, seed in enumerate((0, 1)):
         batch = make_batch(seed=0)
@@ -145,7 +148,19 @@ def test_vision_reaches_text_only_after_the_first_co_layer(tiny: VilbertSystem) 
         for hook in hooks:
             hook.remove()
     same = [torch.equal(a, b) for a, b in zip(*outputs)]
-    assert same == [True, True, True, False]
+    assert same == [True, True, False, False]
+
+
+def test_first_co_layer_reads_the_raw_image_embedding(tiny: VilbertSystem) -> None:
+    """An independent recomputation of the stream up to the first co-layer: its vision input is the image embedding."""
+    batch = make_batch()
+    seen: list[torch.Tensor] = []
+    hook = tiny.encoder.co_layers[0].register_forward_hook(lambda _m, args, _o: seen.append(args[1]))
+    with torch.no_grad():
+        tiny(batch)
+        embedded, _ = tiny.encoder.image_embedding(batch["visual_feats"], batch["visual_boxes"], batch["visual_mask"])
+    hook.remove()
+    torch.testing.assert_close(seen[0], embedded)
 
 
 def test_padding_regions_do_not_change_outputs(tiny: VilbertSystem) -> None:

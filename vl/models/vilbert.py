@@ -196,10 +196,12 @@ class VilbertEncoder(nn.Module):
     Batch keys: input_ids, attention_mask, token_type_ids (B,T); visual_feats (B,R,D); visual_boxes (B,R,4)
     normalised x1y1x2y2; visual_mask (B,R).
 
-    Layer placement: co-attention layer k runs once text layers 0..t_biattention_id[k] and vision layers
-    0..v_biattention_id[k] have run; the streams' remaining layers run after the last co-attention layer. With
-    v_biattention_id [0..5] and t_biattention_id [6..11], text layers 0-5 run alone, then co-layer k follows text
-    layer 6+k and vision layer k.
+    Layer placement (as `BertEncoder.forward` of vilbert_beta / vilbert-multi-task): co-attention layer k runs
+    *before* text layer t_biattention_id[k] and vision layer v_biattention_id[k]: for each k, the text layers
+    [t_prev, t_id) run, then the vision layers [v_prev, v_id), then co-layer k; the streams' remaining layers (vision
+    first, then text) run after the last co-layer. With v_biattention_id [0..5] and t_biattention_id [6..11] the order
+    is T0..T5, CO0, T6, V0, CO1, T7, V1, CO2, ..., T10, V4, CO5, V5, T11: the first co-layer reads the raw image
+    embedding and the last text and vision layers run after the last co-layer.
     """
 
     def __init__(
@@ -283,16 +285,16 @@ class VilbertEncoder(nn.Module):
 
         t_next = v_next = 0  # the next layer of each stream to run
         for co_layer, v_id, t_id in zip(self.co_layers, self.v_biattention_id, self.t_biattention_id):
-            for layer in self.text_layers[t_next : t_id + 1]:
+            for layer in self.text_layers[t_next:t_id]:  # end excluded: co-layer k runs before text layer t_id
                 text = layer(text, t_mask)
-            for layer in self.vision_layers[v_next : v_id + 1]:
+            for layer in self.vision_layers[v_next:v_id]:
                 vision = layer(vision, v_mask)
-            t_next, v_next = t_id + 1, v_id + 1
+            t_next, v_next = t_id, v_id
             text, vision = co_layer(text, vision, t_mask, v_mask)
-        for layer in self.text_layers[t_next:]:
-            text = layer(text, t_mask)
         for layer in self.vision_layers[v_next:]:
             vision = layer(vision, v_mask)
+        for layer in self.text_layers[t_next:]:
+            text = layer(text, t_mask)
 
         pooled = self.fusion_dropout(self.text_pooler(text[:, 0]) * self.image_pooler(vision[:, 0]))  # (B,Hb)
         return EncoderOutput(text=text, visual=vision, pooled=pooled, visual_prefix=1)

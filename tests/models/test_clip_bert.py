@@ -142,7 +142,8 @@ def test_deepspeed_module_state_dict_loads_non_strictly(tmp_path: Path, caplog) 
             p.add_(torch.randn_like(p))
     head = source.objectives["mlm"]
     original = {f"bert.{k}": v for k, v in source.encoder.bert.state_dict().items()}
-    original |= {f"img_projection.{k}": v for k, v in source.encoder.img_projection.state_dict().items()}
+    # the original `BertImageModel` holds the projection: `bert.img_projection.*`
+    original |= {f"bert.img_projection.{k}": v for k, v in source.encoder.img_projection.state_dict().items()}
     original |= {
         "cls.predictions.transform.dense.weight": head.transform[0].weight,
         "cls.predictions.transform.dense.bias": head.transform[0].bias,
@@ -169,6 +170,9 @@ def test_deepspeed_module_state_dict_loads_non_strictly(tmp_path: Path, caplog) 
             state_dict_path=str(tmp_path / "mp_rank_00_model_states.pt"),
         ).eval()
     assert "bert.pooler.dense.weight" in caplog.text and "0 missing keys, 1 unexpected keys" in caplog.text
+    assert map_original_key("module.bert.img_projection.weight") == "encoder.img_projection.weight"
+    torch.testing.assert_close(target.encoder.img_projection.weight, source.encoder.img_projection.weight)
+    torch.testing.assert_close(target.encoder.img_projection.bias, source.encoder.img_projection.bias)
     batch = batch_with_padding()
     with torch.no_grad():
         a, b = source(batch), target(batch)

@@ -8,7 +8,7 @@ the batch (or with `use_image=False`: `model=bert`, the same class) the forward 
 Weights: `text_encoder.pretrained` (a local HF BERT dir, or "minilm") loads the BERT body and, where the checkpoint has
 them, the `BertForMaskedLM` MLM head weights `cls.predictions.*`. `state_dict_path` loads a whole-model state dict:
 a DeepSpeed `mp_rank_00_model_states.pt` (state dict under `"module"`, keys of the original `BertImageForMaskedLM`:
-`bert.*`, `img_projection.*`, `cls.predictions.*`), a `BertForMaskedLM` `pytorch_model.bin`/`model.safetensors`, or a
+`bert.*` with the image projection at `bert.img_projection.*`, `cls.predictions.*`), a `BertForMaskedLM` `pytorch_model.bin`/`model.safetensors`, or a
 Lightning checkpoint of this class; non-strict, with every missing/unexpected key logged.
 """
 
@@ -54,6 +54,8 @@ def map_original_key(key: str) -> str | None:
         return None
     if key in _HEAD_KEYS:
         return _HEAD_KEYS[key]
+    if key.startswith("bert.img_projection."):  # the original keeps the projection inside `BertImageModel`
+        return f"encoder.{key[len('bert.') :]}"
     if key.startswith("bert."):
         return f"encoder.{key}"
     if key.startswith("img_projection."):

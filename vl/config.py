@@ -59,9 +59,19 @@ class ModelConfig:
 
 
 @dataclass
-class VisualBertModelConfig(ModelConfig):
+class SingleStreamModelConfig(ModelConfig):
+    """The VisualBERT-style single-stream encoder (vl/models/single_stream.py)."""
+
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     pooling: str = "cls"  # "cls": BERT pooler on [CLS]; "mean": masked mean of all states
+
+
+@dataclass
+class VisualBertModelConfig(ModelConfig):
+    """The published VisualBERT (vl/models/visual_bert.py, `transformers.VisualBertModel` layout); a VisualBERT or BERT
+    dir in `text_encoder.pretrained` loads its weights."""
+
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
 
 @dataclass
@@ -80,6 +90,7 @@ class VilbertModelConfig(ModelConfig):
     t_biattention_id: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
     dropout: float = 0.1  # vision stream and co-attention layers (the text stream uses text_encoder.dropout)
     pretrained_lr_mult: float = 0.1
+    state_dict_path: Optional[str] = None  # a released vilbert-multi-task / vilbert_beta checkpoint (key-mapped)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -220,6 +231,7 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(group="schema/model", name="visual_bert", node=VisualBertModelConfig)
+    cs.store(group="schema/model", name="single_stream", node=SingleStreamModelConfig)
     cs.store(group="schema/model", name="vilbert", node=VilbertModelConfig)
     cs.store(group="schema/data", name="captions", node=CaptionsDataConfig)
     cs.store(group="schema/data", name="vqa", node=VQADataConfig)

@@ -67,13 +67,26 @@ class Objective(nn.Module):
 
 
 class MaskedLanguageModeling(Objective):
-    """BERT MLM head (dense-GELU-LN + decoder tied to the word embeddings); CE on masked positions only."""
+    """BERT MLM head (dense-GELU-LN + decoder tied to the word embeddings); CE on masked positions only.
+
+    `on_mismatched_pairs` (`model.heads.mlm.on_mismatched_pairs`): whether captions paired with the wrong image
+    (`itm_labels` 0) count in the MLM loss. True (default) = BERT / ViLBERT's reference (`BertForMultiModalPreTraining`
+    keeps the masked-LM loss on every pair); False = LXMERT's convention (MLM on aligned pairs only), what
+    `model=single_stream` / `visual_bert_tiny` use."""
 
     name = "mlm"
     requires = ("mlm_labels",)
 
-    def __init__(self, *, hidden_size: int, word_embeddings: nn.Embedding, layer_norm_eps: float = 1e-12) -> None:
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        word_embeddings: nn.Embedding,
+        layer_norm_eps: float = 1e-12,
+        on_mismatched_pairs: bool = True,
+    ) -> None:
         super().__init__()
+        self.on_mismatched_pairs = on_mismatched_pairs
         self.transform = nn.Sequential(
             nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         )
@@ -87,6 +100,8 @@ class MaskedLanguageModeling(Objective):
     def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
         labels = batch["mlm_labels"]  # (B, T)
         masked = labels != IGNORE_INDEX
+        if not self.on_mismatched_pairs and "itm_labels" in batch:  # MLM on aligned pairs only
+            masked = masked & (batch["itm_labels"] == 1).unsqueeze(1)
         logits = self.logits(out.text[masked])  # (M, V): only masked positions, never (B, T, V)
         target = labels[masked]
         loss = F.cross_entropy(logits, target) if target.numel() else out.text.sum() * 0.0
@@ -385,7 +400,7 @@ def build_objectives(
             raise ConfigError(f"data.objectives: unknown objective '{name}'; choose from {sorted(OBJECTIVES)}")
         if name == "mlm":
             heads[name] = MaskedLanguageModeling(
-                hidden_size=text_hidden_size or hidden_size, word_embeddings=word_embeddings
+                hidden_size=text_hidden_size or hidden_size, word_embeddings=word_embeddings, **options
             )
         elif name == "mrc":
             if not data_info.get("num_region_classes"):

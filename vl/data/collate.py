@@ -165,8 +165,8 @@ class Collator:
                 probability=self.mlm_probability,
                 generator=generator,
             )
-            if "itm_labels" in batch:  # MLM only on aligned pairs (LXMERT convention)
-                batch["mlm_labels"][batch["itm_labels"] == 0] = IGNORE_INDEX
+            # labels on every pair, mismatched ones too (ViLBERT's reference); whether the MLM loss counts the
+            # mismatched pairs is the MLM head's option (`model.heads.mlm.on_mismatched_pairs`)
         if "vqa_target" in examples[0]:
             batch["vqa_targets"] = torch.from_numpy(np.stack([ex["vqa_target"] for ex in examples])).float()
         for key in ("refer_targets", "refer_ious"):

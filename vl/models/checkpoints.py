@@ -93,7 +93,9 @@ def load_mapped_state_dict(
     if bad_shape:
         raise ConfigError(f"{what}: shape mismatch (check the model sizes): {'; '.join(bad_shape[:5])}")
     result = model.load_state_dict(mapped, strict=False)
-    missing = sorted(result.missing_keys)
+    loaded_storage = {own[k].data_ptr() for k in mapped}
+    # a tied parameter (e.g. the MLM decoder = the word embeddings) is loaded when its twin is
+    missing = sorted(k for k in result.missing_keys if own[k].data_ptr() not in loaded_storage)
     log_key_report(what, missing, sorted(unused))
     if unused:
         log.info("%s: the %d unexpected keys are expected-unused (not part of this model)", what, len(unused))

@@ -10,6 +10,7 @@ masked region must drop it (`out.visual[:, 1:]`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -23,6 +24,14 @@ from transformers.models.bert.modeling_bert import BertLayer
 from vl.errors import ConfigError
 from vl.models.base import VLSystem, region_feature_dim
 from vl.models.bert import build_bert
+from vl.models.checkpoints import (
+    VILBERT_EXPECTED_UNUSED,
+    load_bert_mlm_head,
+    load_mapped_state_dict,
+    map_vilbert_key,
+    read_state_dict,
+    seed_itm_to_vl,
+)
 from vl.objectives import EncoderOutput
 
 #: location of the global image token: the whole image, area 1
@@ -303,7 +312,13 @@ class VilbertEncoder(nn.Module):
 class VilbertSystem(VLSystem):
     """ViLBERT two-stream model + the data's objectives (MLM on text states, ITM/VQA on the fused pooled vector).
 
-    With `text_encoder.pretrained` set, the text stream's parameters get lr x `pretrained_lr_mult` (0.1 upstream).
+    With `text_encoder.pretrained` set (a BERT dir), the text stream and, where the dir has `cls.predictions.*`, the MLM
+    head start from BERT (as upstream, whose `BertForMultiModalPreTraining.from_pretrained` fills `cls.predictions`;
+    the decoder is tied to the word embeddings); these parameters get lr x `pretrained_lr_mult` (0.1 upstream).
+    `state_dict_path` loads a released `vilbert-multi-task` / `vilbert_beta` checkpoint (`pretrained_model.bin`,
+    `multi_task_model.bin`, ...) through `vl.models.checkpoints.map_vilbert_key`: the seed's alignment head
+    (0 = aligned) becomes the ITM head (1 = aligned); a key with no counterpart is a `ConfigError` unless
+    expected-unused (`VILBERT_EXPECTED_UNUSED`, or the head of an objective this run does not have).
     """
 
     def __init__(
@@ -328,6 +343,7 @@ class VilbertSystem(VLSystem):
         pretrained_lr_mult: float = 0.1,
         heads: dict[str, dict[str, Any]] | None = None,
         head_lr: float | None = None,
+        state_dict_path: str | None = None,
     ) -> None:
         super().__init__(
             objectives=objectives,
@@ -359,8 +375,36 @@ class VilbertSystem(VLSystem):
             text_hidden_size=self.encoder.text_hidden,
             visual_hidden_size=self.encoder.visual_hidden,
         )
+        pretrained = text_encoder.get("pretrained")
+        self._pretrained_head: dict[str, torch.Tensor] = {}
+        if pretrained and "mlm" in self.objectives and not init_from:
+            self._pretrained_head = load_bert_mlm_head(self, pretrained)
+        if state_dict_path:
+            self.load_released_state_dict(state_dict_path)
 
     def pretrained_parameter_names(self) -> set[str]:
         if not self.hparams.text_encoder.get("pretrained"):
             return set()
-        return {f"encoder.bert.{name}" for name, _ in self.encoder.bert.named_parameters()}
+        return {f"encoder.bert.{name}" for name, _ in self.encoder.bert.named_parameters()} | set(self._pretrained_head)
+
+    def load_released_state_dict(self, path: str) -> dict[str, list[str]]:
+        """Load a released ViLBERT checkpoint (see the class docstring); returns the key report."""
+        state = read_state_dict(path)
+        head = "vcr" if "vcr" in self.objectives else "retrieval"
+        map_key = partial(map_vilbert_key, multiple_choice_head=head)
+        # heads of objectives this run does not train (e.g. the pretraining heads when fine-tuning) are not an error
+        absent = [
+            re.escape(key)
+            for key in state
+            if (new := map_key(key)) is not None
+            and new.startswith("objectives.")
+            and new.split(".")[1] not in self.objectives
+        ]
+        return load_mapped_state_dict(
+            self,
+            state,
+            map_key,
+            what=f"ViLBERT checkpoint {path}",
+            expected_unused=(*VILBERT_EXPECTED_UNUSED, *absent),
+            transforms=seed_itm_to_vl,
+        )

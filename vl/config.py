@@ -155,6 +155,7 @@ class RefCOCODataConfig(DataConfig):
     features: str = "refcoco+/dets.lmdb"
     gt_features: Optional[str] = "refcoco+/gt.lmdb"  # null: train on detections only
     iou_threshold: float = 0.5
+    iou_plus_one: bool = True  # ViLBERT's pixel-inclusive IoU (w = x2 - x1 + 1); false: continuous boxes
 
 
 @dataclass

@@ -7,6 +7,7 @@ Batch keys (one vocabulary for all collators and encoders):
   vqa_targets (B, A) float soft scores             question_id, image_id, index (B,) long
   mc_labels (B, K) long, -1 = unlabelled: multiple-choice examples (`choices`) are flattened into B*K*C rows
   refer_targets, refer_ious (B, R) float          per-region IoU targets / raw IoUs (referring expressions)
+  refer_image_target, refer_image_iou (B,) float  the same for the whole image (ViLBERT's global token)
 """
 
 from __future__ import annotations
@@ -177,6 +178,9 @@ class Collator:
                     v = torch.as_tensor(np.asarray(ex[key][:n], dtype=np.float32))
                     values[i, : v.shape[0]] = v
                 batch[key] = values
+        for key in ("refer_image_target", "refer_image_iou"):  # (B,) the whole image's IoU (ViLBERT's global token)
+            if key in examples[0]:
+                batch[key] = torch.tensor([float(ex[key]) for ex in examples])
         for key in ("question_id", "image_id", "ref_id", "sent_id", "example_id", "query_index", "gold"):
             if key in examples[0]:
                 batch[key] = torch.tensor([int(ex[key]) for ex in examples])

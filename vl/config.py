@@ -146,6 +146,7 @@ class VCRDataConfig(DataConfig):
     images_dir: str = "vcr/vcr1images"
     names_table: str = "vcr/unisex_names_table.csv"
     features: str = "vcr/regions.lmdb"
+    gt_features: Optional[str] = None  # GT-box regions merged after the detections (ViLBERT upstream); null: dets only
 
 
 @dataclass

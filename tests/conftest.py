@@ -73,12 +73,8 @@ def compose_cfg(
         if (
             tiny
             and config_name == "train"
-            and cfg.model._target_.endswith("VisualBertSystem")
-            and chosen
-            in (
-                None,
-                "visual_bert",
-            )
+            and cfg.model._target_.endswith("SingleStreamSystem")
+            and chosen in (None, "single_stream")
         ):
             cfg = compose(config_name, overrides=extra + list(TINY_MODEL) + list(overrides), return_hydra_config=True)
     with open_dict(cfg):

@@ -37,7 +37,7 @@ def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> N
     cfg = make_cfg("experiment=none", f"model={model}", f"data={data}", "debug=fdr", *small)
     info = build_datamodule(cfg).info
     objectives = set(cfg.data.objectives)
-    region_model = cfg.model._target_.endswith(("VisualBertSystem", "VilbertSystem"))
+    region_model = cfg.model._target_.endswith(("SingleStreamSystem", "VisualBertSystem", "VilbertSystem"))
     sees_image = region_model or (cfg.model.get("use_image", True) and "clip_dim" in info)
     incompatible = None  # an incompatible pair fails with a clear error before any compute
     if region_model and "visual_dim" not in info:

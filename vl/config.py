@@ -59,9 +59,19 @@ class ModelConfig:
 
 
 @dataclass
-class VisualBertModelConfig(ModelConfig):
+class SingleStreamModelConfig(ModelConfig):
+    """The VisualBERT-style single-stream encoder (vl/models/single_stream.py)."""
+
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     pooling: str = "cls"  # "cls": BERT pooler on [CLS]; "mean": masked mean of all states
+
+
+@dataclass
+class VisualBertModelConfig(ModelConfig):
+    """The published VisualBERT (vl/models/visual_bert.py, `transformers.VisualBertModel` layout); a VisualBERT or BERT
+    dir in `text_encoder.pretrained` loads its weights."""
+
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
 
 @dataclass
@@ -75,11 +85,12 @@ class VilbertModelConfig(ModelConfig):
     v_intermediate: int = 1024
     bi_hidden: int = 1024
     bi_heads: int = 8
-    # co-attention layer k runs after text layer t_biattention_id[k] and vision layer v_biattention_id[k]
+    # co-attention layer k runs before text layer t_biattention_id[k] and vision layer v_biattention_id[k] (as upstream)
     v_biattention_id: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
     t_biattention_id: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
     dropout: float = 0.1  # vision stream and co-attention layers (the text stream uses text_encoder.dropout)
     pretrained_lr_mult: float = 0.1
+    state_dict_path: Optional[str] = None  # a released vilbert-multi-task / vilbert_beta checkpoint (key-mapped)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -135,6 +146,7 @@ class VCRDataConfig(DataConfig):
     images_dir: str = "vcr/vcr1images"
     names_table: str = "vcr/unisex_names_table.csv"
     features: str = "vcr/regions.lmdb"
+    gt_features: Optional[str] = None  # GT-box regions merged after the detections (ViLBERT upstream); null: dets only
 
 
 @dataclass
@@ -144,6 +156,7 @@ class RefCOCODataConfig(DataConfig):
     features: str = "refcoco+/dets.lmdb"
     gt_features: Optional[str] = "refcoco+/gt.lmdb"  # null: train on detections only
     iou_threshold: float = 0.5
+    iou_plus_one: bool = True  # ViLBERT's pixel-inclusive IoU (w = x2 - x1 + 1); false: continuous boxes
 
 
 @dataclass
@@ -220,6 +233,7 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(group="schema/model", name="visual_bert", node=VisualBertModelConfig)
+    cs.store(group="schema/model", name="single_stream", node=SingleStreamModelConfig)
     cs.store(group="schema/model", name="vilbert", node=VilbertModelConfig)
     cs.store(group="schema/data", name="captions", node=CaptionsDataConfig)
     cs.store(group="schema/data", name="vqa", node=VQADataConfig)

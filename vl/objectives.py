@@ -67,13 +67,26 @@ class Objective(nn.Module):
 
 
 class MaskedLanguageModeling(Objective):
-    """BERT MLM head (dense-GELU-LN + decoder tied to the word embeddings); CE on masked positions only."""
+    """BERT MLM head (dense-GELU-LN + decoder tied to the word embeddings); CE on masked positions only.
+
+    `on_mismatched_pairs` (`model.heads.mlm.on_mismatched_pairs`): whether captions paired with the wrong image
+    (`itm_labels` 0) count in the MLM loss. True (default) = BERT / ViLBERT's reference (`BertForMultiModalPreTraining`
+    keeps the masked-LM loss on every pair); False = LXMERT's convention (MLM on aligned pairs only), what
+    `model=single_stream` / `visual_bert_tiny` use."""
 
     name = "mlm"
     requires = ("mlm_labels",)
 
-    def __init__(self, *, hidden_size: int, word_embeddings: nn.Embedding, layer_norm_eps: float = 1e-12) -> None:
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        word_embeddings: nn.Embedding,
+        layer_norm_eps: float = 1e-12,
+        on_mismatched_pairs: bool = True,
+    ) -> None:
         super().__init__()
+        self.on_mismatched_pairs = on_mismatched_pairs
         self.transform = nn.Sequential(
             nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         )
@@ -87,6 +100,8 @@ class MaskedLanguageModeling(Objective):
     def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
         labels = batch["mlm_labels"]  # (B, T)
         masked = labels != IGNORE_INDEX
+        if not self.on_mismatched_pairs and "itm_labels" in batch:  # MLM on aligned pairs only
+            masked = masked & (batch["itm_labels"] == 1).unsqueeze(1)
         logits = self.logits(out.text[masked])  # (M, V): only masked positions, never (B, T, V)
         target = labels[masked]
         loss = F.cross_entropy(logits, target) if target.numel() else out.text.sum() * 0.0
@@ -306,23 +321,37 @@ class VCRMultipleChoice(MultipleChoice):
 
 class RegionGrounding(Objective):
     """ViLBERT's `vision_logit`: Linear(Hv, 1) per region, padded regions pushed to -1e4. Loss: BCE-with-logits against
-    `refer_targets` (B, R) (IoU with the referred box, < 0.5 set to 0), mean x R. Metric `refer_acc`: the arg-max
-    region's IoU (`refer_ious` (B, R)) is > 0.5."""
+    `refer_targets` (B, R) (IoU with the referred box, < 0.5 set to 0), mean x the number of candidates. Metric
+    `refer_acc`: the arg-max candidate's IoU (`refer_ious`) is > 0.5.
+
+    `whole_image_candidate` (`model.heads.refer.whole_image_candidate`, default true = vilbert-multi-task): with an
+    encoder that has a whole-image token (ViLBERT's global token, `EncoderOutput.visual_prefix` = 1) it is a candidate
+    too, with target / IoU `refer_image_target` / `refer_image_iou` (the box [0, 0, W, H]), and can be chosen (its
+    prediction's `region` is -1). False: regions only. Encoders without such a token always score regions only."""
 
     name = "refer"
     requires = ("refer_targets",)
 
-    def __init__(self, *, hidden_size: int, iou_threshold: float = 0.5) -> None:
+    def __init__(self, *, hidden_size: int, iou_threshold: float = 0.5, whole_image_candidate: bool = True) -> None:
         super().__init__()
         self.vision_logit = nn.Linear(hidden_size, 1)
         self.iou_threshold = iou_threshold
+        self.whole_image_candidate = whole_image_candidate
 
     def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
         logits = self.vision_logit(out.regions()).squeeze(-1)  # (B, R)
         logits = logits.masked_fill(batch["visual_mask"] == 0, -1e4)
         target = batch["refer_targets"]
+        ious = batch.get("refer_ious", target)
+        if self.whole_image_candidate and out.visual_prefix >= 1 and "refer_image_target" in batch:
+            assert out.visual is not None
+            image_logit = self.vision_logit(out.visual[:, out.visual_prefix - 1]).squeeze(-1)  # (B,)
+            logits = torch.cat([image_logit.unsqueeze(1), logits], 1)  # (B, 1 + R): index 0 = the whole image
+            target = torch.cat([batch["refer_image_target"].unsqueeze(1).to(target.dtype), target], 1)
+            image_iou = batch.get("refer_image_iou", batch["refer_image_target"])
+            ious = torch.cat([image_iou.unsqueeze(1).to(ious.dtype), ious], 1)
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean() * target.shape[1]
-        return ObjectiveResult(loss, logits, batch.get("refer_ious", target))
+        return ObjectiveResult(loss, logits, ious)
 
     def make_metrics(self) -> dict[str, Metric]:
         return {"refer_acc": Accuracy()}
@@ -334,7 +363,8 @@ class RegionGrounding(Objective):
     def predictions(self, result: ObjectiveResult, batch: dict[str, Any]) -> list[dict[str, Any]]:
         if "ref_id" not in batch:
             return []
-        regions = result.logits.argmax(-1).tolist()
+        offset = result.logits.shape[1] - batch["visual_mask"].shape[1]  # 1 when the whole image was a candidate
+        regions = (result.logits.argmax(-1) - offset).tolist()  # -1 = the whole image
         return [
             {"key": f"{r}:{s}", "ref_id": int(r), "sent_id": int(s), "region": int(k)}
             for r, s, k in zip(batch["ref_id"].tolist(), batch["sent_id"].tolist(), regions)
@@ -385,7 +415,7 @@ def build_objectives(
             raise ConfigError(f"data.objectives: unknown objective '{name}'; choose from {sorted(OBJECTIVES)}")
         if name == "mlm":
             heads[name] = MaskedLanguageModeling(
-                hidden_size=text_hidden_size or hidden_size, word_embeddings=word_embeddings
+                hidden_size=text_hidden_size or hidden_size, word_embeddings=word_embeddings, **options
             )
         elif name == "mrc":
             if not data_info.get("num_region_classes"):

@@ -529,7 +529,7 @@ def test_checkpoint_scorer_region_model_gets_masked_zero_region(tmp_path):
     from hydra.utils import instantiate
 
     model_cfg = {
-        "_target_": "vl.models.visual_bert.VisualBertSystem",
+        "_target_": "vl.models.single_stream.SingleStreamSystem",
         "_recursive_": False,
         "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0.0},
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},

@@ -7,6 +7,7 @@ Batch keys (one vocabulary for all collators and encoders):
   vqa_targets (B, A) float soft scores             question_id, image_id, index (B,) long
   mc_labels (B, K) long, -1 = unlabelled: multiple-choice examples (`choices`) are flattened into B*K*C rows
   refer_targets, refer_ious (B, R) float          per-region IoU targets / raw IoUs (referring expressions)
+  refer_image_target, refer_image_iou (B,) float  the same for the whole image (ViLBERT's global token)
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ class Collator:
                 probability=self.mlm_probability,
                 generator=generator,
             )
-            if "itm_labels" in batch:  # MLM only on aligned pairs (LXMERT convention)
-                batch["mlm_labels"][batch["itm_labels"] == 0] = IGNORE_INDEX
+            # labels on every pair, mismatched ones too (ViLBERT's reference); whether the MLM loss counts the
+            # mismatched pairs is the MLM head's option (`model.heads.mlm.on_mismatched_pairs`)
         if "vqa_target" in examples[0]:
             batch["vqa_targets"] = torch.from_numpy(np.stack([ex["vqa_target"] for ex in examples])).float()
         for key in ("refer_targets", "refer_ious"):
@@ -177,6 +178,9 @@ class Collator:
                     v = torch.as_tensor(np.asarray(ex[key][:n], dtype=np.float32))
                     values[i, : v.shape[0]] = v
                 batch[key] = values
+        for key in ("refer_image_target", "refer_image_iou"):  # (B,) the whole image's IoU (ViLBERT's global token)
+            if key in examples[0]:
+                batch[key] = torch.tensor([float(ex[key]) for ex in examples])
         for key in ("question_id", "image_id", "ref_id", "sent_id", "example_id", "query_index", "gold"):
             if key in examples[0]:
                 batch[key] = torch.tensor([int(ex[key]) for ex in examples])

@@ -299,12 +299,20 @@ class VLSystem(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ loading
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the architecture, so a checkpoint given to another model fails naming both (`vl.checkpoint`)."""
+        from vl.checkpoint import ARCH_KEY
+
+        checkpoint[ARCH_KEY] = type(self).__name__
+
     def load_init_checkpoint(self, path: str) -> None:
         """Initialise from an earlier run's checkpoint (e.g. pretraining -> fine-tuning), non-strict and loud."""
-        if not os.path.isfile(path):
-            raise ConfigError(f"model.init_from: checkpoint '{path}' does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state = state.get("state_dict", state)
+        from vl.checkpoint import load_torch_file
+
+        state = load_torch_file(path, "model.init_from")  # weights_only: a file that would run code is refused
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"model.init_from: '{path}' holds no state dict of tensors (a {type(state).__name__})")
         own = self.state_dict()
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)

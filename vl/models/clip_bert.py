@@ -70,8 +70,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a truncated / foreign file: one line naming it
+            raise ConfigError(f"model.state_dict_path: '{path}' is not a readable safetensors file ({e})") from None
+    from vl.checkpoint import load_torch_file
+
+    state = load_torch_file(path, "model.state_dict_path")  # weights_only: a file that would run code is refused
     for key in ("module", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             return state[key]

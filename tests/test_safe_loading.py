@@ -330,3 +330,45 @@ def test_bad_ckpt_path_on_the_cli_is_one_line(tmp_path: Path) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines == [f"error: ckpt_path: '{empty}' is empty (0 bytes; an interrupted write?)"], proc.stderr
 
+
+
+# ------------------------------------------------------------------------------------------------ compose-time ranges
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batch_size=-64", "data.batch_size=-64"),
+        ("data.batch_size=0", "data.batch_size=0"),
+        ("data.batch_size_per_device=-8", "data.batch_size_per_device=-8"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0"),
+        ("trainer.max_steps=0", "trainer.max_steps=0"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5"),
+        ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0"),
+        ("trainer.limit_train_batches=-1", "trainer.limit_train_batches=-1"),
+        ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches=1.5"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0"),
+        ("pretrain.data.batch_size=-32", "pretrain.data.batch_size=-32"),
+        ("pretrain.trainer.max_epochs=0", "pretrain.trainer.max_epochs=0"),
+    ],
+)
+def test_counts_are_checked_before_anything_is_built(make_cfg, monkeypatch, override: str, key: str) -> None:
+    import vl.pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("data was built before the config was checked")
+
+    monkeypatch.setattr(vl.pipeline, "build_datamodule", never)
+    experiment = () if override.startswith("pretrain.") else ("experiment=none",)
+    cfg = make_cfg(*experiment, override)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).startswith(f"{key}: must be"), err.value
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override", ["trainer.max_steps=-1", "trainer.max_epochs=-1", "trainer.limit_val_batches=0"])
+def test_unlimited_and_zero_limits_pass_the_check(make_cfg, override: str) -> None:
+    from vl.config import check_config
+
+    check_config(make_cfg("experiment=none", override))

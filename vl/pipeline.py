@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vl.checkpoint import check_architecture, read_checkpoint
+from vl.config import check_config
 from vl.errors import ConfigError, VLError
 from vl.report import plot_curves, write_results
 
@@ -171,6 +172,7 @@ def _single_log_lines() -> None:
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Train (optionally after a pretrain stage), test, write results. Returns (metrics, optimized metric value)."""
     _single_log_lines()
+    check_config(cfg)  # batch sizes, epochs, steps >= 1: one line before anything is built or written
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +236,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.trainer.default_root_dir = str(output_dir)
         run_cfg.model.init_from = None
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
+    check_config(run_cfg)
     L.seed_everything(cfg.seed, workers=True)
     task = cfg.get("task") or "test"
     if task != "test":

@@ -142,6 +142,8 @@ def check_architecture(ckpt: dict[str, Any], model: torch.nn.Module, path: str |
     held, asked = architecture_of(ckpt), type(model).__name__
     if held not in ("unknown", asked):
         raise ConfigError(f"{where} holds a {held} checkpoint, but the config asks for {asked}")
+    if hasattr(model, "drop_unbuilt"):  # parts an older vl built although unused (e.g. the pooler under mean pooling)
+        model.drop_unbuilt(ckpt["state_dict"])
     saved, own = ckpt["state_dict"], model.state_dict()
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))

@@ -281,7 +281,10 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
         )
     n_images = len(visuals)
     model = build_model(run_cfg, dm)
-    state = torch.load(str(cfg.ckpt_path), map_location="cpu", weights_only=False)
+    from vl.checkpoint import check_architecture, read_checkpoint
+
+    state = read_checkpoint(cfg.ckpt_path, "ckpt_path")  # weights_only: a file that would run code is refused
+    check_architecture(state, model, cfg.ckpt_path)
     model.load_state_dict(state["state_dict"])
     model.eval()
     # fixed shapes: a pair's score must not depend on which other pairs share its batch (exact rank comparisons)

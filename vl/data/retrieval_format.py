@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from vl.data.jsonl import write_atomically, write_jsonl
+from vl.data.safe_pickle import read_pickle_file
 from vl.data.scenes import SPLITS, Scene, SceneSettings, clip_embedding
 from vl.errors import DataError
 
@@ -98,13 +99,7 @@ def load_hard_negatives(path: str | Path) -> tuple[list[str], np.ndarray]:
     and field when the pickle is unreadable, a key is missing, the pool is not 2-D integer with one row per image, or
     an index is outside [0, N_images)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with path.open("rb") as f:
-            obj = pickle.load(f)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file
-        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
+    obj = read_pickle_file(path)  # plain data only: a pickle that would run code is refused
     if not isinstance(obj, dict):
         raise DataError(
             f"{path}: expected a dict with 'train_image_list' and 'train_hard_pool', got {type(obj).__name__}"

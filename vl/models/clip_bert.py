@@ -3,7 +3,8 @@
 The image token = `img_projection(clip_feats)` (Linear 512 -> hidden) with **no** position and **no** token-type
 embedding; it goes through the embedding LayerNorm/dropout with the text, the attention mask gets one more column of
 1s, and the MLM head reads the text positions only. No pooler: `pooled` is the [CLS] state. Without `clip_feats` in
-the batch (or with `use_image=False`: `model=bert`, the same class) the forward is exactly BERT's.
+the batch (or with `use_image=False`: `model=bert`, the same class, built without `img_projection`, as it is with
+text-only data) the forward is exactly BERT's.
 
 Weights: `text_encoder.pretrained` (a local HF BERT dir, or "minilm") loads the BERT body and, where the checkpoint has
 them, the `BertForMaskedLM` MLM head weights `cls.predictions.*`. `state_dict_path` loads a whole-model state dict:
@@ -76,7 +77,8 @@ class ClipBertEncoder(nn.Module):
         hidden = self.bert.config.hidden_size
         self.hidden_size = hidden
         self.image_dim = image_dim
-        self.img_projection = nn.Linear(image_dim, hidden)
+        if use_image:  # built only where used: an unused parameter breaks DDP
+            self.img_projection = nn.Linear(image_dim, hidden)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -151,15 +153,18 @@ class ClipBertSystem(VLSystem):
         if image_dim is not None and data_dim is not None and int(image_dim) != int(data_dim):
             raise ConfigError(f"model.image_dim={image_dim} but the data's CLIP features are {data_dim}-d")
         dim = int(image_dim or data_dim or 512)
-        self.encoder = ClipBertEncoder(text_encoder=dict(text_encoder), image_dim=dim, use_image=use_image)
+        sees_image = use_image and data_dim is not None  # text-only data or model=bert: no image projection
+        self.encoder = ClipBertEncoder(text_encoder=dict(text_encoder), image_dim=dim, use_image=sees_image)
         pretrained = text_encoder.get("pretrained")
         self._pretrained_head: dict[str, torch.Tensor] = {}
-        sees_image = use_image and data_dim is not None
         self.build_objectives(self.encoder.hidden_size, visual_input="global" if sees_image else None)
         if pretrained and "mlm" in self.objectives and not init_from:
             self.load_pretrained_mlm_head(pretrained)
         if state_dict_path:
             self.load_original_state_dict(state_dict_path)
+
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        return () if self.encoder.use_image else ("encoder.img_projection.",)
 
     def pretrained_parameter_names(self) -> set[str]:
         if not self.hparams.text_encoder.get("pretrained"):

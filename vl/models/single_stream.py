@@ -34,7 +34,8 @@ class SingleStreamEncoder(nn.Module):
         if pooling not in ("cls", "mean"):
             raise ConfigError(f"model.pooling: '{pooling}' is not one of 'cls', 'mean'")
         self.pooling = pooling
-        self.bert = build_bert(**text_encoder)
+        # BERT's pooler only where it is used: an unused parameter breaks DDP ("not used in producing the loss")
+        self.bert = build_bert(**{**text_encoder, "add_pooling_layer": pooling == "cls"})
         hidden = self.bert.config.hidden_size
         self.hidden_size = hidden
         self.visual_proj = nn.Linear(visual_dim, hidden)
@@ -109,6 +110,9 @@ class SingleStreamSystem(VLSystem):
             text_encoder=dict(text_encoder), visual_dim=region_feature_dim(data_info), pooling=pooling
         )
         self.build_objectives(self.encoder.hidden_size)
+
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        return ("encoder.bert.pooler.",) if self.encoder.pooling != "cls" else ()
 
     def pretrained_parameter_names(self) -> set[str]:
         if not self.hparams.text_encoder.get("pretrained"):

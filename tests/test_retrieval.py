@@ -199,3 +199,15 @@ def test_train_step_bench_runs_every_variant(tmp_path, monkeypatch, capsys) -> N
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "real / bare per step" in printed and "minimal / bare per step" in printed
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+def test_zero_shot_retrieval_rejects_a_bad_shortlist_k_before_compute(bad, tmp_path) -> None:
+    from omegaconf import OmegaConf
+
+    from vl.errors import ConfigError
+    from vl.retrieval import zero_shot_retrieval
+
+    cfg = OmegaConf.create({"task_cfg": {"shortlist_k": bad}})
+    with pytest.raises(ConfigError, match="task_cfg.shortlist_k: must be an integer >= 1"):
+        zero_shot_retrieval(cfg=cfg, run_cfg=OmegaConf.create({}), output_dir=tmp_path)  # no data, no model built

@@ -104,6 +104,8 @@ def shortlist_ranks(
     otherwise for one (1, k) block per text.
     """
     n_texts = len(gold)
+    if k < 1:
+        raise ValueError(f"shortlist_ranks: k must be >= 1, got {k}")
     if isinstance(cheap, np.ndarray):
         if cheap.shape[0] != n_texts:
             raise ValueError(f"shortlist_ranks: cheap similarity has {cheap.shape[0]} rows for {n_texts} texts")
@@ -267,6 +269,12 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
         raise ConfigError(
             f"task_cfg: unknown key(s) {unknown} for task 'zero_shot_retrieval'; known: {sorted(TASK_OPTIONS)}"
         )
+    if opts.get("shortlist_k") is not None and (
+        isinstance(opts["shortlist_k"], bool) or not isinstance(opts["shortlist_k"], int) or opts["shortlist_k"] < 1
+    ):
+        raise ConfigError(
+            f"task_cfg.shortlist_k: must be an integer >= 1 (images per caption), got {opts['shortlist_k']!r}"
+        )
     split = str(cfg.get("split", "test"))
     dm = build_datamodule(run_cfg)
     if hasattr(dm, "gallery"):  # data=retrieval: its own query/gallery layout
@@ -299,7 +307,7 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
         n_images,
         f", shortlist top {k} by dual-encoder cosine then cross-encoder re-rank" if k else " (exhaustive)",
     )
-    if k:
+    if k is not None:
         cheap = pooled_similarity(model, collator, texts, visuals, batch_size)
         ranks = shortlist_ranks(score, cheap, gold, k=int(k), text_chunk=text_chunk, n_images=n_images)
     else:

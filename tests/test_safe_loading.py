@@ -381,3 +381,58 @@ def test_unlimited_and_zero_limits_pass_the_check(make_cfg, override: str) -> No
     from vl.config import check_config
 
     check_config(make_cfg("experiment=none", override))
+
+
+# ------------------------------------------------------------------------------------------------ non-finite features
+
+
+def _records(bad_id: str, field: str):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        rec = {
+            "image_id": str(i),
+            "image_h": 10,
+            "image_w": 20,
+            "boxes": np.array([[0, 0, 5, 5], [1, 1, 9, 9]], dtype=np.float32),
+            "features": rng.random((2, 6), dtype=np.float32),
+            "cls_prob": rng.random((2, 3), dtype=np.float32),
+        }
+        if str(i) == bad_id:
+            rec[field] = rec[field].copy()
+            rec[field][1, 2] = np.nan if field != "cls_prob" else np.inf
+        yield rec
+
+
+@pytest.mark.parametrize("fmt", ["lmdb", "hdf5", "json"])
+@pytest.mark.parametrize("field", ["features", "boxes", "cls_prob"])
+def test_non_finite_region_features_name_file_and_id(tmp_path: Path, fmt: str, field: str) -> None:
+    from vl.data.features import region_hdf5, region_json, region_lmdb
+
+    if fmt == "lmdb":
+        path = tmp_path / "regions.lmdb"
+        region_lmdb.write_region_lmdb(path, _records("1", field))
+        reader = region_lmdb.RegionFeatureReader(path)
+    elif fmt == "hdf5":
+        path = tmp_path / "regions.hdf5"
+        region_hdf5.write_region_hdf5(path, _records("1", field))
+        reader = region_hdf5.HDF5RegionReader(path)
+    else:
+        path = tmp_path / "regions_json"
+        region_json.write_region_json(path, _records("1", field))
+        reader = region_json.FrcnnJsonRegionReader(path)
+    assert np.isfinite(reader["0"]["features"]).all()
+    with pytest.raises(DataError, match=rf"image id '1': '{field}' has 1 non-finite value") as err:
+        reader["1"]
+    assert str(path) in str(err.value)
+
+
+def test_non_finite_clip_features_name_file_and_id(tmp_path: Path) -> None:
+    from vl.data.features.clip_hdf5 import ClipFeatureReader, write_clip_hdf5
+
+    feats = np.ones((3, 4), dtype=np.float32)
+    feats[2, 1] = np.inf
+    write_clip_hdf5(tmp_path / "clip.hdf5", ["a", "b", "c"], feats)
+    reader = ClipFeatureReader(tmp_path / "clip.hdf5")
+    np.testing.assert_array_equal(reader["a"], feats[0])
+    with pytest.raises(DataError, match=r"clip\.hdf5: image id 'c': 'features' has 1 non-finite value"):
+        reader["c"]

@@ -397,6 +397,7 @@ def clip_bert_ckpt(tmp_path_factory) -> Path:
     model_cfg = {
         "_target_": "vl.models.clip_bert.ClipBertSystem",
         "_recursive_": False,
+        "_convert_": "all",  # as conf/model schemas: plain hyper-parameters, so the checkpoint loads weights-only
         "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0.0},
         "image_dim": 512,
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
@@ -531,6 +532,7 @@ def test_checkpoint_scorer_region_model_gets_masked_zero_region(tmp_path):
     model_cfg = {
         "_target_": "vl.models.single_stream.SingleStreamSystem",
         "_recursive_": False,
+        "_convert_": "all",  # as conf/model schemas: plain hyper-parameters, so the checkpoint loads weights-only
         "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0.0},
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
     }

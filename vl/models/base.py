@@ -6,6 +6,7 @@ A subclass only builds `self.encoder` (an nn.Module with `forward(batch) -> Enco
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
@@ -38,6 +39,12 @@ def region_feature_dim(data_info: dict[str, Any]) -> int:
             "none (text-only or CLIP-embedding data); use data=captions / data=vqa, or a text model (model=bert)"
         )
     return int(data_info["visual_dim"])
+
+
+def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """The global-RNG seed of one training micro-batch (a hash: distinct for every (seed, epoch, batch, rank))."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{batch_idx}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _plain(cfg: Any) -> Any:
@@ -166,11 +173,34 @@ class VLSystem(L.LightningModule):
         self.log(key, mean, batch_size=batch_size, prog_bar=name == "total")
 
     # ------------------------------------------------------------------ training
-    def on_train_epoch_start(self) -> None:
-        # Reseed per epoch so a run resumed from an epoch-boundary checkpoint draws the same dropout as an
-        # uninterrupted run (data randomness is derived from (seed, epoch, index): see EpochShuffleSampler).
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(seed + 7919 * self.current_epoch + self.global_rank)
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # where the training loader stood (ResumableDataLoader.state_dict, saved by Lightning's fit loop)
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = list(fit_state.get("combined_loader") or [])
+
+    def on_train_start(self) -> None:
+        # Lightning only restores loader states when the fit loop builds the train loader after the checkpoint is
+        # loaded; `configure_optimizers` (trainer.estimated_stepping_batches) builds it earlier. Apply them here, before
+        # the first batch is fetched (ResumableDataLoader creates its iterator at the first fetch).
+        states = getattr(self, "_loader_states", None)
+        if states:
+            loaders = self.trainer.train_dataloader
+            stateful = [
+                dl
+                for dl in (loaders if isinstance(loaders, (list, tuple)) else [loaders])
+                if hasattr(dl, "load_state_dict")
+            ]
+            for loader, state in zip(stateful, states):
+                loader.load_state_dict(state)
+            self._loader_states = []
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Reseed per micro-batch from (seed, epoch, batch, rank), so a run resumed from any checkpoint, also one taken
+        # mid-epoch, draws the same dropout as an uninterrupted run (data randomness is derived from (seed, epoch,
+        # index): see EpochShuffleSampler / ResumableDataLoader).
+        torch.manual_seed(
+            step_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.current_epoch, batch_idx, self.global_rank)
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.shared_step(batch, "train")

@@ -15,6 +15,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vl.callbacks import ValidateAtMaxSteps
+from vl.checkpoint import AtomicCheckpointIO
 from vl.errors import ConfigError, VLError
 from vl.report import plot_curves, write_results
 
@@ -63,6 +65,17 @@ def build_model(cfg: DictConfig, dm: Any, init_from: str | None = None) -> L.Lig
     return _instantiate(cfg.model, **extra)
 
 
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
+    """The fitting Trainer: `cfg.trainer` + the configured callbacks/loggers + what every vl fit gets: crash-safe
+    checkpoint writes (`AtomicCheckpointIO`) and validation when `max_steps` ends an epoch early."""
+    plugins: list[Any] = []
+    if "deepspeed" not in str(cfg.trainer.get("strategy", "")).lower():  # DeepSpeed writes its own checkpoint dirs
+        plugins.append(AtomicCheckpointIO())
+    return instantiate(
+        cfg.trainer, callbacks=[*callbacks, ValidateAtMaxSteps()], logger=loggers or False, plugins=plugins or None
+    )
+
+
 def _accumulation(cfg: DictConfig, dm: Any, world_size: int) -> int:
     per_step = dm.batch_size_per_device * world_size
     if dm.batch_size % per_step:
@@ -100,9 +113,8 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         _check_fresh_output(output_dir)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm, init_from=init_from)
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, _instantiate_dict(cfg.get("callbacks")), loggers)
     trainer.accumulate_grad_batches = _accumulation(cfg, dm, trainer.world_size)
     log.info(
         "[%s] %s on %s: global batch %d = %d per device x %d devices x %d accumulation",
@@ -245,4 +257,4 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["train", "evaluate", "build_datamodule", "build_model", "load_run_config"]
+__all__ = ["train", "evaluate", "build_datamodule", "build_model", "build_trainer", "load_run_config"]

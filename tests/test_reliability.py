@@ -205,3 +205,41 @@ def test_max_steps_shorter_than_an_epoch_ends_cleanly_with_checkpoints(make_cfg)
         state = torch.load(ckpts / name, map_location="cpu", weights_only=False)
         assert state["global_step"] == 3, name
     assert {"val/vqa_acc", "test/vqa_acc"} <= set(metrics)
+
+
+# ---------------------------------------------------------------------------------------------------- NaN / inf
+def _assert_no_nonfinite_checkpoint(run: Path) -> None:
+    for ckpt in run.rglob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def test_huge_lr_stops_with_a_clear_error_and_no_nonfinite_checkpoint(make_cfg) -> None:
+    from vl.errors import TrainingDiverged
+
+    cfg = make_cfg(
+        "experiment=none",
+        "data=vqa",
+        "model.optimizer.lr=1e6",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=1",
+    )
+    with pytest.raises(TrainingDiverged, match=r"training diverged at optimizer step \d+: non-finite") as err:
+        train(cfg)
+    assert "vqa=" in str(err.value) or "gradient" in str(err.value)
+    run = Path(cfg.paths.output_dir)
+    assert not (run / "results.md").exists()
+    _assert_no_nonfinite_checkpoint(run)
+
+
+def test_injected_nan_loss_names_the_objective_and_step(make_cfg) -> None:
+    """A NaN weight on one objective of two (MLM + ITM pretraining): the error names that term, at step 1."""
+    from vl.errors import TrainingDiverged
+
+    cfg = make_cfg("experiment=none", "data=captions", "+model.loss_weights.itm=nan", "trainer.limit_train_batches=3")
+    with pytest.raises(
+        TrainingDiverged, match=r"at optimizer step 1: non-finite loss term itm=nan \(epoch 0, micro-batch 0\)"
+    ):
+        train(cfg)
+    assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
-from vl.errors import ConfigError
+from vl.errors import ConfigError, TrainingDiverged
 from vl.metrics import RetrievalRecall
 from vl.models.bert import log_key_report
 from vl.objectives import IMAGE_OBJECTIVES, REGION_OBJECTIVES, EncoderOutput, build_objectives
@@ -82,6 +82,8 @@ class VLSystem(L.LightningModule):
         self.predictions: list[dict[str, Any]] = []
         self._gallery: dict[str, Any] = {}
         self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
+        self._terms: dict[str, torch.Tensor] = {}  # weighted loss terms of the current training micro-batch
+        self._pending_terms: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # since the last optimizer step
 
     def build_objectives(
         self,
@@ -151,7 +153,10 @@ class VLSystem(L.LightningModule):
             if any(key not in batch for key in head.requires):
                 continue
             result = head(out, batch)
-            total = total + self.loss_weights.get(name, 1.0) * result.loss
+            term = self.loss_weights.get(name, 1.0) * result.loss
+            total = total + term
+            if stage == "train":
+                self._terms[name] = term.detach()
             head.update_metrics(self.metrics[f"{stage}_"][name], result)
             self._log_loss(stage, name, result.loss, bs)
             for metric_name, metric in self.metrics[f"{stage}_"][name].items():
@@ -203,7 +208,62 @@ class VLSystem(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, "train")
+        self._terms = {}
+        total = self.shared_step(batch, "train")
+        self._pending_terms.append((self.current_epoch, batch_idx, self._terms))
+        return total
+
+    # ------------------------------------------------------------------ divergence guard
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Stop before an optimizer step that would apply a non-finite loss or gradient: `TrainingDiverged` naming
+        the step, the micro-batch and the loss term(s). One device sync per optimizer step. Under DDP the gradients are
+        already all-reduced here, so every rank stops at the same step. With a GradScaler (fp16) inf gradients are the
+        scaler's business (it skips the step); only the losses are checked."""
+        records, self._pending_terms = self._pending_terms, []
+        flags = [torch.isfinite(v).all() for _, _, terms in records for v in terms.values()]
+        check_grads = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        grads = [p.grad for p in self.parameters() if p.grad is not None] if check_grads else []
+        if grads:
+            flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if not flags or bool(torch.stack(flags).all()):
+            return
+        step = self.trainer.global_step + 1
+        bad_terms = [
+            f"{name}={float(v):g} (epoch {epoch}, micro-batch {batch_idx})"
+            for epoch, batch_idx, terms in records
+            for name, v in terms.items()
+            if not torch.isfinite(v).all()
+        ]
+        if bad_terms:
+            what = "non-finite loss term " + ", ".join(bad_terms)
+        else:
+            names = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            last = records[-1] if records else (self.current_epoch, -1, {})
+            finite = ", ".join(f"{k}={float(v):.4g}" for k, v in last[2].items())
+            what = (
+                f"non-finite gradient in {len(names) or 'some'} parameter(s) (e.g. {', '.join(names[:3])}) while the "
+                f"loss terms were finite ({finite}; epoch {last[0]}, micro-batch {last[1]})"
+            )
+        raise TrainingDiverged(
+            f"training diverged at optimizer step {step}: {what}. The step was not applied and no checkpoint of a "
+            "non-finite state is written; lower model.optimizer.lr, set trainer.gradient_clip_val, or check the data"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self._pending_terms = []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write non-finite weights (as best, last or any checkpoint)."""
+        bad = [
+            name
+            for name, value in checkpoint.get("state_dict", {}).items()
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+        ]
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged by optimizer step {self.trainer.global_step}: {len(bad)} parameter tensor(s) are "
+                f"non-finite (e.g. {', '.join(bad[:3])}); refusing to write this checkpoint"
+            )
 
     # ------------------------------------------------------------------ validation / test
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -243,3 +243,106 @@ def test_injected_nan_loss_names_the_objective_and_step(make_cfg) -> None:
     ):
         train(cfg)
     assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))
+
+
+# ---------------------------------------------------------------------------------------------------- run-dir claims
+def _train_cli(*args: str, cwd: Path, timeout: int = 400):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_claim_run_dir_is_exclusive_and_refuses_earlier_checkpoints(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from vl.errors import ConfigError
+    from vl.run_dir import claim_run_dir, release_run_dir
+
+    run = tmp_path / "run"
+    other = [sys.executable, "-c", f"from vl.run_dir import claim_run_dir; claim_run_dir({str(run)!r})"]
+    claim_run_dir(run)
+    assert claim_run_dir(run) == run.resolve()  # idempotent in the owning process
+    try:
+        out = subprocess.run(other, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert out.returncode != 0 and "is in use by another run (pid" in out.stderr
+    finally:
+        release_run_dir(run)
+    assert subprocess.run(other, capture_output=True, cwd=ROOT, timeout=60).returncode == 0  # free again
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="already holds checkpoints of an earlier run"):
+        claim_run_dir(run)
+    claim_run_dir(run, resume=True)  # ckpt_path= resumes into it
+    release_run_dir(run)
+
+
+def test_refused_rerun_leaves_the_old_run_config_untouched(tmp_path: Path) -> None:
+    """The guard is a Hydra callback (on_run_start): it refuses before Hydra writes .hydra/config.yaml."""
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"old weights")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("old: config\n")
+    proc = _train_cli(f"hydra.run.dir={run}", "experiment=none", "model.optimizer.lr=0.5", cwd=tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: hydra.run.dir: {run} already holds checkpoints")
+    assert (run / ".hydra" / "config.yaml").read_text() == "old: config\n"
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml"]
+
+
+def test_a_run_dir_in_use_is_refused(tmp_path: Path) -> None:
+    from vl.run_dir import claim_run_dir, release_run_dir
+
+    run = tmp_path / "busy"
+    claim_run_dir(run)  # this process plays the first run
+    try:
+        proc = _train_cli(f"hydra.run.dir={run}", "experiment=none", cwd=tmp_path)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        release_run_dir(run)
+    assert proc.returncode == 2 and f"error: hydra.run.dir: {run} is in use by another run (pid" in err
+    assert not (run / ".hydra").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_in_one_dir_one_proceeds(tmp_path: Path, data_dir: Path) -> None:
+    from tests.conftest import TINY_MODEL
+
+    run = tmp_path / "shared"
+    args = [
+        f"hydra.run.dir={run}",
+        "experiment=none",
+        "data=vqa",
+        *TINY_MODEL,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "~callbacks.rich_progress_bar",
+        f"paths.data_dir={data_dir}",
+        "data.corpus.num_images=150",
+    ]
+    procs = [_train_cli(*args, f"seed={seed}", cwd=tmp_path) for seed in (1, 2)]
+    results = [(p.communicate(timeout=400)[1], p.returncode)[::-1] for p in procs]  # drains the pipes
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], [err[-1500:] for _, err in results]
+    refused = next(err for code, err in results if code == 2)
+    assert "is in use by another run" in refused or "already holds checkpoints" in refused
+    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert (run / "csv" / "metrics.csv").read_text().count(header) == 1  # one run wrote it
+    winner_seed = 1 if results[0][0] == 0 else 2
+    assert f"seed: {winner_seed}" in (run / ".hydra" / "config.yaml").read_text()

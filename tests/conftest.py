@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -70,6 +71,10 @@ class RecordLosses(L.Callback):
         with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
             ids = ",".join(str(int(i)) for i in batch["index"]) if "index" in batch else "-"
             f.write(f"{trainer.current_epoch} {batch_idx} {loss!r} {ids}\n")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, f"{self.path}.weights.pt")
 
 
 def read_losses(path: Path | str, rank: int = 0) -> dict[tuple[int, int], float]:

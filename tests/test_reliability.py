@@ -20,16 +20,19 @@ RESUME = (
     "trainer.limit_val_batches=1",
     "trainer.log_every_n_steps=1",
     "test=false",
-    "+callbacks.last_checkpoint.every_n_train_steps=1",  # last.ckpt after every optimizer step
     "+callbacks.record._target_=tests.conftest.RecordLosses",
 )
+STEP_CKPT = "+callbacks.last_checkpoint.every_n_train_steps=1"  # last.ckpt after every optimizer step
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+def _weights(record: Path) -> dict[str, torch.Tensor]:
+    """The final weights `RecordLosses` saved at the end of training."""
+    return torch.load(f"{record}.weights.pt", map_location="cpu", weights_only=True)
 
 
-def _resume_runs(make_cfg, tmp_path: Path, *extra: str, straight_extra: tuple[str, ...] = ()) -> dict[str, object]:
+def _resume_runs(
+    make_cfg, tmp_path: Path, *extra: str, straight_extra: tuple[str, ...] = (), kill_batch: int = 5
+) -> dict[str, object]:
     """An uninterrupted run, a run killed before epoch 1 micro-batch 5 (mid-accumulation: accumulation 2, so the last
     checkpoint is the step after micro-batch 3) and its resumption from last.ckpt."""
     runs = {}
@@ -41,10 +44,10 @@ def _resume_runs(make_cfg, tmp_path: Path, *extra: str, straight_extra: tuple[st
         f"+callbacks.record.path={tmp_path}/first",
         "+callbacks.kill._target_=tests.conftest.InterruptAt",
         "+callbacks.kill.epoch=1",
-        "+callbacks.kill.batch=5",
+        f"+callbacks.kill.batch={kill_batch}",
         name="first",
     )
-    with pytest.raises(Exception, match="interrupted before epoch 1 batch 5"):
+    with pytest.raises(Exception, match=f"interrupted before epoch 1 batch {kill_batch}"):
         train(first)
     last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     resumed = make_cfg(
@@ -55,17 +58,17 @@ def _resume_runs(make_cfg, tmp_path: Path, *extra: str, straight_extra: tuple[st
     return runs
 
 
-def _assert_exact_resume(tmp_path: Path, runs: dict, rank: int = 0, tol: float = 0.0) -> None:
+def _assert_exact_resume(tmp_path: Path, runs: dict, rank: int = 0, tol: float = 0.0, resumed_at: int = 4) -> None:
     straight = read_losses(tmp_path / "straight", rank)
     first = read_losses(tmp_path / "first", rank)
     resumed = read_losses(tmp_path / "resumed", rank)
     assert len(straight) == 14
-    assert sorted(first) == [(0, b) for b in range(7)] + [(1, b) for b in range(5)]
-    # the last checkpoint is the optimizer step after micro-batch 3: the resumed fit continues at micro-batch 4
-    assert sorted(resumed) == [(1, 4), (1, 5), (1, 6)], sorted(resumed)
+    # the first run's last checkpoint was taken after micro-batch `resumed_at - 1` of epoch 1
+    assert sorted(resumed) == [(1, b) for b in range(resumed_at, 7)], sorted(resumed)
+    assert {(0, b) for b in range(7)} | {(1, b) for b in range(resumed_at)} <= set(first)
     for key, loss in {**first, **resumed}.items():
         assert loss == pytest.approx(straight[key], abs=tol, rel=tol), key
-    a, b = _weights(runs["dirs"]["straight"]), _weights(runs["dirs"]["resumed"])
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for name in a:
         if tol == 0.0:
@@ -76,14 +79,19 @@ def _assert_exact_resume(tmp_path: Path, runs: dict, rank: int = 0, tol: float =
 
 def test_mid_epoch_resume_is_exact_with_accumulation(make_cfg, tmp_path: Path) -> None:
     """Bit-exact on CPU, one process: every micro-batch loss and the final weights equal an uninterrupted run's."""
-    runs = _resume_runs(
-        make_cfg,
-        tmp_path,
-        "data.batch_size=16",
-        "data.batch_size_per_device=8",
-        straight_extra=("data.batch_size=16", "data.batch_size_per_device=8"),
-    )
+    acc = ("data.batch_size=16", "data.batch_size_per_device=8")
+    runs = _resume_runs(make_cfg, tmp_path, *acc, STEP_CKPT, straight_extra=acc)
     _assert_exact_resume(tmp_path, runs)
+
+
+def test_resume_from_a_checkpoint_inside_an_accumulation_window_is_exact(make_cfg, tmp_path: Path) -> None:
+    """Validation every 3 micro-batches with accumulation 2 checkpoints after micro-batch 2, half-way through a
+    window: the checkpoint carries the window's gradients so far, and the resumed run is still bit-exact."""
+    acc = ("data.batch_size=16", "data.batch_size_per_device=8", "trainer.val_check_interval=3")
+    runs = _resume_runs(make_cfg, tmp_path, *acc, straight_extra=acc, kill_batch=4)
+    last = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5 and "vl_partial_gradients" in last
+    _assert_exact_resume(tmp_path, runs, resumed_at=3)
 
 
 @pytest.mark.slow
@@ -91,7 +99,7 @@ def test_mid_epoch_resume_is_exact_with_workers(make_cfg, tmp_path: Path) -> Non
     """2 loader workers (prefetching ahead of the training loop) in the killed and the resumed run, none in the
     uninterrupted one: still bit-exact."""
     acc = ("data.batch_size=16", "data.batch_size_per_device=8")
-    runs = _resume_runs(make_cfg, tmp_path, *acc, "data.num_workers=2", straight_extra=acc)
+    runs = _resume_runs(make_cfg, tmp_path, *acc, STEP_CKPT, "data.num_workers=2", straight_extra=acc)
     _assert_exact_resume(tmp_path, runs)
 
 
@@ -100,7 +108,7 @@ def test_mid_epoch_resume_under_ddp(make_cfg, tmp_path: Path) -> None:
     """2 spawned CPU processes, accumulation 2: every rank's micro-batch losses and the final weights match the
     uninterrupted DDP run within 1e-6 (gloo all-reduce; measured bit-exact here)."""
     ddp = ("hardware=ddp_cpu", "data.batch_size=16", "data.batch_size_per_device=4")
-    runs = _resume_runs(make_cfg, tmp_path, *ddp, straight_extra=ddp)
+    runs = _resume_runs(make_cfg, tmp_path, *ddp, STEP_CKPT, straight_extra=ddp)
     for rank in (0, 1):
         _assert_exact_resume(tmp_path, runs, rank=rank, tol=1e-6)
 
@@ -243,6 +251,37 @@ def test_injected_nan_loss_names_the_objective_and_step(make_cfg) -> None:
     ):
         train(cfg)
     assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_cli_diverged_ddp_run_exits_nonzero_with_one_line_and_no_results(tmp_path: Path, data_dir: Path) -> None:
+    """lr=1e6 under hardware=ddp_cpu: both ranks stop at the same step; the CLI prints one `error:` line, exits 2,
+    writes no results.md and no non-finite checkpoint."""
+    from tests.conftest import TINY_MODEL
+
+    run = tmp_path / "diverged"
+    proc = _train_cli(
+        f"hydra.run.dir={run}",
+        "experiment=none",
+        "data=vqa",
+        *TINY_MODEL,
+        "hardware=ddp_cpu",
+        "data.batch_size=32",
+        "data.batch_size_per_device=16",
+        "model.optimizer.lr=1e6",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1",
+        "~callbacks.rich_progress_bar",
+        f"paths.data_dir={data_dir}",
+        "data.corpus.num_images=150",
+        cwd=tmp_path,
+    )
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: training diverged at optimizer step ")
+    assert not (run / "results.md").exists()
+    _assert_no_nonfinite_checkpoint(run)
 
 
 # ---------------------------------------------------------------------------------------------------- run-dir claims

@@ -101,10 +101,27 @@ def _own_rendezvous() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _spawned_vl_error(err: BaseException) -> VLError | None:
+    """A vl error raised inside a spawned DDP process reaches this one as the child's traceback text
+    (`torch.multiprocessing.ProcessRaisedException`): the same error class and message, or None."""
+    import re
+
+    import vl.errors
+
+    found = re.findall(r"^vl\.errors\.(\w+): (.*)$", str(err), flags=re.MULTILINE)
+    cls = getattr(vl.errors, found[-1][0], None) if found else None
+    return cls(found[-1][1]) if isinstance(cls, type) and issubclass(cls, VLError) else None
+
+
 def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple[dict[str, float], str | None]:
     """Fit (and test) one stage. Returns (metrics, path of the checkpoint to continue from)."""
     with _own_rendezvous():
-        return _run_stage(cfg, name, init_from)
+        try:
+            return _run_stage(cfg, name, init_from)
+        except Exception as err:
+            if type(err).__name__ == "ProcessRaisedException" and (vl_err := _spawned_vl_error(err)) is not None:
+                raise vl_err from err
+            raise
 
 
 def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[str, float], str | None]:

@@ -73,11 +73,12 @@ class _CountingIterator:
 
 
 class ResumableDataLoader(DataLoader):
-    """A training DataLoader whose position is part of the checkpoint: Lightning stores `state_dict()` (the epoch and
-    how many micro-batches of it were handed to the training loop) and calls `load_state_dict()` on resume, before it
-    creates the iterator; the `EpochShuffleSampler` then skips exactly those micro-batches of that epoch's order (on
-    every rank: each rank skips the same number of its own batches). Counting happens in the main process, at the
-    consumer, so worker prefetching does not shift it."""
+    """A training DataLoader whose position is part of the checkpoint: Lightning's fit loop stores `state_dict()` (the
+    epoch and how many micro-batches of it were handed to the training loop); on resume `VLSystem.on_train_start`
+    calls `load_state_dict()` before the first fetch, and the `EpochShuffleSampler` skips exactly those micro-batches
+    of that epoch's order (every rank skips the same number of its own batches). Counting happens in the main process,
+    at the consumer, so worker prefetching does not shift it. A resume with another per-device batch size or world
+    size restarts the epoch (with a warning): the position would not mean the same examples."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -89,17 +90,25 @@ class ResumableDataLoader(DataLoader):
         return _CountingIterator(self)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batches": self._consumed, "batch_size": int(self.batch_size or 1)}
+        return {
+            "epoch": self._epoch,
+            "batches": self._consumed,
+            "batch_size": int(self.batch_size or 1),
+            "num_replicas": int(getattr(self.sampler, "num_replicas", 1)),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if not isinstance(self.sampler, EpochShuffleSampler):  # e.g. overfit_batches swaps in a sequential sampler
             return
-        if int(state.get("batch_size", self.batch_size or 1)) != self.batch_size:
+        saved = (int(state.get("batch_size", 0)), int(state.get("num_replicas", 0)))
+        now = (int(self.batch_size or 1), int(self.sampler.num_replicas))
+        if saved != now:
             log.warning(
-                "resume: the checkpoint's per-device batch size %s differs from %s; the epoch restarts at its first "
-                "batch",
-                state.get("batch_size"),
-                self.batch_size,
+                "resume: the checkpoint's loader position is for per-device batch %d x %d processes, this run has "
+                "%d x %d; epoch %s restarts at its first batch",
+                *saved,
+                *now,
+                state.get("epoch"),
             )
             return
         self._resume = (int(state["epoch"]), int(state["batches"]))

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
@@ -28,6 +29,7 @@ from vl.objectives import IMAGE_OBJECTIVES, REGION_OBJECTIVES, EncoderOutput, bu
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
+PARTIAL_GRADS = "vl_partial_gradients"  # checkpoint key: per-rank gradients of an unfinished accumulation window
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
@@ -182,6 +184,7 @@ class VLSystem(L.LightningModule):
         # where the training loader stood (ResumableDataLoader.state_dict, saved by Lightning's fit loop)
         fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
         self._loader_states = list(fit_state.get("combined_loader") or [])
+        self._partial_grads = checkpoint.get(PARTIAL_GRADS)
 
     def on_train_start(self) -> None:
         # Lightning only restores loader states when the fit loop builds the train loader after the checkpoint is
@@ -198,6 +201,36 @@ class VLSystem(L.LightningModule):
             for loader, state in zip(stateful, states):
                 loader.load_state_dict(state)
             self._loader_states = []
+        partial, self._partial_grads = getattr(self, "_partial_grads", None), None
+        if partial:  # a checkpoint taken inside an accumulation window: its micro-batches' gradients so far
+            if len(partial) != self.trainer.world_size:
+                log.warning(
+                    "resume: the checkpoint was taken inside an accumulation window by %d process(es), this run has "
+                    "%d; the window's partial gradients are dropped",
+                    len(partial),
+                    self.trainer.world_size,
+                )
+                return
+            grads = partial[self.global_rank]
+            for name, param in self.named_parameters():
+                if name in grads:
+                    param.grad = grads[name].to(param.device, param.dtype)
+
+    def _partial_gradients(self) -> list[dict[str, torch.Tensor]] | None:
+        """Every rank's accumulated gradients when a checkpoint is taken inside an accumulation window (validation
+        every N micro-batches can end there), else None. Lightning clears gradients only when a window starts."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.accumulate_grad_batches <= 1:
+            return None
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.current.ready % trainer.accumulate_grad_batches == 0 or progress.is_last_batch:
+            return None  # at an optimizer step
+        mine = {n: p.grad.detach().cpu().clone() for n, p in self.named_parameters() if p.grad is not None}
+        if trainer.world_size == 1:
+            return [mine]
+        everyone: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        return everyone
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Reseed per micro-batch from (seed, epoch, batch, rank), so a run resumed from any checkpoint, also one taken
@@ -253,7 +286,8 @@ class VLSystem(L.LightningModule):
         self._pending_terms = []
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Never write non-finite weights (as best, last or any checkpoint)."""
+        """Never write non-finite weights (as best, last or any checkpoint); inside an accumulation window also store
+        the window's gradients so far (per rank), so the resumed run's next optimizer step is the uninterrupted one."""
         bad = [
             name
             for name, value in checkpoint.get("state_dict", {}).items()
@@ -264,6 +298,9 @@ class VLSystem(L.LightningModule):
                 f"training diverged by optimizer step {self.trainer.global_step}: {len(bad)} parameter tensor(s) are "
                 f"non-finite (e.g. {', '.join(bad[:3])}); refusing to write this checkpoint"
             )
+        partial = self._partial_gradients()
+        if partial is not None:
+            checkpoint[PARTIAL_GRADS] = partial
 
     # ------------------------------------------------------------------ validation / test
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

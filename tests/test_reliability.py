@@ -84,6 +84,7 @@ def test_mid_epoch_resume_is_exact_with_accumulation(make_cfg, tmp_path: Path) -
     _assert_exact_resume(tmp_path, runs)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_inside_an_accumulation_window_is_exact(make_cfg, tmp_path: Path) -> None:
     """Validation every 3 micro-batches with accumulation 2 checkpoints after micro-batch 2, half-way through a
     window: the checkpoint carries the window's gradients so far, and the resumed run is still bit-exact."""

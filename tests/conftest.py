@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -52,6 +53,49 @@ class StopAtEpoch(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+class Interrupted(RuntimeError):
+    """Raised by `InterruptAt`: a simulated kill (nothing is saved on the way out)."""
+
+
+class InterruptAt(L.Callback):
+    """Simulates a kill mid-epoch: raise before micro-batch `batch` of epoch `epoch` runs."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise Interrupted(f"interrupted before epoch {self.epoch} batch {self.batch}")
+
+
+class RecordLosses(L.Callback):
+    """Appends `epoch batch_idx loss example-indices` (loss as repr: exact) of every training micro-batch to `<path>.rank<r>`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+            ids = ",".join(str(int(i)) for i in batch["index"]) if "index" in batch else "-"
+            f.write(f"{trainer.current_epoch} {batch_idx} {loss!r} {ids}\n")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, f"{self.path}.weights.pt")
+
+
+def read_losses(path: Path | str, rank: int = 0) -> dict[tuple[int, int], float]:
+    """What `RecordLosses` wrote: {(epoch, batch_idx): loss}."""
+    out: dict[tuple[int, int], float] = {}
+    file = Path(f"{path}.rank{rank}")
+    if file.is_file():
+        for line in file.read_text().splitlines():
+            epoch, batch, loss, _ = line.split()
+            out[(int(epoch), int(batch))] = float(loss)
+    return out
 
 
 def compose_cfg(

@@ -11,3 +11,7 @@ class DataError(VLError, ValueError):
 
 class ConfigError(VLError, ValueError):
     """A config value is invalid. The message names the key."""
+
+
+class TrainingDiverged(VLError, RuntimeError):
+    """A training loss, gradient or parameter became NaN/inf. The message names the step and the loss term."""

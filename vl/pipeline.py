@@ -15,7 +15,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vl.callbacks import ValidateAtMaxSteps
 from vl.checkpoint import check_architecture, read_checkpoint
+from vl.checkpoint_io import AtomicCheckpointIO
 from vl.config import check_config
 from vl.errors import ConfigError, VLError
 from vl.report import plot_curves, write_results
@@ -65,6 +67,17 @@ def build_model(cfg: DictConfig, dm: Any, init_from: str | None = None) -> L.Lig
     return _instantiate(cfg.model, **extra)
 
 
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
+    """The fitting Trainer: `cfg.trainer` + the configured callbacks/loggers + what every vl fit gets: crash-safe
+    checkpoint writes (`AtomicCheckpointIO`) and validation when `max_steps` ends an epoch early."""
+    plugins: list[Any] = []
+    if "deepspeed" not in str(cfg.trainer.get("strategy", "")).lower():  # DeepSpeed writes its own checkpoint dirs
+        plugins.append(AtomicCheckpointIO())
+    return instantiate(
+        cfg.trainer, callbacks=[*callbacks, ValidateAtMaxSteps()], logger=loggers or False, plugins=plugins or None
+    )
+
+
 def _accumulation(cfg: DictConfig, dm: Any, world_size: int) -> int:
     per_step = dm.batch_size_per_device * world_size
     if dm.batch_size % per_step:
@@ -90,10 +103,27 @@ def _own_rendezvous() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _spawned_vl_error(err: BaseException) -> VLError | None:
+    """A vl error raised inside a spawned DDP process reaches this one as the child's traceback text
+    (`torch.multiprocessing.ProcessRaisedException`): the same error class and message, or None."""
+    import re
+
+    import vl.errors
+
+    found = re.findall(r"^vl\.errors\.(\w+): (.*)$", str(err), flags=re.MULTILINE)
+    cls = getattr(vl.errors, found[-1][0], None) if found else None
+    return cls(found[-1][1]) if isinstance(cls, type) and issubclass(cls, VLError) else None
+
+
 def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple[dict[str, float], str | None]:
     """Fit (and test) one stage. Returns (metrics, path of the checkpoint to continue from)."""
     with _own_rendezvous():
-        return _run_stage(cfg, name, init_from)
+        try:
+            return _run_stage(cfg, name, init_from)
+        except Exception as err:
+            if type(err).__name__ == "ProcessRaisedException" and (vl_err := _spawned_vl_error(err)) is not None:
+                raise vl_err from err
+            raise
 
 
 def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[str, float], str | None]:
@@ -108,9 +138,8 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     if resume is not None:
         check_architecture(resume, model, cfg.ckpt_path)
         del resume
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, _instantiate_dict(cfg.get("callbacks")), loggers)
     trainer.accumulate_grad_batches = _accumulation(cfg, dm, trainer.world_size)
     log.info(
         "[%s] %s on %s: global batch %d = %d per device x %d devices x %d accumulation",
@@ -260,4 +289,4 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["train", "evaluate", "build_datamodule", "build_model", "load_run_config"]
+__all__ = ["train", "evaluate", "build_datamodule", "build_model", "build_trainer", "load_run_config"]

@@ -6,6 +6,7 @@ A subclass only builds `self.encoder` (an nn.Module with `forward(batch) -> Enco
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
@@ -15,11 +16,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
-from vl.errors import ConfigError
+from vl.errors import ConfigError, TrainingDiverged
 from vl.metrics import RetrievalRecall
 from vl.models.bert import log_key_report
 from vl.objectives import IMAGE_OBJECTIVES, REGION_OBJECTIVES, EncoderOutput, build_objectives
@@ -27,6 +29,7 @@ from vl.objectives import IMAGE_OBJECTIVES, REGION_OBJECTIVES, EncoderOutput, bu
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
+PARTIAL_GRADS = "vl_partial_gradients"  # checkpoint key: per-rank gradients of an unfinished accumulation window
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
@@ -38,6 +41,12 @@ def region_feature_dim(data_info: dict[str, Any]) -> int:
             "none (text-only or CLIP-embedding data); use data=captions / data=vqa, or a text model (model=bert)"
         )
     return int(data_info["visual_dim"])
+
+
+def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """The global-RNG seed of one training micro-batch (a hash: distinct for every (seed, epoch, batch, rank))."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{batch_idx}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _plain(cfg: Any) -> Any:
@@ -75,6 +84,8 @@ class VLSystem(L.LightningModule):
         self.predictions: list[dict[str, Any]] = []
         self._gallery: dict[str, Any] = {}
         self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
+        self._terms: dict[str, torch.Tensor] = {}  # weighted loss terms of the current training micro-batch
+        self._pending_terms: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # since the last optimizer step
 
     def build_objectives(
         self,
@@ -144,7 +155,10 @@ class VLSystem(L.LightningModule):
             if any(key not in batch for key in head.requires):
                 continue
             result = head(out, batch)
-            total = total + self.loss_weights.get(name, 1.0) * result.loss
+            term = self.loss_weights.get(name, 1.0) * result.loss
+            total = total + term
+            if stage == "train":
+                self._terms[name] = term.detach()
             head.update_metrics(self.metrics[f"{stage}_"][name], result)
             self._log_loss(stage, name, result.loss, bs)
             for metric_name, metric in self.metrics[f"{stage}_"][name].items():
@@ -166,14 +180,133 @@ class VLSystem(L.LightningModule):
         self.log(key, mean, batch_size=batch_size, prog_bar=name == "total")
 
     # ------------------------------------------------------------------ training
-    def on_train_epoch_start(self) -> None:
-        # Reseed per epoch so a run resumed from an epoch-boundary checkpoint draws the same dropout as an
-        # uninterrupted run (data randomness is derived from (seed, epoch, index): see EpochShuffleSampler).
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(seed + 7919 * self.current_epoch + self.global_rank)
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(checkpoint.get("state_dict"), dict):  # parts this configuration does not build
+            self.drop_unbuilt(checkpoint["state_dict"])
+        # where the training loader stood (ResumableDataLoader.state_dict, saved by Lightning's fit loop)
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = list(fit_state.get("combined_loader") or [])
+        self._partial_grads = checkpoint.get(PARTIAL_GRADS)
+
+    def on_train_start(self) -> None:
+        # Lightning only restores loader states when the fit loop builds the train loader after the checkpoint is
+        # loaded; `configure_optimizers` (trainer.estimated_stepping_batches) builds it earlier. Apply them here, before
+        # the first batch is fetched (ResumableDataLoader creates its iterator at the first fetch).
+        states = getattr(self, "_loader_states", None)
+        if states:
+            loaders = self.trainer.train_dataloader
+            stateful = [
+                dl
+                for dl in (loaders if isinstance(loaders, (list, tuple)) else [loaders])
+                if hasattr(dl, "load_state_dict")
+            ]
+            for loader, state in zip(stateful, states):
+                loader.load_state_dict(state)
+            self._loader_states = []
+        partial, self._partial_grads = getattr(self, "_partial_grads", None), None
+        if partial:  # a checkpoint taken inside an accumulation window: its micro-batches' gradients so far
+            if len(partial) != self.trainer.world_size:
+                log.warning(
+                    "resume: the checkpoint was taken inside an accumulation window by %d process(es), this run has "
+                    "%d; the window's partial gradients are dropped",
+                    len(partial),
+                    self.trainer.world_size,
+                )
+                return
+            grads = partial[self.global_rank]
+            for name, param in self.named_parameters():
+                if name in grads:
+                    param.grad = grads[name].to(param.device, param.dtype)
+
+    def _partial_gradients(self) -> list[dict[str, torch.Tensor]] | None:
+        """Every rank's accumulated gradients when a checkpoint is taken inside an accumulation window (validation
+        every N micro-batches can end there), else None. Lightning clears gradients only when a window starts."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.accumulate_grad_batches <= 1:
+            return None
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.current.ready % trainer.accumulate_grad_batches == 0 or progress.is_last_batch:
+            return None  # at an optimizer step
+        mine = {n: p.grad.detach().cpu().clone() for n, p in self.named_parameters() if p.grad is not None}
+        if trainer.world_size == 1:
+            return [mine]
+        everyone: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        return everyone
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Reseed per micro-batch from (seed, epoch, batch, rank), so a run resumed from any checkpoint, also one taken
+        # mid-epoch, draws the same dropout as an uninterrupted run (data randomness is derived from (seed, epoch,
+        # index): see EpochShuffleSampler / ResumableDataLoader).
+        torch.manual_seed(
+            step_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.current_epoch, batch_idx, self.global_rank)
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, "train")
+        self._terms = {}
+        total = self.shared_step(batch, "train")
+        self._pending_terms.append((self.current_epoch, batch_idx, self._terms))
+        return total
+
+    # ------------------------------------------------------------------ divergence guard
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Stop before an optimizer step that would apply a non-finite loss or gradient: `TrainingDiverged` naming
+        the step, the micro-batch and the loss term(s). One device sync per optimizer step. Under DDP the gradients are
+        already all-reduced here, so every rank stops at the same step. With a GradScaler (fp16) inf gradients are the
+        scaler's business (it skips the step); only the losses are checked."""
+        records, self._pending_terms = self._pending_terms, []
+        flags = [torch.isfinite(v).all() for _, _, terms in records for v in terms.values()]
+        check_grads = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        grads = [p.grad for p in self.parameters() if p.grad is not None] if check_grads else []
+        if grads:
+            flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if not flags or bool(torch.stack(flags).all()):
+            return
+        step = self.trainer.global_step + 1
+        bad_terms = [
+            f"{name}={float(v):g} (epoch {epoch}, micro-batch {batch_idx})"
+            for epoch, batch_idx, terms in records
+            for name, v in terms.items()
+            if not torch.isfinite(v).all()
+        ]
+        if bad_terms:
+            what = "non-finite loss term " + ", ".join(bad_terms)
+        else:
+            names = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            last = records[-1] if records else (self.current_epoch, -1, {})
+            finite = ", ".join(f"{k}={float(v):.4g}" for k, v in last[2].items())
+            what = (
+                f"non-finite gradient in {len(names) or 'some'} parameter(s) (e.g. {', '.join(names[:3])}) while the "
+                f"loss terms were finite ({finite}; epoch {last[0]}, micro-batch {last[1]})"
+            )
+        raise TrainingDiverged(
+            f"training diverged at optimizer step {step}: {what}. The step was not applied and no checkpoint of a "
+            "non-finite state is written; lower model.optimizer.lr, set trainer.gradient_clip_val, or check the data"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self._pending_terms = []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write non-finite weights (as best, last or any checkpoint); inside an accumulation window also store
+        the window's gradients so far (per rank), so the resumed run's next optimizer step is the uninterrupted one.
+        Also records the architecture, so a checkpoint given to another model fails naming both (`vl.checkpoint`)."""
+        from vl.checkpoint import ARCH_KEY
+
+        checkpoint[ARCH_KEY] = type(self).__name__
+        bad = [
+            name
+            for name, value in checkpoint.get("state_dict", {}).items()
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+        ]
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged by optimizer step {self.trainer.global_step}: {len(bad)} parameter tensor(s) are "
+                f"non-finite (e.g. {', '.join(bad[:3])}); refusing to write this checkpoint"
+            )
+        partial = self._partial_gradients()
+        if partial is not None:
+            checkpoint[PARTIAL_GRADS] = partial
 
     # ------------------------------------------------------------------ validation / test
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -299,12 +432,6 @@ class VLSystem(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ loading
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the architecture, so a checkpoint given to another model fails naming both (`vl.checkpoint`)."""
-        from vl.checkpoint import ARCH_KEY
-
-        checkpoint[ARCH_KEY] = type(self).__name__
-
     def unbuilt_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of parts this configuration does not build because its forward would not use them
         (e.g. BERT's pooler under mean pooling); checkpoints written before they were dropped still load."""
@@ -318,10 +445,6 @@ class VLSystem(L.LightningModule):
             for key in [k for k in state_dict if k.startswith(prefixes) and k not in own]:
                 del state_dict[key]
         return state_dict
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if isinstance(checkpoint.get("state_dict"), dict):
-            self.drop_unbuilt(checkpoint["state_dict"])
 
     def load_init_checkpoint(self, path: str) -> None:
         """Initialise from an earlier run's checkpoint (e.g. pretraining -> fine-tuning), non-strict and loud."""

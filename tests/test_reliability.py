@@ -1,0 +1,388 @@
+"""Nothing lost, nothing silently wrong: exact mid-epoch resume, crash-safe checkpoint writes, non-finite losses,
+run-dir claims, short `max_steps` runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import read_losses
+from vl.pipeline import train
+
+RESUME = (
+    "experiment=none",
+    "data=vqa",
+    "trainer.deterministic=true",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=7",  # odd: the epoch's last optimizer step takes one micro-batch
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "test=false",
+    "+callbacks.record._target_=tests.conftest.RecordLosses",
+)
+STEP_CKPT = "+callbacks.last_checkpoint.every_n_train_steps=1"  # last.ckpt after every optimizer step
+
+
+def _weights(record: Path) -> dict[str, torch.Tensor]:
+    """The final weights `RecordLosses` saved at the end of training."""
+    return torch.load(f"{record}.weights.pt", map_location="cpu", weights_only=True)
+
+
+def _resume_runs(
+    make_cfg, tmp_path: Path, *extra: str, straight_extra: tuple[str, ...] = (), kill_batch: int = 5
+) -> dict[str, object]:
+    """An uninterrupted run, a run killed before epoch 1 micro-batch 5 (mid-accumulation: accumulation 2, so the last
+    checkpoint is the step after micro-batch 3) and its resumption from last.ckpt."""
+    runs = {}
+    straight = make_cfg(*RESUME, *straight_extra, f"+callbacks.record.path={tmp_path}/straight", name="straight")
+    train(straight)
+    first = make_cfg(
+        *RESUME,
+        *extra,
+        f"+callbacks.record.path={tmp_path}/first",
+        "+callbacks.kill._target_=tests.conftest.InterruptAt",
+        "+callbacks.kill.epoch=1",
+        f"+callbacks.kill.batch={kill_batch}",
+        name="first",
+    )
+    with pytest.raises(Exception, match=f"interrupted before epoch 1 batch {kill_batch}"):
+        train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resumed = make_cfg(
+        *RESUME, *extra, f"+callbacks.record.path={tmp_path}/resumed", f"ckpt_path={last}", name="resumed"
+    )
+    train(resumed)
+    runs["dirs"] = {k: Path(c.paths.output_dir) for k, c in (("straight", straight), ("resumed", resumed))}
+    return runs
+
+
+def _assert_exact_resume(tmp_path: Path, runs: dict, rank: int = 0, tol: float = 0.0, resumed_at: int = 4) -> None:
+    straight = read_losses(tmp_path / "straight", rank)
+    first = read_losses(tmp_path / "first", rank)
+    resumed = read_losses(tmp_path / "resumed", rank)
+    assert len(straight) == 14
+    # the first run's last checkpoint was taken after micro-batch `resumed_at - 1` of epoch 1
+    assert sorted(resumed) == [(1, b) for b in range(resumed_at, 7)], sorted(resumed)
+    assert {(0, b) for b in range(7)} | {(1, b) for b in range(resumed_at)} <= set(first)
+    for key, loss in {**first, **resumed}.items():
+        assert loss == pytest.approx(straight[key], abs=tol, rel=tol), key
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        if tol == 0.0:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], atol=tol, rtol=tol)
+
+
+def test_mid_epoch_resume_is_exact_with_accumulation(make_cfg, tmp_path: Path) -> None:
+    """Bit-exact on CPU, one process: every micro-batch loss and the final weights equal an uninterrupted run's."""
+    acc = ("data.batch_size=16", "data.batch_size_per_device=8")
+    runs = _resume_runs(make_cfg, tmp_path, *acc, STEP_CKPT, straight_extra=acc)
+    _assert_exact_resume(tmp_path, runs)
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_inside_an_accumulation_window_is_exact(make_cfg, tmp_path: Path) -> None:
+    """Validation every 3 micro-batches with accumulation 2 checkpoints after micro-batch 2, half-way through a
+    window: the checkpoint carries the window's gradients so far, and the resumed run is still bit-exact."""
+    acc = ("data.batch_size=16", "data.batch_size_per_device=8", "trainer.val_check_interval=3")
+    runs = _resume_runs(make_cfg, tmp_path, *acc, straight_extra=acc, kill_batch=4)
+    last = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5 and "vl_partial_gradients" in last
+    _assert_exact_resume(tmp_path, runs, resumed_at=3)
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_is_exact_with_workers(make_cfg, tmp_path: Path) -> None:
+    """2 loader workers (prefetching ahead of the training loop) in the killed and the resumed run, none in the
+    uninterrupted one: still bit-exact."""
+    acc = ("data.batch_size=16", "data.batch_size_per_device=8")
+    runs = _resume_runs(make_cfg, tmp_path, *acc, STEP_CKPT, "data.num_workers=2", straight_extra=acc)
+    _assert_exact_resume(tmp_path, runs)
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_under_ddp(make_cfg, tmp_path: Path) -> None:
+    """2 spawned CPU processes, accumulation 2: every rank's micro-batch losses and the final weights match the
+    uninterrupted DDP run within 1e-6 (gloo all-reduce; measured bit-exact here)."""
+    ddp = ("hardware=ddp_cpu", "data.batch_size=16", "data.batch_size_per_device=4")
+    runs = _resume_runs(make_cfg, tmp_path, *ddp, STEP_CKPT, straight_extra=ddp)
+    for rank in (0, 1):
+        _assert_exact_resume(tmp_path, runs, rank=rank, tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- crash-safe writes
+WRITER = """
+import sys, torch
+from vl.checkpoint_io import AtomicCheckpointIO
+io, path, version = AtomicCheckpointIO(), sys.argv[1], int(sys.argv[2])
+while True:
+    version += 1
+    io.save_checkpoint({"version": version, "w": torch.full((1_000_000,), float(version))}, path)
+    print(version, flush=True)
+"""
+
+
+def _check_loadable(path: Path) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert torch.equal(state["w"], torch.full((1_000_000,), float(state["version"])))
+    return int(state["version"])
+
+
+@pytest.mark.slow
+def test_killed_checkpoint_writer_always_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL a process that keeps rewriting last.ckpt (4 MB) at random moments, 8 times (TMPDIR elsewhere): the
+    file always loads and holds at least the last version the writer reported as written."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "elsewhere")}
+    (tmp_path / "elsewhere").mkdir()
+    rng = random.Random(0)
+    written = 0
+    for trial in range(8):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(ckpt), str(1000 * trial)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert proc.stdout is not None
+        written = int(proc.stdout.readline())  # one complete write by this process
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        written = max([written, *map(int, out.split())])
+        assert _check_loadable(ckpt) >= written, trial
+    # a clean save afterwards removes what the killed writers left behind
+    from vl.checkpoint_io import AtomicCheckpointIO, stale_temp_files
+
+    AtomicCheckpointIO().save_checkpoint({"version": 1, "w": torch.full((1_000_000,), 1.0)}, ckpt)
+    assert _check_loadable(ckpt) == 1
+    assert stale_temp_files(ckpt) == [] and sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_atomic_save_failure_keeps_the_old_checkpoint_and_leaves_no_temp(tmp_path: Path) -> None:
+    from vl.checkpoint_io import AtomicCheckpointIO, stale_temp_files
+
+    io, ckpt = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"version": 1, "w": torch.full((1_000_000,), 1.0)}, ckpt)
+    (tmp_path / ".last.ckpt.dead0001.tmp").write_bytes(b"half a checkpoint")  # a killed writer's leftover
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"version": 2, "w": torch.zeros(3), "x": Unpicklable()}, ckpt)
+    assert _check_loadable(ckpt) == 1
+    assert stale_temp_files(ckpt) == []
+    io.save_checkpoint({"version": 3, "w": torch.full((1_000_000,), 3.0)}, ckpt)
+    assert _check_loadable(ckpt) == 3 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_every_fit_writes_checkpoints_atomically(make_cfg) -> None:
+    from vl.checkpoint_io import AtomicCheckpointIO
+    from vl.pipeline import build_trainer
+
+    trainer = build_trainer(make_cfg("experiment=none", "data=vqa"), [], [])
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    trainer = build_trainer(make_cfg("experiment=none", "data=vqa", "hardware=ddp_cpu"), [], [])
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# ---------------------------------------------------------------------------------------------------- short runs
+def test_max_steps_shorter_than_an_epoch_ends_cleanly_with_checkpoints(make_cfg) -> None:
+    cfg = make_cfg(
+        "experiment=none",
+        "data=vqa",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+    )
+    metrics, _ = train(cfg)
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    for name in ("last.ckpt", "best.ckpt"):
+        state = torch.load(ckpts / name, map_location="cpu", weights_only=False)
+        assert state["global_step"] == 3, name
+    assert {"val/vqa_acc", "test/vqa_acc"} <= set(metrics)
+
+
+# ---------------------------------------------------------------------------------------------------- NaN / inf
+def _assert_no_nonfinite_checkpoint(run: Path) -> None:
+    for ckpt in run.rglob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def test_huge_lr_stops_with_a_clear_error_and_no_nonfinite_checkpoint(make_cfg) -> None:
+    from vl.errors import TrainingDiverged
+
+    cfg = make_cfg(
+        "experiment=none",
+        "data=vqa",
+        "model.optimizer.lr=1e6",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=1",
+    )
+    with pytest.raises(TrainingDiverged, match=r"training diverged at optimizer step \d+: non-finite") as err:
+        train(cfg)
+    assert "vqa=" in str(err.value) or "gradient" in str(err.value)
+    run = Path(cfg.paths.output_dir)
+    assert not (run / "results.md").exists()
+    _assert_no_nonfinite_checkpoint(run)
+
+
+def test_injected_nan_loss_names_the_objective_and_step(make_cfg) -> None:
+    """A NaN weight on one objective of two (MLM + ITM pretraining): the error names that term, at step 1."""
+    from vl.errors import TrainingDiverged
+
+    cfg = make_cfg("experiment=none", "data=captions", "+model.loss_weights.itm=nan", "trainer.limit_train_batches=3")
+    with pytest.raises(
+        TrainingDiverged, match=r"at optimizer step 1: non-finite loss term itm=nan \(epoch 0, micro-batch 0\)"
+    ):
+        train(cfg)
+    assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_cli_diverged_ddp_run_exits_nonzero_with_one_line_and_no_results(tmp_path: Path, data_dir: Path) -> None:
+    """lr=1e6 under hardware=ddp_cpu: both ranks stop at the same step; the CLI prints one `error:` line, exits 2,
+    writes no results.md and no non-finite checkpoint."""
+    from tests.conftest import TINY_MODEL
+
+    run = tmp_path / "diverged"
+    proc = _train_cli(
+        f"hydra.run.dir={run}",
+        "experiment=none",
+        "data=vqa",
+        *TINY_MODEL,
+        "hardware=ddp_cpu",
+        "data.batch_size=32",
+        "data.batch_size_per_device=16",
+        "model.optimizer.lr=1e6",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1",
+        "~callbacks.rich_progress_bar",
+        f"paths.data_dir={data_dir}",
+        "data.corpus.num_images=150",
+        cwd=tmp_path,
+    )
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: training diverged at optimizer step ")
+    assert not (run / "results.md").exists()
+    _assert_no_nonfinite_checkpoint(run)
+
+
+# ---------------------------------------------------------------------------------------------------- run-dir claims
+def _train_cli(*args: str, cwd: Path, timeout: int = 400):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_claim_run_dir_is_exclusive_and_refuses_earlier_checkpoints(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from vl.errors import ConfigError
+    from vl.run_dir import claim_run_dir, release_run_dir
+
+    run = tmp_path / "run"
+    other = [sys.executable, "-c", f"from vl.run_dir import claim_run_dir; claim_run_dir({str(run)!r})"]
+    claim_run_dir(run)
+    assert claim_run_dir(run) == run.resolve()  # idempotent in the owning process
+    try:
+        out = subprocess.run(other, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert out.returncode != 0 and "is in use by another run (pid" in out.stderr
+    finally:
+        release_run_dir(run)
+    assert subprocess.run(other, capture_output=True, cwd=ROOT, timeout=60).returncode == 0  # free again
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="already holds checkpoints of an earlier run"):
+        claim_run_dir(run)
+    claim_run_dir(run, resume=True)  # ckpt_path= resumes into it
+    release_run_dir(run)
+
+
+def test_refused_rerun_leaves_the_old_run_config_untouched(tmp_path: Path) -> None:
+    """The guard is a Hydra callback (on_run_start): it refuses before Hydra writes .hydra/config.yaml."""
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"old weights")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("old: config\n")
+    proc = _train_cli(f"hydra.run.dir={run}", "experiment=none", "model.optimizer.lr=0.5", cwd=tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: hydra.run.dir: {run} already holds checkpoints")
+    assert (run / ".hydra" / "config.yaml").read_text() == "old: config\n"
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml"]
+
+
+def test_a_run_dir_in_use_is_refused(tmp_path: Path) -> None:
+    from vl.run_dir import claim_run_dir, release_run_dir
+
+    run = tmp_path / "busy"
+    claim_run_dir(run)  # this process plays the first run
+    try:
+        proc = _train_cli(f"hydra.run.dir={run}", "experiment=none", cwd=tmp_path)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        release_run_dir(run)
+    assert proc.returncode == 2 and f"error: hydra.run.dir: {run} is in use by another run (pid" in err
+    assert not (run / ".hydra").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_in_one_dir_one_proceeds(tmp_path: Path, data_dir: Path) -> None:
+    from tests.conftest import TINY_MODEL
+
+    run = tmp_path / "shared"
+    args = [
+        f"hydra.run.dir={run}",
+        "experiment=none",
+        "data=vqa",
+        *TINY_MODEL,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "~callbacks.rich_progress_bar",
+        f"paths.data_dir={data_dir}",
+        "data.corpus.num_images=150",
+    ]
+    procs = [_train_cli(*args, f"seed={seed}", cwd=tmp_path) for seed in (1, 2)]
+    results = [(p.communicate(timeout=400)[1], p.returncode)[::-1] for p in procs]  # drains the pipes
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], [err[-1500:] for _, err in results]
+    refused = next(err for code, err in results if code == 2)
+    assert "is in use by another run" in refused or "already holds checkpoints" in refused
+    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert (run / "csv" / "metrics.csv").read_text().count(header) == 1  # one run wrote it
+    winner_seed = 1 if results[0][0] == 0 else 2
+    assert f"seed: {winner_seed}" in (run / ".hydra" / "config.yaml").read_text()

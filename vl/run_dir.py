@@ -1,0 +1,109 @@
+"""One run per run dir: a Hydra callback that claims `hydra.run.dir` (or the multirun's `hydra.sweep.dir`) before
+Hydra writes anything into it.
+
+Hydra saves `<run dir>/.hydra/config.yaml` before the task function (and `on_job_start`) runs, so a guard inside
+`train()` comes too late: a refused re-run would already have replaced the old run's config, after which its
+checkpoints no longer evaluate. `RunDirGuard.on_run_start` runs before that. The claim is an exclusive `flock` on
+`<run dir>/.vl-run.lock`, held for the life of the process (the kernel drops it when the process ends, also on a
+kill): of two runs given the same dir at once exactly one proceeds; the other is refused with one line, as is a run
+into a dir that already holds checkpoints (unless it resumes: `ckpt_path=` set).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from vl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LOCK_NAME", "RunDirGuard", "claim_run_dir", "release_run_dir"]
+
+LOCK_NAME = ".vl-run.lock"
+_held: dict[Path, int] = {}  # run dir -> fd of its lock file, for this process
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Non-empty `checkpoints/` dirs of the run (its own, a pretrain stage's, a sweep's jobs')."""
+    found = []
+    for pattern in ("checkpoints", "*/checkpoints", "*/*/checkpoints"):
+        found += [d for d in run_dir.glob(pattern) if d.is_dir() and any(d.iterdir())]
+    return found
+
+
+def claim_run_dir(run_dir: str | Path, *, resume: bool = False) -> Path:
+    """Claim `run_dir` for this process (created if needed). Raises ConfigError when another live process holds it,
+    or when it already holds checkpoints and `resume` is false. Idempotent within one process."""
+    import fcntl
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    if run_dir in _held:
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = lock.read_text().strip() or "another process"
+        os.close(fd)
+        raise ConfigError(
+            f"hydra.run.dir: {run_dir} is in use by another run ({owner}); give each run its own dir"
+        ) from None
+    ckpts = [] if resume else _checkpoint_dirs(run_dir)
+    if ckpts:
+        os.close(fd)  # releases the lock
+        raise ConfigError(
+            f"hydra.run.dir: {run_dir} already holds checkpoints of an earlier run ({ckpts[0]}); refusing to overwrite "
+            "them or its .hydra/config.yaml (use a new dir, or ckpt_path=<checkpoint> to resume)"
+        )
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _held[run_dir] = fd
+    return run_dir
+
+
+def release_run_dir(run_dir: str | Path) -> None:
+    """Drop this process's claim (the lock file stays; it is only a lock)."""
+    fd = _held.pop(Path(run_dir).expanduser().resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _is_secondary_rank() -> bool:
+    """Processes a launcher starts for ranks > 0 (Lightning's DDP subprocess launcher re-runs the script with the same
+    hydra.run.dir; torchrun / SLURM start one per rank): the rank-0 process holds the claim."""
+    return any(int(os.environ.get(key) or 0) != 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+class RunDirGuard(Callback):
+    """Hydra callback (`hydra.callbacks.run_dir_guard` in conf/hydra/default.yaml). `resume_key`: the config key
+    whose value, when set, allows a dir that already holds checkpoints (train: `ckpt_path`; evaluate: none)."""
+
+    def __init__(self, resume_key: str | None = "ckpt_path") -> None:
+        self.resume_key = resume_key
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._guard(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._guard(config, "hydra.sweep.dir")
+
+    def _guard(self, config: DictConfig, key: str) -> None:
+        if _is_secondary_rank():
+            return
+        run_dir = OmegaConf.select(config, key)
+        resume = bool(self.resume_key and OmegaConf.select(config, self.resume_key, default=None))
+        try:
+            claim_run_dir(str(run_dir), resume=resume)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)

@@ -436,3 +436,12 @@ def test_non_finite_clip_features_name_file_and_id(tmp_path: Path) -> None:
     np.testing.assert_array_equal(reader["a"], feats[0])
     with pytest.raises(DataError, match=r"clip\.hdf5: image id 'c': 'features' has 1 non-finite value"):
         reader["c"]
+
+
+def test_deepspeed_checkpoint_dirs_are_left_to_deepspeed(tmp_path: Path) -> None:
+    from vl.checkpoint import is_deepspeed_dir
+
+    ds = tmp_path / "last.ckpt"
+    (ds / "checkpoint").mkdir(parents=True)
+    (ds / "latest").write_text("checkpoint")
+    assert is_deepspeed_dir(ds) and not is_deepspeed_dir(tmp_path / "nothing") and not is_deepspeed_dir(tmp_path)

@@ -122,6 +122,13 @@ def read_checkpoint(path: str | Path, what: str = "ckpt_path", *, resume: bool =
     return ckpt
 
 
+def is_deepspeed_dir(path: str | Path) -> bool:
+    """A DeepSpeed checkpoint directory (`hardware=deepspeed` saves `last.ckpt/` with `latest` + `checkpoint/`):
+    resumed by DeepSpeed's own loader, which `vl` cannot make weights-only."""
+    path = Path(path).expanduser()
+    return path.is_dir() and ((path / "latest").is_file() or (path / "checkpoint").is_dir())
+
+
 def architecture_of(ckpt: dict[str, Any]) -> str:
     """The LightningModule class a checkpoint holds: the recorded name, else inferred from its hyper-parameters."""
     if isinstance(ckpt.get(ARCH_KEY), str):

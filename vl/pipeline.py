@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vl.callbacks import ValidateAtMaxSteps
-from vl.checkpoint import check_architecture, read_checkpoint
+from vl.checkpoint import check_architecture, is_deepspeed_dir, read_checkpoint
 from vl.checkpoint_io import AtomicCheckpointIO
 from vl.config import check_config
 from vl.errors import ConfigError, VLError
@@ -130,6 +130,8 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path") is None:
         _check_fresh_output(output_dir)
+        resume = None
+    elif is_deepspeed_dir(cfg.ckpt_path):  # hardware=deepspeed checkpoints are directories DeepSpeed loads itself
         resume = None
     else:  # a missing / damaged / foreign / code-carrying file fails here, in one line, before Lightning sees it
         resume = read_checkpoint(cfg.ckpt_path, "ckpt_path", resume=True)

@@ -1,4 +1,4 @@
-"""Retrieval evaluation memory/time: `vl.retrieval.chunked_ranks` (blocks of captions x images, only each caption's
+"""Retrieval evaluation memory/time: `vl.eval.retrieval.chunked_ranks` (blocks of captions x images, only each caption's
 gold rank kept) against the naive method (the whole captions x images score matrix, then ranks from it), in one run.
 
 Scores come from a synthetic dual encoder (text/image embeddings, dot product) so that the benchmark isolates the
@@ -17,7 +17,7 @@ import tracemalloc
 import numpy as np
 import torch
 
-from vl.retrieval import chunked_ranks
+from vl.eval.retrieval import chunked_ranks
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ def build(steps: int, data_dir: str):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import vl.config  # noqa: F401
+    import vl.build  # noqa: F401
     from vl.pipeline import build_datamodule, build_model
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):

@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import vl.config  # noqa: F401  (schemas + resolvers)
+import vl.build  # noqa: F401  (schemas + resolvers)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -25,10 +25,10 @@ REAL_SAMPLES = Path(os.environ.get("VL_REAL_SAMPLES", ROOT.parent / "shared" / "
 
 #: a model small enough for many CPU fits per test session
 TINY_MODEL = (
-    "model.text_encoder.hidden_size=32",
-    "model.text_encoder.num_heads=2",
-    "model.text_encoder.intermediate_size=64",
-    "model.text_encoder.num_layers=1",
+    "model.encoder.text_encoder.hidden_size=32",
+    "model.encoder.text_encoder.num_heads=2",
+    "model.encoder.text_encoder.intermediate_size=64",
+    "model.encoder.text_encoder.num_layers=1",
 )
 TINY_CORPUS_IMAGES = 150
 
@@ -63,7 +63,7 @@ def compose_cfg(
         if (
             tiny
             and config_name == "train"
-            and cfg.model._target_.endswith("VisualBertSystem")
+            and cfg.model.encoder._target_.endswith("VisualBertEncoder")
             and chosen
             in (
                 None,

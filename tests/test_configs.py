@@ -40,10 +40,10 @@ def test_hydra_group_is_applied(make_cfg) -> None:
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("model.text_encoder.hiden_size=3", "hiden_size"),
+        ("model.encoder.text_encoder.hiden_size=3", "hiden_size"),
         ("data.batch_sise=3", "batch_sise"),
         ("trainer.max_epoch=3", "max_epoch"),
-        ("model.text_encoder.hidden_size=abc", "model.text_encoder.hidden_size"),
+        ("model.encoder.text_encoder.hidden_size=abc", "model.encoder.text_encoder.hidden_size"),
         ("data.num_workers=many", "data.num_workers"),
         ("trainer.max_steps=1.5", "trainer.max_steps"),
     ],

@@ -61,7 +61,7 @@ def test_pretrain_then_zero_shot_retrieval_runs(make_cfg) -> None:
 
 def test_full_size_experiment_composes(make_cfg) -> None:
     cfg = make_cfg("experiment=vilbert_pretrain", tiny=False)
-    assert cfg.model.v_hidden == 1024 and list(cfg.model.t_biattention_id) == [6, 7, 8, 9, 10, 11]
+    assert cfg.model.encoder.v_hidden == 1024 and list(cfg.model.encoder.t_biattention_id) == [6, 7, 8, 9, 10, 11]
     assert list(cfg.data.objectives) == ["mlm", "mrc", "itm"] and cfg.data.batch_size == 512
     assert cfg.model.pretrained_lr_mult == 0.1
 
@@ -69,7 +69,7 @@ def test_full_size_experiment_composes(make_cfg) -> None:
 def test_param_groups_decay_and_pretrained_lr(make_cfg) -> None:
     from vl.pipeline import build_datamodule, build_model
 
-    cfg = make_cfg(*TINY_RUN, "model.text_encoder.pretrained=minilm")
+    cfg = make_cfg(*TINY_RUN, "model.encoder.text_encoder.pretrained=minilm")
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
     model.trainer = None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vl.data.vqa_answers import normalize_answer, official_vqa_accuracy, trainval_minval_split
-from vl.data.vqa_format import vqa_soft_score
+from vl.data.formats.vqa import vqa_soft_score
+from vl.data.formats.vqa_answers import normalize_answer, official_vqa_accuracy, trainval_minval_split
 
 
 @pytest.mark.parametrize(

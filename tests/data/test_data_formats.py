@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vl.data.coco import load_coco_captions
-from vl.data.jsonl import load_jsonl, write_jsonl
-from vl.data.vqa_format import (
+from vl.data.formats.coco import load_coco_captions
+from vl.data.formats.jsonl import load_jsonl, write_jsonl
+from vl.data.formats.vqa import (
     build_targets,
     load_annotations,
     load_answer_vocab,

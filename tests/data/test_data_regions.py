@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vl.data.convert import convert, main, read_bottom_up_tsv
 from vl.data.features import (
     FrcnnJsonRegionReader,
     HDF5RegionReader,
@@ -28,7 +27,9 @@ from vl.data.features import (
     write_region_json,
     write_region_lmdb,
 )
+from vl.data.features.convert import convert, read_bottom_up_tsv
 from vl.errors import DataError
+from vl.tools.convert_features import main
 
 REAL = Path("/work/shared/real_samples")
 REAL_TSV = REAL / "bottom_up_tsv" / "lxmert_obj36_black_image.tsv"

@@ -13,9 +13,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import vl.config  # noqa: F401  (schemas)
+import vl.build  # noqa: F401  (schemas)
 from vl.errors import ConfigError
-from vl.models.vilbert import GLOBAL_LOC, ImageEmbedding, VilbertEncoder, VilbertSystem
+from vl.models.system import VLSystem
+from vl.models.vilbert import GLOBAL_LOC, ImageEmbedding, VilbertEncoder
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DATA_INFO = {"visual_dim": 2048, "num_answers": 17}
@@ -28,7 +29,7 @@ def model_cfg(*overrides: str, model: str = "vilbert_tiny") -> DictConfig:
     return cfg.model
 
 
-def build(*overrides: str, objectives: tuple[str, ...] = ("mlm", "itm"), model: str = "vilbert_tiny") -> VilbertSystem:
+def build(*overrides: str, objectives: tuple[str, ...] = ("mlm", "itm"), model: str = "vilbert_tiny") -> VLSystem:
     """Instantiate like `vl.pipeline` does, re-raising vl's own errors unwrapped from Hydra's."""
     try:
         return instantiate(model_cfg(*overrides, model=model), objectives=list(objectives), data_info=DATA_INFO)
@@ -65,12 +66,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny() -> VilbertSystem:
+def tiny() -> VLSystem:
     torch.manual_seed(0)
     return build().eval()
 
 
-def test_output_shapes(tiny: VilbertSystem) -> None:
+def test_output_shapes(tiny: VLSystem) -> None:
     out = tiny(make_batch(batch_size=3, text_len=7, regions=5))
     assert out.text.shape == (3, 7, 64)
     assert out.visual.shape == (3, 5 + 1, 64)  # + the global image token at index 0
@@ -113,7 +114,7 @@ def test_layer_order_of_the_base_config() -> None:
     """6-layer/6-connection placement at toy width: text layers 0-5 alone, then co-layer k after text 6+k, vision k."""
     encoder = VilbertEncoder(
         text_encoder={"hidden_size": 16, "num_layers": 12, "num_heads": 2, "intermediate_size": 16},
-        visual_dim=8,
+        data_info={"visual_dim": 8},
         v_hidden=16,
         v_num_layers=6,
         v_heads=2,
@@ -129,7 +130,7 @@ def test_layer_order_of_the_base_config() -> None:
     assert _call_order(encoder, batch) == expected
 
 
-def test_vision_reaches_text_only_after_the_first_co_layer(tiny: VilbertSystem) -> None:
+def test_vision_reaches_text_only_after_the_first_co_layer(tiny: VLSystem) -> None:
     """Tiny config: co-layers after text layers 2 and 3, so text layers 0-2 never see the image, layer 3 does."""
     assert _call_order(tiny.encoder, make_batch()) == ["t0", "t1", "t2", "v0", "c0", "t3", "v1", "c1"]
     outputs: list[list[torch.Tensor]] = [[], []]
@@ -148,7 +149,7 @@ def test_vision_reaches_text_only_after_the_first_co_layer(tiny: VilbertSystem) 
     assert same == [True, True, True, False]
 
 
-def test_padding_regions_do_not_change_outputs(tiny: VilbertSystem) -> None:
+def test_padding_regions_do_not_change_outputs(tiny: VLSystem) -> None:
     batch = make_batch(regions=3)
     noise = make_batch(regions=5, seed=1)
     padded = {**batch, **{key: noise[key] for key in ("visual_feats", "visual_boxes", "visual_mask")}}
@@ -165,11 +166,11 @@ def test_padding_regions_do_not_change_outputs(tiny: VilbertSystem) -> None:
 def test_minilm_text_stream_loads_with_key_report_and_gets_lower_lr(caplog: pytest.LogCaptureFixture) -> None:
     from transformers import BertModel
 
-    from vl.models.bert import resolve_model_dir
+    from vl.pretrained import resolve_model_dir
 
-    caplog.set_level(logging.INFO, logger="vl.models.bert")
-    model = build("model.text_encoder.pretrained=minilm", "model.scheduler=null", "model.optimizer.lr=1e-4")
-    messages = [r.getMessage() for r in caplog.records if r.name == "vl.models.bert"]
+    caplog.set_level(logging.INFO, logger="vl.pretrained")
+    model = build("model.encoder.text_encoder.pretrained=minilm", "model.scheduler=null", "model.optimizer.lr=1e-4")
+    messages = [r.getMessage() for r in caplog.records if r.name == "vl.pretrained"]
     assert any("BERT weights from" in m and "0 missing keys" in m for m in messages), messages
     assert any("unexpected keys: pooler.dense" in m for m in messages), messages  # ViLBERT has its own poolers
     reference = BertModel.from_pretrained(str(resolve_model_dir("minilm")), add_pooling_layer=False)
@@ -195,10 +196,10 @@ def test_minilm_text_stream_loads_with_key_report_and_gets_lower_lr(caplog: pyte
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("model.t_biattention_id=[2,4]", "model.t_biattention_id"),  # the text stream has 4 layers
-        ("model.v_biattention_id=[1,0]", "model.v_biattention_id"),  # not increasing
-        ("model.v_biattention_id=[0]", "model.v_biattention_id"),  # lengths differ
-        ("model.t_biattention_id=[-1,3]", "model.t_biattention_id"),
+        ("model.encoder.t_biattention_id=[2,4]", "model.encoder.t_biattention_id"),  # the text stream has 4 layers
+        ("model.encoder.v_biattention_id=[1,0]", "model.encoder.v_biattention_id"),  # not increasing
+        ("model.encoder.v_biattention_id=[0]", "model.encoder.v_biattention_id"),  # lengths differ
+        ("model.encoder.t_biattention_id=[-1,3]", "model.encoder.t_biattention_id"),
     ],
 )
 def test_invalid_biattention_ids_raise_config_error(override: str, key: str) -> None:
@@ -209,7 +210,10 @@ def test_invalid_biattention_ids_raise_config_error(override: str, key: str) -> 
 def test_itm_mlm_training_lowers_the_loss() -> None:
     torch.manual_seed(0)
     model = build(
-        "model.scheduler=null", "model.optimizer.lr=3e-3", "model.dropout=0.0", "model.text_encoder.dropout=0.0"
+        "model.scheduler=null",
+        "model.optimizer.lr=3e-3",
+        "model.encoder.dropout=0.0",
+        "model.encoder.text_encoder.dropout=0.0",
     )
     batch = make_batch(batch_size=4)
     labels = torch.full_like(batch["input_ids"], -100)

@@ -16,9 +16,9 @@ from sklearn.metrics import average_precision_score
 from transformers import BertConfig, BertForMaskedLM
 
 from vl.errors import DataError
-from vl.probes import memory_colors as mc
-from vl.probes import visual_property_norms as vpn
-from vl.probes.scorers import CheckpointScorer, HFMaskedLMScorer, RandomScorer, encode_masked
+from vl.eval.probes import memory_colors as mc
+from vl.eval.probes import visual_property_norms as vpn
+from vl.eval.probes.scorers import CheckpointScorer, HFMaskedLMScorer, RandomScorer, encode_masked
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT.parent / "shared" / "real_samples"
@@ -30,7 +30,7 @@ needs_real = pytest.mark.skipif(not MC_REAL.is_file(), reason="real samples not 
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A tiny random BertForMaskedLM with the bert-base-uncased vocab (copied from the packaged MiniLM)."""
-    from vl.models.bert import resolve_model_dir
+    from vl.pretrained import resolve_model_dir
 
     path = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
@@ -261,8 +261,11 @@ def clip_bert_ckpt(tmp_path_factory) -> Path:
     model_cfg = {
         "_target_": "vl.models.clip_bert.ClipBertSystem",
         "_recursive_": False,
-        "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0.0},
-        "image_dim": 512,
+        "encoder": {
+            "_target_": "vl.models.clip_bert.ClipBertEncoder",
+            "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0},
+            "image_dim": 512,
+        },
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
     }
     cfg = OmegaConf.create(
@@ -279,8 +282,8 @@ def clip_bert_ckpt(tmp_path_factory) -> Path:
 
 
 def test_checkpoint_scorer_implicit_and_explicit(clip_bert_ckpt, tmp_path):
-    from vl.data.clip_extract import save_tiny_clip
-    from vl.probes.scorers import ClipTextEmbedder
+    from vl.eval.probes.scorers import ClipTextEmbedder
+    from vl.tools.clip_extract import save_tiny_clip
 
     sc = CheckpointScorer(clip_bert_ckpt)
     texts = ["the sky is [MASK].", "Q: What is the color of grass? A: It is [MASK]."]
@@ -325,7 +328,7 @@ def test_checkpoint_scorer_implicit_and_explicit(clip_bert_ckpt, tmp_path):
 
 @needs_real
 def test_evaluate_task_writes_report(clip_bert_ckpt, tmp_path):
-    from vl.tasks import EVAL_TASKS, run_eval_task
+    from vl.eval.tasks import EVAL_TASKS, run_eval_task
 
     assert {"memory_colors", "visual_property_norms"} <= set(EVAL_TASKS)
     cfg = OmegaConf.create(
@@ -340,7 +343,7 @@ def test_evaluate_task_writes_report(clip_bert_ckpt, tmp_path):
 
 
 def test_cli_compares_models_on_vpn(vpn_data, tiny_bert_dir, tmp_path, capsys):
-    from vl.probes.__main__ import main
+    from vl.tools.probes import main
 
     root, _ = vpn_data
     out = tmp_path / "report"
@@ -393,9 +396,12 @@ def test_checkpoint_scorer_region_model_gets_masked_zero_region(tmp_path):
     from hydra.utils import instantiate
 
     model_cfg = {
-        "_target_": "vl.models.visual_bert.VisualBertSystem",
+        "_target_": "vl.models.system.VLSystem",
         "_recursive_": False,
-        "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0.0},
+        "encoder": {
+            "_target_": "vl.models.visual_bert.VisualBertEncoder",
+            "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0},
+        },
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
     }
     cfg = OmegaConf.create({"task_name": "vb", "model": model_cfg, "data": {"tokenizer": "minilm"}})

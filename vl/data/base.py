@@ -4,55 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from vl.data.collate import Collator, load_tokenizer
+from vl.data.collate import REGION_MASKING, Collator, load_tokenizer
 from vl.data.features import RegionReader, open_region_features
+from vl.data.samplers import EpochShuffleSampler, UnpaddedDistributedSampler
+from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.errors import ConfigError, DataError
-from vl.objectives import REGION_MASKING
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
-    """Dataset keys are an index, or (epoch, index) from `EpochShuffleSampler`: -> (epoch, index)."""
-    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (0, int(key))
-
-
-class EpochShuffleSampler(DistributedSampler):
-    """Shuffles with its own generator seeded by (seed + epoch) and yields `(epoch, index)` keys, so every random
-    choice a dataset or collator makes can be derived from (seed, epoch, index) instead of the global RNG.
-
-    This is what makes a run resumed from `last.ckpt` see exactly the batches of an uninterrupted run: Lightning
-    creates the first iterator of a resumed fit before any epoch hook runs. Rank-aware (a DistributedSampler), so
-    Lightning keeps it under DDP.
-    """
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        epoch = self.epoch
-        for index in super().__iter__():
-            yield (epoch, index)
-
-
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Evaluation sharding without padding: rank r gets examples r, r + world, ... so every example is scored exactly
-    once (torch's DistributedSampler repeats examples to even out the ranks, which would count them twice)."""
-
-    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
-        self.total_size = len(dataset)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class VLDataModule(L.LightningDataModule):
@@ -118,8 +85,6 @@ class VLDataModule(L.LightningDataModule):
                 if not self._root.is_dir():
                     raise DataError(f"{self._root}: data.root does not exist or is not a directory")
             else:
-                from vl.data.scenes import SceneSettings, ensure_corpus
-
                 self._root = ensure_corpus(Path(self.cache_dir), SceneSettings(**self.corpus))
         return self._root
 

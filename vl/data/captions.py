@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, split_key
-from vl.data.coco import load_coco_captions
+from vl.data.base import VLDataModule
 from vl.data.features import RegionReader
+from vl.data.formats.coco import load_coco_captions
+from vl.data.samplers import split_key
 from vl.errors import DataError
 
 

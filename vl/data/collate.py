@@ -16,14 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from vl.objectives import IGNORE_INDEX
+from vl.batch import IGNORE_INDEX
+from vl.pretrained import resolve_model_dir
+
+#: objectives whose labels come from masked regions (the collator masks regions when the data lists one)
+REGION_MASKING = ("mrc", "mrfr")
 
 
 def load_tokenizer(name_or_path: str):
     """A `BertTokenizerFast` from a local dir, or `"minilm"` for the packaged bert-base-uncased vocab."""
     from transformers import BertTokenizerFast
-
-    from vl.models.bert import resolve_model_dir
 
     return BertTokenizerFast.from_pretrained(str(resolve_model_dir(name_or_path)))
 

@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, split_key
+from vl.data.base import VLDataModule
 from vl.data.features import RegionReader, open_region_features
-from vl.data.refcoco_format import (
+from vl.data.formats.refcoco import (
     Instances,
     box_area,
     box_iou,
@@ -24,6 +24,7 @@ from vl.data.refcoco_format import (
     load_refs,
     split_counts,
 )
+from vl.data.samplers import split_key
 from vl.errors import ConfigError, DataError
 
 __all__ = ["RefExample", "RefCOCOExpressions", "RefCOCODataModule", "concat_regions"]
@@ -120,7 +121,7 @@ class RefCOCODataModule(VLDataModule):
     """`data=refcoco`. Files are relative to `root`; `splits` maps train/val/test to the refs' split names (default
     test -> testA; set `splits={"test": "testB"}` for the other half). `gt_features=None` trains on detections only.
 
-    With `root=None` the embedded scene corpus (`vl.data.scene_corpus`) holds these files."""
+    With `root=None` the embedded scene corpus (`vl.data.scenes.corpus`) holds these files."""
 
     prediction_file = "refcoco_predictions.json"  # box per expression, written into the run dir by `test`
 

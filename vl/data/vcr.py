@@ -1,6 +1,6 @@
 """VCR fine-tuning: Q->A and QA->R as 4-way multiple choice over one image's regions (ViLBERT TASK1 / TASK2).
 
-Files (``vl.data.vcr_format``): ``vcr/{split}.jsonl``, the names table, per-image metadata under ``vcr/vcr1images`` and
+Files (``vl.data.formats.vcr``): ``vcr/{split}.jsonl``, the names table, per-image metadata under ``vcr/vcr1images`` and
 region features keyed by ``str(image_int_id(img_id))``. With ``root=None`` the VCR files are added to the embedded scene
 corpus on first use.
 """
@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, split_key
+from vl.data.base import VLDataModule
 from vl.data.features import RegionReader
-from vl.data.vcr_format import (
+from vl.data.formats.vcr import (
     NUM_CHOICES,
     image_int_id,
     load_metadata,
@@ -24,6 +24,7 @@ from vl.data.vcr_format import (
     record_texts,
     write_vcr_submission,
 )
+from vl.data.samplers import split_key
 from vl.errors import DataError
 
 MC_BLOCKS = ["vcr_qa", "vcr_qar"]

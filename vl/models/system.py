@@ -1,0 +1,300 @@
+"""The shared LightningModule: an injected encoder + the data's heads; losses, metrics, logging, optimisation and
+checkpoint loading, written once.
+
+The encoder is any `nn.Module` (built from its own `_target_` node, `model.encoder`, or passed in built) with
+  - `forward(batch) -> EncoderOutput` (text, visual, pooled states; `vl.batch`);
+  - `word_embeddings` (nn.Embedding: the tied MLM decoder);
+  - `pooled_size`, `text_size`, `visual_size` (ints: the sizes of `EncoderOutput.pooled` / `.text` / `.visual`);
+  - `visual_input`: what it sees of the image with this data: "regions", "global" (one embedding) or None;
+  - optionally `pretrained_parameter_names()`: names (relative to the encoder) of parameters that came from
+    pretrained weights (they train at lr x `pretrained_lr_mult`).
+An encoder built from config receives `data_info` (corpus facts, e.g. `visual_dim`) as a keyword argument.
+A subclass exists only for what is truly special about a system (e.g. CLIP-BERT's loaders of released weights).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric
+
+from vl.batch import EncoderOutput
+from vl.errors import ConfigError
+from vl.heads import HeadContext, build_heads
+from vl.metrics import RetrievalRecall
+from vl.models.ranking import chunked_ranks, gallery_scorer
+from vl.pretrained import log_key_report
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class VLSystem(L.LightningModule):
+    """Sums weighted objective losses, updates per-stage torchmetrics, logs `stage/name`."""
+
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module | dict[str, Any],
+        objectives: list[str],
+        data_info: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        init_from: str | None = None,
+        pretrained_lr_mult: float = 1.0,
+        heads: dict[str, dict[str, Any]] | None = None,
+        head_lr: float | None = None,
+    ) -> None:
+        """`encoder`: a built encoder or its config node (`_target_` + arguments; gets `data_info`). `objectives`:
+        the data's objective names (one head each; `heads[name]`: that head's options). `optimizer` / `scheduler`:
+        `_partial_` configs. `init_from`: an earlier run's checkpoint to start from (non-strict, key report
+        logged). `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder"] if isinstance(encoder, nn.Module) else None)
+        if not objectives:
+            raise ConfigError("data.objectives: at least one objective is needed")
+        self.objective_names = list(objectives)
+        self.data_info = dict(data_info)
+        self.optimizer_cfg = _plain(optimizer)
+        self.scheduler_cfg = _plain(scheduler)
+        self.loss_weights = dict(loss_weights or {})
+        self.init_from = init_from
+        self.pretrained_lr_mult = pretrained_lr_mult
+        self.head_options = dict(heads or {})
+        self.head_lr = head_lr
+        self.predictions: list[dict[str, Any]] = []
+        self._gallery: dict[str, Any] = {}
+        self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
+        self.encoder = encoder if isinstance(encoder, nn.Module) else instantiate(_plain(encoder), data_info=data_info)
+        ctx = HeadContext(
+            pooled_size=int(self.encoder.pooled_size),
+            text_size=int(self.encoder.text_size),
+            visual_size=int(self.encoder.visual_size),
+            word_embeddings=self.encoder.word_embeddings,
+            data_info=self.data_info,
+        )
+        # a head the encoder cannot serve fails here, before any compute
+        self.objectives = build_heads(
+            self.objective_names,
+            ctx,
+            visual_input=self.encoder.visual_input,
+            system=type(self.encoder).__name__,
+            head_options=self.head_options,
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_": nn.ModuleDict(  # "train" would clash with nn.Module.train
+                    {name: nn.ModuleDict(head.make_metrics()) for name, head in self.objectives.items()}
+                )
+                for stage in STAGES
+            }
+        )
+        # val/test losses as weighted means with float states: Lightning's own epoch mean of a logged tensor divides
+        # an integer batch-size sum by the world size, which truncates when ranks hold uneven example counts
+        self.loss_means = nn.ModuleDict(
+            {
+                f"{stage}_": nn.ModuleDict({name: MeanMetric() for name in [*self.objectives, "total"]})
+                for stage in ("val", "test")
+            }
+        )
+        # ranks of retrieval queries (data=retrieval val/test); metric states, no parameters
+        self.retrieval_metrics = nn.ModuleDict({f"{stage}_": RetrievalRecall() for stage in ("val", "test")})
+        if self.init_from:
+            self.load_init_checkpoint(self.init_from)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> EncoderOutput:
+        return self.encoder(batch)
+
+    def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        if "gold" in batch:  # retrieval queries: rank every gallery image (val / test)
+            return self.retrieval_step(batch, stage)
+        out = self(batch)
+        total = 0.0
+        bs = batch["index"].shape[0]  # examples (multiple-choice batches have more rows)
+        for name, head in self.objectives.items():
+            if any(key not in batch for key in head.requires):
+                continue
+            result = head(out, batch)
+            total = total + self.loss_weights.get(name, 1.0) * result.loss
+            head.update_metrics(self.metrics[f"{stage}_"][name], result)
+            self._log_loss(stage, name, result.loss, bs)
+            for metric_name, metric in self.metrics[f"{stage}_"][name].items():
+                self.log(f"{stage}/{metric_name}", metric, batch_size=bs, prog_bar=stage != "train")
+            if stage == "test":
+                self.predictions.extend(head.predictions(result, batch))
+        self._log_loss(stage, "total", total, bs)
+        return total
+
+    def _log_loss(self, stage: str, name: str, loss: torch.Tensor, batch_size: int) -> None:
+        """`<stage>/<name>_loss` (`<stage>/loss` for the total): per step in training, an exact example-weighted
+        epoch mean over all ranks in val/test."""
+        key = f"{stage}/loss" if name == "total" else f"{stage}/{name}_loss"
+        if stage == "train":
+            self.log(key, loss, batch_size=batch_size, prog_bar=name == "total")
+            return
+        mean = self.loss_means[f"{stage}_"][name]
+        mean.update(torch.as_tensor(loss, device=self.device).detach().float(), batch_size)
+        self.log(key, mean, batch_size=batch_size, prog_bar=name == "total")
+
+    # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        # Reseed per epoch so a run resumed from an epoch-boundary checkpoint draws the same dropout as an
+        # uninterrupted run (data randomness is derived from (seed, epoch, index): see EpochShuffleSampler).
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(seed + 7919 * self.current_epoch + self.global_rank)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    # ------------------------------------------------------------------ validation / test
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Write the task's submission file into the run dir (rank 0, after gathering from all ranks)."""
+        self._log_retrieval("test")
+        self._gallery.pop("test", None)
+        preds = self.gathered_predictions()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if preds and self.trainer.is_global_zero and hasattr(datamodule, "write_predictions"):
+            name = getattr(datamodule, "prediction_file", "predictions.json")
+            path = datamodule.write_predictions(preds, Path(self.trainer.default_root_dir) / name)
+            log.info("test predictions: %s", path)
+
+    def gathered_predictions(self) -> list[dict[str, Any]]:
+        """Predictions from all ranks, de-duplicated by their `key`."""
+        preds = self.predictions
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everything: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everything, preds)
+            preds = [p for part in everything for p in part]
+        return list({p["key"]: p for p in preds}.values())
+
+    # ------------------------------------------------------------------ retrieval evaluation
+    def pair_scorer(self) -> Any:
+        """(pooled (N, H)) -> (N,) image-text match score: the fine-tuned `retrieval` head, else ITM's aligned prob."""
+        if "retrieval" in self.objectives:
+            return self.objectives["retrieval"].score
+        if "itm" in self.objectives:
+            return lambda pooled: self.objectives["itm"].classifier(pooled).softmax(-1)[:, 1]
+        raise ConfigError("retrieval needs a model with a 'retrieval' or 'itm' head")
+
+    @torch.no_grad()
+    def retrieval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """Rank each query's gold image among the whole gallery of the split (`datamodule.gallery(split)`) by
+        cross-encoder scores, in chunks; updates `<stage>/recall@k`, median and mean rank."""
+        split = {"val": "val", "test": "test"}[stage]
+        if split not in self._gallery:
+            dm = self.trainer.datamodule
+            self._gallery[split] = (dm.gallery(split), dm.scoring_collator())
+        gallery, collator = self._gallery[split]
+        texts = [gallery["texts"][int(q)] for q in batch["query_index"]]
+        score = gallery_scorer(self, collator, texts, gallery["visuals"], batch_size=self.retrieval_batch_size)
+        ranks = chunked_ranks(
+            score,
+            len(texts),
+            len(gallery["visuals"]),
+            batch["gold"].tolist(),
+            text_chunk=len(texts),
+            image_chunk=max(1, self.retrieval_batch_size // max(1, len(texts))),
+        )
+        metric = self.retrieval_metrics[f"{stage}_"]
+        metric.update(torch.as_tensor(ranks, device=self.device))
+        if stage == "test":
+            self.predictions.extend(
+                {"key": int(q), "query_index": int(q), "rank": int(r)} for q, r in zip(batch["query_index"], ranks)
+            )
+        return torch.zeros((), device=self.device)
+
+    def _log_retrieval(self, stage: str) -> None:
+        metric = self.retrieval_metrics[f"{stage}_"]
+        if metric.update_called:
+            for key, value in metric.compute().items():
+                self.log(f"{stage}/{key}", value, prog_bar=key == "recall@1", sync_dist=False)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+        self._gallery.pop("val", None)
+
+    # ------------------------------------------------------------------ optimisation
+    def pretrained_parameter_names(self) -> set[str]:
+        """Names of parameters that came from pretrained weights (they get lr x `pretrained_lr_mult`)."""
+        names = getattr(self.encoder, "pretrained_parameter_names", None)
+        return {f"encoder.{name}" for name in names()} if names else set()
+
+    def configure_optimizers(self) -> Any:
+        """AdamW-style param groups: no weight decay on biases / norms; pretrained params at lr x pretrained_lr_mult;
+        task heads (`objectives.*`) at `head_lr` when set. The scheduler gets `total_steps` from
+        `trainer.estimated_stepping_batches` (and `steps_per_epoch` when it takes one)."""
+        pretrained = self.pretrained_parameter_names()
+        base_lr = float(self.optimizer_cfg["lr"])
+        weight_decay = float(self.optimizer_cfg.get("weight_decay", 0.0))
+        groups: dict[tuple[bool, str], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = not any(name.endswith(nd) for nd in NO_DECAY) and param.ndim > 1
+            kind = "pretrained" if name in pretrained else "head" if name.startswith("objectives.") else "other"
+            groups.setdefault((decay, kind), []).append(param)
+        lrs = {
+            "pretrained": base_lr * self.pretrained_lr_mult,
+            "head": float(self.head_lr) if self.head_lr is not None else base_lr,
+            "other": base_lr,
+        }
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": lrs[kind],
+                "name": f"{kind}{'' if decay else '_no_decay'}",
+            }
+            for (decay, kind), params in groups.items()
+        ]
+        optimizer = instantiate(self.optimizer_cfg)(param_groups)  # `_partial_: true` configs
+        if not self.scheduler_cfg:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        factory = instantiate(self.scheduler_cfg)
+        kwargs: dict[str, Any] = {"total_steps": total}
+        if "steps_per_epoch" in inspect.signature(factory).parameters:
+            kwargs["steps_per_epoch"] = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        scheduler = factory(optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ loading
+    def load_init_checkpoint(self, path: str) -> None:
+        """Initialise from an earlier run's checkpoint (e.g. pretraining -> fine-tuning), non-strict and loud."""
+        if not os.path.isfile(path):
+            raise ConfigError(f"model.init_from: checkpoint '{path}' does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state)
+        own = self.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+        result = self.load_state_dict(usable, strict=False)
+        unexpected = sorted(set(state) - set(own)) + [f"{k} (shape mismatch)" for k in skipped]
+        log_key_report(f"init from {path}", result.missing_keys, unexpected)

@@ -105,7 +105,7 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         ckpt = None if trainer.fast_dev_run else ckpt
         test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
-        if hasattr(dm, "baselines") and not trainer.fast_dev_run:
+        if not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))
     if trainer.is_global_zero and loggers:
         plot_curves(output_dir, title=f"{cfg.task_name} / {name}")

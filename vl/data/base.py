@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -29,6 +29,11 @@ class VLDataModule(L.LightningDataModule):
     `batch_size` is the global batch; `batch_size_per_device` what one device sees; the training entry point derives
     gradient accumulation = batch_size / (batch_size_per_device x world size).
     """
+
+    #: the corpus's own example keys -> (batch key, kind: "long" | "vector" | "regions" | "str"); see `vl.data.collate`
+    label_keys: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: file name of the test stage's submission file in the run dir (`write_predictions`)
+    prediction_file: ClassVar[str] = "predictions.json"
 
     def __init__(
         self,
@@ -145,12 +150,36 @@ class VLDataModule(L.LightningDataModule):
             mlm="mlm" in self.objectives,
             mlm_probability=self.mlm_probability,
             region_masking=any(name in REGION_MASKING for name in self.objectives),
+            labels=self.label_keys,
         )
 
     def scoring_collator(self) -> Collator:
         """Padding to max_text_len / max_regions: a (text, image) pair scores the same whatever shares its batch
         (retrieval ranks compare scores computed in different batches)."""
-        return Collator(self.tokenizer, max_text_len=self.max_text_len, max_regions=self.max_regions, fixed_shapes=True)
+        return Collator(
+            self.tokenizer,
+            max_text_len=self.max_text_len,
+            max_regions=self.max_regions,
+            fixed_shapes=True,
+            labels=self.label_keys,
+        )
+
+    # ------------------------------------------------------------------ optional hooks (defaults: nothing)
+    def baselines(self, split: str = "test") -> dict[str, float]:
+        """Reference points of the task on `split` (chance, a prior, a text-only heuristic), as metric keys
+        (`test/vqa_acc_prior`, ...); the pipeline adds them to the results table."""
+        return {}
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path | None:
+        """Write the test stage's predictions (rows from the heads' `predictions`, gathered from all ranks) as the
+        task's submission file at `path` (= run dir / `prediction_file`); returns the path, None when the corpus
+        has no submission format."""
+        return None
+
+    def gallery(self, split: str) -> dict[str, Any] | None:
+        """A ranking gallery (`{"texts": [...], "visuals": [...]}`) when `split`'s examples are retrieval queries
+        (`gold`, `query_index`): the system then ranks every gallery image per query in val/test; None otherwise."""
+        return None
 
     def loader(self, split: str) -> DataLoader:
         self.setup({"train": "fit", "val": "validate"}.get(split, "test"))

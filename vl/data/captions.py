@@ -79,6 +79,8 @@ class CaptionsDataModule(VLDataModule):
     """`data=captions`: `captions` per split (COCO captions JSON, or a Conceptual-Captions-style TSV
     `caption<TAB>image_id`: `data.captions=cc/{split}.tsv`) + `features` (region LMDB / HDF5 / FRCNN JSON)."""
 
+    label_keys = {"itm_label": ("itm_labels", "long"), "image_id": ("image_id", "long")}
+
     def __init__(
         self,
         *,

@@ -123,6 +123,13 @@ class RefCOCODataModule(VLDataModule):
 
     With `root=None` the embedded scene corpus (`vl.data.scenes.corpus`) holds these files."""
 
+    label_keys = {
+        "refer_targets": ("refer_targets", "regions"),
+        "refer_ious": ("refer_ious", "regions"),
+        "ref_id": ("ref_id", "long"),
+        "sent_id": ("sent_id", "long"),
+    }
+
     prediction_file = "refcoco_predictions.json"  # box per expression, written into the run dir by `test`
 
     def __init__(

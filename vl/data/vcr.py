@@ -106,6 +106,8 @@ class VCRDataModule(VLDataModule):
     JSON, see ``metadata``) may be None when absent. Q->A and QA->R are trained together: every example is two blocks
     of 4 choices (``mc_blocks``), see ``VCRQuestions``."""
 
+    label_keys = {"annot_id": ("annot_id", "str"), "example_id": ("example_id", "long")}
+
     prediction_file = "vcr_submission.csv"  # VCR leaderboard CSV, written into the run dir by `test`
 
     def __init__(

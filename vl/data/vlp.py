@@ -56,6 +56,8 @@ class TextImageLines(Dataset):
 class ClipCollator(Collator):
     """The shared Collator (tokenise, MLM-mask, pad) + `clip_feats` (B, 1, D) from the examples' `clip`."""
 
+    extra_keys = frozenset({"clip"})
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().__call__(examples)
         if "clip" in examples[0]:

@@ -55,6 +55,12 @@ class VQAQuestions(Dataset):
 class VQADataModule(VLDataModule):
     """`data=vqa`. Files are relative to `root` with `{split}` filled from `splits`."""
 
+    label_keys = {
+        "vqa_target": ("vqa_targets", "vector"),
+        "question_id": ("question_id", "long"),
+        "image_id": ("image_id", "long"),
+    }
+
     prediction_file = "vqa_predictions.json"  # EvalAI format, written into the run dir by `test`
 
     def __init__(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from vl.data.captions import CaptionsDataModule, load_captions
 from vl.data.collate import Collator
 from vl.errors import ConfigError
 from vl.metrics import RetrievalRecall
@@ -83,10 +84,10 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
         )
     split = str(cfg.get("split", "test"))
     dm = build_datamodule(run_cfg)
-    if hasattr(dm, "gallery"):  # data=retrieval: its own query/gallery layout
-        gallery = dm.gallery(split)
+    gallery = dm.gallery(split)
+    if gallery is not None:  # data=retrieval: its own query/gallery layout
         texts, gold, visuals = gallery["texts"], list(gallery["gold"]), gallery["visuals"]  # lazy: read per image
-    elif hasattr(dm, "regions") and hasattr(dm, "captions_file"):
+    elif isinstance(dm, CaptionsDataModule):
         texts, gold, visuals = _caption_queries(dm, split, opts)
     else:
         raise ConfigError(
@@ -135,8 +136,6 @@ def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Pat
 def _caption_queries(dm: Any, split: str, opts: dict[str, Any]) -> tuple[list[str], list[int], list[dict]]:
     """(caption texts, gold image position, image region dicts) of a captions corpus split: the first `max_images`
     images (sorted ids), `captions_per_image` captions each."""
-    from vl.data.captions import load_captions
-
     annotations = load_captions(dm.path(dm.captions_file, split))
     image_ids = sorted({a["image_id"] for a in annotations})[: opts.get("max_images") or None]
     position = {image_id: i for i, image_id in enumerate(image_ids)}

@@ -123,7 +123,7 @@ class VLSystem(L.LightningModule):
         return self.encoder(batch)
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        if "gold" in batch:  # retrieval queries: rank every gallery image (val / test)
+        if stage != "train" and self._stage_gallery(stage) is not None:  # retrieval queries: rank the gallery
             return self.retrieval_step(batch, stage)
         out = self(batch)
         total = 0.0
@@ -178,11 +178,11 @@ class VLSystem(L.LightningModule):
         self._log_retrieval("test")
         self._gallery.pop("test", None)
         preds = self.gathered_predictions()
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if preds and self.trainer.is_global_zero and hasattr(datamodule, "write_predictions"):
-            name = getattr(datamodule, "prediction_file", "predictions.json")
-            path = datamodule.write_predictions(preds, Path(self.trainer.default_root_dir) / name)
-            log.info("test predictions: %s", path)
+        dm = self._datamodule()
+        if preds and self.trainer.is_global_zero and dm is not None:
+            path = dm.write_predictions(preds, Path(self.trainer.default_root_dir) / dm.prediction_file)
+            if path is not None:
+                log.info("test predictions: %s", path)
 
     def gathered_predictions(self) -> list[dict[str, Any]]:
         """Predictions from all ranks, de-duplicated by their `key`."""
@@ -206,11 +206,7 @@ class VLSystem(L.LightningModule):
     def retrieval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         """Rank each query's gold image among the whole gallery of the split (`datamodule.gallery(split)`) by
         cross-encoder scores, in chunks; updates `<stage>/recall@k`, median and mean rank."""
-        split = {"val": "val", "test": "test"}[stage]
-        if split not in self._gallery:
-            dm = self.trainer.datamodule
-            self._gallery[split] = (dm.gallery(split), dm.scoring_collator())
-        gallery, collator = self._gallery[split]
+        gallery, collator = self._stage_gallery(stage)
         texts = [gallery["texts"][int(q)] for q in batch["query_index"]]
         score = gallery_scorer(self, collator, texts, gallery["visuals"], batch_size=self.retrieval_batch_size)
         ranks = chunked_ranks(
@@ -228,6 +224,20 @@ class VLSystem(L.LightningModule):
                 {"key": int(q), "query_index": int(q), "rank": int(r)} for q, r in zip(batch["query_index"], ranks)
             )
         return torch.zeros((), device=self.device)
+
+    def _datamodule(self) -> Any:
+        """The trainer's `VLDataModule`, or None (a model run on bare dataloaders)."""
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def _stage_gallery(self, stage: str) -> tuple[dict[str, Any], Any] | None:
+        """(gallery, scoring collator) when the data module says `stage`'s examples are retrieval queries (its
+        `gallery(split)` hook), else None; asked once per epoch."""
+        if stage not in self._gallery:
+            dm = self._datamodule()
+            gallery = dm.gallery(stage) if dm is not None else None
+            self._gallery[stage] = None if gallery is None else (gallery, dm.scoring_collator())
+        return self._gallery[stage]
 
     def _log_retrieval(self, stage: str) -> None:
         metric = self.retrieval_metrics[f"{stage}_"]

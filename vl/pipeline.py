@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vl.build import build_datamodule, build_model, load_run_config
 from vl.errors import ConfigError
-from vl.eval.tasks import run_eval_task
+from vl.eval.tasks import run_eval_task, task_name
 from vl.report import plot_curves, write_results
 
 log = logging.getLogger(__name__)
@@ -188,9 +188,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.model.init_from = None
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
     L.seed_everything(cfg.seed, workers=True)
-    task = cfg.get("task") or "test"
+    task = task_name(cfg.get("task"))
     if task != "test":
-        metrics = run_eval_task(task, cfg=cfg, run_cfg=run_cfg, output_dir=output_dir)
+        metrics = run_eval_task(cfg.task, cfg=cfg, run_cfg=run_cfg, output_dir=output_dir)
         write_results(output_dir, [(task, metrics)], title=f"{task} {cfg.ckpt_path}")
         return metrics
     dm = build_datamodule(run_cfg)

@@ -328,14 +328,13 @@ def test_checkpoint_scorer_implicit_and_explicit(clip_bert_ckpt, tmp_path):
 
 @needs_real
 def test_evaluate_task_writes_report(clip_bert_ckpt, tmp_path):
-    from vl.eval.tasks import EVAL_TASKS, run_eval_task
+    from vl.eval.tasks import TASKS, run_eval_task
 
-    assert {"memory_colors", "visual_property_norms"} <= set(EVAL_TASKS)
-    cfg = OmegaConf.create(
-        {"task": "memory_colors", "ckpt_path": str(clip_bert_ckpt), "seed": 1, "task_cfg": {"data": str(MC_REAL)}}
-    )
+    assert {"memory_colors", "visual_property_norms"} <= set(TASKS)
+    task = OmegaConf.create({"_target_": "vl.eval.tasks.memory_colors", "_partial_": True, "data": str(MC_REAL)})
+    cfg = OmegaConf.create({"task": task, "ckpt_path": str(clip_bert_ckpt), "seed": 1})
     run_cfg = OmegaConf.load(clip_bert_ckpt.parent.parent / ".hydra" / "config.yaml")
-    metrics = run_eval_task("memory_colors", cfg=cfg, run_cfg=run_cfg, output_dir=tmp_path)
+    metrics = run_eval_task(task, cfg=cfg, run_cfg=run_cfg, output_dir=tmp_path)
     assert "clip_bert_tiny/accuracy_mean" in metrics and "random/accuracy_mean" in metrics
     for ext in ("csv", "md", "png"):
         assert (tmp_path / f"memory_colors_results.{ext}").is_file()
@@ -373,14 +372,14 @@ def test_cli_compares_models_on_vpn(vpn_data, tiny_bert_dir, tmp_path, capsys):
 
 @needs_real
 def test_evaluate_entry_point_runs_memory_colors(clip_bert_ckpt, make_cfg):
-    """`python evaluate.py task=memory_colors ckpt_path=... +task_cfg.data=...` through `vl.pipeline.evaluate`."""
+    """`python evaluate.py task=memory_colors ckpt_path=... task.data=...` through `vl.pipeline.evaluate`."""
     from vl.pipeline import evaluate
 
     cfg = make_cfg(
         f"ckpt_path={clip_bert_ckpt}",
         "task=memory_colors",
-        f"+task_cfg.data={MC_REAL}",
-        "+task_cfg.random_baseline=false",
+        f"task.data={MC_REAL}",
+        "task.random_baseline=false",
         name="eval_mc",
         config_name="evaluate",
         tiny=False,

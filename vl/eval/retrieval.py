@@ -64,24 +64,35 @@ def pooled_similarity(
     return (text_emb @ image_emb.T).numpy()
 
 
-TASK_OPTIONS = {"max_images", "captions_per_image", "batch_size", "text_chunk", "image_chunk", "shortlist_k"}
-
-
-def zero_shot_retrieval(*, cfg: DictConfig, run_cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+def zero_shot_retrieval(
+    *,
+    cfg: DictConfig,
+    run_cfg: DictConfig,
+    output_dir: Path,
+    max_images: int | None = None,
+    captions_per_image: int = 1,
+    batch_size: int = 256,
+    text_chunk: int = 16,
+    image_chunk: int = 128,
+    shortlist_k: int | None = None,
+) -> dict[str, float]:
     """`evaluate.py task=zero_shot_retrieval`: image retrieval (caption -> image) on `split` of the run's data: the
     captions of an image-caption corpus (data=captions), or the gallery of a retrieval corpus (data=retrieval).
 
-    `task_cfg`: `max_images`, `captions_per_image` (captions corpus; default 1), `batch_size` (pairs per forward),
-    `text_chunk` / `image_chunk` (exhaustive scoring blocks), `shortlist_k` (shortlist the top k images per caption by
-    the dual-encoder cosine, then re-rank them with the cross-encoder; k = all images equals the exhaustive ranking)."""
+    Options (`task.<name>=...`): `max_images`, `captions_per_image` (captions corpus), `batch_size` (pairs per
+    forward), `text_chunk` / `image_chunk` (exhaustive scoring blocks), `shortlist_k` (shortlist the top k images per
+    caption by the dual-encoder cosine, then re-rank them with the cross-encoder; k = all images equals the
+    exhaustive ranking)."""
     from vl.build import build_datamodule, build_model
 
-    opts = dict(cfg.get("task_cfg") or {})
-    unknown = sorted(set(opts) - TASK_OPTIONS)
-    if unknown:
-        raise ConfigError(
-            f"task_cfg: unknown key(s) {unknown} for task 'zero_shot_retrieval'; known: {sorted(TASK_OPTIONS)}"
-        )
+    opts = {
+        "max_images": max_images,
+        "captions_per_image": captions_per_image,
+        "batch_size": batch_size,
+        "text_chunk": text_chunk,
+        "image_chunk": image_chunk,
+        "shortlist_k": shortlist_k,
+    }
     split = str(cfg.get("split", "test"))
     dm = build_datamodule(run_cfg)
     gallery = dm.gallery(split)

@@ -2,8 +2,8 @@
 
 * Python: `run_memory_colors(scorer, items, templates)`, `run_visual_property_norms(scorer, queries, labels)` with a
   scorer from `vl.eval.probes.scorers` (`build_scorer("minilm" | "random" | path.ckpt | HF dir | "lxmert:DIR" ...)`).
-* `python evaluate.py task=memory_colors ckpt_path=... +task_cfg.data=memory_colors.jsonl [+task_cfg.clip_model=DIR]`
-  (and `task=visual_property_norms +task_cfg.queries=DIR/queries +task_cfg.labels=DIR/labels.txt`).
+* `python evaluate.py task=memory_colors ckpt_path=... task.data=memory_colors.jsonl [task.clip_model=DIR]`
+  (and `task=visual_property_norms task.queries=DIR/queries task.labels=DIR/labels.txt`).
 * `python -m vl.tools.probes --task memory_colors --data memory_colors.jsonl --models bert=minilm clip=run/last.ckpt
   --out DIR` compares several scorers in one table/plot.
 

@@ -21,7 +21,17 @@ import vl.pipeline  # noqa: F401  (schemas + resolvers)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-REAL_SAMPLES = Path(os.environ.get("VL_REAL_SAMPLES", ROOT.parent / "shared" / "real_samples"))
+#: the shared real sample files (`VL_REAL_SAMPLES`, default `../shared/real_samples`); absent on a plain clone
+REAL_SAMPLES = Path(os.environ.get("VL_REAL_SAMPLES") or ROOT.parent / "shared" / "real_samples")
+
+
+def real_sample(*parts: str) -> Path:
+    """`REAL_SAMPLES/<parts>`; skips the calling test, naming the path, when the file is absent."""
+    path = REAL_SAMPLES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real sample {path} not found (set VL_REAL_SAMPLES to the shared real_samples dir)")
+    return path
+
 
 #: a model small enough for many CPU fits per test session
 TINY_MODEL = (
@@ -63,12 +73,8 @@ def compose_cfg(
         if (
             tiny
             and config_name == "train"
-            and cfg.model.encoder._target_.endswith("VisualBertEncoder")
-            and chosen
-            in (
-                None,
-                "visual_bert",
-            )
+            and cfg.model.encoder._target_.endswith("SingleStreamEncoder")
+            and chosen in (None, "single_stream")
         ):
             cfg = compose(config_name, overrides=extra + list(TINY_MODEL) + list(overrides), return_hydra_config=True)
     with open_dict(cfg):

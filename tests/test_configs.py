@@ -82,3 +82,31 @@ def test_unknown_task_lists_options(make_cfg) -> None:
     with pytest.raises(Exception) as err:
         make_cfg("ckpt_path=x.ckpt", "task=zero_shot", config_name="evaluate")
     assert "task/zero_shot" in str(err.value) and "zero_shot_retrieval" in str(err.value)
+
+
+#: vilbert_beta vlbert_tasks.yml / train_tasks.py (spec: vilbert.md, fine-tuning table): batch, lr, text length
+PUBLISHED_VILBERT = {
+    "vilbert_vqa": ("vqa", 256, 4e-5, 16, 1e-4),
+    "vilbert_vcr": ("vcr", 64, 2e-5, 80, None),
+    "vilbert_refcoco": ("refer", 256, 4e-5, 20, None),
+    "vilbert_retrieval": ("retrieval", 64, 2e-5, 30, None),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PUBLISHED_VILBERT))
+def test_published_vilbert_recipes(experiment: str, make_cfg) -> None:
+    objective, batch, lr, text_len, head_lr = PUBLISHED_VILBERT[experiment]
+    cfg = make_cfg(f"experiment={experiment}", tiny=False)
+    assert cfg.model._target_ == "vl.models.vilbert.VilbertSystem" and cfg.model.encoder.text_encoder.num_layers == 12
+    assert list(cfg.data.objectives) == [objective]
+    assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.data.max_text_len) == (batch, lr, text_len)
+    assert cfg.model.head_lr == head_lr
+    assert cfg.trainer.max_epochs == 20
+    assert list(cfg.model.scheduler.decay_epochs) == [12, 16] and cfg.model.scheduler.gamma == 0.1
+    assert cfg.model.scheduler.warmup_ratio == 0.1
+
+
+@pytest.mark.parametrize("task", ["vqa", "vcr", "refcoco", "retrieval"])
+def test_cpu_finetune_recipes_do_not_claim_to_be_published(task: str) -> None:
+    text = (CONF / "experiment" / f"{task}_finetune.yaml").read_text()
+    assert "NOT the published settings" in text and f"experiment=vilbert_{task}" in text

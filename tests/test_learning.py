@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 
 import pytest
@@ -30,6 +31,23 @@ def test_vqa_beats_the_question_prior(make_cfg) -> None:
     assert metrics["test/vqa_acc"] > metrics["test/vqa_acc_prior"] + 0.1, metrics
 
 
+def best_unigram_mlm_loss(cfg, split: str = "val") -> float:
+    """Cross-entropy of the best context-free predictor on the tokens MLM scores in `split`: the entropy (nats) of
+    their own empirical distribution (no fixed token distribution does better on them)."""
+    from vl.pipeline import build_datamodule
+
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    counts: dict[int, int] = {}
+    for batch in dm.loader(split):
+        labels = batch["mlm_labels"]
+        for token in labels[labels != -100].tolist():
+            counts[token] = counts.get(token, 0) + 1
+    total = sum(counts.values())
+    assert total > 100, total
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
 def test_mlm_loss_falls_on_captions(make_cfg) -> None:
     cfg = make_cfg(
         "experiment=none",
@@ -42,7 +60,10 @@ def test_mlm_loss_falls_on_captions(make_cfg) -> None:
         "test=false",
     )
     metrics, _ = train(cfg)
-    assert metrics["val/mlm_loss"] < 0.5 * 10.3  # ln(30522) = 10.3 at init
+    # the captions use a few dozen words, so uniform guessing over them already beats 0.5 * ln(30522): compare with
+    # the best context-free (unigram) predictor of the same masked tokens instead
+    unigram = best_unigram_mlm_loss(cfg)  # 3.07 nats on this corpus (val/mlm_loss 2.40 after these 2 epochs)
+    assert metrics["val/mlm_loss"] < unigram - 0.4, (metrics, unigram)
     assert metrics["val/mlm_acc"] > 0.4
 
 

@@ -186,6 +186,49 @@ def test_region_grounding_loss_and_accuracy_match_hand_computation() -> None:
     assert abs(float(metrics["refer_acc"].compute()) - (best > 0.5).mean()) < 1e-6
 
 
+def test_region_grounding_whole_image_token_is_a_candidate_as_in_vilbert() -> None:
+    """vilbert-multi-task scores every vision position, the global (whole-image) token too: its target is the IoU of
+    [0, 0, W, H] with the referred box. Loss = BCE mean over B x (1 + R) x (1 + R); the arg-max may be the whole image
+    (prediction region -1)."""
+    torch.manual_seed(4)
+    head = RegionGrounding(hidden_size=6)
+    b, r = 5, 4
+    visual = torch.randn(b, r + 1, 6)
+    out = EncoderOutput(text=torch.zeros(b, 2, 6), visual=visual, pooled=torch.zeros(b, 6), visual_prefix=1)
+    ious = torch.rand(b, r) * 0.6
+    image_iou = torch.tensor([0.9, 0.1, 0.7, 0.2, 0.55])
+    mask = torch.ones(b, r, dtype=torch.long)
+    targets = torch.where(ious < 0.5, torch.zeros_like(ious), ious)
+    image_target = torch.where(image_iou < 0.5, torch.zeros_like(image_iou), image_iou)
+    with torch.no_grad():
+        head.vision_logit.bias.fill_(0.0)
+        head.vision_logit.weight.copy_(visual[0, 0] / visual[0, 0].norm() * 5)  # example 0 prefers the whole image
+    batch = {
+        "refer_targets": targets,
+        "refer_ious": ious,
+        "visual_mask": mask,
+        "refer_image_target": image_target,
+        "refer_image_iou": image_iou,
+        "ref_id": torch.arange(b),
+        "sent_id": torch.arange(b),
+    }
+    result = head(out, batch)
+    raw = (visual.numpy() @ head.vision_logit.weight.detach().numpy().T)[..., 0]  # (B, 1 + R), bias 0
+    t = np.concatenate([image_target.numpy()[:, None], targets.numpy()], 1)
+    bce = np.maximum(raw, 0) - raw * t + np.log1p(np.exp(-np.abs(raw)))
+    assert abs(float(result.loss.detach()) - bce.mean() * (r + 1)) < 1e-5
+    metrics = torch.nn.ModuleDict(head.make_metrics())
+    head.update_metrics(metrics, result)
+    all_ious = np.concatenate([image_iou.numpy()[:, None], ious.numpy()], 1)
+    best = all_ious[np.arange(b), raw.argmax(1)]
+    assert abs(float(metrics["refer_acc"].compute()) - (best > 0.5).mean()) < 1e-6
+    preds = head.predictions(result, batch)
+    assert [p["region"] for p in preds] == (raw.argmax(1) - 1).tolist() and preds[0]["region"] == -1
+    # the option off: regions only (the earlier behaviour)
+    head.whole_image_candidate = False
+    assert head(out, batch).logits.shape == (b, r)
+
+
 def test_vcr_five_block_layout_scores_the_gold_answer_block() -> None:
     """Test-split layout (Q->A + QA->R under each answer): metrics equal the 2-block ones built from the gold block."""
     torch.manual_seed(4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import save_run_config
 from vl.pipeline import evaluate, train
@@ -85,12 +86,29 @@ def test_param_groups_decay_and_pretrained_lr(make_cfg) -> None:
         assert all(from_bert) == (group["lr"] == pytest.approx(1e-4)), (group["lr"], names[:3])
 
 
+def majority_class_mrc_acc(cfg, split: str = "test") -> float:
+    """Accuracy of always answering the most frequent class on the regions masked-region classification scores in
+    `split` (the arg-max of each masked region's detector distribution): about half of the embedded corpus's regions
+    are background."""
+    from vl.pipeline import build_datamodule
+
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    targets = []
+    for batch in dm.loader(split):
+        targets.append(batch["region_cls_prob"][batch["region_mask_labels"].bool()].argmax(-1))
+    classes = torch.cat(targets)
+    assert classes.numel() > 100, classes.numel()
+    return float(torch.bincount(classes).max()) / classes.numel()
+
+
 @pytest.mark.slow
 def test_vilbert_pretraining_learns_and_retrieves(make_cfg) -> None:
     cfg = make_cfg(*TINY_RUN, "data.corpus.num_images=1500", tiny=False)
     metrics, _ = train(cfg)
     assert metrics["test/itm_acc"] > 0.6, metrics  # chance 0.5
-    assert metrics["test/mrc_acc"] > 0.3, metrics  # 33 classes
+    majority = majority_class_mrc_acc(cfg)  # always "background"
+    assert metrics["test/mrc_acc"] > majority + 0.05, (metrics, majority)
     assert metrics["test/mlm_acc"] > 0.7, metrics
     save_run_config(cfg)
     got = _retrieval(make_cfg, Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt")

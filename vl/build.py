@@ -9,11 +9,16 @@ from typing import Any
 
 import lightning as L
 from hydra.core.config_store import ConfigStore
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vl.config import CorpusConfig, OptimizerConfig, TrainerConfig, register_resolvers, schema_from_signature
+from vl.config import (
+    CorpusConfig,
+    OptimizerConfig,
+    TrainerConfig,
+    instantiate_node,
+    register_resolvers,
+    schema_from_signature,
+)
 from vl.data.captions import CaptionsDataModule
 from vl.data.lxmert_text import LxmertTextDataModule
 from vl.data.refcoco import RefCOCODataModule
@@ -21,12 +26,13 @@ from vl.data.retrieval import RetrievalDataModule
 from vl.data.vcr import VCRDataModule
 from vl.data.vlp import VLPDataModule
 from vl.data.vqa import VQADataModule
-from vl.errors import ConfigError, VLError
+from vl.errors import ConfigError
 from vl.models.bert_backbone import build_bert
 from vl.models.clip_bert import ClipBertEncoder, ClipBertSystem
+from vl.models.single_stream import SingleStreamEncoder
 from vl.models.system import VLSystem
-from vl.models.vilbert import VilbertEncoder
-from vl.models.visual_bert import VisualBertEncoder
+from vl.models.vilbert import VilbertEncoder, VilbertSystem
+from vl.models.visual_bert import VisualBertEncoder, VisualBertSystem
 
 __all__ = [
     "instantiate_node",
@@ -40,8 +46,9 @@ __all__ = [
 
 #: `schema/model/<name>`: (system class, encoder class); `conf/model/<name>.yaml` starts from it
 MODELS: dict[str, tuple[type, type]] = {
-    "visual_bert": (VLSystem, VisualBertEncoder),
-    "vilbert": (VLSystem, VilbertEncoder),
+    "visual_bert": (VisualBertSystem, VisualBertEncoder),
+    "single_stream": (VLSystem, SingleStreamEncoder),
+    "vilbert": (VilbertSystem, VilbertEncoder),
     "clip_bert": (ClipBertSystem, ClipBertEncoder),
 }
 #: `schema/data/<name>`: the DataModule class; `conf/data/<name>.yaml` starts from it
@@ -88,19 +95,6 @@ def register_configs() -> None:
     for name, datamodule in DATA.items():
         cs.store(group="schema/data", name=name, node=data_schema(datamodule, f"{name}_data"))
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
-
-
-def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, re-raising vl's own errors unwrapped (Hydra wraps them in InstantiationException)."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, VLError):
-            cause = cause.__cause__
-        if isinstance(cause, VLError):
-            raise cause from None
-        raise
 
 
 def build_datamodule(cfg: DictConfig):

@@ -19,7 +19,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from vl.errors import VLError
 
 
 # ---------------------------------------------------------------------------------------------------- generated
@@ -171,6 +175,19 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     use_distributed_sampler: bool = True
     reload_dataloaders_every_n_epochs: int = 0
+
+
+def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, re-raising vl's own errors unwrapped (Hydra wraps them in InstantiationException)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, VLError):
+            cause = cause.__cause__
+        if isinstance(cause, VLError):
+            raise cause from None
+        raise
 
 
 def _sweep_group(default: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import real_sample
 from vl.data.features import (
     FrcnnJsonRegionReader,
     HDF5RegionReader,
@@ -31,9 +32,6 @@ from vl.data.features.convert import convert, read_bottom_up_tsv
 from vl.errors import DataError
 from vl.tools.convert_features import main
 
-REAL = Path("/work/shared/real_samples")
-REAL_TSV = REAL / "bottom_up_tsv" / "lxmert_obj36_black_image.tsv"
-REAL_ANNOTATIONS = REAL / "multi30k" / "flickr30k" / "val_frcnn.json"
 ITEM_KEYS = {"image_id", "features", "boxes", "boxes_norm", "cls_prob", "image_w", "image_h", "num_boxes"}
 
 
@@ -319,9 +317,10 @@ def test_wrong_paths_and_formats(tmp_path: Path) -> None:
 
 def test_real_mmbert_annotation_jsonl_is_explained() -> None:
     """The real ``val_frcnn.json`` is MM-BERT's annotation JSONL (captions + a pointer per image), not features."""
+    real_annotations = real_sample("multi30k", "flickr30k", "val_frcnn.json")
     with pytest.raises(DataError, match="annotation record.*frcnn.*val_frcnn/1018148011.json") as e:
-        open_region_features(REAL_ANNOTATIONS).ids()
-    assert str(REAL_ANNOTATIONS) in str(e.value)
+        open_region_features(real_annotations).ids()
+    assert str(real_annotations) in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------------- converters
@@ -440,10 +439,11 @@ def test_tsv_errors_name_file_row_and_id(tmp_path: Path) -> None:
 
 
 def test_real_lxmert_tsv_converts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    real_tsv = real_sample("bottom_up_tsv", "lxmert_obj36_black_image.tsv")
     out = tmp_path / "obj36.lmdb"
-    assert main(["tsv2lmdb", str(REAL_TSV), str(out), "-q"]) == 2  # its one row has an empty img_id
+    assert main(["tsv2lmdb", str(real_tsv), str(out), "-q"]) == 2  # its one row has an empty img_id
     assert "empty image id" in capsys.readouterr().err and not out.exists()
-    assert main(["tsv2lmdb", str(REAL_TSV), str(out), "-q", "--empty-id", "black_image"]) == 0
+    assert main(["tsv2lmdb", str(real_tsv), str(out), "-q", "--empty-id", "black_image"]) == 0
     assert main(["lmdb2h5", str(out), str(tmp_path / "obj36.h5"), "-q"]) == 0
     items = [open_region_features(p)["black_image"] for p in (out, tmp_path / "obj36.h5")]
     _assert_items_equal(*items)

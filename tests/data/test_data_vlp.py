@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REAL_SAMPLES
-from vl.data.features import write_clip_hdf5
+from tests.conftest import real_sample
+from vl.data.features import ClipFeatureReader, write_clip_hdf5
 from vl.data.formats.jsonl import load_jsonl, write_jsonl
 from vl.data.formats.lxmert import convert_lxmert_json, lxmert_texts, qa_text
 from vl.data.lxmert_text import LxmertTextDataModule
@@ -119,7 +119,7 @@ def test_lxmert_text_rules_on_a_hand_written_fixture(tmp_path: Path) -> None:
 
 
 def test_lxmert_text_module_reads_the_real_sample(tmp_path: Path) -> None:
-    sample = REAL_SAMPLES / "lxmert_text" / "lxmert_finetune_val.jsonl"
+    sample = real_sample("lxmert_text", "lxmert_finetune_val.jsonl")
     for split in ("train", "val", "test"):
         (tmp_path / "lxmert_text").mkdir(exist_ok=True)
         shutil.copy(sample, tmp_path / "lxmert_text" / f"{split}.jsonl")
@@ -142,12 +142,32 @@ def test_embedded_corpus_has_lxmert_files(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- build_vlp
 def test_build_vlp_from_a_real_coco_file() -> None:
-    path = REAL_SAMPLES / "coco" / "captions_val2014_first200images.json"
+    path = real_sample("coco", "captions_val2014_first200images.json")
     coco = json.loads(path.read_text())
     lines = coco_lines(path)
     assert len(lines) == len(coco["annotations"])
     ann = coco["annotations"][0]
     assert lines[0] == {"text": ann["caption"].strip(), "image_id": f"coco_{ann['image_id']}"}
+
+
+def test_build_vlp_ids_match_a_clip_file_built_by_the_seed_recipe(tmp_path: Path) -> None:
+    """The seed's recipe names SBU images by their file name without `.jpg` and numbers CC rows from 1; a CLIP
+    feature file written with those ids (here by h5py directly, as the seed's extractor does) has every VLP id."""
+    import h5py
+
+    urls = ["http://static.flickr.com/2723/4385058960_b0f291553e.jpg", "http://static.flickr.com/1/77_aa.jpg"]
+    (tmp_path / "sbu_urls.txt").write_text("".join(u + "\n" for u in urls))
+    (tmp_path / "sbu_caps.txt").write_text("a man\na boat\n")
+    (tmp_path / "cc.tsv").write_text("a dog\thttp://u/1\nthe sky\thttp://u/2\nrain\thttp://u/3\n")
+    splits = build_vlp(sbu=(tmp_path / "sbu_urls.txt", tmp_path / "sbu_caps.txt"), cc_train=tmp_path / "cc.tsv")
+    seed_ids = ["sbu_4385058960_b0f291553e", "sbu_77_aa", "cc_train_1", "cc_train_2", "cc_train_3"]
+    with h5py.File(tmp_path / "clip_features.hdf5", "w") as f:
+        f.create_dataset("features", data=np.ones((len(seed_ids), 4), dtype=np.float32))
+        f.create_dataset("ids", data=np.array([i.encode() for i in seed_ids], dtype=f"S{max(map(len, seed_ids))}"))
+    reader = ClipFeatureReader(tmp_path / "clip_features.hdf5")
+    vlp_ids = [x["image_id"] for x in splits["train"] + splits["val"]]
+    assert sorted(vlp_ids) == sorted(seed_ids)
+    assert all(i in reader for i in vlp_ids)
 
 
 def test_build_vlp_id_and_split_rules(tmp_path: Path) -> None:
@@ -170,14 +190,14 @@ def test_build_vlp_id_and_split_rules(tmp_path: Path) -> None:
     )
     train, val = splits["train"], splits["val"]
     assert train[0] == {"text": "A cat.", "image_id": "coco_9"}
-    assert [x["image_id"] for x in val[:2]] == ["sbu_0_b.jpg", "sbu_1_b.jpg"]  # first lines -> val
+    assert [x["image_id"] for x in val[:2]] == ["sbu_0_b", "sbu_1_b"]  # first lines -> val, `.jpg` dropped
     assert [x["text"] for x in train if x["image_id"].startswith("sbu_")] == ["caption 2", "caption 3", "caption 4"]
     vg_val = [x for x in val if x["image_id"].startswith("vgqa_")]
     vg_train = [x for x in train if x["image_id"].startswith("vgqa_")]
     assert len(vg_val) == 3 and len(vg_train) == 3 and all(x["image_id"] == "vgqa_7" for x in vg_val)
     assert sorted(x["text"] for x in vg_val + vg_train) == sorted(f"What is {i}? Thing {i}." for i in range(6))
     assert [x["text"] for x in vg_val] != ["What is 0? Thing 0.", "What is 1? Thing 1.", "What is 2? Thing 2."]
-    assert [x["image_id"] for x in train[-2:]] == ["cc_train_0", "cc_train_1"] and val[-1]["image_id"] == "cc_val_0"
+    assert [x["image_id"] for x in train[-2:]] == ["cc_train_1", "cc_train_2"] and val[-1]["image_id"] == "cc_val_1"
     # the CLI writes train/val JSONL that data=vlp reads
     out = tmp_path / "out"
     assert (

@@ -80,6 +80,28 @@ def test_pairwise_iou_matches_hand_computation() -> None:
     assert pairwise_iou(np.zeros((0, 4)), b).shape == (0, 7)
 
 
+def _iou_plus_one_by_hand(a: list[float], b: list[float]) -> float:
+    """vilbert-multi-task's `iou` (refer_expression_dataset.py): widths, heights and overlaps + 1 (pixel-inclusive)."""
+    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]) + 1, 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]) + 1, 0.0)
+    return iw * ih / (area_a + area_b - iw * ih)
+
+
+def test_iou_plus_one_matches_the_vilbert_formula() -> None:
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 50, (10, 2))
+    a = np.concatenate([xy, xy + rng.uniform(1, 30, (10, 2))], axis=1)
+    b = np.concatenate([a[:4] + rng.uniform(-3, 3, (4, 4)), [[0, 0, 3, 3], [100, 100, 101, 101]]])
+    got = pairwise_iou(a, b, plus_one=True)
+    want = np.array([[_iou_plus_one_by_hand(list(x), list(y)) for y in b] for x in a])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert box_iou(np.array([[0, 0, 2, 2]]), np.array([3, 0, 5, 2]), plus_one=True)[0] == 0.0  # adjacent pixels
+    assert box_iou(np.array([[0, 0, 2, 2]]), np.array([2, 0, 4, 2]), plus_one=True)[0] == pytest.approx(3 / 15)
+    assert not np.allclose(got, pairwise_iou(a, b))  # the conventions differ
+
+
 def test_xywh_to_xyxy() -> None:
     np.testing.assert_array_equal(xywh_to_xyxy([10, 20, 5, 7]), [10, 20, 15, 27])
     np.testing.assert_array_equal(xywh_to_xyxy(np.array([[0, 0, 1, 2], [3, 4, 0, 0]])), [[0, 0, 1, 2], [3, 4, 3, 4]])
@@ -244,7 +266,25 @@ def test_datamodule_contract(corpus: tuple[Path, list[Path]]) -> None:
     dets = open_region_features(root / "refcoco+" / "dets.lmdb")
     for i in range(len(train)):
         ex = train[(3, i)]
-        assert set(ex) == {"text", "visual", "refer_targets", "refer_ious", "ref_id", "sent_id", "index", "epoch"}
+        assert set(ex) == {
+            "text",
+            "visual",
+            "refer_targets",
+            "refer_ious",
+            "refer_image_iou",
+            "refer_image_target",
+            "ref_id",
+            "sent_id",
+            "index",
+            "epoch",
+        }
+        # ViLBERT's pixel-inclusive IoU, per region and for the whole image [0, 0, W, H] (computed by hand)
+        box = train.examples[i].box
+        by_hand = [_iou_plus_one_by_hand(list(b), list(box)) for b in ex["visual"]["boxes"]]
+        np.testing.assert_allclose(ex["refer_ious"], by_hand, atol=1e-6)
+        whole = [0.0, 0.0, float(ex["visual"]["image_w"]), float(ex["visual"]["image_h"])]
+        assert ex["refer_image_iou"] == pytest.approx(_iou_plus_one_by_hand(whole, list(box)), abs=1e-6)
+        assert ex["refer_image_target"] == (ex["refer_image_iou"] if ex["refer_image_iou"] >= 0.5 else 0.0)
         assert (ex["index"], ex["epoch"]) == (i, 3)
         n = ex["visual"]["features"].shape[0]
         assert ex["visual"]["num_boxes"] == n > dets[train.examples[i].image_id]["num_boxes"]  # + GT boxes

@@ -228,10 +228,10 @@ def test_datamodule_contract(corpus) -> None:
             gold = choices[a]["text_b"]
             if split == "test":  # every answer's QA->R block (a complete leaderboard file); labelled under the gold
                 assert ex["mc_labels"] == [a] + [r if i == a else -1 for i in range(4)] and len(choices) == 20
-                assert all(c["text"] == f"{q} {choices[i // 4]['text_b']}" for i, c in enumerate(choices[4:]))
+                assert all(c["text"] == f"{q} [SEP] {choices[i // 4]['text_b']}" for i, c in enumerate(choices[4:]))
             else:
                 assert ex["mc_labels"] == [a, r] and len(choices) == 8
-                assert all(c["text"] == f"{q} {gold}" for c in choices[4:])
+                assert all(c["text"] == f"{q} [SEP] {gold}" for c in choices[4:])
             visual = ex["visual"]
             assert visual["features"].shape[1] == 2048 and visual["cls_prob"] is not None
             assert int(visual["image_id"]) == image_int_id(rec["img_id"])
@@ -266,7 +266,50 @@ def test_unlabelled_layout(corpus) -> None:
     for a in range(4):
         for r in range(4):
             row = ex["choices"][4 + 4 * a + r]
-            assert row == {"text": f"{texts['question']} {texts['answers'][a]}", "text_b": texts["rationales"][r]}
+            assert row == {
+                "text": f"{texts['question']} [SEP] {texts['answers'][a]}",
+                "text_b": texts["rationales"][r],
+            }
+
+
+def test_qa_to_r_row_tokenises_as_question_sep_answer_then_rationale(corpus) -> None:
+    """vilbert-multi-task QA->R input: tokens_a = question + [SEP] + answer, tokens_b = rationale, i.e.
+    `[CLS] q [SEP] a [SEP] r [SEP]` with segment 0 up to the second [SEP] (built here by hand from the tokenizer)."""
+    root, _, _ = corpus
+    dm = VCRDataModule(root=str(root), max_text_len=128)
+    dm.setup("fit")
+    ex = dm.datasets["train"][0]
+    rec = dm.datasets["train"].records[0]
+    texts = record_texts(rec, dm.names)
+    batch = dm.collator("train")([ex])
+    tok = dm.tokenizer
+    row = 4 + int(rec["rationale_label"])  # a QA->R row of the first example
+    q, a = tok.tokenize(texts["question"]), tok.tokenize(texts["answers"][rec["answer_label"]])
+    r = tok.tokenize(texts["rationales"][rec["rationale_label"]])
+    tokens_a = ["[CLS]", *q, "[SEP]", *a, "[SEP]"]
+    expected = tok.convert_tokens_to_ids([*tokens_a, *r, "[SEP]"])
+    n = len(expected)
+    assert batch["input_ids"][row, :n].tolist() == expected
+    assert batch["token_type_ids"][row, :n].tolist() == [0] * len(tokens_a) + [1] * (len(r) + 1)
+    assert batch["attention_mask"][row].sum() == n
+
+
+def test_gt_regions_merge_after_the_detections(corpus) -> None:
+    """`gt_features`: the GT-box regions follow the detections, kept first when `max_regions` cuts (as upstream)."""
+    root, _, _ = corpus
+    plain = VCRDataModule(root=str(root), max_regions=10)
+    merged = VCRDataModule(root=str(root), max_regions=10, gt_features="vcr/regions.lmdb")  # any region file
+    plain.setup("fit"), merged.setup("fit")
+    rec = plain.datasets["train"].records[0]
+    dets = plain.regions[str(image_int_id(rec["img_id"]))]
+    n = int(dets["features"].shape[0])
+    n_gt = min(n, 10)
+    n_det = min(n, 10 - n_gt)
+    got = merged.datasets["train"][0]["visual"]
+    want = np.concatenate([dets["features"][:n_det], dets["features"][:n_gt]])
+    np.testing.assert_array_equal(got["features"], want)
+    assert got["num_boxes"] == n_det + n_gt
+    assert "vcr/regions.lmdb" in {p.relative_to(root).as_posix() for p in merged.required_files()}
 
 
 def _copy_root(src: Path, dst: Path) -> Path:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
+from vl.errors import ConfigError
 from vl.models.clip_bert import ClipBertSystem, map_original_key
 from vl.pipeline import train
 
@@ -147,7 +148,8 @@ def test_deepspeed_module_state_dict_loads_non_strictly(tmp_path: Path, caplog) 
             p.add_(torch.randn_like(p))
     head = source.objectives["mlm"]
     original = {f"bert.{k}": v for k, v in source.encoder.bert.state_dict().items()}
-    original |= {f"img_projection.{k}": v for k, v in source.encoder.img_projection.state_dict().items()}
+    # the original `BertImageModel` holds the projection: `bert.img_projection.*`
+    original |= {f"bert.img_projection.{k}": v for k, v in source.encoder.img_projection.state_dict().items()}
     original |= {
         "cls.predictions.transform.dense.weight": head.transform[0].weight,
         "cls.predictions.transform.dense.bias": head.transform[0].bias,
@@ -173,12 +175,33 @@ def test_deepspeed_module_state_dict_loads_non_strictly(tmp_path: Path, caplog) 
             optimizer=OPT,
             state_dict_path=str(tmp_path / "mp_rank_00_model_states.pt"),
         ).eval()
-    assert "bert.pooler.dense.weight" in caplog.text and "0 missing keys, 1 unexpected keys" in caplog.text
+    # the pooler and the tied decoder have no parameter here: logged, expected-unused, not an error
+    assert "bert.pooler.dense.weight" in caplog.text and "0 missing keys, 2 unexpected keys" in caplog.text
+    assert "2 unexpected keys are expected-unused" in caplog.text
+    assert map_original_key("module.bert.img_projection.weight") == "encoder.img_projection.weight"
+    torch.testing.assert_close(target.encoder.img_projection.weight, source.encoder.img_projection.weight)
+    torch.testing.assert_close(target.encoder.img_projection.bias, source.encoder.img_projection.bias)
     batch = batch_with_padding()
     with torch.no_grad():
         a, b = source(batch), target(batch)
         torch.testing.assert_close(a.visual, b.visual)
         torch.testing.assert_close(head.logits(a.text), target.objectives["mlm"].logits(b.text))
+
+
+def test_original_key_that_maps_to_nothing_is_an_error(tmp_path: Path) -> None:
+    """A checkpoint key with no counterpart (and not expected-unused) must not be dropped silently."""
+    source = make_system()
+    state = {f"bert.{k}": v for k, v in source.encoder.bert.state_dict().items()}
+    state["bert.some_adapter.weight"] = torch.zeros(3)
+    torch.save({"module": state}, tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match=r"bert\.some_adapter\.weight"):
+        ClipBertSystem(
+            encoder=encoder(TINY),
+            objectives=["mlm"],
+            data_info={"clip_dim": 12},
+            optimizer=OPT,
+            state_dict_path=str(tmp_path / "mp_rank_00_model_states.pt"),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from transformers import LxmertForPreTraining, VisualBertForPreTraining
 
+from vl.errors import ConfigError
 from vl.models.text_only import (
     LxmertLanguageOnlyXLayer,
     lxmert_text_only,
@@ -77,16 +79,39 @@ def test_deepspeed_state_dict_loaded_non_strictly(tmp_path, caplog):
     cfg.save_pretrained(tmp_path)
     state = dict(src.state_dict())
     state.pop("cls.predictions.bias")
-    state["extra.weight"] = torch.zeros(1)
     ckpt_dir = tmp_path / "global_step1"
     ckpt_dir.mkdir()
     torch.save({"module": state}, ckpt_dir / "mp_rank_00_model_states.pt")
     with caplog.at_level(logging.INFO):
         model = lxmert_text_only(tmp_path)
+    assert "1 missing keys, 0 unexpected keys" in caplog.text
     assert "missing keys: cls.predictions.bias" in caplog.text
-    assert "unexpected keys: extra.weight" in caplog.text
     w = "lxmert.embeddings.word_embeddings.weight"
     assert torch.equal(model.model.state_dict()[w], src.state_dict()[w])
+    # a key that maps to nothing is an error, not a log line
+    torch.save({"module": {**state, "extra.weight": torch.zeros(1)}}, ckpt_dir / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match=r"extra\.weight"):
+        lxmert_text_only(tmp_path)
+
+
+def test_lxmert_hf_dir_loads_with_no_missing_keys(tmp_path, caplog):
+    """A `LxmertForPreTraining.save_pretrained` dir (the unc-nlp/lxmert-base-uncased layout): every tensor of the
+    loaded text-only scorer equals the source's, nothing missing; an extra key in the file is an error."""
+    torch.manual_seed(0)
+    src = LxmertForPreTraining(tiny_lxmert_config()).eval()
+    src.save_pretrained(tmp_path / "hf")
+    with caplog.at_level(logging.INFO):
+        model = lxmert_text_only(tmp_path / "hf")
+    assert "0 missing keys, 0 unexpected keys" in caplog.text
+    ref = src.state_dict()
+    for key, value in model.model.state_dict().items():
+        assert torch.equal(value, ref[key]), key
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    save_file({**state, "lxmert.adapter.weight": torch.zeros(2)}, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"lxmert\.adapter\.weight"):
+        lxmert_text_only(tmp_path / "hf")
 
 
 def test_visual_bert_text_only_from_dir_and_deepspeed(tmp_path, caplog):

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import vl.build  # noqa: F401  (schemas)
+import vl.pipeline  # noqa: F401  (schemas)
 from vl.errors import ConfigError
 from vl.models.system import VLSystem
-from vl.models.vilbert import GLOBAL_LOC, ImageEmbedding, VilbertEncoder
+from vl.models.vilbert import GLOBAL_LOC, ImageEmbedding, VilbertEncoder, VilbertSystem
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DATA_INFO = {"visual_dim": 2048, "num_answers": 17}
@@ -111,7 +112,8 @@ def _call_order(encoder: VilbertEncoder, batch: dict[str, torch.Tensor]) -> list
 
 
 def test_layer_order_of_the_base_config() -> None:
-    """6-layer/6-connection placement at toy width: text layers 0-5 alone, then co-layer k after text 6+k, vision k."""
+    """6-layer/6-connection placement at toy width, as vilbert-multi-task's `BertEncoder.forward` runs it: for each k,
+    text layers [t_prev, t_k), vision layers [v_prev, v_k), co-layer k; then the remaining vision, then text layers."""
     encoder = VilbertEncoder(
         text_encoder={"hidden_size": 16, "num_layers": 12, "num_heads": 2, "intermediate_size": 16},
         data_info={"visual_dim": 8},
@@ -126,13 +128,15 @@ def test_layer_order_of_the_base_config() -> None:
     ).eval()
     batch = make_batch(batch_size=1, text_len=3, regions=2)
     batch["visual_feats"] = batch["visual_feats"][..., :8]
-    expected = [f"t{i}" for i in range(6)] + [n for k in range(6) for n in (f"t{6 + k}", f"v{k}", f"c{k}")]
+    # written out by hand from the reference loop (T0..T5, CO0, T6, V0, CO1, ..., T10, V4, CO5, V5, T11)
+    expected = "t0 t1 t2 t3 t4 t5 c0 t6 v0 c1 t7 v1 c2 t8 v2 c3 t9 v3 c4 t10 v4 c5 v5 t11".split()
     assert _call_order(encoder, batch) == expected
 
 
-def test_vision_reaches_text_only_after_the_first_co_layer(tiny: VLSystem) -> None:
-    """Tiny config: co-layers after text layers 2 and 3, so text layers 0-2 never see the image, layer 3 does."""
-    assert _call_order(tiny.encoder, make_batch()) == ["t0", "t1", "t2", "v0", "c0", "t3", "v1", "c1"]
+def test_vision_reaches_text_only_after_the_first_co_layer(tiny: VilbertSystem) -> None:
+    """Tiny config: co-layers before text layers 2 and 3, so text layers 0-1 never see the image, layer 2 does; the
+    first co-layer reads the raw image embedding (no vision layer before it)."""
+    assert _call_order(tiny.encoder, make_batch()) == ["t0", "t1", "c0", "t2", "v0", "c1", "v1", "t3"]
     outputs: list[list[torch.Tensor]] = [[], []]
     for run, seed in enumerate((0, 1)):
         batch = make_batch(seed=0)
@@ -146,7 +150,19 @@ def test_vision_reaches_text_only_after_the_first_co_layer(tiny: VLSystem) -> No
         for hook in hooks:
             hook.remove()
     same = [torch.equal(a, b) for a, b in zip(*outputs)]
-    assert same == [True, True, True, False]
+    assert same == [True, True, False, False]
+
+
+def test_first_co_layer_reads_the_raw_image_embedding(tiny: VilbertSystem) -> None:
+    """An independent recomputation of the stream up to the first co-layer: its vision input is the image embedding."""
+    batch = make_batch()
+    seen: list[torch.Tensor] = []
+    hook = tiny.encoder.co_layers[0].register_forward_hook(lambda _m, args, _o: seen.append(args[1]))
+    with torch.no_grad():
+        tiny(batch)
+        embedded, _ = tiny.encoder.image_embedding(batch["visual_feats"], batch["visual_boxes"], batch["visual_mask"])
+    hook.remove()
+    torch.testing.assert_close(seen[0], embedded)
 
 
 def test_padding_regions_do_not_change_outputs(tiny: VLSystem) -> None:
@@ -246,3 +262,219 @@ def test_base_config_composes_and_has_vilbert_size() -> None:
     assert 105e6 < count(encoder.bert) < 112e6  # BERT-base without its pooler
     assert 225e6 < count(encoder) < 245e6
     assert model.pretrained_lr_mult == 0.1 and model.pretrained_parameter_names() == set()
+
+
+# ----------------------------------------------------------------------------------------------- released checkpoints
+def reference_vilbert_state(
+    *,
+    vocab: int = 30522,
+    ht: int = 64,
+    t_layers: int = 4,
+    t_inter: int = 128,
+    hv: int = 64,
+    v_layers: int = 2,
+    v_inter: int = 128,
+    bi: int = 64,
+    co_layers: int = 2,
+    feat: int = 2048,
+    v_target: int = 1601,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random tensors under the key names of vilbert-multi-task's `BertForMultiModalPreTraining` (written out from
+    its module tree: BertModel.embeddings / v_embeddings / encoder.layer / v_layer / c_layer / t_pooler / v_pooler,
+    BertPreTrainingHeads), with the shapes its `nn.Linear(in, out)` give (weight (out, in))."""
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        state[f"{name}.weight"] = torch.randn(n_out, n_in, generator=g)
+        state[f"{name}.bias"] = torch.randn(n_out, generator=g)
+
+    def norm(name: str, n: int) -> None:
+        state[f"{name}.weight"] = 1 + 0.1 * torch.randn(n, generator=g)
+        state[f"{name}.bias"] = 0.1 * torch.randn(n, generator=g)
+
+    def bert_layer(name: str, h: int, inter: int) -> None:
+        for part in ("query", "key", "value"):
+            linear(f"{name}.attention.self.{part}", h, h)
+        linear(f"{name}.attention.output.dense", h, h)
+        norm(f"{name}.attention.output.LayerNorm", h)
+        linear(f"{name}.intermediate.dense", h, inter)
+        linear(f"{name}.output.dense", inter, h)
+        norm(f"{name}.output.LayerNorm", h)
+
+    state["bert.embeddings.word_embeddings.weight"] = torch.randn(vocab, ht, generator=g)
+    state["bert.embeddings.position_embeddings.weight"] = torch.randn(512, ht, generator=g)
+    state["bert.embeddings.token_type_embeddings.weight"] = torch.randn(2, ht, generator=g)
+    norm("bert.embeddings.LayerNorm", ht)
+    linear("bert.v_embeddings.image_embeddings", feat, hv)
+    linear("bert.v_embeddings.image_location_embeddings", 5, hv)
+    norm("bert.v_embeddings.LayerNorm", hv)
+    for i in range(t_layers):
+        bert_layer(f"bert.encoder.layer.{i}", ht, t_inter)
+    for i in range(v_layers):
+        bert_layer(f"bert.encoder.v_layer.{i}", hv, v_inter)
+    for k in range(co_layers):
+        c = f"bert.encoder.c_layer.{k}"
+        for part in ("query1", "key1", "value1"):  # read the vision stream
+            linear(f"{c}.biattention.{part}", hv, bi)
+        for part in ("query2", "key2", "value2"):  # read the text stream
+            linear(f"{c}.biattention.{part}", ht, bi)
+        linear(f"{c}.biOutput.dense1", bi, hv)
+        norm(f"{c}.biOutput.LayerNorm1", hv)
+        linear(f"{c}.biOutput.q_dense1", bi, hv)
+        linear(f"{c}.biOutput.dense2", bi, ht)
+        norm(f"{c}.biOutput.LayerNorm2", ht)
+        linear(f"{c}.biOutput.q_dense2", bi, ht)
+        linear(f"{c}.v_intermediate.dense", hv, v_inter)
+        linear(f"{c}.v_output.dense", v_inter, hv)
+        norm(f"{c}.v_output.LayerNorm", hv)
+        linear(f"{c}.t_intermediate.dense", ht, t_inter)
+        linear(f"{c}.t_output.dense", t_inter, ht)
+        norm(f"{c}.t_output.LayerNorm", ht)
+    linear("bert.t_pooler.dense", ht, bi)
+    linear("bert.v_pooler.dense", hv, bi)
+    linear("cls.predictions.transform.dense", ht, ht)
+    norm("cls.predictions.transform.LayerNorm", ht)
+    state["cls.predictions.bias"] = torch.randn(vocab, generator=g)
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]  # tied upstream
+    linear("cls.bi_seq_relationship", bi, 2)
+    linear("cls.imagePredictions.transform.dense", hv, hv)
+    norm("cls.imagePredictions.transform.LayerNorm", hv)
+    linear("cls.imagePredictions.decoder", hv, v_target)
+    return state
+
+
+def test_released_vilbert_checkpoint_lands_where_the_reference_keys_say(tmp_path: Path, caplog) -> None:
+    state = reference_vilbert_state()
+    torch.save(state, tmp_path / "pretrained_model.bin")
+    caplog.set_level(logging.INFO)
+    try:
+        model = instantiate(
+            model_cfg(f"model.state_dict_path={tmp_path / 'pretrained_model.bin'}"),
+            objectives=["mlm", "itm", "mrc"],
+            data_info={**DATA_INFO, "num_region_classes": 1601},
+        )
+    except Exception as err:  # show vl's own error, not Hydra's wrapper
+        raise (err.__cause__ or err) from None
+    enc = model.encoder
+    co = enc.co_layers[1]
+    pairs = {
+        # co-attention: text queries (query2) over vision keys/values (key1/value1), and the reverse
+        co.text_attends_vision.query.weight: "bert.encoder.c_layer.1.biattention.query2.weight",
+        co.text_attends_vision.key.weight: "bert.encoder.c_layer.1.biattention.key1.weight",
+        co.text_attends_vision.value.bias: "bert.encoder.c_layer.1.biattention.value1.bias",
+        co.vision_attends_text.query.weight: "bert.encoder.c_layer.1.biattention.query1.weight",
+        co.vision_attends_text.key.weight: "bert.encoder.c_layer.1.biattention.key2.weight",
+        co.vision_out.dense.weight: "bert.encoder.c_layer.1.biOutput.dense1.weight",
+        co.text_out.norm.weight: "bert.encoder.c_layer.1.biOutput.LayerNorm2.weight",
+        co.vision_ffn.intermediate.weight: "bert.encoder.c_layer.1.v_intermediate.dense.weight",
+        co.text_ffn.output.norm.bias: "bert.encoder.c_layer.1.t_output.LayerNorm.bias",
+        enc.vision_layers[1].attention.self.value.weight: "bert.encoder.v_layer.1.attention.self.value.weight",
+        enc.text_layers[3].output.dense.weight: "bert.encoder.layer.3.output.dense.weight",
+        enc.word_embeddings.weight: "bert.embeddings.word_embeddings.weight",
+        enc.image_embedding.loc_proj.weight: "bert.v_embeddings.image_location_embeddings.weight",
+        enc.image_embedding.norm.bias: "bert.v_embeddings.LayerNorm.bias",
+        enc.text_pooler[0].weight: "bert.t_pooler.dense.weight",
+        enc.image_pooler[0].bias: "bert.v_pooler.dense.bias",
+        model.objectives["mlm"].transform[0].weight: "cls.predictions.transform.dense.weight",
+        model.objectives["mlm"].bias: "cls.predictions.bias",
+        model.objectives["mrc"].head[3].weight: "cls.imagePredictions.decoder.weight",
+    }
+    for param, key in pairs.items():
+        torch.testing.assert_close(param.detach(), state[key], msg=key)
+    # the seed's alignment head has index 0 = aligned; vl's ITM head index 1 = aligned: rows swap
+    itm = model.objectives["itm"].classifier
+    torch.testing.assert_close(itm.weight[1].detach(), state["cls.bi_seq_relationship.weight"][0])
+    torch.testing.assert_close(itm.weight[0].detach(), state["cls.bi_seq_relationship.weight"][1])
+    torch.testing.assert_close(itm.bias.detach(), state["cls.bi_seq_relationship.bias"].flip(0))
+    # nothing missing; only the expected-unused keys (tied decoder, the never-used q_dense1/2 of 2 co-layers) are reported
+    assert "0 missing keys, 9 unexpected keys" in caplog.text, caplog.text
+    assert "expected-unused" in caplog.text
+    # the aligned probability equals the seed's softmax(bi_seq_relationship)[:, 0] on the same pooled vector
+    model.eval()
+    with torch.no_grad():
+        pooled = model(make_batch()).pooled
+        seed_logits = pooled @ state["cls.bi_seq_relationship.weight"].T + state["cls.bi_seq_relationship.bias"]
+        torch.testing.assert_close(itm(pooled).softmax(-1)[:, 1], seed_logits.softmax(-1)[:, 0])
+
+
+def test_released_vilbert_task_heads_and_unknown_keys(tmp_path: Path) -> None:
+    """VILBertForVLTasks heads: vil_prediction (vilbert-multi-task's Linear-GeLU-LN-Linear = classifier mlp),
+    vil_logit, vision_logit; the pretraining heads are expected-unused when fine-tuning; an unknown key fails."""
+    state = reference_vilbert_state()
+    g = torch.Generator().manual_seed(1)
+    heads = {
+        "vil_prediction.logit_fc.0.weight": torch.randn(128, 64, generator=g),
+        "vil_prediction.logit_fc.0.bias": torch.randn(128, generator=g),
+        "vil_prediction.logit_fc.2.weight": torch.randn(128, generator=g),
+        "vil_prediction.logit_fc.2.bias": torch.randn(128, generator=g),
+        "vil_prediction.logit_fc.3.weight": torch.randn(17, 128, generator=g),
+        "vil_prediction.logit_fc.3.bias": torch.randn(17, generator=g),
+        "vil_logit.weight": torch.randn(1, 64, generator=g),
+        "vil_logit.bias": torch.randn(1, generator=g),
+        "vision_logit.weight": torch.randn(1, 64, generator=g),
+        "vision_logit.bias": torch.randn(1, generator=g),
+        "vil_prediction_gqa.logit_fc.0.weight": torch.randn(3, 3, generator=g),
+    }
+    torch.save({**state, **heads}, tmp_path / "multi_task_model.bin")
+    path = tmp_path / "multi_task_model.bin"
+    model = instantiate(
+        model_cfg(f"model.state_dict_path={path}", "model.heads.vqa.classifier=mlp"),
+        objectives=["vqa", "retrieval", "refer"],
+        data_info=DATA_INFO,
+    )
+    torch.testing.assert_close(
+        model.objectives["vqa"].classifier[3].weight.detach(), heads["vil_prediction.logit_fc.3.weight"]
+    )
+    torch.testing.assert_close(model.objectives["retrieval"].vil_logit.weight.detach(), heads["vil_logit.weight"])
+    torch.testing.assert_close(model.objectives["refer"].vision_logit.bias.detach(), heads["vision_logit.bias"])
+
+    torch.save({**state, "bert.encoder.c_layer.0.biattention.logit1.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(Exception) as err:
+        instantiate(model_cfg(f"model.state_dict_path={path}"), objectives=["mlm", "itm"], data_info=DATA_INFO)
+    cause = err.value.__cause__ or err.value
+    assert isinstance(cause, ConfigError) and "c_layer.0.biattention.logit1.weight" in str(cause)
+
+
+def test_mlm_head_starts_from_the_bert_checkpoint(tmp_path: Path) -> None:
+    """As upstream (`BertForMultiModalPreTraining.from_pretrained(bert-base-uncased)` fills `cls.predictions`): the MLM
+    head of a ViLBERT built on a BERT dir computes the same logits as that BERT's own MLM head."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(4)
+    bert = BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        bert.cls.predictions.bias.normal_()
+        bert.cls.predictions.transform.dense.weight.normal_()
+    bert.save_pretrained(tmp_path / "bert")
+    model = build(
+        f"model.encoder.text_encoder.pretrained={tmp_path / 'bert'}", "model.encoder.t_biattention_id=[0,1]"
+    ).eval()
+    states = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.objectives["mlm"].logits(states), bert.cls(states))
+    assert "objectives.mlm.bias" in model.pretrained_parameter_names()
+    assert model.objectives["mlm"].word_embeddings is model.encoder.word_embeddings  # tied decoder
+
+
+def test_mlm_on_mismatched_pairs_is_kept_by_default_as_upstream() -> None:
+    """ViLBERT keeps the MLM loss on mismatched pairs; `on_mismatched_pairs=false` drops those rows (computed by hand)."""
+    batch = make_batch(batch_size=4)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, 1:4] = batch["input_ids"][:, 1:4]
+    batch["mlm_labels"], batch["itm_labels"] = labels, torch.tensor([1, 0, 1, 0])
+    torch.manual_seed(0)
+    keep = build().eval()
+    torch.manual_seed(0)
+    drop = build("model.heads.mlm.on_mismatched_pairs=false").eval()
+    assert keep.objectives["mlm"].on_mismatched_pairs and not drop.objectives["mlm"].on_mismatched_pairs
+    with torch.no_grad():
+        out = keep(batch)
+        logits = keep.objectives["mlm"].logits(out.text)  # (B, T, V)
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)  # (B, T)
+        every_pair = per_token[:, 1:4].mean()
+        aligned_only = per_token[[0, 2], 1:4].mean()
+        torch.testing.assert_close(keep.objectives["mlm"](out, batch).loss, every_pair)
+        torch.testing.assert_close(drop.objectives["mlm"](drop(batch), batch).loss, aligned_only)

@@ -3,6 +3,7 @@ single-wordpiece and one-[MASK] errors, checkpoint scorer (implicit / explicit C
 
 from __future__ import annotations
 
+import csv
 import functools
 import shutil
 import statistics
@@ -15,16 +16,19 @@ from omegaconf import OmegaConf
 from sklearn.metrics import average_precision_score
 from transformers import BertConfig, BertForMaskedLM
 
+from tests.conftest import REAL_SAMPLES
 from vl.errors import DataError
 from vl.eval.probes import memory_colors as mc
 from vl.eval.probes import visual_property_norms as vpn
+from vl.eval.probes.report import probe_metrics, write_probe_report
 from vl.eval.probes.scorers import CheckpointScorer, HFMaskedLMScorer, RandomScorer, encode_masked
 
-ROOT = Path(__file__).resolve().parents[2]
-REAL = ROOT.parent / "shared" / "real_samples"
-MC_REAL = REAL / "memory_colors" / "memory_colors.jsonl"
-VPN_REAL = REAL / "visual_property_norms"
-needs_real = pytest.mark.skipif(not MC_REAL.is_file(), reason="real samples not available")
+MC_REAL = REAL_SAMPLES / "memory_colors" / "memory_colors.jsonl"
+VPN_REAL = REAL_SAMPLES / "visual_property_norms"
+needs_real = pytest.mark.skipif(
+    not (MC_REAL.is_file() and VPN_REAL.is_dir()),
+    reason=f"real samples not found at {REAL_SAMPLES} (set VL_REAL_SAMPLES to the shared real_samples dir)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +85,43 @@ def test_real_memory_colors_and_vpn_samples_load():
 
 
 # ------------------------------------------------------------------------------------------ templates / errors
+#: the 13 published Memory Colors templates, in the order of ../shared/spec/clip_bert.md (copied by hand from the spec)
+PUBLISHED_MC_TEMPLATES = [
+    "Q: What is the color of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
+    "Q: What is the color of [DESCRIPTOR] [ITEM]? [SEP] A: It is [MASK].",
+    "Q: What is the colour of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
+    "The color of [DESCRIPTOR] [ITEM] is [MASK].",
+    "The usual color of [DESCRIPTOR] [ITEM] is [MASK].",
+    "What is the color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "What is the colour of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "What is the usual color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the usual color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "[DESCRIPTOR] [ITEM] usually has the color of [MASK].",
+]
+
+
+def test_memory_colors_templates_are_the_published_ones(tmp_path):
+    assert list(mc.TEMPLATES) == PUBLISHED_MC_TEMPLATES
+    # results and the report name each template by its text, in that order
+    items = [{"descriptor": "the", "item": f"thing{i}", "label": mc.COLORS[i % 11]} for i in range(5)]
+    res = mc.run_memory_colors(RandomScorer(seed=0), items)
+    assert list(res["per_template"]) == PUBLISHED_MC_TEMPLATES
+    assert {p["template"] for p in res["predictions"]} == set(PUBLISHED_MC_TEMPLATES)
+    paths = write_probe_report(tmp_path, "memory_colors", {"random": res})
+    with open(paths["csv"], newline="") as f:
+        row = next(csv.DictReader(f))
+    assert [k for k in row if "[MASK]" in k] == PUBLISHED_MC_TEMPLATES
+    assert all(float(row[t]) == pytest.approx(res["per_template"][t]) for t in PUBLISHED_MC_TEMPLATES)
+    md = paths["md"].read_text()
+    assert all(f"`{t}`" in md for t in PUBLISHED_MC_TEMPLATES) and "template_1" not in md
+    assert not any("[MASK]" in k for k in probe_metrics("memory_colors", {"random": res}))
+    with pytest.raises(DataError, match="distinct"):
+        mc.run_memory_colors(RandomScorer(seed=0), items, [mc.TEMPLATES[0]] * 2)
+
+
 def test_templates_and_fill():
     assert len(mc.TEMPLATES) == 13 and len(set(mc.TEMPLATES)) == 13
     assert all(t.count("[MASK]") == 1 for t in mc.TEMPLATES)
@@ -135,7 +176,7 @@ def test_memory_colors_equals_direct_computation(scorer, tiny_bert_dir):
             logits = _direct_logits(tiny_bert_dir, tok, text)
             correct += mc.COLORS[int(logits[color_ids].argmax())] == it["label"]
         expected.append(correct / len(items))
-    assert res["per_template"] == pytest.approx(expected)
+    assert res["per_template"] == pytest.approx(dict(zip(templates, expected)))
     assert res["accuracy_mean"] == pytest.approx(statistics.fmean(expected))
     assert res["accuracy_sd"] == pytest.approx(statistics.stdev(expected))
     assert len(res["predictions"]) == len(items) * len(templates)
@@ -168,27 +209,30 @@ def test_average_precision_edge_cases():
 
 
 # ------------------------------------------------------------------------------------------ VPN
-NORMS = """concept_id\tconcept\tfeature\tfeature type\tpf
-1\tapple\tis red\tvisual perceptual\t20
-1\tapple\tis round\tvisual perceptual\t30
-1\tapple\thas a stalk\tvisual perceptual\t5
-1\tapple\thas pips\tvisual perceptual\t12
-1\tapple\tis dark green\tvisual perceptual\t10
-1\tapple\tis tasty\ttaste\t25
-1\tapple\tis green\tvisual perceptual\t2
-2\tkettle\tmade of metal\tvisual perceptual\t18
-2\tkettle\thas a handle\tvisual perceptual\t12
-2\tkettle\thas a lid\tvisual perceptual\t31
-2\tkettle\thas a spout\tvisual perceptual\t9
-2\tkettle\tis shiny\tvisual perceptual\t4
-3\tcar_(vehicle)\thas wheels\tvisual perceptual\t25
+NORMS = """concept_id\tconcept\tfeature\tfeature type\tpf\tfeature alternatives\tparticipant list
+1\tapple\tis red\tvisual perceptual\t20\t\t
+1\tapple\tis round\tvisual perceptual\t30\t\t
+1\tapple\thas a stalk\tvisual perceptual\t5\t\t
+1\tapple\thas pips\tvisual perceptual\t12\t\t
+1\tapple\tis dark green\tvisual perceptual\t10\t\t
+1\tapple\tis tasty\ttaste\t25\t\t
+1\tapple\tis green\tvisual perceptual\t2\t\t
+2\tkettle\tmade of metal\tvisual perceptual\t18\t\t
+2\tkettle\thas a handle\tvisual perceptual\t12\t\t
+2\tkettle\thas a lid\tvisual perceptual\t31\t\t
+2\tkettle\thas a spout\tvisual perceptual\t9\t\t
+2\tkettle\tis shiny\tvisual perceptual\t4\t\t
+3\tcar_(vehicle)\thas wheels\tvisual perceptual\t25\t\t
+4\tsheep\tis black_white\tvisual perceptual\t7\tis white; is black\tp 1 2 3 / 4
+4\tsheep\thas fur_wool\tvisual perceptual\t6\thas wool; is furry\tp 1 / 2 3
+4\tsheep\tis big_large\tvisual perceptual\t3\tis huge; is large\tp 1 2 / 3
 """
 
 
 @pytest.fixture()
 def vpn_data(tmp_path, scorer):
     (tmp_path / "norms.dat").write_text(NORMS)
-    (tmp_path / "descriptors.csv").write_text("concept,descriptor\napple,an\nkettle,a\ncar_(vehicle),a\n")
+    (tmp_path / "descriptors.csv").write_text("concept,descriptor\napple,an\nkettle,a\ncar_(vehicle),a\nsheep,a\n")
     counts = vpn.build_vpn_queries(tmp_path / "norms.dat", tmp_path / "descriptors.csv", scorer.tokenizer, tmp_path)
     return tmp_path, counts
 
@@ -196,9 +240,24 @@ def vpn_data(tmp_path, scorer):
 def test_vpn_builder(vpn_data):
     root, counts = vpn_data
     labels = vpn.load_labels(root / "labels.txt")
-    # tasty: not visual; pips / spout: not one wordpiece; "dark green": two words
-    assert labels == ["green", "handle", "lid", "metal", "red", "round", "shiny", "stalk", "wheels"]
-    rows = vpn.load_queries(root / "queries" / "template_1_pf_2.jsonl")
+    # tasty: not visual; pips / spout: not one wordpiece; "dark green": two words. Alternatives, as the seed:
+    # "is black_white" -> the most given "is white" (3 vs 1 participants); "has fur_wool" -> "is furry" (2 vs 1)
+    # -> replaced by "has fur"; "is big_large" -> "is huge" is not one of its spellings -> the first part "is big"
+    assert labels == [
+        "big",
+        "fur",
+        "green",
+        "handle",
+        "lid",
+        "metal",
+        "red",
+        "round",
+        "shiny",
+        "stalk",
+        "wheels",
+        "white",
+    ]
+    rows = vpn.load_queries(root / "queries" / "template_0_pf_2.jsonl")
     by_key = {(r["concept"], r["feature_starter"]): r for r in rows}
     assert set(by_key) == {
         ("apple", "is"),
@@ -207,29 +266,43 @@ def test_vpn_builder(vpn_data):
         ("kettle", "has a"),
         ("kettle", "is"),
         ("car_(vehicle)", "has"),
+        ("sheep", "is"),
+        ("sheep", "has"),
     }
+    assert by_key[("sheep", "is")]["labels"] == ["big", "white"] and by_key[("sheep", "has")]["labels"] == ["fur"]
     assert by_key[("apple", "is")]["labels"] == ["green", "red", "round"]
     assert by_key[("apple", "is")]["query"] == "an apple is [MASK]."
     assert by_key[("kettle", "is made of")]["query"] == "a kettle is made of [MASK]."
     assert set(by_key[("apple", "is")]) == {"query", "labels", "concept", "query_template", "feature_starter", "pf"}
-    pf30 = vpn.load_queries(root / "queries" / "template_1_pf_30.jsonl")
+    pf30 = vpn.load_queries(root / "queries" / "template_0_pf_30.jsonl")
     assert {(r["concept"], tuple(r["labels"])) for r in pf30} == {("apple", ("round",)), ("kettle", ("lid",))}
-    assert counts["template_9_pf_30"] == 2 and len(list((root / "queries").glob("*.jsonl"))) == 45
+    assert counts["template_8_pf_30"] == 2 and len(list((root / "queries").glob("*.jsonl"))) == 45
+    last = vpn.load_queries(root / "queries" / "template_8_pf_5.jsonl")
+    assert {r["query"] for r in last} >= {
+        "describe the properties of a sheep. a sheep usually is [MASK].",
+        "describe the properties of a car (vehicle). a car (vehicle) usually has [MASK].",
+    }
+    (root / "alt.dat").write_text("concept\tfeature\tfeature type\tpf\nsheep\tis black_white\tvisual perceptual\t3\n")
+    with pytest.raises(DataError, match="alt.dat:2.*black_white.*feature alternatives"):
+        vpn.build_vpn_queries(root / "alt.dat", root / "descriptors.csv", None, root / "out")
     with pytest.raises(DataError, match="feature type"):
         (root / "bad.dat").write_text("concept\tfeature\tpf\nx\tis red\t3\n")
         vpn.build_vpn_queries(root / "bad.dat", root / "descriptors.csv", None, root / "out")
 
 
 def test_vpn_equals_direct_computation(vpn_data, scorer, tiny_bert_dir):
+    """Default: the mean over all queries of a (pf, template), as the seed's `groupby([model, pf, query_template])`;
+    `average="concept"`: each concept's queries averaged first."""
     root, _ = vpn_data
     labels = vpn.load_labels(root / "labels.txt")
-    queries = [q for q in vpn.load_query_dir(root / "queries") if q["template"] in (1, 6) and q["pf"] in (2, 10)]
+    queries = [q for q in vpn.load_query_dir(root / "queries") if q["template"] in (0, 6) and q["pf"] in (2, 10)]
     res = vpn.run_visual_property_norms(scorer, queries, labels)
+    res_concept = vpn.run_visual_property_norms(scorer, queries, labels, average="concept")
     tok = scorer.tokenizer
     label_ids = [tok.convert_tokens_to_ids(w) for w in labels]
     for pf in (2, 10):
-        per_template = {}
-        for template in (1, 6):
+        per_template, per_template_concept = {}, {}
+        for template in (0, 6):
             concept_scores: dict[str, list[tuple[float, float]]] = {}
             for q in queries:
                 if q["pf"] != pf or q["template"] != template:
@@ -241,14 +314,77 @@ def test_vpn_equals_direct_computation(vpn_data, scorer, tiny_bert_dir):
                 concept_scores.setdefault(q["concept"], []).append(
                     (average_precision_score(y, logits), average_precision_score(ym, logits[label_ids]))
                 )
+            all_scores = [sc for v in concept_scores.values() for sc in v]
+            per_template[template] = (np.mean([m[0] for m in all_scores]), np.mean([m[1] for m in all_scores]))
             means = [np.mean(v, axis=0) for v in concept_scores.values()]
-            per_template[template] = (np.mean([m[0] for m in means]), np.mean([m[1] for m in means]))
-            got = res["per_template"][(pf, template)]
-            assert got["map"] == pytest.approx(per_template[template][0], abs=1e-5)
-            assert got["masked_map"] == pytest.approx(per_template[template][1], abs=1e-5)
+            per_template_concept[template] = (np.mean([m[0] for m in means]), np.mean([m[1] for m in means]))
+            key = (pf, vpn.TEMPLATES[template])
+            for got, want in ((res, per_template), (res_concept, per_template_concept)):
+                assert got["per_template"][key]["map"] == pytest.approx(want[template][0], abs=1e-5)
+                assert got["per_template"][key]["masked_map"] == pytest.approx(want[template][1], abs=1e-5)
+            assert res["per_template"][key]["n_queries"] == len(all_scores)
         masked = [v[1] for v in per_template.values()]
         assert res["per_pf"][pf]["masked_map_mean"] == pytest.approx(np.mean(masked), abs=1e-5)
         assert res["per_pf"][pf]["masked_map_sd"] == pytest.approx(statistics.stdev(masked), abs=1e-5)
+    # the two averages differ on this data (concepts have different numbers of queries), so the test can tell them
+    assert res["per_pf"][2]["masked_map_mean"] != pytest.approx(res_concept["per_pf"][2]["masked_map_mean"], abs=1e-6)
+
+
+def test_vpn_averaging_on_a_hand_computed_example():
+    """Two templates; under template T, concept A has 2 queries (masked AP 1 and 1/2), concept B one (AP 1/3); under
+    T2 every query ranks its label first (AP 1). Over queries: T = (1 + 1/2 + 1/3) / 3 = 11/18; per concept:
+    (3/4 + 1/3) / 2 = 13/24. pf mean over templates (11/18 + 1) / 2 = 29/36, sd |1 - 11/18| / sqrt(2)."""
+    from vl.data.collate import load_tokenizer
+
+    tok = load_tokenizer("minilm")
+    labels = ["red", "green", "blue"]
+    ids = {w: tok.convert_tokens_to_ids(w) for w in labels}
+
+    def logits(order: list[str]) -> torch.Tensor:
+        row = torch.zeros(len(tok))
+        for rank, w in enumerate(order):
+            row[ids[w]] = 3.0 - rank  # every label above the rest of the vocabulary
+        return row
+
+    table = {
+        "t a is [MASK].": logits(["red", "green", "blue"]),
+        "t a has [MASK].": logits(["red", "green", "blue"]),
+        "t b is [MASK].": logits(["red", "green", "blue"]),
+        "t2 a is [MASK].": logits(["red", "green", "blue"]),
+        "t2 a has [MASK].": logits(["green", "red", "blue"]),
+        "t2 b is [MASK].": logits(["blue", "red", "green"]),
+    }
+
+    class Fixed:
+        tokenizer = tok
+
+        def mask_logits(self, texts, image_embeds=None):
+            return torch.stack([table[t] for t in texts])
+
+    def q(text, concept, label, template):
+        return {"query": text, "labels": [label], "concept": concept, "pf": 2, "query_template": template}
+
+    queries = [
+        q("t a is [MASK].", "a", "red", "T"),
+        q("t a has [MASK].", "a", "green", "T"),
+        q("t b is [MASK].", "b", "blue", "T"),
+        q("t2 a is [MASK].", "a", "red", "T2"),
+        q("t2 a has [MASK].", "a", "green", "T2"),
+        q("t2 b is [MASK].", "b", "blue", "T2"),
+    ]
+    by_query = vpn.run_visual_property_norms(Fixed(), queries, labels)
+    by_concept = vpn.run_visual_property_norms(Fixed(), queries, labels, average="concept")
+    for key in ("masked_map", "map"):
+        assert by_query["per_template"][(2, "T")][key] == pytest.approx(11 / 18, abs=1e-12)
+        assert by_concept["per_template"][(2, "T")][key] == pytest.approx(13 / 24, abs=1e-12)
+        assert by_query["per_template"][(2, "T2")][key] == pytest.approx(1.0, abs=1e-12)
+    assert by_query["per_pf"][2]["masked_map_mean"] == pytest.approx(29 / 36, abs=1e-12)
+    assert by_query["per_pf"][2]["masked_map_sd"] == pytest.approx((7 / 18) / 2**0.5, abs=1e-12)
+    assert (
+        by_query["per_template"][(2, "T")]["n_queries"] == 3 and by_query["per_template"][(2, "T")]["n_concepts"] == 2
+    )
+    with pytest.raises(ValueError, match="average"):
+        vpn.run_visual_property_norms(Fixed(), queries, labels, average="mean")
 
 
 # ------------------------------------------------------------------------------------------ checkpoint scorer
@@ -398,7 +534,7 @@ def test_checkpoint_scorer_region_model_gets_masked_zero_region(tmp_path):
         "_target_": "vl.models.system.VLSystem",
         "_recursive_": False,
         "encoder": {
-            "_target_": "vl.models.visual_bert.VisualBertEncoder",
+            "_target_": "vl.models.single_stream.SingleStreamEncoder",
             "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0},
         },
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},

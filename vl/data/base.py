@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -20,6 +21,34 @@ from vl.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+
+
+def _truncate(item: dict[str, Any], n: int) -> dict[str, Any]:
+    out = dict(item)
+    for key in ("features", "boxes", "boxes_norm", "cls_prob"):
+        if out.get(key) is not None:
+            out[key] = out[key][:n]
+    out["num_boxes"] = int(out["features"].shape[0])
+    return out
+
+
+def concat_regions(dets: dict[str, Any], gt: dict[str, Any] | None, max_regions: int) -> dict[str, Any]:
+    """Reader dicts -> one reader dict: detections then GT regions, at most ``max_regions`` rows. Detections are
+    truncated first (the GT regions are kept so a training example always has a positive); ``cls_prob`` is kept only
+    when both have it."""
+    if gt is None:
+        return _truncate(dets, max_regions)
+    n_gt = min(int(gt["features"].shape[0]), max_regions)
+    n_det = min(int(dets["features"].shape[0]), max_regions - n_gt)
+    out = dict(dets)
+    for key in ("features", "boxes", "boxes_norm"):
+        out[key] = np.concatenate([dets[key][:n_det], gt[key][:n_gt]]).astype(np.float32, copy=False)
+    if dets.get("cls_prob") is not None and gt.get("cls_prob") is not None:
+        out["cls_prob"] = np.concatenate([dets["cls_prob"][:n_det], gt["cls_prob"][:n_gt]])
+    else:
+        out["cls_prob"] = None
+    out["num_boxes"] = n_det + n_gt
+    return out
 
 
 class VLDataModule(L.LightningDataModule):

@@ -3,6 +3,7 @@ module composes. The shared batch keys are listed in `vl.batch`; a corpus declar
 (`VLDataModule.label_keys`: example key -> (batch key, kind)), so nothing here knows any task:
 
   "long"     one int per example -> (B,) long               e.g. question_id, itm_label -> itm_labels
+  "float"    one float per example -> (B,) float            e.g. refer_image_iou
   "vector"   one float array per example -> (B, A) float    e.g. vqa_target -> vqa_targets (soft scores)
   "regions"  one float per region -> (B, R) float, padded to the batch's regions (refer_targets)
   "str"      one string per example -> list[str]            e.g. annot_id
@@ -25,7 +26,7 @@ from vl.pretrained import resolve_model_dir
 
 #: example keys every collator reads itself
 SHARED_EXAMPLE_KEYS = frozenset({"text", "text_b", "visual", "index", "epoch", "choices", "mc_labels"})
-LABEL_KINDS = ("long", "vector", "regions", "str")
+LABEL_KINDS = ("long", "float", "vector", "regions", "str")
 #: objectives whose labels come from masked regions (the collator masks regions when the data lists one)
 REGION_MASKING = ("mrc", "mrfr")
 
@@ -109,6 +110,8 @@ def collate_labels(
             continue
         if kind == "long":
             batch[batch_key] = torch.tensor([int(ex[key]) for ex in examples])
+        elif kind == "float":
+            batch[batch_key] = torch.tensor([float(ex[key]) for ex in examples])
         elif kind == "vector":
             batch[batch_key] = torch.from_numpy(np.stack([np.asarray(ex[key]) for ex in examples])).float()
         elif kind == "regions":
@@ -202,8 +205,8 @@ class Collator:
                 probability=self.mlm_probability,
                 generator=generator,
             )
-            if "itm_labels" in batch:  # MLM only on aligned pairs (LXMERT convention)
-                batch["mlm_labels"][batch["itm_labels"] == 0] = IGNORE_INDEX
+            # labels on every pair, mismatched ones too (ViLBERT's reference); whether the MLM loss counts the
+            # mismatched pairs is the MLM head's option (`model.heads.mlm.on_mismatched_pairs`)
         return batch
 
     def collate_choices(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

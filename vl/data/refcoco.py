@@ -2,7 +2,10 @@
 
 One example per (ref, sentence). Regions are the image's detections; for training (ViLBERT) the GT-box regions of the
 image are appended after them. Each region's target is its IoU with the ref's GT box, zeroed below ``iou_threshold``;
-a prediction is correct when the IoU of the arg-max region is > 0.5.
+a prediction is correct when the IoU of the arg-max region is > 0.5. IoU follows ViLBERT's pixel-inclusive (+1)
+convention unless ``iou_plus_one=False``. Every example also carries the whole image's IoU / target
+(``refer_image_iou`` / ``refer_image_target``, box [0, 0, W, H]): ViLBERT scores its whole-image token as a candidate
+too (`RegionGrounding`, ``whole_image_candidate``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule
+from vl.data.base import VLDataModule, concat_regions
 from vl.data.features import RegionReader, open_region_features
 from vl.data.formats.refcoco import (
     Instances,
@@ -43,32 +46,9 @@ class RefExample(NamedTuple):
     box: np.ndarray
 
 
-def _truncate(item: dict[str, Any], n: int) -> dict[str, Any]:
-    out = dict(item)
-    for key in ("features", "boxes", "boxes_norm", "cls_prob"):
-        if out.get(key) is not None:
-            out[key] = out[key][:n]
-    out["num_boxes"] = int(out["features"].shape[0])
-    return out
-
-
-def concat_regions(dets: dict[str, Any], gt: dict[str, Any] | None, max_regions: int) -> dict[str, Any]:
-    """Reader dicts -> one reader dict: detections then GT regions, at most ``max_regions`` rows. Detections are
-    truncated first (the GT regions are kept so a training example always has a positive); ``cls_prob`` is kept only
-    when both have it."""
-    if gt is None:
-        return _truncate(dets, max_regions)
-    n_gt = min(int(gt["features"].shape[0]), max_regions)
-    n_det = min(int(dets["features"].shape[0]), max_regions - n_gt)
-    out = dict(dets)
-    for key in ("features", "boxes", "boxes_norm"):
-        out[key] = np.concatenate([dets[key][:n_det], gt[key][:n_gt]]).astype(np.float32, copy=False)
-    if dets.get("cls_prob") is not None and gt.get("cls_prob") is not None:
-        out["cls_prob"] = np.concatenate([dets["cls_prob"][:n_det], gt["cls_prob"][:n_gt]])
-    else:
-        out["cls_prob"] = None
-    out["num_boxes"] = n_det + n_gt
-    return out
+def whole_image_box(visual: dict[str, Any]) -> np.ndarray:
+    """The whole image as an x1y1x2y2 px box [0, 0, W, H] (ViLBERT's global image location)."""
+    return np.array([0.0, 0.0, float(visual["image_w"]), float(visual["image_h"])])
 
 
 class RefCOCOExpressions(Dataset):
@@ -83,11 +63,13 @@ class RefCOCOExpressions(Dataset):
         *,
         iou_threshold: float = 0.5,
         max_regions: int = 36,
+        iou_plus_one: bool = True,
     ) -> None:
         self.examples = examples
         self.dets = dets
         self.gt = gt
         self.iou_threshold = float(iou_threshold)
+        self.iou_plus_one = bool(iou_plus_one)
         self.max_regions = int(max_regions)
         self.lookup = {(ex.ref_id, ex.sent_id): i for i, ex in enumerate(examples)}
 
@@ -103,13 +85,16 @@ class RefCOCOExpressions(Dataset):
         epoch, index = split_key(key)
         ex = self.examples[index]
         visual = self.regions(index)
-        ious = box_iou(visual["boxes"], ex.box).astype(np.float32)
+        ious = box_iou(visual["boxes"], ex.box, self.iou_plus_one).astype(np.float32)
         targets = np.where(ious >= self.iou_threshold, ious, 0.0).astype(np.float32)
+        image_iou = float(box_iou(whole_image_box(visual)[None], ex.box, self.iou_plus_one)[0])
         return {
             "text": ex.text,
             "visual": visual,
             "refer_targets": targets,
             "refer_ious": ious,
+            "refer_image_iou": image_iou,
+            "refer_image_target": image_iou if image_iou >= self.iou_threshold else 0.0,
             "ref_id": ex.ref_id,
             "sent_id": ex.sent_id,
             "index": index,
@@ -126,6 +111,8 @@ class RefCOCODataModule(VLDataModule):
     label_keys = {
         "refer_targets": ("refer_targets", "regions"),
         "refer_ious": ("refer_ious", "regions"),
+        "refer_image_iou": ("refer_image_iou", "float"),
+        "refer_image_target": ("refer_image_target", "float"),
         "ref_id": ("ref_id", "long"),
         "sent_id": ("sent_id", "long"),
     }
@@ -140,6 +127,7 @@ class RefCOCODataModule(VLDataModule):
         features: str = "refcoco+/dets.lmdb",
         gt_features: str | None = "refcoco+/gt.lmdb",
         iou_threshold: float = 0.5,
+        iou_plus_one: bool = True,
         splits: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -151,6 +139,7 @@ class RefCOCODataModule(VLDataModule):
         self.features_file = features
         self.gt_features_file = gt_features
         self.iou_threshold = float(iou_threshold)
+        self.iou_plus_one = bool(iou_plus_one)  # ViLBERT's pixel-inclusive IoU (false: continuous boxes)
         self._embedded_checked = False
         self._refs: list[dict[str, Any]] | None = None
         self._instances: Instances | None = None
@@ -231,7 +220,12 @@ class RefCOCODataModule(VLDataModule):
         if not examples:
             raise DataError(f"{refs_path}: the refs of split {name!r} have no sentences")
         return RefCOCOExpressions(
-            examples, self.dets, gt, iou_threshold=self.iou_threshold, max_regions=self.max_regions
+            examples,
+            self.dets,
+            gt,
+            iou_threshold=self.iou_threshold,
+            max_regions=self.max_regions,
+            iou_plus_one=self.iou_plus_one,
         )
 
     def _check_dims(self, gt: RegionReader) -> None:
@@ -265,7 +259,7 @@ class RefCOCODataModule(VLDataModule):
             counts[ex.ref_id] = counts.get(ex.ref_id, 0) + 1
         for ref_id, i in first.items():  # IoUs depend on the ref only: one read per ref, weighted by its sentences
             visual = data.regions(i)
-            ious = box_iou(visual["boxes"], data.examples[i].box)
+            ious = box_iou(visual["boxes"], data.examples[i].box, data.iou_plus_one)
             correct = ious > CORRECT_IOU
             chance.append(float(correct.mean()) if len(ious) else 0.0)
             largest.append(float(correct[int(np.argmax(box_area(visual["boxes"])))]) if len(ious) else 0.0)
@@ -277,7 +271,8 @@ class RefCOCODataModule(VLDataModule):
 
     def write_predictions(self, predictions: list[dict[str, Any]], path: str | Path, split: str = "test") -> Path:
         """`[{"ref_id", "sent_id", "box": [x1, y1, x2, y2], "iou"}]` (sorted by ids) from `{"ref_id", "sent_id",
-        "region"}` dicts, `region` indexing the example's regions of `split` (as `dataset[i]["visual"]`)."""
+        "region"}` dicts, `region` indexing the example's regions of `split` (as `dataset[i]["visual"]`; -1 = the whole
+        image, which ViLBERT can choose)."""
         data = self.dataset(split)
         rows = []
         for p in predictions:
@@ -285,14 +280,15 @@ class RefCOCODataModule(VLDataModule):
             index = data.lookup.get(key)
             if index is None:
                 raise ValueError(f"prediction for ref_id {key[0]} sent_id {key[1]}: no such example in split {split!r}")
-            boxes = data.regions(index)["boxes"]
+            visual = data.regions(index)
+            boxes = visual["boxes"]
             region = int(p["region"])
-            if not 0 <= region < len(boxes):
+            if not -1 <= region < len(boxes):
                 raise ValueError(
-                    f"prediction for ref_id {key[0]} sent_id {key[1]}: region {region} not in [0, {len(boxes)})"
+                    f"prediction for ref_id {key[0]} sent_id {key[1]}: region {region} not in [-1, {len(boxes)})"
                 )
-            box = boxes[region]
-            iou = float(box_iou(box[None], data.examples[index].box)[0])
+            box = whole_image_box(visual) if region == -1 else boxes[region]  # -1: ViLBERT's whole-image token
+            iou = float(box_iou(box[None], data.examples[index].box, data.iou_plus_one)[0])
             rows.append({"ref_id": key[0], "sent_id": key[1], "box": [float(v) for v in box], "iou": iou})
         path = Path(path)
         path.write_text(json.dumps(sorted(rows, key=lambda r: (r["ref_id"], r["sent_id"]))))

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule
-from vl.data.features import RegionReader
+from vl.data.base import VLDataModule, concat_regions
+from vl.data.features import RegionReader, open_region_features
 from vl.data.formats.vcr import (
     NUM_CHOICES,
     image_int_id,
@@ -28,6 +28,8 @@ from vl.data.samplers import split_key
 from vl.errors import DataError
 
 MC_BLOCKS = ["vcr_qa", "vcr_qar"]
+#: between the question and the answer in a QA->R row (the tokenizer reads it as the special token, as upstream)
+QA_SEP = "[SEP]"
 
 
 class VCRQuestions(Dataset):
@@ -37,7 +39,8 @@ class VCRQuestions(Dataset):
     "annot_id": str, "example_id": int (position in the split file), "index", "epoch"}``.
 
     - labelled (``has_labels``): 8 rows, block-major: 4 Q->A rows (text = question, text_b = answer i), then 4 QA->R
-      rows (text = question + " " + gold answer, text_b = rationale i); ``mc_labels = [answer_label,
+      rows (text = question + " [SEP] " + gold answer, text_b = rationale i: ``[CLS] q [SEP] a [SEP] r [SEP]``,
+      segment 0 up to the second [SEP], as vilbert-multi-task's ``_load_annotationsQA_R``); ``mc_labels = [answer_label,
       rationale_label]`` (rationale -1 when only the answer label is known).
     - unlabelled (the real test split), or ``all_rationales`` (the test split of labelled data, so that its
       submission file is complete too): 4 + 16 rows: Q->A, then QA->R conditioned on answer 0, 1, 2, 3 in turn (the
@@ -59,6 +62,8 @@ class VCRQuestions(Dataset):
         self.names = names
         self.has_labels = has_labels
         self.all_rationales = all_rationales or not has_labels
+        self.gt: RegionReader | None = None  # GT-box regions merged after the detections (see `VCRDataModule`)
+        self.max_regions = 10**9
 
     def __len__(self) -> int:
         return len(self.records)
@@ -67,6 +72,14 @@ class VCRQuestions(Dataset):
     def num_blocks(self) -> int:
         """Blocks of 4 choices per example: 5 with every answer's QA->R block, else 2."""
         return 1 + NUM_CHOICES if self.all_rationales else 2
+
+    def visual(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """The record's region dict: its detections, then (with `gt`) the GT-box regions, at most `max_regions` rows,
+        the GT regions kept first (vilbert-multi-task's VCR loader; ViLBERT's global token is the mean of them all)."""
+        image_id = str(image_int_id(rec["img_id"]))
+        if self.gt is None:
+            return self.regions[image_id]
+        return concat_regions(self.regions[image_id], self.gt[image_id], self.max_regions)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
@@ -78,14 +91,14 @@ class VCRQuestions(Dataset):
         rationale = int(rec.get("rationale_label", -1)) if self.has_labels else -1
         if self.all_rationales:
             for a in answers:
-                choices += [{"text": f"{question} {a}", "text_b": r} for r in rationales]
+                choices += [{"text": f"{question} {QA_SEP} {a}", "text_b": r} for r in rationales]
             labels = [gold] + [rationale if a == gold else -1 for a in range(NUM_CHOICES)]
         else:
-            choices += [{"text": f"{question} {answers[gold]}", "text_b": r} for r in rationales]
+            choices += [{"text": f"{question} {QA_SEP} {answers[gold]}", "text_b": r} for r in rationales]
             labels = [gold, rationale]
         return {
             "choices": choices,
-            "visual": self.regions[str(image_int_id(rec["img_id"]))],
+            "visual": self.visual(rec),
             "mc_labels": labels,
             "annot_id": str(rec["annot_id"]),
             "example_id": index,
@@ -103,7 +116,9 @@ def _expected_longest(choices: list[list[Any]], label: int) -> float:
 
 class VCRDataModule(VLDataModule):
     """`data=vcr`. Files are relative to `root` with `{split}` filled from `splits`; ``images_dir`` (per-image metadata
-    JSON, see ``metadata``) may be None when absent. Q->A and QA->R are trained together: every example is two blocks
+    JSON, see ``metadata``) may be None when absent. ``gt_features``: region features at the ground-truth boxes of
+    the metadata (vilbert-multi-task's ``VCR_gt_resnet101_faster_rcnn_genome.lmdb``), merged after the detections in
+    every split as upstream; null (default): detections only. Q->A and QA->R are trained together: every example is two blocks
     of 4 choices (``mc_blocks``), see ``VCRQuestions``."""
 
     label_keys = {"annot_id": ("annot_id", "str"), "example_id": ("example_id", "long")}
@@ -117,6 +132,7 @@ class VCRDataModule(VLDataModule):
         images_dir: str | None = "vcr/vcr1images",
         names_table: str = "vcr/unisex_names_table.csv",
         features: str = "vcr/regions.lmdb",
+        gt_features: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -124,12 +140,16 @@ class VCRDataModule(VLDataModule):
         self.images_dir = images_dir
         self.names_file = names_table
         self.features_file = features
+        self.gt_features_file = gt_features
+        self._gt: RegionReader | None = None
         self._names: list[str] | None = None
 
     # ------------------------------------------------------------------ files
     def required_files(self) -> list[Path]:
         files = [self.path(self.jsonl_file, split) for split in ("train", "val", "test")]
         files += [self.path(self.names_file), self.path(self.features_file)]
+        if self.gt_features_file is not None:
+            files.append(self.path(self.gt_features_file))
         if self.images_dir is not None:
             files.append(self.path(self.images_dir))
         return files
@@ -170,10 +190,23 @@ class VCRDataModule(VLDataModule):
                     f"{regions.path}: no region features for image id {image_int_id(img_id)} "
                     f"(field 'img_id' {img_id!r} in {path})"
                 )
+        gt = None
+        if self.gt_features_file is not None:
+            if self._gt is None:
+                self._gt = open_region_features(self.path(self.gt_features_file))
+            gt = self._gt
+            for img_id in dict.fromkeys(r["img_id"] for r in records):
+                if str(image_int_id(img_id)) not in gt:
+                    raise DataError(
+                        f"{gt.path}: no GT-box region features for image id {image_int_id(img_id)} "
+                        f"(field 'img_id' {img_id!r} in {path})"
+                    )
         # the test split scores QA->R under every answer, so that its leaderboard CSV is complete (2.5x the rows)
-        return VCRQuestions(
+        data = VCRQuestions(
             records, regions, names, has_labels=bool(records) and all(labelled), all_rationales=split == "test"
         )
+        data.gt, data.max_regions = gt, self.max_regions
+        return data
 
     @property
     def info(self) -> dict[str, Any]:

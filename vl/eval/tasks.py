@@ -71,9 +71,10 @@ def visual_property_norms(
     clip_model: str | None = None,
     random_baseline: bool = True,
     device: str = "cpu",
+    average: str = "query",
 ) -> dict[str, float]:
     """Visual Property Norms: `queries` a query dir or JSONL, `labels` labels.txt; `clip_model`, `random_baseline`
-    as for Memory Colors."""
+    as for Memory Colors; `average`: "query" (the seed's mean over all queries) or "concept"."""
     return _probe(
         "visual_property_norms",
         cfg=cfg,
@@ -84,6 +85,7 @@ def visual_property_norms(
         clip_model=clip_model,
         random_baseline=bool(random_baseline),
         device=device,
+        average=str(average),
     )
 
 

@@ -8,14 +8,13 @@ the batch (or with `use_image=False`: `model=bert`, the same class) the forward 
 Weights: `text_encoder.pretrained` (a local HF BERT dir, or "minilm") loads the BERT body and, where the checkpoint has
 them, the `BertForMaskedLM` MLM head weights `cls.predictions.*`. `state_dict_path` loads a whole-model state dict:
 a DeepSpeed `mp_rank_00_model_states.pt` (state dict under `"module"`, keys of the original `BertImageForMaskedLM`:
-`bert.*`, `img_projection.*`, `cls.predictions.*`), a `BertForMaskedLM` `pytorch_model.bin`/`model.safetensors`, or a
+`bert.*` with the image projection at `bert.img_projection.*`, `cls.predictions.*`), a `BertForMaskedLM` `pytorch_model.bin`/`model.safetensors`, or a
 Lightning checkpoint of this class; non-strict, with every missing/unexpected key logged.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,25 +24,24 @@ from transformers.masking_utils import create_bidirectional_mask
 from vl.batch import EncoderOutput
 from vl.errors import ConfigError
 from vl.models.bert_backbone import build_bert
+from vl.models.checkpoints import BERT_MLM_HEAD_KEYS, load_bert_mlm_head, load_mapped_state_dict, read_state_dict
 from vl.models.system import VLSystem
-from vl.pretrained import log_key_report, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
 #: `BertForMaskedLM` / `BertImageForMaskedLM` MLM-head names -> this model's (`objectives.mlm` = MaskedLanguageModeling)
-_HEAD_KEYS = {
-    "cls.predictions.transform.dense.weight": "objectives.mlm.transform.0.weight",
-    "cls.predictions.transform.dense.bias": "objectives.mlm.transform.0.bias",
-    "cls.predictions.transform.LayerNorm.weight": "objectives.mlm.transform.2.weight",
-    "cls.predictions.transform.LayerNorm.bias": "objectives.mlm.transform.2.bias",
-    "cls.predictions.transform.LayerNorm.gamma": "objectives.mlm.transform.2.weight",
-    "cls.predictions.transform.LayerNorm.beta": "objectives.mlm.transform.2.bias",
-    "cls.predictions.bias": "objectives.mlm.bias",
-    "cls.predictions.decoder.bias": "objectives.mlm.bias",
-}
+_HEAD_KEYS = BERT_MLM_HEAD_KEYS
 #: tied to the word embeddings here: dropped when loading (not reported as unexpected)
 _TIED_KEYS = {"cls.predictions.decoder.weight"}
 WORD_EMB = "encoder.bert.embeddings.word_embeddings.weight"
+#: keys of the original / `BertForMaskedLM` checkpoints with no counterpart here (regular expressions, full match)
+CLIP_BERT_EXPECTED_UNUSED = (
+    r"(module\.)?bert\.pooler\..*",  # CLIP-BERT has no pooler (`add_pooling_layer=False`)
+    r"(module\.)?bert\.embeddings\.position_ids",  # a buffer in some transformers versions
+    r"(module\.)?cls\.predictions\.decoder\.weight",  # tied to the word embeddings
+    r"(module\.)?cls\.seq_relationship\..*",  # BERT's NSP head (`BertForPreTraining` files)
+    r"(module\.)?objectives\.mlm\.word_embeddings\.weight",  # tied (this class's own checkpoints)
+)
 
 
 def map_original_key(key: str) -> str | None:
@@ -55,30 +53,13 @@ def map_original_key(key: str) -> str | None:
         return None
     if key in _HEAD_KEYS:
         return _HEAD_KEYS[key]
+    if key.startswith("bert.img_projection."):  # the original keeps the projection inside `BertImageModel`
+        return f"encoder.{key[len('bert.') :]}"
     if key.startswith("bert."):
         return f"encoder.{key}"
     if key.startswith("img_projection."):
         return f"encoder.{key}"
     return key
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from `.safetensors`, or a torch file holding it directly or under `module` (DeepSpeed) /
-    `state_dict` (Lightning) / `model`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model.state_dict_path: '{path}' does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("module", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
-    if not isinstance(state, dict):
-        raise ConfigError(f"model.state_dict_path: '{path}' holds a {type(state).__name__}, not a state dict")
-    return state
 
 
 class ClipBertEncoder(nn.Module):
@@ -175,48 +156,22 @@ class ClipBertSystem(VLSystem):
     # ------------------------------------------------------------------ loading
     def load_pretrained_mlm_head(self, pretrained: str) -> None:
         """`cls.predictions.*` of a `BertForMaskedLM` checkpoint in the pretrained dir -> the MLM head (logged)."""
-        model_dir = resolve_model_dir(pretrained)
-        files = [model_dir / "model.safetensors", model_dir / "pytorch_model.bin"]
-        weights = next((f for f in files if f.is_file()), None)
-        if weights is None:
-            log.warning("MLM head: no weights file in %s; the head stays randomly initialised", model_dir)
-            return
-        if weights.suffix == ".safetensors":  # read the head's tensors only, not the whole checkpoint
-            from safetensors import safe_open
-
-            with safe_open(str(weights), framework="pt") as f:
-                head = {_HEAD_KEYS[k]: f.get_tensor(k) for k in f.keys() if k in _HEAD_KEYS}
-        else:
-            head = {_HEAD_KEYS[k]: v for k, v in read_state_dict(weights).items() if k in _HEAD_KEYS}
-        own = self.state_dict()
-        missing = sorted(k for k in own if k.startswith("objectives.mlm.") and k not in head)
-        missing = [k for k in missing if k != "objectives.mlm.word_embeddings.weight"]  # tied, comes with BERT
-        if not head:
-            log.info("MLM head: %s has no cls.predictions.* weights; the head stays randomly initialised", weights)
-            return
-        bad = sorted(k for k, v in head.items() if own[k].shape != v.shape)
-        head = {k: v for k, v in head.items() if k not in bad}
-        self.load_state_dict(head, strict=False)
-        self._pretrained_head = head
-        log_key_report(f"MLM head from {weights}", missing, [f"{k} (shape mismatch)" for k in bad])
+        self._pretrained_head = load_bert_mlm_head(self, pretrained)
 
     def load_original_state_dict(self, path: str) -> None:
-        """Non-strict load of a whole-model state dict (see the module docstring); every key mismatch is logged."""
-        state = read_state_dict(path)
-        own = self.state_dict()
-        mapped: dict[str, torch.Tensor] = {}
-        unexpected: list[str] = []
-        for key, value in state.items():
-            new = map_original_key(key)
-            if new is None:
-                continue
-            if new not in own:
-                unexpected.append(key)
-            elif own[new].shape != value.shape:
-                unexpected.append(f"{key} (shape {tuple(value.shape)} != {tuple(own[new].shape)})")
-            else:
-                mapped[new] = value
-        if WORD_EMB in mapped and "objectives.mlm.word_embeddings.weight" in own:
-            mapped["objectives.mlm.word_embeddings.weight"] = mapped[WORD_EMB]  # the tied decoder
-        result = self.load_state_dict(mapped, strict=False)
-        log_key_report(f"state dict from {path}", result.missing_keys, unexpected)
+        """Load a whole-model state dict (see the module docstring) through `map_original_key`: a key that maps to no
+        parameter is a `ConfigError` unless it is in `CLIP_BERT_EXPECTED_UNUSED`; missing/unused keys are logged."""
+
+        def tie(mapped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if WORD_EMB in mapped and "objectives.mlm.word_embeddings.weight" in self.state_dict():
+                mapped["objectives.mlm.word_embeddings.weight"] = mapped[WORD_EMB]  # the tied decoder
+            return mapped
+
+        load_mapped_state_dict(
+            self,
+            read_state_dict(path),
+            map_original_key,
+            what=f"state dict from {path}",
+            expected_unused=CLIP_BERT_EXPECTED_UNUSED,
+            transforms=tie,
+        )

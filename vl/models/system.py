@@ -28,6 +28,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from vl.batch import EncoderOutput
+from vl.config import instantiate_node
 from vl.errors import ConfigError
 from vl.heads import HeadContext, build_heads
 from vl.metrics import RetrievalRecall
@@ -81,7 +82,9 @@ class VLSystem(L.LightningModule):
         self.predictions: list[dict[str, Any]] = []
         self._gallery: dict[str, Any] = {}
         self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
-        self.encoder = encoder if isinstance(encoder, nn.Module) else instantiate(_plain(encoder), data_info=data_info)
+        self.encoder = (
+            encoder if isinstance(encoder, nn.Module) else instantiate_node(_plain(encoder), data_info=data_info)
+        )
         ctx = HeadContext(
             pooled_size=int(self.encoder.pooled_size),
             text_size=int(self.encoder.text_size),

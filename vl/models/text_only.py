@@ -9,8 +9,9 @@
 * `visual_bert_text_only`: HF `VisualBertForPreTraining` called without `visual_embeds`; logits `prediction_logits`.
 
 Both load from a local dir: a HF model dir (`config.json` + weights), or a `config.json` plus a DeepSpeed-style
-checkpoint (`mp_rank_00_model_states.pt`, the state dict under key ``"module"``) loaded non-strictly with the
-missing/unexpected keys logged. `tiny_lxmert_config` / `tiny_visual_bert_config` give random-init sizes for tests.
+checkpoint (`mp_rank_00_model_states.pt`, the state dict under key ``"module"``, read with `weights_only`) loaded
+non-strictly with the missing/unexpected keys logged; a key that maps to no parameter (other than `EXPECTED_UNUSED`)
+is a `ConfigError`. `tiny_lxmert_config` / `tiny_visual_bert_config` give random-init sizes for tests.
 `LxmertTokenizer` is `BertTokenizer` (bert-base-uncased vocab): `load_text_only_tokenizer` uses the model dir's
 vocab when it has one, else the packaged MiniLM vocab (the same bert-base-uncased vocab).
 """
@@ -18,6 +19,7 @@ vocab when it has one, else the packaged MiniLM vocab (the same bert-base-uncase
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,15 @@ from transformers import LxmertConfig, LxmertForPreTraining, VisualBertConfig, V
 from transformers.models.lxmert.modeling_lxmert import LxmertXLayer
 
 from vl.errors import ConfigError, DataError
+from vl.models.checkpoints import load_mapped_state_dict
 from vl.pretrained import log_key_report
 
 log = logging.getLogger(__name__)
 
 #: the file name DeepSpeed gives a model-parallel rank's state (state dict under "module")
 DEEPSPEED_STATE = "mp_rank_00_model_states.pt"
+#: checkpoint keys allowed to map to nothing (regular expressions, full match); any other unmapped key is an error
+EXPECTED_UNUSED = (r"(module\.)?.*position_ids",)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -42,7 +47,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint file not found")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: loading runs no code
     if not isinstance(state, dict):
         raise DataError(f"{path}: expected a (DeepSpeed) state dict, got {type(state).__name__}")
     for key in ("module", "state_dict", "model"):
@@ -69,12 +74,20 @@ def _load(cls: type, config_cls: type, model_dir: str | Path, checkpoint: str | 
     checkpoint = checkpoint or (None if _has_hf_weights(model_dir) else _find_deepspeed_state(model_dir))
     if checkpoint is None:
         model, info = cls.from_pretrained(str(model_dir), output_loading_info=True)
-        log_key_report(f"{cls.__name__} from {model_dir}", info["missing_keys"], info["unexpected_keys"])
+        what = f"{cls.__name__} from {model_dir}"
+        unknown = [k for k in info["unexpected_keys"] if not any(re.fullmatch(p, k) for p in EXPECTED_UNUSED)]
+        if unknown:
+            raise ConfigError(f"{what}: {len(unknown)} key(s) map to no parameter: {', '.join(sorted(unknown)[:10])}")
+        log_key_report(what, info["missing_keys"], info["unexpected_keys"])
         return model
     model = cls(config_cls.from_json_file(model_dir / "config.json"))
-    state = load_state_dict_file(checkpoint)
-    result = model.load_state_dict(state, strict=False)
-    log_key_report(f"{cls.__name__} from {checkpoint}", result.missing_keys, result.unexpected_keys)
+    load_mapped_state_dict(
+        model,
+        load_state_dict_file(checkpoint),
+        lambda key: key[len("module.") :] if key.startswith("module.") else key,
+        what=f"{cls.__name__} from {checkpoint}",
+        expected_unused=EXPECTED_UNUSED,
+    )
     return model
 
 

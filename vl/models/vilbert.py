@@ -1,8 +1,7 @@
 """Two-stream ViLBERT encoder: a BERT text stream and a region-feature vision stream joined by co-attention layers.
 
 Read top to bottom: the image embedding (with its prepended global image token), one co-attention ("connection")
-layer, then the encoder that interleaves text layers, vision layers and co-attention layers (`model=vilbert`; the
-shared `vl.models.system.VLSystem` trains it).
+layer, the encoder that interleaves text layers, vision layers and co-attention layers, then the Lightning system.
 
 Shapes: B batch, T text tokens, R regions, Ht text hidden, Hv vision hidden (`v_hidden`), Hb co-attention hidden
 (`bi_hidden`). The vision stream has R+1 positions: index 0 is the global image token, so heads that predict per
@@ -11,6 +10,7 @@ masked region must drop it (`out.visual[:, 1:]`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -24,6 +24,15 @@ from transformers.models.bert.modeling_bert import BertLayer
 from vl.batch import EncoderOutput, region_feature_dim
 from vl.errors import ConfigError
 from vl.models.bert_backbone import build_bert
+from vl.models.checkpoints import (
+    VILBERT_EXPECTED_UNUSED,
+    load_bert_mlm_head,
+    load_mapped_state_dict,
+    map_vilbert_key,
+    read_state_dict,
+    seed_itm_to_vl,
+)
+from vl.models.system import VLSystem
 
 #: location of the global image token: the whole image, area 1
 GLOBAL_LOC = (0.0, 0.0, 1.0, 1.0, 1.0)
@@ -199,10 +208,12 @@ class VilbertEncoder(nn.Module):
     Batch keys: input_ids, attention_mask, token_type_ids (B,T); visual_feats (B,R,D); visual_boxes (B,R,4)
     normalised x1y1x2y2; visual_mask (B,R).
 
-    Layer placement: co-attention layer k runs once text layers 0..t_biattention_id[k] and vision layers
-    0..v_biattention_id[k] have run; the streams' remaining layers run after the last co-attention layer. With
-    v_biattention_id [0..5] and t_biattention_id [6..11], text layers 0-5 run alone, then co-layer k follows text
-    layer 6+k and vision layer k.
+    Layer placement (as `BertEncoder.forward` of vilbert_beta / vilbert-multi-task): co-attention layer k runs
+    *before* text layer t_biattention_id[k] and vision layer v_biattention_id[k]: for each k, the text layers
+    [t_prev, t_id) run, then the vision layers [v_prev, v_id), then co-layer k; the streams' remaining layers (vision
+    first, then text) run after the last co-layer. With v_biattention_id [0..5] and t_biattention_id [6..11] the order
+    is T0..T5, CO0, T6, V0, CO1, T7, V1, CO2, ..., T10, V4, CO5, V5, T11: the first co-layer reads the raw image
+    embedding and the last text and vision layers run after the last co-layer.
     """
 
     visual_input = "regions"
@@ -223,9 +234,9 @@ class VilbertEncoder(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         """`text_encoder`: `build_bert` arguments of the text stream; `v_*`: the vision stream's sizes; `bi_*`: the
-        co-attention layers'; co-attention layer k runs after text layer `t_biattention_id[k]` and vision layer
-        `v_biattention_id[k]`; `dropout`: vision stream and co-attention layers (the text stream uses
-        `text_encoder.dropout`); `data_info["visual_dim"]`: the region-feature size."""
+        co-attention layers'; co-attention layer k runs before text layer `t_biattention_id[k]` and vision layer
+        `v_biattention_id[k]` (see the class docstring); `dropout`: vision stream and co-attention layers (the text
+        stream uses `text_encoder.dropout`); `data_info["visual_dim"]`: the region-feature size."""
         super().__init__()
         visual_dim = region_feature_dim(data_info)
         text_encoder = dict(text_encoder or {})
@@ -302,16 +313,64 @@ class VilbertEncoder(nn.Module):
 
         t_next = v_next = 0  # the next layer of each stream to run
         for co_layer, v_id, t_id in zip(self.co_layers, self.v_biattention_id, self.t_biattention_id):
-            for layer in self.text_layers[t_next : t_id + 1]:
+            for layer in self.text_layers[t_next:t_id]:  # end excluded: co-layer k runs before text layer t_id
                 text = layer(text, t_mask)
-            for layer in self.vision_layers[v_next : v_id + 1]:
+            for layer in self.vision_layers[v_next:v_id]:
                 vision = layer(vision, v_mask)
-            t_next, v_next = t_id + 1, v_id + 1
+            t_next, v_next = t_id, v_id
             text, vision = co_layer(text, vision, t_mask, v_mask)
-        for layer in self.text_layers[t_next:]:
-            text = layer(text, t_mask)
         for layer in self.vision_layers[v_next:]:
             vision = layer(vision, v_mask)
+        for layer in self.text_layers[t_next:]:
+            text = layer(text, t_mask)
 
         pooled = self.fusion_dropout(self.text_pooler(text[:, 0]) * self.image_pooler(vision[:, 0]))  # (B,Hb)
         return EncoderOutput(text=text, visual=vision, pooled=pooled, visual_prefix=1)
+
+
+class VilbertSystem(VLSystem):
+    """ViLBERT two-stream model + the data's objectives (MLM on text states, ITM/VQA on the fused pooled vector).
+
+    With `text_encoder.pretrained` set (a BERT dir), the text stream and, where the dir has `cls.predictions.*`, the MLM
+    head start from BERT (as upstream, whose `BertForMultiModalPreTraining.from_pretrained` fills `cls.predictions`;
+    the decoder is tied to the word embeddings); these parameters get lr x `pretrained_lr_mult` (0.1 upstream).
+    `state_dict_path` loads a released `vilbert-multi-task` / `vilbert_beta` checkpoint (`pretrained_model.bin`,
+    `multi_task_model.bin`, ...) through `vl.models.checkpoints.map_vilbert_key`: the seed's alignment head
+    (0 = aligned) becomes the ITM head (1 = aligned); a key with no counterpart is a `ConfigError` unless
+    expected-unused (`VILBERT_EXPECTED_UNUSED`, or the head of an objective this run does not have).
+    """
+
+    def __init__(self, *, state_dict_path: str | None = None, **kwargs: Any) -> None:
+        """`state_dict_path`: a released checkpoint (see the class docstring); the rest: `VLSystem`'s."""
+        super().__init__(**kwargs)
+        self._pretrained_head: dict[str, torch.Tensor] = {}
+        pretrained = getattr(self.encoder, "pretrained", None)
+        if pretrained and "mlm" in self.objectives and not self.init_from:
+            self._pretrained_head = load_bert_mlm_head(self, pretrained)
+        if state_dict_path:
+            self.load_released_state_dict(state_dict_path)
+
+    def pretrained_parameter_names(self) -> set[str]:
+        return super().pretrained_parameter_names() | set(self._pretrained_head)
+
+    def load_released_state_dict(self, path: str) -> dict[str, list[str]]:
+        """Load a released ViLBERT checkpoint (see the class docstring); returns the key report."""
+        state = read_state_dict(path)
+        head = "vcr" if "vcr" in self.objectives else "retrieval"
+        map_key = partial(map_vilbert_key, multiple_choice_head=head)
+        # heads of objectives this run does not train (e.g. the pretraining heads when fine-tuning) are not an error
+        absent = [
+            re.escape(key)
+            for key in state
+            if (new := map_key(key)) is not None
+            and new.startswith("objectives.")
+            and new.split(".")[1] not in self.objectives
+        ]
+        return load_mapped_state_dict(
+            self,
+            state,
+            map_key,
+            what=f"ViLBERT checkpoint {path}",
+            expected_unused=(*VILBERT_EXPECTED_UNUSED, *absent),
+            transforms=seed_itm_to_vl,
+        )

@@ -2,12 +2,15 @@
 annotation files, with the CLIP-BERT study's image-id and split rules:
 
   - COCO captions JSON (2017): every caption, id `coco_<image id>`; the train file -> train, the val file -> val.
-  - SBU: the URL list and the caption list (line-aligned); id `sbu_<file name of the URL>`; the first
-    `--sbu-val-size` (10 000) lines -> val, the rest -> train.
+  - SBU: the URL list and the caption list (line-aligned); id `sbu_<file name of the URL without .jpg>`
+    (`.../4385058960_b0f291553e.jpg` -> `sbu_4385058960_b0f291553e`); the first `--sbu-val-size` (10 000) lines ->
+    val, the rest -> train.
   - Visual Genome QA (`question_answers.json`): `question + " " + answer`, id `vgqa_<image id>`; all pairs shuffled
     (`--seed`), the first `--vgqa-val-size` (10 000) -> val, the rest -> train.
-  - Conceptual Captions TSV (`caption<TAB>url` per row): id `cc_train_<row>` / `cc_val_<row>` (0-based row), from
-    the training / validation file.
+  - Conceptual Captions TSV (`caption<TAB>url` per row): id `cc_train_<row>` / `cc_val_<row>`, rows numbered
+    from 1 (the first row is `cc_train_1`), from the training / validation file.
+
+These are the ids of the seed's recipe (`VLP.mk`), so a CLIP feature file built by that recipe matches the JSONL.
 
     python -m vl.tools.build_vlp --out data/vlp --coco-train captions_train2017.json --coco-val captions_val2017.json \\
         --sbu-urls SBU_captioned_photo_dataset_urls.txt --sbu-captions SBU_captioned_photo_dataset_captions.txt \\
@@ -53,7 +56,8 @@ def _read_lines(path: str | Path) -> list[str]:
 
 
 def sbu_lines(urls: str | Path, captions: str | Path, *, val_size: int = 10_000) -> tuple[list[Line], list[Line]]:
-    """SBU URL + caption lists -> (train, val); id `sbu_<URL file name>`; the first `val_size` lines are val."""
+    """SBU URL + caption lists -> (train, val); id `sbu_<URL file name without .jpg>`; the first `val_size` lines
+    are val."""
     url_list, cap_list = _read_lines(urls), _read_lines(captions)
     if len(url_list) != len(cap_list):
         raise DataError(f"{captions}: {len(cap_list)} captions but {urls} has {len(url_list)} URLs")
@@ -62,6 +66,8 @@ def sbu_lines(urls: str | Path, captions: str | Path, *, val_size: int = 10_000)
         name = url.strip().rstrip("/").rsplit("/", 1)[-1]
         if not name:
             raise DataError(f"{urls}:{n}: empty URL")
+        if name.endswith(".jpg"):
+            name = name[: -len(".jpg")]
         lines.append({"text": cap.strip(), "image_id": f"sbu_{name}"})
     return lines[val_size:], lines[:val_size]
 
@@ -86,15 +92,15 @@ def vgqa_lines(path: str | Path, *, val_size: int = 10_000, seed: int = 0) -> tu
 
 
 def cc_lines(path: str | Path, split: str) -> list[Line]:
-    """Conceptual Captions TSV (`caption<TAB>url`) -> id `cc_<split>_<row>` (0-based row)."""
+    """Conceptual Captions TSV (`caption<TAB>url`) -> id `cc_<split>_<row>`, rows numbered from 1."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     lines = []
     with path.open(encoding="utf-8", newline="") as f:
-        for row, fields in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
+        for row, fields in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             if not fields or not fields[0].strip():
-                raise DataError(f"{path}:{row + 1}: expected 'caption<TAB>url'")
+                raise DataError(f"{path}:{row}: expected 'caption<TAB>url'")
             lines.append({"text": fields[0].strip(), "image_id": f"cc_{split}_{row}"})
     return lines
 

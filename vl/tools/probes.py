@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", help="visual_property_norms: labels.txt")
     parser.add_argument("--clip-model", help="local CLIP dir: adds the '-explicit' variant of image-taking models")
     parser.add_argument("--no-random", action="store_true", help="skip the random baseline")
+    parser.add_argument(
+        "--average",
+        choices=["query", "concept"],
+        default="query",
+        help="visual_property_norms: MAP over all queries of a (pf, template) as the seed (default) or per concept first",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -47,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             random_baseline=not args.no_random,
             seed=args.seed,
             device=args.device,
+            average=args.average,
         )
     except VLError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,7 +5,7 @@
 - Region features, MM-BERT / bottom-up-attention per-image Faster R-CNN JSON with base64 arrays, as a directory of
   ``<image_id>.json`` or a JSONL file (``FrcnnJsonRegionReader`` / ``write_region_json``; ``region_json``).
 - ``open_region_features(path)`` picks the region reader from what ``path`` is (``factory``); all three return the same
-  dict. ``python -m vl.data.features.convert`` converts TSV / LMDB / HDF5 / JSON (see ``vl.data.features.convert``).
+  dict. ``python -m vl.tools.convert_features`` converts TSV / LMDB / HDF5 / JSON (see ``vl.data.features.convert``).
 - CLIP global embeddings, HDF5 (``ClipFeatureReader`` / ``write_clip_hdf5``; ``clip_hdf5``).
 - What they share (array encoding, atomic replacement, the reader output dict, lazy handles) is in ``base``.
 

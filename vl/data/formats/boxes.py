@@ -1,5 +1,6 @@
 """Box geometry shared by the region readers and tasks: x1y1x2y2 pixel boxes with the continuous convention (a box
-covers ``[x1, x2) x [y1, y2)``, area ``(x2 - x1) * (y2 - y1)``)."""
+covers ``[x1, x2) x [y1, y2)``, area ``(x2 - x1) * (y2 - y1)``); ViLBERT's own ``iou`` adds 1 to widths and heights
+(pixel-inclusive): ``plus_one=True`` (the RefCOCO+ data module's default, ``data.iou_plus_one``)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,28 @@ import numpy as np
 __all__ = ["box_area", "pairwise_iou", "box_iou", "xywh_to_xyxy"]
 
 
-def box_area(boxes: np.ndarray) -> np.ndarray:
-    """Area of x1y1x2y2 boxes (..., 4) -> (...); inverted boxes (x2 < x1 or y2 < y1) have area 0."""
+def box_area(boxes: np.ndarray, plus_one: bool = False) -> np.ndarray:
+    """Area of x1y1x2y2 boxes (..., 4) -> (...); inverted boxes (x2 < x1 or y2 < y1) have area 0. `plus_one`:
+    pixel-inclusive widths/heights (x2 - x1 + 1), ViLBERT's convention."""
     b = np.asarray(boxes, dtype=np.float64)
-    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
+    one = 1.0 if plus_one else 0.0
+    return np.clip(b[..., 2] - b[..., 0] + one, 0, None) * np.clip(b[..., 3] - b[..., 1] + one, 0, None)
 
 
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pairwise_iou(a: np.ndarray, b: np.ndarray, plus_one: bool = False) -> np.ndarray:
     """IoU of every box in ``a`` (N,4) with every box in ``b`` (M,4) -> float64 (N,M).
 
-    Touching boxes give 0, identical boxes 1; a zero-area (or inverted, or non-finite) box has IoU 0 with everything,
-    itself included, without a NaN or a warning."""
+    `plus_one=False`: continuous boxes (area ``(x2 - x1) * (y2 - y1)``). `plus_one=True`: ViLBERT's `iou`
+    (vilbert-multi-task `refer_expression_dataset.py`): widths, heights and the intersection's sides get +1
+    (pixel-inclusive). Touching boxes give 0 (continuous), identical boxes 1; a zero-area (or inverted, or
+    non-finite) box has IoU 0 with everything, itself included, without a NaN or a warning."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    one = 1.0 if plus_one else 0.0
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]) + one
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]) + one
     inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area_a, area_b = box_area(a), box_area(b)
+    area_a, area_b = box_area(a, plus_one), box_area(b, plus_one)
     valid = (area_a[:, None] > 0) & (area_b[None, :] > 0)
     union = area_a[:, None] + area_b[None, :] - inter
     out = np.zeros(inter.shape, dtype=np.float64)
@@ -35,9 +41,9 @@ def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.clip(out, 0.0, 1.0), nan=0.0)
 
 
-def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """IoU of each of ``boxes`` (N,4) with one ``box`` (4,) -> float64 (N,)."""
-    return pairwise_iou(boxes, np.asarray(box, dtype=np.float64).reshape(1, 4))[:, 0]
+def box_iou(boxes: np.ndarray, box: np.ndarray, plus_one: bool = False) -> np.ndarray:
+    """IoU of each of ``boxes`` (N,4) with one ``box`` (4,) -> float64 (N,) (`plus_one`: see `pairwise_iou`)."""
+    return pairwise_iou(boxes, np.asarray(box, dtype=np.float64).reshape(1, 4), plus_one)[:, 0]
 
 
 def xywh_to_xyxy(boxes: np.ndarray | Sequence[float]) -> np.ndarray:

@@ -8,8 +8,8 @@ Formats:
 - REFER expressions / predictions JSON: ``{"predictions": [{"sent", "ref_id"}]}``.
 
 Boxes are x1y1x2y2 in pixels with the continuous convention (a box covers ``[x1, x2) x [y1, y2)``, area
-``(x2 - x1) * (y2 - y1)``); ViLBERT's own ``iou`` adds 1 to widths and heights (pixel-inclusive), which differs only
-for tiny boxes.
+``(x2 - x1) * (y2 - y1)``); ViLBERT's own ``iou`` adds 1 to widths and heights (pixel-inclusive): ``plus_one=True``
+(the RefCOCO+ data module's default, ``data.iou_plus_one``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vl.data.formats.jsonl import read_json
+from vl.data.formats.vqa_answers import EVALUATORS, compared_forms, prediction_form
 from vl.errors import DataError
 
 __all__ = [
@@ -39,19 +40,40 @@ def vqa_soft_score(count: int) -> float:
     return _SOFT_SCORES[min(int(count), 4)]
 
 
-def build_targets(annotations: Iterable[Mapping[str, Any]], ans2label: Mapping[str, int]) -> list[dict[str, Any]]:
+def build_targets(
+    annotations: Iterable[Mapping[str, Any]], ans2label: Mapping[str, int], *, matching: str = "2021"
+) -> list[dict[str, Any]]:
     """Soft-score targets from official annotations.
 
+    An answer of the vocabulary gets the soft score of the number of human answers it would match under the official
+    VQA evaluator (`vl.data.formats.vqa_answers`), i.e. the credit a model predicting it gets: ``matching="2021"`` (default,
+    the current evaluator) / ``"2016"`` (its earlier release) compare the human answers and the vocabulary answer as
+    that evaluator does (``compared_forms``); ``"raw"`` counts the raw human strings that equal a vocabulary entry
+    (the bottom-up-attention ``compute_softscore.py`` the ViLBERT seed's caches come from; "Yes" is not "yes").
+
     Returns one ``{"question_id", "image_id", "labels": [int], "scores": [float]}`` per annotation (input order);
-    labels are sorted by answer index; answers outside ``ans2label`` are dropped (so ``labels`` may be empty).
+    labels are sorted by answer index; answers matching no vocabulary entry are dropped (``labels`` may be empty).
     """
+    if matching not in (*EVALUATORS, "raw"):
+        raise ValueError(f"matching must be one of {(*EVALUATORS, 'raw')}, got {matching!r}")
+    # the vocabulary under each prediction transform -> labels (several entries may share a form)
+    by_form: dict[str, dict[str, list[int]]] = {"normalized": {}, "stripped": {}, "raw": {}}
+    for answer, label in ans2label.items():
+        by_form["raw"].setdefault(answer, []).append(label)
+        for how in ("normalized", "stripped"):
+            by_form[how].setdefault(prediction_form(answer, how), []).append(label)
     targets: list[dict[str, Any]] = []
     for i, ann in enumerate(annotations):
         if "question_id" not in ann or "answers" not in ann:
             missing = "question_id" if "question_id" not in ann else "answers"
             raise DataError(f"annotation {i} has no {missing!r}")
-        counts = Counter(_answer_text(a, i) for a in ann["answers"])
-        pairs = sorted((ans2label[a], vqa_soft_score(c)) for a, c in counts.items() if a in ans2label)
+        humans = [_answer_text(a, i) for a in ann["answers"]]
+        if matching == "raw":
+            compared, how = humans, "raw"
+        else:
+            compared, how = compared_forms(humans, matching)
+        counts = Counter(compared)
+        pairs = sorted((lab, vqa_soft_score(c)) for a, c in counts.items() for lab in by_form[how].get(a, ()))
         targets.append(
             {
                 "question_id": ann["question_id"],

@@ -52,8 +52,7 @@ def _load_vpn_queries(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         return load_query_dir(path)
-    rows = load_queries(path)
-    return [{**r, "template": r.get("template", r["query_template"])} for r in rows]
+    return load_queries(path)
 
 
 def run_probes(
@@ -68,10 +67,14 @@ def run_probes(
     random_baseline: bool = True,
     seed: int = 0,
     device: str = "cpu",
+    average: str = "query",
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """Run `task` for every scorer; returns (results per model name, flat metrics) and writes the report."""
+    """Run `task` for every scorer; returns (results per model name, flat metrics) and writes the report.
+    `average`: visual_property_norms' averaging within a (pf, template) (`run_visual_property_norms`)."""
     from vl.eval.probes.scorers import ClipTextEmbedder, RandomScorer
 
+    if average not in ("query", "concept"):
+        raise ConfigError(f"average: '{average}' is not 'query' (the seed's mean over queries) or 'concept'")
     clip_text = ClipTextEmbedder(clip_model, device=device) if clip_model else None
     runs: list[tuple[str, Any, Any]] = []
     for name, scorer in scorers.items():
@@ -100,7 +103,7 @@ def run_probes(
         rows = _load_vpn_queries(queries)
         words = load_labels(labels)
         for name, scorer, clip in runs:
-            results[name] = run_visual_property_norms(scorer, rows, words, clip_text=clip)
+            results[name] = run_visual_property_norms(scorer, rows, words, clip_text=clip, average=average)
     else:
         raise ConfigError(f"task: unknown probe '{task}'; choose from memory_colors, visual_property_norms")
     write_probe_report(out_dir, task, results)

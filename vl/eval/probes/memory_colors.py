@@ -8,8 +8,8 @@ top-1 accuracy per template, reported as mean ± sd (sample sd, ddof=1) over tem
 CLIP-BERT variants: *implicit* = no image token; *explicit* = the image token is the CLIP **text** embedding of the
 filled query sentence (`ClipTextEmbedder`), passed to the scorer as `image_embeds`.
 
-Templates: the spec names two and the variants ("[SEP]", "colour", "usual", "typical"); the other eleven below are
-written from those variants (inferred, not copied from the original notebook).
+Templates: the 13 published ones (the `question_template` column of the original `memory_colors/data/results.csv`),
+in the order of the spec; results are reported per template by its text.
 """
 
 from __future__ import annotations
@@ -40,18 +40,18 @@ COLORS: tuple[str, ...] = (
 
 TEMPLATES: tuple[str, ...] = (
     "Q: What is the color of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
-    "Q: What is the colour of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
-    "What is the color of [DESCRIPTOR] [ITEM]? [MASK].",
-    "What is the colour of [DESCRIPTOR] [ITEM]? [MASK].",
-    "What is the color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
-    "What is the colour of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
     "Q: What is the color of [DESCRIPTOR] [ITEM]? [SEP] A: It is [MASK].",
-    "Q: What is the usual color of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
-    "Q: What is the typical color of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
-    "What is the usual colour of [DESCRIPTOR] [ITEM]? [MASK].",
-    "What is the typical colour of [DESCRIPTOR] [ITEM]? [MASK].",
+    "Q: What is the colour of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
     "The color of [DESCRIPTOR] [ITEM] is [MASK].",
-    "The usual colour of [DESCRIPTOR] [ITEM] is [MASK].",
+    "The usual color of [DESCRIPTOR] [ITEM] is [MASK].",
+    "What is the color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "What is the colour of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "What is the usual color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the usual color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "[DESCRIPTOR] [ITEM] usually has the color of [MASK].",
 )
 
 REQUIRED_FIELDS = ("descriptor", "item", "label")
@@ -101,26 +101,28 @@ def run_memory_colors(
 ) -> dict[str, Any]:
     """Run the probe. `clip_text` (e.g. `ClipTextEmbedder`): the explicit variant's image embeddings per query.
 
-    Returns {"accuracy_mean", "accuracy_sd", "per_template": [acc per template], "n_items", "n_templates",
-    "predictions": [{"template", "query", "item", "label", "prediction"}]}."""
+    Returns {"accuracy_mean", "accuracy_sd", "per_template": {template text: accuracy} (in `templates` order),
+    "n_items", "n_templates", "predictions": [{"template" (its text), "query", "item", "label", "prediction"}]}."""
+    if len(set(templates)) != len(templates):
+        raise DataError("memory_colors: the templates must be distinct (results are keyed by template text)")
     color_ids = torch.tensor(single_wordpiece_ids(scorer.tokenizer, colors))
     label_index = {c: i for i, c in enumerate(colors)}
-    per_template: list[float] = []
+    per_template: dict[str, float] = {}
     predictions: list[dict[str, Any]] = []
-    for t_idx, template in enumerate(templates):
+    for template in templates:
         queries = [fill_template(template, str(it["descriptor"]), str(it["item"])) for it in items]
         image = clip_text(queries) if clip_text is not None else None
         logits = scorer.mask_logits(queries, image)  # (N, V)
         pred = logits[:, color_ids].argmax(-1)
         gold = torch.tensor([label_index[it["label"]] for it in items])
-        per_template.append(float((pred == gold).float().mean()))
+        per_template[template] = float((pred == gold).float().mean())
         for it, q, p in zip(items, queries, pred.tolist()):
             predictions.append(
-                {"template": t_idx, "query": q, "item": it["item"], "label": it["label"], "prediction": colors[p]}
+                {"template": template, "query": q, "item": it["item"], "label": it["label"], "prediction": colors[p]}
             )
     return {
-        "accuracy_mean": float(statistics.fmean(per_template)),
-        "accuracy_sd": _sd(per_template),
+        "accuracy_mean": float(statistics.fmean(per_template.values())),
+        "accuracy_sd": _sd(list(per_template.values())),
         "per_template": per_template,
         "n_items": len(items),
         "n_templates": len(templates),

@@ -28,8 +28,7 @@ def probe_rows(task: str, results: dict[str, dict[str, Any]]) -> list[dict[str, 
                 "n_templates": res["n_templates"],
                 "n_items": res["n_items"],
             }
-            for i, acc in enumerate(res["per_template"], 1):
-                row[f"template_{i}"] = acc
+            row.update(res["per_template"])  # one column per template, named by its text
             rows.append(row)
         elif task == "visual_property_norms":
             for pf, stats in sorted(res["per_pf"].items()):
@@ -45,7 +44,7 @@ def probe_metrics(task: str, results: dict[str, dict[str, Any]]) -> dict[str, fl
     for row in probe_rows(task, results):
         prefix = row["model"] + (f"/pf{row['pf']}" if "pf" in row else "")
         for key, value in row.items():
-            if key in ("model", "pf") or key.startswith("template_") or key.startswith("n_"):
+            if key in ("model", "pf") or "[MASK]" in key or key.startswith("n_"):
                 continue
             out[f"{prefix}/{key}"] = float(value)
     return out
@@ -72,6 +71,13 @@ def _markdown(task: str, rows: list[dict[str, Any]]) -> str:
         ]
     lines = [f"# {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    if task == "memory_colors" and rows:
+        templates = list(dict.fromkeys(k for r in rows for k in r if "[MASK]" in k))
+        lines += ["", "## accuracy per template", "", "| template | " + " | ".join(r["model"] for r in rows) + " |"]
+        lines.append("|" + "---|" * (len(rows) + 1))
+        for t in templates:
+            cells = [f"{r[t]:.3f}" if t in r else "" for r in rows]
+            lines.append(f"| `{t}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,26 +1,33 @@
 """Visual Property Norms (VPN) probe: rank a concept's visual-perceptual features with a masked LM.
 
 Data (derived from the CSLB property norms `norms.dat`, licence-restricted, not shipped):
-* `build_vpn_queries(norms, descriptors, tokenizer, out_dir)` keeps rows with `feature type == "visual perceptual"`
-  whose feature starts with a starter {"is", "has", "has a", "made of" -> "is made of"} followed by one word that is
-  a single wordpiece. For each PF split s in `PF_SPLITS` (features with pf >= s) and each template i it writes
+* `build_vpn_queries(norms, descriptors, tokenizer, out_dir)` follows the seed's notebook
+  (`create-visual-property-norms-evaluation.ipynb`): keep rows with `feature type == "visual perceptual"`; a feature
+  that lists alternatives (`is black_white`) becomes the alternative most participants gave (`feature alternatives`
+  split at "; ", counted from `participant list` "p 3 29 / 14" = groups separated by "/"; a few synonyms mapped as the
+  seed does, `FEATURE_REPLACEMENTS`), or the part before "_" when that pick is not one of the feature's spellings;
+  the feature's last word is the answer and the words before it the starter, kept when the starter is one of
+  {"is", "has", "has a", "made of" -> "is made of"} and the answer a single wordpiece. For each PF split s in
+  `PF_SPLITS` (features with pf >= s) and each template i (from 0, as the seed) it writes
   `queries/template_{i}_pf_{s}.jsonl`: one query per (concept, feature_starter),
   `{"query", "labels": [words], "concept", "query_template", "feature_starter", "pf"}`, and `labels.txt` (all
-  answer words, sorted). `norms.dat` is tab-separated with (at least) the columns `concept`, `feature`,
-  `feature type`, `pf`.
+  answer words, sorted). `norms.dat` is tab-separated with the columns `concept`, `feature`, `feature type`, `pf`
+  (and `feature alternatives`, `participant list` when a feature lists alternatives).
 * `descriptors.csv`: `concept,descriptor` (the article; an empty descriptor removes "[DESCRIPTOR] ").
 
 Metric per query: average precision of the [MASK] logits against the labels, over the whole vocabulary (`score`)
-and over the label-set tokens only (`masked_score`, the headline). Averaged per concept, then over concepts per
-(model, pf, template); reported as mean ± sd (ddof=1) over templates per pf.
+and over the label-set tokens only (`masked_score`, the headline). Averaged over all queries of a (model, pf,
+template) as the seed does (`average="query"`; `average="concept"` averages each concept's queries first), then
+reported as mean ± sd (ddof=1) over templates per pf.
 
-Templates: the spec gives two; the other seven are written from them (inferred).
+Templates: the nine of the seed's notebook, in its order.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -34,29 +41,37 @@ from vl.data.formats.jsonl import load_jsonl
 from vl.errors import DataError
 from vl.eval.probes.memory_colors import single_wordpiece_ids
 
+log = logging.getLogger(__name__)
+
 PF_SPLITS: tuple[int, ...] = (2, 5, 10, 20, 30)
 
 TEMPLATES: tuple[str, ...] = (
     "[DESCRIPTOR] [CONCEPT] [FEATURE_STARTER] [MASK].",
-    "[DESCRIPTOR] [CONCEPT] usually [FEATURE_STARTER] [MASK].",
-    "[DESCRIPTOR] [CONCEPT] often [FEATURE_STARTER] [MASK].",
-    "[DESCRIPTOR] [CONCEPT] typically [FEATURE_STARTER] [MASK].",
     "everybody knows that [DESCRIPTOR] [CONCEPT] [FEATURE_STARTER] [MASK].",
+    "[DESCRIPTOR] [CONCEPT] usually [FEATURE_STARTER] [MASK].",
     "q: [DESCRIPTOR] [CONCEPT] [FEATURE_STARTER]? a: [MASK].",
     "q: [DESCRIPTOR] [CONCEPT] usually [FEATURE_STARTER]? a: [MASK].",
-    "q: [DESCRIPTOR] [CONCEPT] often [FEATURE_STARTER]? a: [MASK].",
-    "q: [DESCRIPTOR] [CONCEPT] typically [FEATURE_STARTER]? a: [MASK].",
+    "generally, [DESCRIPTOR] [CONCEPT] [FEATURE_STARTER] [MASK].",
+    "[DESCRIPTOR] [CONCEPT] generally [FEATURE_STARTER] [MASK].",
+    "describe the properties of [DESCRIPTOR] [CONCEPT]. [DESCRIPTOR] [CONCEPT] [FEATURE_STARTER] [MASK].",
+    "describe the properties of [DESCRIPTOR] [CONCEPT]. [DESCRIPTOR] [CONCEPT] usually [FEATURE_STARTER] [MASK].",
 )
 
-#: feature text prefix -> feature starter used in the query (longest prefix first)
-STARTERS: tuple[tuple[str, str], ...] = (
-    ("has a ", "has a"),
-    ("made of ", "is made of"),
-    ("has ", "has"),
-    ("is ", "is"),
-)
+#: feature starter (the feature's words before its last) -> the starter used in the query; others are dropped
+STARTERS: dict[str, str] = {"is": "is", "has": "has", "has a": "has a", "made of": "is made of"}
+#: the seed's replacements of a picked alternative (synonyms folded onto one spelling)
+FEATURE_REPLACEMENTS: dict[str, str] = {
+    "has a skin": "has skin", "is furry": "has fur", "is stream-lined": "is streamlined",
+    "is made of material": "made of fabric", "made of material": "made of fabric", "is hairy": "has fur",
+    "made of porcelain": "made of ceramic", "is see through": "is transparent", "is ceramic": "made of ceramic",
+    "made of clay": "made of ceramic", "is translucent": "is transparent", "has a cable": "has a wire",
+    "has wires": "has a wire", "made of wires": "has a wire", "has a hard skin": "has hard skin",
+    "has a tough skin": "has tough skin", "is see-through": "is transparent", "is rounded": "is round",
+    "has round": "is round", "has a pip": "has pips",
+}  # fmt: skip
 VISUAL_TYPE = "visual perceptual"
 NORMS_COLUMNS = ("concept", "feature", "feature type", "pf")
+ALTERNATIVE_COLUMNS = ("feature alternatives", "participant list")
 
 
 # ---------------------------------------------------------------------------------------------------- metric
@@ -121,24 +136,69 @@ def load_query_dir(query_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def fill_template(template: str, descriptor: str, concept: str, starter: str) -> str:
+    """Fill the placeholders, then fold the double space an empty descriptor leaves and strip (the seed's rule)."""
     if template.count("[MASK]") != 1:
         raise DataError(f"template {template!r}: expected exactly one [MASK]")
-    text = template.replace("[DESCRIPTOR] ", "") if not descriptor else template.replace("[DESCRIPTOR]", descriptor)
-    return text.replace("[CONCEPT]", concept).replace("[FEATURE_STARTER]", starter)
+    text = template.replace("[DESCRIPTOR]", descriptor).replace("[CONCEPT]", concept)
+    return text.replace("[FEATURE_STARTER]", starter).replace("  ", " ").strip()
+
+
+def participant_counts(participant_list: str) -> list[int]:
+    """CSLB `participant list` "p 3 29 / 14" -> participants per alternative ([2, 1]): groups split at "/"."""
+    counts, n = [], 0
+    for token in participant_list.split()[1:]:
+        if token == "/":
+            counts.append(n)
+            n = 0
+        else:
+            n += 1
+    return counts + [n]
+
+
+def resolve_alternatives(feature: str, alternatives: str | None, participants: str | None, where: str = "") -> str:
+    """A feature listing alternatives ("is black_white") -> the alternative most participants gave (first on ties),
+    mapped by `FEATURE_REPLACEMENTS`; the part before "_" when that pick is not one of the feature's spellings
+    (before "_", after it, the first word + after it, ...). A feature without "_" is returned unchanged."""
+    if "_" not in feature:
+        return feature
+    if alternatives is None or participants is None:
+        raise DataError(
+            f"{where}feature {feature!r} lists alternatives; the columns {list(ALTERNATIVE_COLUMNS)} are needed"
+        )
+    options = alternatives.split("; ")
+    counts = participant_counts(participants)
+    best = int(np.argmax(counts))
+    if best >= len(options):
+        raise DataError(f"{where}participant list {participants!r} has more groups than alternatives {options}")
+    pick = FEATURE_REPLACEMENTS.get(options[best], options[best])
+    head, tail = feature.split("_")[0], feature.split("_")[1]
+    head_words, tail_words = head.split(" "), tail.split(" ")
+    spellings = [head, tail, " ".join([head_words[0], tail])]
+    if len(head_words) > 2:
+        spellings.append(" ".join(head_words[:2] + [tail]))
+    if len(tail_words) > 1:
+        spellings.append(" ".join([head] + tail_words[1:]))
+    if pick not in spellings:
+        log.warning("%sfeature %r: most common alternative %r is not among %s; using %r", where, feature, pick,
+                    spellings, head)  # fmt: skip
+        return head
+    return pick
 
 
 def split_feature(feature: str) -> tuple[str, str] | None:
-    """ "has a tail" -> ("has a", "tail"); "made of metal" -> ("is made of", "metal"); None when no starter fits or
-    more than one word follows."""
-    text = " ".join(feature.replace("_", " ").split()).lower()
-    for prefix, starter in STARTERS:
-        if text.startswith(prefix):
-            rest = text[len(prefix) :].split()
-            return (starter, rest[0]) if len(rest) == 1 else None
-    return None
+    """The seed's rule: last word = the answer (cut at "_"), the words before it = the starter; "has a tail" ->
+    ("has a", "tail"), "made of metal" -> ("is made of", "metal"); None when the starter is not in `STARTERS`."""
+    words = feature.split()
+    if len(words) < 2:
+        return None
+    starter = " ".join(words[:-1])
+    if starter not in STARTERS:
+        return None
+    return STARTERS[starter], words[-1].split("_")[0]
 
 
 def read_norms(path: str | Path) -> list[dict[str, Any]]:
+    """CSLB `norms.dat` (tab-separated) -> rows {concept, feature (alternatives resolved), type, pf}."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: CSLB norms file not found")
@@ -153,7 +213,11 @@ def read_norms(path: str | Path) -> list[dict[str, Any]]:
                 pf = int(float(row["pf"]))
             except (TypeError, ValueError):
                 raise DataError(f"{path}:{lineno}: pf '{row['pf']}' is not a number") from None
-            rows.append({"concept": row["concept"], "feature": row["feature"], "type": row["feature type"], "pf": pf})
+            feature = row["feature"]
+            if row["feature type"].strip().lower() == VISUAL_TYPE:
+                alts, parts = (row.get(c) for c in ALTERNATIVE_COLUMNS)
+                feature = resolve_alternatives(feature, alts, parts, where=f"{path}:{lineno}: ")
+            rows.append({"concept": row["concept"], "feature": feature, "type": row["feature type"], "pf": pf})
     return rows
 
 
@@ -166,7 +230,7 @@ def build_vpn_queries(
     templates: Sequence[str] = TEMPLATES,
     pf_splits: Sequence[int] = PF_SPLITS,
 ) -> dict[str, Any]:
-    """Write `labels.txt` and `queries/template_{i}_pf_{pf}.jsonl` (i from 1). Returns counts."""
+    """Write `labels.txt` and `queries/template_{i}_pf_{pf}.jsonl` (i from 0). Returns counts."""
     norms = read_norms(norms_path)
     descriptors = load_descriptors(descriptors_path)
     vocab = tokenizer.get_vocab()
@@ -189,7 +253,7 @@ def build_vpn_queries(
     labels = sorted({w for feats in features.values() for w, pf in feats.items() if pf >= min_split})
     (out_dir / "labels.txt").write_text("".join(f"{w}\n" for w in labels), encoding="utf-8")
     counts: dict[str, Any] = {"labels": len(labels)}
-    for i, template in enumerate(templates, 1):
+    for i, template in enumerate(templates):
         for split in pf_splits:
             n = 0
             path = out_dir / "queries" / f"template_{i}_pf_{split}.jsonl"
@@ -199,7 +263,9 @@ def build_vpn_queries(
                     if not words:
                         continue
                     name = concept.replace("_", " ")
-                    query = fill_template(template, descriptors.get(concept, ""), name, starter)
+                    if concept not in descriptors:
+                        raise DataError(f"{descriptors_path}: no descriptor for concept {concept!r}")
+                    query = fill_template(template, descriptors[concept], name, starter)
                     row = {
                         "query": query,
                         "labels": words,
@@ -222,11 +288,16 @@ def run_visual_property_norms(
     *,
     clip_text: Callable[[list[str]], torch.Tensor] | None = None,
     batch_size: int = 256,
+    average: str = "query",
 ) -> dict[str, Any]:
-    """Queries need `query`, `labels`, `concept`, `pf` and `template` (or `query_template`).
+    """Queries need `query`, `labels`, `concept`, `pf` and `query_template` (its text; results are keyed by it).
 
+    `average="query"` (the seed): a (pf, template)'s MAP is the mean over all its queries (concept x starter);
+    `"concept"`: the mean over concepts of each concept's mean.
     Returns {"per_pf": {pf: {"masked_map_mean", "masked_map_sd", "map_mean", "map_sd", "n_templates"}},
-    "per_template": {(pf, template): {"masked_map", "map", "n_concepts"}}, "per_query": [...]}."""
+    "per_template": {(pf, template text): {"masked_map", "map", "n_queries", "n_concepts"}}, "per_query": [...]}."""
+    if average not in ("query", "concept"):
+        raise ValueError(f"average must be 'query' (the seed) or 'concept', got {average!r}")
     tok = scorer.tokenizer
     label_ids = single_wordpiece_ids(tok, labels, what="label")
     label_pos = {w: i for i, w in enumerate(labels)}
@@ -253,16 +324,22 @@ def run_visual_property_norms(
         y_masked = np.zeros(len(labels))
         y_masked[[label_pos[w] for w in words]] = 1
         masked = average_precision(y_masked, row[label_ids_t])
-        template = q.get("template", q.get("query_template"))
+        if "query_template" not in q:
+            raise DataError(f"query {q['query']!r} has no 'query_template'")
+        template = q["query_template"]
         groups[(int(q["pf"]), template)][q["concept"]].append((score, masked))
         per_query.append({**q, "score": score, "masked_score": masked})
     per_template: dict[tuple[int, Any], dict[str, float]] = {}
     for key, concepts in groups.items():
-        concept_means = [np.mean(np.array(v), axis=0) for v in concepts.values()]
+        if average == "query":
+            values = np.array([s for scores in concepts.values() for s in scores])
+        else:
+            values = np.array([np.mean(np.array(v), axis=0) for v in concepts.values()])
         per_template[key] = {
-            "map": float(np.mean([c[0] for c in concept_means])),
-            "masked_map": float(np.mean([c[1] for c in concept_means])),
-            "n_concepts": len(concept_means),
+            "map": float(np.mean(values[:, 0])),
+            "masked_map": float(np.mean(values[:, 1])),
+            "n_queries": sum(len(v) for v in concepts.values()),
+            "n_concepts": len(concepts),
         }
     per_pf: dict[int, dict[str, float]] = {}
     for pf in sorted({k[0] for k in per_template}):

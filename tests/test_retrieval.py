@@ -1,0 +1,169 @@
+"""Retrieval ranking machinery (vl/models/ranking.py, vl/eval/retrieval.py): exact rank semantics in the scores' own dtype, the shortlist's
+top k and its memory (traced: never captions x images), and the gallery scorer against per-pair collation."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from vl.eval.retrieval import _top_k_mask, chunked_ranks, gallery_scorer, shortlist_ranks
+
+
+def _block_of(scores: np.ndarray):
+    def block(texts: list[int], images: list[int]) -> torch.Tensor:
+        return torch.from_numpy(scores[np.ix_(texts, images)])
+
+    return block
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_chunked_ranks_in_own_dtype_keep_the_float64_tie_rule(dtype) -> None:
+    """Ranks from rows kept in float16/32 equal the float64 rule 1 + #(x > gold + 1e-9), near-ties included."""
+    rng = np.random.default_rng(3)
+    n_texts, n_images = 41, 19
+    base = rng.integers(0, 6, size=(n_texts, n_images)).astype(np.float64) * 1e-3  # many exact ties
+    step = np.spacing(np.asarray(1e-3, dtype=dtype)).item()
+    scores = (base + rng.integers(-2, 3, size=base.shape) * step).astype(dtype)  # neighbours of the tie values
+    scores[:3] = 1e-12  # tiny values: the 1e-9 tolerance is many float32 steps there
+    scores[0, 5] = np.asarray(1e-12 + 5e-10, dtype=dtype)  # above gold by less than 1e-9 (float32/64): a tie
+    scores[1, 7] = np.asarray(1e-12 + 2e-9, dtype=dtype)  # above gold by more than 1e-9: better
+    gold = rng.integers(0, n_images, size=n_texts).tolist()
+    gold[0], gold[1] = 0, 0
+    s64 = scores.astype(np.float64)
+    expected = 1 + (s64 > s64[np.arange(n_texts), gold][:, None] + 1e-9).sum(1)  # independent, in float64
+    got = chunked_ranks(_block_of(scores), n_texts, n_images, gold, text_chunk=6, image_chunk=5)
+    assert (got == expected).all()
+    if dtype is not np.float16:
+        assert got[0] == 1 and got[1] == 2
+
+
+def test_top_k_mask_is_the_stable_sort_top_k_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 4, size=(50, 13)).astype(np.float32)  # heavy ties at the k-th value
+    for k in (1, 3, 7, 12, 13, 20):
+        expected = np.zeros(rows.shape, dtype=bool)
+        order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+        np.put_along_axis(expected, order, True, axis=1)
+        assert (_top_k_mask(rows, k) == expected).all(), k
+
+
+def test_shortlist_ranks_match_brute_force_and_chunked_cheap_rows() -> None:
+    rng = np.random.default_rng(5)
+    n_texts, n_images, k = 33, 21, 6
+    scores = rng.normal(size=(n_texts, n_images))
+    cheap = rng.integers(0, 5, size=(n_texts, n_images)).astype(np.float32)  # ties in the cheap similarity
+    gold = rng.integers(0, n_images, size=n_texts).tolist()
+    expected = np.full(n_texts, k + 1)
+    for t, g in enumerate(gold):  # independent: stable sort, then count within the shortlist
+        shortlist = np.argsort(-cheap[t], kind="stable")[:k]
+        if g in shortlist:
+            expected[t] = 1 + (scores[t, shortlist] > scores[t, g] + 1e-9).sum()
+    block = _block_of(scores)
+    assert (shortlist_ranks(block, cheap, gold, k=k, text_chunk=4) == expected).all()
+    rows = shortlist_ranks(block, lambda ts: cheap[ts], gold, k=k, text_chunk=5, n_images=n_images)
+    assert (rows == expected).all()
+    calls = []
+
+    def pairs(texts: list[int], images: list[int]) -> torch.Tensor:  # the batched re-rank path (gallery_scorer's)
+        calls.append(len(texts))
+        return torch.from_numpy(scores[texts, images])
+
+    block.pairs = pairs
+    assert (shortlist_ranks(block, cheap, gold, k=k, text_chunk=8) == expected).all()
+    assert len(calls) <= 5 and sum(calls) == k * int((expected <= k).sum())  # one call per chunk, k pairs per hit
+    del block.pairs
+    exhaustive = chunked_ranks(block, n_texts, n_images, gold, text_chunk=7, image_chunk=4)
+    full = shortlist_ranks(block, lambda ts: cheap[ts], gold, k=n_images, text_chunk=5, n_images=n_images)
+    assert (full == exhaustive).all()  # k = N is the exhaustive ranking
+    bad = cheap.copy()
+    bad[9, 2] = np.nan
+    with pytest.raises(ValueError, match="non-finite cheap similarity among texts 8..11"):
+        shortlist_ranks(block, bad, gold, k=k, text_chunk=4)
+
+
+def _shortlist_peak(n_texts: int, n_images: int, *, text_chunk: int, k: int = 10) -> int:
+    """Traced peak bytes (tracemalloc: numpy buffers) of `shortlist_ranks` with a synthetic dual encoder."""
+    rng = np.random.default_rng(0)
+    text_emb = rng.standard_normal((n_texts, 16)).astype(np.float32)
+    image_emb = rng.standard_normal((n_images, 16)).astype(np.float32)
+    gold = (np.arange(n_texts) % n_images).tolist()
+
+    def block(texts: list[int], images: list[int]) -> torch.Tensor:
+        return torch.from_numpy(text_emb[texts] @ image_emb[images].T)
+
+    tracemalloc.start()
+    try:
+        shortlist_ranks(
+            block, lambda ts: text_emb[ts] @ image_emb.T, gold, k=k, text_chunk=text_chunk, n_images=n_images
+        )
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_shortlist_memory_is_one_caption_chunk_times_images() -> None:
+    """At a fixed caption chunk, the traced peak grows at most linearly in images and (beyond the O(captions) rank
+    vector) not with captions: far below the captions x images matrix of float32 the old shortlist built."""
+    chunk = 64
+    base = _shortlist_peak(1024, 500, text_chunk=chunk)
+    four_x_images = _shortlist_peak(1024, 2000, text_chunk=chunk)
+    four_x_captions = _shortlist_peak(4096, 500, text_chunk=chunk)
+    assert four_x_images <= 4.5 * base, (base, four_x_images)
+    assert four_x_captions <= base + 3 * 1024 * 8 * 2, (base, four_x_captions)  # + the int64 ranks of 3072 captions
+    assert four_x_captions < 0.1 * 4096 * 500 * 4, four_x_captions
+
+
+class _CountingTokenizer:
+    """Wraps a tokenizer and counts how often each text is tokenised."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.counts = tokenizer, {}
+
+    def __call__(self, texts, *args, **kwargs):
+        for t in texts:
+            self.counts[t] = self.counts.get(t, 0) + 1
+        return self.tokenizer(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_gallery_scorer_equals_per_pair_collation_and_tokenises_once(make_cfg) -> None:
+    """Scores from cached tokens and padded images equal each pair collated and scored alone (the path before), and
+    the exhaustive ranking tokenises each caption once, not once per image chunk."""
+    from vl.pipeline import build_datamodule, build_model
+
+    cfg = make_cfg("experiment=vilbert_pretrain_tiny")
+    dm = build_datamodule(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, dm).eval()
+    collator = dm.scoring_collator()
+    rng = np.random.default_rng(0)
+    dim = 2048
+    visuals = []
+    for n in (3, 8, 12, 5, 1, 8, 9):  # fewer and more regions than max_regions
+        boxes = np.sort(rng.uniform(0, 1, size=(n, 4)).astype(np.float32), axis=1)
+        cls_prob = rng.dirichlet(np.ones(33), size=n).astype(np.float32)
+        visuals.append({"features": rng.normal(size=(n, dim)).astype(np.float32), "boxes_norm": boxes})
+        visuals[-1]["cls_prob"] = cls_prob
+    texts = ["a dog on a red sofa", "two people", "a very long caption " * 8, "x", "the cat sat on the mat"]
+    head = model.pair_scorer()
+    with torch.no_grad():
+        alone = torch.tensor(
+            [[head(model(collator([{"text": t, "visual": v}])).pooled).item() for v in visuals] for t in texts]
+        )
+    counting = _CountingTokenizer(collator.tokenizer)
+    collator.tokenizer = counting
+    score = gallery_scorer(model, collator, texts, visuals, batch_size=4)
+    got = torch.cat([torch.cat([score([t], [i]) for i in range(len(visuals))], 1) for t in range(len(texts))])
+    torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
+    pick_t, pick_i = rng.integers(0, len(texts), size=23).tolist(), rng.integers(0, len(visuals), size=23).tolist()
+    torch.testing.assert_close(score.pairs(pick_t, pick_i), alone[pick_t, pick_i], rtol=0, atol=1e-5)
+    counting.counts.clear()
+    ranks = chunked_ranks(score, len(texts), len(visuals), [0, 1, 2, 3, 4], text_chunk=2, image_chunk=3)
+    assert counting.counts == {t: 1 for t in texts}
+    expected = 1 + (alone > alone[torch.arange(5), torch.arange(5)][:, None] + 1e-9).sum(1)
+    assert ranks.tolist() == expected.tolist()

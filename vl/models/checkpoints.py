@@ -1,0 +1,250 @@
+"""Released checkpoints -> vl systems: read a state dict safely, rename its keys, load it loudly.
+
+`load_mapped_state_dict` is the one place a foreign state dict enters a model. Every source key either maps onto a
+parameter of the model (same shape), or is listed by the caller as expected-unused (a pooler the model does not have,
+a tied decoder, heads of tasks vl does not train); any other key is a `ConfigError`, as is a shape mismatch, so a
+checkpoint never loads "half" without saying so. Missing model keys (heads the checkpoint lacks) are logged.
+
+`map_vilbert_key` renames a `vilbert-multi-task` / `vilbert_beta` checkpoint (`BertForMultiModalPreTraining` or
+`VILBertForVLTasks`: `bert.embeddings.*`, `bert.v_embeddings.*`, `bert.encoder.{layer,v_layer,c_layer}.*`,
+`bert.{t,v}_pooler.*`, `cls.*`, `vil_prediction.*`, `vil_logit.*`, `vision_logit.*`) to `VilbertSystem` keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vl.errors import ConfigError
+from vl.models.bert_backbone import log_key_report
+
+log = logging.getLogger(__name__)
+
+
+def read_state_dict(path: str | Path, *, key: str = "model.state_dict_path") -> dict[str, torch.Tensor]:
+    """A state dict from `.safetensors`, or a torch file (loaded with `weights_only=True`: no code runs) holding it
+    directly or under `module` (DeepSpeed) / `state_dict` (Lightning) / `model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle with objects other than tensors/containers
+        raise ConfigError(f"{key}: '{path}' is not a plain tensor state dict ({type(err).__name__}: {err})") from err
+    for inner in ("module", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(inner), dict):
+            state = state[inner]
+            break
+    if not isinstance(state, dict):
+        raise ConfigError(f"{key}: '{path}' holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_mapped_state_dict(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    map_key: Callable[[str], str | None],
+    *,
+    what: str,
+    expected_unused: Iterable[str] = (),
+    transforms: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, list[str]]:
+    """Load `state` into `model` through `map_key` (source key -> model key, or None: maps to nothing).
+
+    `expected_unused`: regular expressions (full match on the source key) of keys allowed to map to nothing.
+    `transforms`: a function applied to the mapped {model key: tensor} dict before loading (e.g. a label flip).
+    Raises `ConfigError` naming the keys that map to nothing unexpectedly, or whose shapes differ. Logs the missing
+    and unused keys. Returns {"missing", "unused", "loaded"}."""
+    own = model.state_dict()
+    patterns = [re.compile(p) for p in expected_unused]
+    mapped: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    unused: list[str] = []
+    unknown: list[str] = []
+    bad_shape: list[str] = []
+    for key, value in state.items():
+        new = map_key(key)
+        if new is None or new not in own:
+            (unused if any(p.fullmatch(key) for p in patterns) else unknown).append(key)
+            continue
+        if new in mapped:
+            raise ConfigError(f"{what}: '{sources[new]}' and '{key}' both map to '{new}'")
+        mapped[new], sources[new] = value, key
+    if transforms is not None:
+        mapped = transforms(mapped)
+    for new, value in mapped.items():
+        if tuple(own[new].shape) != tuple(value.shape):
+            bad_shape.append(f"{sources.get(new, new)} {tuple(value.shape)} -> {new} {tuple(own[new].shape)}")
+    if unknown:
+        more = f" ... (+{len(unknown) - 10})" if len(unknown) > 10 else ""
+        raise ConfigError(
+            f"{what}: {len(unknown)} checkpoint key(s) map to no parameter of {type(model).__name__}: "
+            f"{', '.join(sorted(unknown)[:10])}{more}"
+        )
+    if bad_shape:
+        raise ConfigError(f"{what}: shape mismatch (check the model sizes): {'; '.join(bad_shape[:5])}")
+    result = model.load_state_dict(mapped, strict=False)
+    loaded_storage = {own[k].data_ptr() for k in mapped}
+    # a tied parameter (e.g. the MLM decoder = the word embeddings) is loaded when its twin is
+    missing = sorted(k for k in result.missing_keys if own[k].data_ptr() not in loaded_storage)
+    log_key_report(what, missing, sorted(unused))
+    if unused:
+        log.info("%s: the %d unexpected keys are expected-unused (not part of this model)", what, len(unused))
+    return {"missing": missing, "unused": sorted(unused), "loaded": sorted(mapped)}
+
+
+# ---------------------------------------------------------------------------------------------------- BERT MLM head
+#: `BertForMaskedLM` / `BertImageForMaskedLM` / ViLBERT MLM-head names -> `objectives.mlm` (MaskedLanguageModeling)
+BERT_MLM_HEAD_KEYS = {
+    "cls.predictions.transform.dense.weight": "objectives.mlm.transform.0.weight",
+    "cls.predictions.transform.dense.bias": "objectives.mlm.transform.0.bias",
+    "cls.predictions.transform.LayerNorm.weight": "objectives.mlm.transform.2.weight",
+    "cls.predictions.transform.LayerNorm.bias": "objectives.mlm.transform.2.bias",
+    "cls.predictions.transform.LayerNorm.gamma": "objectives.mlm.transform.2.weight",
+    "cls.predictions.transform.LayerNorm.beta": "objectives.mlm.transform.2.bias",
+    "cls.predictions.bias": "objectives.mlm.bias",
+    "cls.predictions.decoder.bias": "objectives.mlm.bias",
+}
+
+
+def load_bert_mlm_head(model: nn.Module, pretrained: str) -> dict[str, torch.Tensor]:
+    """`cls.predictions.*` of the `BertForMaskedLM` checkpoint in a pretrained BERT dir -> `objectives.mlm` (its decoder
+    is tied to the word embeddings, which come with the BERT body). Logged; returns the loaded {key: tensor} (empty
+    when the dir has no weights file or no MLM head: the head then stays randomly initialised)."""
+    from vl.models.bert_backbone import resolve_model_dir
+
+    model_dir = resolve_model_dir(pretrained)
+    files = [model_dir / "model.safetensors", model_dir / "pytorch_model.bin"]
+    weights = next((f for f in files if f.is_file()), None)
+    if weights is None:
+        log.warning("MLM head: no weights file in %s; the head stays randomly initialised", model_dir)
+        return {}
+    if weights.suffix == ".safetensors":  # read the head's tensors only, not the whole checkpoint
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            head = {BERT_MLM_HEAD_KEYS[k]: f.get_tensor(k) for k in f.keys() if k in BERT_MLM_HEAD_KEYS}
+    else:
+        state = read_state_dict(weights, key="text_encoder.pretrained")
+        head = {BERT_MLM_HEAD_KEYS[k]: v for k, v in state.items() if k in BERT_MLM_HEAD_KEYS}
+    if not head:
+        log.info("MLM head: %s has no cls.predictions.* weights; the head stays randomly initialised", weights)
+        return {}
+    own = model.state_dict()
+    missing = sorted(k for k in own if k.startswith("objectives.mlm.") and k not in head)
+    missing = [k for k in missing if k != "objectives.mlm.word_embeddings.weight"]  # tied, comes with BERT
+    bad = sorted(k for k, v in head.items() if own[k].shape != v.shape)
+    head = {k: v for k, v in head.items() if k not in bad}
+    model.load_state_dict(head, strict=False)
+    log_key_report(f"MLM head from {weights}", missing, [f"{k} (shape mismatch)" for k in bad])
+    return head
+
+
+# ---------------------------------------------------------------------------------------------------- ViLBERT
+#: co-attention (`BertConnectionLayer`) names -> `CoAttentionLayer` names. In `BertBiAttention`, `*1` projections read
+#: the vision stream and `*2` the text stream; text queries (query2) attend vision keys/values (key1/value1).
+#: `BertBiOutput.dense1/LayerNorm1` finish the vision stream, `dense2/LayerNorm2` the text stream.
+_VILBERT_CO = {
+    "biattention.query2": "text_attends_vision.query",
+    "biattention.key1": "text_attends_vision.key",
+    "biattention.value1": "text_attends_vision.value",
+    "biattention.query1": "vision_attends_text.query",
+    "biattention.key2": "vision_attends_text.key",
+    "biattention.value2": "vision_attends_text.value",
+    "biOutput.dense1": "vision_out.dense",
+    "biOutput.LayerNorm1": "vision_out.norm",
+    "biOutput.dense2": "text_out.dense",
+    "biOutput.LayerNorm2": "text_out.norm",
+    "v_intermediate.dense": "vision_ffn.intermediate",
+    "v_output.dense": "vision_ffn.output.dense",
+    "v_output.LayerNorm": "vision_ffn.output.norm",
+    "t_intermediate.dense": "text_ffn.intermediate",
+    "t_output.dense": "text_ffn.output.dense",
+    "t_output.LayerNorm": "text_ffn.output.norm",
+}
+_VILBERT_PREFIX = {
+    "bert.embeddings.": "encoder.bert.embeddings.",
+    "bert.v_embeddings.image_embeddings.": "encoder.image_embedding.feat_proj.",
+    "bert.v_embeddings.image_location_embeddings.": "encoder.image_embedding.loc_proj.",
+    "bert.v_embeddings.LayerNorm.": "encoder.image_embedding.norm.",
+    "bert.t_pooler.dense.": "encoder.text_pooler.0.",
+    "bert.v_pooler.dense.": "encoder.image_pooler.0.",
+    "cls.predictions.transform.dense.": "objectives.mlm.transform.0.",
+    "cls.predictions.transform.LayerNorm.": "objectives.mlm.transform.2.",
+    "cls.bi_seq_relationship.": "objectives.itm.classifier.",
+    "cls.imagePredictions.transform.dense.": "objectives.mrc.head.0.",
+    "cls.imagePredictions.transform.LayerNorm.": "objectives.mrc.head.2.",
+    "cls.imagePredictions.decoder.": "objectives.mrc.head.3.",
+    # vilbert-multi-task's SimpleClassifier (Linear-GeLU-LN-Linear) = the "mlp" VQA classifier
+    "vil_prediction.logit_fc.": "objectives.vqa.classifier.",
+    "vision_logit.": "objectives.refer.vision_logit.",
+}
+#: vilbert_beta's weight-normed SimpleClassifier (`main.0` / `main.3`, weight_g / weight_v) = the "simple" classifier
+_VILBERT_WEIGHT_NORM = re.compile(r"vil_prediction\.main\.([03])\.(weight_g|weight_v|bias)")
+
+#: checkpoint keys that have no counterpart in vl's ViLBERT (regular expressions, full match)
+VILBERT_EXPECTED_UNUSED = (
+    r"cls\.predictions\.decoder\.weight",  # tied to the word embeddings
+    r"bert\.embeddings\.position_ids",  # a buffer in newer transformers
+    r"bert\.encoder\.c_layer\.\d+\.biOutput\.q_dense[12]\.(weight|bias)",  # built but never used upstream
+    r"vil_prediction_gqa\..*",  # heads of tasks vl does not train
+    r"vil_binary_prediction\..*",
+    r"vil_tri_prediction\..*",
+    r"linguisic_logit\..*",
+)
+
+
+def map_vilbert_key(key: str, *, multiple_choice_head: str = "retrieval") -> str | None:
+    """A `vilbert-multi-task` / `vilbert_beta` key -> the `VilbertSystem` key (None: no counterpart).
+
+    `vil_logit` (the multiple-choice scorer of VCR and retrieval) maps to `objectives.<multiple_choice_head>.vil_logit`.
+    `cls.bi_seq_relationship` maps to the ITM head but still uses the seed's convention (0 = aligned): the loader
+    converts it with `vl.heads.itm_head_from_seed`. Keys already in vl's naming pass unchanged."""
+    if key.startswith("module."):
+        key = key[len("module.") :]
+    if key.startswith(("encoder.", "objectives.")):
+        return key
+    if key.startswith("bert.encoder.layer."):
+        return "encoder.bert.encoder.layer." + key[len("bert.encoder.layer.") :]
+    if key.startswith("bert.encoder.v_layer."):
+        return "encoder.vision_layers." + key[len("bert.encoder.v_layer.") :]
+    match = re.fullmatch(r"bert\.encoder\.c_layer\.(\d+)\.(\w+\.\w+)\.(weight|bias)", key)
+    if match:
+        part = _VILBERT_CO.get(match.group(2))
+        return None if part is None else f"encoder.co_layers.{match.group(1)}.{part}.{match.group(3)}"
+    if key in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
+        return "objectives.mlm.bias"
+    if key.startswith("vil_logit."):
+        return f"objectives.{multiple_choice_head}.vil_logit.{key[len('vil_logit.') :]}"
+    match = _VILBERT_WEIGHT_NORM.fullmatch(key)
+    if match:
+        index, name = match.groups()
+        name = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}.get(
+            name, name
+        )
+        return f"objectives.vqa.classifier.{index}.{name}"
+    for prefix, target in _VILBERT_PREFIX.items():
+        if key.startswith(prefix):
+            return target + key[len(prefix) :]
+    return None
+
+
+def seed_itm_to_vl(mapped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The alignment head of a ViLBERT checkpoint (0 = aligned) -> vl's ITM head (1 = aligned)."""
+    from vl.heads import itm_head_from_seed
+
+    weight, bias = "objectives.itm.classifier.weight", "objectives.itm.classifier.bias"
+    if weight in mapped and bias in mapped:
+        mapped[weight], mapped[bias] = itm_head_from_seed(mapped[weight], mapped[bias])
+    elif weight in mapped or bias in mapped:
+        raise ConfigError("ViLBERT checkpoint: cls.bi_seq_relationship needs both its weight and its bias")
+    return mapped

@@ -44,3 +44,35 @@ def test_every_vl_module_imports_in_a_fresh_interpreter() -> None:
         [sys.executable, "-c", code, *modules], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_system_subclasses_restate_no_base_argument() -> None:
+    """A system subclass adds only what is special (e.g. a released-weights path) and forwards the rest."""
+    import inspect
+
+    from vl.build import MODELS
+    from vl.models.system import VLSystem
+
+    base = set(inspect.signature(VLSystem.__init__).parameters) - {"self", "kwargs"}
+    for system, _ in MODELS.values():
+        own = set(inspect.signature(system.__init__).parameters) - {"self", "kwargs"}
+        assert system is VLSystem or not own & base, (system.__name__, sorted(own & base))
+
+
+def test_schemas_take_their_defaults_from_the_constructors() -> None:
+    """`schema/model/<name>` and `schema/data/<name>` are generated: each default is the constructor's."""
+    import inspect
+
+    from vl.build import DATA, MODELS, data_schema, model_schema
+
+    for name, (system, encoder) in MODELS.items():
+        schema = model_schema(system, encoder, name)()
+        for key, p in inspect.signature(encoder.__init__).parameters.items():
+            if p.default is not p.empty and key != "text_encoder":
+                expected = list(p.default) if isinstance(p.default, tuple) else p.default
+                assert getattr(schema.encoder, key) == expected, (name, key)
+    for name, datamodule in DATA.items():
+        schema = data_schema(datamodule, name)()
+        for key, p in inspect.signature(datamodule.__init__).parameters.items():
+            if p.default is not p.empty and key not in ("corpus", "splits"):
+                assert getattr(schema, key) == p.default, (name, key)

@@ -167,3 +167,47 @@ def test_gallery_scorer_equals_per_pair_collation_and_tokenises_once(make_cfg) -
     assert counting.counts == {t: 1 for t in texts}
     expected = 1 + (alone > alone[torch.arange(5), torch.arange(5)][:, None] + 1e-9).sum(1)
     assert ranks.tolist() == expected.tolist()
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_retrieval_bench_ranks_agree_at_a_small_size() -> None:
+    """bench/retrieval_memory.py's table asserts chunked == naive and shortlist == min(naive, k + 1); no timings."""
+    out = _bench("retrieval_memory").machinery(300, 70, k=5, dim=8, text_chunk=40, image_chunk=30)
+    assert set(out) == {"naive", "chunked", "shortlist"}
+    assert out["shortlist"][2] < out["naive"][2]  # traced peak: one chunk x images, not captions x images
+
+
+@pytest.mark.slow
+def test_train_step_bench_runs_every_variant(tmp_path, monkeypatch, capsys) -> None:
+    """bench/train_step.py end to end at a few steps (its numbers are not checked: tests never assert timings)."""
+    argv = ["train_step", "--steps", "6", "--warmup", "2", "--repeats", "1", "--data-dir", str(tmp_path / "data")]
+    monkeypatch.setattr("sys.argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        _bench("train_step").main()
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "real / bare per step" in printed and "minimal / bare per step" in printed
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+def test_zero_shot_retrieval_rejects_a_bad_shortlist_k_before_compute(bad, tmp_path) -> None:
+    from omegaconf import OmegaConf
+
+    from vl.errors import ConfigError
+    from vl.eval.retrieval import zero_shot_retrieval
+
+    cfg = OmegaConf.create({"task_cfg": {"shortlist_k": bad}})
+    with pytest.raises(ConfigError, match="task_cfg.shortlist_k: must be an integer >= 1"):
+        zero_shot_retrieval(cfg=cfg, run_cfg=OmegaConf.create({}), output_dir=tmp_path)  # no data, no model built

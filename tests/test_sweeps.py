@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict, read_write
 
 from tests.conftest import ROOT, TINY_MODEL, compose_cfg
 from vl.config import _sweep_group
@@ -61,13 +61,13 @@ def test_wandb_group_names_the_sweep_in_a_multirun(tmp_path: Path, data_dir: Pat
     """The resolver's multirun branch: `<default>-<last part of hydra.sweep.dir>`; a single run keeps the default."""
     cfg = compose_cfg(["logger=wandb"], output_dir=tmp_path / "run", data_dir=data_dir)
     try:
-        with open_dict(cfg):
+        with read_write(cfg.hydra), open_dict(cfg.hydra):  # set_config made the hydra node read-only
             cfg.hydra.mode = RunMode.MULTIRUN
             cfg.hydra.sweep.dir = str(tmp_path / "multiruns" / "2026-12-03_08-00-00") + "/"
         HydraConfig.instance().set_config(cfg)
         assert _sweep_group("pretrain_vqa") == "pretrain_vqa-2026-12-03_08-00-00"
         assert cfg.logger.wandb.group == f"{cfg.task_name}-2026-12-03_08-00-00"  # what WandbLogger receives
-        with open_dict(cfg):
+        with read_write(cfg.hydra), open_dict(cfg.hydra):
             cfg.hydra.mode = RunMode.RUN
         HydraConfig.instance().set_config(cfg)
         assert _sweep_group("pretrain_vqa") == "pretrain_vqa"

@@ -190,6 +190,66 @@ def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+# ---------------------------------------------------------------------------------------------------- range checks
+#: (key, minimum, also allowed): counts that Hydra's types cannot bound; `None` is allowed where the schema says so
+_DATA_COUNTS = (("batch_size", 1, ()), ("batch_size_per_device", 1, ()), ("num_workers", 0, ()))
+_TRAINER_COUNTS = (
+    ("max_epochs", 1, (-1,)),  # -1: unlimited (Lightning)
+    ("min_epochs", 0, ()),
+    ("max_steps", 1, (-1,)),  # -1: unlimited
+    ("min_steps", 0, ()),
+    ("accumulate_grad_batches", 1, ()),
+    ("check_val_every_n_epoch", 1, ()),
+    ("log_every_n_steps", 1, ()),
+    ("num_nodes", 1, ()),
+)
+_FRACTION_OR_COUNT = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")
+
+
+def _bad(key: str, value: Any, expected: str) -> None:
+    from vl.errors import ConfigError
+
+    raise ConfigError(f"{key}={value}: {expected}")
+
+
+def _check_count(key: str, value: Any, minimum: int, allowed: tuple[Any, ...]) -> None:
+    if value is None or value in allowed and not isinstance(value, bool):
+        return
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
+        _bad(key, value, f"must be an integer >= {minimum}{extra}")
+
+
+def check_config(cfg: Any) -> None:
+    """Range checks on a composed train/evaluate config (batch sizes, accumulation, epochs, steps, limits), for the
+    main and the pretrain stage: one ConfigError naming the key, before any data or model is built."""
+    stages = [("", cfg)]
+    if cfg.get("pretrain"):
+        stages.append(("pretrain.", cfg.pretrain))
+    for prefix, node in stages:
+        data = node.get("data") or {}
+        for key, minimum, allowed in _DATA_COUNTS:
+            if key in data:
+                _check_count(f"{prefix}data.{key}", data.get(key), minimum, allowed)
+        trainer = node.get("trainer") or {}
+        for key, minimum, allowed in _TRAINER_COUNTS:
+            if key in trainer:
+                _check_count(f"{prefix}trainer.{key}", trainer.get(key), minimum, allowed)
+        for key in _FRACTION_OR_COUNT:
+            value = trainer.get(key)
+            if value is None or isinstance(value, bool):
+                continue
+            if isinstance(value, float) and not 0.0 <= value <= 1.0:
+                _bad(f"{prefix}trainer.{key}", value, "must be a fraction in [0, 1] or a batch count >= 0")
+            if isinstance(value, int) and value < 0:
+                _bad(f"{prefix}trainer.{key}", value, "must be a fraction in [0, 1] or a batch count >= 0")
+        interval = trainer.get("val_check_interval")
+        if isinstance(interval, float) and not 0.0 < interval <= 1.0 or isinstance(interval, int) and interval < 1:
+            _bad(f"{prefix}trainer.val_check_interval", interval, "must be a fraction in (0, 1] or a step count >= 1")
+
+
 def _sweep_group(default: str) -> str:
     """W&B group: the multirun's sweep dir name, else `default`."""
     try:

@@ -15,6 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vl.build import build_datamodule, build_model, load_run_config
+from vl.checkpoint import check_architecture, read_checkpoint
+from vl.config import check_config
 from vl.errors import ConfigError
 from vl.eval.tasks import run_eval_task, task_name
 from vl.report import plot_curves, write_results
@@ -72,8 +74,14 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path") is None:
         _check_fresh_output(output_dir)
+        resume = None
+    else:  # a missing / damaged / foreign / code-carrying file fails here, in one line, before Lightning sees it
+        resume = read_checkpoint(cfg.ckpt_path, "ckpt_path", resume=True)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm, init_from=init_from)
+    if resume is not None:
+        check_architecture(resume, model, cfg.ckpt_path)
+        del resume
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -93,7 +101,7 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     last = str(output_dir / "checkpoints" / "last.ckpt")
@@ -103,7 +111,7 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         # in the processes a ddp_spawn test starts); VQA predictions are written by the model's test hook
         tester: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
         ckpt = None if trainer.fast_dev_run else ckpt
-        test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt)[0]
+        test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
         if not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))
@@ -138,6 +146,7 @@ def _single_log_lines() -> None:
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Train (optionally after a pretrain stage), test, write results. Returns (metrics, optimized metric value)."""
     _single_log_lines()
+    check_config(cfg)  # batch sizes, epochs, steps >= 1: one line before anything is built or written
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +185,8 @@ def _finish_wandb() -> None:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from the run's saved config, load `cfg.ckpt_path`, test, write predictions + results."""
     _single_log_lines()
+    # a missing / damaged / foreign / code-carrying file fails here, in one line, before anything is built
+    ckpt = read_checkpoint(cfg.ckpt_path, "ckpt_path")
     run_cfg, stage_dir = load_run_config(cfg.ckpt_path)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -187,18 +198,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.trainer.default_root_dir = str(output_dir)
         run_cfg.model.init_from = None
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
+    check_config(run_cfg)
     L.seed_everything(cfg.seed, workers=True)
     task = task_name(cfg.get("task"))
     if task != "test":
+        del ckpt
         metrics = run_eval_task(cfg.task, cfg=cfg, run_cfg=run_cfg, output_dir=output_dir)
         write_results(output_dir, [(task, metrics)], title=f"{task} {cfg.ckpt_path}")
         return metrics
     dm = build_datamodule(run_cfg)
     model = build_model(run_cfg, dm)
+    check_architecture(ckpt, model, cfg.ckpt_path)
+    del ckpt
     trainer: L.Trainer = instantiate(run_cfg.trainer, logger=False, callbacks=[])
     run = trainer.validate if cfg.get("split", "test") == "val" else trainer.test
     with _own_rendezvous():
-        results = run(model, datamodule=dm, ckpt_path=str(cfg.ckpt_path))[0]
+        results = run(model, datamodule=dm, ckpt_path=str(cfg.ckpt_path), weights_only=True)[0]
     metrics = {k: float(v) for k, v in results.items()}
     if trainer.is_global_zero:
         write_results(output_dir, [("evaluate", metrics)], title=f"evaluate {cfg.ckpt_path}")

@@ -420,3 +420,46 @@ def test_cli_writes_corpus(tmp_path: Path) -> None:
     )
     assert str(tmp_path / "cli") in out.stdout
     assert verify_corpus(tmp_path / "cli", SceneSettings(num_images=6, seed=2)) is None
+
+
+@pytest.mark.parametrize("rel", ["regions.lmdb/data.mdb", "regions.hdf5", "clip_features.hdf5"])
+def test_same_size_damage_of_feature_stores_is_detected_and_repaired(tmp_path: Path, rel: str) -> None:
+    """A damaged block (up to 4 KiB) in the middle keeps the size (and often the file readable); the manifest's checksum of
+    the feature store catches it and ensure_corpus rewrites the corpus."""
+    root = ensure_corpus(tmp_path, TINY)
+    target = root / rel
+    original = target.read_bytes()
+    mid, n = len(original) // 2, min(4096, len(original) // 4)
+    damaged = bytearray(original)
+    damaged[mid : mid + n] = bytes(b ^ 0xFF for b in original[mid : mid + n])  # flipped bits, same size
+    target.write_bytes(bytes(damaged))
+    assert target.stat().st_size == len(original)
+    reason = verify_corpus(root, TINY)
+    assert reason is not None and rel in reason and "checksum differs" in reason, reason
+    assert ensure_corpus(tmp_path, TINY) == root
+    assert verify_corpus(root, TINY) is None and target.read_bytes() != bytes(damaged)
+
+
+def test_sampled_checksum_of_large_stores(tmp_path: Path, monkeypatch) -> None:
+    """Above the full-hash size the checksum samples blocks from the first to the last byte."""
+    import vl.data.scenes.corpus as sc
+
+    monkeypatch.setattr(sc, "_SAMPLE_FULL_BYTES", 0)
+    monkeypatch.setattr(sc, "_SAMPLE_BLOCK", 512)
+    monkeypatch.setattr(sc, "_SAMPLE_BLOCKS", 4)
+    root = ensure_corpus(tmp_path, TINY)
+    manifest = json.loads((root / "manifest.json").read_text())
+    entries = {e["path"]: e for e in manifest["files"]}
+    assert {"regions.lmdb/data.mdb", "regions.hdf5", "clip_features.hdf5"} <= {
+        p for p, e in entries.items() if "sampled_sha1" in e
+    }
+    target = root / "regions.hdf5"
+    original = target.read_bytes()
+    assert len(original) > 4 * 512  # sampled, not hashed whole
+    for offset in (0, len(original) - 1):  # the first and the last block are always sampled
+        damaged = bytearray(original)
+        damaged[offset] ^= 0xFF
+        target.write_bytes(bytes(damaged))
+        assert "regions.hdf5 checksum differs" in str(verify_corpus(root, TINY))
+    target.write_bytes(original)
+    assert verify_corpus(root, TINY) is None

@@ -114,6 +114,8 @@ def test_without_image_it_is_bert_for_masked_lm() -> None:
     torch.testing.assert_close(logits[real], ref[real], atol=1e-4, rtol=1e-4)
     # model=bert (use_image=False) ignores clip_feats even when a corpus provides them
     text_only = make_system(encoder=encoder(TINY, use_image=False))
+    assert not hasattr(text_only.encoder, "img_projection")  # built only where used (DDP)
+    text_only.load_state_dict({k: v for k, v in system.state_dict().items() if "img_projection" not in k})
     with torch.no_grad():
         ignored = text_only(batch_with_padding(clip=True))
     assert ignored.visual is None

@@ -478,3 +478,29 @@ def test_mlm_on_mismatched_pairs_is_kept_by_default_as_upstream() -> None:
         aligned_only = per_token[[0, 2], 1:4].mean()
         torch.testing.assert_close(keep.objectives["mlm"](out, batch).loss, every_pair)
         torch.testing.assert_close(drop.objectives["mlm"](drop(batch), batch).loss, aligned_only)
+
+
+def test_vilbert_beta_weight_normed_vqa_head_loads(tmp_path: Path) -> None:
+    """vilbert_beta's SimpleClassifier (`main`: weight_norm(Linear) - ReLU - Dropout - weight_norm(Linear), the old
+    `torch.nn.utils.weight_norm` with `weight_g` / `weight_v`) -> vl's `classifier: simple`; same outputs."""
+    import warnings
+
+    from torch import nn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old weight_norm is deprecated, but it is what the seed used
+        main = nn.Sequential(
+            nn.utils.weight_norm(nn.Linear(64, 128), dim=None),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.utils.weight_norm(nn.Linear(128, 17), dim=None),
+        ).eval()
+    state = {f"vil_prediction.main.{k}": v.detach().clone() for k, v in main.state_dict().items()}
+    assert "vil_prediction.main.0.weight_g" in state
+    torch.save({**reference_vilbert_state(), **state}, tmp_path / "beta.bin")
+    model = instantiate(
+        model_cfg(f"model.state_dict_path={tmp_path / 'beta.bin'}"), objectives=["vqa"], data_info=DATA_INFO
+    )
+    pooled = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.objectives["vqa"].classifier.eval()(pooled), main(pooled))

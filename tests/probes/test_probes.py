@@ -397,6 +397,7 @@ def clip_bert_ckpt(tmp_path_factory) -> Path:
     model_cfg = {
         "_target_": "vl.models.clip_bert.ClipBertSystem",
         "_recursive_": False,
+        "_convert_": "all",  # as conf/model schemas: plain hyper-parameters, so the checkpoint loads weights-only
         "encoder": {
             "_target_": "vl.models.clip_bert.ClipBertEncoder",
             "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0},
@@ -533,6 +534,7 @@ def test_checkpoint_scorer_region_model_gets_masked_zero_region(tmp_path):
     model_cfg = {
         "_target_": "vl.models.system.VLSystem",
         "_recursive_": False,
+        "_convert_": "all",  # as conf/model schemas: plain hyper-parameters, so the checkpoint loads weights-only
         "encoder": {
             "_target_": "vl.models.single_stream.SingleStreamEncoder",
             "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0},

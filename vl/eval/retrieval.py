@@ -48,6 +48,8 @@ def shortlist_ranks(
     otherwise for one (1, k) block per text.
     """
     n_texts = len(gold)
+    if k < 1:
+        raise ValueError(f"shortlist_ranks: k must be >= 1, got {k}")
     if isinstance(cheap, np.ndarray):
         if cheap.shape[0] != n_texts:
             raise ValueError(f"shortlist_ranks: cheap similarity has {cheap.shape[0]} rows for {n_texts} texts")
@@ -171,6 +173,8 @@ def zero_shot_retrieval(
         "image_chunk": image_chunk,
         "shortlist_k": shortlist_k,
     }
+    if shortlist_k is not None and shortlist_k < 1:
+        raise ConfigError(f"task.shortlist_k: must be an integer >= 1 (images per caption), got {shortlist_k!r}")
     split = str(cfg.get("split", "test"))
     dm = build_datamodule(run_cfg)
     gallery = dm.gallery(split)
@@ -185,7 +189,10 @@ def zero_shot_retrieval(
         )
     n_images = len(visuals)
     model = build_model(run_cfg, dm)
-    state = torch.load(str(cfg.ckpt_path), map_location="cpu", weights_only=False)
+    from vl.checkpoint import check_architecture, read_checkpoint
+
+    state = read_checkpoint(cfg.ckpt_path, "ckpt_path")  # weights_only: a file that would run code is refused
+    check_architecture(state, model, cfg.ckpt_path)
     model.load_state_dict(state["state_dict"])
     model.eval()
     # fixed shapes: a pair's score must not depend on which other pairs share its batch (exact rank comparisons)
@@ -200,7 +207,7 @@ def zero_shot_retrieval(
         n_images,
         f", shortlist top {k} by dual-encoder cosine then cross-encoder re-rank" if k else " (exhaustive)",
     )
-    if k:
+    if k is not None:
         cheap = pooled_similarity(model, collator, texts, visuals, batch_size)
         ranks = shortlist_ranks(score, cheap, gold, k=int(k), text_chunk=text_chunk, n_images=n_images)
     else:

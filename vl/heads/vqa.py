@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
@@ -13,15 +14,37 @@ from vl.heads.base import EncoderOutput, HeadContext, Objective, ObjectiveResult
 from vl.metrics import VQAAccuracy
 
 
+class _NormParams(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.original0 = nn.Parameter(weight.norm().detach().clone())  # g: the weight's norm (a scalar)
+        self.original1 = nn.Parameter(weight.detach().clone())  # v: its direction
+
+
+class WeightNormLinear(nn.Module):
+    """`torch.nn.utils.parametrizations.weight_norm(nn.Linear(i, o), dim=None)` as a plain module: weight = g * v / |v|
+    (one norm over the whole matrix), the same init and state-dict keys (`parametrizations.weight.original0/1`,
+    `bias`), but picklable, so `ddp_spawn` can send it to its processes (parametrized modules refuse to pickle)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        linear = nn.Linear(in_features, out_features)
+        self.parametrizations = nn.ModuleDict({"weight": _NormParams(linear.weight)})
+        self.bias = nn.Parameter(linear.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        p = self.parametrizations["weight"]
+        return p.original1 * (p.original0 / p.original1.norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 def simple_classifier(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.5) -> nn.Sequential:
     """ViLBERT's `SimpleClassifier`: weight-normed Linear -> ReLU -> Dropout -> weight-normed Linear."""
-    from torch.nn.utils.parametrizations import weight_norm
-
     return nn.Sequential(
-        weight_norm(nn.Linear(in_dim, hidden), dim=None),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        weight_norm(nn.Linear(hidden, out_dim), dim=None),
+        WeightNormLinear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), WeightNormLinear(hidden, out_dim)
     )
 
 

@@ -28,15 +28,17 @@ def build_bert(
     initializer_range: float = 0.02,
     add_pooling_layer: bool = True,
 ) -> BertModel:
-    """A `BertModel`: random-init from the given sizes, or `from_pretrained(pretrained)` (sizes then come from its
-    config.json; the size arguments are ignored)."""
+    """A `BertModel` in training mode: random-init from the given sizes, or `from_pretrained(pretrained)` (sizes then
+    come from its config.json; the size arguments are ignored)."""
     if pretrained:
         model_dir = resolve_model_dir(pretrained)
         model, info = BertModel.from_pretrained(
             str(model_dir), add_pooling_layer=add_pooling_layer, output_loading_info=True
         )
         log_key_report(f"BERT weights from {model_dir}", info["missing_keys"], info["unexpected_keys"])
-        return model
+        # `from_pretrained` returns eval mode; Lightning trains modules in the mode they were built in (and restores
+        # it after validation), so without this the configured dropout would never run
+        return model.train()
     if hidden_size % num_heads:
         raise ConfigError(f"text_encoder.hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
     config = BertConfig(

@@ -29,17 +29,19 @@ log = logging.getLogger(__name__)
 def read_state_dict(path: str | Path, *, key: str = "model.state_dict_path") -> dict[str, torch.Tensor]:
     """A state dict from `.safetensors`, or a torch file (loaded with `weights_only=True`: no code runs) holding it
     directly or under `module` (DeepSpeed) / `state_dict` (Lightning) / `model`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}: '{path}' does not exist")
+    path = Path(path).expanduser()
     if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ConfigError(f"{key}: '{path}' does not exist")
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle with objects other than tensors/containers
-        raise ConfigError(f"{key}: '{path}' is not a plain tensor state dict ({type(err).__name__}: {err})") from err
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a truncated / foreign file: one line naming it
+            raise ConfigError(f"{key}: '{path}' is not a readable safetensors file ({e})") from None
+    from vl.checkpoint import load_torch_file
+
+    state = load_torch_file(path, key)  # weights_only: a file that would run code is refused, damage named
     for inner in ("module", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(inner), dict):
             state = state[inner]

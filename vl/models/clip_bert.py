@@ -3,7 +3,8 @@
 The image token = `img_projection(clip_feats)` (Linear 512 -> hidden) with **no** position and **no** token-type
 embedding; it goes through the embedding LayerNorm/dropout with the text, the attention mask gets one more column of
 1s, and the MLM head reads the text positions only. No pooler: `pooled` is the [CLS] state. Without `clip_feats` in
-the batch (or with `use_image=False`: `model=bert`, the same class) the forward is exactly BERT's.
+the batch (or with `use_image=False`: `model=bert`, the same class, built without `img_projection`, as it is with
+text-only data) the forward is exactly BERT's.
 
 Weights: `text_encoder.pretrained` (a local HF BERT dir, or "minilm") loads the BERT body and, where the checkpoint has
 them, the `BertForMaskedLM` MLM head weights `cls.predictions.*`. `state_dict_path` loads a whole-model state dict:
@@ -87,13 +88,15 @@ class ClipBertEncoder(nn.Module):
         image_dim = int(image_dim or data_dim or 512)
         text_encoder = dict(text_encoder or {})
         self.pretrained = text_encoder.get("pretrained")
-        self.use_image = use_image
-        self.visual_input = "global" if use_image and data_dim is not None else None
+        # text-only data or model=bert: the image is never read, and no image projection is built
+        self.use_image = use_image and data_dim is not None
+        self.visual_input = "global" if self.use_image else None
         self.bert = build_bert(**{**text_encoder, "add_pooling_layer": False})
         hidden = self.bert.config.hidden_size
         self.hidden_size = self.pooled_size = self.text_size = self.visual_size = hidden
         self.image_dim = image_dim
-        self.img_projection = nn.Linear(image_dim, hidden)
+        if self.use_image:  # built only where used: an unused parameter breaks DDP
+            self.img_projection = nn.Linear(image_dim, hidden)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -149,6 +152,9 @@ class ClipBertSystem(VLSystem):
             self.load_pretrained_mlm_head(pretrained)
         if state_dict_path:
             self.load_original_state_dict(state_dict_path)
+
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        return () if self.encoder.use_image else ("encoder.img_projection.",)
 
     def pretrained_parameter_names(self) -> set[str]:
         return super().pretrained_parameter_names() | set(self._pretrained_head)

@@ -44,7 +44,8 @@ class SingleStreamEncoder(nn.Module):
         visual_dim = region_feature_dim(data_info)
         self.pooling = pooling
         self.pretrained = (text_encoder or {}).get("pretrained")
-        self.bert = build_bert(**(text_encoder or {}))
+        # BERT's pooler only where it is used: an unused parameter breaks DDP ("not used in producing the loss")
+        self.bert = build_bert(**{**(text_encoder or {}), "add_pooling_layer": pooling == "cls"})
         hidden = self.bert.config.hidden_size
         self.hidden_size = self.pooled_size = self.text_size = self.visual_size = hidden
         self.visual_proj = nn.Linear(visual_dim, hidden)
@@ -57,6 +58,10 @@ class SingleStreamEncoder(nn.Module):
 
     def pretrained_parameter_names(self) -> set[str]:
         return {f"bert.{name}" for name, _ in self.bert.named_parameters()} if self.pretrained else set()
+
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        """Older checkpoints hold BERT's pooler under mean pooling; it is no longer built (see `VLSystem`)."""
+        return ("bert.pooler.",) if self.pooling != "cls" else ()
 
     @staticmethod
     def box_features(boxes: torch.Tensor) -> torch.Tensor:

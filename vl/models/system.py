@@ -299,12 +299,41 @@ class VLSystem(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ loading
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the architecture, so a checkpoint given to another model fails naming both (`vl.checkpoint`)."""
+        from vl.checkpoint import ARCH_KEY, architecture_name
+
+        checkpoint[ARCH_KEY] = architecture_name(self)
+
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of parts this configuration does not build because its forward would not use them
+        (e.g. BERT's pooler under mean pooling: the encoder's `unbuilt_prefixes()`); checkpoints written before they
+        were dropped still load."""
+        encoder = getattr(self.encoder, "unbuilt_prefixes", None)
+        return tuple(f"encoder.{p}" for p in encoder()) if encoder else ()
+
+    def drop_unbuilt(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Remove (in place) the `unbuilt_prefixes` keys this model does not have."""
+        prefixes = self.unbuilt_prefixes()
+        if prefixes:
+            own = self.state_dict()
+            for key in [k for k in state_dict if k.startswith(prefixes) and k not in own]:
+                del state_dict[key]
+        return state_dict
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(checkpoint.get("state_dict"), dict):
+            self.drop_unbuilt(checkpoint["state_dict"])
+
     def load_init_checkpoint(self, path: str) -> None:
         """Initialise from an earlier run's checkpoint (e.g. pretraining -> fine-tuning), non-strict and loud."""
-        if not os.path.isfile(path):
-            raise ConfigError(f"model.init_from: checkpoint '{path}' does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state = state.get("state_dict", state)
+        from vl.checkpoint import load_torch_file
+
+        state = load_torch_file(path, "model.init_from")  # weights_only: a file that would run code is refused
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"model.init_from: '{path}' holds no state dict of tensors (a {type(state).__name__})")
+        state = self.drop_unbuilt(dict(state))
         own = self.state_dict()
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)

@@ -47,7 +47,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint file not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: loading runs no code
+    from vl.checkpoint import load_torch_file
+
+    state = load_torch_file(path, "checkpoint", error=DataError)  # weights_only: a file that would run code is refused
     if not isinstance(state, dict):
         raise DataError(f"{path}: expected a (DeepSpeed) state dict, got {type(state).__name__}")
     for key in ("module", "state_dict", "model"):

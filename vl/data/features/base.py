@@ -82,6 +82,13 @@ def decode_array(path: Path, value: Any, n: int, cols: int | None, sid: str, fie
     return flat.reshape(n, flat.size // n)
 
 
+def check_finite(path: Path, sid: str, field: str, arr: np.ndarray | None) -> None:
+    """DataError naming the file, image id and field when `arr` holds NaN or inf."""
+    if arr is not None and arr.size and not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise DataError(f"{path}: image id {sid!r}: {field!r} has {bad} non-finite value(s) (NaN/inf)")
+
+
 def make_item(
     path: Path,
     sid: str,
@@ -91,9 +98,12 @@ def make_item(
     w: int,
     h: int,
 ) -> dict[str, Any]:
-    """The reader output dict (shared by every format so they agree bit for bit)."""
+    """The reader output dict (shared by every format so they agree bit for bit). Non-finite values (NaN/inf, e.g.
+    from same-size damage of the file) are a DataError naming the file, image id and field."""
     if w <= 0 or h <= 0:
         raise DataError(f"{path}: record for image id {sid!r} has image size {w}x{h}")
+    for field, arr in (("features", features), ("boxes", boxes), ("cls_prob", cls_prob)):
+        check_finite(path, sid, field, arr)
     scale = np.array([w, h, w, h], dtype=np.float32)
     boxes_norm = np.clip(boxes / scale, 0.0, 1.0).astype(np.float32)
     return {

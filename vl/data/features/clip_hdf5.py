@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from vl.data.features.base import hdf5_errors, open_hdf5, read_hdf5_ids, remove_path, tmp_sibling
+from vl.data.features.base import check_finite, hdf5_errors, open_hdf5, read_hdf5_ids, remove_path, tmp_sibling
 from vl.errors import DataError
 
 
@@ -133,6 +133,8 @@ class ClipFeatureReader:
         if row is None:
             raise DataError(f"{self.path}: no image id {sid!r}")
         try:
-            return np.array(feats[row], dtype=np.float32)
+            out = np.array(feats[row], dtype=np.float32)
         except OSError as e:
             raise DataError(f"{self.path}: cannot read 'features' row {row} for image id {sid!r} ({e})") from None
+        check_finite(self.path, sid, "features", out)
+        return out

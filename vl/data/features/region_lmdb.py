@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vl.data.features.base import decode_array, encode_array, record_to_item, remove_path, replace_path, tmp_sibling
+from vl.data.formats.safe_pickle import safe_loads
 from vl.errors import DataError
 
 KEYS_KEY = b"keys"
@@ -249,8 +250,10 @@ class RegionFeatureReader:
             if raw is None:
                 raise DataError(f"{self.path}: LMDB has no {KEYS_KEY!r} entry (list of image ids)")
             try:
-                keys = pickle.loads(raw)
+                keys = safe_loads(raw, f"{self.path} key {KEYS_KEY!r}")
                 self._ids = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+            except DataError:
+                raise
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"{self.path}: {KEYS_KEY!r} entry is corrupt ({type(e).__name__}: {e})") from None
         return self._ids
@@ -269,7 +272,9 @@ class RegionFeatureReader:
         if raw is None:
             raise DataError(f"{self.path}: no image id {sid!r}")
         try:
-            rec = pickle.loads(raw)
+            rec = safe_loads(raw, f"{self.path} image id {sid!r}")
+        except DataError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{self.path}: record for image id {sid!r} is corrupt ({type(e).__name__}: {e})") from None
         return record_to_item(self.path, sid, rec)

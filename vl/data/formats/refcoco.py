@@ -15,7 +15,6 @@ Boxes are x1y1x2y2 in pixels with the continuous convention (a box covers ``[x1,
 from __future__ import annotations
 
 import numbers
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from vl.data.formats.boxes import box_area, box_iou, pairwise_iou, xywh_to_xyxy
 from vl.data.formats.coco import read_coco_json
 from vl.data.formats.jsonl import read_json
+from vl.data.formats.safe_pickle import read_pickle_file
 from vl.errors import DataError
 
 __all__ = [
@@ -56,17 +56,8 @@ def _is_number(x: Any) -> bool:
 
 
 def _read_pickle(path: Path) -> Any:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with path.open("rb") as f:
-            try:
-                return pickle.load(f)
-            except UnicodeDecodeError:  # a Python 2 pickle with non-ASCII byte strings
-                f.seek(0)
-                return pickle.load(f, encoding="latin1")
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a data error
-        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
+    # plain data only (a pickle that would run code is refused); Python 2 pickles with non-ASCII bytes read as latin1
+    return read_pickle_file(path, latin1_fallback=True)
 
 
 _REF_FIELDS: dict[str, Callable[[Any], bool]] = {

@@ -13,13 +13,13 @@ the corpus's region LMDB (``regions.lmdb``, keys ``str(image_id)``).
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vl.data.formats.safe_pickle import read_pickle_file
 from vl.errors import DataError
 
 __all__ = [
@@ -96,13 +96,7 @@ def load_hard_negatives(path: str | Path) -> tuple[list[str], np.ndarray]:
     and field when the pickle is unreadable, a key is missing, the pool is not 2-D integer with one row per image, or
     an index is outside [0, N_images)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with path.open("rb") as f:
-            obj = pickle.load(f)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file
-        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
+    obj = read_pickle_file(path)  # plain data only: a pickle that would run code is refused
     if not isinstance(obj, dict):
         raise DataError(
             f"{path}: expected a dict with 'train_image_list' and 'train_hard_pool', got {type(obj).__name__}"

@@ -10,13 +10,13 @@ Formats:
 
 from __future__ import annotations
 
-import pickle
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from vl.data.formats.jsonl import read_json
+from vl.data.formats.safe_pickle import read_pickle_file
 from vl.data.formats.vqa_answers import EVALUATORS, compared_forms, prediction_form
 from vl.errors import DataError
 
@@ -97,13 +97,7 @@ def _answer_text(answer: Any, index: int) -> str:
 
 
 def _read_pickle(path: Path) -> Any:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with path.open("rb") as f:
-            return pickle.load(f)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a data error
-        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
+    return read_pickle_file(path)  # plain data only: a pickle that would run code is refused
 
 
 def _read_json_or_pickle(path: Path) -> Any:

@@ -19,7 +19,7 @@
     retrieval/{train,val,test}.jsonl, hard_negative.pkl     Flickr30k retrieval layout (vl.data.formats.retrieval)
     vcr/{split}.jsonl, vcr1images/, names table, regions.lmdb   VCR layout (vl.data.formats.vcr)
     refcoco+/refs(unc).p, instances.json, dets.lmdb, gt.lmdb   RefCOCO+ REFER layout (vl.data.formats.refcoco)
-    manifest.json                                           written last: settings, version, files with sizes/sha1
+    manifest.json                                           written last: settings, version, files with sizes/sha1s
 
 ``ensure_corpus(cache_dir, settings)`` keeps one validated copy per (settings, GENERATOR_VERSION) in
 ``cache_dir/scenes-<key>`` (``verify_corpus`` decides whether it can be reused). Run ``python -m vl.tools.scenes
@@ -135,6 +135,30 @@ def _sha1(path: Path) -> str:
 
 _CHECKSUM_SUFFIXES = (".json", ".jsonl", ".pkl")
 _CHECKSUM_MAX_BYTES = 8 * 1024 * 1024
+#: the feature stores (LMDB data files, HDF5) get a `sampled_sha1`: the whole file up to `_SAMPLE_FULL_BYTES`, else
+#: `_SAMPLE_BLOCKS` blocks of `_SAMPLE_BLOCK` bytes spread evenly from the first to the last byte (a cheap verify that
+#: catches same-size damage, e.g. zeroed pages, which the size check cannot see)
+_SAMPLED_SUFFIXES = (".mdb", ".hdf5", ".h5")
+_SAMPLE_FULL_BYTES = 16 * 1024 * 1024
+_SAMPLE_BLOCKS = 64
+_SAMPLE_BLOCK = 64 * 1024
+
+
+def _sampled_sha1(path: Path) -> str:
+    size = path.stat().st_size
+    if size <= max(_SAMPLE_FULL_BYTES, _SAMPLE_BLOCKS * _SAMPLE_BLOCK):
+        return _sha1(path)
+    h = hashlib.sha1(str(size).encode())
+    last = size - _SAMPLE_BLOCK
+    with path.open("rb") as f:
+        for i in range(_SAMPLE_BLOCKS):
+            f.seek(last * i // (_SAMPLE_BLOCKS - 1))
+            h.update(f.read(_SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def _wants_sampled_hash(rel: str) -> bool:
+    return rel.endswith(_SAMPLED_SUFFIXES) and not rel.endswith("lock.mdb")
 
 
 def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Path:
@@ -307,6 +331,8 @@ def _write_manifest(
             and p.parent != paths["regions_json"]
         ):
             entry["sha1"] = _sha1(p)
+        elif _wants_sampled_hash(entry["path"]):
+            entry["sampled_sha1"] = _sampled_sha1(p)
         files.append(entry)
     manifest = {
         "generator_version": GENERATOR_VERSION,
@@ -333,7 +359,7 @@ def _write_manifest(
 def verify_corpus(root: str | Path, settings: SceneSettings | None = None) -> str | None:
     """Why the corpus at ``root`` can't be reused (a one-line reason), or None when it is complete and matches
     ``settings``: manifest present and for these settings, every file with its recorded size (and sha1 for the small
-    text/pickle files; region JSON files by size only), the region LMDB / HDF5 / JSON and the CLIP HDF5 open with the
+    text/pickle files, a sampled sha1 for the LMDB / HDF5 feature stores; region JSON files by size only), the region LMDB / HDF5 / JSON and the CLIP HDF5 open with the
     expected number of images."""
     settings = settings or SceneSettings()
     root = Path(root)
@@ -362,6 +388,11 @@ def verify_corpus(root: str | Path, settings: SceneSettings | None = None) -> st
             return f"{rel} has {size} bytes, expected {expected_size}"
         if "sha1" in entry and _sha1(p) != entry["sha1"]:
             return f"{rel} checksum differs"
+        if _wants_sampled_hash(rel) and "sha1" not in entry:
+            if "sampled_sha1" not in entry:
+                return f"{rel} has no checksum (corpus written by an older writer)"
+            if _sampled_sha1(p) != entry["sampled_sha1"]:
+                return f"{rel} checksum differs (same size: damaged in place)"
     listed = {entry.get("path") for entry in files if isinstance(entry, dict)}
     for s in SPLITS:  # corpora cached before these writers existed lack them
         for rel in (f"lxmert/mscoco_{s}.json", f"lxmert_text/{s}.jsonl"):

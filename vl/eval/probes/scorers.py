@@ -138,7 +138,9 @@ class CheckpointScorer(_BatchedScorer):
         ckpt_path = Path(ckpt_path)
         if run_cfg is None:
             run_cfg, _ = load_run_config(ckpt_path)
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        from vl.checkpoint import check_architecture, read_checkpoint
+
+        state = read_checkpoint(ckpt_path, "ckpt_path")  # weights_only: a file that would run code is refused
         hparams = state.get("hyper_parameters") or {}
         if "objectives" in hparams and "data_info" in hparams:
             kwargs: dict[str, Any] = {
@@ -151,6 +153,7 @@ class CheckpointScorer(_BatchedScorer):
             system = instantiate_node(run_cfg.model, **kwargs)
         else:  # no saved hyper-parameters: the data module supplies objectives and data_info
             system = build_model(run_cfg, build_datamodule(run_cfg))
+        check_architecture(state, system, ckpt_path)
         system.load_state_dict(state["state_dict"])
         if "mlm" not in system.objectives:
             raise ConfigError(

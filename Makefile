@@ -26,9 +26,10 @@ test: install  ## fast test tier (the README's and CI's test command)
 test-full: install  ## every test, slow ones included
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q
 
-lint: install  ## ruff
+lint: install  ## ruff + the layer contract (import-linter, pyproject.toml)
 	$(PYTHON) -m ruff check vl tests train.py evaluate.py bench
 	$(PYTHON) -m ruff format --check vl tests train.py evaluate.py bench
+	PYTHONPATH=$(CURDIR) lint-imports --config pyproject.toml
 
 bench: install  ## speed/memory benchmarks (ratios, printed)
 	$(PYTHON) bench/run_all.py

@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import vl.config  # noqa: F401  (registers structured-config schemas and resolvers)
+import vl.pipeline  # noqa: F401  (registers the structured-config schemas and resolvers)
 from vl.errors import VLError
 
 

@@ -3,8 +3,8 @@
 1. Ranking machinery (synthetic dual-encoder scorer, dot products), at three captions x images sizes:
    - naive: the whole captions x images score matrix, then ranks from it (what a torchmetrics.retrieval-style
      evaluation holds);
-   - chunked: `vl.retrieval.chunked_ranks` (exhaustive, one caption chunk x all images at a time);
-   - shortlist: `vl.retrieval.shortlist_ranks` (cheap similarity per caption chunk, top k kept, re-ranked).
+   - chunked: `vl.eval.retrieval.chunked_ranks` (exhaustive, one caption chunk x all images at a time);
+   - shortlist: `vl.eval.retrieval.shortlist_ranks` (cheap similarity per caption chunk, top k kept, re-ranked).
    Peak memory is traced with `tracemalloc` (numpy buffers; vl keeps every array that grows with the gallery in
    numpy so that it is traced). Asserts chunked == naive ranks, and shortlist == min(naive, k + 1) (its cheap
    similarity is the scorer here, so the shortlist holds the gold exactly when its rank is <= k).
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from vl.retrieval import chunked_ranks, gallery_scorer, pooled_similarity, shortlist_ranks  # noqa: E402
+from vl.eval.retrieval import chunked_ranks, gallery_scorer, pooled_similarity, shortlist_ranks  # noqa: E402
 
 
 def traced(fn):
@@ -86,7 +86,7 @@ def machinery(n_texts: int, n_images: int, *, k: int, dim: int, text_chunk: int,
 def cross_encoder(n_images: int, n_captions: int, *, k: int, repeats: int, data_dir: str) -> None:
     from hydra import compose, initialize_config_dir
 
-    import vl.config  # noqa: F401
+    import vl.build  # noqa: F401
     from vl.pipeline import build_datamodule, build_model
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):

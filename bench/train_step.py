@@ -39,7 +39,7 @@ def compose_cfg(data_dir: str, output_dir: str):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import vl.config  # noqa: F401
+    import vl.build  # noqa: F401
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):

@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import vl.config  # noqa: F401  (schemas + resolvers)
+import vl.pipeline  # noqa: F401  (schemas + resolvers)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -36,10 +36,10 @@ def real_sample(*parts: str) -> Path:
 
 #: a model small enough for many CPU fits per test session
 TINY_MODEL = (
-    "model.text_encoder.hidden_size=32",
-    "model.text_encoder.num_heads=2",
-    "model.text_encoder.intermediate_size=64",
-    "model.text_encoder.num_layers=1",
+    "model.encoder.text_encoder.hidden_size=32",
+    "model.encoder.text_encoder.num_heads=2",
+    "model.encoder.text_encoder.intermediate_size=64",
+    "model.encoder.text_encoder.num_layers=1",
 )
 TINY_CORPUS_IMAGES = 150
 
@@ -117,7 +117,7 @@ def compose_cfg(
         if (
             tiny
             and config_name == "train"
-            and cfg.model._target_.endswith("SingleStreamSystem")
+            and cfg.model.encoder._target_.endswith("SingleStreamEncoder")
             and chosen in (None, "single_stream")
         ):
             cfg = compose(config_name, overrides=extra + list(TINY_MODEL) + list(overrides), return_hydra_config=True)

@@ -104,7 +104,7 @@ def test_unknown_objective_is_named(make_cfg) -> None:
 
 
 def test_missing_pretrained_dir_is_named(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("experiment=none", "data=vqa", f"model.text_encoder.pretrained={tmp_path}/nope", "debug=fdr")
+    cfg = make_cfg("experiment=none", "data=vqa", f"model.encoder.text_encoder.pretrained={tmp_path}/nope", "debug=fdr")
     with pytest.raises(ConfigError, match="nope"):
         train(cfg)
 

@@ -20,6 +20,11 @@ def _resolve_all(cfg) -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group: str, option: str, make_cfg) -> None:
+    if group == "task":  # evaluation tasks are a group of the evaluate config
+        cfg = make_cfg("ckpt_path=x.ckpt", f"task={option}", config_name="evaluate", tiny=False)
+        _resolve_all(cfg)
+        assert (cfg.task.get("_target_") or "test").endswith(option)
+        return
     cfg = make_cfg(f"{group}={option}")
     _resolve_all(cfg)
     assert cfg.data._target_ and cfg.model._target_
@@ -40,10 +45,10 @@ def test_hydra_group_is_applied(make_cfg) -> None:
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("model.text_encoder.hiden_size=3", "hiden_size"),
+        ("model.encoder.text_encoder.hiden_size=3", "hiden_size"),
         ("data.batch_sise=3", "batch_sise"),
         ("trainer.max_epoch=3", "max_epoch"),
-        ("model.text_encoder.hidden_size=abc", "model.text_encoder.hidden_size"),
+        ("model.encoder.text_encoder.hidden_size=abc", "model.encoder.text_encoder.hidden_size"),
         ("data.num_workers=many", "data.num_workers"),
         ("trainer.max_steps=1.5", "trainer.max_steps"),
     ],
@@ -61,6 +66,24 @@ def test_unknown_model_name_lists_options(make_cfg) -> None:
     assert "model/vilbrt" in str(err.value) and "visual_bert" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("task.shortlist_kk=3", "shortlist_kk"), ("task.shortlist_k=many", "task.shortlist_k")],
+)
+def test_task_options_are_checked_at_compose_time(override: str, needle: str, make_cfg) -> None:
+    cfg = make_cfg("ckpt_path=x.ckpt", "task=zero_shot_retrieval", "task.shortlist_k=20", config_name="evaluate")
+    assert cfg.task.shortlist_k == 20 and cfg.task.text_chunk == 16  # the default of the task function
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)) as err:
+        make_cfg("ckpt_path=x.ckpt", "task=zero_shot_retrieval", override, config_name="evaluate")
+    assert needle in str(err.value) + str(err.value.__cause__ or "")
+
+
+def test_unknown_task_lists_options(make_cfg) -> None:
+    with pytest.raises(Exception) as err:
+        make_cfg("ckpt_path=x.ckpt", "task=zero_shot", config_name="evaluate")
+    assert "task/zero_shot" in str(err.value) and "zero_shot_retrieval" in str(err.value)
+
+
 #: vilbert_beta vlbert_tasks.yml / train_tasks.py (spec: vilbert.md, fine-tuning table): batch, lr, text length
 PUBLISHED_VILBERT = {
     "vilbert_vqa": ("vqa", 256, 4e-5, 16, 1e-4),
@@ -74,7 +97,7 @@ PUBLISHED_VILBERT = {
 def test_published_vilbert_recipes(experiment: str, make_cfg) -> None:
     objective, batch, lr, text_len, head_lr = PUBLISHED_VILBERT[experiment]
     cfg = make_cfg(f"experiment={experiment}", tiny=False)
-    assert cfg.model._target_ == "vl.models.vilbert.VilbertSystem" and cfg.model.text_encoder.num_layers == 12
+    assert cfg.model._target_ == "vl.models.vilbert.VilbertSystem" and cfg.model.encoder.text_encoder.num_layers == 12
     assert list(cfg.data.objectives) == [objective]
     assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.data.max_text_len) == (batch, lr, text_len)
     assert cfg.model.head_lr == head_lr

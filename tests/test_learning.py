@@ -78,11 +78,11 @@ def test_default_experiment_learns_itm_and_vqa(make_cfg) -> None:
 
 
 def test_pretrained_minilm_text_encoder_loads_with_key_report(make_cfg, caplog) -> None:
-    cfg = make_cfg("experiment=none", "data=vqa", "model.text_encoder.pretrained=minilm", "debug=fdr")
+    cfg = make_cfg("experiment=none", "data=vqa", "model.encoder.text_encoder.pretrained=minilm", "debug=fdr")
     from vl.pipeline import build_datamodule, build_model
 
     dm = build_datamodule(cfg)
-    with caplog.at_level(logging.INFO, logger="vl.models.bert"):
+    with caplog.at_level(logging.INFO, logger="vl.pretrained"):
         model = build_model(cfg, dm)
     assert "BERT weights from" in caplog.text and "0 missing keys" in caplog.text
     assert model.encoder.bert.config.hidden_size == 384 and model.encoder.bert.config.num_hidden_layers == 6

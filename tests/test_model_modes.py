@@ -17,18 +17,18 @@ DATA = {"bert": "lxmert_text", "clip_bert": "vlp", "clip_bert_tiny": "vlp"}
 #: shrink the full-size configs so a step is cheap (the mechanism is size-independent)
 SMALL = {
     "vilbert": (
-        "model.text_encoder.hidden_size=32",
-        "model.text_encoder.num_heads=2",
-        "model.text_encoder.intermediate_size=64",
-        "model.text_encoder.num_layers=2",
-        "model.v_hidden=32",
-        "model.v_num_layers=2",
-        "model.v_intermediate=64",
-        "model.bi_hidden=32",
-        "model.v_heads=2",
-        "model.bi_heads=2",
-        "model.v_biattention_id=[0,1]",
-        "model.t_biattention_id=[0,1]",
+        "model.encoder.text_encoder.hidden_size=32",
+        "model.encoder.text_encoder.num_heads=2",
+        "model.encoder.text_encoder.intermediate_size=64",
+        "model.encoder.text_encoder.num_layers=2",
+        "model.encoder.v_hidden=32",
+        "model.encoder.v_num_layers=2",
+        "model.encoder.v_intermediate=64",
+        "model.encoder.bi_hidden=32",
+        "model.encoder.v_heads=2",
+        "model.encoder.bi_heads=2",
+        "model.encoder.v_biattention_id=[0,1]",
+        "model.encoder.t_biattention_id=[0,1]",
     ),
 }
 
@@ -73,7 +73,7 @@ def test_dropout_runs_in_training_and_not_in_eval(model: str, make_cfg) -> None:
     """Lightning trains modules in the mode they were built in (it does not call `.train()` at fit start, and restores
     each module's mode after validation), so a built system must be in training mode throughout."""
     # a pretrained text encoder (`from_pretrained` returns eval mode); random-init ones are built in training mode
-    extra = ["model.text_encoder.dropout=0.1", "model.text_encoder.pretrained=minilm"]
+    extra = ["model.encoder.text_encoder.dropout=0.1", "model.encoder.text_encoder.pretrained=minilm"]
     cfg = make_cfg(*_overrides(model, *extra), tiny=False)
     dm = build_datamodule(cfg)
     system = build_model(cfg, dm)
@@ -101,7 +101,9 @@ class RecordModes(L.Callback):
 def test_pretrained_text_encoder_trains_in_train_mode_across_validation(make_cfg) -> None:
     """The clip_bert recipe's situation: a pretrained BERT, fit with validation between epochs."""
     cfg = make_cfg(
-        *_overrides("clip_bert_tiny", "model.text_encoder.pretrained=minilm", "model.text_encoder.dropout=0.1"),
+        *_overrides(
+            "clip_bert_tiny", "model.encoder.text_encoder.pretrained=minilm", "model.encoder.text_encoder.dropout=0.1"
+        ),
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
@@ -133,7 +135,7 @@ def test_weight_norm_linear_equals_torch_parametrization_and_pickles() -> None:
 
     from torch.nn.utils.parametrizations import weight_norm
 
-    from vl.objectives import WeightNormLinear
+    from vl.heads import WeightNormLinear
 
     torch.manual_seed(0)
     ours = WeightNormLinear(7, 5)

@@ -6,15 +6,15 @@ import numpy as np
 import torch
 
 from vl.data.collate import mask_regions
-from vl.metrics import RetrievalRecall, VQAAccuracy
-from vl.objectives import (
+from vl.eval.retrieval import chunked_ranks
+from vl.heads import (
     EncoderOutput,
     MaskedRegionClassification,
     MultipleChoice,
     RegionGrounding,
     VCRMultipleChoice,
 )
-from vl.retrieval import chunked_ranks
+from vl.metrics import RetrievalRecall, VQAAccuracy
 
 
 def test_masked_region_kl_equals_hand_computation() -> None:
@@ -80,7 +80,7 @@ def test_chunked_ranks_match_brute_force_numpy() -> None:
 
 
 def test_seed_alignment_head_converts_to_vl_itm_convention() -> None:
-    from vl.objectives import ImageTextMatching, itm_head_from_seed, itm_labels_from_seed
+    from vl.heads import ImageTextMatching, itm_head_from_seed, itm_labels_from_seed
 
     torch.manual_seed(0)
     seed_w, seed_b = torch.randn(2, 6), torch.randn(2)
@@ -96,7 +96,7 @@ def test_seed_alignment_head_converts_to_vl_itm_convention() -> None:
 
 
 def test_shortlist_rerank_equals_exhaustive_when_k_is_n() -> None:
-    from vl.retrieval import shortlist_ranks
+    from vl.eval.retrieval import shortlist_ranks
 
     rng = np.random.default_rng(1)
     scores = rng.normal(size=(29, 17))

@@ -37,8 +37,8 @@ def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> N
     cfg = make_cfg("experiment=none", f"model={model}", f"data={data}", "debug=fdr", *small)
     info = build_datamodule(cfg).info
     objectives = set(cfg.data.objectives)
-    region_model = cfg.model._target_.endswith(("SingleStreamSystem", "VisualBertSystem", "VilbertSystem"))
-    sees_image = region_model or (cfg.model.get("use_image", True) and "clip_dim" in info)
+    region_model = cfg.model.encoder._target_.endswith(("SingleStreamEncoder", "VisualBertEncoder", "VilbertEncoder"))
+    sees_image = region_model or (cfg.model.encoder.get("use_image", True) and "clip_dim" in info)
     incompatible = None  # an incompatible pair fails with a clear error before any compute
     if region_model and "visual_dim" not in info:
         incompatible = "reads region features"
@@ -63,7 +63,7 @@ def test_overfit_one_batch_drives_loss_down(make_cfg) -> None:
         "trainer.log_every_n_steps=1",
         "model.optimizer.lr=3e-3",
         "model.scheduler=null",
-        "model.text_encoder.dropout=0.0",
+        "model.encoder.text_encoder.dropout=0.0",
         "callbacks=none",
         "test=false",
     )

@@ -1,4 +1,4 @@
-"""Retrieval ranking machinery (vl/retrieval.py): exact rank semantics in the scores' own dtype, the shortlist's
+"""Retrieval ranking machinery (vl/models/ranking.py, vl/eval/retrieval.py): exact rank semantics in the scores' own dtype, the shortlist's
 top k and its memory (traced: never captions x images), and the gallery scorer against per-pair collation."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vl.retrieval import _top_k_mask, chunked_ranks, gallery_scorer, shortlist_ranks
+from vl.eval.retrieval import _top_k_mask, chunked_ranks, gallery_scorer, shortlist_ranks
 
 
 def _block_of(scores: np.ndarray):
@@ -206,7 +206,7 @@ def test_zero_shot_retrieval_rejects_a_bad_shortlist_k_before_compute(bad, tmp_p
     from omegaconf import OmegaConf
 
     from vl.errors import ConfigError
-    from vl.retrieval import zero_shot_retrieval
+    from vl.eval.retrieval import zero_shot_retrieval
 
     cfg = OmegaConf.create({"task_cfg": {"shortlist_k": bad}})
     with pytest.raises(ConfigError, match="task_cfg.shortlist_k: must be an integer >= 1"):

@@ -2,7 +2,7 @@
 
 A planted pickle (its `__reduce__` would create a marker file) is refused on every loading path: `ckpt_path` (train
 resume, evaluate, task=memory_colors, task=zero_shot_retrieval), `model.init_from`, `model.state_dict_path`,
-`python -m vl.probes` (vl checkpoints and DeepSpeed-style states), and the data pickles (VQA target / answer caches,
+`python -m vl.tools.probes` (vl checkpoints and DeepSpeed-style states), and the data pickles (VQA target / answer caches,
 RefCOCO refs, hard negatives, LMDB feature records). `ckpt_path` problems (missing, empty, truncated, kill-damaged,
 same-size damage, not a checkpoint, weights only, another architecture or size) fail before Lightning sees the file.
 """
@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import ROOT, compose_cfg, save_run_config
 from vl.checkpoint import read_checkpoint
-from vl.data.safe_pickle import read_pickle_file, safe_loads
+from vl.data.formats.safe_pickle import read_pickle_file, safe_loads
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.errors import ConfigError, DataError
 from vl.pipeline import evaluate, train
@@ -103,9 +103,9 @@ def test_planted_ckpt_is_refused_on_every_checkpoint_path(runs, make_cfg, tmp_pa
                 evaluate(_eval_cfg(make_cfg, evil, f"task={task}"))
             _refused(err, evil)
         # the task implementations themselves (not only evaluate()'s up-front check)
+        from vl.eval.probes.scorers import CheckpointScorer
+        from vl.eval.tasks import run_eval_task
         from vl.pipeline import load_run_config
-        from vl.probes.scorers import CheckpointScorer
-        from vl.tasks import run_eval_task
 
         run_cfg, _ = load_run_config(evil)
         with pytest.raises(ConfigError) as err:
@@ -120,8 +120,8 @@ def test_planted_ckpt_is_refused_on_every_checkpoint_path(runs, make_cfg, tmp_pa
                 output_dir=tmp_path / "zsr",
             )
         _refused(err, evil)
-        # python -m vl.probes
-        from vl.probes.__main__ import main as probes_main
+        # python -m vl.tools.probes
+        from vl.tools.probes import main as probes_main
 
         rc = probes_main(["--task", "memory_colors", "--models", f"x={evil}", "--out", str(tmp_path / "p")])
         assert rc == 2
@@ -138,9 +138,9 @@ def test_planted_state_dict_files_are_refused(runs, make_cfg, tmp_path: Path, ca
     with pytest.raises(ConfigError) as err:
         train(make_cfg(*FAST, "model=clip_bert_tiny", "data=vlp", f"model.state_dict_path={evil}"))
     _refused(err, evil)
-    # python -m vl.probes with an LXMERT config + DeepSpeed-style state
+    # python -m vl.tools.probes with an LXMERT config + DeepSpeed-style state
     from vl.models.text_only import tiny_lxmert_config
-    from vl.probes.__main__ import main as probes_main
+    from vl.tools.probes import main as probes_main
 
     model_dir = tmp_path / "lxmert"
     model_dir.mkdir()
@@ -290,14 +290,14 @@ def test_ckpt_of_another_model_names_both_architectures(runs, make_cfg) -> None:
     foreign = runs["clip_bert"] / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError) as err:
         train(make_cfg(*FAST, "data=vqa", f"ckpt_path={foreign}", name="resume-foreign"))
-    _one_line(err, foreign, "holds a ClipBertSystem checkpoint, but the config asks for SingleStreamSystem")
+    _one_line(err, foreign, "holds a ClipBertEncoder checkpoint, but the config asks for SingleStreamEncoder")
     # evaluate: a CLIP-BERT checkpoint dropped into a VisualBERT run dir
     placed = runs["visual_bert"] / "checkpoints" / "foreign.ckpt"
     shutil.copy(foreign, placed)
     try:
         with pytest.raises(ConfigError) as err:
             evaluate(_eval_cfg(make_cfg, placed))
-        _one_line(err, placed, "holds a ClipBertSystem checkpoint, but the config asks for VisualBertSystem")
+        _one_line(err, placed, "holds a ClipBertEncoder checkpoint, but the config asks for VisualBertEncoder")
     finally:
         placed.unlink()
     # same architecture, other sizes
@@ -309,8 +309,8 @@ def test_ckpt_of_another_model_names_both_architectures(runs, make_cfg) -> None:
                 "data=vqa",
                 "model=visual_bert",
                 f"ckpt_path={own}",
-                "model.text_encoder.hidden_size=64",
-                "model.text_encoder.num_heads=2",
+                "model.encoder.text_encoder.hidden_size=64",
+                "model.encoder.text_encoder.num_heads=2",
                 name="resize",
             )
         )
@@ -319,7 +319,7 @@ def test_ckpt_of_another_model_names_both_architectures(runs, make_cfg) -> None:
 
 def test_own_checkpoint_reads(runs) -> None:
     ckpt = read_checkpoint(runs["visual_bert"] / "checkpoints" / "last.ckpt", resume=True)
-    assert ckpt["vl_architecture"] == "VisualBertSystem"
+    assert ckpt["vl_architecture"] == "VisualBertEncoder"
 
 
 @pytest.mark.slow  # a CLI subprocess (~25 s on 2 cores)

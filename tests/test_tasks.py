@@ -65,7 +65,7 @@ def _finetune_and_evaluate(task: str, model: str, make_cfg, extra: tuple[str, ..
         assert json.loads(written.read_text())
     if task == "retrieval":  # the evaluate task ranks the same gallery: exhaustive and shortlist(k = N) agree with test
         ckpt = run / "checkpoints" / "best.ckpt"
-        for i, mode in enumerate(("+task_cfg.text_chunk=4", "+task_cfg.shortlist_k=1000")):
+        for i, mode in enumerate(("task.text_chunk=4", "task.shortlist_k=1000")):
             zs = make_cfg(
                 f"ckpt_path={ckpt}",
                 "task=zero_shot_retrieval",

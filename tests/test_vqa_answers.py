@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import real_sample
-from vl.data.vqa_answers import (
+from vl.data.formats.vqa import build_targets, load_questions, load_targets, vqa_soft_score
+from vl.data.formats.vqa_answers import (
     CONTRACTIONS,
     PUNCTUATION,
     normalize_answer,
     official_vqa_accuracy,
     trainval_minval_split,
 )
-from vl.data.vqa_convert import main as convert_main
-from vl.data.vqa_format import build_targets, load_questions, load_targets, vqa_soft_score
 from vl.errors import DataError
+from vl.tools.vqa_convert import main as convert_main
 
 
 @pytest.mark.parametrize(
@@ -286,7 +286,7 @@ def test_converter_rejects_a_bad_file(tmp_path: Path) -> None:
     (tmp_path / "q.json").write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 2}]}))
     (tmp_path / "a.json").write_text(json.dumps({"annotations": []}))
     (tmp_path / "v.json").write_text(json.dumps(VOCAB))
-    from vl.data.vqa_convert import convert_vqa
+    from vl.tools.vqa_convert import convert_vqa
 
     with pytest.raises(DataError, match="q.json.*question"):
         convert_vqa(tmp_path / "out", tmp_path / "v.json", {"train": (tmp_path / "q.json", tmp_path / "a.json")})

@@ -129,24 +129,34 @@ def is_deepspeed_dir(path: str | Path) -> bool:
     return path.is_dir() and ((path / "latest").is_file() or (path / "checkpoint").is_dir())
 
 
+def architecture_name(model: torch.nn.Module) -> str:
+    """The architecture a system is: its encoder's class (one shared system runs every encoder), else its class."""
+    encoder = getattr(model, "encoder", None)
+    return type(encoder).__name__ if isinstance(encoder, torch.nn.Module) else type(model).__name__
+
+
 def architecture_of(ckpt: dict[str, Any]) -> str:
-    """The LightningModule class a checkpoint holds: the recorded name, else inferred from its hyper-parameters."""
+    """The architecture a checkpoint holds: the recorded name, else inferred from its hyper-parameters."""
     if isinstance(ckpt.get(ARCH_KEY), str):
         return ckpt[ARCH_KEY]
     hparams = ckpt.get("hyper_parameters") or {}
+    encoder = hparams.get("encoder")
+    if isinstance(encoder, dict) and isinstance(encoder.get("_target_"), str):
+        return encoder["_target_"].rsplit(".", 1)[-1]
+    # checkpoints of the systems before encoders were injected
     if "v_hidden" in hparams or "bi_hidden" in hparams:
-        return "VilbertSystem"
+        return "VilbertEncoder"
     if "use_image" in hparams or "state_dict_path" in hparams or "image_dim" in hparams:
-        return "ClipBertSystem"
+        return "ClipBertEncoder"
     if "pooling" in hparams:
-        return "VisualBertSystem"
+        return "SingleStreamEncoder"
     return "unknown"
 
 
 def check_architecture(ckpt: dict[str, Any], model: torch.nn.Module, path: str | Path, what: str = "ckpt_path") -> None:
     """One line when `ckpt` does not hold `model`'s architecture, or holds it with other parameter names / shapes."""
     where = f"{what}: '{Path(path).expanduser()}'"
-    held, asked = architecture_of(ckpt), type(model).__name__
+    held, asked = architecture_of(ckpt), architecture_name(model)
     if held not in ("unknown", asked):
         raise ConfigError(f"{where} holds a {held} checkpoint, but the config asks for {asked}")
     if hasattr(model, "drop_unbuilt"):  # parts an older vl built although unused (e.g. the pooler under mean pooling)
@@ -173,4 +183,11 @@ def check_architecture(ckpt: dict[str, Any], model: torch.nn.Module, path: str |
         )
 
 
-__all__ = ["ARCH_KEY", "architecture_of", "check_architecture", "load_torch_file", "read_checkpoint"]
+__all__ = [
+    "ARCH_KEY",
+    "architecture_name",
+    "architecture_of",
+    "check_architecture",
+    "load_torch_file",
+    "read_checkpoint",
+]

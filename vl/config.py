@@ -1,39 +1,115 @@
 """Structured-config schemas (validated at compose time) and OmegaConf resolvers.
 
-YAML files in `conf/model`, `conf/data`, `conf/trainer` start with `defaults: [/schema/<group>/<name>@_here_, _self_]`,
-so an unknown key or a wrong type fails while Hydra composes, naming the full key.
+YAML files in `conf/model`, `conf/data`, `conf/trainer`, `conf/task` start with
+`defaults: [/schema/<group>/<name>@_here_, _self_]`, so an unknown key or a wrong type fails while Hydra composes,
+naming the full key. A component's parameters and defaults are stated once, in its constructor's signature:
+`schema_from_signature` turns that signature into the schema (registered by `vl.build.register_configs`); the YAML
+files state only what differs from those defaults.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import inspect
 import os
+import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from vl.errors import VLError
+
+
+# ---------------------------------------------------------------------------------------------------- generated
+def _schema_type(hint: Any) -> Any:
+    """A type annotation -> one OmegaConf can validate (unions other than Optional, and unknown classes, -> Any)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (int, float, str, bool, Any):
+        return hint
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            inner = _schema_type(rest[0])
+            return Optional[inner] if len(rest) < len(args) else inner
+        return Any
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        inner = [a for a in args if a is not Ellipsis]
+        return list[_schema_type(inner[0])] if len(set(inner)) == 1 else list[Any]
+    if origin in (dict, collections.abc.Mapping) or hint is dict:
+        return dict[str, _schema_type(args[1]) if len(args) == 2 else Any]
+    return Any
+
+
+def _default(value: Any) -> Any:
+    if value is inspect.Parameter.empty:
+        return field(default=MISSING)
+    if isinstance(value, list | tuple | dict):
+        copy = list(value) if isinstance(value, tuple) else value
+        return field(default_factory=lambda: copy.copy() if hasattr(copy, "copy") else copy)
+    return field(default=value)
+
+
+def signature_parameters(target: Callable[..., Any]) -> dict[str, tuple[Any, Any]]:
+    """Keyword parameters of a function or class constructor -> {name: (annotation, default)}, following `**kwargs`
+    into the base classes' constructors (a subclass that forwards `**kwargs` inherits its base's parameters)."""
+    functions = (
+        [c.__dict__["__init__"] for c in target.__mro__ if "__init__" in c.__dict__ and c is not object]
+        if isinstance(target, type)
+        else [target]
+    )
+    params: dict[str, tuple[Any, Any]] = {}
+    for fn in functions:
+        hints = typing.get_type_hints(fn)
+        more = False
+        for p in inspect.signature(fn).parameters.values():
+            if p.name == "self" or p.kind is p.VAR_POSITIONAL:
+                continue
+            if p.kind is p.VAR_KEYWORD:
+                more = True
+                continue
+            params.setdefault(p.name, (hints.get(p.name, Any), p.default))
+        if not more:
+            break
+    return params
+
+
+def schema_from_signature(
+    target: Callable[..., Any],
+    name: str,
+    *,
+    exclude: Iterable[str] = (),
+    types_: dict[str, Any] | None = None,
+    extra: dict[str, tuple[Any, Any]] | None = None,
+    with_target: bool = True,
+) -> type:
+    """A dataclass schema with one field per keyword parameter of `target` (type from its annotation, default from
+    its signature; required parameters are MISSING), plus `_target_` (the dotted path of `target`). `types_`
+    replaces a field's type with a nested schema (its default becomes that schema's defaults); `extra` adds fields
+    (`name: (type, default)`), e.g. Hydra's `_recursive_`."""
+    types_ = dict(types_ or {})
+    fields: list[tuple[str, Any, Any]] = []
+    if with_target:
+        fields.append(("_target_", str, field(default=f"{target.__module__}.{target.__qualname__}")))
+    for key, (kind, value) in (extra or {}).items():
+        fields.append((key, kind, _default(value)))
+    for key, (hint, default) in signature_parameters(target).items():
+        if key in set(exclude):
+            continue
+        if key in types_:
+            nested = types_[key]
+            fields.append((key, nested, field(default_factory=nested)))
+        else:
+            fields.append((key, _schema_type(hint), _default(default)))
+    return dataclasses.make_dataclass(name, fields)
 
 
 # ---------------------------------------------------------------------------------------------------- model
-@dataclass
-class TextEncoderConfig:
-    """BERT sizes (random init), or `pretrained`: a local HF dir / "minilm" (then the sizes come from its config)."""
-
-    pretrained: Optional[str] = None
-    vocab_size: int = 30522
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 512
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    dropout: float = 0.1
-    initializer_range: float = 0.02  # std of the random init (larger = shorter plateaus for tiny models)
-    add_pooling_layer: bool = True
-
-
 @dataclass
 class OptimizerConfig:
     _target_: str = "torch.optim.AdamW"
@@ -44,153 +120,25 @@ class OptimizerConfig:
     eps: float = 1e-8
 
 
-@dataclass
-class ModelConfig:
-    _target_: str = MISSING
-    _recursive_: bool = False  # optimizer/scheduler are instantiated in configure_optimizers
-    _convert_: str = "all"  # plain dicts in, so checkpoints hold no OmegaConf objects
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: Optional[dict[str, Any]] = None
-    loss_weights: dict[str, float] = field(default_factory=dict)
-    init_from: Optional[str] = None
-    pretrained_lr_mult: float = 1.0
-    heads: dict[str, Any] = field(default_factory=dict)  # per-head options, e.g. {vqa: {classifier: simple}}
-    head_lr: Optional[float] = None  # lr of the task heads (objectives.*); null = optimizer.lr
-
-
-@dataclass
-class SingleStreamModelConfig(ModelConfig):
-    """The VisualBERT-style single-stream encoder (vl/models/single_stream.py)."""
-
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    pooling: str = "cls"  # "cls": BERT pooler on [CLS]; "mean": masked mean of all states
-
-
-@dataclass
-class VisualBertModelConfig(ModelConfig):
-    """The published VisualBERT (vl/models/visual_bert.py, `transformers.VisualBertModel` layout); a VisualBERT or BERT
-    dir in `text_encoder.pretrained` loads its weights."""
-
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-
-
-@dataclass
-class VilbertModelConfig(ModelConfig):
-    """ViLBERT (vl/models/vilbert.py): BERT text stream + vision stream + co-attention layers."""
-
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    v_hidden: int = 1024
-    v_num_layers: int = 6
-    v_heads: int = 8
-    v_intermediate: int = 1024
-    bi_hidden: int = 1024
-    bi_heads: int = 8
-    # co-attention layer k runs before text layer t_biattention_id[k] and vision layer v_biattention_id[k] (as upstream)
-    v_biattention_id: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
-    t_biattention_id: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
-    dropout: float = 0.1  # vision stream and co-attention layers (the text stream uses text_encoder.dropout)
-    pretrained_lr_mult: float = 0.1
-    state_dict_path: Optional[str] = None  # a released vilbert-multi-task / vilbert_beta checkpoint (key-mapped)
-
-
 # ---------------------------------------------------------------------------------------------------- data
-def _corpus_schema() -> type:
-    """A mutable schema with exactly the fields and types of `vl.data.scenes.SceneSettings`."""
-    from vl.data.scenes import SceneSettings
-
-    hints = typing.get_type_hints(SceneSettings)
-    fields = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(SceneSettings)]
-    return dataclasses.make_dataclass("CorpusConfig", fields)
-
-
-CorpusConfig = _corpus_schema()
-
-
 @dataclass
-class DataConfig:
-    _target_: str = MISSING
-    root: Optional[str] = None
-    cache_dir: str = "data"
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # type: ignore[valid-type]
-    objectives: list[str] = field(default_factory=list)
-    tokenizer: str = "minilm"
-    batch_size: int = 64
-    batch_size_per_device: Optional[int] = None
-    num_workers: int = 0
-    max_text_len: int = 32
-    max_regions: int = 36
-    mlm_probability: float = 0.15
-    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
-    monitor: str = "val/loss"
-    monitor_mode: str = "min"
-    pin_memory: bool = False
+class CorpusConfig:
+    """The embedded scene corpus (`data.corpus`): everything that determines it; its cache key is a hash of these
+    fields + the generator version. `vl.data.scenes.SceneSettings` is the frozen, validated form of this schema."""
 
-
-@dataclass
-class CaptionsDataConfig(DataConfig):
-    captions: str = "annotations/captions_{split}.json"
-    features: str = "regions.lmdb"
-
-
-@dataclass
-class VQADataConfig(DataConfig):
-    questions: str = "vqa/v2_OpenEnded_mscoco_{split}2014_questions.json"
-    targets: str = "vqa/cache/{split}_target.pkl"
-    answers: str = "vqa/cache/trainval_ans2label.pkl"
-    features: str = "regions.lmdb"
-
-
-@dataclass
-class VCRDataConfig(DataConfig):
-    jsonl: str = "vcr/{split}.jsonl"
-    images_dir: str = "vcr/vcr1images"
-    names_table: str = "vcr/unisex_names_table.csv"
-    features: str = "vcr/regions.lmdb"
-    gt_features: Optional[str] = None  # GT-box regions merged after the detections (ViLBERT upstream); null: dets only
-
-
-@dataclass
-class RefCOCODataConfig(DataConfig):
-    refs: str = "refcoco+/refs(unc).p"
-    instances: str = "refcoco+/instances.json"
-    features: str = "refcoco+/dets.lmdb"
-    gt_features: Optional[str] = "refcoco+/gt.lmdb"  # null: train on detections only
-    iou_threshold: float = 0.5
-    iou_plus_one: bool = True  # ViLBERT's pixel-inclusive IoU (w = x2 - x1 + 1); false: continuous boxes
-
-
-@dataclass
-class RetrievalDataConfig(DataConfig):
-    jsonl: str = "retrieval/{split}.jsonl"
-    hard_negatives: Optional[str] = "retrieval/hard_negative.pkl"  # null: random hard negatives
-    features: str = "regions.lmdb"
-    captions_per_image: int = 5  # val/test queries per image
-    max_images: Optional[int] = None  # val/test gallery size (1000 for the Flickr30k 1k test)
-
-
-# ---------------------------------------------------------------------------------------------------- clip_bert / vlp
-@dataclass
-class ClipBertModelConfig(ModelConfig):
-    """CLIP-BERT / BERT baselines (vl/models/clip_bert.py). `state_dict_path`: a whole-model state dict (DeepSpeed
-    `{"module": ...}`, `BertForMaskedLM`, or this class's), loaded non-strictly with the key report logged."""
-
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    image_dim: Optional[int] = None  # None: the data's CLIP dim (info["clip_dim"]), else 512
-    use_image: bool = True  # false: ignore clip_feats (model=bert: the text-only baselines)
-    state_dict_path: Optional[str] = None
-
-
-@dataclass
-class VLPDataConfig(DataConfig):
-    jsonl: str = "vlp/{split}.jsonl"
-    features: str = "clip_features.hdf5"
-    text_only: bool = False  # the text-only baseline corpus: no image features at all
-    feature_dtype: str = "float32"  # or "float16" (the original loader's dtype)
-
-
-@dataclass
-class LxmertTextDataConfig(DataConfig):
-    jsonl: str = "lxmert_text/{split}.jsonl"
+    seed: int = 0
+    num_images: int = 1500
+    image_size: int = 64
+    max_shapes: int = 3
+    region_dim: int = 2048
+    clip_dim: int = 512
+    num_background_regions: int = 2
+    feature_noise: float = 0.1
+    captions_per_image: int = 3
+    questions_per_image: int = 3
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    answer_noise: float = 0.1  # probability that one annotator answer is replaced by a wrong same-type answer
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -229,21 +177,17 @@ class TrainerConfig:
     reload_dataloaders_every_n_epochs: int = 0
 
 
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (idempotent)."""
-    cs = ConfigStore.instance()
-    cs.store(group="schema/model", name="visual_bert", node=VisualBertModelConfig)
-    cs.store(group="schema/model", name="single_stream", node=SingleStreamModelConfig)
-    cs.store(group="schema/model", name="vilbert", node=VilbertModelConfig)
-    cs.store(group="schema/data", name="captions", node=CaptionsDataConfig)
-    cs.store(group="schema/data", name="vqa", node=VQADataConfig)
-    cs.store(group="schema/data", name="vcr", node=VCRDataConfig)
-    cs.store(group="schema/data", name="refcoco", node=RefCOCODataConfig)
-    cs.store(group="schema/data", name="retrieval", node=RetrievalDataConfig)
-    cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
-    cs.store(group="schema/model", name="clip_bert", node=ClipBertModelConfig)
-    cs.store(group="schema/data", name="vlp", node=VLPDataConfig)
-    cs.store(group="schema/data", name="lxmert_text", node=LxmertTextDataConfig)
+def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, re-raising vl's own errors unwrapped (Hydra wraps them in InstantiationException)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, VLError):
+            cause = cause.__cause__
+        if isinstance(cause, VLError):
+            raise cause from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------- range checks
@@ -328,5 +272,4 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vl_cwd", os.getcwd)
 
 
-register_configs()
 register_resolvers()

@@ -53,7 +53,7 @@ class VQAAccuracy(Metric):
 class RetrievalRecall(Metric):
     """Recall@k, median and mean rank from the rank (1 = best) of each query's gold item.
 
-    `update(ranks (N,))`: ranks are computed by the caller in chunks (`vl.retrieval.chunked_ranks`), so memory grows
+    `update(ranks (N,))`: ranks are computed by the caller in chunks (`vl.eval.retrieval.chunked_ranks`), so memory grows
     with the number of queries, never with queries x items (torchmetrics.retrieval keeps every score).
     """
 

@@ -11,31 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vl.build import build_datamodule, build_model, load_run_config
 from vl.callbacks import ValidateAtMaxSteps
 from vl.checkpoint import check_architecture, is_deepspeed_dir, read_checkpoint
 from vl.checkpoint_io import AtomicCheckpointIO
 from vl.config import check_config
 from vl.errors import ConfigError, VLError
+from vl.eval.tasks import run_eval_task, task_name
 from vl.report import plot_curves, write_results
 
 log = logging.getLogger(__name__)
-
-
-def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, re-raising vl's own errors unwrapped (Hydra wraps them in InstantiationException)."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, VLError):
-            cause = cause.__cause__
-        if isinstance(cause, VLError):
-            raise cause from None
-        raise
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -51,20 +39,6 @@ def _check_fresh_output(output_dir: Path) -> None:
         raise ConfigError(
             f"paths.output_dir: {output_dir} already holds checkpoints of an earlier run; refusing to overwrite them"
         )
-
-
-def build_datamodule(cfg: DictConfig):
-    """Instantiate the data module, check its files, and return it (no compute spent yet)."""
-    dm = _instantiate(cfg.data)
-    dm.prepare_data()
-    return dm
-
-
-def build_model(cfg: DictConfig, dm: Any, init_from: str | None = None) -> L.LightningModule:
-    extra: dict[str, Any] = {"objectives": list(dm.objectives), "data_info": dm.info}
-    if init_from:
-        extra["init_from"] = init_from
-    return _instantiate(cfg.model, **extra)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
@@ -170,7 +144,7 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         ckpt = None if trainer.fast_dev_run else ckpt
         test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
-        if hasattr(dm, "baselines") and not trainer.fast_dev_run:
+        if not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))
     if trainer.is_global_zero and loggers:
         plot_curves(output_dir, title=f"{cfg.task_name} / {name}")
@@ -239,18 +213,6 @@ def _finish_wandb() -> None:
         pass
 
 
-def load_run_config(ckpt_path: str | Path) -> tuple[DictConfig, Path]:
-    """The saved `.hydra/config.yaml` of the run that wrote `ckpt_path` (…/<run>/checkpoints/x.ckpt)."""
-    ckpt = Path(ckpt_path).expanduser()
-    if not ckpt.is_file():
-        raise ConfigError(f"ckpt_path: '{ckpt}' does not exist")
-    for run_dir in (ckpt.parent.parent, ckpt.parent.parent.parent):
-        saved = run_dir / ".hydra" / "config.yaml"
-        if saved.is_file():
-            return OmegaConf.load(saved), ckpt.parent.parent  # type: ignore[return-value]
-    raise ConfigError(f"ckpt_path: no .hydra/config.yaml in the run dir above '{ckpt}'")
-
-
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from the run's saved config, load `cfg.ckpt_path`, test, write predictions + results."""
     _single_log_lines()
@@ -269,12 +231,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
     check_config(run_cfg)
     L.seed_everything(cfg.seed, workers=True)
-    task = cfg.get("task") or "test"
+    task = task_name(cfg.get("task"))
     if task != "test":
         del ckpt
-        from vl.tasks import run_eval_task
-
-        metrics = run_eval_task(task, cfg=cfg, run_cfg=run_cfg, output_dir=output_dir)
+        metrics = run_eval_task(cfg.task, cfg=cfg, run_cfg=run_cfg, output_dir=output_dir)
         write_results(output_dir, [(task, metrics)], title=f"{task} {cfg.ckpt_path}")
         return metrics
     dm = build_datamodule(run_cfg)

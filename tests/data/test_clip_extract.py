@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vl.data.clip_extract import (
+from vl.data.features.clip_hdf5 import ClipFeatureReader
+from vl.errors import DataError
+from vl.tools.clip_extract import (
     CLIP_MEAN,
     CLIP_STD,
     extract_clip_features,
@@ -21,8 +23,6 @@ from vl.data.clip_extract import (
     read_image_jsonl,
     save_tiny_clip,
 )
-from vl.data.features.clip_hdf5 import ClipFeatureReader
-from vl.errors import DataError
 
 SIZES = [(300, 200), (200, 300), (224, 224), (640, 240), (250, 260)]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vl.data.coco import load_coco_captions
-from vl.data.jsonl import load_jsonl, write_jsonl
-from vl.data.vqa_format import (
+from vl.data.formats.coco import load_coco_captions
+from vl.data.formats.jsonl import load_jsonl, write_jsonl
+from vl.data.formats.vqa import (
     build_targets,
     load_annotations,
     load_answer_vocab,
@@ -51,7 +51,8 @@ def test_build_targets() -> None:
     ]
     assert build_targets(anns, ans2label) == [
         {"question_id": 7, "image_id": 3, "labels": [0, 1], "scores": [1.0, 0.6]},
-        {"question_id": 8, "image_id": 3, "labels": [2], "scores": [0.9]},
+        # the official evaluator normalises "two" to "2": all 10 annotators credit the answer "2"
+        {"question_id": 8, "image_id": 3, "labels": [2], "scores": [1.0]},
         {"question_id": 9, "image_id": None, "labels": [], "scores": []},
     ]
     with pytest.raises(DataError, match="annotation 0 has no 'answers'"):

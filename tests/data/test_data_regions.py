@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import real_sample
-from vl.data.convert import convert, main, read_bottom_up_tsv
 from vl.data.features import (
     FrcnnJsonRegionReader,
     HDF5RegionReader,
@@ -29,7 +28,9 @@ from vl.data.features import (
     write_region_json,
     write_region_lmdb,
 )
+from vl.data.features.convert import convert, read_bottom_up_tsv
 from vl.errors import DataError
+from vl.tools.convert_features import main
 
 ITEM_KEYS = {"image_id", "features", "boxes", "boxes_norm", "cls_prob", "image_w", "image_h", "num_boxes"}
 

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from tests.conftest import real_sample
-from vl.data.build_vlp import build_vlp, coco_lines
-from vl.data.build_vlp import main as build_vlp_main
 from vl.data.features import ClipFeatureReader, write_clip_hdf5
-from vl.data.jsonl import load_jsonl, write_jsonl
-from vl.data.lxmert_text import LxmertTextDataModule, convert_lxmert_json, lxmert_texts, qa_text
-from vl.data.scene_corpus import corpus_paths
+from vl.data.formats.jsonl import load_jsonl, write_jsonl
+from vl.data.formats.lxmert import convert_lxmert_json, lxmert_texts, qa_text
+from vl.data.lxmert_text import LxmertTextDataModule
+from vl.data.scenes.corpus import corpus_paths
 from vl.data.vlp import VLPDataModule
 from vl.errors import DataError
+from vl.tools.build_vlp import build_vlp, coco_lines
+from vl.tools.build_vlp import main as build_vlp_main
 
 SMALL_CORPUS = {"num_images": 40}
 

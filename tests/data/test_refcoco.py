@@ -13,18 +13,11 @@ import numpy as np
 import pytest
 
 from vl.data.features import open_region_features, write_region_lmdb
+from vl.data.formats.boxes import box_iou, pairwise_iou, xywh_to_xyxy
+from vl.data.formats.refcoco import load_expressions_json, load_instances, load_refs
 from vl.data.refcoco import RefCOCODataModule
-from vl.data.refcoco_format import (
-    box_iou,
-    load_expressions_json,
-    load_instances,
-    load_refs,
-    pairwise_iou,
-    scene_expressions,
-    write_refcoco_corpus,
-    xywh_to_xyxy,
-)
 from vl.data.scenes import SceneSettings, generate_scenes
+from vl.data.scenes.writers.refcoco import scene_expressions, write_refcoco_corpus
 from vl.errors import ConfigError, DataError
 
 REAL = Path(os.environ.get("VL_REAL_SAMPLES") or Path(__file__).resolve().parents[2].parent / "shared" / "real_samples")

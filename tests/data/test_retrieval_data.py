@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 
 from vl.data.collate import Collator
-from vl.data.jsonl import load_jsonl, write_jsonl
-from vl.data.retrieval import RetrievalDataModule
-from vl.data.retrieval_format import (
+from vl.data.formats.jsonl import load_jsonl, write_jsonl
+from vl.data.formats.retrieval import (
     build_hard_negative_pool,
     image_key,
     load_hard_negatives,
     load_retrieval_jsonl,
     retrieval_paths,
-    write_retrieval_corpus,
 )
-from vl.data.scene_corpus import ensure_corpus
+from vl.data.retrieval import RetrievalDataModule
 from vl.data.scenes import SceneSettings, clip_embedding, generate_scenes
+from vl.data.scenes.corpus import ensure_corpus
+from vl.data.scenes.writers.retrieval import write_retrieval_corpus
 from vl.errors import DataError
 
 SETTINGS = SceneSettings(num_images=60)

@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vl.data.scenes import SceneSettings, generate_scenes
-from vl.data.vcr import VCRDataModule, VCRQuestions
-from vl.data.vcr_format import (
+from vl.data.formats.vcr import (
     SUBMISSION_COLUMNS,
     image_int_id,
     load_metadata,
@@ -23,9 +21,11 @@ from vl.data.vcr_format import (
     record_texts,
     token_detections,
     tokens_to_text,
-    write_vcr_corpus,
     write_vcr_submission,
 )
+from vl.data.scenes import SceneSettings, generate_scenes
+from vl.data.scenes.writers.vcr import write_vcr_corpus
+from vl.data.vcr import VCRDataModule, VCRQuestions
 from vl.errors import DataError
 
 REAL = Path(os.environ.get("VL_REAL_SAMPLES") or Path(__file__).resolve().parents[2].parent / "shared" / "real_samples")

@@ -22,8 +22,13 @@ OPT = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 
 def make_system(**kwargs) -> ClipBertSystem:
     torch.manual_seed(0)
-    args = {"text_encoder": TINY, "objectives": ["mlm"], "data_info": {"clip_dim": 12}, "optimizer": OPT}
+    args = {"encoder": encoder(TINY), "objectives": ["mlm"], "data_info": {"clip_dim": 12}, "optimizer": OPT}
     return ClipBertSystem(**(args | kwargs)).eval()
+
+
+def encoder(text_encoder: dict, **kwargs) -> dict:
+    """The `model.encoder` node of CLIP-BERT."""
+    return {"_target_": "vl.models.clip_bert.ClipBertEncoder", "text_encoder": text_encoder, **kwargs}
 
 
 def batch_with_padding(clip: bool = True) -> dict[str, torch.Tensor]:
@@ -108,7 +113,7 @@ def test_without_image_it_is_bert_for_masked_lm() -> None:
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(logits[real], ref[real], atol=1e-4, rtol=1e-4)
     # model=bert (use_image=False) ignores clip_feats even when a corpus provides them
-    text_only = make_system(use_image=False)
+    text_only = make_system(encoder=encoder(TINY, use_image=False))
     assert not hasattr(text_only.encoder, "img_projection")  # built only where used (DDP)
     text_only.load_state_dict({k: v for k, v in system.state_dict().items() if "img_projection" not in k})
     with torch.no_grad():
@@ -127,7 +132,7 @@ def test_mlm_head_loads_from_a_bert_for_masked_lm_dir(tmp_path: Path, caplog) ->
         hf.cls.predictions.bias.normal_()
     hf.save_pretrained(tmp_path / "bert")
     with caplog.at_level(logging.INFO):
-        system = make_system(text_encoder={"pretrained": str(tmp_path / "bert")})
+        system = make_system(encoder=encoder({"pretrained": str(tmp_path / "bert")}))
     assert "MLM head from" in caplog.text
     batch = batch_with_padding(clip=False)
     with torch.no_grad():
@@ -166,7 +171,7 @@ def test_deepspeed_module_state_dict_loads_non_strictly(tmp_path: Path, caplog) 
     torch.manual_seed(5)
     with caplog.at_level(logging.INFO):
         target = ClipBertSystem(
-            text_encoder=TINY,
+            encoder=encoder(TINY),
             objectives=["mlm"],
             data_info={"clip_dim": 12},
             optimizer=OPT,
@@ -193,7 +198,7 @@ def test_original_key_that_maps_to_nothing_is_an_error(tmp_path: Path) -> None:
     torch.save({"module": state}, tmp_path / "mp_rank_00_model_states.pt")
     with pytest.raises(ConfigError, match=r"bert\.some_adapter\.weight"):
         ClipBertSystem(
-            text_encoder=TINY,
+            encoder=encoder(TINY),
             objectives=["mlm"],
             data_info={"clip_dim": 12},
             optimizer=OPT,
@@ -203,11 +208,11 @@ def test_original_key_that_maps_to_nothing_is_an_error(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- training
 TINY_OVERRIDES = (
-    "model.text_encoder.pretrained=null",
-    "model.text_encoder.hidden_size=32",
-    "model.text_encoder.num_heads=2",
-    "model.text_encoder.num_layers=1",
-    "model.text_encoder.intermediate_size=64",
+    "model.encoder.text_encoder.pretrained=null",
+    "model.encoder.text_encoder.hidden_size=32",
+    "model.encoder.text_encoder.num_heads=2",
+    "model.encoder.text_encoder.num_layers=1",
+    "model.encoder.text_encoder.intermediate_size=64",
     "data.batch_size=8",
     "data.batch_size_per_device=4",
     "trainer.max_steps=3",
@@ -238,7 +243,7 @@ def test_experiments_compose_and_run(experiment: str, make_cfg) -> None:
         (
             "bert_lxmert_train_scratch",
             1e-4,
-            "vl.optim.linear_warmup_decay",
+            "vl.schedules.linear_warmup_decay",
             88000,
             None,
             "vl.data.lxmert_text.LxmertTextDataModule",
@@ -251,13 +256,13 @@ def test_experiment_settings(experiment, lr, scheduler, max_steps, pretrained, d
     assert (cfg.data.batch_size, cfg.data.batch_size_per_device) == (2048, 64)
     assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == lr
     assert (cfg.model.scheduler or {}).get("_target_") == scheduler
-    assert cfg.model.text_encoder.pretrained == pretrained
+    assert cfg.model.encoder.text_encoder.pretrained == pretrained
     assert cfg.trainer.max_steps == max_steps and cfg.trainer.val_check_interval == 1000
     assert cfg.callbacks.last_checkpoint.every_n_train_steps == 1000 and cfg.callbacks.last_checkpoint.save_top_k == 1
     if scheduler:
         assert cfg.model.scheduler.warmup_ratio * max_steps == 4400
-        assert cfg.model.text_encoder.hidden_size == 768 and cfg.model.text_encoder.num_layers == 12
-    assert cfg.model.use_image == (experiment == "clip_bert")
+        assert cfg.model.encoder.text_encoder.hidden_size == 768 and cfg.model.encoder.text_encoder.num_layers == 12
+    assert cfg.model.encoder.use_image == (experiment == "clip_bert")
     if experiment == "bert_clip_bert_train":
         assert cfg.data.text_only
 
@@ -278,18 +283,20 @@ def fit_mlm(dm, *, steps: int, use_image: bool = True, lr: float = 2e-3) -> tupl
     dm.prepare_data()
     torch.manual_seed(0)
     system = ClipBertSystem(
-        text_encoder={
-            "hidden_size": 64,
-            "num_layers": 2,
-            "num_heads": 4,
-            "intermediate_size": 128,
-            "dropout": 0.0,
-            "initializer_range": 0.05,
-        },
+        encoder=encoder(
+            {
+                "hidden_size": 64,
+                "num_layers": 2,
+                "num_heads": 4,
+                "intermediate_size": 128,
+                "dropout": 0.0,
+                "initializer_range": 0.05,
+            },
+            use_image=use_image,
+        ),
         objectives=["mlm"],
         data_info=dm.info,
         optimizer=OPT,
-        use_image=use_image,
     )
     opt = torch.optim.Adam(system.parameters(), lr=lr)
     losses: list[float] = []

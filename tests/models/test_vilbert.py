@@ -14,8 +14,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import vl.config  # noqa: F401  (schemas)
+import vl.pipeline  # noqa: F401  (schemas)
 from vl.errors import ConfigError
+from vl.models.system import VLSystem
 from vl.models.vilbert import GLOBAL_LOC, ImageEmbedding, VilbertEncoder, VilbertSystem
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -29,7 +30,7 @@ def model_cfg(*overrides: str, model: str = "vilbert_tiny") -> DictConfig:
     return cfg.model
 
 
-def build(*overrides: str, objectives: tuple[str, ...] = ("mlm", "itm"), model: str = "vilbert_tiny") -> VilbertSystem:
+def build(*overrides: str, objectives: tuple[str, ...] = ("mlm", "itm"), model: str = "vilbert_tiny") -> VLSystem:
     """Instantiate like `vl.pipeline` does, re-raising vl's own errors unwrapped from Hydra's."""
     try:
         return instantiate(model_cfg(*overrides, model=model), objectives=list(objectives), data_info=DATA_INFO)
@@ -66,12 +67,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny() -> VilbertSystem:
+def tiny() -> VLSystem:
     torch.manual_seed(0)
     return build().eval()
 
 
-def test_output_shapes(tiny: VilbertSystem) -> None:
+def test_output_shapes(tiny: VLSystem) -> None:
     out = tiny(make_batch(batch_size=3, text_len=7, regions=5))
     assert out.text.shape == (3, 7, 64)
     assert out.visual.shape == (3, 5 + 1, 64)  # + the global image token at index 0
@@ -115,7 +116,7 @@ def test_layer_order_of_the_base_config() -> None:
     text layers [t_prev, t_k), vision layers [v_prev, v_k), co-layer k; then the remaining vision, then text layers."""
     encoder = VilbertEncoder(
         text_encoder={"hidden_size": 16, "num_layers": 12, "num_heads": 2, "intermediate_size": 16},
-        visual_dim=8,
+        data_info={"visual_dim": 8},
         v_hidden=16,
         v_num_layers=6,
         v_heads=2,
@@ -164,7 +165,7 @@ def test_first_co_layer_reads_the_raw_image_embedding(tiny: VilbertSystem) -> No
     torch.testing.assert_close(seen[0], embedded)
 
 
-def test_padding_regions_do_not_change_outputs(tiny: VilbertSystem) -> None:
+def test_padding_regions_do_not_change_outputs(tiny: VLSystem) -> None:
     batch = make_batch(regions=3)
     noise = make_batch(regions=5, seed=1)
     padded = {**batch, **{key: noise[key] for key in ("visual_feats", "visual_boxes", "visual_mask")}}
@@ -181,11 +182,11 @@ def test_padding_regions_do_not_change_outputs(tiny: VilbertSystem) -> None:
 def test_minilm_text_stream_loads_with_key_report_and_gets_lower_lr(caplog: pytest.LogCaptureFixture) -> None:
     from transformers import BertModel
 
-    from vl.models.bert import resolve_model_dir
+    from vl.pretrained import resolve_model_dir
 
-    caplog.set_level(logging.INFO, logger="vl.models.bert")
-    model = build("model.text_encoder.pretrained=minilm", "model.scheduler=null", "model.optimizer.lr=1e-4")
-    messages = [r.getMessage() for r in caplog.records if r.name == "vl.models.bert"]
+    caplog.set_level(logging.INFO, logger="vl.pretrained")
+    model = build("model.encoder.text_encoder.pretrained=minilm", "model.scheduler=null", "model.optimizer.lr=1e-4")
+    messages = [r.getMessage() for r in caplog.records if r.name == "vl.pretrained"]
     assert any("BERT weights from" in m and "0 missing keys" in m for m in messages), messages
     assert any("unexpected keys: pooler.dense" in m for m in messages), messages  # ViLBERT has its own poolers
     reference = BertModel.from_pretrained(str(resolve_model_dir("minilm")), add_pooling_layer=False)
@@ -211,10 +212,10 @@ def test_minilm_text_stream_loads_with_key_report_and_gets_lower_lr(caplog: pyte
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("model.t_biattention_id=[2,4]", "model.t_biattention_id"),  # the text stream has 4 layers
-        ("model.v_biattention_id=[1,0]", "model.v_biattention_id"),  # not increasing
-        ("model.v_biattention_id=[0]", "model.v_biattention_id"),  # lengths differ
-        ("model.t_biattention_id=[-1,3]", "model.t_biattention_id"),
+        ("model.encoder.t_biattention_id=[2,4]", "model.encoder.t_biattention_id"),  # the text stream has 4 layers
+        ("model.encoder.v_biattention_id=[1,0]", "model.encoder.v_biattention_id"),  # not increasing
+        ("model.encoder.v_biattention_id=[0]", "model.encoder.v_biattention_id"),  # lengths differ
+        ("model.encoder.t_biattention_id=[-1,3]", "model.encoder.t_biattention_id"),
     ],
 )
 def test_invalid_biattention_ids_raise_config_error(override: str, key: str) -> None:
@@ -225,7 +226,10 @@ def test_invalid_biattention_ids_raise_config_error(override: str, key: str) -> 
 def test_itm_mlm_training_lowers_the_loss() -> None:
     torch.manual_seed(0)
     model = build(
-        "model.scheduler=null", "model.optimizer.lr=3e-3", "model.dropout=0.0", "model.text_encoder.dropout=0.0"
+        "model.scheduler=null",
+        "model.optimizer.lr=3e-3",
+        "model.encoder.dropout=0.0",
+        "model.encoder.text_encoder.dropout=0.0",
     )
     batch = make_batch(batch_size=4)
     labels = torch.full_like(batch["input_ids"], -100)
@@ -445,7 +449,9 @@ def test_mlm_head_starts_from_the_bert_checkpoint(tmp_path: Path) -> None:
         bert.cls.predictions.bias.normal_()
         bert.cls.predictions.transform.dense.weight.normal_()
     bert.save_pretrained(tmp_path / "bert")
-    model = build(f"model.text_encoder.pretrained={tmp_path / 'bert'}", "model.t_biattention_id=[0,1]").eval()
+    model = build(
+        f"model.encoder.text_encoder.pretrained={tmp_path / 'bert'}", "model.encoder.t_biattention_id=[0,1]"
+    ).eval()
     states = torch.randn(2, 5, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.objectives["mlm"].logits(states), bert.cls(states))

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from transformers import VisualBertConfig, VisualBertForPreTraining, VisualBertModel
 
-import vl.config  # noqa: F401  (schemas)
+import vl.pipeline  # noqa: F401  (schemas)
 from vl.errors import ConfigError
 from vl.models.visual_bert import VisualBertSystem
 
@@ -58,9 +58,14 @@ def random_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+def encoder(text_encoder: dict) -> dict:
+    """The `model.encoder` node of the published VisualBERT."""
+    return {"_target_": "vl.models.visual_bert.VisualBertEncoder", "text_encoder": text_encoder}
+
+
 def system(pretrained: Path | None, objectives=("mlm", "itm"), **text) -> VisualBertSystem:
     return VisualBertSystem(
-        text_encoder={"pretrained": str(pretrained) if pretrained else None, **text},
+        encoder=encoder({"pretrained": str(pretrained) if pretrained else None, **text}),
         objectives=list(objectives),
         data_info={"visual_dim": FEAT},
         optimizer=OPT,
@@ -138,7 +143,7 @@ def test_wrong_visual_dim_and_unknown_keys_fail(tmp_path: Path) -> None:
     hf.save_pretrained(tmp_path / "vb")
     with pytest.raises(ConfigError, match="visual_embedding_dim=24"):
         VisualBertSystem(
-            text_encoder={"pretrained": str(tmp_path / "vb")},
+            encoder=encoder({"pretrained": str(tmp_path / "vb")}),
             objectives=["itm"],
             data_info={"visual_dim": 2048},
             optimizer=OPT,
@@ -156,13 +161,13 @@ def test_model_names_compose_to_the_right_classes() -> None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         targets = {
-            name: compose("train", overrides=[f"model={name}", "~experiment"]).model._target_
+            name: compose("train", overrides=[f"model={name}", "~experiment"]).model.encoder._target_
             for name in ("visual_bert", "single_stream", "visual_bert_tiny")
         }
-        default = compose("train").model._target_
-    assert targets["visual_bert"] == "vl.models.visual_bert.VisualBertSystem"
+        default = compose("train").model.encoder._target_
+    assert targets["visual_bert"] == "vl.models.visual_bert.VisualBertEncoder"
     assert targets["single_stream"] == targets["visual_bert_tiny"] == default
-    assert default == "vl.models.single_stream.SingleStreamSystem"
+    assert default == "vl.models.single_stream.SingleStreamEncoder"
     with torch.device("meta"):
         GlobalHydra.instance().clear()
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):

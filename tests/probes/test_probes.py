@@ -18,10 +18,10 @@ from transformers import BertConfig, BertForMaskedLM
 
 from tests.conftest import REAL_SAMPLES
 from vl.errors import DataError
-from vl.probes import memory_colors as mc
-from vl.probes import visual_property_norms as vpn
-from vl.probes.report import probe_metrics, write_probe_report
-from vl.probes.scorers import CheckpointScorer, HFMaskedLMScorer, RandomScorer, encode_masked
+from vl.eval.probes import memory_colors as mc
+from vl.eval.probes import visual_property_norms as vpn
+from vl.eval.probes.report import probe_metrics, write_probe_report
+from vl.eval.probes.scorers import CheckpointScorer, HFMaskedLMScorer, RandomScorer, encode_masked
 
 MC_REAL = REAL_SAMPLES / "memory_colors" / "memory_colors.jsonl"
 VPN_REAL = REAL_SAMPLES / "visual_property_norms"
@@ -34,7 +34,7 @@ needs_real = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A tiny random BertForMaskedLM with the bert-base-uncased vocab (copied from the packaged MiniLM)."""
-    from vl.models.bert import resolve_model_dir
+    from vl.pretrained import resolve_model_dir
 
     path = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
@@ -398,8 +398,11 @@ def clip_bert_ckpt(tmp_path_factory) -> Path:
         "_target_": "vl.models.clip_bert.ClipBertSystem",
         "_recursive_": False,
         "_convert_": "all",  # as conf/model schemas: plain hyper-parameters, so the checkpoint loads weights-only
-        "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0.0},
-        "image_dim": 512,
+        "encoder": {
+            "_target_": "vl.models.clip_bert.ClipBertEncoder",
+            "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0},
+            "image_dim": 512,
+        },
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
     }
     cfg = OmegaConf.create(
@@ -416,8 +419,8 @@ def clip_bert_ckpt(tmp_path_factory) -> Path:
 
 
 def test_checkpoint_scorer_implicit_and_explicit(clip_bert_ckpt, tmp_path):
-    from vl.data.clip_extract import save_tiny_clip
-    from vl.probes.scorers import ClipTextEmbedder
+    from vl.eval.probes.scorers import ClipTextEmbedder
+    from vl.tools.clip_extract import save_tiny_clip
 
     sc = CheckpointScorer(clip_bert_ckpt)
     texts = ["the sky is [MASK].", "Q: What is the color of grass? A: It is [MASK]."]
@@ -462,14 +465,13 @@ def test_checkpoint_scorer_implicit_and_explicit(clip_bert_ckpt, tmp_path):
 
 @needs_real
 def test_evaluate_task_writes_report(clip_bert_ckpt, tmp_path):
-    from vl.tasks import EVAL_TASKS, run_eval_task
+    from vl.eval.tasks import TASKS, run_eval_task
 
-    assert {"memory_colors", "visual_property_norms"} <= set(EVAL_TASKS)
-    cfg = OmegaConf.create(
-        {"task": "memory_colors", "ckpt_path": str(clip_bert_ckpt), "seed": 1, "task_cfg": {"data": str(MC_REAL)}}
-    )
+    assert {"memory_colors", "visual_property_norms"} <= set(TASKS)
+    task = OmegaConf.create({"_target_": "vl.eval.tasks.memory_colors", "_partial_": True, "data": str(MC_REAL)})
+    cfg = OmegaConf.create({"task": task, "ckpt_path": str(clip_bert_ckpt), "seed": 1})
     run_cfg = OmegaConf.load(clip_bert_ckpt.parent.parent / ".hydra" / "config.yaml")
-    metrics = run_eval_task("memory_colors", cfg=cfg, run_cfg=run_cfg, output_dir=tmp_path)
+    metrics = run_eval_task(task, cfg=cfg, run_cfg=run_cfg, output_dir=tmp_path)
     assert "clip_bert_tiny/accuracy_mean" in metrics and "random/accuracy_mean" in metrics
     for ext in ("csv", "md", "png"):
         assert (tmp_path / f"memory_colors_results.{ext}").is_file()
@@ -477,7 +479,7 @@ def test_evaluate_task_writes_report(clip_bert_ckpt, tmp_path):
 
 
 def test_cli_compares_models_on_vpn(vpn_data, tiny_bert_dir, tmp_path, capsys):
-    from vl.probes.__main__ import main
+    from vl.tools.probes import main
 
     root, _ = vpn_data
     out = tmp_path / "report"
@@ -507,14 +509,14 @@ def test_cli_compares_models_on_vpn(vpn_data, tiny_bert_dir, tmp_path, capsys):
 
 @needs_real
 def test_evaluate_entry_point_runs_memory_colors(clip_bert_ckpt, make_cfg):
-    """`python evaluate.py task=memory_colors ckpt_path=... +task_cfg.data=...` through `vl.pipeline.evaluate`."""
+    """`python evaluate.py task=memory_colors ckpt_path=... task.data=...` through `vl.pipeline.evaluate`."""
     from vl.pipeline import evaluate
 
     cfg = make_cfg(
         f"ckpt_path={clip_bert_ckpt}",
         "task=memory_colors",
-        f"+task_cfg.data={MC_REAL}",
-        "+task_cfg.random_baseline=false",
+        f"task.data={MC_REAL}",
+        "task.random_baseline=false",
         name="eval_mc",
         config_name="evaluate",
         tiny=False,
@@ -530,10 +532,13 @@ def test_checkpoint_scorer_region_model_gets_masked_zero_region(tmp_path):
     from hydra.utils import instantiate
 
     model_cfg = {
-        "_target_": "vl.models.single_stream.SingleStreamSystem",
+        "_target_": "vl.models.system.VLSystem",
         "_recursive_": False,
         "_convert_": "all",  # as conf/model schemas: plain hyper-parameters, so the checkpoint loads weights-only
-        "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0.0},
+        "encoder": {
+            "_target_": "vl.models.single_stream.SingleStreamEncoder",
+            "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0},
+        },
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
     }
     cfg = OmegaConf.create({"task_name": "vb", "model": model_cfg, "data": {"tokenizer": "minilm"}})

@@ -4,128 +4,51 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from vl.data.collate import Collator, load_tokenizer
+from vl.data.collate import REGION_MASKING, Collator, load_tokenizer
 from vl.data.features import RegionReader, open_region_features
+from vl.data.samplers import EpochShuffleSampler, ResumableDataLoader, UnpaddedDistributedSampler
+from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.errors import ConfigError, DataError
-from vl.objectives import REGION_MASKING
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
 
-def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
-    """Dataset keys are an index, or (epoch, index) from `EpochShuffleSampler`: -> (epoch, index)."""
-    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (0, int(key))
+def _truncate(item: dict[str, Any], n: int) -> dict[str, Any]:
+    out = dict(item)
+    for key in ("features", "boxes", "boxes_norm", "cls_prob"):
+        if out.get(key) is not None:
+            out[key] = out[key][:n]
+    out["num_boxes"] = int(out["features"].shape[0])
+    return out
 
 
-class EpochShuffleSampler(DistributedSampler):
-    """Shuffles with its own generator seeded by (seed + epoch) and yields `(epoch, index)` keys, so every random
-    choice a dataset or collator makes can be derived from (seed, epoch, index) instead of the global RNG.
-
-    This is what makes a run resumed from `last.ckpt` see exactly the batches of an uninterrupted run; a mid-epoch
-    resume skips the micro-batches the checkpoint's `ResumableDataLoader` state says were consumed (`resume_at`).
-    Rank-aware (a DistributedSampler), so Lightning keeps it under DDP.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.resume_at: tuple[int, int] | None = None  # (epoch, indices of this rank's order already consumed)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        epoch = self.epoch
-        skip = self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == epoch else 0
-        self.resume_at = None
-        for position, index in enumerate(super().__iter__()):
-            if position >= skip:
-                yield (epoch, index)
-
-
-class _CountingIterator:
-    """Creates the loader's iterator at the first `next()` (after Lightning's `set_epoch`, also with workers, whose
-    prefetching reads the sampler at creation) and counts the batches handed out."""
-
-    def __init__(self, loader: ResumableDataLoader) -> None:
-        self.loader = loader
-        self.inner: Iterator[Any] | None = None
-
-    def __iter__(self) -> _CountingIterator:
-        return self
-
-    def __next__(self) -> Any:
-        loader = self.loader
-        if self.inner is None:
-            loader._epoch = int(getattr(loader.sampler, "epoch", 0))
-            resume, loader._resume = loader._resume, None
-            loader._consumed = resume[1] if resume is not None and resume[0] == loader._epoch else 0
-            self.inner = DataLoader.__iter__(loader)
-        batch = next(self.inner)
-        loader._consumed += 1
-        return batch
-
-
-class ResumableDataLoader(DataLoader):
-    """A training DataLoader whose position is part of the checkpoint: Lightning's fit loop stores `state_dict()` (the
-    epoch and how many micro-batches of it were handed to the training loop); on resume `VLSystem.on_train_start`
-    calls `load_state_dict()` before the first fetch, and the `EpochShuffleSampler` skips exactly those micro-batches
-    of that epoch's order (every rank skips the same number of its own batches). Counting happens in the main process,
-    at the consumer, so worker prefetching does not shift it. A resume with another per-device batch size or world
-    size restarts the epoch (with a warning): the position would not mean the same examples."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._epoch = 0
-        self._consumed = 0
-        self._resume: tuple[int, int] | None = None
-
-    def __iter__(self) -> _CountingIterator:  # type: ignore[override]
-        return _CountingIterator(self)
-
-    def state_dict(self) -> dict[str, int]:
-        return {
-            "epoch": self._epoch,
-            "batches": self._consumed,
-            "batch_size": int(self.batch_size or 1),
-            "num_replicas": int(getattr(self.sampler, "num_replicas", 1)),
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if not isinstance(self.sampler, EpochShuffleSampler):  # e.g. overfit_batches swaps in a sequential sampler
-            return
-        saved = (int(state.get("batch_size", 0)), int(state.get("num_replicas", 0)))
-        now = (int(self.batch_size or 1), int(self.sampler.num_replicas))
-        if saved != now:
-            log.warning(
-                "resume: the checkpoint's loader position is for per-device batch %d x %d processes, this run has "
-                "%d x %d; epoch %s restarts at its first batch",
-                *saved,
-                *now,
-                state.get("epoch"),
-            )
-            return
-        self._resume = (int(state["epoch"]), int(state["batches"]))
-        self.sampler.resume_at = (self._resume[0], self._resume[1] * int(self.batch_size or 1))
-
-
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Evaluation sharding without padding: rank r gets examples r, r + world, ... so every example is scored exactly
-    once (torch's DistributedSampler repeats examples to even out the ranks, which would count them twice)."""
-
-    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
-        self.total_size = len(dataset)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
+def concat_regions(dets: dict[str, Any], gt: dict[str, Any] | None, max_regions: int) -> dict[str, Any]:
+    """Reader dicts -> one reader dict: detections then GT regions, at most ``max_regions`` rows. Detections are
+    truncated first (the GT regions are kept so a training example always has a positive); ``cls_prob`` is kept only
+    when both have it."""
+    if gt is None:
+        return _truncate(dets, max_regions)
+    n_gt = min(int(gt["features"].shape[0]), max_regions)
+    n_det = min(int(dets["features"].shape[0]), max_regions - n_gt)
+    out = dict(dets)
+    for key in ("features", "boxes", "boxes_norm"):
+        out[key] = np.concatenate([dets[key][:n_det], gt[key][:n_gt]]).astype(np.float32, copy=False)
+    if dets.get("cls_prob") is not None and gt.get("cls_prob") is not None:
+        out["cls_prob"] = np.concatenate([dets["cls_prob"][:n_det], gt["cls_prob"][:n_gt]])
+    else:
+        out["cls_prob"] = None
+    out["num_boxes"] = n_det + n_gt
+    return out
 
 
 class VLDataModule(L.LightningDataModule):
@@ -135,6 +58,11 @@ class VLDataModule(L.LightningDataModule):
     `batch_size` is the global batch; `batch_size_per_device` what one device sees; the training entry point derives
     gradient accumulation = batch_size / (batch_size_per_device x world size).
     """
+
+    #: the corpus's own example keys -> (batch key, kind: "long" | "vector" | "regions" | "str"); see `vl.data.collate`
+    label_keys: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: file name of the test stage's submission file in the run dir (`write_predictions`)
+    prediction_file: ClassVar[str] = "predictions.json"
 
     def __init__(
         self,
@@ -191,8 +119,6 @@ class VLDataModule(L.LightningDataModule):
                 if not self._root.is_dir():
                     raise DataError(f"{self._root}: data.root does not exist or is not a directory")
             else:
-                from vl.data.scenes import SceneSettings, ensure_corpus
-
                 self._root = ensure_corpus(Path(self.cache_dir), SceneSettings(**self.corpus))
         return self._root
 
@@ -253,12 +179,36 @@ class VLDataModule(L.LightningDataModule):
             mlm="mlm" in self.objectives,
             mlm_probability=self.mlm_probability,
             region_masking=any(name in REGION_MASKING for name in self.objectives),
+            labels=self.label_keys,
         )
 
     def scoring_collator(self) -> Collator:
         """Padding to max_text_len / max_regions: a (text, image) pair scores the same whatever shares its batch
         (retrieval ranks compare scores computed in different batches)."""
-        return Collator(self.tokenizer, max_text_len=self.max_text_len, max_regions=self.max_regions, fixed_shapes=True)
+        return Collator(
+            self.tokenizer,
+            max_text_len=self.max_text_len,
+            max_regions=self.max_regions,
+            fixed_shapes=True,
+            labels=self.label_keys,
+        )
+
+    # ------------------------------------------------------------------ optional hooks (defaults: nothing)
+    def baselines(self, split: str = "test") -> dict[str, float]:
+        """Reference points of the task on `split` (chance, a prior, a text-only heuristic), as metric keys
+        (`test/vqa_acc_prior`, ...); the pipeline adds them to the results table."""
+        return {}
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path | None:
+        """Write the test stage's predictions (rows from the heads' `predictions`, gathered from all ranks) as the
+        task's submission file at `path` (= run dir / `prediction_file`); returns the path, None when the corpus
+        has no submission format."""
+        return None
+
+    def gallery(self, split: str) -> dict[str, Any] | None:
+        """A ranking gallery (`{"texts": [...], "visuals": [...]}`) when `split`'s examples are retrieval queries
+        (`gold`, `query_index`): the system then ranks every gallery image per query in val/test; None otherwise."""
+        return None
 
     def loader(self, split: str) -> DataLoader:
         self.setup({"train": "fit", "val": "validate"}.get(split, "test"))

@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, split_key
-from vl.data.coco import load_coco_captions
+from vl.data.base import VLDataModule
 from vl.data.features import RegionReader
+from vl.data.formats.coco import load_coco_captions
+from vl.data.samplers import split_key
 from vl.errors import DataError
 
 
@@ -77,6 +78,8 @@ class CaptionPairs(Dataset):
 class CaptionsDataModule(VLDataModule):
     """`data=captions`: `captions` per split (COCO captions JSON, or a Conceptual-Captions-style TSV
     `caption<TAB>image_id`: `data.captions=cc/{split}.tsv`) + `features` (region LMDB / HDF5 / FRCNN JSON)."""
+
+    label_keys = {"itm_label": ("itm_labels", "long"), "image_id": ("image_id", "long")}
 
     def __init__(
         self,

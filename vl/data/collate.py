@@ -1,30 +1,39 @@
-"""Tokenisation, MLM masking and padding: the picklable collator every data module uses.
+"""Tokenisation, MLM masking, region padding and masking, label collation: the picklable collator every data
+module composes. The shared batch keys are listed in `vl.batch`; a corpus declares its own label keys
+(`VLDataModule.label_keys`: example key -> (batch key, kind)), so nothing here knows any task:
 
-Batch keys (one vocabulary for all collators and encoders):
-  input_ids, attention_mask, token_type_ids   (B, T) long
-  visual_feats (B, R, D) float; visual_boxes (B, R, 4) normalised x1y1x2y2; visual_mask (B, R) long
-  mlm_labels (B, T) long, -100 = not predicted      itm_labels (B,) long, 1 = aligned
-  vqa_targets (B, A) float soft scores             question_id, image_id, index (B,) long
-  mc_labels (B, K) long, -1 = unlabelled: multiple-choice examples (`choices`) are flattened into B*K*C rows
-  refer_targets, refer_ious (B, R) float          per-region IoU targets / raw IoUs (referring expressions)
-  refer_image_target, refer_image_iou (B,) float  the same for the whole image (ViLBERT's global token)
+  "long"     one int per example -> (B,) long               e.g. question_id, itm_label -> itm_labels
+  "float"    one float per example -> (B,) float            e.g. refer_image_iou
+  "vector"   one float array per example -> (B, A) float    e.g. vqa_target -> vqa_targets (soft scores)
+  "regions"  one float per region -> (B, R) float, padded to the batch's regions (refer_targets)
+  "str"      one string per example -> list[str]            e.g. annot_id
+
+Multiple-choice examples (`choices`: K*C rows, `mc_labels`: K ints, -1 = unlabelled) are flattened into B*K*C rows,
+block-major, plus `mc_labels` (B, K) long. An example key that is neither shared nor declared is an error (never
+silently dropped).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from vl.objectives import IGNORE_INDEX
+from vl.batch import IGNORE_INDEX
+from vl.pretrained import resolve_model_dir
+
+#: example keys every collator reads itself
+SHARED_EXAMPLE_KEYS = frozenset({"text", "text_b", "visual", "index", "epoch", "choices", "mc_labels"})
+LABEL_KINDS = ("long", "float", "vector", "regions", "str")
+#: objectives whose labels come from masked regions (the collator masks regions when the data lists one)
+REGION_MASKING = ("mrc", "mrfr")
 
 
 def load_tokenizer(name_or_path: str):
     """A `BertTokenizerFast` from a local dir, or `"minilm"` for the packaged bert-base-uncased vocab."""
     from transformers import BertTokenizerFast
-
-    from vl.models.bert import resolve_model_dir
 
     return BertTokenizerFast.from_pretrained(str(resolve_model_dir(name_or_path)))
 
@@ -92,13 +101,41 @@ def mask_regions(
     return feats.masked_fill(zero.unsqueeze(-1), 0.0), chosen
 
 
+def collate_labels(
+    examples: list[dict[str, Any]], labels: Mapping[str, tuple[str, str]], batch: dict[str, Any]
+) -> None:
+    """Add the declared labels present in the examples to `batch` (see the module docstring for the kinds)."""
+    for key, (batch_key, kind) in labels.items():
+        if key not in examples[0]:
+            continue
+        if kind == "long":
+            batch[batch_key] = torch.tensor([int(ex[key]) for ex in examples])
+        elif kind == "float":
+            batch[batch_key] = torch.tensor([float(ex[key]) for ex in examples])
+        elif kind == "vector":
+            batch[batch_key] = torch.from_numpy(np.stack([np.asarray(ex[key]) for ex in examples])).float()
+        elif kind == "regions":
+            n = batch["visual_mask"].shape[1]
+            values = torch.zeros(len(examples), n)
+            for i, ex in enumerate(examples):
+                v = torch.as_tensor(np.asarray(ex[key][:n], dtype=np.float32))
+                values[i, : v.shape[0]] = v
+            batch[batch_key] = values
+        elif kind == "str":
+            batch[batch_key] = [str(ex[key]) for ex in examples]
+        else:
+            raise ValueError(f"label '{key}': unknown kind '{kind}'; choose from {LABEL_KINDS}")
+
+
 class Collator:
     """Turns a list of examples into a batch dict (see the module docstring).
 
-    Example keys: `text` (str), optional `text_b`; `visual` (reader dict) ; optional `itm_label`, `vqa_target`
-    (np.ndarray (A,)), `question_id`, `image_id`; `index` and `epoch` (ints): MLM masks are drawn from a generator
-    seeded by (epoch, indices), never from the global RNG, so runs and resumed runs see the same masks.
+    Example keys: `text` (str), optional `text_b`; `visual` (reader dict); the corpus's declared `labels`;
+    `index` and `epoch` (ints): MLM masks are drawn from a generator seeded by (epoch, indices), never from the global
+    RNG, so runs and resumed runs see the same masks. `extra_keys`: example keys a subclass reads itself.
     """
+
+    extra_keys: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -111,8 +148,10 @@ class Collator:
         region_masking: bool = False,
         region_mask_probability: float = 0.15,
         fixed_shapes: bool = False,
+        labels: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.labels = dict(labels or {})
         self.max_text_len = max_text_len
         self.max_regions = max_regions
         self.mlm = mlm
@@ -122,6 +161,7 @@ class Collator:
         self.fixed_shapes = fixed_shapes  # pad to max_text_len / max_regions: a pair scores the same in any batch
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        self.check_keys(examples[0])
         if "choices" in examples[0]:
             return self.collate_choices(examples)
         texts = [ex["text"] for ex in examples]
@@ -144,8 +184,7 @@ class Collator:
         }
         if "visual" in examples[0]:
             batch.update(pad_regions([ex["visual"] for ex in examples], self.max_regions, fixed=self.fixed_shapes))
-        if "itm_label" in examples[0]:
-            batch["itm_labels"] = torch.tensor([int(ex["itm_label"]) for ex in examples])
+        collate_labels(examples, self.labels, batch)
         key = (int(examples[0].get("epoch", 0)), *batch["index"].tolist())
         generator = torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
         if self.region_masking and "visual_feats" in batch:
@@ -168,24 +207,6 @@ class Collator:
             )
             # labels on every pair, mismatched ones too (ViLBERT's reference); whether the MLM loss counts the
             # mismatched pairs is the MLM head's option (`model.heads.mlm.on_mismatched_pairs`)
-        if "vqa_target" in examples[0]:
-            batch["vqa_targets"] = torch.from_numpy(np.stack([ex["vqa_target"] for ex in examples])).float()
-        for key in ("refer_targets", "refer_ious"):
-            if key in examples[0]:
-                n = batch["visual_mask"].shape[1]
-                values = torch.zeros(len(examples), n)
-                for i, ex in enumerate(examples):
-                    v = torch.as_tensor(np.asarray(ex[key][:n], dtype=np.float32))
-                    values[i, : v.shape[0]] = v
-                batch[key] = values
-        for key in ("refer_image_target", "refer_image_iou"):  # (B,) the whole image's IoU (ViLBERT's global token)
-            if key in examples[0]:
-                batch[key] = torch.tensor([float(ex[key]) for ex in examples])
-        for key in ("question_id", "image_id", "ref_id", "sent_id", "example_id", "query_index", "gold"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([int(ex[key]) for ex in examples])
-        if "annot_id" in examples[0]:
-            batch["annot_id"] = [str(ex["annot_id"]) for ex in examples]
         return batch
 
     def collate_choices(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -205,9 +226,13 @@ class Collator:
         batch = self(rows)
         batch["mc_labels"] = torch.tensor([list(ex["mc_labels"]) for ex in examples], dtype=torch.long)
         batch["index"] = torch.tensor([ex.get("index", 0) for ex in examples])
-        for key in ("example_id",):
-            if key in examples[0]:
-                batch[key] = torch.tensor([int(ex[key]) for ex in examples])
-        if "annot_id" in examples[0]:
-            batch["annot_id"] = [str(ex["annot_id"]) for ex in examples]
+        collate_labels(examples, self.labels, batch)
         return batch
+
+    def check_keys(self, example: dict[str, Any]) -> None:
+        unknown = set(example) - SHARED_EXAMPLE_KEYS - set(self.labels) - self.extra_keys
+        if unknown:
+            raise ValueError(
+                f"collate: example keys {sorted(unknown)} are not declared; add them to the data module's "
+                "`label_keys` (example key -> (batch key, kind))"
+            )

@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, split_key
+from vl.data.base import VLDataModule, concat_regions
 from vl.data.features import RegionReader, open_region_features
-from vl.data.refcoco_format import (
+from vl.data.formats.refcoco import (
     Instances,
     box_area,
     box_iou,
@@ -27,6 +27,7 @@ from vl.data.refcoco_format import (
     load_refs,
     split_counts,
 )
+from vl.data.samplers import split_key
 from vl.errors import ConfigError, DataError
 
 __all__ = ["RefExample", "RefCOCOExpressions", "RefCOCODataModule", "concat_regions"]
@@ -43,34 +44,6 @@ class RefExample(NamedTuple):
     text: str
     image_id: int
     box: np.ndarray
-
-
-def _truncate(item: dict[str, Any], n: int) -> dict[str, Any]:
-    out = dict(item)
-    for key in ("features", "boxes", "boxes_norm", "cls_prob"):
-        if out.get(key) is not None:
-            out[key] = out[key][:n]
-    out["num_boxes"] = int(out["features"].shape[0])
-    return out
-
-
-def concat_regions(dets: dict[str, Any], gt: dict[str, Any] | None, max_regions: int) -> dict[str, Any]:
-    """Reader dicts -> one reader dict: detections then GT regions, at most ``max_regions`` rows. Detections are
-    truncated first (the GT regions are kept so a training example always has a positive); ``cls_prob`` is kept only
-    when both have it."""
-    if gt is None:
-        return _truncate(dets, max_regions)
-    n_gt = min(int(gt["features"].shape[0]), max_regions)
-    n_det = min(int(dets["features"].shape[0]), max_regions - n_gt)
-    out = dict(dets)
-    for key in ("features", "boxes", "boxes_norm"):
-        out[key] = np.concatenate([dets[key][:n_det], gt[key][:n_gt]]).astype(np.float32, copy=False)
-    if dets.get("cls_prob") is not None and gt.get("cls_prob") is not None:
-        out["cls_prob"] = np.concatenate([dets["cls_prob"][:n_det], gt["cls_prob"][:n_gt]])
-    else:
-        out["cls_prob"] = None
-    out["num_boxes"] = n_det + n_gt
-    return out
 
 
 def whole_image_box(visual: dict[str, Any]) -> np.ndarray:
@@ -133,7 +106,16 @@ class RefCOCODataModule(VLDataModule):
     """`data=refcoco`. Files are relative to `root`; `splits` maps train/val/test to the refs' split names (default
     test -> testA; set `splits={"test": "testB"}` for the other half). `gt_features=None` trains on detections only.
 
-    With `root=None` the embedded scene corpus (`vl.data.scene_corpus`) holds these files."""
+    With `root=None` the embedded scene corpus (`vl.data.scenes.corpus`) holds these files."""
+
+    label_keys = {
+        "refer_targets": ("refer_targets", "regions"),
+        "refer_ious": ("refer_ious", "regions"),
+        "refer_image_iou": ("refer_image_iou", "float"),
+        "refer_image_target": ("refer_image_target", "float"),
+        "ref_id": ("ref_id", "long"),
+        "sent_id": ("sent_id", "long"),
+    }
 
     prediction_file = "refcoco_predictions.json"  # box per expression, written into the run dir by `test`
 

@@ -1,7 +1,7 @@
 """Image-text retrieval fine-tuning (ViLBERT Flickr30k / COCO layout): 4-way multiple-choice training, and
 text-to-image ranking galleries for val/test.
 
-Files (``vl.data.retrieval_format``): ``retrieval/{split}.jsonl`` ({"img_path", "sentences"}), the train
+Files (``vl.data.formats.retrieval``): ``retrieval/{split}.jsonl`` ({"img_path", "sentences"}), the train
 ``retrieval/hard_negative.pkl`` ({"train_image_list", "train_hard_pool"}) and region features (``regions.lmdb``) keyed
 by the ``img_path`` stem.
 """
@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, split_key
+from vl.data.base import VLDataModule
 from vl.data.features import RegionReader
-from vl.data.retrieval_format import (
+from vl.data.formats.retrieval import (
     image_key,
     load_hard_negatives,
     load_retrieval_jsonl,
 )
+from vl.data.samplers import split_key
 from vl.errors import ConfigError, DataError
 
 #: tries at drawing a negative whose caption is not one of the true image's captions (identical texts are not negatives)
@@ -168,7 +169,9 @@ class RetrievalDataModule(VLDataModule):
 
     Train: every (image, caption) pair (``RetrievalTrain``). Val/test: the first ``max_images`` images (all when
     None) x their first ``captions_per_image`` captions as queries (``RetrievalQueries``) over ``gallery(split)``.
-    With ``root=None`` the embedded scene corpus (``vl.data.scene_corpus``) holds these files."""
+    With ``root=None`` the embedded scene corpus (``vl.data.scenes.corpus``) holds these files."""
+
+    label_keys = {"gold": ("gold", "long"), "query_index": ("query_index", "long")}
 
     prediction_file = "retrieval_predictions.json"  # per query: gold image, rank
 

@@ -1,6 +1,6 @@
 """VCR fine-tuning: Q->A and QA->R as 4-way multiple choice over one image's regions (ViLBERT TASK1 / TASK2).
 
-Files (``vl.data.vcr_format``): ``vcr/{split}.jsonl``, the names table, per-image metadata under ``vcr/vcr1images`` and
+Files (``vl.data.formats.vcr``): ``vcr/{split}.jsonl``, the names table, per-image metadata under ``vcr/vcr1images`` and
 region features keyed by ``str(image_int_id(img_id))``. With ``root=None`` the VCR files are added to the embedded scene
 corpus on first use.
 """
@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, split_key
+from vl.data.base import VLDataModule, concat_regions
 from vl.data.features import RegionReader, open_region_features
-from vl.data.refcoco import concat_regions
-from vl.data.vcr_format import (
+from vl.data.formats.vcr import (
     NUM_CHOICES,
     image_int_id,
     load_metadata,
@@ -25,6 +24,7 @@ from vl.data.vcr_format import (
     record_texts,
     write_vcr_submission,
 )
+from vl.data.samplers import split_key
 from vl.errors import DataError
 
 MC_BLOCKS = ["vcr_qa", "vcr_qar"]
@@ -120,6 +120,8 @@ class VCRDataModule(VLDataModule):
     the metadata (vilbert-multi-task's ``VCR_gt_resnet101_faster_rcnn_genome.lmdb``), merged after the detections in
     every split as upstream; null (default): detections only. Q->A and QA->R are trained together: every example is two blocks
     of 4 choices (``mc_blocks``), see ``VCRQuestions``."""
+
+    label_keys = {"annot_id": ("annot_id", "str"), "example_id": ("example_id", "long")}
 
     prediction_file = "vcr_submission.csv"  # VCR leaderboard CSV, written into the run dir by `test`
 

@@ -6,7 +6,7 @@ Each example's image is one CLIP embedding, fed as `clip_feats` (B, 1, D) (float
 `text_only: true` is the text-only baseline corpus (BERT-CLIP-BERT-train): the same captions, no image features at
 all (the HDF5 is then neither required nor opened).
 
-Build the JSONL from the original annotation files with `python -m vl.data.build_vlp`.
+Build the JSONL from the original annotation files with `python -m vl.tools.build_vlp`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, split_key
+from vl.data.base import VLDataModule
 from vl.data.collate import Collator
 from vl.data.features import ClipFeatureReader
-from vl.data.jsonl import load_jsonl
+from vl.data.formats.jsonl import load_jsonl
+from vl.data.samplers import split_key
 from vl.errors import ConfigError, DataError
 
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -54,6 +55,8 @@ class TextImageLines(Dataset):
 
 class ClipCollator(Collator):
     """The shared Collator (tokenise, MLM-mask, pad) + `clip_feats` (B, 1, D) from the examples' `clip`."""
+
+    extra_keys = frozenset({"clip"})
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().__call__(examples)

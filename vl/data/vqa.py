@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, split_key
+from vl.data.base import VLDataModule
 from vl.data.features import RegionReader
-from vl.data.vqa_format import load_answer_vocab, load_questions, load_targets
+from vl.data.formats.vqa import load_answer_vocab, load_questions, load_targets
+from vl.data.samplers import split_key
 from vl.errors import DataError
 
 
@@ -53,6 +54,12 @@ class VQAQuestions(Dataset):
 
 class VQADataModule(VLDataModule):
     """`data=vqa`. Files are relative to `root` with `{split}` filled from `splits`."""
+
+    label_keys = {
+        "vqa_target": ("vqa_targets", "vector"),
+        "question_id": ("question_id", "long"),
+        "image_id": ("image_id", "long"),
+    }
 
     prediction_file = "vqa_predictions.json"  # EvalAI format, written into the run dir by `test`
 

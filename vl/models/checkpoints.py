@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vl.errors import ConfigError
-from vl.models.bert import log_key_report
+from vl.models.bert_backbone import log_key_report
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def load_bert_mlm_head(model: nn.Module, pretrained: str) -> dict[str, torch.Ten
     """`cls.predictions.*` of the `BertForMaskedLM` checkpoint in a pretrained BERT dir -> `objectives.mlm` (its decoder
     is tied to the word embeddings, which come with the BERT body). Logged; returns the loaded {key: tensor} (empty
     when the dir has no weights file or no MLM head: the head then stays randomly initialised)."""
-    from vl.models.bert import resolve_model_dir
+    from vl.models.bert_backbone import resolve_model_dir
 
     model_dir = resolve_model_dir(pretrained)
     files = [model_dir / "model.safetensors", model_dir / "pytorch_model.bin"]
@@ -210,7 +210,7 @@ def map_vilbert_key(key: str, *, multiple_choice_head: str = "retrieval") -> str
 
     `vil_logit` (the multiple-choice scorer of VCR and retrieval) maps to `objectives.<multiple_choice_head>.vil_logit`.
     `cls.bi_seq_relationship` maps to the ITM head but still uses the seed's convention (0 = aligned): the loader
-    converts it with `vl.objectives.itm_head_from_seed`. Keys already in vl's naming pass unchanged."""
+    converts it with `vl.heads.itm_head_from_seed`. Keys already in vl's naming pass unchanged."""
     if key.startswith("module."):
         key = key[len("module.") :]
     if key.startswith(("encoder.", "objectives.")):
@@ -242,7 +242,7 @@ def map_vilbert_key(key: str, *, multiple_choice_head: str = "retrieval") -> str
 
 def seed_itm_to_vl(mapped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The alignment head of a ViLBERT checkpoint (0 = aligned) -> vl's ITM head (1 = aligned)."""
-    from vl.objectives import itm_head_from_seed
+    from vl.heads import itm_head_from_seed
 
     weight, bias = "objectives.itm.classifier.weight", "objectives.itm.classifier.bias"
     if weight in mapped and bias in mapped:

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
+from vl.batch import EncoderOutput
 from vl.errors import ConfigError
-from vl.models.base import VLSystem
-from vl.models.bert import build_bert
+from vl.models.bert_backbone import build_bert
 from vl.models.checkpoints import BERT_MLM_HEAD_KEYS, load_bert_mlm_head, load_mapped_state_dict, read_state_dict
-from vl.objectives import EncoderOutput
+from vl.models.system import VLSystem
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +70,40 @@ class ClipBertEncoder(nn.Module):
     (any float dtype; cast to the projection's dtype). No clip_feats, or `use_image=False` -> plain BERT.
     """
 
-    def __init__(self, *, text_encoder: dict[str, Any], image_dim: int = 512, use_image: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        data_info: dict[str, Any],
+        text_encoder: dict[str, Any] | None = None,
+        image_dim: int | None = None,
+        use_image: bool = True,
+    ) -> None:
+        """`text_encoder`: `build_bert` arguments (no pooler is built); `image_dim`: the CLIP embedding size (None:
+        the data's, `data_info["clip_dim"]`, else 512); `use_image=False`: ignore `clip_feats` (the BERT
+        baselines, `model=bert`)."""
         super().__init__()
-        self.use_image = use_image
+        data_dim = data_info.get("clip_dim")
+        if image_dim is not None and data_dim is not None and int(image_dim) != int(data_dim):
+            raise ConfigError(f"model.encoder.image_dim={image_dim} but the data's CLIP features are {data_dim}-d")
+        image_dim = int(image_dim or data_dim or 512)
+        text_encoder = dict(text_encoder or {})
+        self.pretrained = text_encoder.get("pretrained")
+        # text-only data or model=bert: the image is never read, and no image projection is built
+        self.use_image = use_image and data_dim is not None
+        self.visual_input = "global" if self.use_image else None
         self.bert = build_bert(**{**text_encoder, "add_pooling_layer": False})
         hidden = self.bert.config.hidden_size
-        self.hidden_size = hidden
+        self.hidden_size = self.pooled_size = self.text_size = self.visual_size = hidden
         self.image_dim = image_dim
-        if use_image:  # built only where used: an unused parameter breaks DDP
+        if self.use_image:  # built only where used: an unused parameter breaks DDP
             self.img_projection = nn.Linear(image_dim, hidden)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.bert.embeddings.word_embeddings
+
+    def pretrained_parameter_names(self) -> set[str]:
+        return {f"bert.{name}" for name, _ in self.bert.named_parameters()} if self.pretrained else set()
 
     def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (embeddings after LayerNorm+dropout (B,T[+1],H), attention mask (B,T[+1]))."""
@@ -118,47 +139,16 @@ class ClipBertEncoder(nn.Module):
 
 
 class ClipBertSystem(VLSystem):
-    """CLIP-BERT (`model=clip_bert`) and the BERT baselines (`model=bert`: the same class on text-only data)."""
+    """CLIP-BERT (`model=clip_bert`) and the BERT baselines (`model=bert`: the same encoder on text-only data). What
+    is special: released weights load into encoder and MLM head (`state_dict_path`; the MLM head `cls.predictions.*`
+    of `text_encoder.pretrained`), and those head weights train at the pretrained lr too."""
 
-    def __init__(
-        self,
-        *,
-        text_encoder: dict[str, Any],
-        objectives: list[str],
-        data_info: dict[str, Any],
-        optimizer: dict[str, Any],
-        scheduler: dict[str, Any] | None = None,
-        loss_weights: dict[str, float] | None = None,
-        init_from: str | None = None,
-        pretrained_lr_mult: float = 1.0,
-        heads: dict[str, dict[str, Any]] | None = None,
-        head_lr: float | None = None,
-        image_dim: int | None = None,
-        use_image: bool = True,
-        state_dict_path: str | None = None,
-    ) -> None:
-        super().__init__(
-            objectives=objectives,
-            data_info=data_info,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loss_weights=loss_weights,
-            init_from=init_from,
-            pretrained_lr_mult=pretrained_lr_mult,
-            heads=heads,
-            head_lr=head_lr,
-        )
-        self.save_hyperparameters()
-        data_dim = data_info.get("clip_dim")
-        if image_dim is not None and data_dim is not None and int(image_dim) != int(data_dim):
-            raise ConfigError(f"model.image_dim={image_dim} but the data's CLIP features are {data_dim}-d")
-        dim = int(image_dim or data_dim or 512)
-        sees_image = use_image and data_dim is not None  # text-only data or model=bert: no image projection
-        self.encoder = ClipBertEncoder(text_encoder=dict(text_encoder), image_dim=dim, use_image=sees_image)
-        pretrained = text_encoder.get("pretrained")
+    def __init__(self, *, state_dict_path: str | None = None, **kwargs: Any) -> None:
+        """`state_dict_path`: a whole-model state dict (see the module docstring); the rest: `VLSystem`'s."""
+        super().__init__(**kwargs)
         self._pretrained_head: dict[str, torch.Tensor] = {}
-        self.build_objectives(self.encoder.hidden_size, visual_input="global" if sees_image else None)
-        if pretrained and "mlm" in self.objectives and not init_from:
+        pretrained = getattr(self.encoder, "pretrained", None)
+        if pretrained and "mlm" in self.objectives and not self.init_from:
             self.load_pretrained_mlm_head(pretrained)
         if state_dict_path:
             self.load_original_state_dict(state_dict_path)
@@ -167,10 +157,7 @@ class ClipBertSystem(VLSystem):
         return () if self.encoder.use_image else ("encoder.img_projection.",)
 
     def pretrained_parameter_names(self) -> set[str]:
-        if not self.hparams.text_encoder.get("pretrained"):
-            return set()
-        names = {f"encoder.bert.{name}" for name, _ in self.encoder.bert.named_parameters()}
-        return names | set(self._pretrained_head)
+        return super().pretrained_parameter_names() | set(self._pretrained_head)
 
     # ------------------------------------------------------------------ loading
     def load_pretrained_mlm_head(self, pretrained: str) -> None:

@@ -1,11 +1,11 @@
-"""A single-stream encoder in the style of VisualBERT (`model=single_stream`, `model=single_stream_tiny` and the CPU
-default `model=visual_bert_tiny`): BERT layers over [text tokens ; projected region tokens].
+"""A single-stream encoder in the style of VisualBERT (`model=single_stream` and the CPU default
+`model=visual_bert_tiny`): BERT layers over [text tokens ; projected region tokens] (the shared
+`vl.models.system.VLSystem` trains it).
 
 Not the published VisualBERT (that is `vl.models.visual_bert`, `model=visual_bert`): the regions here also get a box
 projection and their own LayerNorm, and share BERT's type / position tables, so released VisualBERT weights do not
 fit it. Text tokens: BERT word + position + type-0 embeddings. Region tokens: Linear(feat) + Linear(box) projected to
-the hidden size, then BERT position-0 + type-1 embeddings and the shared LayerNorm. One attention mask over both.
-"""
+the hidden size, then BERT position-0 + type-1 embeddings and the shared LayerNorm. One attention mask over both."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vl.batch import EncoderOutput, region_feature_dim
 from vl.errors import ConfigError
-from vl.models.base import VLSystem, region_feature_dim
-from vl.models.bert import build_bert
-from vl.objectives import EncoderOutput
+from vl.models.bert_backbone import build_bert
 
 
 class SingleStreamEncoder(nn.Module):
@@ -27,17 +26,28 @@ class SingleStreamEncoder(nn.Module):
     normalised x1y1x2y2; visual_mask (B,R).
     """
 
+    visual_input = "regions"
+
     def __init__(
-        self, *, text_encoder: dict[str, Any], visual_dim: int, box_dim: int = 5, pooling: str = "cls"
+        self,
+        *,
+        data_info: dict[str, Any],
+        text_encoder: dict[str, Any] | None = None,
+        pooling: str = "cls",
+        box_dim: int = 5,
     ) -> None:
+        """`text_encoder`: `build_bert` arguments (random sizes, or `pretrained`); `pooling`: "cls" (BERT pooler on
+        [CLS]) or "mean" (masked mean of all states); `data_info["visual_dim"]`: the region-feature size."""
         super().__init__()
         if pooling not in ("cls", "mean"):
-            raise ConfigError(f"model.pooling: '{pooling}' is not one of 'cls', 'mean'")
+            raise ConfigError(f"model.encoder.pooling: '{pooling}' is not one of 'cls', 'mean'")
+        visual_dim = region_feature_dim(data_info)
         self.pooling = pooling
+        self.pretrained = (text_encoder or {}).get("pretrained")
         # BERT's pooler only where it is used: an unused parameter breaks DDP ("not used in producing the loss")
-        self.bert = build_bert(**{**text_encoder, "add_pooling_layer": pooling == "cls"})
+        self.bert = build_bert(**{**(text_encoder or {}), "add_pooling_layer": pooling == "cls"})
         hidden = self.bert.config.hidden_size
-        self.hidden_size = hidden
+        self.hidden_size = self.pooled_size = self.text_size = self.visual_size = hidden
         self.visual_proj = nn.Linear(visual_dim, hidden)
         self.box_proj = nn.Linear(box_dim, hidden)
         self.visual_norm = nn.LayerNorm(hidden, eps=1e-12)
@@ -45,6 +55,13 @@ class SingleStreamEncoder(nn.Module):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.bert.embeddings.word_embeddings
+
+    def pretrained_parameter_names(self) -> set[str]:
+        return {f"bert.{name}" for name, _ in self.bert.named_parameters()} if self.pretrained else set()
+
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        """Older checkpoints hold BERT's pooler under mean pooling; it is no longer built (see `VLSystem`)."""
+        return ("bert.pooler.",) if self.pooling != "cls" else ()
 
     @staticmethod
     def box_features(boxes: torch.Tensor) -> torch.Tensor:
@@ -74,47 +91,3 @@ class SingleStreamEncoder(nn.Module):
         else:  # BERT pooler: tanh(Linear(h_[CLS]))
             pooled = out.pooler_output
         return EncoderOutput(text=states[:, :text_len], visual=states[:, text_len:], pooled=pooled)
-
-
-class SingleStreamSystem(VLSystem):
-    """The VisualBERT-style single-stream model + the data's objectives (MLM, ITM, VQA, ...)."""
-
-    def __init__(
-        self,
-        *,
-        text_encoder: dict[str, Any],
-        objectives: list[str],
-        pooling: str = "cls",
-        data_info: dict[str, Any],
-        optimizer: dict[str, Any],
-        scheduler: dict[str, Any] | None = None,
-        loss_weights: dict[str, float] | None = None,
-        init_from: str | None = None,
-        pretrained_lr_mult: float = 1.0,
-        heads: dict[str, dict[str, Any]] | None = None,
-        head_lr: float | None = None,
-    ) -> None:
-        super().__init__(
-            objectives=objectives,
-            data_info=data_info,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loss_weights=loss_weights,
-            init_from=init_from,
-            pretrained_lr_mult=pretrained_lr_mult,
-            heads=heads,
-            head_lr=head_lr,
-        )
-        self.save_hyperparameters()
-        self.encoder = SingleStreamEncoder(
-            text_encoder=dict(text_encoder), visual_dim=region_feature_dim(data_info), pooling=pooling
-        )
-        self.build_objectives(self.encoder.hidden_size)
-
-    def unbuilt_prefixes(self) -> tuple[str, ...]:
-        return ("encoder.bert.pooler.",) if self.encoder.pooling != "cls" else ()
-
-    def pretrained_parameter_names(self) -> set[str]:
-        if not self.hparams.text_encoder.get("pretrained"):
-            return set()
-        return {f"encoder.bert.{name}" for name, _ in self.encoder.bert.named_parameters()}

@@ -29,8 +29,8 @@ from transformers import LxmertConfig, LxmertForPreTraining, VisualBertConfig, V
 from transformers.models.lxmert.modeling_lxmert import LxmertXLayer
 
 from vl.errors import ConfigError, DataError
-from vl.models.bert import log_key_report
 from vl.models.checkpoints import load_mapped_state_dict
+from vl.pretrained import log_key_report
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
+from vl.batch import EncoderOutput, region_feature_dim
 from vl.errors import ConfigError
-from vl.models.base import VLSystem, region_feature_dim
-from vl.models.bert import build_bert
+from vl.models.bert_backbone import build_bert
 from vl.models.checkpoints import (
     VILBERT_EXPECTED_UNUSED,
     load_bert_mlm_head,
@@ -32,7 +32,7 @@ from vl.models.checkpoints import (
     read_state_dict,
     seed_itm_to_vl,
 )
-from vl.objectives import EncoderOutput
+from vl.models.system import VLSystem
 
 #: location of the global image token: the whole image, area 1
 GLOBAL_LOC = (0.0, 0.0, 1.0, 1.0, 1.0)
@@ -185,10 +185,13 @@ def check_biattention_ids(v_ids: Sequence[int], t_ids: Sequence[int], *, v_layer
     existing layer of their stream."""
     if len(v_ids) != len(t_ids) or not v_ids:
         raise ConfigError(
-            f"model.v_biattention_id / model.t_biattention_id: need the same non-zero length (one entry per "
+            f"model.encoder.v_biattention_id / model.encoder.t_biattention_id: need the same non-zero length (one entry per "
             f"co-attention layer), got {list(v_ids)} and {list(t_ids)}"
         )
-    streams = (("model.v_biattention_id", v_ids, v_layers), ("model.t_biattention_id", t_ids, t_layers))
+    streams = (
+        ("model.encoder.v_biattention_id", v_ids, v_layers),
+        ("model.encoder.t_biattention_id", t_ids, t_layers),
+    )
     for key, ids, n_layers in streams:
         if any(b <= a for a, b in zip(ids, ids[1:])):
             raise ConfigError(f"{key}: must be strictly increasing, got {list(ids)}")
@@ -213,32 +216,44 @@ class VilbertEncoder(nn.Module):
     embedding and the last text and vision layers run after the last co-layer.
     """
 
+    visual_input = "regions"
+
     def __init__(
         self,
         *,
-        text_encoder: dict[str, Any],
-        visual_dim: int,
-        v_hidden: int,
-        v_num_layers: int,
-        v_heads: int,
-        v_intermediate: int,
-        bi_hidden: int,
-        bi_heads: int,
-        v_biattention_id: Sequence[int],
-        t_biattention_id: Sequence[int],
+        data_info: dict[str, Any],
+        text_encoder: dict[str, Any] | None = None,
+        v_hidden: int = 1024,
+        v_num_layers: int = 6,
+        v_heads: int = 8,
+        v_intermediate: int = 1024,
+        bi_hidden: int = 1024,
+        bi_heads: int = 8,
+        v_biattention_id: Sequence[int] = (0, 1, 2, 3, 4, 5),
+        t_biattention_id: Sequence[int] = (6, 7, 8, 9, 10, 11),
         dropout: float = 0.1,
     ) -> None:
+        """`text_encoder`: `build_bert` arguments of the text stream; `v_*`: the vision stream's sizes; `bi_*`: the
+        co-attention layers'; co-attention layer k runs before text layer `t_biattention_id[k]` and vision layer
+        `v_biattention_id[k]` (see the class docstring); `dropout`: vision stream and co-attention layers (the text
+        stream uses `text_encoder.dropout`); `data_info["visual_dim"]`: the region-feature size."""
         super().__init__()
-        for key, size, heads in (("model.v_hidden", v_hidden, v_heads), ("model.bi_hidden", bi_hidden, bi_heads)):
+        visual_dim = region_feature_dim(data_info)
+        text_encoder = dict(text_encoder or {})
+        self.pretrained = text_encoder.get("pretrained")
+        for key, size, heads in (
+            ("model.encoder.v_hidden", v_hidden, v_heads),
+            ("model.encoder.bi_hidden", bi_hidden, bi_heads),
+        ):
             if size % heads:
                 raise ConfigError(f"{key}={size} is not divisible by its number of heads ({heads})")
         # Text stream: a BERT (random or pretrained) whose embeddings and layers we run ourselves; ViLBERT has its
         # own pooler, so BERT's is not built.
         self.bert = build_bert(**{**text_encoder, "add_pooling_layer": False})
         t_config = self.bert.config
-        self.text_hidden = t_config.hidden_size
-        self.visual_hidden = v_hidden
-        self.pooled_hidden = bi_hidden
+        self.text_hidden = self.text_size = t_config.hidden_size
+        self.visual_hidden = self.visual_size = v_hidden
+        self.pooled_hidden = self.pooled_size = bi_hidden
         check_biattention_ids(
             list(v_biattention_id), list(t_biattention_id), v_layers=v_num_layers, t_layers=t_config.num_hidden_layers
         )
@@ -279,6 +294,10 @@ class VilbertEncoder(nn.Module):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.bert.embeddings.word_embeddings
+
+    def pretrained_parameter_names(self) -> set[str]:
+        """With `text_encoder.pretrained`, the text stream (lr x `pretrained_lr_mult`, 0.1 upstream)."""
+        return {f"bert.{name}" for name, _ in self.bert.named_parameters()} if self.pretrained else set()
 
     @property
     def text_layers(self) -> nn.ModuleList:
@@ -321,71 +340,18 @@ class VilbertSystem(VLSystem):
     expected-unused (`VILBERT_EXPECTED_UNUSED`, or the head of an objective this run does not have).
     """
 
-    def __init__(
-        self,
-        *,
-        text_encoder: dict[str, Any],
-        objectives: list[str],
-        data_info: dict[str, Any],
-        optimizer: dict[str, Any],
-        v_hidden: int = 1024,
-        v_num_layers: int = 6,
-        v_heads: int = 8,
-        v_intermediate: int = 1024,
-        bi_hidden: int = 1024,
-        bi_heads: int = 8,
-        v_biattention_id: Sequence[int] = (0, 1, 2, 3, 4, 5),
-        t_biattention_id: Sequence[int] = (6, 7, 8, 9, 10, 11),
-        dropout: float = 0.1,
-        scheduler: dict[str, Any] | None = None,
-        loss_weights: dict[str, float] | None = None,
-        init_from: str | None = None,
-        pretrained_lr_mult: float = 0.1,
-        heads: dict[str, dict[str, Any]] | None = None,
-        head_lr: float | None = None,
-        state_dict_path: str | None = None,
-    ) -> None:
-        super().__init__(
-            objectives=objectives,
-            data_info=data_info,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loss_weights=loss_weights,
-            init_from=init_from,
-            pretrained_lr_mult=pretrained_lr_mult,
-            heads=heads,
-            head_lr=head_lr,
-        )
-        self.save_hyperparameters()
-        self.encoder = VilbertEncoder(
-            text_encoder=dict(text_encoder),
-            visual_dim=region_feature_dim(data_info),
-            v_hidden=v_hidden,
-            v_num_layers=v_num_layers,
-            v_heads=v_heads,
-            v_intermediate=v_intermediate,
-            bi_hidden=bi_hidden,
-            bi_heads=bi_heads,
-            v_biattention_id=list(v_biattention_id),
-            t_biattention_id=list(t_biattention_id),
-            dropout=dropout,
-        )
-        self.build_objectives(
-            self.encoder.pooled_hidden,
-            text_hidden_size=self.encoder.text_hidden,
-            visual_hidden_size=self.encoder.visual_hidden,
-        )
-        pretrained = text_encoder.get("pretrained")
+    def __init__(self, *, state_dict_path: str | None = None, **kwargs: Any) -> None:
+        """`state_dict_path`: a released checkpoint (see the class docstring); the rest: `VLSystem`'s."""
+        super().__init__(**kwargs)
         self._pretrained_head: dict[str, torch.Tensor] = {}
-        if pretrained and "mlm" in self.objectives and not init_from:
+        pretrained = getattr(self.encoder, "pretrained", None)
+        if pretrained and "mlm" in self.objectives and not self.init_from:
             self._pretrained_head = load_bert_mlm_head(self, pretrained)
         if state_dict_path:
             self.load_released_state_dict(state_dict_path)
 
     def pretrained_parameter_names(self) -> set[str]:
-        if not self.hparams.text_encoder.get("pretrained"):
-            return set()
-        return {f"encoder.bert.{name}" for name, _ in self.encoder.bert.named_parameters()} | set(self._pretrained_head)
+        return super().pretrained_parameter_names() | set(self._pretrained_head)
 
     def load_released_state_dict(self, path: str) -> dict[str, list[str]]:
         """Load a released ViLBERT checkpoint (see the class docstring); returns the key report."""

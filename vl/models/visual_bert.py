@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from transformers import VisualBertConfig, VisualBertModel
 
+from vl.batch import EncoderOutput, region_feature_dim
 from vl.errors import ConfigError
-from vl.models.base import VLSystem, region_feature_dim
-from vl.models.bert import resolve_model_dir
 from vl.models.checkpoints import BERT_MLM_HEAD_KEYS, load_mapped_state_dict, read_state_dict
-from vl.objectives import EncoderOutput
+from vl.models.system import VLSystem
+from vl.pretrained import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,14 @@ class VisualBertEncoder(nn.Module):
     not read. `pretrained` / sizes: see the module docstring.
     """
 
-    def __init__(self, *, text_encoder: dict[str, Any], visual_dim: int) -> None:
+    visual_input = "regions"
+
+    def __init__(self, *, data_info: dict[str, Any], text_encoder: dict[str, Any] | None = None) -> None:
+        """`text_encoder`: sizes (random init) or `pretrained` (a VisualBERT or BERT dir, see the module docstring);
+        `data_info["visual_dim"]`: the region-feature size (= `visual_embedding_dim`)."""
         super().__init__()
+        visual_dim = region_feature_dim(data_info)
+        text_encoder = dict(text_encoder or {})
         pretrained = text_encoder.get("pretrained")
         self.source: tuple[str, Path] | None = None
         if pretrained:
@@ -100,7 +106,7 @@ class VisualBertEncoder(nn.Module):
                 visual_embedding_dim=visual_dim,
             )
         self.visual_bert = VisualBertModel(config, add_pooling_layer=True)
-        self.hidden_size = config.hidden_size
+        self.hidden_size = self.pooled_size = self.text_size = self.visual_size = config.hidden_size
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -138,41 +144,16 @@ def map_visual_bert_key(key: str) -> str | None:
 class VisualBertSystem(VLSystem):
     """The published VisualBERT + the data's objectives (MLM, ITM, VQA, ...). See the module docstring."""
 
-    def __init__(
-        self,
-        *,
-        text_encoder: dict[str, Any],
-        objectives: list[str],
-        data_info: dict[str, Any],
-        optimizer: dict[str, Any],
-        scheduler: dict[str, Any] | None = None,
-        loss_weights: dict[str, float] | None = None,
-        init_from: str | None = None,
-        pretrained_lr_mult: float = 1.0,
-        heads: dict[str, dict[str, Any]] | None = None,
-        head_lr: float | None = None,
-    ) -> None:
-        super().__init__(
-            objectives=objectives,
-            data_info=data_info,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loss_weights=loss_weights,
-            init_from=init_from,
-            pretrained_lr_mult=pretrained_lr_mult,
-            heads=heads,
-            head_lr=head_lr,
-        )
-        self.save_hyperparameters()
-        self.encoder = VisualBertEncoder(text_encoder=dict(text_encoder), visual_dim=region_feature_dim(data_info))
+    def __init__(self, **kwargs: Any) -> None:
+        """`VLSystem`'s arguments; a pretrained dir in `encoder.text_encoder.pretrained` loads encoder and heads."""
+        super().__init__(**kwargs)
         self._pretrained: set[str] = set()
-        self.build_objectives(self.encoder.hidden_size)
-        if self.encoder.source is not None and not init_from:
+        if self.encoder.source is not None and not self.init_from:
             self.load_pretrained(*self.encoder.source)
 
     def load_pretrained(self, kind: str, model_dir: Path) -> dict[str, list[str]]:
         """Load a VisualBERT or BERT dir (see the module docstring); returns the key report."""
-        from vl.objectives import itm_head_from_seed
+        from vl.heads import itm_head_from_seed
 
         def convert(mapped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             w, b = "objectives.itm.classifier.weight", "objectives.itm.classifier.bias"
@@ -187,7 +168,7 @@ class VisualBertSystem(VLSystem):
 
         report = load_mapped_state_dict(
             self,
-            read_state_dict(weights_file(model_dir), key="model.text_encoder.pretrained"),
+            read_state_dict(weights_file(model_dir), key="model.encoder.text_encoder.pretrained"),
             map_visual_bert_key,
             what=f"{kind} weights from {model_dir}",
             expected_unused=VISUAL_BERT_EXPECTED_UNUSED,

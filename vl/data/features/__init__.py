@@ -5,7 +5,7 @@
 - Region features, MM-BERT / bottom-up-attention per-image Faster R-CNN JSON with base64 arrays, as a directory of
   ``<image_id>.json`` or a JSONL file (``FrcnnJsonRegionReader`` / ``write_region_json``; ``region_json``).
 - ``open_region_features(path)`` picks the region reader from what ``path`` is (``factory``); all three return the same
-  dict. ``python -m vl.data.convert`` converts TSV / LMDB / HDF5 / JSON (see ``vl.data.convert``).
+  dict. ``python -m vl.tools.convert_features`` converts TSV / LMDB / HDF5 / JSON (see ``vl.data.features.convert``).
 - CLIP global embeddings, HDF5 (``ClipFeatureReader`` / ``write_clip_hdf5``; ``clip_hdf5``).
 - What they share (array encoding, atomic replacement, the reader output dict, lazy handles) is in ``base``.
 
@@ -16,7 +16,7 @@ file (and the image id / field).
 
 from __future__ import annotations
 
-from vl.data.features.base import decode_array as _decode_array  # noqa: F401 - imported by vl.data.convert
+from vl.data.features.base import decode_array as _decode_array  # noqa: F401 - imported by vl.data.features.convert
 from vl.data.features.base import encode_array
 from vl.data.features.clip_hdf5 import ClipFeatureReader, write_clip_hdf5
 from vl.data.features.factory import RegionReader, open_region_features

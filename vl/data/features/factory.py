@@ -41,7 +41,7 @@ def open_region_features(path: str | Path) -> RegionReader:
     if suffix in (".tsv", ".csv"):
         raise DataError(
             f"{p}: a bottom-up-attention TSV is not read directly; convert it first with "
-            f"`python -m vl.data.convert tsv2lmdb {p} OUT.lmdb`"
+            f"`python -m vl.tools.convert_features tsv2lmdb {p} OUT.lmdb`"
         )
     try:
         with open(p, "rb") as f:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from vl.data.features.base import decode_array, encode_array, record_to_item, remove_path, replace_path, tmp_sibling
-from vl.data.safe_pickle import safe_loads
+from vl.data.formats.safe_pickle import safe_loads
 from vl.errors import DataError
 
 KEYS_KEY = b"keys"

@@ -1,0 +1,45 @@
+"""The shared collator knows no task: a corpus declares its label keys, an undeclared key is an error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vl.data.collate import Collator, collate_labels, load_tokenizer
+
+
+def _visual(n: int) -> dict[str, np.ndarray]:
+    return {"features": np.ones((n, 4), np.float32), "boxes_norm": np.zeros((n, 4), np.float32)}
+
+
+def test_declared_labels_are_collated_by_kind() -> None:
+    labels = {
+        "answer": ("answer_scores", "vector"),
+        "qid": ("question_id", "long"),
+        "per_region": ("region_targets", "regions"),
+        "name": ("names", "str"),
+    }
+    collate = Collator(load_tokenizer("minilm"), labels=labels)
+    examples = [
+        {"text": "a red circle", "visual": _visual(2), "answer": np.array([0.0, 1.0]), "qid": 7, "per_region": [0.5]},
+        {"text": "a square", "visual": _visual(3), "answer": np.array([1.0, 0.3]), "qid": 8, "per_region": [1, 0, 1]},
+    ]
+    for ex, name in zip(examples, ("x", "y")):
+        ex["name"] = name
+    batch = collate(examples)
+    torch.testing.assert_close(batch["answer_scores"], torch.tensor([[0.0, 1.0], [1.0, 0.3]]))
+    assert batch["question_id"].tolist() == [7, 8] and batch["names"] == ["x", "y"]
+    # padded to the batch's regions (3), zeros beyond an example's own
+    torch.testing.assert_close(batch["region_targets"], torch.tensor([[0.5, 0.0, 0.0], [1.0, 0.0, 1.0]]))
+
+
+def test_undeclared_example_key_fails_naming_it() -> None:
+    collate = Collator(load_tokenizer("minilm"))
+    with pytest.raises(ValueError, match=r"\['vqa_target'\].*label_keys"):
+        collate([{"text": "a", "vqa_target": np.zeros(3)}])
+
+
+def test_unknown_label_kind_fails() -> None:
+    with pytest.raises(ValueError, match="unknown kind 'matrix'"):
+        collate_labels([{"x": 1}], {"x": ("x", "matrix")}, {})

@@ -1,0 +1,472 @@
+"""The embedded scene corpus on disk: the scenes of ``vl.data.scenes.generator`` written in the real formats, checked, cached.
+
+``write_corpus`` writes (paths relative to the corpus root)::
+
+    images/<image_id>.png                                   RGB PNG, image_size x image_size
+    annotations/captions_{train,val,test}.json              COCO captions {"info","images","annotations"}
+    vlp/{train,val,test}.jsonl                              {"text": caption, "image_id": "<image_id>"}
+    lxmert/mscoco_{train,val,test}.json                     LXMERT pretraining JSON (captions + VQA questions)
+    lxmert_text/{train,val,test}.jsonl                      {"text"}: that JSON as an MLM text corpus
+    clip_features.hdf5                                      features float32 (N, clip_dim); ids S{maxlen} (N,)
+    regions.lmdb/data.mdb                                   ViLBERT region-feature LMDB (see vl.data.features)
+    regions.hdf5                                            the same region features, vl HDF5 layout
+    regions_json/<image_id>.json                            the same, per-image FRCNN JSON (base64, MM-BERT)
+    vqa/v2_OpenEnded_mscoco_{split}2014_questions.json      official VQA questions
+    vqa/v2_mscoco_{split}2014_annotations.json              official VQA annotations (10 answers each)
+    vqa/cache/{split}_target.pkl / .json                    [{question_id, image_id, labels, scores}]
+    vqa/cache/trainval_ans2label.pkl / trainval_label2ans.pkl
+    vqa/trainval_ans2label.json / trainval_label2ans.json
+    retrieval/{train,val,test}.jsonl, hard_negative.pkl     Flickr30k retrieval layout (vl.data.formats.retrieval)
+    vcr/{split}.jsonl, vcr1images/, names table, regions.lmdb   VCR layout (vl.data.formats.vcr)
+    refcoco+/refs(unc).p, instances.json, dets.lmdb, gt.lmdb   RefCOCO+ REFER layout (vl.data.formats.refcoco)
+    manifest.json                                           written last: settings, version, files with sizes/sha1s
+
+``ensure_corpus(cache_dir, settings)`` keeps one validated copy per (settings, GENERATOR_VERSION) in
+``cache_dir/scenes-<key>`` (``verify_corpus`` decides whether it can be reused). Run ``python -m vl.tools.scenes
+--out DIR`` to write a corpus by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vl.data.features import (
+    ClipFeatureReader,
+    FrcnnJsonRegionReader,
+    HDF5RegionReader,
+    RegionFeatureReader,
+    write_clip_hdf5,
+    write_region_hdf5,
+    write_region_json,
+    write_region_lmdb,
+)
+from vl.data.formats.jsonl import write_jsonl
+from vl.data.formats.lxmert import lxmert_texts
+from vl.data.formats.vqa import build_targets
+from vl.data.scenes.generator import (
+    GENERATOR_VERSION,
+    NUM_REGION_CLASSES,
+    SPLITS,
+    Scene,
+    SceneSettings,
+    answer_vocab,
+    clip_embedding,
+    generate_scenes,
+    region_features,
+    render,
+)
+from vl.data.scenes.writers.refcoco import write_refcoco_corpus
+from vl.data.scenes.writers.retrieval import write_retrieval_corpus
+from vl.data.scenes.writers.vcr import write_vcr_corpus
+from vl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["corpus_key", "corpus_paths", "write_corpus", "verify_corpus", "ensure_corpus", "default_cache_dir"]
+
+# ----------------------------------------------------------------------------------------------------------- writing
+
+
+def corpus_key(settings: SceneSettings) -> str:
+    """Short hash of the settings and GENERATOR_VERSION (names the cache directory)."""
+    blob = json.dumps({"settings": settings.to_dict(), "version": GENERATOR_VERSION}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def corpus_paths(root: str | Path) -> dict[str, Path]:
+    """Canonical paths inside a corpus root. Keys: ``images``, ``clip``, ``regions`` (LMDB), ``regions_hdf5``,
+    ``regions_json`` (directory), ``manifest``, ``ans2label``,
+    ``label2ans`` (JSON), ``ans2label_pkl``, ``label2ans_pkl``, and per split s: ``captions_s``, ``vlp_s``,
+    ``vqa_questions_s``, ``vqa_annotations_s``, ``vqa_targets_s`` (pkl), ``vqa_targets_json_s``, ``lxmert_s`` (LXMERT
+    pretraining JSON), ``lxmert_text_s`` (its MLM text JSONL)."""
+    root = Path(root)
+    paths = {
+        "images": root / "images",
+        "clip": root / "clip_features.hdf5",
+        "regions": root / "regions.lmdb",
+        "regions_hdf5": root / "regions.hdf5",
+        "regions_json": root / "regions_json",
+        "manifest": root / "manifest.json",
+        "ans2label": root / "vqa" / "trainval_ans2label.json",
+        "label2ans": root / "vqa" / "trainval_label2ans.json",
+        "ans2label_pkl": root / "vqa" / "cache" / "trainval_ans2label.pkl",
+        "label2ans_pkl": root / "vqa" / "cache" / "trainval_label2ans.pkl",
+    }
+    for s in SPLITS:
+        paths[f"captions_{s}"] = root / "annotations" / f"captions_{s}.json"
+        paths[f"vlp_{s}"] = root / "vlp" / f"{s}.jsonl"
+        paths[f"cc_{s}"] = root / "cc" / f"{s}.tsv"
+        paths[f"lxmert_{s}"] = root / "lxmert" / f"mscoco_{s}.json"
+        paths[f"lxmert_text_{s}"] = root / "lxmert_text" / f"{s}.jsonl"
+        paths[f"vqa_questions_{s}"] = root / "vqa" / f"v2_OpenEnded_mscoco_{s}2014_questions.json"
+        paths[f"vqa_annotations_{s}"] = root / "vqa" / f"v2_mscoco_{s}2014_annotations.json"
+        paths[f"vqa_targets_{s}"] = root / "vqa" / "cache" / f"{s}_target.pkl"
+        paths[f"vqa_targets_json_{s}"] = root / "vqa" / "cache" / f"{s}_target.json"
+    return paths
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        json.dump(obj, f)
+
+
+def _write_pickle(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        pickle.dump(obj, f, protocol=4)
+
+
+def _sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+_CHECKSUM_SUFFIXES = (".json", ".jsonl", ".pkl")
+_CHECKSUM_MAX_BYTES = 8 * 1024 * 1024
+#: the feature stores (LMDB data files, HDF5) get a `sampled_sha1`: the whole file up to `_SAMPLE_FULL_BYTES`, else
+#: `_SAMPLE_BLOCKS` blocks of `_SAMPLE_BLOCK` bytes spread evenly from the first to the last byte (a cheap verify that
+#: catches same-size damage, e.g. zeroed pages, which the size check cannot see)
+_SAMPLED_SUFFIXES = (".mdb", ".hdf5", ".h5")
+_SAMPLE_FULL_BYTES = 16 * 1024 * 1024
+_SAMPLE_BLOCKS = 64
+_SAMPLE_BLOCK = 64 * 1024
+
+
+def _sampled_sha1(path: Path) -> str:
+    size = path.stat().st_size
+    if size <= max(_SAMPLE_FULL_BYTES, _SAMPLE_BLOCKS * _SAMPLE_BLOCK):
+        return _sha1(path)
+    h = hashlib.sha1(str(size).encode())
+    last = size - _SAMPLE_BLOCK
+    with path.open("rb") as f:
+        for i in range(_SAMPLE_BLOCKS):
+            f.seek(last * i // (_SAMPLE_BLOCKS - 1))
+            h.update(f.read(_SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def _wants_sampled_hash(rel: str) -> bool:
+    return rel.endswith(_SAMPLED_SUFFIXES) and not rel.endswith("lock.mdb")
+
+
+def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Path:
+    """Generate the corpus and write every format into ``root`` (created); ``manifest.json`` last. Returns ``root``."""
+    settings = settings or SceneSettings()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = corpus_paths(root)
+    if paths["manifest"].exists():
+        paths["manifest"].unlink()  # an old manifest must never vouch for new files
+    scenes = generate_scenes(settings)
+    by_split = {s: [sc for sc in scenes if sc.split == s] for s in SPLITS}
+    info = {
+        "description": "vl procedural scene corpus",
+        "version": GENERATOR_VERSION,
+        "seed": settings.seed,
+        "contributor": "vl",
+    }
+    label2ans = answer_vocab(settings)
+    written = _write_images(paths, scenes)
+    written += _write_captions(paths, by_split, info)
+    written += _write_features(paths, scenes, settings)
+    written += _write_vqa(paths, by_split, info, label2ans)
+    written += _write_lxmert(paths, by_split)
+    written += write_retrieval_corpus(root, scenes, settings)
+    written += write_vcr_corpus(root, scenes, settings)
+    written += write_refcoco_corpus(root, scenes, settings)
+    _write_manifest(root, paths, written, settings, scenes, by_split, len(label2ans))
+    return root
+
+
+def _write_images(paths: dict[str, Path], scenes: Sequence[Scene]) -> list[Path]:
+    """``images/<image_id>.png`` for every scene."""
+    paths["images"].mkdir(parents=True, exist_ok=True)
+    written = []
+    for sc in scenes:
+        p = paths["images"] / f"{sc.image_id}.png"
+        render(sc).save(p, format="PNG")
+        written.append(p)
+    return written
+
+
+def _write_captions(paths: dict[str, Path], by_split: dict[str, list[Scene]], info: dict[str, Any]) -> list[Path]:
+    """COCO captions JSON, VLP JSONL and Conceptual-Captions-style TSV (`caption<TAB>image_id`) per split
+    (annotation ids run on across the splits)."""
+    written: list[Path] = []
+    ann_id = 0
+    for s in SPLITS:
+        images, anns, lines = [], [], []
+        for sc in by_split[s]:
+            images.append(
+                {"id": sc.image_id, "file_name": f"{sc.image_id}.png", "width": sc.width, "height": sc.height}
+            )
+            for cap in sc.captions:
+                ann_id += 1
+                anns.append({"id": ann_id, "image_id": sc.image_id, "caption": cap})
+                lines.append({"text": cap, "image_id": str(sc.image_id)})
+        _write_json(paths[f"captions_{s}"], {"info": {**info, "split": s}, "images": images, "annotations": anns})
+        paths[f"vlp_{s}"].parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(paths[f"vlp_{s}"], lines)
+        paths[f"cc_{s}"].parent.mkdir(parents=True, exist_ok=True)
+        paths[f"cc_{s}"].write_text("".join(f"{a['caption']}\t{a['image_id']}\n" for a in anns), encoding="utf-8")
+        written += [paths[f"captions_{s}"], paths[f"vlp_{s}"], paths[f"cc_{s}"]]
+    return written
+
+
+def _write_features(paths: dict[str, Path], scenes: Sequence[Scene], settings: SceneSettings) -> list[Path]:
+    """The CLIP HDF5, and the same region features as LMDB, HDF5 and per-image FRCNN JSON."""
+    write_clip_hdf5(
+        paths["clip"], [str(sc.image_id) for sc in scenes], np.stack([clip_embedding(sc, settings) for sc in scenes])
+    )
+    region_records = []
+    for sc in scenes:
+        rec = region_features(sc, settings)
+        rec.pop("labels")
+        region_records.append(rec)
+    write_region_lmdb(paths["regions"], region_records)
+    write_region_hdf5(paths["regions_hdf5"], region_records)
+    write_region_json(paths["regions_json"], region_records)
+    written = [paths["clip"], paths["regions"] / "data.mdb", paths["regions_hdf5"]]
+    return written + [paths["regions_json"] / f"{sc.image_id}.json" for sc in scenes]
+
+
+def _vqa_annotation(image_id: int, q: dict[str, Any]) -> dict[str, Any]:
+    """Official VQA annotation of question ``q`` (its true answer is the multiple-choice answer when tied)."""
+    mc = Counter(q["answers"]).most_common()
+    top = mc[0][1]
+    mc_answer = q["answer"] if Counter(q["answers"])[q["answer"]] == top else mc[0][0]
+    return {
+        "question_id": q["question_id"],
+        "image_id": image_id,
+        "question_type": q["question_type"],
+        "answer_type": q["answer_type"],
+        "multiple_choice_answer": mc_answer,
+        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(q["answers"])],
+    }
+
+
+def _write_vqa(
+    paths: dict[str, Path], by_split: dict[str, list[Scene]], info: dict[str, Any], label2ans: list[str]
+) -> list[Path]:
+    """Official VQA questions / annotations and target caches per split, then the answer vocabulary files."""
+    ans2label = {a: i for i, a in enumerate(label2ans)}
+    written: list[Path] = []
+    for s in SPLITS:
+        questions, annotations = [], []
+        for sc in by_split[s]:
+            for q in sc.questions:
+                questions.append({"image_id": sc.image_id, "question": q["question"], "question_id": q["question_id"]})
+                annotations.append(_vqa_annotation(sc.image_id, q))
+        common = {"info": {**info, "split": s}, "task_type": "Open-Ended", "data_type": "mscoco"}
+        _write_json(paths[f"vqa_questions_{s}"], {**common, "data_subtype": f"{s}2014", "questions": questions})
+        _write_json(paths[f"vqa_annotations_{s}"], {**common, "data_subtype": f"{s}2014", "annotations": annotations})
+        targets = build_targets(annotations, ans2label)
+        _write_pickle(paths[f"vqa_targets_{s}"], targets)
+        _write_json(paths[f"vqa_targets_json_{s}"], targets)
+        written += [
+            paths[f"vqa_questions_{s}"],
+            paths[f"vqa_annotations_{s}"],
+            paths[f"vqa_targets_{s}"],
+            paths[f"vqa_targets_json_{s}"],
+        ]
+    _write_pickle(paths["ans2label_pkl"], ans2label)
+    _write_pickle(paths["label2ans_pkl"], label2ans)
+    _write_json(paths["ans2label"], ans2label)
+    _write_json(paths["label2ans"], label2ans)
+    return written + [paths["ans2label_pkl"], paths["label2ans_pkl"], paths["ans2label"], paths["label2ans"]]
+
+
+def _write_lxmert(paths: dict[str, Path], by_split: dict[str, list[Scene]]) -> list[Path]:
+    """LXMERT pretraining JSON per split (``[{"img_id", "sentf": {"mscoco": captions, "vqa": questions},
+    "labelf": {"vqa": [{answer: score}]}}]``, VQA scores min(1, count / 3)) and its MLM text JSONL
+    (``vl.data.formats.lxmert`` rules)."""
+    written: list[Path] = []
+    for s in SPLITS:
+        datums = []
+        for sc in by_split[s]:
+            labels = [{a: min(1.0, c / 3) for a, c in Counter(q["answers"]).items()} for q in sc.questions]
+            datums.append(
+                {
+                    "img_id": f"scene_{sc.image_id}",
+                    "sentf": {"mscoco": list(sc.captions), "vqa": [q["question"] for q in sc.questions]},
+                    "labelf": {"vqa": labels},
+                }
+            )
+        _write_json(paths[f"lxmert_{s}"], datums)
+        paths[f"lxmert_text_{s}"].parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(paths[f"lxmert_text_{s}"], [{"text": t} for t in lxmert_texts(datums)])
+        written += [paths[f"lxmert_{s}"], paths[f"lxmert_text_{s}"]]
+    return written
+
+
+def _write_manifest(
+    root: Path,
+    paths: dict[str, Path],
+    written: list[Path],
+    settings: SceneSettings,
+    scenes: Sequence[Scene],
+    by_split: dict[str, list[Scene]],
+    num_answers: int,
+) -> None:
+    """``manifest.json`` (atomically): settings, version, counts and every written file with its size (and sha1 for
+    the small text / pickle files, except the per-image region JSON)."""
+    files = []
+    for p in written:
+        entry: dict[str, Any] = {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size}
+        if (
+            p.suffix in _CHECKSUM_SUFFIXES
+            and entry["size"] <= _CHECKSUM_MAX_BYTES
+            and p.parent != paths["regions_json"]
+        ):
+            entry["sha1"] = _sha1(p)
+        elif _wants_sampled_hash(entry["path"]):
+            entry["sampled_sha1"] = _sampled_sha1(p)
+        files.append(entry)
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "key": corpus_key(settings),
+        "settings": settings.to_dict(),
+        "counts": {
+            "images": len(scenes),
+            **{f"images_{s}": len(by_split[s]) for s in SPLITS},
+            "captions": sum(len(sc.captions) for sc in scenes),
+            "questions": sum(len(sc.questions) for sc in scenes),
+            "answers": num_answers,
+            "region_classes": NUM_REGION_CLASSES,
+        },
+        "files": files,
+    }
+    tmp = paths["manifest"].with_name(".manifest.json.tmp")
+    _write_json(tmp, manifest)
+    os.replace(tmp, paths["manifest"])
+
+
+# ------------------------------------------------------------------------------------------- checking and caching
+
+
+def verify_corpus(root: str | Path, settings: SceneSettings | None = None) -> str | None:
+    """Why the corpus at ``root`` can't be reused (a one-line reason), or None when it is complete and matches
+    ``settings``: manifest present and for these settings, every file with its recorded size (and sha1 for the small
+    text/pickle files, a sampled sha1 for the LMDB / HDF5 feature stores; region JSON files by size only), the region LMDB / HDF5 / JSON and the CLIP HDF5 open with the
+    expected number of images."""
+    settings = settings or SceneSettings()
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        return "no manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest["generator_version"] != GENERATOR_VERSION or manifest["settings"] != settings.to_dict():
+            return "manifest is for another generator version or settings"
+        count = int(manifest["counts"]["images"])
+    except (ValueError, KeyError, TypeError) as e:
+        return f"manifest.json is unreadable ({type(e).__name__}: {e})"
+    for entry in files:
+        try:
+            rel, expected_size = entry["path"], entry["size"]
+        except (KeyError, TypeError):
+            return f"manifest.json has a malformed file entry {entry!r}"
+        p = root / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != expected_size:
+            return f"{rel} has {size} bytes, expected {expected_size}"
+        if "sha1" in entry and _sha1(p) != entry["sha1"]:
+            return f"{rel} checksum differs"
+        if _wants_sampled_hash(rel) and "sha1" not in entry:
+            if "sampled_sha1" not in entry:
+                return f"{rel} has no checksum (corpus written by an older writer)"
+            if _sampled_sha1(p) != entry["sampled_sha1"]:
+                return f"{rel} checksum differs (same size: damaged in place)"
+    listed = {entry.get("path") for entry in files if isinstance(entry, dict)}
+    for s in SPLITS:  # corpora cached before these writers existed lack them
+        for rel in (f"lxmert/mscoco_{s}.json", f"lxmert_text/{s}.jsonl"):
+            if rel not in listed:
+                return f"{rel} is missing (corpus written by an older writer)"
+    try:
+        ids: list[str] = []
+        for name, reader_cls in (
+            ("regions.lmdb", RegionFeatureReader),
+            ("regions.hdf5", HDF5RegionReader),
+            ("regions_json", FrcnnJsonRegionReader),
+        ):
+            regions = reader_cls(root / name)
+            if len(regions) != count:
+                return f"{name} has {len(regions)} images, expected {count}"
+            ids = ids or regions.ids()  # the LMDB's ids, looked up in every format
+            regions[ids[0]]
+            regions[ids[-1]]
+            regions.close()
+        clip = ClipFeatureReader(root / "clip_features.hdf5")
+        if len(clip) != count or clip.dim != settings.clip_dim:
+            return f"clip_features.hdf5 has {len(clip)}x{clip.dim} features, expected {count}x{settings.clip_dim}"
+        clip.close()
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def default_cache_dir() -> Path:
+    """``$VL_CACHE_DIR`` or ``~/.cache/vl``."""
+    env = os.environ.get("VL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vl"
+
+
+def ensure_corpus(cache_dir: str | Path, settings: SceneSettings | None = None) -> Path:
+    """Path of a valid corpus for ``settings`` under ``cache_dir/scenes-<key>``, writing it when missing or invalid.
+
+    Reuse is checked with ``verify_corpus`` (fast). A missing/partial/corrupt corpus is written into a temporary
+    sibling and renamed into place. Concurrent callers serialise on an ``fcntl.flock`` lock file."""
+    import fcntl
+
+    settings = settings or SceneSettings()
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = corpus_key(settings)
+    final = cache_dir / f"scenes-{key}"
+    with open(cache_dir / f".scenes-{key}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            reason = verify_corpus(final, settings) if final.exists() else None
+            if final.exists() and reason is None:
+                log.debug("reusing scene corpus %s", final)
+                return final
+            t0 = time.perf_counter()
+            for leftover in cache_dir.glob(f".scenes-{key}.*-*"):  # from writers that died (we hold the lock)
+                shutil.rmtree(leftover, ignore_errors=True)
+            tmp = cache_dir / f".scenes-{key}.tmp-{os.getpid()}"
+            try:
+                write_corpus(tmp, settings)
+                if final.exists():
+                    stale = cache_dir / f".scenes-{key}.stale-{os.getpid()}"
+                    if stale.exists():
+                        shutil.rmtree(stale)
+                    os.replace(final, stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            dt = time.perf_counter() - t0
+            if reason is not None:
+                log.warning("scene corpus %s was invalid (%s); rewrote it in %.1fs", final, reason, dt)
+            else:
+                log.info("wrote scene corpus %s (%d images) in %.1fs", final, settings.num_images, dt)
+            return final
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

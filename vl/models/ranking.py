@@ -1,0 +1,122 @@
+"""Ranking a retrieval gallery with a cross-encoder, in chunks: each caption's gold rank among all images, never a
+captions x images score matrix. Used by the system's val/test retrieval step and by `vl.eval.retrieval`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from vl.data.collate import Collator, pad_regions
+
+__all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer"]
+
+#: score_block(text_indices, image_indices) -> (len(texts), len(images)) scores, higher = better match
+ScoreBlock = Callable[[list[int], list[int]], torch.Tensor]
+
+
+def chunked_ranks(
+    score_block: ScoreBlock, n_texts: int, n_images: int, gold: list[int], *, text_chunk: int, image_chunk: int
+) -> np.ndarray:
+    """Rank (1 = best) of `gold[t]` among all images for each text t, scoring (text_chunk x image_chunk) blocks.
+
+    Rank = 1 + number of images scoring strictly higher than the gold image by more than 1e-9 (ties count in the
+    gold's favour). One chunk of texts is held against every image at a time, in the scores' own dtype: memory
+    O(text_chunk x images), never texts x images, and the gold score is the one from the same pass (no extra
+    forwards).
+    """
+    gold_arr = np.asarray(gold, dtype=np.int64)
+    ranks = np.empty(n_texts, dtype=np.int64)
+    for t0 in range(0, n_texts, text_chunk):
+        texts = list(range(t0, min(t0 + text_chunk, n_texts)))
+        rows: np.ndarray | None = None
+        for i0 in range(0, n_images, image_chunk):
+            images = list(range(i0, min(i0 + image_chunk, n_images)))
+            block = _as_numpy(score_block(texts, images))
+            if rows is None:  # numpy, so that tracemalloc sees it (bench/retrieval_memory.py, tests)
+                rows = np.empty((len(texts), n_images), dtype=block.dtype)
+            rows[:, i0 : i0 + len(images)] = block
+        assert rows is not None
+        own = np.arange(len(texts))
+        g = gold_arr[t0 : t0 + len(texts)]
+        better = rows > _strict_threshold(rows[own, g])[:, None]
+        better[own, g] = False  # never count the gold itself
+        ranks[t0 : t0 + len(texts)] = better.sum(1) + 1
+    return ranks
+
+
+def _as_numpy(scores: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Scores as a numpy array in their own floating dtype (bfloat16, which numpy lacks, and integers -> float32 /
+    float64)."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu()
+        if scores.dtype == torch.bfloat16:
+            scores = scores.float()
+        scores = scores.numpy()
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    return scores
+
+
+def _strict_threshold(gold_scores: np.ndarray) -> np.ndarray:
+    """The largest value t of the scores' dtype with t <= float64(gold) + 1e-9, so that for any score x of that dtype
+    `x > t` is exactly `float64(x) > float64(gold) + 1e-9` (the comparison the float64 rows of earlier versions made)
+    without a float64 copy of the rows."""
+    exact = gold_scores.astype(np.float64) + 1e-9
+    t = exact.astype(gold_scores.dtype)
+    over = t.astype(np.float64) > exact
+    t[over] = np.nextafter(t[over], np.asarray(-np.inf, dtype=t.dtype))
+    return t
+
+
+def gallery_scorer(model: Any, collator: Collator, texts: list[str], visuals: Any, *, batch_size: int) -> ScoreBlock:
+    """A `ScoreBlock` from a system's `pair_scorer()`: its fine-tuned retrieval head (`vil_logit`), else the ITM
+    head's aligned probability softmax(logits)[:, 1] (1 = aligned in vl).
+
+    Each call tokenises its texts once and pads its images once (the last call's tokens are kept, so the image chunks
+    of one text chunk reuse them), then forms the pair batches by indexing: a caption is tokenised once per text
+    chunk, not once per image. `score_block.pairs(text_indices, image_indices)` scores a list of pairs the same way
+    (the shortlist's re-rank). With the scoring collator (`fixed_shapes`) a pair's batch rows are exactly those the
+    collator would give it."""
+    head = model.pair_scorer()
+    cache: dict[str, Any] = {"texts": None, "tokens": None}
+
+    def tokens(text_idx: list[int]) -> dict[str, torch.Tensor]:
+        key = tuple(text_idx)
+        if cache["texts"] != key:
+            enc = collator([{"text": texts[t]} for t in text_idx])
+            cache["texts"], cache["tokens"] = key, {n: v for n, v in enc.items() if n != "index"}
+        return cache["tokens"]
+
+    def forward(text: dict, image: dict, t_rows: torch.Tensor, i_rows: torch.Tensor) -> torch.Tensor:
+        """Scores of the pairs (text row t_rows[p], image row i_rows[p]), `batch_size` pairs per forward."""
+        out = torch.empty(len(t_rows))
+        for start in range(0, len(t_rows), batch_size):
+            t, i = t_rows[start : start + batch_size], i_rows[start : start + batch_size]
+            batch = {n: v[t] for n, v in text.items()} | {n: v[i] for n, v in image.items()}
+            batch["index"] = torch.zeros(len(t), dtype=torch.long)
+            batch = {n: v.to(model.device) for n, v in batch.items()}
+            out[start : start + len(t)] = head(model(batch).pooled).float().cpu()
+        return out
+
+    def regions(image_idx: list[int]) -> dict[str, torch.Tensor]:
+        return pad_regions([visuals[i] for i in image_idx], collator.max_regions, fixed=collator.fixed_shapes)
+
+    @torch.no_grad()
+    def score_block(text_idx: list[int], image_idx: list[int]) -> torch.Tensor:
+        pair = torch.arange(len(text_idx) * len(image_idx))
+        scores = forward(tokens(text_idx), regions(image_idx), pair // len(image_idx), pair % len(image_idx))
+        return scores.view(len(text_idx), len(image_idx))
+
+    @torch.no_grad()
+    def score_pairs(text_idx: list[int], image_idx: list[int]) -> torch.Tensor:
+        """(n,) scores of the pairs zip(text_idx, image_idx); each distinct text tokenised, each image padded once."""
+        t_uniq, t_rows = np.unique(np.asarray(text_idx, dtype=np.int64), return_inverse=True)
+        i_uniq, i_rows = np.unique(np.asarray(image_idx, dtype=np.int64), return_inverse=True)
+        text, image = tokens(t_uniq.tolist()), regions(i_uniq.tolist())
+        return forward(text, image, torch.from_numpy(t_rows.reshape(-1)), torch.from_numpy(i_rows.reshape(-1)))
+
+    score_block.pairs = score_pairs  # type: ignore[attr-defined]  # used by shortlist_ranks
+    return score_block

@@ -1,0 +1,465 @@
+"""The shared LightningModule: an injected encoder + the data's heads; losses, metrics, logging, optimisation and
+checkpoint loading, written once.
+
+The encoder is any `nn.Module` (built from its own `_target_` node, `model.encoder`, or passed in built) with
+  - `forward(batch) -> EncoderOutput` (text, visual, pooled states; `vl.batch`);
+  - `word_embeddings` (nn.Embedding: the tied MLM decoder);
+  - `pooled_size`, `text_size`, `visual_size` (ints: the sizes of `EncoderOutput.pooled` / `.text` / `.visual`);
+  - `visual_input`: what it sees of the image with this data: "regions", "global" (one embedding) or None;
+  - optionally `pretrained_parameter_names()`: names (relative to the encoder) of parameters that came from
+    pretrained weights (they train at lr x `pretrained_lr_mult`).
+An encoder built from config receives `data_info` (corpus facts, e.g. `visual_dim`) as a keyword argument.
+A subclass exists only for what is truly special about a system (e.g. CLIP-BERT's loaders of released weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric
+
+from vl.batch import EncoderOutput
+from vl.config import instantiate_node
+from vl.errors import ConfigError, TrainingDiverged
+from vl.heads import HeadContext, build_heads
+from vl.metrics import RetrievalRecall
+from vl.models.ranking import chunked_ranks, gallery_scorer
+from vl.pretrained import log_key_report
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+PARTIAL_GRADS = "vl_partial_gradients"  # checkpoint key: per-rank gradients of an unfinished accumulation window
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """The global-RNG seed of one training micro-batch (a hash: distinct for every (seed, epoch, batch, rank))."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{batch_idx}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class VLSystem(L.LightningModule):
+    """Sums weighted objective losses, updates per-stage torchmetrics, logs `stage/name`."""
+
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module | dict[str, Any],
+        objectives: list[str],
+        data_info: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        init_from: str | None = None,
+        pretrained_lr_mult: float = 1.0,
+        heads: dict[str, dict[str, Any]] | None = None,
+        head_lr: float | None = None,
+    ) -> None:
+        """`encoder`: a built encoder or its config node (`_target_` + arguments; gets `data_info`). `objectives`:
+        the data's objective names (one head each; `heads[name]`: that head's options). `optimizer` / `scheduler`:
+        `_partial_` configs. `init_from`: an earlier run's checkpoint to start from (non-strict, key report
+        logged). `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder"] if isinstance(encoder, nn.Module) else None)
+        if not objectives:
+            raise ConfigError("data.objectives: at least one objective is needed")
+        self.objective_names = list(objectives)
+        self.data_info = dict(data_info)
+        self.optimizer_cfg = _plain(optimizer)
+        self.scheduler_cfg = _plain(scheduler)
+        self.loss_weights = dict(loss_weights or {})
+        self.init_from = init_from
+        self.pretrained_lr_mult = pretrained_lr_mult
+        self.head_options = dict(heads or {})
+        self.head_lr = head_lr
+        self.predictions: list[dict[str, Any]] = []
+        self._gallery: dict[str, Any] = {}
+        self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
+        self._terms: dict[str, torch.Tensor] = {}  # weighted loss terms of the current training micro-batch
+        self._pending_terms: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # since the last optimizer step
+        self.encoder = (
+            encoder if isinstance(encoder, nn.Module) else instantiate_node(_plain(encoder), data_info=data_info)
+        )
+        ctx = HeadContext(
+            pooled_size=int(self.encoder.pooled_size),
+            text_size=int(self.encoder.text_size),
+            visual_size=int(self.encoder.visual_size),
+            word_embeddings=self.encoder.word_embeddings,
+            data_info=self.data_info,
+        )
+        # a head the encoder cannot serve fails here, before any compute
+        self.objectives = build_heads(
+            self.objective_names,
+            ctx,
+            visual_input=self.encoder.visual_input,
+            system=type(self.encoder).__name__,
+            head_options=self.head_options,
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_": nn.ModuleDict(  # "train" would clash with nn.Module.train
+                    {name: nn.ModuleDict(head.make_metrics()) for name, head in self.objectives.items()}
+                )
+                for stage in STAGES
+            }
+        )
+        # val/test losses as weighted means with float states: Lightning's own epoch mean of a logged tensor divides
+        # an integer batch-size sum by the world size, which truncates when ranks hold uneven example counts
+        self.loss_means = nn.ModuleDict(
+            {
+                f"{stage}_": nn.ModuleDict({name: MeanMetric() for name in [*self.objectives, "total"]})
+                for stage in ("val", "test")
+            }
+        )
+        # ranks of retrieval queries (data=retrieval val/test); metric states, no parameters
+        self.retrieval_metrics = nn.ModuleDict({f"{stage}_": RetrievalRecall() for stage in ("val", "test")})
+        if self.init_from:
+            self.load_init_checkpoint(self.init_from)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> EncoderOutput:
+        return self.encoder(batch)
+
+    def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        if stage != "train" and self._stage_gallery(stage) is not None:  # retrieval queries: rank the gallery
+            return self.retrieval_step(batch, stage)
+        out = self(batch)
+        total = 0.0
+        bs = batch["index"].shape[0]  # examples (multiple-choice batches have more rows)
+        for name, head in self.objectives.items():
+            if any(key not in batch for key in head.requires):
+                continue
+            result = head(out, batch)
+            term = self.loss_weights.get(name, 1.0) * result.loss
+            total = total + term
+            if stage == "train":
+                self._terms[name] = term.detach()
+            head.update_metrics(self.metrics[f"{stage}_"][name], result)
+            self._log_loss(stage, name, result.loss, bs)
+            for metric_name, metric in self.metrics[f"{stage}_"][name].items():
+                self.log(f"{stage}/{metric_name}", metric, batch_size=bs, prog_bar=stage != "train")
+            if stage == "test":
+                self.predictions.extend(head.predictions(result, batch))
+        self._log_loss(stage, "total", total, bs)
+        return total
+
+    def _log_loss(self, stage: str, name: str, loss: torch.Tensor, batch_size: int) -> None:
+        """`<stage>/<name>_loss` (`<stage>/loss` for the total): per step in training, an exact example-weighted
+        epoch mean over all ranks in val/test."""
+        key = f"{stage}/loss" if name == "total" else f"{stage}/{name}_loss"
+        if stage == "train":
+            self.log(key, loss, batch_size=batch_size, prog_bar=name == "total")
+            return
+        mean = self.loss_means[f"{stage}_"][name]
+        mean.update(torch.as_tensor(loss, device=self.device).detach().float(), batch_size)
+        self.log(key, mean, batch_size=batch_size, prog_bar=name == "total")
+
+    # ------------------------------------------------------------------ training
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(checkpoint.get("state_dict"), dict):  # parts this configuration does not build
+            self.drop_unbuilt(checkpoint["state_dict"])
+        # where the training loader stood (ResumableDataLoader.state_dict, saved by Lightning's fit loop)
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = list(fit_state.get("combined_loader") or [])
+        self._partial_grads = checkpoint.get(PARTIAL_GRADS)
+
+    def on_train_start(self) -> None:
+        # Lightning only restores loader states when the fit loop builds the train loader after the checkpoint is
+        # loaded; `configure_optimizers` (trainer.estimated_stepping_batches) builds it earlier. Apply them here, before
+        # the first batch is fetched (ResumableDataLoader creates its iterator at the first fetch).
+        states = getattr(self, "_loader_states", None)
+        if states:
+            loaders = self.trainer.train_dataloader
+            stateful = [
+                dl
+                for dl in (loaders if isinstance(loaders, (list, tuple)) else [loaders])
+                if hasattr(dl, "load_state_dict")
+            ]
+            for loader, state in zip(stateful, states):
+                loader.load_state_dict(state)
+            self._loader_states = []
+        partial, self._partial_grads = getattr(self, "_partial_grads", None), None
+        if partial:  # a checkpoint taken inside an accumulation window: its micro-batches' gradients so far
+            if len(partial) != self.trainer.world_size:
+                log.warning(
+                    "resume: the checkpoint was taken inside an accumulation window by %d process(es), this run has "
+                    "%d; the window's partial gradients are dropped",
+                    len(partial),
+                    self.trainer.world_size,
+                )
+                return
+            grads = partial[self.global_rank]
+            for name, param in self.named_parameters():
+                if name in grads:
+                    param.grad = grads[name].to(param.device, param.dtype)
+
+    def _partial_gradients(self) -> list[dict[str, torch.Tensor]] | None:
+        """Every rank's accumulated gradients when a checkpoint is taken inside an accumulation window (validation
+        every N micro-batches can end there), else None. Lightning clears gradients only when a window starts."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.accumulate_grad_batches <= 1:
+            return None
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.current.ready % trainer.accumulate_grad_batches == 0 or progress.is_last_batch:
+            return None  # at an optimizer step
+        mine = {n: p.grad.detach().cpu().clone() for n, p in self.named_parameters() if p.grad is not None}
+        if trainer.world_size == 1:
+            return [mine]
+        everyone: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        return everyone
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Reseed per micro-batch from (seed, epoch, batch, rank), so a run resumed from any checkpoint, also one taken
+        # mid-epoch, draws the same dropout as an uninterrupted run (data randomness is derived from (seed, epoch,
+        # index): see EpochShuffleSampler / ResumableDataLoader).
+        torch.manual_seed(
+            step_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.current_epoch, batch_idx, self.global_rank)
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self._terms = {}
+        total = self.shared_step(batch, "train")
+        self._pending_terms.append((self.current_epoch, batch_idx, self._terms))
+        return total
+
+    # ------------------------------------------------------------------ divergence guard
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Stop before an optimizer step that would apply a non-finite loss or gradient: `TrainingDiverged` naming
+        the step, the micro-batch and the loss term(s). One device sync per optimizer step. Under DDP the gradients are
+        already all-reduced here, so every rank stops at the same step. With a GradScaler (fp16) inf gradients are the
+        scaler's business (it skips the step); only the losses are checked."""
+        records, self._pending_terms = self._pending_terms, []
+        flags = [torch.isfinite(v).all() for _, _, terms in records for v in terms.values()]
+        check_grads = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        grads = [p.grad for p in self.parameters() if p.grad is not None] if check_grads else []
+        if grads:
+            flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if not flags or bool(torch.stack(flags).all()):
+            return
+        step = self.trainer.global_step + 1
+        bad_terms = [
+            f"{name}={float(v):g} (epoch {epoch}, micro-batch {batch_idx})"
+            for epoch, batch_idx, terms in records
+            for name, v in terms.items()
+            if not torch.isfinite(v).all()
+        ]
+        if bad_terms:
+            what = "non-finite loss term " + ", ".join(bad_terms)
+        else:
+            names = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            last = records[-1] if records else (self.current_epoch, -1, {})
+            finite = ", ".join(f"{k}={float(v):.4g}" for k, v in last[2].items())
+            what = (
+                f"non-finite gradient in {len(names) or 'some'} parameter(s) (e.g. {', '.join(names[:3])}) while the "
+                f"loss terms were finite ({finite}; epoch {last[0]}, micro-batch {last[1]})"
+            )
+        raise TrainingDiverged(
+            f"training diverged at optimizer step {step}: {what}. The step was not applied and no checkpoint of a "
+            "non-finite state is written; lower model.optimizer.lr, set trainer.gradient_clip_val, or check the data"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self._pending_terms = []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write non-finite weights (as best, last or any checkpoint); inside an accumulation window also store
+        the window's gradients so far (per rank), so the resumed run's next optimizer step is the uninterrupted one.
+        Also records the architecture, so a checkpoint given to another model fails naming both (`vl.checkpoint`)."""
+        from vl.checkpoint import ARCH_KEY, architecture_name
+
+        checkpoint[ARCH_KEY] = architecture_name(self)
+        bad = [
+            name
+            for name, value in checkpoint.get("state_dict", {}).items()
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+        ]
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged by optimizer step {self.trainer.global_step}: {len(bad)} parameter tensor(s) are "
+                f"non-finite (e.g. {', '.join(bad[:3])}); refusing to write this checkpoint"
+            )
+        partial = self._partial_gradients()
+        if partial is not None:
+            checkpoint[PARTIAL_GRADS] = partial
+
+    # ------------------------------------------------------------------ validation / test
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Write the task's submission file into the run dir (rank 0, after gathering from all ranks)."""
+        self._log_retrieval("test")
+        self._gallery.pop("test", None)
+        preds = self.gathered_predictions()
+        dm = self._datamodule()
+        if preds and self.trainer.is_global_zero and dm is not None:
+            path = dm.write_predictions(preds, Path(self.trainer.default_root_dir) / dm.prediction_file)
+            if path is not None:
+                log.info("test predictions: %s", path)
+
+    def gathered_predictions(self) -> list[dict[str, Any]]:
+        """Predictions from all ranks, de-duplicated by their `key`."""
+        preds = self.predictions
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everything: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everything, preds)
+            preds = [p for part in everything for p in part]
+        return list({p["key"]: p for p in preds}.values())
+
+    # ------------------------------------------------------------------ retrieval evaluation
+    def pair_scorer(self) -> Any:
+        """(pooled (N, H)) -> (N,) image-text match score: the fine-tuned `retrieval` head, else ITM's aligned prob."""
+        if "retrieval" in self.objectives:
+            return self.objectives["retrieval"].score
+        if "itm" in self.objectives:
+            return lambda pooled: self.objectives["itm"].classifier(pooled).softmax(-1)[:, 1]
+        raise ConfigError("retrieval needs a model with a 'retrieval' or 'itm' head")
+
+    @torch.no_grad()
+    def retrieval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """Rank each query's gold image among the whole gallery of the split (`datamodule.gallery(split)`) by
+        cross-encoder scores, in chunks; updates `<stage>/recall@k`, median and mean rank."""
+        gallery, collator = self._stage_gallery(stage)
+        texts = [gallery["texts"][int(q)] for q in batch["query_index"]]
+        score = gallery_scorer(self, collator, texts, gallery["visuals"], batch_size=self.retrieval_batch_size)
+        ranks = chunked_ranks(
+            score,
+            len(texts),
+            len(gallery["visuals"]),
+            batch["gold"].tolist(),
+            text_chunk=len(texts),
+            image_chunk=max(1, self.retrieval_batch_size // max(1, len(texts))),
+        )
+        metric = self.retrieval_metrics[f"{stage}_"]
+        metric.update(torch.as_tensor(ranks, device=self.device))
+        if stage == "test":
+            self.predictions.extend(
+                {"key": int(q), "query_index": int(q), "rank": int(r)} for q, r in zip(batch["query_index"], ranks)
+            )
+        return torch.zeros((), device=self.device)
+
+    def _datamodule(self) -> Any:
+        """The trainer's `VLDataModule`, or None (a model run on bare dataloaders)."""
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def _stage_gallery(self, stage: str) -> tuple[dict[str, Any], Any] | None:
+        """(gallery, scoring collator) when the data module says `stage`'s examples are retrieval queries (its
+        `gallery(split)` hook), else None; asked once per epoch."""
+        if stage not in self._gallery:
+            dm = self._datamodule()
+            gallery = dm.gallery(stage) if dm is not None else None
+            self._gallery[stage] = None if gallery is None else (gallery, dm.scoring_collator())
+        return self._gallery[stage]
+
+    def _log_retrieval(self, stage: str) -> None:
+        metric = self.retrieval_metrics[f"{stage}_"]
+        if metric.update_called:
+            for key, value in metric.compute().items():
+                self.log(f"{stage}/{key}", value, prog_bar=key == "recall@1", sync_dist=False)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+        self._gallery.pop("val", None)
+
+    # ------------------------------------------------------------------ optimisation
+    def pretrained_parameter_names(self) -> set[str]:
+        """Names of parameters that came from pretrained weights (they get lr x `pretrained_lr_mult`)."""
+        names = getattr(self.encoder, "pretrained_parameter_names", None)
+        return {f"encoder.{name}" for name in names()} if names else set()
+
+    def configure_optimizers(self) -> Any:
+        """AdamW-style param groups: no weight decay on biases / norms; pretrained params at lr x pretrained_lr_mult;
+        task heads (`objectives.*`) at `head_lr` when set. The scheduler gets `total_steps` from
+        `trainer.estimated_stepping_batches` (and `steps_per_epoch` when it takes one)."""
+        pretrained = self.pretrained_parameter_names()
+        base_lr = float(self.optimizer_cfg["lr"])
+        weight_decay = float(self.optimizer_cfg.get("weight_decay", 0.0))
+        groups: dict[tuple[bool, str], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = not any(name.endswith(nd) for nd in NO_DECAY) and param.ndim > 1
+            kind = "pretrained" if name in pretrained else "head" if name.startswith("objectives.") else "other"
+            groups.setdefault((decay, kind), []).append(param)
+        lrs = {
+            "pretrained": base_lr * self.pretrained_lr_mult,
+            "head": float(self.head_lr) if self.head_lr is not None else base_lr,
+            "other": base_lr,
+        }
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": lrs[kind],
+                "name": f"{kind}{'' if decay else '_no_decay'}",
+            }
+            for (decay, kind), params in groups.items()
+        ]
+        optimizer = instantiate(self.optimizer_cfg)(param_groups)  # `_partial_: true` configs
+        if not self.scheduler_cfg:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        factory = instantiate(self.scheduler_cfg)
+        kwargs: dict[str, Any] = {"total_steps": total}
+        if "steps_per_epoch" in inspect.signature(factory).parameters:
+            kwargs["steps_per_epoch"] = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        scheduler = factory(optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ loading
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of parts this configuration does not build because its forward would not use them
+        (e.g. BERT's pooler under mean pooling: the encoder's `unbuilt_prefixes()`); checkpoints written before they
+        were dropped still load."""
+        encoder = getattr(self.encoder, "unbuilt_prefixes", None)
+        return tuple(f"encoder.{p}" for p in encoder()) if encoder else ()
+
+    def drop_unbuilt(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Remove (in place) the `unbuilt_prefixes` keys this model does not have."""
+        prefixes = self.unbuilt_prefixes()
+        if prefixes:
+            own = self.state_dict()
+            for key in [k for k in state_dict if k.startswith(prefixes) and k not in own]:
+                del state_dict[key]
+        return state_dict
+
+    def load_init_checkpoint(self, path: str) -> None:
+        """Initialise from an earlier run's checkpoint (e.g. pretraining -> fine-tuning), non-strict and loud."""
+        from vl.checkpoint import load_torch_file
+
+        state = load_torch_file(path, "model.init_from")  # weights_only: a file that would run code is refused
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"model.init_from: '{path}' holds no state dict of tensors (a {type(state).__name__})")
+        state = self.drop_unbuilt(dict(state))
+        own = self.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+        result = self.load_state_dict(usable, strict=False)
+        unexpected = sorted(set(state) - set(own)) + [f"{k} (shape mismatch)" for k in skipped]
+        log_key_report(f"init from {path}", result.missing_keys, unexpected)

@@ -1,0 +1,1 @@
+"""Command-line tools, one module each: `python -m vl.tools.<name> --help`."""

@@ -135,7 +135,7 @@ def test_weight_norm_linear_equals_torch_parametrization_and_pickles() -> None:
 
     from torch.nn.utils.parametrizations import weight_norm
 
-    from vl.heads import WeightNormLinear
+    from vl.heads.vqa import WeightNormLinear
 
     torch.manual_seed(0)
     ours = WeightNormLinear(7, 5)

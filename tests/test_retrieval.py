@@ -201,13 +201,15 @@ def test_train_step_bench_runs_every_variant(tmp_path, monkeypatch, capsys) -> N
     assert "real / bare per step" in printed and "minimal / bare per step" in printed
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+@pytest.mark.parametrize("bad", [0, -3])
 def test_zero_shot_retrieval_rejects_a_bad_shortlist_k_before_compute(bad, tmp_path) -> None:
+    """Types are checked by the task schema while Hydra composes (tests/test_configs.py); the range here."""
     from omegaconf import OmegaConf
 
     from vl.errors import ConfigError
     from vl.eval.retrieval import zero_shot_retrieval
 
-    cfg = OmegaConf.create({"task_cfg": {"shortlist_k": bad}})
-    with pytest.raises(ConfigError, match="task_cfg.shortlist_k: must be an integer >= 1"):
-        zero_shot_retrieval(cfg=cfg, run_cfg=OmegaConf.create({}), output_dir=tmp_path)  # no data, no model built
+    with pytest.raises(ConfigError, match="task.shortlist_k: must be an integer >= 1"):
+        zero_shot_retrieval(  # no data, no model built
+            cfg=OmegaConf.create({}), run_cfg=OmegaConf.create({}), output_dir=tmp_path, shortlist_k=bad
+        )

@@ -246,7 +246,11 @@ def test_injected_nan_loss_names_the_objective_and_step(make_cfg) -> None:
     """A NaN weight on one objective of two (MLM + ITM pretraining): the error names that term, at step 1."""
     from vl.errors import TrainingDiverged
 
-    cfg = make_cfg("experiment=none", "data=captions", "+model.loss_weights.itm=nan", "trainer.limit_train_batches=3")
+    from omegaconf import open_dict
+
+    cfg = make_cfg("experiment=none", "data=captions", "trainer.limit_train_batches=3")
+    with open_dict(cfg):
+        cfg.model.loss_weights = {"itm": float("nan")}
     with pytest.raises(
         TrainingDiverged, match=r"at optimizer step 1: non-finite loss term itm=nan \(epoch 0, micro-batch 0\)"
     ):

@@ -244,9 +244,9 @@ def test_huge_lr_stops_with_a_clear_error_and_no_nonfinite_checkpoint(make_cfg) 
 
 def test_injected_nan_loss_names_the_objective_and_step(make_cfg) -> None:
     """A NaN weight on one objective of two (MLM + ITM pretraining): the error names that term, at step 1."""
-    from vl.errors import TrainingDiverged
-
     from omegaconf import open_dict
+
+    from vl.errors import TrainingDiverged
 
     cfg = make_cfg("experiment=none", "data=captions", "trainer.limit_train_batches=3")
     with open_dict(cfg):

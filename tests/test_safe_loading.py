@@ -112,10 +112,11 @@ def test_planted_ckpt_is_refused_on_every_checkpoint_path(runs, make_cfg, tmp_pa
             CheckpointScorer(evil, run_cfg)
         _refused(err, evil)
         captions_cfg = make_cfg(*FAST, "data=captions", name="captions")
+        zsr_cfg = _eval_cfg(make_cfg, evil, "task=zero_shot_retrieval")
         with pytest.raises(ConfigError) as err:
             run_eval_task(
-                "zero_shot_retrieval",
-                cfg=_eval_cfg(make_cfg, evil, "task=zero_shot_retrieval"),
+                zsr_cfg.task,
+                cfg=zsr_cfg,
                 run_cfg=captions_cfg,
                 output_dir=tmp_path / "zsr",
             )

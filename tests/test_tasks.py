@@ -38,10 +38,14 @@ TASKS: dict[str, tuple[str, str, str, float, str, tuple[str, ...]]] = {
         ("data.corpus.num_images=300", "trainer.max_epochs=2", "data.captions_per_image=2"),
     ),
 }
-#: ViLBERT-tiny needs more steps from random init than the single-stream model, and ranks less sharply: its retrieval
-#: check is on R@10 (measured: R@1 0.04, R@10 0.46 against 0.01 / 0.10 on the full corpus)
-VILBERT_EXTRA = {"vcr": ("data.corpus.num_images=1500", "trainer.max_epochs=8")}
-VILBERT_METRIC = {"retrieval": ("test/recall@10", "test/recall@10_chance", 0.15)}
+#: ViLBERT-tiny needs more steps from random init than the single-stream model. Retrieval at the recipe's lr 1e-3
+#: collapses to a constant score (R@1 = chance exactly, loss ln 4) since the layer-order fix; at 3e-4 it learns
+#: (measured: R@1 0.47, R@10 0.98 against chance 0.03 / 0.33).
+VILBERT_EXTRA = {
+    "vcr": ("data.corpus.num_images=1500", "trainer.max_epochs=8"),
+    "retrieval": ("trainer.max_epochs=8", "model.optimizer.lr=3e-4"),
+}
+VILBERT_METRIC: dict[str, tuple[str, str, float]] = {}
 
 
 def _finetune_and_evaluate(task: str, model: str, make_cfg, extra: tuple[str, ...] = ()) -> None:

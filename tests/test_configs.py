@@ -60,6 +60,14 @@ def test_schema_rejects_bad_keys_and_types(override: str, needle: str, make_cfg)
     assert needle in text
 
 
+@pytest.mark.parametrize("model", ["visual_bert_tiny", "vilbert_tiny", "visual_bert"])
+def test_optional_mappings_take_keys_from_the_command_line(model: str, make_cfg) -> None:
+    """`loss_weights` / `heads` default to None in the constructors; in the config they are empty mappings, so a key
+    can be added from the command line (a None node cannot take one)."""
+    cfg = make_cfg(f"model={model}", "+model.loss_weights.itm=2", "+model.heads.itm.dropout=0.5")
+    assert cfg.model.loss_weights == {"itm": 2.0} and cfg.model.heads.itm == {"dropout": 0.5}
+
+
 def test_unknown_model_name_lists_options(make_cfg) -> None:
     with pytest.raises(Exception) as err:
         make_cfg("model=vilbrt")

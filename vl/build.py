@@ -15,9 +15,11 @@ from vl.config import (
     CorpusConfig,
     OptimizerConfig,
     TrainerConfig,
+    accepts_any_keyword,
     instantiate_node,
     register_resolvers,
     schema_from_signature,
+    signature_parameters,
 )
 from vl.data.captions import CaptionsDataModule
 from vl.data.lxmert_text import LxmertTextDataModule
@@ -37,6 +39,7 @@ from vl.models.visual_bert import VisualBertEncoder, VisualBertSystem
 __all__ = [
     "instantiate_node",
     "build_datamodule",
+    "check_arguments",
     "build_model",
     "load_run_config",
     "model_schema",
@@ -95,6 +98,39 @@ def register_configs() -> None:
     for name, datamodule in DATA.items():
         cs.store(group="schema/data", name=name, node=data_schema(datamodule, f"{name}_data"))
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
+
+
+#: Hydra's own keys of an instantiable node
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+#: what `build_model` / the system pass themselves (never in the config)
+_PASSED = {"objectives", "data_info"}
+
+
+def check_arguments(node: Any, key: str) -> None:
+    """Every key of an instantiable config node (`model`, `model.encoder`, `data`) must be an argument of its
+    `_target_`: one `ConfigError` naming the key (and the nearest argument) before data or a model is built. This
+    covers classes with no registered schema, such as an architecture outside `vl` (`tests/plugins/`); a target
+    that takes arbitrary `**kwargs` is not checked."""
+    import difflib
+
+    from hydra.utils import get_object
+
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return
+    try:
+        target = get_object(str(node._target_))
+    except Exception as err:  # noqa: BLE001 - Hydra raises several kinds; all mean the same to the user
+        raise ConfigError(f"{key}._target_: cannot import '{node._target_}' ({type(err).__name__})") from None
+    if callable(target) and not accepts_any_keyword(target):
+        allowed = set(signature_parameters(target)) - _PASSED
+        for name in node:
+            if name not in allowed and name not in _HYDRA_KEYS and name not in _PASSED:
+                near = difflib.get_close_matches(str(name), sorted(allowed), n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else f"; it takes: {', '.join(sorted(allowed))}"
+                raise ConfigError(f"{key}.{name}: not an argument of {node._target_}{hint}")
+    encoder = node.get("encoder") if key.endswith("model") else None
+    if isinstance(encoder, DictConfig):
+        check_arguments(encoder, f"{key}.encoder")
 
 
 def build_datamodule(cfg: DictConfig):

@@ -55,6 +55,20 @@ def _default(value: Any) -> Any:
     return field(default=value)
 
 
+def accepts_any_keyword(target: Callable[..., Any]) -> bool:
+    """True when `target` takes arbitrary keywords (its `**kwargs` chain ends in one that is not forwarded to a base
+    constructor), so its arguments cannot be checked from the signature."""
+    functions = (
+        [c.__dict__["__init__"] for c in target.__mro__ if "__init__" in c.__dict__ and c is not object]
+        if isinstance(target, type)
+        else [target]
+    )
+    for fn in functions:
+        if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+            return False
+    return True
+
+
 def signature_parameters(target: Callable[..., Any]) -> dict[str, tuple[Any, Any]]:
     """Keyword parameters of a function or class constructor -> {name: (annotation, default)}, following `**kwargs`
     into the base classes' constructors (a subclass that forwards `**kwargs` inherits its base's parameters)."""
@@ -105,8 +119,17 @@ def schema_from_signature(
             nested = types_[key]
             fields.append((key, nested, field(default_factory=nested)))
         else:
-            fields.append((key, _schema_type(hint), _default(default)))
+            kind = _schema_type(hint)
+            if default is None and typing.get_origin(kind) is typing.Union and _is_mapping(typing.get_args(kind)[0]):
+                # an optional mapping (`loss_weights: dict | None = None`) is an empty dict in the config, so that
+                # `model.loss_weights.itm=2` can add a key from the command line (a None node cannot take one)
+                default = {}
+            fields.append((key, kind, _default(default)))
     return dataclasses.make_dataclass(name, fields)
+
+
+def _is_mapping(kind: Any) -> bool:
+    return typing.get_origin(kind) is dict
 
 
 # ---------------------------------------------------------------------------------------------------- model

@@ -14,7 +14,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vl.build import build_datamodule, build_model, load_run_config
+from vl.build import build_datamodule, build_model, check_arguments, load_run_config
 from vl.callbacks import ValidateAtMaxSteps
 from vl.checkpoint import check_architecture, is_deepspeed_dir, read_checkpoint
 from vl.checkpoint_io import AtomicCheckpointIO
@@ -165,6 +165,18 @@ def _stage_cfg(cfg: DictConfig, stage: DictConfig, output_dir: Path) -> DictConf
     return stage_cfg
 
 
+def _check_arguments(cfg: DictConfig) -> None:
+    """Every `model` / `model.encoder` / `data` key of each stage is an argument of its `_target_` (a typo in a plugin
+    architecture's config fails here, before the pretrain stage or any data is built)."""
+    check_arguments(cfg.get("model"), "model")
+    check_arguments(cfg.get("data"), "data")
+    pre = cfg.get("pretrain")
+    if pre:
+        check_arguments(pre.get("data"), "pretrain.data")
+        if pre.get("model"):
+            check_arguments(OmegaConf.merge(cfg.model, pre.model), "pretrain.model")
+
+
 def _single_log_lines() -> None:
     """Lightning adds its own console handler when imported; under Hydra's root handler every line would print twice."""
     if logging.getLogger().handlers:
@@ -178,6 +190,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Train (optionally after a pretrain stage), test, write results. Returns (metrics, optimized metric value)."""
     _single_log_lines()
     check_config(cfg)  # batch sizes, epochs, steps >= 1: one line before anything is built or written
+    _check_arguments(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,35 @@ def test_toy_head_on_a_text_only_encoder_fails_at_build_time(make_cfg, toy_root)
         train(cfg)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+model.encoder.hiden_size=8",
+            "model.encoder.hiden_size: not an argument of tests.plugins.toy.ToyDualEncoder "
+            "(did you mean 'hidden_size'?)",
+        ),
+        (
+            "+data.batch_sise=8",
+            "data.batch_sise: not an argument of tests.plugins.toy.ToyColoursDataModule (did you mean 'batch_size'?)",
+        ),
+    ],
+)
+def test_a_typo_in_a_plugin_config_is_one_line_before_any_data(make_cfg, tmp_path, override, message) -> None:
+    """A plugin has no registered schema; its config keys are still checked against its constructors' signatures,
+    before the corpus is read (data.root does not even exist here)."""
+    cfg = make_cfg(
+        f"hydra.searchpath=[file://{PLUGIN_CONF}]",
+        "experiment=toy",
+        f"data.root={tmp_path / 'absent'}",
+        override,
+        tiny=False,
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_toy_system_trains_from_the_cli(tmp_path, toy_root) -> None:
     run = tmp_path / "run"

@@ -9,9 +9,27 @@ from transformers import BertConfig, BertModel
 from vl.errors import ConfigError
 from vl.pretrained import MINILM, log_key_report, resolve_model_dir
 
-__all__ = ["MINILM", "build_bert", "log_key_report", "resolve_model_dir"]
+__all__ = ["MINILM", "bert_config", "build_bert", "log_key_report", "resolve_model_dir"]
 
 log = logging.getLogger(__name__)
+
+
+def bert_config(
+    *, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, dropout: float, **extra: object
+) -> BertConfig:
+    """A `BertConfig` from vl's size names (one dropout for hidden states and attention probabilities); `extra`:
+    other `BertConfig` fields under their own names."""
+    if hidden_size % num_heads:
+        raise ConfigError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+    return BertConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        **extra,
+    )
 
 
 def build_bert(
@@ -41,16 +59,15 @@ def build_bert(
         return model.train()
     if hidden_size % num_heads:
         raise ConfigError(f"text_encoder.hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-    config = BertConfig(
-        vocab_size=vocab_size,
+    config = bert_config(
         hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
         intermediate_size=intermediate_size,
+        dropout=dropout,
+        vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings,
         type_vocab_size=type_vocab_size,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
         initializer_range=initializer_range,
     )
     return BertModel(config, add_pooling_layer=add_pooling_layer)

@@ -18,12 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
 from vl.batch import EncoderOutput, region_feature_dim
 from vl.errors import ConfigError
-from vl.models.bert_backbone import build_bert
+from vl.models.bert_backbone import bert_config, build_bert
 from vl.models.checkpoints import (
     VILBERT_EXPECTED_UNUSED,
     load_bert_mlm_head,
@@ -261,13 +260,12 @@ class VilbertEncoder(nn.Module):
         self.t_biattention_id = list(t_biattention_id)
 
         # Vision stream: BERT layers of its own size.
-        v_config = BertConfig(
+        v_config = bert_config(
             hidden_size=v_hidden,
-            num_hidden_layers=v_num_layers,
-            num_attention_heads=v_heads,
+            num_layers=v_num_layers,
+            num_heads=v_heads,
             intermediate_size=v_intermediate,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
+            dropout=dropout,
         )
         v_config._attn_implementation = t_config._attn_implementation or "sdpa"
         self.image_embedding = ImageEmbedding(feat_dim=visual_dim, hidden=v_hidden, dropout=dropout)

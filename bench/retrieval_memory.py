@@ -66,7 +66,7 @@ def machinery(n_texts: int, n_images: int, *, k: int, dim: int, text_chunk: int,
     def naive() -> np.ndarray:
         scores = text_emb @ image_emb.T  # (T, I)
         gold_scores = scores[np.arange(n_texts), gold]
-        return 1 + (scores > gold_scores[:, None] + 1e-9).sum(1)
+        return (scores >= gold_scores[:, None] - 1e-9).sum(1)  # ties count against the gold, as in vl
 
     def chunked() -> np.ndarray:
         return chunked_ranks(score_block, n_texts, n_images, gold, text_chunk=text_chunk, image_chunk=image_chunk)

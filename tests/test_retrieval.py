@@ -21,23 +21,39 @@ def _block_of(scores: np.ndarray):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_chunked_ranks_in_own_dtype_keep_the_float64_tie_rule(dtype) -> None:
-    """Ranks from rows kept in float16/32 equal the float64 rule 1 + #(x > gold + 1e-9), near-ties included."""
+    """Ranks from rows kept in float16/32 equal the float64 rule #(x >= gold - 1e-9) (gold included: ties, near-ties
+    within 1e-9 too, count against the gold)."""
     rng = np.random.default_rng(3)
     n_texts, n_images = 41, 19
     base = rng.integers(0, 6, size=(n_texts, n_images)).astype(np.float64) * 1e-3  # many exact ties
     step = np.spacing(np.asarray(1e-3, dtype=dtype)).item()
     scores = (base + rng.integers(-2, 3, size=base.shape) * step).astype(dtype)  # neighbours of the tie values
-    scores[:3] = 1e-12  # tiny values: the 1e-9 tolerance is many float32 steps there
-    scores[0, 5] = np.asarray(1e-12 + 5e-10, dtype=dtype)  # above gold by less than 1e-9 (float32/64): a tie
-    scores[1, 7] = np.asarray(1e-12 + 2e-9, dtype=dtype)  # above gold by more than 1e-9: better
+    scores[:3] = 1e-6  # the 1e-9 tolerance is many float32 steps there
+    scores[0, 5] = np.asarray(1e-6 - 5e-10, dtype=dtype)  # below gold by less than 1e-9 (float32/64): a tie
+    scores[1] = np.asarray(1e-6 - 4e-9, dtype=dtype)  # below gold by more than 1e-9: worse
+    scores[1, 0] = 1e-6
     gold = rng.integers(0, n_images, size=n_texts).tolist()
-    gold[0], gold[1] = 0, 0
+    gold[0], gold[1], gold[2] = 0, 0, 0
     s64 = scores.astype(np.float64)
-    expected = 1 + (s64 > s64[np.arange(n_texts), gold][:, None] + 1e-9).sum(1)  # independent, in float64
+    expected = (s64 >= s64[np.arange(n_texts), gold][:, None] - 1e-9).sum(1)  # independent, in float64
     got = chunked_ranks(_block_of(scores), n_texts, n_images, gold, text_chunk=6, image_chunk=5)
     assert (got == expected).all()
+    assert got[2] == n_images  # row 2 is constant: every image ties with the gold, which ranks last
     if dtype is not np.float16:
-        assert got[0] == 1 and got[1] == 2
+        assert got[1] == 1
+        assert got[0] == n_images  # all of row 0 is within 1e-9 of the gold
+
+
+def test_a_collapsed_scorer_ranks_every_gold_last() -> None:
+    """The same score for every image (e.g. dead ReLU poolers: the head's bias alone) gives R@1 = 0, never 1; the
+    shortlist (k = N) agrees."""
+    n_texts, n_images = 7, 11
+    scores = np.full((n_texts, n_images), 0.25, dtype=np.float32)
+    gold = list(range(n_texts))
+    ranks = chunked_ranks(_block_of(scores), n_texts, n_images, gold, text_chunk=3, image_chunk=4)
+    assert (ranks == n_images).all()
+    short = shortlist_ranks(_block_of(scores), np.zeros((n_texts, n_images)), gold, k=n_images)
+    assert (short == ranks).all()
 
 
 def test_top_k_mask_is_the_stable_sort_top_k_with_ties() -> None:

@@ -36,7 +36,8 @@ def shortlist_ranks(
     n_images: int | None = None,
 ) -> np.ndarray:
     """Shortlist-then-rerank: per text, the top-`k` images by a cheap similarity are re-scored by the cross-encoder;
-    rank = 1 + shortlisted images scoring above the gold one (by more than 1e-9, as in `chunked_ranks`), or k + 1
+    rank = shortlisted images scoring at least the gold's score - 1e-9, the gold included (ties count against it, as
+    in `chunked_ranks`), or k + 1
     when the gold image is not shortlisted (a miss for every R@j with j <= k). With k = number of images this equals
     `chunked_ranks` exactly.
 
@@ -95,7 +96,7 @@ def shortlist_ranks(
         for j, cand, scores in zip(hits, candidates, per_text):
             t = texts[j]
             gold_score = scores[int(np.flatnonzero(cand == gold[t])[0])]
-            ranks[t] = 1 + int((scores > gold_score + 1e-9).sum())
+            ranks[t] = int((scores >= gold_score - 1e-9).sum())  # the gold included
     return ranks
 
 

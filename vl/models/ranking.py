@@ -22,8 +22,10 @@ def chunked_ranks(
 ) -> np.ndarray:
     """Rank (1 = best) of `gold[t]` among all images for each text t, scoring (text_chunk x image_chunk) blocks.
 
-    Rank = 1 + number of images scoring strictly higher than the gold image by more than 1e-9 (ties count in the
-    gold's favour). One chunk of texts is held against every image at a time, in the scores' own dtype: memory
+    Rank = number of images scoring at least the gold's score - 1e-9, the gold included: every other image within
+    1e-9 of the gold (a tie) counts as ranked above it. Ties count against the gold so that a collapsed scorer
+    (the same score for every image, e.g. dead poolers) ranks every gold last instead of first (R@1 = 0, not 1); with
+    no ties this is 1 + the number of images scoring higher. One chunk of texts is held against every image at a time, in the scores' own dtype: memory
     O(text_chunk x images), never texts x images, and the gold score is the one from the same pass (no extra
     forwards).
     """
@@ -41,9 +43,7 @@ def chunked_ranks(
         assert rows is not None
         own = np.arange(len(texts))
         g = gold_arr[t0 : t0 + len(texts)]
-        better = rows > _strict_threshold(rows[own, g])[:, None]
-        better[own, g] = False  # never count the gold itself
-        ranks[t0 : t0 + len(texts)] = better.sum(1) + 1
+        ranks[t0 : t0 + len(texts)] = (rows >= _tie_threshold(rows[own, g])[:, None]).sum(1)  # gold included
     return ranks
 
 
@@ -60,14 +60,13 @@ def _as_numpy(scores: torch.Tensor | np.ndarray) -> np.ndarray:
     return scores
 
 
-def _strict_threshold(gold_scores: np.ndarray) -> np.ndarray:
-    """The largest value t of the scores' dtype with t <= float64(gold) + 1e-9, so that for any score x of that dtype
-    `x > t` is exactly `float64(x) > float64(gold) + 1e-9` (the comparison the float64 rows of earlier versions made)
-    without a float64 copy of the rows."""
-    exact = gold_scores.astype(np.float64) + 1e-9
+def _tie_threshold(gold_scores: np.ndarray) -> np.ndarray:
+    """The smallest value t of the scores' dtype with t >= float64(gold) - 1e-9, so that for any score x of that dtype
+    `x >= t` is exactly `float64(x) >= float64(gold) - 1e-9`, without a float64 copy of the rows."""
+    exact = gold_scores.astype(np.float64) - 1e-9
     t = exact.astype(gold_scores.dtype)
-    over = t.astype(np.float64) > exact
-    t[over] = np.nextafter(t[over], np.asarray(-np.inf, dtype=t.dtype))
+    under = t.astype(np.float64) < exact
+    t[under] = np.nextafter(t[under], np.asarray(np.inf, dtype=t.dtype))
     return t
 
 

@@ -135,12 +135,17 @@ def _is_mapping(kind: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------- model
 @dataclass
 class OptimizerConfig:
+    """`model.optimizer`: a `_partial_` optimizer (the system passes its parameter groups). `fused`: null = use the
+    fused kernel wherever the optimizer and the parameters' device support it (torch's AdamW/Adam on CPU and CUDA);
+    false = torch's default implementation; true = require it."""
+
     _target_: str = "torch.optim.AdamW"
     _partial_: bool = True
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    fused: Optional[bool] = None
 
 
 # ---------------------------------------------------------------------------------------------------- data

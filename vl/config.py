@@ -292,9 +292,40 @@ def _sweep_group(default: str) -> str:
     return default
 
 
+def launcher_run_name(default: str) -> str:
+    """The run-dir name every rank of one launched job agrees on: `torchrun-<TORCHELASTIC_RUN_ID>` (torchrun's
+    `--rdzv-id`; `--standalone` makes a unique one), else `slurm-<SLURM_JOB_ID>[_<array task>]-<step>` (all tasks of an
+    `srun` step; a requeued job gets the same name and resumes there), else `default` (the start time: one process
+    per run). torchrun without `--rdzv-id` ("none") falls back to the rendezvous endpoint and today's date."""
+    env = os.environ
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    if run_id == "none" and env.get("MASTER_PORT"):
+        import datetime
+
+        day = datetime.date.today().isoformat()
+        return f"torchrun-{env.get('MASTER_ADDR', 'localhost')}-{env['MASTER_PORT']}-{day}"
+    job = env.get("SLURM_JOB_ID")
+    if job and env.get("SLURM_STEP_ID") is not None and int(env.get("SLURM_NTASKS", "1")) > 1:
+        array = f"_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_TASK_ID") else ""
+        return f"slurm-{job}{array}-{env['SLURM_STEP_ID']}"
+    return default
+
+
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun's RANK, SLURM's SLURM_PROCID), 0 without one."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vl_sweep_group"):
         OmegaConf.register_new_resolver("vl_sweep_group", _sweep_group)
+    if not OmegaConf.has_resolver("vl_run_name"):
+        OmegaConf.register_new_resolver("vl_run_name", launcher_run_name)
     if not OmegaConf.has_resolver("vl_cwd"):
         # like ${hydra:runtime.cwd}, but also resolvable where HydraConfig is not set yet (sweepers' launch)
         OmegaConf.register_new_resolver("vl_cwd", os.getcwd)

@@ -18,10 +18,11 @@ from vl.build import build_datamodule, build_model, check_arguments, load_run_co
 from vl.callbacks import ValidateAtMaxSteps
 from vl.checkpoint import check_architecture, is_deepspeed_dir, read_checkpoint
 from vl.checkpoint_io import AtomicCheckpointIO
-from vl.config import check_config
+from vl.config import check_config, launcher_rank
 from vl.errors import ConfigError, VLError
 from vl.eval.tasks import run_eval_task, task_name
 from vl.report import plot_curves, write_results
+from vl.run_dir import is_requeued
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +196,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, dict[str, float]]] = []
+    requeued = is_requeued() and cfg.get("ckpt_path") is None
+    if requeued and (output_dir / "checkpoints" / "last.ckpt").is_file():  # SLURM requeue: continue the main stage
+        with open_dict(cfg):
+            cfg.ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+        log.info("requeued job: resuming from %s", cfg.ckpt_path)
     try:
         init_from = cfg.model.get("init_from")
         if cfg.get("pretrain") and cfg.get("ckpt_path") is None:
             stage_cfg = _stage_cfg(cfg, cfg.pretrain, output_dir / "pretrain")
+            if requeued and (output_dir / "pretrain" / "checkpoints" / "last.ckpt").is_file():
+                with open_dict(stage_cfg):
+                    stage_cfg.ckpt_path = str(output_dir / "pretrain" / "checkpoints" / "last.ckpt")
             pre_metrics, init_from = run_stage(stage_cfg, "pretrain")
             rows.append(("pretrain", pre_metrics))
             _finish_wandb()
@@ -208,7 +217,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     finally:
         _finish_wandb()
     merged = {f"{stage}:{k}" if stage == "pretrain" else k: v for stage, m in rows for k, v in m.items()}
-    if rows:
+    if rows and launcher_rank() == 0:  # under torchrun / srun every rank runs train(): rank 0 writes the run dir
         write_results(output_dir, rows, title=str(cfg.task_name))
     value = merged.get(str(cfg.get("optimized_metric"))) if cfg.get("optimized_metric") else None
     if value is not None and math.isnan(value):

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "RunDirGuard", "claim_run_dir", "release_run_dir"]
+__all__ = ["LOCK_NAME", "RunDirGuard", "claim_run_dir", "is_requeued", "release_run_dir"]
 
 LOCK_NAME = ".vl-run.lock"
 _held: dict[Path, int] = {}  # run dir -> fd of its lock file, for this process
@@ -84,6 +84,29 @@ def _is_secondary_rank() -> bool:
     return any(int(os.environ.get(key) or 0) != 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
+def is_requeued() -> bool:
+    """A SLURM job started again after preemption or timeout (`SLURM_RESTART_COUNT` > 0): it resumes in its own run
+    dir from `checkpoints/last.ckpt`, so that dir holding checkpoints is expected."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def _rank_zero_writes_only(config: DictConfig) -> None:
+    """On ranks > 0 Hydra would write the same `.hydra/` files into the shared run dir and append to rank 0's log:
+    keep `.hydra/` to rank 0 and send this rank's log to `logs/rank<k>.log`."""
+    rank = next((os.environ[k] for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if os.environ.get(k)), "x")
+    read_only = OmegaConf.is_readonly(config)
+    OmegaConf.set_readonly(config, False)
+    try:
+        with open_dict(config):
+            config.hydra.output_subdir = None
+            handler = OmegaConf.select(config, "hydra.job_logging.handlers.file")
+            if handler is not None and "filename" in handler:
+                handler.filename = f"${{hydra.runtime.output_dir}}/logs/rank{rank}.log"
+                Path(OmegaConf.select(config, "hydra.run.dir") or ".", "logs").mkdir(parents=True, exist_ok=True)
+    finally:
+        OmegaConf.set_readonly(config, read_only)
+
+
 class RunDirGuard(Callback):
     """Hydra callback (`hydra.callbacks.run_dir_guard` in conf/hydra/default.yaml). `resume_key`: the config key
     whose value, when set, allows a dir that already holds checkpoints (train: `ckpt_path`; evaluate: none)."""
@@ -99,9 +122,10 @@ class RunDirGuard(Callback):
 
     def _guard(self, config: DictConfig, key: str) -> None:
         if _is_secondary_rank():
+            _rank_zero_writes_only(config)
             return
         run_dir = OmegaConf.select(config, key)
-        resume = bool(self.resume_key and OmegaConf.select(config, self.resume_key, default=None))
+        resume = bool(self.resume_key and OmegaConf.select(config, self.resume_key, default=None)) or is_requeued()
         try:
             claim_run_dir(str(run_dir), resume=resume)
         except ConfigError as err:

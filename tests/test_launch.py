@@ -166,6 +166,7 @@ def _torchrun(tmp_path: Path, node: int, port: int, extra: list[str]) -> subproc
         "hardware.gpus_per_node=1",
         "data.pin_memory=false",
         "data.num_workers=0",
+        "data.batch_size_per_device=32",
         *extra,
     ]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -188,5 +189,59 @@ def test_torchrun_two_nodes_on_localhost_share_one_run_dir(tmp_path) -> None:
     assert [r.name for r in runs] == ["torchrun-vltest"], runs
     run = runs[0]
     assert (run / "results.md").is_file() and (run / ".hydra" / "config.yaml").is_file()
-    assert (run / "logs" / "rank1.log").is_file()
-    assert "2 devices" in (run / "none.log").read_text() or "x 2 devices" in outs[0] + outs[1]
+    assert "[main] rank 1/2 (TorchElasticEnvironment)" in (run / "logs" / "rank1.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "[main] rank 0/2 (TorchElasticEnvironment)" in log
+    assert re.search(r"global batch \d+ = \d+ per device x 2 devices", log), log[-2000:]
+
+
+@pytest.mark.slow
+def test_simulated_slurm_job_trains_with_the_right_ranks(tmp_path) -> None:
+    """The environment of a 2-task `srun` step on one node, 2 local processes: Lightning's SLURMEnvironment is
+    detected (no process launching of its own), each process gets its SLURM_PROCID as global rank, and both share the
+    run dir `slurm-<job>-<step>`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("SLURM_")}
+        env.update(
+            PYTHONPATH=str(ROOT),
+            WANDB_MODE="disabled",
+            OMP_NUM_THREADS="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            SLURM_JOB_ID="777",
+            SLURM_STEP_ID="0",
+            SLURM_JOB_NAME="vl",
+            SLURM_NTASKS="2",
+            SLURM_NTASKS_PER_NODE="2",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NODEID="0",
+            SLURM_NODELIST="localhost",
+            SLURM_JOB_NUM_NODES="1",
+        )
+        cmd = [
+            sys.executable,
+            "train.py",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "data.batch_size_per_device=32",
+            "data.num_workers=0",
+            *_quick(tmp_path),
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-2500:] for o in outs)
+    runs = list((tmp_path / "logs").glob("*/runs/*"))
+    assert [r.name for r in runs] == ["slurm-777-0"], runs
+    assert (runs[0] / "results.md").is_file()
+    for rank, log in enumerate([runs[0] / "train.log", runs[0] / "logs" / "rank1.log"]):
+        assert f"[main] rank {rank}/2 (SLURMEnvironment)" in log.read_text(), log.read_text()[-2000:]

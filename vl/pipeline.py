@@ -128,6 +128,9 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         trainer.world_size,
         trainer.accumulate_grad_batches,
     )
+    if trainer.world_size > 1:
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        log.info("[%s] rank %d/%d (%s)", name, trainer.global_rank, trainer.world_size, type(env).__name__)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
 

@@ -9,7 +9,7 @@ import lightning as L
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ValidateAtMaxSteps"]
+__all__ = ["Throughput", "ValidateAtMaxSteps", "non_embedding_parameters", "positions"]
 
 
 class ValidateAtMaxSteps(L.Callback):
@@ -36,3 +36,63 @@ class ValidateAtMaxSteps(L.Callback):
             )
             trainer.fit_loop.min_epochs = 0
         trainer.should_stop = True
+
+
+def _batch_size(batch: Any) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def _text_tokens(batch: Any) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+def positions(batch: Any) -> int:
+    """Sequence positions a batch runs through the model: real text tokens + real visual positions (regions, or
+    grid / patch cells of a pixel model when the batch says how many: `visual_mask`)."""
+    n = int(batch["attention_mask"].sum())
+    if "visual_mask" in batch:
+        n += int(batch["visual_mask"].sum())
+    return n
+
+
+def non_embedding_parameters(module: Any) -> int:
+    """Trainable parameters outside `nn.Embedding` tables (the N of the 6·N·tokens estimate)."""
+    from torch import nn
+
+    embedded = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in module.parameters() if p.requires_grad and id(p) not in embedded)
+
+
+class Throughput(L.pytorch.callbacks.ThroughputMonitor):
+    """Lightning's `ThroughputMonitor` for `vl` batches: `train|validate/{batches,samples,items}_per_sec` (items =
+    real text tokens), per device and in total, and `device/mfu` (model FLOPs per second over the device's peak).
+
+    FLOPs per batch are the standard transformer estimate 6 · N · positions (forward + backward; N = trainable
+    non-embedding parameters, positions = real text tokens + real visual positions), as in the PaLM MFU definition
+    without its attention term, so MFU is slightly underestimated at long sequences. The peak comes from
+    Lightning's table for the device and precision (GPUs/TPUs; none on CPU, so no MFU there) or from `peak_flops`
+    (per device, e.g. `hardware.peak_flops=989e12` for an H100 SXM in bf16)."""
+
+    def __init__(self, *, window_size: int = 10, peak_flops: float | None = None) -> None:
+        super().__init__(batch_size_fn=_batch_size, length_fn=_text_tokens, window_size=window_size)
+        self.peak_flops = peak_flops
+        self._params: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops:
+            self.available_flops = float(self.peak_flops)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = float(self.peak_flops)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
+        if self._params is None:
+            self._params = non_embedding_parameters(pl_module)
+        pl_module.flops_per_batch = 6 * self._params * positions(batch)
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any, **__: Any
+    ) -> None:
+        if self._params is None:
+            self._params = non_embedding_parameters(pl_module)
+        pl_module.flops_per_batch = 2 * self._params * positions(batch)  # forward only

@@ -1,0 +1,48 @@
+"""Throughput and MFU logging (vl.callbacks.Throughput on Lightning's ThroughputMonitor)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vl.callbacks import non_embedding_parameters, positions
+from vl.pipeline import train
+
+
+def test_flop_estimate_parts_count_what_they_name() -> None:
+    module = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 4), nn.LayerNorm(4))
+    module[2].weight.requires_grad_(False)
+    assert non_embedding_parameters(module) == 8 * 4 + 4 + 4  # linear weight + bias, LayerNorm bias (weight frozen)
+    batch = {
+        "input_ids": torch.zeros(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        "visual_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
+    }
+    assert positions(batch) == 8 + 3
+
+
+def test_mfu_is_the_logged_flops_over_the_given_peak(make_cfg) -> None:
+    cfg = make_cfg(
+        "experiment=none",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=12",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "data.batch_size=8",
+        "data.batch_size_per_device=8",
+        "callbacks.throughput.window_size=4",
+        "hardware.peak_flops=1e11",
+    )
+    train(cfg)
+    rows = [
+        r for r in csv.DictReader(open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")) if r.get("train/device/mfu")
+    ]
+    assert rows, "no MFU logged"
+    for row in rows:
+        flops, mfu = float(row["train/device/flops_per_sec"]), float(row["train/device/mfu"])
+        assert mfu == pytest.approx(flops / 1e11, rel=1e-6)
+        assert float(row["train/device/samples_per_sec"]) > 0 and float(row["train/device/items_per_sec"]) > 0

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="visual_bert_tiny")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--precision", choices=["bf16", "32"], default="bf16")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--precision", choices=["bf16", "32"], default=None, help="default: bf16 on cuda, else 32")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--text-len", type=int, default=24)
@@ -39,6 +39,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "32")
+    if args.device == "cpu" and "--steps" not in sys.argv:  # `make bench` on a CPU machine: a smoke run
+        args.steps, args.warmup, args.batch = 3, 1, min(args.batch, 16)
     from hydra import compose, initialize_config_dir
     from lightning.fabric.utilities.throughput import get_available_flops
 

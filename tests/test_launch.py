@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from vl.config import launcher_rank, launcher_run_name
+from vl.pipeline import train
 from vl.run_dir import claim_run_dir, release_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,3 +246,34 @@ def test_simulated_slurm_job_trains_with_the_right_ranks(tmp_path) -> None:
     assert (runs[0] / "results.md").is_file()
     for rank, log in enumerate([runs[0] / "train.log", runs[0] / "logs" / "rank1.log"]):
         assert f"[main] rank {rank}/2 (SLURMEnvironment)" in log.read_text(), log.read_text()[-2000:]
+
+
+def _val_losses(run: Path) -> list[float]:
+    import csv
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+
+
+@pytest.mark.slow
+def test_same_global_batch_gives_the_same_curve_at_any_world_size(make_cfg) -> None:
+    """Global batch 32: 1 process x 4 accumulated micro-batches of 8 and 2 processes x 2 micro-batches of 8 see the
+    same 32 examples per optimiser step (rank r takes positions r, r+2, ... of the epoch's order), so the validation
+    loss after every epoch agrees (tolerance 1e-4: DDP's all-reduce sums in another order)."""
+    common = (
+        "experiment=none",
+        "data=vqa",
+        "trainer.max_epochs=2",
+        "trainer.limit_val_batches=1.0",  # all of val: a DDP run shards it, so a batch limit would differ
+        "data.batch_size=32",
+        "data.batch_size_per_device=8",
+        "test=false",
+        "model.encoder.text_encoder.dropout=0.0",
+    )
+    one = make_cfg(*common, "trainer.limit_train_batches=8", name="one")  # 8 micro-batches = 2 steps per epoch
+    two = make_cfg(*common, "hardware=ddp_cpu", "trainer.limit_train_batches=4", name="two")  # 4 per rank = 2 steps
+    train(one)
+    train(two)
+    first, second = _val_losses(Path(one.paths.output_dir)), _val_losses(Path(two.paths.output_dir))
+    assert len(first) == 2 and first == pytest.approx(second, abs=1e-4), (first, second)
+    assert first[1] != pytest.approx(first[0], abs=1e-3)  # the steps changed the model

@@ -14,9 +14,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vl.build import build_datamodule, build_model, check_arguments, load_run_config
+from vl.build import build_datamodule, build_model, check_arguments, load_run_config, stage_config
 from vl.callbacks import ValidateAtMaxSteps
-from vl.checkpoint import check_architecture, is_deepspeed_dir, read_checkpoint
+from vl.checkpoint import CHECKPOINT_FORMAT, check_architecture, is_deepspeed_dir, read_checkpoint
+from vl.checkpoint import run_record as run_record_of
 from vl.checkpoint_io import AtomicCheckpointIO
 from vl.config import check_config
 from vl.errors import ConfigError, VLError
@@ -89,6 +90,32 @@ def _spawned_vl_error(err: BaseException) -> VLError | None:
     return cls(found[-1][1]) if isinstance(cls, type) and issubclass(cls, VLError) else None
 
 
+def run_record(cfg: DictConfig, dm: Any) -> dict[str, Any]:
+    """What every checkpoint of this stage carries (`vl.checkpoint.RUN_KEY`) so the file alone is enough to evaluate
+    and predict: the stage's resolved config (weights loaded at the start, `model.init_from` / `state_dict_path`,
+    are in the state dict: cleared), the tokenizer name, the answer vocabulary, vl's version."""
+    from vl._version import __version__
+
+    stage = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        plain = OmegaConf.to_container(stage, resolve=True)
+    except Exception as err:  # noqa: BLE001 - an interpolation only Hydra's runtime can resolve
+        log.warning("run record: config stored unresolved (%s)", str(err).splitlines()[0])
+        plain = OmegaConf.to_container(stage, resolve=False)
+    assert isinstance(plain, dict)
+    for key in ("init_from", "state_dict_path"):
+        if isinstance(plain.get("model"), dict) and key in plain["model"]:
+            plain["model"][key] = None
+    plain["ckpt_path"] = None
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "vl_version": __version__,
+        "config": plain,
+        "tokenizer": dm.tokenizer_name,
+        "answers": dm.answer_vocabulary(),
+    }
+
+
 def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple[dict[str, float], str | None]:
     """Fit (and test) one stage. Returns (metrics, path of the checkpoint to continue from)."""
     with _own_rendezvous():
@@ -111,6 +138,8 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         resume = read_checkpoint(cfg.ckpt_path, "ckpt_path", resume=True)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm, init_from=init_from)
+    if hasattr(model, "run_record"):
+        model.run_record = run_record(cfg, dm)
     if resume is not None:
         check_architecture(resume, model, cfg.ckpt_path)
         del resume
@@ -151,18 +180,7 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     return metrics, ckpt
 
 
-def _stage_cfg(cfg: DictConfig, stage: DictConfig, output_dir: Path) -> DictConfig:
-    """The pretrain stage's config: the main config with `data` and trainer overrides swapped in."""
-    stage_cfg = cfg.copy()
-    with open_dict(stage_cfg):
-        stage_cfg.data = stage.data
-        stage_cfg.trainer = OmegaConf.merge(cfg.trainer, stage.get("trainer") or {})
-        if stage.get("model"):
-            stage_cfg.model = OmegaConf.merge(cfg.model, stage.model)
-        stage_cfg.paths.output_dir = str(output_dir)
-        stage_cfg.ckpt_path = None
-        stage_cfg.pretrain = None
-    return stage_cfg
+_stage_cfg = stage_config  # the pretrain stage's config (vl/build.py)
 
 
 def _check_arguments(cfg: DictConfig) -> None:
@@ -231,7 +249,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     _single_log_lines()
     # a missing / damaged / foreign / code-carrying file fails here, in one line, before anything is built
     ckpt = read_checkpoint(cfg.ckpt_path, "ckpt_path")
-    run_cfg, stage_dir = load_run_config(cfg.ckpt_path)
+    run_cfg, stage_dir = load_run_config(cfg.ckpt_path, ckpt)  # the config stored in the checkpoint, else .hydra/
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if stage_dir.name == "pretrain" and run_cfg.get("pretrain"):
@@ -244,6 +262,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
     check_config(run_cfg)
     L.seed_everything(cfg.seed, workers=True)
+    mode = str(cfg.get("mode") or "test")
+    if mode not in ("test", "predict"):
+        raise ConfigError(f"mode: '{mode}' is not one of 'test', 'predict'")
+    if mode == "predict":
+        from vl.inference import predict
+
+        path = predict(cfg, run_cfg, ckpt, output_dir, run_record_of(ckpt, cfg.ckpt_path))
+        log.info("predictions: %s", path)
+        return {"predict/queries": float(sum(1 for _ in path.open()))}
     task = task_name(cfg.get("task"))
     if task != "test":
         del ckpt

@@ -89,6 +89,8 @@ class VLSystem(L.LightningModule):
         self.head_options = dict(heads or {})
         self.head_lr = head_lr
         self.predictions: list[dict[str, Any]] = []
+        # what makes a checkpoint self-contained (set by the pipeline before fitting; written by on_save_checkpoint)
+        self.run_record: dict[str, Any] | None = None
         self._gallery: dict[str, Any] = {}
         self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
         self._terms: dict[str, torch.Tensor] = {}  # weighted loss terms of the current training micro-batch
@@ -281,10 +283,19 @@ class VLSystem(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Never write non-finite weights (as best, last or any checkpoint); inside an accumulation window also store
         the window's gradients so far (per rank), so the resumed run's next optimizer step is the uninterrupted one.
-        Also records the architecture, so a checkpoint given to another model fails naming both (`vl.checkpoint`)."""
-        from vl.checkpoint import ARCH_KEY, architecture_name
+        Also records the architecture, so a checkpoint given to another model fails naming both (`vl.checkpoint`),
+        and the run record (`RUN_KEY`: resolved config, tokenizer, answer vocabulary), so the file alone is enough to
+        evaluate and predict. `init_from` / `state_dict_path` are cleared in the saved hyper-parameters: their weights
+        are in the state dict already, and `load_from_checkpoint` must not re-read a file that may have moved."""
+        from vl.checkpoint import ARCH_KEY, RUN_KEY, architecture_name
 
         checkpoint[ARCH_KEY] = architecture_name(self)
+        if self.run_record is not None:
+            checkpoint[RUN_KEY] = self.run_record
+        hparams = checkpoint.get("hyper_parameters")
+        for key in ("init_from", "state_dict_path"):  # weights loaded once, at the start: never re-read
+            if isinstance(hparams, dict) and hparams.get(key):
+                hparams[key] = None
         bad = [
             name
             for name, value in checkpoint.get("state_dict", {}).items()
@@ -319,6 +330,30 @@ class VLSystem(L.LightningModule):
             path = dm.write_predictions(preds, Path(self.trainer.default_root_dir) / dm.prediction_file)
             if path is not None:
                 log.info("test predictions: %s", path)
+
+    # ------------------------------------------------------------------ inference (`vl.load`, `mode=predict`)
+    @torch.no_grad()
+    def infer(self, batch: dict[str, Any], top_k: int = 5) -> dict[str, torch.Tensor]:
+        """What each head says about unlabelled (text, image) rows: `itm` (B,) aligned probability; `retrieval` (B,)
+        the fine-tuned match score; `vqa` (B, A) per-answer sigmoid scores; `mlm_ids` / `mlm_scores` (M, top_k) for
+        the M positions flagged in `batch["mlm_query"]` (B, T) (softmax over the vocabulary), with `mlm_rows` (M,)."""
+        out = self(batch)
+        result: dict[str, torch.Tensor] = {"index": batch["index"]}
+        if "itm" in self.objectives:
+            result["itm"] = self.objectives["itm"].classifier(out.pooled).softmax(-1)[:, 1]
+        if "retrieval" in self.objectives:
+            result["retrieval"] = self.objectives["retrieval"].score(out.pooled)
+        if "vqa" in self.objectives:
+            result["vqa"] = self.objectives["vqa"].classifier(out.pooled).sigmoid()
+        query = batch.get("mlm_query")
+        if "mlm" in self.objectives and query is not None and bool(query.any()):
+            probs = self.objectives["mlm"].logits(out.text[query]).softmax(-1)
+            scores, ids = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+            result.update(mlm_ids=ids, mlm_scores=scores, mlm_rows=query.nonzero()[:, 0])
+        return result
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return {k: v.detach().cpu() for k, v in self.infer(batch, top_k=int(getattr(self, "predict_top_k", 5))).items()}
 
     def gathered_predictions(self) -> list[dict[str, Any]]:
         """Predictions from all ranks, de-duplicated by their `key`."""

@@ -148,3 +148,107 @@ def test_load_refuses_another_architecture_or_a_newer_format(vqa_run, tmp_path: 
     torch.save(ckpt, future)
     with pytest.raises(ConfigError, match=r"written by vl 9\.0\.0 \(checkpoint format 99\); this vl .* reads format 1"):
         load(future)
+
+
+@pytest.fixture(scope="module")
+def captions_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[object, Path]:
+    """A tiny MLM + ITM run, its checkpoint then used as `model.init_from` of a VQA run, and moved away."""
+    out = tmp_path_factory.mktemp("captions-run")
+    cfg = compose_cfg(
+        (
+            "experiment=none",
+            "data=captions",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=1",
+            "test=false",
+        ),
+        output_dir=out / "run",
+        data_dir=data_dir,
+    )
+    train(cfg)
+    return cfg, out / "run"
+
+
+def _direct(model, dm, image_id, text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ITM aligned probability, MLM probabilities (T, V), input ids) of one pair, built by hand from the tokenizer
+    and the feature file, one example per forward (no batching or padding)."""
+    enc = dm.tokenizer(text, return_tensors="pt", return_token_type_ids=True)
+    region = dm.regions[str(image_id)]
+    n = min(region["features"].shape[0], dm.max_regions)
+    batch = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "token_type_ids": enc["token_type_ids"],
+        "visual_feats": torch.as_tensor(region["features"][:n]).float()[None],
+        "visual_boxes": torch.as_tensor(region["boxes_norm"][:n]).float()[None],
+        "visual_mask": torch.ones(1, n, dtype=torch.long),
+        "index": torch.zeros(1, dtype=torch.long),
+    }
+    system = model.model
+    with torch.no_grad():
+        out = system.encoder(batch)
+        itm = system.objectives["itm"].classifier(out.pooled).softmax(-1)[0, 1]
+        mlm = system.objectives["mlm"].logits(out.text[0]).softmax(-1)
+    return itm, mlm, enc["input_ids"][0]
+
+
+def test_match_rank_fill_mask_equal_a_direct_forward(captions_run) -> None:
+    from vl import load
+
+    cfg, run = captions_run
+    model = load(run / "checkpoints" / "last.ckpt", batch_size=3)
+    dm = build_datamodule(cfg)
+    images = dm.regions.ids()[:5]
+    texts = ["a red circle and a blue square", "two green triangles", "a small yellow star", "the", "a big shape"]
+    batched = model.match(images, texts)  # batches of 3 with padding
+    for image, text, p in zip(images, texts, batched):
+        itm, _, _ = _direct(model, dm, image, text)
+        assert p == pytest.approx(float(itm), abs=1e-5)
+    ranking = model.rank("a red circle", images)
+    direct = [float(_direct(model, dm, im, "a red circle")[0]) for im in images]
+    assert [i for i, _ in ranking] == sorted(range(5), key=lambda i: -direct[i])
+    assert [s for _, s in ranking] == pytest.approx(sorted(direct, reverse=True), abs=1e-5)
+    filled = model.fill_mask("a [MASK] circle and a [MASK] square", images[0], k=4)
+    _, probs, ids = _direct(model, dm, images[0], "a [MASK] circle and a [MASK] square")
+    positions = (ids == dm.tokenizer.mask_token_id).nonzero()[:, 0].tolist()
+    assert len(filled) == len(positions) == 2
+    for fill, pos in zip(filled, positions):
+        top = probs[pos].topk(4)
+        assert [t for t, _ in fill] == dm.tokenizer.convert_ids_to_tokens(top.indices.tolist())
+        assert [s for _, s in fill] == pytest.approx(top.values.tolist(), abs=1e-5)
+    with pytest.raises(ConfigError, match=r"no \[MASK\] in 'a red circle'"):
+        model.fill_mask("a red circle", images[0])
+
+
+def test_init_from_is_not_reread_and_another_architecture_is_refused(captions_run, tmp_path: Path, data_dir) -> None:
+    from vl import load
+
+    _, run = captions_run
+    init = tmp_path / "pretrained.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", init)
+    cfg = compose_cfg(
+        (
+            *VQA[:2],
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "test=false",
+            f"model.init_from={init}",
+        ),
+        output_dir=tmp_path / "vqa",
+        data_dir=data_dir,
+    )
+    train(cfg)
+    init.unlink()  # the pretraining run has moved
+    ckpt = torch.load(tmp_path / "vqa" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["init_from"] is None and ckpt["vl_run"]["config"]["model"]["init_from"] is None
+    image = build_datamodule(cfg).regions.ids()[0]
+    assert len(load(tmp_path / "vqa").answer(image, "what colour is the circle?", k=1)) == 1
+    foreign = compose_cfg(
+        ("experiment=none", "data=vqa", "model=vilbert_tiny", f"model.init_from={run / 'checkpoints' / 'last.ckpt'}"),
+        output_dir=tmp_path / "foreign",
+        data_dir=data_dir,
+    )
+    with pytest.raises(ConfigError, match="holds a SingleStreamEncoder checkpoint, but this model is a VilbertEncoder"):
+        train(foreign)

@@ -67,6 +67,7 @@ class VLSystem(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         loss_weights: dict[str, float] | None = None,
         init_from: str | None = None,
+        init_from_any_architecture: bool = False,
         pretrained_lr_mult: float = 1.0,
         heads: dict[str, dict[str, Any]] | None = None,
         head_lr: float | None = None,
@@ -74,7 +75,7 @@ class VLSystem(L.LightningModule):
         """`encoder`: a built encoder or its config node (`_target_` + arguments; gets `data_info`). `objectives`:
         the data's objective names (one head each; `heads[name]`: that head's options). `optimizer` / `scheduler`:
         `_partial_` configs. `init_from`: an earlier run's checkpoint to start from (non-strict, key report
-        logged). `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads."""
+        logged); a checkpoint of another architecture is refused unless `init_from_any_architecture`. `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads."""
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"] if isinstance(encoder, nn.Module) else None)
         if not objectives:
@@ -85,6 +86,7 @@ class VLSystem(L.LightningModule):
         self.scheduler_cfg = _plain(scheduler)
         self.loss_weights = dict(loss_weights or {})
         self.init_from = init_from
+        self.init_from_any_architecture = init_from_any_architecture
         self.pretrained_lr_mult = pretrained_lr_mult
         self.head_options = dict(heads or {})
         self.head_lr = head_lr
@@ -485,9 +487,16 @@ class VLSystem(L.LightningModule):
 
     def load_init_checkpoint(self, path: str) -> None:
         """Initialise from an earlier run's checkpoint (e.g. pretraining -> fine-tuning), non-strict and loud."""
-        from vl.checkpoint import load_torch_file
+        from vl.checkpoint import architecture_name, architecture_of, load_torch_file
 
         state = load_torch_file(path, "model.init_from")  # weights_only: a file that would run code is refused
+        if isinstance(state, dict) and "state_dict" in state and not self.init_from_any_architecture:
+            held, own = architecture_of(state), architecture_name(self)
+            if held not in ("unknown", own):
+                raise ConfigError(
+                    f"model.init_from: '{path}' holds a {held} checkpoint, but this model is a {own} (most weights "
+                    "would not match); set model.init_from_any_architecture=true to load the matching keys anyway"
+                )
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(f"model.init_from: '{path}' holds no state dict of tensors (a {type(state).__name__})")

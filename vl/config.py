@@ -287,7 +287,18 @@ def _sweep_group(default: str) -> str:
     return default
 
 
+def _direction(mode: str) -> str:
+    """Optuna's `direction` from a monitored metric's mode: `min` (a loss) -> minimize, `max` -> maximize."""
+    from vl.errors import ConfigError
+
+    if mode not in ("min", "max"):
+        raise ConfigError(f"data.monitor_mode: '{mode}' is not 'min' or 'max'")
+    return "minimize" if mode == "min" else "maximize"
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("vl_direction"):
+        OmegaConf.register_new_resolver("vl_direction", _direction)
     if not OmegaConf.has_resolver("vl_sweep_group"):
         OmegaConf.register_new_resolver("vl_sweep_group", _sweep_group)
     if not OmegaConf.has_resolver("vl_cwd"):

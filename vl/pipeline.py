@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -23,6 +25,7 @@ from vl.config import check_config
 from vl.errors import ConfigError, VLError
 from vl.eval.tasks import run_eval_task, task_name
 from vl.report import plot_curves, write_results
+from vl.sweep_report import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,10 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     if cfg.get("train", True):
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        for cb in trainer.checkpoint_callbacks:  # the monitored metric's best value (what sweeps optimise)
+            score = getattr(cb, "best_model_score", None)
+            if getattr(cb, "monitor", None) and score is not None and torch.isfinite(torch.as_tensor(score)):
+                metrics[f"{cb.monitor}_best"] = float(score)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     last = str(output_dir / "checkpoints" / "last.ckpt")
     ckpt = best or (last if Path(last).exists() else None)
@@ -228,9 +235,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     merged = {f"{stage}:{k}" if stage == "pretrain" else k: v for stage, m in rows for k, v in m.items()}
     if rows:
         write_results(output_dir, rows, title=str(cfg.task_name))
-    value = merged.get(str(cfg.get("optimized_metric"))) if cfg.get("optimized_metric") else None
+    # sweepers optimise the monitored metric's best value over the run (`<metric>_best`), else its final value
+    opt = str(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+    value = merged.get(f"{opt}_best", merged.get(opt)) if opt else None
     if value is not None and math.isnan(value):
         value = None
+    if rows:
+        mode = str(cfg.data.get("monitor_mode", "max")) if opt == cfg.data.get("monitor") else None
+        record = {"metrics": merged, "monitor": opt, "mode": mode, "value": value}
+        (output_dir / METRICS_FILE).write_text(json.dumps(record, indent=1, default=float))
     return merged, value
 
 

@@ -195,6 +195,51 @@ def test_cli_multirun_makes_one_dir_per_job(tmp_path: Path, data_dir: Path) -> N
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file()
         assert (tmp_path / "sweep" / job / ".hydra" / "config.yaml").is_file()
+    # the sweep report (Hydra callback at the end of the multirun): one row per lr, best first by val/vqa_acc_best
+    with open(tmp_path / "sweep" / "multirun.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    best = {
+        json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["metrics"]["val/vqa_acc_best"]
+        for job in ("0", "1")
+    }
+    assert sorted(r["model.optimizer.lr"] for r in rows) == ["1e-4", "3e-4"]
+    assert [float(r["val/vqa_acc_best"]) for r in rows] == pytest.approx(sorted(best, reverse=True))
+    assert (tmp_path / "sweep" / "multirun.md").is_file() and (tmp_path / "sweep" / "multirun.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_sweep_over_seeds_reports_mean_and_sd(tmp_path: Path, data_dir: Path) -> None:
+    args = [
+        str(ROOT / "train.py"),
+        "-m",
+        *FAST,
+        "data=vqa",
+        *TINY_MODEL,
+        "~callbacks.rich_progress_bar",
+        "test=false",
+        "model.optimizer.lr=1e-4,1e-3",
+        "seed=1,2",
+        f"paths.data_dir={data_dir}",
+        "data.corpus.num_images=150",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+    out = _cli(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "sweep" / "multirun.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["seeds"] == "2" for r in rows) and "seed" not in rows[0]
+    by_lr: dict[str, list[float]] = {}
+    for job in range(4):
+        run = tmp_path / "sweep" / str(job)
+        lr = next(o for o in (run / ".hydra" / "overrides.yaml").read_text().split() if o.startswith("model.optim"))
+        by_lr.setdefault(lr.split("=")[1], []).append(
+            json.loads((run / "metrics.json").read_text())["metrics"]["val/loss"]
+        )
+    for row in rows:
+        values = by_lr[row["model.optimizer.lr"]]
+        assert values[0] != values[1]  # the seeds differ
+        assert float(row["val/loss"]) == pytest.approx(sum(values) / 2)
+        assert float(row["val/loss_sd"]) == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path: Path) -> None:

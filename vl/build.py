@@ -153,7 +153,10 @@ def stage_config(cfg: DictConfig, stage: DictConfig, output_dir: Path) -> DictCo
     stage_cfg = cfg.copy()
     with open_dict(stage_cfg):
         stage_cfg.data = stage.data
-        stage_cfg.trainer = OmegaConf.merge(cfg.trainer, stage.get("trainer") or {})
+        # `every_stage_trainer` (set by the debug presets) overrides each stage's own trainer settings too
+        stage_cfg.trainer = OmegaConf.merge(
+            cfg.trainer, stage.get("trainer") or {}, cfg.get("every_stage_trainer") or {}
+        )
         if stage.get("model"):
             stage_cfg.model = OmegaConf.merge(cfg.model, stage.model)
         stage_cfg.paths.output_dir = str(output_dir)

@@ -9,7 +9,7 @@ import lightning as L
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ValidateAtMaxSteps"]
+__all__ = ["MetricsLine", "ValidateAtMaxSteps"]
 
 
 class ValidateAtMaxSteps(L.Callback):
@@ -36,3 +36,20 @@ class ValidateAtMaxSteps(L.Callback):
             )
             trainer.fit_loop.min_epochs = 0
         trainer.should_stop = True
+
+
+class MetricsLine(L.Callback):
+    """One log line per validation (`epoch 3 step 120: train/loss=0.41 val/loss=0.52 val/vqa_acc=0.61`): the run's
+    `.log` file shows progress under SLURM or nohup, where the progress bar is invisible."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        parts = [
+            f"{key}={float(value):.4g}"
+            for key, value in sorted(trainer.callback_metrics.items())
+            if key.startswith("val/") or key == "train/loss"
+            if getattr(value, "numel", lambda: 1)() == 1
+        ]
+        if parts:
+            log.info("epoch %d step %d: %s", trainer.current_epoch, trainer.global_step, " ".join(parts))

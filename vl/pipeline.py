@@ -14,10 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vl.build import build_datamodule, build_model, check_arguments, load_run_config, stage_config
-from vl.callbacks import ValidateAtMaxSteps
+from vl.callbacks import MetricsLine, ValidateAtMaxSteps
 from vl.checkpoint import CHECKPOINT_FORMAT, check_architecture, is_deepspeed_dir, read_checkpoint
 from vl.checkpoint import run_record as run_record_of
 from vl.checkpoint_io import AtomicCheckpointIO
@@ -52,7 +53,10 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     if "deepspeed" not in str(cfg.trainer.get("strategy", "")).lower():  # DeepSpeed writes its own checkpoint dirs
         plugins.append(AtomicCheckpointIO())
     return instantiate(
-        cfg.trainer, callbacks=[*callbacks, ValidateAtMaxSteps()], logger=loggers or False, plugins=plugins or None
+        cfg.trainer,
+        callbacks=[*callbacks, ValidateAtMaxSteps(), MetricsLine()],
+        logger=loggers or False,
+        plugins=plugins or None,
     )
 
 
@@ -119,6 +123,61 @@ def run_record(cfg: DictConfig, dm: Any) -> dict[str, Any]:
     }
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"optimizer": {"lr": 1e-3}}} -> {"model.optimizer.lr": 1e-3} (lists as strings)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: str(tree) if isinstance(tree, (list, tuple)) else tree}
+
+
+def _run_name(cfg: DictConfig) -> str:
+    """`<task_name>` + the command line's overrides (a multirun job's own ones), e.g. `vqa lr=1e-4 seed=2`."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.split("=", 1)[0].endswith("_dir")]
+    except ValueError:  # outside Hydra
+        overrides = []
+    return " ".join([str(cfg.task_name), *overrides])
+
+
+def _stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
+    """`cfg.logger` with W&B's run name (from the overrides, unless set) and `job_type` = the stage (`pretrain`,
+    `finetune` after a pretrain stage, else the configured one)."""
+    node = cfg.get("logger")
+    if not node:
+        return node
+    node = node.copy()
+    with open_dict(node):
+        for lg in node.values():
+            if isinstance(lg, DictConfig) and str(lg.get("_target_", "")).endswith("WandbLogger"):
+                if lg.get("name") is None:
+                    lg.name = _run_name(cfg)
+                if stage in ("pretrain", "finetune"):
+                    lg.job_type = stage
+    return node
+
+
+def _log_test_metrics(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
+    """Send the test stage's metrics to the fit's loggers. A CSVLogger object in this process may not have written
+    the file (spawned DDP processes did): it learns the file's columns first, so it appends instead of failing."""
+    import csv
+
+    for lg in loggers:
+        if isinstance(lg, CSVLogger):
+            path = Path(lg.log_dir) / "metrics.csv"
+            if path.is_file():
+                with path.open(newline="") as f:
+                    header = next(csv.reader(f), [])
+                writer = lg.experiment
+                writer.metrics_keys = [*header, *(k for k in writer.metrics_keys if k not in header)]
+        lg.log_metrics(metrics, step=step)
+        lg.save()
+
+
 def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple[dict[str, float], str | None]:
     """Fit (and test) one stage. Returns (metrics, path of the checkpoint to continue from)."""
     with _own_rendezvous():
@@ -141,12 +200,15 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         resume = read_checkpoint(cfg.ckpt_path, "ckpt_path", resume=True)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm, init_from=init_from)
-    if hasattr(model, "run_record"):
-        model.run_record = run_record(cfg, dm)
     if resume is not None:
         check_architecture(resume, model, cfg.ckpt_path)
         del resume
-    loggers = _instantiate_dict(cfg.get("logger"))
+    record = run_record(cfg, dm)
+    if hasattr(model, "run_record"):
+        model.run_record = record
+    loggers = _instantiate_dict(_stage_loggers(cfg, name))
+    if loggers and not any(isinstance(lg, CSVLogger) for lg in loggers):  # curves and metrics.csv, whatever the logger
+        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
     trainer = build_trainer(cfg, _instantiate_dict(cfg.get("callbacks")), loggers)
     trainer.accumulate_grad_batches = _accumulation(cfg, dm, trainer.world_size)
     log.info(
@@ -159,8 +221,12 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         trainer.world_size,
         trainer.accumulate_grad_batches,
     )
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+    params = {
+        "params/total": sum(p.numel() for p in model.parameters()),
+        "params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    for lg in loggers:  # the resolved config, flat (`model.optimizer.lr`), once; the system logs no hparams itself
+        lg.log_hyperparams({**_flat(record["config"]), **params})
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
@@ -180,6 +246,8 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         ckpt = None if trainer.fast_dev_run else ckpt
         test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
+        if trainer.is_global_zero and loggers:  # the test metrics in the same run as the fit's curves
+            _log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)
         if not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))
     if trainer.is_global_zero and loggers:
@@ -220,6 +288,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, dict[str, float]]] = []
+    failed = True
     try:
         init_from = cfg.model.get("init_from")
         if cfg.get("pretrain") and cfg.get("ckpt_path") is None:
@@ -228,10 +297,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
             rows.append(("pretrain", pre_metrics))
             _finish_wandb()
             L.seed_everything(cfg.seed, workers=True)
-        metrics, _ = run_stage(cfg, "main", init_from=init_from)
+        metrics, _ = run_stage(cfg, "finetune" if rows else "train", init_from=init_from)
         rows.append(("main" if rows else "train", metrics))
+        failed = False
     finally:
-        _finish_wandb()
+        _finish_wandb(exit_code=1 if failed else 0)  # a crashed job is closed as failed
     merged = {f"{stage}:{k}" if stage == "pretrain" else k: v for stage, m in rows for k, v in m.items()}
     if rows:
         write_results(output_dir, rows, title=str(cfg.task_name))
@@ -247,12 +317,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     return merged, value
 
 
-def _finish_wandb() -> None:
+def _finish_wandb(exit_code: int = 0) -> None:
     try:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
     except ImportError:  # pragma: no cover
         pass
 

@@ -91,6 +91,14 @@ class VLDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.batch_size = int(batch_size)
         self.batch_size_per_device = int(batch_size_per_device or batch_size)
+        if self.batch_size_per_device > self.batch_size:  # `data.batch_size=16` alone: one device sees all 16
+            log.info(
+                "data.batch_size_per_device=%d > data.batch_size=%d: using %d per device",
+                self.batch_size_per_device,
+                self.batch_size,
+                self.batch_size,
+            )
+            self.batch_size_per_device = self.batch_size
         if self.batch_size % self.batch_size_per_device:
             raise ConfigError(
                 f"data.batch_size={batch_size} is not a multiple of data.batch_size_per_device={batch_size_per_device}"

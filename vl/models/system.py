@@ -77,7 +77,8 @@ class VLSystem(L.LightningModule):
         `_partial_` configs. `init_from`: an earlier run's checkpoint to start from (non-strict, key report
         logged); a checkpoint of another architecture is refused unless `init_from_any_architecture`. `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads."""
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder"] if isinstance(encoder, nn.Module) else None)
+        # the pipeline logs the resolved run config (flat) itself: the loggers get no second copy of the model's
+        self.save_hyperparameters(ignore=["encoder"] if isinstance(encoder, nn.Module) else None, logger=False)
         if not objectives:
             raise ConfigError("data.objectives: at least one objective is needed")
         self.objective_names = list(objectives)

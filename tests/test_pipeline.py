@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import CONF, ROOT, TINY_MODEL, save_run_config
 from vl.errors import ConfigError
@@ -132,6 +133,17 @@ def test_resume_from_last_matches_uninterrupted_run(make_cfg) -> None:
     assert read_metric(Path(resumed.paths.output_dir), "train/loss")  # it trained epochs 3-4
     assert metrics_resumed["train/loss"] == pytest.approx(metrics_straight["train/loss"], rel=1e-5)
     assert metrics_resumed["val/loss"] == pytest.approx(metrics_straight["val/loss"], rel=1e-5)
+    # `resume=<run dir>`: the run's stored config (no overrides repeated; here one changed), continued in place
+    in_place = make_cfg(f"resume={first.paths.output_dir}", "+callbacks.stop.epochs=4", name="ignored")
+    metrics_in_place, _ = train(in_place)
+    run = Path(first.paths.output_dir)
+    assert metrics_in_place["val/loss"] == pytest.approx(metrics_straight["val/loss"], rel=1e-5)
+    assert len(read_metric(run, "train/loss")) == len(read_metric(Path(straight.paths.output_dir), "train/loss"))
+    assert not (Path(in_place.paths.output_dir) / "checkpoints").exists()
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert saved.ckpt_path.endswith("last.ckpt") and saved.trainer.limit_train_batches == 4
+    with pytest.raises(ConfigError, match="picks another config group"):
+        train(make_cfg(f"resume={first.paths.output_dir}", "model=vilbert_tiny", name="ignored2"))
 
 
 def test_refuses_to_overwrite_an_earlier_run(make_cfg) -> None:
@@ -198,11 +210,11 @@ def test_cli_multirun_makes_one_dir_per_job(tmp_path: Path, data_dir: Path) -> N
     # the sweep report (Hydra callback at the end of the multirun): one row per lr, best first by val/vqa_acc_best
     with open(tmp_path / "sweep" / "multirun.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    best = {
+    best = [
         json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["metrics"]["val/vqa_acc_best"]
         for job in ("0", "1")
-    }
-    assert sorted(r["model.optimizer.lr"] for r in rows) == ["1e-4", "3e-4"]
+    ]
+    assert sorted(float(r["model.optimizer.lr"]) for r in rows) == [1e-4, 3e-4]
     assert [float(r["val/vqa_acc_best"]) for r in rows] == pytest.approx(sorted(best, reverse=True))
     assert (tmp_path / "sweep" / "multirun.md").is_file() and (tmp_path / "sweep" / "multirun.png").is_file()
 

@@ -296,7 +296,14 @@ def _direction(mode: str) -> str:
     return "minimize" if mode == "min" else "maximize"
 
 
+def _or(value: Any, default: Any) -> Any:
+    """`${vl_or:${x},default}`: x unless it is null or empty."""
+    return default if value in (None, "") else value
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("vl_or"):
+        OmegaConf.register_new_resolver("vl_or", _or)
     if not OmegaConf.has_resolver("vl_direction"):
         OmegaConf.register_new_resolver("vl_direction", _direction)
     if not OmegaConf.has_resolver("vl_sweep_group"):

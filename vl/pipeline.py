@@ -135,12 +135,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def _run_name(cfg: DictConfig) -> str:
     """`<task_name>` + the command line's overrides (a multirun job's own ones), e.g. `vqa lr=1e-4 seed=2`."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.split("=", 1)[0].endswith("_dir")]
-    except ValueError:  # outside Hydra
-        overrides = []
+    overrides = [o for o in _command_overrides() if not o.split("=", 1)[0].endswith("_dir")]
     return " ".join([str(cfg.task_name), *overrides])
 
 
@@ -161,19 +156,35 @@ def _stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
     return node
 
 
-def _log_test_metrics(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
-    """Send the test stage's metrics to the fit's loggers. A CSVLogger object in this process may not have written
-    the file (spawned DDP processes did): it learns the file's columns first, so it appends instead of failing."""
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     import csv
 
+    if not path.is_file():
+        return [], []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _log_test_metrics(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
+    """Send the test stage's metrics to the fit's loggers. A CSVLogger whose writer lives in other processes (spawned
+    DDP) has the row appended to its file here (creating a writer in this process would delete the file)."""
     for lg in loggers:
-        if isinstance(lg, CSVLogger):
+        if isinstance(lg, CSVLogger) and getattr(lg, "_experiment", None) is None:
             path = Path(lg.log_dir) / "metrics.csv"
-            if path.is_file():
-                with path.open(newline="") as f:
-                    header = next(csv.reader(f), [])
-                writer = lg.experiment
-                writer.metrics_keys = [*header, *(k for k in writer.metrics_keys if k not in header)]
+            header, rows = _read_csv(path)
+            row = {"step": step, **metrics}
+            _write_csv(path, [*header, *(k for k in row if k not in header)], [*rows, row])
+            continue
         lg.log_metrics(metrics, step=step)
         lg.save()
 
@@ -206,6 +217,8 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     record = run_record(cfg, dm)
     if hasattr(model, "run_record"):
         model.run_record = record
+    csv_file = output_dir / "csv" / "metrics.csv"
+    earlier = _read_csv(csv_file) if cfg.get("ckpt_path") else ([], [])  # a run resumed in place keeps its curves
     loggers = _instantiate_dict(_stage_loggers(cfg, name))
     if loggers and not any(isinstance(lg, CSVLogger) for lg in loggers):  # curves and metrics.csv, whatever the logger
         loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
@@ -250,6 +263,9 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
             _log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)
         if not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))
+    if trainer.is_global_zero and earlier[1] and csv_file.is_file():
+        header, rows = _read_csv(csv_file)
+        _write_csv(csv_file, [*earlier[0], *(k for k in header if k not in earlier[0])], [*earlier[1], *rows])
     if trainer.is_global_zero and loggers:
         plot_curves(output_dir, title=f"{cfg.task_name} / {name}")
     return metrics, ckpt
@@ -279,9 +295,66 @@ def _single_log_lines() -> None:
                 logger.removeHandler(handler)
 
 
+def _command_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # outside Hydra
+        return []
+
+
+def resumed_config(cfg: DictConfig) -> DictConfig:
+    """`resume=<run dir>`: the run's own config (stored in its `checkpoints/last.ckpt`) with this command's overrides
+    applied (e.g. `trainer.max_epochs=10`; a config group choice such as `model=x` is refused: a resumed run keeps its
+    architecture and data), continuing from `last.ckpt` in that same dir. Its `.hydra/config.yaml` is rewritten with
+    the config the run continues with."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_dir = Path(str(cfg.resume)).expanduser().resolve()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(f"resume: '{run_dir}' has no checkpoints/last.ckpt to continue from")
+    record = run_record_of(read_checkpoint(last, "resume", resume=True), last, "resume")
+    if record is None:
+        raise ConfigError(
+            f"resume: '{last}' holds no run config (written by an older vl); resume it with ckpt_path=<that file> "
+            "and the run's own overrides"
+        )
+    restored = OmegaConf.create(record["config"])
+    for override in OverridesParser.create().parse_overrides(_command_overrides()):
+        key = override.key_or_group
+        if key == "resume" or key.startswith("hydra.") or key.startswith("paths."):
+            continue
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(restored, parent) if parent else restored
+            if isinstance(node, DictConfig) and leaf in node:
+                with open_dict(node):
+                    node.pop(leaf)
+            continue
+        value = override.value()
+        if "." not in key and isinstance(restored.get(key), DictConfig) and isinstance(value, str):
+            raise ConfigError(
+                f"resume: '{key}={value}' picks another config group; a resumed run keeps its own config (override "
+                "keys instead, e.g. trainer.max_epochs=10)"
+            )
+        OmegaConf.update(restored, key, value, merge=True, force_add=True)
+    with open_dict(restored):
+        restored.ckpt_path = str(last)
+        restored.resume = str(run_dir)
+        restored.paths.output_dir = str(run_dir)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(restored, run_dir / ".hydra" / "config.yaml")
+    log.info("resume: %s continues from %s", run_dir, last)
+    return restored
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Train (optionally after a pretrain stage), test, write results. Returns (metrics, optimized metric value)."""
     _single_log_lines()
+    if cfg.get("resume"):
+        cfg = resumed_config(cfg)
     check_config(cfg)  # batch sizes, epochs, steps >= 1: one line before anything is built or written
     _check_arguments(cfg)
     L.seed_everything(cfg.seed, workers=True)

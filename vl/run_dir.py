@@ -101,7 +101,8 @@ class RunDirGuard(Callback):
         if _is_secondary_rank():
             return
         run_dir = OmegaConf.select(config, key)
-        resume = bool(self.resume_key and OmegaConf.select(config, self.resume_key, default=None))
+        keys = [self.resume_key, "resume"] if self.resume_key else []  # `resume=<run dir>` continues in its dir
+        resume = any(OmegaConf.select(config, k, default=None) for k in keys)
         try:
             claim_run_dir(str(run_dir), resume=resume)
         except ConfigError as err:

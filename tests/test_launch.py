@@ -190,9 +190,9 @@ def test_torchrun_two_nodes_on_localhost_share_one_run_dir(tmp_path) -> None:
     assert [r.name for r in runs] == ["torchrun-vltest"], runs
     run = runs[0]
     assert (run / "results.md").is_file() and (run / ".hydra" / "config.yaml").is_file()
-    assert "[main] rank 1/2 (TorchElasticEnvironment)" in (run / "logs" / "rank1.log").read_text()
+    assert "] rank 1/2 (TorchElasticEnvironment)" in (run / "logs" / "rank1.log").read_text()
     log = (run / "train.log").read_text()
-    assert "[main] rank 0/2 (TorchElasticEnvironment)" in log
+    assert "] rank 0/2 (TorchElasticEnvironment)" in log
     assert re.search(r"global batch \d+ = \d+ per device x 2 devices", log), log[-2000:]
 
 
@@ -245,7 +245,7 @@ def test_simulated_slurm_job_trains_with_the_right_ranks(tmp_path) -> None:
     assert [r.name for r in runs] == ["slurm-777-0"], runs
     assert (runs[0] / "results.md").is_file()
     for rank, log in enumerate([runs[0] / "train.log", runs[0] / "logs" / "rank1.log"]):
-        assert f"[main] rank {rank}/2 (SLURMEnvironment)" in log.read_text(), log.read_text()[-2000:]
+        assert f"] rank {rank}/2 (SLURMEnvironment)" in log.read_text(), log.read_text()[-2000:]
 
 
 def _val_losses(run: Path) -> list[float]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import CONF, ROOT, TINY_MODEL, save_run_config
 from vl.errors import ConfigError
@@ -132,6 +133,17 @@ def test_resume_from_last_matches_uninterrupted_run(make_cfg) -> None:
     assert read_metric(Path(resumed.paths.output_dir), "train/loss")  # it trained epochs 3-4
     assert metrics_resumed["train/loss"] == pytest.approx(metrics_straight["train/loss"], rel=1e-5)
     assert metrics_resumed["val/loss"] == pytest.approx(metrics_straight["val/loss"], rel=1e-5)
+    # `resume=<run dir>`: the run's stored config (no overrides repeated; here one changed), continued in place
+    in_place = make_cfg(f"resume={first.paths.output_dir}", "+callbacks.stop.epochs=4", name="ignored")
+    metrics_in_place, _ = train(in_place)
+    run = Path(first.paths.output_dir)
+    assert metrics_in_place["val/loss"] == pytest.approx(metrics_straight["val/loss"], rel=1e-5)
+    assert len(read_metric(run, "train/loss")) == len(read_metric(Path(straight.paths.output_dir), "train/loss"))
+    assert not (Path(in_place.paths.output_dir) / "checkpoints").exists()
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert saved.ckpt_path.endswith("last.ckpt") and saved.trainer.limit_train_batches == 4
+    with pytest.raises(ConfigError, match="picks another config group"):
+        train(make_cfg(f"resume={first.paths.output_dir}", "model=vilbert_tiny", name="ignored2"))
 
 
 def test_refuses_to_overwrite_an_earlier_run(make_cfg) -> None:
@@ -195,6 +207,51 @@ def test_cli_multirun_makes_one_dir_per_job(tmp_path: Path, data_dir: Path) -> N
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file()
         assert (tmp_path / "sweep" / job / ".hydra" / "config.yaml").is_file()
+    # the sweep report (Hydra callback at the end of the multirun): one row per lr, best first by val/vqa_acc_best
+    with open(tmp_path / "sweep" / "multirun.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    best = [
+        json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["metrics"]["val/vqa_acc_best"]
+        for job in ("0", "1")
+    ]
+    assert sorted(float(r["model.optimizer.lr"]) for r in rows) == [1e-4, 3e-4]
+    assert [float(r["val/vqa_acc_best"]) for r in rows] == pytest.approx(sorted(best, reverse=True))
+    assert (tmp_path / "sweep" / "multirun.md").is_file() and (tmp_path / "sweep" / "multirun.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_sweep_over_seeds_reports_mean_and_sd(tmp_path: Path, data_dir: Path) -> None:
+    args = [
+        str(ROOT / "train.py"),
+        "-m",
+        *FAST,
+        "data=vqa",
+        *TINY_MODEL,
+        "~callbacks.rich_progress_bar",
+        "test=false",
+        "model.optimizer.lr=1e-4,1e-3",
+        "seed=1,2",
+        f"paths.data_dir={data_dir}",
+        "data.corpus.num_images=150",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+    out = _cli(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "sweep" / "multirun.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["seeds"] == "2" for r in rows) and "seed" not in rows[0]
+    by_lr: dict[str, list[float]] = {}
+    for job in range(4):
+        run = tmp_path / "sweep" / str(job)
+        lr = next(o for o in (run / ".hydra" / "overrides.yaml").read_text().split() if o.startswith("model.optim"))
+        by_lr.setdefault(lr.split("=")[1], []).append(
+            json.loads((run / "metrics.json").read_text())["metrics"]["val/loss"]
+        )
+    for row in rows:
+        values = by_lr[row["model.optimizer.lr"]]
+        assert values[0] != values[1]  # the seeds differ
+        assert float(row["val/loss"]) == pytest.approx(sum(values) / 2)
+        assert float(row["val/loss_sd"]) == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path: Path) -> None:

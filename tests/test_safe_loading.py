@@ -292,10 +292,15 @@ def test_ckpt_of_another_model_names_both_architectures(runs, make_cfg) -> None:
     with pytest.raises(ConfigError) as err:
         train(make_cfg(*FAST, "data=vqa", f"ckpt_path={foreign}", name="resume-foreign"))
     _one_line(err, foreign, "holds a ClipBertEncoder checkpoint, but the config asks for SingleStreamEncoder")
-    # evaluate: a CLIP-BERT checkpoint dropped into a VisualBERT run dir
+    # evaluate: a CLIP-BERT checkpoint dropped into a VisualBERT run dir is evaluated as what it holds (its own run
+    # record); one without a run record (written before vl stored it) falls back to the run dir's config and fails
     placed = runs["visual_bert"] / "checkpoints" / "foreign.ckpt"
     shutil.copy(foreign, placed)
     try:
+        assert "test/mlm_acc" in evaluate(_eval_cfg(make_cfg, placed))
+        legacy = torch.load(placed, weights_only=True)
+        del legacy["vl_run"]
+        torch.save(legacy, placed)
         with pytest.raises(ConfigError) as err:
             evaluate(_eval_cfg(make_cfg, placed))
         _one_line(err, placed, "holds a ClipBertEncoder checkpoint, but the config asks for VisualBertEncoder")

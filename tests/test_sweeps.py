@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,10 @@ def test_optuna_sweep_with_wandb_offline(tmp_path: Path, data_dir: Path) -> None
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Best value" in out.stdout + out.stderr
     assert (tmp_path / "sweep-7f3a" / "optimization_results.yaml").is_file()
+    results = OmegaConf.load(tmp_path / "sweep-7f3a" / "optimization_results.yaml")
+    best = max(json.loads((tmp_path / "sweep-7f3a" / j / "metrics.json").read_text())["value"] for j in ("0", "1"))
+    assert results.best_value == best  # maximize (val/vqa_acc is a max metric), on each run's best value
+    assert (tmp_path / "sweep-7f3a" / "multirun.md").is_file()
     runs = sorted((tmp_path / "sweep-7f3a").glob("*/wandb/offline-run-*"))
     assert len(runs) == 2, runs  # one W&B run per job, each finished before the next starts
     assert {r.parts[-3] for r in runs} == {"0", "1"}
@@ -74,3 +79,10 @@ def test_wandb_group_names_the_sweep_in_a_multirun(tmp_path: Path, data_dir: Pat
         assert cfg.logger.wandb.group == cfg.task_name
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_optuna_direction_follows_the_monitored_metric(tmp_path: Path, data_dir: Path) -> None:
+    loss = compose_cfg(["hparams_search=optuna", "experiment=none", "data=vlp"], output_dir=tmp_path, data_dir=data_dir)
+    acc = compose_cfg(["hparams_search=optuna", "experiment=none", "data=vqa"], output_dir=tmp_path, data_dir=data_dir)
+    assert (loss.data.monitor, loss.hydra.sweeper.direction) == ("val/mlm_loss", "minimize")
+    assert (acc.data.monitor, acc.hydra.sweeper.direction) == ("val/vqa_acc", "maximize")

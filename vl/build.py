@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vl.config import (
     CorpusConfig,
@@ -42,6 +42,7 @@ __all__ = [
     "check_arguments",
     "build_model",
     "load_run_config",
+    "stage_config",
     "model_schema",
     "data_schema",
     "register_configs",
@@ -147,11 +148,35 @@ def build_model(cfg: DictConfig, dm: Any, init_from: str | None = None) -> L.Lig
     return instantiate_node(cfg.model, **extra)
 
 
-def load_run_config(ckpt_path: str | Path) -> tuple[DictConfig, Path]:
-    """The saved `.hydra/config.yaml` of the run that wrote `ckpt_path` (…/<run>/checkpoints/x.ckpt)."""
+def stage_config(cfg: DictConfig, stage: DictConfig, output_dir: Path) -> DictConfig:
+    """The pretrain stage's config: the main config with `data` and trainer overrides swapped in."""
+    stage_cfg = cfg.copy()
+    with open_dict(stage_cfg):
+        stage_cfg.data = stage.data
+        # `every_stage_trainer` (set by the debug presets) overrides each stage's own trainer settings too
+        stage_cfg.trainer = OmegaConf.merge(
+            cfg.trainer, stage.get("trainer") or {}, cfg.get("every_stage_trainer") or {}
+        )
+        if stage.get("model"):
+            stage_cfg.model = OmegaConf.merge(cfg.model, stage.model)
+        stage_cfg.paths.output_dir = str(output_dir)
+        stage_cfg.ckpt_path = None
+        stage_cfg.pretrain = None
+    return stage_cfg
+
+
+def load_run_config(ckpt_path: str | Path, checkpoint: dict[str, Any] | None = None) -> tuple[DictConfig, Path]:
+    """The config that built the model in `ckpt_path`: the resolved stage config stored in the checkpoint itself
+    (`checkpoint`, when given and written by a vl that stores it), else the saved `.hydra/config.yaml` of the run that
+    wrote it (…/<run>/checkpoints/x.ckpt). Returns (config, the stage dir above `checkpoints/`)."""
+    from vl.checkpoint import run_record
+
     ckpt = Path(ckpt_path).expanduser()
     if not ckpt.is_file():
         raise ConfigError(f"ckpt_path: '{ckpt}' does not exist")
+    record = run_record(checkpoint, ckpt) if checkpoint is not None else None
+    if record is not None:
+        return OmegaConf.create(record["config"]), ckpt.parent.parent
     for run_dir in (ckpt.parent.parent, ckpt.parent.parent.parent):
         saved = run_dir / ".hydra" / "config.yaml"
         if saved.is_file():

@@ -33,6 +33,11 @@ if ALLOWED_GLOBALS:  # pragma: no cover
 
 #: key written into every vl checkpoint (`VLSystem.on_save_checkpoint`): the LightningModule class that saved it
 ARCH_KEY = "vl_architecture"
+#: key of the run record every vl checkpoint holds (`VLSystem.run_record`, set by the pipeline): `format`,
+#: `vl_version`, `config` (the stage's resolved config), `tokenizer`, `answers` (answer vocabulary or None)
+RUN_KEY = "vl_run"
+#: the layout of the run record this vl writes and reads; a checkpoint with a newer format is refused
+CHECKPOINT_FORMAT = 1
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -183,8 +188,31 @@ def check_architecture(ckpt: dict[str, Any], model: torch.nn.Module, path: str |
         )
 
 
+def run_record(ckpt: dict[str, Any], path: str | Path, what: str = "ckpt_path") -> dict[str, Any] | None:
+    """The checkpoint's run record (resolved config, tokenizer, answers), None for a checkpoint written before vl
+    stored one; a record of a newer, unknown layout is refused in one line."""
+    record = ckpt.get(RUN_KEY)
+    if record is None:
+        return None
+    where = f"{what}: '{Path(path).expanduser()}'"
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ConfigError(f"{where} holds a damaged run record ('{RUN_KEY}' is not a dict with a 'config')")
+    fmt = record.get("format")
+    if not isinstance(fmt, int) or fmt > CHECKPOINT_FORMAT:
+        from vl._version import __version__
+
+        raise ConfigError(
+            f"{where} was written by vl {record.get('vl_version', '?')} (checkpoint format {fmt}); this vl "
+            f"{__version__} reads format {CHECKPOINT_FORMAT} and older - use the vl version that wrote it"
+        )
+    return record
+
+
 __all__ = [
     "ARCH_KEY",
+    "CHECKPOINT_FORMAT",
+    "RUN_KEY",
+    "run_record",
     "architecture_name",
     "architecture_of",
     "check_architecture",

@@ -321,7 +321,25 @@ def launcher_rank() -> int:
     return 0
 
 
+def _direction(mode: str) -> str:
+    """Optuna's `direction` from a monitored metric's mode: `min` (a loss) -> minimize, `max` -> maximize."""
+    from vl.errors import ConfigError
+
+    if mode not in ("min", "max"):
+        raise ConfigError(f"data.monitor_mode: '{mode}' is not 'min' or 'max'")
+    return "minimize" if mode == "min" else "maximize"
+
+
+def _or(value: Any, default: Any) -> Any:
+    """`${vl_or:${x},default}`: x unless it is null or empty."""
+    return default if value in (None, "") else value
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("vl_or"):
+        OmegaConf.register_new_resolver("vl_or", _or)
+    if not OmegaConf.has_resolver("vl_direction"):
+        OmegaConf.register_new_resolver("vl_direction", _direction)
     if not OmegaConf.has_resolver("vl_sweep_group"):
         OmegaConf.register_new_resolver("vl_sweep_group", _sweep_group)
     if not OmegaConf.has_resolver("vl_run_name"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -11,18 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vl.build import build_datamodule, build_model, check_arguments, load_run_config
-from vl.callbacks import ValidateAtMaxSteps
-from vl.checkpoint import check_architecture, is_deepspeed_dir, read_checkpoint
+from vl.build import build_datamodule, build_model, check_arguments, load_run_config, stage_config
+from vl.callbacks import MetricsLine, ValidateAtMaxSteps
+from vl.checkpoint import CHECKPOINT_FORMAT, check_architecture, is_deepspeed_dir, read_checkpoint
+from vl.checkpoint import run_record as run_record_of
 from vl.checkpoint_io import AtomicCheckpointIO
 from vl.config import check_config, launcher_rank
 from vl.errors import ConfigError, VLError
 from vl.eval.tasks import run_eval_task, task_name
 from vl.report import plot_curves, write_results
 from vl.run_dir import is_requeued
+from vl.sweep_report import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,10 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     if "deepspeed" not in str(cfg.trainer.get("strategy", "")).lower():  # DeepSpeed writes its own checkpoint dirs
         plugins.append(AtomicCheckpointIO())
     return instantiate(
-        cfg.trainer, callbacks=[*callbacks, ValidateAtMaxSteps()], logger=loggers or False, plugins=plugins or None
+        cfg.trainer,
+        callbacks=[*callbacks, ValidateAtMaxSteps(), MetricsLine()],
+        logger=loggers or False,
+        plugins=plugins or None,
     )
 
 
@@ -90,6 +98,98 @@ def _spawned_vl_error(err: BaseException) -> VLError | None:
     return cls(found[-1][1]) if isinstance(cls, type) and issubclass(cls, VLError) else None
 
 
+def run_record(cfg: DictConfig, dm: Any) -> dict[str, Any]:
+    """What every checkpoint of this stage carries (`vl.checkpoint.RUN_KEY`) so the file alone is enough to evaluate
+    and predict: the stage's resolved config (weights loaded at the start, `model.init_from` / `state_dict_path`,
+    are in the state dict: cleared), the tokenizer name, the answer vocabulary, vl's version."""
+    from vl._version import __version__
+
+    stage = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        plain = OmegaConf.to_container(stage, resolve=True)
+    except Exception as err:  # noqa: BLE001 - an interpolation only Hydra's runtime can resolve
+        log.warning("run record: config stored unresolved (%s)", str(err).splitlines()[0])
+        plain = OmegaConf.to_container(stage, resolve=False)
+    assert isinstance(plain, dict)
+    for key in ("init_from", "state_dict_path"):
+        if isinstance(plain.get("model"), dict) and key in plain["model"]:
+            plain["model"][key] = None
+    plain["ckpt_path"] = None
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "vl_version": __version__,
+        "config": plain,
+        "tokenizer": dm.tokenizer_name,
+        "answers": dm.answer_vocabulary(),
+    }
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"optimizer": {"lr": 1e-3}}} -> {"model.optimizer.lr": 1e-3} (lists as strings)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: str(tree) if isinstance(tree, (list, tuple)) else tree}
+
+
+def _run_name(cfg: DictConfig) -> str:
+    """`<task_name>` + the command line's overrides (a multirun job's own ones), e.g. `vqa lr=1e-4 seed=2`."""
+    overrides = [o for o in _command_overrides() if not o.split("=", 1)[0].endswith("_dir")]
+    return " ".join([str(cfg.task_name), *overrides])
+
+
+def _stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
+    """`cfg.logger` with W&B's run name (from the overrides, unless set) and `job_type` = the stage (`pretrain`,
+    `finetune` after a pretrain stage, else the configured one)."""
+    node = cfg.get("logger")
+    if not node:
+        return node
+    node = node.copy()
+    with open_dict(node):
+        for lg in node.values():
+            if isinstance(lg, DictConfig) and str(lg.get("_target_", "")).endswith("WandbLogger"):
+                if lg.get("name") is None:
+                    lg.name = _run_name(cfg)
+                if stage in ("pretrain", "finetune"):
+                    lg.job_type = stage
+    return node
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    if not path.is_file():
+        return [], []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _log_test_metrics(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
+    """Send the test stage's metrics to the fit's loggers. A CSVLogger whose writer lives in other processes (spawned
+    DDP) has the row appended to its file here (creating a writer in this process would delete the file)."""
+    for lg in loggers:
+        if isinstance(lg, CSVLogger) and getattr(lg, "_experiment", None) is None:
+            path = Path(lg.log_dir) / "metrics.csv"
+            header, rows = _read_csv(path)
+            row = {"step": step, **metrics}
+            _write_csv(path, [*header, *(k for k in row if k not in header)], [*rows, row])
+            continue
+        lg.log_metrics(metrics, step=step)
+        lg.save()
+
+
 def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple[dict[str, float], str | None]:
     """Fit (and test) one stage. Returns (metrics, path of the checkpoint to continue from)."""
     with _own_rendezvous():
@@ -115,7 +215,14 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     if resume is not None:
         check_architecture(resume, model, cfg.ckpt_path)
         del resume
-    loggers = _instantiate_dict(cfg.get("logger"))
+    record = run_record(cfg, dm)
+    if hasattr(model, "run_record"):
+        model.run_record = record
+    csv_file = output_dir / "csv" / "metrics.csv"
+    earlier = _read_csv(csv_file) if cfg.get("ckpt_path") else ([], [])  # a run resumed in place keeps its curves
+    loggers = _instantiate_dict(_stage_loggers(cfg, name))
+    if loggers and not any(isinstance(lg, CSVLogger) for lg in loggers):  # curves and metrics.csv, whatever the logger
+        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
     trainer = build_trainer(cfg, _instantiate_dict(cfg.get("callbacks")), loggers)
     trainer.accumulate_grad_batches = _accumulation(cfg, dm, trainer.world_size)
     log.info(
@@ -131,13 +238,21 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     if trainer.world_size > 1:
         env = getattr(trainer.strategy, "cluster_environment", None)
         log.info("[%s] rank %d/%d (%s)", name, trainer.global_rank, trainer.world_size, type(env).__name__)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+    params = {
+        "params/total": sum(p.numel() for p in model.parameters()),
+        "params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    for lg in loggers:  # the resolved config, flat (`model.optimizer.lr`), once; the system logs no hparams itself
+        lg.log_hyperparams({**_flat(record["config"]), **params})
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        for cb in trainer.checkpoint_callbacks:  # the monitored metric's best value (what sweeps optimise)
+            score = getattr(cb, "best_model_score", None)
+            if getattr(cb, "monitor", None) and score is not None and torch.isfinite(torch.as_tensor(score)):
+                metrics[f"{cb.monitor}_best"] = float(score)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     last = str(output_dir / "checkpoints" / "last.ckpt")
     ckpt = best or (last if Path(last).exists() else None)
@@ -148,25 +263,19 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         ckpt = None if trainer.fast_dev_run else ckpt
         test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
+        if trainer.is_global_zero and loggers:  # the test metrics in the same run as the fit's curves
+            _log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)
         if not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))
+    if trainer.is_global_zero and earlier[1] and csv_file.is_file():
+        header, rows = _read_csv(csv_file)
+        _write_csv(csv_file, [*earlier[0], *(k for k in header if k not in earlier[0])], [*earlier[1], *rows])
     if trainer.is_global_zero and loggers:
         plot_curves(output_dir, title=f"{cfg.task_name} / {name}")
     return metrics, ckpt
 
 
-def _stage_cfg(cfg: DictConfig, stage: DictConfig, output_dir: Path) -> DictConfig:
-    """The pretrain stage's config: the main config with `data` and trainer overrides swapped in."""
-    stage_cfg = cfg.copy()
-    with open_dict(stage_cfg):
-        stage_cfg.data = stage.data
-        stage_cfg.trainer = OmegaConf.merge(cfg.trainer, stage.get("trainer") or {})
-        if stage.get("model"):
-            stage_cfg.model = OmegaConf.merge(cfg.model, stage.model)
-        stage_cfg.paths.output_dir = str(output_dir)
-        stage_cfg.ckpt_path = None
-        stage_cfg.pretrain = None
-    return stage_cfg
+_stage_cfg = stage_config  # the pretrain stage's config (vl/build.py)
 
 
 def _check_arguments(cfg: DictConfig) -> None:
@@ -190,9 +299,66 @@ def _single_log_lines() -> None:
                 logger.removeHandler(handler)
 
 
+def _command_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # outside Hydra
+        return []
+
+
+def resumed_config(cfg: DictConfig) -> DictConfig:
+    """`resume=<run dir>`: the run's own config (stored in its `checkpoints/last.ckpt`) with this command's overrides
+    applied (e.g. `trainer.max_epochs=10`; a config group choice such as `model=x` is refused: a resumed run keeps its
+    architecture and data), continuing from `last.ckpt` in that same dir. Its `.hydra/config.yaml` is rewritten with
+    the config the run continues with."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_dir = Path(str(cfg.resume)).expanduser().resolve()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(f"resume: '{run_dir}' has no checkpoints/last.ckpt to continue from")
+    record = run_record_of(read_checkpoint(last, "resume", resume=True), last, "resume")
+    if record is None:
+        raise ConfigError(
+            f"resume: '{last}' holds no run config (written by an older vl); resume it with ckpt_path=<that file> "
+            "and the run's own overrides"
+        )
+    restored = OmegaConf.create(record["config"])
+    for override in OverridesParser.create().parse_overrides(_command_overrides()):
+        key = override.key_or_group
+        if key == "resume" or key.startswith("hydra.") or key.startswith("paths."):
+            continue
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(restored, parent) if parent else restored
+            if isinstance(node, DictConfig) and leaf in node:
+                with open_dict(node):
+                    node.pop(leaf)
+            continue
+        value = override.value()
+        if "." not in key and isinstance(restored.get(key), DictConfig) and isinstance(value, str):
+            raise ConfigError(
+                f"resume: '{key}={value}' picks another config group; a resumed run keeps its own config (override "
+                "keys instead, e.g. trainer.max_epochs=10)"
+            )
+        OmegaConf.update(restored, key, value, merge=True, force_add=True)
+    with open_dict(restored):
+        restored.ckpt_path = str(last)
+        restored.resume = str(run_dir)
+        restored.paths.output_dir = str(run_dir)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(restored, run_dir / ".hydra" / "config.yaml")
+    log.info("resume: %s continues from %s", run_dir, last)
+    return restored
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Train (optionally after a pretrain stage), test, write results. Returns (metrics, optimized metric value)."""
     _single_log_lines()
+    if cfg.get("resume"):
+        cfg = resumed_config(cfg)
     check_config(cfg)  # batch sizes, epochs, steps >= 1: one line before anything is built or written
     _check_arguments(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -204,6 +370,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         with open_dict(cfg):
             cfg.ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
         log.info("requeued job: resuming from %s", cfg.ckpt_path)
+    failed = True
     try:
         init_from = cfg.model.get("init_from")
         if cfg.get("pretrain") and cfg.get("ckpt_path") is None:
@@ -215,25 +382,32 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
             rows.append(("pretrain", pre_metrics))
             _finish_wandb()
             L.seed_everything(cfg.seed, workers=True)
-        metrics, _ = run_stage(cfg, "main", init_from=init_from)
+        metrics, _ = run_stage(cfg, "finetune" if rows else "train", init_from=init_from)
         rows.append(("main" if rows else "train", metrics))
+        failed = False
     finally:
-        _finish_wandb()
+        _finish_wandb(exit_code=1 if failed else 0)  # a crashed job is closed as failed
     merged = {f"{stage}:{k}" if stage == "pretrain" else k: v for stage, m in rows for k, v in m.items()}
     if rows and launcher_rank() == 0:  # under torchrun / srun every rank runs train(): rank 0 writes the run dir
         write_results(output_dir, rows, title=str(cfg.task_name))
-    value = merged.get(str(cfg.get("optimized_metric"))) if cfg.get("optimized_metric") else None
+    # sweepers optimise the monitored metric's best value over the run (`<metric>_best`), else its final value
+    opt = str(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+    value = merged.get(f"{opt}_best", merged.get(opt)) if opt else None
     if value is not None and math.isnan(value):
         value = None
+    if rows and launcher_rank() == 0:
+        mode = str(cfg.data.get("monitor_mode", "max")) if opt == cfg.data.get("monitor") else None
+        record = {"metrics": merged, "monitor": opt, "mode": mode, "value": value}
+        (output_dir / METRICS_FILE).write_text(json.dumps(record, indent=1, default=float))
     return merged, value
 
 
-def _finish_wandb() -> None:
+def _finish_wandb(exit_code: int = 0) -> None:
     try:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
     except ImportError:  # pragma: no cover
         pass
 
@@ -243,7 +417,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     _single_log_lines()
     # a missing / damaged / foreign / code-carrying file fails here, in one line, before anything is built
     ckpt = read_checkpoint(cfg.ckpt_path, "ckpt_path")
-    run_cfg, stage_dir = load_run_config(cfg.ckpt_path)
+    run_cfg, stage_dir = load_run_config(cfg.ckpt_path, ckpt)  # the config stored in the checkpoint, else .hydra/
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if stage_dir.name == "pretrain" and run_cfg.get("pretrain"):
@@ -256,6 +430,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
     check_config(run_cfg)
     L.seed_everything(cfg.seed, workers=True)
+    mode = str(cfg.get("mode") or "test")
+    if mode not in ("test", "predict"):
+        raise ConfigError(f"mode: '{mode}' is not one of 'test', 'predict'")
+    if mode == "predict":
+        from vl.inference import predict
+
+        path = predict(cfg, run_cfg, ckpt, output_dir, run_record_of(ckpt, cfg.ckpt_path))
+        log.info("predictions: %s", path)
+        return {"predict/queries": float(sum(1 for _ in path.open()))}
     task = task_name(cfg.get("task"))
     if task != "test":
         del ckpt

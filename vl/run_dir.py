@@ -125,7 +125,8 @@ class RunDirGuard(Callback):
             _rank_zero_writes_only(config)
             return
         run_dir = OmegaConf.select(config, key)
-        resume = bool(self.resume_key and OmegaConf.select(config, self.resume_key, default=None)) or is_requeued()
+        keys = [self.resume_key, "resume"] if self.resume_key else []  # `resume=<run dir>` continues in its dir
+        resume = any(OmegaConf.select(config, k, default=None) for k in keys) or is_requeued()
         try:
             claim_run_dir(str(run_dir), resume=resume)
         except ConfigError as err:

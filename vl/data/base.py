@@ -91,6 +91,14 @@ class VLDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.batch_size = int(batch_size)
         self.batch_size_per_device = int(batch_size_per_device or batch_size)
+        if self.batch_size_per_device > self.batch_size:  # `data.batch_size=16` alone: one device sees all 16
+            log.info(
+                "data.batch_size_per_device=%d > data.batch_size=%d: using %d per device",
+                self.batch_size_per_device,
+                self.batch_size,
+                self.batch_size,
+            )
+            self.batch_size_per_device = self.batch_size
         if self.batch_size % self.batch_size_per_device:
             raise ConfigError(
                 f"data.batch_size={batch_size} is not a multiple of data.batch_size_per_device={batch_size_per_device}"
@@ -209,6 +217,36 @@ class VLDataModule(L.LightningDataModule):
         """A ranking gallery (`{"texts": [...], "visuals": [...]}`) when `split`'s examples are retrieval queries
         (`gold`, `query_index`): the system then ranks every gallery image per query in val/test; None otherwise."""
         return None
+
+    # ------------------------------------------------------------------ inference (`vl.load`, `mode=predict`)
+    def answer_vocabulary(self) -> list[str] | None:
+        """Answer strings by label index when the corpus classifies answers (written into checkpoints), else None."""
+        return None
+
+    def visual_example(self, image: Any) -> dict[str, Any]:
+        """The example fields (`visual`, ...) of one image given as a feature id in the corpus's feature file, a
+        reader dict (`features` (N, D), `boxes_norm` (N, 4)) or a feature array (N, D) (whole-image boxes)."""
+        if isinstance(image, dict):
+            if "features" not in image:
+                raise DataError("image: a feature dict needs 'features' (N, D) and 'boxes_norm' (N, 4)")
+            return {"visual": image}
+        if isinstance(image, (np.ndarray, torch.Tensor)):
+            feats = np.asarray(image, dtype=np.float32)
+            feats = feats[None] if feats.ndim == 1 else feats
+            if feats.ndim != 2:
+                raise DataError(f"image: a feature array must be (regions, dim), got shape {tuple(feats.shape)}")
+            boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32), (feats.shape[0], 1))
+            return {"visual": {"features": feats, "boxes_norm": boxes, "num_boxes": feats.shape[0]}}
+        if self.features_file is None:
+            raise ConfigError(f"{type(self).__name__} reads no visual features: pass a feature array, not an id")
+        key = str(image)
+        if key not in self.regions:
+            raise DataError(f"{self.regions.path}: no features for image id {key!r}")
+        return {"visual": self.regions[key]}
+
+    def inference_collator(self) -> Collator:
+        """Unlabelled rows, no masking: what `vl.load`'s calls and `mode=predict` batch with."""
+        return Collator(self.tokenizer, max_text_len=self.max_text_len, max_regions=self.max_regions)
 
     def loader(self, split: str) -> DataLoader:
         self.setup({"train": "fit", "val": "validate"}.get(split, "test"))

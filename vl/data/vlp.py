@@ -117,6 +117,21 @@ class VLPDataModule(VLDataModule):
             mlm_probability=self.mlm_probability,
         )
 
+    def visual_example(self, image: Any) -> dict[str, Any]:
+        """A CLIP image: an id in the CLIP feature file or a (D,) / (1, D) embedding; nothing for text-only runs."""
+        if self.text_only:
+            return {}
+        if isinstance(image, (np.ndarray, torch.Tensor)):
+            feat = np.asarray(image, dtype=np.float32).reshape(1, -1)
+        else:
+            if str(image) not in self.clip:
+                raise DataError(f"{self.clip.path}: no CLIP features for image id {str(image)!r}")
+            feat = self.clip[str(image)].reshape(1, -1)
+        return {"clip": feat.astype(self.feature_dtype), "visual": {"features": feat, "boxes_norm": WHOLE_IMAGE_BOX}}
+
+    def inference_collator(self) -> Collator:
+        return ClipCollator(self.tokenizer, max_text_len=self.max_text_len, max_regions=1)
+
     @property
     def info(self) -> dict[str, Any]:
         if self.clip is None:

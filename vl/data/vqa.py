@@ -98,6 +98,9 @@ class VQADataModule(VLDataModule):
             out[idx] = ans
         return out
 
+    def answer_vocabulary(self) -> list[str]:
+        return self.label2ans
+
     def build_dataset(self, split: str) -> VQAQuestions:
         qpath, tpath = self.path(self.questions_file, split), self.path(self.targets_file, split)
         questions = load_questions(qpath)

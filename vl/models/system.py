@@ -92,6 +92,7 @@ class VLSystem(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         loss_weights: dict[str, float] | None = None,
         init_from: str | None = None,
+        init_from_any_architecture: bool = False,
         pretrained_lr_mult: float = 1.0,
         heads: dict[str, dict[str, Any]] | None = None,
         head_lr: float | None = None,
@@ -99,9 +100,10 @@ class VLSystem(L.LightningModule):
         """`encoder`: a built encoder or its config node (`_target_` + arguments; gets `data_info`). `objectives`:
         the data's objective names (one head each; `heads[name]`: that head's options). `optimizer` / `scheduler`:
         `_partial_` configs. `init_from`: an earlier run's checkpoint to start from (non-strict, key report
-        logged). `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads."""
+        logged); a checkpoint of another architecture is refused unless `init_from_any_architecture`. `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads."""
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder"] if isinstance(encoder, nn.Module) else None)
+        # the pipeline logs the resolved run config (flat) itself: the loggers get no second copy of the model's
+        self.save_hyperparameters(ignore=["encoder"] if isinstance(encoder, nn.Module) else None, logger=False)
         if not objectives:
             raise ConfigError("data.objectives: at least one objective is needed")
         self.objective_names = list(objectives)
@@ -110,10 +112,13 @@ class VLSystem(L.LightningModule):
         self.scheduler_cfg = _plain(scheduler)
         self.loss_weights = dict(loss_weights or {})
         self.init_from = init_from
+        self.init_from_any_architecture = init_from_any_architecture
         self.pretrained_lr_mult = pretrained_lr_mult
         self.head_options = dict(heads or {})
         self.head_lr = head_lr
         self.predictions: list[dict[str, Any]] = []
+        # what makes a checkpoint self-contained (set by the pipeline before fitting; written by on_save_checkpoint)
+        self.run_record: dict[str, Any] | None = None
         self._gallery: dict[str, Any] = {}
         self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
         self._terms: dict[str, torch.Tensor] = {}  # weighted loss terms of the current training micro-batch
@@ -306,10 +311,19 @@ class VLSystem(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Never write non-finite weights (as best, last or any checkpoint); inside an accumulation window also store
         the window's gradients so far (per rank), so the resumed run's next optimizer step is the uninterrupted one.
-        Also records the architecture, so a checkpoint given to another model fails naming both (`vl.checkpoint`)."""
-        from vl.checkpoint import ARCH_KEY, architecture_name
+        Also records the architecture, so a checkpoint given to another model fails naming both (`vl.checkpoint`),
+        and the run record (`RUN_KEY`: resolved config, tokenizer, answer vocabulary), so the file alone is enough to
+        evaluate and predict. `init_from` / `state_dict_path` are cleared in the saved hyper-parameters: their weights
+        are in the state dict already, and `load_from_checkpoint` must not re-read a file that may have moved."""
+        from vl.checkpoint import ARCH_KEY, RUN_KEY, architecture_name
 
         checkpoint[ARCH_KEY] = architecture_name(self)
+        if self.run_record is not None:
+            checkpoint[RUN_KEY] = self.run_record
+        hparams = checkpoint.get("hyper_parameters")
+        for key in ("init_from", "state_dict_path"):  # weights loaded once, at the start: never re-read
+            if isinstance(hparams, dict) and hparams.get(key):
+                hparams[key] = None
         bad = [
             name
             for name, value in checkpoint.get("state_dict", {}).items()
@@ -344,6 +358,30 @@ class VLSystem(L.LightningModule):
             path = dm.write_predictions(preds, Path(self.trainer.default_root_dir) / dm.prediction_file)
             if path is not None:
                 log.info("test predictions: %s", path)
+
+    # ------------------------------------------------------------------ inference (`vl.load`, `mode=predict`)
+    @torch.no_grad()
+    def infer(self, batch: dict[str, Any], top_k: int = 5) -> dict[str, torch.Tensor]:
+        """What each head says about unlabelled (text, image) rows: `itm` (B,) aligned probability; `retrieval` (B,)
+        the fine-tuned match score; `vqa` (B, A) per-answer sigmoid scores; `mlm_ids` / `mlm_scores` (M, top_k) for
+        the M positions flagged in `batch["mlm_query"]` (B, T) (softmax over the vocabulary), with `mlm_rows` (M,)."""
+        out = self(batch)
+        result: dict[str, torch.Tensor] = {"index": batch["index"]}
+        if "itm" in self.objectives:
+            result["itm"] = self.objectives["itm"].classifier(out.pooled).softmax(-1)[:, 1]
+        if "retrieval" in self.objectives:
+            result["retrieval"] = self.objectives["retrieval"].score(out.pooled)
+        if "vqa" in self.objectives:
+            result["vqa"] = self.objectives["vqa"].classifier(out.pooled).sigmoid()
+        query = batch.get("mlm_query")
+        if "mlm" in self.objectives and query is not None and bool(query.any()):
+            probs = self.objectives["mlm"].logits(out.text[query]).softmax(-1)
+            scores, ids = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+            result.update(mlm_ids=ids, mlm_scores=scores, mlm_rows=query.nonzero()[:, 0])
+        return result
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return {k: v.detach().cpu() for k, v in self.infer(batch, top_k=int(getattr(self, "predict_top_k", 5))).items()}
 
     def gathered_predictions(self) -> list[dict[str, Any]]:
         """Predictions from all ranks, de-duplicated by their `key`."""
@@ -475,9 +513,16 @@ class VLSystem(L.LightningModule):
 
     def load_init_checkpoint(self, path: str) -> None:
         """Initialise from an earlier run's checkpoint (e.g. pretraining -> fine-tuning), non-strict and loud."""
-        from vl.checkpoint import load_torch_file
+        from vl.checkpoint import architecture_name, architecture_of, load_torch_file
 
         state = load_torch_file(path, "model.init_from")  # weights_only: a file that would run code is refused
+        if isinstance(state, dict) and "state_dict" in state and not self.init_from_any_architecture:
+            held, own = architecture_of(state), architecture_name(self)
+            if held not in ("unknown", own):
+                raise ConfigError(
+                    f"model.init_from: '{path}' holds a {held} checkpoint, but this model is a {own} (most weights "
+                    "would not match); set model.init_from_any_architecture=true to load the matching keys anyway"
+                )
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(f"model.init_from: '{path}' holds no state dict of tensors (a {type(state).__name__})")

@@ -1,0 +1,90 @@
+"""What a run leaves for a person and a dashboard: test metrics in the logger, a metrics line per validation, curves
+and metrics.csv whatever the logger, W&B names / job types / resolved config / failure exit code, short debug runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import compose_cfg
+from vl.build import stage_config
+from vl.pipeline import train
+
+FAST = (
+    "experiment=none",
+    "data=vqa",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+)
+
+
+def _csv_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_test_metrics_reach_the_logger_and_the_log_has_a_line_per_validation(make_cfg, caplog) -> None:
+    cfg = make_cfg(*FAST, "data.batch_size=16")  # data.batch_size alone: vqa's per-device 64 follows it down
+    with caplog.at_level("INFO"):
+        metrics, _ = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    logged = [float(r["test/vqa_acc"]) for r in _csv_rows(run) if r.get("test/vqa_acc")]
+    assert logged == [pytest.approx(metrics["test/vqa_acc"], abs=1e-6)]
+    assert "global batch 16 = 16 per device x 1 devices x 1 accumulation" in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 0 step 2", "epoch 1 step 4"], lines
+    val = [float(r["val/vqa_acc"]) for r in _csv_rows(run) if r.get("val/vqa_acc")]
+    assert f"val/vqa_acc={val[-1]:.4g}" in lines[-1]
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["monitor"] == "val/vqa_acc" and saved["mode"] == "max"
+    assert saved["metrics"]["val/vqa_acc_best"] == pytest.approx(max(val), abs=1e-6)
+    assert saved["value"] == saved["metrics"]["val/vqa_acc_best"]  # what a sweeper optimises: the best, not the last
+
+
+def test_wandb_run_names_job_types_resolved_config_and_curves(make_cfg, monkeypatch, tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = make_cfg(*FAST, "logger=wandb", "test=false")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    assert (run / "csv" / "metrics.csv").is_file() and (run / "curves.png").is_file()  # whatever the logger
+    (wandb_run,) = run.glob("wandb/offline-run-*")
+    record = next(wandb_run.glob("run-*.wandb")).read_bytes()  # offline: config, name, job type are in the record
+    assert b"model.optimizer.lr" in record and b"params/total" in record  # flat, with parameter counts
+    assert b"${data.monitor}" not in record and b"val/vqa_acc" in record  # resolved
+    # the run's name: task name + the overrides (the test harness puts its own first)
+    assert b"train trainer.enable_model_summary=false" in record and b"experiment=none data=vqa" in record
+
+
+def test_a_failed_run_closes_wandb_with_its_exit_code(make_cfg, monkeypatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    codes: list[int] = []
+    monkeypatch.setattr(wandb, "run", object())
+    monkeypatch.setattr(wandb, "finish", lambda exit_code=0: codes.append(exit_code))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("vl.pipeline.run_stage", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(make_cfg(*FAST))
+    assert codes == [1]
+
+
+def test_stage_job_types_and_debug_limit_shrinks_every_stage(tmp_path: Path, data_dir: Path) -> None:
+    from vl.pipeline import _stage_loggers
+
+    cfg = compose_cfg(["debug=limit", "logger=wandb"], output_dir=tmp_path, data_dir=data_dir)
+    pre = stage_config(cfg, cfg.pretrain, tmp_path / "pretrain")
+    assert cfg.pretrain.trainer.max_epochs == 16  # the default experiment's pretrain stage ...
+    assert (pre.trainer.max_epochs, pre.trainer.limit_train_batches, pre.trainer.limit_test_batches) == (2, 5, 2)
+    assert _stage_loggers(cfg, "pretrain").wandb.job_type == "pretrain"
+    assert _stage_loggers(cfg, "finetune").wandb.job_type == "finetune"
+    assert _stage_loggers(cfg, "train").wandb.job_type == "train"

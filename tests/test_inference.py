@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import compose_cfg
+from tests.conftest import ROOT, compose_cfg
 from vl.data.formats.vqa import load_answer_vocab, load_questions, load_targets
 from vl.errors import ConfigError, DataError
 from vl.pipeline import build_datamodule, evaluate, train
@@ -252,3 +252,14 @@ def test_init_from_is_not_reread_and_another_architecture_is_refused(captions_ru
     )
     with pytest.raises(ConfigError, match="holds a SingleStreamEncoder checkpoint, but this model is a VilbertEncoder"):
         train(foreign)
+
+
+def test_import_vl_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vl; assert callable(vl.load); print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

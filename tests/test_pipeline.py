@@ -16,7 +16,8 @@ from vl.errors import ConfigError
 from vl.pipeline import build_datamodule, evaluate, train
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-DATAS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+# data=custom needs data.root (your files): tests/data/test_custom.py
+DATAS = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "custom")
 FAST = (
     "experiment=none",
     "trainer.max_epochs=1",
@@ -280,3 +281,38 @@ def test_ddp_cpu_evaluation_matches_one_process(make_cfg) -> None:
     preds1 = json.loads((Path(cfg.paths.output_dir).parent / "eval1" / "vqa_predictions.json").read_text())
     preds2 = json.loads((Path(cfg.paths.output_dir).parent / "eval2" / "vqa_predictions.json").read_text())
     assert preds1 == preds2 and len({p["question_id"] for p in preds2}) == len(preds2)
+
+
+@pytest.mark.slow
+def test_compare_experiment_holds_the_recipe_fixed_and_tables_architectures(tmp_path: Path, data_dir: Path) -> None:
+    args = [
+        str(ROOT / "train.py"),
+        "-m",
+        "experiment=compare",
+        "model=visual_bert_tiny,vilbert_tiny",
+        "seed=1,2",
+        "trainer.max_epochs=1",
+        "trainer.min_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "~callbacks.rich_progress_bar",
+        f"paths.data_dir={data_dir}",
+        "data.corpus.num_images=150",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+    out = _cli(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "sweep" / "multirun.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["model"] for r in rows) == ["vilbert_tiny", "visual_bert_tiny"]
+    assert all(r["seeds"] == "2" and r["test/vqa_acc"] and r["test/vqa_acc_sd"] for r in rows)
+    fixed = set()
+    losses: dict[str, list[float]] = {}
+    for job in range(4):
+        cfg = OmegaConf.load(tmp_path / "sweep" / str(job) / ".hydra" / "config.yaml")
+        fixed.add((cfg.model.optimizer.lr, cfg.model.scheduler._target_, cfg.data.batch_size, cfg.trainer.max_epochs))
+        metrics = json.loads((tmp_path / "sweep" / str(job) / "metrics.json").read_text())["metrics"]
+        losses.setdefault(cfg.model.encoder._target_, []).append(metrics["val/loss"])
+    assert len(fixed) == 1  # the same optimiser recipe and budget for every architecture
+    assert all(a != b for a, b in losses.values())  # the seeds differ

@@ -85,6 +85,7 @@ def test_stage_job_types_and_debug_limit_shrinks_every_stage(tmp_path: Path, dat
     pre = stage_config(cfg, cfg.pretrain, tmp_path / "pretrain")
     assert cfg.pretrain.trainer.max_epochs == 16  # the default experiment's pretrain stage ...
     assert (pre.trainer.max_epochs, pre.trainer.limit_train_batches, pre.trainer.limit_test_batches) == (2, 5, 2)
+    assert pre.trainer.default_root_dir == str(tmp_path / "pretrain")  # the stage's own dir
     assert _stage_loggers(cfg, "pretrain").wandb.job_type == "pretrain"
     assert _stage_loggers(cfg, "finetune").wandb.job_type == "finetune"
     assert _stage_loggers(cfg, "train").wandb.job_type == "train"

@@ -22,6 +22,7 @@ from vl.config import (
     signature_parameters,
 )
 from vl.data.captions import CaptionsDataModule
+from vl.data.custom import CustomDataModule
 from vl.data.lxmert_text import LxmertTextDataModule
 from vl.data.refcoco import RefCOCODataModule
 from vl.data.retrieval import RetrievalDataModule
@@ -64,6 +65,7 @@ DATA: dict[str, type] = {
     "retrieval": RetrievalDataModule,
     "vlp": VLPDataModule,
     "lxmert_text": LxmertTextDataModule,
+    "custom": CustomDataModule,
 }
 
 #: `model.encoder.text_encoder`: the arguments of `build_bert`

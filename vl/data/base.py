@@ -225,7 +225,12 @@ class VLDataModule(L.LightningDataModule):
 
     def visual_example(self, image: Any) -> dict[str, Any]:
         """The example fields (`visual`, ...) of one image given as a feature id in the corpus's feature file, a
-        reader dict (`features` (N, D), `boxes_norm` (N, 4)) or a feature array (N, D) (whole-image boxes)."""
+        reader dict (`features` (N, D), `boxes_norm` (N, 4)) or a feature array (N, D) (whole-image boxes); None
+        for a corpus without visual input (text-only models)."""
+        if image is None:
+            if self.features_file is not None:
+                raise ConfigError(f"{type(self).__name__}: this model reads an image; pass a feature id or array")
+            return {}
         if isinstance(image, dict):
             if "features" not in image:
                 raise DataError("image: a feature dict needs 'features' (N, D) and 'boxes_norm' (N, 4)")

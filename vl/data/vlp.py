@@ -121,6 +121,8 @@ class VLPDataModule(VLDataModule):
         """A CLIP image: an id in the CLIP feature file or a (D,) / (1, D) embedding; nothing for text-only runs."""
         if self.text_only:
             return {}
+        if image is None:
+            raise ConfigError("VLPDataModule: this model reads a CLIP image; pass a feature id or a (D,) embedding")
         if isinstance(image, (np.ndarray, torch.Tensor)):
             feat = np.asarray(image, dtype=np.float32).reshape(1, -1)
         else:

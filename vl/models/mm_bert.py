@@ -1,0 +1,350 @@
+"""MM-BERT (`model=mm_bert`, `model=mm_bert_tiny`): VL-BERT base, single stream, made multilingual (phaedonmit/VL-BERT;
+spec `mm_bert.md`).
+
+The sequence of one example is ``[CLS] EN [SEP] DE [SEP] [IMG]x(R+1) [END]``, compacted per row (the row's valid text
+tokens, then its valid regions, then [END], then padding):
+
+- the whole-image box ``[0, 0, w-1, h-1]`` is prepended to the regions; its 2048-d feature is the mean of the region
+  features, recomputed over the regions that are not masked for MVRC (``mvrc_replace``);
+- every region (image box included): ``coordinate_embeddings`` of (xc, yc, w, h) / image size x 100, sin/cos with
+  ``coord_dim`` 256 and base 1000 -> 4 x 512 = 2048-d, concatenated with the feature ->
+  ``obj_downsample`` = Dropout(0.1)-Linear(4096 -> H)-ReLU;
+- text tokens: word embedding + ``visual_ln_text``(image-box rep); rows without an image (Task C, the aux text corpus)
+  get ``visual_ln_text``(``aux_text_visual_embedding``) instead, and no regions nor [END];
+- region tokens: ``object_linguistic_embeddings`` (one learned [IMG] vector; ``object_mask_word_embedding`` for MVRC-
+  masked regions, whose feature is ``object_mask_visual_embedding``, init 0) + ``visual_ln_object``(region rep);
+- [END]: the learned ``end_embedding``;
+- token types: all text 0 (EN and DE alike), regions and [END] 2; positions: text 0..n-1, every region n, [END] n+1;
+- then BERT's embedding LayerNorm + dropout and the BERT encoder. ``visual_ln_*`` are LayerNorms with weight 0 at init
+  (``visual_scale_*_init`` 0: the visual contribution starts at 0).
+
+`MMBertSystem` adds what is special to the system: the "hybrid" init (encoder and word embeddings from an M-BERT dir,
+the listed visual parts from a VL-BERT checkpoint, every missing / unexpected key logged), lr = base lr x total batch
+size (``lr_per_example``), and retrieval scores from the 1-logit ITM head.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vl.batch import EncoderOutput, region_feature_dim
+from vl.errors import ConfigError
+from vl.heads.mm_bert import BinaryImageTextMatching  # noqa: F401  (registers the MM-BERT heads)
+from vl.models.bert_backbone import build_bert
+from vl.models.system import VLSystem
+from vl.pretrained import log_key_report
+
+log = logging.getLogger(__name__)
+
+#: token type of text (EN and DE alike) and of regions / [END]
+TEXT_TYPE, OBJECT_TYPE = 0, 2
+
+
+def coordinate_embeddings(boxes: torch.Tensor, dim: int = 256, base: float = 1000.0) -> torch.Tensor:
+    """(..., 4) normalised x1y1x2y2 (box / image size) -> (..., 4 * 2 * dim): (xc, yc, w, h) x 100, each embedded as
+    [sin(p / base^(k/dim)), cos(...)] for k = 0..dim-1 (VL-BERT's `coordinate_embeddings`)."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    pos = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1) * 100.0  # (..., 4)
+    dim_mat = base ** (torch.arange(dim, dtype=boxes.dtype, device=boxes.device) / dim)
+    angles = pos.unsqueeze(-1) / dim_mat  # (..., 4, dim)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def whole_image_box(batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+    """(B, 4) normalised box of the whole image [0, 0, w-1, h-1] / (w, h) (``visual_image_size`` (B, 2) = w, h);
+    [0, 0, 1, 1] when the batch has no image sizes (e.g. a retrieval gallery padded by the shared scorer)."""
+    bsz = like.shape[0]
+    box = torch.zeros(bsz, 4, dtype=like.dtype, device=like.device)
+    size = batch.get("visual_image_size")
+    if size is None:
+        box[:, 2:] = 1.0
+    else:
+        size = size.to(like.dtype)
+        box[:, 2:] = (size - 1.0) / size
+    return box
+
+
+class MMBertEncoder(nn.Module):
+    """`forward(batch) -> EncoderOutput(text (B,T,H), visual (B,1+R,H), pooled (B,H), visual_prefix=1)`: ``visual[:,
+    0]`` is the whole-image box, ``visual[:, 1:]`` the batch's regions.
+
+    Batch keys: input_ids, attention_mask (B,T) (``[CLS] EN [SEP] DE [SEP]``; token_type_ids are ignored: all text is
+    type 0); visual_feats (B,R,D), visual_boxes (B,R,4) normalised x1y1x2y2, visual_mask (B,R) (valid regions first);
+    optional visual_image_size (B,2), has_image (B,) bool (False: a text-only row), mvrc_replace (B,R) bool (regions
+    whose feature and [IMG] embedding are replaced by the mask embeddings)."""
+
+    visual_input = "regions"
+
+    def __init__(
+        self,
+        *,
+        data_info: dict[str, Any],
+        text_encoder: dict[str, Any] | None = None,
+        with_pooler: bool = True,
+        coord_dim: int = 256,
+        coord_base: float = 1000.0,
+        visual_dropout: float = 0.1,
+        visual_scale_init: float = 0.0,
+    ) -> None:
+        """`text_encoder`: `build_bert` arguments (type_vocab_size is 3; vocab_size = data_info["vocab_size"], the
+        tokenizer's with [STOP], when given). `with_pooler`: BERT's pooler on [CLS] (retrieval / MLT heads); False:
+        pooled = the [CLS] state (pretraining). `visual_scale_init`: init of the visual LayerNorms' weight (0)."""
+        super().__init__()
+        visual_dim = region_feature_dim(data_info)
+        options = dict(text_encoder or {})
+        if options.get("pretrained"):
+            raise ConfigError(
+                "model.encoder.text_encoder.pretrained: MM-BERT loads M-BERT through the hybrid init "
+                "(model.mbert_dir), which also widens the token types to 3 and adds [STOP]"
+            )
+        if "vocab_size" in data_info:
+            options["vocab_size"] = int(data_info["vocab_size"])
+        options["type_vocab_size"] = 3
+        self.with_pooler = with_pooler
+        self.bert = build_bert(**options, add_pooling_layer=with_pooler)
+        hidden = self.bert.config.hidden_size
+        self.hidden_size = self.pooled_size = self.text_size = self.visual_size = hidden
+        self.coord_dim, self.coord_base = coord_dim, coord_base
+        self.obj_downsample = nn.Sequential(
+            nn.Dropout(visual_dropout), nn.Linear(visual_dim + 4 * 2 * coord_dim, hidden), nn.ReLU()
+        )
+        eps = self.bert.config.layer_norm_eps
+        self.visual_ln_text = nn.LayerNorm(hidden, eps=eps)
+        self.visual_ln_object = nn.LayerNorm(hidden, eps=eps)
+        nn.init.constant_(self.visual_ln_text.weight, visual_scale_init)
+        nn.init.constant_(self.visual_ln_object.weight, visual_scale_init)
+        std = self.bert.config.initializer_range
+        self.object_linguistic_embeddings = nn.Embedding(1, hidden)
+        self.object_mask_word_embedding = nn.Embedding(1, hidden)
+        self.end_embedding = nn.Embedding(1, hidden)
+        self.aux_text_visual_embedding = nn.Embedding(1, hidden)
+        for emb in (self.object_linguistic_embeddings, self.object_mask_word_embedding, self.end_embedding):
+            nn.init.normal_(emb.weight, std=std)
+        nn.init.normal_(self.aux_text_visual_embedding.weight, std=std)
+        self.object_mask_visual_embedding = nn.Embedding(1, visual_dim)
+        nn.init.zeros_(self.object_mask_visual_embedding.weight)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    # ------------------------------------------------------------------ pieces (also used by the tests)
+    def region_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features (B,1+R,D) with the image box's mean feature first and MVRC-replaced features swapped for the mask
+        embedding, boxes (B,1+R,4), valid (B,1+R) bool, replaced (B,1+R) bool)."""
+        feats = batch["visual_feats"]
+        bsz, n_regions = feats.shape[:2]
+        has_image = batch.get("has_image")
+        has_image = torch.ones(bsz, dtype=torch.bool, device=feats.device) if has_image is None else has_image.bool()
+        valid = batch["visual_mask"].bool() & has_image[:, None]
+        replace = batch.get("mvrc_replace")
+        replace = torch.zeros_like(valid) if replace is None else replace.bool() & valid
+        kept = (valid & ~replace).unsqueeze(-1).to(feats.dtype)
+        image_feat = (feats * kept).sum(1) / kept.sum(1).clamp(min=1.0)  # mean of the unmasked regions
+        feats = torch.where(replace.unsqueeze(-1), self.object_mask_visual_embedding.weight[0].to(feats.dtype), feats)
+        feats = torch.cat([image_feat.unsqueeze(1), feats], dim=1)
+        boxes = torch.cat([whole_image_box(batch, feats).unsqueeze(1), batch["visual_boxes"].to(feats.dtype)], dim=1)
+        valid = torch.cat([has_image.unsqueeze(1), valid], dim=1)
+        replace = torch.cat([torch.zeros_like(has_image).unsqueeze(1), replace], dim=1)
+        return feats, boxes, valid, replace
+
+    def object_reps(self, feats: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """(B,N,D), (B,N,4) -> (B,N,H): obj_downsample(feature ++ coordinate embedding)."""
+        coords = coordinate_embeddings(boxes, self.coord_dim, self.coord_base)
+        return self.obj_downsample(torch.cat([feats, coords], dim=-1))
+
+    def forward(self, batch: dict[str, Any]) -> EncoderOutput:
+        input_ids, text_mask = batch["input_ids"], batch["attention_mask"].bool()
+        bsz, text_len = input_ids.shape
+        device = input_ids.device
+        words = self.word_embeddings(input_ids)  # (B,T,H)
+        if "visual_feats" in batch:
+            feats, boxes, obj_valid, replace = self.region_inputs(batch)
+            reps = self.object_reps(feats, boxes)  # (B,1+R,H)
+            has_image = obj_valid[:, 0]
+        else:  # a text-only batch
+            reps = words.new_zeros(bsz, 1, words.shape[-1])
+            obj_valid = replace = torch.zeros(bsz, 1, dtype=torch.bool, device=device)
+            has_image = obj_valid[:, 0]
+        aux = self.aux_text_visual_embedding.weight[0].expand(bsz, -1)
+        text_visual = self.visual_ln_text(torch.where(has_image[:, None], reps[:, 0], aux))
+        text_emb = words + text_visual.unsqueeze(1)
+        ling = torch.where(
+            replace.unsqueeze(-1),
+            self.object_mask_word_embedding.weight[0],
+            self.object_linguistic_embeddings.weight[0],
+        )
+        obj_emb = ling + self.visual_ln_object(reps)  # (B,1+R,H)
+        end_emb = self.end_embedding.weight[0].expand(bsz, -1).unsqueeze(1)  # (B,1,H)
+
+        # compacted layout per row: text (n_t) | regions (n_o) | [END] (if image) | padding
+        n_text = text_mask.sum(1)
+        n_obj = obj_valid.sum(1)
+        has_end = has_image.long()
+        length = int((n_text + n_obj + has_end).max())
+        text_pos = torch.arange(text_len, device=device).expand(bsz, -1)
+        obj_slot = torch.arange(obj_valid.shape[1], device=device).expand(bsz, -1)
+        obj_pos = n_text[:, None] + obj_slot
+        end_pos = (n_text + n_obj).unsqueeze(1)
+        pieces = [
+            (text_emb, text_mask, text_pos, text_pos, TEXT_TYPE),
+            (obj_emb, obj_valid, obj_pos, n_text[:, None].expand_as(obj_pos), OBJECT_TYPE),
+            (end_emb, has_image.unsqueeze(1), end_pos, (n_text + 1).unsqueeze(1), OBJECT_TYPE),
+        ]
+        hidden = words.shape[-1]
+        seq = words.new_zeros(bsz, length, hidden)
+        position_ids = torch.zeros(bsz, length, dtype=torch.long, device=device)
+        type_ids = torch.zeros(bsz, length, dtype=torch.long, device=device)
+        attention = torch.zeros(bsz, length, dtype=torch.long, device=device)
+        rows = torch.arange(bsz, device=device)
+        for emb, valid, slot, position, kind in pieces:
+            b = rows[:, None].expand_as(valid)[valid]
+            s = slot[valid]
+            seq[b, s] = emb[valid].to(seq.dtype)
+            position_ids[b, s] = position[valid]
+            type_ids[b, s] = kind
+            attention[b, s] = 1
+        out = self.bert(inputs_embeds=seq, position_ids=position_ids, token_type_ids=type_ids, attention_mask=attention)
+        states = out.last_hidden_state  # (B,L,H)
+        text_states = states.gather(1, text_pos.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, hidden))
+        text_states = text_states * text_mask.unsqueeze(-1).to(states.dtype)
+        obj_states = states.gather(1, obj_pos.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, hidden))
+        obj_states = obj_states * obj_valid.unsqueeze(-1).to(states.dtype)
+        pooled = out.pooler_output if self.with_pooler else states[:, 0]
+        return EncoderOutput(text=text_states, visual=obj_states, pooled=pooled, visual_prefix=1)
+
+
+# ---------------------------------------------------------------------------------------------------- hybrid init
+#: VL-BERT checkpoint key prefixes taken by the hybrid init (after stripping ``module.``) -> vl parameter names
+VLBERT_PARTS: dict[str, str] = {
+    "vlbert.mvrc_head.": "objectives.mvrc.",
+    "image_feature_extractor.obj_downsample.": "encoder.obj_downsample.",
+    "image_feature_extractor.object_mask_visual_embedding.": "encoder.object_mask_visual_embedding.",
+    "vlbert.visual_ln_text.": "encoder.visual_ln_text.",
+    "vlbert.visual_ln_object.": "encoder.visual_ln_object.",
+    "vlbert.end_embedding.": "encoder.end_embedding.",
+    "vlbert.token_type_embeddings.": "encoder.bert.embeddings.token_type_embeddings.",
+    "vlbert.position_embeddings.": "encoder.bert.embeddings.position_embeddings.",
+    "aux_text_visual_embedding.": "encoder.aux_text_visual_embedding.",
+    "object_mask_word_embedding.": "encoder.object_mask_word_embedding.",
+    "object_linguistic_embeddings.": "encoder.object_linguistic_embeddings.",
+}
+#: M-BERT (``BertModel`` / ``BertForPreTraining``) keys taken by the hybrid init: the encoder layers and the word
+#: embeddings (rows beyond M-BERT's vocabulary, e.g. [STOP], keep their init)
+MBERT_PARTS = ("encoder.", "embeddings.word_embeddings.", "embeddings.LayerNorm.")
+
+
+def _load_mbert_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from vl.checkpoint import load_torch_file
+
+    safetensors = model_dir / "model.safetensors"
+    if safetensors.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors))
+    binary = model_dir / "pytorch_model.bin"
+    if binary.is_file():
+        return load_torch_file(str(binary), "model.mbert_dir")
+    raise ConfigError(f"model.mbert_dir: '{model_dir}' holds no model.safetensors or pytorch_model.bin")
+
+
+class MMBertSystem(VLSystem):
+    """The shared system plus MM-BERT's hybrid init, batch-size-scaled lr and 1-logit retrieval scores."""
+
+    def __init__(
+        self,
+        *,
+        mbert_dir: str | None = None,
+        vlbert_checkpoint: str | None = None,
+        lr_per_example: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`mbert_dir`: a local M-BERT dir (`bert-base-multilingual-cased`): encoder + word embeddings.
+        `vlbert_checkpoint`: `vl-bert-base-prec.model`: the parts in `VLBERT_PARTS`. `lr_per_example`: when set, the
+        lr is lr_per_example x total batch size (per device x world size x accumulation), as MM-BERT's configs."""
+        super().__init__(**kwargs)
+        self.mbert_dir = mbert_dir
+        self.vlbert_checkpoint = vlbert_checkpoint
+        self.lr_per_example = lr_per_example
+        if mbert_dir or vlbert_checkpoint:
+            self.hybrid_init(mbert_dir, vlbert_checkpoint)
+
+    # ------------------------------------------------------------------ hybrid init
+    def hybrid_init(self, mbert_dir: str | None, vlbert_checkpoint: str | None) -> None:
+        own = self.state_dict()
+        if mbert_dir:
+            state = _load_mbert_state(Path(mbert_dir).expanduser())
+            loaded, unexpected = {}, []
+            for key, value in state.items():
+                name = key[len("bert.") :] if key.startswith("bert.") else key
+                target = f"encoder.bert.{name}"
+                if not name.startswith(MBERT_PARTS) or target not in own:
+                    unexpected.append(key)
+                    continue
+                if name.startswith("embeddings.word_embeddings.") and value.shape[0] <= own[target].shape[0]:
+                    merged = own[target].clone()
+                    merged[: value.shape[0]] = value
+                    value = merged
+                if own[target].shape != value.shape:
+                    unexpected.append(f"{key} (shape {tuple(value.shape)} vs {tuple(own[target].shape)})")
+                    continue
+                loaded[target] = value
+            self.load_state_dict(loaded, strict=False)
+            missing = [k for k in own if k.startswith("encoder.bert.") and k not in loaded]
+            log_key_report(f"hybrid init: M-BERT from {mbert_dir}", missing, unexpected)
+        if vlbert_checkpoint:
+            from vl.checkpoint import load_torch_file
+
+            raw = load_torch_file(vlbert_checkpoint, "model.vlbert_checkpoint")
+            raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+            loaded, unexpected = {}, []
+            for key, value in raw.items():
+                key = key[len("module.") :] if key.startswith("module.") else key
+                prefix = next((p for p in VLBERT_PARTS if key.startswith(p)), None)
+                target = VLBERT_PARTS[prefix] + key[len(prefix) :] if prefix else None
+                if target is None or target not in own or own[target].shape != value.shape:
+                    unexpected.append(key)
+                    continue
+                loaded[target] = value
+            self.load_state_dict(loaded, strict=False)
+            wanted = [k for k in own if any(k.startswith(v) for v in VLBERT_PARTS.values())]
+            log_key_report(
+                f"hybrid init: VL-BERT parts from {vlbert_checkpoint}",
+                [k for k in wanted if k not in loaded],
+                unexpected,
+            )
+
+    # ------------------------------------------------------------------ optimisation
+    def total_batch_size(self) -> int:
+        """Examples per optimizer step: per-device batch (all loaders of a combined loader) x world size x
+        accumulation."""
+        dm = self._datamodule()
+        per_device = int(getattr(dm, "examples_per_device_step", getattr(dm, "batch_size_per_device", 1)))
+        return per_device * int(self.trainer.world_size) * int(self.trainer.accumulate_grad_batches)
+
+    def configure_optimizers(self) -> Any:
+        if self.lr_per_example is not None:
+            total = self.total_batch_size()
+            self.optimizer_cfg = {**self.optimizer_cfg, "lr": float(self.lr_per_example) * total}
+            log.info("lr = %g x total batch %d = %g", self.lr_per_example, total, self.optimizer_cfg["lr"])
+        return super().configure_optimizers()
+
+    # ------------------------------------------------------------------ retrieval
+    def pair_scorer(self) -> Any:
+        if "itm_bce" in self.objectives:
+            return self.objectives["itm_bce"].score
+        return super().pair_scorer()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """A combined loader's batch (`{"main": ..., "aux": ...}`, Lightning `CombinedLoader`) sums its losses."""
+        if isinstance(batch, dict) and "input_ids" not in batch:
+            self._terms = {}
+            total = sum(self.shared_step(part, "train") for part in batch.values() if part is not None)
+            self._pending_terms.append((self.current_epoch, batch_idx, self._terms))
+            return total
+        return super().training_step(batch, batch_idx)

@@ -105,6 +105,7 @@ class MMBertEncoder(nn.Module):
         if "vocab_size" in data_info:
             options["vocab_size"] = int(data_info["vocab_size"])
         options["type_vocab_size"] = 3
+        options.pop("add_pooling_layer", None)  # `with_pooler` decides
         self.with_pooler = with_pooler
         self.bert = build_bert(**options, add_pooling_layer=with_pooler)
         hidden = self.bert.config.hidden_size
@@ -348,3 +349,22 @@ class MMBertSystem(VLSystem):
             self._pending_terms.append((self.current_epoch, batch_idx, self._terms))
             return total
         return super().training_step(batch, batch_idx)
+
+
+def triangle_schedule(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int | None = None,
+    warmup_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """VL-BERT's `triangle` schedule: linear warmup over `warmup_steps` (or `warmup_ratio` x total), then linear decay
+    to 0 at `total_steps`."""
+    warmup = max(1, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -9,7 +9,7 @@ inflect. Written under ``<corpus root>/multi30k/`` (``ensure_multi30k``; its own
     flickr30k/{train,val,test_2016_flickr}.{en,de}, utils/{split}.txt      captions, image names <id>.jpg
     flickr30k/{split}_frcnn.json                                           annotation JSONL (zip@ paths)
     flickr30k/{split}_MLT_frcnn.json, utils/MLT_vocab.txt                  MLT word pairs (a colour / shape word)
-    flickr30k/{split}_frcnn/<id>.json                                      per-image FRCNN JSON (base64, "classes")
+    flickr30k/{split}_frcnn/<id 8 digits>.json                             per-image FRCNN JSON (base64, "classes")
     wmt/{split}.jsonl (file splits)                                       text-only EN-DE pairs {"caption_en","caption_de"}
     tokenizer/vocab.txt                                                    WordPiece trained on the train EN+DE text
                                                                            (HF tokenizers; cased, accents kept, [STOP])
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MULTI30K_VERSION", "SPLIT_FILES", "caption_pair", "ensure_multi30k", "write_multi30k_corpus"]
 
-MULTI30K_VERSION = "multi30k-v1"
+MULTI30K_VERSION = "multi30k-v2"
 SPLIT_FILES = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[STOP]"]
 
@@ -150,7 +150,7 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
                 "image": f"{file_split}_image.zip@/{sc.image_id}.jpg",
                 "caption_en": en,
                 "caption_de": de,
-                "frcnn": f"{file_split}_frcnn.zip@/{sc.image_id}.json",
+                "frcnn": f"{file_split}_frcnn.zip@/{sc.image_id:08d}.json",  # zero-padded to 8, as the seed's
             }
             records.append(record)
             word_en, word_de = _mlt_pair(sc.shapes, de, rng)
@@ -161,7 +161,7 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
             wmt.append({"caption_en": wen, "caption_de": wde})
             rec = region_features(sc, settings)
             rec.pop("labels")
-            regions.append(rec)
+            regions.append({**rec, "image_id": f"{sc.image_id:08d}"})
             if split == "train":
                 train_text += [en, de, wen, wde]
         (root / f"{file_split}.en").write_text("".join(f"{t}\n" for t in en_lines), encoding="utf-8")

@@ -243,3 +243,60 @@ def test_lr_is_base_lr_times_total_batch() -> None:
     system._trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=3, datamodule=dm)
     optimizer = system.configure_optimizers()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6 * 16 * 2 * 3)
+
+
+class _PairModel(nn.Module):
+    """score(caption t, image i) = a fixed function of the caption's token ids and the image's features."""
+
+    device = torch.device("cpu")
+
+    def pair_scorer(self):
+        return lambda pooled: pooled[:, 0]
+
+    def forward(self, batch):
+        text = (batch["input_ids"].float() * batch["attention_mask"]).sum(1)
+        image = batch["visual_feats"][:, 0, 0]
+        return SimpleNamespace(pooled=torch.sin(text * 0.37 + image * 3.0).unsqueeze(-1))
+
+
+def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) -> None:
+    import json
+
+    from vl.data.multi30k import Multi30kCollator
+    from vl.models.mm_bert import exhaustive_retrieval
+
+    class Tok:  # one id per character: a caption's score depends on its text only
+        pad_token_id = 0
+
+        def __call__(self, text, text_b=None, **kwargs):
+            return {"input_ids": [ord(c) % 50 + 1 for c in text]}
+
+    n = 11
+    rng = np.random.default_rng(0)
+    texts = [f"caption {i} {'x' * int(rng.integers(5))}" for i in range(n)]
+    visuals = [
+        {"features": rng.standard_normal((2, 3)).astype(np.float32), "boxes_norm": np.zeros((2, 4), np.float32)}
+        for _ in range(n)
+    ]
+    model = _PairModel()
+    collator = Multi30kCollator(Tok(), max_text_len=32, max_regions=2, fixed_shapes=True)
+    metrics = exhaustive_retrieval(model, collator, texts, visuals, text_chunk=4, scores_path=tmp_path / "s.json")
+    # independent: the full N x N matrix, pair by pair
+    full = np.zeros((n, n))
+    for t in range(n):
+        ids = np.asarray([ord(c) % 50 + 1 for c in texts[t]], np.float64)
+        for i in range(n):
+            full[t, i] = np.sin(ids.sum() * 0.37 + float(visuals[i]["features"][0, 0]) * 3.0)
+    gold = np.diag(full)
+    t2i = 1 + np.asarray([(np.delete(full[t], t) > gold[t] + 1e-6).sum() for t in range(n)])
+    i2t = 1 + np.asarray([(np.delete(full[:, i], i) > gold[i] + 1e-6).sum() for i in range(n)])
+    for name, ranks in (("t2i", t2i), ("i2t", i2t)):
+        for k in (1, 5, 10):
+            assert metrics[f"{name}_recall@{k}"] == pytest.approx((ranks <= k).mean())
+        assert metrics[f"{name}_median_rank"] == pytest.approx(np.sort(ranks)[(n - 1) // 2])
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert len(rows) == n * n and set(rows[0]) == {"caption_id", "image_ids", "logit"}
+    got = np.zeros((n, n))
+    for r in rows:
+        got[r["caption_id"], r["image_ids"]] = r["logit"][0]
+    np.testing.assert_allclose(got, full, atol=1e-5)

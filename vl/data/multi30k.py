@@ -7,7 +7,9 @@ Tasks (``task``):
   the text-only parallel pairs of ``wmt`` (WMT JSONL) without image. Objectives MLM (whole-word) + MVRC.
 - ``retrieval``: train = binary ITM, each caption paired with its image or (``negative_fraction`` 50 %) with a random
   other caption of the same language; ``languages`` en | de | both. Val/test: every caption (``eval_language``) ranked
-  against every image of the split (the shared system's chunked gallery ranking).
+  against every image of the split (the shared system's chunked gallery ranking); with ``exhaustive_test`` the test
+  stage also scores all caption x image pairs per language, both directions, and writes the seed-layout scores files
+  (``MMBertSystem.on_test_epoch_end``).
 - ``mlt``: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of word_de in ``MLT_vocab.txt``.
 
 Regions: the per-image FRCNN JSON named by each record's ``frcnn`` field (``.zip@`` stripped), read through
@@ -303,6 +305,7 @@ class Multi30kDataModule(VLDataModule):
         languages: str = "both",
         eval_language: str = "en",
         negative_fraction: float = 0.5,
+        exhaustive_test: bool = True,
         annotations: str = "{split}_frcnn.json",
         mlt_annotations: str = "{split}_MLT_frcnn.json",
         mlt_vocab: str = "utils/MLT_vocab.txt",
@@ -330,6 +333,7 @@ class Multi30kDataModule(VLDataModule):
         self.task, self.pretrain_tasks = task, list(pretrain_tasks)
         self.languages, self.eval_language = languages, eval_language
         self.negative_fraction = float(negative_fraction)
+        self.exhaustive_test = exhaustive_test
         self.annotations, self.mlt_annotations, self.mlt_vocab_file, self.wmt = (
             annotations,
             mlt_annotations,
@@ -337,7 +341,7 @@ class Multi30kDataModule(VLDataModule):
             wmt,
         )
         self._readers: dict[Path, FrcnnJsonRegionReader] = {}
-        self._galleries: dict[str, dict[str, Any]] = {}
+        self._galleries: dict[tuple[str, str], dict[str, Any]] = {}
         self._mlt_vocab: list[str] | None = None
 
     # ------------------------------------------------------------------ files
@@ -438,19 +442,21 @@ class Multi30kDataModule(VLDataModule):
         ]
         return Multi30kExamples(rows, self.max_regions)
 
-    def gallery(self, split: str) -> dict[str, Any] | None:
-        """Retrieval val/test: caption i (``eval_language``) of image i; every caption ranked against every image."""
+    def gallery(self, split: str, language: str | None = None) -> dict[str, Any] | None:
+        """Retrieval val/test: caption i (``language``, default ``eval_language``) of image i; every caption ranked
+        against every image."""
         if self.task != "retrieval" or split == "train":
             return None
-        if split not in self._galleries:
+        language = language or self.eval_language
+        if (split, language) not in self._galleries:
             _, records, images = self.records(split)
-            self._galleries[split] = {
-                "texts": [r[f"caption_{self.eval_language}"] for r in records],
+            self._galleries[split, language] = {
+                "texts": [r[f"caption_{language}"] for r in records],
                 "gold": list(range(len(records))),
                 "image_ids": [im[1] for im in images],
                 "visuals": LazyVisuals(images, self.max_regions),
             }
-        return self._galleries[split]
+        return self._galleries[split, language]
 
     @property
     def info(self) -> dict[str, Any]:

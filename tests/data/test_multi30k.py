@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import real_sample
 from vl.data.features import FrcnnJsonRegionReader, write_region_json
@@ -211,3 +212,41 @@ def test_embedded_corpus_in_the_real_format(data_dir) -> None:
     assert (batch["token_type_ids"] == 0).all()  # EN and DE share token type 0
     tokens = dm.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
     assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2  # [CLS] EN [SEP] DE [SEP] (Task A)
+
+
+# ------------------------------------------------------------------------------------------------ MT
+def test_seed_bleu_equals_sacrebleu_with_the_seeds_normalisation() -> None:
+    import sacrebleu
+    from unidecode import unidecode
+
+    from vl.data.multi30k import seed_bleu
+
+    hyps = ["Ein großer roter Kreis ist links.", "Zwei Männer gehen über die Straße.", "Ein Hund."]
+    refs = ["Ein großer roter Kreis ist links.", "Zwei Männer laufen über die Straße.", "Eine Katze schläft."]
+    want = sacrebleu.corpus_bleu(
+        ["Ein grosser roter Kreis ist links.", "Zwei Männer gehen über die Strasse.", "Ein Hund."],
+        [["Ein grosser roter Kreis ist links.", "Zwei Manner laufen uber die Strasse.", "Eine Katze schlaft."]],
+    ).score
+    assert unidecode("ß") == "ss"
+    assert seed_bleu(hyps, refs) == pytest.approx(want)
+    assert seed_bleu(refs, refs) < 100.0  # umlauts in the hypotheses no longer match the unidecoded references
+    assert sacrebleu.corpus_bleu(refs, [refs]).score == pytest.approx(100.0)
+
+
+def test_mt_rows_expand_every_german_prefix(data_dir) -> None:
+    dm = Multi30kDataModule(cache_dir=str(data_dir), corpus={"num_images": 150}, task="mt", objectives=["mlm"])
+    dm.setup("fit")
+    rows = dm.datasets["train"].rows
+    records = dm.records("train")[1]
+    tok = dm.tokenizer
+    target = tok(records[0]["caption_de"], add_special_tokens=False)["input_ids"]
+    first = [r for r in rows if r["text"] == records[0]["caption_en"]][: len(target) + 1]
+    stop = tok.convert_tokens_to_ids("[STOP]")
+    assert [r["mt_label"] for r in first] == [*target, stop]  # every prefix, plus the [STOP] entry
+    for pos, r in enumerate(first):
+        assert r["text_b_ids"] == [*target[:pos], tok.mask_token_id]
+    batch = dm.collator("train")([dm.datasets["train"][(0, i)] for i in range(3)])
+    labelled = (batch["mlm_labels"] != -100).sum(1)
+    assert labelled.tolist() == [1, 1, 1]  # only the [MASK]
+    pos = batch["attention_mask"].sum(1) - 2
+    assert (batch["input_ids"][torch.arange(3), pos] == tok.mask_token_id).all()

@@ -46,12 +46,21 @@ from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.multi30k import ensure_multi30k
 from vl.errors import ConfigError, DataError
 
-TASKS = ("pretrain", "retrieval", "mlt")
+TASKS = ("pretrain", "retrieval", "mlt", "mt")
 LANGUAGES = ("en", "de", "both")
 
 
 def _seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def seed_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """MM-BERT's MT metric: ``sacrebleu.corpus_bleu`` with the references passed through ``unidecode`` (accents
+    stripped) and ß -> ss in the hypotheses, as the seed's evaluation does."""
+    import sacrebleu
+    from unidecode import unidecode
+
+    return sacrebleu.corpus_bleu([h.replace("ß", "ss") for h in hypotheses], [[unidecode(r) for r in references]]).score
 
 
 def load_multi30k_tokenizer(name_or_path: str, corpus_dir: Path | None = None) -> Any:
@@ -140,6 +149,18 @@ class Multi30kCollator:
         rng = np.random.default_rng([_seed(), abs(hash(key)) & 0x7FFF_FFFF])
         rows, label_rows = [], []
         for ex in examples:
+            if "text_b_ids" in ex:  # MT: [CLS] EN [SEP] DE prefix ... [MASK] [SEP], only the [MASK] labelled
+                tail = list(ex["text_b_ids"])
+                room = max(1, self.max_text_len - len(tail) - 3)
+                source = self.tokenizer(ex["text"], add_special_tokens=False, truncation=True, max_length=room)
+                tok = self.tokenizer
+                ids = [tok.cls_token_id, *source["input_ids"], tok.sep_token_id, *tail, tok.sep_token_id]
+                labels = [IGNORE_INDEX] * len(ids)
+                if "mt_label" in ex:
+                    labels[len(ids) - 2] = int(ex["mt_label"])
+                label_rows.append(labels)
+                rows.append(ids)
+                continue
             enc = self.tokenizer(
                 ex["text"],
                 ex.get("text_b"),
@@ -173,7 +194,7 @@ class Multi30kCollator:
             "token_type_ids": torch.zeros_like(input_ids),  # EN and DE share token type 0
             "index": torch.tensor([int(ex.get("index", 0)) for ex in examples]),
         }
-        if self.mlm:
+        if label_rows and (self.mlm or any(v != IGNORE_INDEX for r in label_rows for v in r)):
             mlm_labels = torch.full_like(input_ids, IGNORE_INDEX)
             for i, r in enumerate(label_rows):
                 mlm_labels[i, : len(r)] = torch.tensor(r)
@@ -306,6 +327,8 @@ class Multi30kDataModule(VLDataModule):
         eval_language: str = "en",
         negative_fraction: float = 0.5,
         exhaustive_test: bool = True,
+        mt_vision: bool = True,
+        mt_max_steps: int = 48,
         annotations: str = "{split}_frcnn.json",
         mlt_annotations: str = "{split}_MLT_frcnn.json",
         mlt_vocab: str = "utils/MLT_vocab.txt",
@@ -334,6 +357,7 @@ class Multi30kDataModule(VLDataModule):
         self.languages, self.eval_language = languages, eval_language
         self.negative_fraction = float(negative_fraction)
         self.exhaustive_test = exhaustive_test
+        self.mt_vision, self.mt_max_steps = mt_vision, int(mt_max_steps)
         self.annotations, self.mlt_annotations, self.mlt_vocab_file, self.wmt = (
             annotations,
             mlt_annotations,
@@ -432,6 +456,8 @@ class Multi30kDataModule(VLDataModule):
                     {"text": r[f"caption_{lang}"], "image": im, "language": lang} for r, im in zip(records, images)
                 ]
             return Multi30kExamples(rows, self.max_regions, negatives=self.negative_fraction)
+        if self.task == "mt":
+            return self.mt_dataset(split, records, images)
         index = {w: i for i, w in enumerate(self.mlt_words)}
         for lineno, rec in enumerate(records, 1):
             if rec["word_de"] not in index:
@@ -440,6 +466,31 @@ class Multi30kDataModule(VLDataModule):
             {"text": r["word_en"], "text_b": r["caption_en"], "image": im, "mlt_label": index[r["word_de"]]}
             for r, im in zip(records, images)
         ]
+        return Multi30kExamples(rows, self.max_regions)
+
+    def mt_dataset(self, split: str, records: list[dict[str, Any]], images: list[Any]) -> Dataset:
+        """MT (EN -> DE). Train / val: every German prefix of each sentence, its last token the labelled [MASK]
+        (``tokenize(caption_de)[:pos + 1]``), plus one entry ending in [STOP]. Test: one row per sentence (the
+        source, image and reference; ``MMBertSystem`` translates greedily). ``mt_vision`` False: no image (the
+        no-vision variant)."""
+        tok = self.tokenizer
+        stop = tok.convert_tokens_to_ids("[STOP]")
+        rows: list[dict[str, Any]] = []
+        for rec, image in zip(records, images):
+            image = image if self.mt_vision else None
+            if split == "test":
+                rows.append({"text": rec["caption_en"], "reference": rec["caption_de"], "image": image})
+                continue
+            target = tok(rec["caption_de"], add_special_tokens=False)["input_ids"] + [stop]
+            for pos, label in enumerate(target):
+                rows.append(
+                    {
+                        "text": rec["caption_en"],
+                        "text_b_ids": [*target[:pos], tok.mask_token_id],
+                        "mt_label": label,
+                        "image": image,
+                    }
+                )
         return Multi30kExamples(rows, self.max_regions)
 
     def gallery(self, split: str, language: str | None = None) -> dict[str, Any] | None:
@@ -476,6 +527,16 @@ class Multi30kDataModule(VLDataModule):
         if self.task == "retrieval":
             n = len(self.gallery(split)["image_ids"])
             return {f"{split}/recall@{k}_chance": min(1.0, k / n) for k in (1, 5, 10)}
+        if self.task == "mt":
+            import sacrebleu
+
+            _, records, _ = self.records(split)
+            sources = [r["caption_en"] for r in records]
+            refs = [r["caption_de"] for r in records]
+            return {
+                f"{split}/bleu_copy_source": seed_bleu(sources, refs),
+                f"{split}/bleu_plain_copy_source": sacrebleu.corpus_bleu(sources, [refs]).score,
+            }
         if self.task == "mlt":
             train = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, "train"), MLT_KEYS)]
             test = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, split), MLT_KEYS)]
@@ -483,15 +544,27 @@ class Multi30kDataModule(VLDataModule):
             return {f"{split}/mlt_acc_most_frequent": sum(w == top for w in test) / max(1, len(test))}
         return {}
 
+    @property
+    def prediction_file(self) -> str:  # type: ignore[override]
+        return "mt_hypotheses.txt" if self.task == "mt" else "predictions.json"
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path | None:
+        """MT: the greedy translations, one line per source sentence, in the test file's order."""
+        if self.task != "mt":
+            return None
+        lines = [p["hypothesis"].replace("\n", " ") for p in sorted(predictions, key=lambda p: p["index"])]
+        Path(path).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        return Path(path)
+
     # ------------------------------------------------------------------ loaders
     def collator(self, split: str) -> Multi30kCollator:
         return Multi30kCollator(
             self.tokenizer,
             max_text_len=self.max_text_len,
             max_regions=self.max_regions,
-            mlm="mlm" in self.objectives,
+            mlm="mlm" in self.objectives and self.task != "mt",
             mlm_probability=self.mlm_probability,
-            mvrc="mvrc" in self.objectives,
+            mvrc="mvrc" in self.objectives and self.task != "mt",
             labels=self.label_keys,
         )
 

@@ -342,11 +342,37 @@ class MMBertSystem(VLSystem):
             return self.objectives["itm_bce"].score
         return super().pair_scorer()
 
-    def on_test_epoch_end(self) -> None:
-        """Retrieval data: also score every caption x image pair of the test split per language (both directions,
-        R@1/5/10, median rank) and write the seed-layout scores file ``retrieval_scores_<lang>.json``."""
-        super().on_test_epoch_end()
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """MT data: translate the batch's sources greedily (`greedy_translate`); other data: the shared test step."""
         dm = self._datamodule()
+        if getattr(dm, "task", None) != "mt":
+            return super().test_step(batch, batch_idx)
+        examples = [dm.datasets["test"][int(i)] for i in batch["index"]]
+        hypotheses = greedy_translate(
+            self, dm.collator("test"), examples, dm.tokenizer, max_steps=int(getattr(dm, "mt_max_steps", 48))
+        )
+        self.predictions.extend(
+            {"key": int(i), "index": int(i), "hypothesis": h, "reference": ex["reference"]}
+            for i, h, ex in zip(batch["index"], hypotheses, examples)
+        )
+        return torch.zeros((), device=self.device)
+
+    def on_test_epoch_end(self) -> None:
+        """MT data: BLEU of the greedy translations (the seed's `seed_bleu` and plain sacrebleu); hypotheses file via
+        the data module. Retrieval data: also score every caption x image pair of the test split per language (both directions,
+        R@1/5/10, median rank) and write the seed-layout scores file ``retrieval_scores_<lang>.json``."""
+        dm = self._datamodule()
+        if getattr(dm, "task", None) == "mt":
+            import sacrebleu
+
+            from vl.data.multi30k import seed_bleu
+
+            preds = sorted(self.gathered_predictions(), key=lambda p: p["index"])
+            hyps, refs = [p["hypothesis"] for p in preds], [p["reference"] for p in preds]
+            if hyps:
+                self.log("test/bleu", seed_bleu(hyps, refs), sync_dist=False)
+                self.log("test/bleu_plain", sacrebleu.corpus_bleu(hyps, [refs]).score, sync_dist=False)
+        super().on_test_epoch_end()
         if dm is None or getattr(dm, "task", None) != "retrieval" or not getattr(dm, "exhaustive_test", False):
             return
         for lang in ("en", "de"):
@@ -451,3 +477,38 @@ def exhaustive_retrieval(
             metrics[f"{name}_recall@{k}"] = float((ranks <= k).double().mean())
         metrics[f"{name}_median_rank"] = float(ranks.median())
     return metrics
+
+
+@torch.no_grad()
+def greedy_translate(
+    model: Any, collator: Any, examples: list[dict[str, Any]], tokenizer: Any, *, max_steps: int = 48
+) -> list[str]:
+    """Greedy autoregressive EN -> DE, batched over sentences: ``[CLS] EN [SEP] DE so far [MASK] [SEP]``, the MLM
+    head's arg-max at [MASK] is written and a new [MASK] appended; a sentence stops at [STOP] or after
+    ``max_steps``."""
+    stop = tokenizer.convert_tokens_to_ids("[STOP]")
+    mask = tokenizer.mask_token_id
+    head = model.objectives["mlm"]
+    generated: list[list[int]] = [[] for _ in examples]
+    done = [False] * len(examples)
+    for _ in range(max_steps):
+        live = [i for i, d in enumerate(done) if not d]
+        if not live:
+            break
+        rows = []
+        for i in live:
+            row = {"text": examples[i]["text"], "text_b_ids": [*generated[i], mask], "index": i}
+            if examples[i].get("visual") is not None:
+                row["visual"] = examples[i]["visual"]
+            rows.append(row)
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collator(rows).items()}
+        out = model(batch)
+        position = batch["attention_mask"].sum(1) - 2  # the [MASK] before the last [SEP]
+        states = out.text[torch.arange(len(live), device=position.device), position]
+        predicted = head.logits(states).argmax(-1).tolist()
+        for i, token in zip(live, predicted):
+            if token == stop:
+                done[i] = True
+            else:
+                generated[i].append(int(token))
+    return [tokenizer.decode(g, skip_special_tokens=True, clean_up_tokenization_spaces=True) for g in generated]

@@ -4,6 +4,8 @@ computed baselines; lr = base lr x total batch under 2-process DDP."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -80,3 +82,15 @@ def test_lr_scales_with_world_size_and_accumulation(make_cfg, tmp_path) -> None:
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     lrs = {float(r[k]) for r in rows for k in r if k.startswith("lr-") and r[k]}
     assert lrs == {pytest.approx(1e-4 * 16)}
+
+
+@pytest.mark.slow
+def test_mt_beats_copying_the_source(make_cfg) -> None:
+    """Greedy EN -> DE translations score more BLEU than copying the English source (computed on the same test
+    split). The embedded captions are fully determined by the English, so the no-vision comparison is not
+    measurable here (no image-dependent sentences)."""
+    cfg = make_cfg("experiment=mm_bert_mt_tiny", "data.corpus.num_images=300", "trainer.max_epochs=2", *CPU)
+    metrics, _ = train(cfg)
+    assert metrics["test/bleu"] > metrics["test/bleu_copy_source"] + 1.0, metrics
+    hypotheses = next(Path(cfg.paths.output_dir).rglob("mt_hypotheses.txt"))
+    assert len(hypotheses.read_text(encoding="utf-8").splitlines()) == 30  # one line per test source

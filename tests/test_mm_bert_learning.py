@@ -94,3 +94,23 @@ def test_mt_beats_copying_the_source(make_cfg) -> None:
     assert metrics["test/bleu"] > metrics["test/bleu_copy_source"] + 1.0, metrics
     hypotheses = next(Path(cfg.paths.output_dir).rglob("mt_hypotheses.txt"))
     assert len(hypotheses.read_text(encoding="utf-8").splitlines()) == 30  # one line per test source
+
+
+def test_aux_text_is_batched_jointly_through_a_combined_loader(make_cfg) -> None:
+    from lightning.pytorch.utilities import CombinedLoader
+
+    cfg = make_cfg("experiment=mm_bert_pretrain_tiny", *CPU)
+    dm = build_datamodule(cfg)
+    loader = dm.train_dataloader()
+    assert isinstance(loader, CombinedLoader)
+    assert dm.examples_per_device_step == cfg.data.batch_size_per_device + cfg.data.aux_batch_size
+    chunks = dm.datasets["aux"].rows
+    assert all(len(c["text"].split()) >= 96 for c in chunks[:-1])  # lines concatenated to >= 96 words
+    batch, _, _ = next(iter(loader))
+    aux = batch["aux"]
+    assert "visual_feats" not in aux and aux["input_ids"].shape[0] == cfg.data.aux_batch_size
+    cls = dm.tokenizer.cls_token_id
+    assert not (aux["input_ids"] == cls).any()  # no [CLS] / [SEP] added
+    model = build_model(cfg, dm)
+    loss = model.training_step(batch, 0)
+    assert set(model._terms) == {"mlm", "mvrc", "mlm_aux"} and float(loss.detach()) > 0

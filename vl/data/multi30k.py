@@ -328,6 +328,10 @@ class Multi30kDataModule(VLDataModule):
         negative_fraction: float = 0.5,
         exhaustive_test: bool = True,
         mt_vision: bool = True,
+        aux_text: str | None = None,
+        aux_batch_size: int = 8,
+        aux_min_words: int = 96,
+        aux_seq_len: int = 96,
         mt_max_steps: int = 48,
         annotations: str = "{split}_frcnn.json",
         mlt_annotations: str = "{split}_MLT_frcnn.json",
@@ -358,6 +362,8 @@ class Multi30kDataModule(VLDataModule):
         self.negative_fraction = float(negative_fraction)
         self.exhaustive_test = exhaustive_test
         self.mt_vision, self.mt_max_steps = mt_vision, int(mt_max_steps)
+        self.aux_text, self.aux_batch_size = aux_text, int(aux_batch_size)
+        self.aux_min_words, self.aux_seq_len = int(aux_min_words), int(aux_seq_len)
         self.annotations, self.mlt_annotations, self.mlt_vocab_file, self.wmt = (
             annotations,
             mlt_annotations,
@@ -388,7 +394,74 @@ class Multi30kDataModule(VLDataModule):
                 files.append(self.path(self.wmt, split))
         if self.task == "mlt":
             files.append(self.path(self.mlt_vocab_file))
+        if self.uses_aux:
+            files.append(self.path(self.aux_text))
         return files
+
+    # ------------------------------------------------------------------ aux text corpus (pretraining)
+    @property
+    def uses_aux(self) -> bool:
+        return self.task == "pretrain" and bool(self.aux_text)
+
+    @property
+    def examples_per_device_step(self) -> int:
+        """Examples one device sees per micro-batch: the image data plus the aux text batch (MM-BERT's [8, 8])."""
+        return self.batch_size_per_device + (self.aux_batch_size if self.uses_aux else 0)
+
+    def aux_dataset(self) -> Dataset:
+        """The aux text corpus (one sentence a line): lines concatenated until >= ``aux_min_words`` words, each chunk
+        one example (no [CLS] / [SEP]; the aux visual embedding, no regions)."""
+        from vl.data.formats.multi30k import read_lines
+
+        chunks, current = [], []
+        for line in read_lines(self.path(self.aux_text)):
+            current += line.split()
+            if len(current) >= self.aux_min_words:
+                chunks.append(" ".join(current))
+                current = []
+        if current:
+            chunks.append(" ".join(current))
+        if not chunks:
+            raise DataError(f"{self.path(self.aux_text)}: the aux text corpus is empty")
+        return Multi30kExamples([{"text": c, "image": None} for c in chunks], self.max_regions)
+
+    def train_dataloader(self) -> Any:
+        """Pretraining with ``aux_text``: the image data and the aux text corpus batched jointly (Lightning
+        ``CombinedLoader``, ``max_size_cycle``: the aux loader cycles while the image data runs one epoch)."""
+        main = self.loader("train")
+        if not self.uses_aux:
+            return main
+        from lightning.pytorch.utilities import CombinedLoader
+
+        from vl.data.samplers import EpochShuffleSampler, ResumableDataLoader
+
+        if "aux" not in self.datasets:
+            self.datasets["aux"] = self.aux_dataset()
+        trainer = self.trainer
+        sampler = EpochShuffleSampler(
+            self.datasets["aux"],
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=True,
+            seed=_seed(),
+        )
+        sampler.set_epoch(trainer.current_epoch if trainer else 0)
+        collate = Multi30kCollator(
+            self.tokenizer,
+            max_text_len=self.aux_seq_len,
+            mlm="mlm" in self.objectives,
+            mlm_probability=self.mlm_probability,
+            add_special_tokens=False,
+        )
+        aux = ResumableDataLoader(
+            self.datasets["aux"],
+            batch_size=self.aux_batch_size,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(_seed()),
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )
+        return CombinedLoader({"main": main, "aux": aux}, mode="max_size_cycle")
 
     @property
     def tokenizer(self) -> Any:

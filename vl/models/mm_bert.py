@@ -394,9 +394,17 @@ class MMBertSystem(VLSystem):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """A combined loader's batch (`{"main": ..., "aux": ...}`, Lightning `CombinedLoader`) sums its losses."""
         if isinstance(batch, dict) and "input_ids" not in batch:
-            self._terms = {}
-            total = sum(self.shared_step(part, "train") for part in batch.values() if part is not None)
-            self._pending_terms.append((self.current_epoch, batch_idx, self._terms))
+            terms: dict[str, torch.Tensor] = {}
+            total = 0.0
+            for part_name, part in batch.items():
+                if part is None:
+                    continue
+                self._terms = {}
+                total = total + self.shared_step(part, "train")
+                suffix = "" if part_name == "main" else f"_{part_name}"
+                terms.update({f"{k}{suffix}": v for k, v in self._terms.items()})
+            self._terms = terms
+            self._pending_terms.append((self.current_epoch, batch_idx, terms))
             return total
         return super().training_step(batch, batch_idx)
 

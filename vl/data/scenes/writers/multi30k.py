@@ -11,6 +11,7 @@ inflect. Written under ``<corpus root>/multi30k/`` (``ensure_multi30k``; its own
     flickr30k/{split}_MLT_frcnn.json, utils/MLT_vocab.txt                  MLT word pairs (a colour / shape word)
     flickr30k/{split}_frcnn/<id 8 digits>.json                             per-image FRCNN JSON (base64, "classes")
     wmt/{split}.jsonl (file splits)                                       text-only EN-DE pairs {"caption_en","caption_de"}
+    aux/train.txt                                                          aux text corpus: the scenes' English captions
     tokenizer/vocab.txt                                                    WordPiece trained on the train EN+DE text
                                                                            (HF tokenizers; cased, accents kept, [STOP])
 """
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MULTI30K_VERSION", "SPLIT_FILES", "caption_pair", "ensure_multi30k", "write_multi30k_corpus"]
 
-MULTI30K_VERSION = "multi30k-v2"
+MULTI30K_VERSION = "multi30k-v3"
 SPLIT_FILES = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[STOP]"]
 
@@ -171,8 +172,11 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
         write_jsonl(root / f"{file_split}_MLT_frcnn.json", mlt)
         write_jsonl(out / "wmt" / f"{file_split}.jsonl", wmt)
         write_region_json(root / f"{file_split}_frcnn", regions, classes_key="classes")
+    aux = [c for sc in scenes if sc.split == "train" for c in sc.captions]  # the aux text corpus: English lines
+    (out / "aux").mkdir(parents=True, exist_ok=True)
+    (out / "aux" / "train.txt").write_text("".join(f"{c}\n" for c in aux), encoding="utf-8")
     (root / "utils" / "MLT_vocab.txt").write_text("".join(f"{w}\n" for w in mlt_words), encoding="utf-8")
-    train_tokenizer(out / "tokenizer", train_text)
+    train_tokenizer(out / "tokenizer", train_text + aux)
     return out
 
 

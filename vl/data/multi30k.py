@@ -308,7 +308,7 @@ class LazyVisuals(Sequence):
 
 # ------------------------------------------------------------------------------------------------ module
 class Multi30kDataModule(VLDataModule):
-    """See the module docstring. Files relative to ``root`` (the ``flickr30k/`` dir): ``annotations``
+    """See the module docstring (``pretrain_tasks``: a subset of A, B, C; None = all three). Files relative to ``root`` (the ``flickr30k/`` dir): ``annotations``
     (``{split}_frcnn.json``), ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root)."""
 
     label_keys = {
@@ -322,7 +322,7 @@ class Multi30kDataModule(VLDataModule):
         self,
         *,
         task: str = "pretrain",
-        pretrain_tasks: list[str] = ("A", "B", "C"),
+        pretrain_tasks: list[str] | None = None,
         languages: str = "both",
         eval_language: str = "en",
         negative_fraction: float = 0.5,
@@ -354,6 +354,7 @@ class Multi30kDataModule(VLDataModule):
             raise ConfigError(f"data.task: '{task}' is not one of {TASKS}")
         if languages not in LANGUAGES or eval_language not in ("en", "de"):
             raise ConfigError(f"data.languages must be one of {LANGUAGES} and data.eval_language en or de")
+        pretrain_tasks = ["A", "B", "C"] if pretrain_tasks is None else list(pretrain_tasks)
         unknown = sorted(set(pretrain_tasks) - {"A", "B", "C"})
         if unknown:
             raise ConfigError(f"data.pretrain_tasks: unknown task(s) {unknown}; choose from A, B, C")

@@ -93,22 +93,21 @@ class MMBertEncoder(nn.Module):
         visual_scale_init: float = 0.0,
     ) -> None:
         """`text_encoder`: `build_bert` arguments (type_vocab_size is 3; vocab_size = data_info["vocab_size"], the
-        tokenizer's with [STOP], when given). `with_pooler`: BERT's pooler on [CLS] (retrieval / MLT heads); False:
+        tokenizer's with [STOP], when given; `pretrained`: a BERT dir, widened to 3 types and that vocabulary). `with_pooler`: BERT's pooler on [CLS] (retrieval / MLT heads); False:
         pooled = the [CLS] state (pretraining). `visual_scale_init`: init of the visual LayerNorms' weight (0)."""
         super().__init__()
         visual_dim = region_feature_dim(data_info)
         options = dict(text_encoder or {})
-        if options.get("pretrained"):
-            raise ConfigError(
-                "model.encoder.text_encoder.pretrained: MM-BERT loads M-BERT through the hybrid init "
-                "(model.mbert_dir), which also widens the token types to 3 and adds [STOP]"
-            )
-        if "vocab_size" in data_info:
-            options["vocab_size"] = int(data_info["vocab_size"])
-        options["type_vocab_size"] = 3
         options.pop("add_pooling_layer", None)  # `with_pooler` decides
+        vocab_size = int(data_info.get("vocab_size", options.pop("vocab_size", 30522)))
+        options.pop("vocab_size", None)
+        options.pop("type_vocab_size", None)  # MM-BERT has 3 token types
         self.with_pooler = with_pooler
-        self.bert = build_bert(**options, add_pooling_layer=with_pooler)
+        if options.get("pretrained"):  # a BERT dir (M-BERT: prefer the hybrid init, `model.mbert_dir`)
+            self.bert = build_bert(pretrained=options["pretrained"], add_pooling_layer=with_pooler)
+            self._widen(vocab_size)
+        else:
+            self.bert = build_bert(**options, vocab_size=vocab_size, type_vocab_size=3, add_pooling_layer=with_pooler)
         hidden = self.bert.config.hidden_size
         self.hidden_size = self.pooled_size = self.text_size = self.visual_size = hidden
         self.coord_dim, self.coord_base = coord_dim, coord_base
@@ -134,6 +133,21 @@ class MMBertEncoder(nn.Module):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.bert.embeddings.word_embeddings
+
+    def _widen(self, vocab_size: int) -> None:
+        """A loaded BERT gets MM-BERT's 3 token types (the new rows copy type 0) and at least `vocab_size` words (new
+        rows, e.g. [STOP], keep BERT's init)."""
+        emb = self.bert.embeddings
+        if emb.token_type_embeddings.num_embeddings < 3:
+            old = emb.token_type_embeddings.weight.data
+            types = nn.Embedding(3, old.shape[1])
+            types.weight.data[: old.shape[0]] = old
+            types.weight.data[old.shape[0] :] = old[0]
+            emb.token_type_embeddings = types
+            self.bert.config.type_vocab_size = 3
+        if emb.word_embeddings.num_embeddings < vocab_size:
+            self.bert.resize_token_embeddings(vocab_size)
+        self.bert.train()
 
     # ------------------------------------------------------------------ pieces (also used by the tests)
     def region_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

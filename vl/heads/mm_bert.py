@@ -46,8 +46,8 @@ class MaskedVisualRegionClassification(Objective):
         chosen = chosen & ((target.sum(-1) - 1.0).abs() <= self.sum_tolerance)
         logits = self.head(out.regions()[chosen])  # (M, C)
         target = target[chosen]
-        if not target.shape[0]:
-            return ObjectiveResult(out.pooled.sum() * 0.0, logits, target.argmax(-1))
+        if not target.shape[0]:  # keep the head in the graph (zero gradients), so DDP ranks stay in step
+            return ObjectiveResult(logits.sum() * 0.0 + out.pooled.sum() * 0.0, logits, target.argmax(-1))
         return ObjectiveResult(soft_cross_entropy(logits, target).mean(), logits, target.argmax(-1))
 
 

@@ -16,6 +16,12 @@ MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 DATA = {"bert": "lxmert_text", "clip_bert": "vlp", "clip_bert_tiny": "vlp"}
 #: shrink the full-size configs so a step is cheap (the mechanism is size-independent)
 SMALL = {
+    "mm_bert": (
+        "model.encoder.text_encoder.hidden_size=32",
+        "model.encoder.text_encoder.num_heads=2",
+        "model.encoder.text_encoder.intermediate_size=64",
+        "model.encoder.text_encoder.num_layers=2",
+    ),
     "vilbert": (
         "model.encoder.text_encoder.hidden_size=32",
         "model.encoder.text_encoder.num_heads=2",

@@ -24,6 +24,7 @@ from vl.config import (
 from vl.data.captions import CaptionsDataModule
 from vl.data.custom import CustomDataModule
 from vl.data.lxmert_text import LxmertTextDataModule
+from vl.data.multi30k import Multi30kDataModule
 from vl.data.refcoco import RefCOCODataModule
 from vl.data.retrieval import RetrievalDataModule
 from vl.data.vcr import VCRDataModule
@@ -32,6 +33,7 @@ from vl.data.vqa import VQADataModule
 from vl.errors import ConfigError
 from vl.models.bert_backbone import build_bert
 from vl.models.clip_bert import ClipBertEncoder, ClipBertSystem
+from vl.models.mm_bert import MMBertEncoder, MMBertSystem
 from vl.models.single_stream import SingleStreamEncoder
 from vl.models.system import VLSystem
 from vl.models.vilbert import VilbertEncoder, VilbertSystem
@@ -55,6 +57,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "single_stream": (VLSystem, SingleStreamEncoder),
     "vilbert": (VilbertSystem, VilbertEncoder),
     "clip_bert": (ClipBertSystem, ClipBertEncoder),
+    "mm_bert": (MMBertSystem, MMBertEncoder),
 }
 #: `schema/data/<name>`: the DataModule class; `conf/data/<name>.yaml` starts from it
 DATA: dict[str, type] = {
@@ -66,6 +69,7 @@ DATA: dict[str, type] = {
     "vlp": VLPDataModule,
     "lxmert_text": LxmertTextDataModule,
     "custom": CustomDataModule,
+    "multi30k": Multi30kDataModule,
 }
 
 #: `model.encoder.text_encoder`: the arguments of `build_bert`

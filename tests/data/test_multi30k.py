@@ -1,0 +1,252 @@
+"""Multi30k (MM-BERT): the readers on the real samples (skipped when absent) and on fixtures written in the same
+format; bad input named by file and line; region selection; whole-word masking; the embedded corpus's German."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import real_sample
+from vl.data.features import FrcnnJsonRegionReader, write_region_json
+from vl.data.formats.multi30k import (
+    MLT_KEYS,
+    frcnn_location,
+    read_annotations,
+    read_mlt_vocab,
+    read_parallel,
+    read_raw_gz,
+    select_regions,
+)
+from vl.data.multi30k import Multi30kDataModule, whole_word_mask
+from vl.data.scenes import SceneSettings, SceneShape
+from vl.data.scenes.writers.multi30k import caption_pair, german_np
+from vl.errors import DataError
+
+SPLIT_COUNTS = {"train": 29000, "val": 1014, "test_2016_flickr": 1000, "test_2018_flickr": 1071}
+
+
+# ------------------------------------------------------------------------------------------------ real samples
+def test_real_parallel_files_are_line_aligned() -> None:
+    root = real_sample("multi30k", "flickr30k")
+    val = read_parallel(root, "val")
+    assert len(val) == SPLIT_COUNTS["val"]
+    assert val[0]["image"].endswith(".jpg") and val[0]["caption_de"]
+    train = read_parallel(root, "train")
+    assert len(train) == 200  # the sample holds the first 200 of 29000 lines
+    assert train[0] == {
+        "caption_en": "Two young, White males are outside near many bushes.",
+        "caption_de": "Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche.",
+        "image": "1000092795.jpg",
+    }
+
+
+def test_real_annotation_jsonl_matches_the_text_files() -> None:
+    root = real_sample("multi30k", "flickr30k")
+    records = read_annotations(root / "val_frcnn.json")
+    parallel = read_parallel(root, "val")
+    assert len(records) == len(parallel)
+    for rec, par in zip(records, parallel):
+        assert rec["caption_en"] == par["caption_en"] and rec["caption_de"] == par["caption_de"]
+        directory, image_id = frcnn_location(rec["frcnn"])
+        assert directory == "val_frcnn" and len(image_id) >= 8  # the image id, zero-padded to 8 digits
+        assert int(image_id) == int(par["image"][: -len(".jpg")])
+        assert rec["image"] == f"val_image.zip@/{par['image']}"
+
+
+def test_real_mlt_records_and_vocabulary() -> None:
+    root = real_sample("multi30k", "flickr30k")
+    vocab = read_mlt_vocab(root / "utils" / "MLT_vocab.txt")
+    assert len(vocab) == 1536  # = MLT_words in the seed's config (wc -l says 1535: no final newline)
+    records = read_annotations(root / "val_MLT_frcnn.json", MLT_KEYS)
+    assert len(records) == 1062
+    assert all(r["word_de"] in set(vocab) for r in records)
+    assert records[0]["word_en"] == "truck" and records[0]["word_de"] == "lastwagen"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def write_fixture(root: Path, split: str = "val", n: int = 3, regions: int = 12) -> Path:
+    """A Multi30k split in the real layout: {split}.en/.de, utils/{split}.txt, {split}_frcnn.json (zip@ paths) and
+    per-image FRCNN JSON (base64 float32 boxes / features / classes)."""
+    rng = np.random.default_rng(0)
+    (root / "utils").mkdir(parents=True, exist_ok=True)
+    ids = [str(1000092795 + i) for i in range(n)]
+    en = [f"A dog number {i} runs." for i in range(n)]
+    de = [f"Ein Hund Nummer {i} rennt." for i in range(n)]
+    (root / f"{split}.en").write_text("".join(f"{t}\n" for t in en), encoding="utf-8")
+    (root / f"{split}.de").write_text("".join(f"{t}\n" for t in de), encoding="utf-8")
+    (root / "utils" / f"{split}.txt").write_text("".join(f"{i}.jpg\n" for i in ids))
+    with open(root / f"{split}_frcnn.json", "w", encoding="utf-8") as f:
+        for i, e, d in zip(ids, en, de):
+            rec = {"image": f"{split}_image.zip@/{i}.jpg", "caption_en": e, "caption_de": d}
+            f.write(json.dumps({**rec, "frcnn": f"{split}_frcnn.zip@/{i}.json"}) + "\n")
+    records = []
+    for i in ids:
+        xy = rng.uniform(0, 200, (regions, 2))
+        records.append(
+            {
+                "image_id": i,
+                "image_w": 500,
+                "image_h": 375,
+                "boxes": np.concatenate([xy, xy + 50], 1).astype(np.float32),
+                "features": rng.standard_normal((regions, 16)).astype(np.float32),
+                "cls_prob": rng.dirichlet(np.ones(9), regions).astype(np.float32),
+            }
+        )
+    write_region_json(root / f"{split}_frcnn", records, classes_key="classes")
+    return root
+
+
+def test_fixture_round_trip_and_region_reader(tmp_path) -> None:
+    root = write_fixture(tmp_path)
+    records = read_annotations(root / "val_frcnn.json")
+    directory, image_id = frcnn_location(records[1]["frcnn"])
+    reader = FrcnnJsonRegionReader(root / directory)
+    item = reader[image_id]
+    assert item["features"].shape == (12, 16) and item["cls_prob"].shape == (12, 9)
+    picked = select_regions(item, max_regions=5)
+    conf = item["cls_prob"].max(1)
+    np.testing.assert_array_equal(picked["cls_prob"].max(1), np.sort(conf)[::-1][:5])  # by max confidence, desc
+    order = np.argsort(-conf, kind="stable")[:5]
+    np.testing.assert_array_equal(picked["features"], item["features"][order])
+    np.testing.assert_array_equal(picked["boxes"], item["boxes"][order])
+    assert picked["num_boxes"] == 5
+
+
+def test_misaligned_line_counts_name_the_files(tmp_path) -> None:
+    root = write_fixture(tmp_path)
+    (root / "val.de").write_text("nur eine Zeile\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"val files are not line-aligned \(val.en: 3, val.de: 1, utils/val.txt: 3"):
+        read_parallel(root, "val")
+
+
+def test_json_line_without_a_key_names_file_and_line(tmp_path) -> None:
+    root = write_fixture(tmp_path)
+    lines = (root / "val_frcnn.json").read_text().splitlines()
+    bad = json.loads(lines[1])
+    del bad["caption_de"]
+    lines[1] = json.dumps(bad)
+    (root / "val_frcnn.json").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"val_frcnn.json:2: no key 'caption_de'"):
+        read_annotations(root / "val_frcnn.json")
+
+
+def test_missing_image_features_name_file_and_line(tmp_path) -> None:
+    root = write_fixture(tmp_path)
+    for split in ("train", "test_2016_flickr"):
+        write_fixture(root, split)
+    (root / "val_frcnn" / "1000092797.json").unlink()
+    dm = Multi30kDataModule(root=str(root), tokenizer="corpus", task="pretrain", pretrain_tasks=["A"])
+    with pytest.raises(DataError, match=r"val_frcnn.json:3: image 'val_image.zip@/1000092797.jpg' has no Faster R-CNN"):
+        dm.records("val")
+
+
+def test_raw_gz_files(tmp_path) -> None:
+    path = tmp_path / "task1" / "raw" / "val.de.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("Ein Hund läuft.\nZwei Männer.\n")
+    assert read_raw_gz(path) == ["Ein Hund läuft.", "Zwei Männer."]
+    (tmp_path / "broken.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="broken.gz: not a readable gzip"):
+        read_raw_gz(tmp_path / "broken.gz")
+
+
+# ------------------------------------------------------------------------------------------------ masking
+def test_whole_word_masking_never_splits_a_word() -> None:
+    rng = np.random.default_rng(0)
+    n_words, total = 400, 0
+    keys = [None] + [(0, w) for w in range(n_words) for _ in range(1 + w % 3)] + [None]
+    ids = list(range(10, 10 + len(keys)))
+    chosen_words = 0
+    for _ in range(20):
+        masked, labels = whole_word_mask(ids, keys, rng=rng, mask_token_id=3, vocab_size=100)
+        by_word: dict = {}
+        for pos, key in enumerate(keys):
+            if key is None:
+                assert labels[pos] == -100 and masked[pos] == ids[pos]
+                continue
+            by_word.setdefault(key, []).append(labels[pos] != -100)
+        for flags in by_word.values():
+            assert all(flags) or not any(flags)  # all sub-tokens of a word, or none
+            chosen_words += all(flags)
+        total += n_words
+    assert 0.12 < chosen_words / total < 0.18  # 15 % of words
+
+
+# ------------------------------------------------------------------------------------------------ German
+def _shape(shape: str, colour: str, size: str, position: str = "left") -> SceneShape:
+    return SceneShape(shape, colour, size, (0, 0, 10, 10), position)
+
+
+def test_german_articles_and_adjective_endings() -> None:
+    assert german_np(_shape("circle", "red", "large"), "indef_nom") == "ein großer roter Kreis"
+    assert german_np(_shape("square", "blue", "small"), "indef_nom") == "ein kleines blaues Quadrat"
+    assert german_np(_shape("triangle", "white", "large"), "indef_dat") == "einem großen weißen Dreieck"
+    assert german_np(_shape("star", "green", "small"), "def_nom") == "der kleine grüne Stern"
+    assert german_np(_shape("square", "purple", "large"), "def_nom") == "das große lila Quadrat"
+    en, de = caption_pair([_shape("star", "orange", "small"), _shape("circle", "black", "large", "right")], "picture")
+    assert en == "A picture with a small orange star and a large black circle."
+    assert de == "Ein Bild mit einem kleinen orangefarbenen Stern und einem großen schwarzen Kreis."
+
+
+def test_embedded_corpus_in_the_real_format(data_dir) -> None:
+    dm = Multi30kDataModule(cache_dir=str(data_dir), corpus={"num_images": 150}, objectives=["mlm", "mvrc"])
+    dm.prepare_data()
+    root = dm.root
+    for split in ("train", "val", "test_2016_flickr"):
+        rows = read_parallel(root, split)
+        records = read_annotations(root / f"{split}_frcnn.json")
+        assert [r["caption_de"] for r in records] == [r["caption_de"] for r in rows]
+        read_annotations(root / f"{split}_MLT_frcnn.json", MLT_KEYS)
+    assert "[STOP]" in dm.tokenizer.get_vocab()
+    assert dm.tokenizer.tokenize("Ein großes Quadrat [STOP]")[-1] == "[STOP]"
+    info = dm.info
+    assert info["visual_dim"] == SceneSettings().region_dim and info["num_region_classes"] == 33
+    dm.setup("fit")
+    batch = dm.collator("train")([dm.datasets["train"][(0, i)] for i in range(8)])
+    assert (batch["token_type_ids"] == 0).all()  # EN and DE share token type 0
+    tokens = dm.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2  # [CLS] EN [SEP] DE [SEP] (Task A)
+
+
+# ------------------------------------------------------------------------------------------------ MT
+def test_seed_bleu_equals_sacrebleu_with_the_seeds_normalisation() -> None:
+    import sacrebleu
+    from unidecode import unidecode
+
+    from vl.data.multi30k import seed_bleu
+
+    hyps = ["Ein großer roter Kreis ist links.", "Zwei Männer gehen über die Straße.", "Ein Hund."]
+    refs = ["Ein großer roter Kreis ist links.", "Zwei Männer laufen über die Straße.", "Eine Katze schläft."]
+    want = sacrebleu.corpus_bleu(
+        ["Ein grosser roter Kreis ist links.", "Zwei Männer gehen über die Strasse.", "Ein Hund."],
+        [["Ein grosser roter Kreis ist links.", "Zwei Manner laufen uber die Strasse.", "Eine Katze schlaft."]],
+    ).score
+    assert unidecode("ß") == "ss"
+    assert seed_bleu(hyps, refs) == pytest.approx(want)
+    assert seed_bleu(refs, refs) < 100.0  # umlauts in the hypotheses no longer match the unidecoded references
+    assert sacrebleu.corpus_bleu(refs, [refs]).score == pytest.approx(100.0)
+
+
+def test_mt_rows_expand_every_german_prefix(data_dir) -> None:
+    dm = Multi30kDataModule(cache_dir=str(data_dir), corpus={"num_images": 150}, task="mt", objectives=["mlm"])
+    dm.setup("fit")
+    rows = dm.datasets["train"].rows
+    records = dm.records("train")[1]
+    tok = dm.tokenizer
+    target = tok(records[0]["caption_de"], add_special_tokens=False)["input_ids"]
+    first = [r for r in rows if r["text"] == records[0]["caption_en"]][: len(target) + 1]
+    stop = tok.convert_tokens_to_ids("[STOP]")
+    assert [r["mt_label"] for r in first] == [*target, stop]  # every prefix, plus the [STOP] entry
+    for pos, r in enumerate(first):
+        assert r["text_b_ids"] == [*target[:pos], tok.mask_token_id]
+    batch = dm.collator("train")([dm.datasets["train"][(0, i)] for i in range(3)])
+    labelled = (batch["mlm_labels"] != -100).sum(1)
+    assert labelled.tolist() == [1, 1, 1]  # only the [MASK]
+    pos = batch["attention_mask"].sum(1) - 2
+    assert (batch["input_ids"][torch.arange(3), pos] == tok.mask_token_id).all()

@@ -1,0 +1,302 @@
+"""MM-BERT's encoder against independent computations: the sin/cos box embedding and the whole-image-box mean by hand
+(numpy), the compacted sequence `[CLS] EN [SEP] DE [SEP] [IMG]x(R+1) [END]` (types 0 / 2, shared object position)
+built example by example and run through the BERT stack unpadded; the MVRC soft-CE against numpy; the hybrid init."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vl.heads.mm_bert import BinaryImageTextMatching, MaskedVisualRegionClassification
+from vl.models.mm_bert import MMBertEncoder, MMBertSystem, coordinate_embeddings
+
+D, H, V, C = 12, 16, 50, 7
+TINY = {"hidden_size": H, "num_layers": 2, "num_heads": 2, "intermediate_size": 32, "dropout": 0.0}
+
+
+def numpy_coords(box: np.ndarray, dim: int, base: float) -> np.ndarray:
+    """VL-BERT's coordinate embedding of one normalised x1y1x2y2 box, by hand."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    pos = [(x1 + x2) / 2 * 100, (y1 + y2) / 2 * 100, (x2 - x1) * 100, (y2 - y1) * 100]
+    out = []
+    for p in pos:
+        angles = [p / base ** (k / dim) for k in range(dim)]
+        out += [np.sin(a) for a in angles] + [np.cos(a) for a in angles]
+    return np.asarray(out)
+
+
+def make_encoder(seed: int = 0, coord_dim: int = 4) -> MMBertEncoder:
+    torch.manual_seed(seed)
+    enc = MMBertEncoder(data_info={"visual_dim": D, "vocab_size": V}, text_encoder=TINY, coord_dim=coord_dim)
+    with torch.no_grad():  # non-zero visual LayerNorm weights, so the visual paths matter in the comparison
+        for ln in (enc.visual_ln_text, enc.visual_ln_object):
+            ln.weight.normal_()
+            ln.bias.normal_()
+        enc.object_mask_visual_embedding.weight.normal_()
+    return enc.eval()
+
+
+def make_batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    B, T, R = 3, 9, 5
+    text_lens, region_lens = [9, 6, 4], [5, 2, 0]
+    ids = torch.randint(5, V, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    vmask = torch.zeros(B, R, dtype=torch.long)
+    for b in range(B):
+        mask[b, : text_lens[b]] = 1
+        vmask[b, : region_lens[b]] = 1
+    ids = ids * mask
+    xy = torch.rand(B, R, 2, generator=g) * 0.5
+    wh = torch.rand(B, R, 2, generator=g) * 0.5
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": torch.ones(B, T, dtype=torch.long),  # ignored: all text is type 0
+        "visual_feats": torch.randn(B, R, D, generator=g) * vmask.unsqueeze(-1),
+        "visual_boxes": torch.cat([xy, xy + wh], -1) * vmask.unsqueeze(-1),
+        "visual_mask": vmask,
+        "visual_image_size": torch.tensor([[640.0, 480.0], [500.0, 375.0], [100.0, 100.0]]),
+        "has_image": torch.tensor([True, True, False]),
+        "mvrc_replace": torch.tensor([[0, 1, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool),
+        "index": torch.arange(B),
+    }
+
+
+def test_coordinate_embedding_is_the_hand_computation() -> None:
+    boxes = np.random.default_rng(0).uniform(0, 1, (6, 4))
+    boxes[:, 2:] = boxes[:, :2] + 0.3
+    got = coordinate_embeddings(torch.tensor(boxes, dtype=torch.float64), dim=256, base=1000.0).numpy()
+    want = np.stack([numpy_coords(b, 256, 1000.0) for b in boxes])
+    assert got.shape == (6, 4 * 512) == want.shape  # 4 x 512 = 2048-d, as VL-BERT's fast_rcnn
+    np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+@torch.no_grad()
+def test_whole_image_box_is_the_mean_of_the_unmasked_regions() -> None:
+    enc, batch = make_encoder(), make_batch()
+    feats, boxes, valid, replace = enc.region_inputs(batch)
+    f = batch["visual_feats"].numpy()
+    m = batch["visual_mask"].numpy().astype(bool)
+    r = batch["mvrc_replace"].numpy()
+    for b in range(3):
+        keep = m[b] & ~r[b]
+        want = f[b][keep].mean(0) if keep.any() else np.zeros(D)
+        np.testing.assert_allclose(feats[b, 0].numpy(), want, atol=1e-6)
+        w, h = batch["visual_image_size"][b].tolist()
+        np.testing.assert_allclose(boxes[b, 0].numpy(), [0, 0, (w - 1) / w, (h - 1) / h], atol=1e-7)
+        # masked regions carry the learned mask feature, the others their own
+        for k in range(5):
+            expect = enc.object_mask_visual_embedding.weight[0] if r[b, k] and m[b, k] else batch["visual_feats"][b, k]
+            torch.testing.assert_close(feats[b, 1 + k], expect)
+    assert valid[:, 0].tolist() == [True, True, False]  # the text-only row has no image box
+    assert not replace[:, 0].any()  # the image box is never masked
+
+
+@torch.no_grad()
+def test_sequence_layout_types_positions_against_a_per_example_build() -> None:
+    enc, batch = make_encoder(), make_batch()
+    out = enc(batch)
+    bert = enc.bert
+    for b in range(3):
+        n_t = int(batch["attention_mask"][b].sum())
+        n_r = int(batch["visual_mask"][b].sum()) if batch["has_image"][b] else 0
+        words = bert.embeddings.word_embeddings(batch["input_ids"][b, :n_t])
+        embs, pos, types = [], [], []
+        if batch["has_image"][b]:
+            feats = batch["visual_feats"][b, :n_r].clone()
+            rep = batch["mvrc_replace"][b, :n_r]
+            mean = feats[~rep].mean(0) if (~rep).any() else torch.zeros(D)
+            feats[rep] = enc.object_mask_visual_embedding.weight[0]
+            w, h = batch["visual_image_size"][b].tolist()
+            boxes = np.concatenate([[[0, 0, (w - 1) / w, (h - 1) / h]], batch["visual_boxes"][b, :n_r].numpy()])
+            coords = torch.tensor(np.stack([numpy_coords(x, 4, 1000.0) for x in boxes]), dtype=torch.float32)
+            reps = enc.obj_downsample[1](torch.cat([torch.cat([mean[None], feats]), coords], -1)).relu()
+            text_visual = enc.visual_ln_text(reps[0])
+        else:
+            text_visual = enc.visual_ln_text(enc.aux_text_visual_embedding.weight[0])
+        for j in range(n_t):  # [CLS] EN [SEP] DE [SEP]: positions 0..n-1, type 0
+            embs.append(words[j] + text_visual)
+            pos.append(j)
+            types.append(0)
+        if batch["has_image"][b]:
+            for k in range(n_r + 1):  # image box first, then the regions: all at position n, type 2
+                masked = k > 0 and bool(batch["mvrc_replace"][b, k - 1])
+                ling = (enc.object_mask_word_embedding if masked else enc.object_linguistic_embeddings).weight[0]
+                embs.append(ling + enc.visual_ln_object(reps[k]))
+                pos.append(n_t)
+                types.append(2)
+            embs.append(enc.end_embedding.weight[0])  # [END]: position n + 1, type 2
+            pos.append(n_t + 1)
+            types.append(2)
+        ref = bert(
+            inputs_embeds=torch.stack(embs)[None],
+            position_ids=torch.tensor([pos]),
+            token_type_ids=torch.tensor([types]),
+        )
+        states = ref.last_hidden_state[0]
+        torch.testing.assert_close(out.text[b, :n_t], states[:n_t], atol=1e-5, rtol=1e-5)
+        if batch["has_image"][b]:
+            torch.testing.assert_close(out.visual[b, : n_r + 1], states[n_t : n_t + n_r + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.pooled[b], ref.pooler_output[0], atol=1e-5, rtol=1e-5)
+    assert out.visual_prefix == 1 and out.regions().shape[1] == batch["visual_feats"].shape[1]
+
+
+def test_visual_layernorms_start_at_zero_and_published_sizes() -> None:
+    enc = MMBertEncoder(data_info={"visual_dim": 2048, "vocab_size": V}, text_encoder=TINY)
+    assert enc.visual_ln_text.weight.abs().sum() == 0 and enc.visual_ln_object.weight.abs().sum() == 0
+    assert enc.obj_downsample[1].in_features == 4096  # 2048 feature + 4 x 512 box embedding
+    assert isinstance(enc.obj_downsample[0], nn.Dropout) and isinstance(enc.obj_downsample[2], nn.ReLU)
+    assert enc.bert.config.type_vocab_size == 3
+
+
+def test_mvrc_soft_cross_entropy_equals_numpy() -> None:
+    torch.manual_seed(0)
+    head = MaskedVisualRegionClassification(hidden_size=H, num_classes=C)
+    B, R = 2, 4
+    states = torch.randn(B, 1 + R, H)
+    target = torch.softmax(torch.randn(B, R, C), -1)
+    target[1, 2] *= 0.5  # does not sum to 1: not counted
+    chosen = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    out = SimpleNamespace(pooled=states[:, 0], regions=lambda: states[:, 1:])
+    result = head(out, {"region_mask_labels": chosen, "region_cls_prob": target})
+    logits = head.head(states[:, 1:]).detach().numpy()
+    losses = []
+    for b, k in [(0, 0), (0, 2), (1, 1)]:
+        z = logits[b, k].astype(np.float64)
+        logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+        losses.append(-(target[b, k].numpy() * logp).sum())
+    assert float(result.loss.detach()) == pytest.approx(np.mean(losses), abs=1e-5)
+
+
+def test_itm_is_one_logit_bce() -> None:
+    torch.manual_seed(0)
+    head = BinaryImageTextMatching(hidden_size=H)
+    pooled, labels = torch.randn(6, H), torch.tensor([1, 0, 1, 1, 0, 0])
+    result = head(SimpleNamespace(pooled=pooled), {"itm_labels": labels})
+    z = (pooled @ head.classifier.weight.T + head.classifier.bias).squeeze(-1).detach().numpy().astype(np.float64)
+    p = 1 / (1 + np.exp(-z))
+    want = -np.mean(labels.numpy() * np.log(p) + (1 - labels.numpy()) * np.log(1 - p))
+    assert head.classifier.out_features == 1
+    assert float(result.loss) == pytest.approx(want, abs=1e-6)
+    np.testing.assert_allclose(head.score(pooled).detach().numpy(), p, atol=1e-6)
+
+
+def _system(**kwargs) -> MMBertSystem:
+    return MMBertSystem(
+        encoder={"_target_": "vl.models.mm_bert.MMBertEncoder", "text_encoder": TINY, "coord_dim": 4},
+        objectives=["mlm", "mvrc"],
+        data_info={"visual_dim": D, "vocab_size": V + 1, "num_region_classes": C},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+        **kwargs,
+    )
+
+
+def test_hybrid_init_takes_mbert_encoder_and_vlbert_visual_parts(tmp_path, caplog) -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    mbert = BertModel(
+        BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32),
+        add_pooling_layer=True,
+    )
+    mbert.save_pretrained(tmp_path / "mbert")
+    vlbert = {
+        "state_dict": {
+            "module.vlbert.visual_ln_text.weight": torch.full((H,), 0.5),
+            "module.vlbert.end_embedding.weight": torch.full((1, H), 0.25),
+            "module.vlbert.token_type_embeddings.weight": torch.full((3, H), 0.125),
+            "module.vlbert.mvrc_head.head.2.bias": torch.full((C,), 0.75),
+            "module.image_feature_extractor.obj_downsample.1.weight": torch.full((H, D + 32), 0.01),
+            "module.vlbert.encoder.layer.0.output.dense.weight": torch.zeros(H, 32),  # not a hybrid part
+        }
+    }
+    torch.save(vlbert, tmp_path / "vl-bert-base-prec.model")
+    with caplog.at_level(logging.INFO):
+        system = _system(mbert_dir=str(tmp_path / "mbert"), vlbert_checkpoint=str(tmp_path / "vl-bert-base-prec.model"))
+    enc = system.encoder
+    ref = mbert.state_dict()
+    torch.testing.assert_close(
+        enc.bert.encoder.layer[1].output.dense.weight, ref["encoder.layer.1.output.dense.weight"]
+    )
+    torch.testing.assert_close(enc.word_embeddings.weight[:V], ref["embeddings.word_embeddings.weight"])
+    assert enc.word_embeddings.weight.shape[0] == V + 1  # [STOP] keeps its init
+    assert torch.all(enc.visual_ln_text.weight == 0.5) and torch.all(enc.end_embedding.weight == 0.25)
+    assert torch.all(enc.bert.embeddings.token_type_embeddings.weight == 0.125)
+    assert torch.all(system.objectives["mvrc"].head[2].bias == 0.75)
+    assert torch.all(enc.obj_downsample[1].weight == 0.01)
+    # encoder layers never come from VL-BERT; every unexpected / missing key is logged
+    assert not torch.all(enc.bert.encoder.layer[0].output.dense.weight == 0)
+    text = caplog.text
+    assert "vlbert.encoder.layer.0.output.dense.weight" in text
+    assert "missing keys" in text and "unexpected keys" in text
+
+
+def test_lr_is_base_lr_times_total_batch() -> None:
+    system = _system(lr_per_example=1e-6)
+    dm = SimpleNamespace(batch_size_per_device=8, examples_per_device_step=16)
+    system._trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=3, datamodule=dm)
+    optimizer = system.configure_optimizers()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6 * 16 * 2 * 3)
+
+
+class _PairModel(nn.Module):
+    """score(caption t, image i) = a fixed function of the caption's token ids and the image's features."""
+
+    device = torch.device("cpu")
+
+    def pair_scorer(self):
+        return lambda pooled: pooled[:, 0]
+
+    def forward(self, batch):
+        text = (batch["input_ids"].float() * batch["attention_mask"]).sum(1)
+        image = batch["visual_feats"][:, 0, 0]
+        return SimpleNamespace(pooled=torch.sin(text * 0.37 + image * 3.0).unsqueeze(-1))
+
+
+def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) -> None:
+    import json
+
+    from vl.data.multi30k import Multi30kCollator
+    from vl.models.mm_bert import exhaustive_retrieval
+
+    class Tok:  # one id per character: a caption's score depends on its text only
+        pad_token_id = 0
+
+        def __call__(self, text, text_b=None, **kwargs):
+            return {"input_ids": [ord(c) % 50 + 1 for c in text]}
+
+    n = 11
+    rng = np.random.default_rng(0)
+    texts = [f"caption {i} {'x' * int(rng.integers(5))}" for i in range(n)]
+    visuals = [
+        {"features": rng.standard_normal((2, 3)).astype(np.float32), "boxes_norm": np.zeros((2, 4), np.float32)}
+        for _ in range(n)
+    ]
+    model = _PairModel()
+    collator = Multi30kCollator(Tok(), max_text_len=32, max_regions=2, fixed_shapes=True)
+    metrics = exhaustive_retrieval(model, collator, texts, visuals, text_chunk=4, scores_path=tmp_path / "s.json")
+    # independent: the full N x N matrix, pair by pair
+    full = np.zeros((n, n))
+    for t in range(n):
+        ids = np.asarray([ord(c) % 50 + 1 for c in texts[t]], np.float64)
+        for i in range(n):
+            full[t, i] = np.sin(ids.sum() * 0.37 + float(visuals[i]["features"][0, 0]) * 3.0)
+    gold = np.diag(full)
+    t2i = 1 + np.asarray([(np.delete(full[t], t) > gold[t] + 1e-6).sum() for t in range(n)])
+    i2t = 1 + np.asarray([(np.delete(full[:, i], i) > gold[i] + 1e-6).sum() for i in range(n)])
+    for name, ranks in (("t2i", t2i), ("i2t", i2t)):
+        for k in (1, 5, 10):
+            assert metrics[f"{name}_recall@{k}"] == pytest.approx((ranks <= k).mean())
+        assert metrics[f"{name}_median_rank"] == pytest.approx(np.sort(ranks)[(n - 1) // 2])
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert len(rows) == n * n and set(rows[0]) == {"caption_id", "image_ids", "logit"}
+    got = np.zeros((n, n))
+    for r in rows:
+        got[r["caption_id"], r["image_ids"]] = r["logit"][0]
+    np.testing.assert_allclose(got, full, atol=1e-5)

@@ -1,0 +1,652 @@
+"""Multi30k for MM-BERT (`data=multi30k`, `data=multi30k_retrieval`, `data=multi30k_mlt`): the real layout of
+``vl.data.formats.multi30k`` (``root`` = the ``flickr30k/`` dir), or the embedded scene corpus's Multi30k copy
+(``root=null``: ``vl.data.scenes.writers.multi30k``, German captions generated from the scenes).
+
+Tasks (``task``):
+- ``pretrain``: Task A ``[CLS] EN [SEP] DE [SEP]`` + image; Task B the same images twice, EN only and DE only; Task C
+  the text-only parallel pairs of ``wmt`` (WMT JSONL) without image. Objectives MLM (whole-word) + MVRC.
+- ``retrieval``: train = binary ITM, each caption paired with its image or (``negative_fraction`` 50 %) with a random
+  other caption of the same language; ``languages`` en | de | both. Val/test: every caption (``eval_language``) ranked
+  against every image of the split (the shared system's chunked gallery ranking); with ``exhaustive_test`` the test
+  stage also scores all caption x image pairs per language, both directions, and writes the seed-layout scores files
+  (``MMBertSystem.on_test_epoch_end``).
+- ``mlt``: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of word_de in ``MLT_vocab.txt``.
+
+Regions: the per-image FRCNN JSON named by each record's ``frcnn`` field (``.zip@`` stripped), read through
+``FrcnnJsonRegionReader`` (listed once, lazy handles), sorted by max class confidence, at most ``max_regions`` kept.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vl.batch import IGNORE_INDEX
+from vl.data.base import VLDataModule
+from vl.data.collate import collate_labels, pad_regions
+from vl.data.features import FrcnnJsonRegionReader
+from vl.data.formats.multi30k import (
+    ANNOTATION_KEYS,
+    MLT_KEYS,
+    SPLIT_FILES,
+    WMT_KEYS,
+    frcnn_location,
+    read_annotations,
+    read_mlt_vocab,
+    select_regions,
+)
+from vl.data.samplers import split_key
+from vl.data.scenes import SceneSettings, ensure_corpus
+from vl.data.scenes.writers.multi30k import ensure_multi30k
+from vl.errors import ConfigError, DataError
+
+TASKS = ("pretrain", "retrieval", "mlt", "mt")
+LANGUAGES = ("en", "de", "both")
+
+
+def _seed() -> int:
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def seed_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """MM-BERT's MT metric: ``sacrebleu.corpus_bleu`` with the references passed through ``unidecode`` (accents
+    stripped) and ß -> ss in the hypotheses, as the seed's evaluation does."""
+    import sacrebleu
+    from unidecode import unidecode
+
+    return sacrebleu.corpus_bleu([h.replace("ß", "ss") for h in hypotheses], [[unidecode(r) for r in references]]).score
+
+
+def load_multi30k_tokenizer(name_or_path: str, corpus_dir: Path | None = None) -> Any:
+    """A cased `BertTokenizerFast` with a `[STOP]` token: ``"corpus"`` = the embedded corpus's trained WordPiece
+    vocabulary (``<corpus>/tokenizer/vocab.txt``), else a local M-BERT dir ([STOP] added when absent)."""
+    from transformers import BertTokenizerFast
+
+    if name_or_path == "corpus":
+        if corpus_dir is None:
+            raise ConfigError("data.tokenizer=corpus needs the embedded corpus (data.root=null); give an M-BERT dir")
+        vocab = corpus_dir / "tokenizer" / "vocab.txt"
+        if not vocab.is_file():
+            raise DataError(f"{vocab}: tokenizer vocabulary not found")
+        tok = BertTokenizerFast.from_pretrained(str(vocab.parent), do_lower_case=False, strip_accents=False)
+    else:
+        from vl.pretrained import resolve_model_dir
+
+        tok = BertTokenizerFast.from_pretrained(str(resolve_model_dir(name_or_path)))
+    tok.add_special_tokens({"additional_special_tokens": ["[STOP]"]})  # added when absent; never split
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------ collation
+def whole_word_mask(
+    input_ids: list[int],
+    word_keys: Sequence[Any],
+    *,
+    rng: np.random.Generator,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+) -> tuple[list[int], list[int]]:
+    """VL-BERT's ``random_word_wwm``: each word (tokens sharing a ``word_keys`` entry; None = special, never masked)
+    is chosen with ``probability``; all its sub-tokens are then 80 % [MASK], 10 % random tokens, 10 % kept, and
+    labelled with their ids (IGNORE_INDEX elsewhere)."""
+    ids, labels = list(input_ids), [IGNORE_INDEX] * len(input_ids)
+    words: dict[Any, list[int]] = {}
+    for pos, key in enumerate(word_keys):
+        if key is not None:
+            words.setdefault(key, []).append(pos)
+    for positions in words.values():
+        p = rng.random()
+        if p >= probability:
+            continue
+        p /= probability
+        for pos in positions:
+            labels[pos] = input_ids[pos]
+            if p < 0.8:
+                ids[pos] = mask_token_id
+            elif p < 0.9:
+                ids[pos] = int(rng.integers(vocab_size))
+    return ids, labels
+
+
+class Multi30kCollator:
+    """Examples -> MM-BERT batch: per-row tokenisation (``text`` [+ ``text_b``]: ``[CLS] EN [SEP] DE [SEP]``; all token
+    types 0), whole-word MLM, regions padded (``has_image``, ``visual_image_size``), MVRC choices (15 % of the real
+    regions; 90 % of them ``mvrc_replace``d), declared labels. Randomness from (epoch, indices), never the global RNG.
+    ``add_special_tokens`` False: the aux text corpus (no [CLS] / [SEP])."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        max_text_len: int = 64,
+        max_regions: int = 100,
+        mlm: bool = False,
+        mlm_probability: float = 0.15,
+        mvrc: bool = False,
+        mvrc_probability: float = 0.15,
+        mvrc_replace_fraction: float = 0.9,
+        fixed_shapes: bool = False,
+        labels: dict[str, tuple[str, str]] | None = None,
+        add_special_tokens: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_text_len, self.max_regions = max_text_len, max_regions
+        self.mlm, self.mlm_probability = mlm, mlm_probability
+        self.mvrc, self.mvrc_probability, self.mvrc_replace_fraction = mvrc, mvrc_probability, mvrc_replace_fraction
+        self.fixed_shapes = fixed_shapes
+        self.labels = dict(labels or {})
+        self.add_special_tokens = add_special_tokens
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        key = (int(examples[0].get("epoch", 0)), *[int(ex.get("index", 0)) for ex in examples])
+        rng = np.random.default_rng([_seed(), abs(hash(key)) & 0x7FFF_FFFF])
+        rows, label_rows = [], []
+        for ex in examples:
+            if "text_b_ids" in ex:  # MT: [CLS] EN [SEP] DE prefix ... [MASK] [SEP], only the [MASK] labelled
+                tail = list(ex["text_b_ids"])
+                room = max(1, self.max_text_len - len(tail) - 3)
+                source = self.tokenizer(ex["text"], add_special_tokens=False, truncation=True, max_length=room)
+                tok = self.tokenizer
+                ids = [tok.cls_token_id, *source["input_ids"], tok.sep_token_id, *tail, tok.sep_token_id]
+                labels = [IGNORE_INDEX] * len(ids)
+                if "mt_label" in ex:
+                    labels[len(ids) - 2] = int(ex["mt_label"])
+                label_rows.append(labels)
+                rows.append(ids)
+                continue
+            enc = self.tokenizer(
+                ex["text"],
+                ex.get("text_b"),
+                truncation=True,
+                max_length=self.max_text_len,
+                add_special_tokens=self.add_special_tokens,
+            )
+            ids = list(enc["input_ids"])
+            if self.mlm:
+                seq, words = enc.sequence_ids(), enc.word_ids()
+                keys = [None if s is None else (s, w) for s, w in zip(seq, words)]
+                ids, labels = whole_word_mask(
+                    ids,
+                    keys,
+                    rng=rng,
+                    mask_token_id=self.tokenizer.mask_token_id,
+                    vocab_size=len(self.tokenizer),
+                    probability=self.mlm_probability,
+                )
+                label_rows.append(labels)
+            rows.append(ids)
+        width = self.max_text_len if self.fixed_shapes else max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "token_type_ids": torch.zeros_like(input_ids),  # EN and DE share token type 0
+            "index": torch.tensor([int(ex.get("index", 0)) for ex in examples]),
+        }
+        if label_rows and (self.mlm or any(v != IGNORE_INDEX for r in label_rows for v in r)):
+            mlm_labels = torch.full_like(input_ids, IGNORE_INDEX)
+            for i, r in enumerate(label_rows):
+                mlm_labels[i, : len(r)] = torch.tensor(r)
+            batch["mlm_labels"] = mlm_labels
+        with_visual = [ex.get("visual") for ex in examples]
+        template = next((v for v in with_visual if v is not None), None)
+        if template is not None:
+            empty = {
+                "features": np.zeros((0, template["features"].shape[1]), np.float32),
+                "boxes_norm": np.zeros((0, 4), np.float32),
+                "cls_prob": None
+                if template.get("cls_prob") is None
+                else np.zeros((0, template["cls_prob"].shape[1]), np.float32),
+            }
+            visuals = [v if v is not None else empty for v in with_visual]
+            if not self.fixed_shapes and max(v["features"].shape[0] for v in visuals) == 0:
+                visuals[0] = {**empty, "features": np.zeros((1, empty["features"].shape[1]), np.float32)}
+                visuals[0]["boxes_norm"] = np.zeros((1, 4), np.float32)
+                if empty["cls_prob"] is not None:
+                    visuals[0]["cls_prob"] = np.zeros((1, empty["cls_prob"].shape[1]), np.float32)
+                padded = pad_regions(visuals, self.max_regions, fixed=False)
+                padded["visual_mask"][0] = 0
+            else:
+                padded = pad_regions(visuals, self.max_regions, fixed=self.fixed_shapes)
+            batch.update(padded)
+            batch["has_image"] = torch.tensor([v is not None for v in with_visual])
+            batch["visual_image_size"] = torch.tensor(
+                [[float(v["image_w"]), float(v["image_h"])] if v is not None else [1.0, 1.0] for v in with_visual]
+            )
+            if self.mvrc and "region_cls_prob" in batch:
+                valid = batch["visual_mask"].bool()
+                chosen = torch.from_numpy(rng.random(valid.shape) < self.mvrc_probability) & valid
+                replace = torch.from_numpy(rng.random(valid.shape) < self.mvrc_replace_fraction) & chosen
+                batch["region_mask_labels"], batch["mvrc_replace"] = chosen, replace
+        collate_labels(examples, self.labels, batch)
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+class Multi30kExamples(Dataset):
+    """Plain rows ``{"text", "text_b"?, "image": (reader, id) | None, labels...}`` -> examples with the image's
+    selected regions; ``negatives`` > 0: with that probability a row's caption is replaced by a random other row's
+    caption of the same language (``itm_label`` 0), drawn from (seed, epoch, index)."""
+
+    def __init__(self, rows: list[dict[str, Any]], max_regions: int, negatives: float = 0.0) -> None:
+        self.rows, self.max_regions, self.negatives = rows, max_regions, negatives
+        self.by_language: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            self.by_language.setdefault(row.get("language", ""), []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def visual(self, image: tuple[Any, str] | None) -> dict[str, Any] | None:
+        if image is None:
+            return None
+        reader, image_id = image
+        return select_regions(reader[image_id], self.max_regions)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = split_key(key)
+        row = self.rows[index]
+        ex = {k: v for k, v in row.items() if k not in ("image", "language")}
+        ex.update(visual=self.visual(row["image"]), index=index, epoch=epoch)
+        if ex["visual"] is None:
+            del ex["visual"]
+        if self.negatives:
+            rng = np.random.default_rng([_seed(), epoch, index])
+            ex["itm_label"] = 1
+            if rng.random() < self.negatives:
+                pool = self.by_language[row.get("language", "")]
+                for _ in range(16):  # a different caption text
+                    other = self.rows[pool[int(rng.integers(len(pool)))]]
+                    if other["text"] != row["text"]:
+                        ex["text"], ex["itm_label"] = other["text"], 0
+                        break
+        return ex
+
+
+class Queries(Dataset):
+    def __init__(self, texts: list[str], gold: list[int]) -> None:
+        self.texts, self.gold = texts, gold
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = split_key(key)
+        return {
+            "text": self.texts[index],
+            "gold": self.gold[index],
+            "query_index": index,
+            "index": index,
+            "epoch": epoch,
+        }
+
+
+class LazyVisuals(Sequence):
+    def __init__(self, images: list[tuple[Any, str]], max_regions: int) -> None:
+        self.images, self.max_regions = images, max_regions
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        reader, image_id = self.images[i]
+        return select_regions(reader[image_id], self.max_regions)
+
+
+# ------------------------------------------------------------------------------------------------ module
+class Multi30kDataModule(VLDataModule):
+    """See the module docstring (``pretrain_tasks``: a subset of A, B, C; None = all three). Files relative to ``root`` (the ``flickr30k/`` dir): ``annotations``
+    (``{split}_frcnn.json``), ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root)."""
+
+    label_keys = {
+        "itm_label": ("itm_labels", "long"),
+        "mlt_label": ("mlt_labels", "long"),
+        "gold": ("gold", "long"),
+        "query_index": ("query_index", "long"),
+    }
+
+    def __init__(
+        self,
+        *,
+        task: str = "pretrain",
+        pretrain_tasks: list[str] | None = None,
+        languages: str = "both",
+        eval_language: str = "en",
+        negative_fraction: float = 0.5,
+        exhaustive_test: bool = True,
+        mt_vision: bool = True,
+        aux_text: str | None = None,
+        aux_batch_size: int = 8,
+        aux_min_words: int = 96,
+        aux_seq_len: int = 96,
+        mt_max_steps: int = 48,
+        annotations: str = "{split}_frcnn.json",
+        mlt_annotations: str = "{split}_MLT_frcnn.json",
+        mlt_vocab: str = "utils/MLT_vocab.txt",
+        wmt: str | None = "../wmt/{split}.jsonl",
+        tokenizer: str = "corpus",
+        max_text_len: int = 64,
+        max_regions: int = 100,
+        splits: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            tokenizer=tokenizer,
+            max_text_len=max_text_len,
+            max_regions=max_regions,
+            splits={"test": SPLIT_FILES["test"]} | dict(splits or {}),
+            **kwargs,
+        )
+        if task not in TASKS:
+            raise ConfigError(f"data.task: '{task}' is not one of {TASKS}")
+        if languages not in LANGUAGES or eval_language not in ("en", "de"):
+            raise ConfigError(f"data.languages must be one of {LANGUAGES} and data.eval_language en or de")
+        pretrain_tasks = ["A", "B", "C"] if pretrain_tasks is None else list(pretrain_tasks)
+        unknown = sorted(set(pretrain_tasks) - {"A", "B", "C"})
+        if unknown:
+            raise ConfigError(f"data.pretrain_tasks: unknown task(s) {unknown}; choose from A, B, C")
+        self.task, self.pretrain_tasks = task, list(pretrain_tasks)
+        self.languages, self.eval_language = languages, eval_language
+        self.negative_fraction = float(negative_fraction)
+        self.exhaustive_test = exhaustive_test
+        self.mt_vision, self.mt_max_steps = mt_vision, int(mt_max_steps)
+        self.aux_text, self.aux_batch_size = aux_text, int(aux_batch_size)
+        self.aux_min_words, self.aux_seq_len = int(aux_min_words), int(aux_seq_len)
+        self.annotations, self.mlt_annotations, self.mlt_vocab_file, self.wmt = (
+            annotations,
+            mlt_annotations,
+            mlt_vocab,
+            wmt,
+        )
+        self._readers: dict[Path, FrcnnJsonRegionReader] = {}
+        self._galleries: dict[tuple[str, str], dict[str, Any]] = {}
+        self._mlt_vocab: list[str] | None = None
+
+    # ------------------------------------------------------------------ files
+    @property
+    def root(self) -> Path:
+        if self._root is None and not self.root_arg:
+            settings = SceneSettings(**self.corpus)
+            scenes = ensure_corpus(Path(self.cache_dir), settings)
+            self._root = ensure_multi30k(scenes, settings) / "flickr30k"
+        return super().root
+
+    def required_files(self) -> list[Path]:
+        files = []
+        for split in ("train", "val", "test"):
+            if self.task == "mlt":
+                files.append(self.path(self.mlt_annotations, split))
+            else:
+                files.append(self.path(self.annotations, split))
+            if self.task == "pretrain" and "C" in self.pretrain_tasks and self.wmt:
+                files.append(self.path(self.wmt, split))
+        if self.task == "mlt":
+            files.append(self.path(self.mlt_vocab_file))
+        if self.uses_aux:
+            files.append(self.path(self.aux_text))
+        return files
+
+    # ------------------------------------------------------------------ aux text corpus (pretraining)
+    @property
+    def uses_aux(self) -> bool:
+        return self.task == "pretrain" and bool(self.aux_text)
+
+    @property
+    def examples_per_device_step(self) -> int:
+        """Examples one device sees per micro-batch: the image data plus the aux text batch (MM-BERT's [8, 8])."""
+        return self.batch_size_per_device + (self.aux_batch_size if self.uses_aux else 0)
+
+    def aux_dataset(self) -> Dataset:
+        """The aux text corpus (one sentence a line): lines concatenated until >= ``aux_min_words`` words, each chunk
+        one example (no [CLS] / [SEP]; the aux visual embedding, no regions)."""
+        from vl.data.formats.multi30k import read_lines
+
+        chunks, current = [], []
+        for line in read_lines(self.path(self.aux_text)):
+            current += line.split()
+            if len(current) >= self.aux_min_words:
+                chunks.append(" ".join(current))
+                current = []
+        if current:
+            chunks.append(" ".join(current))
+        if not chunks:
+            raise DataError(f"{self.path(self.aux_text)}: the aux text corpus is empty")
+        return Multi30kExamples([{"text": c, "image": None} for c in chunks], self.max_regions)
+
+    def train_dataloader(self) -> Any:
+        """Pretraining with ``aux_text``: the image data and the aux text corpus batched jointly (Lightning
+        ``CombinedLoader``, ``max_size_cycle``: the aux loader cycles while the image data runs one epoch)."""
+        main = self.loader("train")
+        if not self.uses_aux:
+            return main
+        from lightning.pytorch.utilities import CombinedLoader
+
+        from vl.data.samplers import EpochShuffleSampler, ResumableDataLoader
+
+        if "aux" not in self.datasets:
+            self.datasets["aux"] = self.aux_dataset()
+        trainer = self.trainer
+        sampler = EpochShuffleSampler(
+            self.datasets["aux"],
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=True,
+            seed=_seed(),
+        )
+        sampler.set_epoch(trainer.current_epoch if trainer else 0)
+        collate = Multi30kCollator(
+            self.tokenizer,
+            max_text_len=self.aux_seq_len,
+            mlm="mlm" in self.objectives,
+            mlm_probability=self.mlm_probability,
+            add_special_tokens=False,
+        )
+        aux = ResumableDataLoader(
+            self.datasets["aux"],
+            batch_size=self.aux_batch_size,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(_seed()),
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )
+        return CombinedLoader({"main": main, "aux": aux}, mode="max_size_cycle")
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            corpus_dir = None if self.root_arg else self.root.parent
+            self._tokenizer = load_multi30k_tokenizer(self.tokenizer_name, corpus_dir)
+        return self._tokenizer
+
+    def reader(self, directory: str) -> FrcnnJsonRegionReader:
+        path = self.root / directory
+        if path not in self._readers:
+            if not path.is_dir():
+                raise DataError(f"{path}: per-image Faster R-CNN directory not found")
+            self._readers[path] = FrcnnJsonRegionReader(path)
+        return self._readers[path]
+
+    def records(self, split: str) -> tuple[Path, list[dict[str, Any]], list[tuple[Any, str]]]:
+        """(annotation file, its records, (reader, image id) per record); DataError naming file and line for an image
+        without a per-image FRCNN file."""
+        mlt = self.task == "mlt"
+        path = self.path(self.mlt_annotations if mlt else self.annotations, split)
+        records = read_annotations(path, MLT_KEYS if mlt else ANNOTATION_KEYS)
+        images = []
+        for lineno, rec in enumerate(records, 1):
+            directory, image_id = frcnn_location(str(rec["frcnn"]))
+            reader = self.reader(directory)
+            if image_id not in reader:
+                raise DataError(
+                    f"{path}:{lineno}: image {rec['image']!r} has no Faster R-CNN file {directory}/{image_id}.json"
+                )
+            images.append((reader, image_id))
+        return path, records, images
+
+    @property
+    def mlt_words(self) -> list[str]:
+        if self._mlt_vocab is None:
+            self._mlt_vocab = read_mlt_vocab(self.path(self.mlt_vocab_file))
+        return self._mlt_vocab
+
+    # ------------------------------------------------------------------ datasets
+    def _languages(self) -> list[str]:
+        return ["en", "de"] if self.languages == "both" else [self.languages]
+
+    def build_dataset(self, split: str) -> Dataset:
+        if self.task == "retrieval" and split != "train":
+            g = self.gallery(split)
+            return Queries(g["texts"], g["gold"])
+        path, records, images = self.records(split)
+        rows: list[dict[str, Any]] = []
+        if self.task == "pretrain":
+            if "A" in self.pretrain_tasks:
+                rows += [
+                    {"text": r["caption_en"], "text_b": r["caption_de"], "image": im} for r, im in zip(records, images)
+                ]
+            if "B" in self.pretrain_tasks:
+                for lang in ("en", "de"):
+                    rows += [{"text": r[f"caption_{lang}"], "image": im} for r, im in zip(records, images)]
+            if "C" in self.pretrain_tasks and self.wmt:
+                wmt = read_annotations(self.path(self.wmt, split), WMT_KEYS)
+                rows += [{"text": r["caption_en"], "text_b": r["caption_de"], "image": None} for r in wmt]
+            return Multi30kExamples(rows, self.max_regions)
+        if self.task == "retrieval":
+            for lang in self._languages():
+                rows += [
+                    {"text": r[f"caption_{lang}"], "image": im, "language": lang} for r, im in zip(records, images)
+                ]
+            return Multi30kExamples(rows, self.max_regions, negatives=self.negative_fraction)
+        if self.task == "mt":
+            return self.mt_dataset(split, records, images)
+        index = {w: i for i, w in enumerate(self.mlt_words)}
+        for lineno, rec in enumerate(records, 1):
+            if rec["word_de"] not in index:
+                raise DataError(f"{path}:{lineno}: word_de {rec['word_de']!r} is not in {self.mlt_vocab_file}")
+        rows = [
+            {"text": r["word_en"], "text_b": r["caption_en"], "image": im, "mlt_label": index[r["word_de"]]}
+            for r, im in zip(records, images)
+        ]
+        return Multi30kExamples(rows, self.max_regions)
+
+    def mt_dataset(self, split: str, records: list[dict[str, Any]], images: list[Any]) -> Dataset:
+        """MT (EN -> DE). Train / val: every German prefix of each sentence, its last token the labelled [MASK]
+        (``tokenize(caption_de)[:pos + 1]``), plus one entry ending in [STOP]. Test: one row per sentence (the
+        source, image and reference; ``MMBertSystem`` translates greedily). ``mt_vision`` False: no image (the
+        no-vision variant)."""
+        tok = self.tokenizer
+        stop = tok.convert_tokens_to_ids("[STOP]")
+        rows: list[dict[str, Any]] = []
+        for rec, image in zip(records, images):
+            image = image if self.mt_vision else None
+            if split == "test":
+                rows.append({"text": rec["caption_en"], "reference": rec["caption_de"], "image": image})
+                continue
+            target = tok(rec["caption_de"], add_special_tokens=False)["input_ids"] + [stop]
+            for pos, label in enumerate(target):
+                rows.append(
+                    {
+                        "text": rec["caption_en"],
+                        "text_b_ids": [*target[:pos], tok.mask_token_id],
+                        "mt_label": label,
+                        "image": image,
+                    }
+                )
+        return Multi30kExamples(rows, self.max_regions)
+
+    def gallery(self, split: str, language: str | None = None) -> dict[str, Any] | None:
+        """Retrieval val/test: caption i (``language``, default ``eval_language``) of image i; every caption ranked
+        against every image."""
+        if self.task != "retrieval" or split == "train":
+            return None
+        language = language or self.eval_language
+        if (split, language) not in self._galleries:
+            _, records, images = self.records(split)
+            self._galleries[split, language] = {
+                "texts": [r[f"caption_{language}"] for r in records],
+                "gold": list(range(len(records))),
+                "image_ids": [im[1] for im in images],
+                "visuals": LazyVisuals(images, self.max_regions),
+            }
+        return self._galleries[split, language]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        for split in ("train", "val", "test"):
+            _, _, images = self.records(split)
+            if images:
+                break
+        first = select_regions(images[0][0][images[0][1]], self.max_regions)
+        info = {"visual_dim": int(first["features"].shape[1]), "vocab_size": len(self.tokenizer)}
+        if first.get("cls_prob") is not None:
+            info["num_region_classes"] = int(first["cls_prob"].shape[1])
+        if self.task == "mlt":
+            info["num_mlt_words"] = len(self.mlt_words)
+        return info
+
+    def baselines(self, split: str = "test") -> dict[str, float]:
+        if self.task == "retrieval":
+            n = len(self.gallery(split)["image_ids"])
+            return {f"{split}/recall@{k}_chance": min(1.0, k / n) for k in (1, 5, 10)}
+        if self.task == "mt":
+            import sacrebleu
+
+            _, records, _ = self.records(split)
+            sources = [r["caption_en"] for r in records]
+            refs = [r["caption_de"] for r in records]
+            return {
+                f"{split}/bleu_copy_source": seed_bleu(sources, refs),
+                f"{split}/bleu_plain_copy_source": sacrebleu.corpus_bleu(sources, [refs]).score,
+            }
+        if self.task == "mlt":
+            train = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, "train"), MLT_KEYS)]
+            test = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, split), MLT_KEYS)]
+            top = max(set(train), key=train.count)
+            return {f"{split}/mlt_acc_most_frequent": sum(w == top for w in test) / max(1, len(test))}
+        return {}
+
+    @property
+    def prediction_file(self) -> str:  # type: ignore[override]
+        return "mt_hypotheses.txt" if self.task == "mt" else "predictions.json"
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path | None:
+        """MT: the greedy translations, one line per source sentence, in the test file's order."""
+        if self.task != "mt":
+            return None
+        lines = [p["hypothesis"].replace("\n", " ") for p in sorted(predictions, key=lambda p: p["index"])]
+        Path(path).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        return Path(path)
+
+    # ------------------------------------------------------------------ loaders
+    def collator(self, split: str) -> Multi30kCollator:
+        return Multi30kCollator(
+            self.tokenizer,
+            max_text_len=self.max_text_len,
+            max_regions=self.max_regions,
+            mlm="mlm" in self.objectives and self.task != "mt",
+            mlm_probability=self.mlm_probability,
+            mvrc="mvrc" in self.objectives and self.task != "mt",
+            labels=self.label_keys,
+        )
+
+    def scoring_collator(self) -> Multi30kCollator:
+        return Multi30kCollator(
+            self.tokenizer,
+            max_text_len=self.max_text_len,
+            max_regions=self.max_regions,
+            fixed_shapes=True,
+            labels=self.label_keys,
+        )

@@ -1,0 +1,536 @@
+"""MM-BERT (`model=mm_bert`, `model=mm_bert_tiny`): VL-BERT base, single stream, made multilingual (phaedonmit/VL-BERT;
+spec `mm_bert.md`).
+
+The sequence of one example is ``[CLS] EN [SEP] DE [SEP] [IMG]x(R+1) [END]``, compacted per row (the row's valid text
+tokens, then its valid regions, then [END], then padding):
+
+- the whole-image box ``[0, 0, w-1, h-1]`` is prepended to the regions; its 2048-d feature is the mean of the region
+  features, recomputed over the regions that are not masked for MVRC (``mvrc_replace``);
+- every region (image box included): ``coordinate_embeddings`` of (xc, yc, w, h) / image size x 100, sin/cos with
+  ``coord_dim`` 256 and base 1000 -> 4 x 512 = 2048-d, concatenated with the feature ->
+  ``obj_downsample`` = Dropout(0.1)-Linear(4096 -> H)-ReLU;
+- text tokens: word embedding + ``visual_ln_text``(image-box rep); rows without an image (Task C, the aux text corpus)
+  get ``visual_ln_text``(``aux_text_visual_embedding``) instead, and no regions nor [END];
+- region tokens: ``object_linguistic_embeddings`` (one learned [IMG] vector; ``object_mask_word_embedding`` for MVRC-
+  masked regions, whose feature is ``object_mask_visual_embedding``, init 0) + ``visual_ln_object``(region rep);
+- [END]: the learned ``end_embedding``;
+- token types: all text 0 (EN and DE alike), regions and [END] 2; positions: text 0..n-1, every region n, [END] n+1;
+- then BERT's embedding LayerNorm + dropout and the BERT encoder. ``visual_ln_*`` are LayerNorms with weight 0 at init
+  (``visual_scale_*_init`` 0: the visual contribution starts at 0).
+
+`MMBertSystem` adds what is special to the system: the "hybrid" init (encoder and word embeddings from an M-BERT dir,
+the listed visual parts from a VL-BERT checkpoint, every missing / unexpected key logged), lr = base lr x total batch
+size (``lr_per_example``), and retrieval scores from the 1-logit ITM head.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vl.batch import EncoderOutput, region_feature_dim
+from vl.errors import ConfigError
+from vl.heads.mm_bert import BinaryImageTextMatching  # noqa: F401  (registers the MM-BERT heads)
+from vl.models.bert_backbone import build_bert
+from vl.models.ranking import gallery_scorer
+from vl.models.system import VLSystem
+from vl.pretrained import log_key_report
+
+log = logging.getLogger(__name__)
+
+#: token type of text (EN and DE alike) and of regions / [END]
+TEXT_TYPE, OBJECT_TYPE = 0, 2
+
+
+def coordinate_embeddings(boxes: torch.Tensor, dim: int = 256, base: float = 1000.0) -> torch.Tensor:
+    """(..., 4) normalised x1y1x2y2 (box / image size) -> (..., 4 * 2 * dim): (xc, yc, w, h) x 100, each embedded as
+    [sin(p / base^(k/dim)), cos(...)] for k = 0..dim-1 (VL-BERT's `coordinate_embeddings`)."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    pos = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1) * 100.0  # (..., 4)
+    dim_mat = base ** (torch.arange(dim, dtype=boxes.dtype, device=boxes.device) / dim)
+    angles = pos.unsqueeze(-1) / dim_mat  # (..., 4, dim)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def whole_image_box(batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+    """(B, 4) normalised box of the whole image [0, 0, w-1, h-1] / (w, h) (``visual_image_size`` (B, 2) = w, h);
+    [0, 0, 1, 1] when the batch has no image sizes (e.g. a retrieval gallery padded by the shared scorer)."""
+    bsz = like.shape[0]
+    box = torch.zeros(bsz, 4, dtype=like.dtype, device=like.device)
+    size = batch.get("visual_image_size")
+    if size is None:
+        box[:, 2:] = 1.0
+    else:
+        size = size.to(like.dtype)
+        box[:, 2:] = (size - 1.0) / size
+    return box
+
+
+class MMBertEncoder(nn.Module):
+    """`forward(batch) -> EncoderOutput(text (B,T,H), visual (B,1+R,H), pooled (B,H), visual_prefix=1)`: ``visual[:,
+    0]`` is the whole-image box, ``visual[:, 1:]`` the batch's regions.
+
+    Batch keys: input_ids, attention_mask (B,T) (``[CLS] EN [SEP] DE [SEP]``; token_type_ids are ignored: all text is
+    type 0); visual_feats (B,R,D), visual_boxes (B,R,4) normalised x1y1x2y2, visual_mask (B,R) (valid regions first);
+    optional visual_image_size (B,2), has_image (B,) bool (False: a text-only row), mvrc_replace (B,R) bool (regions
+    whose feature and [IMG] embedding are replaced by the mask embeddings)."""
+
+    visual_input = "regions"
+
+    def __init__(
+        self,
+        *,
+        data_info: dict[str, Any],
+        text_encoder: dict[str, Any] | None = None,
+        with_pooler: bool = True,
+        coord_dim: int = 256,
+        coord_base: float = 1000.0,
+        visual_dropout: float = 0.1,
+        visual_scale_init: float = 0.0,
+    ) -> None:
+        """`text_encoder`: `build_bert` arguments (type_vocab_size is 3; vocab_size = data_info["vocab_size"], the
+        tokenizer's with [STOP], when given; `pretrained`: a BERT dir, widened to 3 types and that vocabulary). `with_pooler`: BERT's pooler on [CLS] (retrieval / MLT heads); False:
+        pooled = the [CLS] state (pretraining). `visual_scale_init`: init of the visual LayerNorms' weight (0)."""
+        super().__init__()
+        visual_dim = region_feature_dim(data_info)
+        options = dict(text_encoder or {})
+        options.pop("add_pooling_layer", None)  # `with_pooler` decides
+        vocab_size = int(data_info.get("vocab_size", options.pop("vocab_size", 30522)))
+        options.pop("vocab_size", None)
+        options.pop("type_vocab_size", None)  # MM-BERT has 3 token types
+        self.with_pooler = with_pooler
+        if options.get("pretrained"):  # a BERT dir (M-BERT: prefer the hybrid init, `model.mbert_dir`)
+            self.bert = build_bert(pretrained=options["pretrained"], add_pooling_layer=with_pooler)
+            self._widen(vocab_size)
+        else:
+            self.bert = build_bert(**options, vocab_size=vocab_size, type_vocab_size=3, add_pooling_layer=with_pooler)
+        hidden = self.bert.config.hidden_size
+        self.hidden_size = self.pooled_size = self.text_size = self.visual_size = hidden
+        self.coord_dim, self.coord_base = coord_dim, coord_base
+        self.obj_downsample = nn.Sequential(
+            nn.Dropout(visual_dropout), nn.Linear(visual_dim + 4 * 2 * coord_dim, hidden), nn.ReLU()
+        )
+        eps = self.bert.config.layer_norm_eps
+        self.visual_ln_text = nn.LayerNorm(hidden, eps=eps)
+        self.visual_ln_object = nn.LayerNorm(hidden, eps=eps)
+        nn.init.constant_(self.visual_ln_text.weight, visual_scale_init)
+        nn.init.constant_(self.visual_ln_object.weight, visual_scale_init)
+        std = self.bert.config.initializer_range
+        self.object_linguistic_embeddings = nn.Embedding(1, hidden)
+        self.object_mask_word_embedding = nn.Embedding(1, hidden)
+        self.end_embedding = nn.Embedding(1, hidden)
+        self.aux_text_visual_embedding = nn.Embedding(1, hidden)
+        for emb in (self.object_linguistic_embeddings, self.object_mask_word_embedding, self.end_embedding):
+            nn.init.normal_(emb.weight, std=std)
+        nn.init.normal_(self.aux_text_visual_embedding.weight, std=std)
+        self.object_mask_visual_embedding = nn.Embedding(1, visual_dim)
+        nn.init.zeros_(self.object_mask_visual_embedding.weight)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def _widen(self, vocab_size: int) -> None:
+        """A loaded BERT gets MM-BERT's 3 token types (the new rows copy type 0) and at least `vocab_size` words (new
+        rows, e.g. [STOP], keep BERT's init)."""
+        emb = self.bert.embeddings
+        if emb.token_type_embeddings.num_embeddings < 3:
+            old = emb.token_type_embeddings.weight.data
+            types = nn.Embedding(3, old.shape[1])
+            types.weight.data[: old.shape[0]] = old
+            types.weight.data[old.shape[0] :] = old[0]
+            emb.token_type_embeddings = types
+            self.bert.config.type_vocab_size = 3
+        if emb.word_embeddings.num_embeddings < vocab_size:
+            self.bert.resize_token_embeddings(vocab_size)
+        self.bert.train()
+
+    # ------------------------------------------------------------------ pieces (also used by the tests)
+    def region_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features (B,1+R,D) with the image box's mean feature first and MVRC-replaced features swapped for the mask
+        embedding, boxes (B,1+R,4), valid (B,1+R) bool, replaced (B,1+R) bool)."""
+        feats = batch["visual_feats"]
+        bsz, n_regions = feats.shape[:2]
+        has_image = batch.get("has_image")
+        has_image = torch.ones(bsz, dtype=torch.bool, device=feats.device) if has_image is None else has_image.bool()
+        valid = batch["visual_mask"].bool() & has_image[:, None]
+        replace = batch.get("mvrc_replace")
+        replace = torch.zeros_like(valid) if replace is None else replace.bool() & valid
+        kept = (valid & ~replace).unsqueeze(-1).to(feats.dtype)
+        image_feat = (feats * kept).sum(1) / kept.sum(1).clamp(min=1.0)  # mean of the unmasked regions
+        feats = torch.where(replace.unsqueeze(-1), self.object_mask_visual_embedding.weight[0].to(feats.dtype), feats)
+        feats = torch.cat([image_feat.unsqueeze(1), feats], dim=1)
+        boxes = torch.cat([whole_image_box(batch, feats).unsqueeze(1), batch["visual_boxes"].to(feats.dtype)], dim=1)
+        valid = torch.cat([has_image.unsqueeze(1), valid], dim=1)
+        replace = torch.cat([torch.zeros_like(has_image).unsqueeze(1), replace], dim=1)
+        return feats, boxes, valid, replace
+
+    def object_reps(self, feats: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """(B,N,D), (B,N,4) -> (B,N,H): obj_downsample(feature ++ coordinate embedding)."""
+        coords = coordinate_embeddings(boxes, self.coord_dim, self.coord_base)
+        return self.obj_downsample(torch.cat([feats, coords], dim=-1))
+
+    def forward(self, batch: dict[str, Any]) -> EncoderOutput:
+        input_ids, text_mask = batch["input_ids"], batch["attention_mask"].bool()
+        bsz, text_len = input_ids.shape
+        device = input_ids.device
+        words = self.word_embeddings(input_ids)  # (B,T,H)
+        if "visual_feats" in batch:
+            feats, boxes, obj_valid, replace = self.region_inputs(batch)
+            reps = self.object_reps(feats, boxes)  # (B,1+R,H)
+            has_image = obj_valid[:, 0]
+        else:  # a text-only batch
+            reps = words.new_zeros(bsz, 1, words.shape[-1])
+            obj_valid = replace = torch.zeros(bsz, 1, dtype=torch.bool, device=device)
+            has_image = obj_valid[:, 0]
+        aux = self.aux_text_visual_embedding.weight[0].expand(bsz, -1)
+        text_visual = self.visual_ln_text(torch.where(has_image[:, None], reps[:, 0], aux))
+        text_emb = words + text_visual.unsqueeze(1)
+        ling = torch.where(
+            replace.unsqueeze(-1),
+            self.object_mask_word_embedding.weight[0],
+            self.object_linguistic_embeddings.weight[0],
+        )
+        obj_emb = ling + self.visual_ln_object(reps)  # (B,1+R,H)
+        end_emb = self.end_embedding.weight[0].expand(bsz, -1).unsqueeze(1)  # (B,1,H)
+
+        # compacted layout per row: text (n_t) | regions (n_o) | [END] (if image) | padding
+        n_text = text_mask.sum(1)
+        n_obj = obj_valid.sum(1)
+        has_end = has_image.long()
+        length = int((n_text + n_obj + has_end).max())
+        text_pos = torch.arange(text_len, device=device).expand(bsz, -1)
+        obj_slot = torch.arange(obj_valid.shape[1], device=device).expand(bsz, -1)
+        obj_pos = n_text[:, None] + obj_slot
+        end_pos = (n_text + n_obj).unsqueeze(1)
+        pieces = [
+            (text_emb, text_mask, text_pos, text_pos, TEXT_TYPE),
+            (obj_emb, obj_valid, obj_pos, n_text[:, None].expand_as(obj_pos), OBJECT_TYPE),
+            (end_emb, has_image.unsqueeze(1), end_pos, (n_text + 1).unsqueeze(1), OBJECT_TYPE),
+        ]
+        hidden = words.shape[-1]
+        seq = words.new_zeros(bsz, length, hidden)
+        position_ids = torch.zeros(bsz, length, dtype=torch.long, device=device)
+        type_ids = torch.zeros(bsz, length, dtype=torch.long, device=device)
+        attention = torch.zeros(bsz, length, dtype=torch.long, device=device)
+        rows = torch.arange(bsz, device=device)
+        for emb, valid, slot, position, kind in pieces:
+            b = rows[:, None].expand_as(valid)[valid]
+            s = slot[valid]
+            seq[b, s] = emb[valid].to(seq.dtype)
+            position_ids[b, s] = position[valid]
+            type_ids[b, s] = kind
+            attention[b, s] = 1
+        out = self.bert(inputs_embeds=seq, position_ids=position_ids, token_type_ids=type_ids, attention_mask=attention)
+        states = out.last_hidden_state  # (B,L,H)
+        text_states = states.gather(1, text_pos.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, hidden))
+        text_states = text_states * text_mask.unsqueeze(-1).to(states.dtype)
+        obj_states = states.gather(1, obj_pos.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, hidden))
+        obj_states = obj_states * obj_valid.unsqueeze(-1).to(states.dtype)
+        pooled = out.pooler_output if self.with_pooler else states[:, 0]
+        return EncoderOutput(text=text_states, visual=obj_states, pooled=pooled, visual_prefix=1)
+
+
+# ---------------------------------------------------------------------------------------------------- hybrid init
+#: VL-BERT checkpoint key prefixes taken by the hybrid init (after stripping ``module.``) -> vl parameter names
+VLBERT_PARTS: dict[str, str] = {
+    "vlbert.mvrc_head.": "objectives.mvrc.",
+    "image_feature_extractor.obj_downsample.": "encoder.obj_downsample.",
+    "image_feature_extractor.object_mask_visual_embedding.": "encoder.object_mask_visual_embedding.",
+    "vlbert.visual_ln_text.": "encoder.visual_ln_text.",
+    "vlbert.visual_ln_object.": "encoder.visual_ln_object.",
+    "vlbert.end_embedding.": "encoder.end_embedding.",
+    "vlbert.token_type_embeddings.": "encoder.bert.embeddings.token_type_embeddings.",
+    "vlbert.position_embeddings.": "encoder.bert.embeddings.position_embeddings.",
+    "aux_text_visual_embedding.": "encoder.aux_text_visual_embedding.",
+    "object_mask_word_embedding.": "encoder.object_mask_word_embedding.",
+    "object_linguistic_embeddings.": "encoder.object_linguistic_embeddings.",
+}
+#: M-BERT (``BertModel`` / ``BertForPreTraining``) keys taken by the hybrid init: the encoder layers and the word
+#: embeddings (rows beyond M-BERT's vocabulary, e.g. [STOP], keep their init)
+MBERT_PARTS = ("encoder.", "embeddings.word_embeddings.", "embeddings.LayerNorm.")
+
+
+def _load_mbert_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from vl.checkpoint import load_torch_file
+
+    safetensors = model_dir / "model.safetensors"
+    if safetensors.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors))
+    binary = model_dir / "pytorch_model.bin"
+    if binary.is_file():
+        return load_torch_file(str(binary), "model.mbert_dir")
+    raise ConfigError(f"model.mbert_dir: '{model_dir}' holds no model.safetensors or pytorch_model.bin")
+
+
+class MMBertSystem(VLSystem):
+    """The shared system plus MM-BERT's hybrid init, batch-size-scaled lr and 1-logit retrieval scores."""
+
+    def __init__(
+        self,
+        *,
+        mbert_dir: str | None = None,
+        vlbert_checkpoint: str | None = None,
+        lr_per_example: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`mbert_dir`: a local M-BERT dir (`bert-base-multilingual-cased`): encoder + word embeddings.
+        `vlbert_checkpoint`: `vl-bert-base-prec.model`: the parts in `VLBERT_PARTS`. `lr_per_example`: when set, the
+        lr is lr_per_example x total batch size (per device x world size x accumulation), as MM-BERT's configs."""
+        super().__init__(**kwargs)
+        self.mbert_dir = mbert_dir
+        self.vlbert_checkpoint = vlbert_checkpoint
+        self.lr_per_example = lr_per_example
+        if mbert_dir or vlbert_checkpoint:
+            self.hybrid_init(mbert_dir, vlbert_checkpoint)
+
+    # ------------------------------------------------------------------ hybrid init
+    def hybrid_init(self, mbert_dir: str | None, vlbert_checkpoint: str | None) -> None:
+        own = self.state_dict()
+        if mbert_dir:
+            state = _load_mbert_state(Path(mbert_dir).expanduser())
+            loaded, unexpected = {}, []
+            for key, value in state.items():
+                name = key[len("bert.") :] if key.startswith("bert.") else key
+                target = f"encoder.bert.{name}"
+                if not name.startswith(MBERT_PARTS) or target not in own:
+                    unexpected.append(key)
+                    continue
+                if name.startswith("embeddings.word_embeddings.") and value.shape[0] <= own[target].shape[0]:
+                    merged = own[target].clone()
+                    merged[: value.shape[0]] = value
+                    value = merged
+                if own[target].shape != value.shape:
+                    unexpected.append(f"{key} (shape {tuple(value.shape)} vs {tuple(own[target].shape)})")
+                    continue
+                loaded[target] = value
+            self.load_state_dict(loaded, strict=False)
+            missing = [k for k in own if k.startswith("encoder.bert.") and k not in loaded]
+            log_key_report(f"hybrid init: M-BERT from {mbert_dir}", missing, unexpected)
+        if vlbert_checkpoint:
+            from vl.checkpoint import load_torch_file
+
+            raw = load_torch_file(vlbert_checkpoint, "model.vlbert_checkpoint")
+            raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+            loaded, unexpected = {}, []
+            for key, value in raw.items():
+                key = key[len("module.") :] if key.startswith("module.") else key
+                prefix = next((p for p in VLBERT_PARTS if key.startswith(p)), None)
+                target = VLBERT_PARTS[prefix] + key[len(prefix) :] if prefix else None
+                if target is None or target not in own or own[target].shape != value.shape:
+                    unexpected.append(key)
+                    continue
+                loaded[target] = value
+            self.load_state_dict(loaded, strict=False)
+            wanted = [k for k in own if any(k.startswith(v) for v in VLBERT_PARTS.values())]
+            log_key_report(
+                f"hybrid init: VL-BERT parts from {vlbert_checkpoint}",
+                [k for k in wanted if k not in loaded],
+                unexpected,
+            )
+
+    # ------------------------------------------------------------------ optimisation
+    def total_batch_size(self) -> int:
+        """Examples per optimizer step: per-device batch (all loaders of a combined loader) x world size x
+        accumulation."""
+        dm = self._datamodule()
+        per_device = int(getattr(dm, "examples_per_device_step", getattr(dm, "batch_size_per_device", 1)))
+        return per_device * int(self.trainer.world_size) * int(self.trainer.accumulate_grad_batches)
+
+    def configure_optimizers(self) -> Any:
+        if self.lr_per_example is not None:
+            total = self.total_batch_size()
+            self.optimizer_cfg = {**self.optimizer_cfg, "lr": float(self.lr_per_example) * total}
+            log.info("lr = %g x total batch %d = %g", self.lr_per_example, total, self.optimizer_cfg["lr"])
+        return super().configure_optimizers()
+
+    # ------------------------------------------------------------------ retrieval
+    def pair_scorer(self) -> Any:
+        if "itm_bce" in self.objectives:
+            return self.objectives["itm_bce"].score
+        return super().pair_scorer()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """MT data: translate the batch's sources greedily (`greedy_translate`); other data: the shared test step."""
+        dm = self._datamodule()
+        if getattr(dm, "task", None) != "mt":
+            return super().test_step(batch, batch_idx)
+        examples = [dm.datasets["test"][int(i)] for i in batch["index"]]
+        hypotheses = greedy_translate(
+            self, dm.collator("test"), examples, dm.tokenizer, max_steps=int(getattr(dm, "mt_max_steps", 48))
+        )
+        self.predictions.extend(
+            {"key": int(i), "index": int(i), "hypothesis": h, "reference": ex["reference"]}
+            for i, h, ex in zip(batch["index"], hypotheses, examples)
+        )
+        return torch.zeros((), device=self.device)
+
+    def on_test_epoch_end(self) -> None:
+        """MT data: BLEU of the greedy translations (the seed's `seed_bleu` and plain sacrebleu); hypotheses file via
+        the data module. Retrieval data: also score every caption x image pair of the test split per language (both directions,
+        R@1/5/10, median rank) and write the seed-layout scores file ``retrieval_scores_<lang>.json``."""
+        dm = self._datamodule()
+        if getattr(dm, "task", None) == "mt":
+            import sacrebleu
+
+            from vl.data.multi30k import seed_bleu
+
+            preds = sorted(self.gathered_predictions(), key=lambda p: p["index"])
+            hyps, refs = [p["hypothesis"] for p in preds], [p["reference"] for p in preds]
+            if hyps:
+                self.log("test/bleu", seed_bleu(hyps, refs), sync_dist=False)
+                self.log("test/bleu_plain", sacrebleu.corpus_bleu(hyps, [refs]).score, sync_dist=False)
+        super().on_test_epoch_end()
+        if dm is None or getattr(dm, "task", None) != "retrieval" or not getattr(dm, "exhaustive_test", False):
+            return
+        for lang in ("en", "de"):
+            gallery = dm.gallery("test", language=lang)
+            scores_path = None
+            if self.trainer.is_global_zero:
+                scores_path = Path(self.trainer.default_root_dir) / f"retrieval_scores_{lang}.json"
+            metrics = exhaustive_retrieval(
+                self,
+                dm.scoring_collator(),
+                gallery["texts"],
+                gallery["visuals"],
+                batch_size=self.retrieval_batch_size,
+                scores_path=scores_path,
+            )
+            for key, value in metrics.items():
+                self.log(f"test/{lang}_{key}", value, sync_dist=False)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """A combined loader's batch (`{"main": ..., "aux": ...}`, Lightning `CombinedLoader`) sums its losses."""
+        if isinstance(batch, dict) and "input_ids" not in batch:
+            terms: dict[str, torch.Tensor] = {}
+            total = 0.0
+            for part_name, part in batch.items():
+                if part is None:
+                    continue
+                self._terms = {}
+                total = total + self.shared_step(part, "train")
+                suffix = "" if part_name == "main" else f"_{part_name}"
+                terms.update({f"{k}{suffix}": v for k, v in self._terms.items()})
+            self._terms = terms
+            self._pending_terms.append((self.current_epoch, batch_idx, terms))
+            return total
+        return super().training_step(batch, batch_idx)
+
+
+def triangle_schedule(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int | None = None,
+    warmup_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """VL-BERT's `triangle` schedule: linear warmup over `warmup_steps` (or `warmup_ratio` x total), then linear decay
+    to 0 at `total_steps`."""
+    warmup = max(1, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def exhaustive_retrieval(
+    model: Any,
+    collator: Any,
+    texts: list[str],
+    visuals: Any,
+    *,
+    batch_size: int = 256,
+    text_chunk: int = 16,
+    scores_path: Path | None = None,
+    tolerance: float = 1e-6,
+) -> dict[str, float]:
+    """Caption i belongs to image i. Scores all N x N pairs, one chunk of captions against every image at a time
+    (memory O(text_chunk x N), never N x N), and ranks both ways: image retrieval (``t2i``: the images for each caption)
+    and caption retrieval (``i2t``: the captions for each image). Rank = 1 + the number of others scoring more than the
+    gold pair's score + ``tolerance`` (ties count in the gold's favour). ``scores_path``: the seed's scores file
+    ``[{"caption_id", "image_ids", "logit": [p]}]``, one entry per pair, streamed."""
+    n = len(texts)
+    score = gallery_scorer(model, collator, texts, visuals, batch_size=batch_size)
+    gold = score.pairs(list(range(n)), list(range(n))).double().numpy()  # (N,) the aligned pairs
+    t2i_better = torch.zeros(n, dtype=torch.long)
+    i2t_better = torch.zeros(n, dtype=torch.long)
+    out = open(scores_path, "w", encoding="utf-8") if scores_path is not None else None  # noqa: SIM115
+    try:
+        if out is not None:
+            out.write("[")
+        first = True
+        for t0 in range(0, n, text_chunk):
+            rows_idx = list(range(t0, min(n, t0 + text_chunk)))
+            block = score(rows_idx, list(range(n))).double()  # (c, N)
+            own = torch.arange(len(rows_idx))
+            cols = torch.tensor(rows_idx)
+            not_gold = torch.ones_like(block, dtype=torch.bool)
+            not_gold[own, cols] = False
+            gold_t = torch.from_numpy(gold[rows_idx])
+            t2i_better[cols] += ((block > gold_t[:, None] + tolerance) & not_gold).sum(1)
+            i2t_better += ((block > torch.from_numpy(gold)[None, :] + tolerance) & not_gold).sum(0)
+            if out is not None:
+                for r, caption in enumerate(rows_idx):
+                    for image in range(n):
+                        sep = "" if first else ","
+                        first = False
+                        out.write(
+                            f'{sep}{{"caption_id": {caption}, "image_ids": {image}, "logit": [{float(block[r, image])}]}}'
+                        )
+        if out is not None:
+            out.write("]")
+    finally:
+        if out is not None:
+            out.close()
+    metrics: dict[str, float] = {}
+    for name, better in (("t2i", t2i_better), ("i2t", i2t_better)):
+        ranks = (better + 1).double()
+        for k in (1, 5, 10):
+            metrics[f"{name}_recall@{k}"] = float((ranks <= k).double().mean())
+        metrics[f"{name}_median_rank"] = float(ranks.median())
+    return metrics
+
+
+@torch.no_grad()
+def greedy_translate(
+    model: Any, collator: Any, examples: list[dict[str, Any]], tokenizer: Any, *, max_steps: int = 48
+) -> list[str]:
+    """Greedy autoregressive EN -> DE, batched over sentences: ``[CLS] EN [SEP] DE so far [MASK] [SEP]``, the MLM
+    head's arg-max at [MASK] is written and a new [MASK] appended; a sentence stops at [STOP] or after
+    ``max_steps``."""
+    stop = tokenizer.convert_tokens_to_ids("[STOP]")
+    mask = tokenizer.mask_token_id
+    head = model.objectives["mlm"]
+    generated: list[list[int]] = [[] for _ in examples]
+    done = [False] * len(examples)
+    for _ in range(max_steps):
+        live = [i for i, d in enumerate(done) if not d]
+        if not live:
+            break
+        rows = []
+        for i in live:
+            row = {"text": examples[i]["text"], "text_b_ids": [*generated[i], mask], "index": i}
+            if examples[i].get("visual") is not None:
+                row["visual"] = examples[i]["visual"]
+            rows.append(row)
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collator(rows).items()}
+        out = model(batch)
+        position = batch["attention_mask"].sum(1) - 2  # the [MASK] before the last [SEP]
+        states = out.text[torch.arange(len(live), device=position.device), position]
+        predicted = head.logits(states).argmax(-1).tolist()
+        for i, token in zip(live, predicted):
+            if token == stop:
+                done[i] = True
+            else:
+                generated[i].append(int(token))
+    return [tokenizer.decode(g, skip_special_tokens=True, clean_up_tokenization_spaces=True) for g in generated]

@@ -20,6 +20,7 @@ from vl.config import (
     schema_from_signature,
 )
 from vl.data.captions import CaptionsDataModule
+from vl.data.clip_vil import ClipVilPretrainDataModule, ClipVilVQADataModule
 from vl.data.lxmert_text import LxmertTextDataModule
 from vl.data.refcoco import RefCOCODataModule
 from vl.data.retrieval import RetrievalDataModule
@@ -29,6 +30,7 @@ from vl.data.vqa import VQADataModule
 from vl.errors import ConfigError
 from vl.models.bert_backbone import build_bert
 from vl.models.clip_bert import ClipBertEncoder, ClipBertSystem
+from vl.models.clip_vil import ClipVilEncoder, ClipVilSystem
 from vl.models.single_stream import SingleStreamEncoder
 from vl.models.system import VLSystem
 from vl.models.vilbert import VilbertEncoder, VilbertSystem
@@ -50,6 +52,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "single_stream": (VLSystem, SingleStreamEncoder),
     "vilbert": (VilbertSystem, VilbertEncoder),
     "clip_bert": (ClipBertSystem, ClipBertEncoder),
+    "clip_vil": (ClipVilSystem, ClipVilEncoder),
 }
 #: `schema/data/<name>`: the DataModule class; `conf/data/<name>.yaml` starts from it
 DATA: dict[str, type] = {
@@ -60,6 +63,8 @@ DATA: dict[str, type] = {
     "retrieval": RetrievalDataModule,
     "vlp": VLPDataModule,
     "lxmert_text": LxmertTextDataModule,
+    "clip_vil_pretrain": ClipVilPretrainDataModule,
+    "clip_vil_vqa": ClipVilVQADataModule,
 }
 
 #: `model.encoder.text_encoder`: the arguments of `build_bert`

@@ -144,7 +144,10 @@ class ClipVilEncoder(nn.Module):
         visual = self.visual_tokens(batch["pixel_values"]).to(text.dtype)
         states = torch.cat([text, visual], dim=1)
         mask = torch.cat(
-            [batch["attention_mask"], torch.ones(visual.shape[:2], dtype=batch["attention_mask"].dtype, device=text.device)],
+            [
+                batch["attention_mask"],
+                torch.ones(visual.shape[:2], dtype=batch["attention_mask"].dtype, device=text.device),
+            ],
             dim=1,
         )
         extended = (1.0 - mask[:, None, None, :].to(states.dtype)) * torch.finfo(states.dtype).min
@@ -200,7 +203,9 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         missing = sorted(set(self.optimizers) - set(state_dict))
         if missing:
-            raise ConfigError(f"optimizer state: the checkpoint has no state for {missing} (not a CLIP-ViL checkpoint?)")
+            raise ConfigError(
+                f"optimizer state: the checkpoint has no state for {missing} (not a CLIP-ViL checkpoint?)"
+            )
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state_dict[name])
 
@@ -342,9 +347,13 @@ class ClipVilSystem(VLSystem):
         head = self.objectives["vqa"].classifier
         n_rows = state[f"{prefix}3.weight"].shape[0]
         if n_rows != len(source_answers):
-            raise ConfigError(f"model.qa_answers: {answers_file} lists {len(source_answers)} answers, the QA head has {n_rows}")
+            raise ConfigError(
+                f"model.qa_answers: {answers_file} lists {len(source_answers)} answers, the QA head has {n_rows}"
+            )
         source = PretrainQA(hidden_size=state[f"{prefix}0.weight"].shape[1], num_answers=n_rows)
-        source.load_state_dict({k[len("objectives.qa.") :]: v for k, v in state.items() if k.startswith("objectives.qa.")})
+        source.load_state_dict(
+            {k[len("objectives.qa.") :]: v for k, v in state.items() if k.startswith("objectives.qa.")}
+        )
         ans2label = load_ans2label(self.data_info["answers_file"])
         target_answers = [""] * len(ans2label)
         for a, i in ans2label.items():

@@ -354,7 +354,7 @@ class ClipVilVQADataModule(ImageDataModule):
         answers: str = "vqa/trainval_ans2label.json",
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("splits", {"train": "train", "val": "minival", "test": "test"})
+        kwargs["splits"] = kwargs.get("splits") or {"train": "train", "val": "minival", "test": "test"}
         super().__init__(**kwargs)
         self.questions_file = questions
         self.answers_file = answers

@@ -5,6 +5,7 @@ bf16 autocast on CPU; the published configs compose."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ def test_published_configs_compose(make_cfg, experiment, model, channels) -> Non
     assert list(qa.data.objectives) == ["mlm", "itm", "qa"] and qa.model.optimizer.lr == 5e-5
 
 
+@pytest.mark.slow  # tiny fits from pixels (~1-2 min on 2 busy cores)
 def test_tiny_vqa_trains_the_backbone_end_to_end_and_freezing_is_an_option(make_cfg) -> None:
     cfg = make_cfg("experiment=clip_vil_vqa_tiny", *TINY, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                    "trainer.limit_test_batches=1")  # fmt: skip
@@ -64,6 +66,7 @@ def test_tiny_vqa_trains_the_backbone_end_to_end_and_freezing_is_an_option(make_
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
 
 
+@pytest.mark.slow  # tiny fits from pixels (~1-2 min on 2 busy cores)
 def test_stage2_to_vqa_copies_the_shared_answer_rows_and_resume_restores_both_optimisers(make_cfg, tmp_path) -> None:
     limits = ("trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
     stage2 = make_cfg("experiment=clip_vil_pretrain_qa_tiny", "pretrain=null", *TINY, *limits, name="stage2")
@@ -93,7 +96,7 @@ def test_stage2_to_vqa_copies_the_shared_answer_rows_and_resume_restores_both_op
 
     class Capture(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            captured["state"] = trainer.optimizers[0].state_dict()
+            captured["state"] = copy.deepcopy(trainer.optimizers[0].state_dict())  # before any step
 
     dm = build_datamodule(resumed)
     model = build_model(resumed, dm)
@@ -107,8 +110,48 @@ def test_stage2_to_vqa_copies_the_shared_answer_rows_and_resume_restores_both_op
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(captured["state"][name]["state"][k][key]))
 
 
+@pytest.mark.slow  # tiny fits from pixels (~1-2 min on 2 busy cores)
 def test_bf16_autocast_on_cpu(make_cfg) -> None:
     cfg = make_cfg("experiment=clip_vil_vqa_tiny", *TINY, "trainer.precision=bf16-mixed",
                    "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")  # fmt: skip
     metrics, _ = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["test/vqa_acc"]))
+
+
+# ------------------------------------------------------------------------------------------------ learning
+CORPUS = "data.corpus.num_images=600"
+
+
+@pytest.mark.slow  # ~3-6 min on 2 cores: 4 epochs of a tiny CLIP-ViL from pixels
+def test_vqa_from_pixels_beats_the_question_type_prior(make_cfg) -> None:
+    cfg = make_cfg("experiment=clip_vil_vqa_tiny", CORPUS, "trainer.max_epochs=4")
+    metrics, _ = train(cfg)
+    print({k: round(float(v), 4) for k, v in metrics.items() if k.startswith("test/")})
+    assert metrics["test/vqa_acc"] > metrics["test/vqa_acc_prior"] + 0.02, metrics
+
+
+@pytest.mark.slow  # ~5 min on 2 cores
+def test_stage1_itm_from_pixels_is_above_chance(make_cfg) -> None:
+    cfg = make_cfg("experiment=clip_vil_pretrain_tiny", CORPUS)
+    metrics, _ = train(cfg)
+    print({k: round(float(v), 4) for k, v in metrics.items() if k.startswith("test/")})
+    assert metrics["test/itm_acc"] > 0.6, metrics
+
+
+@pytest.mark.slow  # ~15-30 min on 2 cores: stage 1 + stage 2 pretraining, then two VQA fine-tunes
+def test_clip_vil_pretraining_beats_random_init_on_vqa(make_cfg) -> None:
+    """Stage 1 (MLM + ITM, 3 epochs) -> stage 2 (+ QA, 2 epochs) -> VQA (2 epochs) against VQA (2 epochs) from
+    random init, the same data and seed."""
+    stage = make_cfg(
+        "experiment=clip_vil_pretrain_qa_tiny", CORPUS, "pretrain.trainer.max_epochs=3", "trainer.max_epochs=2",
+        "pretrain.data.corpus.num_images=600", name="pretrain",
+    )  # fmt: skip
+    pre_metrics, _ = train(stage)
+    ckpt = Path(stage.paths.output_dir) / "checkpoints" / "best.ckpt"
+    results = {}
+    for name, extra in (("pretrained", [f"model.init_from={ckpt}"]), ("random", [])):
+        cfg = make_cfg("experiment=clip_vil_vqa_tiny", CORPUS, "trainer.max_epochs=2", *extra, name=name)
+        metrics, _ = train(cfg)
+        results[name] = metrics["test/vqa_acc"]
+    print({"stage2": {k: round(float(v), 4) for k, v in pre_metrics.items() if k.startswith("test/")}, **results})
+    assert results["pretrained"] > results["random"], results

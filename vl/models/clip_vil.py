@@ -80,8 +80,9 @@ class ClipVilEncoder(nn.Module):
         self.backbone = build_clip_resnet(**dict(backbone or {}))
         self.backbone_report = load_clip_visual(self.backbone, backbone_weights) if backbone_weights else None
         self.freeze_backbone = freeze_backbone
-        if freeze_backbone:
+        if freeze_backbone:  # built in eval mode: Lightning keeps each module's built mode
             self.backbone.requires_grad_(False)
+            self.backbone.eval()
         channels = self.backbone.out_channels
         self.pretrained = (text_encoder or {}).get("pretrained")
         self.bert = build_bert(**{**(text_encoder or {}), "add_pooling_layer": False})

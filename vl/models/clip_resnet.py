@@ -162,7 +162,9 @@ class ModifiedResNet(nn.Module):
 
 
 def build_clip_resnet(name: str | None = None, **sizes: Any) -> ModifiedResNet:
-    """`name` "RN50" / "RN50x4" (published sizes) or None (the given `sizes`, e.g. a tiny CPU variant)."""
+    """`name` "RN50" / "RN50x4" (published sizes) or None (the given `sizes`, e.g. a tiny CPU variant; a size left
+    None keeps RN50's value)."""
+    sizes = {k: v for k, v in sizes.items() if v is not None}
     if name is not None:
         if name not in CLIP_RESNETS:
             raise ConfigError(f"model.encoder.backbone.name: '{name}' is not one of {sorted(CLIP_RESNETS)}")

@@ -72,7 +72,7 @@ class ClipVilEncoder(nn.Module):
         super().__init__()
         if not data_info.get("pixels"):
             raise ConfigError(
-                "model: CLIP-ViL reads images (pixel_values); use a pixel data module "
+                "model: CLIP-ViL reads images (pixel_values), but this data module provides none; use a pixel data module "
                 "(data=clip_vil_pretrain, data=clip_vil_vqa)"
             )
         if pooling not in ("cls", "mean"):

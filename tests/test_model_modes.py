@@ -14,6 +14,7 @@ from vl.pipeline import build_datamodule, build_model, train
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 #: a data module each model trains on
 DATA = {"bert": "lxmert_text", "clip_bert": "vlp", "clip_bert_tiny": "vlp"}
+DATA |= {m: "clip_vil_vqa" for m in ("clip_vil", "clip_vil_rn50x4", "clip_vil_tiny")}
 #: shrink the full-size configs so a step is cheap (the mechanism is size-independent)
 SMALL = {
     "mm_bert": (
@@ -37,6 +38,20 @@ SMALL = {
         "model.encoder.t_biattention_id=[0,1]",
     ),
 }
+#: CLIP-ViL: a tiny backbone and BERT, small images, images decoded in the main process
+_SMALL_CLIP_VIL = (
+    "model.encoder.backbone.name=null",
+    "model.encoder.backbone.layers=[1,1,1,1]",
+    "model.encoder.backbone.width=8",
+    "model.encoder.text_encoder.hidden_size=32",
+    "model.encoder.text_encoder.num_heads=2",
+    "model.encoder.text_encoder.intermediate_size=64",
+    "model.encoder.text_encoder.num_layers=2",
+    "data.transform_options.min_size=64",
+    "data.transform_options.max_size=96",
+    "data.num_workers=0",
+)
+SMALL |= {m: _SMALL_CLIP_VIL for m in ("clip_vil", "clip_vil_rn50x4", "clip_vil_tiny")}
 
 
 def _overrides(model: str, *extra: str) -> list[str]:

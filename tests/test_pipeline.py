@@ -41,13 +41,25 @@ def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> N
                 "MM-BERT: model=mm_bert_tiny x data=multi30k* only (mm_bert is the same code at BERT-base size)"
             )
     small = ("data.batch_size=2", "data.batch_size_per_device=2") if model == "vilbert" else ()
+    if model.startswith("clip_vil") or data.startswith("clip_vil"):  # tiny backbone and BERT, small images
+        from tests.test_model_modes import _SMALL_CLIP_VIL
+
+        small += tuple(
+            o
+            for o in _SMALL_CLIP_VIL
+            if (o.startswith("data.") and data.startswith("clip_vil"))
+            or (o.startswith("model.") and model.startswith("clip_vil"))
+        )
     cfg = make_cfg("experiment=none", f"model={model}", f"data={data}", "debug=fdr", *small)
     info = build_datamodule(cfg).info
     objectives = set(cfg.data.objectives)
     region_model = cfg.model.encoder._target_.endswith(("SingleStreamEncoder", "VisualBertEncoder", "VilbertEncoder"))
-    sees_image = region_model or (cfg.model.encoder.get("use_image", True) and "clip_dim" in info)
+    pixel_model = cfg.model.encoder._target_.endswith("ClipVilEncoder")
+    sees_image = region_model or pixel_model or (cfg.model.encoder.get("use_image", True) and "clip_dim" in info)
     incompatible = None  # an incompatible pair fails with a clear error before any compute
-    if region_model and "visual_dim" not in info:
+    if pixel_model and not info.get("pixels"):
+        incompatible = "reads images"
+    elif region_model and "visual_dim" not in info:
         incompatible = "reads region features"
     elif not region_model and objectives & {"refer", "mrc", "mrfr"}:
         incompatible = "has no region states"

@@ -22,6 +22,7 @@ from vl.config import (
     signature_parameters,
 )
 from vl.data.captions import CaptionsDataModule
+from vl.data.clip_vil import ClipVilPretrainDataModule, ClipVilVQADataModule
 from vl.data.custom import CustomDataModule
 from vl.data.lxmert_text import LxmertTextDataModule
 from vl.data.multi30k import Multi30kDataModule
@@ -33,6 +34,7 @@ from vl.data.vqa import VQADataModule
 from vl.errors import ConfigError
 from vl.models.bert_backbone import build_bert
 from vl.models.clip_bert import ClipBertEncoder, ClipBertSystem
+from vl.models.clip_vil import ClipVilEncoder, ClipVilSystem
 from vl.models.mm_bert import MMBertEncoder, MMBertSystem
 from vl.models.single_stream import SingleStreamEncoder
 from vl.models.system import VLSystem
@@ -58,6 +60,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "vilbert": (VilbertSystem, VilbertEncoder),
     "clip_bert": (ClipBertSystem, ClipBertEncoder),
     "mm_bert": (MMBertSystem, MMBertEncoder),
+    "clip_vil": (ClipVilSystem, ClipVilEncoder),
 }
 #: `schema/data/<name>`: the DataModule class; `conf/data/<name>.yaml` starts from it
 DATA: dict[str, type] = {
@@ -70,6 +73,8 @@ DATA: dict[str, type] = {
     "lxmert_text": LxmertTextDataModule,
     "custom": CustomDataModule,
     "multi30k": Multi30kDataModule,
+    "clip_vil_pretrain": ClipVilPretrainDataModule,
+    "clip_vil_vqa": ClipVilVQADataModule,
 }
 
 #: `model.encoder.text_encoder`: the arguments of `build_bert`

@@ -1,0 +1,286 @@
+"""The image pipeline (model-agnostic: CLIP-ViL now, VG-BERT later) and CLIP-ViL's data formats: the embedded corpus
+as COCO / VG image files whose pictures agree with their text and boxes, transforms by hand calculation, bad images,
+aspect-ratio grouping, the LXMERT JSON / VQA JSON / answer-list readers (fixtures in the real formats + the real
+sample files), and `convert_ans` against the VQA evaluator's normalisation."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import real_sample
+from vl.data.clip_vil import ClipVilPretrainDataModule, ClipVilVQADataModule, PretrainPairs
+from vl.data.formats.lxmert_pretrain import (
+    convert_ans,
+    flatten_pretrain,
+    image_path,
+    load_all_answers,
+    load_ans2label,
+    load_vqa_json,
+)
+from vl.data.formats.vqa_answers import normalize_answer
+from vl.data.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageCollator,
+    ResizeCenterCrop,
+    ResizePadNormalize,
+    grouped_order,
+    load_rgb,
+    resized_size,
+)
+from vl.data.scenes import COLOUR_RGB, POSITIONS, SceneSettings, generate_scenes
+from vl.data.scenes.writers.images import ensure_image_corpus, image_id_of, jpg_path, pixel_scene
+from vl.errors import DataError
+
+SETTINGS = SceneSettings(num_images=36)
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory) -> Path:
+    return ensure_image_corpus(tmp_path_factory.mktemp("pix"), SETTINGS)
+
+
+# ------------------------------------------------------------------------------------------------ embedded images
+def test_image_corpus_is_laid_out_like_coco_and_vg(pixels: Path) -> None:
+    scenes = generate_scenes(SETTINGS)
+    sizes = json.loads((pixels / "mscoco" / "width_heights.json").read_text())
+    kinds = set()
+    for sc in scenes:
+        img_id = image_id_of(sc)
+        rel = jpg_path(img_id)
+        assert rel == image_path(img_id)  # the reader's path rule finds what the writer wrote
+        if sc.split == "train" and sc.image_id % 2 == 0:
+            assert rel == f"mscoco/train2014/COCO_train2014_{sc.image_id:012d}.jpg"
+        elif sc.split == "train":
+            assert rel == f"vg_raw_images/VG_100K/{sc.image_id}.jpg"
+        else:
+            assert rel == f"mscoco/val2014/COCO_val2014_{sc.image_id:012d}.jpg"
+        with Image.open(pixels / rel) as jpg, Image.open(pixels / "png" / f"{img_id}.png") as png:
+            assert jpg.format == "JPEG" and png.format == "PNG"
+            assert list(jpg.size) == list(png.size) == sizes[rel]
+        w, h = sizes[rel]
+        kinds.add((w > h) - (w < h))
+    assert kinds == {-1, 0, 1}  # portrait, square and landscape images
+
+
+def test_pictures_agree_with_their_text_and_boxes(pixels: Path) -> None:
+    """Every shape's box holds its colour (JPEG and PNG); its position word and left-of order still hold in the
+    stretched non-square pictures."""
+    for sc in generate_scenes(SETTINGS):
+        drawn = pixel_scene(sc)
+        img_id = image_id_of(sc)
+        jpg = np.asarray(load_rgb(pixels / jpg_path(img_id)), dtype=np.float32)
+        png = np.asarray(load_rgb(pixels / "png" / f"{img_id}.png"), dtype=np.float32)
+        assert jpg.shape[:2] == (drawn.height, drawn.width)
+        for shape, original in zip(drawn.shapes, sc.shapes):
+            x1, y1, x2, y2 = shape.box
+            cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+            want = np.asarray(COLOUR_RGB[shape.colour], dtype=np.float32)
+            assert np.abs(png[cy, cx] - want).max() == 0, (img_id, shape)
+            assert np.abs(jpg[cy - 1 : cy + 2, cx - 1 : cx + 2].mean((0, 1)) - want).max() < 25, (img_id, shape)
+            position = POSITIONS[min(2, int(3 * shape.centre[0] / drawn.width))]
+            assert position == original.position and shape.size == original.size
+        order = [s.shape + s.colour for s in sorted(drawn.shapes, key=lambda s: s.centre[0])]
+        assert order == [s.shape + s.colour for s in sorted(sc.shapes, key=lambda s: s.centre[0])]
+
+
+def test_image_corpus_is_written_once_and_rewritten_when_incomplete(tmp_path: Path) -> None:
+    out = ensure_image_corpus(tmp_path, SETTINGS)
+    stamp = (out / "DONE.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert ensure_image_corpus(tmp_path, SETTINGS) == out
+    assert time.perf_counter() - t0 < 0.5 and (out / "DONE.json").stat().st_mtime_ns == stamp
+    (out / "DONE.json").unlink()  # an interrupted write
+    ensure_image_corpus(tmp_path, SETTINGS)
+    assert (out / "DONE.json").is_file()
+
+
+def test_lxmert_and_vqa_json_of_the_embedded_corpus(pixels: Path) -> None:
+    train = json.loads((pixels / "lxmert" / "mscoco_train.json").read_text())
+    vg = json.loads((pixels / "lxmert" / "vgnococo.json").read_text())
+    assert all(d["img_id"].startswith("COCO_train2014_") and "mscoco" in d["sentf"] for d in train)
+    assert all(d["img_id"].isdigit() and "vg" in d["sentf"] for d in vg)
+    words = [a for d in train + vg for lab in d["labelf"]["vqa"] for a in lab if a in ("one", "two", "three")]
+    assert words  # counting answers as words: convert_ans maps them onto the answer list
+    answers = load_all_answers(pixels / "lxmert" / "all_ans.json")
+    assert all(convert_ans(a) in answers for d in train for lab in d["labelf"]["vqa"] for a in lab)
+    vqa = load_vqa_json(pixels / "vqa" / "train.json")
+    assert set(vqa[0]) == {"answer_type", "img_id", "label", "question_id", "question_type", "sent"}
+    ans2label = load_ans2label(pixels / "vqa" / "trainval_ans2label.json")
+    assert all(a in ans2label for q in vqa for a in q["label"])
+    assert set(ans2label) - set(answers) == {"maybe"}
+
+
+# ------------------------------------------------------------------------------------------------ formats
+def test_pretrain_json_is_flattened_as_the_seed_does(tmp_path: Path) -> None:
+    datums = [
+        {
+            "img_id": "COCO_val2014_000000000042",
+            "labelf": {"vqa": [{"two": 0.6, "3": 0.3}, {}]},
+            "sentf": {"mscoco": ["a cat.", "a dog."], "vqa": ["how many?", "what?"]},
+        },
+        {"img_id": "2345", "sentf": {"vg": ["a tree."]}},
+    ]
+    rows = flatten_pretrain(datums)
+    assert [r["uid"] for r in rows] == [
+        "COCO_val2014_000000000042_mscoco_000",
+        "COCO_val2014_000000000042_mscoco_001",
+        "COCO_val2014_000000000042_vqa_000",
+        "COCO_val2014_000000000042_vqa_001",
+        "2345_vg_000",
+    ]
+    assert [r["label"] for r in rows] == [None, None, {"two": 0.6, "3": 0.3}, {}, None]
+    assert image_path("COCO_val2014_000000000042") == "mscoco/val2014/COCO_val2014_000000000042.jpg"
+    assert image_path("COCO_train2014_000000000042") == "mscoco/train2014/COCO_train2014_000000000042.jpg"
+    assert image_path("2345") == "vg_raw_images/VG_100K/2345.jpg"
+    with pytest.raises(DataError, match="does not match sentf"):
+        flatten_pretrain([{"img_id": "1", "sentf": {"vqa": ["a?"]}, "labelf": {"vqa": []}}], source="x.json")
+
+
+def test_answer_sampling_follows_the_scores() -> None:
+    ds = PretrainPairs([], None, itm=False, itm_probability=0.0, ans2id={"2": 0, "3": 1, "cat": 2}, seed=0)
+    rng = np.random.default_rng(0)
+    draws = [ds.sample_answer({"two": 0.6, "3": 0.3, "unknown": 1.0}, rng) for _ in range(3000)]
+    assert set(draws) == {0, 1}  # "two" -> "2" (convert_ans); "unknown" is not in the list
+    assert abs(draws.count(0) / 3000 - 2 / 3) < 0.03
+    assert ds.sample_answer({}, rng) == -1 and ds.sample_answer({"unknown": 1.0}, rng) == -1
+
+
+def test_convert_ans_is_not_the_vqa_evaluator_normalisation() -> None:
+    same = {"Two.": "2", "the man": "man", "A dog": "dog"}
+    for raw, want in same.items():
+        assert convert_ans(raw) == normalize_answer(raw) == want
+    differ = {"grey": ("gray", "grey"), "t-shirt": ("t-shirt", "t shirt"), "dont": ("dont", "don't")}
+    for raw, (seed, evaluator) in differ.items():
+        assert convert_ans(raw) == seed and normalize_answer(raw) == evaluator
+
+
+def test_real_answer_lists() -> None:
+    answers = load_all_answers(real_sample("lxmert", "all_ans.json"))
+    assert len(answers) == 9500 and len(set(answers)) == 9500
+    ans2label = load_ans2label(real_sample("vqa", "trainval_ans2label.json"))
+    label2ans = load_ans2label(real_sample("vqa", "trainval_label2ans.json"))
+    assert len(ans2label) == 3129 and ans2label == label2ans
+    shared = [a for a in ans2label if a in set(answers)]
+    assert len(shared) > 3000  # the rows the VQA head takes over from the pretraining QA head
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+@pytest.mark.parametrize(
+    ("size", "resized", "canvas"),
+    [
+        ((500, 300), (640, 384), (384, 640)),  # 300 -> 384, 500 -> int(384 * 500 / 300) = 640
+        ((1000, 300), (640, 192), (384, 640)),  # long side capped: int(640 * 384 / 1280) = 192
+        ((300, 500), (384, 640), (640, 384)),  # portrait
+        ((384, 384), (384, 384), (384, 640)),
+    ],
+)
+def test_clip_vil_transform_by_hand(size, resized, canvas) -> None:
+    assert resized_size(*size, 384, 640) == resized
+    img = Image.new("RGB", size, (200, 100, 50))
+    x = ResizePadNormalize(384, 640)(img)
+    assert tuple(x.shape) == (3, *canvas)
+    w, h = resized
+    want = (torch.tensor([200, 100, 50]) / 255.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(x[:, :h, :w].mean((1, 2)), want, atol=1e-5, rtol=0)
+    assert x[:, h:, :].abs().sum() == 0 and x[:, :, w:].abs().sum() == 0  # zero padding after normalisation
+
+
+def test_vg_bert_transform_by_hand() -> None:
+    img = Image.new("RGB", (400, 300), (10, 20, 30))
+    img.paste((250, 250, 250), (0, 0, 20, 300))  # a stripe the centre crop cuts away
+    x = ResizeCenterCrop()(img)  # 300 -> 256, 400 -> 341; crop 224 from x = 58
+    assert tuple(x.shape) == (3, 224, 224)
+    want = (torch.tensor([10, 20, 30]) / 255.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(x.mean((1, 2)), want, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _dm(cls, data_dir: Path, **kwargs):
+    kwargs.setdefault("objectives", ["mlm", "itm"] if cls is ClipVilPretrainDataModule else ["vqa"])
+    return cls(
+        cache_dir=str(data_dir),
+        corpus={"num_images": 60},
+        batch_size=8,
+        transform_options={"min_size": 64, "max_size": 96},
+        **kwargs,
+    )
+
+
+def test_bad_images_fail_naming_the_file_or_are_skipped_and_counted(tmp_path: Path, data_dir: Path) -> None:
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(DataError, match="nope.jpg: image file not found"):
+        load_rgb(missing)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(DataError, match="broken.jpg: cannot decode image"):
+        load_rgb(broken)
+    dm = _dm(ClipVilVQADataModule, data_dir)
+    dm.prepare_data()
+    dm.setup("fit")
+    ds = dm.datasets["train"]
+    bad = dm.root / image_path(ds.questions[0]["img_id"])
+    good_bytes = bad.read_bytes()
+    try:
+        bad.write_bytes(good_bytes[: len(good_bytes) // 3])  # truncated
+        with pytest.raises(DataError, match=bad.name):
+            ds[0]
+        skipping = _dm(ClipVilVQADataModule, data_dir, on_bad_image="skip")
+        skipping.setup("fit")
+        sds = skipping.datasets["train"]
+        assert sds[0] is None
+        others = [i for i, q in enumerate(sds.questions) if q["img_id"] != sds.questions[0]["img_id"]][:3]
+        batch = skipping.collator("train")([sds[i] for i in [0, *others]])
+        assert batch["images_skipped"] == 1 and batch["pixel_values"].shape[0] == 3
+    finally:
+        bad.write_bytes(good_bytes)
+
+
+def test_grouped_order_keeps_full_batches_in_one_group() -> None:
+    groups = [0, 1] * 10 + [0] * 3
+    order = list(np.random.default_rng(0).permutation(len(groups)))
+    out = grouped_order(order, groups, 4)
+    assert sorted(out) == sorted(order)
+    full = len(out) // 4 * 4
+    batches = [out[i : i + 4] for i in range(0, full, 4)]
+    assert sum(len({groups[i] for i in b}) == 1 for b in batches) >= len(batches) - 1
+
+
+def test_pretrain_loader_batches_from_pixels(data_dir: Path) -> None:
+    dm = _dm(ClipVilPretrainDataModule, data_dir, objectives=["mlm", "itm", "qa"], num_workers=1)
+    dm.prepare_data()
+    assert dm.info["num_qa_answers"] == len(load_all_answers(dm.path("lxmert/all_ans.json")))
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers
+    n, mixed = 0, 0
+    for batch in loader:  # decoded, resized and normalised in the worker; grouped by orientation
+        x = batch["pixel_values"]
+        mixed += x.shape[1:] == (3, 96, 96)  # only the two groups' leftovers share a batch
+        assert x.shape[1:] in ((3, 64, 96), (3, 96, 64), (3, 96, 96))
+        assert set(batch) >= {"input_ids", "mlm_labels", "itm_labels", "qa_labels"}
+        # QA labels only on matched pairs
+        assert bool(((batch["qa_labels"] >= 0) <= (batch["itm_labels"] == 1)).all())
+        n += 1
+    assert n == len(loader) and mixed <= 2 < n
+    # ITM draws ~half mismatched sentences
+    labels = torch.cat([b["itm_labels"] for b in dm.val_dataloader()])
+    assert 0.3 < labels.float().mean() < 0.7
+
+
+def test_vqa_loader_and_baselines(data_dir: Path) -> None:
+    dm = _dm(ClipVilVQADataModule, data_dir)
+    dm.prepare_data()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["vqa_targets"].shape == (batch["pixel_values"].shape[0], dm.info["num_answers"])
+    base = dm.baselines("test")
+    assert 0 < base["test/vqa_acc_chance"] < base["test/vqa_acc_prior"] < 0.8
+    assert isinstance(dm.collator("train"), ImageCollator)

@@ -1,0 +1,413 @@
+"""CLIP-ViL's corpora, read from pixels (spec: clip_vil.md): LXMERT pretraining JSON (MLM + ITM, + QA in stage 2)
+and the LXMERT-format VQA JSON, with images decoded and transformed in DataLoader workers.
+
+Files are relative to `root` in the seed's `data/` layout (`lxmert/*.json`, `mscoco/{train,val}2014/*.jpg`,
+`vg_raw_images/VG_100K/*.jpg`, `mscoco/width_heights.json`, `vqa/*.json`); without `root`, the embedded corpus is
+written in that layout on first use (`vl.data.scenes.writers.images`).
+
+- `data=clip_vil_pretrain` (`ClipVilPretrainDataModule`): one example per sentence (`flatten_pretrain`); examples
+  whose image is not in `width_heights.json` are dropped (as the seed filters). ITM: with probability
+  `itm_probability` (0.5) the sentence is replaced by a sentence of another image (`itm_label` 0). QA (when `qa` is
+  in `objectives`): on matched pairs whose sentence has a label, the answers are normalised with `convert_ans`, those
+  outside `answers` (all_ans.json, 9500) dropped, and one is sampled in proportion to its score -> `qa_label`
+  (-1 = none). Every random choice derives from (seed, epoch, index): resumed runs draw the same.
+- `data=clip_vil_vqa` (`ClipVilVQADataModule`): `vqa/{split}.json`, targets = the label's soft scores over
+  `trainval_ans2label.json` (3129); baselines: chance and the question-type prior (the `question_type` field, fitted
+  on train); `vqa_predictions.json` in EvalAI format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vl.data.base import VLDataModule
+from vl.data.formats.lxmert_pretrain import (
+    convert_ans,
+    flatten_pretrain,
+    image_path,
+    load_all_answers,
+    load_ans2label,
+    load_pretrain_json,
+    load_vqa_json,
+    load_width_heights,
+)
+from vl.data.images import AspectGroupedSampler, ImageCollator, build_transform, load_rgb
+from vl.data.samplers import ResumableDataLoader, split_key
+from vl.data.scenes import SceneSettings, ensure_corpus
+from vl.data.scenes.writers.images import ensure_image_corpus
+from vl.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+class ImageSource:
+    """Decodes + transforms the image of an `img_id` (in a worker); `on_bad_image`: "error" (a DataError naming the
+    file) or "skip" (a warning naming the file; the example becomes None and is counted by the collator)."""
+
+    def __init__(self, root: Path, transform: Any, on_bad_image: str = "error", image_format: str = "jpg") -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_image: '{on_bad_image}' is not one of 'error', 'skip'")
+        if image_format not in ("jpg", "png"):
+            raise ConfigError(f"data.image_format: '{image_format}' is not one of 'jpg', 'png'")
+        self.root, self.transform, self.on_bad_image, self.image_format = root, transform, on_bad_image, image_format
+        self.skipped = 0
+
+    def path(self, img_id: str) -> Path:
+        return self.root / (image_path(img_id) if self.image_format == "jpg" else f"png/{img_id}.png")
+
+    def __call__(self, img_id: str) -> torch.Tensor | None:
+        try:
+            return self.transform(load_rgb(self.path(img_id)))
+        except DataError as e:
+            if self.on_bad_image == "error":
+                raise
+            self.skipped += 1
+            log.warning("skipped image (%d so far in this process): %s", self.skipped, e)
+            return None
+
+
+def _orientation(wh: tuple[int, int]) -> int:
+    return 0 if wh[0] >= wh[1] else 1
+
+
+class PretrainPairs(Dataset):
+    """LXMERT pretraining examples -> `{"text", "pixels", "itm_label", "qa_label", "index", "epoch"}`."""
+
+    def __init__(
+        self,
+        examples: list[dict[str, Any]],
+        images: ImageSource,
+        *,
+        itm: bool,
+        itm_probability: float,
+        ans2id: dict[str, int] | None,
+        seed: int,
+    ) -> None:
+        self.examples, self.images, self.itm, self.itm_probability = examples, images, itm, itm_probability
+        self.ans2id, self.seed = ans2id, seed
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def sample_answer(self, label: dict[str, float] | None, rng: np.random.Generator) -> int:
+        """One answer id sampled in proportion to its score among the usable answers, -1 when there is none."""
+        if not label or self.ans2id is None:
+            return -1
+        scores: dict[int, float] = {}
+        for ans, score in label.items():
+            aid = self.ans2id.get(convert_ans(ans))
+            if aid is not None and score > 0:
+                scores[aid] = scores.get(aid, 0.0) + float(score)
+        if not scores:
+            return -1
+        ids = sorted(scores)
+        p = np.asarray([scores[i] for i in ids])
+        return int(ids[int(rng.choice(len(ids), p=p / p.sum()))])
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        epoch, index = split_key(key)
+        ex = self.examples[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        text, matched = ex["sent"], 1
+        if self.itm and rng.random() < self.itm_probability:
+            for _ in range(20):  # a sentence of another image
+                other = self.examples[int(rng.integers(len(self.examples)))]
+                if other["img_id"] != ex["img_id"]:
+                    text, matched = other["sent"], 0
+                    break
+        pixels = self.images(ex["img_id"])
+        if pixels is None:
+            return None
+        out = {"text": text, "pixels": pixels, "index": index, "epoch": epoch}
+        if self.itm:
+            out["itm_label"] = matched
+        if self.ans2id is not None:
+            out["qa_label"] = self.sample_answer(ex["label"], rng) if matched else -1
+        return out
+
+
+class VQAPixels(Dataset):
+    """LXMERT-format VQA questions -> `{"text", "pixels", "vqa_target" (A,), "question_id", "index", "epoch"}`."""
+
+    def __init__(self, questions: list[dict[str, Any]], images: ImageSource, ans2label: dict[str, int]) -> None:
+        self.questions, self.images, self.ans2label = questions, images, ans2label
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def target(self, q: dict[str, Any]) -> np.ndarray:
+        target = np.zeros(len(self.ans2label), dtype=np.float32)
+        for ans, score in (q.get("label") or {}).items():
+            if ans in self.ans2label:
+                target[self.ans2label[ans]] = score
+        return target
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        epoch, index = split_key(key)
+        q = self.questions[index]
+        pixels = self.images(q["img_id"])
+        if pixels is None:
+            return None
+        return {
+            "text": q["sent"],
+            "pixels": pixels,
+            "vqa_target": self.target(q),
+            "question_id": int(q["question_id"]),
+            "index": index,
+            "epoch": epoch,
+        }
+
+
+class ImageDataModule(VLDataModule):
+    """Shared part of the pixel corpora: the image root (the embedded corpus in the seed's layout when `root` is
+    None), the transform, bad-image policy, aspect-ratio grouped training batches, `pin_memory` / persistent workers.
+
+    `transform`: "clip_vil" (ResizePadNormalize: `min_size`, `max_size`) or "vg_bert" (ResizeCenterCrop);
+    `transform_options`: its keyword arguments. `width_heights`: the size file (filter + grouping)."""
+
+    def __init__(
+        self,
+        *,
+        transform: str = "clip_vil",
+        transform_options: dict[str, Any] | None = None,
+        on_bad_image: str = "error",
+        image_format: str = "jpg",
+        width_heights: str = "mscoco/width_heights.json",
+        group_by_aspect: bool = True,
+        pin_memory: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        # pinned memory only helps (and only exists) with an accelerator; on CPU it would just warn
+        super().__init__(pin_memory=pin_memory and torch.cuda.is_available(), **kwargs)
+        self.transform = build_transform(transform, **dict(transform_options or {}))
+        self.on_bad_image = on_bad_image
+        self.image_format = image_format
+        self.width_heights_file = width_heights
+        self.group_by_aspect = group_by_aspect
+        self._sizes: dict[str, tuple[int, int]] | None = None
+        ImageSource(Path("."), None, on_bad_image, image_format)  # validates the two options now
+
+    @property
+    def root(self) -> Path:
+        if self._root is None and not self.root_arg:
+            settings = SceneSettings(**self.corpus)
+            self._root = ensure_image_corpus(ensure_corpus(Path(self.cache_dir), settings), settings)
+        return super().root
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        if self._sizes is None:
+            self._sizes = load_width_heights(self.path(self.width_heights_file))
+        return self._sizes
+
+    def images(self) -> ImageSource:
+        return ImageSource(self.root, self.transform, self.on_bad_image, self.image_format)
+
+    def keep_with_image(self, rows: list[dict[str, Any]], source: Path) -> list[dict[str, Any]]:
+        kept = [r for r in rows if image_path(r["img_id"]) in self.sizes]
+        if not kept:
+            raise DataError(
+                f"{source}: none of its {len(rows)} examples has an image listed in {self.width_heights_file}"
+            )
+        if len(kept) < len(rows):
+            log.info(
+                "%s: %d of %d examples have no listed image and are dropped", source, len(rows) - len(kept), len(rows)
+            )
+        return kept
+
+    def groups(self, split: str) -> list[int]:
+        rows = (
+            self.datasets[split].examples
+            if hasattr(self.datasets[split], "examples")
+            else self.datasets[split].questions
+        )
+        return [_orientation(self.sizes[image_path(r["img_id"])]) for r in rows]
+
+    def collator(self, split: str) -> ImageCollator:
+        base = super().collator(split)
+        return ImageCollator(
+            base.tokenizer,
+            max_text_len=base.max_text_len,
+            max_regions=base.max_regions,
+            mlm=base.mlm,
+            mlm_probability=base.mlm_probability,
+            labels=self.label_keys,
+        )
+
+    def scoring_collator(self) -> ImageCollator:
+        return ImageCollator(self.tokenizer, max_text_len=self.max_text_len, fixed_shapes=True, labels=self.label_keys)
+
+    def loader(self, split: str) -> DataLoader:
+        """As `VLDataModule.loader`, with the training order grouped by aspect ratio (`AspectGroupedSampler`)."""
+        if split != "train" or not self.group_by_aspect:
+            return super().loader(split)
+        self.setup("fit")
+        trainer = self.trainer
+        sampler = AspectGroupedSampler(
+            self.datasets[split],
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=True,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            groups=self.groups(split),
+            batch_size=self.batch_size_per_device,
+        )
+        sampler.set_epoch(trainer.current_epoch if trainer else 0)
+        return ResumableDataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size_per_device,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
+            num_workers=self.num_workers,
+            collate_fn=self.collator(split),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class ClipVilPretrainDataModule(ImageDataModule):
+    """`data=clip_vil_pretrain`: LXMERT pretraining JSON from pixels; objectives `mlm`, `itm`, and `qa` in stage 2."""
+
+    label_keys: ClassVar[dict[str, tuple[str, str]]] = {
+        "itm_label": ("itm_labels", "long"),
+        "qa_label": ("qa_labels", "long"),
+    }
+
+    def __init__(
+        self,
+        *,
+        files: dict[str, list[str]] | None = None,
+        answers: str = "lxmert/all_ans.json",
+        itm_probability: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.files = dict(
+            files
+            or {
+                "train": ["lxmert/mscoco_train.json", "lxmert/vgnococo.json"],
+                "val": ["lxmert/mscoco_minival.json"],
+                "test": ["lxmert/mscoco_test.json"],
+            }
+        )
+        self.answers_file = answers
+        self.itm_probability = itm_probability
+        self._answers: list[str] | None = None
+
+    def required_files(self) -> list[Path]:
+        files = [self.path(f) for split in ("train", "val", "test") for f in self.files[split]]
+        files.append(self.path(self.width_heights_file))
+        if "qa" in self.objectives:
+            files.append(self.path(self.answers_file))
+        return files
+
+    @property
+    def answers(self) -> list[str]:
+        if self._answers is None:
+            self._answers = load_all_answers(self.path(self.answers_file))
+        return self._answers
+
+    def build_dataset(self, split: str) -> PretrainPairs:
+        examples: list[dict[str, Any]] = []
+        for rel in self.files[split]:
+            path = self.path(rel)
+            examples += self.keep_with_image(flatten_pretrain(load_pretrain_json(path), source=str(path)), path)
+        ans2id = {a: i for i, a in enumerate(self.answers)} if "qa" in self.objectives else None
+        return PretrainPairs(
+            examples,
+            self.images(),
+            itm="itm" in self.objectives,
+            itm_probability=self.itm_probability,
+            ans2id=ans2id,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+        )
+
+    @property
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"pixels": True}
+        if "qa" in self.objectives:
+            info["num_qa_answers"] = len(self.answers)
+            info["qa_answers_file"] = str(self.path(self.answers_file))
+        return info
+
+
+class ClipVilVQADataModule(ImageDataModule):
+    """`data=clip_vil_vqa`: LXMERT-format VQA JSON from pixels (`vqa` objective, BCE x answers)."""
+
+    label_keys: ClassVar[dict[str, tuple[str, str]]] = {
+        "vqa_target": ("vqa_targets", "vector"),
+        "question_id": ("question_id", "long"),
+    }
+    prediction_file = "vqa_predictions.json"
+
+    def __init__(
+        self,
+        *,
+        questions: str = "vqa/{split}.json",
+        answers: str = "vqa/trainval_ans2label.json",
+        **kwargs: Any,
+    ) -> None:
+        kwargs["splits"] = kwargs.get("splits") or {"train": "train", "val": "minival", "test": "test"}
+        super().__init__(**kwargs)
+        self.questions_file = questions
+        self.answers_file = answers
+        self._ans2label: dict[str, int] | None = None
+
+    def required_files(self) -> list[Path]:
+        files = [self.path(self.questions_file, split) for split in ("train", "val", "test")]
+        return files + [self.path(self.answers_file), self.path(self.width_heights_file)]
+
+    @property
+    def ans2label(self) -> dict[str, int]:
+        if self._ans2label is None:
+            self._ans2label = load_ans2label(self.path(self.answers_file))
+        return self._ans2label
+
+    @property
+    def label2ans(self) -> list[str]:
+        out = [""] * len(self.ans2label)
+        for a, i in self.ans2label.items():
+            out[i] = a
+        return out
+
+    def build_dataset(self, split: str) -> VQAPixels:
+        path = self.path(self.questions_file, split)
+        return VQAPixels(self.keep_with_image(load_vqa_json(path), path), self.images(), self.ans2label)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"pixels": True, "num_answers": len(self.ans2label), "answers_file": str(self.path(self.answers_file))}
+
+    def baselines(self, split: str = "test") -> dict[str, float]:
+        """Chance (a uniformly random answer) and the question-type prior (the best constant answer per
+        `question_type`, fitted on train's soft scores)."""
+        train = load_vqa_json(self.path(self.questions_file, "train"))
+        prior: dict[str, dict[str, float]] = {}
+        for q in train:
+            bucket = prior.setdefault(q.get("question_type", ""), {})
+            for a, s in (q.get("label") or {}).items():
+                bucket[a] = bucket.get(a, 0.0) + float(s)
+        best = {t: max(b, key=b.get) for t, b in prior.items() if b}
+        rows = load_vqa_json(self.path(self.questions_file, split))
+        chance = [sum(float(s) for a, s in (q.get("label") or {}).items() if a in self.ans2label) for q in rows]
+        n = len(self.ans2label)
+        prior_acc = [float((q.get("label") or {}).get(best.get(q.get("question_type", ""), ""), 0.0)) for q in rows]
+        return {
+            f"{split}/vqa_acc_chance": float(np.mean(chance)) / n,
+            f"{split}/vqa_acc_prior": float(np.mean(prior_acc)),
+        }
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path:
+        import json
+
+        label2ans = self.label2ans
+        rows = [{"question_id": p["question_id"], "answer": label2ans[p["answer_idx"]]} for p in predictions]
+        path.write_text(json.dumps(sorted(rows, key=lambda r: r["question_id"])))
+        return path

@@ -1,0 +1,162 @@
+"""The LXMERT / CLIP-ViL data formats, read as the CLIP-ViL seed reads them (spec: clip_vil.md).
+
+- Pretraining JSON (`data/lxmert/mscoco_train.json`, `vgnococo.json`, ...): a list of
+  `{"img_id", "labelf": {src: [{answer: score}, ...]}, "sentf": {src: [sentences]}}`, flattened to one example per
+  sentence, uid `"{img_id}_{src}_{idx:03d}"`; a label is attached when `src` is in `labelf` (`flatten_pretrain`).
+- Image paths (`image_path`): an id containing `val2014` -> `mscoco/val2014/<id>.jpg`, `train2014` ->
+  `mscoco/train2014/<id>.jpg`, anything else -> `vg_raw_images/VG_100K/<id>.jpg` (relative to the image root).
+- `width_heights.json`: `{relative image path: [w, h]}`, used to filter examples and group aspect ratios.
+- Answer lists: `lxmert/all_ans.json` (list of `{"ans", "dsets"}`, 9500 in the release) and the VQA
+  `trainval_ans2label.json` (dict, 3129) / `trainval_label2ans.json` (list).
+- VQA JSON (`data/vqa/{train,nominival,minival}.json`): a list of
+  `{"answer_type", "img_id", "label": {ans: score}, "question_id", "question_type", "sent"}`.
+- `convert_ans`: the seed's `AnswerTable` normalisation of pretraining answers. It is NOT the VQA evaluator's
+  (`vl.data.formats.vqa_answers.normalize_answer`): it only lower-cases, strips one trailing ".", drops a leading
+  article word, maps number words to digits and "grey" -> "gray"; punctuation inside an answer and contractions are
+  left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vl.data.formats.jsonl import read_json
+from vl.errors import DataError
+
+__all__ = [
+    "convert_ans",
+    "flatten_pretrain",
+    "image_path",
+    "load_all_answers",
+    "load_pretrain_json",
+    "load_vqa_json",
+    "load_width_heights",
+    "load_ans2label",
+]
+
+#: the seed's `AnswerTable.ANS_CONVERT`
+ANS_CONVERT: dict[str, str] = {
+    "a man": "man",
+    "the man": "man",
+    "a woman": "woman",
+    "the woman": "woman",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+    "grey": "gray",
+}
+
+
+def convert_ans(ans: str) -> str:
+    """The seed's answer normalisation: lower-case; drop one trailing "."; strip a leading "a " / "an " / "the ";
+    then the `ANS_CONVERT` table ("two" -> "2", "grey" -> "gray", "a man" -> "man")."""
+    if len(ans) == 0:
+        return ""
+    ans = ans.lower()
+    if ans[-1] == ".":
+        ans = ans[:-1].strip()
+    if ans.startswith("a "):
+        ans = ans[2:].strip()
+    if ans.startswith("an "):
+        ans = ans[3:].strip()
+    if ans.startswith("the "):
+        ans = ans[4:].strip()
+    return ANS_CONVERT.get(ans, ans)
+
+
+def image_path(img_id: str) -> str:
+    """The seed's image path rule, relative to the image root."""
+    if "val2014" in img_id:
+        return f"mscoco/val2014/{img_id}.jpg"
+    if "train2014" in img_id:
+        return f"mscoco/train2014/{img_id}.jpg"
+    return f"vg_raw_images/VG_100K/{img_id}.jpg"
+
+
+def load_pretrain_json(path: str | Path) -> list[dict[str, Any]]:
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of LXMERT datums")
+    for n, datum in enumerate(data):
+        if not isinstance(datum, dict) or "img_id" not in datum or not isinstance(datum.get("sentf"), dict):
+            raise DataError(f"{path}: datum {n} lacks 'img_id' or a 'sentf' dict")
+    return data
+
+
+def flatten_pretrain(datums: Iterable[dict[str, Any]], *, source: str = "<lxmert json>") -> list[dict[str, Any]]:
+    """One example per sentence: `{"uid", "img_id", "sent", "label" (dict or None), "src"}` (the seed's order)."""
+    out = []
+    for n, datum in enumerate(datums):
+        labelf = datum.get("labelf") or {}
+        for src, sents in datum["sentf"].items():
+            labels = labelf.get(src)
+            if labels is not None and len(labels) != len(sents):
+                raise DataError(f"{source}: datum {n} ({datum['img_id']}): labelf[{src!r}] does not match sentf")
+            for idx, sent in enumerate(sents):
+                out.append(
+                    {
+                        "uid": f"{datum['img_id']}_{src}_{idx:03d}",
+                        "img_id": datum["img_id"],
+                        "sent": sent,
+                        "label": labels[idx] if labels is not None else None,
+                        "src": src,
+                    }
+                )
+    return out
+
+
+def load_all_answers(path: str | Path) -> list[str]:
+    """`all_ans.json` -> the answers in file order (the answer ids of the pretraining QA head; the seed's
+    `AnswerTable` uses them as stored, `convert_ans` is applied to the labels looked up in it)."""
+    data = read_json(path)
+    if not isinstance(data, list) or not all(isinstance(a, dict) and "ans" in a for a in data):
+        raise DataError(f"{path}: expected a list of {{'ans', 'dsets'}} records")
+    answers = [str(a["ans"]) for a in data]
+    if len(set(answers)) != len(answers):
+        dup = next(a for i, a in enumerate(answers) if a in answers[:i])
+        raise DataError(f"{path}: answer {dup!r} is listed twice")
+    return answers
+
+
+def load_ans2label(path: str | Path) -> dict[str, int]:
+    data = read_json(path)
+    if isinstance(data, list):  # label2ans
+        data = {a: i for i, a in enumerate(data)}
+    if not isinstance(data, dict) or sorted(data.values()) != list(range(len(data))):
+        raise DataError(f"{path}: expected ans2label (answer -> 0..N-1) or label2ans (a list)")
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def load_vqa_json(path: str | Path) -> list[dict[str, Any]]:
+    data = read_json(path)
+    required = ("img_id", "question_id", "sent")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of VQA questions")
+    for n, q in enumerate(data):
+        missing = [k for k in required if not isinstance(q, dict) or k not in q]
+        if missing:
+            raise DataError(f"{path}: question {n} lacks {missing}")
+        if "label" in q and not isinstance(q["label"], dict):
+            raise DataError(f"{path}: question {q['question_id']}: 'label' is not a dict")
+    return data
+
+
+def load_width_heights(path: str | Path) -> dict[str, tuple[int, int]]:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected {{image path: [w, h]}}")
+    out = {}
+    for k, v in data.items():
+        if not (isinstance(v, Sequence) and len(v) == 2):
+            raise DataError(f"{path}: {k!r} -> {v!r} is not [w, h]")
+        out[str(k)] = (int(v[0]), int(v[1]))
+    return out

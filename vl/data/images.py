@@ -1,0 +1,211 @@
+"""Images as input, for any model that reads pixels (CLIP-ViL, VG-BERT): decoding with a file-naming error or a
+counted skip, the published transforms, aspect-ratio grouping, and a collator that stacks pixels.
+
+Everything here runs in DataLoader workers (a dataset's `__getitem__` decodes and transforms; the collator stacks),
+never in the training step.
+
+- `load_rgb(path)`: PIL decode (JPEG, PNG, ...) -> RGB; a missing or corrupt file -> `DataError("<file>: ...")`.
+- `ResizePadNormalize` (CLIP-ViL): shorter side -> `min_size`, longer side capped at `max_size` (PIL bicubic; the
+  size rule of torchvision's `Resize(min_size, max_size=max_size)`), CLIP mean/std, then zero-padded (after
+  normalisation, bottom/right) to `min_size x max_size` (landscape) or `max_size x min_size` (portrait).
+- `ResizeCenterCrop` (VG-BERT): shorter side -> 256 (bilinear), centre crop 224, ImageNet mean/std.
+- `AspectGroupedSampler`: `EpochShuffleSampler` whose order puts same-orientation images into the same batches
+  (the seed's `aspect_ratio_group_factor`, here two groups: w >= h and w < h); resumable like its parent.
+- `ImageCollator`: the shared `Collator` plus `pixel_values` (B, 3, H, W), zero-padded to the batch's largest H / W;
+  examples that are None (an image skipped under `on_bad_image="skip"`) are dropped and counted in
+  `images_skipped`.
+
+Why not torchvision: its PyPI wheels for torch 2.13 (0.28.*) are CUDA builds, whose ops library does not load with the
+CPU torch build these machines install (`import torchvision` fails: "operator torchvision::nms does not exist"); the
+CPU build comes only from PyTorch's own index, which these machines cannot reach. PIL (already a dependency) decodes
+and resizes instead; the transforms follow torchvision's size rules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vl.data.collate import Collator
+from vl.data.samplers import EpochShuffleSampler
+from vl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "load_rgb",
+    "resized_size",
+    "ResizePadNormalize",
+    "ResizeCenterCrop",
+    "build_transform",
+    "AspectGroupedSampler",
+    "grouped_order",
+    "ImageCollator",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_rgb(path: str | Path) -> Any:
+    """Decode an image file to a PIL RGB image; `DataError` naming the file when it is missing or cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def resized_size(width: int, height: int, min_size: int, max_size: int | None) -> tuple[int, int]:
+    """(w, h) after resizing the shorter side to `min_size` with the longer side capped at `max_size` (torchvision's
+    `Resize(min_size, max_size=max_size)` rule, integer arithmetic included)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = min_size, int(min_size * long / short)
+    if max_size is not None and new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _to_tensor(img: Any, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    return (arr - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+class ResizePadNormalize:
+    """CLIP-ViL's input: PIL RGB -> (3, H, W) float, H x W = min_size x max_size or max_size x min_size."""
+
+    def __init__(
+        self,
+        min_size: int = 384,
+        max_size: int = 640,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        pad: bool = True,
+    ) -> None:
+        if min_size < 1 or max_size < min_size:
+            raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
+        self.min_size, self.max_size, self.mean, self.std, self.pad = min_size, max_size, mean, std, pad
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        from PIL import Image
+
+        w, h = resized_size(img.width, img.height, self.min_size, self.max_size)
+        x = _to_tensor(img.resize((w, h), Image.Resampling.BICUBIC), self.mean, self.std)
+        if not self.pad:
+            return x
+        out_h, out_w = (self.min_size, self.max_size) if w >= h else (self.max_size, self.min_size)
+        out = torch.zeros(3, out_h, out_w)
+        out[:, :h, :w] = x
+        return out
+
+
+class ResizeCenterCrop:
+    """VG-BERT's input: Resize(256) (shorter side) + CenterCrop(224), ImageNet mean/std."""
+
+    def __init__(
+        self,
+        size: int = 256,
+        crop: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.size, self.crop, self.mean, self.std = size, crop, mean, std
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        from PIL import Image
+
+        w, h = resized_size(img.width, img.height, self.size, None)
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
+        left, top = int(round((w - self.crop) / 2.0)), int(round((h - self.crop) / 2.0))
+        return _to_tensor(img.crop((left, top, left + self.crop, top + self.crop)), self.mean, self.std)
+
+
+def build_transform(name: str, **options: Any) -> Any:
+    """`"clip_vil"` -> ResizePadNormalize(**options); `"vg_bert"` -> ResizeCenterCrop(**options)."""
+    if name == "clip_vil":
+        return ResizePadNormalize(**options)
+    if name == "vg_bert":
+        return ResizeCenterCrop(**options)
+    from vl.errors import ConfigError
+
+    raise ConfigError(f"data.transform: '{name}' is not one of 'clip_vil', 'vg_bert'")
+
+
+def grouped_order(order: Sequence[int], groups: Sequence[int], batch_size: int) -> list[int]:
+    """Reorder `order` so every full batch holds one group: indices are dealt into per-group buffers in `order`;
+    a buffer that reaches `batch_size` is emitted as a batch; the leftovers come last (mixed batches)."""
+    buffers: dict[int, list[int]] = {}
+    out: list[int] = []
+    for index in order:
+        buf = buffers.setdefault(int(groups[index]), [])
+        buf.append(int(index))
+        if len(buf) == batch_size:
+            out += buf
+            buf.clear()
+    for buf in buffers.values():
+        out += buf
+    return out
+
+
+class AspectGroupedSampler(EpochShuffleSampler):
+    """`EpochShuffleSampler` (yields `(epoch, index)`; shuffles per epoch; resumable mid-epoch) with batches grouped
+    by `groups[index]` (e.g. 0 = landscape, 1 = portrait); `batch_size`: the per-device batch size."""
+
+    def __init__(self, *args: Any, groups: Sequence[int], batch_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.groups = list(groups)
+        self.batch_size = int(batch_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch = self.epoch
+        skip = self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == epoch else 0
+        self.resume_at = None
+        order = list(super(EpochShuffleSampler, self).__iter__())  # DistributedSampler's shuffled shard
+        for position, index in enumerate(grouped_order(order, self.groups, self.batch_size)):
+            if position >= skip:
+                yield (epoch, index)
+
+
+def stack_pixels(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(3, H_i, W_i) tensors -> (B, 3, max H, max W), zero-padded bottom/right."""
+    h = max(p.shape[1] for p in pixels)
+    w = max(p.shape[2] for p in pixels)
+    if all(p.shape[1] == h and p.shape[2] == w for p in pixels):
+        return torch.stack(list(pixels))
+    out = torch.zeros(len(pixels), pixels[0].shape[0], h, w, dtype=pixels[0].dtype)
+    for i, p in enumerate(pixels):
+        out[i, :, : p.shape[1], : p.shape[2]] = p
+    return out
+
+
+class ImageCollator(Collator):
+    """The shared collator plus `pixels` ((3, H, W) per example) -> `pixel_values` (B, 3, H, W)."""
+
+    extra_keys = frozenset({"pixels"})
+
+    def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
+        kept = [ex for ex in examples if ex is not None]
+        if not kept:
+            raise DataError(f"every image of a batch of {len(examples)} failed to load (on_bad_image=skip)")
+        pixels = [ex["pixels"] for ex in kept]
+        batch = super().__call__([{k: v for k, v in ex.items() if k != "pixels"} for ex in kept])
+        batch["pixel_values"] = stack_pixels(pixels)
+        batch["images_skipped"] = len(examples) - len(kept)
+        return batch

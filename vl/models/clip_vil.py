@@ -1,0 +1,368 @@
+"""CLIP-ViL (`model=clip_vil`, `model=clip_vil_tiny`; spec: clip_vil.md): a trainable CLIP ResNet's C5 grid +
+learned x/y position embeddings -> `visn_fc` -> twelve BERT layers over [text ; visual] -> [CLS] pooler without tanh.
+
+Encoder (`ClipVilEncoder`):
+  - grid = backbone(pixel_values) (B, C, h, w) (`vl.models.clip_resnet`, attention pool skipped; stride 32);
+  - + x-embedding[x] + y-embedding[y] (`pos_num` 25 each, dim C), flattened row-major to (B, h*w, C);
+  - `sub_sampling`: in training, `sub_feat_num` (100) distinct cells drawn per image (all cells when the grid is
+    smaller; all cells in evaluation and fine-tuning);
+  - visual tokens = Dropout(LayerNorm(Linear(C -> H))): no BERT position / type embeddings, no boxes;
+  - text tokens = BERT embeddings (word + position + type, LayerNorm, dropout);
+  - the attention mask of the visual tokens is all ones (zero-padded image areas included);
+  - pooled = Linear(H, H) on the first token, no tanh (`pooling: mean` is an option for tiny random-init models).
+
+System (`ClipVilSystem`, the shared `VLSystem` plus):
+  - two optimisers fused into one (`FusedOptimizer`, as the seed's): AdamW (eps 1e-6, wd 0.01, no decay on bias /
+    LayerNorm) for everything but the backbone, linear warmup (`warmup_ratio` 0.025) then linear decay to 0 at
+    `decay_epochs` (default: max_epochs; the RN50 stage 1 planned 20 and stopped at 10); SGD (lr 0.003, momentum 0,
+    wd 4e-4) for the backbone, x0.1 from each epoch (0-based) in `visual_optimizer.schedule`. Lightning's gradient
+    clipping (1.0) covers both (one norm over all parameters, as the seed's clip over `amp.master_params`); both
+    states are in the checkpoint (`{"adamw": ..., "sgd": ...}`);
+  - `init_from` a stage-2 checkpoint into a VQA model also copies the QA head: its hidden layers whole, and the rows
+    of the answers the two lists share (`copy_answer_rows`; logged: how many matched).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from vl.batch import EncoderOutput
+from vl.errors import ConfigError
+from vl.heads.qa import PretrainQA
+from vl.models.bert_backbone import build_bert
+from vl.models.clip_resnet import build_clip_resnet, load_clip_visual
+from vl.models.system import NO_DECAY, VLSystem
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClipVilEncoder", "ClipVilSystem", "FusedOptimizer", "copy_answer_rows", "PretrainQA"]
+
+
+class ClipVilEncoder(nn.Module):
+    """`forward(batch) -> EncoderOutput(text (B,T,H), visual (B,N,H), pooled (B,H))`; batch keys input_ids,
+    attention_mask, token_type_ids (B,T) and pixel_values (B,3,H_img,W_img)."""
+
+    visual_input = "grid"
+
+    def __init__(
+        self,
+        *,
+        data_info: dict[str, Any],
+        text_encoder: dict[str, Any] | None = None,
+        backbone: dict[str, Any] | None = None,
+        backbone_weights: str | None = None,
+        freeze_backbone: bool = False,
+        use_positional_embedding: bool = True,
+        pos_num: int = 25,
+        sub_sampling: bool = False,
+        sub_feat_num: int = 100,
+        visual_dropout: float = 0.1,
+        pooling: str = "cls",
+    ) -> None:
+        """`backbone`: `build_clip_resnet` arguments (`name`: RN50 / RN50x4, or sizes); `backbone_weights`: a local
+        OpenAI / open_clip state dict (key report logged); random init otherwise. `freeze_backbone`: no gradients
+        and BatchNorm kept in eval mode."""
+        super().__init__()
+        if not data_info.get("pixels"):
+            raise ConfigError(
+                "model: CLIP-ViL reads images (pixel_values), but this data module provides none; use a pixel data module "
+                "(data=clip_vil_pretrain, data=clip_vil_vqa)"
+            )
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f"model.encoder.pooling: '{pooling}' is not one of 'cls', 'mean'")
+        self.backbone = build_clip_resnet(**dict(backbone or {}))
+        self.backbone_report = load_clip_visual(self.backbone, backbone_weights) if backbone_weights else None
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:  # built in eval mode: Lightning keeps each module's built mode
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        channels = self.backbone.out_channels
+        self.pretrained = (text_encoder or {}).get("pretrained")
+        self.bert = build_bert(**{**(text_encoder or {}), "add_pooling_layer": False})
+        hidden = self.bert.config.hidden_size
+        self.hidden_size = self.pooled_size = self.text_size = self.visual_size = hidden
+        self.use_positional_embedding = use_positional_embedding
+        self.pos_num = pos_num
+        if use_positional_embedding:
+            self.pos_x = nn.Embedding(pos_num, channels)
+            self.pos_y = nn.Embedding(pos_num, channels)
+        self.sub_sampling, self.sub_feat_num = sub_sampling, sub_feat_num
+        self.visual_fc = nn.Linear(channels, hidden)
+        self.visual_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.visual_dropout = nn.Dropout(visual_dropout)
+        self.pooling = pooling
+        if pooling == "cls":
+            self.pooler = nn.Linear(hidden, hidden)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def pretrained_parameter_names(self) -> set[str]:
+        names = {f"bert.{n}" for n, _ in self.bert.named_parameters()} if self.pretrained else set()
+        if self.backbone_report is not None:
+            names |= {f"backbone.{n}" for n in self.backbone_report["loaded"]}
+        return names
+
+    def train(self, mode: bool = True) -> ClipVilEncoder:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # frozen: BatchNorm statistics stay as loaded
+        return self
+
+    def grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> position-embedded grid (B, C, H/32, W/32)."""
+        grid = self.backbone(pixel_values, skip_last_layer=True)
+        if self.use_positional_embedding:
+            h, w = grid.shape[-2:]
+            if h > self.pos_num or w > self.pos_num:
+                raise ConfigError(
+                    f"model.encoder.pos_num={self.pos_num}: the image grid is {h}x{w}; raise pos_num or lower the "
+                    "image size"
+                )
+            grid = grid + self.pos_x.weight[:w].T[None, :, None, :] + self.pos_y.weight[:h].T[None, :, :, None]
+        return grid
+
+    def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        grid = self.grid(pixel_values)
+        feats = grid.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major
+        n = feats.shape[1]
+        if self.sub_sampling and self.training and n > self.sub_feat_num:
+            idx = torch.stack([torch.randperm(n, device=feats.device)[: self.sub_feat_num] for _ in feats])
+            feats = feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        return self.visual_dropout(self.visual_norm(self.visual_fc(feats)))
+
+    def forward(self, batch: dict[str, Any]) -> EncoderOutput:
+        input_ids = batch["input_ids"]
+        text = self.bert.embeddings(input_ids=input_ids, token_type_ids=batch.get("token_type_ids"))
+        visual = self.visual_tokens(batch["pixel_values"]).to(text.dtype)
+        states = torch.cat([text, visual], dim=1)
+        mask = torch.cat(
+            [
+                batch["attention_mask"],
+                torch.ones(visual.shape[:2], dtype=batch["attention_mask"].dtype, device=text.device),
+            ],
+            dim=1,
+        )
+        extended = (1.0 - mask[:, None, None, :].to(states.dtype)) * torch.finfo(states.dtype).min
+        for layer in self.bert.encoder.layer:
+            out = layer(states, attention_mask=extended)
+            states = out[0] if isinstance(out, tuple) else out
+        t = input_ids.shape[1]
+        if self.pooling == "cls":
+            pooled = self.pooler(states[:, 0])  # no tanh (CLIP-ViL)
+        else:
+            weights = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return EncoderOutput(text=states[:, :t], visual=states[:, t:], pooled=pooled)
+
+
+# ------------------------------------------------------------------------------------------------ optimisation
+class FusedOptimizer(Optimizer):
+    """Several optimisers stepped as one (the seed's `FusedOptimizer`): `param_groups` is the concatenation of theirs
+    (the same dicts: schedulers and gradient clipping see every group), `step` runs the closure once then steps each,
+    `state_dict` = {name: each one's state_dict}."""
+
+    def __init__(self, optimizers: dict[str, Optimizer]) -> None:  # noqa: D107 - Optimizer.__init__ is not called
+        self.optimizers = dict(optimizers)
+        self.defaults: dict[str, Any] = {}
+        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+        self._optimizer_state_dict_pre_hooks: dict = {}
+        self._optimizer_state_dict_post_hooks: dict = {}
+        self._optimizer_load_state_dict_pre_hooks: dict = {}
+        self._optimizer_load_state_dict_post_hooks: dict = {}
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers.values():
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        missing = sorted(set(self.optimizers) - set(state_dict))
+        if missing:
+            raise ConfigError(
+                f"optimizer state: the checkpoint has no state for {missing} (not a CLIP-ViL checkpoint?)"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state_dict[name])
+
+    def __repr__(self) -> str:
+        return f"FusedOptimizer({', '.join(f'{k}: {type(v).__name__}' for k, v in self.optimizers.items())})"
+
+
+def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """The seed's BertAdam `warmup_linear`: (step+1)/warmup during warmup, then linear decay to 0 at `total_steps`."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def step_schedule(steps_per_epoch: int, milestones: Sequence[int], gamma: float = 0.1) -> Callable[[int], float]:
+    """x`gamma` from each (0-based) epoch in `milestones` on."""
+    marks = sorted(int(m) for m in milestones)
+
+    def factor(step: int) -> float:
+        epoch = step // max(1, steps_per_epoch)
+        return gamma ** sum(epoch >= m for m in marks)
+
+    return factor
+
+
+def copy_answer_rows(
+    source: nn.Sequential, source_answers: Sequence[str], target: nn.Sequential, target_answers: Sequence[str]
+) -> int:
+    """Initialise an answer MLP (`target`, rows = `target_answers`) from another (`source`): every layer but the last
+    is copied whole, the last layer's rows (weight and bias) of the answers both lists share. Returns how many."""
+    with torch.no_grad():
+        for src, dst in zip(list(source)[:-1], list(target)[:-1]):
+            dst.load_state_dict(src.state_dict())
+        index = {a: i for i, a in enumerate(source_answers)}
+        pairs = [(index[a], j) for j, a in enumerate(target_answers) if a in index]
+        if pairs:
+            src_rows = torch.tensor([i for i, _ in pairs])
+            dst_rows = torch.tensor([j for _, j in pairs])
+            target[-1].weight[dst_rows] = source[-1].weight[src_rows].to(target[-1].weight.dtype)
+            target[-1].bias[dst_rows] = source[-1].bias[src_rows].to(target[-1].bias.dtype)
+    return len(pairs)
+
+
+class ClipVilSystem(VLSystem):
+    """The shared system with CLIP-ViL's two optimisers and the QA -> VQA head initialisation (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        visual_optimizer: dict[str, Any] | None = None,
+        warmup_ratio: float = 0.025,
+        decay_epochs: int | None = None,
+        qa_answers: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`visual_optimizer`: the backbone's SGD (`lr`, `momentum`, `weight_decay`, `schedule`: epochs of x0.1);
+        `model.optimizer` (lr, eps, weight_decay) is the AdamW of the rest. `decay_epochs`: where the AdamW linear
+        decay reaches 0 (default max_epochs). `qa_answers`: the stage-2 answer list (all_ans.json) when
+        initialising a VQA model from a stage-2 checkpoint (default: the one that checkpoint recorded)."""
+        self.visual_optimizer_cfg = {"lr": 0.003, "momentum": 0.0, "weight_decay": 4e-4, "schedule": []} | dict(
+            visual_optimizer or {}
+        )
+        self.warmup_ratio = warmup_ratio
+        self.decay_epochs = decay_epochs
+        self.qa_answers = qa_answers
+        self.qa_rows_copied: int | None = None
+        super().__init__(**kwargs)
+
+    def configure_optimizers(self) -> Any:
+        cfg = dict(self.optimizer_cfg)
+        lr = float(cfg.get("lr", 1e-4))
+        weight_decay = float(cfg.get("weight_decay", 0.01))
+        decay, no_decay, visual = [], [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("encoder.backbone."):
+                visual.append(param)
+            elif any(name.endswith(nd) for nd in NO_DECAY) or param.ndim <= 1:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        optimizers: dict[str, Optimizer] = {
+            "adamw": torch.optim.AdamW(
+                [
+                    {"params": decay, "weight_decay": weight_decay, "name": "adamw"},
+                    {"params": no_decay, "weight_decay": 0.0, "name": "adamw_no_decay"},
+                ],
+                lr=lr,
+                eps=float(cfg.get("eps", 1e-6)),
+                betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            )
+        }
+        vcfg = self.visual_optimizer_cfg
+        if visual:
+            optimizers["sgd"] = torch.optim.SGD(
+                [{"params": visual, "name": "backbone_sgd"}],
+                lr=float(vcfg["lr"]),
+                momentum=float(vcfg["momentum"]),
+                weight_decay=float(vcfg["weight_decay"]),
+            )
+        fused = FusedOptimizer(optimizers)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        steps_per_epoch = max(1, total // epochs)
+        planned = steps_per_epoch * int(self.decay_epochs) if self.decay_epochs else total
+        adam = warmup_linear(planned, self.warmup_ratio)
+        sgd = step_schedule(steps_per_epoch, vcfg.get("schedule") or [])
+        lambdas = [adam, adam] + ([sgd] if visual else [])
+        scheduler = LambdaLR(fused, lambdas)
+        return {"optimizer": fused, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def load_init_checkpoint(self, path: str) -> None:
+        """The shared non-strict load, then (VQA model <- stage-2 checkpoint) the QA head's shared answer rows."""
+        super().load_init_checkpoint(path)
+        if "vqa" not in self.objectives:
+            return
+        from vl.checkpoint import load_torch_file
+        from vl.data.formats.lxmert_pretrain import load_all_answers, load_ans2label
+
+        ckpt = load_torch_file(path, "model.init_from")
+        state = ckpt.get("state_dict", ckpt)
+        prefix = "objectives.qa.classifier."
+        if not any(k.startswith(prefix) for k in state):
+            return
+        answers_file = self.qa_answers or (ckpt.get("hyper_parameters", {}).get("data_info", {}) or {}).get(
+            "qa_answers_file"
+        )
+        if not answers_file:
+            raise ConfigError(
+                f"model.init_from: '{path}' has a QA head but no answer list is known; set model.qa_answers"
+            )
+        source_answers = load_all_answers(answers_file)
+        head = self.objectives["vqa"].classifier
+        n_rows = state[f"{prefix}3.weight"].shape[0]
+        if n_rows != len(source_answers):
+            raise ConfigError(
+                f"model.qa_answers: {answers_file} lists {len(source_answers)} answers, the QA head has {n_rows}"
+            )
+        source = PretrainQA(hidden_size=state[f"{prefix}0.weight"].shape[1], num_answers=n_rows)
+        source.load_state_dict(
+            {k[len("objectives.qa.") :]: v for k, v in state.items() if k.startswith("objectives.qa.")}
+        )
+        ans2label = load_ans2label(self.data_info["answers_file"])
+        target_answers = [""] * len(ans2label)
+        for a, i in ans2label.items():
+            target_answers[i] = a
+        self.qa_rows_copied = copy_answer_rows(source.classifier, source_answers, head, target_answers)
+        log.info(
+            "VQA head initialised from the stage-2 QA head: %d of %d answers matched (%d pretraining answers)",
+            self.qa_rows_copied,
+            len(target_answers),
+            len(source_answers),
+        )

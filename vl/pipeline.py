@@ -177,10 +177,14 @@ def _write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> Non
 
 
 def _log_test_metrics(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
-    """Send the test stage's metrics to the fit's loggers. A CSVLogger whose writer lives in other processes (spawned
-    DDP) has the row appended to its file here (creating a writer in this process would delete the file)."""
+    """Send the test stage's metrics to the fit's loggers. A CSVLogger gets the row appended to its file here: its
+    writer may live in other processes (spawned DDP: creating one in this process would delete the file), or be one
+    that this process made for the hyper-parameters only and that knows none of the columns the fit wrote (its own
+    save would then rewrite the file with too few columns)."""
     for lg in loggers:
-        if isinstance(lg, CSVLogger) and getattr(lg, "_experiment", None) is None:
+        if isinstance(lg, CSVLogger):
+            if getattr(lg, "_experiment", None) is not None:
+                lg.save()  # rows this process still buffers reach the file first
             path = Path(lg.log_dir) / "metrics.csv"
             header, rows = _read_csv(path)
             row = {"step": step, **metrics}

@@ -4,6 +4,7 @@ computed baselines; lr = base lr x total batch under 2-process DDP."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,11 @@ def test_pretrain_tiny_runs_tasks_a_b_c(make_cfg) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("VL_RUN_UNCALIBRATED"),
+    reason="uncalibrated: never run to the end (> 10 min on 2 cores; thresholds from val numbers); "
+    "VL_RUN_UNCALIBRATED=1 runs it",
+)
 def test_retrieval_learns_in_both_languages(make_cfg) -> None:
     """R@1 / R@10 above chance (k / N) for English and German captions, both directions (measured: val R@1 0.02-0.033,
     R@10 0.17-0.21 on 150 images after 8-11 epochs; chance 0.0067 / 0.067)."""

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vl.data.collate import REGION_MASKING, Collator, load_tokenizer
 from vl.data.features import RegionReader, open_region_features
-from vl.data.samplers import EpochShuffleSampler, ResumableDataLoader, UnpaddedDistributedSampler
+from vl.data.samplers import EpochShuffleSampler, ResumableDataLoader, UnpaddedDistributedSampler, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.errors import ConfigError, DataError
 
@@ -291,3 +291,25 @@ class VLDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")
+
+
+class RetrievalQueries(Dataset):
+    """Val/test: one example per gallery text, ``{"text", "gold" (image position), "query_index", "index", "epoch"}``;
+    no visual (the scorer pairs each text with every gallery image)."""
+
+    def __init__(self, texts: list[str], gold: list[int]) -> None:
+        self.texts = texts
+        self.gold = gold
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = split_key(key)
+        return {
+            "text": self.texts[index],
+            "gold": self.gold[index],
+            "query_index": index,
+            "index": index,
+            "epoch": epoch,
+        }

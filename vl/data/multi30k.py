@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vl.batch import IGNORE_INDEX
-from vl.data.base import VLDataModule
+from vl.data.base import RetrievalQueries, VLDataModule
 from vl.data.collate import collate_labels, pad_regions
 from vl.data.features import FrcnnJsonRegionReader
 from vl.data.formats.multi30k import (
@@ -274,24 +274,6 @@ class Multi30kExamples(Dataset):
         return ex
 
 
-class Queries(Dataset):
-    def __init__(self, texts: list[str], gold: list[int]) -> None:
-        self.texts, self.gold = texts, gold
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = split_key(key)
-        return {
-            "text": self.texts[index],
-            "gold": self.gold[index],
-            "query_index": index,
-            "index": index,
-            "epoch": epoch,
-        }
-
-
 class LazyVisuals(Sequence):
     def __init__(self, images: list[tuple[Any, str]], max_regions: int) -> None:
         self.images, self.max_regions = images, max_regions
@@ -509,7 +491,7 @@ class Multi30kDataModule(VLDataModule):
     def build_dataset(self, split: str) -> Dataset:
         if self.task == "retrieval" and split != "train":
             g = self.gallery(split)
-            return Queries(g["texts"], g["gold"])
+            return RetrievalQueries(g["texts"], g["gold"])
         path, records, images = self.records(split)
         rows: list[dict[str, Any]] = []
         if self.task == "pretrain":

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule
+from vl.data.base import RetrievalQueries, VLDataModule
 from vl.data.features import RegionReader
 from vl.data.formats.retrieval import (
     image_key,
@@ -139,28 +139,6 @@ class GalleryVisuals(Sequence):
         if isinstance(i, slice):
             return [self.regions[k] for k in self.image_ids[i]]
         return self.regions[self.image_ids[i]]
-
-
-class RetrievalQueries(Dataset):
-    """Val/test: one example per gallery text, ``{"text", "gold" (image position), "query_index", "index", "epoch"}``;
-    no visual (the scorer pairs each text with every gallery image)."""
-
-    def __init__(self, texts: list[str], gold: list[int]) -> None:
-        self.texts = texts
-        self.gold = gold
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = split_key(key)
-        return {
-            "text": self.texts[index],
-            "gold": self.gold[index],
-            "query_index": index,
-            "index": index,
-            "epoch": epoch,
-        }
 
 
 class RetrievalDataModule(VLDataModule):

@@ -5,8 +5,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import vl.pipeline  # noqa: F401  (registers the structured-config schemas and resolvers)
+from vl.compose import register
 from vl.errors import VLError
+
+register()  # the structured-config schemas (cached: no torch import to compose) and resolvers
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -18,7 +18,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import vl.pipeline  # noqa: F401  (schemas + resolvers)
+import vl.pipeline  # noqa: F401
+from vl.compose import register
+
+register(use_cache=False)  # schemas + resolvers, as train.py registers them (generated: tests need the classes anyway)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -118,3 +118,60 @@ def test_published_vilbert_recipes(experiment: str, make_cfg) -> None:
 def test_cpu_finetune_recipes_do_not_claim_to_be_published(task: str) -> None:
     text = (CONF / "experiment" / f"{task}_finetune.yaml").read_text()
     assert "NOT the published settings" in text and f"experiment=vilbert_{task}" in text
+
+
+# ---------------------------------------------------------------------------------------------------- schema cache
+def test_the_cached_schemas_are_the_generated_ones() -> None:
+    """`vl.compose` rebuilds each schema from JSON: same fields, types and defaults as the one generated from the
+    signatures (compared as OmegaConf sees them: values, and the type every node validates against)."""
+    import dataclasses
+
+    from vl.compose import generated_schemas, schema_from_spec, schema_spec
+
+    def typed(cls: type) -> list:
+        cfg = OmegaConf.structured(cls)
+
+        def walk(node, prefix=""):
+            for key in node:
+                child = node._get_node(key)
+                kind = getattr(child, "_metadata", None)
+                ref = getattr(kind, "ref_type", None)
+                ref = ref.__name__ if dataclasses.is_dataclass(ref) else ref  # rebuilt nested schemas: new classes
+                yield f"{prefix}{key}", ref, getattr(kind, "optional", None)
+                if OmegaConf.is_dict(child):
+                    yield from walk(child, f"{prefix}{key}.")
+
+        return list(walk(cfg)) + [OmegaConf.to_yaml(cfg)]
+
+    schemas = generated_schemas()
+    assert {g for g, _ in schemas} == {"schema/model", "schema/data", "schema/trainer", "schema/task"}
+    for (group, name), cls in schemas.items():
+        rebuilt = schema_from_spec(schema_spec(cls))
+        assert typed(rebuilt) == typed(cls), f"{group}/{name}"
+
+
+def test_compose_needs_no_torch_once_the_cache_is_warm(tmp_path) -> None:
+    """`train.py --cfg job` (and `--help`) compose from the cached schemas: torch and Lightning are never imported."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from vl.compose import register
+
+    env = {**os.environ, "VL_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    os.environ["VL_CACHE_DIR"] = str(tmp_path)
+    try:
+        assert register() == "generated" and register() == "cache"
+    finally:
+        del os.environ["VL_CACHE_DIR"]
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['train.py', '--cfg', 'job', 'model=vilbert_tiny', 'data=vcr']\n"
+        "runpy.run_path('train.py', run_name='__main__')\n"
+        "print('IMPORTED', sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "IMPORTED []" in out.stdout, out.stdout[-500:]
+    assert "VilbertEncoder" in out.stdout  # the composed config, from the cached vilbert schema

@@ -51,6 +51,7 @@ __all__ = [
     "model_schema",
     "data_schema",
     "register_configs",
+    "schemas",
 ]
 
 #: `schema/model/<name>`: (system class, encoder class); `conf/model/<name>.yaml` starts from it
@@ -102,14 +103,22 @@ def data_schema(datamodule: type, name: str) -> type:
     return schema_from_signature(datamodule, name, types_={"corpus": CorpusConfig})
 
 
+def schemas() -> dict[tuple[str, str], type]:
+    """{(ConfigStore group, name): schema dataclass} of the models, corpora and the trainer."""
+    out: dict[tuple[str, str], type] = {}
+    for name, (system, encoder) in MODELS.items():
+        out["schema/model", name] = model_schema(system, encoder, f"{name}_model")
+    for name, datamodule in DATA.items():
+        out["schema/data", name] = data_schema(datamodule, f"{name}_data")
+    out["schema/trainer", "trainer"] = TrainerConfig
+    return out
+
+
 def register_configs() -> None:
     """Put the schemas, generated from the constructors, in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
-    for name, (system, encoder) in MODELS.items():
-        cs.store(group="schema/model", name=name, node=model_schema(system, encoder, f"{name}_model"))
-    for name, datamodule in DATA.items():
-        cs.store(group="schema/data", name=name, node=data_schema(datamodule, f"{name}_data"))
-    cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
+    for (group, name), node in schemas().items():
+        cs.store(group=group, name=name, node=node)
 
 
 #: Hydra's own keys of an instantiable node

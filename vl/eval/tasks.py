@@ -104,12 +104,20 @@ class TestTask:
     _target_: str | None = None
 
 
+def task_schemas() -> dict[tuple[str, str], type]:
+    """{("schema/task", name): schema dataclass}, generated from each task function's options."""
+    out: dict[tuple[str, str], type] = {("schema/task", "test"): TestTask}
+    for name, fn in TASKS.items():
+        out["schema/task", name] = schema_from_signature(
+            fn, name, exclude=RUN_ARGUMENTS, extra={"_partial_": (bool, True)}
+        )
+    return out
+
+
 def register_task_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(group="schema/task", name="test", node=TestTask)
-    for name, fn in TASKS.items():
-        schema = schema_from_signature(fn, name, exclude=RUN_ARGUMENTS, extra={"_partial_": (bool, True)})
-        cs.store(group="schema/task", name=name, node=schema)
+    for (group, name), node in task_schemas().items():
+        cs.store(group=group, name=name, node=node)
 
 
 def task_name(task: DictConfig | None) -> str:

@@ -222,7 +222,7 @@ def main() -> int:
         ("python -m vl.probes: planted DeepSpeed state", lambda: probes(f"lxmert:{lx}"), ["mp_rank_00_model_states.pt"])
     )
 
-    corpus = ensure_corpus(data_dir, SceneSettings(num_images=150))
+    corpus = ensure_corpus(data_dir, SceneSettings(num_images=150), "all")
 
     def data_case(data: str, rel: str, blob: bytes):
         def run():

@@ -17,7 +17,7 @@ from vl.pipeline import train
 @pytest.fixture
 def corpus_copy(tmp_path: Path, data_dir: Path) -> Path:
     """A private, writable copy of the small embedded corpus."""
-    src = ensure_corpus(data_dir, SceneSettings(num_images=150))
+    src = ensure_corpus(data_dir, SceneSettings(num_images=150), "all")
     dst = tmp_path / "corpus"
     shutil.copytree(src, dst)
     return dst

@@ -175,3 +175,18 @@ def test_compose_needs_no_torch_once_the_cache_is_warm(tmp_path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "IMPORTED []" in out.stdout, out.stdout[-500:]
     assert "VilbertEncoder" in out.stdout  # the composed config, from the cached vilbert schema
+
+
+def test_help_lists_every_option_with_a_description() -> None:
+    """`train.py --help` (its template calls `vl.config.option_table`) names every option of every user-facing group
+    with its file's one-line description; each config file starts with one."""
+    from vl.config import option_table
+
+    table = option_table(CONF)
+    for group, option in OPTIONS:
+        if group == "hydra":
+            continue
+        line = next((x for x in table.splitlines() if x.split()[:1] == [option] and x.startswith("  ")), None)
+        assert line is not None, f"{group}={option} missing from --help"
+        assert len(line.split(None, 1)) == 2, f"conf/{group}/{option}.yaml has no description comment"
+    assert "schema" not in [x.rstrip(":") for x in table.splitlines() if not x.startswith(" ")]

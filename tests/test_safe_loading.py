@@ -156,7 +156,7 @@ def test_planted_state_dict_files_are_refused(runs, make_cfg, tmp_path: Path, ca
 
 @pytest.fixture
 def corpus_copy(tmp_path: Path, data_dir: Path) -> Path:
-    src = ensure_corpus(data_dir, SceneSettings(num_images=150))
+    src = ensure_corpus(data_dir, SceneSettings(num_images=150), "all")
     dst = tmp_path / "corpus"
     shutil.copytree(src, dst)
     return dst

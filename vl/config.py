@@ -321,6 +321,45 @@ def launcher_rank() -> int:
     return 0
 
 
+#: the config groups `--help` leaves out: Hydra's own (see `--hydra-help`) and the generated schemas
+_HIDDEN_GROUPS = ("hydra", "schema")
+
+
+def option_table(conf_dir: str | os.PathLike[str] | None = None, width: int = 118) -> str:
+    """`--help`'s list of config groups: per group of `conf_dir` (default: the repository's `conf/`), one line per
+    option with its file's first comment line (the description every config file starts with)."""
+    from pathlib import Path
+
+    root = Path(conf_dir) if conf_dir else Path(__file__).resolve().parents[1] / "conf"
+    lines: list[str] = []
+    for group in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in _HIDDEN_GROUPS):
+        options = sorted(group.rglob("*.yaml"))
+        if not options:
+            continue
+        lines.append(f"{group.name}:")
+        names = [o.relative_to(group).with_suffix("").as_posix() for o in options]
+        pad = max(len(n) for n in names) + 2
+        for name, path in zip(names, options):
+            about = _description(path).replace("$", "$$")  # Hydra fills the help template with string.Template
+            text = f"  {name.ljust(pad)}{about}"
+            lines.append(text if len(text) <= width else text[: width - 3] + "...")
+    return "\n".join(lines)
+
+
+def _description(path: os.PathLike[str]) -> str:
+    """The first line of a config file's leading comment, `# @package` directives skipped ("" without one)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if not line.startswith("#"):
+                return ""
+            text = line.lstrip("#").strip()
+            if text and not text.startswith("@package"):
+                return text
+    return ""
+
+
 def _direction(mode: str) -> str:
     """Optuna's `direction` from a monitored metric's mode: `min` (a loss) -> minimize, `max` -> maximize."""
     from vl.errors import ConfigError
@@ -344,6 +383,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vl_sweep_group", _sweep_group)
     if not OmegaConf.has_resolver("vl_run_name"):
         OmegaConf.register_new_resolver("vl_run_name", launcher_run_name)
+    if not OmegaConf.has_resolver("vl_option_table"):
+        OmegaConf.register_new_resolver("vl_option_table", option_table)
     if not OmegaConf.has_resolver("vl_cwd"):
         # like ${hydra:runtime.cwd}, but also resolvable where HydraConfig is not set yet (sweepers' launch)
         OmegaConf.register_new_resolver("vl_cwd", os.getcwd)

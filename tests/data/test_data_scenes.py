@@ -83,7 +83,9 @@ def test_written_bytes_are_deterministic(tmp_path: Path, corpus: Path) -> None:
     text_files = sorted(p.relative_to(corpus) for p in corpus.rglob("*") if p.suffix in (".json", ".jsonl", ".png"))
     assert len(text_files) > SMALL.num_images
     for rel in text_files:
-        if rel.name == "manifest.json":  # the feature stores' sampled hashes cover binary files (HDF5 records times)
+        if (
+            rel.name == "manifest.json" or rel.parts[0] == "parts"
+        ):  # the feature stores' sampled hashes cover binary files (HDF5 records times)
             continue
         assert (corpus / rel).read_bytes() == (other / rel).read_bytes(), rel
 
@@ -399,6 +401,41 @@ def test_ensure_corpus_reuses_and_repairs(tmp_path: Path, caplog: pytest.LogCapt
     rewritten(lambda: manifest.write_text("{not json"))
     # nothing stale left next to it
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [root.name]
+
+
+def test_task_corpora_are_written_on_first_use(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A core corpus has no task files; asking for a part writes only that part (its manifest last), reuses it after,
+    and rewrites it alone when damaged; the core manifest is untouched throughout."""
+    from vl.data.scenes import PARTS
+    from vl.data.scenes.corpus import verify_part
+
+    root = ensure_corpus(tmp_path, TINY)
+    core = _mtime(root / "manifest.json")
+    assert not any((root / directory).exists() for directory, _ in PARTS.values())
+    assert verify_part(root, "vcr", TINY) == "parts/vcr.json is missing"
+    assert ensure_corpus(tmp_path, TINY, ["vcr"]) == root
+    assert verify_part(root, "vcr", TINY) is None and (root / "vcr" / "train.jsonl").is_file()
+    assert not (root / "refcoco+").exists() and not (root / "retrieval").exists()
+    stamp = _mtime(root / "parts" / "vcr.json")
+    assert ensure_corpus(tmp_path, TINY, ["vcr"]) == root and _mtime(root / "parts" / "vcr.json") == stamp
+    (root / "vcr" / "val.jsonl").write_text("damaged\n")
+    assert "vcr/val.jsonl" in verify_part(root, "vcr", TINY)
+    caplog.set_level(logging.INFO, logger="vl.data.scenes.corpus")
+    ensure_corpus(tmp_path, TINY, "all")
+    assert all(verify_part(root, part, TINY) is None for part in PARTS)
+    assert any("'vcr'" in r.getMessage() for r in caplog.records)
+    assert _mtime(root / "manifest.json") == core and verify_corpus(root, TINY) is None
+    with pytest.raises(ValueError, match="unknown corpus part"):
+        ensure_corpus(tmp_path, TINY, ["vqa"])
+
+
+def test_a_task_module_asks_only_for_its_own_part(tmp_path: Path) -> None:
+    from vl.data.vcr import VCRDataModule
+
+    dm = VCRDataModule(cache_dir=str(tmp_path), corpus=TINY.to_dict(), batch_size=4)
+    dm.prepare_data()
+    assert (dm.root / "parts" / "vcr.json").is_file()
+    assert sorted(p.name for p in (dm.root / "parts").iterdir()) == ["vcr.json"]
 
 
 def test_ensure_corpus_concurrent_callers(tmp_path: Path) -> None:

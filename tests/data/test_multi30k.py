@@ -131,7 +131,7 @@ def test_json_line_without_a_key_names_file_and_line(tmp_path) -> None:
     del bad["caption_de"]
     lines[1] = json.dumps(bad)
     (root / "val_frcnn.json").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"val_frcnn.json:2: no key 'caption_de'"):
+    with pytest.raises(DataError, match=r"val_frcnn.json:2: missing field 'caption_de'"):
         read_annotations(root / "val_frcnn.json")
 
 

@@ -139,7 +139,7 @@ def test_pool_is_cosine_top_k_without_self() -> None:
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 60-image scene corpus (the embedded corpus writes the retrieval files too); the data module finds it."""
     cache = tmp_path_factory.mktemp("cache")
-    root = ensure_corpus(cache, SETTINGS)
+    root = ensure_corpus(cache, SETTINGS, ["retrieval"])
     dm = RetrievalDataModule(cache_dir=str(cache), corpus={"num_images": 60}, batch_size=4)
     assert dm.root == root
     dm.prepare_data()  # check_files: everything is there now

@@ -63,6 +63,8 @@ class VLDataModule(L.LightningDataModule):
     label_keys: ClassVar[dict[str, tuple[str, str]]] = {}
     #: file name of the test stage's submission file in the run dir (`write_predictions`)
     prediction_file: ClassVar[str] = "predictions.json"
+    #: the embedded corpus's task corpora this module reads (`vl.data.scenes.PARTS`), written on first use
+    corpus_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -127,7 +129,7 @@ class VLDataModule(L.LightningDataModule):
                 if not self._root.is_dir():
                     raise DataError(f"{self._root}: data.root does not exist or is not a directory")
             else:
-                self._root = ensure_corpus(Path(self.cache_dir), SceneSettings(**self.corpus))
+                self._root = ensure_corpus(Path(self.cache_dir), SceneSettings(**self.corpus), self.corpus_parts)
         return self._root
 
     def path(self, relative: str, split: str | None = None) -> Path:
@@ -253,16 +255,20 @@ class VLDataModule(L.LightningDataModule):
         """Unlabelled rows, no masking: what `vl.load`'s calls and `mode=predict` batch with."""
         return Collator(self.tokenizer, max_text_len=self.max_text_len, max_regions=self.max_regions)
 
+    def train_sampler(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> EpochShuffleSampler:
+        """The training order: this rank's share of a per-epoch shuffle derived from (seed, epoch), so a resumed run
+        sees the same order. Override to group batches (e.g. by image aspect ratio); keep `set_epoch`."""
+        return EpochShuffleSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+
     def loader(self, split: str) -> DataLoader:
         self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
         sampler = None
         if split == "train":
             trainer = self.trainer
-            sampler = EpochShuffleSampler(
+            sampler = self.train_sampler(
                 self.datasets[split],
                 num_replicas=trainer.world_size if trainer else 1,
                 rank=trainer.global_rank if trainer else 0,
-                shuffle=True,
                 seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
             )
             sampler.set_epoch(trainer.current_epoch if trainer else 0)  # resumed fits start mid-way

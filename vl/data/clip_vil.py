@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule
 from vl.data.formats.lxmert_pretrain import (
@@ -39,7 +39,7 @@ from vl.data.formats.lxmert_pretrain import (
     load_width_heights,
 )
 from vl.data.images import AspectGroupedSampler, ImageCollator, build_transform, load_rgb
-from vl.data.samplers import ResumableDataLoader, split_key
+from vl.data.samplers import EpochShuffleSampler, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.images import ensure_image_corpus
 from vl.errors import ConfigError, DataError
@@ -244,31 +244,18 @@ class ImageDataModule(VLDataModule):
     def scoring_collator(self) -> ImageCollator:
         return ImageCollator(self.tokenizer, max_text_len=self.max_text_len, fixed_shapes=True, labels=self.label_keys)
 
-    def loader(self, split: str) -> DataLoader:
-        """As `VLDataModule.loader`, with the training order grouped by aspect ratio (`AspectGroupedSampler`)."""
-        if split != "train" or not self.group_by_aspect:
-            return super().loader(split)
-        self.setup("fit")
-        trainer = self.trainer
-        sampler = AspectGroupedSampler(
-            self.datasets[split],
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
+    def train_sampler(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> EpochShuffleSampler:
+        """Batches grouped by aspect ratio (`AspectGroupedSampler`), unless `group_by_aspect` is off."""
+        if not self.group_by_aspect:
+            return super().train_sampler(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
+        return AspectGroupedSampler(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
             shuffle=True,
-            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
-            groups=self.groups(split),
+            seed=seed,
+            groups=self.groups("train"),
             batch_size=self.batch_size_per_device,
-        )
-        sampler.set_epoch(trainer.current_epoch if trainer else 0)
-        return ResumableDataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size_per_device,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
-            num_workers=self.num_workers,
-            collate_fn=self.collator(split),
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
         )
 
 

@@ -108,6 +108,8 @@ class RefCOCODataModule(VLDataModule):
 
     With `root=None` the embedded scene corpus (`vl.data.scenes.corpus`) holds these files."""
 
+    corpus_parts = ("refcoco",)
+
     label_keys = {
         "refer_targets": ("refer_targets", "regions"),
         "refer_ious": ("refer_ious", "regions"),

@@ -149,6 +149,8 @@ class RetrievalDataModule(VLDataModule):
     None) x their first ``captions_per_image`` captions as queries (``RetrievalQueries``) over ``gallery(split)``.
     With ``root=None`` the embedded scene corpus (``vl.data.scenes.corpus``) holds these files."""
 
+    corpus_parts = ("retrieval",)
+
     label_keys = {"gold": ("gold", "long"), "query_index": ("query_index", "long")}
 
     prediction_file = "retrieval_predictions.json"  # per query: gold image, rank

@@ -121,6 +121,8 @@ class VCRDataModule(VLDataModule):
     every split as upstream; null (default): detections only. Q->A and QA->R are trained together: every example is two blocks
     of 4 choices (``mc_blocks``), see ``VCRQuestions``."""
 
+    corpus_parts = ("vcr",)
+
     label_keys = {"annot_id": ("annot_id", "str"), "example_id": ("example_id", "long")}
 
     prediction_file = "vcr_submission.csv"  # VCR leaderboard CSV, written into the run dir by `test`

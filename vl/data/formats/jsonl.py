@@ -10,7 +10,7 @@ from typing import Any
 
 from vl.errors import DataError
 
-__all__ = ["read_json", "load_jsonl", "write_jsonl", "write_atomically"]
+__all__ = ["read_json", "load_jsonl", "write_jsonl", "write_atomically", "write_dir_once"]
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -26,6 +26,51 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def write_dir_once(
+    final: str | Path, stamp: dict[str, Any], write: Callable[[Path], Any], *, stamp_file: str = "DONE.json"
+) -> Path:
+    """The directory `final`, written once: reused while its `stamp_file` records `stamp` (e.g. format version +
+    settings); else `write(tmp)` fills a hidden sibling, the stamp goes in last (with what `write` returned, if
+    anything, under "counts") and the sibling is renamed into place. Concurrent callers serialise on a lock file
+    next to it; an interrupted write leaves no stamp, so the next caller writes again."""
+    import fcntl
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+
+    def valid() -> bool:
+        try:
+            recorded = json.loads((final / stamp_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(recorded, dict) and {k: v for k, v in recorded.items() if k != "counts"} == stamp
+
+    if valid():
+        return final
+    with open(final.parent / f".{final.name}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            if valid():
+                return final
+            tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                counts = write(tmp)
+                record = {**stamp, "counts": counts} if counts is not None else dict(stamp)
+                (tmp / stamp_file).write_text(json.dumps(record), encoding="utf-8")
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return final
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def read_json(path: str | Path) -> Any:
     """Read one JSON document. Raises DataError ``"<path>: file not found"`` / ``"<path>: invalid JSON (...)"``."""
     path = Path(path)
@@ -38,11 +83,12 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: invalid JSON ({e})") from None
 
 
-def load_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def load_jsonl(path: str | Path, required: tuple[str, ...] = (), record: str | None = None) -> list[dict[str, Any]]:
     """Read a JSONL file -> list of objects (blank lines skipped).
 
     Raises DataError ``"<path>:<lineno>: invalid JSON ..."`` for a malformed line, ``"<path>:<lineno>: missing field
-    'text'"`` when a ``required`` field is absent, and ``"<path>: file not found"`` for a missing file.
+    'text'"`` when a ``required`` field is absent (``"... (a <record> needs [...])"`` when ``record`` names what a
+    line is), and ``"<path>: file not found"`` for a missing file.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,7 +106,8 @@ def load_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[st
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             for name in required:
                 if name not in obj:
-                    raise DataError(f"{path}:{lineno}: missing field {name!r}")
+                    needs = f" (a {record} needs {list(required)})" if record else ""
+                    raise DataError(f"{path}:{lineno}: missing field {name!r}{needs}")
             records.append(obj)
     return records
 

@@ -18,12 +18,12 @@ Every reader error names the file and line.
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vl.data.formats.jsonl import load_jsonl
 from vl.errors import DataError
 
 __all__ = [
@@ -84,25 +84,7 @@ def read_parallel(root: str | Path, split: str) -> list[dict[str, str]]:
 def read_annotations(path: str | Path, keys: tuple[str, ...] = ANNOTATION_KEYS) -> list[dict[str, Any]]:
     """The annotation JSONL (``*_frcnn.json``, ``*_MLT_frcnn.json``, WMT JSONL): one object per line, each with
     ``keys``; DataError ``<path>:<line>: ...`` for a malformed line or a missing key."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    out = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in keys if k not in obj]
-            if missing:
-                raise DataError(f"{path}:{lineno}: no key {missing[0]!r} (a Multi30k record needs {list(keys)})")
-            out.append(obj)
-    return out
+    return load_jsonl(path, required=tuple(keys), record="Multi30k record")
 
 
 def read_raw_gz(path: str | Path) -> list[str]:

@@ -3,6 +3,7 @@
 served from here."""
 
 from vl.data.scenes.corpus import (
+    PARTS,
     corpus_key,
     corpus_paths,
     default_cache_dir,
@@ -15,6 +16,7 @@ from vl.data.scenes.generator import __all__ as _generator_names
 
 __all__ = [
     *_generator_names,
+    "PARTS",
     "corpus_key",
     "corpus_paths",
     "write_corpus",

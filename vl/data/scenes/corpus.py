@@ -21,9 +21,12 @@
     refcoco+/refs(unc).p, instances.json, dets.lmdb, gt.lmdb   RefCOCO+ REFER layout (vl.data.formats.refcoco)
     manifest.json                                           written last: settings, version, files with sizes/sha1s
 
-``ensure_corpus(cache_dir, settings)`` keeps one validated copy per (settings, GENERATOR_VERSION) in
-``cache_dir/scenes-<key>`` (``verify_corpus`` decides whether it can be reused). Run ``python -m vl.tools.scenes
---out DIR`` to write a corpus by hand.
+``ensure_corpus(cache_dir, settings, parts)`` keeps one validated copy per (settings, GENERATOR_VERSION) in
+``cache_dir/scenes-<key>`` (``verify_corpus`` decides whether it can be reused). The shared scene data (images,
+captions, features, VQA, LXMERT) is the core; the task corpora (``PARTS``: retrieval, VCR, RefCOCO+) are written
+when a data module first asks for them (its ``corpus_parts``), each with its own manifest ``parts/<name>.json``
+written last, under the same lock: a VQA run never pays for VCR's files. ``write_corpus`` (and ``python -m
+vl.tools.scenes --out DIR``) writes everything unless given ``parts``.
 """
 
 from __future__ import annotations
@@ -74,7 +77,23 @@ from vl.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["corpus_key", "corpus_paths", "write_corpus", "verify_corpus", "ensure_corpus", "default_cache_dir"]
+__all__ = [
+    "PARTS",
+    "corpus_key",
+    "corpus_paths",
+    "write_corpus",
+    "verify_corpus",
+    "verify_part",
+    "ensure_corpus",
+    "default_cache_dir",
+]
+
+#: task corpora written on first use: name -> (its directory under the root, writer(root, scenes, settings) -> paths)
+PARTS: dict[str, tuple[str, Any]] = {
+    "retrieval": ("retrieval", write_retrieval_corpus),
+    "vcr": ("vcr", write_vcr_corpus),
+    "refcoco": ("refcoco+", write_refcoco_corpus),
+}
 
 # ----------------------------------------------------------------------------------------------------------- writing
 
@@ -161,9 +180,12 @@ def _wants_sampled_hash(rel: str) -> bool:
     return rel.endswith(_SAMPLED_SUFFIXES) and not rel.endswith("lock.mdb")
 
 
-def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Path:
-    """Generate the corpus and write every format into ``root`` (created); ``manifest.json`` last. Returns ``root``."""
+def write_corpus(root: str | Path, settings: SceneSettings | None = None, parts: Sequence[str] | None = None) -> Path:
+    """Generate the corpus and write the core formats into ``root`` (created), ``manifest.json`` last, then the task
+    ``parts`` (default: all of ``PARTS``). Returns ``root``."""
     settings = settings or SceneSettings()
+    parts = list(PARTS) if parts is None else list(parts)
+    _check_parts(parts)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     paths = corpus_paths(root)
@@ -183,11 +205,40 @@ def write_corpus(root: str | Path, settings: SceneSettings | None = None) -> Pat
     written += _write_features(paths, scenes, settings)
     written += _write_vqa(paths, by_split, info, label2ans)
     written += _write_lxmert(paths, by_split)
-    written += write_retrieval_corpus(root, scenes, settings)
-    written += write_vcr_corpus(root, scenes, settings)
-    written += write_refcoco_corpus(root, scenes, settings)
     _write_manifest(root, paths, written, settings, scenes, by_split, len(label2ans))
+    for part in parts:
+        write_part(root, part, scenes, settings)
     return root
+
+
+def _check_parts(parts: Sequence[str]) -> None:
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown corpus part(s) {unknown}; known: {sorted(PARTS)}")
+
+
+def _part_manifest(root: Path, part: str) -> Path:
+    return root / "parts" / f"{part}.json"
+
+
+def write_part(root: str | Path, part: str, scenes: Sequence[Scene], settings: SceneSettings) -> None:
+    """(Re)write task corpus ``part`` of the corpus at ``root``: its directory is removed first, its manifest
+    (``parts/<part>.json``: settings, version, files) written last and atomically."""
+    root = Path(root)
+    directory, writer = PARTS[part]
+    manifest = _part_manifest(root, part)
+    manifest.unlink(missing_ok=True)  # an old manifest must never vouch for new files
+    shutil.rmtree(root / directory, ignore_errors=True)
+    written = writer(root, scenes, settings)
+    record = {
+        "generator_version": GENERATOR_VERSION,
+        "key": corpus_key(settings),
+        "settings": settings.to_dict(),
+        "files": _file_entries(root, written),
+    }
+    tmp = manifest.with_name(f".{part}.json.tmp")
+    _write_json(tmp, record)
+    os.replace(tmp, manifest)
 
 
 def _write_images(paths: dict[str, Path], scenes: Sequence[Scene]) -> list[Path]:
@@ -311,6 +362,20 @@ def _write_lxmert(paths: dict[str, Path], by_split: dict[str, list[Scene]]) -> l
     return written
 
 
+def _file_entries(root: Path, written: Sequence[Path], unhashed_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Manifest entries: path and size; sha1 of small text / pickle files (not those in ``unhashed_dir``), a
+    sampled sha1 of the feature stores."""
+    files = []
+    for p in written:
+        entry: dict[str, Any] = {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size}
+        if p.suffix in _CHECKSUM_SUFFIXES and entry["size"] <= _CHECKSUM_MAX_BYTES and p.parent != unhashed_dir:
+            entry["sha1"] = _sha1(p)
+        elif _wants_sampled_hash(entry["path"]):
+            entry["sampled_sha1"] = _sampled_sha1(p)
+        files.append(entry)
+    return files
+
+
 def _write_manifest(
     root: Path,
     paths: dict[str, Path],
@@ -322,18 +387,7 @@ def _write_manifest(
 ) -> None:
     """``manifest.json`` (atomically): settings, version, counts and every written file with its size (and sha1 for
     the small text / pickle files, except the per-image region JSON)."""
-    files = []
-    for p in written:
-        entry: dict[str, Any] = {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size}
-        if (
-            p.suffix in _CHECKSUM_SUFFIXES
-            and entry["size"] <= _CHECKSUM_MAX_BYTES
-            and p.parent != paths["regions_json"]
-        ):
-            entry["sha1"] = _sha1(p)
-        elif _wants_sampled_hash(entry["path"]):
-            entry["sampled_sha1"] = _sampled_sha1(p)
-        files.append(entry)
+    files = _file_entries(root, written, unhashed_dir=paths["regions_json"])
     manifest = {
         "generator_version": GENERATOR_VERSION,
         "key": corpus_key(settings),
@@ -374,25 +428,9 @@ def verify_corpus(root: str | Path, settings: SceneSettings | None = None) -> st
         count = int(manifest["counts"]["images"])
     except (ValueError, KeyError, TypeError) as e:
         return f"manifest.json is unreadable ({type(e).__name__}: {e})"
-    for entry in files:
-        try:
-            rel, expected_size = entry["path"], entry["size"]
-        except (KeyError, TypeError):
-            return f"manifest.json has a malformed file entry {entry!r}"
-        p = root / rel
-        try:
-            size = p.stat().st_size
-        except OSError:
-            return f"{rel} is missing"
-        if size != expected_size:
-            return f"{rel} has {size} bytes, expected {expected_size}"
-        if "sha1" in entry and _sha1(p) != entry["sha1"]:
-            return f"{rel} checksum differs"
-        if _wants_sampled_hash(rel) and "sha1" not in entry:
-            if "sampled_sha1" not in entry:
-                return f"{rel} has no checksum (corpus written by an older writer)"
-            if _sampled_sha1(p) != entry["sampled_sha1"]:
-                return f"{rel} checksum differs (same size: damaged in place)"
+    reason = _check_files(root, files)
+    if reason is not None:
+        return reason
     listed = {entry.get("path") for entry in files if isinstance(entry, dict)}
     for s in SPLITS:  # corpora cached before these writers existed lack them
         for rel in (f"lxmert/mscoco_{s}.json", f"lxmert_text/{s}.jsonl"):
@@ -421,20 +459,67 @@ def verify_corpus(root: str | Path, settings: SceneSettings | None = None) -> st
     return None
 
 
+def verify_part(root: str | Path, part: str, settings: SceneSettings | None = None) -> str | None:
+    """Why task corpus ``part`` at ``root`` can't be reused (one line), or None: its manifest is for ``settings``
+    and every file it lists has its recorded size and checksum."""
+    settings = settings or SceneSettings()
+    manifest_path = _part_manifest(Path(root), part)
+    if not manifest_path.is_file():
+        return f"parts/{part}.json is missing"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest["generator_version"] != GENERATOR_VERSION or manifest["settings"] != settings.to_dict():
+            return f"parts/{part}.json is for another generator version or settings"
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"parts/{part}.json is unreadable ({type(e).__name__}: {e})"
+    return _check_files(Path(root), files)
+
+
+def _check_files(root: Path, files: Sequence[Any]) -> str | None:
+    """The first manifest entry whose file is missing, of another size or checksum (one line), else None."""
+    for entry in files:
+        try:
+            rel, expected_size = entry["path"], entry["size"]
+        except (KeyError, TypeError):
+            return f"manifest.json has a malformed file entry {entry!r}"
+        p = root / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != expected_size:
+            return f"{rel} has {size} bytes, expected {expected_size}"
+        if "sha1" in entry and _sha1(p) != entry["sha1"]:
+            return f"{rel} checksum differs"
+        if _wants_sampled_hash(rel) and "sha1" not in entry:
+            if "sampled_sha1" not in entry:
+                return f"{rel} has no checksum (corpus written by an older writer)"
+            if _sampled_sha1(p) != entry["sampled_sha1"]:
+                return f"{rel} checksum differs (same size: damaged in place)"
+    return None
+
+
 def default_cache_dir() -> Path:
     """``$VL_CACHE_DIR`` or ``~/.cache/vl``."""
     env = os.environ.get("VL_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vl"
 
 
-def ensure_corpus(cache_dir: str | Path, settings: SceneSettings | None = None) -> Path:
-    """Path of a valid corpus for ``settings`` under ``cache_dir/scenes-<key>``, writing it when missing or invalid.
+def ensure_corpus(
+    cache_dir: str | Path, settings: SceneSettings | None = None, parts: Sequence[str] | str = ()
+) -> Path:
+    """Path of a valid corpus for ``settings`` under ``cache_dir/scenes-<key>``, writing it when missing or invalid,
+    with the task corpora ``parts`` (names in ``PARTS``, or "all") written into it on first use.
 
-    Reuse is checked with ``verify_corpus`` (fast). A missing/partial/corrupt corpus is written into a temporary
-    sibling and renamed into place. Concurrent callers serialise on an ``fcntl.flock`` lock file."""
+    Reuse is checked with ``verify_corpus`` / ``verify_part`` (fast). A missing/partial/corrupt corpus is written into
+    a temporary sibling and renamed into place; a missing or damaged part is rewritten in place, its manifest last.
+    Concurrent callers serialise on an ``fcntl.flock`` lock file."""
     import fcntl
 
     settings = settings or SceneSettings()
+    parts = list(PARTS) if parts == "all" else list(parts)
+    _check_parts(parts)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = corpus_key(settings)
@@ -445,28 +530,48 @@ def ensure_corpus(cache_dir: str | Path, settings: SceneSettings | None = None) 
             reason = verify_corpus(final, settings) if final.exists() else None
             if final.exists() and reason is None:
                 log.debug("reusing scene corpus %s", final)
-                return final
-            t0 = time.perf_counter()
-            for leftover in cache_dir.glob(f".scenes-{key}.*-*"):  # from writers that died (we hold the lock)
-                shutil.rmtree(leftover, ignore_errors=True)
-            tmp = cache_dir / f".scenes-{key}.tmp-{os.getpid()}"
-            try:
-                write_corpus(tmp, settings)
-                if final.exists():
-                    stale = cache_dir / f".scenes-{key}.stale-{os.getpid()}"
-                    if stale.exists():
-                        shutil.rmtree(stale)
-                    os.replace(final, stale)
-                    shutil.rmtree(stale, ignore_errors=True)
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            dt = time.perf_counter() - t0
-            if reason is not None:
-                log.warning("scene corpus %s was invalid (%s); rewrote it in %.1fs", final, reason, dt)
             else:
-                log.info("wrote scene corpus %s (%d images) in %.1fs", final, settings.num_images, dt)
+                _write_core(cache_dir, key, final, settings, parts, reason)
+            _ensure_parts(final, settings, parts)
             return final
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _write_core(
+    cache_dir: Path, key: str, final: Path, settings: SceneSettings, parts: list[str], reason: str | None
+) -> None:
+    t0 = time.perf_counter()
+    for leftover in cache_dir.glob(f".scenes-{key}.*-*"):  # from writers that died (we hold the lock)
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = cache_dir / f".scenes-{key}.tmp-{os.getpid()}"
+    try:
+        write_corpus(tmp, settings, parts)
+        if final.exists():
+            stale = cache_dir / f".scenes-{key}.stale-{os.getpid()}"
+            if stale.exists():
+                shutil.rmtree(stale)
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dt = time.perf_counter() - t0
+    if reason is not None:
+        log.warning("scene corpus %s was invalid (%s); rewrote it in %.1fs", final, reason, dt)
+    else:
+        log.info("wrote scene corpus %s (%d images, parts %s) in %.1fs", final, settings.num_images, parts, dt)
+
+
+def _ensure_parts(root: Path, settings: SceneSettings, parts: list[str]) -> None:
+    """Write each of ``parts`` that is missing or damaged (the caller holds the corpus lock)."""
+    missing = [(part, why) for part in parts if (why := verify_part(root, part, settings)) is not None]
+    if not missing:
+        return
+    t0 = time.perf_counter()
+    scenes = generate_scenes(settings)
+    for part, why in missing:
+        write_part(root, part, scenes, settings)
+        log.info("scene corpus %s: wrote task corpus '%s' (%s)", root, part, why)
+    log.debug("task corpora written in %.1fs", time.perf_counter() - t0)

@@ -25,15 +25,13 @@ ids ("two"), so the reader's `convert_ans` has work to do; VQA JSON labels are t
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
-import os
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vl.data.formats.jsonl import write_dir_once
 from vl.data.formats.vqa import vqa_soft_score
 from vl.data.scenes.generator import (
     NUMBER_WORDS,
@@ -172,31 +170,7 @@ def ensure_image_corpus(corpus_root: str | Path, settings: SceneSettings | None 
     """`<corpus_root>/pixels`, written on first use (under a lock; `DONE.json` last, so a half-written dir is
     rewritten). The default tier never pays for it: only the pixel-input data modules call this."""
     settings = settings or SceneSettings()
-    out = Path(corpus_root) / "pixels"
-    done = out / "DONE.json"
     stamp = {"version": IMAGE_LAYOUT_VERSION, "settings": settings.to_dict()}
-    Path(corpus_root).mkdir(parents=True, exist_ok=True)
-    with open(Path(corpus_root) / ".pixels.lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            if done.is_file():
-                try:
-                    if {k: v for k, v in json.loads(done.read_text()).items() if k != "counts"} == stamp:
-                        return out
-                except ValueError:
-                    pass
-            tmp = Path(corpus_root) / f".pixels.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            try:
-                counts = write_image_corpus(tmp, generate_scenes(settings), settings)
-                _write_json(tmp / "DONE.json", {**stamp, "counts": counts})
-                if out.exists():
-                    shutil.rmtree(out)
-                os.replace(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            return out
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return write_dir_once(
+        Path(corpus_root) / "pixels", stamp, lambda tmp: write_image_corpus(tmp, generate_scenes(settings), settings)
+    )

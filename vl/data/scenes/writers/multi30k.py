@@ -18,18 +18,14 @@ inflect. Written under ``<corpus root>/multi30k/`` (``ensure_multi30k``; its own
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from vl.data.features import write_region_json
-from vl.data.formats.jsonl import write_jsonl
+from vl.data.formats.jsonl import write_dir_once, write_jsonl
 from vl.data.scenes.generator import SceneSettings, SceneShape, generate_scenes, region_features
 
 log = logging.getLogger(__name__)
@@ -197,36 +193,11 @@ def train_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int = 400) 
 def ensure_multi30k(corpus_root: str | Path, settings: SceneSettings) -> Path:
     """``corpus_root/multi30k`` for the scene corpus at ``corpus_root`` (written once, into a temporary sibling then
     renamed; concurrent callers serialise on a lock file; reused while its manifest names this version)."""
-    corpus_root = Path(corpus_root)
-    final = corpus_root / "multi30k"
-    manifest = final / "manifest.json"
+    final = Path(corpus_root) / "multi30k"
     expected = {"version": MULTI30K_VERSION, "settings": settings.to_dict()}
 
-    def valid() -> bool:
-        try:
-            return json.loads(manifest.read_text(encoding="utf-8")) == expected
-        except (OSError, ValueError):
-            return False
+    def write(tmp: Path) -> None:
+        write_multi30k_corpus(tmp, settings)
+        log.info("wrote the embedded Multi30k corpus %s", final)
 
-    if valid():
-        return final
-    with open(corpus_root / ".multi30k.lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            if valid():
-                return final
-            tmp = corpus_root / f".multi30k.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                write_multi30k_corpus(tmp, settings)
-                (tmp / "manifest.json").write_text(json.dumps(expected), encoding="utf-8")
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            log.info("wrote the embedded Multi30k corpus %s", final)
-            return final
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return write_dir_once(final, expected, write, stamp_file="manifest.json")

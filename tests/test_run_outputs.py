@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import compose_cfg
 from vl.build import stage_config
@@ -61,6 +62,18 @@ def test_wandb_run_names_job_types_resolved_config_and_curves(make_cfg, monkeypa
     assert b"${data.monitor}" not in record and b"val/vqa_acc" in record  # resolved
     # the run's name: task name + the overrides (the test harness puts its own first)
     assert b"train trainer.enable_model_summary=false" in record and b"experiment=none data=vqa" in record
+    # tags: the configured ones + one per override (a sweep can be grouped by what it swept)
+    # (a protobuf string: its length byte, 10 = b"\n", then the tag; in the run name it follows a space)
+    assert b"\ntest=false" in record
+
+
+def test_wandb_tags_are_the_configured_ones_plus_the_overrides(monkeypatch) -> None:
+    import vl.pipeline as pipeline
+
+    overrides = ["model=vilbert", "+model.loss_weights.itm=2", "paths.output_dir=/x", "model=vilbert", "x=" + "y" * 80]
+    monkeypatch.setattr(pipeline, "_command_overrides", lambda: overrides)
+    tags = pipeline._run_tags(OmegaConf.create({}), ["vqa", "model=vilbert"])
+    assert tags == ["vqa", "model=vilbert", "model.loss_weights.itm=2", ("x=" + "y" * 80)[:64]]
 
 
 def test_a_failed_run_closes_wandb_with_its_exit_code(make_cfg, monkeypatch) -> None:

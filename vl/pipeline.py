@@ -140,6 +140,23 @@ def _run_name(cfg: DictConfig) -> str:
     return " ".join([str(cfg.task_name), *overrides])
 
 
+#: W&B's limit on a tag's length
+_TAG_CHARS = 64
+
+
+def _run_tags(cfg: DictConfig, tags: list[str]) -> list[str]:
+    """The configured tags + one per command-line override (`model=vilbert`, `model.optimizer.lr=1e-4`; paths and
+    dirs left out), so the dashboard can filter and group a sweep by what was swept. De-duplicated, each cut to
+    W&B's 64 characters."""
+    overrides = [o.lstrip("+~") for o in _command_overrides() if not o.split("=", 1)[0].endswith(("_dir", "_path"))]
+    out: list[str] = []
+    for tag in [*map(str, tags), *overrides]:
+        tag = tag[:_TAG_CHARS]
+        if tag and tag not in out:
+            out.append(tag)
+    return out
+
+
 def _stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
     """`cfg.logger` with W&B's run name (from the overrides, unless set) and `job_type` = the stage (`pretrain`,
     `finetune` after a pretrain stage, else the configured one)."""
@@ -152,6 +169,7 @@ def _stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
             if isinstance(lg, DictConfig) and str(lg.get("_target_", "")).endswith("WandbLogger"):
                 if lg.get("name") is None:
                     lg.name = _run_name(cfg)
+                lg.tags = _run_tags(cfg, list(lg.get("tags") or []))
                 if stage in ("pretrain", "finetune"):
                     lg.job_type = stage
     return node

@@ -102,3 +102,21 @@ def test_stage_job_types_and_debug_limit_shrinks_every_stage(tmp_path: Path, dat
     assert _stage_loggers(cfg, "pretrain").wandb.job_type == "pretrain"
     assert _stage_loggers(cfg, "finetune").wandb.job_type == "finetune"
     assert _stage_loggers(cfg, "train").wandb.job_type == "train"
+
+
+def test_tensorboard_logger_writes_event_files_with_the_test_metrics(make_cfg) -> None:
+    """`logger=tensorboard` (the `[tensorboard]` extra): event files in <run>/tensorboard holding the fit's and the
+    test stage's scalars; metrics.csv and curves.png are still written."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(*FAST, "logger=tensorboard")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    scalars: set[str] = set()
+    for events in (run / "tensorboard").rglob("events.out.tfevents.*"):  # the fit's and the test stage's
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/vqa_acc", "test/vqa_acc"} <= scalars, sorted(scalars)
+    assert (run / "csv" / "metrics.csv").is_file() and (run / "curves.png").is_file()

@@ -19,6 +19,7 @@ from vl.data.collate import Collator
 from vl.errors import ConfigError
 from vl.metrics import RetrievalRecall
 from vl.models.ranking import ScoreBlock, _as_numpy, chunked_ranks, gallery_scorer
+from vl.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def shortlist_ranks(
     k = min(k, n_images)
     pairs = getattr(score_block, "pairs", None)
     ranks = np.full(n_texts, k + 1, dtype=np.int64)
-    for t0 in range(0, n_texts, text_chunk):
+    for t0 in progress(range(0, n_texts, text_chunk), desc="retrieval: shortlist re-rank", unit="chunk"):
         texts = list(range(t0, min(t0 + text_chunk, n_texts)))
         rows = np.asarray(cheap_rows(texts))
         if rows.shape != (len(texts), n_images):
@@ -219,6 +220,7 @@ def zero_shot_retrieval(
             gold,
             text_chunk=text_chunk,
             image_chunk=int(opts.get("image_chunk", 128)),
+            desc="retrieval: ranking",
         )
     metric = RetrievalRecall()
     metric.update(torch.from_numpy(ranks))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from vl.data.collate import Collator, pad_regions
+from vl.progress import progress
 
 __all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer"]
 
@@ -18,7 +19,14 @@ ScoreBlock = Callable[[list[int], list[int]], torch.Tensor]
 
 
 def chunked_ranks(
-    score_block: ScoreBlock, n_texts: int, n_images: int, gold: list[int], *, text_chunk: int, image_chunk: int
+    score_block: ScoreBlock,
+    n_texts: int,
+    n_images: int,
+    gold: list[int],
+    *,
+    text_chunk: int,
+    image_chunk: int,
+    desc: str | None = None,
 ) -> np.ndarray:
     """Rank (1 = best) of `gold[t]` among all images for each text t, scoring (text_chunk x image_chunk) blocks.
 
@@ -27,11 +35,12 @@ def chunked_ranks(
     (the same score for every image, e.g. dead poolers) ranks every gold last instead of first (R@1 = 0, not 1); with
     no ties this is 1 + the number of images scoring higher. One chunk of texts is held against every image at a time, in the scores' own dtype: memory
     O(text_chunk x images), never texts x images, and the gold score is the one from the same pass (no extra
-    forwards).
+    forwards). `desc`: show a progress bar (`vl.progress`) over the text chunks under that name.
     """
     gold_arr = np.asarray(gold, dtype=np.int64)
     ranks = np.empty(n_texts, dtype=np.int64)
-    for t0 in range(0, n_texts, text_chunk):
+    starts = range(0, n_texts, text_chunk)
+    for t0 in progress(starts, desc=desc, unit="chunk") if desc else starts:
         texts = list(range(t0, min(t0 + text_chunk, n_texts)))
         rows: np.ndarray | None = None
         for i0 in range(0, n_images, image_chunk):

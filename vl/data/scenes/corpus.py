@@ -74,6 +74,7 @@ from vl.data.scenes.writers.refcoco import write_refcoco_corpus
 from vl.data.scenes.writers.retrieval import write_retrieval_corpus
 from vl.data.scenes.writers.vcr import write_vcr_corpus
 from vl.errors import DataError
+from vl.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def _write_images(paths: dict[str, Path], scenes: Sequence[Scene]) -> list[Path]
     """``images/<image_id>.png`` for every scene."""
     paths["images"].mkdir(parents=True, exist_ok=True)
     written = []
-    for sc in scenes:
+    for sc in progress(scenes, desc="corpus: images", unit="img"):
         p = paths["images"] / f"{sc.image_id}.png"
         render(sc).save(p, format="PNG")
         written.append(p)
@@ -282,7 +283,7 @@ def _write_features(paths: dict[str, Path], scenes: Sequence[Scene], settings: S
         paths["clip"], [str(sc.image_id) for sc in scenes], np.stack([clip_embedding(sc, settings) for sc in scenes])
     )
     region_records = []
-    for sc in scenes:
+    for sc in progress(scenes, desc="corpus: region features", unit="img"):
         rec = region_features(sc, settings)
         rec.pop("labels")
         region_records.append(rec)
@@ -571,7 +572,7 @@ def _ensure_parts(root: Path, settings: SceneSettings, parts: list[str]) -> None
         return
     t0 = time.perf_counter()
     scenes = generate_scenes(settings)
-    for part, why in missing:
+    for part, why in progress(missing, desc="corpus: task corpora", unit="part"):
         write_part(root, part, scenes, settings)
         log.info("scene corpus %s: wrote task corpus '%s' (%s)", root, part, why)
     log.debug("task corpora written in %.1fs", time.perf_counter() - t0)

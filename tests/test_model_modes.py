@@ -165,17 +165,22 @@ def test_weight_norm_linear_equals_torch_parametrization_and_pickles() -> None:
         ours.parametrizations["weight"].original1.add_(torch.randn(5, 7))
     ref = weight_norm(nn.Linear(7, 5), dim=None)
     assert set(ref.state_dict()) == set(ours.state_dict())
-    ref.load_state_dict(ours.state_dict())
+    g_key = "parametrizations.weight.original0"  # ours (1,) for FSDP, torch's 0-d: the same number
+    ref.load_state_dict({k: v.reshape(()) if k == g_key else v for k, v in ours.state_dict().items()})
+    back = WeightNormLinear(7, 5)
+    back.load_state_dict(ref.state_dict())  # a 0-d g (torch's, a ViLBERT checkpoint's) loads
+    torch.testing.assert_close(back.state_dict()[g_key], ours.state_dict()[g_key])
     x = torch.randn(3, 7)
     a, b = ours(x), ref(x)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     a.square().sum().backward()
     b.square().sum().backward()
     for key, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[key].grad, atol=1e-6, rtol=1e-6)
+        ref_grad = dict(ref.named_parameters())[key].grad
+        torch.testing.assert_close(p.grad, ref_grad.reshape(p.grad.shape), atol=1e-6, rtol=1e-6)
     fresh = WeightNormLinear(7, 5)  # the init: g = |w|, v = w of a default nn.Linear
     g = fresh.parametrizations["weight"].original0
-    torch.testing.assert_close(g, fresh.parametrizations["weight"].original1.norm())
+    torch.testing.assert_close(g, fresh.parametrizations["weight"].original1.norm().reshape(1))
     torch.testing.assert_close(pickle.loads(pickle.dumps(ours))(x), a)
 
 
@@ -190,3 +195,104 @@ def test_unbuilt_parts_of_older_checkpoints_still_load(make_cfg) -> None:
     checkpoint = {"state_dict": old}
     system.on_load_checkpoint(checkpoint)
     system.load_state_dict(checkpoint["state_dict"])  # strict, as Lightning loads
+
+
+# ------------------------------------------------------------------------------------------ activation checkpointing
+#: the repeated blocks `vl.models.blocks` finds in each architecture (class names; FSDP's wrap units)
+BLOCKS = {
+    "bert": {"BertLayer"},
+    "clip_bert": {"BertLayer"},
+    "clip_bert_tiny": {"BertLayer"},
+    "single_stream": {"BertLayer"},
+    "visual_bert": {"VisualBertLayer"},
+    "visual_bert_tiny": {"BertLayer"},  # the single-stream encoder (conf/model/visual_bert_tiny.yaml)
+    "vilbert": {"BertLayer", "CoAttentionLayer"},
+    "vilbert_tiny": {"BertLayer", "CoAttentionLayer"},
+    "mm_bert": {"BertLayer"},
+    "mm_bert_tiny": {"BertLayer"},
+    "clip_vil": {"BertLayer", "Bottleneck"},
+    "clip_vil_rn50x4": {"BertLayer", "Bottleneck"},
+    "clip_vil_tiny": {"BertLayer", "Bottleneck"},
+}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(model: str, make_cfg) -> None:
+    """`model.activation_checkpointing=true` recomputes every block in the backward pass: the blocks found are the
+    architecture's layers, and with dropout on the loss and every gradient equal the stored-activation run's."""
+    from vl.models.blocks import BLOCK_FLAG
+
+    cfg = make_cfg(*_overrides(model, "model.encoder.text_encoder.dropout=0.1"), tiny=model == "visual_bert")
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    runs = []
+    for on in (False, True):
+        cfg.model.activation_checkpointing = on
+        torch.manual_seed(0)
+        system = build_model(cfg, dm)
+        blocks = {type(m).__name__ for m in system.modules() if getattr(m, BLOCK_FLAG, False)}
+        assert blocks == BLOCKS[model], blocks
+        torch.manual_seed(1)
+        loss = system.shared_step(batch, "train")
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in system.named_parameters() if p.grad is not None}))
+    (loss_off, grads_off), (loss_on, grads_on) = runs
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
+    assert grads_on.keys() == grads_off.keys() and grads_off
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _fsdp_worker(rank: int, cfg_yaml: str, batch: dict, expected: torch.Tensor, n_blocks: int, port: int) -> None:
+    import os
+
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from vl.models.blocks import fsdp_wrap_policy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = OmegaConf.create(cfg_yaml)
+        dm = build_datamodule(cfg)
+        torch.manual_seed(0)
+        system = build_model(cfg, dm).eval()
+        sharded = FSDP(system, auto_wrap_policy=fsdp_wrap_policy(), device_id=torch.device("cpu"))
+        units = [m for m in sharded.modules() if isinstance(m, FSDP)]
+        assert len(units) == n_blocks + 1, (len(units), n_blocks)  # one unit per block + the root
+        with torch.no_grad():
+            pooled = sharded(batch).pooled  # FSDP gathers each unit's shards in its forward
+        torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # 2 spawned gloo processes
+def test_fsdp_wrap_policy_shards_one_unit_per_block_and_keeps_the_output(make_cfg) -> None:
+    """`hardware=fsdp`'s policy (`vl.models.blocks.fsdp_wrap_policy`) under torch FSDP on 2 CPU processes (gloo):
+    one FSDP unit per ViLBERT block (text, vision and co-attention layers) and the same output as the unsharded model.
+    (Lightning's FSDPStrategy itself refuses a CPU accelerator: the preset runs on GPUs.)"""
+    import socket
+
+    import torch.multiprocessing as mp
+    from omegaconf import OmegaConf
+
+    from vl.models.blocks import BLOCK_FLAG
+
+    cfg = make_cfg(*_overrides("vilbert_tiny"))
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    torch.manual_seed(0)
+    system = build_model(cfg, dm).eval()
+    with torch.no_grad():
+        expected = system(batch).pooled
+    n_blocks = sum(1 for m in system.modules() if getattr(m, BLOCK_FLAG, False))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    mp.spawn(_fsdp_worker, args=(cfg_yaml, batch, expected, n_blocks, port), nprocs=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch.optim import Optimizer
@@ -48,3 +49,31 @@ def warmup_constant_step_decay(
         return min(1.0, (step + 1) / warmup) * gamma ** sum(epoch >= m for m in milestones)
 
     return LambdaLR(optimizer, factor)
+
+
+def warmup_decay(
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int | None = None,
+    warmup_ratio: float = 0.05,
+    warmup_type: str = "log",
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """DeepSpeed's `WarmupDecayLR` (the CLIP-BERT study's `bert-lxmert-train-scratch` schedule), step for step: each
+    group's lr rises from `min_lr_ratio` x its lr to its lr over `warmup_steps` (default `warmup_ratio x
+    total_steps`; at least 2) by DeepSpeed's default `warmup_type="log"` (log(i + 1) / log(W)) or `"linear"` (i / W),
+    then falls linearly to 0 at `total_steps`. As under DeepSpeed, optimizer step s runs at the schedule's value of
+    iteration s - 1 (its scheduler steps after the optimizer): the first step at the minimum."""
+    if warmup_type not in ("log", "linear"):
+        raise ValueError(f"warmup_decay: warmup_type '{warmup_type}' is not 'log' or 'linear'")
+    warmup = max(2, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
+
+    def gamma(iteration: int) -> float:
+        if iteration < 0:
+            return 0.0
+        if iteration < warmup:
+            return math.log(iteration + 1) / math.log(warmup) if warmup_type == "log" else iteration / warmup
+        return max(0.0, (total_steps - iteration) / max(1.0, total_steps - warmup))
+
+    return LambdaLR(optimizer, lambda step: min_lr_ratio + (1.0 - min_lr_ratio) * gamma(step - 1))

@@ -243,7 +243,7 @@ def test_experiments_compose_and_run(experiment: str, make_cfg) -> None:
         (
             "bert_lxmert_train_scratch",
             1e-4,
-            "vl.schedules.linear_warmup_decay",
+            "vl.schedules.warmup_decay",
             88000,
             None,
             "vl.data.lxmert_text.LxmertTextDataModule",
@@ -260,11 +260,74 @@ def test_experiment_settings(experiment, lr, scheduler, max_steps, pretrained, d
     assert cfg.trainer.max_steps == max_steps and cfg.trainer.val_check_interval == 1000
     assert cfg.callbacks.last_checkpoint.every_n_train_steps == 1000 and cfg.callbacks.last_checkpoint.save_top_k == 1
     if scheduler:
-        assert cfg.model.scheduler.warmup_ratio * max_steps == 4400
+        assert cfg.model.scheduler.warmup_steps == 4400 and cfg.model.scheduler.warmup_type == "log"
         assert cfg.model.encoder.text_encoder.hidden_size == 768 and cfg.model.encoder.text_encoder.num_layers == 12
     assert cfg.model.encoder.use_image == (experiment == "clip_bert")
     if experiment == "bert_clip_bert_train":
         assert cfg.data.text_only
+
+
+def _deepspeed_warmup_decay_lrs(lr: float, total: int, warmup: int, kind: str, min_lr: float, steps: int) -> list:
+    """The lr each optimizer step runs at under DeepSpeed's WarmupDecayLR, written from its documented rule: the
+    scheduler starts at iteration -1 (lr = min) and steps after each optimizer step; gamma(i) = log(i + 1) / log(W)
+    ("log") or i / W ("linear") below W = max(2, warmup), then (total - i) / max(1, total - W), floored at 0."""
+    import math
+
+    w = max(2, warmup)
+    out = []
+    for step in range(steps):
+        i = step - 1
+        if i < 0:
+            g = 0.0
+        elif i < w:
+            g = math.log(i + 1) / math.log(w) if kind == "log" else i / w
+        else:
+            g = max(0.0, (total - i) / max(1.0, total - w))
+        out.append(min_lr + (lr - min_lr) * g)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["log", "linear"])
+def test_warmup_decay_is_deepspeeds_warmup_decay_lr(kind: str) -> None:
+    """`vl.schedules.warmup_decay` (bert_lxmert_train_scratch) = DeepSpeed's WarmupDecayLR step for step: against
+    the rule written out here and, when deepspeed is installed (`[deepspeed]` extra), against its own class."""
+    from vl.schedules import warmup_decay
+
+    lr, total, warmup, steps = 1e-4, 60, 11, 64
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr)
+    sched = warmup_decay(opt, total_steps=total, warmup_steps=warmup, warmup_type=kind, min_lr_ratio=0.1)
+    ours = []
+    for _ in range(steps):
+        ours.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = _deepspeed_warmup_decay_lrs(lr, total, warmup, kind, 0.1 * lr, steps)
+    assert ours == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    try:
+        from deepspeed.runtime.lr_schedules import WarmupDecayLR
+    except Exception:  # noqa: BLE001 - not installed (or no usable accelerator): the written-out rule stands
+        return
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    ds = WarmupDecayLR(opt, total, warmup_min_lr=0.1 * lr, warmup_max_lr=lr, warmup_num_steps=warmup, warmup_type=kind)
+    theirs = []
+    for _ in range(steps):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ds.step()
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize(("preset", "stage"), [("deepspeed", 0), ("deepspeed_zero2", 2), ("deepspeed_zero3", 3)])
+def test_deepspeed_presets_instantiate_their_zero_stage(preset: str, stage: int, make_cfg) -> None:
+    """The strategy objects build (no GPU needed to build one; training needs GPUs): the ZeRO stage reaches
+    DeepSpeed's config. Skipped without the `[deepspeed]` extra."""
+    pytest.importorskip("deepspeed")
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("experiment=none", f"hardware={preset}")
+    strategy = instantiate(cfg.trainer.strategy)
+    assert strategy.config["zero_optimization"]["stage"] == stage
 
 
 @pytest.mark.parametrize("hardware", ["bf16", "fp16_mixed", "deepspeed"])

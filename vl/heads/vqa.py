@@ -15,10 +15,19 @@ from vl.metrics import VQAAccuracy
 
 
 class _NormParams(nn.Module):
+    """g and v of a `dim=None` weight norm. g is stored with shape (1,), not torch's () (FSDP refuses 0-d
+    parameters); a state dict with a 0-d g (torch's parametrization, a ViLBERT checkpoint's `weight_g`) loads."""
+
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.original0 = nn.Parameter(weight.norm().detach().clone())  # g: the weight's norm (a scalar)
+        self.original0 = nn.Parameter(weight.norm().detach().clone().reshape(1))  # g: the weight's norm
         self.original1 = nn.Parameter(weight.detach().clone())  # v: its direction
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        g = state_dict.get(prefix + "original0")
+        if isinstance(g, torch.Tensor) and g.dim() == 0:
+            state_dict[prefix + "original0"] = g.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class WeightNormLinear(nn.Module):

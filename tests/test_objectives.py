@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from vl.data.collate import mask_regions
@@ -249,3 +250,17 @@ def test_vcr_five_block_layout_scores_the_gold_answer_block() -> None:
     assert torch.isclose(metrics["vcr_q2ar_acc"].compute(), (qa & qar).float().mean())
     rows = head.predictions(result, {"annot_id": [f"test-{i}" for i in range(30)]})
     assert len(rows[0]["rationale_probs"]) == 4 and len(rows[0]["rationale_probs"][0]) == 4
+
+
+def test_a_second_head_with_a_taken_name_is_refused() -> None:
+    """Head names are the registry keys `data.objectives` picks by: a plugin head reusing one (here 'vqa') must not
+    silently replace the built-in."""
+    from vl.heads import HEADS, Objective
+
+    before = HEADS["vqa"]
+    with pytest.raises(TypeError, match=r"objective name 'vqa' .* already taken by vl\.heads\.vqa\.VQAClassification"):
+
+        class AnotherVQA(Objective):  # noqa: F841 - defining it is the test
+            name = "vqa"
+
+    assert HEADS["vqa"] is before

@@ -78,6 +78,13 @@ class Objective(nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.name and "name" in cls.__dict__:
+            taken = HEADS.get(cls.name)
+            same = taken is not None and (taken.__module__, taken.__qualname__) == (cls.__module__, cls.__qualname__)
+            if taken is not None and not same:  # a re-imported module (same class path) may register again
+                raise TypeError(
+                    f"objective name '{cls.name}' of {cls.__module__}.{cls.__qualname__} is already taken by "
+                    f"{taken.__module__}.{taken.__qualname__}; give the new head another `name`"
+                )
             HEADS[cls.name] = cls
 
     @classmethod

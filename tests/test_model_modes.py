@@ -296,3 +296,17 @@ def test_fsdp_wrap_policy_shards_one_unit_per_block_and_keeps_the_output(make_cf
         port = s.getsockname()[1]
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     mp.spawn(_fsdp_worker, args=(cfg_yaml, batch, expected, n_blocks, port), nprocs=2)
+
+
+def test_a_checkpoint_with_a_0d_weight_norm_gain_initialises_the_vqa_head(make_cfg, tmp_path) -> None:
+    """Checkpoints written before the gain became 1-d (FSDP) hold it 0-d: `model.init_from` loads it, not skips it."""
+    cfg = make_cfg(*_overrides("vilbert_tiny", "++model.heads.vqa.classifier=simple"))
+    dm = build_datamodule(cfg)
+    old = build_model(cfg, dm)
+    g_keys = [k for k in old.state_dict() if k.endswith("parametrizations.weight.original0")]
+    assert g_keys
+    state = {k: (v.reshape(()) * 1.5 if k in g_keys else v) for k, v in old.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "old.ckpt")
+    new = build_model(cfg, dm, init_from=str(tmp_path / "old.ckpt"))
+    for k in g_keys:
+        torch.testing.assert_close(new.state_dict()[k], state[k].reshape(1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from vl.errors import ConfigError
 
@@ -37,3 +38,11 @@ def log_key_report(what: str, missing: list[str] | set[str], unexpected: list[st
         if keys:
             more = f" ... (+{len(keys) - 20})" if len(keys) > 20 else ""
             log.warning("%s: %s keys: %s%s", what, name, ", ".join(keys[:20]), more)
+
+
+def as_one_element(value: Any, target: Any) -> Any:
+    """A 0-d tensor loaded into a (1,)-shaped parameter (e.g. the VQA head's weight-norm gain, stored 1-d for FSDP,
+    from torch's parametrization or a ViLBERT checkpoint) as that shape; anything else unchanged."""
+    if getattr(value, "dim", None) is not None and value.dim() == 0 and tuple(getattr(target, "shape", ())) == (1,):
+        return value.reshape(1)
+    return value

@@ -22,6 +22,7 @@ from torch import nn
 
 from vl.errors import ConfigError
 from vl.models.bert_backbone import log_key_report
+from vl.pretrained import as_one_element
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def load_mapped_state_dict(
             continue
         if new in mapped:
             raise ConfigError(f"{what}: '{sources[new]}' and '{key}' both map to '{new}'")
-        mapped[new], sources[new] = value, key
+        mapped[new], sources[new] = as_one_element(value, own[new]), key
     if transforms is not None:
         mapped = transforms(mapped)
     for new, value in mapped.items():

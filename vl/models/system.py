@@ -36,7 +36,7 @@ from vl.heads import HeadContext, build_heads
 from vl.metrics import RetrievalRecall
 from vl.models.blocks import checkpoint_activations, mark_blocks
 from vl.models.ranking import chunked_ranks, gallery_scorer
-from vl.pretrained import log_key_report
+from vl.pretrained import as_one_element, log_key_report
 
 log = logging.getLogger(__name__)
 
@@ -535,6 +535,7 @@ class VLSystem(L.LightningModule):
             raise ConfigError(f"model.init_from: '{path}' holds no state dict of tensors (a {type(state).__name__})")
         state = self.drop_unbuilt(dict(state))
         own = self.state_dict()
+        state = {k: as_one_element(v, own[k]) if k in own else v for k, v in state.items()}
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
         result = self.load_state_dict(usable, strict=False)

@@ -83,6 +83,10 @@ class VGG16Features(nn.Module):
                 layers += [nn.Conv2d(channels, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
                 channels = int(v)
         self.features = nn.Sequential(*layers)
+        for m in self.features:  # torchvision's VGG init (random-init runs start where `vgg16()` does)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         self.out_channels = channels
         self.stride = 2 ** sum(v == "M" for v in cfg)
 

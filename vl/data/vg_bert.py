@@ -154,7 +154,8 @@ class VGObjects(Dataset):
 
 
 class VGCollator:
-    """Stacks `VGObjects` examples (None = a skipped image, counted in `images_skipped`)."""
+    """Stacks `VGObjects` examples (None = a skipped image, counted in `images_skipped`); `input_ids` /
+    `attention_mask` (B, N*L) are the object phrases flattened (the batch's text tokens, for the shared callbacks)."""
 
     KEYS = ("object_ids", "object_token_mask", "object_mask", "object_target", "relation_target")
 
@@ -165,6 +166,9 @@ class VGCollator:
         batch: dict[str, Any] = {k: torch.stack([ex[k] for ex in kept]) for k in self.KEYS}
         batch["pixel_values"] = stack_pixels([ex["pixels"] for ex in kept])
         batch["index"] = torch.tensor([ex["index"] for ex in kept])
+        # the batch's text tokens, flattened (what the shared callbacks count: batch size, tokens)
+        batch["input_ids"] = batch["object_ids"].flatten(1)
+        batch["attention_mask"] = batch["object_token_mask"].flatten(1)
         batch["images_skipped"] = len(examples) - len(kept)
         return batch
 

@@ -41,7 +41,7 @@ def test_grounding_retrieval_above_chance_then_transfer_and_concreteness(make_cf
     before = run_concreteness(build_model(cfg, build_datamodule(cfg)).encoder, tok, Path(cfg.paths.output_dir) / "c0")
     after = run_concreteness(grounded.encoder, tok, Path(cfg.paths.output_dir) / "c1")
     print("concreteness before", before, "after", after, "words", len(embedded_words()[0]))
-    assert after["concreteness/word_r"] > 0 and after["concreteness/word_r"] > before["concreteness/word_r"]
+    assert after["test/concreteness_word_r"] > 0 and after["test/concreteness_word_r"] > before["test/concreteness_word_r"]
 
     transfer = make_cfg(
         "experiment=vg_bert_transfer_retrieval_tiny", "data.corpus.num_images=3000", "trainer.max_epochs=6",

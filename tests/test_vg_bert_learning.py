@@ -59,3 +59,18 @@ def test_grounding_then_relational_then_transfer_learn(make_cfg) -> None:
     metrics, _ = train(transfer)
     print("transfer", _test_metrics(metrics))
     assert metrics["test/r10_mean"] > metrics["test/r10_mean_chance"] + 0.05, metrics
+
+
+@pytest.mark.slow  # three short pipeline runs (~1-2 min)
+@pytest.mark.parametrize(
+    ("experiment", "metric", "baseline"),
+    [("vg_bert_grounding_tiny", "test/r1_mean", "test/r1_mean_chance"),
+     ("vg_bert_relational_tiny", "test/rel_acc", "test/rel_acc_majority"),
+     ("vg_bert_transfer_retrieval_tiny", "test/r10_mean", "test/r10_mean_chance")],
+)  # fmt: skip
+def test_each_experiment_runs_through_the_pipeline(make_cfg, experiment, metric, baseline) -> None:
+    cfg = make_cfg(f"experiment={experiment}", "data.num_workers=0", "trainer.max_epochs=1",
+                   "trainer.limit_train_batches=2", name=experiment)  # fmt: skip
+    metrics, _ = train(cfg)
+    assert metric in metrics and baseline in metrics, sorted(metrics)
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt").is_file()

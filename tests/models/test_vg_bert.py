@@ -328,3 +328,44 @@ def test_recall_at_k_by_hand() -> None:
     r = recall_at_k(sim, ks=(1, 2))
     assert r["r1_i2t"] == pytest.approx(2 / 3) and r["r1_t2i"] == pytest.approx(2 / 3)
     assert r["r2_i2t"] == 1.0 and r["r2_t2i"] == 1.0
+
+
+def test_seed_checkpoint_keys_map_to_vl(tmp_path: Path) -> None:
+    """A state dict in the seed's layout (`RelationalGrounding` under DataParallel: `module.` + image_model.image_model.N
+    / language_model.language_model.* / cross_attention_model.* / object_classifier.*) initialises the vl model."""
+    from vl.models.vg_bert import VGBertSystem
+
+    def build(init_from=None):
+        torch.manual_seed(0)
+        return VGBertSystem(
+            encoder={"_target_": "vl.models.vg_bert.VGBertEncoder", "stage": "relational", "text_encoder": TINY_TEXT,
+                     "vgg_cfg": TINY_VGG, "visual_heads": 2, "visual_intermediate_size": 32, "num_positions": 16,
+                     "cross_heads": 2, "learnable_layers": 2},
+            objectives=["vg_relational"], data_info={"pixels": True, "num_relations": 115, "num_object_classes": 56},
+            optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}, init_from=init_from,
+        )  # fmt: skip
+
+    ref = build().state_dict()
+    seed = {
+        "module.image_model.image_model.2.weight": torch.randn_like(ref["encoder.visual.vgg.features.2.weight"]),
+        "module.image_model.attention.query.weight": torch.randn_like(ref["encoder.visual.attention.query.weight"]),
+        "module.language_model.language_model.encoder.layer.1.attention.self.key.weight": torch.randn(16, 16),
+        "module.language_model.language_model.pooler.dense.weight": torch.randn(16, 16),  # vl builds no pooler
+        "module.cross_attention_model.key_visual.weight": torch.randn(16, 16),
+        "module.cross_attention_model.relational_matrix": torch.randn(115, 32, 32),
+        "module.object_classifier.3.weight": torch.randn(56, 256),
+    }
+    torch.save(seed, tmp_path / "best_model.pth")
+    got = build(str(tmp_path / "best_model.pth")).state_dict()
+    pairs = {
+        "encoder.visual.vgg.features.2.weight": "module.image_model.image_model.2.weight",
+        "encoder.visual.attention.query.weight": "module.image_model.attention.query.weight",
+        "encoder.bert.encoder.layer.1.attention.self.key.weight":
+            "module.language_model.language_model.encoder.layer.1.attention.self.key.weight",
+        "encoder.cross_attention.key_visual.weight": "module.cross_attention_model.key_visual.weight",
+        "objectives.vg_relational.relational_matrix": "module.cross_attention_model.relational_matrix",
+        "objectives.vg_relational.object_classifier.3.weight": "module.object_classifier.3.weight",
+    }  # fmt: skip
+    for ours, theirs in pairs.items():
+        assert torch.equal(got[ours], seed[theirs]), ours
+    assert torch.equal(got["encoder.visual.embedder.weight"], ref["encoder.visual.embedder.weight"])  # not in file

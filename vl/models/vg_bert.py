@@ -255,6 +255,43 @@ class VGBertEncoder(nn.Module):
         return EncoderOutput(text=text, visual=visual, pooled=text.mean(1))
 
 
+# ------------------------------------------------------------------------------------------------ seed checkpoints
+#: the seed's `full_model` state-dict prefixes (after `module.`) -> vl's
+SEED_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("image_model.image_model.", "encoder.visual.vgg.features."),
+    ("image_model.embedder.", "encoder.visual.embedder."),
+    ("image_model.attention.", "encoder.visual.attention."),
+    ("language_model.language_model.", "encoder.bert."),
+    ("image_projection_head.0.", "encoder.image_projection_head."),
+    ("language_projection_head.0.", "encoder.language_projection_head."),
+    ("cross_attention_model.query_language.", "encoder.cross_attention.query_language."),
+    ("cross_attention_model.key_visual.", "encoder.cross_attention.key_visual."),
+    ("cross_attention_model.value_visual.", "encoder.cross_attention.value_visual."),
+    ("cross_attention_model.object_transform.", "objectives.vg_relational.object_transform."),
+    ("cross_attention_model.relational_matrix", "objectives.vg_relational.relational_matrix"),
+    ("object_classifier.", "objectives.vg_relational.object_classifier."),
+)
+
+
+def is_seed_state_dict(state: dict[str, Any]) -> bool:
+    return any(k.removeprefix("module.").startswith("image_model.") for k in state)
+
+
+def seed_to_vl(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A state dict of the seed's `TwoStreamPretrain` / `RelationalGrounding` (`best_model.pth`, `module.` prefixes
+    of DataParallel allowed) -> (vl keys, the seed keys that map to nothing, e.g. BERT's pooler)."""
+    out, unmapped = {}, []
+    for key, value in state.items():
+        k = key.removeprefix("module.")
+        for seed, ours in SEED_PREFIXES:
+            if k.startswith(seed):
+                out[ours + k[len(seed) :]] = value
+                break
+        else:
+            unmapped.append(key)
+    return out, unmapped
+
+
 # ------------------------------------------------------------------------------------------------ retrieval
 def recall_at_k(sim: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """sim (N, N), image i <-> caption i gold: R@k image->text (rows) and text->image (columns), and their mean."""
@@ -288,6 +325,23 @@ class VGBertSystem(VLSystem):
             own,
             sum(p.numel() for p in self.parameters() if not p.requires_grad),
         )
+
+    def load_init_checkpoint(self, path: str) -> None:
+        """vl checkpoints as the shared system loads them; a state dict of the seed (`best_model.pth`: keys
+        `image_model.*`, `language_model.language_model.*`, ...) is mapped to vl's names first (`seed_to_vl`), then
+        loaded non-strictly with the key report (BERT's pooler and other unmapped keys reported as unexpected)."""
+        from vl.checkpoint import load_torch_file
+        from vl.pretrained import log_key_report
+
+        state = load_torch_file(path, "model.init_from")
+        if not (isinstance(state, dict) and "state_dict" not in state and is_seed_state_dict(state)):
+            return super().load_init_checkpoint(path)
+        mapped, unmapped = seed_to_vl(state)
+        own = self.state_dict()
+        usable = {k: v for k, v in mapped.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+        result = self.load_state_dict(usable, strict=False)
+        unexpected = unmapped + sorted(k for k in mapped if k not in usable)
+        log_key_report(f"init from the seed's {path}", result.missing_keys, unexpected)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

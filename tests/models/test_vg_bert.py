@@ -50,7 +50,7 @@ def torchvision_feature_keys() -> dict[str, tuple[int, ...]]:
 def _encoder(stage: str = "grounding", **kw) -> VGBertEncoder:
     torch.manual_seed(0)
     args = dict(
-        data_info={"pixels": True},
+        data_info={"pixels": True, **({"num_relations": 115} if stage == "relational" else {})},
         stage=stage,
         text_encoder=TINY_TEXT,
         dropout_rate=0.0,
@@ -307,6 +307,10 @@ def test_freezing_groups_and_frozen_parameters_bit_identical_after_a_step() -> N
     assert transfer.parameter_counts["trainable"] == 0
     with pytest.raises(ConfigError, match="learnable_layers"):
         _encoder(learnable_layers=4)
+    with pytest.raises(ConfigError, match="stage=relational reads data=vg_bert_vg"):
+        _encoder("relational", data_info={"pixels": True})
+    with pytest.raises(ConfigError, match="stage=grounding reads data=vg_bert_coco"):
+        _encoder("grounding", data_info={"pixels": True, "num_relations": 115})
 
 
 def test_step_decay_halves_in_the_fifteenth_epoch_as_the_seed() -> None:

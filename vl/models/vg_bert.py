@@ -147,6 +147,12 @@ class VGBertEncoder(nn.Module):
                 "model: VG-BERT reads images (pixel_values), but this data module provides none; use "
                 "data=vg_bert_coco or data=vg_bert_vg"
             )
+        objects = "num_relations" in data_info  # the VG data module (objects + relations) says so
+        if (stage == "relational") != objects:
+            want = (
+                "data=vg_bert_vg (objects and relations)" if stage == "relational" else "data=vg_bert_coco (captions)"
+            )
+            raise ConfigError(f"model.encoder.stage={stage} reads {want}; this data module provides the other kind")
         if object_pool not in ("all_positions", "tokens"):
             raise ConfigError(f"model.encoder.object_pool: '{object_pool}' is not 'all_positions' or 'tokens'")
         self.stage, self.segment_id, self.object_pool = stage, segment_id, object_pool

@@ -52,6 +52,23 @@ _SMALL_CLIP_VIL = (
     "data.num_workers=0",
 )
 SMALL |= {m: _SMALL_CLIP_VIL for m in ("clip_vil", "clip_vil_rn50x4", "clip_vil_tiny")}
+#: VG-BERT: a small VGG and BERT, 64-px images decoded in the main process, dropout on
+DATA |= {m: "vg_bert_coco" for m in ("vg_bert", "vg_bert_tiny")}
+_SMALL_VG_BERT = (
+    "model.encoder.vgg_cfg=[4,M,8,M,8,M,16,M,16]",
+    "model.encoder.text_encoder.hidden_size=32",
+    "model.encoder.text_encoder.num_heads=2",
+    "model.encoder.text_encoder.intermediate_size=64",
+    "model.encoder.text_encoder.num_layers=2",
+    "model.encoder.learnable_layers=2",
+    "model.encoder.visual_heads=2",
+    "model.encoder.cross_heads=2",
+    "model.encoder.dropout_rate=0.1",
+    "data.transform_options.size=64",
+    "data.transform_options.crop=64",
+    "data.num_workers=0",
+)
+SMALL |= {m: _SMALL_VG_BERT for m in ("vg_bert", "vg_bert_tiny")}
 
 
 def _overrides(model: str, *extra: str) -> list[str]:

@@ -29,6 +29,7 @@ from vl.data.multi30k import Multi30kDataModule
 from vl.data.refcoco import RefCOCODataModule
 from vl.data.retrieval import RetrievalDataModule
 from vl.data.vcr import VCRDataModule
+from vl.data.vg_bert import VGBertCocoDataModule, VGBertVGDataModule
 from vl.data.vlp import VLPDataModule
 from vl.data.vqa import VQADataModule
 from vl.errors import ConfigError
@@ -38,6 +39,7 @@ from vl.models.clip_vil import ClipVilEncoder, ClipVilSystem
 from vl.models.mm_bert import MMBertEncoder, MMBertSystem
 from vl.models.single_stream import SingleStreamEncoder
 from vl.models.system import VLSystem
+from vl.models.vg_bert import VGBertEncoder, VGBertSystem
 from vl.models.vilbert import VilbertEncoder, VilbertSystem
 from vl.models.visual_bert import VisualBertEncoder, VisualBertSystem
 
@@ -62,6 +64,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "clip_bert": (ClipBertSystem, ClipBertEncoder),
     "mm_bert": (MMBertSystem, MMBertEncoder),
     "clip_vil": (ClipVilSystem, ClipVilEncoder),
+    "vg_bert": (VGBertSystem, VGBertEncoder),
 }
 #: `schema/data/<name>`: the DataModule class; `conf/data/<name>.yaml` starts from it
 DATA: dict[str, type] = {
@@ -76,6 +79,8 @@ DATA: dict[str, type] = {
     "multi30k": Multi30kDataModule,
     "clip_vil_pretrain": ClipVilPretrainDataModule,
     "clip_vil_vqa": ClipVilVQADataModule,
+    "vg_bert_coco": VGBertCocoDataModule,
+    "vg_bert_vg": VGBertVGDataModule,
 }
 
 #: `model.encoder.text_encoder`: the arguments of `build_bert`

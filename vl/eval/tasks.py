@@ -89,11 +89,52 @@ def visual_property_norms(
     )
 
 
+def concreteness(
+    *,
+    cfg: DictConfig,
+    run_cfg: DictConfig,
+    output_dir: Path,
+    words: str | None = None,
+    categories: str | None = None,
+    ratings: str | None = None,
+    common: str | None = None,
+    csv: str | None = None,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """VG-BERT's concreteness probe (`vl/eval/probes/concreteness.py`): `words` / `categories` / `ratings` / `common`
+    the seed's SemCat `.npy` files, or `csv` (word, category, concreteness[, common]); none: the embedded corpus's
+    words with synthetic ratings (a mechanics check only)."""
+    from vl.build import instantiate_node
+    from vl.checkpoint import check_architecture, read_checkpoint
+    from vl.data.collate import load_tokenizer
+    from vl.eval.probes.concreteness import run_concreteness
+
+    state = read_checkpoint(cfg.ckpt_path, "ckpt_path")
+    hparams = state.get("hyper_parameters") or {}
+    system = instantiate_node(
+        run_cfg.model, objectives=list(hparams["objectives"]), data_info=dict(hparams["data_info"]), init_from=None
+    )
+    check_architecture(state, system, cfg.ckpt_path)
+    system.load_state_dict(state["state_dict"])
+    return run_concreteness(
+        system.encoder.to(device),
+        load_tokenizer(str(run_cfg.data.get("tokenizer", "minilm"))),
+        output_dir,
+        name=str(run_cfg.get("task_name") or "model"),
+        words=words,
+        categories=categories,
+        concreteness=ratings,
+        common=common,
+        csv_path=csv,
+    )
+
+
 #: `schema/task/<name>` is generated from each function's options
 TASKS = {
     "zero_shot_retrieval": zero_shot_retrieval,
     "memory_colors": memory_colors,
     "visual_property_norms": visual_property_norms,
+    "concreteness": concreteness,
 }
 
 

@@ -1,0 +1,147 @@
+"""VG-BERT's data: the embedded corpus in the seed's COCO / VG JSON layouts (phrases, classes and relations true of the
+drawn scene), the readers' one-line errors naming file and record, batches of the two data modules, and the
+published configs composing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vl.data.formats.vg_bert import load_coco_json, load_vg_json
+from vl.data.scenes import SceneSettings, generate_scenes
+from vl.data.scenes.writers.images import image_id_of, pixel_scene
+from vl.data.scenes.writers.vg_bert import RELATIONS, write_vg_bert_corpus
+from vl.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> tuple[Path, list]:
+    scenes = generate_scenes(SceneSettings(num_images=60))
+    out = tmp_path_factory.mktemp("vgb") / "vg_bert"
+    write_vg_bert_corpus(out, scenes)
+    return out, scenes
+
+
+def test_layout_and_truth_of_phrases_classes_relations(written) -> None:
+    out, scenes = written
+    by_id = {image_id_of(s): s for s in scenes}
+    coco = json.loads((out / "coco_train.json").read_text())
+    assert coco["image_base_path"] == ".." and coco["caption_base_path"] == "captions"
+    for rec in coco["data"]:
+        lines = (out / "captions" / rec["caption"]).read_text().splitlines()
+        scene = by_id[rec["caption"].removesuffix(".txt")]
+        assert len(lines) == 5 and lines[0] == scene.captions[0] and scene.image_id % 3 == 0
+    seen = set()
+    for split in ("train", "val", "test"):
+        vg = json.loads((out / f"vg_{split}.json").read_text())
+        for rec in vg["data"]:
+            img_id = Path(rec["image"]).stem
+            shapes = pixel_scene(by_id[img_id]).shapes
+            assert rec["object_description"] == [f"{p.size} {p.colour} {p.shape}" for p in shapes]
+            n = len(shapes)
+            for i, a in enumerate(shapes):
+                for j, b in enumerate(shapes):
+                    name = RELATIONS[rec["relation"][i][j]]
+                    seen.add(name)
+                    (ax, ay), (bx, by) = a.centre, b.centre
+                    truth = {
+                        "__none__": i == j,
+                        "left of": ax < bx,
+                        "right of": ax > bx,
+                        "above": ay < by,
+                        "below": ay > by,
+                        "bigger than": (a.size, b.size) == ("large", "small"),
+                        "smaller than": (a.size, b.size) == ("small", "large"),
+                        "same colour as": a.colour == b.colour and i != j,
+                    }[name]
+                    assert truth, (img_id, i, j, name)
+            assert len(rec["object_class"]) == n and all(1 <= c <= 32 for c in rec["object_class"])
+    assert {"left of", "bigger than", "smaller than"} <= seen
+    records = load_vg_json(out / "vg_train.json")
+    assert Path(records[0]["image"]).is_absolute() or records[0]["image"].startswith(str(out))
+
+
+def _write(path: Path, doc) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_bad_inputs_fail_naming_file_and_record(tmp_path: Path) -> None:
+    (tmp_path / "caps").mkdir()
+    (tmp_path / "caps" / "a.txt").write_text("one\ntwo\n")
+    coco = {"image_base_path": ".", "caption_base_path": "caps", "data": [{"image": "a.jpg", "caption": "a.txt"},
+                                                                        {"image": "b.jpg", "caption": "b.txt"}]}  # fmt: skip
+    path = _write(tmp_path / "coco.json", coco)
+    with pytest.raises(DataError, match=r"coco\.json: data\[1\]: caption file .*b\.txt not found"):
+        load_coco_json(path)
+    good = {"image": "a.jpg", "object_description": ["a", "b"], "object_class": [1, 2], "relation": [[0, 1], [2, 0]]}
+    assert len(load_vg_json(_write(tmp_path / "vg.json", {"image_base_path": ".", "data": [good]}))) == 1
+    cases = [
+        (
+            {"relation": [[0, 1, 0], [2, 0, 0], [0, 0, 0]]},
+            r"data\[0\]: 'relation' must be a 2 x 2 matrix for 2 objects",
+        ),
+        ({"object_class": [1, 56]}, r"data\[0\]: object_class\[1\] = 56 is out of range 0\.\.55"),
+        ({"relation": [[0, 115], [0, 0]]}, r"data\[0\]: relation\[0\]\[1\] = 115 is out of range 0\.\.114"),
+        ({"object_class": [1]}, r"data\[0\]: 'object_class' has 1 entries for 2 objects"),
+    ]
+    for change, message in cases:
+        path = _write(tmp_path / "bad.json", {"image_base_path": ".", "data": [{**good, **change}]})
+        with pytest.raises(DataError, match=r"bad\.json: " + message):
+            load_vg_json(path)
+
+
+def test_data_modules_make_batches(make_cfg) -> None:
+    from vl.build import build_datamodule
+
+    cfg = make_cfg("experiment=vg_bert_relational_tiny", "data.num_workers=0", "data.corpus.num_images=150")
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["object_ids"].shape[1:] == (32, 10) and batch["relation_target"].shape[1:] == (32, 32)
+    assert batch["pixel_values"].shape[1:] == (3, 64, 64)
+    n = batch["object_mask"].sum(1)
+    for b in range(len(n)):
+        assert batch["relation_target"][b, n[b] :].abs().sum() == 0 and batch["object_target"][b, n[b] :].sum() == 0
+        ids = batch["object_ids"][b, 0]
+        assert ids[0] == dm.tokenizer.cls_token_id and dm.tokenizer.sep_token_id in ids.tolist()
+    base = dm.baselines("val")
+    assert 0 < base["val/rel_acc_majority"] < 1 and 0 <= base["val/obj_acc1_majority"] < 1
+    cfg = make_cfg("experiment=vg_bert_grounding_tiny", "data.num_workers=0", "data.corpus.num_images=150")
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape[1] == cfg.data.max_text_len and bool((batch["input_ids"][:, 0] == 101).all())
+    again = next(iter(dm.val_dataloader()))
+    assert torch.equal(batch["input_ids"], again["input_ids"])  # val draws the same caption line
+    n = len(dm.records("test"))
+    assert dm.baselines("test")["test/r1_i2t_chance"] == pytest.approx(1 / n)
+
+
+@pytest.mark.parametrize(
+    ("experiment", "stage", "lr"),
+    [("vg_bert_grounding", "grounding", 5e-5), ("vg_bert_relational", "relational", 1e-5),
+     ("vg_bert_transfer_retrieval", "transfer", 5e-5)],
+)  # fmt: skip
+def test_published_configs_compose(make_cfg, experiment, stage, lr) -> None:
+    cfg = make_cfg(f"experiment={experiment}", tiny=False)
+    enc = cfg.model.encoder
+    assert enc.stage == stage and enc.text_encoder.num_layers == 12 and enc.text_encoder.hidden_size == 768
+    assert enc.vgg_cfg is None and enc.num_positions == 196 and enc.visual_heads == 12 and enc.cross_heads == 8
+    assert enc.freeze_qk and enc.freeze_vgg and enc.segment_id == 1 and enc.object_pool == "all_positions"
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == lr
+    assert list(cfg.model.optimizer.betas) == [0.95, 0.999] and cfg.model.optimizer.weight_decay == 5e-7
+    assert cfg.model.lr_decay_epochs == 15 and cfg.model.lr_ratio == 0.5
+    if stage == "grounding":
+        assert enc.learnable_layers == 8 and enc.dropout_rate == 0.3 and cfg.data.monitor == "val/loss"
+        assert cfg.data.transform_options.size == 256 and cfg.data.transform_options.crop == 224
+        assert cfg.data.batch_size == 180 and cfg.trainer.max_epochs == 100 and cfg.data.max_text_len == 32
+    if stage == "relational":
+        assert enc.learnable_layers == 2 and enc.dropout_rate == 0.1 and cfg.data.monitor == "val/rel_acc"
+        assert cfg.data.transform_options.size == 224 and cfg.data.max_objects == 32
+        assert cfg.data.num_relations == 115 and cfg.data.num_object_classes == 56
+    if stage == "transfer":
+        assert enc.freeze_encoder and list(cfg.data.objectives) == ["vg_transfer"] and cfg.data.batch_size == 300

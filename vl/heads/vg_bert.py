@@ -1,0 +1,319 @@
+"""VG-BERT's objectives (spec: vg_bert.md): the stage-2 cross-modal contrastive loss, the stage-3 relational
+grounding losses and the transfer-retrieval pooled contrastive loss, as plain functions (tested against independent
+computations) and as heads on `VGBertEncoder`'s outputs. Registered when `vl.models.vg_bert` is imported.
+
+- `similarity_matrix`: S[i, j] = mean over the first nwords_j tokens t of caption j (nwords counts [CLS] and [SEP]) of
+  max over the patches p of image i of <v_ip, w_jt> (raw dot products).
+- `cross_modal_contrastive_loss`: L_I2L = mean_i -log softmax_j(S[i, :] / sigma)[i], L_L2I = mean_i
+  -log softmax_j(S[:, i] / sigma)[i]; loss = L_I2L + L_L2I (sigma 0.1).
+- `pooled_contrastive_loss` (transfer): the same on cosine similarities of pooled vectors.
+- `relation_contrastive_loss` (stage 3, temperature T = 1): for every true pair (b, i, j) with class c > 0
+  * pair term: -log softmax over [r_c(b, i, j)] + [r_c(b', i', j') for every non-null pair of the **whole batch**
+    whose class is not c], all / T;
+  * relation term: -log softmax_k(r_k(b, i, j) / T)[c];
+  each summed over the pairs and divided by B.
+- object classification: CE of Linear(768,256)-ReLU-Dropout-Linear(256,56) on the cross-attended object states,
+  summed over the counted objects and divided by B. Counted objects (`object_loss_mask`): "class_nonzero" (default,
+  the seed's `object_target > 0`: class 0 is also the padding value) or "objects" (every real object).
+
+Under DDP the stage-2 and transfer losses use the negatives of **all ranks**: the embeddings are gathered with
+`torch.distributed.nn.functional.all_gather` (the gradient flows back to the rank that made them), and every rank
+computes the loss of the global batch. DDP then averages identical-loss gradients: each rank's parameters get
+(world size x dL/dx_own) through the gather's backward, averaged over ranks = dL/dtheta of the global-batch loss.
+Validation batches are not gathered (ranks may hold unequal batches); retrieval recall is computed over the whole
+split by the system (`VGBertSystem`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric
+
+from vl.errors import ConfigError
+from vl.heads.base import EncoderOutput, HeadContext, Objective, ObjectiveResult
+from vl.metrics import Accuracy
+
+__all__ = [
+    "similarity_matrix",
+    "cross_modal_contrastive_loss",
+    "pooled_contrastive_loss",
+    "relation_contrastive_loss",
+    "relation_scores",
+    "gather_with_grad",
+    "GroundingContrastive",
+    "RelationalGrounding",
+    "TransferRetrieval",
+]
+
+
+# ------------------------------------------------------------------------------------------------ functions
+def similarity_matrix(
+    patches: torch.Tensor, words: torch.Tensor, nwords: torch.Tensor, chunk: int = 64
+) -> torch.Tensor:
+    """patches (B, P, H), words (N, T, H), nwords (N,) -> S (B, N) (module docstring); images in chunks of `chunk`."""
+    t = words.shape[1]
+    valid = (torch.arange(t, device=words.device)[None, :] < nwords.clamp(min=1)[:, None]).to(words.dtype)  # (N, T)
+    rows = []
+    for start in range(0, patches.shape[0], chunk):
+        dots = torch.einsum("iph,jth->ijpt", patches[start : start + chunk], words)  # (b, N, P, T)
+        best = dots.max(dim=2).values  # (b, N, T)
+        rows.append((best * valid[None]).sum(-1) / nwords.clamp(min=1).to(words.dtype)[None])
+    return torch.cat(rows)
+
+
+def _two_way_ce(sim: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    target = torch.arange(sim.shape[0], device=sim.device)
+    return F.cross_entropy(sim / sigma, target), F.cross_entropy(sim.T / sigma, target)
+
+
+def cross_modal_contrastive_loss(
+    patches: torch.Tensor, words: torch.Tensor, nwords: torch.Tensor, sigma: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_I2L, L_L2I) of the stage-2 loss (module docstring); image i and caption i are the positives."""
+    return _two_way_ce(similarity_matrix(patches, words, nwords), sigma)
+
+
+def pooled_contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, sigma: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_I2L, L_L2I) on cosine similarities of pooled image (B, D) and text (B, D) vectors (the seed's
+    `finetune_pooled_contrastive_loss`)."""
+    return _two_way_ce(F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T, sigma)
+
+
+def relation_scores(objects: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """objects (B, N, d), matrices (K, d, d) -> r (B, K, N, N) with r_k(i, j) = o_i^T M_k o_j."""
+    return torch.einsum("bid,kde,bje->bkij", objects, matrices, objects)
+
+
+def relation_contrastive_loss(
+    scores: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (B, K, N, N), target (B, N, N) long (0 = no relation) -> (pair term, relation term), each summed over
+    the true pairs and divided by B (module docstring). Vectorised per class; equal to the seed's per-pair loop."""
+    b, k = scores.shape[:2]
+    flat = scores.reshape(b, k, -1) / temperature  # (B, K, M)
+    tgt = target.reshape(b, -1)  # (B, M)
+    valid = tgt > 0
+    zero = scores.sum() * 0.0
+    if not bool(valid.any()):
+        return zero, zero
+    bi, mi = valid.nonzero(as_tuple=True)
+    cls = tgt[bi, mi]  # (P,)
+    positive = flat[bi, cls, mi]  # (P,)
+    # log-sum-exp of the negatives of each class present: r_c at every non-null pair whose class is not c
+    neg_lse = torch.full_like(positive, float("-inf"))
+    for c in cls.unique().tolist():
+        negatives = flat[:, c, :][valid & (tgt != c)]
+        if negatives.numel():
+            neg_lse = torch.where(cls == c, torch.logsumexp(negatives, dim=0), neg_lse)
+    pair = (torch.logaddexp(positive, neg_lse) - positive).sum() / b
+    relation = F.cross_entropy(flat[bi, :, mi], cls, reduction="sum") / b
+    return pair, relation
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (B, ...) from every rank along dim 0, differentiably (torch.distributed.nn); `x` itself when
+    not distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def _topk_hits(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == target[:, None]).any(-1).long()
+
+
+# ------------------------------------------------------------------------------------------------ heads
+class GroundingContrastive(Objective):
+    """Stage 2: `cross_modal_contrastive_loss` of the projected patches (`out.visual` (B, P, H)) and words (`out.text`
+    (B, T, H); nwords = the attention mask's sum). Metric `vg_contrastive_acc`: in-batch image->text top-1."""
+
+    name = "vg_contrastive"
+    needs = ("image", "text")
+    requires = ("attention_mask",)
+
+    def __init__(self, *, sigma: float = 0.1, gather: bool = True) -> None:
+        super().__init__()
+        self.sigma, self.gather = sigma, gather
+
+    @classmethod
+    def build(cls, ctx: HeadContext, **options: Any) -> GroundingContrastive:
+        return cls(**options)
+
+    def embeddings(self, out: EncoderOutput, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image (B, P, H), text (B, T, H), nwords (B,)): what the retrieval metric stores."""
+        return out.visual, out.text, batch["attention_mask"].sum(1)
+
+    def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
+        patches, words, nwords = self.embeddings(out, batch)
+        if self.gather and self.training:
+            patches, words, nwords = gather_with_grad(patches), gather_with_grad(words), gather_with_grad(nwords)
+        sim = similarity_matrix(patches, words, nwords)
+        i2l, l2i = _two_way_ce(sim, self.sigma)
+        return ObjectiveResult(i2l + l2i, sim, torch.arange(sim.shape[0], device=sim.device))
+
+    @staticmethod
+    def score(images: tuple[torch.Tensor, ...], texts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """images ((N, P, H),), texts ((M, T, H), (M,)) -> (N, M) similarity."""
+        return similarity_matrix(images[0], texts[0], texts[1])
+
+    def make_metrics(self) -> dict[str, Metric]:
+        return {f"{self.name}_acc": Accuracy()}
+
+
+class TransferRetrieval(Objective):
+    """Transfer retrieval: 2-layer projection heads on the cross-attention keys of the patches (`out.visual`) and
+    queries of the words (`out.text`) - Linear-ReLU-Dropout-Linear per position (the seed's Conv1x1 pair on the image
+    side is the same map) - mean-pooled (image: over the cells; language: over all T positions as the seed's
+    `torch.mean(language_metric, 1)`, or over the real tokens with `language_pool: tokens`), then
+    `pooled_contrastive_loss` (sigma 0.1). Only these heads train in `experiment=vg_bert_transfer_retrieval`."""
+
+    name = "vg_transfer"
+    needs = ("image", "text")
+    requires = ("attention_mask",)
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        metric_dim: int | None = None,
+        sigma: float = 0.1,
+        dropout: float = 0.5,
+        language_pool: str = "all",
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        if language_pool not in ("all", "tokens"):
+            raise ConfigError(f"model.heads.vg_transfer.language_pool: '{language_pool}' is not 'all' or 'tokens'")
+        metric_dim = metric_dim or hidden_size
+        self.image_projection_head = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(True), nn.Dropout(dropout), nn.Linear(hidden_size, metric_dim)
+        )
+        self.language_projection_head = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(True), nn.Dropout(dropout), nn.Linear(hidden_size, metric_dim)
+        )
+        self.sigma, self.language_pool, self.gather = sigma, language_pool, gather
+
+    @classmethod
+    def build(cls, ctx: HeadContext, **options: Any) -> TransferRetrieval:
+        return cls(hidden_size=ctx.visual_size, **options)
+
+    def embeddings(self, out: EncoderOutput, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled image (B, D), pooled text (B, D))."""
+        image = self.image_projection_head(out.visual).mean(1)
+        words = self.language_projection_head(out.text)
+        if self.language_pool == "all":
+            text = words.mean(1)
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(words.dtype)
+            text = (words * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return image, text
+
+    def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
+        image, text = self.embeddings(out, batch)
+        if self.gather and self.training:
+            image, text = gather_with_grad(image), gather_with_grad(text)
+        sim = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+        i2l, l2i = _two_way_ce(sim, self.sigma)
+        return ObjectiveResult(i2l + l2i, sim, torch.arange(sim.shape[0], device=sim.device))
+
+    @staticmethod
+    def score(images: tuple[torch.Tensor, ...], texts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.normalize(images[0], dim=-1) @ F.normalize(texts[0], dim=-1).T
+
+    def make_metrics(self) -> dict[str, Metric]:
+        return {f"{self.name}_acc": Accuracy()}
+
+
+class RelationalGrounding(Objective):
+    """Stage 3 on the cross-attended object states (`out.text` (B, N, H)): `object_transform` Linear(H, d=32),
+    `relational_matrix` (K=115, d, d) xavier-initialised, each matrix L2-normalised flattened then dropped out,
+    scores r_k(i, j) = o_i^T M_k o_j; object classifier Linear(H,256)-ReLU-Dropout-Linear(256,C=56). Loss = object CE
+    + pair term + relation term (module docstring; T = `temperature`, 1). Metrics: `rel_acc` (top-1 over the non-null
+    pairs), `obj_acc1` / `obj_acc5` / `obj_acc10` (over the counted objects)."""
+
+    name = "vg_relational"
+    needs = ("image", "text")
+    requires = ("relation_target", "object_target")
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_relations: int = 115,
+        num_object_classes: int = 56,
+        subspace_dim: int = 32,
+        dropout: float = 0.1,
+        classifier_dropout: float = 0.1,
+        temperature: float = 1.0,
+        object_loss_mask: str = "class_nonzero",
+    ) -> None:
+        super().__init__()
+        if object_loss_mask not in ("class_nonzero", "objects"):
+            raise ConfigError(
+                f"model.heads.vg_relational.object_loss_mask: '{object_loss_mask}' is not 'class_nonzero' or 'objects'"
+            )
+        self.object_transform = nn.Linear(hidden_size, subspace_dim)
+        self.relational_matrix = nn.Parameter(torch.zeros(num_relations, subspace_dim, subspace_dim))
+        nn.init.xavier_uniform_(self.relational_matrix)
+        self.dropout = nn.Dropout(dropout)
+        self.object_classifier = nn.Sequential(
+            nn.Linear(hidden_size, 256),
+            nn.ReLU(True),
+            nn.Dropout(classifier_dropout),
+            nn.Linear(256, num_object_classes),
+        )
+        self.num_relations, self.num_object_classes = num_relations, num_object_classes
+        self.temperature, self.object_loss_mask = temperature, object_loss_mask
+
+    @classmethod
+    def build(cls, ctx: HeadContext, **options: Any) -> RelationalGrounding:
+        info = ctx.data_info
+        defaults = {k: int(info[k]) for k in ("num_relations", "num_object_classes") if k in info}
+        return cls(hidden_size=ctx.text_size, **{**defaults, **options})
+
+    def normalized_matrices(self) -> torch.Tensor:
+        k, d, _ = self.relational_matrix.shape
+        return self.dropout(F.normalize(self.relational_matrix.reshape(k, -1), p=2, dim=1).reshape(k, d, d))
+
+    def outputs(self, out: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relation scores (B, K, N, N), object logits (B, N, C))."""
+        objects = out.text
+        return relation_scores(self.object_transform(objects), self.normalized_matrices()), self.object_classifier(
+            objects
+        )
+
+    def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
+        scores, obj_logits = self.outputs(out)
+        relations, classes = batch["relation_target"], batch["object_target"]
+        b = classes.shape[0]
+        counted = classes > 0 if self.object_loss_mask == "class_nonzero" else batch["object_mask"].bool()
+        obj_loss = F.cross_entropy(obj_logits[counted], classes[counted], reduction="sum") / b
+        pair, relation = relation_contrastive_loss(scores, relations, self.temperature)
+        self.last_parts = {"object": obj_loss.detach(), "pair": pair.detach(), "relation": relation.detach()}
+        self.last_objects = (obj_logits[counted].detach(), classes[counted])  # for the object top-k metrics
+        valid = relations > 0
+        rel_logits = scores.permute(0, 2, 3, 1)[valid]  # (P, K): the true pairs' scores over the relations
+        return ObjectiveResult(obj_loss + pair + relation, rel_logits, relations[valid])
+
+    def make_metrics(self) -> dict[str, Metric]:
+        return {"rel_acc": Accuracy(), "obj_acc1": Accuracy(), "obj_acc5": Accuracy(), "obj_acc10": Accuracy()}
+
+    def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
+        if result.target.numel():
+            metrics["rel_acc"].update(result.logits.argmax(-1), result.target)
+        obj_logits, obj_target = self.last_objects
+        if obj_target.numel():
+            for k in (1, 5, 10):
+                hits = _topk_hits(obj_logits, obj_target, k)
+                metrics[f"obj_acc{k}"].update(hits, torch.ones_like(hits))

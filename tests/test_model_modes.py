@@ -230,6 +230,8 @@ BLOCKS = {
     "clip_vil": {"BertLayer", "Bottleneck"},
     "clip_vil_rn50x4": {"BertLayer", "Bottleneck"},
     "clip_vil_tiny": {"BertLayer", "Bottleneck"},
+    "vg_bert": {"BertLayer"},  # VGG's conv stack mixes classes (conv, ReLU, pool): no repeated composite block
+    "vg_bert_tiny": {"BertLayer"},
 }
 
 

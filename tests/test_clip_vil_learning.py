@@ -118,6 +118,30 @@ def test_bf16_autocast_on_cpu(make_cfg) -> None:
     assert torch.isfinite(torch.tensor(metrics["test/vqa_acc"]))
 
 
+@pytest.mark.slow  # a tiny fit from pixels (~30 s on 2 busy cores)
+def test_skipped_images_are_counted_as_a_metric(make_cfg) -> None:
+    """`data.on_bad_image=skip`: a corrupt training image is skipped, and the epoch's count is logged as
+    `train/images_skipped` (summed over batches and ranks; 0 where nothing was skipped)."""
+    from vl.data.formats.lxmert_pretrain import image_path
+
+    cfg = make_cfg("experiment=clip_vil_vqa_tiny", "data.corpus.num_images=60", "trainer.max_epochs=1",
+                   "data.num_workers=0", "data.on_bad_image=skip", "trainer.limit_val_batches=1",
+                   "trainer.limit_test_batches=1", "logger=csv")  # fmt: skip
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    questions = dm.datasets["train"].questions
+    bad = dm.root / image_path(questions[0]["img_id"])
+    expected = sum(q["img_id"] == questions[0]["img_id"] for q in questions)
+    good = bad.read_bytes()
+    try:
+        bad.write_bytes(good[: len(good) // 3])  # truncated JPEG
+        metrics, _ = train(cfg)
+    finally:
+        bad.write_bytes(good)
+    assert metrics["train/images_skipped"] == expected and expected >= 1, metrics
+    assert metrics["val/images_skipped"] == 0 and metrics["test/images_skipped"] == 0, metrics
+
+
 # ------------------------------------------------------------------------------------------------ learning
 CORPUS = "data.corpus.num_images=600"
 

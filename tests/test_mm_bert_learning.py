@@ -71,6 +71,23 @@ def test_every_training_step_touches_the_same_parameters(make_cfg) -> None:
         assert not unused, unused
 
 
+def test_wmt_text_is_task_c_alone(make_cfg) -> None:
+    """`data=wmt_text`: only the text-only parallel EN-DE pairs of `data.wmt`, MLM, no aux loader; a training step
+    still gives every parameter a gradient (the visual ones 0)."""
+    cfg = make_cfg("experiment=mm_bert_pretrain_tiny", "data=wmt_text", *CPU)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    rows = dm.datasets["train"].rows
+    assert rows and all(r["image"] is None and r.get("text_b") for r in rows)
+    assert not dm.uses_aux and list(cfg.data.objectives) == ["mlm"]
+    batch = next(iter(dm.train_dataloader()))
+    assert "visual_feats" not in batch
+    model = build_model(cfg, dm)
+    model.training_step(batch, 0).backward()
+    assert set(model._terms) == {"mlm"}
+    assert not [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("VL_RUN_UNCALIBRATED"),

@@ -156,8 +156,14 @@ def test_vqa_from_pixels_beats_the_question_type_prior(make_cfg) -> None:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="not yet calibrated: the tiny random-init model from pixels stayed at ITM chance (val 0.52-0.54, loss 0.69) "
-    "for 5 epochs / 450 steps of 600 images while MLM rose to 0.70; the single-stream region model needs ~800 steps",
+    reason="calibration, not a bug (measured 2026-12-03): the tiny random-init model from pixels stays at ITM chance "
+    "for the first ~800 steps; at this config's 600 images / 6 epochs it is at chance (val 0.52-0.54 after 450 steps "
+    "while MLM rises 0.24 -> 0.70; batch 16 + backbone SGD 0.03: 0.52 after 180 steps; captions only, <= 2 shapes: "
+    "0.48 after 180). With one AdamW (1e-3) for every parameter on 4000 one-shape caption-only scenes, batch 32, "
+    "val ITM is 0.49-0.51 up to step 800, then 0.67 at 900, 0.70 at 1000, 0.77 at 1300-1500 (on 600 images it "
+    "memorises instead: train 0.94, val ~0.5). That is > 10 min on 2 cores. The ITM pairing, labels and pixel "
+    "alignment are tested (tests/data/test_clip_vil_data.py::test_itm_pairs_the_image_with_its_own_or_another_images"
+    "_sentence)",
 )
 @pytest.mark.slow  # ~10 min on 2 cores
 def test_stage1_itm_from_pixels_is_above_chance(make_cfg) -> None:
@@ -167,7 +173,13 @@ def test_stage1_itm_from_pixels_is_above_chance(make_cfg) -> None:
     assert metrics["test/itm_acc"] > 0.6, metrics
 
 
-@pytest.mark.xfail(strict=False, reason="not yet run to the end (stage-1 ITM is not calibrated, see above)")
+@pytest.mark.xfail(
+    strict=False,
+    reason="pretraining does not beat random init on this corpus (measured 2026-12-03, 40 min on 2 busy cores): VQA "
+    "test soft accuracy 0.429 after stage 1 (3 epochs) + stage 2 (2 epochs) vs 0.441 from random init (-1.2 points). "
+    "Why: stage-1 ITM stayed at chance (test 0.514, see above), so pretraining taught no grounding (MLM 0.60 comes "
+    "from text), and the pretraining images are the VQA training images, so it adds no new pictures either",
+)
 @pytest.mark.slow  # ~15-30 min on 2 cores: stage 1 + stage 2 pretraining, then two VQA fine-tunes
 def test_clip_vil_pretraining_beats_random_init_on_vqa(make_cfg) -> None:
     """Stage 1 (MLM + ITM, 3 epochs) -> stage 2 (+ QA, 2 epochs) -> VQA (2 epochs) against VQA (2 epochs) from

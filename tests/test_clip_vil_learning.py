@@ -118,6 +118,30 @@ def test_bf16_autocast_on_cpu(make_cfg) -> None:
     assert torch.isfinite(torch.tensor(metrics["test/vqa_acc"]))
 
 
+@pytest.mark.slow  # a tiny fit from pixels (~30 s on 2 busy cores)
+def test_skipped_images_are_counted_as_a_metric(make_cfg) -> None:
+    """`data.on_bad_image=skip`: a corrupt training image is skipped, and the epoch's count is logged as
+    `train/images_skipped` (summed over batches and ranks; 0 where nothing was skipped)."""
+    from vl.data.formats.lxmert_pretrain import image_path
+
+    cfg = make_cfg("experiment=clip_vil_vqa_tiny", "data.corpus.num_images=60", "trainer.max_epochs=1",
+                   "data.num_workers=0", "data.on_bad_image=skip", "trainer.limit_val_batches=1",
+                   "trainer.limit_test_batches=1", "logger=csv")  # fmt: skip
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    questions = dm.datasets["train"].questions
+    bad = dm.root / image_path(questions[0]["img_id"])
+    expected = sum(q["img_id"] == questions[0]["img_id"] for q in questions)
+    good = bad.read_bytes()
+    try:
+        bad.write_bytes(good[: len(good) // 3])  # truncated JPEG
+        metrics, _ = train(cfg)
+    finally:
+        bad.write_bytes(good)
+    assert metrics["train/images_skipped"] == expected and expected >= 1, metrics
+    assert metrics["val/images_skipped"] == 0 and metrics["test/images_skipped"] == 0, metrics
+
+
 # ------------------------------------------------------------------------------------------------ learning
 CORPUS = "data.corpus.num_images=600"
 
@@ -130,20 +154,40 @@ def test_vqa_from_pixels_beats_the_question_type_prior(make_cfg) -> None:
     assert metrics["test/vqa_acc"] > metrics["test/vqa_acc_prior"] + 0.02, metrics
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="not yet calibrated: the tiny random-init model from pixels stayed at ITM chance (val 0.52-0.54, loss 0.69) "
-    "for 5 epochs / 450 steps of 600 images while MLM rose to 0.70; the single-stream region model needs ~800 steps",
-)
-@pytest.mark.slow  # ~10 min on 2 cores
+@pytest.mark.slow  # 4 min 51 s on 2 busy cores with OMP_NUM_THREADS=1 (4000-image corpus written, 1500 steps)
 def test_stage1_itm_from_pixels_is_above_chance(make_cfg) -> None:
-    cfg = make_cfg("experiment=clip_vil_pretrain_tiny", CORPUS)
+    """Stage-1 ITM (50 % other-image sentences) above chance from pixels, random init, at a calibrated tiny setting.
+
+    Calibration (measured 2026-12-03, batch 32): ITM from a random-init backbone needs the backbone to learn. With the
+    published backbone SGD lr 0.003 (meant for a pretrained CLIP ResNet; clipped jointly to norm 1) val ITM stays at
+    chance: 0.52-0.54 after 450 steps on the default 600-image corpus (MLM 0.24 -> 0.70), and 0.48-0.52 through 1200
+    steps (test 0.513) even on 4000 one-shape caption-only scenes. With backbone SGD lr 0.5 on those scenes it is at
+    chance to step 800, then val 0.64 at 900 and 0.61 at 1200 (test 0.58 after 4 epochs); one AdamW for everything
+    reaches 0.77. Hence: 4000 images (fewer than ~1000 are memorised: train 0.94, val 0.5), captions only (half the
+    default sentences are VQA questions, which an image rarely contradicts; 11.5 % of their negatives repeat one of
+    the image's own sentences, as in the seed), one shape per scene, backbone SGD lr 0.5, 5 epochs (1500 steps).
+    Measured with this test: val ITM 0.52 (step 600), 0.67 (900), 0.77 (1200), 0.78 (1500); test ITM 0.782."""
+    cfg = make_cfg(
+        "experiment=clip_vil_pretrain_tiny", "data.corpus.num_images=4000", "data.corpus.questions_per_image=0",
+        "data.corpus.max_shapes=1", "model.visual_optimizer.lr=0.5", "trainer.max_epochs=5",
+        "callbacks.early_stopping=null",
+    )  # fmt: skip
     metrics, _ = train(cfg)
     print({k: round(float(v), 4) for k, v in metrics.items() if k.startswith("test/")})
-    assert metrics["test/itm_acc"] > 0.6, metrics
+    assert metrics["test/itm_acc"] > 0.56, metrics  # chance 0.5; 1200 test pairs: 4 standard deviations
 
 
-@pytest.mark.xfail(strict=False, reason="not yet run to the end (stage-1 ITM is not calibrated, see above)")
+@pytest.mark.xfail(
+    strict=False,
+    reason="pretraining does not beat random init on this corpus (measured 2026-12-03, 40 min on 2 busy cores): VQA "
+    "test soft accuracy 0.429 after stage 1 (3 epochs) + stage 2 (2 epochs) vs 0.441 from random init (-1.2 points). "
+    "Why: stage-1 ITM stayed at chance (test 0.514: the published backbone SGD lr 0.003 barely moves a random-init "
+    "backbone, see test_stage1_itm_from_pixels_is_above_chance), so pretraining taught no grounding (MLM 0.60 comes "
+    "from text), and the pretraining images are the VQA training images, so it adds no new pictures either. With "
+    "model.visual_optimizer.lr=0.5 in both pretraining stages (the ITM calibration's backbone lr): stage-2 ITM 0.517, "
+    "VQA 0.416 pretrained vs 0.441 random (-2.5 points); ~450 pretraining steps on 600 images are below the ~800 "
+    "steps ITM needs",
+)
 @pytest.mark.slow  # ~15-30 min on 2 cores: stage 1 + stage 2 pretraining, then two VQA fine-tunes
 def test_clip_vil_pretraining_beats_random_init_on_vqa(make_cfg) -> None:
     """Stage 1 (MLM + ITM, 3 epochs) -> stage 2 (+ QA, 2 epochs) -> VQA (2 epochs) against VQA (2 epochs) from

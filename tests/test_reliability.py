@@ -199,6 +199,24 @@ def test_every_fit_writes_checkpoints_atomically(make_cfg) -> None:
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
+def test_cpu_ddp_collectives_time_out_instead_of_hanging(make_cfg) -> None:
+    """hardware=ddp_cpu: spawned gloo DDP whose process group times out (hardware.collective_timeout_min), so a rank
+    waiting on a collective that another rank never joins raises (gloo: "Timed out waiting ... for recv operation")
+    instead of hanging for torch's default 30 minutes."""
+    import datetime
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from vl.pipeline import build_trainer
+
+    trainer = build_trainer(make_cfg("experiment=none", "data=vqa", "hardware=ddp_cpu"), [], [])
+    strategy = trainer.strategy
+    assert isinstance(strategy, DDPStrategy) and strategy._start_method == "spawn"
+    assert strategy._timeout == datetime.timedelta(minutes=10) and trainer.num_devices == 2
+    cfg = make_cfg("experiment=none", "data=vqa", "hardware=ddp_cpu", "hardware.collective_timeout_min=1", name="one")
+    assert build_trainer(cfg, [], []).strategy._timeout == datetime.timedelta(minutes=1)
+
+
 # ---------------------------------------------------------------------------------------------------- short runs
 def test_max_steps_shorter_than_an_epoch_ends_cleanly_with_checkpoints(make_cfg) -> None:
     cfg = make_cfg(

@@ -25,6 +25,22 @@ def test_flop_estimate_parts_count_what_they_name() -> None:
     assert positions(batch) == 8 + 3
 
 
+def test_a_combined_loader_batch_counts_all_its_parts() -> None:
+    """MM-BERT's pretraining batch is Lightning's CombinedLoader dict {"main": ..., "aux": ...} (the aux text part has
+    no regions); a part that ran out is None."""
+    from vl.callbacks import _batch_size, _text_tokens
+
+    main = {
+        "input_ids": torch.zeros(2, 3, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]),
+        "visual_mask": torch.tensor([[1, 1], [1, 0]]),
+    }
+    aux = {"input_ids": torch.zeros(3, 4, dtype=torch.long), "attention_mask": torch.ones(3, 4, dtype=torch.long)}
+    combined = {"main": main, "aux": aux, "other": None}
+    assert positions(combined) == (5 + 3) + 12
+    assert _batch_size(combined) == 2 + 3 and _text_tokens(combined) == 5 + 12
+
+
 def test_mfu_is_the_logged_flops_over_the_given_peak(make_cfg) -> None:
     cfg = make_cfg(
         "experiment=none",

@@ -38,20 +38,31 @@ class ValidateAtMaxSteps(L.Callback):
         trainer.should_stop = True
 
 
+def _parts(batch: Any) -> list[Any]:
+    """The model batches inside `batch`: itself, or the parts of a `CombinedLoader` batch (``{"main": ..., "aux":
+    ...}``; a part that ran out is None)."""
+    if isinstance(batch, dict) and "input_ids" not in batch:
+        return [part for part in batch.values() if part is not None]
+    return [batch]
+
+
 def _batch_size(batch: Any) -> int:
-    return int(batch["input_ids"].shape[0])
+    return sum(int(part["input_ids"].shape[0]) for part in _parts(batch))
 
 
 def _text_tokens(batch: Any) -> int:
-    return int(batch["attention_mask"].sum())
+    return sum(int(part["attention_mask"].sum()) for part in _parts(batch))
 
 
 def positions(batch: Any) -> int:
     """Sequence positions a batch runs through the model: real text tokens + real visual positions (regions, or
-    grid / patch cells of a pixel model when the batch says how many: `visual_mask`)."""
-    n = int(batch["attention_mask"].sum())
-    if "visual_mask" in batch:
-        n += int(batch["visual_mask"].sum())
+    grid / patch cells of a pixel model when the batch says how many: `visual_mask`); summed over the parts of a
+    combined loader's batch."""
+    n = 0
+    for part in _parts(batch):
+        n += int(part["attention_mask"].sum())
+        if "visual_mask" in part:
+            n += int(part["visual_mask"].sum())
     return n
 
 

@@ -276,6 +276,30 @@ def test_pretrain_loader_batches_from_pixels(data_dir: Path) -> None:
     assert 0.3 < labels.float().mean() < 0.7
 
 
+def test_itm_pairs_the_image_with_its_own_or_another_images_sentence(data_dir: Path) -> None:
+    """Stage-1 ITM as the seed's LXMERT loader: label 1 = the example's own sentence, label 0 = the sentence of an
+    example of another image (drawn from all flattened sentences, so it may repeat one of this image's own sentences,
+    e.g. "how many shapes are there?", as in the seed), ~50 %; the pixels are always the example's own image file."""
+    dm = _dm(ClipVilPretrainDataModule, data_dir)
+    dm.setup("fit")
+    ds = dm.datasets["train"]
+    by_image: dict[str, set[str]] = {}
+    for ex in ds.examples:
+        by_image.setdefault(ex["img_id"], set()).add(ex["sent"])
+    labels = []
+    for i, ex in enumerate(ds.examples):
+        out = ds[(0, i)]
+        labels.append(out["itm_label"])
+        if out["itm_label"] == 1:
+            assert out["text"] == ex["sent"]
+        else:
+            assert any(out["text"] in sents for img, sents in by_image.items() if img != ex["img_id"])
+        if i < 8:
+            want = dm.transform(load_rgb(dm.root / image_path(ex["img_id"])))
+            torch.testing.assert_close(out["pixels"], want, rtol=0, atol=0)
+    assert 0.4 < np.mean(labels) < 0.6
+
+
 def test_vqa_loader_and_baselines(data_dir: Path) -> None:
     dm = _dm(ClipVilVQADataModule, data_dir)
     dm.prepare_data()

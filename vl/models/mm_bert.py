@@ -405,22 +405,71 @@ class MMBertSystem(VLSystem):
             for key, value in metrics.items():
                 self.log(f"test/{lang}_{key}", value, sync_dist=False)
 
+    def with_empty_regions(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A training batch without any image (e.g. only Task C text pairs, or the no-vision MT variant) gets zero
+        regions per row (``has_image`` False; with MVRC, zero chosen regions), so the step runs the same modules as an
+        image batch: ``obj_downsample``, ``object_mask_visual_embedding`` and the MVRC head get zero gradients instead
+        of none. The model's outputs are unchanged (no region is valid, text gets the aux visual embedding).
+
+        Why: under DDP (``find_unused_parameters`` False) a rank whose step left those parameters unused never launches
+        their gradient all-reduce while the other ranks do, and the ranks wait for each other until the process-group
+        timeout (a 2-process gloo fit of ``mm_bert_pretrain_tiny`` hung). A side effect outside DDP: an optimizer step
+        made only of text-only batches applies AdamW's weight decay to those parameters (their gradient is 0, not
+        None)."""
+        if "visual_feats" in batch or not hasattr(self.encoder, "object_mask_visual_embedding"):
+            return batch
+        ids = batch["input_ids"]
+        bsz, device = ids.shape[0], ids.device
+        dim = self.encoder.object_mask_visual_embedding.weight.shape[1]
+        empty = {
+            "visual_feats": torch.zeros(bsz, 0, dim, device=device),
+            "visual_boxes": torch.zeros(bsz, 0, 4, device=device),
+            "visual_mask": torch.zeros(bsz, 0, dtype=torch.long, device=device),
+            "has_image": torch.zeros(bsz, dtype=torch.bool, device=device),
+            "visual_image_size": torch.ones(bsz, 2, device=device),
+        }
+        if "mvrc" in self.objectives:
+            classes = self.objectives["mvrc"].head[-1].out_features
+            empty["region_cls_prob"] = torch.zeros(bsz, 0, classes, device=device)
+            empty["region_mask_labels"] = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
+            empty["mvrc_replace"] = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
+        return {**batch, **empty}
+
+    def _log_loss(self, stage: str, name: str, loss: torch.Tensor, batch_size: int) -> None:
+        """Inside a combined training step a part logs its terms as ``train/<term>_loss<_part>`` (``_aux`` for the aux
+        text; none for the main data) and not its total: ``train/loss`` is the sum over the parts."""
+        suffix = getattr(self, "_log_suffix", None)
+        if stage != "train" or suffix is None:
+            return super()._log_loss(stage, name, loss, batch_size)
+        if name != "total":
+            self.log(f"train/{name}_loss{suffix}", loss, batch_size=batch_size)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """A combined loader's batch (`{"main": ..., "aux": ...}`, Lightning `CombinedLoader`) sums its losses."""
+        """A combined loader's batch (`{"main": ..., "aux": ...}`, Lightning `CombinedLoader`) sums its losses. A main
+        batch without images runs the visual modules on zero regions (`with_empty_regions`): every step touches the
+        same parameters, as DDP needs."""
         if isinstance(batch, dict) and "input_ids" not in batch:
             terms: dict[str, torch.Tensor] = {}
             total = 0.0
-            for part_name, part in batch.items():
-                if part is None:
-                    continue
-                self._terms = {}
-                total = total + self.shared_step(part, "train")
-                suffix = "" if part_name == "main" else f"_{part_name}"
-                terms.update({f"{k}{suffix}": v for k, v in self._terms.items()})
+            examples = 0
+            try:
+                for part_name, part in batch.items():
+                    if part is None:
+                        continue
+                    self._terms = {}
+                    if part_name == "main":
+                        part = self.with_empty_regions(part)
+                    self._log_suffix = "" if part_name == "main" else f"_{part_name}"
+                    total = total + self.shared_step(part, "train")
+                    examples += int(part["input_ids"].shape[0])
+                    terms.update({f"{k}{self._log_suffix}": v for k, v in self._terms.items()})
+            finally:
+                self._log_suffix = None
             self._terms = terms
             self._pending_terms.append((self.current_epoch, batch_idx, terms))
+            self.log("train/loss", total, batch_size=examples, prog_bar=True)
             return total
-        return super().training_step(batch, batch_idx)
+        return super().training_step(self.with_empty_regions(batch), batch_idx)
 
 
 def triangle_schedule(

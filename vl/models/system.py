@@ -174,6 +174,17 @@ class VLSystem(L.LightningModule):
         return self.encoder(batch)
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        if "images_skipped" in batch:  # pixel data with `on_bad_image=skip`: the epoch's count, summed over ranks
+            skipped = torch.as_tensor(float(batch["images_skipped"]), device=self.device)
+            self.log(
+                f"{stage}/images_skipped",
+                skipped,
+                reduce_fx="sum",
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                batch_size=1,
+            )
         if stage != "train" and self._stage_gallery(stage) is not None:  # retrieval queries: rank the gallery
             return self.retrieval_step(batch, stage)
         out = self(batch)

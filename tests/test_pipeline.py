@@ -35,8 +35,9 @@ def read_metric(run_dir: Path, key: str) -> list[float]:
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("data", DATAS)
 def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> None:
-    if model.startswith("mm_bert") or data.startswith("multi30k"):  # MM-BERT pairs only with its own data
-        if model != "mm_bert_tiny" or not data.startswith("multi30k"):
+    mm_data = data.startswith("multi30k") or data == "wmt_text"
+    if model.startswith("mm_bert") or mm_data:  # MM-BERT pairs only with its own data
+        if model != "mm_bert_tiny" or not mm_data:
             pytest.skip(
                 "MM-BERT: model=mm_bert_tiny x data=multi30k* only (mm_bert is the same code at BERT-base size)"
             )

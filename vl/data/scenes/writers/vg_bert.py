@@ -23,16 +23,14 @@ when the sizes differ, else the dominant axis of the centre offset ("left of" / 
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vl.data.formats.jsonl import write_dir_once
 from vl.data.scenes.generator import Scene, SceneSettings, _caption_pool, generate_scenes
 from vl.data.scenes.writers.images import image_id_of, jpg_path, pixel_scene
 
@@ -128,30 +126,7 @@ def ensure_vg_bert_corpus(pixels_root: str | Path, settings: SceneSettings | Non
     """`<pixels_root>/vg_bert`, written on first use under a lock (`DONE.json` last; a stale or half-written dir is
     rewritten). `pixels_root`: `ensure_image_corpus`'s result for the same settings."""
     settings = settings or SceneSettings()
-    pixels_root = Path(pixels_root)
-    out = pixels_root / "vg_bert"
-    done = out / "DONE.json"
     stamp = {"version": VG_BERT_LAYOUT_VERSION, "settings": settings.to_dict()}
-    with open(pixels_root / ".vg_bert.lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            if done.is_file():
-                try:
-                    if {k: v for k, v in json.loads(done.read_text()).items() if k != "counts"} == stamp:
-                        return out
-                except ValueError:
-                    pass
-            tmp = pixels_root / f".vg_bert.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                counts = write_vg_bert_corpus(tmp, generate_scenes(settings))
-                _write_json(tmp / "DONE.json", {**stamp, "counts": counts})
-                if out.exists():
-                    shutil.rmtree(out)
-                os.replace(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            return out
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return write_dir_once(
+        Path(pixels_root) / "vg_bert", stamp, lambda tmp: write_vg_bert_corpus(tmp, generate_scenes(settings))
+    )

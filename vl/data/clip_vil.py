@@ -38,7 +38,7 @@ from vl.data.formats.lxmert_pretrain import (
     load_vqa_json,
     load_width_heights,
 )
-from vl.data.images import AspectGroupedSampler, ImageCollator, build_transform, load_rgb
+from vl.data.images import AspectGroupedSampler, ImageCollator, PixelLoader, build_transform
 from vl.data.samplers import EpochShuffleSampler, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.images import ensure_image_corpus
@@ -47,30 +47,21 @@ from vl.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
-class ImageSource:
+class ImageSource(PixelLoader):
     """Decodes + transforms the image of an `img_id` (in a worker); `on_bad_image`: "error" (a DataError naming the
     file) or "skip" (a warning naming the file; the example becomes None and is counted by the collator)."""
 
     def __init__(self, root: Path, transform: Any, on_bad_image: str = "error", image_format: str = "jpg") -> None:
-        if on_bad_image not in ("error", "skip"):
-            raise ConfigError(f"data.on_bad_image: '{on_bad_image}' is not one of 'error', 'skip'")
+        super().__init__(transform, on_bad_image)
         if image_format not in ("jpg", "png"):
             raise ConfigError(f"data.image_format: '{image_format}' is not one of 'jpg', 'png'")
-        self.root, self.transform, self.on_bad_image, self.image_format = root, transform, on_bad_image, image_format
-        self.skipped = 0
+        self.root, self.image_format = root, image_format
 
     def path(self, img_id: str) -> Path:
         return self.root / (image_path(img_id) if self.image_format == "jpg" else f"png/{img_id}.png")
 
-    def __call__(self, img_id: str) -> torch.Tensor | None:
-        try:
-            return self.transform(load_rgb(self.path(img_id)))
-        except DataError as e:
-            if self.on_bad_image == "error":
-                raise
-            self.skipped += 1
-            log.warning("skipped image (%d so far in this process): %s", self.skipped, e)
-            return None
+    def __call__(self, img_id: str) -> torch.Tensor | None:  # type: ignore[override]
+        return super().__call__(self.path(img_id))
 
 
 def _orientation(wh: tuple[int, int]) -> int:

@@ -33,7 +33,7 @@ import torch
 
 from vl.data.collate import Collator
 from vl.data.samplers import EpochShuffleSampler
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,26 @@ def load_rgb(path: str | Path) -> Any:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+class PixelLoader:
+    """Decodes + transforms one image file (in a DataLoader worker); `on_bad_image`: "error" (the DataError naming
+    the file) or "skip" (a warning naming the file; None, counted in `skipped`)."""
+
+    def __init__(self, transform: Any, on_bad_image: str = "error") -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_image: '{on_bad_image}' is not one of 'error', 'skip'")
+        self.transform, self.on_bad_image, self.skipped = transform, on_bad_image, 0
+
+    def __call__(self, path: str | Path) -> torch.Tensor | None:
+        try:
+            return self.transform(load_rgb(path))
+        except DataError as e:
+            if self.on_bad_image == "error":
+                raise
+            self.skipped += 1
+            log.warning("skipped image (%d so far in this process): %s", self.skipped, e)
+            return None
 
 
 def resized_size(width: int, height: int, min_size: int, max_size: int | None) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from vl.data.clip_vil import ImageDataModule
 from vl.data.formats.vg_bert import load_coco_json, load_vg_json
-from vl.data.images import load_rgb, stack_pixels
+from vl.data.images import PixelLoader, stack_pixels
 from vl.data.samplers import split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.images import ensure_image_corpus
@@ -41,27 +41,10 @@ log = logging.getLogger(__name__)
 __all__ = ["VGBertCocoDataModule", "VGBertVGDataModule", "CocoCaptions", "VGObjects", "VGCollator", "CaptionCollator"]
 
 
-class _Pixels:
-    """Decode + transform one image file; `on_bad_image` "error" (DataError naming the file) or "skip" (None)."""
-
-    def __init__(self, transform: Any, on_bad_image: str) -> None:
-        self.transform, self.on_bad_image, self.skipped = transform, on_bad_image, 0
-
-    def __call__(self, path: str) -> torch.Tensor | None:
-        try:
-            return self.transform(load_rgb(path))
-        except DataError as e:
-            if self.on_bad_image == "error":
-                raise
-            self.skipped += 1
-            log.warning("skipped image (%d so far in this process): %s", self.skipped, e)
-            return None
-
-
 class CocoCaptions(Dataset):
     """COCO JSON records -> `{"text", "pixels", "index", "epoch"}` (one random caption line per call)."""
 
-    def __init__(self, records: list[dict[str, Any]], pixels: _Pixels, seed: int, fixed_line: bool) -> None:
+    def __init__(self, records: list[dict[str, Any]], pixels: PixelLoader, seed: int, fixed_line: bool) -> None:
         self.records, self.pixels, self.seed, self.fixed_line = records, pixels, seed, fixed_line
 
     def __len__(self) -> int:
@@ -112,7 +95,7 @@ class VGObjects(Dataset):
     "relation_target", "index"}` (objects beyond `max_objects` dropped, as the seed)."""
 
     def __init__(
-        self, records: list[dict[str, Any]], pixels: _Pixels, tokenizer: Any, max_objects: int, max_tokens: int
+        self, records: list[dict[str, Any]], pixels: PixelLoader, tokenizer: Any, max_objects: int, max_tokens: int
     ) -> None:
         self.records, self.pixels, self.tokenizer = records, pixels, tokenizer
         self.max_objects, self.max_tokens = max_objects, max_tokens
@@ -192,8 +175,8 @@ class _VGBertData(ImageDataModule):
     def required_files(self) -> list[Path]:
         return [self.path(self.json, split) for split in ("train", "val", "test")]
 
-    def pixels(self) -> _Pixels:
-        return _Pixels(self.transform, self.on_bad_image)
+    def pixels(self) -> PixelLoader:
+        return PixelLoader(self.transform, self.on_bad_image)
 
     @property
     def seed(self) -> int:

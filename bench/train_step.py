@@ -8,7 +8,7 @@ Three variants, run in turn within every repeat (the order rotates from repeat t
            CSV logger), i.e. what a user runs.
 Each run is one epoch of `--steps` batches. Only steady-state steps are timed: the time between consecutive batch
 starts after `--warmup` steps (setup, teardown, warm-up and the epoch-end validation are excluded). Prints, per variant,
-the median step time, and the ratio to `bare` of each repeat's pair with its min and median, by the wall clock and by
+the median step time (each run's median step), and the ratio to `bare` of each repeat's pair with its min and median, by the wall clock and by
 this process's CPU time (data loading runs in-process with the default `hardware=cpu`, so CPU time holds the whole
 step; on a machine shared with other jobs it is the steadier of the two).
 
@@ -74,12 +74,13 @@ def stamp(epoch: int) -> tuple[float, float, int]:
 
 
 def steady_step_seconds(starts: list[tuple[float, float, int]], warmup: int) -> tuple[float, float]:
-    """Mean (wall, CPU) seconds per step from `stamp`s: the intervals after `warmup` steps that stay in one epoch
-    (no epoch-end work)."""
+    """Median (wall, CPU) seconds per step from `stamp`s: the intervals after `warmup` steps that stay in one epoch
+    (no epoch-end work). The median, not the mean: a step that another process on the machine interrupted does not
+    move it, so paired ratios repeat on a shared machine."""
     kept = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(starts[warmup:], starts[warmup + 1 :]) if a[2] == b[2]]
     if not kept:
         raise SystemExit(f"no steady-state steps timed: raise --steps above --warmup + 1 (got {len(starts)} steps)")
-    return sum(w for w, _ in kept) / len(kept), sum(c for _, c in kept) / len(kept)
+    return statistics.median(w for w, _ in kept), statistics.median(c for _, c in kept)
 
 
 def bare_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:

@@ -120,3 +120,51 @@ def test_tensorboard_logger_writes_event_files_with_the_test_metrics(make_cfg) -
         scalars |= set(acc.Tags()["scalars"])
     assert {"train/loss", "val/vqa_acc", "test/vqa_acc"} <= scalars, sorted(scalars)
     assert (run / "csv" / "metrics.csv").is_file() and (run / "curves.png").is_file()
+
+
+def test_a_step_logs_only_what_is_shown_and_the_loggers_get_every_term(make_cfg, monkeypatch) -> None:
+    """Per training step `self.log` runs once (the bar's `train/loss`), whatever the number of terms; the per-head
+    terms are logged on exactly the steps the loggers write (`log_every_n_steps`), and the training metrics once per
+    epoch (they were never written before: a per-step torchmetrics `update` has no step value)."""
+    from vl.models.system import VLSystem
+
+    calls: list[tuple[int, str]] = []
+    real_log = VLSystem.log
+
+    def counting_log(self, name, *args, **kwargs):
+        if self.trainer.training and name.startswith("train/"):
+            calls.append((self.trainer.global_step, name))
+        return real_log(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(VLSystem, "log", counting_log)
+    cfg = make_cfg(
+        "experiment=none",
+        "data=captions",
+        "model=visual_bert_tiny",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=6",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=3",
+        "test=false",
+        "data.batch_size=8",
+        "data.batch_size_per_device=8",
+    )
+    train(cfg)
+    per_step: dict[int, list[str]] = {}
+    for step, name in calls:
+        per_step.setdefault(step, []).append(name)
+    rows = [r for r in _csv_rows(Path(cfg.paths.output_dir)) if r.get("train/loss")]
+    written = {int(r["step"]) for r in rows}
+    heads = sorted({name for _, name in calls if name.endswith("_loss") and name != "train/loss"})
+    assert len(heads) >= 2, heads  # a multi-objective run: mlm + itm (+ region terms)
+    for step in range(12):
+        names = [n for n in per_step.get(step, []) if n.endswith("loss")]
+        if step in written:  # the loggers write after this step: every term, as before
+            assert sorted(names) == sorted(["train/loss", *heads]), (step, names)
+        else:
+            assert names == ["train/loss"], (step, names)
+    assert written == {2, 5, 8, 11}, written  # log_every_n_steps=3
+    for r in rows:  # what the loggers got: each term at every written step
+        assert all(r.get(h) not in (None, "") for h in heads), r
+    accs = [r for r in _csv_rows(Path(cfg.paths.output_dir)) if r.get("train/itm_acc")]
+    assert [int(r["epoch"]) for r in accs] == [0, 1] and all(0 <= float(r["train/itm_acc"]) <= 1 for r in accs)

@@ -41,6 +41,16 @@ def test_a_combined_loader_batch_counts_all_its_parts() -> None:
     assert _batch_size(combined) == 2 + 3 and _text_tokens(combined) == 5 + 12
 
 
+def test_a_batch_without_text_counts_its_rows_and_regions() -> None:
+    """A pixels-only or regions-only batch (no `input_ids` / `attention_mask`) is counted by its `index` rows and its
+    visual positions; it is not mistaken for a combined loader's dict."""
+    from vl.callbacks import _batch_size, _text_tokens
+
+    pixels = {"index": torch.arange(4), "pixels": torch.zeros(4, 3, 8, 8), "visual_mask": torch.ones(4, 6)}
+    assert _batch_size(pixels) == 4 and _text_tokens(pixels) == 0 and positions(pixels) == 24
+    assert _batch_size({"main": pixels, "aux": None}) == 4
+
+
 def test_mfu_is_the_logged_flops_over_the_given_peak(make_cfg) -> None:
     cfg = make_cfg(
         "experiment=none",

@@ -40,18 +40,29 @@ class ValidateAtMaxSteps(L.Callback):
 
 def _parts(batch: Any) -> list[Any]:
     """The model batches inside `batch`: itself, or the parts of a `CombinedLoader` batch (``{"main": ..., "aux":
-    ...}``; a part that ran out is None)."""
-    if isinstance(batch, dict) and "input_ids" not in batch:
+    ...}``: a dict of dicts; a part that ran out is None)."""
+    if isinstance(batch, dict) and batch and all(v is None or isinstance(v, dict) for v in batch.values()):
         return [part for part in batch.values() if part is not None]
     return [batch]
 
 
+def _rows(part: Any) -> int:
+    """Examples in a batch part: its `index` (every vl collator writes one), else its first tensor's length."""
+    import torch
+
+    for key in ("index", "input_ids"):
+        if key in part:
+            return int(part[key].shape[0])
+    return next((int(v.shape[0]) for v in part.values() if isinstance(v, torch.Tensor) and v.ndim), 0)
+
+
 def _batch_size(batch: Any) -> int:
-    return sum(int(part["input_ids"].shape[0]) for part in _parts(batch))
+    return sum(_rows(part) for part in _parts(batch))
 
 
 def _text_tokens(batch: Any) -> int:
-    return sum(int(part["attention_mask"].sum()) for part in _parts(batch))
+    """Real text tokens (0 for a part without text, e.g. pixels only)."""
+    return sum(int(part["attention_mask"].sum()) for part in _parts(batch) if "attention_mask" in part)
 
 
 def positions(batch: Any) -> int:
@@ -60,7 +71,8 @@ def positions(batch: Any) -> int:
     combined loader's batch."""
     n = 0
     for part in _parts(batch):
-        n += int(part["attention_mask"].sum())
+        if "attention_mask" in part:
+            n += int(part["attention_mask"].sum())
         if "visual_mask" in part:
             n += int(part["visual_mask"].sum())
     return n

@@ -43,3 +43,33 @@ def test_undeclared_example_key_fails_naming_it() -> None:
 def test_unknown_label_kind_fails() -> None:
     with pytest.raises(ValueError, match="unknown kind 'matrix'"):
         collate_labels([{"x": 1}], {"x": ("x", "matrix")}, {})
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("with_pairs", [False, True])
+def test_memoised_tokenisation_equals_the_tokenizers_padded_batch(fixed: bool, with_pairs: bool) -> None:
+    """`Collator.encode` tokenises each distinct text once per process and pads itself; the batch must equal the
+    tokenizer's own call with padding + truncation (repeated texts, texts past max_text_len, pairs truncated
+    longest-first, fixed shapes), on the first call and on memo hits."""
+    tok = load_tokenizer("minilm")
+    rng = np.random.default_rng(0)
+    words = "a red circle left of the small blue square what color is it how many shapes are there".split()
+    pool = [" ".join(rng.choice(words, size=rng.integers(1, 30))) for _ in range(12)]
+    collator = Collator(tok, max_text_len=16, fixed_shapes=fixed, mlm=True)
+    for _ in range(3):  # the first batch fills the memo, later ones hit it (and mix hits with new texts)
+        texts = [str(rng.choice(pool)) for _ in range(8)] + [" ".join(rng.choice(words, size=40))]
+        pairs = [str(rng.choice(pool)) for _ in texts] if with_pairs else None
+        got = collator.encode(texts, pairs)
+        want = tok(
+            texts,
+            pairs,
+            padding="max_length" if fixed else True,
+            truncation=True,
+            max_length=16,
+            return_tensors="pt",
+            return_special_tokens_mask=True,
+            return_token_type_ids=True,
+        )
+        for key in ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask"):
+            assert torch.equal(got[key], want[key]), key
+    assert len(collator._memo) < 3 * 9 and len(collator.__getstate__().get("_memo", {})) == 0

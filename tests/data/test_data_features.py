@@ -308,3 +308,31 @@ def test_two_readers_share_one_environment(lmdb_path: Path) -> None:
     assert a["501"]["num_boxes"] >= 1  # reopens after close
     b.close()
     a.close()
+
+
+def test_the_decoded_item_cache_returns_the_files_values_as_fresh_copies_within_its_budget(lmdb_path: Path) -> None:
+    from vl.data.features.cache import CachedRegions, cached
+
+    reader = RegionFeatureReader(lmdb_path)
+    ids = reader.ids()
+    sizes = [sum(v.nbytes for v in reader[i].values() if isinstance(v, np.ndarray)) + 256 for i in ids]
+    budget = sum(sorted(sizes)[:3])  # room for at most 3 of the 6 images
+    cache = CachedRegions(RegionFeatureReader(lmdb_path), max_bytes=budget)
+    for sid in ids + ids[::-1] + ids:
+        got, want = cache[sid], reader[sid]
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(got[key], value)
+            else:
+                assert got[key] == value
+        got["features"][:] = -1.0  # a consumer writing into its item changes nothing the next access sees
+    np.testing.assert_array_equal(cache[ids[-1]]["features"], reader[ids[-1]]["features"])
+    assert cache.hits > 0 and cache._bytes <= budget and 1 <= len(cache._items) <= 3
+    assert ids[0] in cache and "nope" not in cache and len(cache) == len(reader) and cache.path == reader.path
+    fresh = pickle.loads(pickle.dumps(cache))  # a DataLoader worker starts empty
+    assert len(fresh._items) == 0 and fresh.max_bytes == cache.max_bytes
+    np.testing.assert_array_equal(fresh[ids[1]]["boxes"], reader[ids[1]]["boxes"])
+    assert cached(reader, 0) is reader
+    with pytest.raises(DataError, match="no image id"):
+        cache["nope"]

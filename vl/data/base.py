@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vl.data.collate import REGION_MASKING, Collator, load_tokenizer
 from vl.data.features import RegionReader, open_region_features
+from vl.data.features.cache import cached
 from vl.data.samplers import EpochShuffleSampler, ResumableDataLoader, UnpaddedDistributedSampler, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.errors import ConfigError, DataError
@@ -57,6 +58,8 @@ class VLDataModule(L.LightningDataModule):
     `root=None` uses the embedded scene corpus (generated once into `cache_dir`, keyed by `corpus` settings).
     `batch_size` is the global batch; `batch_size_per_device` what one device sees; the training entry point derives
     gradient accumulation = batch_size / (batch_size_per_device x world size).
+    `feature_cache_mb`: decoded region items kept per process (`vl.data.features.cache`; 0 turns it off): the values
+    are the file's, only decoded once.
     """
 
     #: the corpus's own example keys -> (batch key, kind: "long" | "vector" | "regions" | "str"); see `vl.data.collate`
@@ -84,6 +87,7 @@ class VLDataModule(L.LightningDataModule):
         monitor: str = "val/loss",
         monitor_mode: str = "min",
         pin_memory: bool = False,
+        feature_cache_mb: float = 256,
     ) -> None:
         super().__init__()
         self.root_arg = root
@@ -113,6 +117,7 @@ class VLDataModule(L.LightningDataModule):
         self.monitor = monitor
         self.monitor_mode = monitor_mode
         self.pin_memory = pin_memory
+        self.feature_cache_mb = float(feature_cache_mb)
         self._root: Path | None = None
         self._tokenizer = None
         self.features_file: str | None = None  # region features, relative to root (set by region-feature corpora)
@@ -156,8 +161,13 @@ class VLDataModule(L.LightningDataModule):
         if self._regions is None:
             if self.features_file is None:
                 raise ConfigError(f"{type(self).__name__} reads no region features")
-            self._regions = open_region_features(self.path(self.features_file))
+            self._regions = self.open_regions(self.features_file)
         return self._regions
+
+    def open_regions(self, relative: str) -> RegionReader:
+        """The region-feature reader of `relative` (under root; LMDB / HDF5 / FRCNN JSON) behind the decoded-item
+        cache of `feature_cache_mb` MiB per process (`vl.data.features.cache`; 0: no cache)."""
+        return cached(open_region_features(self.path(relative)), self.feature_cache_mb)
 
     @property
     def tokenizer(self):

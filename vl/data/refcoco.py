@@ -18,7 +18,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule, concat_regions
-from vl.data.features import RegionReader, open_region_features
+from vl.data.features import RegionReader
 from vl.data.formats.refcoco import (
     Instances,
     box_area,
@@ -170,13 +170,13 @@ class RefCOCODataModule(VLDataModule):
     @property
     def dets(self) -> RegionReader:
         if self._dets is None:
-            self._dets = open_region_features(self.path(self.features_file))
+            self._dets = self.open_regions(self.features_file)
         return self._dets
 
     @property
     def gt(self) -> RegionReader | None:
         if self._gt is None and self.gt_features_file is not None:
-            self._gt = open_region_features(self.path(self.gt_features_file))
+            self._gt = self.open_regions(self.gt_features_file)
         return self._gt
 
     # ------------------------------------------------------------------ datasets

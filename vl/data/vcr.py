@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule, concat_regions
-from vl.data.features import RegionReader, open_region_features
+from vl.data.features import RegionReader
 from vl.data.formats.vcr import (
     NUM_CHOICES,
     image_int_id,
@@ -195,7 +195,7 @@ class VCRDataModule(VLDataModule):
         gt = None
         if self.gt_features_file is not None:
             if self._gt is None:
-                self._gt = open_region_features(self.path(self.gt_features_file))
+                self._gt = self.open_regions(self.gt_features_file)
             gt = self._gt
             for img_id in dict.fromkeys(r["img_id"] for r in records):
                 if str(image_int_id(img_id)) not in gt:

@@ -442,7 +442,7 @@ class MMBertSystem(VLSystem):
         if stage != "train" or suffix is None:
             return super()._log_loss(stage, name, loss, batch_size)
         if name != "total":
-            self.log(f"train/{name}_loss{suffix}", loss, batch_size=batch_size)
+            self.log_step_value(f"train/{name}_loss{suffix}", loss, batch_size=batch_size)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """A combined loader's batch (`{"main": ..., "aux": ...}`, Lightning `CombinedLoader`) sums its losses. A main

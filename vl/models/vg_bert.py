@@ -369,7 +369,10 @@ class VGBertSystem(VLSystem):
         total = super().shared_step(batch, stage)
         if "vg_relational" in self.objectives and hasattr(self.objectives["vg_relational"], "last_parts"):
             for part, value in self.objectives["vg_relational"].last_parts.items():
-                self.log(f"{stage}/vg_{part}_loss", value, batch_size=batch["index"].shape[0])
+                if stage == "train":
+                    self.log_step_value(f"train/vg_{part}_loss", value, batch_size=batch["index"].shape[0])
+                else:
+                    self.log(f"{stage}/vg_{part}_loss", value, batch_size=batch["index"].shape[0])
         head = self._retrieval_head()
         if stage != "train" and head is not None and self._last_out is not None:
             with torch.no_grad():

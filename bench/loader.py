@@ -30,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_step import build, compose_cfg  # noqa: E402
-
 from _table import emit  # noqa: E402
+from train_step import build, compose_cfg  # noqa: E402
 
 
 def run(cfg, batches, steps: int, warmup: int) -> float:

@@ -23,6 +23,9 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _table import emit  # noqa: E402
 
 
 def compose(size: str, data_dir: str, workers: int, batch: int):
@@ -95,6 +98,13 @@ def main() -> None:
         f"size={args.size} workers={args.workers} batch={args.batch_size} image={tuple(batches[0]['pixel_values'].shape[2:])}"
     )
     print(f"loader: {load:.3g} images/s (median of {args.repeats}); model training step: {train:.3g} images/s")
+    emit(
+        f"image loader / model images per s ({args.size}, {args.workers} worker(s))",
+        [a / b for a, b in zip(load_rates, model_rates)],
+        goal=1.0,
+        higher_is_better=True,
+        why="decode/resize/normalise in DataLoader workers",
+    )
     print(f"ratio loader / model = {load / train:.2f} ({'keeps up' if load >= train else 'the model waits for data'})")
 
 

@@ -36,6 +36,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _table import emit  # noqa: E402
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from vl.eval.retrieval import chunked_ranks, gallery_scorer, pooled_similarity, shortlist_ranks  # noqa: E402
@@ -142,6 +146,7 @@ def cross_encoder(n_images: int, n_captions: int, *, k: int, repeats: int, data_
             f"  {name:10s}: median {statistics.median(times[name]):7.2f} s  ({per_caption * 1000:7.1f} ms per caption;"
             f" at most {forwards[name]} pair/encoder rows)  runs: {', '.join(f'{t:.2f}' for t in times[name])}"
         )
+    emit(f"exhaustive / shortlist time, vilbert_tiny, {n_images} images", ratios, goal=10, higher_is_better=True)
     print(
         f"  exhaustive / shortlist time: min {min(ratios):.1f}x  median {statistics.median(ratios):.1f}x  "
         f"(pairs: {', '.join(f'{r:.1f}' for r in ratios)})"
@@ -182,12 +187,14 @@ def main() -> None:
         "shortlist |"
     )
     print("|---|---|---|---|---|---|")
+    growth: list[tuple[int, float]] = []
     for size in filter(None, args.sizes.split(",")):
         n_texts, n_images = (int(x) for x in size.lower().split("x"))
         r = machinery(
             n_texts, n_images, k=args.k, dim=args.dim, text_chunk=args.text_chunk, image_chunk=args.image_chunk
         )
         mib = {name: r[name][2] / 2**20 for name in r}
+        growth.append((n_images, mib["shortlist"]))
         print(
             f"| {n_texts} x {n_images} | {mib['naive']:.1f} MiB | {mib['chunked']:.1f} MiB | {mib['shortlist']:.1f} MiB"
             f" | {mib['shortlist'] / mib['chunked']:.2f} | {r['naive'][1]:.2f} / {r['chunked'][1]:.2f} / "
@@ -195,6 +202,14 @@ def main() -> None:
             flush=True,
         )
     print("ranks: chunked == naive, shortlist == min(naive, k + 1) at every size")
+    if len(growth) >= 2:  # O(chunk): memory per image stays flat as the gallery grows (captions grow with it)
+        (n0, m0), (n1, m1) = growth[0], growth[-1]
+        emit(
+            f"shortlist peak memory growth / image growth ({n0} -> {n1} images)",
+            [(m1 / m0) / (n1 / n0)],
+            goal=1.05,
+            why="per caption chunk: O(chunk x images + captions x k), never captions x images",
+        )
     if not args.skip_cross:
         cross_encoder(args.cross_images, args.cross_captions, k=args.k, repeats=args.repeats, data_dir=args.data_dir)
 

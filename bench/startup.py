@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _table import emit  # noqa: E402
 
 
 def _wall(cmd: list[str], env: dict[str, str]) -> float:
@@ -51,6 +54,9 @@ def startup(repeats: int) -> None:
             f"({statistics.median(times['lightning']):.2f} s): median {statistics.median(ratios):.2f}, "
             f"min {min(ratios):.2f}"
         )
+        label = "--help" if name == "help" else "--cfg job"
+        emit(f"train.py {label}, seconds", times[name], goal=1.5, why="hydra + vl.config only; schemas cached as JSON")
+        emit(f"train.py {label} / import lightning", ratios, goal=None)
 
 
 def corpus(images: int) -> None:
@@ -70,6 +76,12 @@ def corpus(images: int) -> None:
             total += dt
             print(f"  + task corpus '{part}' (first run that reads it) {dt:.1f} s")
         print(f"  a VQA run writes {core / total:.2f} of the everything-at-once corpus ({total:.1f} s)")
+        emit(
+            f"corpus written by a VQA run / every task's ({images} scenes)",
+            [core / total],
+            goal=None,
+            why="task corpora are written on first use",
+        )
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _table import emit  # noqa: E402
 
 VARIANTS = ("bare", "minimal", "real")
 
@@ -201,6 +204,14 @@ def main() -> None:
             )
         for variant in ("minimal", "real"):
             ratios = [v[c] / b[c] for v, b in zip(seconds[variant], seconds["bare"])]
+            if c == 0:
+                emit(
+                    f"Lightning ({variant}) / bare loop per step (tiny)",
+                    ratios,
+                    goal=1.05,
+                    why="Lightning's loop + vl's per-step reseed and divergence guard"
+                    + (" + train.py's callbacks and loggers" if variant == "real" else ""),
+                )
             print(
                 f"  {variant} / bare per step: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}   "
                 f"pairs: {', '.join(f'{x:.3f}' for x in ratios)}"

@@ -9,16 +9,12 @@ is dominated by the optimiser: the 2.2 M-parameter model has a 30522 x 64 word-e
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import types
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -27,27 +23,29 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _table import emit  # noqa: E402
-from train_step import build, compose_cfg  # noqa: E402
+from train_step import build, compose_cfg, optimiser, quiet, step_args  # noqa: E402
 
 
-def timed_run(cfg, batches, *, fused: bool, steps: int, warmup: int) -> tuple[float, float]:
-    """(median step seconds, median optimiser-step seconds)."""
+def timed_run(cfg, batches, *, fused: bool, steps: int, warmup: int, bf16: bool = False) -> tuple[float, float]:
+    """(median step seconds, median optimiser-step seconds); `bf16`: forward and loss under CPU bf16 autocast (what
+    Lightning's `precision=bf16-mixed` does on a CPU accelerator)."""
+    import contextlib
+
+    import torch
     from omegaconf import open_dict
 
     with open_dict(cfg):
         cfg.model.optimizer.fused = fused
     _, model = build(cfg)
-    model.trainer = types.SimpleNamespace(estimated_stepping_batches=steps, max_epochs=1)
-    configured = model.configure_optimizers()
-    model.trainer = None
-    opt = configured["optimizer"] if isinstance(configured, dict) else configured
+    opt, _ = optimiser(model, steps)
     assert bool(opt.defaults.get("fused")) == fused, opt.defaults
     model.train()
     step_times, opt_times = [], []
     for batch in itertools.islice(itertools.cycle(batches), steps + warmup):
         start = time.perf_counter()
-        out = model(batch)
-        loss = sum(head(out, batch).loss for head in model.objectives.values())
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = model(batch)
+            loss = sum(head(out, batch).loss for head in model.objectives.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         mid = time.perf_counter()
@@ -59,18 +57,11 @@ def timed_run(cfg, batches, *, fused: bool, steps: int, warmup: int) -> tuple[fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "vl-bench-data"))
+    parser = step_args(__doc__, steps=30, warmup=5)
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_cfg(args.data_dir, tmp)
         dm, _ = build(cfg)

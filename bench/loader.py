@@ -13,16 +13,12 @@ loader / preloaded with min and median. Goal (issue "faster by default"): <= 1.0
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import types
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -31,16 +27,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _table import emit  # noqa: E402
-from train_step import build, compose_cfg  # noqa: E402
+from train_step import build, compose_cfg, optimiser, quiet, step_args  # noqa: E402
 
 
 def run(cfg, batches, steps: int, warmup: int) -> float:
     """Median seconds per step over `batches` (an iterable) after `warmup` steps."""
     dm, model = build(cfg)
-    model.trainer = types.SimpleNamespace(estimated_stepping_batches=steps, max_epochs=1)
-    configured = model.configure_optimizers()
-    model.trainer = None
-    opt = configured["optimizer"] if isinstance(configured, dict) else configured
+    opt, _ = optimiser(model, steps)
     model.train()
     source = batches if batches is not None else dm.train_dataloader()
     times, last = [], None
@@ -59,20 +52,13 @@ def run(cfg, batches, steps: int, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = step_args(__doc__, steps=60, warmup=10)
     parser.add_argument("--workers", type=int, default=None, help="data.num_workers (default: the preset's)")
-    parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "vl-bench-data"))
     args = parser.parse_args()
     import torch
     from omegaconf import open_dict
 
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_cfg(args.data_dir, tmp)
         if args.workers is not None:

@@ -24,6 +24,7 @@ SCRIPTS = {
     "image_loader.py": [],
     "vs_hf.py": [],
     "fused.py": [],
+    "bf16_cpu.py": [],
     "malformed_inputs.py": [],
 }
 QUICK = {
@@ -34,6 +35,7 @@ QUICK = {
     "image_loader.py": ["--repeats", "1", "--batches", "4"],
     "vs_hf.py": ["--repeats", "1", "--steps", "3"],
     "fused.py": ["--repeats", "1", "--steps", "5"],
+    "bf16_cpu.py": ["--repeats", "1", "--steps", "5"],
 }
 
 

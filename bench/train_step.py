@@ -71,6 +71,37 @@ def build(cfg):
     return dm, build_model(cfg, dm)
 
 
+def step_args(description: str, *, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The options every per-step bench takes (steps, warm-up, repeats, torch threads, corpus cache dir)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup, help="steps of each run not timed")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "vl-bench-data"))
+    return parser
+
+
+def quiet(threads: int) -> None:
+    """`threads` torch threads; Lightning's info lines and warnings off (they are not what is measured)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def optimiser(model, steps: int, max_epochs: int = 1):
+    """(optimizer, scheduler or None) exactly as `model.configure_optimizers()` builds them for a `steps`-step fit."""
+    model.trainer = types.SimpleNamespace(estimated_stepping_batches=steps, max_epochs=max_epochs)
+    configured = model.configure_optimizers()
+    model.trainer = None
+    if isinstance(configured, dict):
+        return configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    return configured, None
+
+
 def stamp(epoch: int) -> tuple[float, float, int]:
     """(wall clock, this process's CPU time, epoch) at a batch start."""
     return time.perf_counter(), time.process_time(), epoch
@@ -89,13 +120,7 @@ def steady_step_seconds(starts: list[tuple[float, float, int]], warmup: int) -> 
 def bare_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:
     """The loop a researcher would otherwise write, with vl's own optimiser param groups and scheduler."""
     dm, model = build(cfg)
-    model.trainer = types.SimpleNamespace(estimated_stepping_batches=steps, max_epochs=cfg.trainer.max_epochs)
-    configured = model.configure_optimizers()
-    model.trainer = None
-    if isinstance(configured, dict):
-        opt, sched = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
-    else:
-        opt, sched = configured, None
+    opt, sched = optimiser(model, steps, cfg.trainer.max_epochs)
     model.train()
     loader = dm.train_dataloader()
     if steps > len(loader):
@@ -165,19 +190,10 @@ def lightning_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10, help="steps of each run not timed")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "vl-bench-data"))
-    args = parser.parse_args()
+    args = step_args(__doc__, steps=60, warmup=10).parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet(args.threads)
     seconds: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):

@@ -48,6 +48,19 @@ def test_test_metrics_reach_the_logger_and_the_log_has_a_line_per_validation(mak
     assert saved["value"] == saved["metrics"]["val/vqa_acc_best"]  # what a sweeper optimises: the best, not the last
 
 
+def _wandb_record(run_dir: Path, expected: bytes, timeout: float = 60.0) -> bytes:
+    """The offline run record once it holds `expected`: wandb's writer process may still be flushing it after
+    `finish()` returns on a busy machine (seen: a record of 8 bytes)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        record = b"".join(p.read_bytes() for p in run_dir.glob("run-*.wandb"))
+        if expected in record or time.monotonic() > deadline:
+            return record
+        time.sleep(0.5)
+
+
 def test_wandb_run_names_job_types_resolved_config_and_curves(make_cfg, monkeypatch, tmp_path: Path) -> None:
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -57,7 +70,7 @@ def test_wandb_run_names_job_types_resolved_config_and_curves(make_cfg, monkeypa
     run = Path(cfg.paths.output_dir)
     assert (run / "csv" / "metrics.csv").is_file() and (run / "curves.png").is_file()  # whatever the logger
     (wandb_run,) = run.glob("wandb/offline-run-*")
-    record = next(wandb_run.glob("run-*.wandb")).read_bytes()  # offline: config, name, job type are in the record
+    record = _wandb_record(wandb_run, b"params/total")  # offline: config, name, job type are in the record
     assert b"model.optimizer.lr" in record and b"params/total" in record  # flat, with parameter counts
     assert b"${data.monitor}" not in record and b"val/vqa_acc" in record  # resolved
     # the run's name: task name + the overrides (the test harness puts its own first)

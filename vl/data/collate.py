@@ -68,20 +68,25 @@ def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int, fixed: b
     n = max_regions if fixed else min(max(v["features"].shape[0] for v in visuals), max_regions)
     dim = visuals[0]["features"].shape[1]
     with_cls = all(v.get("cls_prob") is not None for v in visuals)
-    feats = torch.zeros(len(visuals), n, dim)
-    boxes = torch.zeros(len(visuals), n, 4)
-    mask = torch.zeros(len(visuals), n, dtype=torch.long)
-    cls = torch.zeros(len(visuals), n, visuals[0]["cls_prob"].shape[1]) if with_cls else None
+    # filled as numpy arrays (a row copy is ~10x cheaper than a torch slice assignment), handed to torch once
+    feats = np.zeros((len(visuals), n, dim), dtype=np.float32)
+    boxes = np.zeros((len(visuals), n, 4), dtype=np.float32)
+    mask = np.zeros((len(visuals), n), dtype=np.int64)
+    cls = np.zeros((len(visuals), n, visuals[0]["cls_prob"].shape[1]), dtype=np.float32) if with_cls else None
     for i, v in enumerate(visuals):
         k = min(v["features"].shape[0], n)
-        feats[i, :k] = torch.from_numpy(np.asarray(v["features"][:k], dtype=np.float32))
-        boxes[i, :k] = torch.from_numpy(np.asarray(v["boxes_norm"][:k], dtype=np.float32))
+        feats[i, :k] = v["features"][:k]
+        boxes[i, :k] = v["boxes_norm"][:k]
         mask[i, :k] = 1
         if cls is not None:
-            cls[i, :k] = torch.from_numpy(np.asarray(v["cls_prob"][:k], dtype=np.float32))
-    out = {"visual_feats": feats, "visual_boxes": boxes, "visual_mask": mask}
+            cls[i, :k] = v["cls_prob"][:k]
+    out = {
+        "visual_feats": torch.from_numpy(feats),
+        "visual_boxes": torch.from_numpy(boxes),
+        "visual_mask": torch.from_numpy(mask),
+    }
     if cls is not None:
-        out["region_cls_prob"] = cls
+        out["region_cls_prob"] = torch.from_numpy(cls)
     return out
 
 

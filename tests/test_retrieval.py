@@ -178,8 +178,9 @@ def test_gallery_scorer_equals_per_pair_collation_and_tokenises_once(make_cfg) -
     torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
     pick_t, pick_i = rng.integers(0, len(texts), size=23).tolist(), rng.integers(0, len(visuals), size=23).tolist()
     torch.testing.assert_close(score.pairs(pick_t, pick_i), alone[pick_t, pick_i], rtol=0, atol=1e-5)
-    counting.counts.clear()
     ranks = chunked_ranks(score, len(texts), len(visuals), [0, 1, 2, 3, 4], text_chunk=2, image_chunk=3)
+    # each caption tokenised once in all of the above (the collator keeps each text's ids: `Collator.encode`), not
+    # once per image chunk
     assert counting.counts == {t: 1 for t in texts}
     expected = 1 + (alone > alone[torch.arange(5), torch.arange(5)][:, None] + 1e-9).sum(1)
     assert ranks.tolist() == expected.tolist()

@@ -226,7 +226,12 @@ class Collator:
                 return_special_tokens_mask=True,
                 return_token_type_ids=True,
             )
-        memo = self.__dict__.setdefault("_memo", {})
+        memo = self.__dict__.get("_memo")
+        if (
+            memo is None or self.__dict__.get("_memo_tokenizer") is not tok
+        ):  # ids belong to the tokenizer that made them
+            memo = self.__dict__["_memo"] = {}
+            self.__dict__["_memo_tokenizer"] = tok
         keys = list(zip(texts, pairs)) if pairs is not None else [(t, None) for t in texts]
         missing = [k for k in dict.fromkeys(keys) if k not in memo]
         if missing:
@@ -265,6 +270,7 @@ class Collator:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_memo", None)  # a worker / another process starts with an empty memo
+        state.pop("_memo_tokenizer", None)
         return state
 
     def collate_choices(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -179,6 +179,12 @@ def test_custom_clip_hdf5_reaches_clip_bert_and_region_models(tmp_path: Path, da
     assert batch["visual_mask"].tolist() == [[1]] * len(want)
     metrics, _ = train(cfg)  # CLIP-BERT answering from the CLIP vector
     assert 0.0 <= metrics["test/vqa_acc"] <= 1.0
+    from vl import load
+
+    model = load(tmp_path / "run")  # an image by its id in the CLIP file, or the vector itself: the same answer
+    assert model.answer("img004", "what colour is it?", k=2) == model.answer(
+        reader["img004"], "what colour is it?", k=2
+    )
     assert json.loads((root / "data.vl" / "info.json").read_text())["visual"] == "clip"
 
 
@@ -210,6 +216,11 @@ def test_custom_image_directory_trains_a_pixel_model(tmp_path: Path, data_dir: P
     np.testing.assert_allclose(batch["pixel_values"][0].permute(1, 2, 0).numpy(), want, atol=1e-5)
     metrics, _ = train(cfg)
     assert 0.0 <= metrics["test/vqa_acc"] <= 1.0
+    from vl import load
+
+    model = load(tmp_path / "run")  # an image by its id in the directory, or by its file
+    by_file = model.answer(str(root / "images" / "img004.png"), "what colour is it?", k=2)
+    assert model.answer("img004", "what colour is it?", k=2) == by_file
 
 
 @pytest.mark.parametrize("visual", ["regions", "clip"])

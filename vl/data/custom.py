@@ -151,15 +151,12 @@ class VisualSource:
         if self.kind == "clip":
             return clip_fields(self.reader[str(image)])
         assert self.pixels is not None
-        file = Path(image) if Path(str(image)).suffix.lower() in IMAGE_SUFFIXES and Path(image).is_file() else None
-        file = file or self.image_file(str(image))
+        given = Path(str(image))  # an image file path (inference), else an id in the directory
+        file = given if given.suffix.lower() in IMAGE_SUFFIXES and given.is_file() else self.image_file(str(image))
         if file is None:
             raise DataError(f"{self.path}: no image file for image id {str(image)!r}")
         pixels = self.pixels(file)
         return None if pixels is None else {"pixels": pixels}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()  # the readers pickle without their handles
 
 
 def clip_fields(feat: np.ndarray) -> dict[str, Any]:
@@ -345,6 +342,7 @@ class CustomDataModule(VLDataModule):
         path = self.path(self.jsonl_file)
         source = self.source
         rows, dim = [], None
+        checked: dict[str, tuple[str | None, int | None]] = {}  # image id -> (problem, dim): each image read once
         for n, raw in enumerate(path.read_text().splitlines(), 1):
             if not raw.strip():
                 continue
@@ -365,10 +363,13 @@ class CustomDataModule(VLDataModule):
                 raise DataError(f"{where}: 'image_id' must be a non-empty string or an int")
             if not isinstance(row.get("text"), str) or not row["text"].strip():
                 raise DataError(f"{where}: empty or missing 'text'")
-            problem = source.problem(str(image_id))
+            sid = str(image_id)
+            if sid not in checked:
+                problem = source.problem(sid)
+                checked[sid] = (problem, None if problem is not None else source.dim(sid))
+            problem, d = checked[sid]
             if problem is not None:
                 raise DataError(f"{where}: {problem}")
-            d = source.dim(str(image_id))
             if dim is None:
                 dim = (d, n)
             elif d != dim[0]:

@@ -300,3 +300,18 @@ def test_new_inputs_name_file_and_line(tmp_path: Path, data_dir: Path) -> None:
     _write(root, rows)
     with pytest.raises(ConfigError, match="retrieval over an image directory is not supported"):
         build_datamodule(_cfg(root, tmp_path, data_dir, *images, "data.objectives=[retrieval]"))
+
+
+def test_field_names_of_the_file_map_to_vls(tmp_path: Path, data_dir: Path) -> None:
+    root = tmp_path / "mydata"
+    rows = [{"img": r["image_id"], "question": r["text"], "answers": r["answers"]} for r in _lines(split=False)]
+    _write(root, rows)
+    _features(root)
+    with pytest.raises(DataError, match=r"data.jsonl:1: unknown field 'img'.*\+data.fields="):
+        build_datamodule(_cfg(root, tmp_path, data_dir))
+    dm = build_datamodule(_cfg(root, tmp_path, data_dir, "+data.fields={question: text, img: image_id}"))
+    assert sorted((r["image_id"], r["text"]) for s in dm.lines().values() for r in s) == sorted(
+        (r["img"], r["question"]) for r in rows
+    )
+    with pytest.raises(ConfigError, match="data.fields: 'txt' is not one of vl's fields"):
+        build_datamodule(_cfg(root, tmp_path, data_dir, "+data.fields={question: txt}"))

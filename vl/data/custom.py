@@ -10,7 +10,8 @@
 `data.visual=auto` tells which from the path (an HDF5 with `features` + `ids` and no per-image `offsets` is CLIP);
 `regions` / `clip` / `images` say it.
 
-Each line: `image_id` (str or int), `text`, and optionally `answers` (a list of annotator answers, VQA-style; an
+Each line: `image_id` (str or int), `text` (other names mapped by `data.fields`, e.g. `{question: text, img: image_id}`),
+and optionally `answers` (a list of annotator answers, VQA-style; an
 answer given by k annotators scores min(1, k / 3)), `label` (an int: 1 = the text matches the image) and `split`
 (`train` / `val` / `test`; either every line has one or none, then a seeded split by `split_fractions`).
 The task is the objectives: `data.objectives=[vqa]` (answer classification; `answers` needed), `[mlm, itm]`
@@ -268,12 +269,17 @@ class CustomDataModule(VLDataModule):
         transform: str = "clip_vil",
         transform_options: dict[str, Any] | None = None,
         on_bad_image: str = "error",
+        fields: dict[str, str] | None = None,
         min_answer_count: int = 1,
         split_fractions: dict[str, float] | None = None,
         split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.fields = {str(k): str(v) for k, v in dict(fields or {}).items()}  # the file's field name -> vl's
+        bad = next((v for v in self.fields.values() if v not in FIELDS), None)
+        if bad is not None:
+            raise ConfigError(f"data.fields: '{bad}' is not one of vl's fields ({', '.join(FIELDS)})")
         if visual not in VISUAL_KINDS:
             raise ConfigError(f"data.visual: '{visual}' is not one of {', '.join(VISUAL_KINDS)}")
         tasks = [o for o in ("vqa", "retrieval") if o in self.objectives]
@@ -353,10 +359,13 @@ class CustomDataModule(VLDataModule):
                 raise DataError(f"{where}: not JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a line must be a JSON object")
+            if self.fields:
+                row = {self.fields.get(k, k): v for k, v in row.items()}
             for key in row:
                 if key not in FIELDS:
                     near = difflib.get_close_matches(key, FIELDS, n=1)
                     hint = f" (did you mean '{near[0]}'?)" if near else f"; fields: {', '.join(FIELDS)}"
+                    hint += " (or name it: '+data.fields={<your name>: <vl field>}')"
                     raise DataError(f"{where}: unknown field '{key}'{hint}")
             image_id = row.get("image_id")
             if not isinstance(image_id, (str, int)) or isinstance(image_id, bool) or str(image_id) == "":

@@ -315,3 +315,14 @@ def test_field_names_of_the_file_map_to_vls(tmp_path: Path, data_dir: Path) -> N
     )
     with pytest.raises(ConfigError, match="data.fields: 'txt' is not one of vl's fields"):
         build_datamodule(_cfg(root, tmp_path, data_dir, "+data.fields={question: txt}"))
+
+
+def test_a_non_finite_clip_vector_names_the_line_before_training(tmp_path: Path, data_dir: Path) -> None:
+    root = tmp_path / "mydata"
+    _write(root, _lines(split=False))
+    ids = [f"img{i:03d}" for i in range(10)]
+    feats = np.ones((10, 4), np.float32)
+    feats[7, 2] = np.nan
+    write_clip_hdf5(root / "clip.hdf5", ids, feats)
+    with pytest.raises(DataError, match=r"data.jsonl:8: .*clip.hdf5: image id 'img007': 'features' has 1 non-finite"):
+        build_datamodule(_cfg(root, tmp_path, data_dir, "data.features=clip.hdf5"))

@@ -124,7 +124,10 @@ class VisualSource:
     def problem(self, sid: str) -> str | None:
         """Why the image id cannot be read (checked for every line before training), or None."""
         if self.kind != "images":
-            return None if sid in self.reader else f"image id {sid!r} has no features in {self.path}"
+            if sid not in self.reader:
+                return f"image id {sid!r} has no features in {self.path}"
+            self.reader[sid]  # decoded once: a damaged or non-finite record fails now, not mid-training
+            return None
         file = self.image_file(sid)
         if file is None:
             return f"image id {sid!r} has no image file in {self.path} (tried {sid}, {sid}.jpg|.jpeg|.png)"
@@ -374,8 +377,11 @@ class CustomDataModule(VLDataModule):
                 raise DataError(f"{where}: empty or missing 'text'")
             sid = str(image_id)
             if sid not in checked:
-                problem = source.problem(sid)
-                checked[sid] = (problem, None if problem is not None else source.dim(sid))
+                try:
+                    problem = source.problem(sid)
+                    checked[sid] = (problem, None if problem is not None else source.dim(sid))
+                except DataError as err:  # a damaged record: named with the line that uses it
+                    raise DataError(f"{where}: {err}") from None
             problem, d = checked[sid]
             if problem is not None:
                 raise DataError(f"{where}: {problem}")

@@ -223,8 +223,10 @@ def test_custom_image_directory_trains_a_pixel_model(tmp_path: Path, data_dir: P
     assert model.answer("img004", "what colour is it?", k=2) == by_file
 
 
-@pytest.mark.parametrize("visual", ["regions", "clip"])
-def test_custom_retrieval_ranks_the_split_gallery(visual: str, tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("visual", "model"), [("regions", "visual_bert_tiny"), ("clip", "visual_bert_tiny"), ("clip", "clip_bert_tiny")]
+)
+def test_custom_retrieval_ranks_the_split_gallery(visual: str, model: str, tmp_path: Path, data_dir: Path) -> None:
     root = tmp_path / "mydata"
     rows = [
         {"image_id": f"img{k % 10:03d}", "text": f"a {COLOURS[k % 3]} shape number {k % 10}"}
@@ -249,6 +251,7 @@ def test_custom_retrieval_ranks_the_split_gallery(visual: str, tmp_path: Path, d
         "data.objectives=[retrieval]",
         "data.monitor=val/recall@1",
         "data.batch_size=8",
+        f"model={model}",
     )
     dm = build_datamodule(cfg)
     gallery = dm.gallery("val")
@@ -261,6 +264,15 @@ def test_custom_retrieval_ranks_the_split_gallery(visual: str, tmp_path: Path, d
     dm.setup("fit")
     example = dm.datasets["train"][0]
     assert len(example["choices"]) == 4 and example["mc_labels"] == [0]
+    if visual == "clip":  # CLIP-BERT's image input, in the choice rows and in the ranking gallery
+        from vl.data.features import ClipFeatureReader
+
+        reader = ClipFeatureReader(root / "clip.hdf5")
+        batch = dm.collator("train")([example])
+        want = np.stack([c["visual"]["features"][0] for c in example["choices"]])
+        np.testing.assert_array_equal(batch["clip_feats"][:, 0].numpy(), want)
+        scored = dm.scoring_collator().visual_batch([gallery["visuals"][i] for i in range(2)])
+        np.testing.assert_array_equal(scored["clip_feats"][:, 0].numpy(), [reader[i] for i in gallery["image_ids"][:2]])
     metrics, run = train(cfg)
     n = len(dm.gallery("test")["image_ids"])
     assert {"test/recall@1", "test/recall@5", "test/median_rank"} <= set(metrics)

@@ -18,7 +18,7 @@ The task is the objectives: `data.objectives=[vqa]` (answer classification; `ans
 (captions pretraining: ITM uses the lines' `label` when every line of a split has one, else pairs each text with
 another image's text half the time) or `[retrieval]` (ViLBERT's 4-way multiple choice on the train lines; val/test
 rank every image of the split for each of its texts: recall@1/5/10; lines with `label` 0 are left out; region or
-CLIP features, not an image directory).
+CLIP features (CLIP-BERT's `clip_feats` in the choice rows and the gallery too), not an image directory).
 
 Derived and written next to the data (`<root>/<jsonl stem>.vl/`), also logged: `answers.json` (the answer vocabulary:
 answers given on at least `min_answer_count` train lines), `splits.json` (line numbers per split), `info.json`
@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from vl.data.base import SPLITS, RetrievalQueries, VLDataModule
 from vl.data.captions import CaptionPairs
-from vl.data.collate import Collator
+from vl.data.collate import Collator, pad_regions
 from vl.data.features import ClipFeatureReader, open_region_features
 from vl.data.images import ImageCollator, PixelLoader, build_transform
 from vl.data.retrieval import GalleryVisuals, RetrievalDataModule, RetrievalTrain
@@ -161,6 +161,23 @@ class VisualSource:
             raise DataError(f"{self.path}: no image file for image id {str(image)!r}")
         pixels = self.pixels(file)
         return None if pixels is None else {"pixels": pixels}
+
+
+class ClipRegionCollator(ClipCollator):
+    """CLIP-file input: `ClipCollator` whose `clip_feats` (B, 1, D) also come from the one whole-image region when
+    the examples carry only `visual` (retrieval's multiple-choice rows, the ranking gallery's images), so CLIP-BERT
+    sees the image there too. `visual_batch(visuals)`: a gallery's image keys (`vl.models.ranking.gallery_scorer`)."""
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().__call__(examples)
+        if "clip_feats" not in batch and "visual_feats" in batch:
+            batch["clip_feats"] = batch["visual_feats"][:, :1].clone()
+        return batch
+
+    def visual_batch(self, visuals: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        out = pad_regions(visuals, self.max_regions, fixed=self.fixed_shapes)
+        out["clip_feats"] = out["visual_feats"][:, :1].clone()
+        return out
 
 
 def clip_fields(feat: np.ndarray) -> dict[str, Any]:
@@ -552,9 +569,7 @@ class CustomDataModule(VLDataModule):
         if kind == "images":
             facts["pixels"] = True
         elif kind == "clip":
-            facts["num_region_classes"] = 0
-            if "retrieval" not in self.objectives:  # CLIP-BERT's retrieval gallery would not see the image
-                facts["clip_dim"] = facts["visual_dim"]
+            facts.update(num_region_classes=0, clip_dim=facts["visual_dim"])
         if "vqa" in self.objectives:
             facts["num_answers"] = len(self._ans2label)
         if "retrieval" in self.objectives:
@@ -574,13 +589,16 @@ class CustomDataModule(VLDataModule):
             "labels": base.labels,
         }
         if kind == "clip":
-            return ClipCollator(base.tokenizer, **options)
+            return ClipRegionCollator(base.tokenizer, **options)
         if kind == "images":
             return ImageCollator(base.tokenizer, **options)
         return base
 
     def collator(self, split: str) -> Collator:
         return self._collator(super().collator(split))
+
+    def scoring_collator(self) -> Collator:
+        return self._collator(super().scoring_collator())
 
     def inference_collator(self) -> Collator:
         return self._collator(super().inference_collator())

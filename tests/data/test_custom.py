@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import compose_cfg
 from vl.build import build_datamodule
@@ -224,7 +225,13 @@ def test_custom_image_directory_trains_a_pixel_model(tmp_path: Path, data_dir: P
 
 
 @pytest.mark.parametrize(
-    ("visual", "model"), [("regions", "visual_bert_tiny"), ("clip", "visual_bert_tiny"), ("clip", "clip_bert_tiny")]
+    ("visual", "model"),
+    [
+        ("regions", "visual_bert_tiny"),
+        ("clip", "visual_bert_tiny"),
+        ("clip", "clip_bert_tiny"),
+        ("images", "clip_vil_tiny"),
+    ],
 )
 def test_custom_retrieval_ranks_the_split_gallery(visual: str, model: str, tmp_path: Path, data_dir: Path) -> None:
     root = tmp_path / "mydata"
@@ -237,12 +244,15 @@ def test_custom_retrieval_ranks_the_split_gallery(visual: str, model: str, tmp_p
     for r in rows:
         r.setdefault("label", 1)
     _write(root, rows)
-    features = "regions.lmdb"
+    features, extra = "regions.lmdb", []
     if visual == "regions":
         _features(root)
-    else:
+    elif visual == "clip":
         _clip(root)
         features = "clip.hdf5"
+    else:
+        _images(root)
+        features, extra = "images", ["+data.transform_options={min_size: 64, max_size: 96}"]
     cfg = _cfg(
         root,
         tmp_path,
@@ -252,6 +262,7 @@ def test_custom_retrieval_ranks_the_split_gallery(visual: str, model: str, tmp_p
         "data.monitor=val/recall@1",
         "data.batch_size=8",
         f"model={model}",
+        *extra,
     )
     dm = build_datamodule(cfg)
     gallery = dm.gallery("val")
@@ -273,6 +284,14 @@ def test_custom_retrieval_ranks_the_split_gallery(visual: str, model: str, tmp_p
         np.testing.assert_array_equal(batch["clip_feats"][:, 0].numpy(), want)
         scored = dm.scoring_collator().visual_batch([gallery["visuals"][i] for i in range(2)])
         np.testing.assert_array_equal(scored["clip_feats"][:, 0].numpy(), [reader[i] for i in gallery["image_ids"][:2]])
+    if visual == "images":  # pixel models: the choice rows' images and the gallery's, as the loader decodes them
+        batch = dm.collator("train")([example])
+        assert tuple(batch["pixel_values"].shape) == (4, 3, 64, 96) and batch["mc_labels"].tolist() == [[0]]
+        for row, choice in zip(batch["pixel_values"], example["choices"]):
+            assert torch.equal(row, choice["visual"]["pixels"])
+        scored = dm.scoring_collator().visual_batch([gallery["visuals"][i] for i in range(2)])
+        want = [dm.source.fields(i)["pixels"] for i in gallery["image_ids"][:2]]
+        assert torch.equal(scored["pixel_values"], torch.stack(want))
     metrics, run = train(cfg)
     n = len(dm.gallery("test")["image_ids"])
     assert {"test/recall@1", "test/recall@5", "test/median_rank"} <= set(metrics)
@@ -310,8 +329,10 @@ def test_new_inputs_name_file_and_line(tmp_path: Path, data_dir: Path) -> None:
                 build_datamodule(_cfg(root, tmp_path, data_dir, *features))
     rows[2] = {"image_id": "img001", "text": "q", "answers": ["a"]}
     _write(root, rows)
-    with pytest.raises(ConfigError, match="retrieval over an image directory is not supported"):
-        build_datamodule(_cfg(root, tmp_path, data_dir, *images, "data.objectives=[retrieval]"))
+    with pytest.raises(ConfigError, match="retrieval over an image directory needs data.on_bad_image=error"):
+        build_datamodule(
+            _cfg(root, tmp_path, data_dir, *images, "data.objectives=[retrieval]", "data.on_bad_image=skip")
+        )
 
 
 def test_field_names_of_the_file_map_to_vls(tmp_path: Path, data_dir: Path) -> None:

@@ -17,8 +17,8 @@ answer given by k annotators scores min(1, k / 3)), `label` (an int: 1 = the tex
 The task is the objectives: `data.objectives=[vqa]` (answer classification; `answers` needed), `[mlm, itm]`
 (captions pretraining: ITM uses the lines' `label` when every line of a split has one, else pairs each text with
 another image's text half the time) or `[retrieval]` (ViLBERT's 4-way multiple choice on the train lines; val/test
-rank every image of the split for each of its texts: recall@1/5/10; lines with `label` 0 are left out; region or
-CLIP features (CLIP-BERT's `clip_feats` in the choice rows and the gallery too), not an image directory).
+rank every image of the split for each of its texts: recall@1/5/10; lines with `label` 0 are left out; any input:
+CLIP-BERT gets `clip_feats` and pixel models `pixel_values` in the choice rows and the ranking gallery too).
 
 Derived and written next to the data (`<root>/<jsonl stem>.vl/`), also logged: `answers.json` (the answer vocabulary:
 answers given on at least `min_answer_count` train lines), `splits.json` (line numbers per split), `info.json`
@@ -46,7 +46,7 @@ from vl.data.base import SPLITS, RetrievalQueries, VLDataModule
 from vl.data.captions import CaptionPairs
 from vl.data.collate import Collator, pad_regions
 from vl.data.features import ClipFeatureReader, open_region_features
-from vl.data.images import ImageCollator, PixelLoader, build_transform
+from vl.data.images import ImageCollator, PixelLoader, build_transform, stack_pixels
 from vl.data.retrieval import GalleryVisuals, RetrievalDataModule, RetrievalTrain
 from vl.data.samplers import split_key
 from vl.data.vlp import WHOLE_IMAGE_BOX, ClipCollator
@@ -180,6 +180,36 @@ class ClipRegionCollator(ClipCollator):
         return out
 
 
+class PixelChoiceCollator(ImageCollator):
+    """Image-directory input: `ImageCollator`, plus retrieval's multiple-choice examples whose choices carry the
+    image's fields (`{"pixels"}`) as their `visual` (B*K*C rows, block-major, + `mc_labels`), and `visual_batch`
+    for the ranking gallery (`pixel_values` of the gallery images)."""
+
+    def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
+        kept = [ex for ex in examples if ex is not None]
+        if kept and "choices" not in kept[0] and "pixels" not in kept[0]:  # texts alone (the gallery's queries)
+            return Collator.__call__(self, kept)
+        if not kept or "choices" not in kept[0]:
+            return super().__call__(examples)
+        rows = [
+            {
+                "text": c["text"],
+                "pixels": c["visual"]["pixels"],
+                "index": ex.get("index", 0),
+                "epoch": ex.get("epoch", 0),
+            }
+            for ex in kept
+            for c in ex["choices"]
+        ]
+        batch = super().__call__(rows)
+        batch["mc_labels"] = torch.tensor([list(ex["mc_labels"]) for ex in kept], dtype=torch.long)
+        batch["index"] = torch.tensor([ex.get("index", 0) for ex in kept])
+        return batch
+
+    def visual_batch(self, visuals: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": stack_pixels([v["pixels"] for v in visuals])}
+
+
 def clip_fields(feat: np.ndarray) -> dict[str, Any]:
     feat = np.asarray(feat, dtype=np.float32).reshape(1, -1)
     return {"clip": feat, "visual": {"features": feat, "boxes_norm": WHOLE_IMAGE_BOX, "num_boxes": 1}}
@@ -195,7 +225,11 @@ class _VisualAsReader:
 
     def __getitem__(self, image_id: Any) -> Any:
         fields = self.source.fields(image_id)
-        return fields["visual"] if self.visual_only and fields is not None else fields
+        if fields is None:
+            raise DataError(
+                f"{self.source.path}: image id {str(image_id)!r} could not be decoded (retrieval skips none)"
+            )
+        return fields.get("visual", fields) if self.visual_only else fields
 
     def __contains__(self, image_id: Any) -> bool:
         return self.source.problem(str(image_id)) is None
@@ -345,11 +379,10 @@ class CustomDataModule(VLDataModule):
             if not path.exists():
                 raise DataError(f"{path}: file not found (data.features; data.root={self.root})")
             kind = _kind_of(path) if self.visual_arg == "auto" else self.visual_arg
-            if kind == "images" and "retrieval" in self.objectives:
+            if kind == "images" and "retrieval" in self.objectives and self.on_bad_image != "error":
                 raise ConfigError(
-                    "data=custom: retrieval over an image directory is not supported (the gallery is scored from "
-                    "precomputed features); extract CLIP features first (python -m vl.tools.clip_extract) and use "
-                    "the CLIP HDF5 as data.features"
+                    "data=custom: retrieval over an image directory needs data.on_bad_image=error (a choice or a "
+                    "gallery image cannot be skipped)"
                 )
             pixels = None
             if kind == "images":
@@ -591,7 +624,7 @@ class CustomDataModule(VLDataModule):
         if kind == "clip":
             return ClipRegionCollator(base.tokenizer, **options)
         if kind == "images":
-            return ImageCollator(base.tokenizer, **options)
+            return PixelChoiceCollator(base.tokenizer, **options)
         return base
 
     def collator(self, split: str) -> Collator:

@@ -190,3 +190,22 @@ def test_help_lists_every_option_with_a_description() -> None:
         assert line is not None, f"{group}={option} missing from --help"
         assert len(line.split(None, 1)) == 2, f"conf/{group}/{option}.yaml has no description comment"
     assert "schema" not in [x.rstrip(":") for x in table.splitlines() if not x.startswith(" ")]
+
+
+@pytest.mark.parametrize("model", ["visual_bert_tiny", "vilbert_tiny", "mm_bert_tiny"])
+def test_compare_recipe_is_the_same_schedule_for_every_region_encoder(model: str, make_cfg) -> None:
+    """`experiment=compare` composes with every region encoder (mm_bert_tiny's `warmup_steps: null` included) and
+    gives each the same lr curve: warmup over 10 % of the steps, constant, x0.1 from epoch 4 and again from 5."""
+    import torch
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("experiment=compare", f"model={model}")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = instantiate(cfg.model.scheduler)(optimizer, total_steps=60, steps_per_epoch=10)
+    lrs = []
+    for _ in range(60):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    want = [min(1.0, (s + 1) / 6) * (1.0 if s < 40 else 0.1 if s < 50 else 0.01) for s in range(60)]
+    assert lrs == pytest.approx(want, rel=1e-9)

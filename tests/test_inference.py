@@ -263,3 +263,66 @@ def test_import_vl_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def _predict_cli(ckpt: Path, queries: Path, out: Path, data_dir: Path, *extra: str) -> tuple[list[dict], str]:
+    """`python evaluate.py mode=predict ckpt_path=... +input=...` as a user runs it; (the rows it writes, its log)."""
+    import os
+    import subprocess
+    import sys
+
+    args = [f"ckpt_path={ckpt}", "mode=predict", f"+input={queries}", "top_k=3"]
+    args += [f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *extra]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), *args],
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return rows, done.stdout + done.stderr
+
+
+def _assert_same_rows(one: list[dict], two: list[dict]) -> None:
+    """Same queries in the same order; every score equal to 1e-6; the same answers / tokens."""
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert {k: v for k, v in a.items() if k not in ("match", "answers", "fill_mask")} == {
+            k: v for k, v in b.items() if k not in ("match", "answers", "fill_mask")
+        }
+        assert a.keys() == b.keys()
+        if "match" in a:
+            assert b["match"] == pytest.approx(a["match"], abs=1e-6)
+        if "answers" in a:
+            assert [x[0] for x in a["answers"]] == [x[0] for x in b["answers"]]
+            assert [x[1] for x in b["answers"]] == pytest.approx([x[1] for x in a["answers"]], abs=1e-6)
+        for mask_a, mask_b in zip(a.get("fill_mask", []), b.get("fill_mask", [])):
+            assert [t for t, _ in mask_a] == [t for t, _ in mask_b]
+            assert [p for _, p in mask_b] == pytest.approx([p for _, p in mask_a], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["vqa", "captions"])
+def test_ddp_predict_writes_the_one_process_predictions(which, request, tmp_path: Path, data_dir: Path) -> None:
+    """`mode=predict` on `hardware=ddp_cpu` (2 spawned gloo processes, an uneven number of queries: the sampler
+    pads one rank) writes the rows one process writes: same queries by id, same scores to 1e-6."""
+    run = request.getfixturevalue(f"{which}_run")[-1]
+    cfg = request.getfixturevalue(f"{which}_run")[0]
+    dm = build_datamodule(cfg)
+    ids = dm.regions.ids()[:9]
+    texts = ["what colour is the circle?", "a red [MASK] on the left", "how many shapes are there?"]
+    queries = tmp_path / "queries.jsonl"
+    rows = [{"image": i, "text": t, "id": f"q{n}"} for n, (i, t) in enumerate((i, t) for i in ids for t in texts)]
+    queries.write_text("".join(json.dumps(r) + "\n" for r in rows))  # 27 queries
+    ckpt = _alone(run, tmp_path)
+    one, _ = _predict_cli(ckpt, queries, tmp_path / "one", data_dir)
+    two, log = _predict_cli(ckpt, queries, tmp_path / "two", data_dir, "hardware=ddp_cpu")
+    assert "MEMBER: 2/2" in log  # two processes did predict
+    assert [r["id"] for r in one] == [r["id"] for r in rows]
+    assert ("answers" in one[0]) == (which == "vqa") and ("fill_mask" in one[1]) == (which == "captions")
+    _assert_same_rows(one, two)
+    assert not list((tmp_path / "two").glob("predict.rank*.pt"))  # the per-rank parts are merged and removed

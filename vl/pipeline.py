@@ -458,7 +458,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if mode == "predict":
         from vl.inference import predict
 
-        path = predict(cfg, run_cfg, ckpt, output_dir, run_record_of(ckpt, cfg.ckpt_path))
+        with _own_rendezvous():  # hardware=ddp_cpu spawns the predict processes
+            path = predict(cfg, run_cfg, ckpt, output_dir, run_record_of(ckpt, cfg.ckpt_path))
         log.info("predictions: %s", path)
         return {"predict/queries": float(sum(1 for _ in path.open()))}
     task = task_name(cfg.get("task"))

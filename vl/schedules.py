@@ -38,10 +38,13 @@ def warmup_constant_step_decay(
     warmup_ratio: float = 0.1,
     decay_epochs: Sequence[int] = (12, 16),
     gamma: float = 0.1,
+    warmup_steps: int | None = None,
 ) -> LambdaLR:
     """ViLBERT fine-tuning: linear warmup over `warmup_ratio * total_steps` then constant (BertAdam
-    `warmup_constant`), times `gamma` from each epoch in `decay_epochs` on (LambdaLR x0.1 at epochs 12 and 16)."""
-    warmup = max(1, int(warmup_ratio * total_steps))
+    `warmup_constant`), times `gamma` from each epoch in `decay_epochs` on (LambdaLR x0.1 at epochs 12 and 16).
+    `warmup_steps`: the warmup length in steps instead of the ratio (None: the ratio; as `triangle_schedule`, so a
+    model file's `warmup_steps: null` composes with this schedule, e.g. under `experiment=compare`)."""
+    warmup = max(1, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
     milestones = sorted(int(e) for e in decay_epochs)
 
     def factor(step: int) -> float:

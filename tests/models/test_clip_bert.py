@@ -267,6 +267,34 @@ def test_experiment_settings(experiment, lr, scheduler, max_steps, pretrained, d
         assert cfg.data.text_only
 
 
+def test_cpu_taste_is_small_and_validates_and_checkpoints_within_its_steps(make_cfg) -> None:
+    """`experiment=clip_bert_tiny` (the README's CPU taste): random-init tiny CLIP-BERT, every val / checkpoint
+    interval inside its step budget (the full experiment's 1 000-step intervals never fire in 200 steps)."""
+    cfg = make_cfg("experiment=clip_bert_tiny")
+    assert cfg.model.encoder.text_encoder.pretrained is None and cfg.model.encoder.text_encoder.hidden_size == 64
+    assert cfg.trainer.max_steps == 200 and 200 % cfg.trainer.val_check_interval == 0
+    assert 200 % cfg.callbacks.last_checkpoint.every_n_train_steps == 0
+
+
+@pytest.mark.slow
+def test_cpu_taste_writes_checkpoint_curves_and_metrics(make_cfg) -> None:
+    """The README's CPU taste as it stands (measured ~35 s on 2 shared cores, niced, OMP_NUM_THREADS=1): ~2 M
+    parameters; best/last checkpoints, curves.png, metrics.csv with a val row per 50 steps, results.md."""
+    import csv
+
+    cfg = make_cfg("experiment=clip_bert_tiny")
+    metrics, _ = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    n_params = sum({v.data_ptr(): v.numel() for k, v in state.items() if "position_ids" not in k}.values())  # tied once
+    assert n_params < 3_000_000, n_params
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "curves.png").stat().st_size > 10_000
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    val_steps = sorted({int(r["step"]) for r in rows if r.get("val/mlm_loss")})
+    assert val_steps == [49, 99, 149, 199], val_steps
+    assert "test/mlm_acc" in (run / "results.md").read_text() and metrics["test/mlm_loss"] < 5.0
+
+
 def _deepspeed_warmup_decay_lrs(lr: float, total: int, warmup: int, kind: str, min_lr: float, steps: int) -> list:
     """The lr each optimizer step runs at under DeepSpeed's WarmupDecayLR, written from its documented rule: the
     scheduler starts at iteration -1 (lr = min) and steps after each optimizer step; gamma(i) = log(i + 1) / log(W)

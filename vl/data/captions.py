@@ -26,8 +26,8 @@ def load_caption_tsv(path: Path) -> list[dict[str, Any]]:
         fields = line.split("\t")
         if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
             raise DataError(f"{path}:{lineno}: expected 'caption<TAB>image_id', got {len(fields)} field(s)")
-        image_id = int(fields[1]) if fields[1].strip().isdigit() else fields[1].strip()
-        out.append({"id": lineno, "image_id": image_id, "caption": fields[0]})
+        # the id as written: "007" and "img055" are feature keys as they stand (int("007") would look up "7")
+        out.append({"id": lineno, "image_id": fields[1].strip(), "caption": fields[0]})
     return out
 
 
@@ -79,7 +79,8 @@ class CaptionsDataModule(VLDataModule):
     """`data=captions`: `captions` per split (COCO captions JSON, or a Conceptual-Captions-style TSV
     `caption<TAB>image_id`: `data.captions=cc/{split}.tsv`) + `features` (region LMDB / HDF5 / FRCNN JSON)."""
 
-    label_keys = {"itm_label": ("itm_labels", "long"), "image_id": ("image_id", "long")}
+    # image ids stay as the files give them (COCO ints, TSV strings such as "img055"): a list of strings in the batch
+    label_keys = {"itm_label": ("itm_labels", "long"), "image_id": ("image_id", "str")}
 
     def __init__(
         self,

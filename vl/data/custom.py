@@ -1,18 +1,31 @@
-"""`data=custom`: your own examples, no code. One JSONL (`data.jsonl`, relative to `data.root`) + region features in
-any format vl reads (`data.features`: LMDB, HDF5 or per-image FRCNN JSON), keyed by the JSONL's `image_id`.
+"""`data=custom`: your own examples, no code. One JSONL (`data.jsonl`, relative to `data.root`) + the visual input
+(`data.features`), keyed by the JSONL's `image_id` (strings or ints):
 
-Each line: `image_id` (str or int), `text`, and optionally `answers` (a list of annotator answers, VQA-style; an
+- region features in any format vl reads (LMDB, region HDF5, per-image FRCNN JSON), `{"visual"}` per example;
+- a CLIP HDF5 (`features` (N, D) + `ids`, as `data=vlp` / `python -m vl.tools.clip_extract` write it): the `data=vlp`
+  fields, `clip_feats` for CLIP-BERT and the vector as one whole-image region for region models;
+- an image directory (`<id>`, `<id>.jpg`, `.jpeg` or `.png`) for pixel models (`model=clip_vil`): decoded in the
+  DataLoader workers by `vl.data.images.PixelLoader` with `data.transform` ("clip_vil": CLIP-ViL's resize-pad-normalise,
+  `data.transform_options` {min_size, max_size}; "vg_bert") and `data.on_bad_image`.
+`data.visual=auto` tells which from the path (an HDF5 with `features` + `ids` and no per-image `offsets` is CLIP);
+`regions` / `clip` / `images` say it.
+
+Each line: `image_id` (str or int), `text` (other names mapped by `data.fields`, e.g. `{question: text, img: image_id}`),
+and optionally `answers` (a list of annotator answers, VQA-style; an
 answer given by k annotators scores min(1, k / 3)), `label` (an int: 1 = the text matches the image) and `split`
 (`train` / `val` / `test`; either every line has one or none, then a seeded split by `split_fractions`).
-The task is the objectives: `data.objectives=[vqa]` (answer classification; `answers` needed) or `[mlm, itm]`
+The task is the objectives: `data.objectives=[vqa]` (answer classification; `answers` needed), `[mlm, itm]`
 (captions pretraining: ITM uses the lines' `label` when every line of a split has one, else pairs each text with
-another image's text half the time).
+another image's text half the time) or `[retrieval]` (ViLBERT's 4-way multiple choice on the train lines; val/test
+rank every image of the split for each of its texts: recall@1/5/10; lines with `label` 0 are left out; any input:
+CLIP-BERT gets `clip_feats` and pixel models `pixel_values` in the choice rows and the ranking gallery too).
 
 Derived and written next to the data (`<root>/<jsonl stem>.vl/`), also logged: `answers.json` (the answer vocabulary:
 answers given on at least `min_answer_count` train lines), `splits.json` (line numbers per split), `info.json`
-(feature dimension, counts). Every problem is a DataError naming file and line, raised before any compute: not JSON,
-an unknown field, a missing or empty `text`, an `image_id` without features, mixed feature dimensions, a bad
-`answers` / `label` / `split`.
+(visual input, feature dimension, counts). Every problem is a DataError naming file and line, raised before any
+compute: not JSON, an unknown field, a missing or empty `text`, an `image_id` without features (or without an image
+file, or whose file is not an image), mixed feature dimensions (region files; a CLIP HDF5 is one (N, D) array and
+pixels are RGB, so neither can mix), a bad `answers` / `label` / `split`.
 """
 
 from __future__ import annotations
@@ -20,16 +33,23 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
-from vl.data.base import SPLITS, VLDataModule
+from vl.data.base import SPLITS, RetrievalQueries, VLDataModule
 from vl.data.captions import CaptionPairs
+from vl.data.collate import Collator, pad_regions
+from vl.data.features import ClipFeatureReader, open_region_features
+from vl.data.images import ImageCollator, PixelLoader, build_transform, stack_pixels
+from vl.data.retrieval import GalleryVisuals, RetrievalDataModule, RetrievalTrain
 from vl.data.samplers import split_key
+from vl.data.vlp import WHOLE_IMAGE_BOX, ClipCollator
 from vl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -43,50 +63,243 @@ def _soft_scores(answers: list[str], ans2label: dict[str, int]) -> tuple[list[in
     return labels, [min(1.0, counts[a] / 3.0) for a in counts if a in ans2label]
 
 
-class AnswerLines(Dataset):
-    """One example per line: text, regions, dense soft-score target (A,)."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+VISUAL_KINDS = ("auto", "regions", "clip", "images")
 
-    def __init__(self, lines: list[dict[str, Any]], regions: Any, ans2label: dict[str, int]) -> None:
-        self.lines, self.regions, self.ans2label = lines, regions, ans2label
+
+def _kind_of(path: Path) -> str:
+    """What a feature path is: "regions" (LMDB dir / region HDF5 / FRCNN JSON), "clip" (CLIP HDF5: `features`
+    (N, D) + `ids`, no per-image `offsets`) or "images" (a directory of image files)."""
+    if path.is_dir():
+        if (path / "data.mdb").is_file() or path.suffix.lower() == ".lmdb":
+            return "regions"
+        names = [e.name.lower() for e in os.scandir(path)]
+        if any(n.endswith(".json") for n in names):
+            return "regions"
+        if any(n.endswith(IMAGE_SUFFIXES) for n in names):
+            return "images"
+        raise DataError(f"{path}: directory is neither an LMDB, per-image .json features nor image files")
+    if path.is_file() and path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                if "offsets" not in f and "features" in f and "ids" in f:
+                    return "clip"
+        except OSError as e:
+            raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+    return "regions"
+
+
+class VisualSource:
+    """The example fields of an image id, whatever the visual input is:
+
+    - "regions": `{"visual": reader dict}` (region LMDB / HDF5 / FRCNN JSON);
+    - "clip": `{"clip": (1, D), "visual": one whole-image region}` (CLIP HDF5; the `data=vlp` fields, so CLIP-BERT
+      reads `clip_feats` and region models read the vector as one region);
+    - "images": `{"pixels": (3, H, W)}` (an image directory: `<id>` or `<id>.jpg|.jpeg|.png`, decoded by
+      `vl.data.images.PixelLoader` with the chosen transform; None when skipped under `on_bad_image=skip`)."""
+
+    def __init__(self, path: Path, kind: str, *, pixels: PixelLoader | None = None) -> None:
+        self.path, self.kind, self.pixels = path, kind, pixels
+        self._reader: Any = None
+
+    @property
+    def reader(self) -> Any:
+        if self._reader is None:
+            if self.kind == "regions":
+                self._reader = open_region_features(self.path)
+            elif self.kind == "clip":
+                self._reader = ClipFeatureReader(self.path)
+        return self._reader
+
+    def image_file(self, sid: str) -> Path | None:
+        """The file of an image id in the image directory (None when there is none)."""
+        for name in (sid, *(sid + suffix for suffix in IMAGE_SUFFIXES)):
+            candidate = self.path / name
+            if candidate.suffix.lower() in IMAGE_SUFFIXES and candidate.is_file():
+                return candidate
+        return None
+
+    def problem(self, sid: str) -> str | None:
+        """Why the image id cannot be read (checked for every line before training), or None."""
+        if self.kind != "images":
+            if sid not in self.reader:
+                return f"image id {sid!r} has no features in {self.path}"
+            self.reader[sid]  # decoded once: a damaged or non-finite record fails now, not mid-training
+            return None
+        file = self.image_file(sid)
+        if file is None:
+            return f"image id {sid!r} has no image file in {self.path} (tried {sid}, {sid}.jpg|.jpeg|.png)"
+        from PIL import Image, UnidentifiedImageError
+
+        try:  # the header only: a file that is not an image fails here, before training
+            with Image.open(file) as img:
+                img.size  # noqa: B018
+        except (UnidentifiedImageError, OSError) as e:
+            return f"image id {sid!r}: {file} is not a readable image ({type(e).__name__})"
+        return None
+
+    def dim(self, sid: str) -> int | None:
+        """The feature dimension of an image (None for pixels)."""
+        if self.kind == "regions":
+            return int(self.reader[sid]["features"].shape[1])
+        if self.kind == "clip":
+            return int(self.reader.dim)
+        return None
+
+    def fields(self, image: Any) -> dict[str, Any] | None:
+        """The example fields of an image id (an image file path too, for "images"); None: an image skipped."""
+        if self.kind == "regions":
+            return {"visual": self.reader[str(image)]}
+        if self.kind == "clip":
+            return clip_fields(self.reader[str(image)])
+        assert self.pixels is not None
+        given = Path(str(image))  # an image file path (inference), else an id in the directory
+        file = given if given.suffix.lower() in IMAGE_SUFFIXES and given.is_file() else self.image_file(str(image))
+        if file is None:
+            raise DataError(f"{self.path}: no image file for image id {str(image)!r}")
+        pixels = self.pixels(file)
+        return None if pixels is None else {"pixels": pixels}
+
+
+class ClipRegionCollator(ClipCollator):
+    """CLIP-file input: `ClipCollator` whose `clip_feats` (B, 1, D) also come from the one whole-image region when
+    the examples carry only `visual` (retrieval's multiple-choice rows, the ranking gallery's images), so CLIP-BERT
+    sees the image there too. `visual_batch(visuals)`: a gallery's image keys (`vl.models.ranking.gallery_scorer`)."""
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().__call__(examples)
+        if "clip_feats" not in batch and "visual_feats" in batch:
+            batch["clip_feats"] = batch["visual_feats"][:, :1].clone()
+        return batch
+
+    def visual_batch(self, visuals: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        out = pad_regions(visuals, self.max_regions, fixed=self.fixed_shapes)
+        out["clip_feats"] = out["visual_feats"][:, :1].clone()
+        return out
+
+
+class PixelChoiceCollator(ImageCollator):
+    """Image-directory input: `ImageCollator`, plus retrieval's multiple-choice examples whose choices carry the
+    image's fields (`{"pixels"}`) as their `visual` (B*K*C rows, block-major, + `mc_labels`), and `visual_batch`
+    for the ranking gallery (`pixel_values` of the gallery images)."""
+
+    def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
+        kept = [ex for ex in examples if ex is not None]
+        if kept and "choices" not in kept[0] and "pixels" not in kept[0]:  # texts alone (the gallery's queries)
+            return Collator.__call__(self, kept)
+        if not kept or "choices" not in kept[0]:
+            return super().__call__(examples)
+        rows = [
+            {
+                "text": c["text"],
+                "pixels": c["visual"]["pixels"],
+                "index": ex.get("index", 0),
+                "epoch": ex.get("epoch", 0),
+            }
+            for ex in kept
+            for c in ex["choices"]
+        ]
+        batch = super().__call__(rows)
+        batch["mc_labels"] = torch.tensor([list(ex["mc_labels"]) for ex in kept], dtype=torch.long)
+        batch["index"] = torch.tensor([ex.get("index", 0) for ex in kept])
+        return batch
+
+    def visual_batch(self, visuals: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": stack_pixels([v["pixels"] for v in visuals])}
+
+
+def clip_fields(feat: np.ndarray) -> dict[str, Any]:
+    feat = np.asarray(feat, dtype=np.float32).reshape(1, -1)
+    return {"clip": feat, "visual": {"features": feat, "boxes_norm": WHOLE_IMAGE_BOX, "num_boxes": 1}}
+
+
+class _VisualAsReader:
+    """`reader[id]` -> the example fields (for `CaptionPairs` / `RetrievalTrain` / galleries, which read
+    `reader[id]` as the example's `visual`): `_expand` then spreads them into the example. `visual_only`: the
+    region dict alone (retrieval's choices and galleries pair images with texts as region dicts)."""
+
+    def __init__(self, source: VisualSource, *, visual_only: bool = False) -> None:
+        self.source, self.visual_only = source, visual_only
+
+    def __getitem__(self, image_id: Any) -> Any:
+        fields = self.source.fields(image_id)
+        if fields is None:
+            raise DataError(
+                f"{self.source.path}: image id {str(image_id)!r} could not be decoded (retrieval skips none)"
+            )
+        return fields.get("visual", fields) if self.visual_only else fields
+
+    def __contains__(self, image_id: Any) -> bool:
+        return self.source.problem(str(image_id)) is None
+
+
+class _Expanded(Dataset):
+    """A dataset whose examples hold the source's fields under `visual` -> those fields in the example itself."""
+
+    def __init__(self, inner: Dataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> dict[str, Any] | None:
+        example = self.inner[key]
+        fields = example.pop("visual")
+        return None if fields is None else {**example, **fields}
+
+
+class AnswerLines(Dataset):
+    """One example per line: text, the image's fields, dense soft-score target (A,)."""
+
+    def __init__(self, lines: list[dict[str, Any]], source: VisualSource, ans2label: dict[str, int]) -> None:
+        self.lines, self.source, self.ans2label = lines, source, ans2label
 
     def __len__(self) -> int:
         return len(self.lines)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
         epoch, index = split_key(key)
         line = self.lines[index]
         target = np.zeros(len(self.ans2label), dtype=np.float32)
         labels, scores = _soft_scores(line.get("answers") or [], self.ans2label)
         target[labels] = scores
+        fields = self.source.fields(str(line["image_id"]))
+        if fields is None:
+            return None
         return {
             "text": line["text"],
             "image_id": str(line["image_id"]),
             "index": index,
             "epoch": epoch,
             "vqa_target": target,
-            "visual": self.regions[str(line["image_id"])],
+            **fields,
         }
 
 
 class LabelledPairs(Dataset):
     """One example per line with the file's `label` as the ITM label (1 = the text matches the image)."""
 
-    def __init__(self, lines: list[dict[str, Any]], regions: Any) -> None:
-        self.lines, self.regions = lines, regions
+    def __init__(self, lines: list[dict[str, Any]], source: VisualSource) -> None:
+        self.lines, self.source = lines, source
 
     def __len__(self) -> int:
         return len(self.lines)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
         epoch, index = split_key(key)
         line = self.lines[index]
+        fields = self.source.fields(str(line["image_id"]))
+        if fields is None:
+            return None
         return {
             "text": line["text"],
             "image_id": str(line["image_id"]),
             "index": index,
             "epoch": epoch,
             "itm_label": int(line["label"]),
-            "visual": self.regions[str(line["image_id"])],
+            **fields,
         }
 
 
@@ -97,6 +310,8 @@ class CustomDataModule(VLDataModule):
         "vqa_target": ("vqa_targets", "vector"),
         "itm_label": ("itm_labels", "long"),
         "image_id": ("image_id", "str"),
+        "gold": ("gold", "long"),
+        "query_index": ("query_index", "long"),
     }
 
     def __init__(
@@ -104,19 +319,44 @@ class CustomDataModule(VLDataModule):
         *,
         jsonl: str = "data.jsonl",
         features: str = "regions.lmdb",
+        visual: str = "auto",
+        transform: str = "clip_vil",
+        transform_options: dict[str, Any] | None = None,
+        on_bad_image: str = "error",
+        fields: dict[str, str] | None = None,
         min_answer_count: int = 1,
         split_fractions: dict[str, float] | None = None,
         split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.fields = {str(k): str(v) for k, v in dict(fields or {}).items()}  # the file's field name -> vl's
+        bad = next((v for v in self.fields.values() if v not in FIELDS), None)
+        if bad is not None:
+            raise ConfigError(f"data.fields: '{bad}' is not one of vl's fields ({', '.join(FIELDS)})")
+        if visual not in VISUAL_KINDS:
+            raise ConfigError(f"data.visual: '{visual}' is not one of {', '.join(VISUAL_KINDS)}")
+        tasks = [o for o in ("vqa", "retrieval") if o in self.objectives]
+        if len(tasks) > 1 or (tasks == ["retrieval"] and len(self.objectives) > 1):
+            raise ConfigError(
+                f"data.objectives={self.objectives}: pick one task: [vqa] (answer classification), [mlm, itm] "
+                "(captions pretraining) or [retrieval]"
+            )
         self.jsonl_file = jsonl
         self.features_file = features
+        self.visual_arg = visual
+        self.transform_name, self.transform_options = transform, dict(transform_options or {})
+        self.on_bad_image = on_bad_image
+        PixelLoader(None, on_bad_image)  # validates the option now
         self.min_answer_count = int(min_answer_count)
         self.split_fractions = dict(split_fractions or {"train": 0.8, "val": 0.1, "test": 0.1})
         self.split_seed = int(split_seed)
         self._lines: dict[str, list[dict[str, Any]]] | None = None
         self._ans2label: dict[str, int] = {}
+        self._source: VisualSource | None = None
+        self._galleries: dict[str, dict[str, Any]] = {}
+        if "retrieval" in self.objectives:
+            self.prediction_file = "retrieval_predictions.json"
 
     @property
     def root(self) -> Path:
@@ -131,11 +371,37 @@ class CustomDataModule(VLDataModule):
         self.check_files()
         self.lines()
 
+    @property
+    def source(self) -> VisualSource:
+        """The visual input (`data.visual`: "auto" tells it from `data.features`)."""
+        if self._source is None:
+            path = self.path(self.features_file)
+            if not path.exists():
+                raise DataError(f"{path}: file not found (data.features; data.root={self.root})")
+            kind = _kind_of(path) if self.visual_arg == "auto" else self.visual_arg
+            if kind == "images" and "retrieval" in self.objectives and self.on_bad_image != "error":
+                raise ConfigError(
+                    "data=custom: retrieval over an image directory needs data.on_bad_image=error (a choice or a "
+                    "gallery image cannot be skipped)"
+                )
+            pixels = None
+            if kind == "images":
+                pixels = PixelLoader(build_transform(self.transform_name, **self.transform_options), self.on_bad_image)
+            self._source = VisualSource(path, kind, pixels=pixels)
+        return self._source
+
+    @property
+    def regions(self) -> Any:
+        if self.source.kind != "regions":
+            return _VisualAsReader(self.source, visual_only=True)
+        return self.source.reader
+
     # ------------------------------------------------------------------ reading, checking, deriving
     def _read(self) -> list[dict[str, Any]]:
         path = self.path(self.jsonl_file)
-        regions = self.regions
+        source = self.source
         rows, dim = [], None
+        checked: dict[str, tuple[str | None, int | None]] = {}  # image id -> (problem, dim): each image read once
         for n, raw in enumerate(path.read_text().splitlines(), 1):
             if not raw.strip():
                 continue
@@ -146,25 +412,35 @@ class CustomDataModule(VLDataModule):
                 raise DataError(f"{where}: not JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a line must be a JSON object")
+            if self.fields:
+                row = {self.fields.get(k, k): v for k, v in row.items()}
             for key in row:
                 if key not in FIELDS:
                     near = difflib.get_close_matches(key, FIELDS, n=1)
                     hint = f" (did you mean '{near[0]}'?)" if near else f"; fields: {', '.join(FIELDS)}"
+                    hint += " (or name it: '+data.fields={<your name>: <vl field>}')"
                     raise DataError(f"{where}: unknown field '{key}'{hint}")
             image_id = row.get("image_id")
             if not isinstance(image_id, (str, int)) or isinstance(image_id, bool) or str(image_id) == "":
                 raise DataError(f"{where}: 'image_id' must be a non-empty string or an int")
             if not isinstance(row.get("text"), str) or not row["text"].strip():
                 raise DataError(f"{where}: empty or missing 'text'")
-            if str(image_id) not in regions:
-                raise DataError(f"{where}: image id {str(image_id)!r} has no features in {regions.path}")
-            features = regions[str(image_id)]["features"]
+            sid = str(image_id)
+            if sid not in checked:
+                try:
+                    problem = source.problem(sid)
+                    checked[sid] = (problem, None if problem is not None else source.dim(sid))
+                except DataError as err:  # a damaged record: named with the line that uses it
+                    raise DataError(f"{where}: {err}") from None
+            problem, d = checked[sid]
+            if problem is not None:
+                raise DataError(f"{where}: {problem}")
             if dim is None:
-                dim = (int(features.shape[1]), n)
-            elif int(features.shape[1]) != dim[0]:
+                dim = (d, n)
+            elif d != dim[0]:
                 raise DataError(
-                    f"{where}: image id {str(image_id)!r} has {features.shape[1]}-d features, line {dim[1]}'s image "
-                    f"has {dim[0]}-d (mixed feature dimensions in {regions.path})"
+                    f"{where}: image id {str(image_id)!r} has {d}-d features, line {dim[1]}'s image "
+                    f"has {dim[0]}-d (mixed feature dimensions in {source.path})"
                 )
             answers = row.get("answers")
             if answers is not None and (
@@ -173,8 +449,9 @@ class CustomDataModule(VLDataModule):
                 raise DataError(f"{where}: 'answers' must be a list of non-empty strings")
             if "label" in row and (not isinstance(row["label"], int) or isinstance(row["label"], bool)):
                 raise DataError(f"{where}: 'label' must be an int")
-            if "label" in row and "itm" in self.objectives and row["label"] not in (0, 1):
-                raise DataError(f"{where}: 'label' {row['label']} is not 0 or 1 (ITM: 1 = the text matches the image)")
+            binary = "itm" in self.objectives or "retrieval" in self.objectives
+            if "label" in row and binary and row["label"] not in (0, 1):
+                raise DataError(f"{where}: 'label' {row['label']} is not 0 or 1 (1 = the text matches the image)")
             if "split" in row and row["split"] not in SPLITS:
                 raise DataError(f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
             rows.append({**row, "line": n})
@@ -217,16 +494,27 @@ class CustomDataModule(VLDataModule):
                 counts = Counter(a for r in self._lines["train"] for a in set(r["answers"]))
                 kept = sorted(a for a, c in counts.items() if c >= self.min_answer_count)
                 self._ans2label = {a: i for i, a in enumerate(kept)}
+            if "retrieval" in self.objectives:
+                for split in SPLITS:
+                    self._retrieval_images(split)  # 2+ images per split, checked now
             self._write_derived()
         return self._lines
+
+    def _facts(self) -> dict[str, Any]:
+        assert self._lines is not None
+        first = str(self._lines["train"][0]["image_id"])
+        facts: dict[str, Any] = {"visual": self.source.kind}
+        dim = self.source.dim(first)
+        if dim is not None:
+            facts["visual_dim"] = dim
+        return facts
 
     def _write_derived(self) -> None:
         assert self._lines is not None
         out = self.root / f"{Path(self.jsonl_file).stem}.vl"
         out.mkdir(exist_ok=True)
-        first = self._lines["train"][0]
         info = {
-            "visual_dim": int(self.regions[str(first["image_id"])]["features"].shape[1]),
+            **self._facts(),
             "lines": {s: len(v) for s, v in self._lines.items()},
             "num_answers": len(self._ans2label),
         }
@@ -235,17 +523,73 @@ class CustomDataModule(VLDataModule):
         (out / "info.json").write_text(json.dumps(info, indent=1))
         log.info("data=custom: %s; derived files in %s", json.dumps(info), out)
 
+    # ------------------------------------------------------------------ retrieval
+    def _retrieval_images(self, split: str) -> tuple[list[str], list[list[str]]]:
+        """(image ids in first-seen order, their texts) of a split's matching lines (`label` 1 or absent; lines
+        with `label` 0 are not pairs and are left out, counted in the log)."""
+        assert self._lines is not None
+        texts: dict[str, list[str]] = {}
+        dropped = 0
+        for r in self._lines[split]:
+            if r.get("label", 1) == 0:
+                dropped += 1
+                continue
+            texts.setdefault(str(r["image_id"]), []).append(r["text"])
+        if len(texts) < 2:
+            raise DataError(
+                f"{self.path(self.jsonl_file)}: retrieval needs 2+ images in split '{split}', it has {len(texts)}"
+            )
+        if dropped:
+            log.info("data=custom retrieval, split %s: %d lines with label 0 are not pairs, left out", split, dropped)
+        return list(texts), list(texts.values())
+
+    def gallery(self, split: str) -> dict[str, Any] | None:
+        """Retrieval: the split's images (first-seen order) x all their texts as queries; None for other tasks."""
+        if "retrieval" not in self.objectives or split == "train":
+            return None
+        if split not in self._galleries:
+            self.lines()
+            image_ids, sentences = self._retrieval_images(split)
+            texts = [t for caps in sentences for t in caps]
+            gold = [i for i, caps in enumerate(sentences) for _ in caps]
+            self._galleries[split] = {
+                "texts": texts,
+                "gold": gold,
+                "image_ids": image_ids,
+                "visuals": GalleryVisuals(image_ids, self.regions),
+            }
+        return self._galleries[split]
+
+    def baselines(self, split: str = "test") -> dict[str, float]:
+        gallery = self.gallery(split)
+        if gallery is None:
+            return {}
+        n = len(gallery["image_ids"])
+        return {f"{split}/recall@{k}_chance": min(1.0, k / n) for k in (1, 5, 10)}
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path | None:
+        if "retrieval" not in self.objectives:
+            return None
+        return RetrievalDataModule.write_predictions(self, predictions, path)  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------ datasets
     def build_dataset(self, split: str) -> Dataset:
         lines = self.lines()[split]
+        source = self.source
         if "vqa" in self.objectives:
-            return AnswerLines(lines, self.regions, self._ans2label)
+            return AnswerLines(lines, source, self._ans2label)
+        if "retrieval" in self.objectives:
+            if split != "train":
+                g = self.gallery(split)
+                assert g is not None
+                return RetrievalQueries(g["texts"], g["gold"])
+            return RetrievalTrain(*self._retrieval_images("train"), self.regions)
         if "itm" in self.objectives and all("label" in r for r in lines):  # the file's own matching labels
-            return LabelledPairs(lines, self.regions)
+            return LabelledPairs(lines, source)
         captions = [{"caption": r["text"], "image_id": str(r["image_id"])} for r in lines]
         if "itm" in self.objectives and len({c["image_id"] for c in captions}) < 2:
             raise DataError(f"{self.path(self.jsonl_file)}: split '{split}' needs 2+ images for ITM negatives")
-        return CaptionPairs(captions, self.regions, itm="itm" in self.objectives)
+        return _Expanded(CaptionPairs(captions, _VisualAsReader(source), itm="itm" in self.objectives))
 
     def answer_vocabulary(self) -> list[str] | None:
         return list(self._ans2label) if "vqa" in self.objectives else None
@@ -253,8 +597,57 @@ class CustomDataModule(VLDataModule):
     @property
     def info(self) -> dict[str, Any]:
         self.lines()
-        first = self._lines["train"][0]  # type: ignore[index]
-        facts: dict[str, Any] = {"visual_dim": int(self.regions[str(first["image_id"])]["features"].shape[1])}
+        facts = self._facts()
+        kind = facts.pop("visual")
+        if kind == "images":
+            facts["pixels"] = True
+        elif kind == "clip":
+            facts.update(num_region_classes=0, clip_dim=facts["visual_dim"])
         if "vqa" in self.objectives:
             facts["num_answers"] = len(self._ans2label)
+        if "retrieval" in self.objectives:
+            facts.update(num_choices=4, mc_blocks=["retrieval"])
         return facts
+
+    # ------------------------------------------------------------------ collation, inference
+    def _collator(self, base: Collator) -> Collator:
+        kind = self.source.kind
+        options = {
+            "max_text_len": base.max_text_len,
+            "max_regions": base.max_regions,
+            "mlm": base.mlm,
+            "mlm_probability": base.mlm_probability,
+            "region_masking": base.region_masking,
+            "fixed_shapes": base.fixed_shapes,
+            "labels": base.labels,
+        }
+        if kind == "clip":
+            return ClipRegionCollator(base.tokenizer, **options)
+        if kind == "images":
+            return PixelChoiceCollator(base.tokenizer, **options)
+        return base
+
+    def collator(self, split: str) -> Collator:
+        return self._collator(super().collator(split))
+
+    def scoring_collator(self) -> Collator:
+        return self._collator(super().scoring_collator())
+
+    def inference_collator(self) -> Collator:
+        return self._collator(super().inference_collator())
+
+    def visual_example(self, image: Any) -> dict[str, Any]:
+        """An image id of the feature file / image directory, a feature array ((N, D) regions, a (D,) CLIP vector)
+        or, for an image directory, an image file path."""
+        kind = self.source.kind
+        if kind == "regions":
+            return super().visual_example(image)
+        if kind == "clip" and isinstance(image, (np.ndarray, torch.Tensor)):
+            return clip_fields(np.asarray(image, dtype=np.float32))
+        problem = None if kind == "images" and Path(str(image)).is_file() else self.source.problem(str(image))
+        if problem is not None:
+            raise DataError(f"image: {problem}")
+        fields = self.source.fields(image)
+        if fields is None:
+            raise DataError(f"image: {image!r} could not be decoded")
+        return fields

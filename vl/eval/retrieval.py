@@ -232,14 +232,21 @@ def zero_shot_retrieval(
     return metrics
 
 
+def _id_order(image_id: int | str) -> tuple[int, int, str]:
+    """Sort key of image ids that may be ints (COCO) or strings (a TSV's "img055", "007"): numbers by value first,
+    then the other strings (sorting a mix of int and str directly is a TypeError)."""
+    text = str(image_id)
+    return (0, int(text), text) if text.isdigit() else (1, 0, text)
+
+
 def _caption_queries(dm: Any, split: str, opts: dict[str, Any]) -> tuple[list[str], list[int], list[dict]]:
     """(caption texts, gold image position, image region dicts) of a captions corpus split: the first `max_images`
     images (sorted ids), `captions_per_image` captions each."""
     annotations = load_captions(dm.path(dm.captions_file, split))
-    image_ids = sorted({a["image_id"] for a in annotations})[: opts.get("max_images") or None]
+    image_ids = sorted({a["image_id"] for a in annotations}, key=_id_order)[: opts.get("max_images") or None]
     position = {image_id: i for i, image_id in enumerate(image_ids)}
     per_image = int(opts.get("captions_per_image", 1))
-    seen: dict[int, int] = {}
+    seen: dict[int | str, int] = {}
     queries = []
     for a in annotations:
         if a["image_id"] in position and seen.get(a["image_id"], 0) < per_image:

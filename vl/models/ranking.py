@@ -110,7 +110,10 @@ def gallery_scorer(model: Any, collator: Collator, texts: list[str], visuals: An
         return out
 
     def regions(image_idx: list[int]) -> dict[str, torch.Tensor]:
-        return pad_regions([visuals[i] for i in image_idx], collator.max_regions, fixed=collator.fixed_shapes)
+        images = [visuals[i] for i in image_idx]
+        if hasattr(collator, "visual_batch"):  # a collator whose images give more batch keys than the regions
+            return collator.visual_batch(images)
+        return pad_regions(images, collator.max_regions, fixed=collator.fixed_shapes)
 
     @torch.no_grad()
     def score_block(text_idx: list[int], image_idx: list[int]) -> torch.Tensor:

@@ -32,8 +32,17 @@ def read_metric(run_dir: Path, key: str) -> list[float]:
         return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("data", DATAS)
+#: published-size encoders (BERT-base on CPU): their VQA pair stays in the default tier, the rest of their row (up to
+#: a minute each on 2 cores) runs in the slow tier
+PUBLISHED_SIZE = ("visual_bert", "vilbert")
+GRID = [
+    pytest.param(data, model, marks=[pytest.mark.slow] if model in PUBLISHED_SIZE and data != "vqa" else [])
+    for data in DATAS
+    for model in MODELS
+]
+
+
+@pytest.mark.parametrize(("data", "model"), GRID)
 def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> None:
     mm_data = data.startswith("multi30k") or data == "wmt_text"
     if model.startswith("mm_bert") or mm_data:  # MM-BERT pairs only with its own data
@@ -181,6 +190,7 @@ def test_refuses_to_overwrite_an_earlier_run(make_cfg) -> None:
     assert ckpt.read_bytes() == before
 
 
+@pytest.mark.slow  # a DDP spawn / a subprocess sweep
 def test_ddp_cpu_two_processes_fit(make_cfg) -> None:
     cfg = make_cfg(*FAST, "data=vqa", "hardware=ddp_cpu", "data.batch_size=32", "data.batch_size_per_device=16")
     metrics, _ = train(cfg)
@@ -213,6 +223,7 @@ def test_cli_help_lists_groups(tmp_path: Path) -> None:
         assert group in out.stdout
 
 
+@pytest.mark.slow  # a DDP spawn / a subprocess sweep
 def test_cli_multirun_makes_one_dir_per_job(tmp_path: Path, data_dir: Path) -> None:
     args = [
         str(ROOT / "train.py"),
@@ -291,6 +302,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     assert not list((tmp_path / "outputs").rglob("*.ckpt"))
 
 
+@pytest.mark.slow  # a DDP spawn / a subprocess sweep
 def test_ddp_cpu_evaluation_matches_one_process(make_cfg) -> None:
     """2 spawned processes score every test question exactly once: the metric equals the 1-process one."""
     cfg = make_cfg(*FAST[:1], "data=vqa", "trainer.max_epochs=1", "trainer.limit_train_batches=3")

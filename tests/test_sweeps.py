@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
@@ -27,6 +28,7 @@ SHORT = (
 )
 
 
+@pytest.mark.slow  # a subprocess sweep
 def test_optuna_sweep_with_wandb_offline(tmp_path: Path, data_dir: Path) -> None:
     args = [
         sys.executable,

@@ -94,6 +94,7 @@ def test_vilbert_finetunes_above_chance(task: str, make_cfg) -> None:
     _finetune_and_evaluate(task, "vilbert_tiny", make_cfg, VILBERT_EXTRA.get(task, ("trainer.max_epochs=8",)))
 
 
+@pytest.mark.slow  # DDP spawns
 @pytest.mark.parametrize("task", ["retrieval", "vcr"])
 def test_ddp_cpu_evaluation_matches_one_process(task: str, make_cfg) -> None:
     """2 spawned processes score every query / question once: metrics and submission equal the 1-process ones."""

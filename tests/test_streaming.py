@@ -1,0 +1,220 @@
+"""Streaming shards (`python -m vl.tools.shard`, `data.streaming=true`): the shards round-trip every example, a streamed
+fit equals the LMDB fit on the same order, a mid-epoch resume continues with the unseen examples, DDP ranks split
+every epoch exactly, and a bad shard dir is one error before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+
+from tests.conftest import TINY_CORPUS_IMAGES, read_losses
+from vl.data.streaming import META_FILE, decode
+from vl.errors import ConfigError, DataError
+from vl.pipeline import train
+from vl.tools.shard import main as shard_main
+
+pytest.importorskip("litdata")
+
+RUN = (
+    "experiment=none",
+    "trainer.deterministic=true",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "test=false",
+    "data.batch_size=16",
+    "data.batch_size_per_device=16",
+    "+callbacks.record._target_=tests.conftest.RecordLosses",
+)
+
+
+def _shard(out: Path, data_dir: Path, data: str, splits: str = "train") -> Path:
+    rc = shard_main(
+        [
+            "--out",
+            str(out),
+            "--splits",
+            splits,
+            f"data={data}",
+            f"paths.data_dir={data_dir}",
+            f"data.corpus.num_images={TINY_CORPUS_IMAGES}",
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Path]:
+    """The embedded corpus's VQA and captions train splits as LitData shards, written by the CLI's `main`."""
+    root = tmp_path_factory.mktemp("shards")
+    return {
+        "vqa": _shard(root / "vqa", data_dir, "vqa", "train,val"),
+        "captions": _shard(root / "captions", data_dir, "captions"),
+    }
+
+
+def _assert_same(a: object, b: object, where: str) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, sorted(a), sorted(b) if isinstance(b, dict) else b)
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert np.array_equal(a, b), where  # bit-exact (no NaN in the corpus)
+    else:
+        assert type(a) is type(b) and a == b, (where, a, b)
+
+
+@pytest.mark.parametrize("data", ["vqa", "captions"])
+def test_shards_round_trip_every_example_bit_exactly(make_cfg, shards: dict[str, Path], data: str) -> None:
+    """Every record read back equals the dataset's record (arrays bit-exact, same dtypes); finished at epochs 0 and 1
+    (ITM negatives drawn after the read) it equals the local dataset's example of that epoch."""
+    import litdata
+
+    cfg = make_cfg(f"data={data}", "experiment=none", f"data.streaming_dir={shards[data]}")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    local = dm.datasets["train"]
+    streamed = litdata.StreamingDataset(str(shards[data] / "train"))
+    assert len(streamed) == len(local)
+    meta = (shards[data] / META_FILE).read_text()
+    finisher = dm.stream_finisher("train", __import__("json").loads(meta)["splits"]["train"]["context"])
+    seen = 0
+    for i, raw in enumerate(streamed):
+        record = decode(raw)
+        _assert_same(local.record(i), record, f"{data}[{i}]")
+        for epoch in (0, 1):
+            _assert_same(local[(epoch, i)], finisher.finish(record, epoch), f"{data}[{epoch}, {i}]")
+        seen += 1
+    assert seen == len(local)
+
+
+def _fit(make_cfg, tmp_path: Path, name: str, *extra: str) -> dict[tuple[int, int], tuple[float, str]]:
+    cfg = make_cfg(*RUN, *extra, f"+callbacks.record.path={tmp_path}/{name}", name=name)
+    train(cfg)
+    return _records(tmp_path / name)
+
+
+def _records(path: Path, rank: int = 0) -> dict[tuple[int, int], tuple[float, str]]:
+    """RecordLosses' file: {(epoch, batch): (loss, example indices)}."""
+    out = {}
+    file = Path(f"{path}.rank{rank}")
+    for line in file.read_text().splitlines():
+        epoch, batch, loss, ids = line.split()
+        out[(int(epoch), int(batch))] = (float(loss), ids)
+    return out
+
+
+def test_streamed_fit_equals_the_lmdb_fit_in_index_order(make_cfg, shards: dict[str, Path], tmp_path: Path) -> None:
+    """data=captions (MLM + ITM, whose negatives are drawn per epoch), shuffle off: 2 epochs x 3 steps read from the
+    shards give the same batches and per-step losses (1e-6) as from the LMDB corpus."""
+    common = ("data=captions", "data.shuffle=false", "trainer.max_epochs=2", "trainer.limit_train_batches=3")
+    lmdb = _fit(make_cfg, tmp_path, "lmdb", *common)
+    streamed = _fit(
+        make_cfg, tmp_path, "streamed", *common, "data.streaming=true", f"data.streaming_dir={shards['captions']}"
+    )
+    assert sorted(lmdb) == [(e, b) for e in (0, 1) for b in range(3)]
+    assert sorted(streamed) == sorted(lmdb)
+    for key, (loss, ids) in lmdb.items():
+        assert streamed[key][1] == ids, key
+        assert streamed[key][0] == pytest.approx(loss, abs=1e-6, rel=1e-6), key
+    assert lmdb[(0, 0)][1].startswith("0,1,2,3,")  # index order
+
+
+def test_streamed_mid_epoch_resume_continues_with_the_unseen_examples(
+    make_cfg, shards: dict[str, Path], tmp_path: Path
+) -> None:
+    """Shuffled streaming, a run killed before epoch 1 batch 3 (last.ckpt after every step) and resumed from it: the
+    resumed run trains batches 3-4 of epoch 1 on the examples (and with the losses) of an uninterrupted run."""
+    common = (
+        "data=vqa",
+        "data.streaming=true",
+        f"data.streaming_dir={shards['vqa']}",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=5",
+        "+callbacks.last_checkpoint.every_n_train_steps=1",
+    )
+    straight = _fit(make_cfg, tmp_path, "straight", *common)
+    first = make_cfg(
+        *RUN,
+        *common,
+        f"+callbacks.record.path={tmp_path}/first",
+        "+callbacks.kill._target_=tests.conftest.InterruptAt",
+        "+callbacks.kill.epoch=1",
+        "+callbacks.kill.batch=3",
+        name="first",
+    )
+    with pytest.raises(Exception, match="interrupted before epoch 1 batch 3"):
+        train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resumed = _fit(make_cfg, tmp_path, "resumed", *common, f"ckpt_path={last}")
+    assert sorted(resumed) == [(1, 3), (1, 4)]
+    for key, (loss, ids) in resumed.items():
+        assert ids == straight[key][1], key
+        assert loss == pytest.approx(straight[key][0], abs=1e-6, rel=1e-6), key
+    # shuffled: not index order, and epoch 1 differs from epoch 0
+    assert straight[(0, 0)][1] != ",".join(map(str, range(16)))
+    assert straight[(0, 0)][1] != straight[(1, 0)][1]
+    assert read_losses(tmp_path / "first").keys() >= {(1, 0), (1, 1), (1, 2)}
+
+
+def test_bad_shard_dir_is_one_error_naming_the_path_before_training(make_cfg, tmp_path: Path, data_dir: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=f"{missing}: data.streaming_dir does not exist"):
+        train(make_cfg("experiment=none", "data=vqa", "data.streaming=true", f"data.streaming_dir={missing}"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"{empty / META_FILE}: not found"):
+        train(make_cfg("experiment=none", "data=vqa", "data.streaming=true", f"data.streaming_dir={empty}"))
+    with pytest.raises(ConfigError, match="data.streaming=true needs data.streaming_dir"):
+        train(make_cfg("experiment=none", "data=vqa", "data.streaming=true"))
+
+
+def test_shards_of_another_corpus_or_split_are_refused(make_cfg, shards: dict[str, Path]) -> None:
+    with pytest.raises(DataError, match="written by vl.data.vqa.VQADataModule, this run reads .*CaptionsDataModule"):
+        train(
+            make_cfg("experiment=none", "data=captions", "data.streaming=true", f"data.streaming_dir={shards['vqa']}")
+        )
+    (shards["vqa"] / "val" / "index.json").rename(shards["vqa"] / "val" / "index.moved")
+    try:
+        dm = instantiate(make_cfg("data=vqa", "experiment=none").data)
+        from vl.data.streaming import check_shards
+
+        with pytest.raises(DataError, match=f"{shards['vqa'] / 'val' / 'index.json'}: not found"):
+            check_shards(str(shards["vqa"]), "val", dm)
+    finally:
+        (shards["vqa"] / "val" / "index.moved").rename(shards["vqa"] / "val" / "index.json")
+
+
+def test_shard_tool_refuses_a_non_empty_dir(tmp_path: Path, capsys) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    assert shard_main(["--out", str(full), "data=vqa", f"paths.data_dir={tmp_path}/data"]) == 2
+    assert f"error: {full}: the shard dir exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_see_every_example_once_per_epoch(make_cfg, shards: dict[str, Path], tmp_path: Path) -> None:
+    """hardware=ddp_cpu (2 spawned gloo processes), shuffled streaming, 2 full epochs: per epoch the two ranks' batches
+    together hold every train example exactly once (360 examples = 2 ranks x 10 batches x 18)."""
+    _fit(
+        make_cfg,
+        tmp_path,
+        "ddp",
+        "data=vqa",
+        "hardware=ddp_cpu",
+        "data.streaming=true",
+        f"data.streaming_dir={shards['vqa']}",
+        "trainer.max_epochs=2",
+        "data.batch_size=36",
+        "data.batch_size_per_device=18",
+    )
+    ranks = [_records(tmp_path / "ddp", rank) for rank in (0, 1)]
+    for epoch in (0, 1):
+        seen = [int(i) for rank in ranks for (e, _), (_, ids) in rank.items() if e == epoch for i in ids.split(",")]
+        assert sorted(seen) == list(range(360)), epoch
+    assert ranks[0][(0, 0)][1] != ranks[1][(0, 0)][1]

@@ -95,6 +95,8 @@ def decode(record: dict[str, Any]) -> dict[str, Any]:
             value = decode(value)
         elif isinstance(value, np.generic):
             value = value.item()
+        elif isinstance(value, np.ndarray) and not value.flags.writeable:  # a view of the chunk's bytes
+            value = value.copy()
         out[key] = value
     for key in filter(None, str(record.get(_NONE_KEY, "")).split(",")):
         out[key] = None

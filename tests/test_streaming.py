@@ -124,11 +124,14 @@ def test_streamed_fit_equals_the_lmdb_fit_in_index_order(make_cfg, shards: dict[
     assert lmdb[(0, 0)][1].startswith("0,1,2,3,")  # index order
 
 
-def test_streamed_mid_epoch_resume_continues_with_the_unseen_examples(
-    make_cfg, shards: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize("kill_batch", [3, 0])
+def test_streamed_resume_continues_with_the_unseen_examples(
+    make_cfg, shards: dict[str, Path], tmp_path: Path, kill_batch: int
 ) -> None:
-    """Shuffled streaming, a run killed before epoch 1 batch 3 (last.ckpt after every step) and resumed from it: the
-    resumed run trains batches 3-4 of epoch 1 on the examples (and with the losses) of an uninterrupted run."""
+    """Shuffled streaming, 5 of the epoch's 23 batches per epoch, last.ckpt after every step; a run killed before
+    epoch 1 batch `kill_batch` and resumed from its last.ckpt trains the rest of epoch 1 on the examples (and with the
+    losses) of an uninterrupted run: mid-epoch (3: LitData's saved position) and at the epoch boundary (0: the saved
+    position is of the cut-short epoch 0, so epoch 1 starts afresh)."""
     common = (
         "data=vqa",
         "data.streaming=true",
@@ -144,21 +147,21 @@ def test_streamed_mid_epoch_resume_continues_with_the_unseen_examples(
         f"+callbacks.record.path={tmp_path}/first",
         "+callbacks.kill._target_=tests.conftest.InterruptAt",
         "+callbacks.kill.epoch=1",
-        "+callbacks.kill.batch=3",
+        f"+callbacks.kill.batch={kill_batch}",
         name="first",
     )
-    with pytest.raises(Exception, match="interrupted before epoch 1 batch 3"):
+    with pytest.raises(Exception, match=f"interrupted before epoch 1 batch {kill_batch}"):
         train(first)
     last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     resumed = _fit(make_cfg, tmp_path, "resumed", *common, f"ckpt_path={last}")
-    assert sorted(resumed) == [(1, 3), (1, 4)]
+    assert sorted(resumed) == [(1, b) for b in range(kill_batch, 5)]
     for key, (loss, ids) in resumed.items():
         assert ids == straight[key][1], key
         assert loss == pytest.approx(straight[key][0], abs=1e-6, rel=1e-6), key
     # shuffled: not index order, and epoch 1 differs from epoch 0
     assert straight[(0, 0)][1] != ",".join(map(str, range(16)))
     assert straight[(0, 0)][1] != straight[(1, 0)][1]
-    assert read_losses(tmp_path / "first").keys() >= {(1, 0), (1, 1), (1, 2)}
+    assert read_losses(tmp_path / "first").keys() >= {(1, b) for b in range(kill_batch)}
 
 
 def test_bad_shard_dir_is_one_error_naming_the_path_before_training(make_cfg, tmp_path: Path, data_dir: Path) -> None:

@@ -283,9 +283,22 @@ class StreamingTrainLoader(StreamingDataLoader):
     run's checkpoint), another world size or per-device batch restarts the epoch with a warning; the same state
     applied twice is applied once."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, epoch_fn: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._applied: dict[str, Any] | None = None
+        self.epoch_fn = epoch_fn  # -> the trainer's epoch (0-based), or None outside a fit
+
+    def __iter__(self) -> Any:
+        """LitData counts its own epochs (one per `iter`); under a trainer its epoch is kept at the trainer's + 1, so
+        an epoch cut short (`limit_train_batches`, a checkpoint at an epoch end) does not shift the later epochs'
+        order or draws, and a saved position of another epoch than the one starting is not resumed."""
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        if epoch is not None:
+            if self.restore and self.current_epoch != epoch + 1:
+                self.restore = False
+            if not self.restore:
+                self.current_epoch = epoch  # LitData's __iter__ adds 1
+        yield from super().__iter__()
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         if obj == self._applied:
@@ -327,4 +340,5 @@ def streaming_train_loader(dm: Any) -> Any:
         num_workers=dm.num_workers,
         collate_fn=dm.collator("train"),
         pin_memory=dm.pin_memory,
+        epoch_fn=lambda: dm.trainer.current_epoch if dm.trainer is not None else None,
     )

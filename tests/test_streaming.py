@@ -37,6 +37,8 @@ def _shard(out: Path, data_dir: Path, data: str, splits: str = "train") -> Path:
             str(out),
             "--splits",
             splits,
+            "--chunk-bytes",
+            "1MB",  # ~12 chunks: workers and ranks get chunks of their own
             f"data={data}",
             f"paths.data_dir={data_dir}",
             f"data.corpus.num_images={TINY_CORPUS_IMAGES}",
@@ -90,6 +92,39 @@ def test_shards_round_trip_every_example_bit_exactly(make_cfg, shards: dict[str,
             _assert_same(local[(epoch, i)], finisher.finish(record, epoch), f"{data}[{epoch}, {i}]")
         seen += 1
     assert seen == len(local)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_epoch_and_resumed_state_cover_every_example_once(
+    make_cfg, shards: dict[str, Path], workers: int
+) -> None:
+    """The streamed train loader outside a fit (LitData's own epochs): one epoch yields every example once, with
+    `workers` worker processes too; a loader stopped after 7 batches, its `state_dict` loaded into a new loader, yields
+    exactly the examples the first had not; the next epoch is another order."""
+    cfg = make_cfg(
+        "data=vqa",
+        "experiment=none",
+        "data.batch_size=16",
+        "data.batch_size_per_device=16",
+        f"data.num_workers={workers}",
+        "data.streaming=true",
+        f"data.streaming_dir={shards['vqa']}",
+    )
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    loader = dm.train_dataloader()
+    assert len(loader) == 23  # 360 / 16
+    epoch0 = [int(i) for batch in loader for i in batch["index"]]
+    assert sorted(epoch0) == list(range(360))
+    it = iter(loader)
+    head = [int(i) for _, batch in zip(range(7), it) for i in batch["index"]]
+    state = loader.state_dict()
+    del it
+    again = instantiate(cfg.data).train_dataloader()
+    again.load_state_dict(state)
+    tail = [int(i) for batch in again for i in batch["index"]]
+    assert sorted(head + tail) == list(range(360))
+    assert head != epoch0[: len(head)]  # epoch 1 is another order
 
 
 def _fit(make_cfg, tmp_path: Path, name: str, *extra: str) -> dict[tuple[int, int], tuple[float, str]]:

@@ -256,3 +256,54 @@ def test_ddp_two_processes_see_every_example_once_per_epoch(make_cfg, shards: di
         seen = [int(i) for rank in ranks for (e, _), (_, ids) in rank.items() if e == epoch for i in ids.split(",")]
         assert sorted(seen) == list(range(360)), epoch
     assert ranks[0][(0, 0)][1] != ranks[1][(0, 0)][1]
+
+
+def test_image_shards_hold_the_jpeg_bytes_and_give_the_same_pixels(make_cfg, tmp_path: Path, data_dir: Path) -> None:
+    """data=clip_vil_vqa: a record holds the image file's bytes (not decoded pixels); decoded and transformed after
+    the read they are the pixels the local corpus gives, and so is every other field."""
+    import litdata
+    import torch
+
+    out = _shard(tmp_path / "pixels", data_dir, "clip_vil_vqa")
+    dm = instantiate(make_cfg("data=clip_vil_vqa", "experiment=none").data)
+    dm.setup("fit")
+    local = dm.datasets["train"]
+    finisher = dm.stream_finisher("train", {"num_answers": len(dm.ans2label)})
+    streamed = litdata.StreamingDataset(str(out / "train"))
+    assert len(streamed) == len(local)
+    for i, raw in enumerate(streamed):
+        record = decode(raw)
+        assert record["image_bytes"] == local.images.path(record["img_id"]).read_bytes()
+        a, b = local[(0, i)], finisher.finish(record, 0)
+        assert a.keys() == b.keys()
+        assert torch.equal(a.pop("pixels"), b.pop("pixels")), i
+        _assert_same(a, b, f"clip_vil_vqa[{i}]")
+
+
+@pytest.mark.slow  # two tiny fits from pixels
+def test_streamed_pixel_fit_equals_the_local_one(make_cfg, tmp_path: Path, data_dir: Path) -> None:
+    """experiment=clip_vil_vqa_tiny in index order (no shuffle, no aspect grouping): 2 steps from JPEG shards give the
+    local corpus's batches and losses (1e-6)."""
+    out = _shard(tmp_path / "pixels", data_dir, "clip_vil_vqa")
+    common = (
+        "experiment=clip_vil_vqa_tiny",
+        "data.corpus.num_images=150",
+        "data.num_workers=0",
+        "data.shuffle=false",
+        "data.group_by_aspect=false",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.deterministic=true",
+        "test=false",
+        "+callbacks.record._target_=tests.conftest.RecordLosses",
+    )
+    runs = {}
+    for name, extra in (("local", ()), ("streamed", ("data.streaming=true", f"data.streaming_dir={out}"))):
+        train(make_cfg(*common, *extra, f"+callbacks.record.path={tmp_path}/{name}", name=name))
+        runs[name] = _records(tmp_path / name)
+    assert sorted(runs["local"]) == [(0, 0), (0, 1)]
+    assert runs["streamed"].keys() == runs["local"].keys()
+    for key, (loss, ids) in runs["local"].items():
+        assert runs["streamed"][key][1] == ids, key
+        assert runs["streamed"][key][0] == pytest.approx(loss, abs=1e-6, rel=1e-6), key

@@ -10,7 +10,7 @@ median examples/s of each side, and the ratio streamed / LMDB of each repeat's p
 streaming is faster). Local disk, page cache warm after the first epoch: this is the cost of LitData's format and
 loader, not of a network read.
 
-    python bench/stream.py [--data vqa] [--images 600] [--repeats 5] [--workers 0] [--threads 1]
+    python bench/stream.py [--data vqa|captions|clip_vil_vqa] [--images 600] [--repeats 5] [--workers 0] [--threads 1]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def timed(fn) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", choices=("vqa", "captions"), default="vqa")
+    parser.add_argument("--data", choices=("vqa", "captions", "clip_vil_vqa"), default="vqa")
     parser.add_argument("--images", type=int, default=600, help="embedded corpus size (data.corpus.num_images)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=0)

@@ -307,3 +307,36 @@ def test_streamed_pixel_fit_equals_the_local_one(make_cfg, tmp_path: Path, data_
     for key, (loss, ids) in runs["local"].items():
         assert runs["streamed"][key][1] == ids, key
         assert runs["streamed"][key][0] == pytest.approx(loss, abs=1e-6, rel=1e-6), key
+
+
+def test_object_store_side_file_goes_through_litdata_storage_client(
+    make_cfg, shards: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """An `s3://` shard dir: the side file is written and read with LitData's own storage client (here a fake one on
+    a local dir; no object store is reachable from the tests), the chunks are LitData's to fetch."""
+    import shutil
+
+    import litdata.streaming.fs_provider as fs
+
+    from vl.data.streaming import _write_text, check_shards
+
+    bucket = tmp_path / "bucket"
+
+    class Fake:
+        def upload_file(self, local: str, remote: str) -> None:
+            target = bucket / remote.removeprefix("s3://")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(local, target)
+
+        def download_file(self, remote: str, local: str) -> None:
+            source = bucket / remote.removeprefix("s3://")
+            if not source.is_file():
+                raise FileNotFoundError(remote)
+            shutil.copy(source, local)
+
+    monkeypatch.setattr(fs, "_get_fs_provider", lambda path, storage_options={}: Fake())
+    dm = instantiate(make_cfg("data=vqa", "experiment=none").data)
+    with pytest.raises(DataError, match="s3://b/none/vl_shards.json: cannot read the shard side file"):
+        check_shards("s3://b/none", "train", dm)
+    _write_text(f"s3://b/vqa/{META_FILE}", (shards["vqa"] / META_FILE).read_text())
+    assert check_shards("s3://b/vqa", "train", dm)["num_examples"] == 360

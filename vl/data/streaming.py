@@ -8,7 +8,7 @@ sees the same examples as the LMDB one. A dataset class is streamable when it ha
 `stream_context` (the small JSON side data `finish` needs, e.g. the caption list ITM draws negatives from), and its
 data module implements `stream_finisher(split, context)`.
 
-Layout of a shard dir (local, or an object-store URL LitData and fsspec understand, e.g. `s3://bucket/vqa`)::
+Layout of a shard dir (local, or an object-store URL LitData reads: `s3://bucket/vqa`, `gs://...`)::
 
     <dir>/vl_shards.json      which data module wrote it, and per split: number of examples, the finisher's context
     <dir>/<split>/index.json  LitData's index, and its chunk files
@@ -196,9 +196,8 @@ def write_shards(
 ) -> dict[str, Any]:
     """Write `splits` of the data module `dm` as LitData chunks under `output_dir/<split>` with `litdata.optimize`
     (examples in index order: one worker keeps the order, more workers write their own chunks), then the
-    `vl_shards.json` side file. `output_dir` may be an object-store URL (LitData uploads the chunks; fsspec writes
-    the side file). Returns the side file's content."""
-    import fsspec
+    `vl_shards.json` side file. `output_dir` may be an object-store URL (`s3://`, `gs://`: LitData uploads the
+    chunks and, with the same client, the side file). Returns the side file's content."""
     import litdata
 
     check_output_dir(output_dir)
@@ -221,9 +220,36 @@ def write_shards(
             start_method="fork" if sys.platform.startswith("linux") else None,
         )
         meta["splits"][split] = {"num_examples": n, "context": dataset.stream_context()}
-    with fsspec.open(join(output_dir, META_FILE), "w") as f:
-        json.dump(meta, f)
+    _write_text(join(output_dir, META_FILE), json.dumps(meta))
     return meta
+
+
+def _write_text(path: str, text: str) -> None:
+    """A local file, or an object (`s3://`, `gs://`) through LitData's own storage client (boto3 / gcs)."""
+    if not is_remote(path):
+        Path(path).write_text(text)
+        return
+    import tempfile
+
+    from litdata.streaming.fs_provider import _get_fs_provider
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / META_FILE
+        local.write_text(text)
+        _get_fs_provider(path).upload_file(str(local), path)
+
+
+def _read_text(path: str) -> str:
+    if not is_remote(path):
+        return Path(path).read_text()
+    import tempfile
+
+    from litdata.streaming.fs_provider import _get_fs_provider
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / META_FILE
+        _get_fs_provider(path).download_file(path, str(local))
+        return local.read_text()
 
 
 def check_shards(root: str | None, split: str, dm: Any) -> dict[str, Any]:
@@ -232,8 +258,6 @@ def check_shards(root: str | None, split: str, dm: Any) -> dict[str, Any]:
     file is read (the chunks are LitData's to fetch)."""
     if not root:
         raise ConfigError("data.streaming=true needs data.streaming_dir (a dir written by python -m vl.tools.shard)")
-    import fsspec
-
     meta_path = join(root, META_FILE)
     if not is_remote(root):
         base = Path(root).expanduser()
@@ -246,9 +270,8 @@ def check_shards(root: str | None, split: str, dm: Any) -> dict[str, Any]:
             raise DataError(f"{index}: not found; the shard dir holds no {split} split (python -m vl.tools.shard)")
         _check_formats(index)
     try:
-        with fsspec.open(meta_path, "r") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
+        meta = json.loads(_read_text(meta_path))
+    except Exception as err:  # noqa: BLE001  (any storage client's error: one line naming the file)
         raise DataError(f"{meta_path}: cannot read the shard side file ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("splits"), dict):
         raise DataError(f"{meta_path}: not a vl shard side file (format {FORMAT})")

@@ -2,8 +2,8 @@
 module reads as LitData chunks (`litdata.optimize`), for `data.streaming=true data.streaming_dir=DIR`.
 
 The trailing arguments are Hydra overrides composed with `conf/train.yaml`, exactly as `train.py` takes them, so the
-data module (corpus files, tokenizer-free settings, objectives) is the one the training run builds. `--out` is a local
-dir (must be new or empty) or an object-store URL (`s3://bucket/prefix`: LitData uploads the chunks, fsspec writes
+data module (corpus files, splits, objectives) is the one the training run builds. `--out` is a local
+dir (must be new or empty) or an object-store URL (`s3://bucket/prefix`, `gs://...`: LitData uploads the chunks and
 the side file)."""
 
 from __future__ import annotations

@@ -340,3 +340,40 @@ def test_object_store_side_file_goes_through_litdata_storage_client(
         check_shards("s3://b/none", "train", dm)
     _write_text(f"s3://b/vqa/{META_FILE}", (shards["vqa"] / META_FILE).read_text())
     assert check_shards("s3://b/vqa", "train", dm)["num_examples"] == 360
+
+
+def test_a_corpus_that_cannot_stream_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A dataset without `record` / `finish` / `stream_context`, or a module without `stream_finisher`: one
+    ConfigError naming the class, and no shard dir."""
+    from torch.utils.data import Dataset
+
+    from vl.data.base import VLDataModule
+    from vl.data.streaming import write_shards
+
+    class Plain(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, key):
+            return {"text": "a"}
+
+    class Streamable(Plain):
+        def record(self, index: int) -> dict:
+            return {"text": "a", "index": index}
+
+        def finish(self, record: dict, epoch: int) -> dict:
+            return record | {"epoch": epoch}
+
+        def stream_context(self) -> dict:
+            return {}
+
+    for dataset, match in ((Plain(), "its dataset Plain has no record, finish, stream_context"),
+                           (Streamable(), "Module does not read streaming shards")):  # fmt: skip
+
+        class Module(VLDataModule):
+            def build_dataset(self, split: str, dataset=dataset):
+                return dataset
+
+        with pytest.raises(ConfigError, match=match):
+            write_shards(Module(root=str(tmp_path)), str(tmp_path / "out"))
+        assert not (tmp_path / "out").exists()

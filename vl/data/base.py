@@ -162,7 +162,7 @@ class VLDataModule(L.LightningDataModule):
         if self.streaming:
             from vl.data.streaming import check_shards
 
-            check_shards(self.streaming_dir, "train", self)
+            self.stream_finisher("train", check_shards(self.streaming_dir, "train", self).get("context") or {})
 
     @property
     def regions(self) -> RegionReader:

@@ -209,6 +209,8 @@ def write_shards(
         n = len(dataset)
         if n == 0:
             raise DataError(f"{dm.root}: split {split} has no examples to shard")
+        context = dataset.stream_context()
+        dm.stream_finisher(split, context)  # the module reads them back (a ConfigError otherwise), before any write
         litdata.optimize(
             fn=_Records(dataset),
             inputs=list(range(n)),
@@ -219,7 +221,7 @@ def write_shards(
             reorder_files=False,
             start_method="fork" if sys.platform.startswith("linux") else None,
         )
-        meta["splits"][split] = {"num_examples": n, "context": dataset.stream_context()}
+        meta["splits"][split] = {"num_examples": n, "context": context}
     _write_text(join(output_dir, META_FILE), json.dumps(meta))
     return meta
 

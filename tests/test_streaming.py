@@ -252,6 +252,8 @@ def test_ddp_two_processes_see_every_example_once_per_epoch(make_cfg, shards: di
         "data.batch_size_per_device=18",
     )
     ranks = [_records(tmp_path / "ddp", rank) for rank in (0, 1)]
+    assert all(len(rank) == 20 for rank in ranks)  # 2 epochs x 10 batches per rank
+    assert {len(ids.split(",")) for rank in ranks for _, ids in rank.values()} == {18}
     for epoch in (0, 1):
         seen = [int(i) for rank in ranks for (e, _), (_, ids) in rank.items() if e == epoch for i in ids.split(",")]
         assert sorted(seen) == list(range(360)), epoch
@@ -280,7 +282,6 @@ def test_image_shards_hold_the_jpeg_bytes_and_give_the_same_pixels(make_cfg, tmp
         _assert_same(a, b, f"clip_vil_vqa[{i}]")
 
 
-@pytest.mark.slow  # two tiny fits from pixels
 def test_streamed_pixel_fit_equals_the_local_one(make_cfg, tmp_path: Path, data_dir: Path) -> None:
     """experiment=clip_vil_vqa_tiny in index order (no shuffle, no aspect grouping): 2 steps from JPEG shards give the
     local corpus's batches and losses (1e-6)."""

@@ -378,3 +378,29 @@ def test_a_corpus_that_cannot_stream_is_refused_before_anything_is_written(tmp_p
         with pytest.raises(ConfigError, match=match):
             write_shards(Module(root=str(tmp_path)), str(tmp_path / "out"))
         assert not (tmp_path / "out").exists()
+
+
+def test_a_streamed_run_evaluates_without_its_shards(make_cfg, shards: dict[str, Path], tmp_path: Path) -> None:
+    """evaluate.py on a streamed run's checkpoint: val / test come from the local corpus, so it gives the training
+    run's test metrics with the shard dir gone."""
+    import shutil
+
+    from vl.pipeline import evaluate
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards["vqa"], copy)
+    cfg = make_cfg(
+        "experiment=none",
+        "data=vqa",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=2",
+        "data.streaming=true",
+        f"data.streaming_dir={copy}",
+    )
+    metrics, _ = train(cfg)
+    shutil.rmtree(copy)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    again = evaluate(make_cfg(f"ckpt_path={ckpt}", name="eval", config_name="evaluate"))
+    assert again["test/vqa_acc"] == pytest.approx(metrics["test/vqa_acc"], abs=1e-6)

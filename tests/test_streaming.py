@@ -225,6 +225,14 @@ def test_shards_of_another_corpus_or_split_are_refused(make_cfg, shards: dict[st
             check_shards(str(shards["vqa"]), "val", dm)
     finally:
         (shards["vqa"] / "val" / "index.moved").rename(shards["vqa"] / "val" / "index.json")
+    chunk = sorted((shards["vqa"] / "val").glob("chunk-*.bin"))[-1]
+    chunk.rename(chunk.with_suffix(".moved"))
+    try:
+        with pytest.raises(DataError, match=f"{chunk}: chunk file not found"):
+            check_shards(str(shards["vqa"]), "val", dm)
+    finally:
+        chunk.with_suffix(".moved").rename(chunk)
+    assert check_shards(str(shards["vqa"]), "val", dm)["num_examples"] == 45
 
 
 def test_shard_tool_refuses_a_non_empty_dir(tmp_path: Path, capsys) -> None:

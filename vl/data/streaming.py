@@ -127,14 +127,23 @@ def _safe_serializers() -> dict[str, Serializer]:
     return {name: _Refused(name) for name in ("pickle", "file")}
 
 
-def _check_formats(index: Path) -> None:
+def _check_index(index: Path, num_examples: Any) -> None:
+    """A local split's LitData index: only safe field formats, every chunk file present, as many examples as the
+    side file says (a half-written or half-copied shard dir fails here, not mid-epoch)."""
     try:
-        formats = json.loads(index.read_text())["config"]["data_format"]
+        content = json.loads(index.read_text())
+        formats, chunks = content["config"]["data_format"], content["chunks"]
+        files, total = [str(c["filename"]) for c in chunks], sum(int(c["chunk_size"]) for c in chunks)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{index}: not a LitData index ({err})") from None
+        raise DataError(f"{index}: not a LitData index ({type(err).__name__}: {err})") from None
     bad = [f for f in formats if str(f).split(":")[0] not in SAFE_FORMATS]
     if bad:
         raise DataError(f"{index}: field format {bad[0]!r} is not one vl reads (only {', '.join(SAFE_FORMATS)})")
+    missing = next((name for name in files if not (index.parent / name).is_file()), None)
+    if missing is not None:
+        raise DataError(f"{index.parent / missing}: chunk file not found (listed in {index.name})")
+    if total != num_examples:
+        raise DataError(f"{index}: holds {total} examples, {META_FILE} says {num_examples}")
 
 
 def _streamable(dataset: Any, where: str) -> None:
@@ -270,7 +279,6 @@ def check_shards(root: str | None, split: str, dm: Any) -> dict[str, Any]:
         index = base / split / "index.json"
         if not index.is_file():
             raise DataError(f"{index}: not found; the shard dir holds no {split} split (python -m vl.tools.shard)")
-        _check_formats(index)
     try:
         meta = json.loads(_read_text(meta_path))
     except Exception as err:  # noqa: BLE001  (any storage client's error: one line naming the file)
@@ -283,6 +291,8 @@ def check_shards(root: str | None, split: str, dm: Any) -> dict[str, Any]:
         )
     if split not in meta["splits"]:
         raise DataError(f"{meta_path}: no {split} split in the shards (it has {', '.join(meta['splits'])})")
+    if not is_remote(root):
+        _check_index(Path(root).expanduser() / split / "index.json", meta["splits"][split].get("num_examples"))
     return meta["splits"][split]
 
 

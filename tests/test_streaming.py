@@ -290,6 +290,7 @@ def test_image_shards_hold_the_jpeg_bytes_and_give_the_same_pixels(make_cfg, tmp
         _assert_same(a, b, f"clip_vil_vqa[{i}]")
 
 
+@pytest.mark.slow  # keeps the default tier lean: a fit + an evaluate / two pixel fits
 def test_streamed_pixel_fit_equals_the_local_one(make_cfg, tmp_path: Path, data_dir: Path) -> None:
     """experiment=clip_vil_vqa_tiny in index order (no shuffle, no aspect grouping): 2 steps from JPEG shards give the
     local corpus's batches and losses (1e-6)."""
@@ -388,6 +389,7 @@ def test_a_corpus_that_cannot_stream_is_refused_before_anything_is_written(tmp_p
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # keeps the default tier lean: a fit + an evaluate / two pixel fits
 def test_a_streamed_run_evaluates_without_its_shards(make_cfg, shards: dict[str, Path], tmp_path: Path) -> None:
     """evaluate.py on a streamed run's checkpoint: val / test come from the local corpus, so it gives the training
     run's test metrics with the shard dir gone."""

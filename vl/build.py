@@ -201,12 +201,21 @@ def load_run_config(ckpt_path: str | Path, checkpoint: dict[str, Any] | None = N
         raise ConfigError(f"ckpt_path: '{ckpt}' does not exist")
     record = run_record(checkpoint, ckpt) if checkpoint is not None else None
     if record is not None:
-        return OmegaConf.create(record["config"]), ckpt.parent.parent
+        return _without_streaming(OmegaConf.create(record["config"])), ckpt.parent.parent
     for run_dir in (ckpt.parent.parent, ckpt.parent.parent.parent):
         saved = run_dir / ".hydra" / "config.yaml"
         if saved.is_file():
-            return OmegaConf.load(saved), ckpt.parent.parent  # type: ignore[return-value]
+            return _without_streaming(OmegaConf.load(saved)), ckpt.parent.parent  # type: ignore[arg-type]
     raise ConfigError(f"ckpt_path: no .hydra/config.yaml in the run dir above '{ckpt}'")
+
+
+def _without_streaming(cfg: DictConfig) -> DictConfig:
+    """A run config for evaluation: `data.streaming` off (only the training split streams; val / test and the corpus
+    facts come from the local corpus), so a run trained from shards evaluates without them."""
+    for node in (cfg.get("data"), (cfg.get("pretrain") or {}).get("data")):
+        if isinstance(node, DictConfig) and node.get("streaming"):
+            node.streaming = False
+    return cfg
 
 
 register_configs()

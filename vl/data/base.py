@@ -88,6 +88,9 @@ class VLDataModule(L.LightningDataModule):
         monitor_mode: str = "min",
         pin_memory: bool = False,
         feature_cache_mb: float = 256,
+        shuffle: bool = True,
+        streaming: bool = False,
+        streaming_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.root_arg = root
@@ -118,6 +121,13 @@ class VLDataModule(L.LightningDataModule):
         self.monitor_mode = monitor_mode
         self.pin_memory = pin_memory
         self.feature_cache_mb = float(feature_cache_mb)
+        self.shuffle = shuffle  # False: every epoch in index order (the comparison of a streamed and an LMDB run)
+        self.streaming = streaming  # the training split from LitData shards (`vl.data.streaming`)
+        self.streaming_dir = streaming_dir
+        if streaming and not streaming_dir:
+            raise ConfigError(
+                "data.streaming=true needs data.streaming_dir (a dir written by python -m vl.tools.shard)"
+            )
         self._root: Path | None = None
         self._tokenizer = None
         self.features_file: str | None = None  # region features, relative to root (set by region-feature corpora)
@@ -154,6 +164,10 @@ class VLDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.check_files()
+        if self.streaming:
+            from vl.data.streaming import check_shards
+
+            self.stream_finisher("train", check_shards(self.streaming_dir, "train", self).get("context") or {})
 
     @property
     def regions(self) -> RegionReader:
@@ -268,10 +282,20 @@ class VLDataModule(L.LightningDataModule):
     def train_sampler(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> EpochShuffleSampler:
         """The training order: this rank's share of a per-epoch shuffle derived from (seed, epoch), so a resumed run
         sees the same order. Override to group batches (e.g. by image aspect ratio); keep `set_epoch`."""
-        return EpochShuffleSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        return EpochShuffleSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=self.shuffle, seed=seed)
+
+    def stream_finisher(self, split: str, context: dict[str, Any]) -> Any:
+        """For `data.streaming=true`: an object whose `finish(record, epoch)` turns a record read from the shards
+        into the example `build_dataset(split)[(epoch, index)]` gives (`vl.data.streaming`); `context` is what the
+        dataset's `stream_context()` wrote next to the shards."""
+        raise ConfigError(f"data.streaming: {type(self).__name__} does not read streaming shards")
 
     def loader(self, split: str) -> DataLoader:
         self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        if split == "train" and self.streaming:
+            from vl.data.streaming import streaming_train_loader
+
+            return streaming_train_loader(self)
         sampler = None
         if split == "train":
             trainer = self.trainer

@@ -60,19 +60,38 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
+        return self.finish(self.record(index), epoch)
+
+    def record(self, index: int) -> dict[str, Any]:
+        """The stored part of example `index` (`vl.data.streaming`): the caption and its image's regions."""
         ann = self.captions[index]
-        example = {"text": ann["caption"], "image_id": ann["image_id"], "index": index, "epoch": epoch}
+        return {
+            "text": ann["caption"],
+            "image_id": ann["image_id"],
+            "index": index,
+            "visual": self.regions[str(ann["image_id"])],
+        }
+
+    def finish(self, record: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """A record -> the example at `epoch`: with `itm`, the caption swapped for a negative (from (seed, epoch,
+        index)) half of the time."""
+        example = dict(record)
+        example["epoch"] = epoch
         if self.itm:
+            index = int(record["index"])
             rng = np.random.default_rng((self.seed, epoch, index))
             coin, other = rng.random(), int(rng.integers(len(self.captions)))
             example["itm_label"] = 1
             if coin < 0.5:
-                while self.captions[other]["image_id"] == ann["image_id"]:
+                while self.captions[other]["image_id"] == record["image_id"]:
                     other = (other + 1) % len(self.captions)
                 example["text"] = self.captions[other]["caption"]
                 example["itm_label"] = 0
-        example["visual"] = self.regions[str(ann["image_id"])]
         return example
+
+    def stream_context(self) -> dict[str, Any]:
+        """What `finish` draws ITM negatives from: every caption with its image id."""
+        return {"captions": [{"caption": a["caption"], "image_id": a["image_id"]} for a in self.captions]}
 
 
 class CaptionsDataModule(VLDataModule):
@@ -104,6 +123,12 @@ class CaptionsDataModule(VLDataModule):
         if missing is not None:
             raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {path})")
         return CaptionPairs(annotations, self.regions, itm="itm" in self.objectives)
+
+    def stream_finisher(self, split: str, context: dict[str, Any]) -> CaptionPairs:
+        captions = context.get("captions")
+        if not isinstance(captions, list) or not captions:
+            raise DataError(f"{self.streaming_dir}: the shard side file has no caption list for split {split}")
+        return CaptionPairs(captions, None, itm="itm" in self.objectives)  # type: ignore[arg-type]
 
     @property
     def info(self) -> dict[str, Any]:

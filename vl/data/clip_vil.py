@@ -60,8 +60,8 @@ class ImageSource(PixelLoader):
     def path(self, img_id: str) -> Path:
         return self.root / (image_path(img_id) if self.image_format == "jpg" else f"png/{img_id}.png")
 
-    def __call__(self, img_id: str) -> torch.Tensor | None:  # type: ignore[override]
-        return super().__call__(self.path(img_id))
+    def __call__(self, img_id: str, data: bytes | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        return super().__call__(self.path(img_id), data)
 
 
 def _orientation(wh: tuple[int, int]) -> int:
@@ -155,6 +155,35 @@ class VQAPixels(Dataset):
             "epoch": epoch,
         }
 
+    def record(self, index: int) -> dict[str, Any]:
+        """The stored part of example `index` (`vl.data.streaming`): the image file's bytes (JPEG / PNG), not pixels."""
+        q = self.questions[index]
+        path = self.images.path(q["img_id"])
+        if not path.is_file():
+            raise DataError(f"{path}: image file not found")
+        return {
+            "text": q["sent"],
+            "img_id": str(q["img_id"]),
+            "image_bytes": path.read_bytes(),
+            "vqa_target": self.target(q),
+            "question_id": int(q["question_id"]),
+            "index": index,
+        }
+
+    def finish(self, record: dict[str, Any], epoch: int) -> dict[str, Any] | None:
+        """A record -> the example: the image decoded and transformed (None for a bad image under
+        `on_bad_image=skip`, as from the file)."""
+        example = dict(record)
+        pixels = self.images(example.pop("img_id"), example.pop("image_bytes"))
+        if pixels is None:
+            return None
+        example["pixels"] = pixels
+        example["epoch"] = epoch
+        return example
+
+    def stream_context(self) -> dict[str, Any]:
+        return {"num_answers": len(self.ans2label)}
+
 
 class ImageDataModule(VLDataModule):
     """Shared part of the pixel corpora: the image root (the embedded corpus in the seed's layout when `root` is
@@ -243,7 +272,7 @@ class ImageDataModule(VLDataModule):
             dataset,
             num_replicas=num_replicas,
             rank=rank,
-            shuffle=True,
+            shuffle=self.shuffle,
             seed=seed,
             groups=self.groups("train"),
             batch_size=self.batch_size_per_device,
@@ -358,6 +387,15 @@ class ClipVilVQADataModule(ImageDataModule):
     def build_dataset(self, split: str) -> VQAPixels:
         path = self.path(self.questions_file, split)
         return VQAPixels(self.keep_with_image(load_vqa_json(path), path), self.images(), self.ans2label)
+
+    def stream_finisher(self, split: str, context: dict[str, Any]) -> VQAPixels:
+        n = len(self.ans2label)
+        if context.get("num_answers") != n:
+            raise DataError(
+                f"{self.streaming_dir}: the shards have {context.get('num_answers')} answers, "
+                f"{self.path(self.answers_file)} has {n}"
+            )
+        return VQAPixels([], self.images(), self.ans2label)
 
     @property
     def info(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ and resizes instead; the transforms follow torchvision's size rules.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -58,15 +59,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_rgb(path: str | Path) -> Any:
-    """Decode an image file to a PIL RGB image; `DataError` naming the file when it is missing or cannot be read."""
+def load_rgb(path: str | Path, data: bytes | None = None) -> Any:
+    """Decode an image file to a PIL RGB image; `DataError` naming the file when it is missing or cannot be read.
+    `data`: the file's bytes (e.g. read from a streaming shard), decoded instead of the file `path` names."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise DataError(f"{path}: image file not found")
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -82,9 +84,9 @@ class PixelLoader:
             raise ConfigError(f"data.on_bad_image: '{on_bad_image}' is not one of 'error', 'skip'")
         self.transform, self.on_bad_image, self.skipped = transform, on_bad_image, 0
 
-    def __call__(self, path: str | Path) -> torch.Tensor | None:
+    def __call__(self, path: str | Path, data: bytes | None = None) -> torch.Tensor | None:
         try:
-            return self.transform(load_rgb(path))
+            return self.transform(load_rgb(path, data))
         except DataError as e:
             if self.on_bad_image == "error":
                 raise

@@ -36,20 +36,33 @@ class VQAQuestions(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
+        return self.finish(self.record(index), epoch)
+
+    def record(self, index: int) -> dict[str, Any]:
+        """The stored part of example `index` (`vl.data.streaming`): the target as its sparse labels and scores."""
         q = self.questions[index]
-        target = np.zeros(self.num_answers, dtype=np.float32)
-        entry = self.targets.get(q["question_id"])
-        if entry is not None:
-            target[np.asarray(entry["labels"], dtype=np.int64)] = np.asarray(entry["scores"], dtype=np.float32)
+        entry = self.targets.get(q["question_id"]) or {"labels": [], "scores": []}
         return {
             "text": q["question"],
             "question_id": q["question_id"],
             "image_id": q["image_id"],
             "index": index,
-            "epoch": epoch,
-            "vqa_target": target,
+            "vqa_labels": np.asarray(entry["labels"], dtype=np.int64).reshape(-1),
+            "vqa_scores": np.asarray(entry["scores"], dtype=np.float32).reshape(-1),
             "visual": self.regions[str(q["image_id"])],
         }
+
+    def finish(self, record: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """A record -> the example: the dense soft-score target (A,)."""
+        example = dict(record)
+        target = np.zeros(self.num_answers, dtype=np.float32)
+        target[example.pop("vqa_labels")] = example.pop("vqa_scores")
+        example["vqa_target"] = target
+        example["epoch"] = epoch
+        return example
+
+    def stream_context(self) -> dict[str, Any]:
+        return {"num_answers": self.num_answers}
 
 
 class VQADataModule(VLDataModule):
@@ -114,6 +127,15 @@ class VQADataModule(VLDataModule):
         if missing is not None:
             raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {qpath})")
         return VQAQuestions(questions, targets, self.regions, n)
+
+    def stream_finisher(self, split: str, context: dict[str, Any]) -> VQAQuestions:
+        n = len(self.ans2label)
+        if context.get("num_answers") != n:
+            raise DataError(
+                f"{self.streaming_dir}: the shards have {context.get('num_answers')} answers, "
+                f"{self.path(self.answers_file)} has {n}"
+            )
+        return VQAQuestions([], {}, None, n)  # type: ignore[arg-type]  # finish reads no regions
 
     @property
     def info(self) -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""Streaming shards vs the LMDB corpus: training examples/s of `data.streaming=true` (LitData chunks written by
+`vl.tools.shard`, read with `StreamingDataLoader`) over examples/s of the local corpus (region-feature LMDB + annotation
+JSON through the `EpochShuffleSampler` DataLoader), on the same embedded corpus, in one run.
+
+Two measures, each one shuffled epoch of the train split:
+  loader  the training DataLoader as a fit sees it (read, finish, vl's collator: tokenisation, padding, masking);
+  read    the examples alone (no collator): the storage path itself.
+Within every repeat both sides run in turn (the order alternates from repeat to repeat); printed per measure: the
+median examples/s of each side, and the ratio streamed / LMDB of each repeat's pair with its min and median (> 1:
+streaming is faster). Local disk, page cache warm after the first epoch: this is the cost of LitData's format and
+loader, not of a network read.
+
+    python bench/stream.py [--data vqa|captions|clip_vil_vqa] [--images 600] [--repeats 5] [--workers 0] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def compose(data: str, data_dir: str, images: int, workers: int, *extra: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import vl.pipeline  # noqa: F401  (schemas)
+
+    GlobalHydra.instance().clear()
+    overrides = [
+        f"data={data}",
+        f"paths.data_dir={data_dir}",
+        f"data.corpus.num_images={images}",
+        f"data.num_workers={workers}",
+        *extra,
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return hydra_compose("train", overrides=overrides)
+
+
+def timed(fn) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t0, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=("vqa", "captions", "clip_vil_vqa"), default="vqa")
+    parser.add_argument("--images", type=int, default=600, help="embedded corpus size (data.corpus.num_images)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from vl.build import build_datamodule
+    from vl.data.streaming import write_shards
+
+    work = Path(tempfile.mkdtemp(prefix="vl-bench-stream-"))
+    data_dir = args.data_dir or str(work / "data")
+    lmdb = build_datamodule(compose(args.data, data_dir, args.images, args.workers))
+    shards = work / "shards"
+    with contextlib.redirect_stdout(io.StringIO()):  # LitData's progress lines
+        write_shards(lmdb, str(shards))
+    streamed = build_datamodule(
+        compose(args.data, data_dir, args.images, args.workers, "data.streaming=true", f"data.streaming_dir={shards}")
+    )
+    lmdb.setup("fit")
+    streamed.setup("fit")
+    loaders = {"lmdb": lmdb.train_dataloader(), "streamed": streamed.train_dataloader()}
+    dataset, sampler = lmdb.datasets["train"], loaders["lmdb"].sampler
+
+    def lmdb_read() -> int:
+        sampler.set_epoch(sampler.epoch + 1)
+        return sum(1 for key in sampler if dataset[key] is not None)
+
+    def streamed_read() -> int:
+        data = loaders["streamed"].dataset
+        data.set_epoch(data.current_epoch + 1)
+        return sum(1 for _ in data)
+
+    def epoch(loader) -> int:
+        return sum(int(batch["input_ids"].shape[0]) for batch in loader)
+
+    runs = {
+        "loader": {"lmdb": lambda: epoch(loaders["lmdb"]), "streamed": lambda: epoch(loaders["streamed"])},
+        "read": {"lmdb": lmdb_read, "streamed": streamed_read},
+    }
+    n_examples = len(dataset)
+    for fns in runs.values():  # warm: page cache, tokenizer, workers
+        for fn in fns.values():
+            fn()
+    rates: dict[str, dict[str, list[float]]] = {m: {"lmdb": [], "streamed": []} for m in runs}
+    for repeat in range(args.repeats):
+        for measure, fns in runs.items():
+            order = ("lmdb", "streamed") if repeat % 2 == 0 else ("streamed", "lmdb")
+            for side in order:
+                seconds, n = timed(fns[side])
+                assert n == n_examples, (measure, side, n, n_examples)
+                rates[measure][side].append(n / seconds)
+    print(
+        f"data={args.data} images={args.images} train examples={n_examples} "
+        f"batch={lmdb.batch_size_per_device} workers={args.workers} repeats={args.repeats}"
+    )
+    for measure, sides in rates.items():
+        ratios = [s / b for s, b in zip(sides["streamed"], sides["lmdb"])]
+        print(
+            f"  {measure:6s}: LMDB {statistics.median(sides['lmdb']):8.0f} ex/s   streamed "
+            f"{statistics.median(sides['streamed']):8.0f} ex/s   streamed / LMDB: min {min(ratios):.3f}  "
+            f"median {statistics.median(ratios):.3f}   pairs: {', '.join(f'{x:.3f}' for x in ratios)}"
+        )
+
+
+if __name__ == "__main__":
+    main()

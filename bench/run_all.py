@@ -25,6 +25,7 @@ SCRIPTS = {
     "vs_hf.py": [],
     "fused.py": [],
     "bf16_cpu.py": [],
+    "stream.py": [],
     "malformed_inputs.py": [],
 }
 QUICK = {
@@ -33,9 +34,10 @@ QUICK = {
     "startup.py": ["--repeats", "1", "--images", "200"],
     "retrieval_memory.py": ["--sizes", "500x100", "--cross-images", "50", "--cross-captions", "4", "--repeats", "1"],
     "image_loader.py": ["--repeats", "1", "--batches", "4"],
-    "vs_hf.py": ["--repeats", "1", "--steps", "3"],
+    "vs_hf.py": ["--repeats", "1", "--steps", "3", "--tiny-steps", "3"],
     "fused.py": ["--repeats", "1", "--steps", "5"],
     "bf16_cpu.py": ["--repeats", "1", "--steps", "5"],
+    "stream.py": ["--repeats", "1", "--images", "100"],
 }
 
 

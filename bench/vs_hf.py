@@ -8,10 +8,10 @@ Rows (each at the tiny size of the CPU defaults and at the published BERT-base s
                the vocabulary logits only at the masked positions (`vl.heads.mlm`); the row `BERT MLM, vl with
                every position's logits` computes them everywhere as HF does, to show that this is the cause.
 A, B alternate within each repeat (the order flips from repeat to repeat); each side is timed as the median of
-`--steps` steps after one warm-up step; prints the paired ratio vl / HF with min and median. Goal: <= 1.05 (vl adds no
+`--steps` (published size) / `--tiny-steps` steps after one warm-up step; prints the paired ratio vl / HF with min and median. Goal: <= 1.05 (vl adds no
 cost over HF for the same computation).
 
-    python bench/vs_hf.py [--steps 5] [--repeats 3] [--threads 1] [--sizes tiny,published]
+    python bench/vs_hf.py [--steps 5] [--tiny-steps 30] [--repeats 3] [--threads 1] [--sizes tiny,published]
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def bert_mlm_pair(size: tuple, tmp: Path, *, all_logits: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per side at the published size")
+    parser.add_argument("--tiny-steps", type=int, default=30, help="steps per side at the tiny size (~25 ms each)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sizes", default="tiny,published")
@@ -174,6 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size_name in args.sizes.split(","):
             size = SIZES[size_name]
+            steps = args.tiny_steps if size_name == "tiny" else args.steps
             rows = {
                 "VisualBERT encoder": lambda size: visual_bert_pair(size, Path(tmp)),
                 "BERT MLM": lambda size: bert_mlm_pair(size, Path(tmp), all_logits=False),
@@ -186,11 +188,11 @@ def main() -> None:
                 ratios = []
                 for r in range(args.repeats):
                     if r % 2 == 0:
-                        a = timed(vl_step, args.steps)
-                        b = timed(hf_step, args.steps)
+                        a = timed(vl_step, steps)
+                        b = timed(hf_step, steps)
                     else:
-                        b = timed(hf_step, args.steps)
-                        a = timed(vl_step, args.steps)
+                        b = timed(hf_step, steps)
+                        a = timed(vl_step, steps)
                     ratios.append(a / b)
                 print(
                     f"  {name} ({size_name}, batch {size[4]}): vl {1000 * a:.1f} ms, HF {1000 * b:.1f} ms; vl / HF "

@@ -232,16 +232,14 @@ class VLSystem(ReliableTraining):
         return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
 
     def _log_train_metrics(self) -> None:
-        """Each head's training metrics over the epoch (torchmetrics, updated every step, synchronised over ranks by
-        `compute`), logged once at the epoch's end and reset."""
+        """Each head's training metrics over the epoch (torchmetrics, updated every step), logged once at the epoch's
+        end and reset. One process only: under DDP a head may see no batch on some rank, and torchmetrics' state sync
+        then hangs (an empty list state joins no gather), so there the metrics are only reset (val/test metrics are
+        the synchronised ones)."""
         metrics = [(key, metric) for name in self.objectives for key, metric in self.metrics["train_"][name].items()]
-        if not metrics:
-            return
-        counts = torch.tensor([float(metric.update_count) for _, metric in metrics], device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:  # a head may see no batch on some rank
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        for (key, metric), count in zip(metrics, counts.tolist()):
-            if count > 0:  # `compute` synchronises over the ranks: every rank takes the same branch
+        single = self._trainer is None or self.trainer.world_size == 1
+        for key, metric in metrics:
+            if single and metric.update_count > 0:
                 self.log(f"train/{key}", metric.compute(), sync_dist=False)
             metric.reset()
 

@@ -290,6 +290,12 @@ class VLDataModule(L.LightningDataModule):
         dataset's `stream_context()` wrote next to the shards."""
         raise ConfigError(f"data.streaming: {type(self).__name__} does not read streaming shards")
 
+    def check_shard_count(self, context: dict[str, Any], key: str, expected: int, source: Path, what: str) -> None:
+        """DataError when the shards' side file (`context`, see `stream_finisher`) recorded `context[key]` other than
+        `expected`, the count `source` holds now (e.g. the answer vocabulary the shards' labels index)."""
+        if context.get(key) != expected:
+            raise DataError(f"{self.streaming_dir}: the shards have {context.get(key)} {what}, {source} has {expected}")
+
     def loader(self, split: str) -> DataLoader:
         self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
         if split == "train" and self.streaming:

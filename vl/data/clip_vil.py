@@ -390,11 +390,7 @@ class ClipVilVQADataModule(ImageDataModule):
 
     def stream_finisher(self, split: str, context: dict[str, Any]) -> VQAPixels:
         n = len(self.ans2label)
-        if context.get("num_answers") != n:
-            raise DataError(
-                f"{self.streaming_dir}: the shards have {context.get('num_answers')} answers, "
-                f"{self.path(self.answers_file)} has {n}"
-            )
+        self.check_shard_count(context, "num_answers", n, self.path(self.answers_file), "answers")
         return VQAPixels([], self.images(), self.ans2label)
 
     @property

@@ -130,11 +130,7 @@ class VQADataModule(VLDataModule):
 
     def stream_finisher(self, split: str, context: dict[str, Any]) -> VQAQuestions:
         n = len(self.ans2label)
-        if context.get("num_answers") != n:
-            raise DataError(
-                f"{self.streaming_dir}: the shards have {context.get('num_answers')} answers, "
-                f"{self.path(self.answers_file)} has {n}"
-            )
+        self.check_shard_count(context, "num_answers", n, self.path(self.answers_file), "answers")
         return VQAQuestions([], {}, None, n)  # type: ignore[arg-type]  # finish reads no regions
 
     @property

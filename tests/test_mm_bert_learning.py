@@ -17,7 +17,7 @@ from vl.pipeline import train
 CPU = ("callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false")
 
 
-@pytest.mark.parametrize("experiment", ["mm_bert_pretrain", "mm_bert_retrieval", "mm_bert_mlt"])
+@pytest.mark.parametrize("experiment", ["mm_bert_pretrain", "mm_bert_retrieval", "mm_bert_mlt", "mm_bert_mt"])
 def test_published_configs_compose(make_cfg, experiment) -> None:
     cfg = make_cfg(f"experiment={experiment}")
     text = cfg.model.encoder.text_encoder
@@ -82,6 +82,31 @@ def test_wmt_text_is_task_c_alone(make_cfg) -> None:
     assert not dm.uses_aux and list(cfg.data.objectives) == ["mlm"]
     batch = next(iter(dm.train_dataloader()))
     assert "visual_feats" not in batch
+    model = build_model(cfg, dm)
+    model.training_step(batch, 0).backward()
+    assert set(model._terms) == {"mlm"}
+    assert not [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_aux_text_alone(make_cfg) -> None:
+    """`data=aux_text`: the aux text corpus alone, one file per split: chunks of >= 96 words, no [CLS] / [SEP], MLM
+    only, a plain loader (no CombinedLoader); a step gives every parameter a gradient (text gets the aux visual
+    embedding, the visual modules 0)."""
+    cfg = make_cfg("experiment=mm_bert_pretrain_tiny", "data=aux_text", *CPU)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    assert dm.aux_alone and not dm.uses_aux and list(cfg.data.objectives) == ["mlm"]
+    for split in ("train", "val"):
+        rows = dm.datasets[split].rows
+        assert rows and all(r["image"] is None and "text_b" not in r for r in rows)
+        assert all(len(r["text"].split()) >= 96 for r in rows[:-1])
+    assert dm.datasets["train"].rows[0]["text"] != dm.datasets["val"].rows[0]["text"]  # aux/train.txt vs aux/val.txt
+    loader = dm.train_dataloader()
+    batch = next(iter(loader))
+    assert "input_ids" in batch and "visual_feats" not in batch
+    assert batch["input_ids"].shape[1] <= cfg.data.aux_seq_len
+    kept = batch["mlm_labels"] < 0
+    assert not ((batch["input_ids"] == dm.tokenizer.cls_token_id) & kept).any()
     model = build_model(cfg, dm)
     model.training_step(batch, 0).backward()
     assert set(model._terms) == {"mlm"}

@@ -24,7 +24,7 @@ from vl.data.formats.multi30k import (
 )
 from vl.data.multi30k import Multi30kDataModule, whole_word_mask
 from vl.data.scenes import SceneSettings, SceneShape
-from vl.data.scenes.writers.multi30k import caption_pair, german_np
+from vl.data.scenes.writers.multi30k import NOUNS, caption_pair, german_np
 from vl.errors import DataError
 
 SPLIT_COUNTS = {"train": 29000, "val": 1014, "test_2016_flickr": 1000, "test_2018_flickr": 1071}
@@ -194,6 +194,23 @@ def test_german_articles_and_adjective_endings() -> None:
     assert de == "Ein Bild mit einem kleinen orangefarbenen Stern und einem großen schwarzen Kreis."
 
 
+def test_image_dependent_sentences_need_the_image_for_their_article() -> None:
+    """ "The red one ..." names no shape: the German article (der Kreis / der Stern, das Quadrat / das Dreieck) comes
+    from the shape of the image's only red object, so two scenes with the same English get different German."""
+    scenes = {
+        "circle": [_shape("circle", "red", "large"), _shape("square", "blue", "small", "right")],
+        "triangle": [_shape("triangle", "red", "small"), _shape("star", "blue", "large", "right")],
+    }
+    pairs = {name: caption_pair(shapes, "one") for name, shapes in scenes.items()}
+    assert pairs["circle"] == ("The red one is on the left.", "Der rote ist links.")
+    assert pairs["triangle"] == ("The red one is on the left.", "Das rote ist links.")
+    for shape, (_, gender) in NOUNS.items():  # every shape's article follows its noun's gender
+        de = caption_pair([_shape(shape, "green", "small", "middle")], "one")[1]
+        assert de == ("Der" if gender == "m" else "Das") + " grüne ist in der Mitte."
+    with pytest.raises(ValueError, match="no other shape"):
+        caption_pair([_shape("circle", "red", "large"), _shape("star", "red", "small")], "one")
+
+
 def test_embedded_corpus_in_the_real_format(data_dir) -> None:
     dm = Multi30kDataModule(cache_dir=str(data_dir), corpus={"num_images": 150}, objectives=["mlm", "mvrc"])
     dm.prepare_data()
@@ -212,6 +229,57 @@ def test_embedded_corpus_in_the_real_format(data_dir) -> None:
     assert (batch["token_type_ids"] == 0).all()  # EN and DE share token type 0
     tokens = dm.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
     assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2  # [CLS] EN [SEP] DE [SEP] (Task A)
+    # image-dependent "one" sentences are marked; test2018 lists every accepted MLT word
+    marked = [r for r in read_annotations(root / "test_2016_flickr_frcnn.json") if r.get("image_dependent")]
+    assert marked and all(" one is " in r["caption_en"] for r in marked)
+    mlt2018 = read_annotations(root / "test_2018_flickr_MLT_frcnn.json", MLT_KEYS)
+    assert len(mlt2018) == len(read_parallel(root, "test_2018_flickr")) == len(read_parallel(root, "test_2016_flickr"))
+    assert any(r["word_de"] == "Quadrat Viereck" for r in mlt2018)
+
+
+def test_mlt_test2018_counts_any_listed_word(tmp_path, data_dir) -> None:
+    """test2018 (``data.splits.test=test_2018_flickr``): a ``word_de`` listing several words is correct when the
+    prediction is any of them (the seed's evaluate2018), the most-frequent-word baseline likewise; a record none of
+    whose words is in MLT_vocab.txt is refused naming file and line."""
+    from vl.batch import EncoderOutput
+    from vl.heads.mm_bert import MultimodalLexicalTranslation
+
+    dm = Multi30kDataModule(
+        cache_dir=str(data_dir), corpus={"num_images": 150}, task="mlt", objectives=["mlt"],
+        splits={"test": "test_2018_flickr"},
+    )  # fmt: skip
+    dm.setup("test")
+    words = dm.mlt_words
+    rows = dm.datasets["test"].rows
+    records = dm.records("test")[1]
+    for r, rec in zip(rows, records):
+        listed = rec["word_de"].split(" ")
+        assert words[r["mlt_label"]] == listed[0]
+        assert [words[i] for i in r["mlt_options"] if i >= 0] == [w for w in listed if w in words]
+    multi = [i for i, rec in enumerate(records) if " " in rec["word_de"]]
+    assert multi
+    batch = dm.collator("test")([dm.datasets["test"][(0, i)] for i in multi[:4]])
+    head = MultimodalLexicalTranslation(hidden_size=4, num_words=len(words))
+    with torch.no_grad():
+        head.classifier.weight.zero_()
+        head.classifier.bias.zero_()
+        head.classifier.bias[words.index("Viereck")] = 1.0  # predicts "Viereck" (never a label) for every row
+    n = len(batch["index"])
+    out = head(EncoderOutput(text=torch.zeros(n, 1, 4), visual=None, pooled=torch.zeros(n, 4)), batch)
+    hits = (out.logits.argmax(-1) == out.target).tolist()
+    assert hits == ["Viereck" in records[i]["word_de"].split(" ") for i in multi[:4]]
+    assert any(hits) and "Viereck" not in {words[label] for label in batch["mlt_labels"].tolist()}
+    train = [r["word_de"] for r in dm.records("train")[1]]
+    from collections import Counter
+
+    top = Counter(train).most_common(1)[0][0]
+    want = sum(top in rec["word_de"].split(" ") for rec in records) / len(records)
+    assert dm.baselines("test")["test/mlt_acc_most_frequent"] == pytest.approx(want)
+    bad = tmp_path / "bad_MLT.json"
+    bad.write_text("\n".join(json.dumps({**rec, "word_de": "Gurke Tomate"}) for rec in records[:2]) + "\n")
+    dm.mlt_annotations = str(bad)
+    with pytest.raises(DataError, match=r"bad_MLT.json:1: word_de 'Gurke Tomate' is not in"):
+        dm.build_dataset("test")
 
 
 # ------------------------------------------------------------------------------------------------ MT

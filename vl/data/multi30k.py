@@ -19,6 +19,7 @@ Regions: the per-image FRCNN JSON named by each record's ``frcnn`` field (``.zip
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,7 @@ class Multi30kDataModule(VLDataModule):
     label_keys = {
         "itm_label": ("itm_labels", "long"),
         "mlt_label": ("mlt_labels", "long"),
+        "mlt_options": ("mlt_options", "vector"),
         "gold": ("gold", "long"),
         "query_index": ("query_index", "long"),
     }
@@ -378,26 +380,34 @@ class Multi30kDataModule(VLDataModule):
         if self.task == "mlt":
             files.append(self.path(self.mlt_vocab_file))
         if self.uses_aux:
-            files.append(self.path(self.aux_text))
+            files.append(self.path(self.aux_text, "train"))
+        if self.aux_alone:
+            files += [self.path(self.aux_text, split) for split in ("train", "val", "test")]
         return files
 
     # ------------------------------------------------------------------ aux text corpus (pretraining)
     @property
     def uses_aux(self) -> bool:
-        return self.task == "pretrain" and bool(self.aux_text)
+        """The aux text corpus batched jointly with the image data (pretraining with some of Tasks A / B / C)."""
+        return self.task == "pretrain" and bool(self.aux_text) and bool(self.pretrain_tasks)
+
+    @property
+    def aux_alone(self) -> bool:
+        """`data=aux_text`: pretraining on the aux text corpus only (``pretrain_tasks: []``), ``aux_text`` per split."""
+        return self.task == "pretrain" and bool(self.aux_text) and not self.pretrain_tasks
 
     @property
     def examples_per_device_step(self) -> int:
         """Examples one device sees per micro-batch: the image data plus the aux text batch (MM-BERT's [8, 8])."""
         return self.batch_size_per_device + (self.aux_batch_size if self.uses_aux else 0)
 
-    def aux_dataset(self) -> Dataset:
+    def aux_dataset(self, split: str = "train") -> Dataset:
         """The aux text corpus (one sentence a line): lines concatenated until >= ``aux_min_words`` words, each chunk
         one example (no [CLS] / [SEP]; the aux visual embedding, no regions)."""
         from vl.data.formats.multi30k import read_lines
 
         chunks, current = [], []
-        for line in read_lines(self.path(self.aux_text)):
+        for line in read_lines(self.path(self.aux_text, split)):
             current += line.split()
             if len(current) >= self.aux_min_words:
                 chunks.append(" ".join(current))
@@ -405,7 +415,7 @@ class Multi30kDataModule(VLDataModule):
         if current:
             chunks.append(" ".join(current))
         if not chunks:
-            raise DataError(f"{self.path(self.aux_text)}: the aux text corpus is empty")
+            raise DataError(f"{self.path(self.aux_text, split)}: the aux text corpus is empty")
         return Multi30kExamples([{"text": c, "image": None} for c in chunks], self.max_regions)
 
     def train_dataloader(self) -> Any:
@@ -429,20 +439,13 @@ class Multi30kDataModule(VLDataModule):
             seed=_seed(),
         )
         sampler.set_epoch(trainer.current_epoch if trainer else 0)
-        collate = Multi30kCollator(
-            self.tokenizer,
-            max_text_len=self.aux_seq_len,
-            mlm="mlm" in self.objectives,
-            mlm_probability=self.mlm_probability,
-            add_special_tokens=False,
-        )
         aux = ResumableDataLoader(
             self.datasets["aux"],
             batch_size=self.aux_batch_size,
             sampler=sampler,
             generator=torch.Generator().manual_seed(_seed()),
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=self.aux_collator(),
         )
         return CombinedLoader({"main": main, "aux": aux}, mode="max_size_cycle")
 
@@ -492,6 +495,8 @@ class Multi30kDataModule(VLDataModule):
         if self.task == "retrieval" and split != "train":
             g = self.gallery(split)
             return RetrievalQueries(g["texts"], g["gold"])
+        if self.aux_alone:
+            return self.aux_dataset(split)
         path, records, images = self.records(split)
         rows: list[dict[str, Any]] = []
         if self.task == "pretrain":
@@ -514,28 +519,55 @@ class Multi30kDataModule(VLDataModule):
             return Multi30kExamples(rows, self.max_regions, negatives=self.negative_fraction)
         if self.task == "mt":
             return self.mt_dataset(split, records, images)
+        return Multi30kExamples(self.mlt_rows(path, records, images), self.max_regions)
+
+    def mlt_rows(self, path: Path, records: list[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
+        """MLT rows: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of ``word_de`` in the MLT vocabulary.
+        A ``word_de`` of several space-separated words (the seed's test2018: every accepted translation) is correct
+        when the prediction is any of them (the seed's ``evaluate2018.py``: ``word_pred in word_de.split(' ')``); its
+        training label is the first listed word in the vocabulary. DataError naming file and line when no listed word
+        is in the vocabulary."""
         index = {w: i for i, w in enumerate(self.mlt_words)}
-        for lineno, rec in enumerate(records, 1):
-            if rec["word_de"] not in index:
+        rows = []
+        for lineno, (rec, image) in enumerate(zip(records, images), 1):
+            known = [index[w] for w in str(rec["word_de"]).split(" ") if w in index]
+            if not known:
                 raise DataError(f"{path}:{lineno}: word_de {rec['word_de']!r} is not in {self.mlt_vocab_file}")
-        rows = [
-            {"text": r["word_en"], "text_b": r["caption_en"], "image": im, "mlt_label": index[r["word_de"]]}
-            for r, im in zip(records, images)
-        ]
-        return Multi30kExamples(rows, self.max_regions)
+            rows.append(
+                {
+                    "text": rec["word_en"],
+                    "text_b": rec["caption_en"],
+                    "image": image,
+                    "mlt_label": known[0],
+                    "options": known,
+                }
+            )
+        width = max((len(r["options"]) for r in rows), default=1)
+        for r in rows:
+            options = r.pop("options")
+            if width > 1:  # any listed word counts: the head reads `mlt_options` (-1 padded)
+                r["mlt_options"] = options + [-1] * (width - len(options))
+        return rows
 
     def mt_dataset(self, split: str, records: list[dict[str, Any]], images: list[Any]) -> Dataset:
         """MT (EN -> DE). Train / val: every German prefix of each sentence, its last token the labelled [MASK]
         (``tokenize(caption_de)[:pos + 1]``), plus one entry ending in [STOP]. Test: one row per sentence (the
-        source, image and reference; ``MMBertSystem`` translates greedily). ``mt_vision`` False: no image (the
-        no-vision variant)."""
+        source, image and reference; ``MMBertSystem`` translates greedily; records marked ``"image_dependent": true``
+        also score as a subset, ``test/bleu_image_dependent``). ``mt_vision`` False: no image (the no-vision variant)."""
         tok = self.tokenizer
         stop = tok.convert_tokens_to_ids("[STOP]")
         rows: list[dict[str, Any]] = []
         for rec, image in zip(records, images):
             image = image if self.mt_vision else None
             if split == "test":
-                rows.append({"text": rec["caption_en"], "reference": rec["caption_de"], "image": image})
+                rows.append(
+                    {
+                        "text": rec["caption_en"],
+                        "reference": rec["caption_de"],
+                        "image": image,
+                        "image_dependent": bool(rec.get("image_dependent")),
+                    }
+                )
                 continue
             target = tok(rec["caption_de"], add_special_tokens=False)["input_ids"] + [stop]
             for pos, label in enumerate(target):
@@ -589,15 +621,22 @@ class Multi30kDataModule(VLDataModule):
             _, records, _ = self.records(split)
             sources = [r["caption_en"] for r in records]
             refs = [r["caption_de"] for r in records]
-            return {
+            out = {
                 f"{split}/bleu_copy_source": seed_bleu(sources, refs),
                 f"{split}/bleu_plain_copy_source": sacrebleu.corpus_bleu(sources, [refs]).score,
             }
+            subset = [i for i, r in enumerate(records) if r.get("image_dependent")]
+            if subset:
+                out[f"{split}/bleu_image_dependent_copy_source"] = seed_bleu(
+                    [sources[i] for i in subset], [refs[i] for i in subset]
+                )
+            return out
         if self.task == "mlt":
             train = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, "train"), MLT_KEYS)]
             test = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, split), MLT_KEYS)]
-            top = max(set(train), key=train.count)
-            return {f"{split}/mlt_acc_most_frequent": sum(w == top for w in test) / max(1, len(test))}
+            top = Counter(train).most_common(1)[0][0]  # ties: the first seen (a set's order varies per process)
+            hits = sum(top in w.split(" ") for w in test)  # any listed word counts (test2018)
+            return {f"{split}/mlt_acc_most_frequent": hits / max(1, len(test))}
         return {}
 
     @property
@@ -613,7 +652,19 @@ class Multi30kDataModule(VLDataModule):
         return Path(path)
 
     # ------------------------------------------------------------------ loaders
+    def aux_collator(self) -> Multi30kCollator:
+        """Aux text chunks: ``aux_seq_len`` tokens, no [CLS] / [SEP], whole-word MLM."""
+        return Multi30kCollator(
+            self.tokenizer,
+            max_text_len=self.aux_seq_len,
+            mlm="mlm" in self.objectives,
+            mlm_probability=self.mlm_probability,
+            add_special_tokens=False,
+        )
+
     def collator(self, split: str) -> Multi30kCollator:
+        if self.aux_alone:
+            return self.aux_collator()
         return Multi30kCollator(
             self.tokenizer,
             max_text_len=self.max_text_len,

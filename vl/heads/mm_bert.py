@@ -99,6 +99,6 @@ class MultimodalLexicalTranslation(Objective):
         options = batch.get("mlt_options")
         if options is not None:  # any listed option counts: report the prediction as the label when it is one
             pred = logits.argmax(-1)
-            hit = (options == pred[:, None]).any(-1)
+            hit = (options.long() == pred[:, None]).any(-1)
             labels = torch.where(hit, pred, labels)
         return ObjectiveResult(loss, logits, labels)

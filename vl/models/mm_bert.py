@@ -366,13 +366,20 @@ class MMBertSystem(VLSystem):
             self, dm.collator("test"), examples, dm.tokenizer, max_steps=int(getattr(dm, "mt_max_steps", 48))
         )
         self.predictions.extend(
-            {"key": int(i), "index": int(i), "hypothesis": h, "reference": ex["reference"]}
+            {
+                "key": int(i),
+                "index": int(i),
+                "hypothesis": h,
+                "reference": ex["reference"],
+                "image_dependent": bool(ex.get("image_dependent")),
+            }
             for i, h, ex in zip(batch["index"], hypotheses, examples)
         )
         return torch.zeros((), device=self.device)
 
     def on_test_epoch_end(self) -> None:
-        """MT data: BLEU of the greedy translations (the seed's `seed_bleu` and plain sacrebleu); hypotheses file via
+        """MT data: BLEU of the greedy translations (the seed's `seed_bleu` and plain sacrebleu; also over the records
+        marked ``image_dependent``, when there are any); hypotheses file via
         the data module. Retrieval data: also score every caption x image pair of the test split per language (both directions,
         R@1/5/10, median rank) and write the seed-layout scores file ``retrieval_scores_<lang>.json``."""
         dm = self._datamodule()
@@ -386,6 +393,10 @@ class MMBertSystem(VLSystem):
             if hyps:
                 self.log("test/bleu", seed_bleu(hyps, refs), sync_dist=False)
                 self.log("test/bleu_plain", sacrebleu.corpus_bleu(hyps, [refs]).score, sync_dist=False)
+            subset = [p for p in preds if p.get("image_dependent")]
+            if subset:  # sentences whose German needs the image (the embedded corpus marks them)
+                hyps, refs = [p["hypothesis"] for p in subset], [p["reference"] for p in subset]
+                self.log("test/bleu_image_dependent", seed_bleu(hyps, refs), sync_dist=False)
         super().on_test_epoch_end()
         if dm is None or getattr(dm, "task", None) != "retrieval" or not getattr(dm, "exhaustive_test", False):
             return

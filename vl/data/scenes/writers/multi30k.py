@@ -4,14 +4,26 @@ Each scene gets one English caption and its German translation, both generated f
 the image) by a small EN -> DE lexicon and grammar: genders (der Kreis, der Stern, das Quadrat, das Dreieck), the
 indefinite nominative (ein großer roter Kreis / ein großes rotes Quadrat), the indefinite dative after "mit" / "von"
 (einem großen roten Kreis), the definite nominative (der große rote Kreis / das große rote Quadrat); "lila" does not
-inflect. Written under ``<corpus root>/multi30k/`` (``ensure_multi30k``; its own ``manifest.json`` written last)::
+inflect.
 
-    flickr30k/{train,val,test_2016_flickr}.{en,de}, utils/{split}.txt      captions, image names <id>.jpg
+Image-dependent sentences (the "one" template, for scenes with a shape of a colour no other shape has): "The red one
+is on the left." -> "Der rote ist links." / "Das rote ist links.": the English does not say which shape is red, the
+German article does (der Kreis / der Stern, das Quadrat / das Dreieck), so only the image tells the translator which
+article to write, as in real Multi30k ("a player" -> "ein Spieler" / "eine Spielerin"). Their annotation records carry
+``"image_dependent": true`` (an extra key; real Multi30k has none), which the MT evaluation reports as a subset BLEU.
+
+``test_2018_flickr``: the test scenes again with another caption draw and MLT ``word_de`` listing every accepted
+German word separated by spaces, as the seed's test2018 (square -> "Quadrat Viereck": both count).
+
+Written under ``<corpus root>/multi30k/`` (``ensure_multi30k``; its own ``manifest.json`` written last)::
+
+    flickr30k/{train,val,test_2016_flickr,test_2018_flickr}.{en,de}        captions, line-aligned with
+    flickr30k/utils/{split}.txt                                            image names <id>.jpg
     flickr30k/{split}_frcnn.json                                           annotation JSONL (zip@ paths)
     flickr30k/{split}_MLT_frcnn.json, utils/MLT_vocab.txt                  MLT word pairs (a colour / shape word)
     flickr30k/{split}_frcnn/<id 8 digits>.json                             per-image FRCNN JSON (base64, "classes")
     wmt/{split}.jsonl (file splits)                                       text-only EN-DE pairs {"caption_en","caption_de"}
-    aux/train.txt                                                          aux text corpus: the scenes' English captions
+    aux/{train,val,test_2016_flickr}.txt                                   aux text corpus: the scenes' English captions
     tokenizer/vocab.txt                                                    WordPiece trained on the train EN+DE text
                                                                            (HF tokenizers; cased, accents kept, [STOP])
 """
@@ -32,8 +44,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MULTI30K_VERSION", "SPLIT_FILES", "caption_pair", "ensure_multi30k", "write_multi30k_corpus"]
 
-MULTI30K_VERSION = "multi30k-v3"
-SPLIT_FILES = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+MULTI30K_VERSION = "multi30k-v4"
+SPLIT_FILES = {"train": "train", "val": "val", "test": "test_2016_flickr", "test2018": "test_2018_flickr"}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[STOP]"]
 
 #: German noun and gender of each shape
@@ -53,6 +65,8 @@ ADJECTIVES = {
 }
 UNINFLECTED = {"lila"}
 WHERE_DE = {"left": "links", "middle": "in der Mitte", "right": "rechts"}
+#: further accepted German words of a shape noun (test2018's multi-option MLT words)
+SYNONYMS = {"square": ["Viereck"]}
 
 
 def _adj(word: str, ending: str) -> str:
@@ -86,8 +100,20 @@ def _join(phrases: Sequence[str], conj: str) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + f" {conj} " + phrases[-1]
 
 
+def _where_en(position: str) -> str:
+    return "in the middle" if position == "middle" else f"on the {position}"
+
+
+def unique_colour_shape(shapes: Sequence[SceneShape]) -> SceneShape | None:
+    """The first shape whose colour no other shape of the scene has (the referent of "the <colour> one")."""
+    colours = [p.colour for p in shapes]
+    return next((p for p in shapes if colours.count(p.colour) == 1), None)
+
+
 def caption_pair(shapes: Sequence[SceneShape], template: str) -> tuple[str, str]:
-    """(English, German) caption of a scene by ``template``: "list", "picture", "left_of" (>= 2 shapes), "where"."""
+    """(English, German) caption of a scene by ``template``: "list", "picture", "left_of" (>= 2 shapes), "where",
+    "one" (a shape of a unique colour: "The red one is on the left." -> "Der rote ist links.", the German article
+    given by the shape only the image shows)."""
     if template == "list":
         en = _join([english_np(p) for p in shapes], "and")
         de = _join([german_np(p, "indef_nom") for p in shapes], "und")
@@ -100,28 +126,39 @@ def caption_pair(shapes: Sequence[SceneShape], template: str) -> tuple[str, str]
         de = f"{german_np(a, 'indef_nom', size=False)} ist links von {german_np(b, 'indef_dat', size=False)}"
     elif template == "where":
         p = shapes[0]
-        where_en = "in the middle" if p.position == "middle" else f"on the {p.position}"
-        en = f"{english_np(p, definite=True)} is {where_en}"
+        en = f"{english_np(p, definite=True)} is {_where_en(p.position)}"
         de = f"{german_np(p, 'def_nom')} ist {WHERE_DE[p.position]}"
+    elif template == "one":
+        p = unique_colour_shape(shapes)
+        if p is None:
+            raise ValueError("template 'one' needs a shape of a colour no other shape has")
+        article = "der" if NOUNS[p.shape][1] == "m" else "das"
+        en = f"the {p.colour} one is {_where_en(p.position)}"
+        de = f"{article} {_adj(p.colour, 'e')} ist {WHERE_DE[p.position]}"
     else:
         raise ValueError(f"unknown template {template!r}")
     en, de = en[0].upper() + en[1:] + ".", de[0].upper() + de[1:] + "."
     return en, de
 
 
-def _templates(n_shapes: int) -> list[str]:
-    return ["list", "list", "picture"] + (["left_of"] if n_shapes >= 2 else ["where"])
+def _templates(shapes: Sequence[SceneShape]) -> list[str]:
+    """The caption templates a scene draws from (uniformly): about a quarter of the scenes with a uniquely coloured
+    shape get an image-dependent "one" sentence."""
+    options = ["list", "list", "picture"] + (["left_of"] if len(shapes) >= 2 else ["where"])
+    return options + (["one"] if unique_colour_shape(shapes) is not None else [])
 
 
-def _mlt_pair(shapes: Sequence[SceneShape], de_caption: str, rng: np.random.Generator) -> tuple[str, str]:
-    """An (English word, its German form in ``de_caption``) pair: a colour or shape word of the first shape."""
-    p = shapes[0]
-    if rng.random() < 0.5:
-        noun = NOUNS[p.shape][0]
-        return p.shape, noun
+def _mlt_pair(
+    shapes: Sequence[SceneShape], de_caption: str, template: str, rng: np.random.Generator
+) -> tuple[str, list[str]]:
+    """An (English word, its accepted German words, the first being its form in ``de_caption``) pair: a colour or
+    shape word of the first shape (of the uniquely coloured one for "one" sentences, which name no shape)."""
+    p = unique_colour_shape(shapes) if template == "one" else shapes[0]
+    if template != "one" and rng.random() < 0.5:
+        return p.shape, [NOUNS[p.shape][0], *SYNONYMS.get(p.shape, [])]
     stem = ADJECTIVES[p.colour]
-    form = next(w.strip(".,") for w in de_caption.split() if w.strip(".,").startswith(stem))
-    return p.colour, form
+    form = next(w.strip(".,") for w in de_caption.split() if w.strip(".,").lower().startswith(stem))
+    return p.colour, [form]
 
 
 def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
@@ -134,12 +171,14 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
     mlt_words: dict[str, None] = {}
     train_text: list[str] = []
     for split, file_split in SPLIT_FILES.items():
-        subset = [sc for sc in scenes if sc.split == split]
+        scene_split = "test" if split == "test2018" else split  # test2018: the test scenes, another caption draw
+        subset = [sc for sc in scenes if sc.split == scene_split]
         en_lines, de_lines, images, records, mlt, wmt, regions = [], [], [], [], [], [], []
         for sc in subset:
-            rng = np.random.default_rng([settings.seed, 11, sc.image_id])
-            options = _templates(len(sc.shapes))
-            en, de = caption_pair(sc.shapes, options[int(rng.integers(len(options)))])
+            rng = np.random.default_rng([settings.seed, 11 if split != "test2018" else 12, sc.image_id])
+            options = _templates(sc.shapes)
+            template = options[int(rng.integers(len(options)))]
+            en, de = caption_pair(sc.shapes, template)
             en_lines.append(en)
             de_lines.append(de)
             images.append(f"{sc.image_id}.jpg")
@@ -149,10 +188,15 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
                 "caption_de": de,
                 "frcnn": f"{file_split}_frcnn.zip@/{sc.image_id:08d}.json",  # zero-padded to 8, as the seed's
             }
+            if template == "one":
+                record["image_dependent"] = True
             records.append(record)
-            word_en, word_de = _mlt_pair(sc.shapes, de, rng)
-            mlt_words.setdefault(word_de)
-            mlt.append({**record, "word_en": word_en, "word_de": word_de})
+            word_en, words_de = _mlt_pair(sc.shapes, de, template, rng)
+            if split != "test2018":  # one word (the caption's), as test2016; test2018 lists every accepted word
+                words_de = words_de[:1]
+            if split == "train":  # the vocabulary: train words and their accepted alternatives
+                mlt_words.update(dict.fromkeys([*words_de, *SYNONYMS.get(word_en, [])]))
+            mlt.append({**record, "word_en": word_en, "word_de": " ".join(words_de)})
             other = [t for t in ("picture", "list") if t != options[0]]  # a second, text-only pair of the scene
             wen, wde = caption_pair(sc.shapes, other[0])
             wmt.append({"caption_en": wen, "caption_de": wde})
@@ -168,9 +212,11 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
         write_jsonl(root / f"{file_split}_MLT_frcnn.json", mlt)
         write_jsonl(out / "wmt" / f"{file_split}.jsonl", wmt)
         write_region_json(root / f"{file_split}_frcnn", regions, classes_key="classes")
-    aux = [c for sc in scenes if sc.split == "train" for c in sc.captions]  # the aux text corpus: English lines
     (out / "aux").mkdir(parents=True, exist_ok=True)
-    (out / "aux" / "train.txt").write_text("".join(f"{c}\n" for c in aux), encoding="utf-8")
+    for split in ("train", "val", "test"):  # the aux text corpus: English lines (train: joint with the image data)
+        lines = [c for sc in scenes if sc.split == split for c in sc.captions]
+        (out / "aux" / f"{SPLIT_FILES[split]}.txt").write_text("".join(f"{c}\n" for c in lines), encoding="utf-8")
+    aux = [c for sc in scenes if sc.split == "train" for c in sc.captions]
     (root / "utils" / "MLT_vocab.txt").write_text("".join(f"{w}\n" for w in mlt_words), encoding="utf-8")
     train_tokenizer(out / "tokenizer", train_text + aux)
     return out

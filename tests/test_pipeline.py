@@ -44,7 +44,7 @@ GRID = [
 
 @pytest.mark.parametrize(("data", "model"), GRID)
 def test_fast_dev_run_every_model_and_data(model: str, data: str, make_cfg) -> None:
-    mm_data = data.startswith("multi30k") or data == "wmt_text"
+    mm_data = data.startswith("multi30k") or data in ("wmt_text", "aux_text")
     if model.startswith("mm_bert") or mm_data:  # MM-BERT pairs only with its own data
         if model != "mm_bert_tiny" or not mm_data:
             pytest.skip(

@@ -250,57 +250,55 @@ class _Expanded(Dataset):
         return None if fields is None else {**example, **fields}
 
 
-class AnswerLines(Dataset):
+class LineExamples(Dataset):
+    """One example per line: text, the image's fields and the line's label (`label_of(line)` -> {key: value}); None
+    when the image is skipped."""
+
+    def __init__(self, lines: list[dict[str, Any]], source: VisualSource, label_of: Any) -> None:
+        self.lines, self.source, self.label_of = lines, source, label_of
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        epoch, index = split_key(key)
+        line = self.lines[index]
+        fields = self.source.fields(str(line["image_id"]))
+        if fields is None:
+            return None
+        return {
+            "text": line["text"],
+            "image_id": str(line["image_id"]),
+            "index": index,
+            "epoch": epoch,
+            **self.label_of(line),
+            **fields,
+        }
+
+
+class AnswerLines(LineExamples):
     """One example per line: text, the image's fields, dense soft-score target (A,)."""
 
     def __init__(self, lines: list[dict[str, Any]], source: VisualSource, ans2label: dict[str, int]) -> None:
-        self.lines, self.source, self.ans2label = lines, source, ans2label
+        super().__init__(lines, source, self.target)
+        self.ans2label = ans2label
 
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
-        epoch, index = split_key(key)
-        line = self.lines[index]
+    def target(self, line: dict[str, Any]) -> dict[str, Any]:
         target = np.zeros(len(self.ans2label), dtype=np.float32)
         labels, scores = _soft_scores(line.get("answers") or [], self.ans2label)
         target[labels] = scores
-        fields = self.source.fields(str(line["image_id"]))
-        if fields is None:
-            return None
-        return {
-            "text": line["text"],
-            "image_id": str(line["image_id"]),
-            "index": index,
-            "epoch": epoch,
-            "vqa_target": target,
-            **fields,
-        }
+        return {"vqa_target": target}
 
 
-class LabelledPairs(Dataset):
+class LabelledPairs(LineExamples):
     """One example per line with the file's `label` as the ITM label (1 = the text matches the image)."""
 
     def __init__(self, lines: list[dict[str, Any]], source: VisualSource) -> None:
-        self.lines, self.source = lines, source
+        super().__init__(lines, source, _itm_label)
 
-    def __len__(self) -> int:
-        return len(self.lines)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
-        epoch, index = split_key(key)
-        line = self.lines[index]
-        fields = self.source.fields(str(line["image_id"]))
-        if fields is None:
-            return None
-        return {
-            "text": line["text"],
-            "image_id": str(line["image_id"]),
-            "index": index,
-            "epoch": epoch,
-            "itm_label": int(line["label"]),
-            **fields,
-        }
+def _itm_label(line: dict[str, Any]) -> dict[str, Any]:
+    return {"itm_label": int(line["label"])}
 
 
 class CustomDataModule(VLDataModule):

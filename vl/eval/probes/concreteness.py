@@ -4,8 +4,9 @@
 - Word embeddings: the object encoder on `[CLS] word [SEP]` (`VGBertEncoder.encode_objects`: BERT with segment ids 1,
   hidden x token mask, the divide-by-10 mean over the 10 positions), one word per phrase. (How the paper extracted
   them is not in the seed; this is the likely method, spec.)
-- PCA over all the words' embeddings (centred, SVD); PC1's sign is arbitrary (the notebook flips it by hand), so it
-  is oriented to correlate positively with concreteness on the word level: the reported r is |r|.
+- PCA over all the words' embeddings (centred, SVD); PC1's sign is arbitrary (the notebook negates the BERT
+  projection by hand, `-X_PCA_bert`, so its three published r are positive), so it is oriented to correlate
+  positively with concreteness on the word level: the reported r is |r|.
 - Word level: Pearson r of PC1 with the ratings, over the selected (common) words. Category level: per category,
   the mean PC1 and the mean rating of its selected words; Pearson r over the categories.
 - Inputs: SemCat + Brysbaert, as the seed's `.npy` files (`words` = semcat_word_list.npy, words grouped by category;

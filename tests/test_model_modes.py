@@ -53,7 +53,7 @@ _SMALL_CLIP_VIL = (
 )
 SMALL |= {m: _SMALL_CLIP_VIL for m in ("clip_vil", "clip_vil_rn50x4", "clip_vil_tiny")}
 #: VG-BERT: a small VGG and BERT, 64-px images decoded in the main process, dropout on
-DATA |= {m: "vg_bert_coco" for m in ("vg_bert", "vg_bert_tiny")}
+DATA |= {m: "vg_bert_coco" for m in ("vg_bert", "vg_bert_tiny", "vg_bert_tiny_minilm")}
 _SMALL_VG_BERT = (
     "model.encoder.vgg_cfg=[4,M,8,M,8,M,16,M,16]",
     "model.encoder.text_encoder.hidden_size=32",
@@ -69,6 +69,8 @@ _SMALL_VG_BERT = (
     "data.num_workers=0",
 )
 SMALL |= {m: _SMALL_VG_BERT for m in ("vg_bert", "vg_bert_tiny")}
+#: the packaged MiniLM sets its own text sizes (6 x 384): only the visual stream is made small
+SMALL["vg_bert_tiny_minilm"] = tuple(o for o in _SMALL_VG_BERT if ".text_encoder." not in o and "learnable" not in o)
 
 
 def _overrides(model: str, *extra: str) -> list[str]:
@@ -232,6 +234,7 @@ BLOCKS = {
     "clip_vil_tiny": {"BertLayer", "Bottleneck"},
     "vg_bert": {"BertLayer"},  # VGG's conv stack mixes classes (conv, ReLU, pool): no repeated composite block
     "vg_bert_tiny": {"BertLayer"},
+    "vg_bert_tiny_minilm": {"BertLayer"},
 }
 
 

@@ -1,16 +1,21 @@
-"""Multi30k for MM-BERT (`data=multi30k`, `data=multi30k_retrieval`, `data=multi30k_mlt`): the real layout of
+"""Multi30k for MM-BERT (`data=multi30k`, `data=multi30k_retrieval`, `data=multi30k_mlt`, `data=multi30k_mt`,
+`data=wmt_text`, `data=aux_text`): the real layout of
 ``vl.data.formats.multi30k`` (``root`` = the ``flickr30k/`` dir), or the embedded scene corpus's Multi30k copy
 (``root=null``: ``vl.data.scenes.writers.multi30k``, German captions generated from the scenes).
 
 Tasks (``task``):
 - ``pretrain``: Task A ``[CLS] EN [SEP] DE [SEP]`` + image; Task B the same images twice, EN only and DE only; Task C
-  the text-only parallel pairs of ``wmt`` (WMT JSONL) without image. Objectives MLM (whole-word) + MVRC.
+  the text-only parallel pairs of ``wmt`` (WMT JSONL) without image. Objectives MLM (whole-word) + MVRC. With
+  ``aux_text`` the aux text corpus is batched jointly (CombinedLoader); with ``pretrain_tasks: []`` it is the only
+  data (``data=aux_text``, a file per split).
 - ``retrieval``: train = binary ITM, each caption paired with its image or (``negative_fraction`` 50 %) with a random
   other caption of the same language; ``languages`` en | de | both. Val/test: every caption (``eval_language``) ranked
   against every image of the split (the shared system's chunked gallery ranking); with ``exhaustive_test`` the test
   stage also scores all caption x image pairs per language, both directions, and writes the seed-layout scores files
   (``MMBertSystem.on_test_epoch_end``).
-- ``mlt``: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of word_de in ``MLT_vocab.txt``.
+- ``mlt``: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of word_de in ``MLT_vocab.txt`` (test2018:
+  word_de lists every accepted word, any of them counts; ``mlt_rows``).
+- ``mt``: EN -> DE on every German prefix (``mt_dataset``); greedy decoding and BLEU in ``MMBertSystem``.
 
 Regions: the per-image FRCNN JSON named by each record's ``frcnn`` field (``.zip@`` stripped), read through
 ``FrcnnJsonRegionReader`` (listed once, lazy handles), sorted by max class confidence, at most ``max_regions`` kept.

@@ -22,6 +22,7 @@ import numpy as np
 from vl.config import CorpusConfig
 
 __all__ = [
+    "where_phrase",
     "GENERATOR_VERSION",
     "SHAPES",
     "COLOURS",
@@ -212,7 +213,8 @@ def _a(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _where(position: str) -> str:
+def where_phrase(position: str) -> str:
+    """ "in the middle" / "on the left" / "on the right": the English phrase of a horizontal position word."""
     return "in the middle" if position == "middle" else f"on the {position}"
 
 
@@ -225,8 +227,8 @@ def _caption_pool(shapes: Sequence[SceneShape]) -> list[str]:
         + _join([f"{_a(p.colour)} {p.colour} {p.shape}" for p in shapes])
         + "."
     )
-    pool += [f"there is {_a(p.colour)} {p.colour} {p.shape} {_where(p.position)}." for p in shapes]
-    pool += [f"the {p.size} {p.colour} {p.shape} is {_where(p.position)}." for p in shapes]
+    pool += [f"there is {_a(p.colour)} {p.colour} {p.shape} {where_phrase(p.position)}." for p in shapes]
+    pool += [f"the {p.size} {p.colour} {p.shape} is {where_phrase(p.position)}." for p in shapes]
     pool += [f"a picture with {_a(p.size)} {p.size} {p.colour} {p.shape}." for p in shapes]
     for a in shapes:
         for b in shapes:

@@ -38,7 +38,7 @@ import numpy as np
 
 from vl.data.features import write_region_json
 from vl.data.formats.jsonl import write_dir_once, write_jsonl
-from vl.data.scenes.generator import SceneSettings, SceneShape, generate_scenes, region_features
+from vl.data.scenes.generator import SceneSettings, SceneShape, generate_scenes, region_features, where_phrase
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,6 @@ def _join(phrases: Sequence[str], conj: str) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + f" {conj} " + phrases[-1]
 
 
-def _where_en(position: str) -> str:
-    return "in the middle" if position == "middle" else f"on the {position}"
-
-
 def unique_colour_shape(shapes: Sequence[SceneShape]) -> SceneShape | None:
     """The first shape whose colour no other shape of the scene has (the referent of "the <colour> one")."""
     colours = [p.colour for p in shapes]
@@ -126,14 +122,14 @@ def caption_pair(shapes: Sequence[SceneShape], template: str) -> tuple[str, str]
         de = f"{german_np(a, 'indef_nom', size=False)} ist links von {german_np(b, 'indef_dat', size=False)}"
     elif template == "where":
         p = shapes[0]
-        en = f"{english_np(p, definite=True)} is {_where_en(p.position)}"
+        en = f"{english_np(p, definite=True)} is {where_phrase(p.position)}"
         de = f"{german_np(p, 'def_nom')} ist {WHERE_DE[p.position]}"
     elif template == "one":
         p = unique_colour_shape(shapes)
         if p is None:
             raise ValueError("template 'one' needs a shape of a colour no other shape has")
         article = "der" if NOUNS[p.shape][1] == "m" else "das"
-        en = f"the {p.colour} one is {_where_en(p.position)}"
+        en = f"the {p.colour} one is {where_phrase(p.position)}"
         de = f"{article} {_adj(p.colour, 'e')} ist {WHERE_DE[p.position]}"
     else:
         raise ValueError(f"unknown template {template!r}")

@@ -20,17 +20,13 @@ from vl.data.features import write_region_lmdb
 from vl.data.formats.boxes import box_iou
 from vl.data.formats.jsonl import write_atomically
 from vl.data.formats.refcoco import refcoco_paths
-from vl.data.scenes.generator import SHAPES, region_features
+from vl.data.scenes.generator import SHAPES, region_features, where_phrase
 
 __all__ = ["scene_expressions", "write_refcoco_corpus"]
 
 #: largest relative shift of each detection-box edge (fraction of the box side): keeps IoU with the GT above ~0.7
 _JITTER = 0.08
 _SENTENCES_PER_REF = 3
-
-
-def _where(position: str) -> str:
-    return "in the middle" if position == "middle" else f"on the {position}"
 
 
 def scene_expressions(shapes: Sequence[Any]) -> list[list[str]]:
@@ -47,8 +43,11 @@ def scene_expressions(shapes: Sequence[Any]) -> list[list[str]]:
             (f"the {p.colour} shape", lambda q, p=p: q.colour == p.colour),
             (f"the {p.size} {p.shape}", lambda q, p=p: (q.size, q.shape) == (p.size, p.shape)),
             (f"the {p.size} shape", lambda q, p=p: q.size == p.size),
-            (f"the shape {_where(p.position)}", lambda q, p=p: q.position == p.position),
-            (f"the {p.shape} {_where(p.position)}", lambda q, p=p: (q.shape, q.position) == (p.shape, p.position)),
+            (f"the shape {where_phrase(p.position)}", lambda q, p=p: q.position == p.position),
+            (
+                f"the {p.shape} {where_phrase(p.position)}",
+                lambda q, p=p: (q.shape, q.position) == (p.shape, p.position),
+            ),
         ]
         unique = [text for text, match in cands if sum(match(q) for q in shapes) == 1]
         if n >= 2 and k == 0 and shapes[0].centre[0] < shapes[1].centre[0]:

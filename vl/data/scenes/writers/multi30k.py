@@ -13,7 +13,8 @@ article to write, as in real Multi30k ("a player" -> "ein Spieler" / "eine Spiel
 ``"image_dependent": true`` (an extra key; real Multi30k has none), which the MT evaluation reports as a subset BLEU.
 
 ``test_2018_flickr``: the test scenes again with another caption draw and MLT ``word_de`` listing every accepted
-German word separated by spaces, as the seed's test2018 (square -> "Quadrat Viereck": both count).
+German word separated by spaces, as the seed's test2018 (square -> "Quadrat Viereck": both count); its records
+point at the test scenes' image and region files (``test_2016_flickr_frcnn/``), written once.
 
 Written under ``<corpus root>/multi30k/`` (``ensure_multi30k``; its own ``manifest.json`` written last)::
 
@@ -167,7 +168,8 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
     mlt_words: dict[str, None] = {}
     train_text: list[str] = []
     for split, file_split in SPLIT_FILES.items():
-        scene_split = "test" if split == "test2018" else split  # test2018: the test scenes, another caption draw
+        scene_split = "test" if split == "test2018" else split  # test2018: the test scenes, another caption draw,
+        image_split = SPLIT_FILES[scene_split]  # their images and region files (written once, with test2016)
         subset = [sc for sc in scenes if sc.split == scene_split]
         en_lines, de_lines, images, records, mlt, wmt, regions = [], [], [], [], [], [], []
         for sc in subset:
@@ -179,10 +181,10 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
             de_lines.append(de)
             images.append(f"{sc.image_id}.jpg")
             record = {
-                "image": f"{file_split}_image.zip@/{sc.image_id}.jpg",
+                "image": f"{image_split}_image.zip@/{sc.image_id}.jpg",
                 "caption_en": en,
                 "caption_de": de,
-                "frcnn": f"{file_split}_frcnn.zip@/{sc.image_id:08d}.json",  # zero-padded to 8, as the seed's
+                "frcnn": f"{image_split}_frcnn.zip@/{sc.image_id:08d}.json",  # zero-padded to 8, as the seed's
             }
             if template == "one":
                 record["image_dependent"] = True
@@ -196,9 +198,10 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
             other = [t for t in ("picture", "list") if t != options[0]]  # a second, text-only pair of the scene
             wen, wde = caption_pair(sc.shapes, other[0])
             wmt.append({"caption_en": wen, "caption_de": wde})
-            rec = region_features(sc, settings)
-            rec.pop("labels")
-            regions.append({**rec, "image_id": f"{sc.image_id:08d}"})
+            if image_split == file_split:
+                rec = region_features(sc, settings)
+                rec.pop("labels")
+                regions.append({**rec, "image_id": f"{sc.image_id:08d}"})
             if split == "train":
                 train_text += [en, de, wen, wde]
         (root / f"{file_split}.en").write_text("".join(f"{t}\n" for t in en_lines), encoding="utf-8")
@@ -207,7 +210,8 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
         write_jsonl(root / f"{file_split}_frcnn.json", records)
         write_jsonl(root / f"{file_split}_MLT_frcnn.json", mlt)
         write_jsonl(out / "wmt" / f"{file_split}.jsonl", wmt)
-        write_region_json(root / f"{file_split}_frcnn", regions, classes_key="classes")
+        if image_split == file_split:
+            write_region_json(root / f"{file_split}_frcnn", regions, classes_key="classes")
     (out / "aux").mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):  # the aux text corpus: English lines (train: joint with the image data)
         lines = [c for sc in scenes if sc.split == split for c in sc.captions]

@@ -473,11 +473,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_architecture(ckpt, model, cfg.ckpt_path)
     del ckpt
     trainer: L.Trainer = instantiate(run_cfg.trainer, logger=False, callbacks=[])
-    run = trainer.validate if cfg.get("split", "test") == "val" else trainer.test
+    testing = cfg.get("split", "test") != "val"
+    run = trainer.test if testing else trainer.validate
     with _own_rendezvous():
         results = run(model, datamodule=dm, ckpt_path=str(cfg.ckpt_path), weights_only=True)[0]
     metrics = {k: float(v) for k, v in results.items()}
-    if run == trainer.test:  # the computed baselines of the split evaluated (e.g. another test split), as train's
+    if testing:  # the computed baselines of the split evaluated (e.g. another test split), as train's
         metrics.update(dm.baselines("test"))
     if trainer.is_global_zero:
         write_results(output_dir, [("evaluate", metrics)], title=f"evaluate {cfg.ckpt_path}")

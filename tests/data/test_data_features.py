@@ -310,7 +310,7 @@ def test_two_readers_share_one_environment(lmdb_path: Path) -> None:
     a.close()
 
 
-def test_the_decoded_item_cache_returns_the_files_values_as_fresh_copies_within_its_budget(lmdb_path: Path) -> None:
+def test_the_decoded_item_cache_returns_the_files_values_read_only_within_its_budget(lmdb_path: Path) -> None:
     from vl.data.features.cache import CachedRegions, cached
 
     reader = RegionFeatureReader(lmdb_path)
@@ -326,7 +326,9 @@ def test_the_decoded_item_cache_returns_the_files_values_as_fresh_copies_within_
                 np.testing.assert_array_equal(got[key], value)
             else:
                 assert got[key] == value
-        got["features"][:] = -1.0  # a consumer writing into its item changes nothing the next access sees
+        with pytest.raises(ValueError, match="read-only"):  # a consumer writing into its item fails, changing nothing
+            got["features"][:] = -1.0
+        got.pop("features")  # its dict is its own
     np.testing.assert_array_equal(cache[ids[-1]]["features"], reader[ids[-1]]["features"])
     assert cache.hits > 0 and cache._bytes <= budget and 1 <= len(cache._items) <= 3
     assert ids[0] in cache and "nope" not in cache and len(cache) == len(reader) and cache.path == reader.path

@@ -1,15 +1,17 @@
-"""Does loading hide behind compute? A training step fed from the DataModule's loader against the same step on batches
-fetched beforehand (preloaded), for the default VQA model and data (visual_bert_tiny, batch 32).
+"""Does loading hide behind compute? A training step fed from the DataModule's loader against the same step on the
+same batch fetched beforehand (preloaded), for the default VQA model and data (visual_bert_tiny, batch 32).
 
-Variants, run in turn within every repeat (the order rotates), each over `--steps` steps after `--warmup`:
-  preloaded  the step on batches held in memory: the floor;
-  loader     the step fed from `train_dataloader()` with the data module's settings (`--workers`, default the
-             `hardware=cpu` preset's value), the first steps of epoch 0: every image's region features decoded for
-             the first time (base64 LMDB records, ~60 % of the loader's time when profiled);
-  warm       the same from epoch 1, after one full pass over the loader: the decoded features come from the data
-             module's cache (`data.feature_cache_mb`), as in every epoch of a training run after the first;
-Per run the median step time (a step another process interrupted does not move it); prints each repeat's ratio
-loader / preloaded with min and median. Goal (issue "faster by default"): <= 1.05 at the tiny size on 2 cores.
+Paired per step: one model and optimiser take, in turn, a step on the preloaded copy of batch k and a step on batch k
+fetched from `train_dataloader()` (the fetch timed with it); the order within a pair alternates. Both steps of a pair
+see the same tensors and run within ~40 ms of each other, so the machine's drift (a tiny step's median moves by
+±10 % from one second to the next on a shared 2-core VM) cancels in their ratio. A run's statistic is the median
+pair ratio after `--warmup` pairs. Two rows:
+  epoch 0    the loader of a data module whose feature cache is empty: every image's region features decoded for
+             the first time (base64 LMDB records) as in a run's first epoch;
+  epoch >= 1 the same loader in epoch 1, after one full pass: the decoded features come from the data module's cache
+             (`data.feature_cache_mb`), as in every epoch of a training run after the first.
+The preloaded batches come from a second data module with the same seed (identical batches: checked).
+Goal (issue "faster by default"): <= 1.05 at the tiny size on 2 cores.
 
     python bench/loader.py [--steps 60] [--warmup 10] [--repeats 3] [--threads 1] [--workers N]
 """
@@ -33,32 +35,49 @@ from _table import emit  # noqa: E402
 from train_step import build, compose_cfg, optimiser, quiet, step_args  # noqa: E402
 
 
-def run(cfg, batches, steps: int, warmup: int, *, warm: bool = False) -> float:
-    """Median seconds per step over `batches` (an iterable; None: the data module's loader, from epoch 1 after one
-    untimed pass when `warm`) after `warmup` steps."""
-    dm, model = build(cfg)
-    opt, _ = optimiser(model, steps)
+def epoch_loader(dm, epoch: int):
+    """The data module's training loader positioned at `epoch` (epoch >= 1: after untimed full passes, so the decoded
+    features are cached)."""
+    loader = dm.train_dataloader()
+    for e in range(epoch):
+        loader.sampler.set_epoch(e)
+        for _ in loader:
+            pass
+    loader.sampler.set_epoch(epoch)
+    return loader
+
+
+def paired_ratios(cfg, epoch: int, steps: int, warmup: int) -> list[float]:
+    """Per pair k (after `warmup`): seconds of (fetch batch k from the loader + step) / (step on preloaded batch k)."""
+    import torch
+
+    dm_pre, model = build(cfg)
+    preloaded = list(itertools.islice(epoch_loader(dm_pre, epoch), steps))
+    dm, _ = build(cfg)  # its own, empty feature cache
+    loader = iter(epoch_loader(dm, epoch))
+    opt, _ = optimiser(model, 2 * steps)
     model.train()
-    source = batches
-    if source is None:
-        source = dm.train_dataloader()
-        if warm:
-            for _ in source:  # epoch 0, untimed: fills the decoded-feature cache
-                pass
-            source.sampler.set_epoch(1)
-    times, last = [], None
-    for batch in itertools.islice(source, steps):
-        now = time.perf_counter()
-        if last is not None:
-            times.append(now - last)
-        last = now
+
+    def step(batch) -> None:
         out = model(batch)
         loss = sum(head(out, batch).loss for head in model.objectives.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    times.append(time.perf_counter() - last)
-    return statistics.median(times[warmup:])
+
+    ratios = []
+    for k in range(steps):
+        seconds = {}
+        for source in ("preloaded", "loader") if k % 2 == 0 else ("loader", "preloaded"):
+            start = time.perf_counter()
+            batch = preloaded[k] if source == "preloaded" else next(loader)
+            if source == "loader" and k == 0 and not torch.equal(batch["input_ids"], preloaded[0]["input_ids"]):
+                raise SystemExit("the two data modules' batches differ: the pairs would not compare like with like")
+            step(batch)
+            seconds[source] = time.perf_counter() - start
+        if k >= warmup:
+            ratios.append(seconds["loader"] / seconds["preloaded"])
+    return ratios
 
 
 def main() -> None:
@@ -69,56 +88,37 @@ def main() -> None:
     from omegaconf import open_dict
 
     quiet(args.threads)
+    rows = {0: "epoch 0", 1: "epoch >= 1"}
+    medians: dict[int, list[float]] = {0: [], 1: []}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_cfg(args.data_dir, tmp)
         if args.workers is not None:
             with open_dict(cfg):
                 cfg.data.num_workers = args.workers
-        dm, _ = build(cfg)
-        preloaded = list(itertools.islice(dm.train_dataloader(), args.steps))
-        seconds: dict[str, list[float]] = {"preloaded": [], "loader": [], "warm": []}
         for r in range(args.repeats):
-            order = ("preloaded", "loader", "warm")
-            for variant in order[r % 3 :] + order[: r % 3]:
-                seconds[variant].append(
-                    run(
-                        cfg,
-                        preloaded if variant == "preloaded" else None,
-                        args.steps,
-                        args.warmup,
-                        warm=variant == "warm",
-                    )
-                )
-    ratios = [a / b for a, b in zip(seconds["loader"], seconds["preloaded"])]
-    warm = [a / b for a, b in zip(seconds["warm"], seconds["preloaded"])]
+            for epoch in (0, 1) if r % 2 == 0 else (1, 0):
+                medians[epoch].append(statistics.median(paired_ratios(cfg, epoch, args.steps, args.warmup)))
     print(
         f"default VQA model (visual_bert_tiny, batch 32), data.num_workers={cfg.data.num_workers}, "
-        f"{torch.get_num_threads()} torch thread(s), {args.steps} steps per run, first {args.warmup} not timed"
+        f"{torch.get_num_threads()} torch thread(s), {args.steps} step pairs per run, first {args.warmup} not timed"
     )
-    for variant, values in seconds.items():
+    for epoch, name in rows.items():
+        values = medians[epoch]
         print(
-            f"  {variant:9s}: median {1000 * statistics.median(values):6.2f} ms/step   runs: "
-            + ", ".join(f"{1000 * v:.2f}" for v in values)
+            f"  loader / preloaded, {name:10s}: min {min(values):.3f}  median {statistics.median(values):.3f}   "
+            "runs (median pair): " + ", ".join(f"{x:.3f}" for x in values)
         )
-    print(
-        f"  loader / preloaded: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}   pairs: "
-        + ", ".join(f"{x:.3f}" for x in ratios)
-    )
-    print(
-        f"  warm / preloaded:   min {min(warm):.3f}  median {statistics.median(warm):.3f}   pairs: "
-        + ", ".join(f"{x:.3f}" for x in warm)
-    )
     emit(
         "loader / preloaded batches, epoch 0 (tiny, per step)",
-        ratios,
+        medians[0],
         goal=1.05,
         why="each image's features decoded once (base64) + collate in the training process unless num_workers > 0",
     )
     emit(
         "loader / preloaded batches, epoch >= 1 (tiny, per step)",
-        warm,
+        medians[1],
         goal=1.05,
-        why="decoded features cached (data.feature_cache_mb); collate still in the training process",
+        why="decoded features cached (data.feature_cache_mb, read-only, no copy); tokenise + collate in-process",
     )
 
 

@@ -1,16 +1,18 @@
 """Framework overhead per training step: `vl` (Lightning fit of the default VQA model and data) against a bare PyTorch
 loop over the same model, data loader, optimiser and scheduler (`configure_optimizers()` on both sides).
 
-Three variants, run in turn within every repeat (the order rotates from repeat to repeat), each from the same seed:
-  bare     the hand-written loop: fetch, forward, backward, optimiser step, scheduler step;
+Two Lightning variants, each a fit of one epoch of `--steps` batches:
   minimal  `vl` with no logger, progress bar or checkpoint (the framework alone);
-  real     `vl` with `train.py`'s own callbacks and loggers (checkpoints, early stopping, lr monitor, progress bar,
-           CSV logger), i.e. what a user runs.
-Each run is one epoch of `--steps` batches. Only steady-state steps are timed: the time between consecutive batch
-starts after `--warmup` steps (setup, teardown, warm-up and the epoch-end validation are excluded). Prints, per variant,
-the median step time (each run's median step), and the ratio to `bare` of each repeat's pair with its min and median, by the wall clock and by
-this process's CPU time (data loading runs in-process with the default `hardware=cpu`, so CPU time holds the whole
-step; on a machine shared with other jobs it is the steadier of the two).
+  real     `vl` with `train.py`'s own callbacks and loggers (checkpoints, early stopping, lr monitor, throughput,
+           progress bar, CSV logger), i.e. what a user runs.
+Paired per step: inside each fit a callback runs one step of the bare loop (fetch, forward, backward, optimiser step,
+scheduler step) on a twin model built from the same seed, with its own data module, optimiser and scheduler, just
+before Lightning's step k; so bare step k and Lightning step k run within ~30 ms of each other and the machine's
+drift (a tiny step's median moves by ±10 % from one second to the next on a shared 2-core VM, measured) cancels in
+their ratio. Lightning's step k is the time from the end of bare step k to the start of bare step k + 1: its own
+fetch, hooks, forward, backward, divergence guard, optimiser and scheduler steps, callbacks and loggers. A run's
+statistic is the median pair ratio after `--warmup` pairs (setup, teardown, warm-up and the epoch-end validation are
+excluded); prints each repeat's statistic with min and median.
 
     python bench/train_step.py [--steps 60] [--warmup 10] [--repeats 3] [--threads 1]
 """
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _table import emit  # noqa: E402
 
-VARIANTS = ("bare", "minimal", "real")
+VARIANTS = ("minimal", "real")
 
 
 def compose_cfg(data_dir: str, output_dir: str):
@@ -102,83 +104,65 @@ def optimiser(model, steps: int, max_epochs: int = 1):
     return configured, None
 
 
-def stamp(epoch: int) -> tuple[float, float, int]:
-    """(wall clock, this process's CPU time, epoch) at a batch start."""
-    return time.perf_counter(), time.process_time(), epoch
+class BareTwin:
+    """The loop a researcher would otherwise write, one step per call, with vl's own optimiser param groups and
+    scheduler, on its own model, data module and loader."""
 
+    def __init__(self, cfg, steps: int) -> None:
+        dm, self.model = build(cfg)
+        self.opt, self.sched = optimiser(self.model, steps, cfg.trainer.max_epochs)
+        self.model.train()
+        loader = dm.train_dataloader()
+        if steps > len(loader):
+            raise SystemExit(f"--steps {steps} exceeds one epoch of the embedded VQA corpus ({len(loader)} batches)")
+        self.batches = iter(loader)
 
-def steady_step_seconds(starts: list[tuple[float, float, int]], warmup: int) -> tuple[float, float]:
-    """Median (wall, CPU) seconds per step from `stamp`s: the intervals after `warmup` steps that stay in one epoch
-    (no epoch-end work). The median, not the mean: a step that another process on the machine interrupted does not
-    move it, so paired ratios repeat on a shared machine."""
-    kept = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(starts[warmup:], starts[warmup + 1 :]) if a[2] == b[2]]
-    if not kept:
-        raise SystemExit(f"no steady-state steps timed: raise --steps above --warmup + 1 (got {len(starts)} steps)")
-    return statistics.median(w for w, _ in kept), statistics.median(c for _, c in kept)
-
-
-def bare_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:
-    """The loop a researcher would otherwise write, with vl's own optimiser param groups and scheduler."""
-    dm, model = build(cfg)
-    opt, sched = optimiser(model, steps, cfg.trainer.max_epochs)
-    model.train()
-    loader = dm.train_dataloader()
-    if steps > len(loader):
-        raise SystemExit(f"--steps {steps} exceeds one epoch of the embedded VQA corpus ({len(loader)} batches)")
-    starts: list[tuple[float, float, int]] = []
-    epoch = 0
-    it = iter(loader)
-    while len(starts) < steps:
-        try:
-            batch = next(it)
-        except StopIteration:
-            epoch += 1
-            it = iter(loader)
-            continue
-        starts.append(stamp(epoch))
-        out = model(batch)
-        loss = sum(head(out, batch).loss for head in model.objectives.values())
-        opt.zero_grad(set_to_none=True)
+    def step(self) -> None:
+        batch = next(self.batches)
+        out = self.model(batch)
+        loss = sum(head(out, batch).loss for head in self.model.objectives.values())
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-    starts.append(stamp(epoch))  # the end of the last step
-    return steady_step_seconds(starts, warmup)
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
 
 
-def lightning_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> tuple[float, float]:
+def paired_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> list[float]:
+    """Lightning step k / bare step k for the pairs after `warmup` (see the module docstring)."""
     import lightning as L
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
     from vl.pipeline import _instantiate_dict
 
-    class Stamps(L.Callback):
-        def __init__(self) -> None:
-            self.starts: list[tuple[float, float, int]] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.starts.append(stamp(trainer.current_epoch))
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if trainer.global_step >= steps:  # the end of the last step
-                self.starts.append(stamp(trainer.current_epoch))
-
     with open_dict(cfg):
         cfg.paths.output_dir = output_dir
+    twin = BareTwin(cfg, steps)
+    marks: list[tuple[float, float]] = []  # (bare step start, bare step end) before each Lightning step
+
+    class Pairs(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            start = time.perf_counter()
+            twin.step()
+            marks.append((start, time.perf_counter()))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step >= steps:  # the end of the last Lightning step
+                now = time.perf_counter()
+                marks.append((now, now))
+
     dm, model = build(cfg)
-    stamps = Stamps()
     # one epoch of `steps` batches, then a short validation (after the timed window): ending mid-epoch by max_steps
     # would run EarlyStopping's epoch-end check without a validation metric, which raises
     one_epoch = {"max_epochs": 1, "limit_train_batches": steps, "limit_val_batches": 2}
     if real:  # what vl.pipeline.run_stage builds for train.py
         callbacks, loggers = _instantiate_dict(cfg.get("callbacks")), _instantiate_dict(cfg.get("logger"))
-        trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stamps], logger=loggers or False, **one_epoch)
+        trainer = instantiate(cfg.trainer, callbacks=[Pairs(), *callbacks], logger=loggers or False, **one_epoch)
     else:
         trainer = instantiate(
             cfg.trainer,
-            callbacks=[stamps],
+            callbacks=[Pairs()],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -186,7 +170,14 @@ def lightning_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) 
             **one_epoch,
         )
     trainer.fit(model, datamodule=dm)
-    return steady_step_seconds(stamps.starts, warmup)
+    ratios = []
+    for k in range(warmup, len(marks) - 1):
+        bare = marks[k][1] - marks[k][0]
+        lightning = marks[k + 1][0] - marks[k][1]
+        ratios.append(lightning / bare)
+    if not ratios:
+        raise SystemExit(f"no steady-state pairs timed: raise --steps above --warmup + 1 (got {len(marks)} marks)")
+    return ratios
 
 
 def main() -> None:
@@ -194,44 +185,32 @@ def main() -> None:
     import torch
 
     quiet(args.threads)
-    seconds: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # rotate: no variant always runs first
-            for variant in order:
+            for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
                 cfg = compose_cfg(args.data_dir, f"{tmp}/{r}-{variant}")
-                if variant == "bare":
-                    s = bare_loop(cfg, args.steps, args.warmup)
-                else:
-                    s = lightning_fit(
-                        cfg, args.steps, args.warmup, real=variant == "real", output_dir=f"{tmp}/{r}-{variant}"
-                    )
-                seconds[variant].append(s)
-    print(
-        f"default VQA model (visual_bert_tiny, batch 32), {args.steps} steps per run, first {args.warmup} not timed, "
-        f"{args.repeats} interleaved repeats, {torch.get_num_threads()} torch thread(s)"
-    )
-    for clock, c in (("wall clock", 0), ("CPU time of this process (steadier on a shared machine)", 1)):
-        print(f" {clock}:")
-        for variant in VARIANTS:
-            ms = [1000 * s[c] for s in seconds[variant]]
-            print(
-                f"  {variant:8s}: median {statistics.median(ms):7.2f} ms/step   runs: {', '.join(f'{x:.2f}' for x in ms)}"
-            )
-        for variant in ("minimal", "real"):
-            ratios = [v[c] / b[c] for v, b in zip(seconds[variant], seconds["bare"])]
-            if c == 0:
-                emit(
-                    f"Lightning ({variant}) / bare loop per step (tiny)",
-                    ratios,
-                    goal=1.05,
-                    why="Lightning's loop + vl's per-step reseed and divergence guard"
-                    + (" + train.py's callbacks and loggers" if variant == "real" else ""),
+                ratios = paired_fit(
+                    cfg, args.steps, args.warmup, real=variant == "real", output_dir=f"{tmp}/{r}-{variant}"
                 )
-            print(
-                f"  {variant} / bare per step: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}   "
-                f"pairs: {', '.join(f'{x:.3f}' for x in ratios)}"
-            )
+                medians[variant].append(statistics.median(ratios))
+    print(
+        f"default VQA model (visual_bert_tiny, batch 32), {args.steps} step pairs per run, first {args.warmup} not "
+        f"timed, {args.repeats} repeats, {torch.get_num_threads()} torch thread(s)"
+    )
+    for variant in VARIANTS:
+        values = medians[variant]
+        emit(
+            f"Lightning ({variant}) / bare loop per step (tiny)",
+            values,
+            goal=1.05,
+            why="Lightning's loop + vl's per-step reseed and divergence guard"
+            + (" + train.py's callbacks and loggers" if variant == "real" else ""),
+        )
+        print(
+            f"  {variant} / bare per step (median pair): min {min(values):.3f}  median {statistics.median(values):.3f}"
+            f"   runs: {', '.join(f'{x:.3f}' for x in values)}"
+        )
 
 
 if __name__ == "__main__":

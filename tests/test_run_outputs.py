@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 from omegaconf import OmegaConf
 
@@ -133,6 +134,63 @@ def test_tensorboard_logger_writes_event_files_with_the_test_metrics(make_cfg) -
         scalars |= set(acc.Tags()["scalars"])
     assert {"train/loss", "val/vqa_acc", "test/vqa_acc"} <= scalars, sorted(scalars)
     assert (run / "csv" / "metrics.csv").is_file() and (run / "curves.png").is_file()
+
+
+class _WatchLoss(L.Callback):
+    """Records, after every training step, the loss the progress bar shows (when there is one) and the step's loss."""
+
+    shown: list[tuple[float, float]] = []
+    last = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+        if trainer.progress_bar_callback is not None:
+            _WatchLoss.shown.append(
+                (float(trainer.progress_bar_callback.get_metrics(trainer, pl_module)["train/loss"]), loss)
+            )
+        _WatchLoss.last = loss
+
+
+@pytest.mark.parametrize("bar", ["none", "vl_rich"])
+def test_train_loss_is_logged_only_when_read_and_its_readers_see_every_step(bar: str, make_cfg, monkeypatch) -> None:
+    """With no progress bar, or vl's rich bar (which shows `last_train_loss` itself), `train/loss` is `self.log`ged
+    only on the steps the loggers write; the bar shows each step's loss, and the metrics `train()` returns carry the
+    last step's loss, as a per-step `self.log` gave them."""
+    from omegaconf import open_dict
+
+    from vl.models.system import VLSystem
+
+    logged: list[int] = []
+    real_log = VLSystem.log
+
+    def counting_log(self, name, *args, **kwargs):
+        if self.trainer.training and name == "train/loss":
+            logged.append(self.trainer.global_step)
+        return real_log(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(VLSystem, "log", counting_log)
+    monkeypatch.setattr(_WatchLoss, "shown", [])
+    cfg = make_cfg(
+        "experiment=none",
+        "data=vqa",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=6",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=4",
+        "test=false",
+        *(["trainer.enable_progress_bar=false"] if bar == "none" else []),
+    )
+    with open_dict(cfg):
+        if bar == "vl_rich":
+            cfg.callbacks.rich_progress_bar = {"_target_": "vl.callbacks.RichProgressBar"}
+        cfg.callbacks.watch = {"_target_": f"{__name__}._WatchLoss"}
+    metrics, _ = train(cfg)
+    written = {int(r["step"]) for r in _csv_rows(Path(cfg.paths.output_dir)) if r.get("train/loss")}
+    assert written == {3, 7, 11}, written  # log_every_n_steps=4
+    assert sorted(set(logged)) == sorted(written), logged  # a call on each written step, none on the others
+    if bar == "vl_rich":  # the bar showed every step's own loss
+        assert len(_WatchLoss.shown) == 12 and all(abs(a - b) < 1e-6 for a, b in _WatchLoss.shown), _WatchLoss.shown
+    assert metrics["train/loss"] == pytest.approx(_WatchLoss.last, abs=1e-6)
 
 
 def test_a_step_logs_only_what_is_shown_and_the_loggers_get_every_term(make_cfg, monkeypatch) -> None:

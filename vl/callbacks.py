@@ -9,7 +9,14 @@ import lightning as L
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsLine", "Throughput", "ValidateAtMaxSteps", "non_embedding_parameters", "positions"]
+__all__ = [
+    "MetricsLine",
+    "RichProgressBar",
+    "Throughput",
+    "ValidateAtMaxSteps",
+    "non_embedding_parameters",
+    "positions",
+]
 
 
 class ValidateAtMaxSteps(L.Callback):
@@ -121,6 +128,21 @@ class Throughput(L.pytorch.callbacks.ThroughputMonitor):
         pl_module.flops_per_batch = 2 * self._params * positions(batch)  # forward only
 
 
+class RichProgressBar(L.pytorch.callbacks.RichProgressBar):
+    """Lightning's rich progress bar, showing each training step's `train/loss` from the module's `last_train_loss`,
+    so the system need not `self.log` it on every step (`VLSystem._train_loss_read_this_step`); the value shown is
+    the one a per-step `self.log` showed."""
+
+    shows_last_train_loss = True  # VLSystem.LIVE_LOSS_BAR
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_train_loss", None)
+        if loss is not None:
+            items["train/loss"] = float(loss)
+        return items
+
+
 class MetricsLine(L.Callback):
     """One log line per validation (`epoch 3 step 120: train/loss=0.41 val/loss=0.52 val/vqa_acc=0.61`): the run's
     `.log` file shows progress under SLURM or nohup, where the progress bar is invisible."""
@@ -128,9 +150,12 @@ class MetricsLine(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        values = dict(trainer.callback_metrics)
+        if getattr(pl_module, "last_train_loss", None) is not None:  # the last step's (logged or not)
+            values["train/loss"] = pl_module.last_train_loss
         parts = [
             f"{key}={float(value):.4g}"
-            for key, value in sorted(trainer.callback_metrics.items())
+            for key, value in sorted(values.items())
             if key.startswith("val/") or key == "train/loss"
             if getattr(value, "numel", lambda: 1)() == 1
         ]

@@ -271,6 +271,8 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     if cfg.get("train", True):
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        if getattr(model, "last_train_loss", None) is not None:  # the last step's, also when it was not `self.log`ged
+            metrics["train/loss"] = float(model.last_train_loss)
         for cb in trainer.checkpoint_callbacks:  # the monitored metric's best value (what sweeps optimise)
             score = getattr(cb, "best_model_score", None)
             if getattr(cb, "monitor", None) and score is not None and torch.isfinite(torch.as_tensor(score)):

@@ -1,5 +1,5 @@
 """Malformed inputs vs clean errors: feeds `vl` bad checkpoints, planted pickles, damaged / non-finite feature files
-and out-of-range counts through the public entry points (`train`, `evaluate`, `python -m vl.probes`, the data
+and out-of-range counts through the public entry points (`train`, `evaluate`, `python -m vl.tools.probes`, the data
 modules and feature readers) and prints one table row per input with what happened:
 
     clean        a one-line vl error (ConfigError / DataError) naming the file or key
@@ -137,10 +137,16 @@ def main() -> int:
     cases.append(
         (
             "train ckpt_path: other sizes",
-            lambda: train(cfg(*FAST, "data=vqa", f"ckpt_path={good}", "model.text_encoder.hidden_size=64")),
+            lambda: train(cfg(*FAST, "data=vqa", f"ckpt_path={good}", "model.encoder.text_encoder.hidden_size=64")),
             [str(good)],
         )
     )
+    # evaluate: a checkpoint carries its own run record and is evaluated as what it holds, so another architecture's
+    # checkpoint dropped into this run's dir is refused only without one (written before vl stored it)
+    legacy = torch.load(ckpts["another architecture (CLIP-BERT)"], weights_only=True)
+    del legacy["vl_run"]
+    ckpts["another architecture (CLIP-BERT)"] = files / "legacy_clip_bert.ckpt"
+    torch.save(legacy, ckpts["another architecture (CLIP-BERT)"])
     for what, path in ckpts.items():  # evaluate: the file inside the run's checkpoints dir
 
         def run_eval(p=path):
@@ -192,7 +198,7 @@ def main() -> int:
         )
 
     def probes(spec: str):
-        from vl.probes.__main__ import main as probes_main
+        from vl.tools.probes import main as probes_main
 
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
@@ -217,9 +223,13 @@ def main() -> int:
         finally:
             target.unlink()
 
-    cases.append(("python -m vl.probes: planted vl checkpoint", probes_ckpt, ["planted_probe.ckpt"]))
+    cases.append(("python -m vl.tools.probes: planted vl checkpoint", probes_ckpt, ["planted_probe.ckpt"]))
     cases.append(
-        ("python -m vl.probes: planted DeepSpeed state", lambda: probes(f"lxmert:{lx}"), ["mp_rank_00_model_states.pt"])
+        (
+            "python -m vl.tools.probes: planted DeepSpeed state",
+            lambda: probes(f"lxmert:{lx}"),
+            ["mp_rank_00_model_states.pt"],
+        )
     )
 
     corpus = ensure_corpus(data_dir, SceneSettings(num_images=150), "all")

@@ -7,9 +7,9 @@ Rows (each at the tiny size of the CPU defaults and at the published BERT-base s
                `BertForMaskedLM` dir, against `BertForMaskedLM(labels=...)`, 15 % of the tokens masked. vl computes
                the vocabulary logits only at the masked positions (`vl.heads.mlm`); the row `BERT MLM, vl with
                every position's logits` computes them everywhere as HF does, to show that this is the cause.
-A, B alternate within each repeat (the order flips from repeat to repeat); each side is timed as the median of
-`--steps` (published size) / `--tiny-steps` steps after one warm-up step; prints the paired ratio vl / HF with min and median. Goal: <= 1.05 (vl adds no
-cost over HF for the same computation).
+Paired per step: after one warm-up step a side, vl and HF steps alternate (`--steps` pairs at the published size,
+`--tiny-steps` at the tiny size; the order flips from pair to pair); a repeat's figure is its median pair ratio vl /
+HF; prints min and median over the repeats. Goal: <= 1.05 (vl adds no cost over HF for the same computation).
 
     python bench/vs_hf.py [--steps 5] [--tiny-steps 30] [--repeats 3] [--threads 1] [--sizes tiny,published]
 """
@@ -43,14 +43,21 @@ VISUAL_DIM = 2048
 OPT = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
 
 
-def timed(step, steps: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def paired(vl_step, hf_step, steps: int) -> tuple[float, float, float]:
+    """(median pair ratio vl / HF, median vl seconds, median HF seconds) over `steps` pairs after one warm-up step a
+    side: the two steps of a pair run back to back (the order alternates), so the machine's drift cancels."""
+    vl_step()
+    hf_step()
+    ratios, seconds = [], {"vl": [], "hf": []}
+    for k in range(steps):
+        pair = {}
+        for side, step in (("vl", vl_step), ("hf", hf_step)) if k % 2 == 0 else (("hf", hf_step), ("vl", vl_step)):
+            start = time.perf_counter()
+            step()
+            pair[side] = time.perf_counter() - start
+            seconds[side].append(pair[side])
+        ratios.append(pair["vl"] / pair["hf"])
+    return statistics.median(ratios), statistics.median(seconds["vl"]), statistics.median(seconds["hf"])
 
 
 def batch_for(batch: int, text: int, regions: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -171,7 +178,10 @@ def main() -> None:
 
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    print(f"forward + backward, {torch.get_num_threads()} torch thread(s), median of {args.steps} steps per side")
+    print(
+        f"forward + backward, {torch.get_num_threads()} torch thread(s), median pair ratio of {args.tiny_steps} (tiny) / "
+        f"{args.steps} (published) step pairs per repeat"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for size_name in args.sizes.split(","):
             size = SIZES[size_name]
@@ -186,14 +196,9 @@ def main() -> None:
             for name, make in rows.items():
                 vl_step, hf_step = make(size)
                 ratios = []
-                for r in range(args.repeats):
-                    if r % 2 == 0:
-                        a = timed(vl_step, steps)
-                        b = timed(hf_step, steps)
-                    else:
-                        b = timed(hf_step, steps)
-                        a = timed(vl_step, steps)
-                    ratios.append(a / b)
+                for _ in range(args.repeats):
+                    ratio, a, b = paired(vl_step, hf_step, steps)
+                    ratios.append(ratio)
                 print(
                     f"  {name} ({size_name}, batch {size[4]}): vl {1000 * a:.1f} ms, HF {1000 * b:.1f} ms; vl / HF "
                     f"min {min(ratios):.3f} median {statistics.median(ratios):.3f}"

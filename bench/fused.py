@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _table import emit  # noqa: E402
-from train_step import build, compose_cfg, optimiser, quiet, step_args  # noqa: E402
+from train_step import batch_loss, build, compose_cfg, optimiser, quiet, step_args  # noqa: E402
 
 
 def timed_run(cfg, batches, *, fused: bool, steps: int, warmup: int, bf16: bool = False) -> tuple[float, float]:
@@ -44,8 +44,7 @@ def timed_run(cfg, batches, *, fused: bool, steps: int, warmup: int, bf16: bool 
     for batch in itertools.islice(itertools.cycle(batches), steps + warmup):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            out = model(batch)
-            loss = sum(head(out, batch).loss for head in model.objectives.values())
+            loss = batch_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         mid = time.perf_counter()

@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -31,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _table import emit  # noqa: E402
-from train_step import build, compose_cfg, optimiser, quiet, step_args  # noqa: E402
+from _table import emit, paired_seconds  # noqa: E402
+from train_step import bare_step, build, compose_cfg, optimiser, quiet, step_args  # noqa: E402
 
 
 def epoch_loader(dm, epoch: int):
@@ -57,27 +56,16 @@ def paired_ratios(cfg, epoch: int, steps: int, warmup: int) -> list[float]:
     loader = iter(epoch_loader(dm, epoch))
     opt, _ = optimiser(model, 2 * steps)
     model.train()
+    head = next(loader)
+    if not torch.equal(head["input_ids"], preloaded[0]["input_ids"]):
+        raise SystemExit("the two data modules' batches differ: the pairs would not compare like with like")
+    fetched = itertools.chain([head], loader)  # the first pair (a warm-up pair) finds its batch already fetched
+    held = iter(preloaded)
 
-    def step(batch) -> None:
-        out = model(batch)
-        loss = sum(head(out, batch).loss for head in model.objectives.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    ratios = []
-    for k in range(steps):
-        seconds = {}
-        for source in ("preloaded", "loader") if k % 2 == 0 else ("loader", "preloaded"):
-            start = time.perf_counter()
-            batch = preloaded[k] if source == "preloaded" else next(loader)
-            if source == "loader" and k == 0 and not torch.equal(batch["input_ids"], preloaded[0]["input_ids"]):
-                raise SystemExit("the two data modules' batches differ: the pairs would not compare like with like")
-            step(batch)
-            seconds[source] = time.perf_counter() - start
-        if k >= warmup:
-            ratios.append(seconds["loader"] / seconds["preloaded"])
-    return ratios
+    pairs = paired_seconds(
+        lambda: bare_step(model, opt, next(fetched)), lambda: bare_step(model, opt, next(held)), steps
+    )
+    return [a / b for a, b in pairs[warmup:]]
 
 
 def main() -> None:

@@ -104,6 +104,22 @@ def optimiser(model, steps: int, max_epochs: int = 1):
     return configured, None
 
 
+def batch_loss(model, batch):
+    """The summed loss of every objective head on `batch` (what `VLSystem.training_step` returns)."""
+    out = model(batch)
+    return sum(head(out, batch).loss for head in model.objectives.values())
+
+
+def bare_step(model, opt, batch, sched=None) -> None:
+    """One step of the hand-written loop: forward, loss, backward, optimiser (and scheduler) step."""
+    loss = batch_loss(model, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
 class BareTwin:
     """The loop a researcher would otherwise write, one step per call, with vl's own optimiser param groups and
     scheduler, on its own model, data module and loader."""
@@ -118,14 +134,7 @@ class BareTwin:
         self.batches = iter(loader)
 
     def step(self) -> None:
-        batch = next(self.batches)
-        out = self.model(batch)
-        loss = sum(head(out, batch).loss for head in self.model.objectives.values())
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
+        bare_step(self.model, self.opt, next(self.batches), self.sched)
 
 
 def paired_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> list[float]:

@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _table import emit  # noqa: E402
+from _table import emit, paired_seconds  # noqa: E402
 
 SIZES = {  # (hidden, layers, heads, intermediate, batch, text tokens, regions)
     "tiny": (64, 2, 4, 256, 32, 20, 10),
@@ -45,19 +44,15 @@ OPT = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
 
 def paired(vl_step, hf_step, steps: int) -> tuple[float, float, float]:
     """(median pair ratio vl / HF, median vl seconds, median HF seconds) over `steps` pairs after one warm-up step a
-    side: the two steps of a pair run back to back (the order alternates), so the machine's drift cancels."""
+    side (`paired_seconds`: the two steps of a pair run back to back, so the machine's drift cancels)."""
     vl_step()
     hf_step()
-    ratios, seconds = [], {"vl": [], "hf": []}
-    for k in range(steps):
-        pair = {}
-        for side, step in (("vl", vl_step), ("hf", hf_step)) if k % 2 == 0 else (("hf", hf_step), ("vl", vl_step)):
-            start = time.perf_counter()
-            step()
-            pair[side] = time.perf_counter() - start
-            seconds[side].append(pair[side])
-        ratios.append(pair["vl"] / pair["hf"])
-    return statistics.median(ratios), statistics.median(seconds["vl"]), statistics.median(seconds["hf"])
+    pairs = paired_seconds(vl_step, hf_step, steps)
+    return (
+        statistics.median(a / b for a, b in pairs),
+        statistics.median(a for a, _ in pairs),
+        statistics.median(b for _, b in pairs),
+    )
 
 
 def batch_for(batch: int, text: int, regions: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -194,7 +194,8 @@ def test_train_loss_is_logged_only_when_read_and_its_readers_see_every_step(bar:
 
 
 def test_a_step_logs_only_what_is_shown_and_the_loggers_get_every_term(make_cfg, monkeypatch) -> None:
-    """Per training step `self.log` runs once (the bar's `train/loss`), whatever the number of terms; the per-head
+    """Per training step `self.log` runs once (`train/loss`, for the tests' default TQDM bar, which reads it through
+    Lightning; vl's rich bar does not need it: the test above), whatever the number of terms; the per-head
     terms are logged on exactly the steps the loggers write (`log_every_n_steps`), and the training metrics once per
     epoch (they were never written before: a per-step torchmetrics `update` has no step value)."""
     from vl.models.system import VLSystem

@@ -227,8 +227,8 @@ class VLSystem(ReliableTraining):
     def _train_loss_read_this_step(self) -> bool:
         """Whether anything reads this step's `train/loss` through `self.log`: the loggers (on the steps they
         write), a progress bar that does not show `last_train_loss` itself, or a callback monitoring `train/loss`.
-        `self.log` costs ~0.4 ms a call on CPU (Lightning walks the logged value's state each time: ~4 % of a tiny
-        step), so on other steps the loss is only kept (`last_train_loss`); vl's own readers (`MetricsLine`, the
+        `self.log` costs ~0.4 ms a call on CPU (Lightning walks the logged value's state each time: ~3 % of a tiny
+        step, `bench/train_step.py`), so on other steps the loss is only kept (`last_train_loss`); vl's own readers (`MetricsLine`, the
         metrics `train()` returns) take it from there, so they see the last step's loss as before."""
         trainer = self._trainer
         if trainer is None or trainer.fast_dev_run or self._loggers_write_this_step():

@@ -4,7 +4,7 @@ Reading an image's regions costs far more than using them: an LMDB or FRCNN-JSON
 every access (~5 ms of a ~30 ms tiny training step on CPU, measured by `bench/loader.py`), and a corpus reads each
 image once per question or caption about it. The cache keeps decoded items, least recently used out first, up to a
 byte budget per process (`data.feature_cache_mb`; 0 turns it off). Values are unchanged: each access returns the
-cached arrays marked read-only (no copy: a 9.4 MB batch of copies cost ~1 ms a step), so a consumer that writes into
+cached arrays marked read-only (no copy: copying a 32-image batch's items cost ~1 ms of a ~12 ms tiny step), so a consumer that writes into
 one fails at once (`ValueError: assignment destination is read-only`) instead of changing what the next example sees;
 a consumer that must change an array copies it first. A pickled cache (DataLoader workers, DDP processes) starts
 empty in its new process.

@@ -130,10 +130,10 @@ class Throughput(L.pytorch.callbacks.ThroughputMonitor):
 
 class RichProgressBar(L.pytorch.callbacks.RichProgressBar):
     """Lightning's rich progress bar, showing each training step's `train/loss` from the module's `last_train_loss`,
-    so the system need not `self.log` it on every step (`VLSystem._train_loss_read_this_step`); the value shown is
-    the one a per-step `self.log` showed."""
+    so the system need not `self.log` it on every step (`vl.models.step_logging`); the value shown is the one a
+    per-step `self.log` showed."""
 
-    shows_last_train_loss = True  # VLSystem.LIVE_LOSS_BAR
+    shows_last_train_loss = True  # vl.models.step_logging.LIVE_LOSS_BAR
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)

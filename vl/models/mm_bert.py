@@ -478,7 +478,7 @@ class MMBertSystem(VLSystem):
                 self._log_suffix = None
             self._terms = terms
             self._pending_terms.append((self.current_epoch, batch_idx, terms))
-            self.log("train/loss", total, batch_size=examples, prog_bar=True)
+            self.log_train_loss(total, batch_size=examples)
             return total
         return super().training_step(self.with_empty_regions(batch), batch_idx)
 

@@ -33,6 +33,7 @@ from vl.metrics import RetrievalRecall
 from vl.models.blocks import checkpoint_activations, mark_blocks
 from vl.models.ranking import chunked_ranks, gallery_scorer
 from vl.models.reliable import ReliableTraining
+from vl.models.step_logging import StepLogging
 from vl.pretrained import as_one_element, log_key_report
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def build_optimizer(cfg: dict[str, Any], param_groups: list[dict[str, Any]]) -> 
     return factory(param_groups, **({"fused": fused} if fused is not None else {}))
 
 
-class VLSystem(ReliableTraining):
+class VLSystem(StepLogging, ReliableTraining):
     """Sums weighted objective losses, updates per-stage torchmetrics, logs `stage/name`."""
 
     def __init__(
@@ -202,56 +203,13 @@ class VLSystem(ReliableTraining):
         key = f"{stage}/loss" if name == "total" else f"{stage}/{name}_loss"
         if stage == "train":
             if name == "total":
-                self.last_train_loss = loss.detach()
-                if self._train_loss_read_this_step():
-                    self.log(key, loss, batch_size=batch_size, prog_bar=True)
+                self.log_train_loss(loss, batch_size=batch_size)
             else:
                 self.log_step_value(key, loss, batch_size=batch_size)
             return
         mean = self.loss_means[f"{stage}_"][name]
         mean.update(torch.as_tensor(loss, device=self.device).detach().float(), batch_size)
         self.log(key, mean, batch_size=batch_size, prog_bar=name == "total")
-
-    def log_step_value(self, key: str, value: Any, *, batch_size: int) -> None:
-        """`self.log` a training value that only the loggers show (not the progress bar), on the steps they write
-        (`trainer.log_every_n_steps`): the loggers receive exactly what a per-step `self.log` gave them, without
-        its cost (Lightning moves every logged value's state to the device on each call: ~1 ms per value and step
-        on CPU), so a step's logging cost does not grow with the number of terms. `train/loss` (on the bar) is
-        logged every step."""
-        if self._loggers_write_this_step():
-            self.log(key, value, batch_size=batch_size)
-
-    #: callback attribute of a progress bar that shows `last_train_loss` itself (`vl.callbacks.RichProgressBar`)
-    LIVE_LOSS_BAR = "shows_last_train_loss"
-
-    def _train_loss_read_this_step(self) -> bool:
-        """Whether anything reads this step's `train/loss` through `self.log`: the loggers (on the steps they
-        write), a progress bar that does not show `last_train_loss` itself, or a callback monitoring `train/loss`.
-        `self.log` costs ~0.4 ms a call on CPU (Lightning walks the logged value's state each time: ~3 % of a tiny
-        step, `bench/train_step.py`), so on other steps the loss is only kept (`last_train_loss`); vl's own readers (`MetricsLine`, the
-        metrics `train()` returns) take it from there, so they see the last step's loss as before."""
-        trainer = self._trainer
-        if trainer is None or trainer.fast_dev_run or self._loggers_write_this_step():
-            return True
-        cached = self.__dict__.get("_train_loss_readers")
-        if cached is None or cached[0] is not trainer:
-            bar = trainer.progress_bar_callback
-            monitored = any(getattr(cb, "monitor", None) == "train/loss" for cb in trainer.callbacks)
-            cached = (trainer, monitored or (bar is not None and not getattr(bar, self.LIVE_LOSS_BAR, False)))
-            self.__dict__["_train_loss_readers"] = cached
-        return cached[1]
-
-    def _loggers_write_this_step(self) -> bool:
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        if not trainer.loggers:
-            return False
-        if trainer.fast_dev_run:
-            return True
-        # Lightning's own test (logger_connector.should_update_logs); it is evaluated with the same step counter
-        # after the training step, so the answer here is the one Lightning acts on
-        return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
 
     def _log_train_metrics(self) -> None:
         """Each head's training metrics over the epoch (torchmetrics, updated every step), logged once at the epoch's

@@ -17,6 +17,7 @@ from vl.data.features import RegionReader, open_region_features
 from vl.data.features.cache import cached
 from vl.data.samplers import EpochShuffleSampler, ResumableDataLoader, UnpaddedDistributedSampler, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
+from vl.data.transport import worker_collate
 from vl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class VLDataModule(L.LightningDataModule):
         shuffle: bool = True,
         streaming: bool = False,
         streaming_dir: str | None = None,
+        worker_slots: bool = True,
     ) -> None:
         super().__init__()
         self.root_arg = root
@@ -124,6 +126,7 @@ class VLDataModule(L.LightningDataModule):
         self.shuffle = shuffle  # False: every epoch in index order (the comparison of a streamed and an LMDB run)
         self.streaming = streaming  # the training split from LitData shards (`vl.data.streaming`)
         self.streaming_dir = streaming_dir
+        self.worker_slots = worker_slots  # batches from workers through reused shared slots (`vl.data.transport`)
         if streaming and not streaming_dir:
             raise ConfigError(
                 "data.streaming=true needs data.streaming_dir (a dir written by python -m vl.tools.shard)"
@@ -324,10 +327,15 @@ class VLDataModule(L.LightningDataModule):
             # its own generator: creating an iterator then draws no number from the global RNG (resume parity)
             generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
             num_workers=self.num_workers,
-            collate_fn=self.collator(split),
+            collate_fn=self.loader_collate(self.collator(split)),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+    def loader_collate(self, collate_fn: Any) -> Any:
+        """`collate_fn` as this module's loaders call it: through reused shared-memory slots when batches come from
+        workers (`vl.data.transport`; `data.worker_slots=false`: PyTorch's own per-tensor path)."""
+        return worker_collate(collate_fn, num_workers=self.num_workers, slots=self.worker_slots)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")

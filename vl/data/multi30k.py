@@ -450,7 +450,7 @@ class Multi30kDataModule(VLDataModule):
             sampler=sampler,
             generator=torch.Generator().manual_seed(_seed()),
             num_workers=self.num_workers,
-            collate_fn=self.aux_collator(),
+            collate_fn=self.loader_collate(self.aux_collator()),
         )
         return CombinedLoader({"main": main, "aux": aux}, mode="max_size_cycle")
 

@@ -373,7 +373,7 @@ def streaming_train_loader(dm: Any) -> Any:
         dataset,
         batch_size=dm.batch_size_per_device,
         num_workers=dm.num_workers,
-        collate_fn=dm.collator("train"),
+        collate_fn=dm.loader_collate(dm.collator("train")),
         pin_memory=dm.pin_memory,
         epoch_fn=lambda: dm.trainer.current_epoch if dm.trainer is not None else None,
     )

@@ -150,3 +150,21 @@ def test_vqa_loader_with_a_worker_equals_the_in_process_loader(make_cfg) -> None
                 assert torch.equal(got[key], want[key]), key
             else:
                 assert got[key] == want[key], key
+
+
+def test_slots_of_ended_workers_are_let_go() -> None:
+    """A new loader's workers (a new fit or stage) send new slots; the receiving process drops those of workers that
+    have ended, so their shared memory does not pile up across stages."""
+    from vl.data import transport
+
+    ended: set[int] = set()
+    earlier = {key[0] for key in transport._RECEIVED}  # other tests' loaders (their workers may still run)
+    for _ in range(3):
+        loader = _loader(worker_collate(_collate, num_workers=2))
+        for batch in loader:
+            del batch
+        pids = {key[0] for key in transport._RECEIVED}
+        assert not pids & ended  # the previous loaders' workers: let go
+        ended |= pids - earlier  # this loader's workers, about to end
+        del loader
+        gc.collect()

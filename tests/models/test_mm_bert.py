@@ -138,6 +138,9 @@ def test_sequence_layout_types_positions_against_a_per_example_build() -> None:
             inputs_embeds=torch.stack(embs)[None],
             position_ids=torch.tensor([pos]),
             token_type_ids=torch.tensor([types]),
+            # explicit: without a mask, transformers 5.x reads position ids that do not rise by 1 (the regions share
+            # one position) as packed sequences and blocks attention between them
+            attention_mask=torch.ones(1, len(pos), dtype=torch.long),
         )
         states = ref.last_hidden_state[0]
         torch.testing.assert_close(out.text[b, :n_t], states[:n_t], atol=1e-5, rtol=1e-5)

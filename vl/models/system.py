@@ -29,10 +29,9 @@ from vl.batch import EncoderOutput
 from vl.config import instantiate_node
 from vl.errors import ConfigError
 from vl.heads import HeadContext, build_heads
-from vl.metrics import RetrievalRecall
 from vl.models.blocks import checkpoint_activations, mark_blocks
-from vl.models.ranking import chunked_ranks, gallery_scorer
 from vl.models.reliable import ReliableTraining
+from vl.models.retrieval_eval import RetrievalEvaluation
 from vl.models.step_logging import StepLogging
 from vl.pretrained import as_one_element, log_key_report
 
@@ -71,7 +70,7 @@ def build_optimizer(cfg: dict[str, Any], param_groups: list[dict[str, Any]]) -> 
     return factory(param_groups, **({"fused": fused} if fused is not None else {}))
 
 
-class VLSystem(StepLogging, ReliableTraining):
+class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
     """Sums weighted objective losses, updates per-stage torchmetrics, logs `stage/name`."""
 
     def __init__(
@@ -114,8 +113,6 @@ class VLSystem(StepLogging, ReliableTraining):
         self.predictions: list[dict[str, Any]] = []
         # what makes a checkpoint self-contained (set by the pipeline before fitting; written by on_save_checkpoint)
         self.run_record: dict[str, Any] | None = None
-        self._gallery: dict[str, Any] = {}
-        self.retrieval_batch_size = 256  # (text, image) pairs per forward when ranking a retrieval gallery
         self.encoder = (
             encoder if isinstance(encoder, nn.Module) else instantiate_node(_plain(encoder), data_info=data_info)
         )
@@ -153,8 +150,7 @@ class VLSystem(StepLogging, ReliableTraining):
                 for stage in ("val", "test")
             }
         )
-        # ranks of retrieval queries (data=retrieval val/test); metric states, no parameters
-        self.retrieval_metrics = nn.ModuleDict({f"{stage}_": RetrievalRecall() for stage in ("val", "test")})
+        self.init_retrieval()
         if self.init_from:
             self.load_init_checkpoint(self.init_from)
 
@@ -309,63 +305,6 @@ class VLSystem(StepLogging, ReliableTraining):
             torch.distributed.all_gather_object(everything, preds)
             preds = [p for part in everything for p in part]
         return list({p["key"]: p for p in preds}.values())
-
-    # ------------------------------------------------------------------ retrieval evaluation
-    def pair_scorer(self) -> Any:
-        """(pooled (N, H)) -> (N,) image-text match score: the fine-tuned `retrieval` head, else ITM's aligned prob."""
-        if "retrieval" in self.objectives:
-            return self.objectives["retrieval"].score
-        if "itm" in self.objectives:
-            return lambda pooled: self.objectives["itm"].classifier(pooled).softmax(-1)[:, 1]
-        raise ConfigError("retrieval needs a model with a 'retrieval' or 'itm' head")
-
-    @torch.no_grad()
-    def retrieval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        """Rank each query's gold image among the whole gallery of the split (`datamodule.gallery(split)`) by
-        cross-encoder scores, in chunks; updates `<stage>/recall@k`, median and mean rank."""
-        gallery, collator = self._stage_gallery(stage)
-        texts = [gallery["texts"][int(q)] for q in batch["query_index"]]
-        score = gallery_scorer(self, collator, texts, gallery["visuals"], batch_size=self.retrieval_batch_size)
-        ranks = chunked_ranks(
-            score,
-            len(texts),
-            len(gallery["visuals"]),
-            batch["gold"].tolist(),
-            text_chunk=len(texts),
-            image_chunk=max(1, self.retrieval_batch_size // max(1, len(texts))),
-        )
-        metric = self.retrieval_metrics[f"{stage}_"]
-        metric.update(torch.as_tensor(ranks, device=self.device))
-        if stage == "test":
-            self.predictions.extend(
-                {"key": int(q), "query_index": int(q), "rank": int(r)} for q, r in zip(batch["query_index"], ranks)
-            )
-        return torch.zeros((), device=self.device)
-
-    def _datamodule(self) -> Any:
-        """The trainer's `VLDataModule`, or None (a model run on bare dataloaders)."""
-        trainer = self._trainer
-        return getattr(trainer, "datamodule", None) if trainer is not None else None
-
-    def _stage_gallery(self, stage: str) -> tuple[dict[str, Any], Any] | None:
-        """(gallery, scoring collator) when the data module says `stage`'s examples are retrieval queries (its
-        `gallery(split)` hook), else None; asked once per epoch."""
-        if stage not in self._gallery:
-            dm = self._datamodule()
-            gallery = dm.gallery(stage) if dm is not None else None
-            self._gallery[stage] = None if gallery is None else (gallery, dm.scoring_collator())
-        return self._gallery[stage]
-
-    def _log_retrieval(self, stage: str) -> None:
-        metric = self.retrieval_metrics[f"{stage}_"]
-        if metric.update_called:
-            for key, value in metric.compute().items():
-                self.log(f"{stage}/{key}", value, prog_bar=key == "recall@1", sync_dist=False)
-            metric.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_retrieval("val")
-        self._gallery.pop("val", None)
 
     # ------------------------------------------------------------------ optimisation
     def pretrained_parameter_names(self) -> set[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import io
 import pickle
+from collections import OrderedDict
 from multiprocessing.reduction import ForkingPickler
 
 import pytest
@@ -42,6 +43,10 @@ def _collate(items: list[int]) -> dict:
         "ids": [f"item{i}" for i in items],
         "nested": {"t": torch.tensor(items)},
     }
+
+
+def _ordered_collate(items: list[int]) -> OrderedDict:
+    return OrderedDict(_collate(items))
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -128,6 +133,8 @@ def test_spawned_workers_and_the_switch_off() -> None:
     spawned = _loader(worker_collate(_collate, num_workers=1), workers=1, multiprocessing_context="spawn")
     for got, want in zip(_epochs(spawned, epochs=1), reference, strict=True):
         _assert_same(got, want)
+    ordered = _loader(worker_collate(_ordered_collate, num_workers=1), workers=1)
+    assert all(type(batch) is OrderedDict for batch in ordered)  # other batch types travel as they are
     assert worker_collate(_collate, num_workers=2, slots=False) is _collate
     assert worker_collate(_collate, num_workers=0) is _collate
     with pytest.raises(ValueError, match="slots"):

@@ -148,7 +148,7 @@ class SlotCollate:
 
     def __call__(self, examples: list[Any]) -> Any:
         batch = self.collate_fn(examples)
-        if get_worker_info() is None or not isinstance(batch, Mapping):
+        if get_worker_info() is None or type(batch) is not dict:  # another mapping type would come back a dict
             return batch
         return self.pack(batch)
 

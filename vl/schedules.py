@@ -10,10 +10,16 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def linear_warmup_decay(
-    optimizer: Optimizer, *, total_steps: int, warmup_ratio: float = 0.1, final_ratio: float = 0.0
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    warmup_ratio: float = 0.1,
+    final_ratio: float = 0.0,
+    warmup_steps: int | None = None,
 ) -> LambdaLR:
-    """Linear warmup over `warmup_ratio * total_steps`, then linear decay to `final_ratio` of the peak."""
-    warmup = max(1, int(warmup_ratio * total_steps))
+    """Linear warmup over `warmup_ratio * total_steps` (or `warmup_steps`), then linear decay to `final_ratio` of the
+    peak at `total_steps`. With `final_ratio=0` this is also VL-BERT's `triangle` schedule (MM-BERT)."""
+    warmup = max(1, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -42,7 +48,7 @@ def warmup_constant_step_decay(
 ) -> LambdaLR:
     """ViLBERT fine-tuning: linear warmup over `warmup_ratio * total_steps` then constant (BertAdam
     `warmup_constant`), times `gamma` from each epoch in `decay_epochs` on (LambdaLR x0.1 at epochs 12 and 16).
-    `warmup_steps`: the warmup length in steps instead of the ratio (None: the ratio; as `triangle_schedule`, so a
+    `warmup_steps`: the warmup length in steps instead of the ratio (None: the ratio; as `linear_warmup_decay`, so a
     model file's `warmup_steps: null` composes with this schedule, e.g. under `experiment=compare`)."""
     warmup = max(1, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
     milestones = sorted(int(e) for e in decay_epochs)

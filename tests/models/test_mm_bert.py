@@ -5,6 +5,7 @@ built example by example and run through the BERT stack unpadded; the MVRC soft-
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -303,3 +304,21 @@ def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) ->
     for r in rows:
         got[r["caption_id"], r["image_ids"]] = r["logit"][0]
     np.testing.assert_allclose(got, full, atol=1e-5)
+
+
+def test_the_scheduler_is_vl_berts_triangle() -> None:
+    """`model=mm_bert`'s scheduler (vl.schedules.linear_warmup_decay with warmup_steps) against VL-BERT's triangle
+    written out: lr x (step + 1) / warmup during warmup, then x (total - step) / (total - warmup), down to 0."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / "mm_bert.yaml").scheduler
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2.0)
+    total, warmup = 100, 10
+    sched = instantiate(node, warmup_steps=warmup)(opt, total_steps=total)
+    for step in range(total + 3):
+        want = 2.0 * ((step + 1) / warmup if step < warmup else max(0.0, (total - step) / (total - warmup)))
+        assert abs(opt.param_groups[0]["lr"] - want) < 1e-12, step
+        opt.step()
+        sched.step()

@@ -483,25 +483,6 @@ class MMBertSystem(VLSystem):
         return super().training_step(self.with_empty_regions(batch), batch_idx)
 
 
-def triangle_schedule(
-    optimizer: torch.optim.Optimizer,
-    *,
-    total_steps: int,
-    warmup_steps: int | None = None,
-    warmup_ratio: float = 0.0,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """VL-BERT's `triangle` schedule: linear warmup over `warmup_steps` (or `warmup_ratio` x total), then linear decay
-    to 0 at `total_steps`."""
-    warmup = max(1, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 @torch.no_grad()
 def exhaustive_retrieval(
     model: Any,

@@ -267,7 +267,7 @@ def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) ->
     import json
 
     from vl.data.multi30k import Multi30kCollator
-    from vl.models.mm_bert import exhaustive_retrieval
+    from vl.models.ranking import exhaustive_retrieval
 
     class Tok:  # one id per character: a caption's score depends on its text only
         pad_token_id = 0

@@ -36,7 +36,7 @@ from vl.batch import EncoderOutput, region_feature_dim
 from vl.errors import ConfigError
 from vl.heads.mm_bert import BinaryImageTextMatching  # noqa: F401  (registers the MM-BERT heads)
 from vl.models.bert_backbone import build_bert
-from vl.models.ranking import gallery_scorer
+from vl.models.ranking import exhaustive_retrieval
 from vl.models.system import VLSystem
 from vl.pretrained import log_key_report
 
@@ -481,65 +481,6 @@ class MMBertSystem(VLSystem):
             self.log_train_loss(total, batch_size=examples)
             return total
         return super().training_step(self.with_empty_regions(batch), batch_idx)
-
-
-@torch.no_grad()
-def exhaustive_retrieval(
-    model: Any,
-    collator: Any,
-    texts: list[str],
-    visuals: Any,
-    *,
-    batch_size: int = 256,
-    text_chunk: int = 16,
-    scores_path: Path | None = None,
-    tolerance: float = 1e-6,
-) -> dict[str, float]:
-    """Caption i belongs to image i. Scores all N x N pairs, one chunk of captions against every image at a time
-    (memory O(text_chunk x N), never N x N), and ranks both ways: image retrieval (``t2i``: the images for each caption)
-    and caption retrieval (``i2t``: the captions for each image). Rank = 1 + the number of others scoring more than the
-    gold pair's score + ``tolerance`` (ties count in the gold's favour). ``scores_path``: the seed's scores file
-    ``[{"caption_id", "image_ids", "logit": [p]}]``, one entry per pair, streamed."""
-    n = len(texts)
-    score = gallery_scorer(model, collator, texts, visuals, batch_size=batch_size)
-    gold = score.pairs(list(range(n)), list(range(n))).double().numpy()  # (N,) the aligned pairs
-    t2i_better = torch.zeros(n, dtype=torch.long)
-    i2t_better = torch.zeros(n, dtype=torch.long)
-    out = open(scores_path, "w", encoding="utf-8") if scores_path is not None else None  # noqa: SIM115
-    try:
-        if out is not None:
-            out.write("[")
-        first = True
-        for t0 in range(0, n, text_chunk):
-            rows_idx = list(range(t0, min(n, t0 + text_chunk)))
-            block = score(rows_idx, list(range(n))).double()  # (c, N)
-            own = torch.arange(len(rows_idx))
-            cols = torch.tensor(rows_idx)
-            not_gold = torch.ones_like(block, dtype=torch.bool)
-            not_gold[own, cols] = False
-            gold_t = torch.from_numpy(gold[rows_idx])
-            t2i_better[cols] += ((block > gold_t[:, None] + tolerance) & not_gold).sum(1)
-            i2t_better += ((block > torch.from_numpy(gold)[None, :] + tolerance) & not_gold).sum(0)
-            if out is not None:
-                for r, caption in enumerate(rows_idx):
-                    for image in range(n):
-                        sep = "" if first else ","
-                        first = False
-                        out.write(
-                            f'{sep}{{"caption_id": {caption}, "image_ids": {image}, "logit": [{float(block[r, image])}]}}'
-                        )
-        if out is not None:
-            out.write("]")
-    finally:
-        if out is not None:
-            out.close()
-    metrics: dict[str, float] = {}
-    for name, better in (("t2i", t2i_better), ("i2t", i2t_better)):
-        ranks = (better + 1).double()
-        for k in (1, 5, 10):
-            metrics[f"{name}_recall@{k}"] = float((ranks <= k).double().mean())
-        metrics[f"{name}_median_rank"] = float(ranks.median())
-    return metrics
 
 
 @torch.no_grad()

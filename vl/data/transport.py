@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import uuid
 import weakref
 from collections import OrderedDict
@@ -38,6 +39,7 @@ _HEADER = _ALIGN  # slot bytes [0, 8): int64 state (0 free, 1 holds an unreceive
 _FREE, _FULL = 0, 1
 #: the training process's received slots: (worker pid, worker token, slot index, generation) -> the slot's uint8 tensor
 _RECEIVED: OrderedDict[tuple[int, str, int, int], np.ndarray] = OrderedDict()
+_RECEIVED_LOCK = threading.Lock()
 _RECEIVED_MAX = 4096  # a bound, not a working size: ended workers' slots are dropped as new ones arrive
 
 
@@ -87,19 +89,20 @@ def _unpack(
 ) -> dict[str, Any]:
     """Runs in the receiving process when a `_Packed` descriptor is unpickled: the batch, as views of its slot that
     free the slot when the last of them is gone."""
-    if slot is not None:  # a new slot (rare): drop the same slot's smaller predecessor and those of ended workers
-        for old in [k for k in _RECEIVED if k[:3] == key[:3] or not _alive(k[0])]:
-            del _RECEIVED[old]
-        _RECEIVED[key] = slot.numpy()
-        while len(_RECEIVED) > _RECEIVED_MAX:
-            _RECEIVED.popitem(last=False)
-    memory = _RECEIVED.get(key)
-    if memory is None:
-        raise RuntimeError(
-            f"DataLoader worker batch refers to shared slot {key} that this process never received (or dropped after "
-            f"{_RECEIVED_MAX} slots); set data.worker_slots=false"
-        )
-    _RECEIVED.move_to_end(key)
+    with _RECEIVED_LOCK:  # loaders' pin-memory threads may unpickle at the same time
+        if slot is not None:  # a new slot (rare): drop the same slot's smaller predecessor and those of ended workers
+            for old in [k for k in _RECEIVED if k[:3] == key[:3] or not _alive(k[0])]:
+                del _RECEIVED[old]
+            _RECEIVED[key] = slot.numpy()
+            while len(_RECEIVED) > _RECEIVED_MAX:
+                _RECEIVED.popitem(last=False)
+        memory = _RECEIVED.get(key)
+        if memory is None:
+            raise RuntimeError(
+                f"DataLoader worker batch refers to shared slot {key} that this process never received (or dropped "
+                f"after {_RECEIVED_MAX} slots); set data.worker_slots=false"
+            )
+        _RECEIVED.move_to_end(key)
     state = memory[:8].view(np.int64)
     if state[0] != _FULL:
         raise RuntimeError(f"DataLoader worker slot {key} holds no batch (state {state[0]}): refusing a stale read")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-__all__ = ["SlotCollate", "worker_collate"]
+__all__ = ["SLOTS_PER_WORKER", "SlotCollate", "worker_collate"]
 
 _ALIGN = 64  # bytes: every packed tensor starts on a cache line (and any dtype's alignment)
 _HEADER = _ALIGN  # slot bytes [0, 8): int64 state (0 free, 1 holds an unreceived batch)
@@ -138,7 +138,7 @@ class SlotCollate:
     `slots` reusable shared-memory slots of that worker (see the module docstring); in the main process, the batch
     itself."""
 
-    def __init__(self, collate_fn: Callable[[list[Any]], Any], *, slots: int = 3) -> None:
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], *, slots: int = 5) -> None:
         if slots < 1:
             raise ValueError(f"SlotCollate: slots must be >= 1, got {slots}")
         self.collate_fn = collate_fn
@@ -147,7 +147,7 @@ class SlotCollate:
         self._buffers: list[torch.Tensor | None] = []
         self._generation: list[int] = []
         self._next = 0
-        self.fallbacks = 0  # batches this worker sent the ordinary way (its next slot was still unreceived)
+        self.fallbacks = 0  # batches this worker sent the ordinary way (all its slots held)
 
     def __call__(self, examples: list[Any]) -> Any:
         batch = self.collate_fn(examples)
@@ -160,10 +160,12 @@ class SlotCollate:
         if self._token is None or self._token[0] != os.getpid():  # first call in this worker process
             self._token = (os.getpid(), uuid.uuid4().hex)
             self._buffers, self._generation, self._next = [None] * self.slots, [0] * self.slots, 0
-        tensors, seen = [], {}
+        tensors, rest, seen = [], {}, {}
         for name, value in batch.items():
             if _packable(value):
                 tensors.append((name, value))
+            else:
+                rest[name] = value
         if not tensors:
             return batch
         for step in range(self.slots):  # the next free slot (a batch the consumer keeps holds its slot)
@@ -195,7 +197,6 @@ class SlotCollate:
             if nbytes:
                 slot[_HEADER + start : _HEADER + start + nbytes].view(dtype).view(shape).copy_(value)
         _state(slot).fill_(_FULL)
-        rest = {name: value for name, value in batch.items() if not _packable(value)}
         key = (*self._token, index, self._generation[index])
         return _Packed(key, send, layout, used, rest, list(batch))
 
@@ -205,11 +206,16 @@ class SlotCollate:
         return state
 
 
+#: slots per worker: PyTorch's default 2 batches in flight, the one the step uses, the one Lightning fetched ahead,
+#: and one spare for a batch the loop holds a little longer
+SLOTS_PER_WORKER = 2 + 3
+
+
 def worker_collate(
-    collate_fn: Callable[[list[Any]], Any], *, num_workers: int, prefetch_factor: int | None = None, slots: bool = True
+    collate_fn: Callable[[list[Any]], Any], *, num_workers: int, slots: bool = True
 ) -> Callable[[list[Any]], Any]:
-    """`collate_fn` wrapped in a `SlotCollate` when batches come from workers (`num_workers > 0` and `slots`), with
-    one slot more per worker than it can have batches in flight (`prefetch_factor`, PyTorch's default 2)."""
+    """`collate_fn` wrapped in a `SlotCollate` of `SLOTS_PER_WORKER` slots when batches come from workers
+    (`num_workers > 0` and `slots`), else `collate_fn` itself."""
     if num_workers <= 0 or not slots:
         return collate_fn
-    return SlotCollate(collate_fn, slots=(prefetch_factor or 2) + 3)
+    return SlotCollate(collate_fn, slots=SLOTS_PER_WORKER)

@@ -24,8 +24,9 @@ __all__ = ["RetrievalEvaluation"]
 
 
 class RetrievalEvaluation(L.LightningModule):
-    """Gallery ranking for val/test retrieval queries (see the module docstring). Needs `objectives` (the heads) and
-    `predictions` (the test predictions list) from the system; `init_retrieval()` sets up its own state."""
+    """Gallery ranking for val/test retrieval queries (see the module docstring). Needs `objectives` (the heads),
+    `predictions` (the test predictions list) and `_datamodule()` from the system; `init_retrieval()` sets up its own
+    state."""
 
     def init_retrieval(self) -> None:
         """The gallery per stage (filled on first use), the scoring batch size and the rank metrics (metric states,
@@ -64,11 +65,6 @@ class RetrievalEvaluation(L.LightningModule):
                 {"key": int(q), "query_index": int(q), "rank": int(r)} for q, r in zip(batch["query_index"], ranks)
             )
         return torch.zeros((), device=self.device)
-
-    def _datamodule(self) -> Any:
-        """The trainer's `VLDataModule`, or None (a model run on bare dataloaders)."""
-        trainer = self._trainer
-        return getattr(trainer, "datamodule", None) if trainer is not None else None
 
     def _stage_gallery(self, stage: str) -> tuple[dict[str, Any], Any] | None:
         """(gallery, scoring collator) when the data module says `stage`'s examples are retrieval queries (its

@@ -306,6 +306,11 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
             preds = [p for part in everything for p in part]
         return list({p["key"]: p for p in preds}.values())
 
+    def _datamodule(self) -> Any:
+        """The trainer's `VLDataModule`, or None (a model run on bare dataloaders)."""
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
     # ------------------------------------------------------------------ optimisation
     def pretrained_parameter_names(self) -> set[str]:
         """Names of parameters that came from pretrained weights (they get lr x `pretrained_lr_mult`)."""

@@ -35,29 +35,18 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from vl.data.features import (
     ClipFeatureReader,
     FrcnnJsonRegionReader,
     HDF5RegionReader,
     RegionFeatureReader,
-    write_clip_hdf5,
-    write_region_hdf5,
-    write_region_json,
-    write_region_lmdb,
 )
-from vl.data.formats.jsonl import write_jsonl
-from vl.data.formats.lxmert import lxmert_texts
-from vl.data.formats.vqa import build_targets
 from vl.data.scenes.generator import (
     GENERATOR_VERSION,
     NUM_REGION_CLASSES,
@@ -65,10 +54,15 @@ from vl.data.scenes.generator import (
     Scene,
     SceneSettings,
     answer_vocab,
-    clip_embedding,
     generate_scenes,
-    region_features,
-    render,
+)
+from vl.data.scenes.writers.core import (
+    write_captions,
+    write_features,
+    write_images,
+    write_json,
+    write_lxmert,
+    write_vqa,
 )
 from vl.data.scenes.writers.refcoco import write_refcoco_corpus
 from vl.data.scenes.writers.retrieval import write_retrieval_corpus
@@ -137,18 +131,6 @@ def corpus_paths(root: str | Path) -> dict[str, Path]:
     return paths
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        json.dump(obj, f)
-
-
-def _write_pickle(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        pickle.dump(obj, f, protocol=4)
-
-
 def _sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
@@ -201,11 +183,11 @@ def write_corpus(root: str | Path, settings: SceneSettings | None = None, parts:
         "contributor": "vl",
     }
     label2ans = answer_vocab(settings)
-    written = _write_images(paths, scenes)
-    written += _write_captions(paths, by_split, info)
-    written += _write_features(paths, scenes, settings)
-    written += _write_vqa(paths, by_split, info, label2ans)
-    written += _write_lxmert(paths, by_split)
+    written = write_images(paths, scenes)
+    written += write_captions(paths, by_split, info)
+    written += write_features(paths, scenes, settings)
+    written += write_vqa(paths, by_split, info, label2ans)
+    written += write_lxmert(paths, by_split)
     _write_manifest(root, paths, written, settings, scenes, by_split, len(label2ans))
     for part in parts:
         write_part(root, part, scenes, settings)
@@ -238,129 +220,8 @@ def write_part(root: str | Path, part: str, scenes: Sequence[Scene], settings: S
         "files": _file_entries(root, written),
     }
     tmp = manifest.with_name(f".{part}.json.tmp")
-    _write_json(tmp, record)
+    write_json(tmp, record)
     os.replace(tmp, manifest)
-
-
-def _write_images(paths: dict[str, Path], scenes: Sequence[Scene]) -> list[Path]:
-    """``images/<image_id>.png`` for every scene."""
-    paths["images"].mkdir(parents=True, exist_ok=True)
-    written = []
-    for sc in progress(scenes, desc="corpus: images", unit="img"):
-        p = paths["images"] / f"{sc.image_id}.png"
-        render(sc).save(p, format="PNG")
-        written.append(p)
-    return written
-
-
-def _write_captions(paths: dict[str, Path], by_split: dict[str, list[Scene]], info: dict[str, Any]) -> list[Path]:
-    """COCO captions JSON, VLP JSONL and Conceptual-Captions-style TSV (`caption<TAB>image_id`) per split
-    (annotation ids run on across the splits)."""
-    written: list[Path] = []
-    ann_id = 0
-    for s in SPLITS:
-        images, anns, lines = [], [], []
-        for sc in by_split[s]:
-            images.append(
-                {"id": sc.image_id, "file_name": f"{sc.image_id}.png", "width": sc.width, "height": sc.height}
-            )
-            for cap in sc.captions:
-                ann_id += 1
-                anns.append({"id": ann_id, "image_id": sc.image_id, "caption": cap})
-                lines.append({"text": cap, "image_id": str(sc.image_id)})
-        _write_json(paths[f"captions_{s}"], {"info": {**info, "split": s}, "images": images, "annotations": anns})
-        paths[f"vlp_{s}"].parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(paths[f"vlp_{s}"], lines)
-        paths[f"cc_{s}"].parent.mkdir(parents=True, exist_ok=True)
-        paths[f"cc_{s}"].write_text("".join(f"{a['caption']}\t{a['image_id']}\n" for a in anns), encoding="utf-8")
-        written += [paths[f"captions_{s}"], paths[f"vlp_{s}"], paths[f"cc_{s}"]]
-    return written
-
-
-def _write_features(paths: dict[str, Path], scenes: Sequence[Scene], settings: SceneSettings) -> list[Path]:
-    """The CLIP HDF5, and the same region features as LMDB, HDF5 and per-image FRCNN JSON."""
-    write_clip_hdf5(
-        paths["clip"], [str(sc.image_id) for sc in scenes], np.stack([clip_embedding(sc, settings) for sc in scenes])
-    )
-    region_records = []
-    for sc in progress(scenes, desc="corpus: region features", unit="img"):
-        rec = region_features(sc, settings)
-        rec.pop("labels")
-        region_records.append(rec)
-    write_region_lmdb(paths["regions"], region_records)
-    write_region_hdf5(paths["regions_hdf5"], region_records)
-    write_region_json(paths["regions_json"], region_records)
-    written = [paths["clip"], paths["regions"] / "data.mdb", paths["regions_hdf5"]]
-    return written + [paths["regions_json"] / f"{sc.image_id}.json" for sc in scenes]
-
-
-def _vqa_annotation(image_id: int, q: dict[str, Any]) -> dict[str, Any]:
-    """Official VQA annotation of question ``q`` (its true answer is the multiple-choice answer when tied)."""
-    mc = Counter(q["answers"]).most_common()
-    top = mc[0][1]
-    mc_answer = q["answer"] if Counter(q["answers"])[q["answer"]] == top else mc[0][0]
-    return {
-        "question_id": q["question_id"],
-        "image_id": image_id,
-        "question_type": q["question_type"],
-        "answer_type": q["answer_type"],
-        "multiple_choice_answer": mc_answer,
-        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(q["answers"])],
-    }
-
-
-def _write_vqa(
-    paths: dict[str, Path], by_split: dict[str, list[Scene]], info: dict[str, Any], label2ans: list[str]
-) -> list[Path]:
-    """Official VQA questions / annotations and target caches per split, then the answer vocabulary files."""
-    ans2label = {a: i for i, a in enumerate(label2ans)}
-    written: list[Path] = []
-    for s in SPLITS:
-        questions, annotations = [], []
-        for sc in by_split[s]:
-            for q in sc.questions:
-                questions.append({"image_id": sc.image_id, "question": q["question"], "question_id": q["question_id"]})
-                annotations.append(_vqa_annotation(sc.image_id, q))
-        common = {"info": {**info, "split": s}, "task_type": "Open-Ended", "data_type": "mscoco"}
-        _write_json(paths[f"vqa_questions_{s}"], {**common, "data_subtype": f"{s}2014", "questions": questions})
-        _write_json(paths[f"vqa_annotations_{s}"], {**common, "data_subtype": f"{s}2014", "annotations": annotations})
-        targets = build_targets(annotations, ans2label)
-        _write_pickle(paths[f"vqa_targets_{s}"], targets)
-        _write_json(paths[f"vqa_targets_json_{s}"], targets)
-        written += [
-            paths[f"vqa_questions_{s}"],
-            paths[f"vqa_annotations_{s}"],
-            paths[f"vqa_targets_{s}"],
-            paths[f"vqa_targets_json_{s}"],
-        ]
-    _write_pickle(paths["ans2label_pkl"], ans2label)
-    _write_pickle(paths["label2ans_pkl"], label2ans)
-    _write_json(paths["ans2label"], ans2label)
-    _write_json(paths["label2ans"], label2ans)
-    return written + [paths["ans2label_pkl"], paths["label2ans_pkl"], paths["ans2label"], paths["label2ans"]]
-
-
-def _write_lxmert(paths: dict[str, Path], by_split: dict[str, list[Scene]]) -> list[Path]:
-    """LXMERT pretraining JSON per split (``[{"img_id", "sentf": {"mscoco": captions, "vqa": questions},
-    "labelf": {"vqa": [{answer: score}]}}]``, VQA scores min(1, count / 3)) and its MLM text JSONL
-    (``vl.data.formats.lxmert`` rules)."""
-    written: list[Path] = []
-    for s in SPLITS:
-        datums = []
-        for sc in by_split[s]:
-            labels = [{a: min(1.0, c / 3) for a, c in Counter(q["answers"]).items()} for q in sc.questions]
-            datums.append(
-                {
-                    "img_id": f"scene_{sc.image_id}",
-                    "sentf": {"mscoco": list(sc.captions), "vqa": [q["question"] for q in sc.questions]},
-                    "labelf": {"vqa": labels},
-                }
-            )
-        _write_json(paths[f"lxmert_{s}"], datums)
-        paths[f"lxmert_text_{s}"].parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(paths[f"lxmert_text_{s}"], [{"text": t} for t in lxmert_texts(datums)])
-        written += [paths[f"lxmert_{s}"], paths[f"lxmert_text_{s}"]]
-    return written
 
 
 def _file_entries(root: Path, written: Sequence[Path], unhashed_dir: Path | None = None) -> list[dict[str, Any]]:
@@ -404,7 +265,7 @@ def _write_manifest(
         "files": files,
     }
     tmp = paths["manifest"].with_name(".manifest.json.tmp")
-    _write_json(tmp, manifest)
+    write_json(tmp, manifest)
     os.replace(tmp, paths["manifest"])
 
 

@@ -25,7 +25,6 @@ ids ("two"), so the reader's `convert_ans` has work to do; VQA JSON labels are t
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ from vl.data.scenes.generator import (
     generate_scenes,
     render,
 )
+from vl.data.scenes.writers.core import write_json
 
 __all__ = ["IMAGE_LAYOUT_VERSION", "ensure_image_corpus", "image_id_of", "pixel_scene", "extra_answers"]
 
@@ -106,11 +106,6 @@ def _lxmert_answer(answer: str, question_id: int) -> str:
     return answer
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj), encoding="utf-8")
-
-
 def write_image_corpus(out: Path, scenes: Sequence[Scene], settings: SceneSettings) -> dict[str, int]:
     """Write the layout above into `out` (see the module docstring); returns counts."""
     sizes: dict[str, list[int]] = {}
@@ -124,7 +119,7 @@ def write_image_corpus(out: Path, scenes: Sequence[Scene], settings: SceneSettin
         (out / "png").mkdir(exist_ok=True)
         image.save(out / "png" / f"{img_id}.png", format="PNG")
         sizes[rel] = [drawn.width, drawn.height]
-    _write_json(out / "mscoco" / "width_heights.json", sizes)
+    write_json(out / "mscoco" / "width_heights.json", sizes)
 
     files = {"mscoco_train": [], "vgnococo": [], "mscoco_minival": [], "mscoco_test": []}
     vqa: dict[str, list[dict[str, Any]]] = {"train": [], "minival": [], "test": []}
@@ -154,15 +149,15 @@ def write_image_corpus(out: Path, scenes: Sequence[Scene], settings: SceneSettin
                 }
             )
     for name, datums in files.items():
-        _write_json(out / "lxmert" / f"{name}.json", datums)
+        write_json(out / "lxmert" / f"{name}.json", datums)
     for name, questions in vqa.items():
-        _write_json(out / "vqa" / f"{name}.json", questions)
+        write_json(out / "vqa" / f"{name}.json", questions)
     vocab = answer_vocab(settings)
     pretrain = sorted(vocab + list(EXTRA_PRETRAIN_ANSWERS))  # another order than the VQA list: rows must be mapped
-    _write_json(out / "lxmert" / "all_ans.json", [{"ans": a, "dsets": ["vqa"]} for a in pretrain])
+    write_json(out / "lxmert" / "all_ans.json", [{"ans": a, "dsets": ["vqa"]} for a in pretrain])
     label2ans = vocab + list(EXTRA_VQA_ANSWERS)
-    _write_json(out / "vqa" / "trainval_label2ans.json", label2ans)
-    _write_json(out / "vqa" / "trainval_ans2label.json", {a: i for i, a in enumerate(label2ans)})
+    write_json(out / "vqa" / "trainval_label2ans.json", label2ans)
+    write_json(out / "vqa" / "trainval_ans2label.json", {a: i for i, a in enumerate(label2ans)})
     return {"images": len(scenes), **{f"lxmert_{k}": len(v) for k, v in files.items()}}
 
 

@@ -23,7 +23,6 @@ when the sizes differ, else the dominant axis of the centre offset ("left of" / 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 
 from vl.data.formats.jsonl import write_dir_once
 from vl.data.scenes.generator import Scene, SceneSettings, _caption_pool, generate_scenes
+from vl.data.scenes.writers.core import write_json
 from vl.data.scenes.writers.images import image_id_of, jpg_path, pixel_scene
 
 __all__ = [
@@ -82,11 +82,6 @@ def _captions(scene: Scene) -> list[str]:
     return lines[:CAPTION_LINES]
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj), encoding="utf-8")
-
-
 def write_vg_bert_corpus(out: Path, scenes: Sequence[Scene]) -> dict[str, int]:
     """Write the layout above into `out` (= `<pixels>/vg_bert`); returns counts."""
     from vl.data.scenes.generator import COLOURS, SHAPES, region_class
@@ -113,12 +108,12 @@ def write_vg_bert_corpus(out: Path, scenes: Sequence[Scene]) -> dict[str, int]:
             }
         )
     for split in coco:
-        _write_json(
+        write_json(
             out / f"coco_{split}.json", {"image_base_path": "..", "caption_base_path": "captions", "data": coco[split]}
         )
-        _write_json(out / f"vg_{split}.json", {"image_base_path": "..", "data": vg[split]})
-    _write_json(out / "relations.json", list(RELATIONS))
-    _write_json(out / "object_classes.json", ["__none__"] + [f"{c} {s}" for s in SHAPES for c in COLOURS])
+        write_json(out / f"vg_{split}.json", {"image_base_path": "..", "data": vg[split]})
+    write_json(out / "relations.json", list(RELATIONS))
+    write_json(out / "object_classes.json", ["__none__"] + [f"{c} {s}" for s in SHAPES for c in COLOURS])
     return {f"{split}": len(rows) for split, rows in coco.items()}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import lightning as L
@@ -72,17 +73,22 @@ def _text_tokens(batch: Any) -> int:
     return sum(int(part["attention_mask"].sum()) for part in _parts(batch) if "attention_mask" in part)
 
 
+def _counts(batch: Any) -> tuple[int, int]:
+    """(real text tokens, real visual positions) of a batch, summed over its parts."""
+    text = visual = 0
+    for part in _parts(batch):
+        if "attention_mask" in part:
+            text += int(part["attention_mask"].sum())
+        if "visual_mask" in part:
+            visual += int(part["visual_mask"].sum())
+    return text, visual
+
+
 def positions(batch: Any) -> int:
     """Sequence positions a batch runs through the model: real text tokens + real visual positions (regions, or
     grid / patch cells of a pixel model when the batch says how many: `visual_mask`); summed over the parts of a
     combined loader's batch."""
-    n = 0
-    for part in _parts(batch):
-        if "attention_mask" in part:
-            n += int(part["attention_mask"].sum())
-        if "visual_mask" in part:
-            n += int(part["visual_mask"].sum())
-    return n
+    return sum(_counts(batch))
 
 
 def non_embedding_parameters(module: Any) -> int:
@@ -104,9 +110,10 @@ class Throughput(L.pytorch.callbacks.ThroughputMonitor):
     (per device, e.g. `hardware.peak_flops=989e12` for an H100 SXM in bf16)."""
 
     def __init__(self, *, window_size: int = 10, peak_flops: float | None = None) -> None:
-        super().__init__(batch_size_fn=_batch_size, length_fn=_text_tokens, window_size=window_size)
+        super().__init__(batch_size_fn=_batch_size, length_fn=self._text_tokens, window_size=window_size)
         self.peak_flops = peak_flops
         self._params: int | None = None
+        self._counted: tuple[int, int] | None = None  # (id of the batch counted at its start, its text tokens)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -115,25 +122,44 @@ class Throughput(L.pytorch.callbacks.ThroughputMonitor):
             for throughput in self._throughputs.values():
                 throughput.available_flops = float(self.peak_flops)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
+    def _text_tokens(self, batch: Any) -> int:
+        """`length_fn`: the text tokens counted at the batch's start (each count is a device sync), else counted."""
+        counted, self._counted = self._counted, None
+        if counted is not None and counted[0] == id(batch):
+            return counted[1]
+        return _text_tokens(batch)
+
+    def _flops_per_batch(self, pl_module: L.LightningModule, batch: Any, per_position: int) -> None:
         if self._params is None:
             self._params = non_embedding_parameters(pl_module)
-        pl_module.flops_per_batch = 6 * self._params * positions(batch)
+        text, visual = _counts(batch)
+        self._counted = (id(batch), text)
+        pl_module.flops_per_batch = per_position * self._params * (text + visual)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
+        self._flops_per_batch(pl_module, batch, 6)
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any, **__: Any
     ) -> None:
-        if self._params is None:
-            self._params = non_embedding_parameters(pl_module)
-        pl_module.flops_per_batch = 2 * self._params * positions(batch)  # forward only
+        self._flops_per_batch(pl_module, batch, 2)  # forward only
 
 
 class RichProgressBar(L.pytorch.callbacks.RichProgressBar):
     """Lightning's rich progress bar, showing each training step's `train/loss` from the module's `last_train_loss`,
     so the system need not `self.log` it on every step (`vl.models.step_logging`); the value shown is the one a
-    per-step `self.log` showed."""
+    per-step `self.log` showed.
+
+    The training bar and its metrics are updated at most `refresh_rate` times a second (and always at an epoch's
+    last batch), not after every batch: rich redraws at that rate anyway, and updating the bar, reading the step's
+    metrics and the loss (a device sync) after each of ~50 tiny steps a second cost ~1 % of a step (`bench/
+    train_step.py`). Lightning's default is 100 redraws a second; 10 looks the same."""
 
     shows_last_train_loss = True  # vl.models.step_logging.LIVE_LOSS_BAR
+
+    def __init__(self, *, refresh_rate: int = 10, leave: bool = False, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave, **kwargs)
+        self._drawn_at = float("-inf")
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
@@ -141,6 +167,16 @@ class RichProgressBar(L.pytorch.callbacks.RichProgressBar):
         if loss is not None:
             items["train/loss"] = float(loss)
         return items
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.is_enabled:
+            now = time.monotonic()
+            if now - self._drawn_at < 1.0 / self.refresh_rate and batch_idx + 1 < self.total_train_batches:
+                return  # the bar's position is absolute: the next update catches up
+            self._drawn_at = now
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class MetricsLine(L.Callback):

@@ -97,9 +97,12 @@ class LookupRows:
         if loss.grad_fn is None:
             return
         accumulators = {}
-        for pid, w in self.tables.items():
-            if pid not in self.dense:
-                accumulators[w.view_as(w).grad_fn.next_functions[0][0]] = pid  # the graph's AccumulateGrad node of w
+        with torch.enable_grad():
+            for pid, w in self.tables.items():
+                view = w.view_as(w)  # its grad_fn's next function: the AccumulateGrad node of w, the graph's own
+                if pid in self.dense or view.grad_fn is None:  # (a weight frozen since the fit began: not checked here)
+                    continue
+                accumulators[view.grad_fn.next_functions[0][0]] = pid
         if not accumulators:
             return
         seen = {loss.grad_fn}

@@ -3,8 +3,9 @@ loop over the same model, data loader, optimiser and scheduler (`configure_optim
 
 Two Lightning variants, each a fit of one epoch of `--steps` batches:
   minimal  `vl` with no logger, progress bar or checkpoint (the framework alone);
-  real     `vl` with `train.py`'s own callbacks and loggers (checkpoints, early stopping, lr monitor, throughput,
-           progress bar, CSV logger), i.e. what a user runs.
+  real     `vl` with `train.py`'s own Trainer (`vl.pipeline.build_trainer`): the configured callbacks and loggers
+           (checkpoints, early stopping, lr monitor, throughput, progress bar, CSV logger) and the ones every vl fit
+           gets, i.e. what a user runs.
 Paired per step: inside each fit a callback runs one step of the bare loop (fetch, forward, backward, optimiser step,
 scheduler step) on a twin model built from the same seed, with its own data module, optimiser and scheduler, just
 before Lightning's step k; so bare step k and Lightning step k run within ~30 ms of each other and the machine's
@@ -143,7 +144,7 @@ def paired_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> 
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from vl.pipeline import _instantiate_dict
+    from vl.pipeline import _instantiate_dict, build_trainer
 
     with open_dict(cfg):
         cfg.paths.output_dir = output_dir
@@ -165,9 +166,11 @@ def paired_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> 
     # one epoch of `steps` batches, then a short validation (after the timed window): ending mid-epoch by max_steps
     # would run EarlyStopping's epoch-end check without a validation metric, which raises
     one_epoch = {"max_epochs": 1, "limit_train_batches": steps, "limit_val_batches": 2}
-    if real:  # what vl.pipeline.run_stage builds for train.py
+    if real:  # the Trainer train.py fits with (vl.pipeline.build_trainer: + vl's own callbacks and checkpoint IO)
         callbacks, loggers = _instantiate_dict(cfg.get("callbacks")), _instantiate_dict(cfg.get("logger"))
-        trainer = instantiate(cfg.trainer, callbacks=[Pairs(), *callbacks], logger=loggers or False, **one_epoch)
+        with open_dict(cfg):
+            cfg.trainer.update(one_epoch)
+        trainer = build_trainer(cfg, [Pairs(), *callbacks], loggers)
     else:
         trainer = instantiate(
             cfg.trainer,

@@ -18,6 +18,7 @@ from _table import PREFIX, table  # noqa: E402
 #: scripts `make bench` runs, with the arguments of the recorded run (`--quick`: fewer repeats, a smoke run)
 SCRIPTS = {
     "train_step.py": [],
+    "step_parts.py": [],
     "loader.py": [],
     "startup.py": [],
     "retrieval_memory.py": [],
@@ -30,6 +31,7 @@ SCRIPTS = {
 }
 QUICK = {
     "train_step.py": ["--repeats", "1", "--steps", "20", "--warmup", "5"],
+    "step_parts.py": ["--repeats", "1", "--epochs", "1", "--warmup", "5"],
     "loader.py": ["--repeats", "1", "--steps", "20", "--warmup", "5"],
     "startup.py": ["--repeats", "1", "--images", "200"],
     "retrieval_memory.py": ["--sizes", "500x100", "--cross-images", "50", "--cross-captions", "4", "--repeats", "1"],

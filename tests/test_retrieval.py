@@ -218,6 +218,21 @@ def test_train_step_bench_runs_every_variant(tmp_path, monkeypatch, capsys) -> N
     assert "real / bare per step" in printed and "minimal / bare per step" in printed
 
 
+@pytest.mark.slow
+def test_step_parts_bench_times_the_guard_both_ways(tmp_path, monkeypatch, capsys) -> None:
+    """bench/step_parts.py end to end at one epoch (numbers not checked)."""
+    argv = ["step_parts", "--epochs", "1", "--warmup", "2", "--repeats", "1", "--data-dir", str(tmp_path / "data")]
+    monkeypatch.setattr("sys.argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        _bench("step_parts").main()
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "module guard (on_before_optimizer_step)" in printed and "Throughput.on_train_batch_end" in printed
+    assert "looked-up rows / read in full" in printed
+
+
 @pytest.mark.parametrize("bad", [0, -3])
 def test_zero_shot_retrieval_rejects_a_bad_shortlist_k_before_compute(bad, tmp_path) -> None:
     """Types are checked by the task schema while Hydra composes (tests/test_configs.py); the range here."""

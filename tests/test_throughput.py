@@ -72,3 +72,48 @@ def test_mfu_is_the_logged_flops_over_the_given_peak(make_cfg) -> None:
         flops, mfu = float(row["train/device/flops_per_sec"]), float(row["train/device/mfu"])
         assert mfu == pytest.approx(flops / 1e11, rel=1e-6)
         assert float(row["train/device/samples_per_sec"]) > 0 and float(row["train/device/items_per_sec"]) > 0
+
+
+def test_the_progress_bar_draws_at_most_refresh_rate_times_a_second_and_always_the_epochs_last_batch(
+    monkeypatch,
+) -> None:
+    """vl's rich bar skips a batch's update when the last one is under 1 / refresh_rate s old, except at the epoch's
+    last batch (the bar's position is absolute, so the next update catches up)."""
+    import lightning as L
+
+    from vl.callbacks import RichProgressBar
+
+    drawn: list[int] = []
+    original = L.pytorch.callbacks.RichProgressBar.on_train_batch_end
+
+    def record(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        drawn.append(batch_idx)
+        original(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(L.pytorch.callbacks.RichProgressBar, "on_train_batch_end", record)
+
+    class Toy(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(40, 2), batch_size=1)
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[RichProgressBar(refresh_rate=1)],  # at most once a second: 40 toy steps take far less
+    )
+    trainer.fit(Toy())
+    assert drawn[0] == 0 and drawn[-1] == 39
+    assert len(drawn) <= 5, drawn

@@ -127,15 +127,15 @@ def test_an_accumulation_window_checks_the_rows_of_every_micro_batch() -> None:
 class _Toy(ReliableTraining):
     """A word-embedding table (looked up), a linear layer and an optional fault in the lookup's upstream gradient."""
 
-    def __init__(self, *, nan_at_step: int | None = None, scale: float = 1.0) -> None:
+    def __init__(self, *, nan_at_batch: int | None = None, scale: float = 1.0) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, DIM)
         self.out = nn.Linear(DIM, 1)
-        self.nan_at_step, self.scale = nan_at_step, scale
+        self.nan_at_batch, self.scale = nan_at_batch, scale
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         h = self.emb(batch)
-        if self.nan_at_step is not None and self.global_step == self.nan_at_step:
+        if batch_idx == self.nan_at_batch:
             h.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
         loss = self.out(h).float().mean() * self.scale
         self._terms = {"toy": loss.detach()}
@@ -165,12 +165,33 @@ def _fit(model: L.LightningModule, **kwargs) -> L.Trainer:
 
 def test_a_nan_reaching_the_word_embeddings_through_a_lookup_stops_the_run_naming_the_table() -> None:
     torch.manual_seed(0)
-    model = _Toy(nan_at_step=3)
+    model = _Toy(nan_at_batch=3)
     with pytest.raises(
         TrainingDiverged, match=r"optimizer step 4: non-finite gradient in 1 parameter\(s\) \(e\.g\. emb"
     ):
         _fit(model)
     assert model._lookups is not None and id(model.emb.weight) in model._lookups.tables  # checked by rows
+
+
+def test_with_gradient_accumulation_a_nan_from_the_windows_first_micro_batch_stops_the_run(monkeypatch) -> None:
+    """Micro-batches 4 and 5 make optimizer step 3; the NaN reaches rows of micro-batch 4 only, and the table is
+    checked by the rows of both micro-batches."""
+    checked: list[int] = []
+    original = LookupRows.checked_rows
+
+    def record(self: LookupRows) -> dict:
+        out = original(self)
+        checked.extend(len(v) for v in out.values())
+        return out
+
+    monkeypatch.setattr(LookupRows, "checked_rows", record)
+    torch.manual_seed(0)
+    model = _Toy(nan_at_batch=4)
+    with pytest.raises(
+        TrainingDiverged, match=r"optimizer step 3: non-finite gradient in 1 parameter\(s\) \(e\.g\. emb"
+    ):
+        _fit(model, accumulate_grad_batches=2)
+    assert checked == [2, 2, 2], checked  # steps 1-3, each by the rows of its two micro-batches
 
 
 def test_finite_half_precision_gradients_whose_norm_exceeds_fp16_do_not_stop_the_run() -> None:

@@ -89,8 +89,10 @@ class LookupRows:
             handle.remove()
         self.handles = []
 
-    def note_backward(self, loss: torch.Tensor) -> None:
-        """Before a backward pass of `loss`: each table's consumers in its graph, and the rows of its lookups."""
+    def note_backward(self, loss: torch.Tensor, *, copy_ids: bool = False) -> None:
+        """Before a backward pass of `loss`: each table's consumers in its graph, and the rows of its lookups (the
+        batch's own id tensors, or copies when `copy_ids`: inside an accumulation window, so a finished micro-batch's
+        memory, e.g. its shared-memory slot from a loader worker, is not held until the window's optimizer step)."""
         if not self.open:
             self.open = True
             self.dense.update(pid for pid, w in self.tables.items() if w.grad is not None)
@@ -117,8 +119,8 @@ class LookupRows:
                 if pid is not None and found.get(pid, []) is not None:
                     ids = None
                     if type(node).__name__ == "EmbeddingBackward0":
-                        try:  # the lookup's ids (the batch's own tensor, not copied)
-                            ids = node._saved_indices
+                        try:
+                            ids = node._saved_indices.clone() if copy_ids else node._saved_indices
                         except (AttributeError, RuntimeError):
                             ids = None
                     found[pid] = None if ids is None else [*found.get(pid, []), ids]  # type: ignore[list-item]
@@ -265,7 +267,7 @@ class ReliableTraining(L.LightningModule):
         if self._guarded is None:
             self._collect_guarded()
         if self._lookups is not None:
-            self._lookups.note_backward(loss)
+            self._lookups.note_backward(loss, copy_ids=self.trainer.accumulate_grad_batches > 1)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Stop before an optimizer step that would apply a non-finite loss or gradient: `TrainingDiverged` naming

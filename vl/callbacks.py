@@ -73,22 +73,16 @@ def _text_tokens(batch: Any) -> int:
     return sum(int(part["attention_mask"].sum()) for part in _parts(batch) if "attention_mask" in part)
 
 
-def _counts(batch: Any) -> tuple[int, int]:
-    """(real text tokens, real visual positions) of a batch, summed over its parts."""
-    text = visual = 0
-    for part in _parts(batch):
-        if "attention_mask" in part:
-            text += int(part["attention_mask"].sum())
-        if "visual_mask" in part:
-            visual += int(part["visual_mask"].sum())
-    return text, visual
+def _visual_positions(batch: Any) -> int:
+    """Real visual positions (regions, or grid / patch cells of a pixel model when the batch says how many:
+    `visual_mask`; 0 for a part without one)."""
+    return sum(int(part["visual_mask"].sum()) for part in _parts(batch) if "visual_mask" in part)
 
 
 def positions(batch: Any) -> int:
-    """Sequence positions a batch runs through the model: real text tokens + real visual positions (regions, or
-    grid / patch cells of a pixel model when the batch says how many: `visual_mask`); summed over the parts of a
-    combined loader's batch."""
-    return sum(_counts(batch))
+    """Sequence positions a batch runs through the model: real text tokens + real visual positions; summed over the
+    parts of a combined loader's batch."""
+    return _text_tokens(batch) + _visual_positions(batch)
 
 
 def non_embedding_parameters(module: Any) -> int:
@@ -110,7 +104,7 @@ class Throughput(L.pytorch.callbacks.ThroughputMonitor):
     (per device, e.g. `hardware.peak_flops=989e12` for an H100 SXM in bf16)."""
 
     def __init__(self, *, window_size: int = 10, peak_flops: float | None = None) -> None:
-        super().__init__(batch_size_fn=_batch_size, length_fn=self._text_tokens, window_size=window_size)
+        super().__init__(batch_size_fn=_batch_size, length_fn=self._length, window_size=window_size)
         self.peak_flops = peak_flops
         self._params: int | None = None
         self._counted: tuple[int, int] | None = None  # (id of the batch counted at its start, its text tokens)
@@ -122,7 +116,7 @@ class Throughput(L.pytorch.callbacks.ThroughputMonitor):
             for throughput in self._throughputs.values():
                 throughput.available_flops = float(self.peak_flops)
 
-    def _text_tokens(self, batch: Any) -> int:
+    def _length(self, batch: Any) -> int:
         """`length_fn`: the text tokens counted at the batch's start (each count is a device sync), else counted."""
         counted, self._counted = self._counted, None
         if counted is not None and counted[0] == id(batch):
@@ -132,9 +126,9 @@ class Throughput(L.pytorch.callbacks.ThroughputMonitor):
     def _flops_per_batch(self, pl_module: L.LightningModule, batch: Any, per_position: int) -> None:
         if self._params is None:
             self._params = non_embedding_parameters(pl_module)
-        text, visual = _counts(batch)
+        text = _text_tokens(batch)
         self._counted = (id(batch), text)
-        pl_module.flops_per_batch = per_position * self._params * (text + visual)
+        pl_module.flops_per_batch = per_position * self._params * (text + _visual_positions(batch))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
         self._flops_per_batch(pl_module, batch, 6)
@@ -157,8 +151,8 @@ class RichProgressBar(L.pytorch.callbacks.RichProgressBar):
 
     shows_last_train_loss = True  # vl.models.step_logging.LIVE_LOSS_BAR
 
-    def __init__(self, *, refresh_rate: int = 10, leave: bool = False, **kwargs: Any) -> None:
-        super().__init__(refresh_rate=refresh_rate, leave=leave, **kwargs)
+    def __init__(self, *, refresh_rate: int = 10, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
         self._drawn_at = float("-inf")
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

@@ -142,7 +142,6 @@ class LookupRows:
             if (
                 grad is None
                 or pid in self.dense
-                or grad.layout != torch.strided
                 or not self.expected.get(pid)
                 or self.expected[pid] != self.accumulated.count.get(pid, 0)
             ):

@@ -4,6 +4,7 @@ top k and its memory (traced: never captions x images), and the gallery scorer a
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +198,18 @@ def _bench(name: str):
     return module
 
 
+def _run_bench(name: str, *args: str, data: Path, monkeypatch, capsys) -> str:
+    """What `python bench/<name>.py <args> --repeats 1` prints (its corpus under `data`; torch's thread count, which
+    the bench sets, restored)."""
+    monkeypatch.setattr("sys.argv", [name, *args, "--repeats", "1", "--data-dir", str(data / "data")])
+    threads = torch.get_num_threads()
+    try:
+        _bench(name).main()
+    finally:
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out
+
+
 def test_retrieval_bench_ranks_agree_at_a_small_size() -> None:
     """bench/retrieval_memory.py's table asserts chunked == naive and shortlist == min(naive, k + 1); no timings."""
     out = _bench("retrieval_memory").machinery(300, 70, k=5, dim=8, text_chunk=40, image_chunk=30)
@@ -207,28 +220,18 @@ def test_retrieval_bench_ranks_agree_at_a_small_size() -> None:
 @pytest.mark.slow
 def test_train_step_bench_runs_every_variant(tmp_path, monkeypatch, capsys) -> None:
     """bench/train_step.py end to end at a few steps (its numbers are not checked: tests never assert timings)."""
-    argv = ["train_step", "--steps", "6", "--warmup", "2", "--repeats", "1", "--data-dir", str(tmp_path / "data")]
-    monkeypatch.setattr("sys.argv", argv)
-    threads = torch.get_num_threads()
-    try:
-        _bench("train_step").main()
-    finally:
-        torch.set_num_threads(threads)
-    printed = capsys.readouterr().out
+    printed = _run_bench(
+        "train_step", "--steps", "6", "--warmup", "2", data=tmp_path, monkeypatch=monkeypatch, capsys=capsys
+    )
     assert "real / bare per step" in printed and "minimal / bare per step" in printed
 
 
 @pytest.mark.slow
 def test_step_parts_bench_times_the_guard_both_ways(tmp_path, monkeypatch, capsys) -> None:
     """bench/step_parts.py end to end at one epoch (numbers not checked)."""
-    argv = ["step_parts", "--epochs", "1", "--warmup", "2", "--repeats", "1", "--data-dir", str(tmp_path / "data")]
-    monkeypatch.setattr("sys.argv", argv)
-    threads = torch.get_num_threads()
-    try:
-        _bench("step_parts").main()
-    finally:
-        torch.set_num_threads(threads)
-    printed = capsys.readouterr().out
+    printed = _run_bench(
+        "step_parts", "--epochs", "1", "--warmup", "2", data=tmp_path, monkeypatch=monkeypatch, capsys=capsys
+    )
     assert "module guard (on_before_optimizer_step)" in printed and "Throughput.on_train_batch_end" in printed
     assert "looked-up rows / read in full" in printed
 

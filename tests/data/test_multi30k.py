@@ -22,7 +22,8 @@ from vl.data.formats.multi30k import (
     read_raw_gz,
     select_regions,
 )
-from vl.data.multi30k import Multi30kDataModule, whole_word_mask
+from vl.data.multi30k import Multi30kDataModule
+from vl.data.multi30k_collate import whole_word_mask
 from vl.data.scenes import SceneSettings, SceneShape
 from vl.data.scenes.writers.multi30k import NOUNS, caption_pair, german_np
 from vl.errors import DataError

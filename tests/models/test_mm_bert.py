@@ -266,7 +266,7 @@ class _PairModel(nn.Module):
 def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) -> None:
     import json
 
-    from vl.data.multi30k import Multi30kCollator
+    from vl.data.multi30k_collate import Multi30kCollator
     from vl.models.ranking import exhaustive_retrieval
 
     class Tok:  # one id per character: a caption's score depends on its text only

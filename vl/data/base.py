@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,7 +14,13 @@ from torch.utils.data import DataLoader, Dataset
 from vl.data.collate import REGION_MASKING, Collator, load_tokenizer
 from vl.data.features import RegionReader, open_region_features
 from vl.data.features.cache import cached
-from vl.data.samplers import EpochShuffleSampler, ResumableDataLoader, UnpaddedDistributedSampler, split_key
+from vl.data.samplers import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    UnpaddedDistributedSampler,
+    global_seed,
+    split_key,
+)
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.transport import worker_collate
 from vl.errors import ConfigError, DataError
@@ -312,7 +317,7 @@ class VLDataModule(L.LightningDataModule):
                 self.datasets[split],
                 num_replicas=trainer.world_size if trainer else 1,
                 rank=trainer.global_rank if trainer else 0,
-                seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+                seed=global_seed(),
             )
             sampler.set_epoch(trainer.current_epoch if trainer else 0)  # resumed fits start mid-way
         elif self.trainer is not None and self.trainer.world_size > 1:
@@ -325,7 +330,7 @@ class VLDataModule(L.LightningDataModule):
             batch_size=self.batch_size_per_device,
             sampler=sampler,
             # its own generator: creating an iterator then draws no number from the global RNG (resume parity)
-            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
+            generator=torch.Generator().manual_seed(global_seed()),
             num_workers=self.num_workers,
             collate_fn=self.loader_collate(self.collator(split)),
             pin_memory=self.pin_memory,

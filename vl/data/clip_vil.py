@@ -19,7 +19,6 @@ written in that layout on first use (`vl.data.scenes.writers.images`).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,7 +38,7 @@ from vl.data.formats.lxmert_pretrain import (
     load_width_heights,
 )
 from vl.data.images import AspectGroupedSampler, ImageCollator, PixelLoader, build_transform
-from vl.data.samplers import EpochShuffleSampler, split_key
+from vl.data.samplers import EpochShuffleSampler, global_seed, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.images import ensure_image_corpus
 from vl.errors import ConfigError, DataError
@@ -333,7 +332,7 @@ class ClipVilPretrainDataModule(ImageDataModule):
             itm="itm" in self.objectives,
             itm_probability=self.itm_probability,
             ans2id=ans2id,
-            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            seed=global_seed(),
         )
 
     @property

@@ -8,7 +8,7 @@
   DataLoader workers by `vl.data.images.PixelLoader` with `data.transform` ("clip_vil": CLIP-ViL's resize-pad-normalise,
   `data.transform_options` {min_size, max_size}; "vg_bert") and `data.on_bad_image`.
 `data.visual=auto` tells which from the path (an HDF5 with `features` + `ids` and no per-image `offsets` is CLIP);
-`regions` / `clip` / `images` say it.
+`regions` / `clip` / `images` say it (`vl.data.visual_source`: the source, its checks and its collators).
 
 Each line: `image_id` (str or int), `text` (other names mapped by `data.fields`, e.g. `{question: text, img: image_id}`),
 and optionally `answers` (a list of annotator answers, VQA-style; an
@@ -33,7 +33,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,19 @@ from torch.utils.data import Dataset
 
 from vl.data.base import SPLITS, RetrievalQueries, VLDataModule
 from vl.data.captions import CaptionPairs
-from vl.data.collate import Collator, pad_regions
-from vl.data.features import ClipFeatureReader, open_region_features
-from vl.data.images import ImageCollator, PixelLoader, build_transform, stack_pixels
+from vl.data.collate import Collator
+from vl.data.images import PixelLoader, build_transform
 from vl.data.retrieval import GalleryVisuals, RetrievalDataModule, RetrievalTrain
 from vl.data.samplers import split_key
-from vl.data.vlp import WHOLE_IMAGE_BOX, ClipCollator
+from vl.data.visual_source import (
+    VISUAL_KINDS,
+    Expanded,
+    VisualAsReader,
+    VisualSource,
+    clip_fields,
+    kind_of,
+    source_collator,
+)
 from vl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -61,193 +67,6 @@ def _soft_scores(answers: list[str], ans2label: dict[str, int]) -> tuple[list[in
     counts = Counter(answers)
     labels = [ans2label[a] for a in counts if a in ans2label]
     return labels, [min(1.0, counts[a] / 3.0) for a in counts if a in ans2label]
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-VISUAL_KINDS = ("auto", "regions", "clip", "images")
-
-
-def _kind_of(path: Path) -> str:
-    """What a feature path is: "regions" (LMDB dir / region HDF5 / FRCNN JSON), "clip" (CLIP HDF5: `features`
-    (N, D) + `ids`, no per-image `offsets`) or "images" (a directory of image files)."""
-    if path.is_dir():
-        if (path / "data.mdb").is_file() or path.suffix.lower() == ".lmdb":
-            return "regions"
-        names = [e.name.lower() for e in os.scandir(path)]
-        if any(n.endswith(".json") for n in names):
-            return "regions"
-        if any(n.endswith(IMAGE_SUFFIXES) for n in names):
-            return "images"
-        raise DataError(f"{path}: directory is neither an LMDB, per-image .json features nor image files")
-    if path.is_file() and path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
-        import h5py
-
-        try:
-            with h5py.File(path, "r") as f:
-                if "offsets" not in f and "features" in f and "ids" in f:
-                    return "clip"
-        except OSError as e:
-            raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    return "regions"
-
-
-class VisualSource:
-    """The example fields of an image id, whatever the visual input is:
-
-    - "regions": `{"visual": reader dict}` (region LMDB / HDF5 / FRCNN JSON);
-    - "clip": `{"clip": (1, D), "visual": one whole-image region}` (CLIP HDF5; the `data=vlp` fields, so CLIP-BERT
-      reads `clip_feats` and region models read the vector as one region);
-    - "images": `{"pixels": (3, H, W)}` (an image directory: `<id>` or `<id>.jpg|.jpeg|.png`, decoded by
-      `vl.data.images.PixelLoader` with the chosen transform; None when skipped under `on_bad_image=skip`)."""
-
-    def __init__(self, path: Path, kind: str, *, pixels: PixelLoader | None = None) -> None:
-        self.path, self.kind, self.pixels = path, kind, pixels
-        self._reader: Any = None
-
-    @property
-    def reader(self) -> Any:
-        if self._reader is None:
-            if self.kind == "regions":
-                self._reader = open_region_features(self.path)
-            elif self.kind == "clip":
-                self._reader = ClipFeatureReader(self.path)
-        return self._reader
-
-    def image_file(self, sid: str) -> Path | None:
-        """The file of an image id in the image directory (None when there is none)."""
-        for name in (sid, *(sid + suffix for suffix in IMAGE_SUFFIXES)):
-            candidate = self.path / name
-            if candidate.suffix.lower() in IMAGE_SUFFIXES and candidate.is_file():
-                return candidate
-        return None
-
-    def problem(self, sid: str) -> str | None:
-        """Why the image id cannot be read (checked for every line before training), or None."""
-        if self.kind != "images":
-            if sid not in self.reader:
-                return f"image id {sid!r} has no features in {self.path}"
-            self.reader[sid]  # decoded once: a damaged or non-finite record fails now, not mid-training
-            return None
-        file = self.image_file(sid)
-        if file is None:
-            return f"image id {sid!r} has no image file in {self.path} (tried {sid}, {sid}.jpg|.jpeg|.png)"
-        from PIL import Image, UnidentifiedImageError
-
-        try:  # the header only: a file that is not an image fails here, before training
-            with Image.open(file) as img:
-                img.size  # noqa: B018
-        except (UnidentifiedImageError, OSError) as e:
-            return f"image id {sid!r}: {file} is not a readable image ({type(e).__name__})"
-        return None
-
-    def dim(self, sid: str) -> int | None:
-        """The feature dimension of an image (None for pixels)."""
-        if self.kind == "regions":
-            return int(self.reader[sid]["features"].shape[1])
-        if self.kind == "clip":
-            return int(self.reader.dim)
-        return None
-
-    def fields(self, image: Any) -> dict[str, Any] | None:
-        """The example fields of an image id (an image file path too, for "images"); None: an image skipped."""
-        if self.kind == "regions":
-            return {"visual": self.reader[str(image)]}
-        if self.kind == "clip":
-            return clip_fields(self.reader[str(image)])
-        assert self.pixels is not None
-        given = Path(str(image))  # an image file path (inference), else an id in the directory
-        file = given if given.suffix.lower() in IMAGE_SUFFIXES and given.is_file() else self.image_file(str(image))
-        if file is None:
-            raise DataError(f"{self.path}: no image file for image id {str(image)!r}")
-        pixels = self.pixels(file)
-        return None if pixels is None else {"pixels": pixels}
-
-
-class ClipRegionCollator(ClipCollator):
-    """CLIP-file input: `ClipCollator` whose `clip_feats` (B, 1, D) also come from the one whole-image region when
-    the examples carry only `visual` (retrieval's multiple-choice rows, the ranking gallery's images), so CLIP-BERT
-    sees the image there too. `visual_batch(visuals)`: a gallery's image keys (`vl.models.ranking.gallery_scorer`)."""
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = super().__call__(examples)
-        if "clip_feats" not in batch and "visual_feats" in batch:
-            batch["clip_feats"] = batch["visual_feats"][:, :1].clone()
-        return batch
-
-    def visual_batch(self, visuals: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        out = pad_regions(visuals, self.max_regions, fixed=self.fixed_shapes)
-        out["clip_feats"] = out["visual_feats"][:, :1].clone()
-        return out
-
-
-class PixelChoiceCollator(ImageCollator):
-    """Image-directory input: `ImageCollator`, plus retrieval's multiple-choice examples whose choices carry the
-    image's fields (`{"pixels"}`) as their `visual` (B*K*C rows, block-major, + `mc_labels`), and `visual_batch`
-    for the ranking gallery (`pixel_values` of the gallery images)."""
-
-    def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
-        kept = [ex for ex in examples if ex is not None]
-        if kept and "choices" not in kept[0] and "pixels" not in kept[0]:  # texts alone (the gallery's queries)
-            return Collator.__call__(self, kept)
-        if not kept or "choices" not in kept[0]:
-            return super().__call__(examples)
-        rows = [
-            {
-                "text": c["text"],
-                "pixels": c["visual"]["pixels"],
-                "index": ex.get("index", 0),
-                "epoch": ex.get("epoch", 0),
-            }
-            for ex in kept
-            for c in ex["choices"]
-        ]
-        batch = super().__call__(rows)
-        batch["mc_labels"] = torch.tensor([list(ex["mc_labels"]) for ex in kept], dtype=torch.long)
-        batch["index"] = torch.tensor([ex.get("index", 0) for ex in kept])
-        return batch
-
-    def visual_batch(self, visuals: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": stack_pixels([v["pixels"] for v in visuals])}
-
-
-def clip_fields(feat: np.ndarray) -> dict[str, Any]:
-    feat = np.asarray(feat, dtype=np.float32).reshape(1, -1)
-    return {"clip": feat, "visual": {"features": feat, "boxes_norm": WHOLE_IMAGE_BOX, "num_boxes": 1}}
-
-
-class _VisualAsReader:
-    """`reader[id]` -> the example fields (for `CaptionPairs` / `RetrievalTrain` / galleries, which read
-    `reader[id]` as the example's `visual`): `_expand` then spreads them into the example. `visual_only`: the
-    region dict alone (retrieval's choices and galleries pair images with texts as region dicts)."""
-
-    def __init__(self, source: VisualSource, *, visual_only: bool = False) -> None:
-        self.source, self.visual_only = source, visual_only
-
-    def __getitem__(self, image_id: Any) -> Any:
-        fields = self.source.fields(image_id)
-        if fields is None:
-            raise DataError(
-                f"{self.source.path}: image id {str(image_id)!r} could not be decoded (retrieval skips none)"
-            )
-        return fields.get("visual", fields) if self.visual_only else fields
-
-    def __contains__(self, image_id: Any) -> bool:
-        return self.source.problem(str(image_id)) is None
-
-
-class _Expanded(Dataset):
-    """A dataset whose examples hold the source's fields under `visual` -> those fields in the example itself."""
-
-    def __init__(self, inner: Dataset) -> None:
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: Any) -> dict[str, Any] | None:
-        example = self.inner[key]
-        fields = example.pop("visual")
-        return None if fields is None else {**example, **fields}
 
 
 class LineExamples(Dataset):
@@ -376,7 +195,7 @@ class CustomDataModule(VLDataModule):
             path = self.path(self.features_file)
             if not path.exists():
                 raise DataError(f"{path}: file not found (data.features; data.root={self.root})")
-            kind = _kind_of(path) if self.visual_arg == "auto" else self.visual_arg
+            kind = kind_of(path) if self.visual_arg == "auto" else self.visual_arg
             if kind == "images" and "retrieval" in self.objectives and self.on_bad_image != "error":
                 raise ConfigError(
                     "data=custom: retrieval over an image directory needs data.on_bad_image=error (a choice or a "
@@ -391,7 +210,7 @@ class CustomDataModule(VLDataModule):
     @property
     def regions(self) -> Any:
         if self.source.kind != "regions":
-            return _VisualAsReader(self.source, visual_only=True)
+            return VisualAsReader(self.source, visual_only=True)
         return self.source.reader
 
     # ------------------------------------------------------------------ reading, checking, deriving
@@ -587,7 +406,7 @@ class CustomDataModule(VLDataModule):
         captions = [{"caption": r["text"], "image_id": str(r["image_id"])} for r in lines]
         if "itm" in self.objectives and len({c["image_id"] for c in captions}) < 2:
             raise DataError(f"{self.path(self.jsonl_file)}: split '{split}' needs 2+ images for ITM negatives")
-        return _Expanded(CaptionPairs(captions, _VisualAsReader(source), itm="itm" in self.objectives))
+        return Expanded(CaptionPairs(captions, VisualAsReader(source), itm="itm" in self.objectives))
 
     def answer_vocabulary(self) -> list[str] | None:
         return list(self._ans2label) if "vqa" in self.objectives else None
@@ -609,21 +428,7 @@ class CustomDataModule(VLDataModule):
 
     # ------------------------------------------------------------------ collation, inference
     def _collator(self, base: Collator) -> Collator:
-        kind = self.source.kind
-        options = {
-            "max_text_len": base.max_text_len,
-            "max_regions": base.max_regions,
-            "mlm": base.mlm,
-            "mlm_probability": base.mlm_probability,
-            "region_masking": base.region_masking,
-            "fixed_shapes": base.fixed_shapes,
-            "labels": base.labels,
-        }
-        if kind == "clip":
-            return ClipRegionCollator(base.tokenizer, **options)
-        if kind == "images":
-            return PixelChoiceCollator(base.tokenizer, **options)
-        return base
+        return source_collator(self.source.kind, base)
 
     def collator(self, split: str) -> Collator:
         return self._collator(super().collator(split))

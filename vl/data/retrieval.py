@@ -9,7 +9,6 @@ by the ``img_path`` stem.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from vl.data.formats.retrieval import (
     load_hard_negatives,
     load_retrieval_jsonl,
 )
-from vl.data.samplers import split_key
+from vl.data.samplers import global_seed, split_key
 from vl.errors import ConfigError, DataError
 
 #: tries at drawing a negative whose caption is not one of the true image's captions (identical texts are not negatives)
@@ -32,7 +31,7 @@ _NEGATIVE_TRIES = 16
 
 
 def _seed(seed: int | None) -> int:
-    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else int(seed)
+    return global_seed() if seed is None else int(seed)
 
 
 class RetrievalTrain(Dataset):

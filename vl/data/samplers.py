@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,7 +11,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["split_key", "EpochShuffleSampler", "ResumableDataLoader", "UnpaddedDistributedSampler"]
+__all__ = ["global_seed", "split_key", "EpochShuffleSampler", "ResumableDataLoader", "UnpaddedDistributedSampler"]
+
+
+def global_seed() -> int:
+    """The run's seed (`$PL_GLOBAL_SEED`, which `L.seed_everything` sets; 0 without one): data randomness is drawn
+    from it with (epoch, index), never from the global RNG."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def split_key(key: int | tuple[int, int]) -> tuple[int, int]:

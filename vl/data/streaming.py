@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.serializers import Serializer
 
+from vl.data.samplers import global_seed
 from vl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ def streaming_train_loader(dm: Any) -> Any:
         join(dm.streaming_dir, "train"),
         finisher,
         shuffle=bool(dm.shuffle),
-        seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+        seed=global_seed(),
         serializers=_safe_serializers(),
     )
     return StreamingTrainLoader(

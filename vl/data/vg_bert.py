@@ -18,7 +18,6 @@ Without `root`, the embedded corpus is written in these layouts on first use (`v
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch.utils.data import Dataset
 from vl.data.clip_vil import ImageDataModule
 from vl.data.formats.vg_bert import load_coco_json, load_vg_json
 from vl.data.images import PixelLoader, stack_pixels
-from vl.data.samplers import split_key
+from vl.data.samplers import global_seed, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.images import ensure_image_corpus
 from vl.data.scenes.writers.vg_bert import ensure_vg_bert_corpus
@@ -180,7 +179,7 @@ class _VGBertData(ImageDataModule):
 
     @property
     def seed(self) -> int:
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return global_seed()
 
 
 class VGBertCocoDataModule(_VGBertData):

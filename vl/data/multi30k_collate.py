@@ -1,0 +1,166 @@
+"""MM-BERT's batches (`vl.data.multi30k`): `Multi30kCollator` tokenises each row (``[CLS] EN [SEP] DE [SEP]``, the MT
+prefix rows, the aux text chunks), masks whole words for MLM (`whole_word_mask`, VL-BERT's ``random_word_wwm``), pads
+the regions and draws the MVRC choices; its randomness comes from (seed, epoch, indices)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vl.batch import IGNORE_INDEX
+from vl.data.collate import collate_labels, pad_regions
+from vl.data.samplers import global_seed
+
+__all__ = ["Multi30kCollator", "whole_word_mask"]
+
+
+def whole_word_mask(
+    input_ids: list[int],
+    word_keys: Sequence[Any],
+    *,
+    rng: np.random.Generator,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+) -> tuple[list[int], list[int]]:
+    """VL-BERT's ``random_word_wwm``: each word (tokens sharing a ``word_keys`` entry; None = special, never masked)
+    is chosen with ``probability``; all its sub-tokens are then 80 % [MASK], 10 % random tokens, 10 % kept, and
+    labelled with their ids (IGNORE_INDEX elsewhere)."""
+    ids, labels = list(input_ids), [IGNORE_INDEX] * len(input_ids)
+    words: dict[Any, list[int]] = {}
+    for pos, key in enumerate(word_keys):
+        if key is not None:
+            words.setdefault(key, []).append(pos)
+    for positions in words.values():
+        p = rng.random()
+        if p >= probability:
+            continue
+        p /= probability
+        for pos in positions:
+            labels[pos] = input_ids[pos]
+            if p < 0.8:
+                ids[pos] = mask_token_id
+            elif p < 0.9:
+                ids[pos] = int(rng.integers(vocab_size))
+    return ids, labels
+
+
+class Multi30kCollator:
+    """Examples -> MM-BERT batch: per-row tokenisation (``text`` [+ ``text_b``]: ``[CLS] EN [SEP] DE [SEP]``; all token
+    types 0), whole-word MLM, regions padded (``has_image``, ``visual_image_size``), MVRC choices (15 % of the real
+    regions; 90 % of them ``mvrc_replace``d), declared labels. Randomness from (epoch, indices), never the global RNG.
+    ``add_special_tokens`` False: the aux text corpus (no [CLS] / [SEP])."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        max_text_len: int = 64,
+        max_regions: int = 100,
+        mlm: bool = False,
+        mlm_probability: float = 0.15,
+        mvrc: bool = False,
+        mvrc_probability: float = 0.15,
+        mvrc_replace_fraction: float = 0.9,
+        fixed_shapes: bool = False,
+        labels: dict[str, tuple[str, str]] | None = None,
+        add_special_tokens: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_text_len, self.max_regions = max_text_len, max_regions
+        self.mlm, self.mlm_probability = mlm, mlm_probability
+        self.mvrc, self.mvrc_probability, self.mvrc_replace_fraction = mvrc, mvrc_probability, mvrc_replace_fraction
+        self.fixed_shapes = fixed_shapes
+        self.labels = dict(labels or {})
+        self.add_special_tokens = add_special_tokens
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        key = (int(examples[0].get("epoch", 0)), *[int(ex.get("index", 0)) for ex in examples])
+        rng = np.random.default_rng([global_seed(), abs(hash(key)) & 0x7FFF_FFFF])
+        rows, label_rows = [], []
+        for ex in examples:
+            if "text_b_ids" in ex:  # MT: [CLS] EN [SEP] DE prefix ... [MASK] [SEP], only the [MASK] labelled
+                tail = list(ex["text_b_ids"])
+                room = max(1, self.max_text_len - len(tail) - 3)
+                source = self.tokenizer(ex["text"], add_special_tokens=False, truncation=True, max_length=room)
+                tok = self.tokenizer
+                ids = [tok.cls_token_id, *source["input_ids"], tok.sep_token_id, *tail, tok.sep_token_id]
+                labels = [IGNORE_INDEX] * len(ids)
+                if "mt_label" in ex:
+                    labels[len(ids) - 2] = int(ex["mt_label"])
+                label_rows.append(labels)
+                rows.append(ids)
+                continue
+            enc = self.tokenizer(
+                ex["text"],
+                ex.get("text_b"),
+                truncation=True,
+                max_length=self.max_text_len,
+                add_special_tokens=self.add_special_tokens,
+            )
+            ids = list(enc["input_ids"])
+            if self.mlm:
+                seq, words = enc.sequence_ids(), enc.word_ids()
+                keys = [None if s is None else (s, w) for s, w in zip(seq, words)]
+                ids, labels = whole_word_mask(
+                    ids,
+                    keys,
+                    rng=rng,
+                    mask_token_id=self.tokenizer.mask_token_id,
+                    vocab_size=len(self.tokenizer),
+                    probability=self.mlm_probability,
+                )
+                label_rows.append(labels)
+            rows.append(ids)
+        width = self.max_text_len if self.fixed_shapes else max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "token_type_ids": torch.zeros_like(input_ids),  # EN and DE share token type 0
+            "index": torch.tensor([int(ex.get("index", 0)) for ex in examples]),
+        }
+        if label_rows and (self.mlm or any(v != IGNORE_INDEX for r in label_rows for v in r)):
+            mlm_labels = torch.full_like(input_ids, IGNORE_INDEX)
+            for i, r in enumerate(label_rows):
+                mlm_labels[i, : len(r)] = torch.tensor(r)
+            batch["mlm_labels"] = mlm_labels
+        with_visual = [ex.get("visual") for ex in examples]
+        template = next((v for v in with_visual if v is not None), None)
+        if template is not None:
+            empty = {
+                "features": np.zeros((0, template["features"].shape[1]), np.float32),
+                "boxes_norm": np.zeros((0, 4), np.float32),
+                "cls_prob": None
+                if template.get("cls_prob") is None
+                else np.zeros((0, template["cls_prob"].shape[1]), np.float32),
+            }
+            visuals = [v if v is not None else empty for v in with_visual]
+            if not self.fixed_shapes and max(v["features"].shape[0] for v in visuals) == 0:
+                visuals[0] = {**empty, "features": np.zeros((1, empty["features"].shape[1]), np.float32)}
+                visuals[0]["boxes_norm"] = np.zeros((1, 4), np.float32)
+                if empty["cls_prob"] is not None:
+                    visuals[0]["cls_prob"] = np.zeros((1, empty["cls_prob"].shape[1]), np.float32)
+                padded = pad_regions(visuals, self.max_regions, fixed=False)
+                padded["visual_mask"][0] = 0
+            else:
+                padded = pad_regions(visuals, self.max_regions, fixed=self.fixed_shapes)
+            batch.update(padded)
+            batch["has_image"] = torch.tensor([v is not None for v in with_visual])
+            batch["visual_image_size"] = torch.tensor(
+                [[float(v["image_w"]), float(v["image_h"])] if v is not None else [1.0, 1.0] for v in with_visual]
+            )
+            if self.mvrc and "region_cls_prob" in batch:
+                valid = batch["visual_mask"].bool()
+                chosen = torch.from_numpy(rng.random(valid.shape) < self.mvrc_probability) & valid
+                replace = torch.from_numpy(rng.random(valid.shape) < self.mvrc_replace_fraction) & chosen
+                batch["region_mask_labels"], batch["mvrc_replace"] = chosen, replace
+        collate_labels(examples, self.labels, batch)
+        return batch

@@ -209,6 +209,36 @@ def test_global_batch_derives_accumulation(make_cfg, caplog) -> None:
     assert "64 = 16 per device x 1 devices x 4 accumulation" in caplog.text
 
 
+def test_val_every_n_steps_counts_optimizer_steps(make_cfg) -> None:
+    """`trainer.val_every_n_steps=2` with accumulation 2 (global batch 16 = 8 per device x 2): validation after optimizer
+    steps 2 and 4 (micro-batches 4 and 8), not after every 2 micro-batches as Lightning's `val_check_interval=2`."""
+
+    def validated_at(interval: str) -> list[int]:
+        cfg = make_cfg(
+            "experiment=none",
+            "data=vqa",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=8",
+            "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1",
+            interval,
+            "data.batch_size=16",
+            "data.batch_size_per_device=8",
+            "test=false",
+            name=interval.split("=")[0],
+        )
+        train(cfg)
+        with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv", newline="") as f:
+            # Lightning logs a validation under the optimizer step count before it (global_step - 1)
+            return [int(r["step"]) + 1 for r in csv.DictReader(f) if r.get("val/loss")]
+
+    assert validated_at("trainer.val_every_n_steps=2") == [2, 4]
+    assert validated_at("trainer.val_check_interval=2") == [1, 2, 3, 4]  # Lightning's: every 2 micro-batches
+    both = make_cfg("experiment=none", "data=vqa", "trainer.val_every_n_steps=2", "trainer.val_check_interval=3")
+    with pytest.raises(ConfigError, match="val_every_n_steps"):
+        train(both)
+
+
 def _cli(*args: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args],

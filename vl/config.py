@@ -172,7 +172,10 @@ class CorpusConfig:
 # ---------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class TrainerConfig:
-    """The `lightning.pytorch.Trainer` arguments `vl` uses (unions typed `Any`)."""
+    """The `lightning.pytorch.Trainer` arguments `vl` uses (unions typed `Any`), plus `val_every_n_steps`, vl's own
+    (`vl.pipeline.build_trainer` takes it out): validate every n optimizer steps, whatever the gradient accumulation
+    (Lightning's integer `val_check_interval` counts micro-batches; `max_steps`, `log_every_n_steps` and the
+    checkpoints' `every_n_train_steps` count optimizer steps)."""
 
     _target_: str = "lightning.pytorch.Trainer"
     default_root_dir: Optional[str] = None
@@ -185,6 +188,7 @@ class TrainerConfig:
     max_epochs: Optional[int] = None
     max_steps: int = -1
     val_check_interval: Any = None
+    val_every_n_steps: Optional[int] = None
     check_val_every_n_epoch: Optional[int] = 1
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = None
@@ -228,6 +232,7 @@ _TRAINER_COUNTS = (
     ("min_steps", 0, ()),
     ("accumulate_grad_batches", 1, ()),
     ("check_val_every_n_epoch", 1, ()),
+    ("val_every_n_steps", 1, ()),
     ("log_every_n_steps", 1, ()),
     ("num_nodes", 1, ()),
 )
@@ -273,6 +278,8 @@ def check_config(cfg: Any) -> None:
                 _bad(f"{prefix}trainer.{key}", value, "must be a fraction in [0, 1] or a batch count >= 0")
             if isinstance(value, int) and value < 0:
                 _bad(f"{prefix}trainer.{key}", value, "must be a fraction in [0, 1] or a batch count >= 0")
+        if trainer.get("val_every_n_steps") is not None and trainer.get("val_check_interval") is not None:
+            _bad(f"{prefix}trainer.val_every_n_steps", trainer.get("val_every_n_steps"), "set it or val_check_interval")
         interval = trainer.get("val_check_interval")
         if isinstance(interval, float) and not 0.0 < interval <= 1.0 or isinstance(interval, int) and interval < 1:
             _bad(f"{prefix}trainer.val_check_interval", interval, "must be a fraction in (0, 1] or a step count >= 1")

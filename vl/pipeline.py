@@ -53,12 +53,24 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     plugins: list[Any] = []
     if "deepspeed" not in str(cfg.trainer.get("strategy", "")).lower():  # DeepSpeed writes its own checkpoint dirs
         plugins.append(AtomicCheckpointIO())
+    node = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
+    with open_dict(node):
+        node.pop("val_every_n_steps", None)  # vl's own (`_validate_every`), not a Trainer argument
     return instantiate(
-        cfg.trainer,
+        node,
         callbacks=[*callbacks, ValidateAtMaxSteps(), MetricsLine()],
         logger=loggers or False,
         plugins=plugins or None,
     )
+
+
+def _validate_every(trainer: L.Trainer, steps: int | None) -> None:
+    """`trainer.val_every_n_steps`: validation every `steps` optimizer steps = `steps` x accumulation micro-batches
+    (Lightning's integer `val_check_interval` counts micro-batches), across epoch ends."""
+    if steps is None:
+        return
+    trainer.val_check_interval = int(steps) * int(trainer.accumulate_grad_batches)
+    trainer.check_val_every_n_epoch = None
 
 
 def _accumulation(cfg: DictConfig, dm: Any, world_size: int) -> int:
@@ -247,6 +259,7 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
     trainer = build_trainer(cfg, _instantiate_dict(cfg.get("callbacks")), loggers)
     trainer.accumulate_grad_batches = _accumulation(cfg, dm, trainer.world_size)
+    _validate_every(trainer, cfg.trainer.get("val_every_n_steps"))
     log.info(
         "[%s] %s on %s: global batch %d = %d per device x %d devices x %d accumulation",
         name,

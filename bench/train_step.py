@@ -144,6 +144,7 @@ def paired_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> 
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
+    from vl.config import trainer_config
     from vl.pipeline import _instantiate_dict, build_trainer
 
     with open_dict(cfg):
@@ -173,7 +174,7 @@ def paired_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> 
         trainer = build_trainer(cfg, [Pairs(), *callbacks], loggers)
     else:
         trainer = instantiate(
-            cfg.trainer,
+            trainer_config(cfg.trainer),
             callbacks=[Pairs()],
             logger=False,
             enable_checkpointing=False,

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from vl.errors import VLError
 
@@ -207,6 +207,15 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     use_distributed_sampler: bool = True
     reload_dataloaders_every_n_epochs: int = 0
+
+
+def trainer_config(node: DictConfig) -> DictConfig:
+    """`cfg.trainer` as `lightning.pytorch.Trainer` arguments (resolved): without vl's own `val_every_n_steps`
+    (applied by `vl.pipeline` once the accumulation is known)."""
+    args = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    with open_dict(args):
+        args.pop("val_every_n_steps", None)
+    return args
 
 
 def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:

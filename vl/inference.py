@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vl.build import load_run_config, stage_config
 from vl.checkpoint import architecture_of, check_architecture, read_checkpoint, run_record
-from vl.config import instantiate_node
+from vl.config import instantiate_node, trainer_config
 from vl.errors import ConfigError, DataError
 
 __all__ = ["Predictor", "load", "read_queries", "QueryDataset", "QueryCollator", "rows_from_outputs", "predict"]
@@ -272,7 +272,7 @@ def predict(
         collate_fn=QueryCollator(dm.inference_collator(), dm.tokenizer.mask_token_id),
     )
     trainer: L.Trainer = instantiate(
-        run_cfg.trainer, logger=False, callbacks=[_RowWriter(output_dir)], enable_checkpointing=False
+        trainer_config(run_cfg.trainer), logger=False, callbacks=[_RowWriter(output_dir)], enable_checkpointing=False
     )
     trainer.predict(model, dataloaders=loader, return_predictions=False)
     parts = sorted(output_dir.glob("predict.rank*.pt"))

@@ -22,7 +22,7 @@ from vl.callbacks import MetricsLine, ValidateAtMaxSteps
 from vl.checkpoint import CHECKPOINT_FORMAT, check_architecture, is_deepspeed_dir, read_checkpoint
 from vl.checkpoint import run_record as run_record_of
 from vl.checkpoint_io import AtomicCheckpointIO
-from vl.config import check_config, launcher_rank
+from vl.config import check_config, launcher_rank, trainer_config
 from vl.errors import ConfigError, VLError
 from vl.eval.tasks import run_eval_task, task_name
 from vl.report import plot_curves, write_results
@@ -53,11 +53,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     plugins: list[Any] = []
     if "deepspeed" not in str(cfg.trainer.get("strategy", "")).lower():  # DeepSpeed writes its own checkpoint dirs
         plugins.append(AtomicCheckpointIO())
-    node = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
-    with open_dict(node):
-        node.pop("val_every_n_steps", None)  # vl's own (`_validate_every`), not a Trainer argument
     return instantiate(
-        node,
+        trainer_config(cfg.trainer),
         callbacks=[*callbacks, ValidateAtMaxSteps(), MetricsLine()],
         logger=loggers or False,
         plugins=plugins or None,
@@ -296,7 +293,9 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     if cfg.get("test", True):
         # a fresh Trainer without loggers: test metrics go to results.md (and CSVLogger cannot take new columns
         # in the processes a ddp_spawn test starts); VQA predictions are written by the model's test hook
-        tester: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+        tester: L.Trainer = instantiate(
+            trainer_config(cfg.trainer), logger=False, callbacks=[], enable_checkpointing=False
+        )
         ckpt = None if trainer.fast_dev_run else ckpt
         test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
@@ -487,7 +486,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = build_model(run_cfg, dm)
     check_architecture(ckpt, model, cfg.ckpt_path)
     del ckpt
-    trainer: L.Trainer = instantiate(run_cfg.trainer, logger=False, callbacks=[])
+    trainer: L.Trainer = instantiate(trainer_config(run_cfg.trainer), logger=False, callbacks=[])
     testing = cfg.get("split", "test") != "val"
     run = trainer.test if testing else trainer.validate
     with _own_rendezvous():

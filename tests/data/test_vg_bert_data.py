@@ -134,7 +134,8 @@ def test_published_configs_compose(make_cfg, experiment, stage, lr) -> None:
     assert enc.freeze_qk and enc.freeze_vgg and enc.segment_id == 1 and enc.object_pool == "all_positions"
     assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == lr
     assert list(cfg.model.optimizer.betas) == [0.95, 0.999] and cfg.model.optimizer.weight_decay == 5e-7
-    assert cfg.model.lr_decay_epochs == 15 and cfg.model.lr_ratio == 0.5
+    # README / run.py: --lr-decay 15 --lr-ratio 0.5; transfer_cross_modal_retrieval.py's --lr-decay default is 30
+    assert cfg.model.lr_decay_epochs == (30 if stage == "transfer" else 15) and cfg.model.lr_ratio == 0.5
     if stage == "grounding":
         assert enc.learnable_layers == 8 and enc.dropout_rate == 0.3 and cfg.data.monitor == "val/loss"
         assert cfg.data.transform_options.size == 256 and cfg.data.transform_options.crop == 224
@@ -145,3 +146,4 @@ def test_published_configs_compose(make_cfg, experiment, stage, lr) -> None:
         assert cfg.data.num_relations == 115 and cfg.data.num_object_classes == 56
     if stage == "transfer":
         assert enc.freeze_encoder and list(cfg.data.objectives) == ["vg_transfer"] and cfg.data.batch_size == 300
+        assert enc.dropout_rate == 0.1 and cfg.trainer.max_epochs == 150  # README: --dropout-rate 0.1 --n_epochs 150

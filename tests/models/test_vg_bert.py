@@ -373,3 +373,212 @@ def test_seed_checkpoint_keys_map_to_vl(tmp_path: Path) -> None:
     for ours, theirs in pairs.items():
         assert torch.equal(got[ours], seed[theirs]), ours
     assert torch.equal(got["encoder.visual.embedder.weight"], ref["encoder.visual.embedder.weight"])  # not in file
+
+
+# ------------------------------------------------------------------------------------------------ whole-batch losses
+def _system(stage: str = "grounding", objective: str = "vg_contrastive", **kw):
+    from vl.models.vg_bert import VGBertSystem
+
+    torch.manual_seed(0)
+    info = {"pixels": True, **({"num_relations": 115, "num_object_classes": 56} if stage == "relational" else {})}
+    return VGBertSystem(
+        encoder={"_target_": "vl.models.vg_bert.VGBertEncoder", "stage": stage, "text_encoder": TINY_TEXT,
+                 "vgg_cfg": TINY_VGG, "visual_heads": 2, "visual_intermediate_size": 32, "num_positions": 16,
+                 "cross_heads": 2, "learnable_layers": 2},
+        objectives=[objective], data_info=info,
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 5e-5, "betas": [0.95, 0.999],
+                   "weight_decay": 5e-7},
+        **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("experiment", "batch"),
+    [("vg_bert_grounding", 180), ("vg_bert_relational", 180), ("vg_bert_transfer_retrieval", 300)],
+)
+def test_published_recipes_take_each_loss_over_the_whole_batch(experiment: str, batch: int, make_cfg) -> None:
+    """README: --batch-size 180 (stages 2, 3) / 300 (transfer), one loss per batch: one device holds it all, so the
+    derived gradient accumulation is 1 (and micro-batch negatives are off)."""
+    from types import SimpleNamespace
+
+    from vl.pipeline import _accumulation
+
+    cfg = make_cfg(f"experiment={experiment}", tiny=False)
+    assert cfg.data.batch_size == batch and cfg.data.batch_size_per_device == batch
+    dm = SimpleNamespace(batch_size=cfg.data.batch_size, batch_size_per_device=cfg.data.batch_size_per_device)
+    assert _accumulation(cfg, dm, 1) == 1
+    assert cfg.model.micro_batch_negatives is False
+
+
+@pytest.mark.parametrize(
+    ("stage", "objective"),
+    [("grounding", "vg_contrastive"), ("relational", "vg_relational"), ("transfer", "vg_transfer")],
+)
+def test_gradient_accumulation_is_refused_for_batch_level_losses(stage: str, objective: str) -> None:
+    import lightning.pytorch as L
+
+    def trainer(accumulate: int) -> L.Trainer:
+        return L.Trainer(accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+
+    system = _system(stage, objective)
+    system.trainer = trainer(6)
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=6 .*data.batch_size_per_device.*"
+                                          rf"{objective}.*micro_batch_negatives=true"):  # fmt: skip
+        system.setup("fit")
+    system.trainer = trainer(1)
+    system.setup("fit")  # the whole batch per step: accepted
+    opted = _system(stage, objective, micro_batch_negatives=True)
+    opted.trainer = trainer(6)
+    opted.setup("fit")  # the explicit opt-in
+    system.trainer = trainer(6)
+    system.setup("validate")  # no optimiser step: nothing to refuse
+
+
+def test_relational_head_pair_term_takes_the_negatives_of_the_whole_batch() -> None:
+    """The head in training mode (gather on, one process): the pair term over the 3-image batch by a per-pair loop
+    (negatives from every image), the object CE and the relation CE by hand, all / B."""
+    from vl.batch import EncoderOutput
+    from vl.heads.vg_bert import RelationalGrounding
+
+    torch.manual_seed(5)
+    b, n, h, k = 3, 4, 8, 6
+    head = RelationalGrounding(hidden_size=h, num_relations=k, num_object_classes=5, subspace_dim=4, dropout=0.0,
+                               classifier_dropout=0.0).double().train()  # fmt: skip
+    objects = torch.randn(b, n, h, dtype=torch.float64)
+    rel = torch.zeros(b, n, n, dtype=torch.long)
+    rel[0, 0, 1], rel[0, 2, 3], rel[1, 1, 0], rel[2, 3, 2], rel[2, 0, 3] = 1, 2, 1, 3, 2
+    cls = torch.tensor([[1, 2, 0, 3], [4, 1, 0, 0], [2, 2, 1, 0]])
+    result = head(EncoderOutput(text=objects, visual=None, pooled=None),
+                  {"relation_target": rel, "object_target": cls, "object_mask": (cls >= 0).long()})  # fmt: skip
+    # scores by the bilinear formula with the normalised matrices
+    o = head.object_transform(objects).detach()
+    mats = head.relational_matrix.detach().flatten(1)
+    mats = (mats / mats.norm(dim=1, keepdim=True)).reshape(k, 4, 4)
+    r = {(bi, i, j, c): float(o[bi, i] @ mats[c] @ o[bi, j]) for bi in range(b) for i in range(n) for j in range(n)
+         for c in range(k)}  # fmt: skip
+    pairs = [(bi, i, j, int(rel[bi, i, j])) for bi in range(b) for i in range(n) for j in range(n) if rel[bi, i, j]]
+    pair = relation = 0.0
+    for bi, i, j, c in pairs:
+        negatives = [r[(b2, i2, j2, c)] for b2, i2, j2, c2 in pairs if c2 != c]
+        logits = [r[(bi, i, j, c)], *negatives]
+        pair += -logits[0] + math.log(sum(math.exp(x) for x in logits))
+        row = [r[(bi, i, j, c2)] for c2 in range(k)]
+        relation += -row[c] + math.log(sum(math.exp(x) for x in row))
+    logits = head.object_classifier(objects).detach()
+    obj = sum(
+        -float(torch.log_softmax(logits[bi, m], 0)[cls[bi, m]]) for bi in range(b) for m in range(n) if cls[bi, m]
+    )
+    assert math.isclose(float(head.last_parts["pair"]), pair / b, rel_tol=1e-10)
+    assert math.isclose(float(head.last_parts["relation"]), relation / b, rel_tol=1e-10)
+    assert math.isclose(float(head.last_parts["object"]), obj / b, rel_tol=1e-10)
+    assert math.isclose(float(result.loss.detach()), (pair + relation + obj) / b, rel_tol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------ stage-1 weights
+def seed_stage1_keys(cfg: list, hidden: int, vgg_out: int, intermediate: int, positions: int) -> dict[str, tuple]:
+    """The seed's `VGG16_Attention_classification` state-dict names and shapes, written from its code: torchvision
+    features without the last pool as `image_model.<index>` (conv, ReLU pairs, one MaxPool per "M"), `embedder`
+    Conv1x1, `attention` (SpatialSelfAttention, use_position=learn), `classifier` (768*49 -> 4096 -> 4096 -> 1000)."""
+    keys, index, cin = {}, 0, 3
+    for v in cfg:
+        if v == "M":
+            index += 1
+            continue
+        keys[f"image_model.{index}.weight"], keys[f"image_model.{index}.bias"] = (v, cin, 3, 3), (v,)
+        index, cin = index + 2, v
+    keys["embedder.weight"], keys["embedder.bias"] = (hidden, vgg_out, 1, 1), (hidden,)
+    keys["attention.position_embeddings.weight"] = (positions, hidden)
+    for name in ("query", "key", "value", "dense"):
+        keys[f"attention.{name}.weight"], keys[f"attention.{name}.bias"] = (hidden, hidden), (hidden,)
+    keys["attention.ffn.weight"], keys["attention.ffn.bias"] = (intermediate, hidden), (intermediate,)
+    keys["attention.ffn_output.weight"], keys["attention.ffn_output.bias"] = (hidden, intermediate), (hidden,)
+    for name in ("LayerNorm", "full_layernorm"):
+        keys[f"attention.{name}.weight"], keys[f"attention.{name}.bias"] = (hidden,), (hidden,)
+    keys["classifier.0.weight"], keys["classifier.0.bias"] = (4096, hidden * 49), (4096,)
+    keys["classifier.3.weight"], keys["classifier.3.bias"] = (4096, 4096), (4096,)
+    keys["classifier.6.weight"], keys["classifier.6.bias"] = (1000, 4096), (1000,)
+    return keys
+
+
+def test_a_seed_stage1_checkpoint_initialises_the_visual_stream(tmp_path: Path) -> None:
+    """Both files of the seed's stage 1: `checkpoint.pth.tar` ({"state_dict": DataParallel keys `module.*`, "arch"})
+    and the bare state dict that run.py reads as `best_model.pth`. Every seed tensor lands in the vl parameter named
+    by the hand-written correspondence; the ImageNet classifier lands nowhere."""
+    shapes = seed_stage1_keys(TINY_VGG, hidden=16, vgg_out=16, intermediate=32, positions=16)
+    assert sum(k.startswith("image_model.") for k in shapes) == 26  # 13 convs
+    g = torch.Generator().manual_seed(9)
+    seed = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+    def vl_name(key: str) -> str | None:
+        head, _, rest = key.partition(".")
+        return {"image_model": f"encoder.visual.vgg.features.{rest}", "embedder": f"encoder.visual.embedder.{rest}",
+                "attention": f"encoder.visual.attention.{rest}"}.get(head)  # fmt: skip
+
+    ref = _system().state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in seed.items()}, "arch": "vgg16_attention", "epoch": 90},
+               tmp_path / "checkpoint.pth.tar")  # fmt: skip
+    torch.save(seed, tmp_path / "best_model.pth")
+    for name in ("checkpoint.pth.tar", "best_model.pth"):
+        got = _system(init_from=str(tmp_path / name)).state_dict()
+        landed = set()
+        for key, value in seed.items():
+            ours = vl_name(key)
+            if ours is None:
+                assert key.startswith("classifier."), key
+                continue
+            assert torch.equal(got[ours], value), (name, key, ours)
+            landed.add(ours)
+        assert len(landed) == 45
+        for key in set(ref) - landed:  # the rest is untouched
+            assert torch.equal(got[key], ref[key]), (name, key)
+
+
+def test_an_init_checkpoint_that_loads_nothing_is_an_error(tmp_path: Path) -> None:
+    torch.save({"module.classifier.0.weight": torch.randn(3, 3)}, tmp_path / "classifier_only.pth")
+    torch.save({"features.0.weight": torch.randn(4, 3, 3, 3)}, tmp_path / "torchvision.pth")  # vgg_weights' file
+    torch.save({"image_model.0.weight": torch.randn(5, 3, 3, 3)}, tmp_path / "wrong_shape.pth")  # seed stage 1
+    for name in ("classifier_only.pth", "torchvision.pth", "wrong_shape.pth"):
+        with pytest.raises(ConfigError, match=rf"model.init_from: '.*{name}'.* loaded nothing"):
+            _system(init_from=str(tmp_path / name))
+
+
+# ------------------------------------------------------------------------------------------------ optimiser options
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("scheduler", {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "max_lr": 1.0}),
+        ("head_lr", 1.0),
+        ("pretrained_lr_mult", 0.0),
+    ],
+)
+def test_optimiser_options_vg_bert_does_not_use_are_refused(option: str, value) -> None:
+    with pytest.raises(ConfigError, match=rf"^model.{option}=.* has no effect on VG-BERT"):
+        _system(**{option: value})
+
+
+def test_defaults_build_one_adam_group_with_the_seed_step_decay() -> None:
+    """The seed's optimiser (traintest.py): Adam over every trainable parameter, betas (0.95, 0.999), wd 5e-7, lr
+    x lr_ratio ** (epoch // lr_decay) with epochs counted from 1 (lr_decay 30 as the transfer script's default)."""
+    system = _system(scheduler=None, head_lr=None, pretrained_lr_mult=1.0, lr_decay_epochs=30)
+    cfg = system.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    trainable = [p for p in system.parameters() if p.requires_grad]
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == len(trainable)
+    assert opt.param_groups[0]["weight_decay"] == 5e-7 and tuple(opt.param_groups[0]["betas"]) == (0.95, 0.999)
+    lrs = []
+    for _ in range(70):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert np.allclose(lrs, [5e-5 * 0.5 ** (epoch // 30) for epoch in range(1, 71)])
+
+
+def test_transfer_recipe_is_the_published_command(make_cfg) -> None:
+    """README's transfer command: --learning-rate 5e-5 --batch-size 300 --n_epochs 150 --dropout-rate 0.1 --sigma 0.1;
+    transfer_cross_modal_retrieval.py's defaults for what it does not set: --lr-decay 30, --lr-ratio 0.5."""
+    cfg = make_cfg("experiment=vg_bert_transfer_retrieval", tiny=False)
+    assert cfg.model.optimizer.lr == 5e-5 and cfg.data.batch_size == 300 and cfg.trainer.max_epochs == 150
+    assert cfg.model.encoder.dropout_rate == 0.1
+    assert cfg.model.lr_decay_epochs == 30 and cfg.model.lr_ratio == 0.5
+    assert cfg.model.encoder.freeze_encoder is True and list(cfg.data.objectives) == ["vg_transfer"]

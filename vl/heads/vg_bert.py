@@ -20,8 +20,16 @@ Under DDP the stage-2 and transfer losses use the negatives of **all ranks**: th
 `torch.distributed.nn.functional.all_gather` (the gradient flows back to the rank that made them), and every rank
 computes the loss of the global batch. DDP then averages identical-loss gradients: each rank's parameters get
 (world size x dL/dx_own) through the gather's backward, averaged over ranks = dL/dtheta of the global-batch loss.
-Validation batches are not gathered (ranks may hold unequal batches); retrieval recall is computed over the whole
-split by the system (`VGBertSystem`).
+The stage-3 pair term's negatives ("every non-null pair of the whole batch") are gathered the same way
+(`gather_pairs_with_grad`: each true pair's row of scores r_k / T and its class), so every rank computes the pair term
+of the global batch divided by the global B; the object and relation terms are per example / per pair and stay local
+(DDP's mean of the ranks' sums / B_rank is the global sum / B when the ranks hold equal batches). Validation batches
+are not gathered (ranks may hold unequal batches); retrieval recall is computed over the whole split by the system
+(`VGBertSystem`). `gather: false` on a head keeps each rank's own negatives (a deliberate difference).
+
+The batch of these losses is the batch of one optimiser step: gradient accumulation (data.batch_size_per_device x
+devices < data.batch_size) would compute each softmax over a micro-batch; `VGBertSystem` refuses it unless
+`model.micro_batch_negatives=true`.
 """
 
 from __future__ import annotations
@@ -42,8 +50,11 @@ __all__ = [
     "cross_modal_contrastive_loss",
     "pooled_contrastive_loss",
     "relation_contrastive_loss",
+    "relation_pair_rows",
+    "pair_term_sum",
     "relation_scores",
     "gather_with_grad",
+    "gather_pairs_with_grad",
     "GroundingContrastive",
     "RelationalGrounding",
     "TransferRetrieval",
@@ -90,30 +101,48 @@ def relation_scores(objects: torch.Tensor, matrices: torch.Tensor) -> torch.Tens
     return torch.einsum("bid,kde,bje->bkij", objects, matrices, objects)
 
 
+def relation_pair_rows(
+    scores: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (B, K, N, N), target (B, N, N) long (0 = no relation) -> (rows (P, K): r_k(b, i, j) / T at every true
+    pair (b, i, j), classes (P,)): all that the pair and relation terms read."""
+    b, k = scores.shape[:2]
+    flat = scores.reshape(b, k, -1) / temperature  # (B, K, M)
+    tgt = target.reshape(b, -1)  # (B, M)
+    bi, mi = (tgt > 0).nonzero(as_tuple=True)
+    return flat[bi, :, mi], tgt[bi, mi]
+
+
+def pair_term_sum(
+    rows: torch.Tensor,
+    classes: torch.Tensor,
+    negative_rows: torch.Tensor | None = None,
+    negative_classes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over the pairs p of `rows` of -log softmax over [rows[p, c_p]] + [negative_rows[q, c_p] for every q whose
+    class is not c_p] (the negatives default to `rows` themselves: the pairs of one batch). Vectorised per class."""
+    if negative_rows is None or negative_classes is None:
+        negative_rows, negative_classes = rows, classes
+    positive = rows.gather(1, classes[:, None]).squeeze(1)  # (P,)
+    neg_lse = torch.full_like(positive, float("-inf"))
+    for c in classes.unique().tolist():
+        negatives = negative_rows[negative_classes != c, c]
+        if negatives.numel():
+            neg_lse = torch.where(classes == c, torch.logsumexp(negatives, dim=0), neg_lse)
+    return (torch.logaddexp(positive, neg_lse) - positive).sum()
+
+
 def relation_contrastive_loss(
     scores: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """scores (B, K, N, N), target (B, N, N) long (0 = no relation) -> (pair term, relation term), each summed over
     the true pairs and divided by B (module docstring). Vectorised per class; equal to the seed's per-pair loop."""
-    b, k = scores.shape[:2]
-    flat = scores.reshape(b, k, -1) / temperature  # (B, K, M)
-    tgt = target.reshape(b, -1)  # (B, M)
-    valid = tgt > 0
-    zero = scores.sum() * 0.0
-    if not bool(valid.any()):
+    b = scores.shape[0]
+    rows, classes = relation_pair_rows(scores, target, temperature)
+    if not rows.shape[0]:
+        zero = scores.sum() * 0.0
         return zero, zero
-    bi, mi = valid.nonzero(as_tuple=True)
-    cls = tgt[bi, mi]  # (P,)
-    positive = flat[bi, cls, mi]  # (P,)
-    # log-sum-exp of the negatives of each class present: r_c at every non-null pair whose class is not c
-    neg_lse = torch.full_like(positive, float("-inf"))
-    for c in cls.unique().tolist():
-        negatives = flat[:, c, :][valid & (tgt != c)]
-        if negatives.numel():
-            neg_lse = torch.where(cls == c, torch.logsumexp(negatives, dim=0), neg_lse)
-    pair = (torch.logaddexp(positive, neg_lse) - positive).sum() / b
-    relation = F.cross_entropy(flat[bi, :, mi], cls, reduction="sum") / b
-    return pair, relation
+    return pair_term_sum(rows, classes) / b, F.cross_entropy(rows, classes, reduction="sum") / b
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +155,33 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_pairs_with_grad(
+    rows: torch.Tensor, classes: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(rows (P, K), classes (P,), B) of this rank -> those of every rank (rows differentiably; ranks hold unequal
+    pair counts: padded to the largest with class 0, then dropped) and the global B; unchanged when not
+    distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows, classes, batch_size
+    from torch.distributed.nn.functional import all_gather
+
+    world = dist.get_world_size()
+    counts = torch.tensor([rows.shape[0], batch_size], device=rows.device, dtype=torch.long)
+    everyone = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(everyone, counts)
+    most = max(int(c[0]) for c in everyone)
+    padded_rows = F.pad(rows, (0, 0, 0, most - rows.shape[0]))
+    padded_classes = F.pad(classes, (0, most - classes.shape[0]))  # 0 = no relation: dropped below
+    all_classes = [torch.zeros_like(padded_classes) for _ in range(world)]
+    dist.all_gather(all_classes, padded_classes.contiguous())
+    all_rows = torch.cat(all_gather(padded_rows.contiguous()), dim=0)
+    all_cls = torch.cat(all_classes, dim=0)
+    keep = all_cls > 0
+    return all_rows[keep], all_cls[keep], sum(int(c[1]) for c in everyone)
 
 
 def _topk_hits(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
@@ -257,7 +313,10 @@ class RelationalGrounding(Objective):
         classifier_dropout: float = 0.1,
         temperature: float = 1.0,
         object_loss_mask: str = "class_nonzero",
+        gather: bool = True,
     ) -> None:
+        """`gather`: under DDP, the pair term's negatives come from every rank (the whole batch, as the spec);
+        false: from this rank's examples only."""
         super().__init__()
         if object_loss_mask not in ("class_nonzero", "objects"):
             raise ConfigError(
@@ -274,7 +333,7 @@ class RelationalGrounding(Objective):
             nn.Linear(256, num_object_classes),
         )
         self.num_relations, self.num_object_classes = num_relations, num_object_classes
-        self.temperature, self.object_loss_mask = temperature, object_loss_mask
+        self.temperature, self.object_loss_mask, self.gather = temperature, object_loss_mask, gather
 
     @classmethod
     def build(cls, ctx: HeadContext, **options: Any) -> RelationalGrounding:
@@ -299,7 +358,12 @@ class RelationalGrounding(Objective):
         b = classes.shape[0]
         counted = classes > 0 if self.object_loss_mask == "class_nonzero" else batch["object_mask"].bool()
         obj_loss = F.cross_entropy(obj_logits[counted], classes[counted], reduction="sum") / b
-        pair, relation = relation_contrastive_loss(scores, relations, self.temperature)
+        rows, rel_classes = relation_pair_rows(scores, relations, self.temperature)
+        relation = F.cross_entropy(rows, rel_classes, reduction="sum") / b if rows.shape[0] else scores.sum() * 0.0
+        all_rows, all_classes, global_b = rows, rel_classes, b
+        if self.gather and self.training:  # the negatives of the whole batch: every rank's pairs
+            all_rows, all_classes, global_b = gather_pairs_with_grad(rows, rel_classes, b)
+        pair = pair_term_sum(all_rows, all_classes) / global_b if all_rows.shape[0] else scores.sum() * 0.0
         self.last_parts = {"object": obj_loss.detach(), "pair": pair.detach(), "relation": relation.detach()}
         self.last_objects = (obj_logits[counted].detach(), classes[counted])  # for the object top-k metrics
         valid = relations > 0

@@ -27,10 +27,19 @@ Encoder (`VGBertEncoder`, `stage`: "grounding" | "relational" | "transfer"):
     `freeze_encoder` (transfer) freezes the whole encoder.
 
 System (`VGBertSystem`): Adam (lr 5e-5, betas (0.95, 0.999), weight decay 5e-7 on every trainable parameter, as the
-seed's) and the seed's step decay: lr x `lr_ratio` (0.5) every `lr_decay_epochs` (15) epochs, counting epochs from 1
-as the seed does (the first halving applies in the 15th epoch). Model selection: the data module's monitor (lowest
-`val/loss` in stage 2). Validation / test also rank the whole split (images <-> captions) with the head's similarity
-and log `r1_i2t`, `r5_i2t`, `r10_i2t`, `r1_t2i`, ... (`r*_mean` the average of both directions).
+seed's) and the seed's step decay: lr x `lr_ratio` (0.5) every `lr_decay_epochs` (15; 30 in transfer) epochs,
+counting epochs from 1 as the seed does (the first halving applies in the 15th epoch). The shared system's
+`scheduler`, `head_lr` and `pretrained_lr_mult` have no place in this recipe: set, they are a `ConfigError`. Every
+VG-BERT loss is a softmax over the negatives of the whole batch (stage 2, the stage-3 pair term, transfer; gathered
+across ranks under DDP), so the published recipes put the whole batch on one device (`data.batch_size_per_device` =
+`data.batch_size`) and a fit with gradient accumulation is refused (`setup`) unless `micro_batch_negatives: true`
+(each micro-batch's own negatives: a deliberate difference). Note: the seed's DataParallel computes its loss inside
+each replica, so with G GPUs its negatives were batch / G; vl follows the spec (one loss over the batch).
+`init_from` also reads the seed's files (`load_init_checkpoint`: the stage-2/3 `best_model.pth`, and the stage-1
+ImageNet model -> the visual stream); a file that loads nothing is a `ConfigError`. Model selection: the data
+module's monitor (lowest `val/loss` in stage 2). Validation / test also rank the whole split (images <-> captions)
+with the head's similarity and log `r1_i2t`, `r5_i2t`, `r10_i2t`, `r1_t2i`, ... (`r*_mean` the average of both
+directions).
 
 Two bugs of the seed's code are fixed, not copied: `TransferCrossModalRetrieval` unpacks 7 outputs from
 `CrossAttention`'s 5-tuple (vl's transfer reads the query / key projections directly), and the transfer script's
@@ -41,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 import torch
@@ -279,17 +289,44 @@ SEED_PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
+#: the seed's stage-1 (`visual_stream_pretraining.py`, ImageNet) `VGG16_Attention_classification` /
+#: `VGG16_classification` prefixes (after `module.`): features at `image_model.<index>.`, then `embedder.`, `attention.`
+#: (`classifier.*`, the ImageNet classifier, maps to nothing: reported as unexpected)
+SEED_STAGE1_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("image_model.", "encoder.visual.vgg.features."),
+    ("embedder.", "encoder.visual.embedder."),
+    ("attention.", "encoder.visual.attention."),
+)
+_SEED_FULL_STARTS = ("image_model.image_model.", "image_model.embedder.", "image_model.attention.", "language_model.")
+_SEED_STAGE1 = re.compile(r"(image_model\.\d+|embedder|attention)\.")
+
+
+def seed_layout(state: dict[str, Any]) -> str | None:
+    """The seed's layout: "full" for a state dict of its `TwoStreamPretrain` / `RelationalGrounding`
+    (`image_model.image_model.*`, `language_model.*`, ...), "stage1" for its ImageNet classifier
+    (`image_model.<i>.*`, `embedder.*`, `attention.*`; `classifier.*` too), None otherwise (`module.` prefixes of
+    DataParallel allowed)."""
+    keys = [str(k).removeprefix("module.") for k in state]
+    if any(k.startswith(_SEED_FULL_STARTS) or k.startswith("cross_attention_model.") for k in keys):
+        return "full"
+    if keys and any(_SEED_STAGE1.match(k) for k in keys):
+        return "stage1"
+    return None
+
+
 def is_seed_state_dict(state: dict[str, Any]) -> bool:
-    return any(k.removeprefix("module.").startswith("image_model.") for k in state)
+    return seed_layout(state) is not None
 
 
 def seed_to_vl(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A state dict of the seed's `TwoStreamPretrain` / `RelationalGrounding` (`best_model.pth`, `module.` prefixes
-    of DataParallel allowed) -> (vl keys, the seed keys that map to nothing, e.g. BERT's pooler)."""
+    """A state dict of the seed (`seed_layout`: the stage-2/3 `best_model.pth`, or the stage-1 ImageNet model's
+    `state_dict`; `module.` prefixes of DataParallel allowed) -> (vl keys, the seed keys that map to nothing, e.g.
+    BERT's pooler or the ImageNet classifier)."""
+    prefixes = SEED_STAGE1_PREFIXES if seed_layout(state) == "stage1" else SEED_PREFIXES
     out, unmapped = {}, []
     for key, value in state.items():
         k = key.removeprefix("module.")
-        for seed, ours in SEED_PREFIXES:
+        for seed, ours in prefixes:
             if k.startswith(seed):
                 out[ours + k[len(seed) :]] = value
                 break
@@ -318,10 +355,33 @@ class VGBertSystem(VLSystem):
 
     RETRIEVAL_HEADS = ("vg_contrastive", "vg_transfer")
 
-    def __init__(self, *, lr_decay_epochs: int = 15, lr_ratio: float = 0.5, **kwargs: Any) -> None:
+    #: objectives whose loss couples the examples of a batch (softmax over the batch's negatives)
+    BATCH_LEVEL_OBJECTIVES = ("vg_contrastive", "vg_transfer", "vg_relational")
+
+    def __init__(
+        self,
+        *,
+        lr_decay_epochs: int = 15,
+        lr_ratio: float = 0.5,
+        micro_batch_negatives: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """`lr_decay_epochs` / `lr_ratio`: lr x lr_ratio every lr_decay_epochs epochs (the seed's `--lr-decay 15
-        --lr-ratio 0.5`); the optimiser is `model.optimizer` (Adam, betas (0.95, 0.999), wd 5e-7)."""
+        --lr-ratio 0.5`); the optimiser is `model.optimizer` (Adam, betas (0.95, 0.999), wd 5e-7), one lr for every
+        trainable parameter as the seed's: the shared system's `scheduler`, `head_lr` and `pretrained_lr_mult` are
+        not VG-BERT's and are refused when set. `micro_batch_negatives`: accept gradient accumulation
+        (data.batch_size_per_device x devices < data.batch_size), under which each contrastive softmax (stage 2,
+        the stage-3 pair term, transfer) sees the negatives of one micro-batch only (a deliberate difference: the
+        published losses are over the whole batch; default false refuses it at fit time)."""
+        for name, default in (("scheduler", None), ("head_lr", None), ("pretrained_lr_mult", 1.0)):
+            value = kwargs.get(name, default)
+            if value != default and not (name == "scheduler" and not value):
+                raise ConfigError(
+                    f"model.{name}={value!r} has no effect on VG-BERT (one lr for every trainable parameter, the "
+                    "seed's step decay model.lr_decay_epochs / model.lr_ratio); remove it"
+                )
         self.lr_decay_epochs, self.lr_ratio = int(lr_decay_epochs), float(lr_ratio)
+        self.micro_batch_negatives = bool(micro_batch_negatives)
         super().__init__(**kwargs)
         self._last_out: EncoderOutput | None = None
         self._store: dict[str, list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]] = {}
@@ -333,21 +393,58 @@ class VGBertSystem(VLSystem):
         )
 
     def load_init_checkpoint(self, path: str) -> None:
-        """vl checkpoints as the shared system loads them; a state dict of the seed (`best_model.pth`: keys
-        `image_model.*`, `language_model.language_model.*`, ...) is mapped to vl's names first (`seed_to_vl`), then
-        loaded non-strictly with the key report (BERT's pooler and other unmapped keys reported as unexpected)."""
+        """vl checkpoints as the shared system loads them; a state dict of the seed (`seed_layout`: the stage-2/3
+        `best_model.pth`: keys `image_model.image_model.*`, `language_model.language_model.*`, ...; or the stage-1
+        ImageNet model, bare as `best_model.pth` or in `checkpoint.pth.tar`'s {"state_dict", "arch", ...}: keys
+        `image_model.<i>.*` (VGG features), `embedder.*`, `attention.*`, `classifier.*`) is mapped to vl's names first
+        (`seed_to_vl`), then loaded non-strictly with the key report (BERT's pooler, the ImageNet classifier and other
+        unmapped keys reported as unexpected). A file none of whose tensors lands in this model is a `ConfigError`."""
         from vl.checkpoint import load_torch_file
         from vl.pretrained import log_key_report
 
         state = load_torch_file(path, "model.init_from")
-        if not (isinstance(state, dict) and "state_dict" not in state and is_seed_state_dict(state)):
-            return super().load_init_checkpoint(path)
-        mapped, unmapped = seed_to_vl(state)
+        inner = state.get("state_dict", state) if isinstance(state, dict) else state
         own = self.state_dict()
+        if not (isinstance(inner, dict) and is_seed_state_dict(inner)):
+            super().load_init_checkpoint(path)
+            if isinstance(inner, dict) and not any(
+                k in own and isinstance(v, torch.Tensor) and v.numel() == own[k].numel() for k, v in inner.items()
+            ):
+                raise ConfigError(
+                    f"model.init_from: '{path}' loaded nothing: none of its {len(inner)} keys is a parameter of "
+                    f"this {type(self).__name__} (neither a vl checkpoint of it nor a seed state dict; torchvision "
+                    "VGG16 weights go to model.encoder.vgg_weights)"
+                )
+            return
+        layout = seed_layout(inner)
+        mapped, unmapped = seed_to_vl(inner)
         usable = {k: v for k, v in mapped.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+        if not usable:
+            raise ConfigError(
+                f"model.init_from: '{path}' (the seed's {layout} layout) loaded nothing: none of its {len(inner)} "
+                "keys maps to a parameter of this model with the same shape"
+            )
         result = self.load_state_dict(usable, strict=False)
         unexpected = unmapped + sorted(k for k in mapped if k not in usable)
-        log_key_report(f"init from the seed's {path}", result.missing_keys, unexpected)
+        log_key_report(f"init from the seed's ({layout}) {path}", result.missing_keys, unexpected)
+
+    def setup(self, stage: str) -> None:
+        """At fit time: refuse gradient accumulation under a batch-level contrastive objective unless
+        `micro_batch_negatives` (the loss of one optimiser step must be the softmax over the whole batch)."""
+        super().setup(stage)
+        if stage != "fit" or self.micro_batch_negatives:
+            return
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
+        coupled = [name for name in self.objectives if name in self.BATCH_LEVEL_OBJECTIVES]
+        if accumulate > 1 and coupled:
+            dm = getattr(self.trainer, "datamodule", None)
+            per_device, batch = getattr(dm, "batch_size_per_device", "?"), getattr(dm, "batch_size", "?")
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={accumulate} (data.batch_size={batch} / "
+                f"data.batch_size_per_device={per_device} x devices): {', '.join(coupled)} would take its negatives "
+                "from each micro-batch, not the whole batch; set data.batch_size_per_device=data.batch_size / devices, "
+                "or model.micro_batch_negatives=true to accept micro-batch negatives"
+            )
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -38,6 +38,35 @@ def test_published_configs_compose(make_cfg, experiment, model, channels) -> Non
     assert list(qa.data.objectives) == ["mlm", "itm", "qa"] and qa.model.optimizer.lr == 5e-5
 
 
+@pytest.mark.parametrize("experiment", ["clip_vil_pretrain", "clip_vil_pretrain_qa"])
+def test_published_pretraining_scores_mlm_on_every_pair(make_cfg, experiment) -> None:
+    """The seed masks every sentence and scores every masked word, matched or not (its `convert_example_to_features`
+    never looks at `is_matched` for the LM labels); only QA is restricted to matched pairs."""
+    assert make_cfg(f"experiment={experiment}", tiny=False).model.heads.mlm.on_mismatched_pairs is True
+    cfg = make_cfg("experiment=clip_vil_pretrain_tiny", *TINY, "data.batch_size=16", "data.batch_size_per_device=16")
+    assert cfg.model.heads.mlm.on_mismatched_pairs is True
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    system = build_model(cfg, dm).eval()
+    torch.manual_seed(0)
+    batch = next(b for b in dm.train_dataloader() if ((b["mlm_labels"] != -100).any(1) & (b["itm_labels"] == 0)).any())
+    with torch.no_grad():
+        out = system(batch)
+        head = system.objectives["mlm"]
+        loss = head(out, batch).loss
+        # by hand: cross-entropy over every masked position of every pair, mismatched ones included
+        logits = head.logits(out.text)  # (B, T, V)
+        labels = batch["mlm_labels"]
+        logp = logits.log_softmax(-1)
+        masked = labels != -100
+        want = -logp[masked].gather(1, labels[masked][:, None]).mean()
+        matched_only = masked & (batch["itm_labels"] == 1)[:, None]
+        not_want = -logp[matched_only].gather(1, labels[matched_only][:, None]).mean()
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(loss, not_want)
+
+
 @pytest.mark.slow  # tiny fits from pixels (~1-2 min on 2 busy cores)
 def test_tiny_vqa_trains_the_backbone_end_to_end_and_freezing_is_an_option(make_cfg) -> None:
     cfg = make_cfg("experiment=clip_vil_vqa_tiny", *TINY, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
@@ -79,14 +108,16 @@ def test_stage2_to_vqa_copies_the_shared_answer_rows_and_resume_restores_both_op
     system = build_model(vqa, dm, init_from=str(ckpt))
     answers = dm.label2ans
     assert system.qa_rows_copied == len(answers) - 1  # all but "maybe", which the pretraining list lacks
-    from vl.data.formats.lxmert_pretrain import load_all_answers
+    from vl.data.formats.lxmert_pretrain import convert_ans, load_all_answers
 
     pre = load_all_answers(dm.path("lxmert/all_ans.json"))
     w = state["state_dict"]["objectives.qa.classifier.3.weight"]
     head = system.objectives["vqa"].classifier[3].weight
     for j, a in enumerate(answers):
-        if a in pre:
-            assert torch.equal(head[j], w[pre.index(a)])
+        if convert_ans(a) in pre:
+            assert torch.equal(head[j], w[pre.index(convert_ans(a))])
+        else:  # the seed zeroes the rows of answers the pretraining list lacks
+            assert not head[j].any()
     # resume: Lightning hands the checkpoint's optimizer state to the fused optimizer exactly
     resumed = make_cfg("experiment=clip_vil_pretrain_qa_tiny", "pretrain=null", *TINY, *limits, "trainer.max_epochs=2",
                        f"ckpt_path={ckpt}", name="resumed")  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tests.conftest import real_sample
 from vl.data.clip_vil import ClipVilPretrainDataModule, ClipVilVQADataModule, PretrainPairs
@@ -33,13 +33,13 @@ from vl.data.images import (
     ImageCollator,
     ResizeCenterCrop,
     ResizePadNormalize,
+    clip_vil_resized_size,
     grouped_order,
     load_rgb,
-    resized_size,
 )
 from vl.data.scenes import COLOUR_RGB, POSITIONS, SceneSettings, generate_scenes
 from vl.data.scenes.writers.images import ensure_image_corpus, image_id_of, jpg_path, pixel_scene
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 
 SETTINGS = SceneSettings(num_images=36)
 
@@ -175,24 +175,68 @@ def test_real_answer_lists() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ transforms
+def _seed_clip_vil_pixels(img: Image.Image, min_size: int = 384, max_size: int = 640) -> np.ndarray:
+    """The seed's steps, written out independently: `Resize.get_size` (maskrcnn-style), PIL bilinear (torchvision
+    F.resize on a PIL image), `PadToGivenSize` (centred; F.pad constant = PIL ImageOps.expand with black), ToTensor,
+    Normalize."""
+    w, h = img.size
+    size = min_size
+    lo, hi = float(min(w, h)), float(max(w, h))
+    if hi / lo * size > max_size:
+        size = int(round(max_size * lo / hi))
+    if (w <= h and w == size) or (h <= w and h == size):
+        oh, ow = h, w
+    elif w < h:
+        ow, oh = size, int(size * h / w)
+    else:
+        oh, ow = size, int(size * w / h)
+    img = img.resize((ow, oh), Image.Resampling.BILINEAR)
+    max_w, max_h = (min_size, max_size) if ow <= oh else (max_size, min_size)
+    hp, vp = (max_w - ow) / 2, (max_h - oh) / 2
+    pad = (
+        int(hp if hp % 1 == 0 else hp + 0.5),
+        int(vp if vp % 1 == 0 else vp + 0.5),
+        int(hp if hp % 1 == 0 else hp - 0.5),
+        int(vp if vp % 1 == 0 else vp - 0.5),
+    )
+    img = ImageOps.expand(img, border=pad, fill=0)
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return (x - np.array(CLIP_MEAN, np.float32)[:, None, None]) / np.array(CLIP_STD, np.float32)[:, None, None]
+
+
 @pytest.mark.parametrize(
-    ("size", "resized", "canvas"),
+    "size",
+    [(500, 333), (480, 640), (400, 400), (640, 640), (1000, 399), (384, 500), (1000, 101), (97, 1003), (333, 499)],
+)
+def test_clip_vil_transform_follows_the_seed(size) -> None:
+    img = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    x = ResizePadNormalize(384, 640)(img)
+    want = _seed_clip_vil_pixels(img)
+    assert tuple(x.shape) == want.shape
+    np.testing.assert_allclose(x.numpy(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("size", "resized", "canvas", "left_top"),
     [
-        ((500, 300), (640, 384), (384, 640)),  # 300 -> 384, 500 -> int(384 * 500 / 300) = 640
-        ((1000, 300), (640, 192), (384, 640)),  # long side capped: int(640 * 384 / 1280) = 192
-        ((300, 500), (384, 640), (640, 384)),  # portrait
-        ((384, 384), (384, 384), (384, 640)),
+        ((500, 300), (640, 384), (384, 640), (0, 0)),  # 300 -> 384, 500 -> int(384 * 500 / 300) = 640
+        ((1000, 399), (639, 255), (384, 640), (1, 65)),  # capped: round(640 * 399 / 1000) = 255, int(255 * 1000 / 399)
+        ((300, 500), (384, 640), (640, 384), (0, 0)),  # portrait
+        ((384, 384), (384, 384), (640, 384), (0, 128)),  # square: portrait canvas, centred
     ],
 )
-def test_clip_vil_transform_by_hand(size, resized, canvas) -> None:
-    assert resized_size(*size, 384, 640) == resized
+def test_clip_vil_transform_by_hand(size, resized, canvas, left_top) -> None:
+    assert clip_vil_resized_size(*size, 384, 640) == resized
     img = Image.new("RGB", size, (200, 100, 50))
     x = ResizePadNormalize(384, 640)(img)
     assert tuple(x.shape) == (3, *canvas)
-    w, h = resized
+    (w, h), (left, top) = resized, left_top
     want = (torch.tensor([200, 100, 50]) / 255.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    torch.testing.assert_close(x[:, :h, :w].mean((1, 2)), want, atol=1e-5, rtol=0)
-    assert x[:, h:, :].abs().sum() == 0 and x[:, :, w:].abs().sum() == 0  # zero padding after normalisation
+    torch.testing.assert_close(x[:, top : top + h, left : left + w].mean((1, 2)), want, atol=1e-5, rtol=0)
+    black = -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)  # padded before normalisation
+    inside = torch.zeros(canvas, dtype=torch.bool)
+    inside[top : top + h, left : left + w] = True
+    torch.testing.assert_close(x[:, ~inside], black[:, None].expand(3, int((~inside).sum())), atol=1e-6, rtol=0)
 
 
 def test_vg_bert_transform_by_hand() -> None:
@@ -308,3 +352,66 @@ def test_vqa_loader_and_baselines(data_dir: Path) -> None:
     base = dm.baselines("test")
     assert 0 < base["test/vqa_acc_chance"] < base["test/vqa_acc_prior"] < 0.8
     assert isinstance(dm.collator("train"), ImageCollator)
+
+
+# ------------------------------------------------------------------------------------------------ published file lists
+def _real_layout_with_nominival(embedded: Path, tmp: Path) -> Path:
+    """The embedded corpus seen as a `data.root` in the seed's layout, plus nominival files (the first half of each
+    minival file: their images are val2014 images listed in width_heights.json)."""
+    root = tmp / "data"
+    root.mkdir()
+    for entry in embedded.iterdir():
+        if entry.name not in ("lxmert", "vqa"):
+            (root / entry.name).symlink_to(entry)
+    for sub, src, dst in (("lxmert", "mscoco_minival", "mscoco_nominival"), ("vqa", "minival", "nominival")):
+        (root / sub).mkdir()
+        for f in (embedded / sub).iterdir():
+            (root / sub / f.name).symlink_to(f)
+        rows = json.loads((embedded / sub / f"{src}.json").read_text())
+        (root / sub / f"{dst}.json").write_text(json.dumps(rows[: len(rows) // 2]))
+    return root
+
+
+def test_published_training_files_by_default_and_the_embedded_corpus_without_nominival(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    embedded = _dm(ClipVilPretrainDataModule, data_dir)
+    vqa_embedded = _dm(ClipVilVQADataModule, data_dir)
+    assert embedded.files["train"] == ["lxmert/mscoco_train.json", "lxmert/vgnococo.json"]
+    assert vqa_embedded.train_splits == ["train"]
+    root = _real_layout_with_nominival(embedded.root, tmp_path)
+    read = lambda rel: json.loads((root / rel).read_text())  # noqa: E731
+
+    # pretraining: mscoco_train + mscoco_nominival + vgnococo (the seed's --train), one example per sentence
+    dm = _dm(ClipVilPretrainDataModule, data_dir, root=str(root))
+    dm.prepare_data()
+    train = dm.build_dataset("train")
+    names = ("mscoco_train", "mscoco_nominival", "vgnococo")
+    datums = [d for n in names for d in read(f"lxmert/{n}.json")]
+    assert len(train) == sum(len(s) for d in datums for s in d["sentf"].values())
+    assert {ex["img_id"] for ex in train.examples} == {d["img_id"] for d in datums}
+
+    # VQA: train + nominival (the seed's --train train,nominival); minival for validation
+    vqa = _dm(ClipVilVQADataModule, data_dir, root=str(root))
+    vqa.prepare_data()
+    questions = read("vqa/train.json") + read("vqa/nominival.json")
+    assert sorted(q["question_id"] for q in vqa.build_dataset("train").questions) == sorted(
+        q["question_id"] for q in questions
+    )
+    assert len(vqa.build_dataset("val")) == len(read("vqa/minival.json"))
+    only_train = _dm(ClipVilVQADataModule, data_dir, root=str(root), train_splits=["train"])
+    assert len(only_train.build_dataset("train")) == len(read("vqa/train.json"))
+
+    # a missing file is named
+    (root / "vqa" / "nominival.json").unlink()
+    (root / "lxmert" / "mscoco_nominival.json").unlink()
+    with pytest.raises(DataError, match=r"vqa/nominival\.json"):
+        _dm(ClipVilVQADataModule, data_dir, root=str(root)).prepare_data()
+    with pytest.raises(DataError, match=r"lxmert/mscoco_nominival\.json"):
+        _dm(ClipVilPretrainDataModule, data_dir, root=str(root)).prepare_data()
+
+
+def test_train_splits_and_splits_train_together_are_refused(data_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.train_splits"):
+        _dm(ClipVilVQADataModule, data_dir, train_splits=["train"], splits={"train": "train"})
+    assert _dm(ClipVilVQADataModule, data_dir, splits={"train": "trainval"}).train_splits == ["trainval"]

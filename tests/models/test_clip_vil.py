@@ -161,6 +161,7 @@ def test_encoder_matches_an_independent_computation() -> None:
     with torch.no_grad():  # non-trivial position embeddings and pooler
         enc.pos_x.weight.normal_()
         enc.pos_y.weight.normal_()
+        enc.pooler.weight.normal_()
     enc.eval()
     batch = _batch()
     with torch.no_grad():
@@ -187,23 +188,36 @@ def test_padded_image_areas_are_attended() -> None:
     assert not torch.allclose(a.pooled, b.pooled)
 
 
-def test_sub_sampling_draws_distinct_cells_in_training_and_all_cells_otherwise() -> None:
+def test_sub_sampling_draws_distinct_cells_in_training_and_evaluation_as_the_seed() -> None:
+    """The seed samples `sub_feat_num` cells whenever `--sub_sampling` is on (validation included);
+    `sub_sampling_in_eval=false` keeps every cell in evaluation."""
     torch.manual_seed(0)
-    enc = tiny_encoder(sub_sampling=True, sub_feat_num=5)
+    every_cell = tiny_encoder(sub_sampling=False).eval()
     x = torch.randn(3, 3, 96, 160)  # 15 cells
-    enc.eval()
     with torch.no_grad():
-        every = enc.visual_tokens(x)
-        enc.train()
-        enc.backbone.eval()  # the same BatchNorm statistics as above
-        some = enc.visual_tokens(x)
-    assert every.shape[1] == 15 and some.shape[1] == 5
-    for i in range(3):
-        match = torch.cdist(some[i], every[i]).argmin(1)
-        assert torch.allclose(some[i], every[i][match], atol=1e-5)
-        assert len(set(match.tolist())) == 5  # distinct
-    enc.sub_feat_num = 100  # more than the grid has: every cell
-    assert enc.visual_tokens(x).shape[1] == 15
+        every = every_cell.visual_tokens(x)
+    for mode in ("train", "eval"):
+        enc = tiny_encoder(sub_sampling=True, sub_feat_num=5)
+        enc.load_state_dict(every_cell.state_dict())
+        enc.eval()
+        if mode == "train":
+            enc.train()
+            enc.backbone.eval()  # the same BatchNorm statistics as `every`
+        with torch.no_grad():
+            some = enc.visual_tokens(x)
+        assert every.shape[1] == 15 and some.shape[1] == 5, mode
+        for i in range(3):
+            match = torch.cdist(some[i], every[i]).argmin(1)
+            assert torch.allclose(some[i], every[i][match], atol=1e-5), mode
+            assert len(set(match.tolist())) == 5, mode  # distinct
+        enc.sub_feat_num = 100  # more than the grid has: every cell
+        assert enc.visual_tokens(x).shape[1] == 15
+    enc = tiny_encoder(sub_sampling=True, sub_feat_num=5, sub_sampling_in_eval=False)
+    enc.load_state_dict(every_cell.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(enc.eval().visual_tokens(x), every)
+    with pytest.raises(ConfigError, match="sub_sampling_in_eval"):
+        tiny_encoder(sub_sampling=False, sub_sampling_in_eval=False)
 
 
 def test_pos_num_bounds_the_grid() -> None:
@@ -242,11 +256,13 @@ def test_backbone_weights_load_from_a_local_clip_state_dict(tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------------ optimisation
 def tiny_system(objectives=("itm",), data_info=None, **kwargs) -> ClipVilSystem:
     info = {"pixels": True} | dict(data_info or {})
+    kwargs.setdefault(
+        "optimizer", {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.01, "eps": 1e-6}
+    )
     return ClipVilSystem(
         encoder={"_target_": "vl.models.clip_vil.ClipVilEncoder", "text_encoder": TINY_TEXT, "backbone": TINY_BACKBONE},
         objectives=list(objectives),
         data_info=info,
-        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.01, "eps": 1e-6},
         **kwargs,
     )
 
@@ -342,13 +358,56 @@ def test_frozen_backbone_gets_no_optimizer_and_keeps_bn_stats() -> None:
 
 # ------------------------------------------------------------------------------------------------ QA -> VQA
 def test_copy_answer_rows_copies_exactly_the_shared_answers() -> None:
+    """The seed's `load_lxmert_qa`: hidden layers whole; a VQA answer whose converted form is a pretraining answer
+    gets that row, every other row is 0 (not left at random init)."""
     torch.manual_seed(0)
     source, target = answer_mlp(8, 5), answer_mlp(8, 4)
-    before = target[-1].weight.detach().clone()
-    n = copy_answer_rows(source, ["a", "b", "c", "d", "e"], target, ["d", "x", "a", "y"])
+    n = copy_answer_rows(source, ["a", "b", "c", "d", "e"], target, ["D", "x", "a", "y"], convert=str.lower)
     assert n == 2
-    assert torch.equal(target[-1].weight[0], source[-1].weight[3]) and torch.equal(
-        target[-1].bias[2], source[-1].bias[0]
-    )
-    assert torch.equal(target[-1].weight[1], before[1]) and torch.equal(target[-1].weight[3], before[3])
+    want_w = torch.zeros(4, source[-1].weight.shape[1])
+    want_b = torch.zeros(4)
+    want_w[0], want_b[0] = source[-1].weight[3], source[-1].bias[3]  # "D" -> "d"
+    want_w[2], want_b[2] = source[-1].weight[0], source[-1].bias[0]  # "a"
+    assert torch.equal(target[-1].weight, want_w) and torch.equal(target[-1].bias, want_b)
     assert torch.equal(target[0].weight, source[0].weight) and torch.equal(target[2].weight, source[2].weight)
+    assert copy_answer_rows(source, ["a"], answer_mlp(8, 1), ["A"]) == 0  # no conversion asked: no match
+
+
+# ------------------------------------------------------------------------------------------------ seed init / options
+@pytest.mark.parametrize("initializer_range", [0.02, 0.1])
+def test_new_weights_follow_the_seeds_init_bert_weights(initializer_range) -> None:
+    """The seed's `init_bert_weights` (std = config.initializer_range, 0.02 in BERT's config) covers the x/y position
+    embeddings, visn_fc and the pooler: N(0, std) weights, zero Linear biases (not nn.Embedding's N(0, 1) nor
+    nn.Linear's uniform)."""
+    torch.manual_seed(0)
+    enc = tiny_encoder(text_encoder=TINY_TEXT | {"initializer_range": initializer_range})
+    for name in ("pos_x", "pos_y", "visual_fc", "pooler"):
+        w = getattr(enc, name).weight.detach().double().flatten()
+        n = w.numel()  # >= 32 x 32; the sample std's relative standard error is ~ 1 / sqrt(2n) < 2.3 %
+        assert abs(w.std().item() / initializer_range - 1) < 5 * (2 * n) ** -0.5, name
+        assert abs(w.mean().item()) < 5 * initializer_range / n**0.5, name
+    for name in ("visual_fc", "pooler"):
+        assert torch.count_nonzero(getattr(enc, name).bias) == 0, name
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        ({"head_lr": 1e-3}, "model.head_lr"),
+        ({"pretrained_lr_mult": 0.1}, "model.pretrained_lr_mult"),
+        ({"scheduler": {"_target_": "vl.models.schedules.linear_warmup", "_partial_": True}}, "model.scheduler"),
+        ({"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}}, "model.optimizer._target_"),
+        ({"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3, "amsgrad": True}}, "model.optimizer.amsgrad"),
+        ({"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3, "fused": True}}, "model.optimizer.fused"),
+        ({"visual_optimizer": {"nesterov": True}}, "model.visual_optimizer.nesterov"),
+    ],
+)
+def test_optimizer_options_clip_vil_does_not_read_fail_naming_the_option(option, needle) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        tiny_system(**option)
+
+
+def test_default_optimizer_options_are_accepted() -> None:
+    system = tiny_system(head_lr=None, pretrained_lr_mult=1.0, scheduler=None)
+    optimizer, _ = configured(system)
+    assert isinstance(optimizer, FusedOptimizer)

@@ -5,13 +5,17 @@ Files are relative to `root` in the seed's `data/` layout (`lxmert/*.json`, `msc
 `vg_raw_images/VG_100K/*.jpg`, `mscoco/width_heights.json`, `vqa/*.json`); without `root`, the embedded corpus is
 written in that layout on first use (`vl.data.scenes.writers.images`).
 
-- `data=clip_vil_pretrain` (`ClipVilPretrainDataModule`): one example per sentence (`flatten_pretrain`); examples
+- `data=clip_vil_pretrain` (`ClipVilPretrainDataModule`): training files `mscoco_train`, `mscoco_nominival`,
+  `vgnococo` (the seed's `--train`; the embedded corpus has no nominival, so without `root` the other two), validation
+  `mscoco_minival`; one example per sentence (`flatten_pretrain`); examples
   whose image is not in `width_heights.json` are dropped (as the seed filters). ITM: with probability
   `itm_probability` (0.5) the sentence is replaced by a sentence of another image (`itm_label` 0). QA (when `qa` is
   in `objectives`): on matched pairs whose sentence has a label, the answers are normalised with `convert_ans`, those
   outside `answers` (all_ans.json, 9500) dropped, and one is sampled in proportion to its score -> `qa_label`
   (-1 = none). Every random choice derives from (seed, epoch, index): resumed runs draw the same.
-- `data=clip_vil_vqa` (`ClipVilVQADataModule`): `vqa/{split}.json`, targets = the label's soft scores over
+- `data=clip_vil_vqa` (`ClipVilVQADataModule`): `vqa/{split}.json`, training on `train_splits` concatenated
+  (default `train` + `nominival`, the seed's `--train train,nominival`; without `root`, `train`: the embedded corpus
+  has no nominival), validation `minival`; targets = the label's soft scores over
   `trainval_ans2label.json` (3129); baselines: chance and the question-type prior (the `question_type` field, fitted
   on train); `vqa_predictions.json` in EvalAI format.
 """
@@ -64,7 +68,10 @@ class ImageSource(PixelLoader):
 
 
 def _orientation(wh: tuple[int, int]) -> int:
-    return 0 if wh[0] >= wh[1] else 1
+    """Aspect group: 0 = landscape canvas (w > h), 1 = portrait canvas (w <= h), the clip_vil transform's canvas (a
+    square image gets the portrait one), so a batch holds one canvas shape. The seed's groups (aspect ratio >= 1)
+    put squares with landscapes, and its collator then crops the batch to the first image's canvas."""
+    return 0 if wh[0] > wh[1] else 1
 
 
 class PretrainPairs(Dataset):
@@ -294,15 +301,19 @@ class ClipVilPretrainDataModule(ImageDataModule):
         itm_probability: float = 0.5,
         **kwargs: Any,
     ) -> None:
+        """`files`: {"train" / "val" / "test": LXMERT JSON files under `root`, concatenated}; a split left out keeps
+        its default: train `lxmert/{mscoco_train,mscoco_nominival,vgnococo}.json` (the seed's `--train`; without
+        `root`, the embedded corpus's `mscoco_train` + `vgnococo`: it writes no nominival), val
+        `lxmert/mscoco_minival.json`, test `lxmert/mscoco_test.json`. A missing file is a DataError naming it."""
         super().__init__(**kwargs)
-        self.files = dict(
-            files
-            or {
-                "train": ["lxmert/mscoco_train.json", "lxmert/vgnococo.json"],
-                "val": ["lxmert/mscoco_minival.json"],
-                "test": ["lxmert/mscoco_test.json"],
-            }
-        )
+        published = ["lxmert/mscoco_train.json", "lxmert/mscoco_nominival.json", "lxmert/vgnococo.json"]
+        default = {
+            # the embedded corpus (root null) writes no mscoco_nominival.json
+            "train": published if self.root_arg else [f for f in published if "nominival" not in f],
+            "val": ["lxmert/mscoco_minival.json"],
+            "test": ["lxmert/mscoco_test.json"],
+        }
+        self.files = default | dict(files or {})
         self.answers_file = answers
         self.itm_probability = itm_probability
         self._answers: list[str] | None = None
@@ -358,17 +369,52 @@ class ClipVilVQADataModule(ImageDataModule):
         *,
         questions: str = "vqa/{split}.json",
         answers: str = "vqa/trainval_ans2label.json",
+        train_splits: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs["splits"] = kwargs.get("splits") or {"train": "train", "val": "minival", "test": "test"}
+        """`questions`: the VQA JSON pattern (`{split}` = a file split name). `train_splits`: the file splits
+        concatenated for training; default `["train", "nominival"]` (the seed's `--train train,nominival`), or
+        `[data.splits.train]` when that is set; without `root` (the embedded corpus, which writes no nominival)
+        `["train"]`. A missing file is a DataError naming it."""
+        given = dict(kwargs.get("splits") or {})
+        if train_splits is not None and "train" in given:
+            raise ConfigError(
+                "data.train_splits and data.splits.train both name the VQA training files; set only data.train_splits"
+            )
+        kwargs["splits"] = {"train": "train", "val": "minival", "test": "test"} | given
         super().__init__(**kwargs)
+        if train_splits is None:
+            train_splits = (
+                [given["train"]] if "train" in given else ["train", "nominival"] if self.root_arg else ["train"]
+            )
+        if not train_splits:
+            raise ConfigError("data.train_splits: empty; name at least one VQA file split (e.g. [train, nominival])")
+        self.train_splits = [str(t) for t in train_splits]
         self.questions_file = questions
         self.answers_file = answers
         self._ans2label: dict[str, int] | None = None
 
     def required_files(self) -> list[Path]:
-        files = [self.path(self.questions_file, split) for split in ("train", "val", "test")]
+        files = [self.question_path(name) for split in ("train", "val", "test") for name in self.file_splits(split)]
         return files + [self.path(self.answers_file), self.path(self.width_heights_file)]
+
+    def file_splits(self, split: str) -> list[str]:
+        """The file split names read for `split` (train: `train_splits`; val / test: `data.splits`)."""
+        return self.train_splits if split == "train" else [self.splits[split]]
+
+    def question_path(self, file_split: str) -> Path:
+        return self.root / self.questions_file.format(split=file_split)
+
+    def load_questions(self, split: str, keep_with_image: bool = False) -> list[dict[str, Any]]:
+        """The questions of `split`: its files concatenated (each filtered by `width_heights` when asked)."""
+        out: list[dict[str, Any]] = []
+        for name in self.file_splits(split):
+            path = self.question_path(name)
+            if not path.is_file():
+                raise DataError(f"{path}: file not found (data.root={self.root})")
+            rows = load_vqa_json(path)
+            out += self.keep_with_image(rows, path) if keep_with_image else rows
+        return out
 
     @property
     def ans2label(self) -> dict[str, int]:
@@ -384,8 +430,7 @@ class ClipVilVQADataModule(ImageDataModule):
         return out
 
     def build_dataset(self, split: str) -> VQAPixels:
-        path = self.path(self.questions_file, split)
-        return VQAPixels(self.keep_with_image(load_vqa_json(path), path), self.images(), self.ans2label)
+        return VQAPixels(self.load_questions(split, keep_with_image=True), self.images(), self.ans2label)
 
     def stream_finisher(self, split: str, context: dict[str, Any]) -> VQAPixels:
         n = len(self.ans2label)
@@ -399,14 +444,14 @@ class ClipVilVQADataModule(ImageDataModule):
     def baselines(self, split: str = "test") -> dict[str, float]:
         """Chance (a uniformly random answer) and the question-type prior (the best constant answer per
         `question_type`, fitted on train's soft scores)."""
-        train = load_vqa_json(self.path(self.questions_file, "train"))
+        train = self.load_questions("train")
         prior: dict[str, dict[str, float]] = {}
         for q in train:
             bucket = prior.setdefault(q.get("question_type", ""), {})
             for a, s in (q.get("label") or {}).items():
                 bucket[a] = bucket.get(a, 0.0) + float(s)
         best = {t: max(b, key=b.get) for t, b in prior.items() if b}
-        rows = load_vqa_json(self.path(self.questions_file, split))
+        rows = self.load_questions(split)
         chance = [sum(float(s) for a, s in (q.get("label") or {}).items() if a in self.ans2label) for q in rows]
         n = len(self.ans2label)
         prior_acc = [float((q.get("label") or {}).get(best.get(q.get("question_type", ""), ""), 0.0)) for q in rows]

@@ -5,12 +5,16 @@ Everything here runs in DataLoader workers (a dataset's `__getitem__` decodes an
 never in the training step.
 
 - `load_rgb(path)`: PIL decode (JPEG, PNG, ...) -> RGB; a missing or corrupt file -> `DataError("<file>: ...")`.
-- `ResizePadNormalize` (CLIP-ViL): shorter side -> `min_size`, longer side capped at `max_size` (PIL bicubic; the
-  size rule of torchvision's `Resize(min_size, max_size=max_size)`), CLIP mean/std, then zero-padded (after
-  normalisation, bottom/right) to `min_size x max_size` (landscape) or `max_size x min_size` (portrait).
+- `ResizePadNormalize` (CLIP-ViL, the seed's `Resize` + `PadToGivenSize` + `ToTensor` + `Normalize`): shorter side
+  -> `min_size` unless the longer side would pass `max_size`, then the shorter side -> round(max_size * short / long)
+  (`clip_vil_resized_size`, the seed's maskrcnn-style `get_size`); PIL bilinear (torchvision `F.resize`'s default on
+  PIL images); black-padded, centred (left/top get the odd pixel), to `max_size` wide x `min_size` high when the
+  resized w > h, else `min_size` wide x `max_size` high (a square image is portrait); then CLIP mean/std, so the
+  padding is (0 - mean) / std, not 0.
 - `ResizeCenterCrop` (VG-BERT): shorter side -> 256 (bilinear), centre crop 224, ImageNet mean/std.
 - `AspectGroupedSampler`: `EpochShuffleSampler` whose order puts same-orientation images into the same batches
-  (the seed's `aspect_ratio_group_factor`, here two groups: w >= h and w < h); resumable like its parent.
+  (the seed's `aspect_ratio_group_factor`, here the groups the caller gives: CLIP-ViL's canvas
+  orientation, w > h and w <= h); resumable like its parent.
 - `ImageCollator`: the shared `Collator` plus `pixel_values` (B, 3, H, W), zero-padded to the batch's largest H / W;
   examples that are None (an image skipped under `on_bad_image="skip"`) are dropped and counted in
   `images_skipped`.
@@ -45,6 +49,7 @@ __all__ = [
     "IMAGENET_STD",
     "load_rgb",
     "resized_size",
+    "clip_vil_resized_size",
     "ResizePadNormalize",
     "ResizeCenterCrop",
     "build_transform",
@@ -110,8 +115,29 @@ def _to_tensor(img: Any, mean: Sequence[float], std: Sequence[float]) -> torch.T
     return (arr - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def clip_vil_resized_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """(w, h) after the seed's `Resize(min_size, max_size).get_size`: the shorter side -> `min_size`, unless the longer
+    side would then pass `max_size`: the shorter side -> int(round(max_size * short / long)) instead; the longer side
+    -> int(short' * long / short); an image whose shorter side already has that size is kept as it is."""
+    size = min_size
+    short, long = float(min(width, height)), float(max(width, height))
+    if long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return width, height
+    if width < height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
 class ResizePadNormalize:
-    """CLIP-ViL's input: PIL RGB -> (3, H, W) float, H x W = min_size x max_size or max_size x min_size."""
+    """CLIP-ViL's input: PIL RGB -> (3, H, W) float, H x W = min_size x max_size (resized w > h) or max_size x
+    min_size (resized w <= h), the seed's order: resize (bilinear), zero-pad centred, then normalise (the padding
+    becomes (0 - mean) / std). A resized side past the canvas (the size rule's rounding, e.g. 641 for 640) is cropped
+    as the seed's negative padding does (left/top lose floor(excess / 2), right/bottom the rest).
+
+    `pad=False`: no padding (the seed without `--add_zero_padding`; the collator then pads bottom/right with 0 after
+    normalisation, as the seed's `to_image_list`)."""
 
     def __init__(
         self,
@@ -128,14 +154,19 @@ class ResizePadNormalize:
     def __call__(self, img: Any) -> torch.Tensor:
         from PIL import Image
 
-        w, h = resized_size(img.width, img.height, self.min_size, self.max_size)
-        x = _to_tensor(img.resize((w, h), Image.Resampling.BICUBIC), self.mean, self.std)
+        w, h = clip_vil_resized_size(img.width, img.height, self.min_size, self.max_size)
+        if (w, h) != (img.width, img.height):
+            img = img.resize((w, h), Image.Resampling.BILINEAR)
         if not self.pad:
-            return x
-        out_h, out_w = (self.min_size, self.max_size) if w >= h else (self.max_size, self.min_size)
-        out = torch.zeros(3, out_h, out_w)
-        out[:, :h, :w] = x
-        return out
+            return _to_tensor(img, self.mean, self.std)
+        out_w, out_h = (self.min_size, self.max_size) if w <= h else (self.max_size, self.min_size)
+        left, top = (out_w - w + 1) // 2, (out_h - h + 1) // 2  # ceil of half the padding (negative: a crop)
+        canvas = np.zeros((out_h, out_w, 3), dtype=np.uint8)
+        src = np.asarray(img)
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + h, out_h), min(left + w, out_w)
+        canvas[y0:y1, x0:x1] = src[y0 - top : y1 - top, x0 - left : x1 - left]
+        return _to_tensor(canvas, self.mean, self.std)
 
 
 class ResizeCenterCrop:

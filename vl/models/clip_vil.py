@@ -4,8 +4,12 @@ learned x/y position embeddings -> `visn_fc` -> twelve BERT layers over [text ; 
 Encoder (`ClipVilEncoder`):
   - grid = backbone(pixel_values) (B, C, h, w) (`vl.models.clip_resnet`, attention pool skipped; stride 32);
   - + x-embedding[x] + y-embedding[y] (`pos_num` 25 each, dim C), flattened row-major to (B, h*w, C);
-  - `sub_sampling`: in training, `sub_feat_num` (100) distinct cells drawn per image (all cells when the grid is
-    smaller; all cells in evaluation and fine-tuning);
+  - initialisation as the seed's `init_bert_weights`: position embeddings, `visn_fc` and the pooler ~
+    N(0, `initializer_range`) (0.02), Linear biases 0;
+  - `sub_sampling`: `sub_feat_num` (100) distinct cells drawn per image, in training and, as the seed does
+    (it samples whenever `--sub_sampling` is on), in evaluation too; `sub_sampling_in_eval=false`: every cell in
+    evaluation. All cells when the grid is smaller (the seed's `np.random.choice` would fail there). Fine-tuning
+    configs turn `sub_sampling` off;
   - visual tokens = Dropout(LayerNorm(Linear(C -> H))): no BERT position / type embeddings, no boxes;
   - text tokens = BERT embeddings (word + position + type, LayerNorm, dropout);
   - the attention mask of the visual tokens is all ones (zero-padded image areas included);
@@ -18,8 +22,11 @@ System (`ClipVilSystem`, the shared `VLSystem` plus):
     wd 4e-4) for the backbone, x0.1 from each epoch (0-based) in `visual_optimizer.schedule`. Lightning's gradient
     clipping (1.0) covers both (one norm over all parameters, as the seed's clip over `amp.master_params`); both
     states are in the checkpoint (`{"adamw": ..., "sgd": ...}`);
-  - `init_from` a stage-2 checkpoint into a VQA model also copies the QA head: its hidden layers whole, and the rows
-    of the answers the two lists share (`copy_answer_rows`; logged: how many matched).
+  - the shared optimiser options these two optimisers do not read (`model.scheduler`, `head_lr`,
+    `pretrained_lr_mult`, another `optimizer._target_`, ...) raise a ConfigError naming the option;
+  - `init_from` a stage-2 checkpoint into a VQA model also copies the QA head (the seed's `load_lxmert_qa`): its
+    hidden layers whole, the rows of the VQA answers whose `convert_ans` form is a pretraining answer, zeros for the
+    other rows (`copy_answer_rows`; logged: how many matched).
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class ClipVilEncoder(nn.Module):
         pos_num: int = 25,
         sub_sampling: bool = False,
         sub_feat_num: int = 100,
+        sub_sampling_in_eval: bool = True,
         visual_dropout: float = 0.1,
         pooling: str = "cls",
     ) -> None:
@@ -74,6 +82,10 @@ class ClipVilEncoder(nn.Module):
             raise ConfigError(
                 "model: CLIP-ViL reads images (pixel_values), but this data module provides none; use a pixel data module "
                 "(data=clip_vil_pretrain, data=clip_vil_vqa)"
+            )
+        if not sub_sampling and not sub_sampling_in_eval:
+            raise ConfigError(
+                "model.encoder.sub_sampling_in_eval=false has no effect with model.encoder.sub_sampling=false"
             )
         if pooling not in ("cls", "mean"):
             raise ConfigError(f"model.encoder.pooling: '{pooling}' is not one of 'cls', 'mean'")
@@ -93,13 +105,29 @@ class ClipVilEncoder(nn.Module):
         if use_positional_embedding:
             self.pos_x = nn.Embedding(pos_num, channels)
             self.pos_y = nn.Embedding(pos_num, channels)
-        self.sub_sampling, self.sub_feat_num = sub_sampling, sub_feat_num
+        self.sub_sampling, self.sub_feat_num, self.sub_sampling_in_eval = (
+            sub_sampling,
+            sub_feat_num,
+            sub_sampling_in_eval,
+        )
         self.visual_fc = nn.Linear(channels, hidden)
         self.visual_norm = nn.LayerNorm(hidden, eps=1e-12)
         self.visual_dropout = nn.Dropout(visual_dropout)
         self.pooling = pooling
         if pooling == "cls":
             self.pooler = nn.Linear(hidden, hidden)
+        self._init_bert_weights(self.bert.config.initializer_range)
+
+    def _init_bert_weights(self, std: float) -> None:
+        """The seed's `init_bert_weights` on the modules it builds beside BERT (x/y position embeddings, `visn_fc`,
+        pooler): Linear / Embedding weights ~ N(0, initializer_range), Linear biases 0 (LayerNorm: ones / zeros)."""
+        modules = [self.visual_fc] + ([self.pos_x, self.pos_y] if self.use_positional_embedding else [])
+        modules += [self.pooler] if self.pooling == "cls" else []
+        with torch.no_grad():
+            for module in modules:
+                module.weight.normal_(mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    module.bias.zero_()
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -134,7 +162,7 @@ class ClipVilEncoder(nn.Module):
         grid = self.grid(pixel_values)
         feats = grid.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major
         n = feats.shape[1]
-        if self.sub_sampling and self.training and n > self.sub_feat_num:
+        if self.sub_sampling and (self.training or self.sub_sampling_in_eval) and n > self.sub_feat_num:
             idx = torch.stack([torch.randperm(n, device=feats.device)[: self.sub_feat_num] for _ in feats])
             feats = feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
         return self.visual_dropout(self.visual_norm(self.visual_fc(feats)))
@@ -238,15 +266,24 @@ def step_schedule(steps_per_epoch: int, milestones: Sequence[int], gamma: float 
 
 
 def copy_answer_rows(
-    source: nn.Sequential, source_answers: Sequence[str], target: nn.Sequential, target_answers: Sequence[str]
+    source: nn.Sequential,
+    source_answers: Sequence[str],
+    target: nn.Sequential,
+    target_answers: Sequence[str],
+    convert: Callable[[str], str] | None = None,
 ) -> int:
-    """Initialise an answer MLP (`target`, rows = `target_answers`) from another (`source`): every layer but the last
-    is copied whole, the last layer's rows (weight and bias) of the answers both lists share. Returns how many."""
+    """Initialise an answer MLP (`target`, rows = `target_answers`) from another (`source`), as the seed's
+    `load_lxmert_qa`: every layer but the last is copied whole; a target answer (after `convert`, the seed's
+    `convert_ans`) found in `source_answers` gets that row (weight and bias), every other row is set to 0. Returns how
+    many rows were copied."""
     with torch.no_grad():
         for src, dst in zip(list(source)[:-1], list(target)[:-1]):
             dst.load_state_dict(src.state_dict())
         index = {a: i for i, a in enumerate(source_answers)}
-        pairs = [(index[a], j) for j, a in enumerate(target_answers) if a in index]
+        keys = [convert(a) if convert is not None else a for a in target_answers]
+        pairs = [(index[k], j) for j, k in enumerate(keys) if k in index]
+        target[-1].weight.zero_()
+        target[-1].bias.zero_()
         if pairs:
             src_rows = torch.tensor([i for i, _ in pairs])
             dst_rows = torch.tensor([j for _, j in pairs])
@@ -279,6 +316,42 @@ class ClipVilSystem(VLSystem):
         self.qa_answers = qa_answers
         self.qa_rows_copied: int | None = None
         super().__init__(**kwargs)
+        self.check_optimizer_options()
+
+    def check_optimizer_options(self) -> None:
+        """The shared system's optimiser options CLIP-ViL's two optimisers do not use fail here, naming the option:
+        `model.optimizer._target_` other than AdamW, `fused: true`, keys AdamW here does not read, `model.scheduler`
+        (the schedules are `warmup_ratio` / `decay_epochs` / `visual_optimizer.schedule`), `model.head_lr`,
+        `model.pretrained_lr_mult` other than 1, unknown `model.visual_optimizer` keys."""
+        cfg = dict(self.optimizer_cfg)
+        target = cfg.get("_target_", "torch.optim.AdamW")
+        if target not in ("torch.optim.AdamW", "torch.optim.adamw.AdamW"):
+            raise ConfigError(
+                f"model.optimizer._target_: '{target}' has no effect on CLIP-ViL (AdamW + backbone SGD, the seed's)"
+            )
+        if cfg.get("fused"):
+            raise ConfigError("model.optimizer.fused: true has no effect on CLIP-ViL (torch's default AdamW is used)")
+        unused = sorted(set(cfg) - {"_target_", "_partial_", "lr", "eps", "weight_decay", "betas", "fused"})
+        if unused:
+            raise ConfigError(
+                f"model.optimizer.{unused[0]}: has no effect on CLIP-ViL (reads lr, eps, weight_decay, betas)"
+            )
+        if self.scheduler_cfg:
+            raise ConfigError(
+                "model.scheduler: has no effect on CLIP-ViL (its schedules are model.warmup_ratio, model.decay_epochs, "
+                "model.visual_optimizer.schedule)"
+            )
+        if self.head_lr is not None:
+            raise ConfigError("model.head_lr: has no effect on CLIP-ViL (the heads train at model.optimizer.lr)")
+        if float(self.pretrained_lr_mult) != 1.0:
+            raise ConfigError(
+                "model.pretrained_lr_mult: has no effect on CLIP-ViL (pretrained and new weights share one lr)"
+            )
+        unknown = sorted(set(self.visual_optimizer_cfg) - {"lr", "momentum", "weight_decay", "schedule"})
+        if unknown:
+            raise ConfigError(
+                f"model.visual_optimizer.{unknown[0]}: has no effect (reads lr, momentum, weight_decay, schedule)"
+            )
 
     def configure_optimizers(self) -> Any:
         cfg = dict(self.optimizer_cfg)
@@ -330,7 +403,7 @@ class ClipVilSystem(VLSystem):
         if "vqa" not in self.objectives:
             return
         from vl.checkpoint import load_torch_file
-        from vl.data.formats.lxmert_pretrain import load_all_answers, load_ans2label
+        from vl.data.formats.lxmert_pretrain import convert_ans, load_all_answers, load_ans2label
 
         ckpt = load_torch_file(path, "model.init_from")
         state = ckpt.get("state_dict", ckpt)
@@ -359,7 +432,7 @@ class ClipVilSystem(VLSystem):
         target_answers = [""] * len(ans2label)
         for a, i in ans2label.items():
             target_answers[i] = a
-        self.qa_rows_copied = copy_answer_rows(source.classifier, source_answers, head, target_answers)
+        self.qa_rows_copied = copy_answer_rows(source.classifier, source_answers, head, target_answers, convert_ans)
         log.info(
             "VQA head initialised from the stage-2 QA head: %d of %d answers matched (%d pretraining answers)",
             self.qa_rows_copied,

@@ -94,6 +94,28 @@ def test_image_token_appended_after_padding_without_position_or_type_embedding()
     torch.testing.assert_close(again.visual, out.visual)
 
 
+@pytest.mark.parametrize("initializer_range", [0.02, 0.05])
+def test_img_projection_init_is_the_seeds_normal_init(initializer_range: float) -> None:
+    """The seed's `BertImageForMaskedLM.post_init` (HF `_init_weights`) draws the image projection's weight from
+    N(0, initializer_range) and zeroes its bias; PyTorch's default Linear init would be U(+-1/sqrt(512)) with a
+    non-zero bias. Checked statistically against the normal law (KS test), not against vl's own numbers."""
+    from scipy import stats
+
+    text = {**TINY, "hidden_size": 64, "num_layers": 1, "initializer_range": initializer_range}
+    torch.manual_seed(0)
+    system = ClipBertSystem(encoder=encoder(text), objectives=["mlm"], data_info={"clip_dim": 512}, optimizer=OPT)
+    proj = system.encoder.img_projection
+    assert torch.count_nonzero(proj.bias) == 0
+    w = proj.weight.detach().double().flatten().numpy()  # 32 768 draws
+    assert w.shape == (64 * 512,)
+    assert abs(w.mean()) < 4 * initializer_range / len(w) ** 0.5
+    assert w.std() == pytest.approx(initializer_range, rel=0.03)
+    assert stats.kstest(w, "norm", args=(0.0, initializer_range)).pvalue > 1e-3
+    # PyTorch's default (uniform, bound 1/sqrt(fan_in)) is rejected by the same test
+    bound = 1 / 512**0.5
+    assert stats.kstest(w, "uniform", args=(-bound, 2 * bound)).pvalue < 1e-6
+
+
 def test_without_image_it_is_bert_for_masked_lm() -> None:
     system = make_system()
     batch = batch_with_padding(clip=False)
@@ -190,6 +212,83 @@ def test_deepspeed_module_state_dict_loads_non_strictly(tmp_path: Path, caplog) 
         torch.testing.assert_close(head.logits(a.text), target.objectives["mlm"].logits(b.text))
 
 
+def seed_style_state_dict(vocab: int = 100, hidden: int = 32, clip_dim: int = 12) -> dict[str, torch.Tensor]:
+    """A state dict laid out as the seed's `BertImageForMaskedLM` (transformers 4.x) saves it: `bert.*` (with
+    `bert.img_projection.*`, no pooler), `cls.predictions.*` with the output bias under BOTH `cls.predictions.bias`
+    and `cls.predictions.decoder.bias` (one tied tensor) and the decoder weight = the word embeddings. Random values."""
+    g = torch.Generator().manual_seed(11)
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    names = BertForMaskedLM(config).state_dict()
+    state = {
+        k: torch.randn(v.shape, generator=g) * 0.3
+        for k, v in names.items()
+        if k.startswith(("bert.", "cls.")) and "position_ids" not in k and "pooler" not in k
+    }
+    state["bert.img_projection.weight"] = torch.randn(hidden, clip_dim, generator=g) * 0.3
+    state["bert.img_projection.bias"] = torch.randn(hidden, generator=g) * 0.3
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]  # the tied duplicate
+    return state
+
+
+def test_seed_checkpoint_with_tied_decoder_bias_loads_and_gives_the_seed_logits(tmp_path: Path, caplog) -> None:
+    """The released `mp_rank_00_model_states.pt` hold `cls.predictions.bias` and `cls.predictions.decoder.bias`
+    (one tied tensor saved twice): it loads, and the MLM logits (with and without the image) equal a forward
+    computed here from the checkpoint tensors (HF BERT layers for the transformer, embeddings and head by hand)."""
+    state = seed_style_state_dict()
+    assert {"cls.predictions.bias", "cls.predictions.decoder.bias"} <= set(state)
+    torch.save({"module": state}, tmp_path / "mp_rank_00_model_states.pt")
+    with caplog.at_level(logging.INFO):
+        system = make_system(state_dict_path=str(tmp_path / "mp_rank_00_model_states.pt"))
+    assert "tied duplicate" in caplog.text
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    hf = BertForMaskedLM(config).eval()  # only its layers are used: loaded with the checkpoint's tensors
+    hf.load_state_dict({k: v for k, v in state.items() if "img_projection" not in k}, strict=False)
+    s = state
+    for clip in (True, False):
+        batch = batch_with_padding(clip=clip)
+        ids, t = batch["input_ids"], batch["input_ids"].shape[1]
+        x = (
+            s["bert.embeddings.word_embeddings.weight"][ids]
+            + s["bert.embeddings.position_embeddings.weight"][:t]
+            + s["bert.embeddings.token_type_embeddings.weight"][0]
+        )
+        mask = batch["attention_mask"]
+        if clip:
+            image = batch["clip_feats"] @ s["bert.img_projection.weight"].T + s["bert.img_projection.bias"]
+            x = torch.cat([x, image], dim=1)
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+        x = F.layer_norm(
+            x, (32,), s["bert.embeddings.LayerNorm.weight"], s["bert.embeddings.LayerNorm.bias"], eps=1e-12
+        )
+        with torch.no_grad():
+            h = hand_bert(hf.bert, x, mask)[:, :t]
+            h = F.gelu(h @ s["cls.predictions.transform.dense.weight"].T + s["cls.predictions.transform.dense.bias"])
+            h = F.layer_norm(
+                h,
+                (32,),
+                s["cls.predictions.transform.LayerNorm.weight"],
+                s["cls.predictions.transform.LayerNorm.bias"],
+                eps=1e-12,
+            )
+            ref = h @ s["bert.embeddings.word_embeddings.weight"].T + s["cls.predictions.bias"]
+            logits = system.objectives["mlm"].logits(system(batch).text)
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(logits[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+def test_seed_checkpoint_with_differing_decoder_bias_is_an_error(tmp_path: Path) -> None:
+    state = seed_style_state_dict()
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"] + 1.0  # not the tied duplicate
+    torch.save({"module": state}, tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match=r"cls\.predictions\.bias.*cls\.predictions\.decoder\.bias"):
+        make_system(state_dict_path=str(tmp_path / "mp_rank_00_model_states.pt"))
+
+
 def test_original_key_that_maps_to_nothing_is_an_error(tmp_path: Path) -> None:
     """A checkpoint key with no counterpart (and not expected-unused) must not be dropped silently."""
     source = make_system()
@@ -216,7 +315,7 @@ TINY_OVERRIDES = (
     "data.batch_size=8",
     "data.batch_size_per_device=4",
     "trainer.max_steps=3",
-    "trainer.val_check_interval=2",
+    "trainer.val_every_n_steps=2",
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
     "callbacks.last_checkpoint.every_n_train_steps=2",
@@ -254,10 +353,11 @@ def test_experiment_settings(experiment, lr, scheduler, max_steps, pretrained, d
     cfg = make_cfg(f"experiment={experiment}", "model=bert" if "bert_" in experiment else "model=clip_bert")
     assert cfg.data._target_ == data_target and list(cfg.data.objectives) == ["mlm"]
     assert (cfg.data.batch_size, cfg.data.batch_size_per_device) == (2048, 64)
+    assert cfg.data.max_text_len == 512  # the seed tokenises with truncation=True (BERT's 512)
     assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == lr
     assert (cfg.model.scheduler or {}).get("_target_") == scheduler
     assert cfg.model.encoder.text_encoder.pretrained == pretrained
-    assert cfg.trainer.max_steps == max_steps and cfg.trainer.val_check_interval == 1000
+    assert cfg.trainer.max_steps == max_steps and cfg.trainer.val_every_n_steps == 1000  # optimizer steps
     assert cfg.callbacks.last_checkpoint.every_n_train_steps == 1000 and cfg.callbacks.last_checkpoint.save_top_k == 1
     if scheduler:
         assert cfg.model.scheduler.warmup_steps == 4400 and cfg.model.scheduler.warmup_type == "log"
@@ -267,12 +367,34 @@ def test_experiment_settings(experiment, lr, scheduler, max_steps, pretrained, d
         assert cfg.data.text_only
 
 
+@pytest.mark.parametrize("data", ["vlp", "lxmert_text"])
+def test_data_truncates_text_as_the_seed_tokenizer_does(data: str, make_cfg) -> None:
+    """The seed's dataset calls `tokenizer(text, truncation=True)` (BERT's model_max_length, 512): `data=vlp` and
+    `data=lxmert_text` batch a long text to the same ids (a 64 cut would drop the tail of any longer text)."""
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("experiment=none", f"data={data}")
+    dm = instantiate(cfg.data)
+    tok = dm.tokenizer
+    text = "a man " * 300 + "holding a red umbrella."
+    expected = tok(text, truncation=True)["input_ids"]  # the seed's call
+    assert len(expected) == tok.model_max_length == 512
+    collate = dm.collator("train")
+    collate.mlm = False
+    batch = collate([{"text": text, "index": 0, "epoch": 0}, {"text": "a short caption.", "index": 1, "epoch": 0}])
+    assert batch["input_ids"][0].tolist() == expected
+    assert (
+        batch["input_ids"][1, : len(tok("a short caption.")["input_ids"])].tolist()
+        == tok("a short caption.")["input_ids"]
+    )
+
+
 def test_cpu_taste_is_small_and_validates_and_checkpoints_within_its_steps(make_cfg) -> None:
     """`experiment=clip_bert_tiny` (the README's CPU taste): random-init tiny CLIP-BERT, every val / checkpoint
     interval inside its step budget (the full experiment's 1 000-step intervals never fire in 200 steps)."""
     cfg = make_cfg("experiment=clip_bert_tiny")
     assert cfg.model.encoder.text_encoder.pretrained is None and cfg.model.encoder.text_encoder.hidden_size == 64
-    assert cfg.trainer.max_steps == 200 and 200 % cfg.trainer.val_check_interval == 0
+    assert cfg.trainer.max_steps == 200 and 200 % cfg.trainer.val_every_n_steps == 0
     assert 200 % cfg.callbacks.last_checkpoint.every_n_train_steps == 0
 
 
@@ -441,12 +563,22 @@ def vlp_module(data_dir: Path, *, num_images: int, text_only: bool = False, mlm_
     )
 
 
+@pytest.fixture
+def data_seed_0(monkeypatch) -> None:
+    """Data order and masking follow `$PL_GLOBAL_SEED` (`vl.data.samplers.global_seed`), which any earlier `train()`
+    in the session leaves set (train.yaml's 12345): pinned, so the learning tests see the same batches whatever ran
+    before them."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+
+
+@pytest.mark.usefixtures("data_seed_0")
 def test_clip_bert_mlm_loss_falls_on_the_embedded_corpus(data_dir: Path) -> None:
     _, losses = fit_mlm(vlp_module(data_dir, num_images=150), steps=30)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("data_seed_0")
 def test_clip_bert_beats_text_only_bert_on_colour_words(data_dir: Path) -> None:
     """The study in miniature: the same model, data order, init and steps, with vs without the CLIP image token;
     evaluated by masking only the colour words of held-out captions (chance ~1/8: a colour is not in the text)."""

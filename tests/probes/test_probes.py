@@ -388,12 +388,11 @@ def test_vpn_averaging_on_a_hand_computed_example():
 
 
 # ------------------------------------------------------------------------------------------ checkpoint scorer
-@pytest.fixture(scope="module")
-def clip_bert_ckpt(tmp_path_factory) -> Path:
-    """A `vl` run dir with a tiny CLIP-BERT checkpoint (state_dict + hyper_parameters) and .hydra/config.yaml."""
+def _write_run(run: Path, *, use_image: bool = True, data_info: dict | None = None) -> Path:
+    """A `vl` run dir with a tiny CLIP-BERT / `model=bert` (`use_image=False`) checkpoint (state_dict +
+    hyper_parameters) and .hydra/config.yaml; returns the checkpoint path."""
     from hydra.utils import instantiate
 
-    run = tmp_path_factory.mktemp("run")
     model_cfg = {
         "_target_": "vl.models.clip_bert.ClipBertSystem",
         "_recursive_": False,
@@ -402,20 +401,27 @@ def clip_bert_ckpt(tmp_path_factory) -> Path:
             "_target_": "vl.models.clip_bert.ClipBertEncoder",
             "text_encoder": {"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 64, "dropout": 0},
             "image_dim": 512,
+            "use_image": use_image,
         },
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
     }
     cfg = OmegaConf.create(
         {"task_name": "clip_bert_tiny", "model": model_cfg, "data": {"tokenizer": "minilm"}, "trainer": {}}
     )
-    (run / ".hydra").mkdir()
+    (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     torch.manual_seed(0)
-    system = instantiate(cfg.model, objectives=["mlm"], data_info={"clip_dim": 512})
+    system = instantiate(cfg.model, objectives=["mlm"], data_info={"clip_dim": 512} if data_info is None else data_info)
     (run / "checkpoints").mkdir()
     ckpt = run / "checkpoints" / "last.ckpt"
     torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, ckpt)
     return ckpt
+
+
+@pytest.fixture(scope="module")
+def clip_bert_ckpt(tmp_path_factory) -> Path:
+    """A `vl` run dir with a tiny CLIP-BERT checkpoint (state_dict + hyper_parameters) and .hydra/config.yaml."""
+    return _write_run(tmp_path_factory.mktemp("run"))
 
 
 def test_checkpoint_scorer_implicit_and_explicit(clip_bert_ckpt, tmp_path):
@@ -461,6 +467,41 @@ def test_checkpoint_scorer_implicit_and_explicit(clip_bert_ckpt, tmp_path):
     mc.run_memory_colors(Spy(), items, mc.TEMPLATES[:1], clip_text=clip)
     queries, emb = seen[0]
     assert torch.allclose(emb, clip(queries))
+
+
+def test_explicit_variant_only_for_models_that_read_the_clip_image(clip_bert_ckpt, vpn_data, tmp_path):
+    """The "-explicit" row exists only where the model really reads a CLIP image: `model=bert` (`use_image=False`)
+    and CLIP-BERT built on text-only data (no `clip_dim`) ignore `clip_feats`, so they get one plain row and refuse
+    image embeddings; CLIP-BERT gets implicit + explicit rows, and its explicit numbers differ from the implicit."""
+    from vl.errors import ConfigError
+    from vl.eval.probes import run_probes
+    from vl.tools.clip_extract import save_tiny_clip
+
+    root, _ = vpn_data
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    bert_ckpt = _write_run(tmp_path / "bert", use_image=False)
+    text_only_ckpt = _write_run(tmp_path / "text_only", data_info={})
+    scorers = {
+        "bert": CheckpointScorer(bert_ckpt),
+        "text_only": CheckpointScorer(text_only_ckpt),
+        "clip_bert": CheckpointScorer(clip_bert_ckpt),
+    }
+    assert [s.accepts_image for s in scorers.values()] == [False, False, True]
+    with pytest.raises(ConfigError, match="no image"):
+        scorers["bert"].mask_logits(["the sky is [MASK]."], torch.zeros(1, 512))
+    results, _ = run_probes(
+        "visual_property_norms",
+        scorers,
+        out_dir=tmp_path / "out",
+        queries=root / "queries",
+        labels=root / "labels.txt",
+        clip_model=clip_dir,
+        random_baseline=False,
+    )
+    assert set(results) == {"bert", "text_only", "clip_bert-implicit", "clip_bert-explicit"}
+    implicit = [v["masked_map"] for v in results["clip_bert-implicit"]["per_template"].values()]
+    explicit = [v["masked_map"] for v in results["clip_bert-explicit"]["per_template"].values()]
+    assert len(implicit) == len(explicit) > 0 and implicit != explicit
 
 
 @needs_real

@@ -10,7 +10,10 @@ Weights: `text_encoder.pretrained` (a local HF BERT dir, or "minilm") loads the 
 them, the `BertForMaskedLM` MLM head weights `cls.predictions.*`. `state_dict_path` loads a whole-model state dict:
 a DeepSpeed `mp_rank_00_model_states.pt` (state dict under `"module"`, keys of the original `BertImageForMaskedLM`:
 `bert.*` with the image projection at `bert.img_projection.*`, `cls.predictions.*`), a `BertForMaskedLM` `pytorch_model.bin`/`model.safetensors`, or a
-Lightning checkpoint of this class; non-strict, with every missing/unexpected key logged.
+Lightning checkpoint of this class; non-strict, with every missing/unexpected key logged. The released checkpoints
+hold the MLM output bias twice (`cls.predictions.bias` and `cls.predictions.decoder.bias`: in the transformers 4.x
+`BertLMPredictionHead` one tied tensor, saved under both names): the duplicate is dropped when equal (logged), and
+two different tensors are a `ConfigError` naming both keys (`drop_tied_decoder_bias`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,23 @@ CLIP_BERT_EXPECTED_UNUSED = (
     r"(module\.)?cls\.seq_relationship\..*",  # BERT's NSP head (`BertForPreTraining` files)
     r"(module\.)?objectives\.mlm\.word_embeddings\.weight",  # tied (this class's own checkpoints)
 )
+
+
+def drop_tied_decoder_bias(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """`state` without `cls.predictions.decoder.bias` where `cls.predictions.bias` is also there (same optional
+    `module.` prefix) and equal to it: the transformers 4.x MLM head ties `decoder.bias` to `bias`, so the seed's
+    `BertImageForMaskedLM` saves one tensor under both names. Different values -> `ConfigError` naming both keys.
+    A lone `decoder.bias` is kept (it maps to `objectives.mlm.bias`)."""
+    state = dict(state)
+    for prefix in ("", "module."):
+        bias, dup = f"{prefix}cls.predictions.bias", f"{prefix}cls.predictions.decoder.bias"
+        if bias in state and dup in state:
+            a, b = state[bias], state[dup]
+            if a.shape != b.shape or not torch.equal(a, b):
+                raise ConfigError(f"{what}: '{bias}' and '{dup}' differ (they are one tied MLM output bias)")
+            del state[dup]
+            log.info("%s: '%s' dropped: the tied duplicate of '%s' (equal values)", what, dup, bias)
+    return state
 
 
 def map_original_key(key: str) -> str | None:
@@ -80,7 +100,8 @@ class ClipBertEncoder(nn.Module):
     ) -> None:
         """`text_encoder`: `build_bert` arguments (no pooler is built); `image_dim`: the CLIP embedding size (None:
         the data's, `data_info["clip_dim"]`, else 512); `use_image=False`: ignore `clip_feats` (the BERT
-        baselines, `model=bert`)."""
+        baselines, `model=bert`). `img_projection` is initialised as the seed's (HF `BertPreTrainedModel` init):
+        weight ~ N(0, `text_encoder.initializer_range`, 0.02 by default), bias 0."""
         super().__init__()
         data_dim = data_info.get("clip_dim")
         if image_dim is not None and data_dim is not None and int(image_dim) != int(data_dim):
@@ -97,6 +118,9 @@ class ClipBertEncoder(nn.Module):
         self.image_dim = image_dim
         if self.use_image:  # built only where used: an unused parameter breaks DDP
             self.img_projection = nn.Linear(image_dim, hidden)
+            # the seed's HF `_init_weights` (post_init): weight ~ N(0, initializer_range), bias 0
+            nn.init.normal_(self.img_projection.weight, mean=0.0, std=self.bert.config.initializer_range)
+            nn.init.zeros_(self.img_projection.bias)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -166,18 +190,20 @@ class ClipBertSystem(VLSystem):
 
     def load_original_state_dict(self, path: str) -> None:
         """Load a whole-model state dict (see the module docstring) through `map_original_key`: a key that maps to no
-        parameter is a `ConfigError` unless it is in `CLIP_BERT_EXPECTED_UNUSED`; missing/unused keys are logged."""
+        parameter is a `ConfigError` unless it is in `CLIP_BERT_EXPECTED_UNUSED`; missing/unused keys are logged. The
+        tied duplicate `cls.predictions.decoder.bias` is dropped first (`drop_tied_decoder_bias`)."""
 
         def tie(mapped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if WORD_EMB in mapped and "objectives.mlm.word_embeddings.weight" in self.state_dict():
                 mapped["objectives.mlm.word_embeddings.weight"] = mapped[WORD_EMB]  # the tied decoder
             return mapped
 
+        what = f"state dict from {path}"
         load_mapped_state_dict(
             self,
-            read_state_dict(path),
+            drop_tied_decoder_bias(read_state_dict(path), what),
             map_original_key,
-            what=f"state dict from {path}",
+            what=what,
             expected_unused=CLIP_BERT_EXPECTED_UNUSED,
             transforms=tie,
         )

@@ -8,7 +8,8 @@
   --out DIR` compares several scorers in one table/plot.
 
 `run_probes` is what both entry points call: it runs every scorer (plus an "-explicit" variant of each scorer that
-takes image embeddings when a CLIP model dir is given, plus the random baseline) and writes the report.
+takes image embeddings, i.e. whose model reads a CLIP image (`accepts_image`), when a CLIP model dir is given, plus the
+random baseline) and writes the report.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def run_probes(
     runs: list[tuple[str, Any, Any]] = []
     for name, scorer in scorers.items():
         explicit = clip_text is not None and getattr(scorer, "accepts_image", False)
+        if clip_text is not None and not explicit:
+            log.info("%s: the model reads no CLIP image; no '-explicit' variant (it would repeat the numbers)", name)
         runs.append((f"{name}-implicit" if explicit else name, scorer, None))
         if explicit:
             runs.append((f"{name}-explicit", scorer, clip_text))

@@ -7,7 +7,9 @@ Implementations:
 * `CheckpointScorer`: a `vl` checkpoint whose system has an `mlm` objective, rebuilt from its run config (objectives
   and `data_info` from the checkpoint's saved hyper-parameters, else from the run's data module). The text goes
   through `system.encoder`, then `objectives["mlm"].logits` at the mask. `image_embeds` (N, D) are passed as
-  `clip_feats` (N,1,D) (CLIP-BERT's image token). Models that cannot run without a visual input (region models) get a
+  `clip_feats` (N,1,D) (CLIP-BERT's image token); `accepts_image` (hence the probes' "-explicit" variant) is True only
+  where the encoder really reads a CLIP image (`encoder.use_image` and `visual_input == "global"`: not `model=bert`,
+  not CLIP-BERT built on text-only data, not region/grid models). Models that cannot run without a visual input (region models) get a
   single all-zero region with `visual_mask` 0, i.e. no visual input where the model honours the mask.
 * `LxmertTextOnlyScorer` / `VisualBertTextOnlyScorer`: `vl.models.text_only` wrappers (no visual input).
 * `RandomScorer`: `torch.rand` logits (the random baseline).
@@ -122,7 +124,13 @@ class HFMaskedLMScorer(_BatchedScorer):
 class CheckpointScorer(_BatchedScorer):
     """A `vl` checkpoint with an `mlm` objective (see the module docstring for visual inputs)."""
 
-    accepts_image = True
+    @property
+    def accepts_image(self) -> bool:  # type: ignore[override]
+        """True only where the encoder reads a global CLIP image (`clip_feats`): CLIP-BERT built with its image
+        projection. `model=bert` (`use_image=False`), CLIP-BERT on text-only data and region/grid models ignore
+        `clip_feats`, so an "explicit" run of theirs would only repeat the implicit numbers under another name."""
+        encoder = self.system.encoder
+        return bool(getattr(encoder, "use_image", False)) and getattr(encoder, "visual_input", None) == "global"
 
     def __init__(
         self,

@@ -55,14 +55,23 @@ class RetrievalRecall(Metric):
 
     `update(ranks (N,))`: ranks are computed by the caller in chunks (`vl.eval.retrieval.chunked_ranks`), so memory grows
     with the number of queries, never with queries x items (torchmetrics.retrieval keeps every score).
+
+    `median`: how `median_rank` is computed. "seed" (default): ViLBERT's `eval_retrieval.py`,
+    `floor(np.median(rank0) + 1)` on 0-based ranks, i.e. for an even N the mean of the two middle ranks, then floored
+    (ranks 1, 1, 5, 5 -> 3). "lower": `torch.median`, the lower of the two middle ranks (1, 1, 5, 5 -> 1).
     """
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, ks: tuple[int, ...] = (1, 5, 10)) -> None:
+    MEDIANS = ("seed", "lower")
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10), median: str = "seed") -> None:
         super().__init__()
+        if median not in self.MEDIANS:
+            raise ValueError(f"RetrievalRecall: median '{median}' is not one of {self.MEDIANS}")
         self.ks = ks
+        self.median = median
         self.add_state("ranks", default=[], dist_reduce_fx="cat")
 
     def update(self, ranks: torch.Tensor) -> None:
@@ -71,6 +80,17 @@ class RetrievalRecall(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         ranks = torch.cat(self.ranks) if isinstance(self.ranks, list) else self.ranks
         out = {f"recall@{k}": (ranks <= k).float().mean() for k in self.ks}
-        out["median_rank"] = ranks.median()
+        out["median_rank"] = median_rank(ranks) if self.median == "seed" else ranks.median()
         out["mean_rank"] = ranks.mean()
         return out
+
+
+def median_rank(ranks: torch.Tensor) -> torch.Tensor:
+    """ViLBERT's medR of 1-based `ranks` (N,): `floor(np.median(ranks - 1) + 1)` (the mean of the two middle values
+    for an even N, then floored); NaN for N = 0."""
+    values = ranks.flatten().double().sort().values
+    n = len(values)
+    if n == 0:
+        return torch.tensor(float("nan"), device=ranks.device)
+    middle = (values[(n - 1) // 2] + values[n // 2]) / 2  # the two middle values (the same one for an odd N)
+    return middle.floor().to(ranks.dtype if ranks.is_floating_point() else torch.float32)  # median(r-1)+1 = median(r)

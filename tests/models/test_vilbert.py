@@ -185,7 +185,12 @@ def test_minilm_text_stream_loads_with_key_report_and_gets_lower_lr(caplog: pyte
     from vl.pretrained import resolve_model_dir
 
     caplog.set_level(logging.INFO, logger="vl.pretrained")
-    model = build("model.encoder.text_encoder.pretrained=minilm", "model.scheduler=null", "model.optimizer.lr=1e-4")
+    model = build(
+        "model.encoder.text_encoder.pretrained=minilm",
+        "model.scheduler=null",
+        "model.optimizer.lr=1e-4",
+        "model.pretrained_lr_mult=0.1",  # the pretraining recipe's value (the model default is 1.0)
+    )
     messages = [r.getMessage() for r in caplog.records if r.name == "vl.pretrained"]
     assert any("BERT weights from" in m and "0 missing keys" in m for m in messages), messages
     assert any("unexpected keys: pooler.dense" in m for m in messages), messages  # ViLBERT has its own poolers
@@ -261,7 +266,7 @@ def test_base_config_composes_and_has_vilbert_size() -> None:
     assert len(encoder.text_layers) == 12 and len(encoder.vision_layers) == 6 and len(encoder.co_layers) == 6
     assert 105e6 < count(encoder.bert) < 112e6  # BERT-base without its pooler
     assert 225e6 < count(encoder) < 245e6
-    assert model.pretrained_lr_mult == 0.1 and model.pretrained_parameter_names() == set()
+    assert model.pretrained_lr_mult == 1.0 and model.pretrained_parameter_names() == set()
 
 
 # ----------------------------------------------------------------------------------------------- released checkpoints
@@ -455,7 +460,7 @@ def test_mlm_head_starts_from_the_bert_checkpoint(tmp_path: Path) -> None:
     states = torch.randn(2, 5, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.objectives["mlm"].logits(states), bert.cls(states))
-    assert "objectives.mlm.bias" in model.pretrained_parameter_names()
+    assert not any(n.startswith("objectives.") for n in model.pretrained_parameter_names())  # base lr (seed)
     assert model.objectives["mlm"].word_embeddings is model.encoder.word_embeddings  # tied decoder
 
 
@@ -504,3 +509,107 @@ def test_vilbert_beta_weight_normed_vqa_head_loads(tmp_path: Path) -> None:
     pooled = torch.randn(3, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.objectives["vqa"].classifier.eval()(pooled), main(pooled))
+
+
+# ----------------------------------------------------------------------------------------------- faithfulness fixes
+def test_vl_named_state_dict_reloads_unchanged_and_seed_head_is_flipped(tmp_path: Path) -> None:
+    """`model.state_dict_path` with a saved `VilbertSystem.state_dict()` (vl naming, ITM index 1 = aligned) loads
+    every tensor unchanged, the ITM head included; the seed's `cls.bi_seq_relationship` (0 = aligned) is row-swapped."""
+    torch.manual_seed(0)
+    source = build()
+    torch.save(source.state_dict(), tmp_path / "vl.bin")
+    torch.manual_seed(1)
+    loaded = build(f"model.state_dict_path={tmp_path / 'vl.bin'}")
+    expected, got = source.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    # the same under DDP's `module.` prefix
+    torch.save({f"module.{k}": v for k, v in expected.items()}, tmp_path / "ddp.bin")
+    loaded = build(f"model.state_dict_path={tmp_path / 'ddp.bin'}")
+    assert torch.equal(loaded.objectives["itm"].classifier.weight, source.objectives["itm"].classifier.weight)
+
+    # a hand-built seed head: rows [aligned, not aligned] -> vl rows [not aligned, aligned]
+    seed_w, seed_b = torch.randn(2, 64), torch.tensor([0.3, -0.7])
+    state = {k: v for k, v in expected.items() if not k.startswith("objectives.itm.")}
+    state |= {"cls.bi_seq_relationship.weight": seed_w, "cls.bi_seq_relationship.bias": seed_b}
+    torch.save(state, tmp_path / "seed_head.bin")
+    itm = build(f"model.state_dict_path={tmp_path / 'seed_head.bin'}").objectives["itm"].classifier
+    assert torch.equal(itm.weight[0], seed_w[1]) and torch.equal(itm.weight[1], seed_w[0])
+    assert itm.bias.tolist() == pytest.approx([-0.7, 0.3])
+    del state["cls.bi_seq_relationship.bias"]
+    torch.save(state, tmp_path / "half.bin")
+    with pytest.raises(ConfigError, match="bi_seq_relationship"):
+        build(f"model.state_dict_path={tmp_path / 'half.bin'}")
+
+
+#: the seed's `bert_weight_name` (config/bert-base-uncased_weight_name.json): BERT's embeddings and layers, no `cls.*`
+SEED_BERT_WEIGHT = r"encoder\.bert\.(embeddings|encoder\.layer\.\d+)\..+"
+
+
+def test_pretraining_lr_mult_scales_bert_body_only_not_the_mlm_head(tmp_path: Path) -> None:
+    """train_concap.py: a parameter whose name (less `bert.`) is in `bert_weight_name` trains at lr x 0.1, every other
+    one (co-layers, vision stream, poolers, and the `cls.*` heads even when BERT filled them) at the base lr."""
+    import re
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
+    model = build(
+        f"model.encoder.text_encoder.pretrained={tmp_path / 'bert'}",
+        "model.encoder.t_biattention_id=[0,1]",
+        "model.scheduler=null",
+        "model.optimizer.lr=1e-4",
+        "model.pretrained_lr_mult=0.1",
+    )
+    assert model._pretrained_head  # the MLM head did start from the BERT checkpoint
+    lr_of = {id(p): group["lr"] for group in model.configure_optimizers().param_groups for p in group["params"]}
+    names = [n for n, _ in model.named_parameters()]
+    expected = {n: 1e-5 if re.fullmatch(SEED_BERT_WEIGHT, n) else 1e-4 for n in names}
+    got = {n: lr_of[id(p)] for n, p in model.named_parameters()}
+    assert got == pytest.approx(expected)
+    assert sum(v == 1e-5 for v in expected.values()) == len(list(model.encoder.bert.parameters()))
+    assert expected["objectives.mlm.transform.0.weight"] == expected["objectives.mlm.bias"] == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("experiment", "mult"),
+    [
+        ("vilbert_pretrain", 0.1),
+        ("vilbert_vqa", 1.0),
+        ("vilbert_vcr", 1.0),
+        ("vilbert_retrieval", 1.0),
+        ("vilbert_refcoco", 1.0),
+    ],
+)
+def test_bert_lr_mult_only_in_the_pretraining_recipe(experiment: str, mult: float) -> None:
+    """train_concap.py scales the BERT weights' lr by 0.1; train_tasks.py (fine-tuning) gives them the task lr."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    assert cfg.model.pretrained_lr_mult == mult
+
+
+def test_grounding_head_drops_out_region_states_in_training_only() -> None:
+    """The seed: `vision_logit(dropout(sequence_output_v))`, p = 0.1. With a 1-d state x, weight w, bias b, each
+    train-mode logit is b (dropped) or w x / (1 - p) + b (kept); in eval mode it is w x + b."""
+    from vl.batch import EncoderOutput
+    from vl.heads import RegionGrounding
+
+    torch.manual_seed(0)
+    head = RegionGrounding(hidden_size=1, dropout=0.5, whole_image_candidate=False)
+    assert RegionGrounding(hidden_size=4).dropout.p == 0.1  # the seed's VILBertForVLTasks dropout_prob
+    w, b = float(head.vision_logit.weight.detach()), float(head.vision_logit.bias.detach())
+    x = torch.rand(8, 201, 1) + 0.5  # never 0: a dropped and a kept state differ
+    out = EncoderOutput(text=torch.zeros(8, 3, 4), visual=x, pooled=torch.zeros(8, 4), visual_prefix=1)
+    batch = {"visual_mask": torch.ones(8, 200), "refer_targets": torch.zeros(8, 200)}
+    regions = x[:, 1:, 0]
+    head.eval()
+    torch.testing.assert_close(head(out, batch).logits, w * regions + b)
+    head.train()
+    logits = head(out, batch).logits
+    kept = torch.isclose(logits, w * regions / 0.5 + b)
+    dropped = torch.isclose(logits, torch.full_like(logits, b))
+    assert bool((kept | dropped).all())
+    assert 0.4 < float(dropped.float().mean()) < 0.6

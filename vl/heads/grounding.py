@@ -14,7 +14,9 @@ from vl.metrics import Accuracy
 
 
 class RegionGrounding(Objective):
-    """ViLBERT's `vision_logit`: Linear(Hv, 1) per region, padded regions pushed to -1e4. Loss: BCE-with-logits against
+    """ViLBERT's `vision_logit`: Linear(Hv, 1) on dropout(region state) per region (the seed's
+    `vision_logit(dropout(sequence_output_v))`, `VILBertForVLTasks` dropout p = 0.1; `dropout`,
+    `model.heads.refer.dropout`; identity in eval mode), padded regions pushed to -1e4. Loss: BCE-with-logits against
     `refer_targets` (B, R) (IoU with the referred box, < 0.5 set to 0), mean x the number of candidates. Metric
     `refer_acc`: the arg-max candidate's IoU (`refer_ious`) is > 0.5.
 
@@ -31,20 +33,29 @@ class RegionGrounding(Objective):
     def build(cls, ctx: HeadContext, **options: Any) -> RegionGrounding:
         return cls(hidden_size=ctx.visual_size, **options)
 
-    def __init__(self, *, hidden_size: int, iou_threshold: float = 0.5, whole_image_candidate: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        iou_threshold: float = 0.5,
+        whole_image_candidate: bool = True,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.vision_logit = nn.Linear(hidden_size, 1)
         self.iou_threshold = iou_threshold
         self.whole_image_candidate = whole_image_candidate
 
     def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
-        logits = self.vision_logit(out.regions()).squeeze(-1)  # (B, R)
+        logits = self.vision_logit(self.dropout(out.regions())).squeeze(-1)  # (B, R)
         logits = logits.masked_fill(batch["visual_mask"] == 0, -1e4)
         target = batch["refer_targets"]
         ious = batch.get("refer_ious", target)
         if self.whole_image_candidate and out.visual_prefix >= 1 and "refer_image_target" in batch:
             assert out.visual is not None
-            image_logit = self.vision_logit(out.visual[:, out.visual_prefix - 1]).squeeze(-1)  # (B,)
+            image_state = self.dropout(out.visual[:, out.visual_prefix - 1])  # the seed drops out every position
+            image_logit = self.vision_logit(image_state).squeeze(-1)  # (B,)
             logits = torch.cat([image_logit.unsqueeze(1), logits], 1)  # (B, 1 + R): index 0 = the whole image
             target = torch.cat([batch["refer_image_target"].unsqueeze(1).to(target.dtype), target], 1)
             image_iou = batch.get("refer_image_iou", batch["refer_image_target"])

@@ -211,7 +211,8 @@ def map_vilbert_key(key: str, *, multiple_choice_head: str = "retrieval") -> str
 
     `vil_logit` (the multiple-choice scorer of VCR and retrieval) maps to `objectives.<multiple_choice_head>.vil_logit`.
     `cls.bi_seq_relationship` maps to the ITM head but still uses the seed's convention (0 = aligned): the loader
-    converts it with `vl.heads.itm_head_from_seed`. Keys already in vl's naming pass unchanged."""
+    converts it with `vl.heads.itm_head_from_seed` (`seed_itm_transform`). Keys already in vl's naming pass unchanged,
+    and so does their ITM head (already 1 = aligned)."""
     if key.startswith("module."):
         key = key[len("module.") :]
     if key.startswith(("encoder.", "objectives.")):
@@ -241,8 +242,30 @@ def map_vilbert_key(key: str, *, multiple_choice_head: str = "retrieval") -> str
     return None
 
 
+#: the seed's alignment head (index 0 = aligned); `objectives.itm.classifier.*` is vl's (index 1 = aligned)
+SEED_ITM_PREFIX = "cls.bi_seq_relationship."
+
+
+def seed_itm_transform(
+    state: Mapping[str, torch.Tensor],
+) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+    """The `transforms` argument of `load_mapped_state_dict` for a ViLBERT state dict: `seed_itm_to_vl` when its ITM
+    head comes from the seed's `cls.bi_seq_relationship.*` (0 = aligned), None when the state dict has no ITM head or
+    has it in vl's naming (`objectives.itm.classifier.*`, already 1 = aligned: a vl state dict loads unchanged).
+    Raises `ConfigError` when only one of the seed head's weight / bias is there."""
+    seed = {k.removeprefix("module.") for k in state if k.removeprefix("module.").startswith(SEED_ITM_PREFIX)}
+    if not seed:
+        return None
+    if seed != {SEED_ITM_PREFIX + "weight", SEED_ITM_PREFIX + "bias"}:
+        raise ConfigError(
+            f"ViLBERT checkpoint: cls.bi_seq_relationship needs exactly its weight and its bias, got {sorted(seed)}"
+        )
+    return seed_itm_to_vl
+
+
 def seed_itm_to_vl(mapped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The alignment head of a ViLBERT checkpoint (0 = aligned) -> vl's ITM head (1 = aligned)."""
+    """The alignment head of a seed ViLBERT checkpoint (0 = aligned) -> vl's ITM head (1 = aligned). Only for a head
+    that came from `cls.bi_seq_relationship.*` (`seed_itm_transform` decides)."""
     from vl.heads import itm_head_from_seed
 
     weight, bias = "objectives.itm.classifier.weight", "objectives.itm.classifier.bias"

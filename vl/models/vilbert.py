@@ -29,7 +29,7 @@ from vl.models.checkpoints import (
     load_mapped_state_dict,
     map_vilbert_key,
     read_state_dict,
-    seed_itm_to_vl,
+    seed_itm_transform,
 )
 from vl.models.system import VLSystem
 
@@ -294,7 +294,8 @@ class VilbertEncoder(nn.Module):
         return self.bert.embeddings.word_embeddings
 
     def pretrained_parameter_names(self) -> set[str]:
-        """With `text_encoder.pretrained`, the text stream (lr x `pretrained_lr_mult`, 0.1 upstream)."""
+        """With `text_encoder.pretrained`, the text stream's embeddings and layers (lr x `pretrained_lr_mult`; the
+        seed's `bert_weight_name`, x 0.1 in its pretraining only)."""
         return {f"bert.{name}" for name, _ in self.bert.named_parameters()} if self.pretrained else set()
 
     @property
@@ -331,11 +332,16 @@ class VilbertSystem(VLSystem):
 
     With `text_encoder.pretrained` set (a BERT dir), the text stream and, where the dir has `cls.predictions.*`, the MLM
     head start from BERT (as upstream, whose `BertForMultiModalPreTraining.from_pretrained` fills `cls.predictions`;
-    the decoder is tied to the word embeddings); these parameters get lr x `pretrained_lr_mult` (0.1 upstream).
+    the decoder is tied to the word embeddings). The text stream's BERT parameters (embeddings + layers, the seed's
+    `bert_weight_name` list) get lr x `pretrained_lr_mult`: 0.1 in the seed's pretraining (`train_concap.py`, set by
+    `experiment=vilbert_pretrain`), 1.0 = one lr for all in its fine-tuning (`train_tasks.py`; the model default). The
+    MLM head stays at the base lr even when it starts from BERT (the seed does not scale `cls.*`).
     `state_dict_path` loads a released `vilbert-multi-task` / `vilbert_beta` checkpoint (`pretrained_model.bin`,
     `multi_task_model.bin`, ...) through `vl.models.checkpoints.map_vilbert_key`: the seed's alignment head
-    (0 = aligned) becomes the ITM head (1 = aligned); a key with no counterpart is a `ConfigError` unless
-    expected-unused (`VILBERT_EXPECTED_UNUSED`, or the head of an objective this run does not have).
+    (`cls.bi_seq_relationship`, 0 = aligned) becomes the ITM head (1 = aligned); a state dict in vl's own naming
+    (e.g. a saved `VilbertSystem.state_dict()`) loads unchanged, its ITM head included; a key with no counterpart is a
+    `ConfigError` unless expected-unused (`VILBERT_EXPECTED_UNUSED`, or the head of an objective this run does not
+    have). The `vilbert_*` recipes train with `vl.optimizers.BertAdam`, the seed's optimiser.
     """
 
     def __init__(self, *, state_dict_path: str | None = None, **kwargs: Any) -> None:
@@ -347,9 +353,6 @@ class VilbertSystem(VLSystem):
             self._pretrained_head = load_bert_mlm_head(self, pretrained)
         if state_dict_path:
             self.load_released_state_dict(state_dict_path)
-
-    def pretrained_parameter_names(self) -> set[str]:
-        return super().pretrained_parameter_names() | set(self._pretrained_head)
 
     def load_released_state_dict(self, path: str) -> dict[str, list[str]]:
         """Load a released ViLBERT checkpoint (see the class docstring); returns the key report."""
@@ -370,5 +373,5 @@ class VilbertSystem(VLSystem):
             map_key,
             what=f"ViLBERT checkpoint {path}",
             expected_unused=(*VILBERT_EXPECTED_UNUSED, *absent),
-            transforms=seed_itm_to_vl,
+            transforms=seed_itm_transform(state),
         )

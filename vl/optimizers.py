@@ -1,0 +1,91 @@
+"""Optimisers of the reimplemented recipes that torch does not ship, used as `_partial_: true` configs
+(`model.optimizer._target_`); the system passes its parameter groups (each with its own `lr` and `weight_decay`).
+
+`BertAdam` is the optimiser of ViLBERT's `train_concap.py` (pytorch-pretrained-bert 0.6.2's `BertAdam`) and
+`train_tasks.py` (`vilbert/optimization.py`, the same update). Its warmup / decay schedule is not part of it here: vl's
+LR scheduler (`vl.schedules`) sets each group's `lr`, which `step` reads, as the seed's `lr x schedule(step)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["BertAdam"]
+
+
+class BertAdam(Optimizer):
+    """Adam as BERT / ViLBERT trained with it. Per parameter p with gradient g, at every step:
+
+        g <- g * min(1, max_grad_norm / (||g||_2 + 1e-6))      (clipped per parameter, in place on p.grad)
+        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+        p <- p - lr * (m / (sqrt(v) + eps) + weight_decay * p)
+
+    Unlike `torch.optim.AdamW`: no bias correction of m and v; eps 1e-6 (AdamW: 1e-8); the gradient norm is clipped
+    to `max_grad_norm` for each parameter tensor on its own (`clip_grad_norm_(p, ...)` upstream), not over the model;
+    the decoupled weight decay is added to the update before the lr multiplies it (as AdamW's `p *= 1 - lr wd`).
+    `max_grad_norm` <= 0: no clipping. Sparse gradients are refused.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        max_grad_norm: float = 1.0,
+    ) -> None:
+        b1, b2 = (float(b) for b in betas)
+        if lr < 0.0:
+            raise ValueError(f"BertAdam: invalid learning rate {lr} (must be >= 0)")
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"BertAdam: invalid betas {tuple(betas)} (each in [0, 1))")
+        if eps < 0.0:
+            raise ValueError(f"BertAdam: invalid eps {eps} (must be >= 0)")
+        if weight_decay < 0.0:
+            raise ValueError(f"BertAdam: invalid weight_decay {weight_decay} (must be >= 0)")
+        defaults = {
+            "lr": lr,
+            "betas": (b1, b2),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "max_grad_norm": max_grad_norm,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, weight_decay, max_norm = group["lr"], group["eps"], group["weight_decay"], group["max_grad_norm"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("BertAdam does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if max_norm > 0:  # torch's clip_grad_norm_ on this one tensor, without a host sync
+                    norm = torch.linalg.vector_norm(grad, 2.0)
+                    grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                update = exp_avg / (exp_avg_sq.sqrt() + eps)
+                if weight_decay > 0.0:
+                    update.add_(p, alpha=weight_decay)
+                p.add_(update, alpha=-lr)
+                state["step"] += 1
+        return loss

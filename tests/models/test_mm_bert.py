@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from vl.errors import DataError
 from vl.heads.mm_bert import BinaryImageTextMatching, MaskedVisualRegionClassification
 from vl.models.mm_bert import MMBertEncoder, MMBertSystem, coordinate_embeddings
 
@@ -117,7 +118,8 @@ def test_sequence_layout_types_positions_against_a_per_example_build() -> None:
             w, h = batch["visual_image_size"][b].tolist()
             boxes = np.concatenate([[[0, 0, (w - 1) / w, (h - 1) / h]], batch["visual_boxes"][b, :n_r].numpy()])
             coords = torch.tensor(np.stack([numpy_coords(x, 4, 1000.0) for x in boxes]), dtype=torch.float32)
-            reps = enc.obj_downsample[1](torch.cat([torch.cat([mean[None], feats]), coords], -1)).relu()
+            # VL-BERT's fast_rcnn.py: cat(coordinate embedding, feature), coordinates first
+            reps = enc.obj_downsample[1](torch.cat([coords, torch.cat([mean[None], feats])], -1)).relu()
             text_visual = enc.visual_ln_text(reps[0])
         else:
             text_visual = enc.visual_ln_text(enc.aux_text_visual_embedding.weight[0])
@@ -132,9 +134,11 @@ def test_sequence_layout_types_positions_against_a_per_example_build() -> None:
                 embs.append(ling + enc.visual_ln_object(reps[k]))
                 pos.append(n_t)
                 types.append(2)
-            embs.append(enc.end_embedding.weight[0])  # [END]: position n + 1, type 2
-            pos.append(n_t + 1)
-            types.append(2)
+        # [END] after the objects in every row, also in the text-only row (VL-BERT's `embedding`): position n + 1,
+        # type 2
+        embs.append(enc.end_embedding.weight[0])
+        pos.append(n_t + 1)
+        types.append(2)
         ref = bert(
             inputs_embeds=torch.stack(embs)[None],
             position_ids=torch.tensor([pos]),
@@ -149,6 +153,27 @@ def test_sequence_layout_types_positions_against_a_per_example_build() -> None:
             torch.testing.assert_close(out.visual[b, : n_r + 1], states[n_t : n_t + n_r + 1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.pooled[b], ref.pooler_output[0], atol=1e-5, rtol=1e-5)
     assert out.visual_prefix == 1 and out.regions().shape[1] == batch["visual_feats"].shape[1]
+
+
+@torch.no_grad()
+def test_a_text_only_batch_ends_with_end_like_vl_berts_embedding() -> None:
+    """A batch without regions (aux text, Task C): VL-BERT's `embedding` still appends [END] (type 2, position n+1)
+    right after the text; built by hand per row."""
+    enc, batch = make_encoder(), make_batch()
+    text_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "index")}
+    out = enc(text_batch)
+    for b in range(3):
+        n_t = int(batch["attention_mask"][b].sum())
+        words = enc.bert.embeddings.word_embeddings(batch["input_ids"][b, :n_t])
+        text = words + enc.visual_ln_text(enc.aux_text_visual_embedding.weight[0])
+        ref = enc.bert(
+            inputs_embeds=torch.cat([text, enc.end_embedding.weight])[None],
+            position_ids=torch.tensor([[*range(n_t), n_t + 1]]),
+            token_type_ids=torch.tensor([[0] * n_t + [2]]),
+            attention_mask=torch.ones(1, n_t + 1, dtype=torch.long),
+        )
+        torch.testing.assert_close(out.text[b, :n_t], ref.last_hidden_state[0, :n_t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.pooled[b], ref.pooler_output[0], atol=1e-5, rtol=1e-5)
 
 
 def test_visual_layernorms_start_at_zero_and_published_sizes() -> None:
@@ -201,6 +226,34 @@ def _system(**kwargs) -> MMBertSystem:
     )
 
 
+#: the seed's checkpoint key (``ResNetVLBERTForPretrainingMultitask`` under DataParallel) -> (vl parameter, shape)
+SEED_KEYS = {
+    "module.vlbert.mvrc_head.transform.dense.weight": ("objectives.mvrc.head.0.weight", (H, H)),
+    "module.vlbert.mvrc_head.transform.dense.bias": ("objectives.mvrc.head.0.bias", (H,)),
+    "module.vlbert.mvrc_head.region_cls_pred.weight": ("objectives.mvrc.head.2.weight", (C, H)),
+    "module.vlbert.mvrc_head.region_cls_pred.bias": ("objectives.mvrc.head.2.bias", (C,)),
+    "module.image_feature_extractor.obj_downsample.1.weight": ("encoder.obj_downsample.1.weight", (H, 32 + D)),
+    "module.image_feature_extractor.obj_downsample.1.bias": ("encoder.obj_downsample.1.bias", (H,)),
+    "module.vlbert.visual_ln_text.weight": ("encoder.visual_ln_text.weight", (H,)),
+    "module.vlbert.visual_ln_text.bias": ("encoder.visual_ln_text.bias", (H,)),
+    "module.vlbert.visual_ln_object.weight": ("encoder.visual_ln_object.weight", (H,)),
+    "module.vlbert.visual_ln_object.bias": ("encoder.visual_ln_object.bias", (H,)),
+    "module.vlbert.end_embedding.weight": ("encoder.end_embedding.weight", (1, H)),
+    "module.vlbert.token_type_embeddings.weight": ("encoder.bert.embeddings.token_type_embeddings.weight", (3, H)),
+    "module.vlbert.position_embeddings.weight": ("encoder.bert.embeddings.position_embeddings.weight", (512, H)),
+    "module.aux_text_visual_embedding.weight": ("encoder.aux_text_visual_embedding.weight", (1, H)),
+    "module.object_mask_word_embedding.weight": ("encoder.object_mask_word_embedding.weight", (1, H)),
+    "module.object_linguistic_embeddings.weight": ("encoder.object_linguistic_embeddings.weight", (1, H)),
+}
+#: seed keys that are not hybrid parts (the spec's list): they must not load
+SEED_NOT_LOADED = {
+    "module.object_mask_visual_embedding.weight": (1, D),
+    "module.vlbert.encoder.layer.0.output.dense.weight": (H, 32),
+    "module.vlbert.word_embeddings.weight": (V, H),
+    "module.vlbert.embedding_LayerNorm.weight": (H,),
+}
+
+
 def test_hybrid_init_takes_mbert_encoder_and_vlbert_visual_parts(tmp_path, caplog) -> None:
     from transformers import BertConfig, BertModel
 
@@ -210,35 +263,58 @@ def test_hybrid_init_takes_mbert_encoder_and_vlbert_visual_parts(tmp_path, caplo
         add_pooling_layer=True,
     )
     mbert.save_pretrained(tmp_path / "mbert")
-    vlbert = {
-        "state_dict": {
-            "module.vlbert.visual_ln_text.weight": torch.full((H,), 0.5),
-            "module.vlbert.end_embedding.weight": torch.full((1, H), 0.25),
-            "module.vlbert.token_type_embeddings.weight": torch.full((3, H), 0.125),
-            "module.vlbert.mvrc_head.head.2.bias": torch.full((C,), 0.75),
-            "module.image_feature_extractor.obj_downsample.1.weight": torch.full((H, D + 32), 0.01),
-            "module.vlbert.encoder.layer.0.output.dense.weight": torch.zeros(H, 32),  # not a hybrid part
-        }
-    }
-    torch.save(vlbert, tmp_path / "vl-bert-base-prec.model")
+    g = torch.Generator().manual_seed(7)
+    seed_state = {k: torch.randn(shape, generator=g) for k, (_, shape) in SEED_KEYS.items()}
+    seed_state |= {k: torch.randn(shape, generator=g) for k, shape in SEED_NOT_LOADED.items()}
+    torch.save({"state_dict": seed_state}, tmp_path / "vl-bert-base-prec.model")
     with caplog.at_level(logging.INFO):
         system = _system(mbert_dir=str(tmp_path / "mbert"), vlbert_checkpoint=str(tmp_path / "vl-bert-base-prec.model"))
+    system.eval()
     enc = system.encoder
+    own = system.state_dict()
     ref = mbert.state_dict()
     torch.testing.assert_close(
         enc.bert.encoder.layer[1].output.dense.weight, ref["encoder.layer.1.output.dense.weight"]
     )
     torch.testing.assert_close(enc.word_embeddings.weight[:V], ref["embeddings.word_embeddings.weight"])
     assert enc.word_embeddings.weight.shape[0] == V + 1  # [STOP] keeps its init
-    assert torch.all(enc.visual_ln_text.weight == 0.5) and torch.all(enc.end_embedding.weight == 0.25)
-    assert torch.all(enc.bert.embeddings.token_type_embeddings.weight == 0.125)
-    assert torch.all(system.objectives["mvrc"].head[2].bias == 0.75)
-    assert torch.all(enc.obj_downsample[1].weight == 0.01)
-    # encoder layers never come from VL-BERT; every unexpected / missing key is logged
-    assert not torch.all(enc.bert.encoder.layer[0].output.dense.weight == 0)
+    torch.testing.assert_close(enc.bert.pooler.dense.weight, ref["pooler.dense.weight"])  # the seed loads it too
+    # every seed VL-BERT part lands in its vl parameter (position / token types: VL-BERT's overwrite M-BERT's)
+    for key, (target, _) in SEED_KEYS.items():
+        torch.testing.assert_close(own[target], seed_state[key], msg=f"{key} -> {target}")
+    # not hybrid parts: the mask visual embedding keeps its init 0; encoder layers and words stay M-BERT's
+    assert torch.all(enc.object_mask_visual_embedding.weight == 0)
+    torch.testing.assert_close(
+        enc.bert.encoder.layer[0].output.dense.weight, ref["encoder.layer.0.output.dense.weight"]
+    )
+    # the loaded obj_downsample Linear reads the box embedding first (VL-BERT's cat(coord_embed, features)), by hand
+    W = seed_state["module.image_feature_extractor.obj_downsample.1.weight"].double().numpy()
+    bias = seed_state["module.image_feature_extractor.obj_downsample.1.bias"].double().numpy()
+    rng = np.random.default_rng(5)
+    feats = rng.standard_normal((3, D))
+    xy = rng.uniform(0, 0.5, (3, 2))
+    boxes = np.concatenate([xy, xy + 0.3], 1)
+    with torch.no_grad():
+        got = enc.object_reps(torch.tensor(feats[None]).float(), torch.tensor(boxes[None]).float())[0].numpy()
+    x = np.concatenate([np.stack([numpy_coords(bx, 4, 1000.0) for bx in boxes]), feats], 1)
+    np.testing.assert_allclose(got, np.maximum(x @ W.T + bias, 0.0), atol=1e-4)
     text = caplog.text
-    assert "vlbert.encoder.layer.0.output.dense.weight" in text
+    assert "vlbert.encoder.layer.0.output.dense.weight" in text and "object_mask_visual_embedding" in text
     assert "missing keys" in text and "unexpected keys" in text
+
+
+def test_hybrid_init_fails_when_nothing_loads(tmp_path) -> None:
+    from vl.errors import ConfigError
+
+    torch.save({"state_dict": {"module.vlbert.mvrc_head.head.2.bias": torch.zeros(C)}}, tmp_path / "vl.model")
+    with pytest.raises(ConfigError, match="model.vlbert_checkpoint"):
+        _system(vlbert_checkpoint=str(tmp_path / "vl.model"))
+    (tmp_path / "mbert").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"cls.predictions.bias": torch.zeros(V)}, str(tmp_path / "mbert" / "model.safetensors"))
+    with pytest.raises(ConfigError, match="model.mbert_dir"):
+        _system(mbert_dir=str(tmp_path / "mbert"))
 
 
 def test_lr_is_base_lr_times_total_batch() -> None:
@@ -279,7 +355,12 @@ def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) ->
     rng = np.random.default_rng(0)
     texts = [f"caption {i} {'x' * int(rng.integers(5))}" for i in range(n)]
     visuals = [
-        {"features": rng.standard_normal((2, 3)).astype(np.float32), "boxes_norm": np.zeros((2, 4), np.float32)}
+        {
+            "features": rng.standard_normal((2, 3)).astype(np.float32),
+            "boxes_norm": np.zeros((2, 4), np.float32),
+            "image_w": 500,
+            "image_h": 375,
+        }
         for _ in range(n)
     ]
     model = _PairModel()
@@ -297,13 +378,89 @@ def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) ->
     for name, ranks in (("t2i", t2i), ("i2t", i2t)):
         for k in (1, 5, 10):
             assert metrics[f"{name}_recall@{k}"] == pytest.approx((ranks <= k).mean())
-        assert metrics[f"{name}_median_rank"] == pytest.approx(np.sort(ranks)[(n - 1) // 2])
+        assert metrics[f"{name}_median_rank"] == pytest.approx(np.floor(np.median(ranks)))  # the seed's medR
     rows = json.loads((tmp_path / "s.json").read_text())
     assert len(rows) == n * n and set(rows[0]) == {"caption_id", "image_ids", "logit"}
     got = np.zeros((n, n))
     for r in rows:
         got[r["caption_id"], r["image_ids"]] = r["logit"][0]
     np.testing.assert_allclose(got, full, atol=1e-5)
+
+
+def _tokenizer(tmp_path: Path):
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"a man dog runs on the grass red ball with".split()]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    return BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=False)
+
+
+@torch.no_grad()
+def test_gallery_scores_a_pair_as_a_hand_built_training_batch(tmp_path) -> None:
+    """The retrieval gallery's pair score equals the score of the pair's batch built by hand as training builds it:
+    the whole-image box is [0, 0, w-1, h-1] / (w, h) (`visual_image_size`), not [0, 0, 1, 1]."""
+    from vl.data.multi30k_collate import Multi30kCollator
+    from vl.models.ranking import gallery_scorer
+
+    tok = _tokenizer(tmp_path)
+    torch.manual_seed(0)
+    model = MMBertSystem(
+        encoder={"_target_": "vl.models.mm_bert.MMBertEncoder", "text_encoder": TINY, "coord_dim": 32},
+        objectives=["itm_bce"],
+        data_info={"visual_dim": D, "vocab_size": len(tok)},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+    ).eval()
+    for ln in (model.encoder.visual_ln_text, model.encoder.visual_ln_object):  # trained: non-zero visual weights
+        ln.weight.normal_()
+    rng = np.random.default_rng(0)
+    R = 5
+    visuals = []
+    for w, h, n in ((500, 375, 5), (640, 480, 3)):
+        xy = rng.uniform(0, 0.5, (n, 2))
+        box = np.concatenate([xy, xy + 0.3], 1).astype(np.float32)
+        feats = rng.standard_normal((n, D)).astype(np.float32)
+        visuals.append({"features": feats, "boxes_norm": box, "cls_prob": None, "image_w": w, "image_h": h})
+    texts = ["a man runs on the grass", "a dog with red ball"]
+    collator = Multi30kCollator(tok, max_text_len=16, max_regions=R, fixed_shapes=True)
+    gallery = gallery_scorer(model, collator, texts, visuals, batch_size=3)([0, 1], [0, 1])
+
+    def by_hand(text: str, visual: dict, with_size: bool = True) -> dict:
+        ids = [tok.cls_token_id, *tok.convert_tokens_to_ids(text.split()), tok.sep_token_id]
+        n = visual["features"].shape[0]
+        feats, boxes, mask = torch.zeros(1, R, D), torch.zeros(1, R, 4), torch.zeros(1, R, dtype=torch.long)
+        feats[0, :n], boxes[0, :n], mask[0, :n] = (
+            torch.tensor(visual["features"]),
+            torch.tensor(visual["boxes_norm"]),
+            1,
+        )
+        batch = {
+            "input_ids": torch.tensor([ids]),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "visual_feats": feats,
+            "visual_boxes": boxes,
+            "visual_mask": mask,
+            "has_image": torch.tensor([True]),
+        }
+        if with_size:
+            batch["visual_image_size"] = torch.tensor([[float(visual["image_w"]), float(visual["image_h"])]])
+        return batch
+
+    score = model.objectives["itm_bce"].score
+    for t in range(2):
+        for i in range(2):
+            want = score(model(by_hand(texts[t], visuals[i])).pooled)[0]
+            torch.testing.assert_close(gallery[t, i], want, atol=1e-5, rtol=1e-5)
+            unsized = score(model(by_hand(texts[t], visuals[i], with_size=False)).pooled)[0]
+            assert abs(float(unsized - want)) > 1e-6  # the image size matters: the check is not vacuous
+
+
+def test_gallery_images_without_a_size_are_named() -> None:
+    from vl.data.multi30k_collate import Multi30kCollator
+
+    collator = Multi30kCollator(None, max_regions=2, fixed_shapes=True)
+    visual = {"image_id": "42", "features": np.zeros((1, D), np.float32), "boxes_norm": np.zeros((1, 4), np.float32)}
+    with pytest.raises(DataError, match="image 42: no image_w"):
+        collator.visual_batch([visual])
 
 
 def test_the_scheduler_is_vl_berts_triangle() -> None:

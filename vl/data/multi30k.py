@@ -143,7 +143,8 @@ class LazyVisuals(Sequence):
 # ------------------------------------------------------------------------------------------------ module
 class Multi30kDataModule(VLDataModule):
     """See the module docstring (``pretrain_tasks``: a subset of A, B, C; None = all three). Files relative to ``root`` (the ``flickr30k/`` dir): ``annotations``
-    (``{split}_frcnn.json``), ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root)."""
+    (``{split}_frcnn.json``), ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root).
+    ``mlt_outputs``: the MLT head's size (the seed's ``MLT_words`` 1536; None = the MLT vocabulary's size)."""
 
     label_keys = {
         "itm_label": ("itm_labels", "long"),
@@ -171,6 +172,7 @@ class Multi30kDataModule(VLDataModule):
         annotations: str = "{split}_frcnn.json",
         mlt_annotations: str = "{split}_MLT_frcnn.json",
         mlt_vocab: str = "utils/MLT_vocab.txt",
+        mlt_outputs: int | None = 1536,
         wmt: str | None = "../wmt/{split}.jsonl",
         tokenizer: str = "corpus",
         max_text_len: int = 64,
@@ -209,6 +211,9 @@ class Multi30kDataModule(VLDataModule):
         self._readers: dict[Path, FrcnnJsonRegionReader] = {}
         self._galleries: dict[tuple[str, str], dict[str, Any]] = {}
         self._mlt_vocab: list[str] | None = None
+        if mlt_outputs is not None and int(mlt_outputs) < 1:
+            raise ConfigError(f"data.mlt_outputs: {mlt_outputs} is not a positive number of MLT head outputs")
+        self.mlt_outputs = None if mlt_outputs is None else int(mlt_outputs)
 
     # ------------------------------------------------------------------ files
     @property
@@ -459,8 +464,20 @@ class Multi30kDataModule(VLDataModule):
         if first.get("cls_prob") is not None:
             info["num_region_classes"] = int(first["cls_prob"].shape[1])
         if self.task == "mlt":
-            info["num_mlt_words"] = len(self.mlt_words)
+            info["num_mlt_words"] = self.num_mlt_outputs()
         return info
+
+    def num_mlt_outputs(self) -> int:
+        """The MLT head's outputs: ``mlt_outputs`` (the seed's ``MLT_words`` 1536 for its 1535-line MLT_vocab.txt),
+        or the vocabulary's size when None; never fewer than the vocabulary's words (ConfigError)."""
+        words = len(self.mlt_words)
+        if self.mlt_outputs is None:
+            return words
+        if self.mlt_outputs < words:
+            raise ConfigError(
+                f"data.mlt_outputs: {self.mlt_outputs} is smaller than the {words} words of {self.mlt_vocab_file}"
+            )
+        return self.mlt_outputs
 
     def baselines(self, split: str = "test") -> dict[str, float]:
         if self.task == "retrieval":

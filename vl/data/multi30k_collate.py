@@ -13,6 +13,7 @@ import torch
 from vl.batch import IGNORE_INDEX
 from vl.data.collate import collate_labels, pad_regions
 from vl.data.samplers import global_seed
+from vl.errors import DataError
 
 __all__ = ["Multi30kCollator", "whole_word_mask"]
 
@@ -154,9 +155,7 @@ class Multi30kCollator:
                 padded = pad_regions(visuals, self.max_regions, fixed=self.fixed_shapes)
             batch.update(padded)
             batch["has_image"] = torch.tensor([v is not None for v in with_visual])
-            batch["visual_image_size"] = torch.tensor(
-                [[float(v["image_w"]), float(v["image_h"])] if v is not None else [1.0, 1.0] for v in with_visual]
-            )
+            batch["visual_image_size"] = image_sizes(with_visual)
             if self.mvrc and "region_cls_prob" in batch:
                 valid = batch["visual_mask"].bool()
                 chosen = torch.from_numpy(rng.random(valid.shape) < self.mvrc_probability) & valid
@@ -164,3 +163,28 @@ class Multi30kCollator:
                 batch["region_mask_labels"], batch["mvrc_replace"] = chosen, replace
         collate_labels(examples, self.labels, batch)
         return batch
+
+    def visual_batch(self, visuals: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """A retrieval gallery's image keys (`vl.models.ranking.gallery_scorer`), as `__call__` gives them for rows
+        with these images: the padded regions (``visual_feats``, ``visual_boxes``, ``visual_mask``; no
+        ``region_cls_prob``, scoring needs none), ``visual_image_size`` (B, 2) = (w, h), so that the whole-image box is
+        [0, 0, w-1, h-1] / size as in training, and ``has_image`` (B,) all True."""
+        out = pad_regions(visuals, self.max_regions, fixed=self.fixed_shapes)
+        out.pop("region_cls_prob", None)
+        out["has_image"] = torch.ones(len(visuals), dtype=torch.bool)
+        out["visual_image_size"] = image_sizes(visuals)
+        return out
+
+
+def image_sizes(visuals: Sequence[dict[str, Any] | None]) -> torch.Tensor:
+    """(B, 2) float (image_w, image_h) of each image's region dict; (1, 1) for a row without image (None)."""
+    sizes = []
+    for v in visuals:
+        if v is None:
+            sizes.append([1.0, 1.0])
+            continue
+        if v.get("image_w") is None or v.get("image_h") is None:
+            image = v.get("image_id", "?")
+            raise DataError(f"region features of image {image}: no image_w / image_h (MM-BERT's whole-image box)")
+        sizes.append([float(v["image_w"]), float(v["image_h"])])
+    return torch.tensor(sizes, dtype=torch.float32)

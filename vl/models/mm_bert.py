@@ -10,10 +10,11 @@ tokens, then its valid regions, then [END], then padding):
   ``coord_dim`` 256 and base 1000 -> 4 x 512 = 2048-d, concatenated with the feature ->
   ``obj_downsample`` = Dropout(0.1)-Linear(4096 -> H)-ReLU;
 - text tokens: word embedding + ``visual_ln_text``(image-box rep); rows without an image (Task C, the aux text corpus)
-  get ``visual_ln_text``(``aux_text_visual_embedding``) instead, and no regions nor [END];
+  get ``visual_ln_text``(``aux_text_visual_embedding``) instead, and no regions;
 - region tokens: ``object_linguistic_embeddings`` (one learned [IMG] vector; ``object_mask_word_embedding`` for MVRC-
   masked regions, whose feature is ``object_mask_visual_embedding``, init 0) + ``visual_ln_object``(region rep);
-- [END]: the learned ``end_embedding``;
+- [END]: the learned ``end_embedding``, after the regions in every row (also a text-only row, as VL-BERT's
+  ``embedding``: [END] then directly follows the text, at position n+1);
 - token types: all text 0 (EN and DE alike), regions and [END] 2; positions: text 0..n-1, every region n, [END] n+1;
 - then BERT's embedding LayerNorm + dropout and the BERT encoder. ``visual_ln_*`` are LayerNorms with weight 0 at init
   (``visual_scale_*_init`` 0: the visual contribution starts at 0).
@@ -58,7 +59,8 @@ def coordinate_embeddings(boxes: torch.Tensor, dim: int = 256, base: float = 100
 
 def whole_image_box(batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
     """(B, 4) normalised box of the whole image [0, 0, w-1, h-1] / (w, h) (``visual_image_size`` (B, 2) = w, h);
-    [0, 0, 1, 1] when the batch has no image sizes (e.g. a retrieval gallery padded by the shared scorer)."""
+    [0, 0, 1, 1] when the batch has no image sizes (`Multi30kCollator` and its `visual_batch`, the retrieval gallery's
+    images, always give them)."""
     bsz = like.shape[0]
     box = torch.zeros(bsz, 4, dtype=like.dtype, device=like.device)
     size = batch.get("visual_image_size")
@@ -170,9 +172,11 @@ class MMBertEncoder(nn.Module):
         return feats, boxes, valid, replace
 
     def object_reps(self, feats: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """(B,N,D), (B,N,4) -> (B,N,H): obj_downsample(feature ++ coordinate embedding)."""
-        coords = coordinate_embeddings(boxes, self.coord_dim, self.coord_base)
-        return self.obj_downsample(torch.cat([feats, coords], dim=-1))
+        """(B,N,D), (B,N,4) -> (B,N,H): obj_downsample(coordinate embedding ++ feature), coordinates first as in
+        VL-BERT's ``fast_rcnn.py`` (so a loaded ``obj_downsample.1.weight`` reads its first 4 x 2 x coord_dim columns
+        as the box embedding)."""
+        coords = coordinate_embeddings(boxes, self.coord_dim, self.coord_base).to(feats.dtype)
+        return self.obj_downsample(torch.cat([coords, feats], dim=-1))
 
     def forward(self, batch: dict[str, Any]) -> EncoderOutput:
         input_ids, text_mask = batch["input_ids"], batch["attention_mask"].bool()
@@ -198,11 +202,11 @@ class MMBertEncoder(nn.Module):
         obj_emb = ling + self.visual_ln_object(reps)  # (B,1+R,H)
         end_emb = self.end_embedding.weight[0].expand(bsz, -1).unsqueeze(1)  # (B,1,H)
 
-        # compacted layout per row: text (n_t) | regions (n_o) | [END] (if image) | padding
+        # compacted layout per row: text (n_t) | regions (n_o) | [END] | padding; as VL-BERT's `embedding`, [END]
+        # follows the objects in every row, also in a text-only row (zero objects: [END] right after the text)
         n_text = text_mask.sum(1)
         n_obj = obj_valid.sum(1)
-        has_end = has_image.long()
-        length = int((n_text + n_obj + has_end).max())
+        length = int((n_text + n_obj + 1).max())
         text_pos = torch.arange(text_len, device=device).expand(bsz, -1)
         obj_slot = torch.arange(obj_valid.shape[1], device=device).expand(bsz, -1)
         obj_pos = n_text[:, None] + obj_slot
@@ -210,7 +214,7 @@ class MMBertEncoder(nn.Module):
         pieces = [
             (text_emb, text_mask, text_pos, text_pos, TEXT_TYPE),
             (obj_emb, obj_valid, obj_pos, n_text[:, None].expand_as(obj_pos), OBJECT_TYPE),
-            (end_emb, has_image.unsqueeze(1), end_pos, (n_text + 1).unsqueeze(1), OBJECT_TYPE),
+            (end_emb, torch.ones_like(has_image).unsqueeze(1), end_pos, (n_text + 1).unsqueeze(1), OBJECT_TYPE),
         ]
         hidden = words.shape[-1]
         seq = words.new_zeros(bsz, length, hidden)
@@ -236,11 +240,18 @@ class MMBertEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- hybrid init
-#: VL-BERT checkpoint key prefixes taken by the hybrid init (after stripping ``module.``) -> vl parameter names
+#: VL-BERT (``vl-bert-base-prec.model``, ``ResNetVLBERTForPretraining*``) key prefixes taken by the hybrid init
+#: (after stripping ``module.``) -> vl parameter names: the seed's list (``smart_hybrid_partial_load_model_state_dict``)
+#: of ``vlbert.mvrc_head`` (``transform.dense`` + act, ``region_cls_pred``; vl's ``head.0`` / ``head.2``),
+#: ``image_feature_extractor`` (``obj_downsample`` = Dropout, Linear, ReLU: ``.1.`` is the Linear; the extractor's
+#: other modules have no vl counterpart and are reported), ``vlbert.visual_ln*``, ``end_embedding``,
+#: ``token_type_embeddings``, ``position_embeddings``, ``aux_text_visual_embedding``, ``object_mask_word_embedding``,
+#: ``object_linguistic_embeddings`` (root attributes of the seed's module). ``object_mask_visual_embedding`` is not in
+#: the list: it keeps its init (0), as in the seed.
 VLBERT_PARTS: dict[str, str] = {
-    "vlbert.mvrc_head.": "objectives.mvrc.",
+    "vlbert.mvrc_head.transform.dense.": "objectives.mvrc.head.0.",
+    "vlbert.mvrc_head.region_cls_pred.": "objectives.mvrc.head.2.",
     "image_feature_extractor.obj_downsample.": "encoder.obj_downsample.",
-    "image_feature_extractor.object_mask_visual_embedding.": "encoder.object_mask_visual_embedding.",
     "vlbert.visual_ln_text.": "encoder.visual_ln_text.",
     "vlbert.visual_ln_object.": "encoder.visual_ln_object.",
     "vlbert.end_embedding.": "encoder.end_embedding.",
@@ -250,9 +261,20 @@ VLBERT_PARTS: dict[str, str] = {
     "object_mask_word_embedding.": "encoder.object_mask_word_embedding.",
     "object_linguistic_embeddings.": "encoder.object_linguistic_embeddings.",
 }
-#: M-BERT (``BertModel`` / ``BertForPreTraining``) keys taken by the hybrid init: the encoder layers and the word
-#: embeddings (rows beyond M-BERT's vocabulary, e.g. [STOP], keep their init)
-MBERT_PARTS = ("encoder.", "embeddings.word_embeddings.", "embeddings.LayerNorm.")
+#: M-BERT (``BertModel`` / ``BertForPreTraining``) keys taken by the hybrid init, as the seed's
+#: ``load_language_pretrained_model``: the encoder layers, the embeddings (word rows beyond M-BERT's vocabulary, e.g.
+#: [STOP], and the third token type keep their init; position / token type are then overwritten by VL-BERT's when
+#: a VL-BERT checkpoint is given), the embedding LayerNorm and the pooler (when the model has one)
+MBERT_PARTS = (
+    "encoder.",
+    "embeddings.word_embeddings.",
+    "embeddings.position_embeddings.",
+    "embeddings.token_type_embeddings.",
+    "embeddings.LayerNorm.",
+    "pooler.",
+)
+#: M-BERT tensors whose rows fill the first rows of a larger vl tensor (vocabulary + [STOP]; 2 -> 3 token types)
+_MBERT_ROW_PREFIX = ("embeddings.word_embeddings.", "embeddings.token_type_embeddings.")
 
 
 def _load_mbert_state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -292,6 +314,8 @@ class MMBertSystem(VLSystem):
 
     # ------------------------------------------------------------------ hybrid init
     def hybrid_init(self, mbert_dir: str | None, vlbert_checkpoint: str | None) -> None:
+        """M-BERT's `MBERT_PARTS` from `mbert_dir`, then VL-BERT's `VLBERT_PARTS` from `vlbert_checkpoint` (mapped to
+        vl's names); every missing / unexpected key is logged. A source of which no tensor loads is a ConfigError."""
         own = self.state_dict()
         if mbert_dir:
             state = _load_mbert_state(Path(mbert_dir).expanduser())
@@ -302,14 +326,17 @@ class MMBertSystem(VLSystem):
                 if not name.startswith(MBERT_PARTS) or target not in own:
                     unexpected.append(key)
                     continue
-                if name.startswith("embeddings.word_embeddings.") and value.shape[0] <= own[target].shape[0]:
-                    merged = own[target].clone()
-                    merged[: value.shape[0]] = value
-                    value = merged
+                if name.startswith(_MBERT_ROW_PREFIX) and value.shape[1:] == own[target].shape[1:]:
+                    if value.shape[0] <= own[target].shape[0]:
+                        merged = own[target].clone()
+                        merged[: value.shape[0]] = value
+                        value = merged
                 if own[target].shape != value.shape:
                     unexpected.append(f"{key} (shape {tuple(value.shape)} vs {tuple(own[target].shape)})")
                     continue
                 loaded[target] = value
+            if not loaded:
+                raise ConfigError(f"model.mbert_dir: no M-BERT tensor of '{mbert_dir}' matches the model's names")
             self.load_state_dict(loaded, strict=False)
             missing = [k for k in own if k.startswith("encoder.bert.") and k not in loaded]
             log_key_report(f"hybrid init: M-BERT from {mbert_dir}", missing, unexpected)
@@ -327,6 +354,11 @@ class MMBertSystem(VLSystem):
                     unexpected.append(key)
                     continue
                 loaded[target] = value
+            if not loaded:
+                raise ConfigError(
+                    f"model.vlbert_checkpoint: no tensor of '{vlbert_checkpoint}' is one of the hybrid init's VL-BERT "
+                    f"parts ({', '.join(VLBERT_PARTS)})"
+                )
             self.load_state_dict(loaded, strict=False)
             wanted = [k for k in own if any(k.startswith(v) for v in VLBERT_PARTS.values())]
             log_key_report(

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from vl.data.collate import Collator, pad_regions
+from vl.metrics import median_rank
 from vl.progress import progress
 
 __all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer"]
@@ -190,5 +191,5 @@ def exhaustive_retrieval(
         ranks = (better + 1).double()
         for k in (1, 5, 10):
             metrics[f"{name}_recall@{k}"] = float((ranks <= k).double().mean())
-        metrics[f"{name}_median_rank"] = float(ranks.median())
+        metrics[f"{name}_median_rank"] = float(median_rank(ranks))  # the same medR as every vl retrieval metric
     return metrics

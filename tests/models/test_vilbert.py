@@ -464,6 +464,34 @@ def test_mlm_head_starts_from_the_bert_checkpoint(tmp_path: Path) -> None:
     assert model.objectives["mlm"].word_embeddings is model.encoder.word_embeddings  # tied decoder
 
 
+def test_mlm_head_bias_saved_twice_must_agree(tmp_path: Path) -> None:
+    """`cls.predictions.bias` and `cls.predictions.decoder.bias` are one tied tensor in BERT checkpoints: equal copies
+    load (the logits are BERT's own head's), differing ones are an error naming both keys, not a silent last-wins."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(5)
+    bert = BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        bert.cls.predictions.bias.normal_()
+    bert.save_pretrained(tmp_path / "bert")
+    weights = tmp_path / "bert" / "model.safetensors"
+    state = load_file(str(weights))
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"].clone()
+    save_file(state, str(weights))
+    model = build(f"model.encoder.text_encoder.pretrained={tmp_path / 'bert'}", "model.encoder.t_biattention_id=[0,1]")
+    states = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().objectives["mlm"].logits(states), bert.cls(states))
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"] + 1.0
+    save_file(state, str(weights))
+    with pytest.raises(Exception) as err:
+        build(f"model.encoder.text_encoder.pretrained={tmp_path / 'bert'}", "model.encoder.t_biattention_id=[0,1]")
+    cause = err.value.__cause__ or err.value
+    assert isinstance(cause, ConfigError) and "cls.predictions.decoder.bias" in str(cause), cause
+
+
 def test_mlm_on_mismatched_pairs_is_kept_by_default_as_upstream() -> None:
     """ViLBERT keeps the MLM loss on mismatched pairs; `on_mismatched_pairs=false` drops those rows (computed by hand)."""
     batch = make_batch(batch_size=4)

@@ -135,10 +135,17 @@ def load_bert_mlm_head(model: nn.Module, pretrained: str) -> dict[str, torch.Ten
         from safetensors import safe_open
 
         with safe_open(str(weights), framework="pt") as f:
-            head = {BERT_MLM_HEAD_KEYS[k]: f.get_tensor(k) for k in f.keys() if k in BERT_MLM_HEAD_KEYS}
+            found = {k: f.get_tensor(k) for k in f.keys() if k in BERT_MLM_HEAD_KEYS}
     else:
         state = read_state_dict(weights, key="text_encoder.pretrained")
-        head = {BERT_MLM_HEAD_KEYS[k]: v for k, v in state.items() if k in BERT_MLM_HEAD_KEYS}
+        found = {k: v for k, v in state.items() if k in BERT_MLM_HEAD_KEYS}
+    head: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    for key, value in found.items():  # `cls.predictions.bias` and `.decoder.bias`: one tied tensor, often saved twice
+        target = BERT_MLM_HEAD_KEYS[key]
+        if target in head and not torch.equal(head[target], value):
+            raise ConfigError(f"{weights}: '{source[target]}' and '{key}' differ; both are the MLM head's {target}")
+        head[target], source[target] = value, key
     if not head:
         log.info("MLM head: %s has no cls.predictions.* weights; the head stays randomly initialised", weights)
         return {}

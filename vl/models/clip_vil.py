@@ -295,6 +295,13 @@ def copy_answer_rows(
 class ClipVilSystem(VLSystem):
     """The shared system with CLIP-ViL's two optimisers and the QA -> VQA head initialisation (module docstring)."""
 
+    SYSTEM_NAME = "CLIP-ViL"
+    UNREAD_OPTIONS = {
+        "scheduler": "its schedules are model.warmup_ratio, model.decay_epochs, model.visual_optimizer.schedule",
+        "head_lr": "the heads train at model.optimizer.lr",
+        "pretrained_lr_mult": "pretrained and new weights share one lr",
+    }
+
     def __init__(
         self,
         *,
@@ -320,9 +327,8 @@ class ClipVilSystem(VLSystem):
 
     def check_optimizer_options(self) -> None:
         """The shared system's optimiser options CLIP-ViL's two optimisers do not use fail here, naming the option:
-        `model.optimizer._target_` other than AdamW, `fused: true`, keys AdamW here does not read, `model.scheduler`
-        (the schedules are `warmup_ratio` / `decay_epochs` / `visual_optimizer.schedule`), `model.head_lr`,
-        `model.pretrained_lr_mult` other than 1, unknown `model.visual_optimizer` keys."""
+        `model.optimizer._target_` other than AdamW, `fused: true`, keys AdamW here does not read, unknown
+        `model.visual_optimizer` keys (`model.scheduler` / `head_lr` / `pretrained_lr_mult`: `UNREAD_OPTIONS`)."""
         cfg = dict(self.optimizer_cfg)
         target = cfg.get("_target_", "torch.optim.AdamW")
         if target not in ("torch.optim.AdamW", "torch.optim.adamw.AdamW"):
@@ -335,17 +341,6 @@ class ClipVilSystem(VLSystem):
         if unused:
             raise ConfigError(
                 f"model.optimizer.{unused[0]}: has no effect on CLIP-ViL (reads lr, eps, weight_decay, betas)"
-            )
-        if self.scheduler_cfg:
-            raise ConfigError(
-                "model.scheduler: has no effect on CLIP-ViL (its schedules are model.warmup_ratio, model.decay_epochs, "
-                "model.visual_optimizer.schedule)"
-            )
-        if self.head_lr is not None:
-            raise ConfigError("model.head_lr: has no effect on CLIP-ViL (the heads train at model.optimizer.lr)")
-        if float(self.pretrained_lr_mult) != 1.0:
-            raise ConfigError(
-                "model.pretrained_lr_mult: has no effect on CLIP-ViL (pretrained and new weights share one lr)"
             )
         unknown = sorted(set(self.visual_optimizer_cfg) - {"lr", "momentum", "weight_decay", "schedule"})
         if unknown:

@@ -73,6 +73,12 @@ def build_optimizer(cfg: dict[str, Any], param_groups: list[dict[str, Any]]) -> 
 class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
     """Sums weighted objective losses, updates per-stage torchmetrics, logs `stage/name`."""
 
+    #: the shared optimiser options (`scheduler`, `head_lr`, `pretrained_lr_mult`) a subclass's own optimisers do not
+    #: read, each with what the subclass uses instead: set to anything but its default, one is a ConfigError naming
+    #: it (`model.head_lr=1.0 has no effect on <SYSTEM_NAME> (...); remove it`), raised before the encoder is built
+    UNREAD_OPTIONS: dict[str, str] = {}
+    SYSTEM_NAME = "this system"
+
     def __init__(
         self,
         *,
@@ -110,6 +116,7 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         self.pretrained_lr_mult = pretrained_lr_mult
         self.head_options = dict(heads or {})
         self.head_lr = head_lr
+        self._refuse_unread_options()
         self.predictions: list[dict[str, Any]] = []
         # what makes a checkpoint self-contained (set by the pipeline before fitting; written by on_save_checkpoint)
         self.run_record: dict[str, Any] | None = None
@@ -155,6 +162,19 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
             self.load_init_checkpoint(self.init_from)
 
     # ------------------------------------------------------------------ forward
+
+    def _refuse_unread_options(self) -> None:
+        """`UNREAD_OPTIONS` set away from their defaults fail, naming the option and what is read instead."""
+        values = {
+            "scheduler": self.scheduler_cfg or None,
+            "head_lr": self.head_lr,
+            "pretrained_lr_mult": None if float(self.pretrained_lr_mult) == 1.0 else self.pretrained_lr_mult,
+        }
+        for name, instead in self.UNREAD_OPTIONS.items():
+            if values[name] is not None:
+                raise ConfigError(
+                    f"model.{name}={values[name]!r} has no effect on {self.SYSTEM_NAME} ({instead}); remove it"
+                )
     def forward(self, batch: dict[str, Any]) -> EncoderOutput:
         return self.encoder(batch)
 

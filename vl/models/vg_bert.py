@@ -355,6 +355,10 @@ class VGBertSystem(VLSystem):
 
     RETRIEVAL_HEADS = ("vg_contrastive", "vg_transfer")
 
+    SYSTEM_NAME = "VG-BERT"
+    _ONE_LR = "one lr for every trainable parameter, the seed's step decay model.lr_decay_epochs / model.lr_ratio"
+    UNREAD_OPTIONS = {"scheduler": _ONE_LR, "head_lr": _ONE_LR, "pretrained_lr_mult": _ONE_LR}
+
     #: objectives whose loss couples the examples of a batch (softmax over the batch's negatives)
     BATCH_LEVEL_OBJECTIVES = ("vg_contrastive", "vg_transfer", "vg_relational")
 
@@ -373,13 +377,6 @@ class VGBertSystem(VLSystem):
         (data.batch_size_per_device x devices < data.batch_size), under which each contrastive softmax (stage 2,
         the stage-3 pair term, transfer) sees the negatives of one micro-batch only (a deliberate difference: the
         published losses are over the whole batch; default false refuses it at fit time)."""
-        for name, default in (("scheduler", None), ("head_lr", None), ("pretrained_lr_mult", 1.0)):
-            value = kwargs.get(name, default)
-            if value != default and not (name == "scheduler" and not value):
-                raise ConfigError(
-                    f"model.{name}={value!r} has no effect on VG-BERT (one lr for every trainable parameter, the "
-                    "seed's step decay model.lr_decay_epochs / model.lr_ratio); remove it"
-                )
         self.lr_decay_epochs, self.lr_ratio = int(lr_decay_epochs), float(lr_ratio)
         self.micro_batch_negatives = bool(micro_batch_negatives)
         super().__init__(**kwargs)

@@ -105,3 +105,48 @@ def test_tiny_cpu_pretraining_keeps_adamw_as_measured() -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("train", overrides=["experiment=vilbert_pretrain_tiny"])
     assert cfg.model.optimizer._target_ == "torch.optim.AdamW" and cfg.model.optimizer.eps == 1e-8
+
+
+def seed_warmup_linear(x: float, warmup: float) -> float:
+    """pytorch-pretrained-bert 0.6.2 `warmup_linear` (ViLBERT's `train_concap.py`)."""
+    return x / warmup if x < warmup else max((x - 1.0) / (warmup - 1.0), 0.0)
+
+
+def seed_warmup_constant(x: float, warmup: float) -> float:
+    """pytorch-pretrained-bert 0.6.2 `warmup_constant` (ViLBERT's `train_tasks.py`)."""
+    return x / warmup if x < warmup else 1.0
+
+
+@pytest.mark.parametrize(
+    "experiment", ["vilbert_pretrain", "vilbert_vqa", "vilbert_vcr", "vilbert_retrieval", "vilbert_refcoco"]
+)
+def test_vilbert_recipes_warm_up_as_the_seeds_bert_adam(experiment: str) -> None:
+    """The seed's `BertAdam.step` scales lr by `schedule(state['step'] / t_total, warmup)` and increments
+    `state['step']` afterwards, so update s (0-based) uses s / t_total: the first update is at lr 0; fine-tuning
+    multiplies that by its epoch LambdaLR (x0.1 from each of epochs 12 and 16). t_total 237 (warmup 23.7 steps: the
+    seed does not round it)."""
+    from hydra.utils import instantiate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    total, per_epoch = 237, 12
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    kwargs = {"total_steps": total}
+    if "decay_epochs" in cfg.model.scheduler:
+        kwargs["steps_per_epoch"] = per_epoch
+    schedule = instantiate(cfg.model.scheduler)(optimizer, **kwargs)
+    got = []
+    for _ in range(total):
+        got.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    if experiment == "vilbert_pretrain":
+        want = [seed_warmup_linear(s / total, 0.1) for s in range(total)]
+    else:
+        want = [
+            seed_warmup_constant(s / total, 0.1) * 0.1 ** sum(s // per_epoch >= m for m in (12, 16))
+            for s in range(total)
+        ]
+    assert want[0] == 0.0
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64))

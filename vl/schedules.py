@@ -9,6 +9,21 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
+def _warmup_length(total_steps: int, warmup_ratio: float, warmup_steps: int | None, bert_adam: bool) -> float:
+    """Steps of warmup: `warmup_steps`, else `warmup_ratio x total_steps` (rounded down to at least 1; kept as is
+    under `bert_adam`: the seed compares `step / t_total` with the ratio)."""
+    if warmup_steps is not None:
+        return max(1, int(warmup_steps))
+    return max(1e-12, warmup_ratio * total_steps) if bert_adam else max(1, int(warmup_ratio * total_steps))
+
+
+def _warmup_factor(step: int, warmup: float, bert_adam: bool) -> float:
+    """vl's warmup gives step s (0-based) (s + 1) / W, so the first update is at lr / W (VL-BERT's `triangle`);
+    pytorch-pretrained-bert's `BertAdam` (ViLBERT's seeds) reads its step counter before incrementing it: s / W,
+    the first update at lr 0."""
+    return (step if bert_adam else step + 1) / warmup
+
+
 def linear_warmup_decay(
     optimizer: Optimizer,
     *,
@@ -16,24 +31,30 @@ def linear_warmup_decay(
     warmup_ratio: float = 0.1,
     final_ratio: float = 0.0,
     warmup_steps: int | None = None,
+    bert_adam: bool = False,
 ) -> LambdaLR:
     """Linear warmup over `warmup_ratio * total_steps` (or `warmup_steps`), then linear decay to `final_ratio` of the
-    peak at `total_steps`. With `final_ratio=0` this is also VL-BERT's `triangle` schedule (MM-BERT)."""
-    warmup = max(1, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
+    peak at `total_steps`. With `final_ratio=0` this is also VL-BERT's `triangle` schedule (MM-BERT).
+    `bert_adam`: pytorch-pretrained-bert `BertAdam`'s `warmup_linear` as ViLBERT's seeds step it (step s gets
+    s / W during warmup, the first update at lr 0, W = warmup_ratio x total_steps unrounded; the same decay);
+    default false: (s + 1) / W."""
+    warmup = _warmup_length(total_steps, warmup_ratio, warmup_steps, bert_adam)
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return _warmup_factor(step, warmup, bert_adam)
         progress = (step - warmup) / max(1, total_steps - warmup)
         return max(final_ratio, 1.0 - (1.0 - final_ratio) * progress)
 
     return LambdaLR(optimizer, factor)
 
 
-def linear_warmup_constant(optimizer: Optimizer, *, total_steps: int, warmup_ratio: float = 0.1) -> LambdaLR:
-    """Linear warmup, then constant."""
-    warmup = max(1, int(warmup_ratio * total_steps))
-    return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+def linear_warmup_constant(
+    optimizer: Optimizer, *, total_steps: int, warmup_ratio: float = 0.1, bert_adam: bool = False
+) -> LambdaLR:
+    """Linear warmup, then constant (`bert_adam`: as `linear_warmup_decay`'s, BertAdam's `warmup_constant`)."""
+    warmup = _warmup_length(total_steps, warmup_ratio, None, bert_adam)
+    return LambdaLR(optimizer, lambda step: min(1.0, _warmup_factor(step, warmup, bert_adam)))
 
 
 def warmup_constant_step_decay(
@@ -45,17 +66,19 @@ def warmup_constant_step_decay(
     decay_epochs: Sequence[int] = (12, 16),
     gamma: float = 0.1,
     warmup_steps: int | None = None,
+    bert_adam: bool = False,
 ) -> LambdaLR:
     """ViLBERT fine-tuning: linear warmup over `warmup_ratio * total_steps` then constant (BertAdam
     `warmup_constant`), times `gamma` from each epoch in `decay_epochs` on (LambdaLR x0.1 at epochs 12 and 16).
     `warmup_steps`: the warmup length in steps instead of the ratio (None: the ratio; as `linear_warmup_decay`, so a
-    model file's `warmup_steps: null` composes with this schedule, e.g. under `experiment=compare`)."""
-    warmup = max(1, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
+    model file's `warmup_steps: null` composes with this schedule, e.g. under `experiment=compare`). `bert_adam`:
+    the seed's warmup counting (s / W, first update at lr 0; see `linear_warmup_decay`)."""
+    warmup = _warmup_length(total_steps, warmup_ratio, warmup_steps, bert_adam)
     milestones = sorted(int(e) for e in decay_epochs)
 
     def factor(step: int) -> float:
         epoch = step // max(1, steps_per_epoch)
-        return min(1.0, (step + 1) / warmup) * gamma ** sum(epoch >= m for m in milestones)
+        return min(1.0, _warmup_factor(step, warmup, bert_adam)) * gamma ** sum(epoch >= m for m in milestones)
 
     return LambdaLR(optimizer, factor)
 

@@ -395,10 +395,97 @@ def _tokenizer(tmp_path: Path):
     return BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=False)
 
 
+def kept_by_closed_form(n_text: int, n_boxes: int, seq_len: int) -> tuple[int, int]:
+    """The seed's one-at-a-time truncation (VL-BERT datasets' `seq_len`), in closed form: boxes go while they outnumber
+    the tokens, tokens while they do not; once level the two alternate (tokens first if level, boxes first if the
+    tokens were cut to one below the boxes); then at least 2 tokens and 1 box."""
+    excess = n_text + n_boxes - seq_len
+    if excess <= 0:
+        return n_text, n_boxes
+    t, b = n_text, n_boxes
+    if b > t:
+        cut = min(excess, b - t)
+        b, excess = b - cut, excess - cut
+        t, b = t - (excess + 1) // 2, b - excess // 2
+    else:
+        cut = min(excess, t - b + 1)
+        t, excess = t - cut, excess - cut
+        t, b = t - excess // 2, b - (excess + 1) // 2
+    return max(t, 2), max(b, 1)
+
+
+def test_joint_truncation_is_the_seeds_on_random_rows() -> None:
+    """`Multi30kCollator.pair_batch` (data.seq_len) against the closed form above on 400 random rows: each row keeps
+    its first kept-1 tokens and its last ([SEP]), labels alike, its first kept-1 regions (MVRC keys cleared beyond),
+    and the whole-image mean mask is every real unreplaced region before truncation; rows without an image and rows
+    within the limit are untouched."""
+    from vl.data.multi30k_collate import Multi30kCollator, seed_truncation
+
+    rng = np.random.default_rng(0)
+    for t, b, L in rng.integers(1, 120, (2000, 3)):
+        assert seed_truncation(int(t), int(b), int(L) + 3) == kept_by_closed_form(int(t), int(b), int(L) + 3)
+    collator = Multi30kCollator(SimpleNamespace(pad_token_id=0), seq_len=64)
+    g = torch.Generator().manual_seed(0)
+    B, T, R = 400, 70, 100
+    n_text = torch.randint(3, T + 1, (B,), generator=g)
+    n_reg = torch.randint(0, R + 1, (B,), generator=g)
+    tmask = (torch.arange(T) < n_text[:, None]).long()
+    vmask = (torch.arange(R) < n_reg[:, None]).long()
+    batch = {
+        "input_ids": torch.randint(5, V, (B, T), generator=g) * tmask,
+        "attention_mask": tmask,
+        "token_type_ids": torch.zeros(B, T, dtype=torch.long),
+        "mlm_labels": torch.where(torch.rand(B, T, generator=g) < 0.3, torch.randint(5, V, (B, T), generator=g), -100)
+        * tmask
+        + (tmask - 1) * 100,
+        "visual_mask": vmask,
+        "region_mask_labels": (torch.rand(B, R, generator=g) < 0.15) & vmask.bool(),
+        "has_image": torch.rand(B, generator=g) < 0.9,
+    }
+    batch["mvrc_replace"] = batch["region_mask_labels"] & (torch.rand(B, R, generator=g) < 0.9)
+    before = {k: v.clone() for k, v in batch.items()}
+    collator.pair_batch(batch)
+    truncated = 0
+    for i in range(B):
+        t, r = int(n_text[i]), int(n_reg[i])
+        keys = ("input_ids", "mlm_labels", "attention_mask")
+        if not before["has_image"][i]:
+            assert all(torch.equal(batch[k][i], before[k][i]) for k in (*keys, "visual_mask")), i
+            continue
+        kt, kb = kept_by_closed_form(t, 1 + r, 64)
+        truncated += (kt, kb) != (t, 1 + r)
+        for k in ("input_ids", "mlm_labels"):
+            row = before[k][i, :t].tolist()
+            assert batch[k][i, :kt].tolist() == row[: kt - 1] + row[-1:], (i, k)
+        assert batch["attention_mask"][i].tolist() == [1] * kt + [0] * (T - kt)
+        assert batch["visual_mask"][i].tolist() == [1] * (kb - 1) + [0] * (R - kb + 1)
+        for k in ("region_mask_labels", "mvrc_replace"):
+            assert batch[k][i].tolist() == before[k][i, : kb - 1].tolist() + [False] * (R - kb + 1)
+        want_mean = before["visual_mask"][i].bool() & ~before["mvrc_replace"][i]
+        assert torch.equal(batch["image_mean_mask"][i], want_mean)
+    assert 50 < truncated < B  # both kinds of rows occur
+
+
+def test_whole_image_box_averages_the_regions_before_truncation() -> None:
+    """With `image_mean_mask` (set by the joint truncation) the image box's feature is the mean over that mask (the
+    seed averages before truncating), the truncated regions themselves not in the sequence."""
+    enc, batch = make_encoder(), make_batch()
+    batch["image_mean_mask"] = batch["visual_mask"].bool() & ~batch["mvrc_replace"]
+    batch["visual_mask"] = batch["visual_mask"].clone()
+    batch["visual_mask"][0, 2:] = 0  # row 0 truncated to 2 regions
+    feats, _, valid, _ = enc.region_inputs(batch)
+    f, keep = batch["visual_feats"].numpy(), batch["image_mean_mask"].numpy()
+    np.testing.assert_allclose(feats[0, 0].detach().numpy(), f[0][keep[0]].mean(0), atol=1e-6)  # regions 0, 2, 4
+    assert valid[0].tolist() == [True, True, True, False, False, False]
+
+
 @torch.no_grad()
-def test_gallery_scores_a_pair_as_a_hand_built_training_batch(tmp_path) -> None:
+@pytest.mark.parametrize("seq_len", [None, 9])
+def test_gallery_scores_a_pair_as_a_hand_built_training_batch(tmp_path, seq_len) -> None:
     """The retrieval gallery's pair score equals the score of the pair's batch built by hand as training builds it:
-    the whole-image box is [0, 0, w-1, h-1] / (w, h) (`visual_image_size`), not [0, 0, 1, 1]."""
+    the whole-image box is [0, 0, w-1, h-1] / (w, h) (`visual_image_size`), not [0, 0, 1, 1]. With `seq_len` 9 each
+    caption x image pair is truncated jointly as the seed's dataset does (text 8 / 6 tokens, images 5 / 3 regions + the
+    image box), the image box still the mean of every region."""
     from vl.data.multi30k_collate import Multi30kCollator
     from vl.models.ranking import gallery_scorer
 
@@ -421,7 +508,7 @@ def test_gallery_scores_a_pair_as_a_hand_built_training_batch(tmp_path) -> None:
         feats = rng.standard_normal((n, D)).astype(np.float32)
         visuals.append({"features": feats, "boxes_norm": box, "cls_prob": None, "image_w": w, "image_h": h})
     texts = ["a man runs on the grass", "a dog with red ball"]
-    collator = Multi30kCollator(tok, max_text_len=16, max_regions=R, fixed_shapes=True)
+    collator = Multi30kCollator(tok, max_text_len=16, max_regions=R, fixed_shapes=True, seq_len=seq_len)
     gallery = gallery_scorer(model, collator, texts, visuals, batch_size=3)([0, 1], [0, 1])
 
     def by_hand(text: str, visual: dict, with_size: bool = True) -> dict:
@@ -433,6 +520,11 @@ def test_gallery_scores_a_pair_as_a_hand_built_training_batch(tmp_path) -> None:
             torch.tensor(visual["boxes_norm"]),
             1,
         )
+        mean_mask = mask.bool().clone()
+        if seq_len is not None:
+            kt, kb = kept_by_closed_form(len(ids), 1 + n, seq_len)
+            ids = ids[: kt - 1] + ids[-1:]
+            mask[0, kb - 1 :] = 0
         batch = {
             "input_ids": torch.tensor([ids]),
             "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
@@ -440,6 +532,7 @@ def test_gallery_scores_a_pair_as_a_hand_built_training_batch(tmp_path) -> None:
             "visual_boxes": boxes,
             "visual_mask": mask,
             "has_image": torch.tensor([True]),
+            "image_mean_mask": mean_mask,
         }
         if with_size:
             batch["visual_image_size"] = torch.tensor([[float(visual["image_w"]), float(visual["image_h"])]])

@@ -20,7 +20,9 @@ Tasks (``task``):
 Batches: ``vl.data.multi30k_collate.Multi30kCollator`` (tokenisation of every task, whole-word MLM, MVRC).
 
 Regions: the per-image FRCNN JSON named by each record's ``frcnn`` field (``.zip@`` stripped), read through
-``FrcnnJsonRegionReader`` (listed once, lazy handles), sorted by max class confidence, at most ``max_regions`` kept.
+``FrcnnJsonRegionReader`` (listed once, lazy handles), sorted by max class confidence, at most ``max_regions`` kept;
+then text and boxes of a row share ``seq_len`` (64) positions as in the seed (``seed_truncation``: the longer of the two
+loses one at a time), so a caption pair of ~30 tokens meets ~30 boxes, not 100.
 """
 
 from __future__ import annotations
@@ -144,7 +146,10 @@ class LazyVisuals(Sequence):
 class Multi30kDataModule(VLDataModule):
     """See the module docstring (``pretrain_tasks``: a subset of A, B, C; None = all three). Files relative to ``root`` (the ``flickr30k/`` dir): ``annotations``
     (``{split}_frcnn.json``), ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root).
-    ``mlt_outputs``: the MLT head's size (the seed's ``MLT_words`` 1536; None = the MLT vocabulary's size)."""
+    ``mlt_outputs``: the MLT head's size (the seed's ``MLT_words`` 1536; None = the MLT vocabulary's size).
+    ``seq_len``: VL-BERT's joint limit on a row's text tokens + boxes (whole-image box included; 64 as the seed's
+    datasets; None: none), applied per row after masking and per caption x image pair in the retrieval gallery
+    (``Multi30kCollator.pair_batch``)."""
 
     label_keys = {
         "itm_label": ("itm_labels", "long"),
@@ -177,6 +182,7 @@ class Multi30kDataModule(VLDataModule):
         tokenizer: str = "corpus",
         max_text_len: int = 64,
         max_regions: int = 100,
+        seq_len: int | None = 64,
         splits: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -196,6 +202,9 @@ class Multi30kDataModule(VLDataModule):
         if unknown:
             raise ConfigError(f"data.pretrain_tasks: unknown task(s) {unknown}; choose from A, B, C")
         self.task, self.pretrain_tasks = task, list(pretrain_tasks)
+        if seq_len is not None and int(seq_len) < 3:
+            raise ConfigError(f"data.seq_len: {seq_len} leaves no room for [CLS] ... [SEP] and the image box")
+        self.seq_len = None if seq_len is None else int(seq_len)
         self.languages, self.eval_language = languages, eval_language
         self.negative_fraction = float(negative_fraction)
         self.exhaustive_test = exhaustive_test
@@ -541,6 +550,7 @@ class Multi30kDataModule(VLDataModule):
             mlm_probability=self.mlm_probability,
             mvrc="mvrc" in self.objectives and self.task != "mt",
             labels=self.label_keys,
+            seq_len=self.seq_len,
         )
 
     def scoring_collator(self) -> Multi30kCollator:
@@ -550,4 +560,5 @@ class Multi30kDataModule(VLDataModule):
             max_regions=self.max_regions,
             fixed_shapes=True,
             labels=self.label_keys,
+            seq_len=self.seq_len,
         )

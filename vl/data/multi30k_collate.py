@@ -15,7 +15,23 @@ from vl.data.collate import collate_labels, pad_regions
 from vl.data.samplers import global_seed
 from vl.errors import DataError
 
-__all__ = ["Multi30kCollator", "whole_word_mask"]
+__all__ = ["Multi30kCollator", "seed_truncation", "whole_word_mask"]
+
+
+def seed_truncation(n_text: int, n_boxes: int, seq_len: int) -> tuple[int, int]:
+    """VL-BERT's datasets (MM-BERT's `seq_len`, default 64): (text tokens kept, boxes kept) of a row whose text has
+    `n_text` tokens and whose image `n_boxes` boxes (the whole-image box included). While the two exceed `seq_len`,
+    drop a box when there are more boxes than tokens, else a token; then at least 2 tokens and 1 box stay. The kept
+    text is its first `kept - 1` tokens and its last ([SEP]); the kept boxes are the first ones."""
+    if n_text + n_boxes <= seq_len:
+        return n_text, n_boxes
+    text, boxes = n_text, n_boxes
+    while text + boxes > seq_len and text > 0 and boxes > 0:
+        if boxes > text:
+            boxes -= 1
+        else:
+            text -= 1
+    return max(text, 2), max(boxes, 1)
 
 
 def whole_word_mask(
@@ -53,7 +69,9 @@ class Multi30kCollator:
     """Examples -> MM-BERT batch: per-row tokenisation (``text`` [+ ``text_b``]: ``[CLS] EN [SEP] DE [SEP]``; all token
     types 0), whole-word MLM, regions padded (``has_image``, ``visual_image_size``), MVRC choices (15 % of the real
     regions; 90 % of them ``mvrc_replace``d), declared labels. Randomness from (epoch, indices), never the global RNG.
-    ``add_special_tokens`` False: the aux text corpus (no [CLS] / [SEP])."""
+    ``add_special_tokens`` False: the aux text corpus (no [CLS] / [SEP]). ``seq_len``: text and boxes of a row with an
+    image truncated jointly as VL-BERT's datasets do (`seed_truncation`; after MLM and MVRC are drawn, the whole-image
+    box's mean still over every region: ``image_mean_mask``); None: no joint limit."""
 
     def __init__(
         self,
@@ -69,8 +87,10 @@ class Multi30kCollator:
         fixed_shapes: bool = False,
         labels: dict[str, tuple[str, str]] | None = None,
         add_special_tokens: bool = True,
+        seq_len: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.seq_len = None if seq_len is None else int(seq_len)
         self.max_text_len, self.max_regions = max_text_len, max_regions
         self.mlm, self.mlm_probability = mlm, mlm_probability
         self.mvrc, self.mvrc_probability, self.mvrc_replace_fraction = mvrc, mvrc_probability, mvrc_replace_fraction
@@ -161,7 +181,41 @@ class Multi30kCollator:
                 chosen = torch.from_numpy(rng.random(valid.shape) < self.mvrc_probability) & valid
                 replace = torch.from_numpy(rng.random(valid.shape) < self.mvrc_replace_fraction) & chosen
                 batch["region_mask_labels"], batch["mvrc_replace"] = chosen, replace
+            self.pair_batch(batch)
         collate_labels(examples, self.labels, batch)
+        return batch
+
+    def pair_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Apply ``seq_len`` (`seed_truncation`) in place to a batch of text rows paired with images: each row with an
+        image keeps its first text tokens and its last, and its first regions (``visual_mask`` / MVRC keys beyond
+        them cleared); ``image_mean_mask`` records the regions the whole-image box averages before that (every real
+        region not replaced for MVRC, as the seed computes it before truncating). Also called on the retrieval
+        gallery's pair batches (`vl.models.ranking.gallery_scorer`), where a caption meets each image."""
+        if self.seq_len is None or "visual_mask" not in batch:
+            return batch
+        valid = batch["visual_mask"].bool()
+        if "image_mean_mask" not in batch:
+            replace = batch.get("mvrc_replace")
+            batch["image_mean_mask"] = valid if replace is None else valid & ~replace.bool()
+        has_image = batch.get("has_image")
+        n_text = batch["attention_mask"].sum(1).tolist()
+        n_regions = valid.sum(1).tolist()
+        fill = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+        fill["mlm_labels"] = IGNORE_INDEX
+        for i, (t, r) in enumerate(zip(n_text, n_regions)):
+            if has_image is not None and not bool(has_image[i]):
+                continue
+            keep_text, keep_boxes = seed_truncation(t, 1 + r, self.seq_len)
+            if keep_text < t:
+                for key, pad in fill.items():
+                    if key in batch:
+                        row = batch[key][i]
+                        row[keep_text - 1] = row[t - 1].clone()
+                        row[keep_text:t] = pad
+            if keep_boxes - 1 < r:
+                for key in ("visual_mask", "region_mask_labels", "mvrc_replace"):
+                    if key in batch:
+                        batch[key][i, keep_boxes - 1 :] = 0
         return batch
 
     def visual_batch(self, visuals: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -162,7 +162,9 @@ class MMBertEncoder(nn.Module):
         valid = batch["visual_mask"].bool() & has_image[:, None]
         replace = batch.get("mvrc_replace")
         replace = torch.zeros_like(valid) if replace is None else replace.bool() & valid
-        kept = (valid & ~replace).unsqueeze(-1).to(feats.dtype)
+        mean_mask = batch.get("image_mean_mask")  # set by the collator's joint truncation (before it)
+        kept = (valid & ~replace) if mean_mask is None else (mean_mask.bool() & has_image[:, None])
+        kept = kept.unsqueeze(-1).to(feats.dtype)
         image_feat = (feats * kept).sum(1) / kept.sum(1).clamp(min=1.0)  # mean of the unmasked regions
         feats = torch.where(replace.unsqueeze(-1), self.object_mask_visual_embedding.weight[0].to(feats.dtype), feats)
         feats = torch.cat([image_feat.unsqueeze(1), feats], dim=1)

@@ -108,6 +108,8 @@ def gallery_scorer(model: Any, collator: Collator, texts: list[str], visuals: An
             t, i = t_rows[start : start + batch_size], i_rows[start : start + batch_size]
             batch = {n: v[t] for n, v in text.items()} | {n: v[i] for n, v in image.items()}
             batch["index"] = torch.zeros(len(t), dtype=torch.long)
+            if hasattr(collator, "pair_batch"):  # a limit on a pair's joint length (MM-BERT's seq_len)
+                batch = collator.pair_batch(batch)
             batch = {n: v.to(model.device) for n, v in batch.items()}
             out[start : start + len(t)] = head(model(batch).pooled).float().cpu()
         return out

@@ -175,6 +175,7 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
                 raise ConfigError(
                     f"model.{name}={values[name]!r} has no effect on {self.SYSTEM_NAME} ({instead}); remove it"
                 )
+
     def forward(self, batch: dict[str, Any]) -> EncoderOutput:
         return self.encoder(batch)
 

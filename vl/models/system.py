@@ -161,8 +161,6 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         if self.init_from:
             self.load_init_checkpoint(self.init_from)
 
-    # ------------------------------------------------------------------ forward
-
     def _refuse_unread_options(self) -> None:
         """`UNREAD_OPTIONS` set away from their defaults fail, naming the option and what is read instead."""
         values = {
@@ -175,6 +173,8 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
                 raise ConfigError(
                     f"model.{name}={values[name]!r} has no effect on {self.SYSTEM_NAME} ({instead}); remove it"
                 )
+
+    # ------------------------------------------------------------------ forward
 
     def forward(self, batch: dict[str, Any]) -> EncoderOutput:
         return self.encoder(batch)

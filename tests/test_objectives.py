@@ -264,3 +264,99 @@ def test_a_second_head_with_a_taken_name_is_refused() -> None:
             name = "vqa"
 
     assert HEADS["vqa"] is before
+
+
+def _every_head(hidden: int = 48):
+    """Every registered head built at `hidden` with a small context (the ViLBERT VQA head both ways)."""
+    from torch import nn
+
+    from vl.heads import HEADS, HeadContext
+
+    info = {"num_answers": 40, "num_region_classes": 30, "visual_dim": 24, "num_object_classes": 20,
+            "num_relations": 5, "mlt_outputs": 50, "num_mlt_words": 50}  # fmt: skip
+    ctx = HeadContext(hidden, hidden, hidden, word_embeddings=nn.Embedding(100, hidden), data_info=info)
+    heads = {}
+    for name, cls in sorted(HEADS.items()):
+        try:
+            heads[name] = cls.build(ctx)
+        except Exception:  # noqa: BLE001 - a head whose context this small test does not give (listed below)
+            continue
+    heads["vqa_simple"] = HEADS["vqa"].build(ctx, classifier="simple")
+    return ctx, heads
+
+
+def test_heads_are_initialised_as_the_seeds_bert_init() -> None:
+    """`Objective.bert_init` (VLSystem's default `head_init_std` 0.02) against what the seeds' `init_bert_weights` /
+    HF `_init_weights` leave in a head: each Linear weight drawn N(0, 0.02) (sample mean and std within 5 standard
+    errors), biases 0, LayerNorms 1 / 0; a weight-normed Linear (ViLBERT's SimpleClassifier) keeps g and v (the seed's
+    normal draw lands on a recomputed attribute) with its bias zeroed; the tied word embeddings are not touched."""
+    from torch import nn
+
+    from vl.heads.vqa import WeightNormLinear
+
+    torch.manual_seed(0)
+    ctx, heads = _every_head()
+    assert {"itm", "mlm", "vqa", "vqa_simple", "mrc", "mvrc", "itm_bce"} <= set(heads), sorted(heads)
+    embeddings = ctx.word_embeddings.weight.detach().clone()
+    for name, head in heads.items():
+        norms = [m for m in head.modules() if isinstance(m, WeightNormLinear)]
+        kept = [[p.detach().clone() for p in m.parametrizations.parameters()] for m in norms]
+        head.bert_init(0.02)
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        for m in linears:
+            w = m.weight.detach().double().flatten()
+            n = w.numel()
+            assert abs(w.std().item() / 0.02 - 1) < 5 * (2 * n) ** -0.5 + 1e-3, name
+            assert abs(w.mean().item()) < 5 * 0.02 / n**0.5, name
+            assert m.bias is None or not m.bias.any(), name
+        for m in head.modules():
+            if isinstance(m, nn.LayerNorm):
+                assert bool((m.weight == 1).all()) and not m.bias.any(), name
+        for m, params in zip(norms, kept):
+            assert not m.bias.any(), name
+            assert all(torch.equal(a, b) for a, b in zip(m.parametrizations.parameters(), params)), name
+        assert (len(norms) == 2) == (name == "vqa_simple"), name
+    torch.testing.assert_close(ctx.word_embeddings.weight, embeddings, rtol=0, atol=0)
+
+
+def test_head_init_options_and_each_systems_seed_default() -> None:
+    """`model.head_init`: "seed" (default) is BERT's N(0, 0.02) for every system but VG-BERT, whose seed heads keep
+    PyTorch's init; "torch" leaves each layer's PyTorch init (non-zero biases); anything else is a ConfigError."""
+    import inspect
+
+    from vl.errors import ConfigError
+    from vl.models.system import VLSystem
+    from vl.models.vg_bert import VGBertSystem
+
+    assert inspect.signature(VLSystem.__init__).parameters["head_init"].default == "seed"
+    assert VLSystem.SEED_HEAD_INIT == "bert" and VGBertSystem.SEED_HEAD_INIT == "torch"
+    torch.manual_seed(0)
+    _, heads = _every_head()
+    assert heads["itm"].classifier.bias.abs().sum() > 0  # nn.Linear's default init, untouched until bert_init
+
+    def system(head_init: str) -> VLSystem:
+        torch.manual_seed(0)
+        return VLSystem(
+            encoder=_TinyEncoder(),
+            objectives=["itm"],
+            data_info={},
+            optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+            head_init=head_init,
+        )
+
+    assert not system("seed").objectives["itm"].classifier.bias.any()
+    assert not system("bert").objectives["itm"].classifier.bias.any()
+    assert system("torch").objectives["itm"].classifier.bias.abs().sum() > 0
+    with pytest.raises(ConfigError, match="model.head_init: 'xavier'"):
+        system("xavier")
+
+
+class _TinyEncoder(torch.nn.Module):
+    """The least an encoder offers the shared system (sizes, word embeddings, what it sees)."""
+
+    pooled_size = text_size = visual_size = 8
+    visual_input = "regions"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.word_embeddings = torch.nn.Embedding(10, 8)

@@ -95,6 +95,23 @@ class Objective(nn.Module):
     def make_metrics(self) -> dict[str, Metric]:
         return {f"{self.name}_acc": Accuracy()}
 
+    def bert_init(self, std: float = 0.02) -> None:
+        """The seeds' initialisation of their heads (BERT's `init_bert_weights`, HF's `_init_weights`, VL-BERT's
+        `init_weights`, applied to the whole model): every `nn.Linear` weight ~ N(0, std) and bias 0, LayerNorm
+        weight 1 and bias 0; a module with its own `bert_init(std)` (a weight-normed Linear) does its part. The tied
+        word embeddings of the MLM head are the encoder's and are not touched (no Embedding is)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "bert_init"):
+                module.bert_init(std)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
     def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
         metrics[f"{self.name}_acc"].update(result.logits.argmax(-1), result.target)
 

@@ -49,6 +49,12 @@ class WeightNormLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def bert_init(self, std: float) -> None:
+        """What the seed's `init_bert_weights` does to a `weight_norm`ed `nn.Linear`: the bias is zeroed; the normal
+        draw lands on the computed `weight` attribute, which the next forward recomputes from g and v, so g and v
+        keep `nn.Linear`'s default init."""
+        nn.init.zeros_(self.bias)
+
 
 def simple_classifier(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.5) -> nn.Sequential:
     """ViLBERT's `SimpleClassifier`: weight-normed Linear -> ReLU -> Dropout -> weight-normed Linear."""

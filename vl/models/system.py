@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+HEAD_INITS = ("seed", "bert", "torch")
+BERT_INITIALIZER_RANGE = 0.02  # BERT's config.initializer_range, the std of the seeds' head init
 
 
 def _plain(cfg: Any) -> Any:
@@ -78,6 +80,8 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
     #: it (`model.head_lr=1.0 has no effect on <SYSTEM_NAME> (...); remove it`), raised before the encoder is built
     UNREAD_OPTIONS: dict[str, str] = {}
     SYSTEM_NAME = "this system"
+    #: the head init of this system's seed, what `head_init: seed` means: "bert" (N(0, 0.02)) or "torch"
+    SEED_HEAD_INIT = "bert"
 
     def __init__(
         self,
@@ -93,12 +97,17 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         pretrained_lr_mult: float = 1.0,
         heads: dict[str, dict[str, Any]] | None = None,
         head_lr: float | None = None,
+        head_init: str = "seed",
         activation_checkpointing: bool = False,
     ) -> None:
         """`encoder`: a built encoder or its config node (`_target_` + arguments; gets `data_info`). `objectives`:
         the data's objective names (one head each; `heads[name]`: that head's options). `optimizer` / `scheduler`:
         `_partial_` configs. `init_from`: an earlier run's checkpoint to start from (non-strict, key report
         logged); a checkpoint of another architecture is refused unless `init_from_any_architecture`. `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads.
+        `head_init`: how the heads start. "bert": Linear weights ~ N(0, 0.02), biases 0, LayerNorms 1 / 0
+        (`Objective.bert_init`: the seeds' `init_bert_weights` / HF `_init_weights` / VL-BERT's `init_weights` over
+        the whole model; 0.02 = BERT's `initializer_range`); "torch": PyTorch's default init of each layer (vl before
+        2026-12-05); "seed" (default): what this system's seed does (`SEED_HEAD_INIT`: "bert", VG-BERT "torch").
         `activation_checkpointing`: recompute the encoder's blocks (`vl.models.blocks`) in the backward pass
         instead of storing their activations (same gradients, less memory, ~1/3 more compute)."""
         super().__init__()
@@ -141,6 +150,11 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
             system=type(self.encoder).__name__,
             head_options=self.head_options,
         )
+        if head_init not in HEAD_INITS:
+            raise ConfigError(f"model.head_init: '{head_init}' is not one of {HEAD_INITS}")
+        if (self.SEED_HEAD_INIT if head_init == "seed" else head_init) == "bert":
+            for head in self.objectives.values():
+                head.bert_init(BERT_INITIALIZER_RANGE)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_": nn.ModuleDict(  # "train" would clash with nn.Module.train

@@ -356,6 +356,7 @@ class VGBertSystem(VLSystem):
     RETRIEVAL_HEADS = ("vg_contrastive", "vg_transfer")
 
     SYSTEM_NAME = "VG-BERT"
+    SEED_HEAD_INIT = "torch"  # the seed's heads are plain modules with PyTorch's default init (`model.head_init`)
     _ONE_LR = "one lr for every trainable parameter, the seed's step decay model.lr_decay_epochs / model.lr_ratio"
     UNREAD_OPTIONS = {"scheduler": _ONE_LR, "head_lr": _ONE_LR, "pretrained_lr_mult": _ONE_LR}
 

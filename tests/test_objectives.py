@@ -345,6 +345,13 @@ def test_head_init_options_and_each_systems_seed_default() -> None:
         )
 
     assert not system("seed").objectives["itm"].classifier.bias.any()
+    from vl.models.system import initializer_range
+
+    assert initializer_range(_TinyEncoder()) == 0.02  # no config: BERT's
+    from vl.models.bert_backbone import build_bert
+
+    wide = build_bert(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, initializer_range=0.1)
+    assert initializer_range(torch.nn.Sequential(wide)) == 0.1  # a tiny config's own range
     assert not system("bert").objectives["itm"].classifier.bias.any()
     assert system("torch").objectives["itm"].classifier.bias.abs().sum() > 0
     with pytest.raises(ConfigError, match="model.head_init: 'xavier'"):

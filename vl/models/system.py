@@ -40,7 +40,20 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 HEAD_INITS = ("seed", "bert", "torch")
-BERT_INITIALIZER_RANGE = 0.02  # BERT's config.initializer_range, the std of the seeds' head init
+BERT_INITIALIZER_RANGE = 0.02  # BERT's config.initializer_range: the seeds' head init std unless the encoder has its own
+
+
+def initializer_range(encoder: nn.Module) -> float:
+    """The std the seeds' `init_bert_weights` / HF `_init_weights` draw from: the encoder's `initializer_range`, else
+    that of the first (HF) config inside it (a tiny config's 0.1 included), else BERT's 0.02."""
+    own = getattr(encoder, "initializer_range", None)
+    if isinstance(own, (int, float)):
+        return float(own)
+    for module in encoder.modules():
+        value = getattr(getattr(module, "config", None), "initializer_range", None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return BERT_INITIALIZER_RANGE
 
 
 def _plain(cfg: Any) -> Any:
@@ -104,9 +117,9 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         the data's objective names (one head each; `heads[name]`: that head's options). `optimizer` / `scheduler`:
         `_partial_` configs. `init_from`: an earlier run's checkpoint to start from (non-strict, key report
         logged); a checkpoint of another architecture is refused unless `init_from_any_architecture`. `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads.
-        `head_init`: how the heads start. "bert": Linear weights ~ N(0, 0.02), biases 0, LayerNorms 1 / 0
-        (`Objective.bert_init`: the seeds' `init_bert_weights` / HF `_init_weights` / VL-BERT's `init_weights` over
-        the whole model; 0.02 = BERT's `initializer_range`); "torch": PyTorch's default init of each layer (vl before
+        `head_init`: how the heads start. "bert": Linear weights ~ N(0, initializer_range), biases 0, LayerNorms
+        1 / 0 (`Objective.bert_init`: the seeds' `init_bert_weights` / HF `_init_weights` / VL-BERT's `init_weights`
+        over the whole model, with the encoder's config's `initializer_range`: 0.02 for BERT, 0.1 in the tiny configs); "torch": PyTorch's default init of each layer (vl before
         2026-12-05); "seed" (default): what this system's seed does (`SEED_HEAD_INIT`: "bert", VG-BERT "torch").
         `activation_checkpointing`: recompute the encoder's blocks (`vl.models.blocks`) in the backward pass
         instead of storing their activations (same gradients, less memory, ~1/3 more compute)."""
@@ -153,8 +166,9 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         if head_init not in HEAD_INITS:
             raise ConfigError(f"model.head_init: '{head_init}' is not one of {HEAD_INITS}")
         if (self.SEED_HEAD_INIT if head_init == "seed" else head_init) == "bert":
+            std = initializer_range(self.encoder)
             for head in self.objectives.values():
-                head.bert_init(BERT_INITIALIZER_RANGE)
+                head.bert_init(std)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_": nn.ModuleDict(  # "train" would clash with nn.Module.train

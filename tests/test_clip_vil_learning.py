@@ -177,15 +177,22 @@ def test_skipped_images_are_counted_as_a_metric(make_cfg) -> None:
 CORPUS = "data.corpus.num_images=600"
 
 
-@pytest.mark.slow  # ~3-6 min on 2 cores: 4 epochs of a tiny CLIP-ViL from pixels
+@pytest.mark.slow  # ~3-5 min on 2 cores: two 4-epoch runs of a tiny CLIP-ViL from pixels
 def test_vqa_from_pixels_beats_the_question_type_prior(make_cfg) -> None:
     """Random-init backbone: SGD lr 0.5 for it, as the stage-1 test below (the recipe's 0.003 is meant for a pretrained
     CLIP ResNet). Measured 2026-12-04 after the seed's preprocessing and init were adopted (4 epochs, test accuracy vs
-    the question-type prior 0.41): backbone lr 0.003 -> 0.406 (6 epochs: 0.418), 0.05 -> 0.417, 0.5 -> 0.435."""
-    cfg = make_cfg("experiment=clip_vil_vqa_tiny", CORPUS, "trainer.max_epochs=4", "model.visual_optimizer.lr=0.5")
-    metrics, _ = train(cfg)
-    print({k: round(float(v), 4) for k, v in metrics.items() if k.startswith("test/")})
-    assert metrics["test/vqa_acc"] > metrics["test/vqa_acc_prior"] + 0.02, metrics
+    the question-type prior 0.41): backbone lr 0.003 -> 0.406 (6 epochs: 0.418), 0.05 -> 0.417, 0.5 -> 0.435.
+    2026-12-05 (2 torch threads): seed 12345 0.432, seed 1 0.473 (6 epochs, seed 12345: 0.435; backbone lr 1.0:
+    0.416). One seed's margin is thin, so the test asserts the mean of two seeds (0.453) 2 points above the prior."""
+    accs, prior = [], None
+    for seed in (12345, 1):
+        cfg = make_cfg("experiment=clip_vil_vqa_tiny", CORPUS, "trainer.max_epochs=4", "model.visual_optimizer.lr=0.5",
+                       f"seed={seed}", name=f"seed{seed}")  # fmt: skip
+        metrics, _ = train(cfg)
+        print({k: round(float(v), 4) for k, v in metrics.items() if k.startswith("test/")})
+        accs.append(float(metrics["test/vqa_acc"]))
+        prior = float(metrics["test/vqa_acc_prior"])
+    assert sum(accs) / len(accs) > prior + 0.02, (accs, prior)
 
 
 @pytest.mark.slow  # 4 min 51 s on 2 busy cores with OMP_NUM_THREADS=1 (4000-image corpus written, 1500 steps)

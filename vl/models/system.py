@@ -119,8 +119,9 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         logged); a checkpoint of another architecture is refused unless `init_from_any_architecture`. `pretrained_lr_mult`: lr factor of pretrained encoder weights; `head_lr`: lr of the heads.
         `head_init`: how the heads start. "bert": Linear weights ~ N(0, initializer_range), biases 0, LayerNorms
         1 / 0 (`Objective.bert_init`: the seeds' `init_bert_weights` / HF `_init_weights` / VL-BERT's `init_weights`
-        over the whole model, with the encoder's config's `initializer_range`: 0.02 for BERT, 0.1 in the tiny configs); "torch": PyTorch's default init of each layer (vl before
-        2026-12-05); "seed" (default): what this system's seed does (`SEED_HEAD_INIT`: "bert", VG-BERT "torch").
+        over the whole model, with the encoder's config's `initializer_range`: 0.02 for BERT, 0.1 in the tiny
+        configs); "torch": PyTorch's default init of each layer (vl before 2026-12-05); "seed" (default): what this
+        system's seed does (`SEED_HEAD_INIT`: "bert", VG-BERT "torch").
         `activation_checkpointing`: recompute the encoder's blocks (`vl.models.blocks`) in the backward pass
         instead of storing their activations (same gradients, less memory, ~1/3 more compute)."""
         super().__init__()
@@ -139,6 +140,8 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         self.head_options = dict(heads or {})
         self.head_lr = head_lr
         self._refuse_unread_options()
+        if head_init not in HEAD_INITS:
+            raise ConfigError(f"model.head_init: '{head_init}' is not one of {HEAD_INITS}")
         self.predictions: list[dict[str, Any]] = []
         # what makes a checkpoint self-contained (set by the pipeline before fitting; written by on_save_checkpoint)
         self.run_record: dict[str, Any] | None = None
@@ -163,8 +166,6 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
             system=type(self.encoder).__name__,
             head_options=self.head_options,
         )
-        if head_init not in HEAD_INITS:
-            raise ConfigError(f"model.head_init: '{head_init}' is not one of {HEAD_INITS}")
         if (self.SEED_HEAD_INIT if head_init == "seed" else head_init) == "bert":
             std = initializer_range(self.encoder)
             for head in self.objectives.values():

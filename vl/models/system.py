@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 HEAD_INITS = ("seed", "bert", "torch")
-BERT_INITIALIZER_RANGE = 0.02  # BERT's config.initializer_range: the seeds' head init std unless the encoder has its own
+#: BERT's config.initializer_range: the std of the seeds' head init unless the encoder's config has its own
+BERT_INITIALIZER_RANGE = 0.02
 
 
 def initializer_range(encoder: nn.Module) -> float:

@@ -150,3 +150,22 @@ def test_vilbert_recipes_warm_up_as_the_seeds_bert_adam(experiment: str) -> None
         ]
     assert want[0] == 0.0
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64))
+
+
+def test_bert_adam_warmup_of_zero_is_no_warmup() -> None:
+    """`warmup_ratio: 0` under `bert_adam`: the seed's `step / t_total < 0` never holds, so the first update is at the
+    full lr (warmup_constant) and the linear decay starts at once (warmup_linear: 1 - s / t_total)."""
+    from vl.schedules import linear_warmup_constant, linear_warmup_decay
+
+    total = 10
+    for build, seed in ((linear_warmup_constant, seed_warmup_constant), (linear_warmup_decay, seed_warmup_linear)):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = build(optimizer, total_steps=total, warmup_ratio=0.0, bert_adam=True)
+        got = []
+        for _ in range(total):
+            got.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        want = [seed(s / total, 0.0) for s in range(total)]
+        assert want[0] == 1.0
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64))

@@ -11,16 +11,18 @@ from torch.optim.lr_scheduler import LambdaLR
 
 def _warmup_length(total_steps: int, warmup_ratio: float, warmup_steps: int | None, bert_adam: bool) -> float:
     """Steps of warmup: `warmup_steps`, else `warmup_ratio x total_steps` (rounded down to at least 1; kept as is
-    under `bert_adam`: the seed compares `step / t_total` with the ratio)."""
+    under `bert_adam`, 0 included: the seed compares `step / t_total` with the ratio)."""
     if warmup_steps is not None:
         return max(1, int(warmup_steps))
-    return max(1e-12, warmup_ratio * total_steps) if bert_adam else max(1, int(warmup_ratio * total_steps))
+    return warmup_ratio * total_steps if bert_adam else max(1, int(warmup_ratio * total_steps))
 
 
 def _warmup_factor(step: int, warmup: float, bert_adam: bool) -> float:
-    """vl's warmup gives step s (0-based) (s + 1) / W, so the first update is at lr / W (VL-BERT's `triangle`);
-    pytorch-pretrained-bert's `BertAdam` (ViLBERT's seeds) reads its step counter before incrementing it: s / W,
-    the first update at lr 0."""
+    """1 from step `warmup` on. Before: vl's warmup gives step s (0-based) (s + 1) / W, so the first update is at
+    lr / W (VL-BERT's `triangle`); pytorch-pretrained-bert's `BertAdam` (ViLBERT's seeds) reads its step counter
+    before incrementing it: s / W, the first update at lr 0."""
+    if step >= warmup:
+        return 1.0
     return (step if bert_adam else step + 1) / warmup
 
 
@@ -54,7 +56,7 @@ def linear_warmup_constant(
 ) -> LambdaLR:
     """Linear warmup, then constant (`bert_adam`: as `linear_warmup_decay`'s, BertAdam's `warmup_constant`)."""
     warmup = _warmup_length(total_steps, warmup_ratio, None, bert_adam)
-    return LambdaLR(optimizer, lambda step: min(1.0, _warmup_factor(step, warmup, bert_adam)))
+    return LambdaLR(optimizer, lambda step: _warmup_factor(step, warmup, bert_adam))
 
 
 def warmup_constant_step_decay(
@@ -78,7 +80,7 @@ def warmup_constant_step_decay(
 
     def factor(step: int) -> float:
         epoch = step // max(1, steps_per_epoch)
-        return min(1.0, _warmup_factor(step, warmup, bert_adam)) * gamma ** sum(epoch >= m for m in milestones)
+        return _warmup_factor(step, warmup, bert_adam) * gamma ** sum(epoch >= m for m in milestones)
 
     return LambdaLR(optimizer, factor)
 

@@ -8,6 +8,8 @@ checkpoint never loads "half" without saying so. Missing model keys (heads the c
 `map_vilbert_key` renames a `vilbert-multi-task` / `vilbert_beta` checkpoint (`BertForMultiModalPreTraining` or
 `VILBertForVLTasks`: `bert.embeddings.*`, `bert.v_embeddings.*`, `bert.encoder.{layer,v_layer,c_layer}.*`,
 `bert.{t,v}_pooler.*`, `cls.*`, `vil_prediction.*`, `vil_logit.*`, `vision_logit.*`) to `VilbertSystem` keys.
+`mbert_hybrid_state` / `vlbert_hybrid_state` take MM-BERT's hybrid init from M-BERT and VL-BERT checkpoints;
+`vg_bert_seed_to_vl` renames VG-BERT's seed checkpoints (its stage-2/3 model or its stage-1 ImageNet classifier).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,6 +122,12 @@ BERT_MLM_HEAD_KEYS = {
 }
 
 
+def bert_weights_file(model_dir: Path) -> Path | None:
+    """The weights file of an HF model dir: `model.safetensors`, else `pytorch_model.bin`, else None."""
+    files = [model_dir / "model.safetensors", model_dir / "pytorch_model.bin"]
+    return next((f for f in files if f.is_file()), None)
+
+
 def load_bert_mlm_head(model: nn.Module, pretrained: str) -> dict[str, torch.Tensor]:
     """`cls.predictions.*` of the `BertForMaskedLM` checkpoint in a pretrained BERT dir -> `objectives.mlm` (its decoder
     is tied to the word embeddings, which come with the BERT body). Logged; returns the loaded {key: tensor} (empty
@@ -126,8 +135,7 @@ def load_bert_mlm_head(model: nn.Module, pretrained: str) -> dict[str, torch.Ten
     from vl.models.bert_backbone import resolve_model_dir
 
     model_dir = resolve_model_dir(pretrained)
-    files = [model_dir / "model.safetensors", model_dir / "pytorch_model.bin"]
-    weights = next((f for f in files if f.is_file()), None)
+    weights = bert_weights_file(model_dir)
     if weights is None:
         log.warning("MLM head: no weights file in %s; the head stays randomly initialised", model_dir)
         return {}
@@ -281,3 +289,148 @@ def seed_itm_to_vl(mapped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     elif weight in mapped or bias in mapped:
         raise ConfigError("ViLBERT checkpoint: cls.bi_seq_relationship needs both its weight and its bias")
     return mapped
+
+
+# ------------------------------------------------------------------------------------------------ MM-BERT's hybrid init
+#: VL-BERT (``vl-bert-base-prec.model``, ``ResNetVLBERTForPretraining*``) key prefixes taken by the hybrid init
+#: (after stripping ``module.``) -> vl parameter names: the seed's list (``smart_hybrid_partial_load_model_state_dict``)
+#: of ``vlbert.mvrc_head`` (``transform.dense`` + act, ``region_cls_pred``; vl's ``head.0`` / ``head.2``),
+#: ``image_feature_extractor`` (``obj_downsample`` = Dropout, Linear, ReLU: ``.1.`` is the Linear; the extractor's
+#: other modules have no vl counterpart and are reported), ``vlbert.visual_ln*``, ``end_embedding``,
+#: ``token_type_embeddings``, ``position_embeddings``, ``aux_text_visual_embedding``, ``object_mask_word_embedding``,
+#: ``object_linguistic_embeddings`` (root attributes of the seed's module). ``object_mask_visual_embedding`` is not in
+#: the list: it keeps its init (0), as in the seed.
+VLBERT_PARTS: dict[str, str] = {
+    "vlbert.mvrc_head.transform.dense.": "objectives.mvrc.head.0.",
+    "vlbert.mvrc_head.region_cls_pred.": "objectives.mvrc.head.2.",
+    "image_feature_extractor.obj_downsample.": "encoder.obj_downsample.",
+    "vlbert.visual_ln_text.": "encoder.visual_ln_text.",
+    "vlbert.visual_ln_object.": "encoder.visual_ln_object.",
+    "vlbert.end_embedding.": "encoder.end_embedding.",
+    "vlbert.token_type_embeddings.": "encoder.bert.embeddings.token_type_embeddings.",
+    "vlbert.position_embeddings.": "encoder.bert.embeddings.position_embeddings.",
+    "aux_text_visual_embedding.": "encoder.aux_text_visual_embedding.",
+    "object_mask_word_embedding.": "encoder.object_mask_word_embedding.",
+    "object_linguistic_embeddings.": "encoder.object_linguistic_embeddings.",
+}
+#: M-BERT (``BertModel`` / ``BertForPreTraining``) keys taken by the hybrid init, as the seed's
+#: ``load_language_pretrained_model``: the encoder layers, the embeddings (word rows beyond M-BERT's vocabulary, e.g.
+#: [STOP], and the third token type keep their init; position / token type are then overwritten by VL-BERT's when
+#: a VL-BERT checkpoint is given), the embedding LayerNorm and the pooler (when the model has one)
+MBERT_PARTS = (
+    "encoder.",
+    "embeddings.word_embeddings.",
+    "embeddings.position_embeddings.",
+    "embeddings.token_type_embeddings.",
+    "embeddings.LayerNorm.",
+    "pooler.",
+)
+#: M-BERT tensors whose rows fill the first rows of a larger vl tensor (vocabulary + [STOP]; 2 -> 3 token types)
+_MBERT_ROW_PREFIX = ("embeddings.word_embeddings.", "embeddings.token_type_embeddings.")
+
+
+def mbert_hybrid_state(
+    state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An M-BERT state dict (`bert.` prefix or none) -> (the `MBERT_PARTS` tensors under `MMBertSystem`'s names,
+    the keys that map to nothing or to another shape). A tensor of `_MBERT_ROW_PREFIX` fills the first rows of a
+    larger one of the model (the model's own rows beyond it kept)."""
+    loaded, unexpected = {}, []
+    for key, value in state.items():
+        name = key[len("bert.") :] if key.startswith("bert.") else key
+        target = f"encoder.bert.{name}"
+        if not name.startswith(MBERT_PARTS) or target not in own:
+            unexpected.append(key)
+            continue
+        if name.startswith(_MBERT_ROW_PREFIX) and value.shape[1:] == own[target].shape[1:]:
+            if value.shape[0] <= own[target].shape[0]:
+                merged = own[target].clone()
+                merged[: value.shape[0]] = value
+                value = merged
+        if own[target].shape != value.shape:
+            unexpected.append(f"{key} (shape {tuple(value.shape)} vs {tuple(own[target].shape)})")
+            continue
+        loaded[target] = value
+    return loaded, unexpected
+
+
+def vlbert_hybrid_state(
+    state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A VL-BERT checkpoint's state dict (`module.` prefixes allowed) -> (the `VLBERT_PARTS` tensors under
+    `MMBertSystem`'s names, the keys that map to nothing or to another shape)."""
+    loaded, unexpected = {}, []
+    for key, value in state.items():
+        key = key[len("module.") :] if key.startswith("module.") else key
+        prefix = next((p for p in VLBERT_PARTS if key.startswith(p)), None)
+        target = VLBERT_PARTS[prefix] + key[len(prefix) :] if prefix else None
+        if target is None or target not in own or own[target].shape != value.shape:
+            unexpected.append(key)
+            continue
+        loaded[target] = value
+    return loaded, unexpected
+
+
+# ------------------------------------------------------------------------------------------------ VG-BERT's seed
+#: VG-BERT's seed (`yizhen-zhang/VG-Bert`), its `full_model` state-dict prefixes (after `module.`) -> vl's
+VG_BERT_SEED_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("image_model.image_model.", "encoder.visual.vgg.features."),
+    ("image_model.embedder.", "encoder.visual.embedder."),
+    ("image_model.attention.", "encoder.visual.attention."),
+    ("language_model.language_model.", "encoder.bert."),
+    ("image_projection_head.0.", "encoder.image_projection_head."),
+    ("language_projection_head.0.", "encoder.language_projection_head."),
+    ("cross_attention_model.query_language.", "encoder.cross_attention.query_language."),
+    ("cross_attention_model.key_visual.", "encoder.cross_attention.key_visual."),
+    ("cross_attention_model.value_visual.", "encoder.cross_attention.value_visual."),
+    ("cross_attention_model.object_transform.", "objectives.vg_relational.object_transform."),
+    ("cross_attention_model.relational_matrix", "objectives.vg_relational.relational_matrix"),
+    ("object_classifier.", "objectives.vg_relational.object_classifier."),
+)
+
+
+#: the seed's stage-1 (`visual_stream_pretraining.py`, ImageNet) `VGG16_Attention_classification` /
+#: `VGG16_classification` prefixes (after `module.`): features at `image_model.<index>.`, then `embedder.`, `attention.`
+#: (`classifier.*`, the ImageNet classifier, maps to nothing: reported as unexpected)
+VG_BERT_VG_BERT_STAGE1_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("image_model.", "encoder.visual.vgg.features."),
+    ("embedder.", "encoder.visual.embedder."),
+    ("attention.", "encoder.visual.attention."),
+)
+_VG_BERT_FULL_STARTS = (
+    "image_model.image_model.",
+    "image_model.embedder.",
+    "image_model.attention.",
+    "language_model.",
+)
+_VG_BERT_STAGE1 = re.compile(r"(image_model\.\d+|embedder|attention)\.")
+
+
+def vg_bert_seed_layout(state: dict[str, Any]) -> str | None:
+    """The seed's layout: "full" for a state dict of its `TwoStreamPretrain` / `RelationalGrounding`
+    (`image_model.image_model.*`, `language_model.*`, ...), "stage1" for its ImageNet classifier
+    (`image_model.<i>.*`, `embedder.*`, `attention.*`; `classifier.*` too), None otherwise (`module.` prefixes of
+    DataParallel allowed)."""
+    keys = [str(k).removeprefix("module.") for k in state]
+    if any(k.startswith(_VG_BERT_FULL_STARTS) or k.startswith("cross_attention_model.") for k in keys):
+        return "full"
+    if keys and any(_VG_BERT_STAGE1.match(k) for k in keys):
+        return "stage1"
+    return None
+
+
+def vg_bert_seed_to_vl(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A state dict of the seed (`vg_bert_seed_layout`: the stage-2/3 `best_model.pth`, or the stage-1 ImageNet model's
+    `state_dict`; `module.` prefixes of DataParallel allowed) -> (vl keys, the seed keys that map to nothing, e.g.
+    BERT's pooler or the ImageNet classifier)."""
+    prefixes = VG_BERT_VG_BERT_STAGE1_PREFIXES if vg_bert_seed_layout(state) == "stage1" else VG_BERT_SEED_PREFIXES
+    out, unmapped = {}, []
+    for key, value in state.items():
+        k = key.removeprefix("module.")
+        for seed, ours in prefixes:
+            if k.startswith(seed):
+                out[ours + k[len(seed) :]] = value
+                break
+        else:
+            unmapped.append(key)
+    return out, unmapped

@@ -37,6 +37,13 @@ from vl.batch import EncoderOutput, region_feature_dim
 from vl.errors import ConfigError
 from vl.heads.mm_bert import BinaryImageTextMatching  # noqa: F401  (registers the MM-BERT heads)
 from vl.models.bert_backbone import build_bert
+from vl.models.checkpoints import (
+    VLBERT_PARTS,
+    bert_weights_file,
+    mbert_hybrid_state,
+    read_state_dict,
+    vlbert_hybrid_state,
+)
 from vl.models.ranking import exhaustive_retrieval
 from vl.models.system import VLSystem
 from vl.pretrained import log_key_report
@@ -241,58 +248,6 @@ class MMBertEncoder(nn.Module):
         return EncoderOutput(text=text_states, visual=obj_states, pooled=pooled, visual_prefix=1)
 
 
-# ---------------------------------------------------------------------------------------------------- hybrid init
-#: VL-BERT (``vl-bert-base-prec.model``, ``ResNetVLBERTForPretraining*``) key prefixes taken by the hybrid init
-#: (after stripping ``module.``) -> vl parameter names: the seed's list (``smart_hybrid_partial_load_model_state_dict``)
-#: of ``vlbert.mvrc_head`` (``transform.dense`` + act, ``region_cls_pred``; vl's ``head.0`` / ``head.2``),
-#: ``image_feature_extractor`` (``obj_downsample`` = Dropout, Linear, ReLU: ``.1.`` is the Linear; the extractor's
-#: other modules have no vl counterpart and are reported), ``vlbert.visual_ln*``, ``end_embedding``,
-#: ``token_type_embeddings``, ``position_embeddings``, ``aux_text_visual_embedding``, ``object_mask_word_embedding``,
-#: ``object_linguistic_embeddings`` (root attributes of the seed's module). ``object_mask_visual_embedding`` is not in
-#: the list: it keeps its init (0), as in the seed.
-VLBERT_PARTS: dict[str, str] = {
-    "vlbert.mvrc_head.transform.dense.": "objectives.mvrc.head.0.",
-    "vlbert.mvrc_head.region_cls_pred.": "objectives.mvrc.head.2.",
-    "image_feature_extractor.obj_downsample.": "encoder.obj_downsample.",
-    "vlbert.visual_ln_text.": "encoder.visual_ln_text.",
-    "vlbert.visual_ln_object.": "encoder.visual_ln_object.",
-    "vlbert.end_embedding.": "encoder.end_embedding.",
-    "vlbert.token_type_embeddings.": "encoder.bert.embeddings.token_type_embeddings.",
-    "vlbert.position_embeddings.": "encoder.bert.embeddings.position_embeddings.",
-    "aux_text_visual_embedding.": "encoder.aux_text_visual_embedding.",
-    "object_mask_word_embedding.": "encoder.object_mask_word_embedding.",
-    "object_linguistic_embeddings.": "encoder.object_linguistic_embeddings.",
-}
-#: M-BERT (``BertModel`` / ``BertForPreTraining``) keys taken by the hybrid init, as the seed's
-#: ``load_language_pretrained_model``: the encoder layers, the embeddings (word rows beyond M-BERT's vocabulary, e.g.
-#: [STOP], and the third token type keep their init; position / token type are then overwritten by VL-BERT's when
-#: a VL-BERT checkpoint is given), the embedding LayerNorm and the pooler (when the model has one)
-MBERT_PARTS = (
-    "encoder.",
-    "embeddings.word_embeddings.",
-    "embeddings.position_embeddings.",
-    "embeddings.token_type_embeddings.",
-    "embeddings.LayerNorm.",
-    "pooler.",
-)
-#: M-BERT tensors whose rows fill the first rows of a larger vl tensor (vocabulary + [STOP]; 2 -> 3 token types)
-_MBERT_ROW_PREFIX = ("embeddings.word_embeddings.", "embeddings.token_type_embeddings.")
-
-
-def _load_mbert_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    from vl.checkpoint import load_torch_file
-
-    safetensors = model_dir / "model.safetensors"
-    if safetensors.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(safetensors))
-    binary = model_dir / "pytorch_model.bin"
-    if binary.is_file():
-        return load_torch_file(str(binary), "model.mbert_dir")
-    raise ConfigError(f"model.mbert_dir: '{model_dir}' holds no model.safetensors or pytorch_model.bin")
-
-
 class MMBertSystem(VLSystem):
     """The shared system plus MM-BERT's hybrid init, batch-size-scaled lr and 1-logit retrieval scores."""
 
@@ -316,46 +271,25 @@ class MMBertSystem(VLSystem):
 
     # ------------------------------------------------------------------ hybrid init
     def hybrid_init(self, mbert_dir: str | None, vlbert_checkpoint: str | None) -> None:
-        """M-BERT's `MBERT_PARTS` from `mbert_dir`, then VL-BERT's `VLBERT_PARTS` from `vlbert_checkpoint` (mapped to
-        vl's names); every missing / unexpected key is logged. A source of which no tensor loads is a ConfigError."""
+        """M-BERT's `MBERT_PARTS` from `mbert_dir`, then VL-BERT's `VLBERT_PARTS` from `vlbert_checkpoint` (both maps
+        and their loops in `vl.models.checkpoints`: `mbert_hybrid_state`, `vlbert_hybrid_state`); every missing /
+        unexpected key is logged. A source of which no tensor loads is a ConfigError."""
         own = self.state_dict()
         if mbert_dir:
-            state = _load_mbert_state(Path(mbert_dir).expanduser())
-            loaded, unexpected = {}, []
-            for key, value in state.items():
-                name = key[len("bert.") :] if key.startswith("bert.") else key
-                target = f"encoder.bert.{name}"
-                if not name.startswith(MBERT_PARTS) or target not in own:
-                    unexpected.append(key)
-                    continue
-                if name.startswith(_MBERT_ROW_PREFIX) and value.shape[1:] == own[target].shape[1:]:
-                    if value.shape[0] <= own[target].shape[0]:
-                        merged = own[target].clone()
-                        merged[: value.shape[0]] = value
-                        value = merged
-                if own[target].shape != value.shape:
-                    unexpected.append(f"{key} (shape {tuple(value.shape)} vs {tuple(own[target].shape)})")
-                    continue
-                loaded[target] = value
+            model_dir = Path(mbert_dir).expanduser()
+            weights = bert_weights_file(model_dir)
+            if weights is None:
+                raise ConfigError(f"model.mbert_dir: '{model_dir}' holds no model.safetensors or pytorch_model.bin")
+            loaded, unexpected = mbert_hybrid_state(read_state_dict(weights, key="model.mbert_dir"), own)
             if not loaded:
                 raise ConfigError(f"model.mbert_dir: no M-BERT tensor of '{mbert_dir}' matches the model's names")
             self.load_state_dict(loaded, strict=False)
             missing = [k for k in own if k.startswith("encoder.bert.") and k not in loaded]
             log_key_report(f"hybrid init: M-BERT from {mbert_dir}", missing, unexpected)
         if vlbert_checkpoint:
-            from vl.checkpoint import load_torch_file
-
-            raw = load_torch_file(vlbert_checkpoint, "model.vlbert_checkpoint")
-            raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-            loaded, unexpected = {}, []
-            for key, value in raw.items():
-                key = key[len("module.") :] if key.startswith("module.") else key
-                prefix = next((p for p in VLBERT_PARTS if key.startswith(p)), None)
-                target = VLBERT_PARTS[prefix] + key[len(prefix) :] if prefix else None
-                if target is None or target not in own or own[target].shape != value.shape:
-                    unexpected.append(key)
-                    continue
-                loaded[target] = value
+            loaded, unexpected = vlbert_hybrid_state(
+                read_state_dict(vlbert_checkpoint, key="model.vlbert_checkpoint"), own
+            )
             if not loaded:
                 raise ConfigError(
                     f"model.vlbert_checkpoint: no tensor of '{vlbert_checkpoint}' is one of the hybrid init's VL-BERT "

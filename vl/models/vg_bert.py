@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any
 
 import torch
@@ -61,6 +60,7 @@ from vl.batch import EncoderOutput
 from vl.errors import ConfigError
 from vl.heads.vg_bert import GroundingContrastive, RelationalGrounding, TransferRetrieval
 from vl.models.bert_backbone import build_bert
+from vl.models.checkpoints import vg_bert_seed_layout, vg_bert_seed_to_vl
 from vl.models.system import VLSystem, build_optimizer
 from vl.models.vgg import VGG16_CFG, VGGAttention, load_vgg_features
 
@@ -271,70 +271,6 @@ class VGBertEncoder(nn.Module):
         return EncoderOutput(text=text, visual=visual, pooled=text.mean(1))
 
 
-# ------------------------------------------------------------------------------------------------ seed checkpoints
-#: the seed's `full_model` state-dict prefixes (after `module.`) -> vl's
-SEED_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("image_model.image_model.", "encoder.visual.vgg.features."),
-    ("image_model.embedder.", "encoder.visual.embedder."),
-    ("image_model.attention.", "encoder.visual.attention."),
-    ("language_model.language_model.", "encoder.bert."),
-    ("image_projection_head.0.", "encoder.image_projection_head."),
-    ("language_projection_head.0.", "encoder.language_projection_head."),
-    ("cross_attention_model.query_language.", "encoder.cross_attention.query_language."),
-    ("cross_attention_model.key_visual.", "encoder.cross_attention.key_visual."),
-    ("cross_attention_model.value_visual.", "encoder.cross_attention.value_visual."),
-    ("cross_attention_model.object_transform.", "objectives.vg_relational.object_transform."),
-    ("cross_attention_model.relational_matrix", "objectives.vg_relational.relational_matrix"),
-    ("object_classifier.", "objectives.vg_relational.object_classifier."),
-)
-
-
-#: the seed's stage-1 (`visual_stream_pretraining.py`, ImageNet) `VGG16_Attention_classification` /
-#: `VGG16_classification` prefixes (after `module.`): features at `image_model.<index>.`, then `embedder.`, `attention.`
-#: (`classifier.*`, the ImageNet classifier, maps to nothing: reported as unexpected)
-SEED_STAGE1_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("image_model.", "encoder.visual.vgg.features."),
-    ("embedder.", "encoder.visual.embedder."),
-    ("attention.", "encoder.visual.attention."),
-)
-_SEED_FULL_STARTS = ("image_model.image_model.", "image_model.embedder.", "image_model.attention.", "language_model.")
-_SEED_STAGE1 = re.compile(r"(image_model\.\d+|embedder|attention)\.")
-
-
-def seed_layout(state: dict[str, Any]) -> str | None:
-    """The seed's layout: "full" for a state dict of its `TwoStreamPretrain` / `RelationalGrounding`
-    (`image_model.image_model.*`, `language_model.*`, ...), "stage1" for its ImageNet classifier
-    (`image_model.<i>.*`, `embedder.*`, `attention.*`; `classifier.*` too), None otherwise (`module.` prefixes of
-    DataParallel allowed)."""
-    keys = [str(k).removeprefix("module.") for k in state]
-    if any(k.startswith(_SEED_FULL_STARTS) or k.startswith("cross_attention_model.") for k in keys):
-        return "full"
-    if keys and any(_SEED_STAGE1.match(k) for k in keys):
-        return "stage1"
-    return None
-
-
-def is_seed_state_dict(state: dict[str, Any]) -> bool:
-    return seed_layout(state) is not None
-
-
-def seed_to_vl(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A state dict of the seed (`seed_layout`: the stage-2/3 `best_model.pth`, or the stage-1 ImageNet model's
-    `state_dict`; `module.` prefixes of DataParallel allowed) -> (vl keys, the seed keys that map to nothing, e.g.
-    BERT's pooler or the ImageNet classifier)."""
-    prefixes = SEED_STAGE1_PREFIXES if seed_layout(state) == "stage1" else SEED_PREFIXES
-    out, unmapped = {}, []
-    for key, value in state.items():
-        k = key.removeprefix("module.")
-        for seed, ours in prefixes:
-            if k.startswith(seed):
-                out[ours + k[len(seed) :]] = value
-                break
-        else:
-            unmapped.append(key)
-    return out, unmapped
-
-
 # ------------------------------------------------------------------------------------------------ retrieval
 def recall_at_k(sim: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """sim (N, N), image i <-> caption i gold: R@k image->text (rows) and text->image (columns), and their mean."""
@@ -391,11 +327,11 @@ class VGBertSystem(VLSystem):
         )
 
     def load_init_checkpoint(self, path: str) -> None:
-        """vl checkpoints as the shared system loads them; a state dict of the seed (`seed_layout`: the stage-2/3
+        """vl checkpoints as the shared system loads them; a state dict of the seed (`vg_bert_seed_layout`: the stage-2/3
         `best_model.pth`: keys `image_model.image_model.*`, `language_model.language_model.*`, ...; or the stage-1
         ImageNet model, bare as `best_model.pth` or in `checkpoint.pth.tar`'s {"state_dict", "arch", ...}: keys
         `image_model.<i>.*` (VGG features), `embedder.*`, `attention.*`, `classifier.*`) is mapped to vl's names first
-        (`seed_to_vl`), then loaded non-strictly with the key report (BERT's pooler, the ImageNet classifier and other
+        (`vl.models.checkpoints.vg_bert_seed_to_vl`), then loaded non-strictly with the key report (BERT's pooler, the ImageNet classifier and other
         unmapped keys reported as unexpected). A file none of whose tensors lands in this model is a `ConfigError`."""
         from vl.checkpoint import load_torch_file
         from vl.pretrained import log_key_report
@@ -403,7 +339,8 @@ class VGBertSystem(VLSystem):
         state = load_torch_file(path, "model.init_from")
         inner = state.get("state_dict", state) if isinstance(state, dict) else state
         own = self.state_dict()
-        if not (isinstance(inner, dict) and is_seed_state_dict(inner)):
+        layout = vg_bert_seed_layout(inner) if isinstance(inner, dict) else None
+        if layout is None:
             super().load_init_checkpoint(path)
             if isinstance(inner, dict) and not any(
                 k in own and isinstance(v, torch.Tensor) and v.numel() == own[k].numel() for k, v in inner.items()
@@ -414,8 +351,7 @@ class VGBertSystem(VLSystem):
                     "VGG16 weights go to model.encoder.vgg_weights)"
                 )
             return
-        layout = seed_layout(inner)
-        mapped, unmapped = seed_to_vl(inner)
+        mapped, unmapped = vg_bert_seed_to_vl(inner)
         usable = {k: v for k, v in mapped.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
         if not usable:
             raise ConfigError(

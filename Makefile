@@ -10,9 +10,10 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
 .setup-stamp: pyproject.toml
-	@# torch first (the CPU build on disk) only where none is installed: a later dependency (torchvision, through
-	@# litdata) may move it to the release its torchvision needs, and re-pinning it here would break that torchvision
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	@# torch first (the CPU build on disk) where torch $(TORCH_VERSION) is not installed; pyproject.toml pins torch
+	@# 2.13 and its torchvision, so no later dependency moves it (an unpinned torchvision pulled torch's CUDA build)
+	@$(PYTHON) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
+		|| $(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e ".[dev]"
 	@touch .setup-stamp
 

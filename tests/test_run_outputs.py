@@ -240,3 +240,38 @@ def test_a_step_logs_only_what_is_shown_and_the_loggers_get_every_term(make_cfg,
         assert all(r.get(h) not in (None, "") for h in heads), r
     accs = [r for r in _csv_rows(Path(cfg.paths.output_dir)) if r.get("train/itm_acc")]
     assert [int(r["epoch"]) for r in accs] == [0, 1] and all(0 <= float(r["train/itm_acc"]) <= 1 for r in accs)
+
+
+def test_lightning_lines_reach_the_log_once_and_without_its_adverts() -> None:
+    """Under Hydra the root logger prints each line (console + <task>.log); the `lightning` package adds its own
+    console handler on import ("INFO: ..."), so every Lightning line printed twice, and Lightning advertised its cloud
+    loggers ("💡 Tip: ... litlogger") at every fit."""
+    import io
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from vl.pipeline import _single_log_lines
+
+    package = logging.getLogger("lightning")
+    second = logging.StreamHandler(io.StringIO())  # the one `import lightning` adds (an earlier train() removed it)
+    package.addHandler(second)
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    root, keep = logging.getLogger(), Keep()
+    root.addHandler(keep)
+    try:
+        _single_log_lines()
+        rank_zero_info("GPU available: False, used: False")
+        rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        assert second.stream.getvalue() == ""  # type: ignore[attr-defined]
+        assert lines == ["GPU available: False, used: False"]
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            assert not [h for h in logging.getLogger(name).handlers if type(h) is logging.StreamHandler], name
+    finally:
+        root.removeHandler(keep)
+        package.removeHandler(second)

@@ -326,13 +326,26 @@ def _check_arguments(cfg: DictConfig) -> None:
             check_arguments(OmegaConf.merge(cfg.model, pre.model), "pretrain.model")
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip:" lines (install litlogger / litmodels, a cloud platform), printed at every fit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def _single_log_lines() -> None:
-    """Lightning adds its own console handler when imported; under Hydra's root handler every line would print twice."""
+    """Lightning adds its own console handlers when imported (`lightning`: "INFO: ...", and `lightning.pytorch` /
+    `lightning.fabric` when no root handler exists yet); under Hydra's root handler every line would print twice.
+    Lightning's tips to install its cloud loggers are dropped."""
     if logging.getLogger().handlers:
-        for name in ("lightning.pytorch", "lightning.fabric"):
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logger = logging.getLogger(name)
             for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
                 logger.removeHandler(handler)
+            logger.propagate = True  # Lightning turns it off where it adds its own handler
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdverts())
 
 
 def _command_overrides() -> list[str]:

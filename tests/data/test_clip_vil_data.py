@@ -18,6 +18,7 @@ from tests.conftest import real_sample
 from vl.data.clip_vil import ClipVilPretrainDataModule, ClipVilVQADataModule, PretrainPairs
 from vl.data.formats.lxmert_pretrain import (
     convert_ans,
+    convert_label,
     flatten_pretrain,
     image_path,
     load_all_answers,
@@ -141,6 +142,7 @@ def test_pretrain_json_is_flattened_as_the_seed_does(tmp_path: Path) -> None:
     assert [r["label"] for r in rows] == [None, None, {"two": 0.6, "3": 0.3}, {}, None]
     assert image_path("COCO_val2014_000000000042") == "mscoco/val2014/COCO_val2014_000000000042.jpg"
     assert image_path("COCO_train2014_000000000042") == "mscoco/train2014/COCO_train2014_000000000042.jpg"
+    assert image_path("COCO_test2015_000000000042") == "mscoco/test2015/COCO_test2015_000000000042.jpg"
     assert image_path("2345") == "vg_raw_images/VG_100K/2345.jpg"
     with pytest.raises(DataError, match="does not match sentf"):
         flatten_pretrain([{"img_id": "1", "sentf": {"vqa": ["a?"]}, "labelf": {"vqa": []}}], source="x.json")
@@ -153,6 +155,34 @@ def test_answer_sampling_follows_the_scores() -> None:
     assert set(draws) == {0, 1}  # "two" -> "2" (convert_ans); "unknown" is not in the list
     assert abs(draws.count(0) / 3000 - 2 / 3) < 0.03
     assert ds.sample_answer({}, rng) == -1 and ds.sample_answer({"unknown": 1.0}, rng) == -1
+
+
+def _seed_modify_answers(label: dict, used) -> dict:
+    """The seed's loop (lxmert_data.py, "Modify the answers"), transcribed: on the dict in place."""
+    for ans in list(label.keys()):
+        new_ans = convert_ans(ans)
+        if used(new_ans):
+            if ans != new_ans:
+                label[new_ans] = label.pop(ans)
+        else:
+            label.pop(ans)
+    return label
+
+
+def test_answers_that_normalise_alike_replace_each_other_as_in_the_seed() -> None:
+    """Colliding answers ("two" and "2", "a dog" and "the dog") keep one score, the later converted one's, not
+    their sum; checked against the seed's loop on random labels."""
+    answers = {"2": 0, "3": 1, "dog": 2, "man": 3}
+    raw = ["two", "2", "3", "three", "a dog", "the dog", "dog", "man", "the man", "unknown"]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        keys = list(rng.choice(raw, size=int(rng.integers(1, 6)), replace=False))
+        label = {k: float(rng.choice([0.3, 0.6, 0.9, 1.0])) for k in keys}
+        assert convert_label(label, answers.__contains__) == _seed_modify_answers(dict(label), answers.__contains__)
+    assert convert_label({"2": 0.3, "two": 0.9}, answers.__contains__) == {"2": 0.9}  # replaced, not 1.2
+    ds = PretrainPairs([], None, itm=False, itm_probability=0.0, ans2id=answers, seed=0)
+    draws = [ds.sample_answer({"two": 0.6, "2": 0.3, "3": 0.3}, rng) for _ in range(3000)]
+    assert abs(draws.count(0) / 3000 - 0.6 / 0.9) < 0.03  # "2" carries "two"'s 0.6, not 0.9
 
 
 def test_convert_ans_is_not_the_vqa_evaluator_normalisation() -> None:

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from vl.data.base import VLDataModule
 from vl.data.formats.lxmert_pretrain import (
-    convert_ans,
+    convert_label,
     flatten_pretrain,
     image_path,
     load_all_answers,
@@ -97,11 +97,8 @@ class PretrainPairs(Dataset):
         """One answer id sampled in proportion to its score among the usable answers, -1 when there is none."""
         if not label or self.ans2id is None:
             return -1
-        scores: dict[int, float] = {}
-        for ans, score in label.items():
-            aid = self.ans2id.get(convert_ans(ans))
-            if aid is not None and score > 0:
-                scores[aid] = scores.get(aid, 0.0) + float(score)
+        converted = convert_label(label, self.ans2id.__contains__)
+        scores = {self.ans2id[ans]: float(score) for ans, score in converted.items() if score > 0}
         if not scores:
             return -1
         ids = sorted(scores)

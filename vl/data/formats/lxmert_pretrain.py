@@ -73,12 +73,28 @@ def convert_ans(ans: str) -> str:
     return ANS_CONVERT.get(ans, ans)
 
 
+def convert_label(label: dict[str, float], used: Any) -> dict[str, float]:
+    """The seed's in-place answer normalisation of a label (`lxmert_data.py`): each answer in order is normalised
+    (`convert_ans`); one the answer table does not use (`used(answer)` false) is dropped; a changed one takes the
+    place of the answer it becomes, replacing its score, not adding to it ("two" then "2": the score of "two")."""
+    out = dict(label)
+    for ans in list(out):
+        new = convert_ans(ans)
+        if not used(new):
+            out.pop(ans)
+        elif ans != new:
+            out[new] = out.pop(ans)
+    return out
+
+
 def image_path(img_id: str) -> str:
     """The seed's image path rule, relative to the image root."""
     if "val2014" in img_id:
         return f"mscoco/val2014/{img_id}.jpg"
     if "train2014" in img_id:
         return f"mscoco/train2014/{img_id}.jpg"
+    if "test2015" in img_id:
+        return f"mscoco/test2015/{img_id}.jpg"
     return f"vg_raw_images/VG_100K/{img_id}.jpg"
 
 

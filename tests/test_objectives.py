@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vl.data.collate import mask_regions
+from vl.errors import ConfigError
 from vl.eval.retrieval import chunked_ranks
 from vl.heads import (
     EncoderOutput,
@@ -58,6 +59,25 @@ def test_vqa_accuracy_is_the_soft_score_of_the_argmax() -> None:
     logits = torch.tensor([[5.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 2.0]])
     metric.update(logits, scores)
     assert torch.isclose(metric.compute(), torch.tensor((1.0 + 0.6 + 0.0) / 3))
+
+
+@pytest.mark.parametrize("loss_scale", [None, 500])
+def test_vqa_loss_is_the_seeds_bce_times_answers_or_loss_scale(loss_scale) -> None:
+    """CLIP-ViL's `src/tasks/vqa.py`: BCEWithLogits (mean over batch x answers) x loss_scale when it is set, else x
+    the number of answers; computed here in numpy."""
+    from vl.heads.vqa import VQAClassification
+
+    torch.manual_seed(0)
+    head = VQAClassification(hidden_size=8, num_answers=11, loss_scale=loss_scale)
+    pooled, target = torch.randn(5, 8), torch.rand(5, 11) * (torch.rand(5, 11) < 0.3)
+    out = EncoderOutput(text=torch.zeros(5, 1, 8), visual=None, pooled=pooled)
+    loss = head(out, {"vqa_targets": target}).loss
+    x = head.classifier(pooled).detach().double().numpy()
+    y = target.double().numpy()
+    bce = (np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))).mean()
+    assert loss.item() == pytest.approx(bce * (loss_scale or 11), rel=1e-5)
+    with pytest.raises(ConfigError, match="loss_scale"):
+        VQAClassification(hidden_size=8, num_answers=11, loss_scale=0)
 
 
 def test_chunked_ranks_match_brute_force_numpy() -> None:

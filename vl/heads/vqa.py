@@ -64,7 +64,8 @@ def simple_classifier(in_dim: int, hidden: int, out_dim: int, dropout: float = 0
 
 
 class VQAClassification(Objective):
-    """Answer classifier on the pooled output; BCE-with-logits (mean) x num_answers.
+    """Answer classifier on the pooled output; BCE-with-logits (mean) x num_answers, or x `loss_scale` when set
+    (CLIP-ViL's `--loss_scale`: its published VQA command passes 500).
 
     `classifier="mlp"`: Linear-GELU-LN-Linear (VisualBERT/LXMERT); `"simple"`: ViLBERT's weight-normed SimpleClassifier
     (2 x hidden, dropout 0.5)."""
@@ -78,9 +79,14 @@ class VQAClassification(Objective):
             raise ConfigError("data.objectives: 'vqa' needs a data module that provides an answer vocabulary")
         return cls(hidden_size=ctx.pooled_size, num_answers=int(ctx.data_info["num_answers"]), **options)
 
-    def __init__(self, *, hidden_size: int, num_answers: int, classifier: str = "mlp") -> None:
+    def __init__(
+        self, *, hidden_size: int, num_answers: int, classifier: str = "mlp", loss_scale: float | None = None
+    ) -> None:
         super().__init__()
         self.num_answers = num_answers
+        if loss_scale is not None and not float(loss_scale) > 0:
+            raise ConfigError(f"model.heads.vqa.loss_scale: {loss_scale} is not > 0 (null: x the number of answers)")
+        self.loss_scale = float(loss_scale) if loss_scale is not None else float(num_answers)
         if classifier == "simple":
             self.classifier = simple_classifier(hidden_size, 2 * hidden_size, num_answers)
         elif classifier == "mlp":
@@ -96,7 +102,7 @@ class VQAClassification(Objective):
     def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
         logits = self.classifier(out.pooled)
         target = batch["vqa_targets"]  # (B, A) soft scores
-        loss = F.binary_cross_entropy_with_logits(logits, target) * self.num_answers
+        loss = F.binary_cross_entropy_with_logits(logits, target) * self.loss_scale
         return ObjectiveResult(loss, logits, target)
 
     def make_metrics(self) -> dict[str, Metric]:

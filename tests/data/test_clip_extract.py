@@ -69,6 +69,23 @@ def test_preprocess_keeps_aspect_then_centre_crops(tmp_path):
     assert np.allclose(centre[2], 1.0, atol=0.02) and np.allclose(centre[0], 0.0, atol=0.02)
 
 
+def test_resize_truncates_the_long_side_as_the_seed() -> None:
+    """The seed's patched `CLIPFeatureExtractor.resize`, transcribed: scale = max / min, long side int(scale x size),
+    (long, size) when the image is wider than tall, else (size, long)."""
+    from vl.tools.clip_extract import resized_size
+
+    def seed(w: int, h: int, size: int) -> tuple[int, int]:
+        scale_factor = max(w, h) / min(w, h)
+        return (int(scale_factor * size), size) if w > h else (size, int(scale_factor * size))
+
+    rng = np.random.default_rng(0)
+    sizes = [(640, 480), (640, 427), (480, 640), (500, 500), (224, 224), (225, 1000)]
+    sizes += [tuple(int(v) for v in rng.integers(50, 1200, 2)) for _ in range(500)]
+    for w, h in sizes:
+        assert resized_size(w, h, 224) == seed(w, h, 224), (w, h)
+    assert resized_size(640, 480) == (298, 224)  # round() gave 299
+
+
 def test_image_dir_to_hdf5_equals_direct_features(image_dir, clip_dir, tmp_path, capsys):
     out = tmp_path / "clip_features.hdf5"
     rc = main(

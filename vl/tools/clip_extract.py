@@ -81,6 +81,13 @@ def _norm_stats(model_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
     return np.asarray(mean, np.float32), np.asarray(std, np.float32), size
 
 
+def resized_size(w: int, h: int, size: int = 224) -> tuple[int, int]:
+    """(w, h) with the short side `size` and the long side int(long / short x size), truncated as the seed's patched
+    `CLIPFeatureExtractor.resize` (`precompute_clip_visual_features.py`): 640 x 480 -> 298 x 224, not 299."""
+    long = int(max(w, h) / min(w, h) * size)
+    return (long, size) if w > h else (size, long)
+
+
 def preprocess(path: Path, mean: np.ndarray, std: np.ndarray, size: int = 224) -> np.ndarray:
     """(3, size, size) float32: short side -> size keeping aspect (bicubic), centre crop, normalise."""
     from PIL import Image
@@ -90,9 +97,7 @@ def preprocess(path: Path, mean: np.ndarray, std: np.ndarray, size: int = 224) -
             img = im.convert("RGB")
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    new_w, new_h = resized_size(*img.size, size)
     img = img.resize((new_w, new_h), Image.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     img = img.crop((left, top, left + size, top + size))

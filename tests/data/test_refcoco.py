@@ -162,9 +162,13 @@ def test_load_refs_and_errors(tmp_path: Path) -> None:
     _pickle(p, [_ref(image_id="100")])
     with pytest.raises(DataError, match=r"ref 0 field 'image_id' has type str"):
         load_refs(p)
-    _pickle(p, [_ref(sentences=[{"sent": "x"}])])
+    _pickle(p, [_ref(sentences=[{"raw": "X", "sent": "x"}])])
     with pytest.raises(DataError, match=r"ref 0 sentences\[0\] has no integer 'sent_id'"):
         load_refs(p)
+    _pickle(p, [_ref(sentences=[{"sent": "the cat", "sent_id": 5}])])  # the expression is read from 'raw'
+    with pytest.raises(DataError, match=r"ref 0 sentences\[0\] has no string 'raw'"):
+        load_refs(p)
+    assert load_refs(p, "sent")[0]["sentences"][0]["sent"] == "the cat"
     _pickle(p, [_ref(), _ref()])
     with pytest.raises(DataError, match="ref 1 repeats ref_id 1"):
         load_refs(p)
@@ -213,6 +217,22 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 
 def _module(root: Path, **kwargs) -> RefCOCODataModule:
     return RefCOCODataModule(root=str(root), **kwargs)
+
+
+def test_the_expression_is_the_raw_sentence_as_in_vilbert(corpus: tuple[Path, list[Path]]) -> None:
+    """ViLBERT's `refer_expression_dataset.py` tokenises `sent['raw']` (as written), not REFER's normalised `sent`;
+    `data.sentence_field=sent` reads the other."""
+    root, _ = corpus
+    refs = load_refs(root / "refcoco+" / "refs(unc).p")
+    for field in ("raw", "sent"):
+        dm = _module(root, sentence_field=field)
+        dm.setup("fit")
+        want = {(r["ref_id"], s["sent_id"]): s[field] for r in refs if r["split"] == "train" for s in r["sentences"]}
+        got = {(ex.ref_id, ex.sent_id): ex.text for ex in dm.datasets["train"].examples}
+        assert got == want
+    assert any(s["raw"] != s["sent"] for r in refs for s in r["sentences"])  # the fixture tells them apart
+    with pytest.raises(ConfigError, match="sentence_field"):
+        _module(root, sentence_field="tokens")
 
 
 def test_scene_expressions_are_unique() -> None:

@@ -130,12 +130,18 @@ class RefCOCODataModule(VLDataModule):
         gt_features: str | None = "refcoco+/gt.lmdb",
         iou_threshold: float = 0.5,
         iou_plus_one: bool = True,
+        sentence_field: str = "raw",
         splits: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
+        """`sentence_field`: the REFER sentence field read as the expression: `raw` (as written by the annotator,
+        ViLBERT's `sent['raw']`, default) or `sent` (REFER's lower-cased, punctuation-stripped form)."""
         super().__init__(splits={"test": "testA", **dict(splits or {})}, **kwargs)
         if not 0.0 <= float(iou_threshold) <= 1.0:
             raise ConfigError(f"data.iou_threshold={iou_threshold} is not in [0, 1]")
+        if sentence_field not in ("raw", "sent"):
+            raise ConfigError(f"data.sentence_field: '{sentence_field}' is not one of 'raw', 'sent'")
+        self.sentence_field = sentence_field
         self.refs_file = refs
         self.instances_file = instances
         self.features_file = features
@@ -158,7 +164,7 @@ class RefCOCODataModule(VLDataModule):
     @property
     def refs(self) -> list[dict[str, Any]]:
         if self._refs is None:
-            self._refs = load_refs(self.path(self.refs_file))
+            self._refs = load_refs(self.path(self.refs_file), self.sentence_field)
         return self._refs
 
     @property
@@ -215,7 +221,13 @@ class RefCOCODataModule(VLDataModule):
         if gt is not None:
             self._check_dims(gt)
         examples = [
-            RefExample(int(r["ref_id"]), int(s["sent_id"]), s["sent"], int(r["image_id"]), inst.boxes[int(r["ann_id"])])
+            RefExample(
+                int(r["ref_id"]),
+                int(s["sent_id"]),
+                s[self.sentence_field],
+                int(r["image_id"]),
+                inst.boxes[int(r["ann_id"])],
+            )
             for r in refs
             for s in r["sentences"]
         ]

@@ -69,12 +69,12 @@ _REF_FIELDS: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def load_refs(path: str | Path) -> list[dict[str, Any]]:
+def load_refs(path: str | Path, text_field: str = "raw") -> list[dict[str, Any]]:
     """REFER ``refs(unc).p`` -> list of ref dicts (as stored; ids may be any integer type).
 
     Each ref must hold ``ref_id``, ``ann_id``, ``image_id`` (ints), ``split`` (str) and ``sentences``: a list of
-    ``{"sent": str, "sent_id": int, ...}``; ``ref_id`` values must be unique. Raises DataError naming the file, the
-    ref index and the field."""
+    ``{"raw": str, "sent": str, "sent_id": int, ...}`` (``text_field``, the one read as the expression, must be a
+    string); ``ref_id`` values must be unique. Raises DataError naming the file, the ref index and the field."""
     path = Path(path)
     refs = _read_pickle(path)
     if not isinstance(refs, list):
@@ -91,8 +91,8 @@ def load_refs(path: str | Path) -> list[dict[str, Any]]:
         for j, sent in enumerate(ref["sentences"]):
             if not isinstance(sent, dict):
                 raise DataError(f"{path}: ref {i} sentences[{j}] is a {type(sent).__name__}, expected a dict")
-            if not isinstance(sent.get("sent"), str):
-                raise DataError(f"{path}: ref {i} sentences[{j}] has no string 'sent'")
+            if not isinstance(sent.get(text_field), str):
+                raise DataError(f"{path}: ref {i} sentences[{j}] has no string {text_field!r}")
             if not _is_int(sent.get("sent_id")):
                 raise DataError(f"{path}: ref {i} sentences[{j}] has no integer 'sent_id'")
         rid = int(ref["ref_id"])

@@ -81,8 +81,8 @@ def test_real_sample_reads_and_converts() -> None:
     assert texts["rationales"][3].startswith(f"{name0} is wearing outerwear")
     assert texts["detections"] == [0, 1, 2]
     assert all("[" not in t for t in [texts["question"], *texts["answers"], *texts["rationales"]])
-    # a non-person detection keeps its class name; lists are joined with "and"
-    assert tokens_to_text(["see", [0, 3, 5]], rec["objects"], mapping) == f"see {name0} and car and clock"
+    # a non-person detection keeps its class name; a list's names follow each other (ViLBERT: no "and")
+    assert tokens_to_text(["see", [0, 3, 5]], rec["objects"], mapping) == f"see {name0} car clock"
 
 
 def test_text_helpers() -> None:
@@ -91,7 +91,7 @@ def test_text_helpers() -> None:
     assert sorted(mapping) == [0, 2] and mapping[0] != mapping[2]
     assert mapping == person_names(objects, ["A", "B", "C"], "k-1")
     assert person_names(["dog"], [], "x") == {}
-    assert tokens_to_text([[1], "barks", "at", [0, 2]], objects, {0: "Ann", 2: "Bo"}) == "dog barks at Ann and Bo"
+    assert tokens_to_text([[1], "barks", "at", [0, 2]], objects, {0: "Ann", 2: "Bo"}) == "dog barks at Ann Bo"
     assert token_detections([[2], "x", [0, 2], [1]]) == [2, 0, 1]
     # more persons than names: repeats allowed
     assert len(person_names(["person"] * 3, ["Z"], "k")) == 3

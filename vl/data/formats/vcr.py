@@ -236,13 +236,14 @@ def person_names(objects: Sequence[str], names: Sequence[str], key: str) -> dict
 
 
 def tokens_to_text(tokens: Sequence[Any], objects: Sequence[str], person_names: Mapping[int, str]) -> str:
-    """Token list -> text (tokens joined by spaces). A detection list ``[i, j]`` becomes ``"<i> and <j>"`` where a
-    detection is its name from ``person_names`` when given (persons), else its class name ``objects[i]``.
+    """Token list -> text (tokens joined by spaces). A detection list ``[i, j]`` becomes ``"<i> <j>"``, its names
+    one after the other as ViLBERT's `replace_det_with_name` tokenises them (no "and"), where a detection is its name
+    from ``person_names`` when given (persons), else its class name ``objects[i]``.
     Use ``token_detections(tokens)`` for the indices referenced."""
     words = []
     for tok in tokens:
         if isinstance(tok, list):
-            words.append(" and ".join(person_names.get(int(i), objects[int(i)]) for i in tok))
+            words.append(" ".join(person_names.get(int(i), objects[int(i)]) for i in tok))
         else:
             words.append(str(tok))
     return " ".join(words)

@@ -390,6 +390,48 @@ def test_new_weights_follow_the_seeds_init_bert_weights(initializer_range) -> No
         assert torch.count_nonzero(getattr(enc, name).bias) == 0, name
 
 
+def test_a_pretrained_bert_gives_the_pooler_mlm_and_itm_heads_as_the_seeds_from_pretrained(tmp_path) -> None:
+    """The seed's `LXRTPretraining.from_pretrained("bert-base-uncased")` loads BERT's pooler, `cls.predictions` and
+    `cls.seq_relationship` (its ITM head) besides the body; checked against the HF `BertForPreTraining` saved."""
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    hf = BertForPreTraining(config)
+    with torch.no_grad():
+        for p in hf.parameters():  # not the init values a random start would also give
+            p.add_(torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "bert")
+    system = ClipVilSystem(
+        encoder={
+            "_target_": "vl.models.clip_vil.ClipVilEncoder",
+            "text_encoder": {"pretrained": str(tmp_path / "bert")},
+            "backbone": TINY_BACKBONE,
+        },
+        objectives=["mlm", "itm"],
+        data_info={"pixels": True},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+    )
+    own = system.state_dict()
+    ref = hf.state_dict()
+    pairs = {
+        "encoder.pooler.weight": "bert.pooler.dense.weight",
+        "encoder.pooler.bias": "bert.pooler.dense.bias",
+        "objectives.itm.classifier.weight": "cls.seq_relationship.weight",
+        "objectives.itm.classifier.bias": "cls.seq_relationship.bias",
+        "objectives.mlm.transform.0.weight": "cls.predictions.transform.dense.weight",
+        "objectives.mlm.transform.2.weight": "cls.predictions.transform.LayerNorm.weight",
+        "objectives.mlm.bias": "cls.predictions.bias",
+    }
+    for mine, theirs in pairs.items():
+        assert torch.equal(own[mine], ref[theirs]), mine
+    assert torch.equal(
+        own["encoder.bert.encoder.layer.0.output.dense.weight"], ref["bert.encoder.layer.0.output.dense.weight"]
+    )
+    random = tiny_system(objectives=("mlm", "itm"))  # no pretrained BERT: the seed's init, nothing loaded
+    assert random.bert_parts_loaded == []
+
+
 @pytest.mark.parametrize(
     ("option", "needle"),
     [

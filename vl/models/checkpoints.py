@@ -128,6 +128,43 @@ def bert_weights_file(model_dir: Path) -> Path | None:
     return next((f for f in files if f.is_file()), None)
 
 
+def bert_file_tensors(weights: Path, keys: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a BERT weights file whose names are in `keys` (a safetensors file: only those are read)."""
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k in keys}
+    state = read_state_dict(weights, key="text_encoder.pretrained")
+    return {k: v for k, v in state.items() if k in keys}
+
+
+def load_bert_parts(model: nn.Module, pretrained: str, parts: dict[str, str]) -> list[str]:
+    """Copy BERT checkpoint tensors into `model` by `parts` ({checkpoint key: model key}; the first checkpoint key
+    found for a model key wins, so a map may list `bert.pooler.dense.weight` and a `BertModel` save's
+    `pooler.dense.weight` for one target). Shapes must match (ConfigError naming both). Logged; returns the model keys
+    loaded (none when the dir has no weights file or none of the keys)."""
+    from vl.models.bert_backbone import resolve_model_dir
+
+    weights = bert_weights_file(resolve_model_dir(pretrained))
+    if weights is None:
+        return []
+    found = bert_file_tensors(weights, parts)
+    own = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, target in parts.items():
+        if key not in found or target in loaded:
+            continue
+        if own[target].shape != found[key].shape:
+            raise ConfigError(
+                f"{weights}: '{key}' has shape {tuple(found[key].shape)}, {target} {tuple(own[target].shape)}"
+            )
+        loaded[target] = found[key]
+    model.load_state_dict(loaded, strict=False)
+    log.info("from %s: %s", weights, ", ".join(sorted(loaded)) or "nothing (no such keys)")
+    return sorted(loaded)
+
+
 def load_bert_mlm_head(model: nn.Module, pretrained: str) -> dict[str, torch.Tensor]:
     """`cls.predictions.*` of the `BertForMaskedLM` checkpoint in a pretrained BERT dir -> `objectives.mlm` (its decoder
     is tied to the word embeddings, which come with the BERT body). Logged; returns the loaded {key: tensor} (empty
@@ -139,14 +176,7 @@ def load_bert_mlm_head(model: nn.Module, pretrained: str) -> dict[str, torch.Ten
     if weights is None:
         log.warning("MLM head: no weights file in %s; the head stays randomly initialised", model_dir)
         return {}
-    if weights.suffix == ".safetensors":  # read the head's tensors only, not the whole checkpoint
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            found = {k: f.get_tensor(k) for k in f.keys() if k in BERT_MLM_HEAD_KEYS}
-    else:
-        state = read_state_dict(weights, key="text_encoder.pretrained")
-        found = {k: v for k, v in state.items() if k in BERT_MLM_HEAD_KEYS}
+    found = bert_file_tensors(weights, BERT_MLM_HEAD_KEYS)
     head: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     for key, value in found.items():  # `cls.predictions.bias` and `.decoder.bias`: one tied tensor, often saved twice

@@ -5,7 +5,8 @@ Encoder (`ClipVilEncoder`):
   - grid = backbone(pixel_values) (B, C, h, w) (`vl.models.clip_resnet`, attention pool skipped; stride 32);
   - + x-embedding[x] + y-embedding[y] (`pos_num` 25 each, dim C), flattened row-major to (B, h*w, C);
   - initialisation as the seed's `init_bert_weights`: position embeddings, `visn_fc` and the pooler ~
-    N(0, `initializer_range`) (0.02), Linear biases 0;
+    N(0, `initializer_range`) (0.02), Linear biases 0; with `text_encoder.pretrained` the pooler, and the system's
+    MLM and ITM heads, come from that BERT checkpoint as in the seed (`ClipVilSystem.load_bert_pretraining_heads`);
   - `sub_sampling`: `sub_feat_num` (100) distinct cells drawn per image, in training and, as the seed does
     (it samples whenever `--sub_sampling` is on), in evaluation too; `sub_sampling_in_eval=false`: every cell in
     evaluation. All cells when the grid is smaller (the seed's `np.random.choice` would fail there). Fine-tuning
@@ -44,6 +45,7 @@ from vl.batch import EncoderOutput
 from vl.errors import ConfigError
 from vl.heads.qa import PretrainQA
 from vl.models.bert_backbone import build_bert
+from vl.models.checkpoints import load_bert_mlm_head, load_bert_parts
 from vl.models.clip_resnet import build_clip_resnet, load_clip_visual
 from vl.models.system import NO_DECAY, VLSystem
 
@@ -324,6 +326,24 @@ class ClipVilSystem(VLSystem):
         self.qa_rows_copied: int | None = None
         super().__init__(**kwargs)
         self.check_optimizer_options()
+        self.bert_parts_loaded: list[str] = []
+        if self.encoder.pretrained and not self.init_from:
+            self.load_bert_pretraining_heads(self.encoder.pretrained)
+
+    def load_bert_pretraining_heads(self, pretrained: str) -> list[str]:
+        """What the seed's `LXRTPretraining.from_pretrained("bert-base-uncased")` takes from BERT beside the body: the
+        pooler (`bert.pooler.dense`), the MLM head (`cls.predictions.*`, decoder tied) and the next-sentence head
+        `cls.seq_relationship`, which is its ITM head (rows as stored). Those the dir lacks keep their init."""
+        parts: dict[str, str] = {}
+        if self.encoder.pooling == "cls":
+            for prefix in ("bert.pooler.dense.", "pooler.dense."):  # BertForPreTraining / BertModel saves
+                parts |= {f"{prefix}weight": "encoder.pooler.weight", f"{prefix}bias": "encoder.pooler.bias"}
+        if "itm" in self.objectives:
+            parts |= {f"cls.seq_relationship.{k}": f"objectives.itm.classifier.{k}" for k in ("weight", "bias")}
+        self.bert_parts_loaded = load_bert_parts(self, pretrained, parts) if parts else []
+        if "mlm" in self.objectives:
+            self.bert_parts_loaded += sorted(load_bert_mlm_head(self, pretrained))
+        return self.bert_parts_loaded
 
     def check_optimizer_options(self) -> None:
         """The shared system's optimiser options CLIP-ViL's two optimisers do not use fail here, naming the option:

@@ -303,6 +303,28 @@ def test_hybrid_init_takes_mbert_encoder_and_vlbert_visual_parts(tmp_path, caplo
     assert "missing keys" in text and "unexpected keys" in text
 
 
+def test_hybrid_init_takes_mberts_mlm_head(tmp_path) -> None:
+    """The seed loads the language model's MLM head (`cls.predictions` transform and bias) into its own; the [STOP]
+    entry beyond M-BERT's vocabulary keeps its init (0), as its word row does. Checked against the saved HF model."""
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(4)
+    mbert = BertForPreTraining(
+        BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    )
+    with torch.no_grad():
+        for p in mbert.parameters():
+            p.add_(torch.randn_like(p))
+    mbert.save_pretrained(tmp_path / "mbert")
+    system = _system(mbert_dir=str(tmp_path / "mbert"))
+    own, ref = system.state_dict(), mbert.state_dict()
+    torch.testing.assert_close(own["objectives.mlm.transform.0.weight"], ref["cls.predictions.transform.dense.weight"])
+    torch.testing.assert_close(own["objectives.mlm.transform.2.bias"], ref["cls.predictions.transform.LayerNorm.bias"])
+    torch.testing.assert_close(own["objectives.mlm.bias"][:V], ref["cls.predictions.bias"])
+    assert own["objectives.mlm.bias"].shape == (V + 1,) and own["objectives.mlm.bias"][V] == 0
+    torch.testing.assert_close(system.encoder.word_embeddings.weight[:V], ref["bert.embeddings.word_embeddings.weight"])
+
+
 def test_hybrid_init_fails_when_nothing_loads(tmp_path) -> None:
     from vl.errors import ConfigError
 

@@ -341,3 +341,50 @@ def test_mt_rows_expand_every_german_prefix(data_dir) -> None:
     assert labelled.tolist() == [1, 1, 1]  # only the [MASK]
     pos = batch["attention_mask"].sum(1) - 2
     assert (batch["input_ids"][torch.arange(3), pos] == tok.mask_token_id).all()
+
+
+def test_translation_truncates_once_and_keeps_its_mask(data_dir) -> None:
+    """The seed's generation truncates a row once (SEQ_LEN 150) and then appends the generated tokens: every step
+    reads the [MASK] it appended, keeps the first step's boxes and source tokens, whatever the training seq_len (64),
+    which cut the [MASK] itself once the text passed half of it. A stand-in model records each step's batch and
+    always predicts one German word (never [STOP]), so the text grows to 40 generated tokens."""
+    from types import SimpleNamespace
+
+    from vl.models.mm_bert import greedy_translate
+
+    dm = Multi30kDataModule(
+        cache_dir=str(data_dir), corpus={"num_images": 150}, task="mt", objectives=["mlm"], seq_len=64, max_regions=40
+    )
+    dm.setup("test")
+    tok, collator = dm.tokenizer, dm.collator("test")
+    examples = [dm.datasets["test"][i] for i in range(3)]
+    examples = [ex | {"text": " ".join([ex["text"]] * 3)} for ex in examples]  # long sources (~30 tokens)
+    word = tok.convert_tokens_to_ids(tok.tokenize("hund")[0])
+    seen: list[dict] = []
+
+    class Recorder(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def __init__(self) -> None:
+            super().__init__()
+            vocab = len(tok)
+            self.objectives = {
+                "mlm": SimpleNamespace(logits=lambda s: torch.nn.functional.one_hot(s[:, 0].long(), vocab).float())
+            }
+
+        def forward(self, batch):
+            seen.append({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+            return SimpleNamespace(text=torch.full((*batch["input_ids"].shape, 1), float(word)))
+
+    out = greedy_translate(Recorder(), collator, examples, tok, max_steps=40, seq_len=150)
+    assert len(out) == 3 and collator.seq_len == 64  # the training limit is restored
+    first = seen[0]
+    n_source = [int((first["input_ids"][j] == tok.sep_token_id).nonzero()[0]) for j in range(3)]
+    for step, batch in enumerate(seen):
+        length = batch["attention_mask"].sum(1)
+        assert (batch["input_ids"][torch.arange(3), length - 2] == tok.mask_token_id).all(), step
+        assert (length == first["attention_mask"].sum(1) + step).all(), step  # nothing cut
+        for j in range(3):
+            assert torch.equal(batch["input_ids"][j, : n_source[j] + 1], first["input_ids"][j, : n_source[j] + 1])
+        assert torch.equal(batch["visual_mask"].sum(1), first["visual_mask"].sum(1)), step
+    assert int(seen[-1]["attention_mask"].sum(1).max()) > 64  # past the training limit

@@ -149,7 +149,9 @@ class Multi30kDataModule(VLDataModule):
     ``mlt_outputs``: the MLT head's size (the seed's ``MLT_words`` 1536; None = the MLT vocabulary's size).
     ``seq_len``: VL-BERT's joint limit on a row's text tokens + boxes (whole-image box included; 64 as the seed's
     datasets; None: none), applied per row after masking and per caption x image pair in the retrieval gallery
-    (``Multi30kCollator.pair_batch``)."""
+    (``Multi30kCollator.pair_batch``). ``mt_seq_len``: the same limit when translating (the seed's generate config:
+    150), applied once, to the first decoding step's rows; the generated tokens are appended without truncating
+    again (`vl.models.mm_bert.greedy_translate`)."""
 
     label_keys = {
         "itm_label": ("itm_labels", "long"),
@@ -174,6 +176,7 @@ class Multi30kDataModule(VLDataModule):
         aux_min_words: int = 96,
         aux_seq_len: int = 96,
         mt_max_steps: int = 48,
+        mt_seq_len: int | None = 150,
         annotations: str = "{split}_frcnn.json",
         mlt_annotations: str = "{split}_MLT_frcnn.json",
         mlt_vocab: str = "utils/MLT_vocab.txt",
@@ -209,6 +212,7 @@ class Multi30kDataModule(VLDataModule):
         self.negative_fraction = float(negative_fraction)
         self.exhaustive_test = exhaustive_test
         self.mt_vision, self.mt_max_steps = mt_vision, int(mt_max_steps)
+        self.mt_seq_len = None if mt_seq_len is None else int(mt_seq_len)
         self.aux_text, self.aux_batch_size = aux_text, int(aux_batch_size)
         self.aux_min_words, self.aux_seq_len = int(aux_min_words), int(aux_seq_len)
         self.annotations, self.mlt_annotations, self.mlt_vocab_file, self.wmt = (

@@ -291,6 +291,8 @@ def test_the_two_optimisers_step_their_own_parameters() -> None:
     def changed():
         return {n for n, p in system.named_parameters() if not torch.equal(p, before[n])}
 
+    for group in adamw.param_groups:  # the schedule's first update is at lr 0 (the seed's warmup)
+        group["lr"] = 1e-3
     adamw.step()
     backbone = {n for n in before if n.startswith("encoder.backbone.")}
     assert changed() == set(before) - backbone  # AdamW never touches the backbone
@@ -303,6 +305,22 @@ def test_the_two_optimisers_step_their_own_parameters() -> None:
     torch.testing.assert_close(p, before["encoder.backbone.conv1.weight"] * (1 - 0.1 * 4e-4) - 0.1)
 
 
+@pytest.mark.parametrize(("total", "ratio"), [(237, 0.025), (237, 0.05), (40, 0.01), (9, 0.3), (100, 0.0)])
+def test_adamw_schedule_is_transformers_linear_warmup_with_a_float_warmup(total, ratio) -> None:
+    """The seed passes num_warmup_steps = warmup_ratio x t_total unrounded (5.925 for 237 x 0.025)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from vl.models.clip_vil import warmup_linear
+
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_linear_schedule_with_warmup(ref_opt, num_warmup_steps=ratio * total, num_training_steps=total)
+    factor = warmup_linear(total, ratio)
+    for step in range(total + 3):
+        assert factor(step) == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
+        ref_opt.step()
+        ref.step()
+
+
 def test_schedules_warmup_linear_decay_and_backbone_steps() -> None:
     system = tiny_system(visual_optimizer={"lr": 0.003, "schedule": [2, 3]}, warmup_ratio=0.25, decay_epochs=8)
     fused, scheduler = configured(system, total=40, epochs=4)  # 10 steps per epoch; Adam decays over 80 steps
@@ -312,9 +330,18 @@ def test_schedules_warmup_linear_decay_and_backbone_steps() -> None:
         sgd_lrs.append(fused.param_groups[2]["lr"])
         fused.step()  # no gradients: changes nothing
         scheduler.step()
-    warmup = int(0.25 * 80)
-    assert adam_lrs[0] == pytest.approx(1e-3 / warmup) and adam_lrs[warmup - 1] == pytest.approx(1e-3)
-    assert adam_lrs[30] == pytest.approx(1e-3 * (80 - 30) / (80 - warmup))
+    # the seed's: transformers' get_linear_schedule_with_warmup(num_warmup_steps=0.25 x 80) over 80 steps
+    from transformers import get_linear_schedule_with_warmup
+
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    ref = get_linear_schedule_with_warmup(ref_opt, num_warmup_steps=0.25 * 80, num_training_steps=80)
+    want = []
+    for _ in range(40):
+        want.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref.step()
+    assert adam_lrs == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert adam_lrs[0] == 0.0 and adam_lrs[20] == pytest.approx(1e-3)
     assert (
         sgd_lrs[19] == pytest.approx(0.003)
         and sgd_lrs[20] == pytest.approx(3e-4)

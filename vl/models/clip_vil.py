@@ -245,13 +245,15 @@ class FusedOptimizer(Optimizer):
 
 
 def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    """The seed's BertAdam `warmup_linear`: (step+1)/warmup during warmup, then linear decay to 0 at `total_steps`."""
-    warmup = max(1, int(warmup_ratio * total_steps))
+    """The seed's AdamW schedule, transformers' `get_linear_schedule_with_warmup(num_warmup_steps=warmup_ratio x
+    t_total)` with W = warmup_ratio x `total_steps` left a float: update s at s / max(1, W) (the first at lr 0, the
+    scheduler steps after each update), then linear decay (T - s) / max(1, T - W) to 0 at T = `total_steps`."""
+    warmup = warmup_ratio * total_steps
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+            return step / max(1.0, warmup)
+        return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup))
 
     return factor
 

@@ -305,6 +305,41 @@ def test_the_two_optimisers_step_their_own_parameters() -> None:
     torch.testing.assert_close(p, before["encoder.backbone.conv1.weight"] * (1 - 0.1 * 4e-4) - 0.1)
 
 
+def _seed_name(name: str) -> str:
+    """vl's parameter name -> the seed's (`LXRTPretraining` / `VQAModel`), for the parts the decay rule reads."""
+    rules = [
+        ("encoder.bert.", "bert."),
+        ("encoder.visual_fc.", "bert.encoder.visn_fc.visn_fc."),
+        ("encoder.visual_norm.", "bert.encoder.visn_fc.visn_layer_norm."),
+        ("encoder.pos_x.", "bert.encoder.visual_model.x_position_embedding."),
+        ("encoder.pos_y.", "bert.encoder.visual_model.y_position_embedding."),
+        ("encoder.pooler.", "bert.pooler.dense."),
+        ("objectives.mlm.transform.0.", "cls.predictions.transform.dense."),
+        ("objectives.mlm.transform.2.", "cls.predictions.transform.LayerNorm."),
+        ("objectives.mlm.bias", "cls.predictions.bias"),
+        ("objectives.itm.classifier.", "cls.seq_relationship."),
+        ("objectives.vqa.classifier.", "logit_fc."),
+    ]
+    for mine, theirs in rules:
+        if name.startswith(mine):
+            return theirs + name[len(mine) :]
+    raise AssertionError(f"no seed name for {name}")
+
+
+def test_adamw_decays_what_the_seeds_name_rule_decays() -> None:
+    """The seed: `no_decay = ['bias', 'LayerNorm.weight']` matched in its own parameter names, so `visn_layer_norm`
+    and the answer head's LayerNorm (`logit_fc.2`) decay; applied here to the seed's names of vl's parameters."""
+    system = tiny_system(objectives=("mlm", "itm", "vqa"), data_info={"num_answers": 7})
+    fused, _ = configured(system)
+    adamw = fused.optimizers["adamw"]
+    names = {id(p): n for n, p in system.named_parameters()}
+    decay = {names[id(p)] for p in adamw.param_groups[0]["params"]}
+    no_decay = {names[id(p)] for p in adamw.param_groups[1]["params"]}
+    seed_no_decay = {n for n in decay | no_decay if any(nd in _seed_name(n) for nd in ("bias", "LayerNorm.weight"))}
+    assert no_decay == seed_no_decay
+    assert {"encoder.visual_norm.weight", "objectives.vqa.classifier.2.weight"} <= decay
+
+
 @pytest.mark.parametrize(("total", "ratio"), [(237, 0.025), (237, 0.05), (40, 0.01), (9, 0.3), (100, 0.0)])
 def test_adamw_schedule_is_transformers_linear_warmup_with_a_float_warmup(total, ratio) -> None:
     """The seed passes num_warmup_steps = warmup_ratio x t_total unrounded (5.925 for 237 x 0.025)."""

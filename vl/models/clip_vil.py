@@ -47,7 +47,7 @@ from vl.heads.qa import PretrainQA
 from vl.models.bert_backbone import build_bert
 from vl.models.checkpoints import load_bert_mlm_head, load_bert_parts
 from vl.models.clip_resnet import build_clip_resnet, load_clip_visual
-from vl.models.system import NO_DECAY, VLSystem
+from vl.models.system import VLSystem
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +296,13 @@ def copy_answer_rows(
     return len(pairs)
 
 
+#: the seed's AdamW no-decay rule (`no_decay = ['bias', 'LayerNorm.weight']`, matched in its parameter names) in vl's
+#: names: BERT's LayerNorms keep their names; its MLM head's `cls.predictions.transform.LayerNorm` is vl's
+#: `transform.2`. `visn_fc`'s LayerNorm (vl: `encoder.visual_norm`) and the answer heads' (`classifier.2`) are not
+#: named LayerNorm in the seed, so they decay there, and here.
+SEED_NO_DECAY = ("bias", "LayerNorm.weight", "objectives.mlm.transform.2.weight")
+
+
 class ClipVilSystem(VLSystem):
     """The shared system with CLIP-ViL's two optimisers and the QA -> VQA head initialisation (module docstring)."""
 
@@ -380,7 +387,7 @@ class ClipVilSystem(VLSystem):
                 continue
             if name.startswith("encoder.backbone."):
                 visual.append(param)
-            elif any(name.endswith(nd) for nd in NO_DECAY) or param.ndim <= 1:
+            elif any(nd in name for nd in SEED_NO_DECAY):
                 no_decay.append(param)
             else:
                 decay.append(param)

@@ -147,3 +147,24 @@ def test_published_configs_compose(make_cfg, experiment, stage, lr) -> None:
     if stage == "transfer":
         assert enc.freeze_encoder and list(cfg.data.objectives) == ["vg_transfer"] and cfg.data.batch_size == 300
         assert enc.dropout_rate == 0.1 and cfg.trainer.max_epochs == 150  # README: --dropout-rate 0.1 --n_epochs 150
+        # its training loader: Resize(224) + CenterCrop(224); evaluation: data=vg_bert_coco's 256 / 224
+        assert dict(cfg.data.train_transform_options) == {"size": 224, "crop": 224}
+        assert cfg.data.transform_options.size == 256 and cfg.data.transform_options.crop == 224
+
+
+def test_the_training_split_can_have_its_own_transform(make_cfg) -> None:
+    from vl.build import build_datamodule
+
+    overrides = (
+        "data.num_workers=0",
+        "data.corpus.num_images=150",
+        "data.batch_size=8",
+        "data.batch_size_per_device=8",
+    )
+    cfg = make_cfg(
+        "experiment=vg_bert_transfer_retrieval_tiny", *overrides, "data.train_transform_options={size: 56, crop: 48}"
+    )
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))["pixel_values"].shape[1:] == (3, 48, 48)
+    assert next(iter(dm.val_dataloader()))["pixel_values"].shape[1:] == (3, 64, 64)

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from vl.data.clip_vil import ImageDataModule
 from vl.data.formats.vg_bert import load_coco_json, load_vg_json
-from vl.data.images import PixelLoader, stack_pixels
+from vl.data.images import PixelLoader, build_transform, stack_pixels
 from vl.data.samplers import global_seed, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.images import ensure_image_corpus
@@ -158,9 +158,23 @@ class VGCollator:
 class _VGBertData(ImageDataModule):
     """Shared: the embedded corpus root (images + the VG-BERT JSONs), the VG-BERT transform, no aspect grouping."""
 
-    def __init__(self, *, json: str, transform: str = "vg_bert", group_by_aspect: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        json: str,
+        transform: str = "vg_bert",
+        group_by_aspect: bool = False,
+        train_transform_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`train_transform_options`: the training split's transform options, when they differ from
+        `transform_options` (the seed's transfer training loader: Resize(224) + CenterCrop(224); its evaluation
+        256 / 224); None: `transform_options` for every split."""
         super().__init__(transform=transform, group_by_aspect=group_by_aspect, **kwargs)
         self.json = json
+        self.train_transform = (
+            None if train_transform_options is None else build_transform(transform, **dict(train_transform_options))
+        )
 
     @property
     def root(self) -> Path:
@@ -174,8 +188,9 @@ class _VGBertData(ImageDataModule):
     def required_files(self) -> list[Path]:
         return [self.path(self.json, split) for split in ("train", "val", "test")]
 
-    def pixels(self) -> PixelLoader:
-        return PixelLoader(self.transform, self.on_bad_image)
+    def pixels(self, split: str) -> PixelLoader:
+        transform = self.train_transform if split == "train" and self.train_transform is not None else self.transform
+        return PixelLoader(transform, self.on_bad_image)
 
     @property
     def seed(self) -> int:
@@ -200,7 +215,7 @@ class VGBertCocoDataModule(_VGBertData):
         return self._records[split]
 
     def build_dataset(self, split: str) -> CocoCaptions:
-        return CocoCaptions(self.records(split), self.pixels(), self.seed, fixed_line=split != "train")
+        return CocoCaptions(self.records(split), self.pixels(split), self.seed, fixed_line=split != "train")
 
     def collator(self, split: str) -> CaptionCollator:
         return CaptionCollator(self.tokenizer, self.max_text_len)
@@ -247,7 +262,9 @@ class VGBertVGDataModule(_VGBertData):
         return self._records[split]
 
     def build_dataset(self, split: str) -> VGObjects:
-        return VGObjects(self.records(split), self.pixels(), self.tokenizer, self.max_objects, self.max_object_tokens)
+        return VGObjects(
+            self.records(split), self.pixels(split), self.tokenizer, self.max_objects, self.max_object_tokens
+        )
 
     def collator(self, split: str) -> VGCollator:
         return VGCollator()

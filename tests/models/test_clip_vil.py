@@ -340,6 +340,19 @@ def test_adamw_decays_what_the_seeds_name_rule_decays() -> None:
     assert {"encoder.visual_norm.weight", "objectives.vqa.classifier.2.weight"} <= decay
 
 
+def test_vl_adamw_rules_keep_the_earlier_warmup_and_groups() -> None:
+    system = tiny_system(
+        objectives=("mlm", "itm", "vqa"), data_info={"num_answers": 7}, adamw_rules="vl", warmup_ratio=0.25
+    )
+    fused, scheduler = configured(system, total=40, epochs=4)
+    names = {id(p): n for n, p in system.named_parameters()}
+    no_decay = {names[id(p)] for p in fused.optimizers["adamw"].param_groups[1]["params"]}
+    assert {"encoder.visual_norm.weight", "objectives.vqa.classifier.2.weight"} <= no_decay
+    assert fused.param_groups[0]["lr"] == pytest.approx(1e-3 / 10)  # (0 + 1) / int(0.25 x 40)
+    with pytest.raises(ConfigError, match="adamw_rules"):
+        tiny_system(adamw_rules="hf")
+
+
 @pytest.mark.parametrize(("total", "ratio"), [(237, 0.025), (237, 0.05), (40, 0.01), (9, 0.3), (100, 0.0)])
 def test_adamw_schedule_is_transformers_linear_warmup_with_a_float_warmup(total, ratio) -> None:
     """The seed passes num_warmup_steps = warmup_ratio x t_total unrounded (5.925 for 237 x 0.025)."""

@@ -47,7 +47,7 @@ from vl.heads.qa import PretrainQA
 from vl.models.bert_backbone import build_bert
 from vl.models.checkpoints import load_bert_mlm_head, load_bert_parts
 from vl.models.clip_resnet import build_clip_resnet, load_clip_visual
-from vl.models.system import VLSystem
+from vl.models.system import NO_DECAY, VLSystem
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,19 @@ def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
     return factor
 
 
+def vl_warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """vl's earlier CLIP-ViL schedule (`adamw_rules: vl`): (s + 1) / W during warmup, W = max(1, int(ratio x T)),
+    then (T - s) / max(1, T - W)."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
 def step_schedule(steps_per_epoch: int, milestones: Sequence[int], gamma: float = 0.1) -> Callable[[int], float]:
     """x`gamma` from each (0-based) epoch in `milestones` on."""
     marks = sorted(int(m) for m in milestones)
@@ -320,12 +333,19 @@ class ClipVilSystem(VLSystem):
         warmup_ratio: float = 0.025,
         decay_epochs: int | None = None,
         qa_answers: str | None = None,
+        adamw_rules: str = "seed",
         **kwargs: Any,
     ) -> None:
         """`visual_optimizer`: the backbone's SGD (`lr`, `momentum`, `weight_decay`, `schedule`: epochs of x0.1);
         `model.optimizer` (lr, eps, weight_decay) is the AdamW of the rest. `decay_epochs`: where the AdamW linear
         decay reaches 0 (default max_epochs). `qa_answers`: the stage-2 answer list (all_ans.json) when
-        initialising a VQA model from a stage-2 checkpoint (default: the one that checkpoint recorded)."""
+        initialising a VQA model from a stage-2 checkpoint (default: the one that checkpoint recorded).
+        `adamw_rules`: "seed" (default): the seed's warmup (`warmup_linear`: s / W, W unrounded) and decay groups
+        (`SEED_NO_DECAY`); "vl": vl's earlier ones, (s + 1) / int(W) and no decay on every 1-d parameter, which the
+        CPU-size recipe keeps (its learning tests were calibrated with them; `model=clip_vil_tiny`)."""
+        if adamw_rules not in ("seed", "vl"):
+            raise ConfigError(f"model.adamw_rules: '{adamw_rules}' is not one of 'seed', 'vl'")
+        self.adamw_rules = adamw_rules
         self.visual_optimizer_cfg = {"lr": 0.003, "momentum": 0.0, "weight_decay": 4e-4, "schedule": []} | dict(
             visual_optimizer or {}
         )
@@ -338,6 +358,11 @@ class ClipVilSystem(VLSystem):
         self.bert_parts_loaded: list[str] = []
         if self.encoder.pretrained and not self.init_from:
             self.load_bert_pretraining_heads(self.encoder.pretrained)
+
+    def _no_decay(self, name: str, param: nn.Parameter) -> bool:
+        if self.adamw_rules == "seed":
+            return any(nd in name for nd in SEED_NO_DECAY)
+        return any(name.endswith(nd) for nd in NO_DECAY) or param.ndim <= 1
 
     def load_bert_pretraining_heads(self, pretrained: str) -> list[str]:
         """What the seed's `LXRTPretraining.from_pretrained("bert-base-uncased")` takes from BERT beside the body: the
@@ -387,7 +412,7 @@ class ClipVilSystem(VLSystem):
                 continue
             if name.startswith("encoder.backbone."):
                 visual.append(param)
-            elif any(nd in name for nd in SEED_NO_DECAY):
+            elif self._no_decay(name, param):
                 no_decay.append(param)
             else:
                 decay.append(param)
@@ -415,7 +440,7 @@ class ClipVilSystem(VLSystem):
         epochs = max(1, int(self.trainer.max_epochs or 1))
         steps_per_epoch = max(1, total // epochs)
         planned = steps_per_epoch * int(self.decay_epochs) if self.decay_epochs else total
-        adam = warmup_linear(planned, self.warmup_ratio)
+        adam = (warmup_linear if self.adamw_rules == "seed" else vl_warmup_linear)(planned, self.warmup_ratio)
         sgd = step_schedule(steps_per_epoch, vcfg.get("schedule") or [])
         lambdas = [adam, adam] + ([sgd] if visual else [])
         scheduler = LambdaLR(fused, lambdas)

@@ -169,11 +169,11 @@ class _VGBertData(ImageDataModule):
     ) -> None:
         """`train_transform_options`: the training split's transform options, when they differ from
         `transform_options` (the seed's transfer training loader: Resize(224) + CenterCrop(224); its evaluation
-        256 / 224); None: `transform_options` for every split."""
+        256 / 224); None or empty: `transform_options` for every split."""
         super().__init__(transform=transform, group_by_aspect=group_by_aspect, **kwargs)
         self.json = json
         self.train_transform = (
-            None if train_transform_options is None else build_transform(transform, **dict(train_transform_options))
+            build_transform(transform, **dict(train_transform_options)) if train_transform_options else None
         )
 
     @property

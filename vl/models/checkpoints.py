@@ -176,6 +176,13 @@ def load_bert_mlm_head(model: nn.Module, pretrained: str) -> dict[str, torch.Ten
     if weights is None:
         log.warning("MLM head: no weights file in %s; the head stays randomly initialised", model_dir)
         return {}
+    return load_mlm_head_file(model, weights)[0]
+
+
+def load_mlm_head_file(model: nn.Module, weights: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`load_bert_mlm_head` from a weights file: ({key: tensor} loaded, model keys skipped for a shape mismatch). A
+    bias shorter than the model's (tokens added after the checkpoint, e.g. MM-BERT's [STOP]) fills its first entries;
+    the others keep their init, as those tokens' word rows do."""
     found = bert_file_tensors(weights, BERT_MLM_HEAD_KEYS)
     head: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
@@ -186,15 +193,18 @@ def load_bert_mlm_head(model: nn.Module, pretrained: str) -> dict[str, torch.Ten
         head[target], source[target] = value, key
     if not head:
         log.info("MLM head: %s has no cls.predictions.* weights; the head stays randomly initialised", weights)
-        return {}
+        return {}, []
     own = model.state_dict()
+    bias, mine = head.get("objectives.mlm.bias"), own.get("objectives.mlm.bias")
+    if bias is not None and mine is not None and 0 < bias.shape[0] < mine.shape[0]:
+        head["objectives.mlm.bias"] = torch.cat([bias, mine[bias.shape[0] :]])
     missing = sorted(k for k in own if k.startswith("objectives.mlm.") and k not in head)
     missing = [k for k in missing if k != "objectives.mlm.word_embeddings.weight"]  # tied, comes with BERT
     bad = sorted(k for k, v in head.items() if own[k].shape != v.shape)
     head = {k: v for k, v in head.items() if k not in bad}
     model.load_state_dict(head, strict=False)
     log_key_report(f"MLM head from {weights}", missing, [f"{k} (shape mismatch)" for k in bad])
-    return head
+    return head, bad
 
 
 # ---------------------------------------------------------------------------------------------------- ViLBERT

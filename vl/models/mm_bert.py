@@ -38,10 +38,9 @@ from vl.errors import ConfigError
 from vl.heads.mm_bert import BinaryImageTextMatching  # noqa: F401  (registers the MM-BERT heads)
 from vl.models.bert_backbone import build_bert
 from vl.models.checkpoints import (
-    BERT_MLM_HEAD_KEYS,
     VLBERT_PARTS,
-    bert_file_tensors,
     bert_weights_file,
+    load_mlm_head_file,
     mbert_hybrid_state,
     read_state_dict,
     vlbert_hybrid_state,
@@ -288,8 +287,10 @@ class MMBertSystem(VLSystem):
             self.load_state_dict(loaded, strict=False)
             missing = [k for k in own if k.startswith("encoder.bert.") and k not in loaded]
             log_key_report(f"hybrid init: M-BERT from {mbert_dir}", missing, unexpected)
-            if "mlm" in self.objectives:
-                self.load_mbert_mlm_head(weights, own)
+            if "mlm" in self.objectives:  # M-BERT's MLM head, as the seed loads it from the language model
+                _, bad = load_mlm_head_file(self, weights)
+                if bad:
+                    raise ConfigError(f"model.mbert_dir: {weights}: the MLM head's {bad[0]} has another shape")
         if vlbert_checkpoint:
             loaded, unexpected = vlbert_hybrid_state(
                 read_state_dict(vlbert_checkpoint, key="model.vlbert_checkpoint"), own
@@ -306,27 +307,6 @@ class MMBertSystem(VLSystem):
                 [k for k in wanted if k not in loaded],
                 unexpected,
             )
-
-    def load_mbert_mlm_head(self, weights: Path, own: dict[str, torch.Tensor]) -> list[str]:
-        """M-BERT's MLM head (`cls.predictions.*`: transform and bias; the decoder is tied to the word embeddings), as
-        the seed's `VisualLinguisticBertForPretraining` loads it from the language model; bias entries beyond M-BERT's
-        vocabulary ([STOP]) keep their init, as those word rows do. Returns the keys loaded (none: logged)."""
-        state = {}
-        for key, value in bert_file_tensors(weights, BERT_MLM_HEAD_KEYS).items():
-            target = BERT_MLM_HEAD_KEYS[key]
-            mine = own[target]
-            if target == "objectives.mlm.bias" and 0 < value.shape[0] < mine.shape[0]:
-                value = torch.cat([value, mine[value.shape[0] :]])
-            if value.shape != mine.shape:
-                raise ConfigError(
-                    f"model.mbert_dir: '{key}' has shape {tuple(value.shape)}, {target} {tuple(mine.shape)}"
-                )
-            state[target] = value
-        self.load_state_dict(state, strict=False)
-        log.info(
-            "hybrid init: MLM head from %s: %s", weights, ", ".join(sorted(state)) or "none (no cls.predictions.*)"
-        )
-        return sorted(state)
 
     # ------------------------------------------------------------------ optimisation
     def total_batch_size(self) -> int:

@@ -476,3 +476,30 @@ def test_scene_corpus_writes_every_region_format(tmp_path: Path) -> None:
     victim = next(paths["regions_json"].iterdir())
     victim.write_bytes(victim.read_bytes()[:-10])
     assert "regions_json/" in (verify_corpus(root, settings) or "")
+
+
+def test_a_reader_dropped_while_the_registry_is_locked_does_not_deadlock(tmp_path: Path) -> None:
+    """A garbage collection inside `_acquire_env` (seen in `lmdb.open`) ran a dropped reader's `__del__` on the
+    thread holding the registry lock, which then waited on that lock for ever (the fast tier hung). Its release is
+    deferred to the next acquire instead, and the shared environment still closes with its last reader."""
+    import threading
+
+    from vl.data.features import region_lmdb
+
+    recs = _records(2)
+    write_region_lmdb(tmp_path / "a.lmdb", recs, map_size=1 << 20)
+    first, second = RegionFeatureReader(tmp_path / "a.lmdb"), RegionFeatureReader(tmp_path / "a.lmdb")
+    first["img_0"], second["img_0"]
+    key = first._env_key
+    assert region_lmdb._SHARED_ENVS[key][2] == 2
+    done = threading.Event()
+    with region_lmdb._SHARED_ENVS_LOCK:  # as inside _acquire_env
+        worker = threading.Thread(target=lambda: (first.__del__(), done.set()))
+        worker.start()
+        worker.join(timeout=10)
+        assert done.is_set()  # the finaliser returned without the lock
+        assert region_lmdb._PENDING_RELEASES == [key]
+    RegionFeatureReader(tmp_path / "a.lmdb")["1001"]  # the next acquire applies the deferred release
+    assert region_lmdb._PENDING_RELEASES == []
+    second.close()
+    assert key not in region_lmdb._SHARED_ENVS  # closed with its last reader

@@ -141,6 +141,7 @@ def _acquire_env(path: Path, data_file: Path) -> tuple[tuple[int, int], Any]:
         raise DataError(f"{data_file}: not a readable LMDB ({e.strerror})") from None
     key = (st.st_dev, st.st_ino)
     with _SHARED_ENVS_LOCK:
+        _drain_pending_releases()
         _drop_inherited_envs()
         entry = _SHARED_ENVS.get(key)
         if entry is None:
@@ -171,15 +172,39 @@ def _acquire_env(path: Path, data_file: Path) -> tuple[tuple[int, int], Any]:
         return key, entry[1]
 
 
-def _release_env(key: tuple[int, int] | None) -> None:
-    with _SHARED_ENVS_LOCK:
-        entry = _SHARED_ENVS.get(key) if key is not None else None
-        if entry is None or entry[0] != os.getpid():
-            return
-        entry[2] -= 1
-        if entry[2] <= 0:
-            del _SHARED_ENVS[key]
-            entry[1].close()
+#: releases from finalisers that found the registry lock taken: a garbage collection inside `_acquire_env` (e.g. in
+#: `lmdb.open`) runs a dropped reader's `__del__` on the thread that holds the lock, which waited on it for ever
+_PENDING_RELEASES: list[tuple[int, int]] = []
+
+
+def _drain_pending_releases() -> None:
+    """With the lock held: the releases finalisers deferred."""
+    while _PENDING_RELEASES:
+        _release_locked(_PENDING_RELEASES.pop())
+
+
+def _release_locked(key: tuple[int, int] | None) -> None:
+    entry = _SHARED_ENVS.get(key) if key is not None else None
+    if entry is None or entry[0] != os.getpid():
+        return
+    entry[2] -= 1
+    if entry[2] <= 0:
+        del _SHARED_ENVS[key]
+        entry[1].close()
+
+
+def _release_env(key: tuple[int, int] | None, *, finaliser: bool = False) -> None:
+    """One reader fewer on `key`; from a finaliser the lock is not waited for: the release is deferred to the next
+    acquire / release when it is taken."""
+    if not _SHARED_ENVS_LOCK.acquire(blocking=not finaliser):
+        if key is not None:
+            _PENDING_RELEASES.append(key)
+        return
+    try:
+        _drain_pending_releases()
+        _release_locked(key)
+    finally:
+        _SHARED_ENVS_LOCK.release()
 
 
 class RegionFeatureReader:
@@ -222,15 +247,15 @@ class RegionFeatureReader:
                 f"{self._data_file()}: LMDB read failed for key {key!r} ({type(e).__name__}: {e})"
             ) from None
 
-    def close(self) -> None:
+    def close(self, *, _finaliser: bool = False) -> None:
         """Release this reader's handle (the shared environment closes with its last reader; reopened on access)."""
         if self._env is not None and self._pid == os.getpid():
-            _release_env(self._env_key)
+            _release_env(self._env_key, finaliser=_finaliser)
         self._env, self._pid, self._env_key = None, None, None
 
     def __del__(self) -> None:
         try:
-            self.close()
+            self.close(_finaliser=True)
         except Exception:  # noqa: BLE001 - never raise from a finaliser (e.g. at interpreter shutdown)
             pass
 

@@ -12,8 +12,9 @@ from torch.utils.data import Dataset
 from vl.data.base import VLDataModule
 from vl.data.features import RegionReader
 from vl.data.formats.vqa import load_answer_vocab, load_questions, load_targets
+from vl.data.formats.vqa_answers import trainval_minval_split
 from vl.data.samplers import split_key
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 
 
 def _question_type(question: str) -> str:
@@ -66,7 +67,13 @@ class VQAQuestions(Dataset):
 
 
 class VQADataModule(VLDataModule):
-    """`data=vqa`. Files are relative to `root` with `{split}` filled from `splits`."""
+    """`data=vqa`. Files are relative to `root` with `{split}` filled from `splits`.
+
+    Besides the file splits (`train`, `val`, ...), `splits` may name ViLBERT's composed ones: `trainval` = the train
+    questions + the val questions but the last `minval_size` (3000) by question id, `minval` = those last ones (the
+    seed's `_load_dataset`, each file's questions sorted by question id; `vqa_answers.trainval_minval_split`, the rule
+    `vl.tools.vqa_convert` also writes files by). Their questions and targets are read from the train and val files,
+    as the seed reads them; the published ViLBERT recipe trains on trainval and validates on minval."""
 
     label_keys = {
         "vqa_target": ("vqa_targets", "vector"),
@@ -83,20 +90,35 @@ class VQADataModule(VLDataModule):
         targets: str = "vqa/cache/{split}_target.pkl",
         answers: str = "vqa/cache/trainval_ans2label.pkl",
         features: str = "regions.lmdb",
+        minval_size: int = 3000,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if int(minval_size) < 0:
+            raise ConfigError(f"data.minval_size={minval_size}: must be >= 0 (the val questions held out as minval)")
+        self.minval_size = int(minval_size)
         self.questions_file = questions
         self.targets_file = targets
         self.answers_file = answers
         self.features_file = features
         self._ans2label: dict[str, int] | None = None
 
+    def _file_parts(self, split: str) -> list[tuple[str, str | None]]:
+        """(file split name, which of its questions: None for all) making up `split` (see the class docstring)."""
+        name = self.splits[split]
+        if name == "trainval":
+            return [("train", None), ("val", "trainval")]
+        if name == "minval":
+            return [("val", "minval")]
+        return [(name, None)]
+
     def required_files(self) -> list[Path]:
         files = [self.path(self.answers_file), self.path(self.features_file)]
         for split in ("train", "val", "test"):
-            files += [self.path(self.questions_file, split), self.path(self.targets_file, split)]
-        return files
+            for name, _ in self._file_parts(split):
+                files += [self.root / self.questions_file.format(split=name)]
+                files += [self.root / self.targets_file.format(split=name)]
+        return list(dict.fromkeys(files))
 
     @property
     def ans2label(self) -> dict[str, int]:
@@ -115,17 +137,36 @@ class VQADataModule(VLDataModule):
         return self.label2ans
 
     def build_dataset(self, split: str) -> VQAQuestions:
-        qpath, tpath = self.path(self.questions_file, split), self.path(self.targets_file, split)
-        questions = load_questions(qpath)
-        targets = {int(t["question_id"]): t for t in load_targets(tpath)}
+        questions: list[dict[str, Any]] = []
+        targets: dict[int, dict[str, Any]] = {}
         n = len(self.ans2label)
-        for t in targets.values():
-            bad = [label for label in t["labels"] if not 0 <= int(label) < n]
-            if bad:
-                raise DataError(f"{tpath}: question {t['question_id']} has answer label {bad[0]} outside [0, {n})")
-        missing = next((q["image_id"] for q in questions if str(q["image_id"]) not in self.regions), None)
-        if missing is not None:
-            raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {qpath})")
+        composed = self.splits[split] in ("trainval", "minval")
+        for name, part in self._file_parts(split):
+            qpath = self.root / self.questions_file.format(split=name)
+            tpath = self.root / self.targets_file.format(split=name)
+            file_questions = load_questions(qpath)
+            if composed:  # the seed's order (each file sorted by question id), then its val split
+                file_questions = sorted(file_questions, key=lambda q: q["question_id"])
+            if part is not None:
+                to_trainval, minval = trainval_minval_split(
+                    [q["question_id"] for q in file_questions], self.minval_size
+                )
+                keep = set(to_trainval if part == "trainval" else minval)
+                file_questions = [q for q in file_questions if q["question_id"] in keep]
+            file_targets = {int(t["question_id"]): t for t in load_targets(tpath)}
+            for t in file_targets.values():
+                bad = [label for label in t["labels"] if not 0 <= int(label) < n]
+                if bad:
+                    raise DataError(f"{tpath}: question {t['question_id']} has answer label {bad[0]} outside [0, {n})")
+            missing = next((q["image_id"] for q in file_questions if str(q["image_id"]) not in self.regions), None)
+            if missing is not None:
+                raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {qpath})")
+            questions += file_questions
+            targets.update(
+                (q["question_id"], file_targets[q["question_id"]])
+                for q in file_questions
+                if q["question_id"] in file_targets
+            )
         return VQAQuestions(questions, targets, self.regions, n)
 
     def stream_finisher(self, split: str, context: dict[str, Any]) -> VQAQuestions:

@@ -105,7 +105,8 @@ def reference_encoder(enc: ClipVilEncoder, batch: dict) -> tuple[torch.Tensor, t
     feats = torch.zeros(b, h * w, c)
     for y in range(h):
         for x in range(w):
-            feats[:, y * w + x] = grid[:, :, y, x] + p["pos_x.weight"][x] + p["pos_y.weight"][y]
+            # the seed's order: its x-embedding indexes the rows (dim 2, which it calls "width")
+            feats[:, y * w + x] = grid[:, :, y, x] + p["pos_x.weight"][y] + p["pos_y.weight"][x]
     vis = F.layer_norm(feats @ p["visual_fc.weight"].T + p["visual_fc.bias"], (cfg.hidden_size,),
                        p["visual_norm.weight"], p["visual_norm.bias"], 1e-12)  # fmt: skip
     ids = batch["input_ids"]
@@ -174,6 +175,31 @@ def test_encoder_matches_an_independent_computation() -> None:
     torch.testing.assert_close(out.visual, states[:, t:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.pooled, pooled, atol=1e-5, rtol=1e-5)
     assert out.pooled.abs().max() > 1.0  # no tanh
+
+
+def test_position_embeddings_follow_the_seeds_x_y_order_on_a_non_square_grid() -> None:
+    """The seed's `LinearPositionEmbedding.forward`, transcribed: `width = feats.size(2)` (the rows),
+    `x_position_embedding(arange(width)).unsqueeze(-2)` + `y_position_embedding(arange(size(3))).unsqueeze(-3)`,
+    viewed (1, -1, C) and added to `feats.permute(0, 2, 3, 1).view(B, -1, C)`; vl's `pos_x` / `pos_y` weights used as
+    the seed's x / y tables (so a seed checkpoint's tables load under those names unchanged)."""
+    torch.manual_seed(0)
+    enc = tiny_encoder()
+    with torch.no_grad():
+        enc.pos_x.weight.normal_()
+        enc.pos_y.weight.normal_()
+    feats = torch.randn(2, enc.backbone.out_channels, 3, 5)  # 3 rows x 5 columns
+    enc.backbone.forward = lambda x, skip_last_layer: feats  # the grid as given
+    with torch.no_grad():
+        ours = enc.grid(torch.empty(2, 3, 96, 160)).flatten(2).transpose(1, 2)
+    c = feats.shape[1]
+    width_ids = torch.arange(feats.size(2)).unsqueeze(0)
+    x_embedding = F.embedding(width_ids, enc.pos_x.weight).unsqueeze(-2)  # 1 x 3 x 1 x C
+    height_ids = torch.arange(feats.size(3)).unsqueeze(0)
+    y_embedding = F.embedding(height_ids, enc.pos_y.weight).unsqueeze(-3)  # 1 x 1 x 5 x C
+    seed = feats.permute(0, 2, 3, 1).reshape(2, -1, c) + (x_embedding + y_embedding).view(1, -1, c)
+    torch.testing.assert_close(ours, seed, atol=1e-6, rtol=1e-6)  # the seed adds x + y first
+    # by hand: cell (row 2, column 4) = feats + x[2] + y[4]
+    torch.testing.assert_close(ours[1, 2 * 5 + 4], feats[1, :, 2, 4] + enc.pos_x.weight[2] + enc.pos_y.weight[4])
 
 
 def test_padded_image_areas_are_attended() -> None:
@@ -311,8 +337,8 @@ def _seed_name(name: str) -> str:
         ("encoder.bert.", "bert."),
         ("encoder.visual_fc.", "bert.encoder.visn_fc.visn_fc."),
         ("encoder.visual_norm.", "bert.encoder.visn_fc.visn_layer_norm."),
-        ("encoder.pos_x.", "bert.encoder.visual_model.x_position_embedding."),
-        ("encoder.pos_y.", "bert.encoder.visual_model.y_position_embedding."),
+        ("encoder.pos_x.", "bert.encoder.visual_pos.x_position_embedding."),
+        ("encoder.pos_y.", "bert.encoder.visual_pos.y_position_embedding."),
         ("encoder.pooler.", "bert.pooler.dense."),
         ("objectives.mlm.transform.0.", "cls.predictions.transform.dense."),
         ("objectives.mlm.transform.2.", "cls.predictions.transform.LayerNorm."),

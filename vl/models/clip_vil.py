@@ -3,7 +3,10 @@ learned x/y position embeddings -> `visn_fc` -> twelve BERT layers over [text ; 
 
 Encoder (`ClipVilEncoder`):
   - grid = backbone(pixel_values) (B, C, h, w) (`vl.models.clip_resnet`, attention pool skipped; stride 32);
-  - + x-embedding[x] + y-embedding[y] (`pos_num` 25 each, dim C), flattened row-major to (B, h*w, C);
+  - + x-embedding[i] + y-embedding[j] at row i, column j (`pos_num` 25 each, dim C), flattened row-major to
+    (B, h*w, C). As the seed's `LinearPositionEmbedding`, which calls the grid's dim 2 (rows) "width": its
+    `x_position_embedding` indexes rows and `y_position_embedding` columns, so `pos_x` / `pos_y` hold the same
+    tables as the seed's x / y ones;
   - initialisation as the seed's `init_bert_weights`: position embeddings, `visn_fc` and the pooler ~
     N(0, `initializer_range`) (0.02), Linear biases 0; with `text_encoder.pretrained` the pooler, and the system's
     MLM and ITM heads, come from that BERT checkpoint as in the seed (`ClipVilSystem.load_bert_pretraining_heads`);
@@ -157,7 +160,8 @@ class ClipVilEncoder(nn.Module):
                     f"model.encoder.pos_num={self.pos_num}: the image grid is {h}x{w}; raise pos_num or lower the "
                     "image size"
                 )
-            grid = grid + self.pos_x.weight[:w].T[None, :, None, :] + self.pos_y.weight[:h].T[None, :, :, None]
+            # the seed's order: x indexes the rows (its "width" = size(2)), y the columns
+            grid = grid + self.pos_x.weight[:h].T[None, :, :, None] + self.pos_y.weight[:w].T[None, :, None, :]
         return grid
 
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:

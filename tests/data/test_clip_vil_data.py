@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from tests.conftest import real_sample
-from vl.data.clip_vil import ClipVilPretrainDataModule, ClipVilVQADataModule, PretrainPairs
+from vl.data.clip_vil import ClipVilPretrainDataModule, ClipVilVQADataModule, PretrainPairs, _orientation
 from vl.data.formats.lxmert_pretrain import (
     convert_ans,
     convert_label,
@@ -24,6 +24,7 @@ from vl.data.formats.lxmert_pretrain import (
     load_all_answers,
     load_ans2label,
     load_vqa_json,
+    load_width_heights,
 )
 from vl.data.formats.vqa_answers import normalize_answer
 from vl.data.images import (
@@ -53,7 +54,7 @@ def pixels(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------ embedded images
 def test_image_corpus_is_laid_out_like_coco_and_vg(pixels: Path) -> None:
     scenes = generate_scenes(SETTINGS)
-    sizes = json.loads((pixels / "mscoco" / "width_heights.json").read_text())
+    sizes = json.loads((pixels / "mscoco" / "width_heigths.json").read_text())  # the seed's name and format
     kinds = set()
     for sc in scenes:
         img_id = image_id_of(sc)
@@ -67,8 +68,8 @@ def test_image_corpus_is_laid_out_like_coco_and_vg(pixels: Path) -> None:
             assert rel == f"mscoco/val2014/COCO_val2014_{sc.image_id:012d}.jpg"
         with Image.open(pixels / rel) as jpg, Image.open(pixels / "png" / f"{img_id}.png") as png:
             assert jpg.format == "JPEG" and png.format == "PNG"
-            assert list(jpg.size) == list(png.size) == sizes[rel]
-        w, h = sizes[rel]
+            assert list(jpg.size) == list(png.size) == sizes[f"data/{rel}"][::-1]  # stored [h, w]
+        h, w = sizes[f"data/{rel}"]
         kinds.add((w > h) - (w < h))
     assert kinds == {-1, 0, 1}  # portrait, square and landscape images
 
@@ -319,6 +320,75 @@ def test_bad_images_fail_naming_the_file_or_are_skipped_and_counted(tmp_path: Pa
         bad.write_bytes(good_bytes)
 
 
+def _seed_width_heigths(data: Path, root_name: str) -> dict:
+    """The seed's size pass (`lxmert_data.py` / `vqa_data.py`), transcribed: run from the dir holding `data/`, it
+    walks `root_name` and stores `w = image.shape[0]`, `h = image.shape[1]` as `(w, h)` under
+    `os.path.join(root_name, file)`."""
+    import os
+
+    records = {}
+    cwd = os.getcwd()
+    os.chdir(data.parent)
+    try:
+        for _root, _dirs, files in os.walk(root_name, topdown=False):
+            for file in sorted(files):
+                image = np.asarray(Image.open(os.path.join(root_name, file)))
+                w = image.shape[0]
+                h = image.shape[1]
+                records[os.path.join(root_name, file)] = (w, h)
+    finally:
+        os.chdir(cwd)
+    return records
+
+
+def test_width_heigths_json_is_read_in_the_seeds_own_format(tmp_path: Path) -> None:
+    """A `width_heigths.json` written exactly as the seed writes it (json.dump of its records: `data/` keys, the
+    array's (rows, columns)) -> {path under data/: (w, h)} equal to PIL's sizes; the orientation groups equal the
+    seed's (`get_height_and_width` returns the pair reversed, aspect = its `width / height` quantised at bins [1.0])."""
+    import bisect
+
+    data = tmp_path / "data"
+    (data / "mscoco" / "train2014").mkdir(parents=True)
+    (data / "vg_raw_images" / "VG_100K").mkdir(parents=True)
+    made = {  # PIL (width, height); an L-mode one: its array has no channel axis
+        "mscoco/train2014/COCO_train2014_000000000009.jpg": ((640, 480), "RGB"),
+        "mscoco/train2014/COCO_train2014_000000000025.jpg": ((333, 500), "RGB"),
+        "vg_raw_images/VG_100K/7.jpg": ((300, 300), "L"),
+        "vg_raw_images/VG_100K/8.jpg": ((500, 200), "L"),
+    }
+    for rel, (size, mode) in made.items():
+        Image.new(mode, size).save(data / rel)
+    records = _seed_width_heigths(data, "data/vg_raw_images/VG_100K/")
+    records |= _seed_width_heigths(data, "data/mscoco/train2014/")
+    (data / "mscoco" / "width_heigths.json").write_text(json.dumps(records))
+    assert records["data/mscoco/train2014/COCO_train2014_000000000009.jpg"] == (480, 640)  # (h, w) on disk
+
+    sizes = load_width_heights(data / "mscoco" / "width_heigths.json")
+    assert sizes == {rel: size for rel, (size, _) in made.items()}
+    for rel in made:
+        stored_w, stored_h = records[f"data/{rel}"]
+        height, width = stored_h, stored_w  # the seed's get_height_and_width: `w, h = records[...]; return h, w`
+        seed_group = bisect.bisect_right([1.0], float(width) / float(height))
+        assert _orientation(sizes[rel]) == seed_group
+    # keys without the `data/` prefix are read alike
+    (tmp_path / "plain.json").write_text(json.dumps({k.removeprefix("data/"): v for k, v in records.items()}))
+    assert load_width_heights(tmp_path / "plain.json") == sizes
+
+
+@pytest.mark.parametrize("value", [[640], "480x640", [0, 640], [480.5, 640], [True, 640], None])
+def test_a_malformed_width_heigths_entry_fails_naming_the_file_and_the_key(tmp_path: Path, value) -> None:
+    path = tmp_path / "width_heigths.json"
+    path.write_text(json.dumps({"data/mscoco/val2014/a.jpg": [480, 640], "data/mscoco/val2014/b.jpg": value}))
+    with pytest.raises(DataError, match=r"width_heigths\.json: 'data/mscoco/val2014/b\.jpg' -> .* is not \[height"):
+        load_width_heights(path)
+    path.write_text(json.dumps({"data/mscoco/val2014/a.jpg": [480, 640], "mscoco/val2014/a.jpg": [480, 640]}))
+    with pytest.raises(DataError, match=r"width_heigths\.json: 'mscoco/val2014/a\.jpg' lists an image already"):
+        load_width_heights(path)
+    path.write_text(json.dumps([[480, 640]]))
+    with pytest.raises(DataError, match=r"width_heigths\.json: expected"):
+        load_width_heights(path)
+
+
 def test_grouped_order_keeps_full_batches_in_one_group() -> None:
     groups = [0, 1] * 10 + [0] * 3
     order = list(np.random.default_rng(0).permutation(len(groups)))
@@ -387,7 +457,7 @@ def test_vqa_loader_and_baselines(data_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------ published file lists
 def _real_layout_with_nominival(embedded: Path, tmp: Path) -> Path:
     """The embedded corpus seen as a `data.root` in the seed's layout, plus nominival files (the first half of each
-    minival file: their images are val2014 images listed in width_heights.json)."""
+    minival file: their images are val2014 images listed in width_heigths.json)."""
     root = tmp / "data"
     root.mkdir()
     for entry in embedded.iterdir():

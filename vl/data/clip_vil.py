@@ -2,13 +2,13 @@
 and the LXMERT-format VQA JSON, with images decoded and transformed in DataLoader workers.
 
 Files are relative to `root` in the seed's `data/` layout (`lxmert/*.json`, `mscoco/{train,val}2014/*.jpg`,
-`vg_raw_images/VG_100K/*.jpg`, `mscoco/width_heights.json`, `vqa/*.json`); without `root`, the embedded corpus is
+`vg_raw_images/VG_100K/*.jpg`, `mscoco/width_heigths.json`, `vqa/*.json`); without `root`, the embedded corpus is
 written in that layout on first use (`vl.data.scenes.writers.images`).
 
 - `data=clip_vil_pretrain` (`ClipVilPretrainDataModule`): training files `mscoco_train`, `mscoco_nominival`,
   `vgnococo` (the seed's `--train`; the embedded corpus has no nominival, so without `root` the other two), validation
   `mscoco_minival`; one example per sentence (`flatten_pretrain`); examples
-  whose image is not in `width_heights.json` are dropped (as the seed filters). ITM: with probability
+  whose image is not in `width_heigths.json` are dropped (as the seed filters). ITM: with probability
   `itm_probability` (0.5) the sentence is replaced by a sentence of another image (`itm_label` 0). QA (when `qa` is
   in `objectives`): on matched pairs whose sentence has a label, the answers are normalised with `convert_ans`, those
   outside `answers` (all_ans.json, 9500) dropped, and one is sampled in proportion to its score -> `qa_label`
@@ -69,8 +69,9 @@ class ImageSource(PixelLoader):
 
 def _orientation(wh: tuple[int, int]) -> int:
     """Aspect group: 0 = landscape canvas (w > h), 1 = portrait canvas (w <= h), the clip_vil transform's canvas (a
-    square image gets the portrait one), so a batch holds one canvas shape. The seed's groups (aspect ratio >= 1)
-    put squares with landscapes, and its collator then crops the batch to the first image's canvas."""
+    square image gets the portrait one), so a batch holds one canvas shape. The seed's groups are the same
+    partition: its `get_height_and_width` returns its width_heigths.json pair, (h, w), reversed as (height, width),
+    so its aspect ratio `width / height` is h / w and its group "aspect >= 1" holds the portraits and squares."""
     return 0 if wh[0] > wh[1] else 1
 
 
@@ -193,7 +194,9 @@ class ImageDataModule(VLDataModule):
     None), the transform, bad-image policy, aspect-ratio grouped training batches, `pin_memory` / persistent workers.
 
     `transform`: "clip_vil" (ResizePadNormalize: `min_size`, `max_size`) or "vg_bert" (ResizeCenterCrop);
-    `transform_options`: its keyword arguments. `width_heights`: the size file (filter + grouping)."""
+    `transform_options`: its keyword arguments. `width_heights`: the size file (filter + grouping), by default
+    the seed's own `mscoco/width_heigths.json` (its spelling; `data/`-prefixed keys, [h, w] values:
+    `load_width_heights`)."""
 
     def __init__(
         self,
@@ -202,7 +205,7 @@ class ImageDataModule(VLDataModule):
         transform_options: dict[str, Any] | None = None,
         on_bad_image: str = "error",
         image_format: str = "jpg",
-        width_heights: str = "mscoco/width_heights.json",
+        width_heights: str = "mscoco/width_heigths.json",
         group_by_aspect: bool = True,
         pin_memory: bool = True,
         **kwargs: Any,

@@ -5,7 +5,10 @@
   sentence, uid `"{img_id}_{src}_{idx:03d}"`; a label is attached when `src` is in `labelf` (`flatten_pretrain`).
 - Image paths (`image_path`): an id containing `val2014` -> `mscoco/val2014/<id>.jpg`, `train2014` ->
   `mscoco/train2014/<id>.jpg`, anything else -> `vg_raw_images/VG_100K/<id>.jpg` (relative to the image root).
-- `width_heights.json`: `{relative image path: [w, h]}`, used to filter examples and group aspect ratios.
+- `mscoco/width_heigths.json` (the seed's spelling): `{"data/<image path>": [h, w]}` as the seed's size pass writes
+  it (`(image.shape[0], image.shape[1])` of the decoded array, stored under names `w, h`: the pair is (height,
+  width) whatever the spec's "(w,h)" says; keys carry the seed's `data/` prefix, accepted here with or
+  without it); used to filter examples and group aspect ratios (`load_width_heights`).
 - Answer lists: `lxmert/all_ans.json` (list of `{"ans", "dsets"}`, 9500 in the release) and the VQA
   `trainval_ans2label.json` (dict, 3129) / `trainval_label2ans.json` (list).
 - VQA JSON (`data/vqa/{train,nominival,minival}.json`): a list of
@@ -167,12 +170,23 @@ def load_vqa_json(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_width_heights(path: str | Path) -> dict[str, tuple[int, int]]:
+    """The seed's `width_heigths.json` -> `{image path relative to the data root: (w, h)}`.
+
+    The file maps `"data/mscoco/train2014/<id>.jpg"` (the seed's working-dir paths; the `data/` prefix is dropped,
+    keys without it are accepted too) to `[h, w]`: the seed stores `(image.shape[0], image.shape[1])` of the decoded
+    array, i.e. (height, width), under the names `(w, h)`. A real file wins over the spec's "(w,h)". Each entry must
+    be two positive integers; anything else is a DataError naming the file and the key."""
     data = read_json(path)
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected {{image path: [w, h]}}")
-    out = {}
-    for k, v in data.items():
-        if not (isinstance(v, Sequence) and len(v) == 2):
-            raise DataError(f"{path}: {k!r} -> {v!r} is not [w, h]")
-        out[str(k)] = (int(v[0]), int(v[1]))
+        raise DataError(f'{path}: expected {{"data/<image path>": [h, w]}} (the seed\'s width_heigths.json)')
+    out: dict[str, tuple[int, int]] = {}
+    for key, value in data.items():
+        ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+        ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)
+        if not ok:
+            raise DataError(f"{path}: {key!r} -> {value!r} is not [height, width] (two positive integers)")
+        rel = str(key).removeprefix("data/")
+        if rel in out:
+            raise DataError(f"{path}: {key!r} lists an image already listed (with or without the 'data/' prefix)")
+        out[rel] = (int(value[1]), int(value[0]))
     return out

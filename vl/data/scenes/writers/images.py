@@ -7,7 +7,7 @@ Under `<corpus root>/pixels/` (the image root; paths as the CLIP-ViL seed's `ima
     vg_raw_images/VG_100K/<id>.jpg                      train scenes with an odd id (Visual Genome, "vgnococo")
     mscoco/val2014/COCO_val2014_<12-digit id>.jpg       val and test scenes
     png/<img_id>.png                                    every image again, lossless PNG
-    mscoco/width_heights.json                           {relative jpg path: [w, h]}
+    mscoco/width_heigths.json                           {"data/<relative jpg path>": [h, w]}, the seed's format
     lxmert/{mscoco_train,vgnococo,mscoco_minival,mscoco_test}.json   LXMERT pretraining JSON
     lxmert/all_ans.json                                 the pretraining answers [{"ans", "dsets"}]
     vqa/{train,minival,test}.json                       LXMERT/CLIP-ViL VQA JSON
@@ -45,7 +45,7 @@ from vl.data.scenes.writers.core import write_json
 
 __all__ = ["IMAGE_LAYOUT_VERSION", "ensure_image_corpus", "image_id_of", "pixel_scene", "extra_answers"]
 
-IMAGE_LAYOUT_VERSION = "pixels-v1"
+IMAGE_LAYOUT_VERSION = "pixels-v2"  # v2: the seed's width_heigths.json
 #: long side / short side of the non-square images
 ASPECT = 1.5
 #: answers of the pretraining answer list that no scene question has (the real list has 9500, the VQA one 3129)
@@ -118,8 +118,8 @@ def write_image_corpus(out: Path, scenes: Sequence[Scene], settings: SceneSettin
         image.save(out / rel, format="JPEG", quality=95, subsampling=0)
         (out / "png").mkdir(exist_ok=True)
         image.save(out / "png" / f"{img_id}.png", format="PNG")
-        sizes[rel] = [drawn.width, drawn.height]
-    write_json(out / "mscoco" / "width_heights.json", sizes)
+        sizes[f"data/{rel}"] = [drawn.height, drawn.width]  # the seed's keys and (image.shape[0], image.shape[1])
+    write_json(out / "mscoco" / "width_heigths.json", sizes)
 
     files = {"mscoco_train": [], "vgnococo": [], "mscoco_minival": [], "mscoco_test": []}
     vqa: dict[str, list[dict[str, Any]]] = {"train": [], "minival": [], "test": []}

@@ -210,3 +210,41 @@ def test_build_vlp_id_and_split_rules(tmp_path: Path) -> None:
     assert len(load_jsonl(out / "train.jsonl")) == 2
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert build_vlp_main(["--out", str(out), "--vgqa", str(tmp_path / "bad.json")]) == 1
+
+
+# texts whose ids hold [UNK] (characters outside the vocab) and a literal [MASK], beside the added [CLS] / [SEP]
+SPECIAL_TEXTS = ["a \u2603 dog on a \u2603 couch", "the [MASK] is red", "\u2603", "two cats [UNK] resting"]
+
+
+@pytest.mark.parametrize("module", [VLPDataModule, LxmertTextDataModule])
+def test_mlm_never_picks_a_special_id_as_hf_data_collator_for_language_modeling(tmp_path: Path, module) -> None:
+    """The CLIP-BERT seed masks with HF's `DataCollatorForLanguageModeling(tokenizer, mlm=True)` on features without
+    a special-tokens mask, so it skips every id in `all_special_ids` ([UNK] too). At mlm_probability 1 every other
+    position is picked: the label positions must equal HF's own collator's on the same ids (and a transcription)."""
+    from transformers import DataCollatorForLanguageModeling
+
+    folder = "vlp" if module is VLPDataModule else "lxmert_text"
+    (tmp_path / folder).mkdir()
+    for split in ("train", "val", "test"):
+        write_jsonl(tmp_path / folder / f"{split}.jsonl", [{"text": t} for t in SPECIAL_TEXTS])
+    options = {"text_only": True} if module is VLPDataModule else {}
+    dm = module(root=str(tmp_path), objectives=["mlm"], batch_size=4, mlm_probability=1.0, **options)
+    examples = [{"text": t, "index": i, "epoch": 0} for i, t in enumerate(SPECIAL_TEXTS)]
+    batch = dm.collator("train")(examples)
+    tok = dm.tokenizer
+    unmasked = [tok(t, truncation=True)["input_ids"] for t in SPECIAL_TEXTS]  # the seed's dataset call
+    assert any(tok.unk_token_id in ids[1:-1] for ids in unmasked) and any(tok.mask_token_id in ids for ids in unmasked)
+    hf = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=1.0)([{"input_ids": i} for i in unmasked])
+    assert batch["mlm_labels"].shape == hf["labels"].shape
+    assert torch.equal(batch["mlm_labels"] != -100, hf["labels"] != -100)
+    special = set(tok.all_special_ids)  # the seed's rule, transcribed
+    for row, ids in enumerate(unmasked):
+        picked = (batch["mlm_labels"][row, : len(ids)] != -100).tolist()
+        assert picked == [t not in special for t in ids]
+        assert batch["mlm_labels"][row, : len(ids)][torch.tensor(picked)].tolist() == [
+            t for t in ids if t not in special
+        ]
+    # the option off: only the added [CLS] / [SEP] and padding are skipped ([UNK] can be picked)
+    off = module(root=str(tmp_path), objectives=["mlm"], mlm_probability=1.0, mlm_skip_special_ids=False, **options)
+    labels = off.collator("train")(examples)["mlm_labels"]
+    assert (labels == tok.unk_token_id).any()

@@ -74,6 +74,8 @@ class VLDataModule(L.LightningDataModule):
     prediction_file: ClassVar[str] = "predictions.json"
     #: the embedded corpus's task corpora this module reads (`vl.data.scenes.PARTS`), written on first use
     corpus_parts: ClassVar[tuple[str, ...]] = ()
+    #: MLM also skips every id in `tokenizer.all_special_ids` (`Collator`); the CLIP-BERT corpora take it as an option
+    mlm_skip_special_ids: bool = False
 
     def __init__(
         self,
@@ -220,6 +222,7 @@ class VLDataModule(L.LightningDataModule):
             max_regions=self.max_regions,
             mlm="mlm" in self.objectives,
             mlm_probability=self.mlm_probability,
+            mlm_skip_special_ids=self.mlm_skip_special_ids,
             region_masking=any(name in REGION_MASKING for name in self.objectives),
             labels=self.label_keys,
         )

@@ -138,6 +138,11 @@ class Collator:
     Example keys: `text` (str), optional `text_b`; `visual` (reader dict); the corpus's declared `labels`;
     `index` and `epoch` (ints): MLM masks are drawn from a generator seeded by (epoch, indices), never from the global
     RNG, so runs and resumed runs see the same masks. `extra_keys`: example keys a subclass reads itself.
+
+    MLM never picks padding or the special tokens the tokenizer adds ([CLS], [SEP]); `mlm_skip_special_ids=True`
+    also never picks any other id in `tokenizer.all_special_ids` ([UNK], [MASK], ... in the text), as HF's
+    `DataCollatorForLanguageModeling` does when the batch carries no special-tokens mask (the CLIP-BERT seed's
+    collator: `get_special_tokens_mask(ids, already_has_special_tokens=True)`).
     """
 
     extra_keys: frozenset[str] = frozenset()
@@ -150,6 +155,7 @@ class Collator:
         max_regions: int = 36,
         mlm: bool = False,
         mlm_probability: float = 0.15,
+        mlm_skip_special_ids: bool = False,
         region_masking: bool = False,
         region_mask_probability: float = 0.15,
         fixed_shapes: bool = False,
@@ -161,6 +167,7 @@ class Collator:
         self.max_regions = max_regions
         self.mlm = mlm
         self.mlm_probability = mlm_probability
+        self.mlm_skip_special_ids = mlm_skip_special_ids
         self.region_masking = region_masking
         self.region_mask_probability = region_mask_probability
         self.fixed_shapes = fixed_shapes  # pad to max_text_len / max_regions: a pair scores the same in any batch
@@ -192,7 +199,9 @@ class Collator:
                 generator=generator,
             )
         if self.mlm:
-            special = enc["special_tokens_mask"] | (enc["attention_mask"] == 0)
+            special = enc["special_tokens_mask"].bool() | (enc["attention_mask"] == 0)
+            if self.mlm_skip_special_ids:
+                special |= torch.isin(enc["input_ids"], torch.tensor(self.tokenizer.all_special_ids))
             batch["input_ids"], batch["mlm_labels"] = mask_tokens(
                 enc["input_ids"],
                 special,

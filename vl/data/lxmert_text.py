@@ -29,11 +29,18 @@ class TextLines(Dataset):
 
 
 class LxmertTextDataModule(VLDataModule):
-    """`data=lxmert_text`: `jsonl` per split; text only (no visual input)."""
+    """`data=lxmert_text`: `jsonl` per split; text only (no visual input). The CLIP-BERT study's BERT-LXMERT-train
+    corpus (the seed's `pretrain.py --text-dataset`, the same collator as CLIP-BERT's).
+    `mlm_skip_special_ids`: MLM never picks any id in `tokenizer.all_special_ids` ([UNK] in the text included), as
+    the CLIP-BERT seed's HF `DataCollatorForLanguageModeling` (default); false: only the tokenizer's added [CLS] /
+    [SEP] and padding are skipped, as the shared collator does for the other systems."""
 
-    def __init__(self, *, jsonl: str = "lxmert_text/{split}.jsonl", **kwargs: Any) -> None:
+    def __init__(
+        self, *, jsonl: str = "lxmert_text/{split}.jsonl", mlm_skip_special_ids: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.jsonl_file = jsonl
+        self.mlm_skip_special_ids = mlm_skip_special_ids
 
     def required_files(self) -> list[Path]:
         return [self.path(self.jsonl_file, split) for split in ("train", "val", "test")]

@@ -66,7 +66,10 @@ class ClipCollator(Collator):
 
 
 class VLPDataModule(VLDataModule):
-    """`data=vlp`: `jsonl` per split + `features` (CLIP HDF5: `features` (N,D), `ids`)."""
+    """`data=vlp`: `jsonl` per split + `features` (CLIP HDF5: `features` (N,D), `ids`).
+    `mlm_skip_special_ids`: MLM never picks any id in `tokenizer.all_special_ids` ([UNK] in the text included), as
+    the CLIP-BERT seed's HF `DataCollatorForLanguageModeling` (default); false: only the tokenizer's added [CLS] /
+    [SEP] and padding are skipped, as the shared collator does for the other systems."""
 
     def __init__(
         self,
@@ -75,9 +78,11 @@ class VLPDataModule(VLDataModule):
         features: str = "clip_features.hdf5",
         text_only: bool = False,
         feature_dtype: str = "float32",
+        mlm_skip_special_ids: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.mlm_skip_special_ids = mlm_skip_special_ids
         if feature_dtype not in FEATURE_DTYPES:
             raise ConfigError(f"data.feature_dtype: '{feature_dtype}' is not one of {sorted(FEATURE_DTYPES)}")
         self.jsonl_file = jsonl
@@ -115,6 +120,7 @@ class VLPDataModule(VLDataModule):
             max_regions=1,
             mlm="mlm" in self.objectives,
             mlm_probability=self.mlm_probability,
+            mlm_skip_special_ids=self.mlm_skip_special_ids,
         )
 
     def visual_example(self, image: Any) -> dict[str, Any]:

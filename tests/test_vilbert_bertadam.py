@@ -169,3 +169,138 @@ def test_bert_adam_warmup_of_zero_is_no_warmup() -> None:
         want = [seed(s / total, 0.0) for s in range(total)]
         assert want[0] == 1.0
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ weight-decay groups (model.weight_decay_groups)
+#: vilbert_beta's parameter names of vl's ViLBERT, transcribed from the seed's modules (`vilbert/vilbert.py`:
+#: BertModel's embeddings / layer / v_layer / c_layer / poolers, BertPreTrainingHeads, the task heads of
+#: `VILBertForVLTasks`): vl prefix -> seed prefix
+SEED_PREFIXES = {
+    "encoder.bert.embeddings.": "bert.embeddings.",
+    "encoder.bert.encoder.layer.": "bert.encoder.layer.",
+    "encoder.vision_layers.": "bert.encoder.v_layer.",
+    "encoder.image_embedding.feat_proj.": "bert.v_embeddings.image_embeddings.",
+    "encoder.image_embedding.loc_proj.": "bert.v_embeddings.image_location_embeddings.",
+    "encoder.image_embedding.norm.": "bert.v_embeddings.LayerNorm.",
+    "encoder.text_pooler.0.": "bert.t_pooler.dense.",
+    "encoder.image_pooler.0.": "bert.v_pooler.dense.",
+    "objectives.mlm.transform.0.": "cls.predictions.transform.dense.",
+    "objectives.mlm.transform.2.": "cls.predictions.transform.LayerNorm.",
+    "objectives.mlm.bias": "cls.predictions.bias",
+    "objectives.mrc.head.0.": "cls.imagePredictions.transform.dense.",
+    "objectives.mrc.head.2.": "cls.imagePredictions.transform.LayerNorm.",
+    "objectives.mrc.head.3.": "cls.imagePredictions.decoder.",
+    "objectives.itm.classifier.": "cls.bi_seq_relationship.",
+    "objectives.refer.vision_logit.": "vision_logit.",
+    "objectives.retrieval.vil_logit.": "vil_logit.",
+}
+#: the seed's BertConnectionLayer: BertBiAttention (query/key/value 1 read the vision stream, 2 the text stream),
+#: BertBiOutput (dense1 / LayerNorm1 finish the vision stream, dense2 / LayerNorm2 the text stream), two FFNs
+SEED_CO_PARTS = {
+    "text_attends_vision.query": "biattention.query2",
+    "text_attends_vision.key": "biattention.key1",
+    "text_attends_vision.value": "biattention.value1",
+    "vision_attends_text.query": "biattention.query1",
+    "vision_attends_text.key": "biattention.key2",
+    "vision_attends_text.value": "biattention.value2",
+    "vision_out.dense": "biOutput.dense1",
+    "vision_out.norm": "biOutput.LayerNorm1",
+    "text_out.dense": "biOutput.dense2",
+    "text_out.norm": "biOutput.LayerNorm2",
+    "vision_ffn.intermediate": "v_intermediate.dense",
+    "vision_ffn.output.dense": "v_output.dense",
+    "vision_ffn.output.norm": "v_output.LayerNorm",
+    "text_ffn.intermediate": "t_intermediate.dense",
+    "text_ffn.output.dense": "t_output.dense",
+    "text_ffn.output.norm": "t_output.LayerNorm",
+}
+
+
+def seed_name(name: str) -> str:
+    """vl's ViLBERT parameter name -> vilbert_beta's."""
+    import re
+
+    match = re.fullmatch(r"encoder\.co_layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    if match:
+        return f"bert.encoder.c_layer.{match.group(1)}.{SEED_CO_PARTS[match.group(2)]}.{match.group(3)}"
+    match = re.fullmatch(r"objectives\.vqa\.classifier\.([03])\.(.+)", name)
+    if match:  # SimpleClassifier `main` = weight_norm(Linear), ReLU, Dropout, weight_norm(Linear)
+        suffix = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+        return f"vil_prediction.main.{match.group(1)}.{suffix.get(match.group(2), match.group(2))}"
+    prefix = next(p for p in SEED_PREFIXES if name.startswith(p))
+    return SEED_PREFIXES[prefix] + name[len(prefix) :]
+
+
+def seed_weight_decay(seed_key: str) -> float:
+    """vilbert_beta `train_tasks.py` (and `train_concap.py` with --from_pretrained), as written there."""
+    no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
+    if any(nd in seed_key for nd in no_decay):
+        return 0.01
+    return 0.0
+
+
+def _tiny_vilbert(*overrides: str):
+    from vl.config import instantiate_node
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=["experiment=none", "model=vilbert_tiny", *overrides])
+    data_info = {"visual_dim": 16, "num_region_classes": 5, "num_answers": 7}
+    objectives = ["mlm", "mrc", "itm", "vqa", "refer", "retrieval"]
+    return instantiate_node(cfg.model, objectives=objectives, data_info=data_info)
+
+
+def _decay_of(system) -> dict[str, float]:
+    by_id = {id(p): g["weight_decay"] for g in system.param_groups() for p in g["params"]}
+    return {name: by_id[id(p)] for name, p in system.named_parameters()}
+
+
+def test_vilbert_weight_decay_groups_follow_the_seeds_swapped_rule() -> None:
+    """Default `weight_decay_groups: seed`: every parameter gets the weight decay vilbert_beta's rule gives its seed
+    name (0.01 on biases and `LayerNorm.*` weights, 0 on everything else, the co-attention outputs' `LayerNorm1` /
+    `LayerNorm2` weights included). The transcribed seed names are the ones the checkpoint loader maps to vl's."""
+    from vl.models.checkpoints import map_vilbert_key
+
+    system = _tiny_vilbert("model.optimizer.weight_decay=0.01")
+    got = _decay_of(system)
+    want = {}
+    for name in got:
+        key = seed_name(name)
+        assert map_vilbert_key(key) == name, (name, key)
+        want[name] = seed_weight_decay(key)
+    assert got == want
+    # the swap: weight matrices and embeddings do not decay, the co-attention output norms' weights neither
+    assert got["encoder.bert.encoder.layer.0.attention.self.query.weight"] == 0.0
+    assert got["encoder.bert.embeddings.word_embeddings.weight"] == 0.0
+    assert got["encoder.co_layers.0.vision_out.norm.weight"] == 0.0
+    assert got["encoder.co_layers.0.vision_ffn.output.norm.weight"] == 0.01
+    assert got["objectives.vqa.classifier.0.bias"] == 0.01
+
+
+def test_vilbert_weight_decay_groups_vl_is_the_adamw_convention() -> None:
+    system = _tiny_vilbert("model.optimizer.weight_decay=0.01", "model.weight_decay_groups=vl")
+    got = _decay_of(system)
+    params = dict(system.named_parameters())
+    for name, decay in got.items():
+        matrix = params[name].ndim > 1 and not name.endswith(("bias", "norm.weight", "LayerNorm.weight"))
+        assert decay == (0.01 if matrix else 0.0), name
+
+
+def test_vilbert_weight_decay_groups_unknown_value_is_refused() -> None:
+    from vl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.weight_decay_groups"):
+        _tiny_vilbert("model.weight_decay_groups=adamw")
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    ["vilbert_pretrain", "vilbert_vqa", "vilbert_vcr", "vilbert_retrieval", "vilbert_refcoco", "vilbert_pretrain_tiny"],
+)
+def test_vilbert_recipes_use_the_seeds_weight_decay_groups(experiment: str) -> None:
+    """The published recipes decay as the seed does; the tiny pretraining, from scratch like the seed's
+    `train_concap.py` without --from_pretrained, keeps the AdamW groups it was calibrated with."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    assert cfg.model.weight_decay_groups == ("vl" if experiment == "vilbert_pretrain_tiny" else "seed")

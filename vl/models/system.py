@@ -368,10 +368,14 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         names = getattr(self.encoder, "pretrained_parameter_names", None)
         return {f"encoder.{name}" for name in names()} if names else set()
 
-    def configure_optimizers(self) -> Any:
-        """AdamW-style param groups: no weight decay on biases / norms; pretrained params at lr x pretrained_lr_mult;
-        task heads (`objectives.*`) at `head_lr` when set. The scheduler gets `total_steps` from
-        `trainer.estimated_stepping_batches` (and `steps_per_epoch` when it takes one)."""
+    def decays(self, name: str, param: nn.Parameter) -> bool:
+        """Whether parameter `name` gets `model.optimizer.weight_decay`: the AdamW convention, every parameter but
+        biases, norms and other 1-d ones (a subclass may follow its seed instead)."""
+        return not any(name.endswith(nd) for nd in NO_DECAY) and param.ndim > 1
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: weight decay where `decays` says so; pretrained params at lr x
+        pretrained_lr_mult; task heads (`objectives.*`) at `head_lr` when set."""
         pretrained = self.pretrained_parameter_names()
         base_lr = float(self.optimizer_cfg["lr"])
         weight_decay = float(self.optimizer_cfg.get("weight_decay", 0.0))
@@ -379,7 +383,7 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            decay = not any(name.endswith(nd) for nd in NO_DECAY) and param.ndim > 1
+            decay = self.decays(name, param)
             kind = "pretrained" if name in pretrained else "head" if name.startswith("objectives.") else "other"
             groups.setdefault((decay, kind), []).append(param)
         lrs = {
@@ -396,7 +400,12 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
             }
             for (decay, kind), params in groups.items()
         ]
-        optimizer = build_optimizer(self.optimizer_cfg, param_groups)
+        return param_groups
+
+    def configure_optimizers(self) -> Any:
+        """`model.optimizer` over `param_groups()`. The scheduler gets `total_steps` from
+        `trainer.estimated_stepping_batches` (and `steps_per_epoch` when it takes one)."""
+        optimizer = build_optimizer(self.optimizer_cfg, self.param_groups())
         if not self.scheduler_cfg:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)

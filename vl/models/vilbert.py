@@ -327,6 +327,16 @@ class VilbertEncoder(nn.Module):
         return EncoderOutput(text=text, visual=vision, pooled=pooled, visual_prefix=1)
 
 
+#: vl names of the LayerNorm weights that vilbert_beta names `...LayerNorm.weight` (BERT's and the vision stream's
+#: layers keep the name; `vl.models.checkpoints` maps the others): its weight-decay rule matches these, not the
+#: co-attention outputs' norms (`biOutput.LayerNorm1` / `LayerNorm2`, vl's `vision_out.norm` / `text_out.norm`)
+SEED_LAYERNORM_WEIGHT = re.compile(
+    r"(.*\.LayerNorm|encoder\.image_embedding\.norm|encoder\.co_layers\.\d+\.(text|vision)_ffn\.output\.norm"
+    r"|objectives\.mlm\.transform\.2|objectives\.mrc\.head\.2)\.weight"
+)
+WEIGHT_DECAY_GROUPS = ("seed", "vl")
+
+
 class VilbertSystem(VLSystem):
     """ViLBERT two-stream model + the data's objectives (MLM on text states, ITM/VQA on the fused pooled vector).
 
@@ -344,8 +354,17 @@ class VilbertSystem(VLSystem):
     have). The `vilbert_*` recipes train with `vl.optimizers.BertAdam`, the seed's optimiser.
     """
 
-    def __init__(self, *, state_dict_path: str | None = None, **kwargs: Any) -> None:
-        """`state_dict_path`: a released checkpoint (see the class docstring); the rest: `VLSystem`'s."""
+    def __init__(self, *, state_dict_path: str | None = None, weight_decay_groups: str = "seed", **kwargs: Any) -> None:
+        """`state_dict_path`: a released checkpoint (see the class docstring). `weight_decay_groups`: which
+        parameters get `model.optimizer.weight_decay`. "seed" (default): vilbert_beta's (`train_tasks.py`, and
+        `train_concap.py` when it starts from BERT, the published pretraining): its `no_decay` list ("bias",
+        "LayerNorm.bias", "LayerNorm.weight") is matched the wrong way round, so every bias and the weights of the
+        LayerNorms it names `LayerNorm` (`SEED_LAYERNORM_WEIGHT`) decay and nothing else does. "vl": the AdamW
+        convention, every weight matrix but no bias / norm (what vilbert_beta's pretraining from scratch and
+        vilbert-multi-task do; `experiment=vilbert_pretrain_tiny` keeps it). The rest: `VLSystem`'s."""
+        if weight_decay_groups not in WEIGHT_DECAY_GROUPS:
+            raise ConfigError(f"model.weight_decay_groups: '{weight_decay_groups}' is not one of {WEIGHT_DECAY_GROUPS}")
+        self.weight_decay_groups = weight_decay_groups
         super().__init__(**kwargs)
         self._pretrained_head: dict[str, torch.Tensor] = {}
         pretrained = getattr(self.encoder, "pretrained", None)
@@ -353,6 +372,12 @@ class VilbertSystem(VLSystem):
             self._pretrained_head = load_bert_mlm_head(self, pretrained)
         if state_dict_path:
             self.load_released_state_dict(state_dict_path)
+
+    def decays(self, name: str, param: nn.Parameter) -> bool:
+        """`weight_decay_groups` (see `__init__`): "seed": a bias or a `SEED_LAYERNORM_WEIGHT`; "vl": `VLSystem`'s."""
+        if self.weight_decay_groups == "seed":
+            return "bias" in name or SEED_LAYERNORM_WEIGHT.fullmatch(name) is not None
+        return super().decays(name, param)
 
     def load_released_state_dict(self, path: str) -> dict[str, list[str]]:
         """Load a released ViLBERT checkpoint (see the class docstring); returns the key report."""

@@ -92,12 +92,14 @@ def test_unknown_task_lists_options(make_cfg) -> None:
     assert "task/zero_shot" in str(err.value) and "zero_shot_retrieval" in str(err.value)
 
 
-#: vilbert_beta vlbert_tasks.yml / train_tasks.py (spec: vilbert.md, fine-tuning table): batch, lr, text length
+#: vilbert_beta vlbert_tasks.yml / train_tasks.py (spec: vilbert.md, fine-tuning table): batch, lr, text length. The
+#: lr is the README command's `--learning_rate` (tasks 0: 4e-5, 1-2: 2e-5, 3: 4e-5, 4: 4e-5); the yml's per-task `lr`
+#: only scales each task's loss by lr / min(lr), 1 with one task (retrieval's yml says 2e-5, its command 4e-5)
 PUBLISHED_VILBERT = {
     "vilbert_vqa": ("vqa", 256, 4e-5, 16, 1e-4),
     "vilbert_vcr": ("vcr", 64, 2e-5, 80, None),
     "vilbert_refcoco": ("refer", 256, 4e-5, 20, None),
-    "vilbert_retrieval": ("retrieval", 64, 2e-5, 30, None),
+    "vilbert_retrieval": ("retrieval", 64, 4e-5, 30, None),
 }
 
 

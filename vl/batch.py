@@ -3,6 +3,8 @@
 Batch keys (one vocabulary for all collators and encoders; a corpus adds its own label keys, see its DataModule):
   input_ids, attention_mask, token_type_ids   (B, T) long
   visual_feats (B, R, D) float; visual_boxes (B, R, 4) normalised x1y1x2y2; visual_mask (B, R) long
+  visual_global (B, D) float, optional: the feature of ViLBERT's global image token when the corpus gives it
+    (RefCOCO+: the mean of the image's detections); without it the encoder takes the regions' masked mean
   clip_feats (B, 1, D) float: one global image embedding
   index (B,) long: the example's dataset index
   mlm_labels (B, T) long, -100 = not predicted      itm_labels (B,) long, 1 = aligned

@@ -314,7 +314,7 @@ def test_datamodule_contract(corpus: tuple[Path, list[Path]]) -> None:
         low = ex["refer_ious"] < 0.5
         assert (ex["refer_targets"][low] == 0).all()
         np.testing.assert_array_equal(ex["refer_targets"][~low], ex["refer_ious"][~low])
-    reader_keys = set(dets[dets.ids()[0]])
+    reader_keys = set(dets[dets.ids()[0]]) | {"global_feature"}
     for ds in (val, test):
         ex = ds[0]
         assert set(ex["visual"]) == reader_keys
@@ -340,7 +340,7 @@ def test_test_split_option_gt_off_and_truncation(corpus: tuple[Path, list[Path]]
     dets = open_region_features(root / "refcoco+" / "dets.lmdb")
     assert train[0]["visual"]["num_boxes"] == dets[train.examples[0].image_id]["num_boxes"]  # no GT regions
 
-    small = _module(root, max_regions=4).dataset("train")  # detections are cut, the GT regions kept
+    small = _module(root, max_regions=4, gt_regions_first=True).dataset("train")  # detections cut, GT regions kept
     for i in range(len(small)):
         ex = small[i]
         assert ex["visual"]["features"].shape[0] <= 4 and ex["refer_targets"].max() > 0
@@ -435,3 +435,81 @@ def test_embedded_corpus_gets_refcoco_files(data_dir: Path) -> None:
     assert (dm.root / "refcoco+" / "refs(unc).p").is_file()
     ex = dm.dataset("train")[0]
     assert ex["refer_targets"].max() > 0 and dm.info["visual_dim"] == ex["visual"]["features"].shape[1]
+
+
+# ---------------------------------------------------------------------------------------------- the seed's regions
+def seed_refer_regions(det_feats, det_boxes, gt_feats, gt_boxes, max_region_num):
+    """vilbert_beta's `ImageFeaturesH5Reader` (global = sum(features) / num_boxes prepended, num_boxes + 1) and
+    `ReferExpressionDataset.__getitem__` on a training split (GT reader's own global row dropped, detections + GT
+    concatenated, the first `mix_num_boxes` rows kept), numpy only. Returns the kept (features, boxes) rows, the
+    global token first."""
+    features = np.concatenate([det_feats.sum(0, keepdims=True) / len(det_feats), det_feats])
+    boxes = np.concatenate([np.zeros((1, 4)), det_boxes])
+    num_boxes = len(det_feats) + 1
+    gt_all = np.concatenate([gt_feats.sum(0, keepdims=True) / len(gt_feats), gt_feats])
+    gt_boxes_all = np.concatenate([np.zeros((1, 4)), gt_boxes])
+    gt_num_boxes = len(gt_feats) + 1
+    gt_features, gt_box_rows = gt_all[1:gt_num_boxes], gt_boxes_all[1:gt_num_boxes]
+    mix_features = np.concatenate((features, gt_features), axis=0)
+    mix_boxes = np.concatenate((boxes, gt_box_rows), axis=0)
+    mix_num_boxes = min(int(num_boxes + int(gt_num_boxes) - 1), max_region_num)
+    return mix_features[:mix_num_boxes], mix_boxes[:mix_num_boxes]
+
+
+def _reader_item(feats: np.ndarray, boxes: np.ndarray) -> dict:
+    return {
+        "features": feats.astype(np.float32),
+        "boxes": boxes.astype(np.float32),
+        "boxes_norm": (boxes / 100.0).astype(np.float32),
+        "cls_prob": None,
+        "num_boxes": len(feats),
+        "image_w": 100,
+        "image_h": 100,
+    }
+
+
+@pytest.mark.parametrize("max_regions", [2, 4, 5, 6, 9])
+def test_training_regions_and_global_feature_are_the_seeds(max_regions: int) -> None:
+    """A hand-built image (4 detections, 3 GT boxes): vl's regions are the seed's rows after its global token (cut
+    from the end of detections + GT: GT regions go first), and `global_feature` is the seed's global row, the mean
+    of the detections alone. vl's `max_regions` excludes the global token (the seed's `max_region_num` - 1)."""
+    from vl.data.refcoco import RefCOCOExpressions, RefExample
+
+    rng = np.random.default_rng(0)
+    det_feats, gt_feats = rng.normal(size=(4, 6)), rng.normal(size=(3, 6)) + 5.0
+    det_boxes = np.array([[0, 0, 50, 50], [10, 10, 60, 60], [20, 0, 90, 40], [5, 5, 95, 95]], dtype=float)
+    gt_boxes = np.array([[0, 0, 48, 52], [30, 30, 70, 70], [60, 60, 99, 99]], dtype=float)
+    dets, gt = {"7": _reader_item(det_feats, det_boxes)}, {"7": _reader_item(gt_feats, gt_boxes)}
+    example = RefExample(1, 1, "a thing", 7, np.array([0.0, 0.0, 48.0, 52.0]))
+    data = RefCOCOExpressions([example], dets, gt, max_regions=max_regions)  # type: ignore[arg-type]
+    visual = data[0]["visual"]
+    want_feats, want_boxes = seed_refer_regions(
+        det_feats.astype(np.float32), det_boxes, gt_feats.astype(np.float32), gt_boxes, max_regions + 1
+    )
+    np.testing.assert_allclose(visual["global_feature"], want_feats[0], rtol=1e-6)
+    np.testing.assert_allclose(visual["features"], want_feats[1:], rtol=1e-6)
+    np.testing.assert_allclose(visual["boxes"], want_boxes[1:])
+    assert visual["num_boxes"] == len(want_feats) - 1 == len(data[0]["refer_ious"])
+    # vl's earlier rule: detections cut first, every GT region kept; the global token stays the detections' mean
+    old = RefCOCOExpressions([example], dets, gt, max_regions=max_regions, gt_regions_first=True)  # type: ignore[arg-type]
+    kept = old[0]["visual"]
+    n_gt = min(3, max_regions)
+    np.testing.assert_allclose(kept["features"][-n_gt:], gt_feats[:n_gt].astype(np.float32))
+    np.testing.assert_allclose(kept["global_feature"], det_feats.astype(np.float32).mean(0), rtol=1e-6)
+
+
+def test_evaluation_global_feature_is_the_mean_of_every_detection(corpus: tuple[Path, list[Path]]) -> None:
+    """Eval splits (detections only): rows cut to max_regions, the global token still the mean of all detections
+    (the seed's reader averages before the dataset cuts); collated into `visual_global`."""
+    root, _ = corpus
+    dets = open_region_features(root / "refcoco+" / "dets.lmdb")
+    data = _module(root, max_regions=2).dataset("val")
+    rows = [data[i] for i in range(4)]
+    for i, ex in enumerate(rows):
+        every = np.asarray(dets[data.examples[i].image_id]["features"], dtype=np.float64)
+        assert len(every) > 2 and ex["visual"]["features"].shape[0] == 2
+        np.testing.assert_allclose(ex["visual"]["global_feature"], every.mean(0), rtol=1e-5, atol=1e-6)
+    batch = _module(root, max_regions=2).collator("val")(rows)
+    np.testing.assert_allclose(
+        batch["visual_global"].numpy(), np.stack([ex["visual"]["global_feature"] for ex in rows]), rtol=0, atol=0
+    )

@@ -97,6 +97,22 @@ def test_global_token_is_masked_mean_with_whole_image_loc() -> None:
     assert out.shape == (2, 5, 16) and torch.allclose(out[1, 0], expected, atol=1e-6)
 
 
+def test_global_token_takes_the_batchs_visual_global(tiny: VLSystem) -> None:
+    """`visual_global` (the corpus's own global feature, RefCOCO+'s mean of all detections) replaces the masked mean:
+    given the masked mean itself the outputs are unchanged; given another feature the embedding's row 0 is its."""
+    batch = make_batch(batch_size=2, regions=4)
+    mask = batch["visual_mask"].unsqueeze(-1).float()
+    mean = (batch["visual_feats"] * mask).sum(1) / mask.sum(1)
+    other = torch.randn_like(mean)
+    embed = tiny.encoder.image_embedding
+    with torch.no_grad():
+        torch.testing.assert_close(tiny({**batch, "visual_global": mean}).pooled, tiny(batch).pooled)
+        out, _ = embed(batch["visual_feats"], batch["visual_boxes"], batch["visual_mask"], other)
+        expected = embed.norm(embed.feat_proj(other) + embed.loc_proj(torch.tensor(GLOBAL_LOC)))
+        torch.testing.assert_close(out[:, 0], expected)
+        assert not torch.allclose(tiny({**batch, "visual_global": other}).pooled, tiny(batch).pooled)
+
+
 def _call_order(encoder: VilbertEncoder, batch: dict[str, torch.Tensor]) -> list[str]:
     order: list[str] = []
     hooks = [

@@ -39,12 +39,18 @@ def _truncate(item: dict[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
-def concat_regions(dets: dict[str, Any], gt: dict[str, Any] | None, max_regions: int) -> dict[str, Any]:
-    """Reader dicts -> one reader dict: detections then GT regions, at most ``max_regions`` rows. Detections are
-    truncated first (the GT regions are kept so a training example always has a positive); ``cls_prob`` is kept only
-    when both have it."""
+def concat_regions(
+    dets: dict[str, Any], gt: dict[str, Any] | None, max_regions: int, *, gt_first: bool = True
+) -> dict[str, Any]:
+    """Reader dicts -> one reader dict: detections then GT regions, at most ``max_regions`` rows. ``gt_first``:
+    detections are truncated first (the GT regions are kept so a training example always has a positive; ViLBERT's
+    VCR); false: the combined list is cut from its end (ViLBERT's RefCOCO+). ``cls_prob`` is kept only when both
+    have it."""
     if gt is None:
         return _truncate(dets, max_regions)
+    if not gt_first:
+        total = int(dets["features"].shape[0]) + int(gt["features"].shape[0])
+        return _truncate(concat_regions(dets, gt, total), max_regions)
     n_gt = min(int(gt["features"].shape[0]), max_regions)
     n_det = min(int(dets["features"].shape[0]), max_regions - n_gt)
     out = dict(dets)

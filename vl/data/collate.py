@@ -63,8 +63,9 @@ def mask_tokens(
 
 
 def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int, fixed: bool = False) -> dict[str, torch.Tensor]:
-    """Stack reader outputs (`features` (N,D), `boxes_norm` (N,4), optional `cls_prob` (N,C)) into padded
-    visual_feats (B,R,D), visual_boxes (B,R,4), visual_mask (B,R) and region_cls_prob (B,R,C)."""
+    """Stack reader outputs (`features` (N,D), `boxes_norm` (N,4), optional `cls_prob` (N,C) and `global_feature`
+    (D,)) into padded visual_feats (B,R,D), visual_boxes (B,R,4), visual_mask (B,R), region_cls_prob (B,R,C) and
+    visual_global (B,D) (only when every example has it)."""
     n = max_regions if fixed else min(max(v["features"].shape[0] for v in visuals), max_regions)
     dim = visuals[0]["features"].shape[1]
     with_cls = all(v.get("cls_prob") is not None for v in visuals)
@@ -87,6 +88,8 @@ def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int, fixed: b
     }
     if cls is not None:
         out["region_cls_prob"] = torch.from_numpy(cls)
+    if all(v.get("global_feature") is not None for v in visuals):
+        out["visual_global"] = torch.from_numpy(np.stack([v["global_feature"] for v in visuals]).astype(np.float32))
     return out
 
 

@@ -1,7 +1,10 @@
 """RefCOCO+ referring-expression grounding: REFER refs + COCO instances + detection (and GT-box) region features.
 
 One example per (ref, sentence). Regions are the image's detections; for training (ViLBERT) the GT-box regions of the
-image are appended after them. Each region's target is its IoU with the ref's GT box, zeroed below ``iou_threshold``;
+image are appended after them, and the combined list is cut from its end to ``max_regions`` (vilbert_beta's
+``refer_expression_dataset.py``; ``gt_regions_first=True``: cut detections first, so the GT regions always stay). Each
+example's regions carry ``global_feature``, ViLBERT's whole-image token: the mean of all the image's detections (the
+seed's reader computes it before any GT region is added or any row cut). Each region's target is its IoU with the ref's GT box, zeroed below ``iou_threshold``;
 a prediction is correct when the IoU of the arg-max region is > 0.5. IoU follows ViLBERT's pixel-inclusive (+1)
 convention unless ``iou_plus_one=False``. Every example also carries the whole image's IoU / target
 (``refer_image_iou`` / ``refer_image_target``, box [0, 0, W, H]): ViLBERT scores its whole-image token as a candidate
@@ -64,8 +67,10 @@ class RefCOCOExpressions(Dataset):
         iou_threshold: float = 0.5,
         max_regions: int = 36,
         iou_plus_one: bool = True,
+        gt_regions_first: bool = False,
     ) -> None:
         self.examples = examples
+        self.gt_regions_first = bool(gt_regions_first)
         self.dets = dets
         self.gt = gt
         self.iou_threshold = float(iou_threshold)
@@ -77,9 +82,14 @@ class RefCOCOExpressions(Dataset):
         return len(self.examples)
 
     def regions(self, index: int) -> dict[str, Any]:
-        """The example's region dict (detections, + GT regions when this split has them), <= max_regions rows."""
+        """The example's region dict (detections, + GT regions when this split has them), <= max_regions rows, and
+        `global_feature` (D,): the mean of all the image's detections (see the module docstring)."""
         image_id = str(self.examples[index].image_id)
-        return concat_regions(self.dets[image_id], self.gt[image_id] if self.gt is not None else None, self.max_regions)
+        dets = self.dets[image_id]
+        gt = self.gt[image_id] if self.gt is not None else None
+        out = concat_regions(dets, gt, self.max_regions, gt_first=self.gt_regions_first)
+        out["global_feature"] = np.asarray(dets["features"], dtype=np.float32).mean(0)
+        return out
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
@@ -131,17 +141,22 @@ class RefCOCODataModule(VLDataModule):
         iou_threshold: float = 0.5,
         iou_plus_one: bool = True,
         sentence_field: str = "raw",
+        gt_regions_first: bool = False,
         splits: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         """`sentence_field`: the REFER sentence field read as the expression: `raw` (as written by the annotator,
-        ViLBERT's `sent['raw']`, default) or `sent` (REFER's lower-cased, punctuation-stripped form)."""
+        ViLBERT's `sent['raw']`, default) or `sent` (REFER's lower-cased, punctuation-stripped form).
+        `gt_regions_first`: when detections + GT regions exceed `max_regions`, false (default, vilbert_beta's): cut
+        the combined list from its end (GT regions first); true (vl's earlier rule): cut detections, so a training
+        example always keeps its GT regions and so a positive."""
         super().__init__(splits={"test": "testA", **dict(splits or {})}, **kwargs)
         if not 0.0 <= float(iou_threshold) <= 1.0:
             raise ConfigError(f"data.iou_threshold={iou_threshold} is not in [0, 1]")
         if sentence_field not in ("raw", "sent"):
             raise ConfigError(f"data.sentence_field: '{sentence_field}' is not one of 'raw', 'sent'")
         self.sentence_field = sentence_field
+        self.gt_regions_first = bool(gt_regions_first)
         self.refs_file = refs
         self.instances_file = instances
         self.features_file = features
@@ -240,6 +255,7 @@ class RefCOCODataModule(VLDataModule):
             iou_threshold=self.iou_threshold,
             max_regions=self.max_regions,
             iou_plus_one=self.iou_plus_one,
+            gt_regions_first=self.gt_regions_first,
         )
 
     def _check_dims(self, gt: RegionReader) -> None:

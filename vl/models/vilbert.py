@@ -59,7 +59,8 @@ class ImageEmbedding(nn.Module):
 
     `forward(feats (B,R,D), boxes (B,R,4) normalised x1y1x2y2, mask (B,R))` -> (embeddings (B,R+1,Hv), mask (B,R+1)).
     Embedding = LayerNorm(Linear(feat) + Linear(loc)) + dropout, loc = [x1, y1, x2, y2, area]. The global token's
-    feature is the masked mean of the region features, its loc [0,0,1,1,1] and its mask 1.
+    feature is `global_feats` (B,D) when given (the batch's `visual_global`), else the masked mean of the region
+    features; its loc [0,0,1,1,1] and its mask 1.
     """
 
     def __init__(self, *, feat_dim: int, hidden: int, dropout: float) -> None:
@@ -71,11 +72,14 @@ class ImageEmbedding(nn.Module):
 
     @staticmethod
     def with_global_token(
-        feats: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor
+        feats: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor, global_feats: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prepend the global token: feats (B,R+1,D), locs (B,R+1,5), mask (B,R+1)."""
-        weights = mask.unsqueeze(-1).to(feats.dtype)  # (B,R,1)
-        mean = (feats * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1.0)  # (B,1,D)
+        if global_feats is not None:
+            mean = global_feats.to(feats.dtype).unsqueeze(1)  # (B,1,D)
+        else:
+            weights = mask.unsqueeze(-1).to(feats.dtype)  # (B,R,1)
+            mean = (feats * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1.0)  # (B,1,D)
         area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
         locs = torch.cat([boxes, area.unsqueeze(-1)], dim=-1).to(feats.dtype)  # (B,R,5)
         global_loc = torch.tensor(GLOBAL_LOC, dtype=feats.dtype, device=feats.device).expand(len(feats), 1, 5)
@@ -83,9 +87,9 @@ class ImageEmbedding(nn.Module):
         return torch.cat([mean, feats], 1), torch.cat([global_loc, locs], 1), torch.cat([ones, mask], 1)
 
     def forward(
-        self, feats: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor
+        self, feats: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor, global_feats: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, locs, mask = self.with_global_token(feats, boxes, mask)
+        feats, locs, mask = self.with_global_token(feats, boxes, mask, global_feats)
         return self.dropout(self.norm(self.feat_proj(feats) + self.loc_proj(locs))), mask
 
 
@@ -305,7 +309,10 @@ class VilbertEncoder(nn.Module):
     def forward(self, batch: dict[str, Any]) -> EncoderOutput:
         text = self.bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])  # (B,T,Ht)
         vision, vision_mask = self.image_embedding(
-            batch["visual_feats"].to(text.dtype), batch["visual_boxes"], batch["visual_mask"]
+            batch["visual_feats"].to(text.dtype),
+            batch["visual_boxes"],
+            batch["visual_mask"],
+            batch.get("visual_global"),
         )  # (B,R+1,Hv), (B,R+1)
         t_mask = additive_mask(batch["attention_mask"], text.dtype)
         v_mask = additive_mask(vision_mask, vision.dtype)

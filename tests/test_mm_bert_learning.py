@@ -64,6 +64,8 @@ def test_every_training_step_touches_the_same_parameters(make_cfg) -> None:
     torch.testing.assert_close(filled.pooled, plain.pooled, rtol=0, atol=0)
     model.train()
     aux = next(iter(dm.train_dataloader()))[0]["aux"]
+    # the aux corpus's rows are marked (their visual embedding is the learned aux one); Task C's are not (zeros)
+    assert aux["aux_text"].all() and "aux_text" not in text_only
     for batch in (text_only, {"main": text_only, "aux": aux}):
         model.zero_grad(set_to_none=True)
         model.training_step(batch, 0).backward()

@@ -121,8 +121,8 @@ def test_sequence_layout_types_positions_against_a_per_example_build() -> None:
             # VL-BERT's fast_rcnn.py: cat(coordinate embedding, feature), coordinates first
             reps = enc.obj_downsample[1](torch.cat([coords, torch.cat([mean[None], feats])], -1)).relu()
             text_visual = enc.visual_ln_text(reps[0])
-        else:
-            text_visual = enc.visual_ln_text(enc.aux_text_visual_embedding.weight[0])
+        else:  # a text-only row outside the aux corpus (Task C): zeros through the LayerNorm = its bias (closed form)
+            text_visual = enc.visual_ln_text.bias
         for j in range(n_t):  # [CLS] EN [SEP] DE [SEP]: positions 0..n-1, type 0
             embs.append(words[j] + text_visual)
             pos.append(j)
@@ -155,17 +155,34 @@ def test_sequence_layout_types_positions_against_a_per_example_build() -> None:
     assert out.visual_prefix == 1 and out.regions().shape[1] == batch["visual_feats"].shape[1]
 
 
+def seed_layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """VL-BERT's BertLayerNorm (TF style, eps inside the square root), by hand."""
+    u = x.mean(-1, keepdims=True)
+    s = ((x - u) ** 2).mean(-1, keepdims=True)
+    return weight * (x - u) / np.sqrt(s + eps) + bias
+
+
+@pytest.mark.parametrize("aux_rows", [None, [True, False, True]])
 @torch.no_grad()
-def test_a_text_only_batch_ends_with_end_like_vl_berts_embedding() -> None:
+def test_a_text_only_batch_ends_with_end_like_vl_berts_embedding(aux_rows) -> None:
     """A batch without regions (aux text, Task C): VL-BERT's `embedding` still appends [END] (type 2, position n+1)
-    right after the text; built by hand per row."""
+    right after the text; built by hand per row. The text's visual embedding as the seed: aux corpus rows (``aux_text``)
+    visual_ln_text(aux embedding) (``ResNetVLBERTForPretrainingMultitask``), the others visual_ln_text(zeros) = the
+    LayerNorm's bias (``ResNetVLBERTForPretrainingTaskC`` and MT's no-vision modules feed zeros)."""
     enc, batch = make_encoder(), make_batch()
     text_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "index")}
+    if aux_rows is not None:
+        text_batch["aux_text"] = torch.tensor(aux_rows)
     out = enc(text_batch)
+    ln_w, ln_b = enc.visual_ln_text.weight.numpy(), enc.visual_ln_text.bias.numpy()
     for b in range(3):
         n_t = int(batch["attention_mask"][b].sum())
         words = enc.bert.embeddings.word_embeddings(batch["input_ids"][b, :n_t])
-        text = words + enc.visual_ln_text(enc.aux_text_visual_embedding.weight[0])
+        source = enc.aux_text_visual_embedding.weight[0].numpy() if aux_rows and aux_rows[b] else np.zeros(H)
+        visual = seed_layer_norm(source.astype(np.float64), ln_w, ln_b)
+        if not (aux_rows and aux_rows[b]):
+            np.testing.assert_allclose(visual, ln_b)  # zeros through the LayerNorm: its bias alone
+        text = words + torch.tensor(visual, dtype=torch.float32)
         ref = enc.bert(
             inputs_embeds=torch.cat([text, enc.end_embedding.weight])[None],
             position_ids=torch.tensor([[*range(n_t), n_t + 1]]),

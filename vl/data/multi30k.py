@@ -541,6 +541,7 @@ class Multi30kDataModule(VLDataModule):
             mlm="mlm" in self.objectives,
             mlm_probability=self.mlm_probability,
             add_special_tokens=False,
+            aux_text=True,
         )
 
     def collator(self, split: str) -> Multi30kCollator:

@@ -69,7 +69,9 @@ class Multi30kCollator:
     """Examples -> MM-BERT batch: per-row tokenisation (``text`` [+ ``text_b``]: ``[CLS] EN [SEP] DE [SEP]``; all token
     types 0), whole-word MLM, regions padded (``has_image``, ``visual_image_size``), MVRC choices (15 % of the real
     regions; 90 % of them ``mvrc_replace``d), declared labels. Randomness from (epoch, indices), never the global RNG.
-    ``add_special_tokens`` False: the aux text corpus (no [CLS] / [SEP]). ``seq_len``: text and boxes of a row with an
+    ``add_special_tokens`` False: the aux text corpus (no [CLS] / [SEP]). ``aux_text``: the rows are the aux text
+    corpus's (``aux_text`` (B,) True in the batch: the encoder gives them the learned aux visual embedding, other
+    text-only rows zeros, as the seed). ``seq_len``: text and boxes of a row with an
     image truncated jointly as VL-BERT's datasets do (`seed_truncation`; after MLM and MVRC are drawn, the whole-image
     box's mean still over every region: ``image_mean_mask``); None: no joint limit."""
 
@@ -87,6 +89,7 @@ class Multi30kCollator:
         fixed_shapes: bool = False,
         labels: dict[str, tuple[str, str]] | None = None,
         add_special_tokens: bool = True,
+        aux_text: bool = False,
         seq_len: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
@@ -97,6 +100,7 @@ class Multi30kCollator:
         self.fixed_shapes = fixed_shapes
         self.labels = dict(labels or {})
         self.add_special_tokens = add_special_tokens
+        self.aux_text = aux_text
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         key = (int(examples[0].get("epoch", 0)), *[int(ex.get("index", 0)) for ex in examples])
@@ -148,6 +152,8 @@ class Multi30kCollator:
             "token_type_ids": torch.zeros_like(input_ids),  # EN and DE share token type 0
             "index": torch.tensor([int(ex.get("index", 0)) for ex in examples]),
         }
+        if self.aux_text:
+            batch["aux_text"] = torch.ones(len(rows), dtype=torch.bool)
         if label_rows and (self.mlm or any(v != IGNORE_INDEX for r in label_rows for v in r)):
             mlm_labels = torch.full_like(input_ids, IGNORE_INDEX)
             for i, r in enumerate(label_rows):

@@ -9,8 +9,11 @@ tokens, then its valid regions, then [END], then padding):
 - every region (image box included): ``coordinate_embeddings`` of (xc, yc, w, h) / image size x 100, sin/cos with
   ``coord_dim`` 256 and base 1000 -> 4 x 512 = 2048-d, concatenated with the feature ->
   ``obj_downsample`` = Dropout(0.1)-Linear(4096 -> H)-ReLU;
-- text tokens: word embedding + ``visual_ln_text``(image-box rep); rows without an image (Task C, the aux text corpus)
-  get ``visual_ln_text``(``aux_text_visual_embedding``) instead, and no regions;
+- text tokens: word embedding + ``visual_ln_text``(image-box rep); rows without an image get no regions and, as the
+  seed: rows of the aux text corpus (``aux_text`` True, the aux collator's batches) ``visual_ln_text``
+  (``aux_text_visual_embedding``) (the seed's ``ResNetVLBERTForPretrainingMultitask``), the other text-only rows
+  (Task C's parallel pairs, MT without vision) ``visual_ln_text``(0), i.e. the LayerNorm's bias alone (the seed's
+  ``ResNetVLBERTForPretrainingTaskC`` / MT ``...NoVision`` feed zeros as their text visual embeddings);
 - region tokens: ``object_linguistic_embeddings`` (one learned [IMG] vector; ``object_mask_word_embedding`` for MVRC-
   masked regions, whose feature is ``object_mask_visual_embedding``, init 0) + ``visual_ln_object``(region rep);
 - [END]: the learned ``end_embedding``, after the regions in every row (also a text-only row, as VL-BERT's
@@ -86,8 +89,9 @@ class MMBertEncoder(nn.Module):
 
     Batch keys: input_ids, attention_mask (B,T) (``[CLS] EN [SEP] DE [SEP]``; token_type_ids are ignored: all text is
     type 0); visual_feats (B,R,D), visual_boxes (B,R,4) normalised x1y1x2y2, visual_mask (B,R) (valid regions first);
-    optional visual_image_size (B,2), has_image (B,) bool (False: a text-only row), mvrc_replace (B,R) bool (regions
-    whose feature and [IMG] embedding are replaced by the mask embeddings)."""
+    optional visual_image_size (B,2), has_image (B,) bool (False: a text-only row), aux_text (B,) bool (a row of the
+    aux text corpus: its text visual embedding is the learned aux one; other text-only rows get zeros), mvrc_replace
+    (B,R) bool (regions whose feature and [IMG] embedding are replaced by the mask embeddings)."""
 
     visual_input = "regions"
 
@@ -201,8 +205,13 @@ class MMBertEncoder(nn.Module):
             reps = words.new_zeros(bsz, 1, words.shape[-1])
             obj_valid = replace = torch.zeros(bsz, 1, dtype=torch.bool, device=device)
             has_image = obj_valid[:, 0]
-        aux = self.aux_text_visual_embedding.weight[0].expand(bsz, -1)
-        text_visual = self.visual_ln_text(torch.where(has_image[:, None], reps[:, 0], aux))
+        # text-only rows: the aux corpus's rows the learned aux embedding, the others (Task C, MT without vision) zeros,
+        # so visual_ln_text leaves its bias (the seed); torch.where keeps the aux embedding in the graph (zero gradient)
+        aux_rows = batch.get("aux_text")
+        aux_rows = torch.zeros_like(has_image) if aux_rows is None else aux_rows.to(device).bool()
+        aux = self.aux_text_visual_embedding.weight[0].to(reps.dtype)
+        text_only = torch.where(aux_rows[:, None], aux, torch.zeros_like(reps[:, 0]))
+        text_visual = self.visual_ln_text(torch.where(has_image[:, None], reps[:, 0], text_only))
         text_emb = words + text_visual.unsqueeze(1)
         ling = torch.where(
             replace.unsqueeze(-1),
@@ -398,7 +407,8 @@ class MMBertSystem(VLSystem):
         """A training batch without any image (e.g. only Task C text pairs, or the no-vision MT variant) gets zero
         regions per row (``has_image`` False; with MVRC, zero chosen regions), so the step runs the same modules as an
         image batch: ``obj_downsample``, ``object_mask_visual_embedding`` and the MVRC head get zero gradients instead
-        of none. The model's outputs are unchanged (no region is valid, text gets the aux visual embedding).
+        of none. The model's outputs are unchanged (no region is valid; the text's visual embedding is the one of a
+        text-only row).
 
         Why: under DDP (``find_unused_parameters`` False) a rank whose step left those parameters unused never launches
         their gradient all-reduce while the other ranks do, and the ranks wait for each other until the process-group

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +304,90 @@ def test_mlt_head_size_is_the_seeds_mlt_words(tmp_path, data_dir) -> None:
         module(mlt_outputs=n_words - 1).info  # noqa: B018
     with pytest.raises(ConfigError, match="data.mlt_outputs"):
         module(mlt_outputs=0)
+
+
+# ------------------------------------------------------------------------------------------------ tokenisation
+def seed_tokenize(text: str, vocab: set[str], lowercase: bool) -> list[str]:
+    """The seed's pytorch_pretrained_bert BertTokenizer.tokenize, transcribed for plain text: whitespace split, lower
+    case and accents (NFD, Mn dropped) when ``do_lower_case``, punctuation split, greedy longest-match WordPiece."""
+    import unicodedata
+
+    words = []
+    for token in text.split():
+        if lowercase and token not in ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]"):
+            token = "".join(c for c in unicodedata.normalize("NFD", token.lower()) if unicodedata.category(c) != "Mn")
+        piece = ""
+        for c in token:
+            if unicodedata.category(c).startswith("P"):
+                words += [piece, c] if piece else [c]
+                piece = ""
+            else:
+                piece += c
+        words += [piece] if piece else []
+    out = []
+    for word in words:
+        start, pieces = 0, []
+        while start < len(word):
+            end = len(word)
+            while end > start and (word[start:end] if start == 0 else "##" + word[start:end]) not in vocab:
+                end -= 1
+            if end == start:
+                pieces = ["[UNK]"]
+                break
+            pieces.append(word[start:end] if start == 0 else "##" + word[start:end])
+            start = end
+        out += pieces
+    return out
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_tokenizer_lowercases_and_strips_accents_as_the_seed(tmp_path, lowercase) -> None:
+    """`data.lowercase` (default True): the seed's BertTokenizer.from_pretrained(<M-BERT dir>) lower-cases and strips
+    accents (pytorch_pretrained_bert's do_lower_case=True default), even over a cased vocabulary whose tokenizer config
+    says do_lower_case false (M-BERT cased's); checked against a transcription of the seed's tokenizer and by hand."""
+    from vl.data.multi30k import load_multi30k_tokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Zwei", "zwei", "M", "m", "##ä", "##a", "##nner", "Mann"]
+    vocab += ["grün", "grun", "##e", "weiße", "weisse", "Hund", "hund", ".", "gr", "##un", "##ün", "##ü", "##n"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}), encoding="utf-8")
+    tok = load_multi30k_tokenizer(str(tmp_path), lowercase=lowercase)
+    text = "Zwei grüne Männer. weiße Hund"
+    got = tok.tokenize(text)
+    assert got == seed_tokenize(text, set(vocab), lowercase)
+    if lowercase:
+        assert got == ["zwei", "grun", "##e", "m", "##a", "##nner", ".", "weiße", "hund"]  # ß is no accent: kept
+    else:
+        assert got == ["Zwei", "grün", "##e", "M", "##ä", "##nner", ".", "weiße", "Hund"]
+    # the special tokens, [STOP] included, are never lower-cased or split
+    assert tok.tokenize("[MASK] [STOP]") == ["[MASK]", "[STOP]"]
+
+
+def test_data_lowercase_reaches_every_task_s_tokenisation(data_dir) -> None:
+    """The data module's tokenizer (the embedded corpus's cased vocabulary) follows `data.lowercase`: the MT targets
+    and the collated rows are the lower-cased text's ids."""
+    kwargs = {"cache_dir": str(data_dir), "corpus": {"num_images": 150}, "task": "mt", "objectives": ["mlm"]}
+    lower, cased = Multi30kDataModule(**kwargs), Multi30kDataModule(**kwargs, lowercase=False)
+    assert lower.lowercase is True  # the seed's default
+    import unicodedata
+
+    def seed_normalise(text: str) -> str:  # the seed's BasicTokenizer: lower(), then NFD without the Mn characters
+        return "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
+
+    lower.setup("fit")
+    records = lower.records("train")[1]
+    english = Counter(r["caption_en"] for r in records)  # a caption of its own (image-dependent ones repeat)
+    record = next(r for r in records if any(c in r["caption_de"] for c in "äöüÄÖÜ") and english[r["caption_en"]] == 1)
+    tok = lower.tokenizer
+    german = record["caption_de"]
+    assert german != seed_normalise(german)  # capitals and umlauts
+    want = cased.tokenizer(seed_normalise(german), add_special_tokens=False)["input_ids"]
+    first = [r for r in lower.datasets["train"].rows if r["text"] == record["caption_en"]]
+    assert [r["mt_label"] for r in first[: len(want)]] == want
+    batch = lower.collator("train")([{"text": record["caption_en"], "text_b_ids": [tok.mask_token_id], "index": 0}])
+    source = cased.tokenizer(seed_normalise(record["caption_en"]), add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"][0, 1 : 1 + len(source)].tolist() == source
 
 
 # ------------------------------------------------------------------------------------------------ MT

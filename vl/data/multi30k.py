@@ -67,10 +67,15 @@ def seed_bleu(hypotheses: list[str], references: list[str]) -> float:
     return sacrebleu.corpus_bleu([h.replace("ß", "ss") for h in hypotheses], [[unidecode(r) for r in references]]).score
 
 
-def load_multi30k_tokenizer(name_or_path: str, corpus_dir: Path | None = None) -> Any:
-    """A cased `BertTokenizerFast` with a `[STOP]` token: ``"corpus"`` = the embedded corpus's trained WordPiece
-    vocabulary (``<corpus>/tokenizer/vocab.txt``), else a local M-BERT dir ([STOP] added when absent)."""
+def load_multi30k_tokenizer(name_or_path: str, corpus_dir: Path | None = None, *, lowercase: bool = True) -> Any:
+    """A `BertTokenizerFast` with a `[STOP]` token: ``"corpus"`` = the embedded corpus's trained WordPiece vocabulary
+    (``<corpus>/tokenizer/vocab.txt``), else a local M-BERT dir ([STOP] added when absent). ``lowercase`` True (the
+    seed's): lower-cased and accents stripped before WordPiece, whatever the dir's tokenizer config says, as the seed's
+    ``BertTokenizer.from_pretrained(<M-BERT dir>)`` (pytorch_pretrained_bert: ``do_lower_case=True`` by default, with
+    M-BERT's cased vocabulary); False: case and accents kept (vl's earlier tokenisation)."""
     from transformers import BertTokenizerFast
+
+    case = {"do_lower_case": bool(lowercase), "strip_accents": bool(lowercase)}
 
     if name_or_path == "corpus":
         if corpus_dir is None:
@@ -78,11 +83,11 @@ def load_multi30k_tokenizer(name_or_path: str, corpus_dir: Path | None = None) -
         vocab = corpus_dir / "tokenizer" / "vocab.txt"
         if not vocab.is_file():
             raise DataError(f"{vocab}: tokenizer vocabulary not found")
-        tok = BertTokenizerFast.from_pretrained(str(vocab.parent), do_lower_case=False, strip_accents=False)
+        tok = BertTokenizerFast.from_pretrained(str(vocab.parent), **case)
     else:
         from vl.pretrained import resolve_model_dir
 
-        tok = BertTokenizerFast.from_pretrained(str(resolve_model_dir(name_or_path)))
+        tok = BertTokenizerFast.from_pretrained(str(resolve_model_dir(name_or_path)), **case)
     tok.add_special_tokens({"additional_special_tokens": ["[STOP]"]})  # added when absent; never split
     return tok
 
@@ -151,7 +156,10 @@ class Multi30kDataModule(VLDataModule):
     datasets; None: none), applied per row after masking and per caption x image pair in the retrieval gallery
     (``Multi30kCollator.pair_batch``). ``mt_seq_len``: the same limit when translating (the seed's generate config:
     150), applied once, to the first decoding step's rows; the generated tokens are appended without truncating
-    again (`vl.models.mm_bert.greedy_translate`)."""
+    again (`vl.models.mm_bert.greedy_translate`). ``lowercase``: the tokenizer lower-cases and strips accents (True,
+    the seed's: its ``BertTokenizer`` defaults to ``do_lower_case=True``; every task's text, MT targets included, so
+    MT hypotheses come out lower-cased while the BLEU references keep their case, only unidecoded, as the seed's
+    ``evaluate_translation.py``); False: cased (`load_multi30k_tokenizer`)."""
 
     label_keys = {
         "itm_label": ("itm_labels", "long"),
@@ -183,6 +191,7 @@ class Multi30kDataModule(VLDataModule):
         mlt_outputs: int | None = 1536,
         wmt: str | None = "../wmt/{split}.jsonl",
         tokenizer: str = "corpus",
+        lowercase: bool = True,
         max_text_len: int = 64,
         max_regions: int = 100,
         seq_len: int | None = 64,
@@ -213,6 +222,7 @@ class Multi30kDataModule(VLDataModule):
         self.exhaustive_test = exhaustive_test
         self.mt_vision, self.mt_max_steps = mt_vision, int(mt_max_steps)
         self.mt_seq_len = None if mt_seq_len is None else int(mt_seq_len)
+        self.lowercase = bool(lowercase)
         self.aux_text, self.aux_batch_size = aux_text, int(aux_batch_size)
         self.aux_min_words, self.aux_seq_len = int(aux_min_words), int(aux_seq_len)
         self.annotations, self.mlt_annotations, self.mlt_vocab_file, self.wmt = (
@@ -322,7 +332,7 @@ class Multi30kDataModule(VLDataModule):
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
             corpus_dir = None if self.root_arg else self.root.parent
-            self._tokenizer = load_multi30k_tokenizer(self.tokenizer_name, corpus_dir)
+            self._tokenizer = load_multi30k_tokenizer(self.tokenizer_name, corpus_dir, lowercase=self.lowercase)
         return self._tokenizer
 
     def reader(self, directory: str) -> FrcnnJsonRegionReader:

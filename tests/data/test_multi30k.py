@@ -473,3 +473,37 @@ def test_translation_truncates_once_and_keeps_its_mask(data_dir) -> None:
             assert torch.equal(batch["input_ids"][j, : n_source[j] + 1], first["input_ids"][j, : n_source[j] + 1])
         assert torch.equal(batch["visual_mask"].sum(1), first["visual_mask"].sum(1)), step
     assert int(seen[-1]["attention_mask"].sum(1).max()) > 64  # past the training limit
+
+
+def test_translation_runs_as_many_steps_as_the_seeds_loop(data_dir) -> None:
+    """The seed's generation: ``curr_len = 0; max_len = 48; while not all(stop) and curr_len <= max_len: ...;
+    curr_len += 1``, one token a step; a stand-in model that never predicts [STOP] gets that many tokens, with the
+    data module's default `mt_max_steps` and with the system's call."""
+    from types import SimpleNamespace
+
+    from vl.models.mm_bert import greedy_translate
+
+    seed_steps, curr_len, max_len = 0, 0, 48
+    while curr_len <= max_len:  # transcription of the seed's loop (no sentence stops)
+        seed_steps += 1
+        curr_len += 1
+    dm = Multi30kDataModule(cache_dir=str(data_dir), corpus={"num_images": 150}, task="mt", objectives=["mlm"])
+    dm.setup("test")
+    assert dm.mt_max_steps == seed_steps == 49
+    tok = dm.tokenizer
+    word = tok.convert_tokens_to_ids(tok.tokenize("hund")[0])
+    calls = []
+
+    class Never(torch.nn.Module):
+        device = torch.device("cpu")
+        objectives = {
+            "mlm": SimpleNamespace(logits=lambda s: torch.nn.functional.one_hot(s[:, 0].long(), len(tok)).float())
+        }
+
+        def forward(self, batch):
+            calls.append(1)
+            return SimpleNamespace(text=torch.full((*batch["input_ids"].shape, 1), float(word)))
+
+    example = dm.datasets["test"][0]
+    out = greedy_translate(Never(), dm.collator("test"), [example], tok)  # the function's default
+    assert len(calls) == seed_steps and len(tok(out[0], add_special_tokens=False)["input_ids"]) == seed_steps

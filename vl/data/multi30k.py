@@ -156,7 +156,8 @@ class Multi30kDataModule(VLDataModule):
     datasets; None: none), applied per row after masking and per caption x image pair in the retrieval gallery
     (``Multi30kCollator.pair_batch``). ``mt_seq_len``: the same limit when translating (the seed's generate config:
     150), applied once, to the first decoding step's rows; the generated tokens are appended without truncating
-    again (`vl.models.mm_bert.greedy_translate`). ``lowercase``: the tokenizer lower-cases and strips accents (True,
+    again (`vl.models.mm_bert.greedy_translate`). ``mt_max_steps``: at most that many generated tokens (49: the
+    seed's ``while not all(stop) and curr_len <= max_len`` with ``max_len = 48`` runs 49 steps). ``lowercase``: the tokenizer lower-cases and strips accents (True,
     the seed's: its ``BertTokenizer`` defaults to ``do_lower_case=True``; every task's text, MT targets included, so
     MT hypotheses come out lower-cased while the BLEU references keep their case, only unidecoded, as the seed's
     ``evaluate_translation.py``); False: cased (`load_multi30k_tokenizer`)."""
@@ -183,7 +184,7 @@ class Multi30kDataModule(VLDataModule):
         aux_batch_size: int = 8,
         aux_min_words: int = 96,
         aux_seq_len: int = 96,
-        mt_max_steps: int = 48,
+        mt_max_steps: int = 49,
         mt_seq_len: int | None = 150,
         annotations: str = "{split}_frcnn.json",
         mlt_annotations: str = "{split}_MLT_frcnn.json",

@@ -349,7 +349,7 @@ class MMBertSystem(VLSystem):
             dm.collator("test"),
             examples,
             dm.tokenizer,
-            max_steps=int(getattr(dm, "mt_max_steps", 48)),
+            max_steps=int(getattr(dm, "mt_max_steps", 49)),
             seq_len=getattr(dm, "mt_seq_len", 150),
         )
         self.predictions.extend(
@@ -478,12 +478,12 @@ def greedy_translate(
     examples: list[dict[str, Any]],
     tokenizer: Any,
     *,
-    max_steps: int = 48,
+    max_steps: int = 49,
     seq_len: int | None = 150,
 ) -> list[str]:
     """Greedy autoregressive EN -> DE, batched over sentences: ``[CLS] EN [SEP] DE so far [MASK] [SEP]``, the MLM
     head's arg-max at [MASK] is written and a new [MASK] appended; a sentence stops at [STOP] or after
-    ``max_steps``. ``seq_len``: the joint text + boxes limit, applied once, to the first step's rows, as the seed's
+    ``max_steps`` (49 = the seed's ``while ... curr_len <= 48`` loop, ``curr_len`` from 0). ``seq_len``: the joint text + boxes limit, applied once, to the first step's rows, as the seed's
     generation (its dataset truncates with SEQ_LEN 150, then the generated tokens are appended): a row keeps the
     boxes it kept there, and its text is never cut again (re-truncating each step with the training limit, 64,
     dropped the [MASK] itself once the text outgrew half of it; the source keeps the tokens the collator's

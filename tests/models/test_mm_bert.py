@@ -220,6 +220,31 @@ def test_mvrc_soft_cross_entropy_equals_numpy() -> None:
     assert float(result.loss.detach()) == pytest.approx(np.mean(losses), abs=1e-5)
 
 
+def test_mvrc_counts_the_regions_the_seed_counts() -> None:
+    """The seed's ``soft_cross_entropy``: a region counts when |sum(target) - 1| < 0.1 (strict); its mean over those.
+    Targets summing to 0.95 and 1.05 count, 0.85 and 1.1 do not (a detector's scores rounded in a JSON file need not
+    sum to exactly 1)."""
+    torch.manual_seed(0)
+    head = MaskedVisualRegionClassification(hidden_size=H, num_classes=C)
+    B, R = 1, 5
+    states = torch.randn(B, 1 + R, H, dtype=torch.float64)
+    head = head.double()
+    target = torch.softmax(torch.randn(B, R, C, dtype=torch.float64), -1)
+    sums = [1.0, 0.95, 1.05, 0.85, 1.1]
+    target = target * torch.tensor(sums, dtype=torch.float64)[None, :, None]
+    chosen = torch.ones(B, R, dtype=torch.bool)
+    out = SimpleNamespace(pooled=states[:, 0], regions=lambda: states[:, 1:])
+    result = head(out, {"region_mask_labels": chosen, "region_cls_prob": target})
+    logits = head.head(states[0, 1:]).detach().numpy()
+    t = target[0].numpy()
+    valid = np.abs(t.sum(-1) - 1) < 1.0e-1  # the seed's rule, transcribed
+    assert valid.tolist() == [True, True, True, False, False]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = (-(logp[valid] * t[valid]).sum(1)).mean(0)
+    assert float(result.loss.detach()) == pytest.approx(want, rel=1e-9)
+
+
 def test_itm_is_one_logit_bce() -> None:
     torch.manual_seed(0)
     head = BinaryImageTextMatching(hidden_size=H)

@@ -23,7 +23,8 @@ class MaskedVisualRegionClassification(Objective):
     """MVRC: Linear(H,H)-GELU-Linear(H,C) on the states of the MVRC-chosen regions (``region_mask_labels`` (B,R); the
     whole-image box is ``visual[:, 0]`` and never chosen), soft cross-entropy against the detector's C-way class scores
     (``region_cls_prob`` (B,R,C)), averaged over the chosen regions whose target sums to 1 within ``sum_tolerance``
-    (others do not count). Accuracy: arg-max agreement on those regions."""
+    (|sum - 1| < 0.1, strict, as the seed's ``soft_cross_entropy``; others do not count). Accuracy: arg-max agreement
+    on those regions."""
 
     name = "mvrc"
     needs = ("regions",)
@@ -35,7 +36,7 @@ class MaskedVisualRegionClassification(Objective):
             raise ConfigError("data.objectives: 'mvrc' needs region features with class scores ('classes')")
         return cls(hidden_size=ctx.visual_size, num_classes=int(ctx.data_info["num_region_classes"]), **options)
 
-    def __init__(self, *, hidden_size: int, num_classes: int, sum_tolerance: float = 1e-2) -> None:
+    def __init__(self, *, hidden_size: int, num_classes: int, sum_tolerance: float = 0.1) -> None:
         super().__init__()
         self.sum_tolerance = sum_tolerance
         self.head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, num_classes))
@@ -43,7 +44,7 @@ class MaskedVisualRegionClassification(Objective):
     def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
         target = batch["region_cls_prob"]
         chosen = batch["region_mask_labels"].bool()
-        chosen = chosen & ((target.sum(-1) - 1.0).abs() <= self.sum_tolerance)
+        chosen = chosen & ((target.sum(-1) - 1.0).abs() < self.sum_tolerance)
         logits = self.head(out.regions()[chosen])  # (M, C)
         target = target[chosen]
         if not target.shape[0]:  # keep the head in the graph (zero gradients), so DDP ranks stay in step

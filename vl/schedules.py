@@ -34,19 +34,29 @@ def linear_warmup_decay(
     final_ratio: float = 0.0,
     warmup_steps: int | None = None,
     bert_adam: bool = False,
+    scheduler_first: bool = False,
 ) -> LambdaLR:
     """Linear warmup over `warmup_ratio * total_steps` (or `warmup_steps`), then linear decay to `final_ratio` of the
     peak at `total_steps`. With `final_ratio=0` this is also VL-BERT's `triangle` schedule (MM-BERT).
     `bert_adam`: pytorch-pretrained-bert `BertAdam`'s `warmup_linear` as ViLBERT's seeds step it (step s gets
     s / W during warmup, the first update at lr 0, W = warmup_ratio x total_steps unrounded; the same decay);
-    default false: (s + 1) / W."""
+    default false: (s + 1) / W. `scheduler_first`: VL-BERT's trainer (MM-BERT's) calls its ``WarmupLinearSchedule``'s
+    ``step()`` before ``optimizer.step()``, so update s (0-based) reads its lambda at s + 1: (s + 1) / W in warmup (as
+    the default) and (T - s - 1) / (T - W) after it (the default's decay is one update later: (T - s) / (T - W))."""
     warmup = _warmup_length(total_steps, warmup_ratio, warmup_steps, bert_adam)
+    if scheduler_first and bert_adam:
+        raise ValueError("linear_warmup_decay: scheduler_first and bert_adam are two different seeds' rules")
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return _warmup_factor(step, warmup, bert_adam)
+    def decay(step: int) -> float:
         progress = (step - warmup) / max(1, total_steps - warmup)
         return max(final_ratio, 1.0 - (1.0 - final_ratio) * progress)
+
+    def factor(step: int) -> float:
+        if scheduler_first:  # VL-BERT's lambda read one step ahead
+            return (step + 1) / warmup if step + 1 < warmup else decay(step + 1)
+        if step < warmup:
+            return _warmup_factor(step, warmup, bert_adam)
+        return decay(step)
 
     return LambdaLR(optimizer, factor)
 

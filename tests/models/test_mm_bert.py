@@ -622,7 +622,8 @@ def test_gallery_images_without_a_size_are_named() -> None:
 
 def test_the_scheduler_is_vl_berts_triangle() -> None:
     """`model=mm_bert`'s scheduler (vl.schedules.linear_warmup_decay with warmup_steps) against VL-BERT's triangle
-    written out: lr x (step + 1) / warmup during warmup, then x (total - step) / (total - warmup), down to 0."""
+    as its trainer steps it: ``WarmupLinearSchedule.lr_lambda(s)`` = s / W before W, then (T - s) / (T - W) down to 0,
+    and ``lr_scheduler.step()`` runs before ``optimizer.step()``, so update k (0-based) is at lr x lr_lambda(k + 1)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -632,7 +633,8 @@ def test_the_scheduler_is_vl_berts_triangle() -> None:
     total, warmup = 100, 10
     sched = instantiate(node, warmup_steps=warmup)(opt, total_steps=total)
     for step in range(total + 3):
-        want = 2.0 * ((step + 1) / warmup if step < warmup else max(0.0, (total - step) / (total - warmup)))
+        s = step + 1  # the seed's scheduler has stepped once more than the optimizer when the update runs
+        want = 2.0 * (s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup)))
         assert abs(opt.param_groups[0]["lr"] - want) < 1e-12, step
         opt.step()
         sched.step()

@@ -389,6 +389,31 @@ def test_lr_is_base_lr_times_total_batch() -> None:
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6 * 16 * 2 * 3)
 
 
+@pytest.mark.parametrize("every", [True, False])
+def test_weight_decay_groups(every) -> None:
+    """`decay_every_parameter` True (the seed's one AdamW group: every parameter decays); False: the shared rule
+    (biases, LayerNorm weights and other 1-d parameters get none). Checked by name and shape, written out here."""
+    system = MMBertSystem(
+        encoder={"_target_": "vl.models.mm_bert.MMBertEncoder", "text_encoder": TINY, "coord_dim": 4},
+        objectives=["mlm", "mvrc"],
+        data_info={"visual_dim": D, "vocab_size": V + 1, "num_region_classes": C},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 1e-4},
+        lr_per_example=1e-6,
+        decay_every_parameter=every,
+    )
+    dm = SimpleNamespace(batch_size_per_device=8, examples_per_device_step=8)
+    system._trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, datamodule=dm)
+    optimizer = system.configure_optimizers()
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    wd = float(system.optimizer_cfg["weight_decay"])
+    assert wd > 0
+    for name, p in system.named_parameters():
+        exempt = name.endswith("bias") or "LayerNorm" in name or "visual_ln" in name or p.ndim < 2
+        assert decay_of[id(p)] == (wd if every or not exempt else 0.0), name
+    if every:
+        assert {g["weight_decay"] for g in optimizer.param_groups} == {wd}
+
+
 class _PairModel(nn.Module):
     """score(caption t, image i) = a fixed function of the caption's token ids and the image's features."""
 

@@ -267,12 +267,17 @@ class MMBertSystem(VLSystem):
         mbert_dir: str | None = None,
         vlbert_checkpoint: str | None = None,
         lr_per_example: float | None = None,
+        decay_every_parameter: bool = True,
         **kwargs: Any,
     ) -> None:
         """`mbert_dir`: a local M-BERT dir (`bert-base-multilingual-cased`): encoder + word embeddings.
         `vlbert_checkpoint`: `vl-bert-base-prec.model`: the parts in `VLBERT_PARTS`. `lr_per_example`: when set, the
-        lr is lr_per_example x total batch size (per device x world size x accumulation), as MM-BERT's configs."""
+        lr is lr_per_example x total batch size (per device x world size x accumulation), as MM-BERT's configs.
+        `decay_every_parameter`: True (the seed's): weight decay on every parameter, biases and LayerNorms included
+        (VL-BERT's ``train.py`` builds one AdamW group, its ``LR_MULT`` empty); False: the shared rule (none on
+        biases / norms, `VLSystem.decays`)."""
         super().__init__(**kwargs)
+        self.decay_every_parameter = decay_every_parameter
         self.mbert_dir = mbert_dir
         self.vlbert_checkpoint = vlbert_checkpoint
         self.lr_per_example = lr_per_example
@@ -324,6 +329,9 @@ class MMBertSystem(VLSystem):
         dm = self._datamodule()
         per_device = int(getattr(dm, "examples_per_device_step", getattr(dm, "batch_size_per_device", 1)))
         return per_device * int(self.trainer.world_size) * int(self.trainer.accumulate_grad_batches)
+
+    def decays(self, name: str, param: nn.Parameter) -> bool:
+        return True if self.decay_every_parameter else super().decays(name, param)
 
     def configure_optimizers(self) -> Any:
         if self.lr_per_example is not None:

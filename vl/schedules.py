@@ -61,6 +61,21 @@ def linear_warmup_decay(
     return LambdaLR(optimizer, factor)
 
 
+def vlbert_triangle(
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    warmup_ratio: float = 0.1,
+    warmup_steps: int | None = None,
+) -> LambdaLR:
+    """VL-BERT's ``triangle`` (MM-BERT's schedule) as its trainer steps it: `linear_warmup_decay` with
+    ``scheduler_first`` (a target of its own, so a recipe that swaps the schedule, e.g. `experiment=compare`, leaves no
+    key behind)."""
+    return linear_warmup_decay(
+        optimizer, total_steps=total_steps, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps, scheduler_first=True
+    )
+
+
 def linear_warmup_constant(
     optimizer: Optimizer, *, total_steps: int, warmup_ratio: float = 0.1, bert_adam: bool = False
 ) -> LambdaLR:

@@ -646,7 +646,7 @@ def test_gallery_images_without_a_size_are_named() -> None:
 
 
 def test_the_scheduler_is_vl_berts_triangle() -> None:
-    """`model=mm_bert`'s scheduler (vl.schedules.linear_warmup_decay with warmup_steps) against VL-BERT's triangle
+    """`model=mm_bert`'s scheduler (vl.schedules.vlbert_triangle with warmup_steps) against VL-BERT's triangle
     as its trainer steps it: ``WarmupLinearSchedule.lr_lambda(s)`` = s / W before W, then (T - s) / (T - W) down to 0,
     and ``lr_scheduler.step()`` runs before ``optimizer.step()``, so update k (0-based) is at lr x lr_lambda(k + 1)."""
     from hydra.utils import instantiate

@@ -114,6 +114,8 @@ def test_published_vilbert_recipes(experiment: str, make_cfg) -> None:
     assert cfg.trainer.max_epochs == 20
     assert list(cfg.model.scheduler.decay_epochs) == [12, 16] and cfg.model.scheduler.gamma == 0.1
     assert cfg.model.scheduler.warmup_ratio == 0.1
+    # every task's max_region_num is 100 rows, the global token included (the seed's reader prepends it)
+    assert cfg.data.max_regions + 1 == 100
 
 
 @pytest.mark.parametrize("task", ["vqa", "vcr", "refcoco", "retrieval"])

@@ -202,6 +202,26 @@ def test_position_embeddings_follow_the_seeds_x_y_order_on_a_non_square_grid() -
     torch.testing.assert_close(ours[1, 2 * 5 + 4], feats[1, :, 2, 4] + enc.pos_x.weight[2] + enc.pos_y.weight[4])
 
 
+def test_position_axes_vl_exchanges_the_tables_roles() -> None:
+    """`position_axes="vl"` (kept by `model=clip_vil_tiny`): `pos_x` indexes the columns and `pos_y` the rows; an
+    unknown value is refused."""
+    torch.manual_seed(0)
+    enc = tiny_encoder(position_axes="vl")
+    with torch.no_grad():
+        enc.pos_x.weight.normal_()
+        enc.pos_y.weight.normal_()
+    feats = torch.randn(2, enc.backbone.out_channels, 3, 5)
+    enc.backbone.forward = lambda x, skip_last_layer: feats
+    with torch.no_grad():
+        ours = enc.grid(torch.empty(2, 3, 96, 160))
+    for row, col in [(0, 0), (2, 4), (1, 3)]:
+        torch.testing.assert_close(
+            ours[:, :, row, col], feats[:, :, row, col] + enc.pos_x.weight[col] + enc.pos_y.weight[row]
+        )
+    with pytest.raises(ConfigError, match="position_axes"):
+        tiny_encoder(position_axes="xy")
+
+
 def test_padded_image_areas_are_attended() -> None:
     """The visual mask is all ones: zero-padded cells are visual tokens like any other."""
     torch.manual_seed(0)

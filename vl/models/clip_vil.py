@@ -73,6 +73,7 @@ class ClipVilEncoder(nn.Module):
         freeze_backbone: bool = False,
         use_positional_embedding: bool = True,
         pos_num: int = 25,
+        position_axes: str = "seed",
         sub_sampling: bool = False,
         sub_feat_num: int = 100,
         sub_sampling_in_eval: bool = True,
@@ -81,8 +82,14 @@ class ClipVilEncoder(nn.Module):
     ) -> None:
         """`backbone`: `build_clip_resnet` arguments (`name`: RN50 / RN50x4, or sizes); `backbone_weights`: a local
         OpenAI / open_clip state dict (key report logged); random init otherwise. `freeze_backbone`: no gradients
-        and BatchNorm kept in eval mode."""
+        and BatchNorm kept in eval mode. `position_axes`: "seed" (default): `pos_x` indexes the grid's rows and `pos_y`
+        its columns, the seed's `LinearPositionEmbedding` (which calls the rows "width"), so the tables are its x / y
+        ones; "vl": vl's earlier order (`pos_x` columns, `pos_y` rows), the same model from random init with the
+        tables' roles exchanged, which `model=clip_vil_tiny` keeps (its learning tests were calibrated with it)."""
         super().__init__()
+        if position_axes not in ("seed", "vl"):
+            raise ConfigError(f"model.encoder.position_axes: '{position_axes}' is not one of 'seed', 'vl'")
+        self.position_axes = position_axes
         if not data_info.get("pixels"):
             raise ConfigError(
                 "model: CLIP-ViL reads images (pixel_values), but this data module provides none; use a pixel data module "
@@ -160,8 +167,9 @@ class ClipVilEncoder(nn.Module):
                     f"model.encoder.pos_num={self.pos_num}: the image grid is {h}x{w}; raise pos_num or lower the "
                     "image size"
                 )
+            rows, cols = (self.pos_x, self.pos_y) if self.position_axes == "seed" else (self.pos_y, self.pos_x)
             # the seed's order: x indexes the rows (its "width" = size(2)), y the columns
-            grid = grid + self.pos_x.weight[:h].T[None, :, :, None] + self.pos_y.weight[:w].T[None, :, None, :]
+            grid = grid + rows.weight[:h].T[None, :, :, None] + cols.weight[:w].T[None, :, None, :]
         return grid
 
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -167,9 +167,10 @@ class ClipVilEncoder(nn.Module):
                     f"model.encoder.pos_num={self.pos_num}: the image grid is {h}x{w}; raise pos_num or lower the "
                     "image size"
                 )
-            rows, cols = (self.pos_x, self.pos_y) if self.position_axes == "seed" else (self.pos_y, self.pos_x)
-            # the seed's order: x indexes the rows (its "width" = size(2)), y the columns
-            grid = grid + rows.weight[:h].T[None, :, :, None] + cols.weight[:w].T[None, :, None, :]
+            if self.position_axes == "seed":  # x indexes the rows (the seed's "width" = size(2)), y the columns
+                grid = grid + self.pos_x.weight[:h].T[None, :, :, None] + self.pos_y.weight[:w].T[None, :, None, :]
+            else:  # vl's earlier expression, the order of its float sums included
+                grid = grid + self.pos_x.weight[:w].T[None, :, None, :] + self.pos_y.weight[:h].T[None, :, :, None]
         return grid
 
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:

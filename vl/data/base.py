@@ -30,6 +30,48 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
+#: `data.global_token` (VQA, retrieval): the feature of ViLBERT's global image token. "all": the mean of all the image's
+#: regions in the feature file, before the `max_regions` cut (vilbert_beta's feature reader, the default); "kept": the
+#: mean of the regions kept (vl's earlier behaviour: the model computes it). Only ViLBERT reads it (batch `visual_global`).
+GLOBAL_TOKEN = ("all", "kept")
+
+
+def global_feature(item: dict[str, Any]) -> np.ndarray:
+    """(D,) float32: the mean of all of a reader item's region features, as vilbert_beta's feature reader computes
+    its global image feature (`np.sum(features, axis=0) / num_boxes`, before any region is cut)."""
+    feats = np.asarray(item["features"], dtype=np.float32)
+    return np.sum(feats, axis=0) / feats.shape[0]
+
+
+class GlobalFeatureRegions:
+    """`reader[image_id]` with `global_feature` (`global_feature`) added; `path`, `ids()`, `in`, `len` pass through."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def __getitem__(self, image_id: str | int) -> dict[str, Any]:
+        item = dict(self.reader[image_id])
+        item["global_feature"] = global_feature(item)
+        return item
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self.reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "reader":  # not set yet (unpickling): never recurse
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+
+def check_global_token(value: str) -> str:
+    if value not in GLOBAL_TOKEN:
+        raise ConfigError(f"data.global_token: '{value}' is not one of {GLOBAL_TOKEN}")
+    return value
+
+
 def _truncate(item: dict[str, Any], n: int) -> dict[str, Any]:
     out = dict(item)
     for key in ("features", "boxes", "boxes_norm", "cls_prob"):
@@ -82,6 +124,8 @@ class VLDataModule(L.LightningDataModule):
     corpus_parts: ClassVar[tuple[str, ...]] = ()
     #: MLM also skips every id in `tokenizer.all_special_ids` (`Collator`); the CLIP-BERT corpora take it as an option
     mlm_skip_special_ids: bool = False
+    #: where ViLBERT's global image token feature comes from (`GLOBAL_TOKEN`); VQA and retrieval take it as an option
+    global_token: str = "kept"
 
     def __init__(
         self,
@@ -196,8 +240,12 @@ class VLDataModule(L.LightningDataModule):
 
     def open_regions(self, relative: str) -> RegionReader:
         """The region-feature reader of `relative` (under root; LMDB / HDF5 / FRCNN JSON) behind the decoded-item
-        cache of `feature_cache_mb` MiB per process (`vl.data.features.cache`; 0: no cache)."""
-        return cached(open_region_features(self.path(relative)), self.feature_cache_mb)
+        cache of `feature_cache_mb` MiB per process (`vl.data.features.cache`; 0: no cache); with `global_token`
+        "all" each item also carries `global_feature` (`GlobalFeatureRegions`)."""
+        reader = open_region_features(self.path(relative))
+        if self.global_token == "all":  # inside the cache: each image's mean is computed once
+            reader = GlobalFeatureRegions(reader)
+        return cached(reader, self.feature_cache_mb)
 
     @property
     def tokenizer(self):
@@ -277,20 +325,26 @@ class VLDataModule(L.LightningDataModule):
         if isinstance(image, dict):
             if "features" not in image:
                 raise DataError("image: a feature dict needs 'features' (N, D) and 'boxes_norm' (N, 4)")
-            return {"visual": image}
+            return {"visual": self._with_global(image)}
         if isinstance(image, (np.ndarray, torch.Tensor)):
             feats = np.asarray(image, dtype=np.float32)
             feats = feats[None] if feats.ndim == 1 else feats
             if feats.ndim != 2:
                 raise DataError(f"image: a feature array must be (regions, dim), got shape {tuple(feats.shape)}")
             boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32), (feats.shape[0], 1))
-            return {"visual": {"features": feats, "boxes_norm": boxes, "num_boxes": feats.shape[0]}}
+            return {"visual": self._with_global({"features": feats, "boxes_norm": boxes, "num_boxes": feats.shape[0]})}
         if self.features_file is None:
             raise ConfigError(f"{type(self).__name__} reads no visual features: pass a feature array, not an id")
         key = str(image)
         if key not in self.regions:
             raise DataError(f"{self.regions.path}: no features for image id {key!r}")
         return {"visual": self.regions[key]}
+
+    def _with_global(self, visual: dict[str, Any]) -> dict[str, Any]:
+        """A given image's regions with `global_feature` when `global_token` is "all", as the file's items have it."""
+        if self.global_token != "all" or visual.get("global_feature") is not None:
+            return visual
+        return {**visual, "global_feature": global_feature(visual)}
 
     def inference_collator(self) -> Collator:
         """Unlabelled rows, no masking: what `vl.load`'s calls and `mode=predict` batch with."""

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, concat_regions
+from vl.data.base import VLDataModule, concat_regions, global_feature
 from vl.data.features import RegionReader
 from vl.data.formats.refcoco import (
     Instances,
@@ -88,7 +88,7 @@ class RefCOCOExpressions(Dataset):
         dets = self.dets[image_id]
         gt = self.gt[image_id] if self.gt is not None else None
         out = concat_regions(dets, gt, self.max_regions, gt_first=self.gt_regions_first)
-        out["global_feature"] = np.asarray(dets["features"], dtype=np.float32).mean(0)
+        out["global_feature"] = global_feature(dets)
         return out
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import RetrievalQueries, VLDataModule
+from vl.data.base import RetrievalQueries, VLDataModule, check_global_token
 from vl.data.features import RegionReader
 from vl.data.formats.retrieval import (
     image_key,
@@ -146,7 +146,11 @@ class RetrievalDataModule(VLDataModule):
 
     Train: every (image, caption) pair (``RetrievalTrain``). Val/test: the first ``max_images`` images (all when
     None) x their first ``captions_per_image`` captions as queries (``RetrievalQueries``) over ``gallery(split)``.
-    With ``root=None`` the embedded scene corpus (``vl.data.scenes.corpus``) holds these files."""
+    With ``root=None`` the embedded scene corpus (``vl.data.scenes.corpus``) holds these files.
+
+    ``global_token`` (``vl.data.base.GLOBAL_TOKEN``): "all" (default, vilbert_beta's reader): ViLBERT's global image
+    token is the mean of all the image's regions in the feature file, also those past ``max_regions``; "kept": of the
+    kept ones (vl's earlier behaviour). Other models do not read it."""
 
     corpus_parts = ("retrieval",)
 
@@ -162,9 +166,11 @@ class RetrievalDataModule(VLDataModule):
         features: str = "regions.lmdb",
         captions_per_image: int = 5,
         max_images: int | None = None,
+        global_token: str = "all",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.global_token = check_global_token(global_token)
         if int(captions_per_image) < 1:
             raise ConfigError(f"data.captions_per_image must be >= 1, got {captions_per_image}")
         if max_images is not None and int(max_images) < 1:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule
+from vl.data.base import VLDataModule, check_global_token
 from vl.data.features import RegionReader
 from vl.data.formats.vqa import load_answer_vocab, load_questions, load_targets
 from vl.data.formats.vqa_answers import trainval_minval_split
@@ -73,7 +73,11 @@ class VQADataModule(VLDataModule):
     questions + the val questions but the last `minval_size` (3000) by question id, `minval` = those last ones (the
     seed's `_load_dataset`, each file's questions sorted by question id; `vqa_answers.trainval_minval_split`, the rule
     `vl.tools.vqa_convert` also writes files by). Their questions and targets are read from the train and val files,
-    as the seed reads them; the published ViLBERT recipe trains on trainval and validates on minval."""
+    as the seed reads them; the published ViLBERT recipe trains on trainval and validates on minval.
+
+    `global_token` (`vl.data.base.GLOBAL_TOKEN`): "all" (default, vilbert_beta's reader): ViLBERT's global image token
+    is the mean of all the image's regions in the feature file, also those past `max_regions`; "kept": of the kept
+    ones (vl's earlier behaviour). Other models do not read it."""
 
     label_keys = {
         "vqa_target": ("vqa_targets", "vector"),
@@ -91,9 +95,11 @@ class VQADataModule(VLDataModule):
         answers: str = "vqa/cache/trainval_ans2label.pkl",
         features: str = "regions.lmdb",
         minval_size: int = 3000,
+        global_token: str = "all",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.global_token = check_global_token(global_token)
         if int(minval_size) < 0:
             raise ConfigError(f"data.minval_size={minval_size}: must be >= 0 (the val questions held out as minval)")
         self.minval_size = int(minval_size)

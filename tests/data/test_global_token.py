@@ -1,0 +1,105 @@
+"""ViLBERT's global image token on VQA and retrieval (`data.global_token`): vilbert_beta's feature reader
+(`_image_features_reader.py`) makes it the mean of ALL the image's boxes in the LMDB file, then the dataset keeps the
+first `max_region_num` rows (global included). Checked against that rule transcribed here on the raw LMDB records."""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import shutil
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from vl.errors import ConfigError
+
+MAX_REGIONS = 3  # fewer than every embedded image's detections: the cut matters
+
+
+def _seed_reader(lmdb_dir: Path, tmp_path: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """vilbert_beta's ImageFeaturesH5Reader.__getitem__ for every image: (features with the global row first,
+    num_boxes + 1). Reads a copy (this process already holds the file open through vl's reader)."""
+    copy = tmp_path / "seed.lmdb"
+    shutil.copytree(lmdb_dir, copy)
+    out = {}
+    env = lmdb.open(str(copy), readonly=True, lock=False, readahead=False)
+    with env.begin() as txn:
+        for image_id in pickle.loads(txn.get(b"keys")):
+            item = pickle.loads(txn.get(image_id))
+            num_boxes = int(item["num_boxes"])
+            features = np.frombuffer(base64.b64decode(item["features"]), dtype=np.float32).reshape(num_boxes, -1)
+            g_feat = np.sum(features, axis=0) / num_boxes
+            out[image_id] = (np.concatenate([np.expand_dims(g_feat, axis=0), features], axis=0), num_boxes + 1)
+    env.close()
+    return out
+
+
+def _module(make_cfg, data: str, *overrides: str):
+    extra = ("data.captions_per_image=2",) if data == "retrieval" else ()
+    cfg = make_cfg("experiment=none", f"data={data}", f"data.max_regions={MAX_REGIONS}", *extra, *overrides)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _first_batch(dm) -> dict:
+    return next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("data", ["vqa", "retrieval"])
+def test_global_token_is_the_mean_of_all_the_files_boxes(make_cfg, tmp_path: Path, data: str) -> None:
+    dm = _module(make_cfg, data)
+    batch = _first_batch(dm)
+    seed = _seed_reader(dm.path(dm.features_file), tmp_path)
+    cut = 0
+    for row in range(len(batch["visual_feats"])):  # each row's image: the one whose first rows it holds
+        n = int(batch["visual_mask"][row].sum())
+        got = batch["visual_feats"][row, :n].numpy()
+        (image_id,) = [i for i, (f, _) in seed.items() if len(f) > n and np.array_equal(f[1 : n + 1], got)]
+        features, num_boxes = seed[image_id]
+        kept = min(num_boxes, MAX_REGIONS + 1)  # the seed's mix_num_boxes (max_region_num = vl's max_regions + 1)
+        assert n + 1 == kept
+        cut += num_boxes > kept
+        np.testing.assert_allclose(batch["visual_global"][row].numpy(), features[0], rtol=0, atol=1e-6)
+    assert cut, "the fixture must have images with more boxes than the recipe keeps"
+
+
+@pytest.mark.parametrize("data", ["vqa", "retrieval"])
+def test_global_token_kept_leaves_it_to_the_model(make_cfg, data: str) -> None:
+    """`kept` (vl's earlier behaviour): no `visual_global`; ViLBERT then averages the kept rows."""
+    batch = _first_batch(_module(make_cfg, data, "data.global_token=kept"))
+    assert "visual_global" not in batch
+    assert batch["visual_feats"].shape[1] == MAX_REGIONS
+
+
+def test_global_token_reaches_vilberts_image_embedding(make_cfg) -> None:
+    """The batch's `visual_global` is the global row ViLBERT's image embedding prepends."""
+    from vl.models.vilbert import ImageEmbedding
+
+    batch = _first_batch(_module(make_cfg, "vqa"))
+    feats, _, mask = ImageEmbedding.with_global_token(
+        batch["visual_feats"], batch["visual_boxes"], batch["visual_mask"], batch["visual_global"]
+    )
+    assert torch.equal(feats[:, 0], batch["visual_global"]) and bool(mask[:, 0].all())
+
+
+def test_global_token_unknown_value_is_refused(make_cfg) -> None:
+    with pytest.raises((ConfigError, InstantiationException), match="data.global_token"):
+        _module(make_cfg, "vqa", "data.global_token=mean")
+
+
+def test_global_token_of_an_image_given_at_inference(make_cfg) -> None:
+    """`vl.load(...).answer(image=array)`: an image given as features gets the same rule as the file's images."""
+    dm = _module(make_cfg, "vqa")
+    feats = np.random.default_rng(0).normal(size=(MAX_REGIONS + 4, dm.info["visual_dim"])).astype(np.float32)
+    batch = dm.inference_collator()([{"text": "what is it?", **dm.visual_example(feats)}])
+    np.testing.assert_allclose(batch["visual_global"][0].numpy(), feats.sum(0) / len(feats), rtol=0, atol=1e-6)
+    assert batch["visual_feats"].shape[1] == MAX_REGIONS
+    kept = _module(make_cfg, "vqa", "data.global_token=kept")
+    assert "visual_global" not in kept.inference_collator()([{"text": "what?", **kept.visual_example(feats)}])

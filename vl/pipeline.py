@@ -299,7 +299,7 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         ckpt = None if trainer.fast_dev_run else ckpt
         test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
-        if trainer.is_global_zero and loggers:  # the test metrics in the same run as the fit's curves
+        if trainer.is_global_zero and loggers and test_metrics:  # the test metrics in the same run as the fit's curves
             _log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)
         if not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))

@@ -119,6 +119,11 @@ class Objective(nn.Module):
         """Rows for the task's submission file (test stage); each has a unique `key` (de-duplication across ranks)."""
         return []
 
+    def unlabelled_predictions(self, out: EncoderOutput, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """The same rows for a test batch without this head's `requires` (a split with no published answers, e.g.
+        VQA test-dev): no loss, no metric. Default: none (such a batch skips the head)."""
+        return []
+
 
 def check_compatible(head: type[Objective], visual_input: str | None, system: str) -> None:
     """A head the encoder cannot serve fails here, at build time, naming the objective."""

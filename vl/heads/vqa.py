@@ -112,9 +112,17 @@ class VQAClassification(Objective):
         metrics["vqa_acc"].update(result.logits, result.target)
 
     def predictions(self, result: ObjectiveResult, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._rows(result.logits, batch)
+
+    def unlabelled_predictions(self, out: EncoderOutput, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """The argmax answer of questions without targets (VQA test2015 / test-dev2015: the EvalAI file)."""
+        return self._rows(self.classifier(out.pooled), batch)
+
+    @staticmethod
+    def _rows(logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
         if "question_id" not in batch:
             return []
-        pred = result.logits.argmax(-1).tolist()
+        pred = logits.argmax(-1).tolist()
         return [
             {"key": int(q), "question_id": int(q), "answer_idx": int(i)}
             for q, i in zip(batch["question_id"].tolist(), pred)

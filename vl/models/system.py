@@ -226,9 +226,13 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         out = self(batch)
         total = 0.0
         bs = batch["index"].shape[0]  # examples (multiple-choice batches have more rows)
+        scored = False
         for name, head in self.objectives.items():
             if any(key not in batch for key in head.requires):
+                if stage == "test":  # unlabelled test rows (no published answers): the submission file's rows only
+                    self.predictions.extend(head.unlabelled_predictions(out, batch))
                 continue
+            scored = True
             result = head(out, batch)
             term = self.loss_weights.get(name, 1.0) * result.loss
             total = total + term
@@ -241,7 +245,8 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
                     self.log(f"{stage}/{metric_name}", metric, batch_size=bs, prog_bar=True)
             if stage == "test":
                 self.predictions.extend(head.predictions(result, batch))
-        self._log_loss(stage, "total", total, bs)
+        if scored or stage == "train":  # a val/test batch no head could score has no loss (not a logged 0)
+            self._log_loss(stage, "total", total, bs)
         return total
 
     def _log_loss(self, stage: str, name: str, loss: torch.Tensor, batch_size: int) -> None:

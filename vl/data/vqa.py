@@ -16,21 +16,40 @@ from vl.data.formats.vqa_answers import trainval_minval_split
 from vl.data.samplers import split_key
 from vl.errors import ConfigError, DataError
 
+#: the official VQA v2 test splits (no answers published; scored on EvalAI): `data.splits.test=test2015` or
+#: `test-dev2015` reads its own questions file and no targets. `data.split_files.<name>` entries are merged over these
+OFFICIAL_SPLIT_FILES: dict[str, dict[str, Any]] = {
+    "test2015": {"questions": "vqa/v2_OpenEnded_mscoco_test2015_questions.json", "targets": None, "features": None},
+    "test-dev2015": {
+        "questions": "vqa/v2_OpenEnded_mscoco_test-dev2015_questions.json",
+        "targets": None,
+        "features": None,
+    },
+}
+_SPLIT_FILE_KEYS = ("questions", "targets", "features")
+
 
 def _question_type(question: str) -> str:
     return " ".join(question.lower().split()[:3])
 
 
 class VQAQuestions(Dataset):
-    """One example per question: text, regions, dense soft-score target (A,)."""
+    """One example per question: text, regions, dense soft-score target (A,); `labelled=False` (an official test
+    split, no answers published): no target at all, so the test stage predicts and scores nothing."""
 
     def __init__(
-        self, questions: list[dict], targets: dict[int, dict], regions: RegionReader, num_answers: int
+        self,
+        questions: list[dict],
+        targets: dict[int, dict],
+        regions: RegionReader,
+        num_answers: int,
+        labelled: bool = True,
     ) -> None:
         self.questions = questions
         self.targets = targets
         self.regions = regions
         self.num_answers = num_answers
+        self.labelled = labelled
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -42,23 +61,26 @@ class VQAQuestions(Dataset):
     def record(self, index: int) -> dict[str, Any]:
         """The stored part of example `index` (`vl.data.streaming`): the target as its sparse labels and scores."""
         q = self.questions[index]
-        entry = self.targets.get(q["question_id"]) or {"labels": [], "scores": []}
-        return {
+        record: dict[str, Any] = {
             "text": q["question"],
             "question_id": q["question_id"],
             "image_id": q["image_id"],
             "index": index,
-            "vqa_labels": np.asarray(entry["labels"], dtype=np.int64).reshape(-1),
-            "vqa_scores": np.asarray(entry["scores"], dtype=np.float32).reshape(-1),
-            "visual": self.regions[str(q["image_id"])],
         }
+        if self.labelled:
+            entry = self.targets.get(q["question_id"]) or {"labels": [], "scores": []}
+            record["vqa_labels"] = np.asarray(entry["labels"], dtype=np.int64).reshape(-1)
+            record["vqa_scores"] = np.asarray(entry["scores"], dtype=np.float32).reshape(-1)
+        record["visual"] = self.regions[str(q["image_id"])]
+        return record
 
     def finish(self, record: dict[str, Any], epoch: int) -> dict[str, Any]:
         """A record -> the example: the dense soft-score target (A,)."""
         example = dict(record)
-        target = np.zeros(self.num_answers, dtype=np.float32)
-        target[example.pop("vqa_labels")] = example.pop("vqa_scores")
-        example["vqa_target"] = target
+        if "vqa_labels" in example:  # unlabelled rows carry no target: the VQA head predicts, scores nothing
+            target = np.zeros(self.num_answers, dtype=np.float32)
+            target[example.pop("vqa_labels")] = example.pop("vqa_scores")
+            example["vqa_target"] = target
         example["epoch"] = epoch
         return example
 
@@ -77,7 +99,12 @@ class VQADataModule(VLDataModule):
 
     `global_token` (`vl.data.base.GLOBAL_TOKEN`): "all" (default, vilbert_beta's reader): ViLBERT's global image token
     is the mean of all the image's regions in the feature file, also those past `max_regions`; "kept": of the kept
-    ones (vl's earlier behaviour). Other models do not read it."""
+    ones (vl's earlier behaviour). Other models do not read it.
+
+    `split_files.<file split>`: that split's own `questions` / `targets` / `features` files instead of the templates
+    and `features` (each optional). `targets: null` declares a split without answers (the official `test2015` and
+    `test-dev2015`, `OFFICIAL_SPLIT_FILES`): only `splits.test` may name one; its test stage writes the EvalAI file and
+    no accuracy. `features: <file>`: its images' own region features (the seed's test-image LMDB)."""
 
     label_keys = {
         "vqa_target": ("vqa_targets", "vector"),
@@ -96,6 +123,7 @@ class VQADataModule(VLDataModule):
         features: str = "regions.lmdb",
         minval_size: int = 3000,
         global_token: str = "all",
+        split_files: dict[str, dict[str, Any]] | None = OFFICIAL_SPLIT_FILES,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -107,7 +135,16 @@ class VQADataModule(VLDataModule):
         self.targets_file = targets
         self.answers_file = answers
         self.features_file = features
+        self.split_files = _split_files(split_files)
+        for role in ("train", "val"):
+            unlabelled = [name for name, _ in self._file_parts(role) if not self._labelled(name)]
+            if unlabelled:
+                raise ConfigError(
+                    f"data.splits.{role}={self.splits[role]}: '{unlabelled[0]}' has no answers "
+                    f"(data.split_files.{unlabelled[0]}.targets=null); only data.splits.test may name such a split"
+                )
         self._ans2label: dict[str, int] | None = None
+        self._split_regions: dict[str, RegionReader] = {}
 
     def _file_parts(self, split: str) -> list[tuple[str, str | None]]:
         """(file split name, which of its questions: None for all) making up `split` (see the class docstring)."""
@@ -118,13 +155,63 @@ class VQADataModule(VLDataModule):
             return [("val", "minval")]
         return [(name, None)]
 
+    def _labelled(self, name: str) -> bool:
+        """Whether file split `name` has targets (`split_files.<name>.targets: null` says it has none)."""
+        entry = self.split_files.get(name, {})
+        return "targets" not in entry or entry["targets"] is not None
+
+    def labelled(self, split: str) -> bool:
+        """Whether `split` (train / val / test) has answers to score."""
+        return all(self._labelled(name) for name, _ in self._file_parts(split))
+
+    def _files(self, name: str) -> tuple[Path, Path | None, str]:
+        """File split `name` -> (its questions file, its targets file or None, its features file relative to root)."""
+        entry = self.split_files.get(name, {})
+        questions = entry.get("questions") or self.questions_file.format(split=name)
+        targets = self.targets_file.format(split=name) if "targets" not in entry else entry["targets"]
+        return (
+            self.root / questions,
+            None if targets is None else self.root / targets,
+            entry.get("features") or self.features_file,
+        )
+
     def required_files(self) -> list[Path]:
         files = [self.path(self.answers_file), self.path(self.features_file)]
         for split in ("train", "val", "test"):
             for name, _ in self._file_parts(split):
-                files += [self.root / self.questions_file.format(split=name)]
-                files += [self.root / self.targets_file.format(split=name)]
+                questions, targets, features = self._files(name)
+                files += [questions, *([targets] if targets is not None else []), self.path(features)]
         return list(dict.fromkeys(files))
+
+    def check_files(self) -> None:
+        try:
+            super().check_files()
+        except DataError as err:
+            names = [n for s in ("train", "val", "test") for n, _ in self._file_parts(s) if n not in self.split_files]
+            name = next((n for n in names if str(self._files(n)[0]) in str(err)), None)
+            if name is None:
+                raise
+            raise DataError(
+                f"{err}; a split with other file names: data.split_files.{name}.questions=<file> (targets=null: "
+                f"no answers, as the official {' / '.join(OFFICIAL_SPLIT_FILES)})"
+            ) from None
+
+    def _regions_of(self, features: str) -> RegionReader:
+        """The reader of `features` (the corpus's own one, or a split's `split_files.<name>.features`)."""
+        if features == self.features_file:
+            return self.regions
+        if features not in self._split_regions:
+            reader = self.open_regions(features)
+            ids = reader.ids()
+            if not ids:
+                raise DataError(f"{reader.path}: no region features in the file")
+            dim, own = reader[ids[0]]["features"].shape[1], self.info["visual_dim"]
+            if dim != own:
+                raise DataError(
+                    f"{reader.path}: region features of dim {dim}, the model reads {own} ({self.path(self.features_file)})"
+                )
+            self._split_regions[features] = reader
+        return self._split_regions[features]
 
     @property
     def ans2label(self) -> dict[str, int]:
@@ -147,9 +234,11 @@ class VQADataModule(VLDataModule):
         targets: dict[int, dict[str, Any]] = {}
         n = len(self.ans2label)
         composed = self.splits[split] in ("trainval", "minval")
-        for name, part in self._file_parts(split):
-            qpath = self.root / self.questions_file.format(split=name)
-            tpath = self.root / self.targets_file.format(split=name)
+        parts = [(part, *self._files(name)) for name, part in self._file_parts(split)]
+        if len({features for *_, features in parts}) > 1 or len({tpath is None for *_, tpath, _ in parts}) > 1:
+            raise ConfigError(f"data.splits.{split}={self.splits[split]}: its parts have different features / labels")
+        regions = self._regions_of(parts[0][-1])
+        for part, qpath, tpath, _ in parts:
             file_questions = load_questions(qpath)
             if composed:  # the seed's order (each file sorted by question id), then its val split
                 file_questions = sorted(file_questions, key=lambda q: q["question_id"])
@@ -159,21 +248,21 @@ class VQADataModule(VLDataModule):
                 )
                 keep = set(to_trainval if part == "trainval" else minval)
                 file_questions = [q for q in file_questions if q["question_id"] in keep]
-            file_targets = {int(t["question_id"]): t for t in load_targets(tpath)}
+            file_targets = {} if tpath is None else {int(t["question_id"]): t for t in load_targets(tpath)}
             for t in file_targets.values():
                 bad = [label for label in t["labels"] if not 0 <= int(label) < n]
                 if bad:
                     raise DataError(f"{tpath}: question {t['question_id']} has answer label {bad[0]} outside [0, {n})")
-            missing = next((q["image_id"] for q in file_questions if str(q["image_id"]) not in self.regions), None)
+            missing = next((q["image_id"] for q in file_questions if str(q["image_id"]) not in regions), None)
             if missing is not None:
-                raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {qpath})")
+                raise DataError(f"{regions.path}: no region features for image id {missing} (used in {qpath})")
             questions += file_questions
             targets.update(
                 (q["question_id"], file_targets[q["question_id"]])
                 for q in file_questions
                 if q["question_id"] in file_targets
             )
-        return VQAQuestions(questions, targets, self.regions, n)
+        return VQAQuestions(questions, targets, regions, n, labelled=parts[0][2] is not None)
 
     def stream_finisher(self, split: str, context: dict[str, Any]) -> VQAQuestions:
         n = len(self.ans2label)
@@ -187,7 +276,10 @@ class VQADataModule(VLDataModule):
 
     def baselines(self, split: str = "test") -> dict[str, float]:
         """Reference points for `test/vqa_acc`: a uniformly random answer, and the best constant answer per question
-        type (first three words) fitted on train — a model must beat the prior to be using the image."""
+        type (first three words) fitted on train — a model must beat the prior to be using the image. None for a split
+        without answers (`split_files`): there is nothing to score."""
+        if not self.labelled(split):
+            return {}
         self.setup("fit")
         self.setup("test" if split == "test" else "validate")
         prior: dict[str, np.ndarray] = {}
@@ -213,3 +305,25 @@ class VQADataModule(VLDataModule):
         rows = [{"question_id": p["question_id"], "answer": label2ans[p["answer_idx"]]} for p in predictions]
         path.write_text(json.dumps(sorted(rows, key=lambda r: r["question_id"])))
         return path
+
+
+def _split_files(given: Any) -> dict[str, dict[str, Any]]:
+    """`data.split_files` checked and merged over `OFFICIAL_SPLIT_FILES` (key by key: `test2015: {features: x}` keeps
+    its questions file and its `targets: null`): {file split: {questions / targets / features: file or null}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in dict(given or {}).items():
+        entry = {**OFFICIAL_SPLIT_FILES.get(str(name), {}), **dict(entry or {})}
+        unknown = sorted(set(entry) - set(_SPLIT_FILE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"data.split_files.{name}.{unknown[0]}: unknown key; a split's files are {', '.join(_SPLIT_FILE_KEYS)}"
+            )
+        for key, value in entry.items():
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(
+                    f"data.split_files.{name}.{key}={value!r}: a file path relative to data.root, or null"
+                )
+        if "questions" in entry and entry["questions"] is None:
+            raise ConfigError(f"data.split_files.{name}.questions: null; every split needs its questions file")
+        out[str(name)] = entry
+    return {**{name: dict(entry) for name, entry in OFFICIAL_SPLIT_FILES.items()}, **out}

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vl.data.collate import REGION_MASKING, Collator, load_tokenizer
 from vl.data.features import RegionReader, open_region_features
-from vl.data.features.cache import cached
+from vl.data.features.cache import ReaderView, cached
 from vl.data.samplers import (
     EpochShuffleSampler,
     ResumableDataLoader,
@@ -43,27 +43,13 @@ def global_feature(item: dict[str, Any]) -> np.ndarray:
     return np.sum(feats, axis=0) / feats.shape[0]
 
 
-class GlobalFeatureRegions:
+class GlobalFeatureRegions(ReaderView):
     """`reader[image_id]` with `global_feature` (`global_feature`) added; `path`, `ids()`, `in`, `len` pass through."""
-
-    def __init__(self, reader: Any) -> None:
-        self.reader = reader
 
     def __getitem__(self, image_id: str | int) -> dict[str, Any]:
         item = dict(self.reader[image_id])
         item["global_feature"] = global_feature(item)
         return item
-
-    def __contains__(self, image_id: object) -> bool:
-        return image_id in self.reader
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "reader":  # not set yet (unpickling): never recurse
-            raise AttributeError(name)
-        return getattr(self.reader, name)
 
 
 def check_global_token(value: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CachedRegions", "cached"]
+__all__ = ["CachedRegions", "ReaderView", "cached"]
 
 
 def _nbytes(item: dict[str, Any]) -> int:
@@ -35,12 +35,34 @@ def _frozen(item: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class CachedRegions:
+class ReaderView:
+    """Base of a wrapper around a region reader: `in`, `len` and every other attribute (`path`, `ids()`) pass
+    through; a subclass changes `reader[image_id]`."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def __getitem__(self, image_id: str | int) -> dict[str, Any]:
+        return self.reader[image_id]
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self.reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "reader":  # not set yet (unpickling): never recurse
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+
+class CachedRegions(ReaderView):
     """`reader[image_id]` through an LRU of decoded items of at most `max_bytes`; everything else of the reader
     (`path`, `ids()`, `in`, `len`) passes through."""
 
     def __init__(self, reader: Any, max_bytes: int) -> None:
-        self.reader = reader
+        super().__init__(reader)
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._bytes = 0
@@ -68,14 +90,6 @@ class CachedRegions:
 
     def __contains__(self, image_id: object) -> bool:
         return str(image_id) in self._items or image_id in self.reader
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "reader":  # not set yet (unpickling): never recurse
-            raise AttributeError(name)
-        return getattr(self.reader, name)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -9,7 +9,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def _warmup_length(total_steps: int, warmup_ratio: float, warmup_steps: int | None, bert_adam: bool) -> float:
+def _warmup_length(total_steps: float, warmup_ratio: float, warmup_steps: int | None, bert_adam: bool) -> float:
     """Steps of warmup: `warmup_steps`, else `warmup_ratio x total_steps` (rounded down to at least 1; kept as is
     under `bert_adam`, 0 included: the seed compares `step / t_total` with the ratio)."""
     if warmup_steps is not None:
@@ -94,13 +94,18 @@ def warmup_constant_step_decay(
     gamma: float = 0.1,
     warmup_steps: int | None = None,
     bert_adam: bool = False,
+    steps_per_iteration: int = 1,
 ) -> LambdaLR:
     """ViLBERT fine-tuning: linear warmup over `warmup_ratio * total_steps` then constant (BertAdam
     `warmup_constant`), times `gamma` from each epoch in `decay_epochs` on (LambdaLR x0.1 at epochs 12 and 16).
     `warmup_steps`: the warmup length in steps instead of the ratio (None: the ratio; as `linear_warmup_decay`, so a
     model file's `warmup_steps: null` composes with this schedule, e.g. under `experiment=compare`). `bert_adam`:
-    the seed's warmup counting (s / W, first update at lr 0; see `linear_warmup_decay`)."""
-    warmup = _warmup_length(total_steps, warmup_ratio, warmup_steps, bert_adam)
+    the seed's warmup counting (s / W, first update at lr 0; see `linear_warmup_decay`). `steps_per_iteration`
+    (passed by the system from the datamodule): optimizer steps per iteration of the seed's task loop. vilbert_beta's
+    `t_total` counts iterations (`max(task_num_iters) x epochs`) while its BertAdam counts optimizer steps, one per
+    task per iteration, so with VCR's Q->A and QA->R as separate steps (2) the warmup lasts `warmup_ratio x
+    total_steps / 2` optimizer steps."""
+    warmup = _warmup_length(total_steps / max(1, int(steps_per_iteration)), warmup_ratio, warmup_steps, bert_adam)
     milestones = sorted(int(e) for e in decay_epochs)
 
     def factor(step: int) -> float:

@@ -7,11 +7,20 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["global_seed", "split_key", "EpochShuffleSampler", "ResumableDataLoader", "UnpaddedDistributedSampler"]
+__all__ = [
+    "global_seed",
+    "split_key",
+    "EpochShuffleSampler",
+    "AlternatingStepSampler",
+    "step_micro_batches",
+    "ResumableDataLoader",
+    "UnpaddedDistributedSampler",
+]
 
 
 def global_seed() -> int:
@@ -45,6 +54,98 @@ class EpochShuffleSampler(DistributedSampler):
         for position, index in enumerate(super().__iter__()):
             if position >= skip:
                 yield (epoch, index)
+
+
+def step_micro_batches(n: int, micro_batch: int, accumulation: int) -> list[list[int]]:
+    """How `AlternatingStepSampler` cuts one rank's `n` examples of one block into optimizer steps: a list of steps,
+    each the sizes of its `accumulation` micro-batches. Full steps are `accumulation` x `micro_batch`; the remainder
+    (the seed loader's last, smaller batch) is one more step split into `accumulation` near-equal micro-batches, or,
+    when it has fewer examples than micro-batches, joins the step before it (near-equal micro-batches of at most
+    `micro_batch` + 1). Every example is in exactly one micro-batch and no micro-batch is empty, so Lightning's
+    accumulation (every `accumulation` micro-batches) ends each step exactly where one block's step ends."""
+    if n < accumulation:
+        raise ValueError(f"{n} examples cannot fill the {accumulation} micro-batches of one optimizer step")
+    per_step = micro_batch * accumulation
+    full, tail = divmod(n, per_step)
+    steps = [[micro_batch] * accumulation for _ in range(full)]
+    if tail:
+        if tail < accumulation:  # too few for a step of their own (full >= 1 here, as n >= accumulation)
+            steps.pop()
+            tail += per_step
+        steps.append([tail // accumulation + (i < tail % accumulation) for i in range(accumulation)])
+    return steps
+
+
+class AlternatingStepSampler(EpochShuffleSampler):
+    """One optimizer step per block in turn, each block with its own shuffle of the same examples: ViLBERT's
+    multi-task loop (vilbert_beta `train_tasks.py`), where VCR Q->A and QA->R are two tasks with two shuffled loaders
+    over the same questions and every iteration takes one batch, one backward and one optimizer step per task.
+
+    Yields one key per micro-batch (use it with `batch_size=None`): `(epoch, block, indices)`, the dataset turning it
+    into that block's examples. Epoch e: block b's order is the `b`-th `randperm` of a generator seeded with
+    `seed + e` (block 0's is `EpochShuffleSampler`'s order), padded and sharded over ranks as `DistributedSampler`
+    does; each rank cuts its share into steps (`step_micro_batches`); then step s of block 0, step s of block 1, ...
+    for s = 0, 1, ..., every step `accumulation` consecutive micro-batches, so Lightning's accumulation window is one
+    block's step (the global step = the seed's batch s of that task: ranks hold interleaved shares of it). The epoch
+    has `len(self)` micro-batches = blocks x steps x accumulation; `resume_at` skips micro-batches (the loader's
+    `batch_size` is None, so `ResumableDataLoader` counts them), and `layout` is part of the loader's saved position.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        micro_batch: int,
+        accumulation: int = 1,
+        blocks: int = 2,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.micro_batch = int(micro_batch)
+        self.accumulation = int(accumulation)
+        self.blocks = int(blocks)
+        self.steps = step_micro_batches(self.num_samples, self.micro_batch, self.accumulation)
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """What a saved position (micro-batches consumed) means: the per-device batch and the accumulation."""
+        return {"batch_size": self.micro_batch, "accumulation": self.accumulation}
+
+    def __len__(self) -> int:
+        return self.blocks * len(self.steps) * self.accumulation
+
+    def block_orders(self, epoch: int) -> list[list[int]]:
+        """This rank's share of each block's order in `epoch` (padded to equal shares as `DistributedSampler`)."""
+        n = len(self.dataset)  # type: ignore[arg-type]
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)
+        orders = []
+        for _ in range(self.blocks):
+            order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
+            order += (order * (self.total_size // max(1, n) + 1))[: self.total_size - n]
+            orders.append(order[self.rank : self.total_size : self.num_replicas])
+        return orders
+
+    def micro_batches(self, epoch: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        """Every key of `epoch`, in order."""
+        orders = self.block_orders(epoch)
+        keys = []
+        starts = [0] * self.blocks
+        for sizes in self.steps:
+            for block, order in enumerate(orders):
+                for size in sizes:
+                    keys.append((epoch, block, tuple(order[starts[block] : starts[block] + size])))
+                    starts[block] += size
+        return keys
+
+    def __iter__(self) -> Iterator[tuple[int, int, tuple[int, ...]]]:  # type: ignore[override]
+        epoch = self.epoch
+        skip = self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == epoch else 0
+        self.resume_at = None
+        return iter(self.micro_batches(epoch)[skip:])
 
 
 class _CountingIterator:
@@ -87,29 +188,35 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self) -> _CountingIterator:  # type: ignore[override]
         return _CountingIterator(self)
 
-    def state_dict(self) -> dict[str, int]:
+    def layout(self) -> dict[str, int]:
+        """What a saved position means: the per-device batch size and the number of processes (an
+        `AlternatingStepSampler` adds its micro-batch size and accumulation: this loader then hands out its keys one
+        micro-batch at a time, `batch_size=None`)."""
         return {
-            "epoch": self._epoch,
-            "batches": self._consumed,
             "batch_size": int(self.batch_size or 1),
             "num_replicas": int(getattr(self.sampler, "num_replicas", 1)),
+            **getattr(self.sampler, "layout", {}),
         }
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._consumed, **self.layout()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if not isinstance(self.sampler, EpochShuffleSampler):  # e.g. overfit_batches swaps in a sequential sampler
             return
-        saved = (int(state.get("batch_size", 0)), int(state.get("num_replicas", 0)))
-        now = (int(self.batch_size or 1), int(self.sampler.num_replicas))
+        now = self.layout()
+        saved = {key: int(state.get(key, 0)) for key in now}
         if saved != now:
             log.warning(
-                "resume: the checkpoint's loader position is for per-device batch %d x %d processes, this run has "
-                "%d x %d; epoch %s restarts at its first batch",
-                *saved,
-                *now,
+                "resume: the checkpoint's loader position is for %s, this run has %s; epoch %s restarts at its first "
+                "batch",
+                saved,
+                now,
                 state.get("epoch"),
             )
             return
         self._resume = (int(state["epoch"]), int(state["batches"]))
+        # sampler positions: examples, or micro-batch keys when the loader does not batch (`batch_size=None`)
         self.sampler.resume_at = (self._resume[0], self._resume[1] * int(self.batch_size or 1))
 
 

@@ -1,5 +1,10 @@
 """VCR fine-tuning: Q->A and QA->R as 4-way multiple choice over one image's regions (ViLBERT TASK1 / TASK2).
 
+Training (`data.vcr_steps`): ``separate`` (default, the seed vilbert_beta's `train_tasks.py --tasks 1-2`) alternates
+one optimizer step of Q->A and one of QA->R, each block with its own shuffle of the training questions
+(`AlternatingStepSampler`), Q->A rows truncated to `data.qa_text_len`; ``joint`` (vl's earlier behaviour) trains both
+blocks of every question in the same step. Validation and test always score both blocks per question.
+
 Files (``vl.data.formats.vcr``): ``vcr/{split}.jsonl``, the names table, per-image metadata under ``vcr/vcr1images`` and
 region features keyed by ``str(image_int_id(img_id))``. With ``root=None`` the VCR files are added to the embedded scene
 corpus on first use.
@@ -11,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from vl.data.base import VLDataModule, concat_regions
+from vl.data.collate import Collator
 from vl.data.features import RegionReader
 from vl.data.formats.vcr import (
     NUM_CHOICES,
@@ -24,10 +31,12 @@ from vl.data.formats.vcr import (
     record_texts,
     write_vcr_submission,
 )
-from vl.data.samplers import split_key
-from vl.errors import DataError
+from vl.data.samplers import AlternatingStepSampler, ResumableDataLoader, global_seed, split_key
+from vl.errors import ConfigError, DataError
 
 MC_BLOCKS = ["vcr_qa", "vcr_qar"]
+#: `data.vcr_steps`: how training steps cover the two blocks (see the module docstring)
+VCR_STEPS = ("separate", "joint")
 #: between the question and the answer in a QA->R row (the tokenizer reads it as the special token, as upstream)
 QA_SEP = "[SEP]"
 
@@ -81,6 +90,18 @@ class VCRQuestions(Dataset):
             return self.regions[image_id]
         return concat_regions(self.regions[image_id], self.gt[image_id], self.max_regions)
 
+    def block_example(self, epoch: int, index: int, block: int) -> dict[str, Any]:
+        """Training with `data.vcr_steps=separate`: block `block` of question `index` alone (0: the 4 Q->A rows,
+        1: the 4 QA->R rows given the gold answer, as in the 2-block layout), ``mc_labels = [its label]``,
+        ``vcr_block = block``, the other keys as ``__getitem__``'s."""
+        if not self.has_labels or self.all_rationales:
+            raise DataError("VCR one-block examples are for labelled training data")
+        example = self[(epoch, index)]
+        example["choices"] = example["choices"][block * NUM_CHOICES : (block + 1) * NUM_CHOICES]
+        example["mc_labels"] = [example["mc_labels"][block]]
+        example["vcr_block"] = block
+        return example
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
         rec = self.records[index]
@@ -107,6 +128,34 @@ class VCRQuestions(Dataset):
         }
 
 
+class VCRBlockBatches(Dataset):
+    """The training split under `data.vcr_steps=separate`: key ``(epoch, block, indices)`` (one micro-batch of
+    `AlternatingStepSampler`) -> that block's examples of those questions (``VCRQuestions.block_example``)."""
+
+    def __init__(self, questions: VCRQuestions) -> None:
+        self.questions = questions
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, key: tuple[int, int, tuple[int, ...]]) -> list[dict[str, Any]]:
+        epoch, block, indices = key
+        return [self.questions.block_example(epoch, index, block) for index in indices]
+
+
+class BlockCollator:
+    """Collates a one-block micro-batch with its block's collator (the Q->A and QA->R text lengths differ)."""
+
+    def __init__(self, collators: list[Collator]) -> None:
+        self.collators = collators
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        blocks = {int(ex["vcr_block"]) for ex in examples}
+        if len(blocks) != 1:
+            raise ValueError(f"VCR micro-batch mixes blocks {sorted(blocks)}")
+        return self.collators[blocks.pop()](examples)
+
+
 def _expected_longest(choices: list[list[Any]], label: int) -> float:
     """Accuracy of picking the choice with the most tokens (ties broken at random, in expectation)."""
     lengths = np.asarray([len(c) for c in choices])
@@ -118,12 +167,22 @@ class VCRDataModule(VLDataModule):
     """`data=vcr`. Files are relative to `root` with `{split}` filled from `splits`; ``images_dir`` (per-image metadata
     JSON, see ``metadata``) may be None when absent. ``gt_features``: region features at the ground-truth boxes of
     the metadata (vilbert-multi-task's ``VCR_gt_resnet101_faster_rcnn_genome.lmdb``), merged after the detections in
-    every split as upstream; null (default): detections only. Q->A and QA->R are trained together: every example is two blocks
-    of 4 choices (``mc_blocks``), see ``VCRQuestions``."""
+    every split as upstream; null (default): detections only. Every example is two blocks of 4 choices (``mc_blocks``,
+    see ``VCRQuestions``). ``vcr_steps``: ``separate`` (default, the seed's) trains the blocks as two tasks, one
+    optimizer step of Q->A then one of QA->R, each block with its own per-epoch shuffle (``AlternatingStepSampler``),
+    2 x ceil(questions / batch_size) optimizer steps per epoch; ``joint`` (vl's earlier behaviour): both blocks of every
+    question in the same step (ceil(questions / batch_size) steps). ``qa_text_len``: under ``separate``, the training
+    Q->A rows' text length (the seed: 60; QA->R rows use ``max_text_len``, the seed's 80); null: ``max_text_len``.
+    Validation and test use ``max_text_len`` for both blocks. The seed's warmup counts iterations of its task loop,
+    one step per block: ``steps_per_iteration`` (2 under ``separate``) tells the schedule (``vl.schedules``)."""
 
     corpus_parts = ("vcr",)
 
-    label_keys = {"annot_id": ("annot_id", "str"), "example_id": ("example_id", "long")}
+    label_keys = {
+        "annot_id": ("annot_id", "str"),
+        "example_id": ("example_id", "long"),
+        "vcr_block": ("vcr_block", "long"),  # one-block training examples (`vcr_steps=separate`): 0 Q->A, 1 QA->R
+    }
 
     prediction_file = "vcr_submission.csv"  # VCR leaderboard CSV, written into the run dir by `test`
 
@@ -135,9 +194,17 @@ class VCRDataModule(VLDataModule):
         names_table: str = "vcr/unisex_names_table.csv",
         features: str = "vcr/regions.lmdb",
         gt_features: str | None = None,
+        vcr_steps: str = "separate",
+        qa_text_len: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if vcr_steps not in VCR_STEPS:
+            raise ConfigError(f"data.vcr_steps={vcr_steps!r}: choose 'separate' (the seed's) or 'joint'")
+        if qa_text_len is not None and (isinstance(qa_text_len, bool) or int(qa_text_len) < 3):
+            raise ConfigError(f"data.qa_text_len={qa_text_len!r}: a text length of at least 3 tokens, or null")
+        self.vcr_steps = vcr_steps
+        self.qa_text_len = None if qa_text_len is None else int(qa_text_len)
         self.jsonl_file = jsonl
         self.images_dir = images_dir
         self.names_file = names_table
@@ -209,6 +276,55 @@ class VCRDataModule(VLDataModule):
         )
         data.gt, data.max_regions = gt, self.max_regions
         return data
+
+    # ------------------------------------------------------------------ training steps
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimizer steps per iteration of the seed's task loop: 2 (Q->A, QA->R) under ``vcr_steps=separate``."""
+        return 2 if self.vcr_steps == "separate" else 1
+
+    def block_collator(self) -> BlockCollator:
+        """The training collator of one-block micro-batches: Q->A rows at ``qa_text_len``, QA->R at ``max_text_len``."""
+        qa, qar = self.collator("train"), self.collator("train")
+        qa.max_text_len = self.qa_text_len or self.max_text_len
+        return BlockCollator([qa, qar])
+
+    def loader(self, split: str) -> DataLoader:
+        if split != "train" or self.vcr_steps != "separate":
+            return super().loader(split)
+        if self.streaming:
+            raise ConfigError("data.streaming: VCR with data.vcr_steps=separate reads the training split from files")
+        self.setup("fit")
+        trainer = self.trainer
+        world = trainer.world_size if trainer else 1
+        accumulation = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer else 1
+        questions = self.datasets["train"]
+        try:
+            sampler = AlternatingStepSampler(
+                questions,
+                num_replicas=world,
+                rank=trainer.global_rank if trainer else 0,
+                seed=global_seed(),
+                micro_batch=self.batch_size_per_device,
+                accumulation=accumulation,
+                shuffle=self.shuffle,
+            )
+        except ValueError as err:
+            raise ConfigError(
+                f"data.vcr_steps=separate: {len(questions)} training questions over {world} process(es): {err} "
+                f"(data.batch_size={self.batch_size} / data.batch_size_per_device={self.batch_size_per_device})"
+            ) from None
+        sampler.set_epoch(trainer.current_epoch if trainer else 0)
+        return ResumableDataLoader(
+            VCRBlockBatches(questions),
+            batch_size=None,  # the sampler's keys are micro-batches
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(global_seed()),
+            num_workers=self.num_workers,
+            collate_fn=self.loader_collate(self.block_collator()),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     @property
     def info(self) -> dict[str, Any]:

@@ -52,10 +52,26 @@ class VCRMultipleChoice(MultipleChoice):
 
     The test split uses 5 blocks (Q->A, then QA->R conditioned on each of the 4 answers) for the leaderboard file;
     only the block of the gold answer carries a rationale label there (all -1 when unlabelled), and the metrics read
-    that block."""
+    that block.
+
+    Training with `data.vcr_steps=separate` gives one block per example: `mc_labels` (B, 1) and `vcr_block` (B,) (0 =
+    Q->A, 1 = QA->R). The loss is that block's 4-way CE; the result is laid out as (B, 2) with the absent block's label
+    -1 (its logits 0), so the metrics count each block where it was trained and the joint Q->AR nowhere."""
 
     name = "vcr"
     needs = ()
+
+    def forward(self, out: EncoderOutput, batch: dict[str, Any]) -> ObjectiveResult:
+        result = super().forward(out, batch)
+        block = batch.get("vcr_block")
+        if block is None:
+            return result
+        rows = torch.arange(result.target.shape[0], device=result.target.device)
+        logits = result.logits.new_zeros(result.logits.shape[0], 2, result.logits.shape[2])
+        labels = result.target.new_full((result.target.shape[0], 2), -1)
+        logits[rows, block] = result.logits[:, 0]
+        labels[rows, block] = result.target[:, 0]
+        return ObjectiveResult(result.loss, logits, labels)
 
     def make_metrics(self) -> dict[str, Metric]:
         return {name: Accuracy(ignore_index=-1) for name in ("vcr_qa_acc", "vcr_qar_acc", "vcr_q2ar_acc")}

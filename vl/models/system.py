@@ -409,15 +409,20 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
 
     def configure_optimizers(self) -> Any:
         """`model.optimizer` over `param_groups()`. The scheduler gets `total_steps` from
-        `trainer.estimated_stepping_batches` (and `steps_per_epoch` when it takes one)."""
+        `trainer.estimated_stepping_batches` (and `steps_per_epoch` when it takes one, and `steps_per_iteration`: the
+        datamodule's optimizer steps per iteration of a seed's multi-task loop, e.g. 2 for VCR's separate Q->A and
+        QA->R steps; 1 without one)."""
         optimizer = build_optimizer(self.optimizer_cfg, self.param_groups())
         if not self.scheduler_cfg:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         factory = instantiate(self.scheduler_cfg)
         kwargs: dict[str, Any] = {"total_steps": total}
-        if "steps_per_epoch" in inspect.signature(factory).parameters:
+        parameters = inspect.signature(factory).parameters
+        if "steps_per_epoch" in parameters:
             kwargs["steps_per_epoch"] = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        if "steps_per_iteration" in parameters:
+            kwargs["steps_per_iteration"] = int(getattr(self.trainer.datamodule, "steps_per_iteration", 1) or 1)
         scheduler = factory(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

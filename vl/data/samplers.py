@@ -112,7 +112,7 @@ class AlternatingStepSampler(EpochShuffleSampler):
     @property
     def layout(self) -> dict[str, int]:
         """What a saved position (micro-batches consumed) means: the per-device batch and the accumulation."""
-        return {"batch_size": self.micro_batch, "accumulation": self.accumulation}
+        return {"batch_size": self.micro_batch, "accumulation": self.accumulation, "blocks": self.blocks}
 
     def __len__(self) -> int:
         return self.blocks * len(self.steps) * self.accumulation
@@ -205,7 +205,10 @@ class ResumableDataLoader(DataLoader):
         if not isinstance(self.sampler, EpochShuffleSampler):  # e.g. overfit_batches swaps in a sequential sampler
             return
         now = self.layout()
-        saved = {key: int(state.get(key, 0)) for key in now}
+        # a key only one side has (the step sampler's: a separate-steps position in a plain loader) differs too
+        keys = (set(now) | set(state)) - {"epoch", "batches"}
+        saved = {key: int(state.get(key, 0)) for key in sorted(keys)}
+        now = {key: int(now.get(key, 0)) for key in sorted(keys)}
         if saved != now:
             log.warning(
                 "resume: the checkpoint's loader position is for %s, this run has %s; epoch %s restarts at its first "

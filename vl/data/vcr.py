@@ -12,6 +12,7 @@ corpus on first use.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from vl.data.formats.vcr import (
 )
 from vl.data.samplers import AlternatingStepSampler, ResumableDataLoader, global_seed, split_key
 from vl.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 MC_BLOCKS = ["vcr_qa", "vcr_qar"]
 #: `data.vcr_steps`: how training steps cover the two blocks (see the module docstring)
@@ -203,6 +206,10 @@ class VCRDataModule(VLDataModule):
             raise ConfigError(f"data.vcr_steps={vcr_steps!r}: choose 'separate' (the seed's) or 'joint'")
         if qa_text_len is not None and (isinstance(qa_text_len, bool) or int(qa_text_len) < 3):
             raise ConfigError(f"data.qa_text_len={qa_text_len!r}: a text length of at least 3 tokens, or null")
+        if qa_text_len is not None and vcr_steps == "joint":
+            log.warning(
+                "data.qa_text_len=%s is unused with data.vcr_steps=joint (one text length: max_text_len)", qa_text_len
+            )
         self.vcr_steps = vcr_steps
         self.qa_text_len = None if qa_text_len is None else int(qa_text_len)
         self.jsonl_file = jsonl

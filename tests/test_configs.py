@@ -116,6 +116,8 @@ def test_published_vilbert_recipes(experiment: str, make_cfg) -> None:
     assert cfg.model.scheduler.warmup_ratio == 0.1
     # every task's max_region_num is 100 rows, the global token included (the seed's reader prepends it)
     assert cfg.data.max_regions + 1 == 100
+    if objective == "vcr":  # TASK1 / TASK2: two tasks, one optimizer step each in turn, text 60 (Q->A) / 80 (QA->R)
+        assert (cfg.data.vcr_steps, cfg.data.qa_text_len) == ("separate", 60)
 
 
 @pytest.mark.parametrize("task", ["vqa", "vcr", "refcoco", "retrieval"])

@@ -324,7 +324,8 @@ def test_mid_epoch_resume_is_exact(make_cfg, tmp_path: Path) -> None:
 @pytest.mark.slow  # DDP spawns
 def test_mid_epoch_resume_under_ddp(make_cfg, tmp_path: Path) -> None:
     """2 spawned CPU processes x micro-batch 2, accumulation 2: every rank's micro-batch losses and the final weights
-    match the uninterrupted DDP run within 1e-6 (gloo all-reduce), and each rank's windows are one block each."""
+    match the uninterrupted DDP run within 1e-6 (gloo all-reduce; the ranks' step layout is checked above, in
+    `test_accumulation_and_ranks_keep_each_step_one_block`)."""
     ddp = ("hardware=ddp_cpu", "data.batch_size=8", "data.batch_size_per_device=2")
     _, paths = _resume_runs(make_cfg, tmp_path, *ddp)
     for rank in (0, 1):

@@ -103,3 +103,55 @@ def test_global_token_of_an_image_given_at_inference(make_cfg) -> None:
     assert batch["visual_feats"].shape[1] == MAX_REGIONS
     kept = _module(make_cfg, "vqa", "data.global_token=kept")
     assert "visual_global" not in kept.inference_collator()([{"text": "what?", **kept.visual_example(feats)}])
+
+
+def test_vcr_global_token_is_the_seeds_merge_of_both_files(tmp_path: Path) -> None:
+    """VCR with GT boxes (vilbert_beta `vcr_dataset.py`): the global row is the detections' global feature and the GT
+    file's, each weighted by its file's box count + 1, then GT rows kept first (at most max_region_num - 1) and the
+    detection rows (the global one counted) fill the rest; transcribed here on the raw LMDB records."""
+    from vl.data.features import write_region_lmdb
+    from vl.data.formats.vcr import image_int_id
+    from vl.data.scenes import SceneSettings, generate_scenes
+    from vl.data.scenes.writers.vcr import write_vcr_corpus
+    from vl.data.vcr import VCRDataModule
+
+    root = tmp_path / "vcr_corpus"
+    settings = SceneSettings(num_images=40)
+    write_vcr_corpus(root, generate_scenes(settings), settings)
+    max_regions = 5
+    seed_det = _seed_reader(root / "vcr" / "regions.lmdb", tmp_path / "d")
+    rng = np.random.default_rng(0)
+    gt_records = []
+    for image_id, (features, _) in seed_det.items():
+        k = int(rng.integers(1, 8))  # fewer and more GT boxes than max_regions
+        xy = rng.uniform(0, 50, size=(k, 2))
+        gt_records.append(
+            {
+                "image_id": image_id.decode(),
+                "image_h": 100,
+                "image_w": 100,
+                "boxes": np.concatenate([xy, xy + 10], 1).astype(np.float32),
+                "features": rng.normal(size=(k, features.shape[1])).astype(np.float32),
+            }
+        )
+    write_region_lmdb(root / "vcr" / "gt.lmdb", gt_records)
+    seed_gt = _seed_reader(root / "vcr" / "gt.lmdb", tmp_path / "g")
+    dm = VCRDataModule(root=str(root), gt_features="vcr/gt.lmdb", max_regions=max_regions, vcr_steps="joint")
+    dm.setup("fit")
+    data = dm.datasets["train"]
+    for index in range(len(data)):
+        key = str(image_int_id(data.records[index]["img_id"])).encode()
+        features, num_boxes = seed_det[key]
+        gt_features, gt_num_boxes = seed_gt[key]
+        merged = (features[0] * num_boxes + gt_features[0] * gt_num_boxes) / (num_boxes + gt_num_boxes)
+        gt_keep = min(max_regions + 1 - 1, gt_num_boxes - 1)  # max_region_num = vl's max_regions + the global row
+        det_keep = min(max_regions + 1 - gt_keep, num_boxes)  # the global row included
+        want = np.concatenate([features[1:det_keep], gt_features[1 : 1 + gt_keep]])
+        visual = data[(0, index)]["visual"]
+        np.testing.assert_allclose(visual["global_feature"], merged, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(visual["features"], want)
+    batch = dm.collator("val")([dm.datasets["val"][(0, 0)]])
+    assert batch["visual_global"].shape == (batch["visual_feats"].shape[0], features.shape[1])
+    kept = VCRDataModule(root=str(root), gt_features="vcr/gt.lmdb", max_regions=max_regions, global_token="kept")
+    kept.setup("fit")
+    assert "global_feature" not in kept.datasets["train"][(0, 0)]["visual"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vl.data.base import VLDataModule, concat_regions
+from vl.data.base import VLDataModule, check_global_token, concat_regions
 from vl.data.collate import Collator
 from vl.data.features import RegionReader
 from vl.data.formats.vcr import (
@@ -87,11 +87,20 @@ class VCRQuestions(Dataset):
 
     def visual(self, rec: dict[str, Any]) -> dict[str, Any]:
         """The record's region dict: its detections, then (with `gt`) the GT-box regions, at most `max_regions` rows,
-        the GT regions kept first (vilbert-multi-task's VCR loader; ViLBERT's global token is the mean of them all)."""
+        the GT regions kept first (vilbert_beta's VCR loader). When the readers give `global_feature` (the data
+        module's `global_token="all"`), ViLBERT's global token is the seed's merge of the two files' global features
+        (`vcr_dataset.py`: each weighted by its file's box count + 1, the global row included), before any cut."""
         image_id = str(image_int_id(rec["img_id"]))
         if self.gt is None:
             return self.regions[image_id]
-        return concat_regions(self.regions[image_id], self.gt[image_id], self.max_regions)
+        dets, gt = self.regions[image_id], self.gt[image_id]
+        out = concat_regions(dets, gt, self.max_regions)
+        if dets.get("global_feature") is not None and gt.get("global_feature") is not None:
+            n_det, n_gt = int(dets["features"].shape[0]) + 1, int(gt["features"].shape[0]) + 1
+            out["global_feature"] = (dets["global_feature"] * n_det + gt["global_feature"] * n_gt) / (n_det + n_gt)
+        else:
+            out.pop("global_feature", None)
+        return out
 
     def block_example(self, epoch: int, index: int, block: int) -> dict[str, Any]:
         """Training with `data.vcr_steps=separate`: block `block` of question `index` alone (0: the 4 Q->A rows,
@@ -176,7 +185,9 @@ class VCRDataModule(VLDataModule):
     2 x ceil(questions / batch_size) optimizer steps per epoch; ``joint`` (vl's earlier behaviour): both blocks of every
     question in the same step (ceil(questions / batch_size) steps). ``qa_text_len``: under ``separate``, the training
     Q->A rows' text length (the seed: 60; QA->R rows use ``max_text_len``, the seed's 80); null: ``max_text_len``.
-    Validation and test use ``max_text_len`` for both blocks. The seed's warmup counts iterations of its task loop,
+    Validation and test use ``max_text_len`` for both blocks. ``global_token`` (``vl.data.base.GLOBAL_TOKEN``): "all"
+    (default, the seed's): ViLBERT's global image token from all the image's detections (and GT boxes: see
+    ``VCRQuestions.visual``), before the ``max_regions`` cut; "kept": the mean of the kept rows (vl's earlier). The seed's warmup counts iterations of its task loop,
     one step per block: ``steps_per_iteration`` (2 under ``separate``) tells the schedule (``vl.schedules``)."""
 
     corpus_parts = ("vcr",)
@@ -199,9 +210,11 @@ class VCRDataModule(VLDataModule):
         gt_features: str | None = None,
         vcr_steps: str = "separate",
         qa_text_len: int | None = None,
+        global_token: str = "all",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.global_token = check_global_token(global_token)
         if vcr_steps not in VCR_STEPS:
             raise ConfigError(f"data.vcr_steps={vcr_steps!r}: choose 'separate' (the seed's) or 'joint'")
         if qa_text_len is not None and (isinstance(qa_text_len, bool) or int(qa_text_len) < 3):

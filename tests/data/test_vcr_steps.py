@@ -93,7 +93,8 @@ def test_training_steps_follow_the_seeds_loop(root: Path) -> None:
         assert len(loader) == len(got) == 2 * math.ceil(n / 4)  # optimizer steps per epoch (accumulation 1)
         # two shuffles of every question, block 0's being EpochShuffleSampler's order (joint mode's)
         assert sorted(orders[0]) == sorted(orders[1]) == list(range(n)) and orders[0] != orders[1]
-        plain = EpochShuffleSampler(questions, num_replicas=1, rank=0, seed=0)
+        # the loader's seed is global_seed(): PL_GLOBAL_SEED when an earlier test in the process set it
+        plain = EpochShuffleSampler(questions, num_replicas=1, rank=0, seed=loader.sampler.seed)
         plain.set_epoch(epoch)
         assert [i for _, i in plain] == orders[0]
         for block, idx, batch in got:

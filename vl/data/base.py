@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-#: `data.global_token` (VQA, retrieval, VCR): the feature of ViLBERT's global image token. "all": the mean of all the image's
-#: regions in the feature file, before the `max_regions` cut (vilbert_beta's feature reader, the default); "kept": the
-#: mean of the regions kept (vl's earlier behaviour: the model computes it). Only ViLBERT reads it (batch `visual_global`).
+#: `data.global_token` (VQA, retrieval, VCR): the feature of ViLBERT's global image token. "all": the mean of all the
+#: image's regions in the feature file, before the `max_regions` cut (vilbert_beta's feature reader, the default);
+#: "kept": the mean of the regions kept (vl's earlier behaviour: the model computes it). Only ViLBERT reads it (batch
+#: `visual_global`).
 GLOBAL_TOKEN = ("all", "kept")
 
 

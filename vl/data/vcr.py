@@ -187,8 +187,9 @@ class VCRDataModule(VLDataModule):
     Q->A rows' text length (the seed: 60; QA->R rows use ``max_text_len``, the seed's 80); null: ``max_text_len``.
     Validation and test use ``max_text_len`` for both blocks. ``global_token`` (``vl.data.base.GLOBAL_TOKEN``): "all"
     (default, the seed's): ViLBERT's global image token from all the image's detections (and GT boxes: see
-    ``VCRQuestions.visual``), before the ``max_regions`` cut; "kept": the mean of the kept rows (vl's earlier). The seed's warmup counts iterations of its task loop,
-    one step per block: ``steps_per_iteration`` (2 under ``separate``) tells the schedule (``vl.schedules``)."""
+    ``VCRQuestions.visual``), before the ``max_regions`` cut; "kept": the mean of the kept rows (vl's earlier). The
+    seed's warmup counts iterations of its task loop, one step per block: ``steps_per_iteration`` (2 under
+    ``separate``) tells the schedule (``vl.schedules``)."""
 
     corpus_parts = ("vcr",)
 

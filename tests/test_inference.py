@@ -326,3 +326,17 @@ def test_ddp_predict_writes_the_one_process_predictions(which, request, tmp_path
     assert ("answers" in one[0]) == (which == "vqa") and ("fill_mask" in one[1]) == (which == "captions")
     _assert_same_rows(one, two)
     assert not list((tmp_path / "two").glob("predict.rank*.pt"))  # the per-rank parts are merged and removed
+
+
+def test_vqa_answers_rank_by_logit_where_sigmoid_scores_tie() -> None:
+    """Logits of 18-40 all have a float32 sigmoid of exactly 1.0: the answers still come in logit order, each with its
+    sigmoid score."""
+    from vl.inference import rows_from_outputs
+
+    logits = torch.tensor([[18.0, 40.0, -3.0, 25.0, 30.0]])
+    probs = logits.sigmoid()
+    assert (probs[0, [0, 1, 3, 4]] == 1.0).all()  # the tie
+    out = {"index": torch.tensor([7]), "vqa": probs, "vqa_logits": logits}
+    rows = rows_from_outputs([out], ["a", "b", "c", "d", "e"], tokenizer=None, k=4)
+    assert [a for a, _ in rows[7]["answers"]] == ["b", "e", "d", "a"]
+    assert [s for _, s in rows[7]["answers"]] == [1.0, 1.0, 1.0, 1.0]

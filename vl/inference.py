@@ -129,9 +129,11 @@ def rows_from_outputs(
             if "retrieval" in out:
                 row["score"] = float(out["retrieval"][i])
             if "vqa" in out:
-                scores, ids = out["vqa"][i].topk(min(k, out["vqa"].shape[-1]))
-                names = answers or [str(j) for j in range(out["vqa"].shape[-1])]
-                row["answers"] = [(names[j], float(s)) for s, j in zip(scores.tolist(), ids.tolist())]
+                # ranked by logit (sigmoids of logits over ~17 are all 1.0 in float32), reported as sigmoid scores
+                ranking = out.get("vqa_logits", out["vqa"])[i]
+                ids = ranking.topk(min(k, ranking.shape[-1])).indices
+                names = answers or [str(j) for j in range(ranking.shape[-1])]
+                row["answers"] = [(names[j], float(out["vqa"][i][j])) for j in ids.tolist()]
         if "mlm_ids" in out:
             for r, ids, scores in zip(out["mlm_rows"].tolist(), out["mlm_ids"].tolist(), out["mlm_scores"].tolist()):
                 tokens = tokenizer.convert_ids_to_tokens(ids)

@@ -1,7 +1,8 @@
 """The divergence guard's gradient check (`vl.models.reliable`): large embedding tables checked by their looked-up rows
 give the same verdict as reading the whole gradient, and fall back to the whole gradient whenever that shortcut is not
-proven (a tied decoder, a backward pass the guard did not see, a gradient present before the window). Half-precision
-gradients are judged by float32 norms."""
+proven (a tied decoder, a backward pass the guard did not see, a gradient present before the window). The check itself
+(`all_finite`) is "every value is finite" (`torch.isfinite`) and leaves the values as they were; half-precision
+gradients and large finite gradients (whose norm would overflow) do not stop a run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vl.errors import TrainingDiverged
-from vl.models.reliable import LOOKUP_ROWS_MIN, LookupRows, ReliableTraining
+from vl.models.reliable import LOOKUP_ROWS_MIN, LookupRows, ReliableTraining, all_finite
 
 VOCAB, DIM = 4096, 32  # 131k values: above LOOKUP_ROWS_MIN
 
@@ -194,8 +195,58 @@ def test_with_gradient_accumulation_a_nan_from_the_windows_first_micro_batch_sto
     assert checked == [2, 2, 2], checked  # steps 1-3, each by the rows of its two micro-batches
 
 
+def test_all_finite_is_isfinite_over_every_value_and_changes_none() -> None:
+    """Random lists of mixed dtypes and shapes (0-dim, empty, non-contiguous, sparse), with NaN / +inf / -inf injected at
+    random places or not, against `torch.isfinite` per tensor; every tensor keeps its exact bits (the check runs in
+    place at scale 1); values near each dtype's largest finite value are finite."""
+    gen = torch.Generator().manual_seed(0)
+    flags: dict = {}
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    for trial in range(200):
+        tensors = []
+        for _ in range(int(torch.randint(1, 6, (1,), generator=gen))):
+            dtype = dtypes[int(torch.randint(0, 4, (1,), generator=gen))]
+            shape = [(), (0,), (7,), (3, 5)][int(torch.randint(0, 4, (1,), generator=gen))]
+            t = (torch.randn(shape, generator=gen) * 10).to(dtype)
+            if t.numel() and trial % 5 == 0:
+                t.view(-1)[0] = torch.finfo(dtype).max  # finite, whose square overflows
+            if t.numel() and torch.rand((), generator=gen) < 0.15:
+                bad = (float("nan"), float("inf"), float("-inf"))[int(torch.randint(0, 3, (1,), generator=gen))]
+                t.view(-1)[int(torch.randint(0, t.numel(), (1,), generator=gen))] = bad
+            if t.dim() == 2 and trial % 3 == 0:
+                t = t.t()  # non-contiguous
+            tensors.append(t)
+        if trial % 7 == 0:
+            values = torch.randn(3, generator=gen)
+            if trial % 2:
+                values[1] = float("nan")
+            tensors.append(torch.sparse_coo_tensor(torch.tensor([[0, 2, 5]]), values, (8,)))
+        expected = all(bool(torch.isfinite(t.coalesce().values() if t.is_sparse else t).all()) for t in tensors)
+        before = [t.clone() for t in tensors]
+        assert all_finite(tensors, flags) is expected, trial
+        bits = {
+            torch.float32: torch.int32,
+            torch.float64: torch.int64,
+            torch.float16: torch.int16,
+            torch.bfloat16: torch.int16,
+        }
+        for a, b in zip(tensors, before):
+            a, b = (a.to_dense(), b.to_dense()) if a.is_sparse else (a, b)
+            assert torch.equal(a.view(bits[a.dtype]), b.view(bits[b.dtype])), trial
+    assert all_finite([], flags) is True
+
+
+def test_large_finite_gradients_do_not_stop_the_run() -> None:
+    """A float32 gradient of ~1e25 (its square, 1e50, overflows float32) is finite: the run goes on."""
+    torch.manual_seed(0)
+    model = _Toy(scale=1e25)
+    trainer = _fit(model, max_steps=1)
+    assert trainer.global_step == 1
+    assert torch.isfinite(model.out.weight).all()
+
+
 def test_finite_half_precision_gradients_whose_norm_exceeds_fp16_do_not_stop_the_run() -> None:
-    """fp16 weights without a GradScaler: the gradient norm (here ~1e5, over fp16's 65504) is taken in float32."""
+    """fp16 weights without a GradScaler: gradients of ~1e5 in norm (over fp16's 65504) are finite values."""
     torch.manual_seed(0)
     model = _Toy(scale=3e4)
     trainer = _fit(model, precision="16-true", max_steps=2)

@@ -333,7 +333,8 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
     @torch.no_grad()
     def infer(self, batch: dict[str, Any], top_k: int = 5) -> dict[str, torch.Tensor]:
         """What each head says about unlabelled (text, image) rows: `itm` (B,) aligned probability; `retrieval` (B,)
-        the fine-tuned match score; `vqa` (B, A) per-answer sigmoid scores; `mlm_ids` / `mlm_scores` (M, top_k) for
+        the fine-tuned match score; `vqa` (B, A) per-answer sigmoid scores and `vqa_logits` (B, A) their logits (to rank
+        by: past a logit of ~17 the float32 sigmoid is exactly 1.0, so the scores tie); `mlm_ids` / `mlm_scores` (M, top_k) for
         the M positions flagged in `batch["mlm_query"]` (B, T) (softmax over the vocabulary), with `mlm_rows` (M,)."""
         out = self(batch)
         result: dict[str, torch.Tensor] = {"index": batch["index"]}
@@ -342,7 +343,8 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         if "retrieval" in self.objectives:
             result["retrieval"] = self.objectives["retrieval"].score(out.pooled)
         if "vqa" in self.objectives:
-            result["vqa"] = self.objectives["vqa"].classifier(out.pooled).sigmoid()
+            logits = self.objectives["vqa"].classifier(out.pooled)
+            result.update(vqa=logits.sigmoid(), vqa_logits=logits)
         query = batch.get("mlm_query")
         if "mlm" in self.objectives and query is not None and bool(query.any()):
             probs = self.objectives["mlm"].logits(out.text[query]).softmax(-1)

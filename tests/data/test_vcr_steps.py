@@ -196,6 +196,14 @@ def test_bad_settings_fail_in_one_line(root: Path) -> None:
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0, accumulate_grad_batches=4096, current_epoch=0)
     with pytest.raises(ConfigError, match=r"^data.vcr_steps=separate: \d+ training questions over 1 process.*"):
         dm.train_dataloader()
+    dm = VCRDataModule(root=str(root), batch_size=4)
+    dm.trainer = SimpleNamespace(
+        world_size=1, global_rank=0, accumulate_grad_batches=1, current_epoch=0, overfit_batches=2
+    )
+    with pytest.raises(
+        ConfigError, match=r"^trainer.overfit_batches=2 with data.vcr_steps=separate: .*vcr_steps=joint"
+    ):
+        dm.train_dataloader()
 
 
 def test_loader_position_resumes_only_into_the_same_layout(root: Path, caplog: pytest.LogCaptureFixture) -> None:

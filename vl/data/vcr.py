@@ -317,6 +317,12 @@ class VCRDataModule(VLDataModule):
             raise ConfigError("data.streaming: VCR with data.vcr_steps=separate reads the training split from files")
         self.setup("fit")
         trainer = self.trainer
+        if trainer is not None and getattr(trainer, "overfit_batches", 0):
+            raise ConfigError(
+                f"trainer.overfit_batches={trainer.overfit_batches} with data.vcr_steps=separate: Lightning would swap "
+                "the step sampler for a sequential one (each item a question, not a step's block); add "
+                "data.vcr_steps=joint to overfit VCR"
+            )
         world = trainer.world_size if trainer else 1
         accumulation = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer else 1
         questions = self.datasets["train"]

@@ -123,14 +123,23 @@ def warmup_decay(
     warmup_ratio: float = 0.05,
     warmup_type: str = "log",
     min_lr_ratio: float = 0.0,
+    first_step_lr_ratio: float | None = None,
 ) -> LambdaLR:
     """DeepSpeed's `WarmupDecayLR` (the CLIP-BERT study's `bert-lxmert-train-scratch` schedule), step for step: each
     group's lr rises from `min_lr_ratio` x its lr to its lr over `warmup_steps` (default `warmup_ratio x
     total_steps`; at least 2) by DeepSpeed's default `warmup_type="log"` (log(i + 1) / log(W)) or `"linear"` (i / W),
     then falls linearly to 0 at `total_steps`. As under DeepSpeed, optimizer step s runs at the schedule's value of
-    iteration s - 1 (its scheduler steps after the optimizer): the first step at the minimum."""
+    iteration s - 1 (its scheduler steps after the optimizer).
+
+    `first_step_lr_ratio`: the first optimizer step's lr / the group's lr. DeepSpeed 0.3.16's scheduler does not
+    touch the lr until its first `step()`, which the engine calls after the first optimizer step, so that step runs
+    at the lr of the DeepSpeed config's `optimizer.params` (the seed's scratch run: 5e-5 against `warmup_max_lr`
+    1e-4, i.e. 0.5; `experiment=bert_lxmert_train_scratch` sets it); null: the schedule's own value there (the minimum,
+    as DeepSpeed releases that initialise the lr in the scheduler's constructor)."""
     if warmup_type not in ("log", "linear"):
         raise ValueError(f"warmup_decay: warmup_type '{warmup_type}' is not 'log' or 'linear'")
+    if first_step_lr_ratio is not None and not 0.0 <= float(first_step_lr_ratio):
+        raise ValueError(f"warmup_decay: first_step_lr_ratio {first_step_lr_ratio} is negative")
     warmup = max(2, int(warmup_steps if warmup_steps is not None else warmup_ratio * total_steps))
 
     def gamma(iteration: int) -> float:
@@ -140,4 +149,9 @@ def warmup_decay(
             return math.log(iteration + 1) / math.log(warmup) if warmup_type == "log" else iteration / warmup
         return max(0.0, (total_steps - iteration) / max(1.0, total_steps - warmup))
 
-    return LambdaLR(optimizer, lambda step: min_lr_ratio + (1.0 - min_lr_ratio) * gamma(step - 1))
+    def factor(step: int) -> float:
+        if step == 0 and first_step_lr_ratio is not None:
+            return float(first_step_lr_ratio)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * gamma(step - 1)
+
+    return LambdaLR(optimizer, factor)

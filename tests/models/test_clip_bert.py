@@ -468,6 +468,38 @@ def test_warmup_decay_is_deepspeeds_warmup_decay_lr(kind: str) -> None:
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
 
 
+def test_the_scratch_recipes_first_update_runs_at_the_deepspeed_configs_optimizer_lr(make_cfg) -> None:
+    """DeepSpeed 0.3.16 (the seed's): `WarmupLR.__init__` leaves the optimizer's lr alone (the config's Adam lr 5e-5)
+    and the engine steps the scheduler after each optimizer step (`_take_model_step`), so update 1 runs at 5e-5, update
+    2 at the schedule's iteration 0 (log(1) = 0: lr 0), update s at iteration s - 2 ... written out here from that
+    engine loop, against `experiment=bert_lxmert_train_scratch`'s scheduler as configured."""
+    import math
+
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("experiment=bert_lxmert_train_scratch", "model=bert")
+    assert cfg.model.scheduler.first_step_lr_ratio == 0.5 and cfg.model.optimizer.lr == 1e-4
+    config_lr, max_lr, total, warmup = 5e-5, 1e-4, 88000, 4400  # models/runs/bert-lxmert-train-scratch/deepspeed.config
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.model.optimizer.lr)
+    sched = instantiate(cfg.model.scheduler)(opt, total_steps=total)
+
+    def deepspeed_lr(iteration: int) -> float:  # WarmupDecayLR.get_lr at last_batch_iteration = iteration
+        gamma = (
+            math.log(iteration + 1) / math.log(warmup) if iteration < warmup else (total - iteration) / (total - warmup)
+        )
+        return 0.0 + (max_lr - 0.0) * max(0.0, gamma)
+
+    ours, theirs, lr = [], [], config_lr  # the engine: optimizer.step() at `lr`, then scheduler.step()
+    for iteration in range(6000):
+        ours.append(opt.param_groups[0]["lr"])
+        theirs.append(lr)
+        opt.step()
+        sched.step()
+        lr = deepspeed_lr(iteration)
+    assert ours[:3] == pytest.approx([5e-5, 0.0, max_lr * math.log(2) / math.log(warmup)], rel=1e-12)
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+
+
 @pytest.mark.parametrize(("preset", "stage"), [("deepspeed", 0), ("deepspeed_zero2", 2), ("deepspeed_zero3", 3)])
 def test_deepspeed_presets_instantiate_their_zero_stage(preset: str, stage: int, make_cfg) -> None:
     """The strategy objects build (no GPU needed to build one; training needs GPUs): the ZeRO stage reaches

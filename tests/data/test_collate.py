@@ -73,3 +73,37 @@ def test_memoised_tokenisation_equals_the_tokenizers_padded_batch(fixed: bool, w
         for key in ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask"):
             assert torch.equal(got[key], want[key]), key
     assert len(collator._memo) < 3 * 9 and len(collator.__getstate__().get("_memo", {})) == 0
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_rows_with_their_own_text_length_equal_the_tokenizer_on_each_row_alone(fixed: bool) -> None:
+    """Rows carrying `max_text_len` (VCR's Q->A rows at 60 next to QA->R rows at 80): each row's ids are the tokenizer's
+    own call on that row alone at its length (truncated longest-first), right-padded to the batch's longest (the
+    collator's length with fixed shapes), attention 0 on the padding; repeated rows hit the memo per length."""
+    tok = load_tokenizer("minilm")
+    rng = np.random.default_rng(1)
+    words = "a red circle left of the small blue square what color is it how many shapes are there".split()
+    collator = Collator(tok, max_text_len=20, fixed_shapes=fixed)
+    for _ in range(3):
+        examples = []
+        for _ in range(10):
+            example = {"text": " ".join(rng.choice(words, size=rng.integers(1, 25))), "text_b": "red square left"}
+            if rng.random() < 0.6:
+                example["max_text_len"] = int(rng.choice([6, 9, 20]))
+            examples.append(example)
+        batch = collator(examples)
+        width = batch["input_ids"].shape[1]
+        for i, ex in enumerate(examples):
+            alone = tok(ex["text"], ex["text_b"], truncation=True, max_length=ex.get("max_text_len", 20))["input_ids"]
+            n = len(alone)
+            assert batch["input_ids"][i, :n].tolist() == alone
+            assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+            assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
+        assert width == (
+            20
+            if fixed
+            else max(
+                len(tok(e["text"], e["text_b"], truncation=True, max_length=e.get("max_text_len", 20))["input_ids"])
+                for e in examples
+            )
+        )

@@ -236,6 +236,32 @@ def test_loader_position_resumes_only_into_the_same_layout(root: Path, caplog: p
         caplog.clear()
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_reads_q_to_a_rows_at_qa_text_len(root: Path, split: str) -> None:
+    """As vilbert_beta evaluates each task at its own length (TASK1 Q->A 60, TASK2 QA->R 80): under `separate` with
+    `qa_text_len`, every Q->A row of a val / test batch is the tokenizer's call on (question, answer) alone at
+    `qa_text_len`, every QA->R row at `max_text_len` (here 8 and 40, so Q->A rows are cut); `joint` reads all at
+    `max_text_len`."""
+    from vl.data.formats.vcr import NUM_CHOICES
+
+    for steps, qa_len in (("separate", 8), ("joint", None)):
+        dm = VCRDataModule(root=str(root), batch_size=4, max_text_len=40, qa_text_len=qa_len, vcr_steps=steps)
+        dm.setup("fit" if split == "val" else "test")
+        data = dm.datasets[split]
+        batch = next(iter(dm.val_dataloader() if split == "val" else dm.test_dataloader()))
+        tok = dm.tokenizer
+        rows_per_example = data.num_blocks * NUM_CHOICES
+        cut = 0
+        for b, index in enumerate(batch["index"].tolist()):
+            for c, choice in enumerate(data[index]["choices"]):
+                length = qa_len if (c < NUM_CHOICES and qa_len) else 40
+                alone = tok(choice["text"], choice["text_b"], truncation=True, max_length=length)["input_ids"]
+                row = batch["input_ids"][b * rows_per_example + c]
+                assert row[: len(alone)].tolist() == alone and (row[len(alone) :] == tok.pad_token_id).all()
+                cut += c < NUM_CHOICES and len(tok(choice["text"], choice["text_b"])["input_ids"]) > 8
+        assert cut > 0 or steps == "joint"  # some Q->A rows are longer than 12 tokens: the cut is exercised
+
+
 def test_joint_keeps_both_blocks_per_item(root: Path) -> None:
     dm = VCRDataModule(root=str(root), batch_size=4, vcr_steps="joint")
     loader = dm.train_dataloader()

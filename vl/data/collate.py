@@ -25,7 +25,7 @@ from vl.batch import IGNORE_INDEX
 from vl.pretrained import resolve_model_dir
 
 #: example keys every collator reads itself
-SHARED_EXAMPLE_KEYS = frozenset({"text", "text_b", "visual", "index", "epoch", "choices", "mc_labels"})
+SHARED_EXAMPLE_KEYS = frozenset({"text", "text_b", "visual", "index", "epoch", "choices", "mc_labels", "max_text_len"})
 LABEL_KINDS = ("long", "float", "vector", "regions", "str")
 #: objectives whose labels come from masked regions (the collator masks regions when the data lists one)
 REGION_MASKING = ("mrc", "mrfr")
@@ -181,7 +181,8 @@ class Collator:
             return self.collate_choices(examples)
         texts = [ex["text"] for ex in examples]
         pairs = [ex["text_b"] for ex in examples] if "text_b" in examples[0] else None
-        enc = self.encode(texts, pairs)
+        lens = [ex.get("max_text_len") for ex in examples]  # a row's own text length (e.g. VCR's Q->A rows), if any
+        enc = self.encode(texts, pairs, max_lens=lens if any(n is not None for n in lens) else None)
         batch: dict[str, torch.Tensor] = {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
@@ -220,14 +221,25 @@ class Collator:
     #: texts (or text pairs) whose token ids one collator keeps (cleared when full)
     MEMO_SIZE = 200_000
 
-    def encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, torch.Tensor]:
+    def encode(
+        self, texts: list[str], pairs: list[str] | None, max_lens: list[int | None] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The tokenizer's padded batch (`input_ids`, `attention_mask`, `token_type_ids`, `special_tokens_mask`),
         equal to calling it on the batch with padding and truncation to `max_text_len`, but each distinct text (pair)
         is tokenised once per process: a corpus repeats its questions and captions every epoch (and VQA-style
         corpora within one), and the tokenizer call was ~2 ms of a ~30 ms tiny training step. Only the truncated
-        ids are kept; padding is done here (right-padding tokenizers; others take the tokenizer's own path)."""
+        ids are kept; padding is done here (right-padding tokenizers; others take the tokenizer's own path).
+        `max_lens`: a row's own truncation length (None: `max_text_len`), each row then as the tokenizer truncates
+        it alone at that length, all padded to the batch's longest (right-padding tokenizers only)."""
         tok = self.tokenizer
+        lens = [self.max_text_len if n is None else int(n) for n in max_lens] if max_lens is not None else None
+        if lens is not None and all(n == self.max_text_len for n in lens):
+            lens = None
+        if lens is not None and self.fixed_shapes and max(lens) > self.max_text_len:
+            raise ValueError(f"collate: a row's max_text_len {max(lens)} exceeds the fixed {self.max_text_len}")
         if getattr(tok, "padding_side", "right") != "right" or tok.pad_token_id is None:
+            if lens is not None:
+                raise ValueError("collate: per-row text lengths need a right-padding tokenizer with a pad token")
             return tok(
                 texts,
                 pairs,
@@ -245,24 +257,28 @@ class Collator:
             memo = self.__dict__["_memo"] = {}
             self.__dict__["_memo_tokenizer"] = tok
         keys = list(zip(texts, pairs)) if pairs is not None else [(t, None) for t in texts]
+        if lens is not None:  # a row at another length is another memo entry (the default length keeps its key)
+            keys = [k if n == self.max_text_len else (*k, n) for k, n in zip(keys, lens)]
         missing = [k for k in dict.fromkeys(keys) if k not in memo]
         if missing:
             if len(memo) + len(missing) > self.MEMO_SIZE:
                 memo.clear()
-            new = tok(
-                [k[0] for k in missing],
-                [k[1] for k in missing] if pairs is not None else None,
-                padding=False,
-                truncation=True,
-                max_length=self.max_text_len,
-                return_special_tokens_mask=True,
-                return_token_type_ids=True,
-                return_attention_mask=False,
-            )
-            for k, ids, types, special in zip(
-                missing, new["input_ids"], new["token_type_ids"], new["special_tokens_mask"], strict=True
-            ):
-                memo[k] = (ids, types, special)
+            for length in dict.fromkeys(k[2] if len(k) == 3 else self.max_text_len for k in missing):
+                group = [k for k in missing if (k[2] if len(k) == 3 else self.max_text_len) == length]
+                new = tok(
+                    [k[0] for k in group],
+                    [k[1] for k in group] if pairs is not None else None,
+                    padding=False,
+                    truncation=True,
+                    max_length=length,
+                    return_special_tokens_mask=True,
+                    return_token_type_ids=True,
+                    return_attention_mask=False,
+                )
+                for k, ids, types, special in zip(
+                    group, new["input_ids"], new["token_type_ids"], new["special_tokens_mask"], strict=True
+                ):
+                    memo[k] = (ids, types, special)
         rows = [memo[k] for k in keys]
         length = self.max_text_len if self.fixed_shapes else max(len(r[0]) for r in rows)
         ids = np.full((len(rows), length), tok.pad_token_id, dtype=np.int64)
@@ -294,6 +310,8 @@ class Collator:
                 row = {"text": choice["text"], "visual": choice.get("visual", ex.get("visual"))}
                 if "text_b" in choice:
                     row["text_b"] = choice["text_b"]
+                if choice.get("max_text_len") is not None:
+                    row["max_text_len"] = choice["max_text_len"]
                 row["index"], row["epoch"] = ex.get("index", 0), ex.get("epoch", 0)
                 rows.append(row)
         sizes = {len(ex["choices"]) for ex in examples}

@@ -3,7 +3,8 @@
 Training (`data.vcr_steps`): ``separate`` (default, the seed vilbert_beta's `train_tasks.py --tasks 1-2`) alternates
 one optimizer step of Q->A and one of QA->R, each block with its own shuffle of the training questions
 (`AlternatingStepSampler`), Q->A rows truncated to `data.qa_text_len`; ``joint`` (vl's earlier behaviour) trains both
-blocks of every question in the same step. Validation and test always score both blocks per question.
+blocks of every question in the same step. Validation and test always score both blocks per question (under
+``separate`` the Q->A rows at `data.qa_text_len`, as the seed evaluates each task at its own length).
 
 Files (``vl.data.formats.vcr``): ``vcr/{split}.jsonl``, the names table, per-image metadata under ``vcr/vcr1images`` and
 region features keyed by ``str(image_int_id(img_id))``. With ``root=None`` the VCR files are added to the embedded scene
@@ -76,6 +77,7 @@ class VCRQuestions(Dataset):
         self.all_rationales = all_rationales or not has_labels
         self.gt: RegionReader | None = None  # GT-box regions merged after the detections (see `VCRDataModule`)
         self.max_regions = 10**9
+        self.qa_text_len: int | None = None  # the Q->A rows' own text length (`data.qa_text_len`), None: the collator's
 
     def __len__(self) -> int:
         return len(self.records)
@@ -119,7 +121,8 @@ class VCRQuestions(Dataset):
         rec = self.records[index]
         texts = record_texts(rec, self.names)
         question, answers, rationales = texts["question"], texts["answers"], texts["rationales"]
-        choices = [{"text": question, "text_b": a} for a in answers]
+        qa_len = {} if self.qa_text_len is None else {"max_text_len": self.qa_text_len}
+        choices = [{"text": question, "text_b": a, **qa_len} for a in answers]
         gold = int(rec["answer_label"]) if self.has_labels else -1
         rationale = int(rec.get("rationale_label", -1)) if self.has_labels else -1
         if self.all_rationales:
@@ -183,9 +186,9 @@ class VCRDataModule(VLDataModule):
     see ``VCRQuestions``). ``vcr_steps``: ``separate`` (default, the seed's) trains the blocks as two tasks, one
     optimizer step of Q->A then one of QA->R, each block with its own per-epoch shuffle (``AlternatingStepSampler``),
     2 x ceil(questions / batch_size) optimizer steps per epoch; ``joint`` (vl's earlier behaviour): both blocks of every
-    question in the same step (ceil(questions / batch_size) steps). ``qa_text_len``: under ``separate``, the training
-    Q->A rows' text length (the seed: 60; QA->R rows use ``max_text_len``, the seed's 80); null: ``max_text_len``.
-    Validation and test use ``max_text_len`` for both blocks. ``global_token`` (``vl.data.base.GLOBAL_TOKEN``): "all"
+    question in the same step (ceil(questions / batch_size) steps). ``qa_text_len``: under ``separate``, the Q->A rows'
+    text length in every split (the seed: 60, its TASK1 length, in training and evaluation; QA->R rows use
+    ``max_text_len``, the seed's 80); null: ``max_text_len``. ``global_token`` (``vl.data.base.GLOBAL_TOKEN``): "all"
     (default, the seed's): ViLBERT's global image token from all the image's detections (and GT boxes: see
     ``VCRQuestions.visual``), before the ``max_regions`` cut; "kept": the mean of the kept rows (vl's earlier). The
     seed's warmup counts iterations of its task loop, one step per block: ``steps_per_iteration`` (2 under
@@ -296,6 +299,8 @@ class VCRDataModule(VLDataModule):
             records, regions, names, has_labels=bool(records) and all(labelled), all_rationales=split == "test"
         )
         data.gt, data.max_regions = gt, self.max_regions
+        if self.vcr_steps == "separate" and self.qa_text_len is not None:  # Q->A rows at the seed's TASK1 length,
+            data.qa_text_len = self.qa_text_len  # in every split (vilbert_beta evaluates each task at its own length)
         return data
 
     # ------------------------------------------------------------------ training steps

@@ -31,15 +31,20 @@ def _weights(record: Path) -> dict[str, torch.Tensor]:
 
 
 def _resume_runs(
-    make_cfg, tmp_path: Path, *extra: str, straight_extra: tuple[str, ...] = (), kill_batch: int = 5
+    make_cfg,
+    tmp_path: Path,
+    *extra: str,
+    straight_extra: tuple[str, ...] = (),
+    kill_batch: int = 5,
+    base: tuple[str, ...] = RESUME,
 ) -> dict[str, object]:
     """An uninterrupted run, a run killed before epoch 1 micro-batch 5 (mid-accumulation: accumulation 2, so the last
     checkpoint is the step after micro-batch 3) and its resumption from last.ckpt."""
     runs = {}
-    straight = make_cfg(*RESUME, *straight_extra, f"+callbacks.record.path={tmp_path}/straight", name="straight")
+    straight = make_cfg(*base, *straight_extra, f"+callbacks.record.path={tmp_path}/straight", name="straight")
     train(straight)
     first = make_cfg(
-        *RESUME,
+        *base,
         *extra,
         f"+callbacks.record.path={tmp_path}/first",
         "+callbacks.kill._target_=tests.conftest.InterruptAt",
@@ -50,9 +55,7 @@ def _resume_runs(
     with pytest.raises(Exception, match=f"interrupted before epoch 1 batch {kill_batch}"):
         train(first)
     last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
-    resumed = make_cfg(
-        *RESUME, *extra, f"+callbacks.record.path={tmp_path}/resumed", f"ckpt_path={last}", name="resumed"
-    )
+    resumed = make_cfg(*base, *extra, f"+callbacks.record.path={tmp_path}/resumed", f"ckpt_path={last}", name="resumed")
     train(resumed)
     runs["dirs"] = {k: Path(c.paths.output_dir) for k, c in (("straight", straight), ("resumed", resumed))}
     return runs
@@ -82,6 +85,18 @@ def test_mid_epoch_resume_is_exact_with_accumulation(make_cfg, tmp_path: Path) -
     acc = ("data.batch_size=16", "data.batch_size_per_device=8")
     runs = _resume_runs(make_cfg, tmp_path, *acc, STEP_CKPT, straight_extra=acc)
     _assert_exact_resume(tmp_path, runs)
+
+
+def test_mid_epoch_resume_is_exact_with_a_combined_loader(make_cfg, tmp_path: Path) -> None:
+    """MM-BERT pretraining batches the image data and the aux text corpus jointly (Lightning's CombinedLoader over
+    {"main", "aux"}): both loaders' positions come back (they restarted their epoch before: the resumed losses
+    differed from micro-batch 5 on)."""
+    base = ("experiment=mm_bert_pretrain_tiny", *RESUME[2:])
+    runs = _resume_runs(make_cfg, tmp_path, STEP_CKPT, straight_extra=(), base=base)
+    last = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=False)
+    positions = last["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert positions[0]["batches"] == 5 and [p["batch_size"] for p in positions] == [32, 8]  # main, aux
+    _assert_exact_resume(tmp_path, runs, resumed_at=5)
 
 
 @pytest.mark.slow

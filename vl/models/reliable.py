@@ -196,14 +196,23 @@ class ReliableTraining(L.LightningModule):
         # the first batch is fetched (ResumableDataLoader creates its iterator at the first fetch).
         states = getattr(self, "_loader_states", None)
         if states:
+            # the saved states are Lightning's: one per stateful loader of its CombinedLoader's flattened iterables, in
+            # that order (a datamodule's dict / list of loaders, e.g. MM-BERT's {"main": images, "aux": text})
+            from lightning.pytorch.utilities import CombinedLoader
+
             loaders = self.trainer.train_dataloader
-            stateful = [
-                dl
-                for dl in (loaders if isinstance(loaders, (list, tuple)) else [loaders])
-                if hasattr(dl, "load_state_dict")
-            ]
-            for loader, state in zip(stateful, states):
-                loader.load_state_dict(state)
+            flat = CombinedLoader(loaders).flattened if loaders is not None else []
+            stateful = [dl for dl in flat if hasattr(dl, "load_state_dict") and hasattr(dl, "state_dict")]
+            if len(stateful) != len(states):
+                log.warning(
+                    "resume: the checkpoint holds %d training-loader position(s), this run has %d stateful loader(s); "
+                    "the epoch restarts at its first batch",
+                    len(states),
+                    len(stateful),
+                )
+            else:
+                for loader, state in zip(stateful, states):
+                    loader.load_state_dict(state)
             self._loader_states = []
         partial, self._partial_grads = getattr(self, "_partial_grads", None), None
         if partial:  # a checkpoint taken inside an accumulation window: its micro-batches' gradients so far

@@ -507,3 +507,47 @@ def test_translation_runs_as_many_steps_as_the_seeds_loop(data_dir) -> None:
     example = dm.datasets["test"][0]
     out = greedy_translate(Never(), dm.collator("test"), [example], tok)  # the function's default
     assert len(calls) == seed_steps and len(tok(out[0], add_special_tokens=False)["input_ids"]) == seed_steps
+
+
+def test_the_embedded_vocabulary_is_the_same_in_every_process(tmp_path) -> None:
+    """`train_tokenizer` gives one vocabulary whatever the process's hash seed (HF's WordPiece trainer broke merge
+    ties by hash-map order: every fresh corpus got other token ids); every training word is then spelled by its
+    pieces without [UNK]; the vocabulary stops at `vocab_size`."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import BertTokenizerFast
+
+    from vl.data.scenes.writers.multi30k import train_tokenizer
+
+    shapes = [
+        SceneShape("circle", "red", "small", (2, 3, 9, 9), "left"),
+        SceneShape("star", "blue", "large", (9, 1, 20, 9), "right"),
+    ]
+    texts = [text for template in ("list", "picture", "left_of") for text in caption_pair(shapes, template)]
+    texts += ["Ein grüner Stern über dem blauen Dreieck.", "Zwei große Quadrate, ein Kreis: rechts!"] * 3
+    script = (
+        "import sys; from pathlib import Path; from vl.data.scenes.writers.multi30k import train_tokenizer; "
+        "print(train_tokenizer(Path(sys.argv[1]), sys.argv[2:]).read_text(), end='')"
+    )
+    vocabularies = set()
+    for seed in ("1", "2", "3"):
+        run = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / seed), *texts],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        vocabularies.add(run.stdout)
+    assert len(vocabularies) == 1
+    path = train_tokenizer(tmp_path / "here", texts)
+    assert path.read_text() == vocabularies.pop()
+    tok = BertTokenizerFast.from_pretrained(str(path.parent), do_lower_case=False, strip_accents=False)
+    for text in texts:
+        for word in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text):
+            pieces = tok.tokenize(word[0])
+            assert "[UNK]" not in pieces and "".join(p.removeprefix("##") for p in pieces) == word[0]
+    small = train_tokenizer(tmp_path / "small", texts, vocab_size=80).read_text().split()
+    assert len(small) == 80 and small[:6] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[STOP]"]

@@ -32,6 +32,7 @@ Written under ``<corpus root>/multi30k/`` (``ensure_multi30k``; its own ``manife
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MULTI30K_VERSION", "SPLIT_FILES", "caption_pair", "ensure_multi30k", "write_multi30k_corpus"]
 
-MULTI30K_VERSION = "multi30k-v4"
+MULTI30K_VERSION = "multi30k-v5"  # v5: a deterministic WordPiece vocabulary
 SPLIT_FILES = {"train": "train", "val": "val", "test": "test_2016_flickr", "test2018": "test_2018_flickr"}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[STOP]"]
 
@@ -222,18 +223,51 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
     return out
 
 
-def train_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int = 400) -> Path:
-    """A cased WordPiece vocabulary (accents kept, as M-BERT's) trained on ``texts`` with HF ``tokenizers``, [STOP]
-    included: ``out_dir/vocab.txt``."""
-    from tokenizers import BertWordPieceTokenizer
+def train_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int = 400, min_frequency: int = 1) -> Path:
+    """A cased WordPiece vocabulary (accents kept, as M-BERT's) trained on ``texts``, [STOP] included:
+    ``out_dir/vocab.txt``. Words as BERT's normaliser and pre-tokeniser split them (HF ``tokenizers``); then
+    WordPiece-style BPE (word-initial characters, ``##`` continuations, the most frequent adjacent pair merged until
+    ``vocab_size`` or no pair occurs ``min_frequency`` times), as HF's ``WordPieceTrainer`` does, but with ties broken by
+    the pair itself: HF's trainer breaks them by hash-map order, so every fresh corpus got another vocabulary (and
+    other token ids, losses and learning-test numbers; seen as 269 tokens, ~12 of them different, between two writes)."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
 
-    tok = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
-    tok.train_from_iterator(
-        list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
+    normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
+    pre = BertPreTokenizer()
+    counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+    words = {w: [w[0], *(f"##{c}" for c in w[1:])] for w in sorted(counts)}
+    alphabet = {c for w in words for c in w} | {s for symbols in words.values() for s in symbols}  # every character
+    vocab = list(dict.fromkeys([*SPECIAL_TOKENS, *sorted(alphabet)]))  # also alone, as HF's trainer keeps them
+    known = set(vocab)
+    while len(vocab) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for w, symbols in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += counts[w]
+        if not pairs:
+            break
+        (a, b), n = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n < min_frequency:
+            break
+        merged = a + b[2:]
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+        for w, symbols in words.items():
+            i, out = 0, []
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            words[w] = out
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save_model(str(out_dir))
-    return out_dir / "vocab.txt"
+    path = out_dir / "vocab.txt"
+    path.write_text("".join(f"{token}\n" for token in vocab), encoding="utf-8")
+    return path
 
 
 def ensure_multi30k(corpus_root: str | Path, settings: SceneSettings) -> Path:

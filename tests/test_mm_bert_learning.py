@@ -4,6 +4,7 @@ computed baselines; lr = base lr x total batch under 2-process DDP."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -137,8 +138,12 @@ def test_retrieval_learns_in_both_languages(make_cfg) -> None:
     metrics, _ = train(cfg)
     chance1, chance10 = metrics["test/recall@1_chance"], metrics["test/recall@10_chance"]
     n = round(1 / chance1)
-    runs = [f"test/{lang}_{way}" for lang in ("en", "de") for way in ("t2i", "i2t")]
-    print({k: round(float(metrics[k]), 4) for r in runs for k in metrics if k.startswith(r)})
+    # data.both_layout joint (the default, the seed's LANGUAGES_USED both): the queries are [CLS] EN [SEP] DE [SEP]
+    runs = ["test/both_t2i", "test/both_i2t"]
+    assert not any(k.startswith(("test/en_", "test/de_")) for k in metrics), metrics
+    scores = json.loads((Path(cfg.paths.output_dir) / "retrieval_scores_both.json").read_text())
+    assert len(scores) == n * n  # one joint caption x image matrix, as the seed's test file
+    print({k: round(float(metrics[k]), 4) for k in metrics if k.startswith("test/")})
     assert sum(metrics[f"{r}_recall@1"] for r in runs) / len(runs) > 2 * chance1, metrics
     for r in runs:
         assert metrics[f"{r}_recall@10"] > 1.5 * chance10, (r, metrics)

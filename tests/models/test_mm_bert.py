@@ -476,6 +476,46 @@ def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) ->
     np.testing.assert_allclose(got, full, atol=1e-5)
 
 
+def test_exhaustive_retrieval_scores_joint_caption_pairs(tmp_path) -> None:
+    """`data.both_layout: joint`: the gallery's texts are `{"text": EN, "text_b": DE}` rows; each scores as the one
+    joint row (EN ids, a separator, DE ids), one N x N matrix, as the seed's test scores `[CLS] EN [SEP] DE [SEP]`."""
+    import json
+
+    from vl.data.multi30k_collate import Multi30kCollator
+    from vl.models.ranking import exhaustive_retrieval
+
+    class Tok:  # one id per character, 49 between the two texts
+        pad_token_id = 0
+
+        def __call__(self, text, text_b=None, **kwargs):
+            ids = [ord(c) % 40 + 1 for c in text]
+            return {"input_ids": ids if text_b is None else [*ids, 49, *[ord(c) % 40 + 1 for c in text_b]]}
+
+    n = 9
+    rng = np.random.default_rng(1)
+    texts = [{"text": f"en {i}", "text_b": f"de {'y' * int(rng.integers(4))} {n - i}"} for i in range(n)]
+    visuals = [
+        {"features": rng.standard_normal((2, 3)).astype(np.float32), "boxes_norm": np.zeros((2, 4), np.float32),
+         "image_w": 500, "image_h": 375}
+        for _ in range(n)
+    ]  # fmt: skip
+    collator = Multi30kCollator(Tok(), max_text_len=32, max_regions=2, fixed_shapes=True)
+    metrics = exhaustive_retrieval(
+        _PairModel(), collator, texts, visuals, text_chunk=4, scores_path=tmp_path / "s.json"
+    )
+    full = np.zeros((n, n))
+    for t in range(n):
+        joint = [ord(c) % 40 + 1 for c in texts[t]["text"]] + [49] + [ord(c) % 40 + 1 for c in texts[t]["text_b"]]
+        for i in range(n):
+            full[t, i] = np.sin(float(sum(joint)) * 0.37 + float(visuals[i]["features"][0, 0]) * 3.0)
+    t2i = 1 + np.asarray([(np.delete(full[t], t) > full[t, t] + 1e-6).sum() for t in range(n)])
+    assert metrics["t2i_recall@1"] == pytest.approx((t2i <= 1).mean())
+    got = np.zeros((n, n))
+    for r in json.loads((tmp_path / "s.json").read_text()):
+        got[r["caption_id"], r["image_ids"]] = r["logit"][0]
+    np.testing.assert_allclose(got, full, atol=1e-5)
+
+
 def _tokenizer(tmp_path: Path):
     from transformers import BertTokenizerFast
 

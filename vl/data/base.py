@@ -403,10 +403,11 @@ class VLDataModule(L.LightningDataModule):
 
 
 class RetrievalQueries(Dataset):
-    """Val/test: one example per gallery text, ``{"text", "gold" (image position), "query_index", "index", "epoch"}``;
-    no visual (the scorer pairs each text with every gallery image)."""
+    """Val/test: one example per gallery text, ``{"text", "gold" (image position), "query_index", "index", "epoch"}``
+    (a gallery text given as a dict of text fields, e.g. ``{"text", "text_b"}``, gives those fields); no visual (the
+    scorer pairs each text with every gallery image)."""
 
-    def __init__(self, texts: list[str], gold: list[int]) -> None:
+    def __init__(self, texts: list[Any], gold: list[int]) -> None:
         self.texts = texts
         self.gold = gold
 
@@ -415,8 +416,9 @@ class RetrievalQueries(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
+        text = self.texts[index]  # a string, or a row's text fields ({"text", "text_b"}: MM-BERT's joint queries)
         return {
-            "text": self.texts[index],
+            **(dict(text) if isinstance(text, dict) else {"text": text}),
             "gold": self.gold[index],
             "query_index": index,
             "index": index,

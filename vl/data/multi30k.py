@@ -12,7 +12,11 @@ Tasks (``task``):
   other caption of the same language; ``languages`` en | de | both. Val/test: every caption (``eval_language``) ranked
   against every image of the split (the shared system's chunked gallery ranking); with ``exhaustive_test`` the test
   stage also scores all caption x image pairs per language, both directions, and writes the seed-layout scores files
-  (``MMBertSystem.on_test_epoch_end``).
+  (``MMBertSystem.on_test_epoch_end``). ``languages: both`` with ``both_layout: joint`` (default, the seed's
+  ``LANGUAGES_USED: both``): one row per annotation line, ``[CLS] EN [SEP] DE [SEP]`` (Task A's text layout), in
+  training (a negative takes both captions of one other line) and as the val/test queries (``eval_language`` unused;
+  exhaustive test: one joint caption x image matrix, ``test/both_*``, ``retrieval_scores_both.json``);
+  ``both_layout: per_language``: an EN row and a DE row per line, ranked per language as above (vl's earlier rows).
 - ``mlt``: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of word_de in ``MLT_vocab.txt`` (test2018:
   word_de lists every accepted word, any of them counts; ``mlt_rows``).
 - ``mt``: EN -> DE on every German prefix (``mt_dataset``); greedy decoding and BLEU in ``MMBertSystem``.
@@ -56,6 +60,7 @@ from vl.errors import ConfigError, DataError
 
 TASKS = ("pretrain", "retrieval", "mlt", "mt")
 LANGUAGES = ("en", "de", "both")
+BOTH_LAYOUTS = ("joint", "per_language")
 
 
 def seed_bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -96,7 +101,8 @@ def load_multi30k_tokenizer(name_or_path: str, corpus_dir: Path | None = None, *
 class Multi30kExamples(Dataset):
     """Plain rows ``{"text", "text_b"?, "image": (reader, id) | None, labels...}`` -> examples with the image's
     selected regions; ``negatives`` > 0: with that probability a row's caption is replaced by a random other row's
-    caption of the same language (``itm_label`` 0), drawn from (seed, epoch, index)."""
+    caption of the same language (``itm_label`` 0), drawn from (seed, epoch, index); a row with ``text_b`` (the joint
+    ``[CLS] EN [SEP] DE [SEP]`` retrieval rows) takes ``text`` and ``text_b`` together from that one other row."""
 
     def __init__(self, rows: list[dict[str, Any]], max_regions: int, negatives: float = 0.0) -> None:
         self.rows, self.max_regions, self.negatives = rows, max_regions, negatives
@@ -125,10 +131,12 @@ class Multi30kExamples(Dataset):
             ex["itm_label"] = 1
             if rng.random() < self.negatives:
                 pool = self.by_language[row.get("language", "")]
-                for _ in range(16):  # a different caption text
+                for _ in range(16):  # a different caption text (joint rows: a different caption pair)
                     other = self.rows[pool[int(rng.integers(len(pool)))]]
-                    if other["text"] != row["text"]:
+                    if (other["text"], other.get("text_b")) != (row["text"], row.get("text_b")):
                         ex["text"], ex["itm_label"] = other["text"], 0
+                        if "text_b" in row:  # both captions from the same other line, never mixed
+                            ex["text_b"] = other["text_b"]
                         break
         return ex
 
@@ -176,6 +184,7 @@ class Multi30kDataModule(VLDataModule):
         task: str = "pretrain",
         pretrain_tasks: list[str] | None = None,
         languages: str = "both",
+        both_layout: str = "joint",
         eval_language: str = "en",
         negative_fraction: float = 0.5,
         exhaustive_test: bool = True,
@@ -210,6 +219,9 @@ class Multi30kDataModule(VLDataModule):
             raise ConfigError(f"data.task: '{task}' is not one of {TASKS}")
         if languages not in LANGUAGES or eval_language not in ("en", "de"):
             raise ConfigError(f"data.languages must be one of {LANGUAGES} and data.eval_language en or de")
+        if both_layout not in BOTH_LAYOUTS:
+            raise ConfigError(f"data.both_layout: '{both_layout}' is not one of {BOTH_LAYOUTS}")
+        self.both_layout = both_layout
         pretrain_tasks = ["A", "B", "C"] if pretrain_tasks is None else list(pretrain_tasks)
         unknown = sorted(set(pretrain_tasks) - {"A", "B", "C"})
         if unknown:
@@ -371,6 +383,12 @@ class Multi30kDataModule(VLDataModule):
     def _languages(self) -> list[str]:
         return ["en", "de"] if self.languages == "both" else [self.languages]
 
+    @property
+    def joint(self) -> bool:
+        """Retrieval rows ``[CLS] EN [SEP] DE [SEP]``, one per annotation line (``languages: both``, ``both_layout:
+        joint``: the seed's ``LANGUAGES_USED: both``)."""
+        return self.languages == "both" and self.both_layout == "joint"
+
     def build_dataset(self, split: str) -> Dataset:
         if self.task == "retrieval" and split != "train":
             g = self.gallery(split)
@@ -392,6 +410,12 @@ class Multi30kDataModule(VLDataModule):
                 rows += [{"text": r["caption_en"], "text_b": r["caption_de"], "image": None} for r in wmt]
             return Multi30kExamples(rows, self.max_regions)
         if self.task == "retrieval":
+            if self.joint:  # Task A's text layout; a negative takes both captions of one other line
+                rows = [
+                    {"text": r["caption_en"], "text_b": r["caption_de"], "image": im, "language": "both"}
+                    for r, im in zip(records, images)
+                ]
+                return Multi30kExamples(rows, self.max_regions, negatives=self.negative_fraction)
             for lang in self._languages():
                 rows += [
                     {"text": r[f"caption_{lang}"], "image": im, "language": lang} for r, im in zip(records, images)
@@ -462,15 +486,20 @@ class Multi30kDataModule(VLDataModule):
         return Multi30kExamples(rows, self.max_regions)
 
     def gallery(self, split: str, language: str | None = None) -> dict[str, Any] | None:
-        """Retrieval val/test: caption i (``language``, default ``eval_language``) of image i; every caption ranked
-        against every image."""
+        """Retrieval val/test: caption i (``language``, default ``eval_language``; ``"both"``, the default of the joint
+        layout: ``{"text": EN, "text_b": DE}``, the ``[CLS] EN [SEP] DE [SEP]`` query) of image i; every caption
+        ranked against every image."""
         if self.task != "retrieval" or split == "train":
             return None
-        language = language or self.eval_language
+        language = language or ("both" if self.joint else self.eval_language)
         if (split, language) not in self._galleries:
             _, records, images = self.records(split)
+            if language == "both":
+                texts: list[Any] = [{"text": r["caption_en"], "text_b": r["caption_de"]} for r in records]
+            else:
+                texts = [r[f"caption_{language}"] for r in records]
             self._galleries[split, language] = {
-                "texts": [r[f"caption_{language}"] for r in records],
+                "texts": texts,
                 "gold": list(range(len(records))),
                 "image_ids": [im[1] for im in images],
                 "visuals": LazyVisuals(images, self.max_regions),

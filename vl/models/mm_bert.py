@@ -375,8 +375,11 @@ class MMBertSystem(VLSystem):
     def on_test_epoch_end(self) -> None:
         """MT data: BLEU of the greedy translations (the seed's `seed_bleu` and plain sacrebleu; also over the records
         marked ``image_dependent``, when there are any); hypotheses file via
-        the data module. Retrieval data: also score every caption x image pair of the test split per language (both directions,
-        R@1/5/10, median rank) and write the seed-layout scores file ``retrieval_scores_<lang>.json``."""
+        the data module. Retrieval data: also score every caption x image pair of the test split per language (both
+        directions, R@1/5/10, median rank: ``test/<en|de>_<t2i|i2t>_*``) and write the seed-layout scores file
+        ``retrieval_scores_<lang>.json``; with joint rows (``data.both_layout: joint``) one matrix of the
+        ``[CLS] EN [SEP] DE [SEP]`` captions x images, as the seed's test writes for both languages: ``test/both_*``,
+        ``retrieval_scores_both.json``."""
         dm = self._datamodule()
         if getattr(dm, "task", None) == "mt":
             import sacrebleu
@@ -395,7 +398,8 @@ class MMBertSystem(VLSystem):
         super().on_test_epoch_end()
         if dm is None or getattr(dm, "task", None) != "retrieval" or not getattr(dm, "exhaustive_test", False):
             return
-        for lang in ("en", "de"):
+        # the joint layout (the seed's `LANGUAGES_USED: both`): one matrix, [CLS] EN [SEP] DE [SEP] caption x image
+        for lang in ("both",) if getattr(dm, "joint", False) else ("en", "de"):
             gallery = dm.gallery("test", language=lang)
             scores_path = None
             if self.trainer.is_global_zero:

@@ -82,7 +82,7 @@ def _tie_threshold(gold_scores: np.ndarray) -> np.ndarray:
     return t
 
 
-def gallery_scorer(model: Any, collator: Collator, texts: list[str], visuals: Any, *, batch_size: int) -> ScoreBlock:
+def gallery_scorer(model: Any, collator: Collator, texts: list[Any], visuals: Any, *, batch_size: int) -> ScoreBlock:
     """A `ScoreBlock` from a system's `pair_scorer()`: its fine-tuned retrieval head (`vil_logit`), else the ITM
     head's aligned probability softmax(logits)[:, 1] (1 = aligned in vl).
 
@@ -90,14 +90,15 @@ def gallery_scorer(model: Any, collator: Collator, texts: list[str], visuals: An
     of one text chunk reuse them), then forms the pair batches by indexing: a caption is tokenised once per text
     chunk, not once per image. `score_block.pairs(text_indices, image_indices)` scores a list of pairs the same way
     (the shortlist's re-rank). With the scoring collator (`fixed_shapes`) a pair's batch rows are exactly those the
-    collator would give it."""
+    collator would give it. A text may be a dict of a row's text fields (``{"text", "text_b"}``: MM-BERT's joint
+    ``[CLS] EN [SEP] DE [SEP]`` queries), collated as the training rows are."""
     head = model.pair_scorer()
     cache: dict[str, Any] = {"texts": None, "tokens": None}
 
     def tokens(text_idx: list[int]) -> dict[str, torch.Tensor]:
         key = tuple(text_idx)
         if cache["texts"] != key:
-            enc = collator([{"text": texts[t]} for t in text_idx])
+            enc = collator([dict(texts[t]) if isinstance(texts[t], dict) else {"text": texts[t]} for t in text_idx])
             cache["texts"], cache["tokens"] = key, {n: v for n, v in enc.items() if n != "index"}
         return cache["tokens"]
 
@@ -142,7 +143,7 @@ def gallery_scorer(model: Any, collator: Collator, texts: list[str], visuals: An
 def exhaustive_retrieval(
     model: Any,
     collator: Any,
-    texts: list[str],
+    texts: list[Any],
     visuals: Any,
     *,
     batch_size: int = 256,

@@ -143,6 +143,14 @@ def test_joint_eval_queries_are_the_seeds_token_ids(joint) -> None:
         )
         assert row_ids(batch, p) == want, (t, i)
     assert joint.gallery("test") is joint.gallery("test", language="both")
+    # evaluate.py's shortlist encodes the joint queries alone too: [CLS] EN [SEP] DE [SEP] (2 [SEP]) per row
+    from vl.eval.retrieval import pooled_similarity
+
+    seen.clear()
+    pooled_similarity(Recorder(), joint.scoring_collator(), g["texts"], g["visuals"], 64)([0, 1, 2])
+    sep = joint.tokenizer.sep_token_id
+    if joint.seq_len == 64:  # no row is cut at 64 (at 24 / 9 the first [SEP] may go)
+        assert (seen[-1]["input_ids"] == sep).sum(1).tolist() == [2, 2, 2]
 
 
 def test_per_language_keeps_the_earlier_rows(data_dir) -> None:

@@ -18,7 +18,7 @@ from vl.data.captions import CaptionsDataModule, load_captions
 from vl.data.collate import Collator
 from vl.errors import ConfigError
 from vl.metrics import RetrievalRecall
-from vl.models.ranking import ScoreBlock, _as_numpy, chunked_ranks, gallery_scorer
+from vl.models.ranking import ScoreBlock, _as_numpy, chunked_ranks, gallery_scorer, text_fields
 from vl.progress import progress
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _top_k_mask(rows: np.ndarray, k: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def pooled_similarity(model: Any, collator: Collator, texts: list[str], visuals: Any, batch_size: int) -> CheapRows:
+def pooled_similarity(model: Any, collator: Collator, texts: list[Any], visuals: Any, batch_size: int) -> CheapRows:
     """The cheap dual-encoder similarity: cosine between each text encoded alone (all regions masked) and each image
     encoded alone (an empty caption). O(T + I) forwards instead of O(T x I). The images are encoded here, once
     ((I, H) float32); the returned function encodes a chunk of texts and gives their (chunk, I) cosine rows, so no
@@ -141,7 +141,7 @@ def pooled_similarity(model: Any, collator: Collator, texts: list[str], visuals:
 
     @torch.no_grad()
     def cheap_rows(text_idx: list[int]) -> np.ndarray:
-        return encode([{"text": texts[t], "visual": blank} for t in text_idx], drop_regions=True) @ image_emb.T
+        return encode([{**text_fields(texts[t]), "visual": blank} for t in text_idx], drop_regions=True) @ image_emb.T
 
     return cheap_rows
 

@@ -15,10 +15,16 @@ from vl.data.collate import Collator, pad_regions
 from vl.metrics import median_rank
 from vl.progress import progress
 
-__all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer"]
+__all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer", "text_fields"]
 
 #: score_block(text_indices, image_indices) -> (len(texts), len(images)) scores, higher = better match
 ScoreBlock = Callable[[list[int], list[int]], torch.Tensor]
+
+
+def text_fields(text: Any) -> dict[str, Any]:
+    """A gallery text as a collator's example fields: a string -> ``{"text": text}``; a dict of a row's text fields
+    (``{"text", "text_b"}``: MM-BERT's joint ``[CLS] EN [SEP] DE [SEP]`` queries) -> a copy of it."""
+    return dict(text) if isinstance(text, dict) else {"text": text}
 
 
 def chunked_ranks(
@@ -98,7 +104,7 @@ def gallery_scorer(model: Any, collator: Collator, texts: list[Any], visuals: An
     def tokens(text_idx: list[int]) -> dict[str, torch.Tensor]:
         key = tuple(text_idx)
         if cache["texts"] != key:
-            enc = collator([dict(texts[t]) if isinstance(texts[t], dict) else {"text": texts[t]} for t in text_idx])
+            enc = collator([text_fields(texts[t]) for t in text_idx])
             cache["texts"], cache["tokens"] = key, {n: v for n, v in enc.items() if n != "index"}
         return cache["tokens"]
 

@@ -92,8 +92,8 @@ def test_wmt_text_is_task_c_alone(make_cfg) -> None:
 
 
 def test_aux_text_alone(make_cfg) -> None:
-    """`data=aux_text`: the aux text corpus alone, one file per split: chunks of >= 96 words, no [CLS] / [SEP], MLM
-    only, a plain loader (no CombinedLoader); a step gives every parameter a gradient (text gets the aux visual
+    """`data=aux_text`: the aux text corpus alone, one file per split: a window per line (>= 96 basic tokens), no
+    [CLS] / [SEP], MLM only, a plain loader (no CombinedLoader); a step gives every parameter a gradient (text gets the aux visual
     embedding, the visual modules 0)."""
     cfg = make_cfg("experiment=mm_bert_pretrain_tiny", "data=aux_text", *CPU)
     dm = build_datamodule(cfg)
@@ -102,7 +102,9 @@ def test_aux_text_alone(make_cfg) -> None:
     for split in ("train", "val"):
         rows = dm.datasets[split].rows
         assert rows and all(r["image"] is None and "text_b" not in r for r in rows)
-        assert all(len(r["text"].split()) >= 96 for r in rows[:-1])
+        # data.aux_windows seed: one window per non-empty line, starting with that line (tests/data/test_multi30k_aux.py)
+        lines = [line.strip() for line in dm.path(cfg.data.aux_text, split).read_text().splitlines() if line.strip()]
+        assert len(rows) == len(lines) and all(rows[i]["text"].startswith(lines[i]) for i in (0, len(lines) - 1))
     assert dm.datasets["train"].rows[0]["text"] != dm.datasets["val"].rows[0]["text"]  # aux/train.txt vs aux/val.txt
     loader = dm.train_dataloader()
     batch = next(iter(loader))
@@ -231,8 +233,10 @@ def test_aux_text_is_batched_jointly_through_a_combined_loader(make_cfg) -> None
     loader = dm.train_dataloader()
     assert isinstance(loader, CombinedLoader)
     assert dm.examples_per_device_step == cfg.data.batch_size_per_device + cfg.data.aux_batch_size
-    chunks = dm.datasets["aux"].rows
-    assert all(len(c["text"].split()) >= 96 for c in chunks[:-1])  # lines concatenated to >= 96 words
+    from tests.data.test_multi30k_aux import seed_basic_tokenize
+
+    windows = dm.datasets["aux"].rows  # data.aux_windows seed: a window per line of >= 96 basic tokens
+    assert all(len(seed_basic_tokenize(w["text"])) >= 96 for w in windows[:50])
     batch, _, _ = next(iter(loader))
     aux = batch["aux"]
     assert "visual_feats" not in aux and aux["input_ids"].shape[0] == cfg.data.aux_batch_size

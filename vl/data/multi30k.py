@@ -61,6 +61,7 @@ from vl.errors import ConfigError, DataError
 TASKS = ("pretrain", "retrieval", "mlt", "mt")
 LANGUAGES = ("en", "de", "both")
 BOTH_LAYOUTS = ("joint", "per_language")
+AUX_WINDOWS = ("seed", "chunks")
 
 
 def seed_bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -141,6 +142,57 @@ class Multi30kExamples(Dataset):
         return ex
 
 
+class AuxWindows(Dataset):
+    """The aux text corpus as the seed's ``GeneralCorpus``: one example per non-empty (stripped) line ``i``, the line's
+    basic-tokeniser tokens followed by those of the next lines (wrapping past the end) until there are at least
+    ``min_tokens``; the example's ``text`` is those lines joined by a space (its basic tokens are the window's; the
+    collator truncates to ``aux_seq_len`` WordPiece tokens, as the seed does after tokenising). ``counts``: basic
+    tokens per line."""
+
+    def __init__(self, lines: list[str], counts: list[int], min_tokens: int) -> None:
+        n, total = len(lines), sum(counts)
+        if n == 0 or total == 0:
+            raise DataError("the aux text corpus has no tokens")
+        prefix = np.concatenate([[0], np.cumsum(counts)])
+
+        def upto(k: int) -> int:  # tokens of the unwrapped lines [0, k)
+            return (k // n) * total + int(prefix[k % n])
+
+        self.lines, self.stops, stop = lines, [], 0
+        for i in range(n):  # the seed's `while len(tokens) < min_seq_len` over the lines after i, as a sliding end
+            stop = max(stop, i + 1)
+            while upto(stop) - upto(i) < min_tokens:
+                stop += 1
+            self.stops.append(stop)
+        self.rows = _WindowRows(self)
+
+    def text(self, index: int) -> str:
+        n = len(self.lines)
+        return " ".join(self.lines[k % n] for k in range(index, self.stops[index]))
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = split_key(key)
+        return {"text": self.text(index), "index": index, "epoch": epoch}
+
+
+class _WindowRows(Sequence):
+    """``AuxWindows.rows``: the windows as ``{"text", "image": None}`` rows, built on access."""
+
+    def __init__(self, windows: AuxWindows) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return {"text": self.windows.text(i), "image": None}
+
+
 class LazyVisuals(Sequence):
     def __init__(self, images: list[tuple[Any, str]], max_regions: int) -> None:
         self.images, self.max_regions = images, max_regions
@@ -193,6 +245,7 @@ class Multi30kDataModule(VLDataModule):
         aux_batch_size: int = 8,
         aux_min_words: int = 96,
         aux_seq_len: int = 96,
+        aux_windows: str = "seed",
         mt_max_steps: int = 49,
         mt_seq_len: int | None = 150,
         annotations: str = "{split}_frcnn.json",
@@ -238,6 +291,9 @@ class Multi30kDataModule(VLDataModule):
         self.lowercase = bool(lowercase)
         self.aux_text, self.aux_batch_size = aux_text, int(aux_batch_size)
         self.aux_min_words, self.aux_seq_len = int(aux_min_words), int(aux_seq_len)
+        if aux_windows not in AUX_WINDOWS:
+            raise ConfigError(f"data.aux_windows: '{aux_windows}' is not one of {AUX_WINDOWS}")
+        self.aux_windows = aux_windows
         self.annotations, self.mlt_annotations, self.mlt_vocab_file, self.wmt = (
             annotations,
             mlt_annotations,
@@ -294,12 +350,28 @@ class Multi30kDataModule(VLDataModule):
         return self.batch_size_per_device + (self.aux_batch_size if self.uses_aux else 0)
 
     def aux_dataset(self, split: str = "train") -> Dataset:
-        """The aux text corpus (one sentence a line): lines concatenated until >= ``aux_min_words`` words, each chunk
-        one example (no [CLS] / [SEP]; the aux visual embedding, no regions)."""
+        """The aux text corpus (one sentence a line), no [CLS] / [SEP], the aux visual embedding and no regions.
+        ``aux_windows`` seed: one window per non-empty line, that line's basic-tokeniser tokens and the next lines'
+        (wrapping) until >= ``aux_min_words`` (``AuxWindows``, the seed's ``GeneralCorpus``); chunks: the lines
+        concatenated and cut into non-overlapping chunks of >= ``aux_min_words`` whitespace words (vl's earlier)."""
         from vl.data.formats.multi30k import read_lines
 
+        path = self.path(self.aux_text, split)
+        if self.aux_windows == "seed":
+            if not Path(path).is_file():
+                raise DataError(f"{path}: file not found")
+            with open(path, encoding="utf-8") as f:  # the seed's readlines(): universal newlines only
+                lines = [line.strip() for line in f.readlines() if line.strip()]
+            if not lines:
+                raise DataError(f"{path}: the aux text corpus is empty")
+            backend = self.tokenizer.backend_tokenizer  # BertNormalizer + BertPreTokenizer = the basic tokeniser
+            counts = [len(backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(s))) for s in lines]
+            try:
+                return AuxWindows(lines, counts, self.aux_min_words)
+            except DataError:
+                raise DataError(f"{path}: the aux text corpus has no tokens") from None
         chunks, current = [], []
-        for line in read_lines(self.path(self.aux_text, split)):
+        for line in read_lines(path):
             current += line.split()
             if len(current) >= self.aux_min_words:
                 chunks.append(" ".join(current))
@@ -307,7 +379,7 @@ class Multi30kDataModule(VLDataModule):
         if current:
             chunks.append(" ".join(current))
         if not chunks:
-            raise DataError(f"{self.path(self.aux_text, split)}: the aux text corpus is empty")
+            raise DataError(f"{path}: the aux text corpus is empty")
         return Multi30kExamples([{"text": c, "image": None} for c in chunks], self.max_regions)
 
     def train_dataloader(self) -> Any:

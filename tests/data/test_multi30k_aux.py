@@ -1,0 +1,181 @@
+"""MM-BERT's aux text corpus (`data.aux_windows`): ``seed`` compared with a transcription of the seed's
+``GeneralCorpus`` (pretrain/data/datasets/general_corpus.py: ``load_corpus`` + the token gathering of
+``__getitem__``) over pytorch_pretrained_bert's ``BasicTokenizer``, written out here; ``chunks`` by hand."""
+
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from vl.data.multi30k import Multi30kDataModule
+from vl.data.multi30k_collate import Multi30kCollator
+from vl.errors import ConfigError, DataError
+
+
+# ------------------------------------------------------------------------------------------------ the seed, transcribed
+def _is_whitespace(c: str) -> bool:
+    return c in " \t\n\r" or unicodedata.category(c) == "Zs"
+
+
+def _is_control(c: str) -> bool:
+    return c not in "\t\n\r" and unicodedata.category(c).startswith("C")
+
+
+def _is_punctuation(c: str) -> bool:
+    cp = ord(c)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(c).startswith("P")
+
+
+def _is_chinese(cp: int) -> bool:
+    ranges = [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F)]
+    ranges += [(0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)]
+    return any(lo <= cp <= hi for lo, hi in ranges)
+
+
+def seed_basic_tokenize(text: str, do_lower_case: bool = True) -> list[str]:
+    """pytorch_pretrained_bert's BasicTokenizer.tokenize: clean text, space around CJK characters, whitespace split,
+    lower case and accents stripped (NFD, Mn dropped), split on punctuation, whitespace split again."""
+    never_split = ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")
+    text = "".join(" " if _is_whitespace(c) else c for c in text if ord(c) not in (0, 0xFFFD) and not _is_control(c))
+    text = "".join(f" {c} " if _is_chinese(ord(c)) else c for c in text)
+    split_tokens = []
+    for token in text.strip().split():
+        if do_lower_case and token not in never_split:
+            token = "".join(c for c in unicodedata.normalize("NFD", token.lower()) if unicodedata.category(c) != "Mn")
+        if token in never_split:
+            split_tokens.append(token)
+            continue
+        pieces, start_new = [], True
+        for c in token:
+            if _is_punctuation(c):
+                pieces.append(c)
+                start_new = True
+            else:
+                if start_new:
+                    pieces.append("")
+                start_new = False
+                pieces[-1] += c
+        split_tokens += pieces
+    return " ".join(split_tokens).strip().split()
+
+
+def seed_corpus(path: Path) -> list[str]:
+    """GeneralCorpus.load_corpus for one file."""
+    with open(path, encoding="utf-8") as f:
+        corpus = [line.strip("\n").strip("\r").strip("\n") for line in f.readlines()]
+    return [line.strip() for line in corpus if line.strip() != ""]
+
+
+def seed_window(corpus: list[str], item: int, min_seq_len: int) -> list[str]:
+    """GeneralCorpus.__getitem__ up to the masking: the line's basic tokens, then the next lines' until >= min."""
+    tokens = seed_basic_tokenize(corpus[item])
+    cur = (item + 1) % len(corpus)
+    while len(tokens) < min_seq_len:
+        tokens.extend(seed_basic_tokenize(corpus[cur]))
+        cur = (cur + 1) % len(corpus)
+    return tokens
+
+
+def seed_wordpiece(tokens: list[str], vocab: dict[str, int]) -> list[int]:
+    """WordpieceTokenizer.tokenize per token (greedy longest match, [UNK] for a word it cannot split) -> ids."""
+    ids = []
+    for word in tokens:
+        start, pieces = 0, []
+        while start < len(word):
+            end = len(word)
+            while end > start and (word[start:end] if start == 0 else "##" + word[start:end]) not in vocab:
+                end -= 1
+            if end == start:
+                pieces = ["[UNK]"]
+                break
+            pieces.append(word[start:end] if start == 0 else "##" + word[start:end])
+            start = end
+        ids += [vocab[p] for p in pieces]
+    return ids
+
+
+# ------------------------------------------------------------------------------------------------ tests
+LINES = [
+    "A man in a red shirt is riding a bike.",
+    "",
+    "   ",
+    "Two dogs, a cat & three birds -- don't they look happy?",
+    "Zwei grüne Männer spielen Fußball im Park.",
+    "short",
+    "",
+    "Prices went up by $5 (about 4%) + tax; a=b, c<d> [e] {f} ~g^h|i`j.",
+    " ".join(f"word{i}" for i in range(130)) + ".",  # longer than min_seq_len and aux_seq_len on its own
+    "The last line wraps to the first ones.",
+]
+
+
+def _module(data_dir: Path, aux: Path, **kwargs) -> Multi30kDataModule:
+    return Multi30kDataModule(
+        cache_dir=str(data_dir), corpus={"num_images": 150}, aux_text=str(aux), objectives=["mlm"], **kwargs
+    )
+
+
+@pytest.mark.parametrize("min_words", [1, 12, 96, 400])
+def test_seed_windows_are_the_seeds_general_corpus(tmp_path, data_dir, min_words) -> None:
+    """One example per non-empty line; its basic tokens = the seed's window (the line, then the next lines, wrapping,
+    until >= min_seq_len; 400 > the whole corpus: several wraps); its collated ids (no MLM) = the seed's WordPiece ids
+    of the window truncated to seq_len (96)."""
+    aux = tmp_path / "aux.txt"
+    aux.write_bytes(("\r\n".join(LINES) + "\n").encode("utf-8"))  # CRLF line ends, as a Windows-written corpus
+    dm = _module(data_dir, aux, aux_min_words=min_words)
+    assert dm.aux_windows == "seed"  # the default
+    ds = dm.aux_dataset()
+    corpus = seed_corpus(aux)
+    assert len(corpus) == 7 and len(ds) == len(corpus)
+    vocab = dm.tokenizer.get_vocab()
+    collate = Multi30kCollator(dm.tokenizer, max_text_len=dm.aux_seq_len, add_special_tokens=False, aux_text=True)
+    for i in range(len(corpus)):
+        want = seed_window(corpus, i, min_words)
+        ex = ds[(0, i)]
+        assert ex["index"] == i and "visual" not in ex
+        assert seed_basic_tokenize(ex["text"]) == want
+        ids = collate([ex])["input_ids"][0].tolist()
+        assert ids == seed_wordpiece(want, vocab)[: dm.aux_seq_len]
+    if min_words == 12:  # by hand: "short" (1 token) takes the next line whole; the long line is alone
+        assert ds.rows[3]["text"].startswith("short Prices went up") and ds.rows[3]["image"] is None
+        assert ds[(0, 5)]["text"] == LINES[8]
+
+
+def test_seed_windows_over_the_embedded_corpus_aux_file(data_dir) -> None:
+    dm = Multi30kDataModule(
+        cache_dir=str(data_dir), corpus={"num_images": 150}, objectives=["mlm"], aux_text="../aux/train.txt"
+    )
+    assert dm.aux_text and dm.uses_aux
+    path = dm.path(dm.aux_text, "train")
+    ds, corpus = dm.aux_dataset(), seed_corpus(path)
+    assert len(ds) == len(corpus) > 10
+    for i in list(range(5)) + list(range(len(corpus) - 5, len(corpus))):  # the last ones wrap
+        assert seed_basic_tokenize(ds[(0, i)]["text"]) == seed_window(corpus, i, 96)
+
+
+def test_chunks_keep_vl_s_earlier_rule(tmp_path, data_dir) -> None:
+    """``chunks``: the lines' whitespace words concatenated, cut after >= aux_min_words (the rest one last chunk)."""
+    aux = tmp_path / "aux.txt"
+    aux.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    ds = _module(data_dir, aux, aux_windows="chunks", aux_min_words=12).aux_dataset()
+    words = [w for line in LINES for w in line.split()]
+    texts = [r["text"] for r in ds.rows]
+    assert " ".join(texts).split() == words
+    assert [len(t.split()) >= 12 for t in texts[:-1]] == [True] * (len(texts) - 1)
+    assert texts[0] == " ".join(LINES[0].split() + LINES[3].split())  # 10 words + 11 (empty lines add none)
+
+
+def test_bad_aux_windows_and_empty_corpus(tmp_path, data_dir) -> None:
+    with pytest.raises(ConfigError, match=r"^data\.aux_windows: 'lines' is not one of"):
+        _module(data_dir, tmp_path / "aux.txt", aux_windows="lines")
+    aux = tmp_path / "aux.txt"
+    aux.write_text("\n  \n\n", encoding="utf-8")
+    with pytest.raises(DataError, match="empty"):
+        _module(data_dir, aux).aux_dataset()
+    aux.write_text("\x00\n", encoding="utf-8")  # a line of no tokens: the seed would loop forever
+    with pytest.raises(DataError, match="no tokens"):
+        _module(data_dir, aux).aux_dataset()

@@ -8,6 +8,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import torch
 
 from vl.data.multi30k import Multi30kDataModule
 from vl.data.multi30k_collate import Multi30kCollator
@@ -179,3 +180,138 @@ def test_bad_aux_windows_and_empty_corpus(tmp_path, data_dir) -> None:
     aux.write_text("\x00\n", encoding="utf-8")  # a line of no tokens: the seed would loop forever
     with pytest.raises(DataError, match="no tokens"):
         _module(data_dir, aux).aux_dataset()
+
+
+# ------------------------------------------------------------------------------------------------ aux loader epochs
+class SeedMultiTaskDataLoader:
+    """common/utils/multi_task_dataloader.py's MultiTaskDataLoader, transcribed: the first loader is the master (its
+    iterator restarted by each `iter()`, its length the epoch's); the others keep their iterators across epochs and
+    restart when exhausted, with `set_epoch(global_idx // len)` first."""
+
+    def __init__(self, loaders: list) -> None:
+        self.loaders = loaders
+        self.iters = [iter(loader) for loader in loaders]
+        self.lens = [len(loader) for loader in loaders]
+        self.global_idx_in_cycle = 0
+
+    def __iter__(self) -> SeedMultiTaskDataLoader:
+        if self.global_idx_in_cycle > 0:
+            self.iters[0] = iter(self.loaders[0])
+        return self
+
+    def __next__(self) -> tuple:
+        out = (next(self.iters[0]),)
+        for k, loader in enumerate(self.loaders[1:]):
+            loader.sampler.set_epoch(int(self.global_idx_in_cycle / self.lens[k + 1]))
+            try:
+                out += (next(self.iters[k + 1]),)
+            except StopIteration:
+                self.iters[k + 1] = iter(loader)
+                out += (next(self.iters[k + 1]),)
+        self.global_idx_in_cycle += 1
+        return out
+
+    def __len__(self) -> int:
+        return self.lens[0]
+
+
+class _Keys(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        return key
+
+
+def _loaders(n_main: int, n_aux: int, kind: str = "vl"):
+    from torch.utils.data import DataLoader
+
+    from vl.data.samplers import ContinuingDataLoader, EpochShuffleSampler, ResumableDataLoader
+
+    def sampler(n: int) -> EpochShuffleSampler:
+        return EpochShuffleSampler(_Keys(n), num_replicas=1, rank=0, shuffle=True, seed=7)
+
+    main_cls, aux_cls = (ResumableDataLoader, ContinuingDataLoader) if kind == "vl" else (DataLoader, DataLoader)
+    main = main_cls(_Keys(n_main), batch_size=3, sampler=sampler(n_main), collate_fn=list)
+    aux = aux_cls(_Keys(n_aux), batch_size=2, sampler=sampler(n_aux), collate_fn=list)
+    return main, aux
+
+
+def _vl_epochs(main, aux, epochs: range, first_batches: int | None = None, done: int = 0) -> list:
+    """What Lightning's fit loop does: `set_epoch` on every loader's sampler, then one `iter()` of the CombinedLoader
+    (min_size) per epoch, its length the number of batches (``done`` of the first epoch's already run: a resume)."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    aux.epoch_batches = len(main)
+    combined = CombinedLoader({"main": main, "aux": aux}, mode="min_size")
+    out = []
+    for epoch in epochs:
+        main.sampler.set_epoch(epoch)
+        aux.sampler.set_epoch(epoch)
+        iter(combined)
+        assert len(combined) == len(main)
+        for _ in range(len(combined) - (done if epoch == epochs[0] else 0)):
+            if first_batches is not None and len(out) == first_batches:
+                return out
+            batch, _, _ = next(combined)
+            out.append((batch["main"], batch["aux"]))
+    return out
+
+
+@pytest.mark.parametrize(("n_main", "n_aux"), [(10, 23), (10, 5), (10, 7)])  # aux longer / shorter / as long
+def test_seed_aux_epoch_is_the_seeds_multi_task_loader(n_main, n_aux) -> None:
+    """``aux_epoch: seed``: 3 epochs of (image, aux) batches = the seed's MultiTaskDataLoader over the same samplers
+    (epoch = the image loader's 4 batches; the aux loader continues across epochs, pass p shuffled with epoch p)."""
+    seed_main, seed_aux = _loaders(n_main, n_aux, kind="seed")
+    seed = SeedMultiTaskDataLoader([seed_main, seed_aux])
+    want = []
+    for epoch in range(3):
+        seed_main.sampler.set_epoch(epoch)  # the seed's train loop: train_sampler.set_epoch(epoch)
+        want += [tuple(b) for b in seed]
+    assert len(want) == 12
+    got = _vl_epochs(*_loaders(n_main, n_aux), range(3))
+    assert got == want
+    if n_aux == 23:  # by hand: the aux loader's second epoch starts mid-pass (12 batches a pass, 4 an epoch)
+        assert [b[1][0][0] for b in got] == [0] * 12
+
+
+@pytest.mark.parametrize("stop", [2, 4, 7])  # mid-epoch, at an epoch boundary, mid-epoch 1 (the aux mid-pass)
+def test_seed_aux_epoch_resumes_exactly(stop) -> None:
+    """The saved positions (image loader: epoch + batches; aux: pass + batches) restore the uninterrupted sequence."""
+    straight = _vl_epochs(*_loaders(10, 7), range(3))
+    main, aux = _loaders(10, 7)
+    first = _vl_epochs(main, aux, range(3), first_batches=stop)
+    states = [main.state_dict(), aux.state_dict()]
+    resumed_main, resumed_aux = _loaders(10, 7)
+    resumed_main.load_state_dict(states[0])
+    resumed_aux.load_state_dict(states[1])
+    # Lightning resumes at the saved epoch, after its done batches (a checkpoint at an epoch's end: the next epoch)
+    rest = _vl_epochs(resumed_main, resumed_aux, range(stop // 4, 3), done=stop % 4)
+    assert len(first) == stop and first + rest == straight
+
+
+def test_the_data_module_wires_aux_epoch(data_dir) -> None:
+    from lightning.pytorch.utilities import CombinedLoader
+
+    from vl.data.samplers import ContinuingDataLoader
+
+    kwargs = {"cache_dir": str(data_dir), "corpus": {"num_images": 150}, "aux_text": "../aux/train.txt"}
+    seed = Multi30kDataModule(**kwargs)
+    seed.setup("fit")
+    loader = seed.train_dataloader()
+    assert isinstance(loader, CombinedLoader) and loader._mode == "min_size"
+    iter(loader)
+    assert isinstance(loader.iterables["aux"], ContinuingDataLoader) and len(loader) == len(loader.iterables["main"])
+    aux, main = loader.iterables["aux"], loader.iterables["main"]
+    assert torch.utils.data.DataLoader.__len__(aux) > len(main)  # here a pass of the aux loader is the longer
+    cycle = Multi30kDataModule(**kwargs, aux_epoch="cycle")
+    cycle.setup("fit")
+    loader = cycle.train_dataloader()
+    iter(loader)
+    assert loader._mode == "max_size_cycle" and not isinstance(loader.iterables["aux"], ContinuingDataLoader)
+    assert len(loader) == max(len(loader.iterables["main"]), len(loader.iterables["aux"]))
+    with pytest.raises(ConfigError, match=r"^data\.aux_epoch: 'min' is not one of"):
+        Multi30kDataModule(**kwargs, aux_epoch="min")

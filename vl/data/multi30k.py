@@ -62,6 +62,7 @@ TASKS = ("pretrain", "retrieval", "mlt", "mt")
 LANGUAGES = ("en", "de", "both")
 BOTH_LAYOUTS = ("joint", "per_language")
 AUX_WINDOWS = ("seed", "chunks")
+AUX_EPOCHS = ("seed", "cycle")
 
 
 def seed_bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -246,6 +247,7 @@ class Multi30kDataModule(VLDataModule):
         aux_min_words: int = 96,
         aux_seq_len: int = 96,
         aux_windows: str = "seed",
+        aux_epoch: str = "seed",
         mt_max_steps: int = 49,
         mt_seq_len: int | None = 150,
         annotations: str = "{split}_frcnn.json",
@@ -294,6 +296,9 @@ class Multi30kDataModule(VLDataModule):
         if aux_windows not in AUX_WINDOWS:
             raise ConfigError(f"data.aux_windows: '{aux_windows}' is not one of {AUX_WINDOWS}")
         self.aux_windows = aux_windows
+        if aux_epoch not in AUX_EPOCHS:
+            raise ConfigError(f"data.aux_epoch: '{aux_epoch}' is not one of {AUX_EPOCHS}")
+        self.aux_epoch = aux_epoch
         self.annotations, self.mlt_annotations, self.mlt_vocab_file, self.wmt = (
             annotations,
             mlt_annotations,
@@ -384,13 +389,15 @@ class Multi30kDataModule(VLDataModule):
 
     def train_dataloader(self) -> Any:
         """Pretraining with ``aux_text``: the image data and the aux text corpus batched jointly (Lightning
-        ``CombinedLoader``, ``max_size_cycle``: the aux loader cycles while the image data runs one epoch)."""
+        ``CombinedLoader``). ``aux_epoch`` seed: an epoch is the image loader's length and the aux loader continues
+        across epochs, pass after pass (``ContinuingDataLoader``, ``min_size``; the seed's ``MultiTaskDataLoader``);
+        cycle: ``max_size_cycle``, the longer loader sets the epoch and the shorter restarts within it (vl's earlier)."""
         main = self.loader("train")
         if not self.uses_aux:
             return main
         from lightning.pytorch.utilities import CombinedLoader
 
-        from vl.data.samplers import EpochShuffleSampler, ResumableDataLoader
+        from vl.data.samplers import ContinuingDataLoader, EpochShuffleSampler, ResumableDataLoader
 
         if "aux" not in self.datasets:
             self.datasets["aux"] = self.aux_dataset()
@@ -402,8 +409,9 @@ class Multi30kDataModule(VLDataModule):
             shuffle=True,
             seed=global_seed(),
         )
-        sampler.set_epoch(trainer.current_epoch if trainer else 0)
-        aux = ResumableDataLoader(
+        seed_epoch = self.aux_epoch == "seed"
+        sampler.set_epoch(0 if seed_epoch else trainer.current_epoch if trainer else 0)
+        aux = (ContinuingDataLoader if seed_epoch else ResumableDataLoader)(
             self.datasets["aux"],
             batch_size=self.aux_batch_size,
             sampler=sampler,
@@ -411,6 +419,9 @@ class Multi30kDataModule(VLDataModule):
             num_workers=self.num_workers,
             collate_fn=self.loader_collate(self.aux_collator()),
         )
+        if seed_epoch:
+            aux.epoch_batches = len(main)
+            return CombinedLoader({"main": main, "aux": aux}, mode="min_size")
         return CombinedLoader({"main": main, "aux": aux}, mode="max_size_cycle")
 
     @property

@@ -223,6 +223,61 @@ class ResumableDataLoader(DataLoader):
         self.sampler.resume_at = (self._resume[0], self._resume[1] * int(self.batch_size or 1))
 
 
+class _ContinuingIterator:
+    """`ContinuingDataLoader`'s one iterator: pass after pass of the loader (pass p: sampler epoch p), counting the
+    batches handed out in the current pass; a saved position is applied when the first pass starts."""
+
+    def __init__(self, loader: ContinuingDataLoader) -> None:
+        self.loader = loader
+        self.inner: Iterator[Any] | None = None
+
+    def __iter__(self) -> _ContinuingIterator:
+        return self
+
+    def _start_pass(self, epoch: int, consumed: int = 0) -> None:
+        loader = self.loader
+        loader._epoch, loader._consumed = epoch, consumed
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)  # after Lightning's set_epoch: the pass's own number
+        self.inner = DataLoader.__iter__(loader)
+
+    def __next__(self) -> Any:
+        loader = self.loader
+        if self.inner is None:
+            resume, loader._resume = loader._resume, None
+            self._start_pass(*(resume if resume is not None else (loader._epoch, 0)))
+        try:
+            batch = next(self.inner)  # type: ignore[arg-type]
+        except StopIteration:
+            self._start_pass(loader._epoch + 1)
+            batch = next(self.inner)  # type: ignore[arg-type]
+        loader._consumed += 1
+        return batch
+
+
+class ContinuingDataLoader(ResumableDataLoader):
+    """A `ResumableDataLoader` that never ends and is not restarted by a new training epoch: every `iter()` returns
+    the same iterator, which runs pass after pass of the data (pass p shuffled with sampler epoch p), as the seed's
+    ``MultiTaskDataLoader`` keeps its secondary loaders' iterators across epochs (MM-BERT's aux text corpus). Its
+    length is at least ``epoch_batches`` (the primary loader's), so a ``min_size`` CombinedLoader's epoch is the
+    primary loader's. The position (pass, batches of it) is saved and restored as `ResumableDataLoader`'s, and applies
+    whatever the training epoch at resume."""
+
+    epoch_batches = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._live: _ContinuingIterator | None = None
+
+    def __iter__(self) -> _ContinuingIterator:  # type: ignore[override]
+        if self._live is None:
+            self._live = _ContinuingIterator(self)
+        return self._live
+
+    def __len__(self) -> int:
+        return max(super().__len__(), int(self.epoch_batches))
+
+
 class UnpaddedDistributedSampler(DistributedSampler):
     """Evaluation sharding without padding: rank r gets examples r, r + world, ... so every example is scored exactly
     once (torch's DistributedSampler repeats examples to even out the ranks, which would count them twice)."""

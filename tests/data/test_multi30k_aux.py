@@ -315,3 +315,42 @@ def test_the_data_module_wires_aux_epoch(data_dir) -> None:
     assert len(loader) == max(len(loader.iterables["main"]), len(loader.iterables["aux"]))
     with pytest.raises(ConfigError, match=r"^data\.aux_epoch: 'min' is not one of"):
         Multi30kDataModule(**kwargs, aux_epoch="min")
+
+
+@pytest.mark.parametrize("n_aux", [23, 5])
+def test_seed_aux_epoch_through_lightnings_fit_loop(tmp_path, n_aux) -> None:
+    """3 epochs of a real `Trainer.fit` over the min_size CombinedLoader: the training steps see the seed's
+    MultiTaskDataLoader's (image, aux) batches."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities import CombinedLoader
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.seen = torch.nn.Parameter(torch.zeros(1)), []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((batch["main"], batch["aux"]))
+            return (self.w**2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    main, aux = _loaders(10, n_aux)
+    aux.epoch_batches = len(main)
+    model = Recorder()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model, train_dataloaders=CombinedLoader({"main": main, "aux": aux}, mode="min_size"))
+    seed_main, seed_aux = _loaders(10, n_aux, kind="seed")
+    seed, want = SeedMultiTaskDataLoader([seed_main, seed_aux]), []
+    for epoch in range(3):
+        seed_main.sampler.set_epoch(epoch)
+        want += [tuple(b) for b in seed]
+    assert len(model.seen) == 12 and model.seen == want

@@ -123,10 +123,10 @@ def test_retrieval_learns_in_both_languages(make_cfg) -> None:
     """The published recipe at CPU size: Task A/B/C pretraining (MLM + MVRC), then retrieval fine-tuning from it
     (binary ITM on the joint [CLS] EN [SEP] DE [SEP] rows, `data.both_layout` joint, the seed's), test ranking all
     150 x 150 joint caption x image pairs, both directions, against chance (k / N, median (N + 1) / 2). Measured
-    (seed 1, joint, the seed's aux corpus rules `data.aux_windows=seed`, `data.aux_epoch=seed`: pretraining epochs are
-    the image loader's length): R@1 t2i / i2t 0.020 / 0.020 (chance 0.0067); R@10 0.133 / 0.147 (chance 0.067); median
-    rank 36 / 36 (chance 75.5). `aux_windows=seed` with `aux_epoch=cycle` (epochs = a pass of the longer aux loader, so
-    more pretraining steps): R@1 0.107 / 0.107, R@10 0.45 / 0.48, median rank 12 / 12. vl's earlier aux rules (`chunks`,
+    (seed 1, joint, `data.aux_windows=seed` and the tiny recipe's `data.aux_epoch=cycle`: epochs = a pass of the longer
+    aux loader): R@1 t2i / i2t 0.107 / 0.107 (chance 0.0067); R@10 0.45 / 0.48 (chance 0.067); median rank 12 / 12
+    (chance 75.5). With the seed's aux epoch (`aux_epoch=seed`: the image loader's length, far fewer steps): R@1 0.020 /
+    0.020, R@10 0.133 / 0.147, median rank 36 / 36. vl's earlier aux rules (`chunks`,
     `cycle`): R@1 0.027 / 0.027, R@10 0.28 / 0.27, median rank 22 / 21. Before, per-language rows (`both_layout=per_language`, max_text_len 40): R@1 EN t2i / i2t 0.027 /
     0.033, DE 0.027 / 0.027; R@10 0.21 / 0.23, 0.13 / 0.17; median rank 31 / 29, 40 / 30. From random init (same
     retrieval run): R@1 0.007-0.033, R@10 0.15-0.19, median rank 29-36. With lr 1e-3 (the tiny default) ITM stays at

@@ -324,20 +324,22 @@ def seed_tokenize(text: str, vocab: set[str], lowercase: bool) -> list[str]:
             else:
                 piece += c
         words += [piece] if piece else []
-    out = []
-    for word in words:
-        start, pieces = 0, []
-        while start < len(word):
-            end = len(word)
-            while end > start and (word[start:end] if start == 0 else "##" + word[start:end]) not in vocab:
-                end -= 1
-            if end == start:
-                pieces = ["[UNK]"]
-                break
-            pieces.append(word[start:end] if start == 0 else "##" + word[start:end])
-            start = end
-        out += pieces
-    return out
+    return [piece for word in words for piece in seed_wordpiece_pieces(word, vocab)]
+
+
+def seed_wordpiece_pieces(word: str, vocab: set[str] | dict[str, int]) -> list[str]:
+    """The seed's WordpieceTokenizer on one word: greedy longest match, ``##`` continuations, [UNK] for a word it
+    cannot split."""
+    start, pieces = 0, []
+    while start < len(word):
+        end = len(word)
+        while end > start and (word[start:end] if start == 0 else "##" + word[start:end]) not in vocab:
+            end -= 1
+        if end == start:
+            return ["[UNK]"]
+        pieces.append(word[start:end] if start == 0 else "##" + word[start:end])
+        start = end
+    return pieces
 
 
 @pytest.mark.parametrize("lowercase", [True, False])

@@ -83,20 +83,9 @@ def seed_window(corpus: list[str], item: int, min_seq_len: int) -> list[str]:
 
 def seed_wordpiece(tokens: list[str], vocab: dict[str, int]) -> list[int]:
     """WordpieceTokenizer.tokenize per token (greedy longest match, [UNK] for a word it cannot split) -> ids."""
-    ids = []
-    for word in tokens:
-        start, pieces = 0, []
-        while start < len(word):
-            end = len(word)
-            while end > start and (word[start:end] if start == 0 else "##" + word[start:end]) not in vocab:
-                end -= 1
-            if end == start:
-                pieces = ["[UNK]"]
-                break
-            pieces.append(word[start:end] if start == 0 else "##" + word[start:end])
-            start = end
-        ids += [vocab[p] for p in pieces]
-    return ids
+    from tests.data.test_multi30k import seed_wordpiece_pieces
+
+    return [vocab[p] for word in tokens for p in seed_wordpiece_pieces(word, vocab)]
 
 
 # ------------------------------------------------------------------------------------------------ tests

@@ -232,13 +232,12 @@ class Collator:
         `max_lens`: a row's own truncation length (None: `max_text_len`), each row then as the tokenizer truncates
         it alone at that length, all padded to the batch's longest (right-padding tokenizers only)."""
         tok = self.tokenizer
-        lens = [self.max_text_len if n is None else int(n) for n in max_lens] if max_lens is not None else None
-        if lens is not None and all(n == self.max_text_len for n in lens):
-            lens = None
-        if lens is not None and self.fixed_shapes and max(lens) > self.max_text_len:
+        lens = [self.max_text_len if n is None else int(n) for n in (max_lens or [None] * len(texts))]
+        per_row = any(n != self.max_text_len for n in lens)
+        if per_row and self.fixed_shapes and max(lens) > self.max_text_len:
             raise ValueError(f"collate: a row's max_text_len {max(lens)} exceeds the fixed {self.max_text_len}")
         if getattr(tok, "padding_side", "right") != "right" or tok.pad_token_id is None:
-            if lens is not None:
+            if per_row:
                 raise ValueError("collate: per-row text lengths need a right-padding tokenizer with a pad token")
             return tok(
                 texts,
@@ -256,15 +255,13 @@ class Collator:
         ):  # ids belong to the tokenizer that made them
             memo = self.__dict__["_memo"] = {}
             self.__dict__["_memo_tokenizer"] = tok
-        keys = list(zip(texts, pairs)) if pairs is not None else [(t, None) for t in texts]
-        if lens is not None:  # a row at another length is another memo entry (the default length keeps its key)
-            keys = [k if n == self.max_text_len else (*k, n) for k, n in zip(keys, lens)]
+        keys = list(zip(texts, pairs or [None] * len(texts), lens))  # (text, pair, truncation length)
         missing = [k for k in dict.fromkeys(keys) if k not in memo]
         if missing:
             if len(memo) + len(missing) > self.MEMO_SIZE:
                 memo.clear()
-            for length in dict.fromkeys(k[2] if len(k) == 3 else self.max_text_len for k in missing):
-                group = [k for k in missing if (k[2] if len(k) == 3 else self.max_text_len) == length]
+            for length in dict.fromkeys(k[2] for k in missing):
+                group = [k for k in missing if k[2] == length]
                 new = tok(
                     [k[0] for k in group],
                     [k[1] for k in group] if pairs is not None else None,

@@ -159,16 +159,17 @@ class VCRBlockBatches(Dataset):
 
 
 class BlockCollator:
-    """Collates a one-block micro-batch with its block's collator (the Q->A and QA->R text lengths differ)."""
+    """Collates a one-block micro-batch (`vcr_steps=separate`), refusing one that mixes blocks; the Q->A rows carry
+    their own text length (`data.qa_text_len`, see `VCRQuestions`), so one collator serves both blocks."""
 
-    def __init__(self, collators: list[Collator]) -> None:
-        self.collators = collators
+    def __init__(self, collator: Collator) -> None:
+        self.collator = collator
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         blocks = {int(ex["vcr_block"]) for ex in examples}
         if len(blocks) != 1:
             raise ValueError(f"VCR micro-batch mixes blocks {sorted(blocks)}")
-        return self.collators[blocks.pop()](examples)
+        return self.collator(examples)
 
 
 def _expected_longest(choices: list[list[Any]], label: int) -> float:
@@ -311,9 +312,7 @@ class VCRDataModule(VLDataModule):
 
     def block_collator(self) -> BlockCollator:
         """The training collator of one-block micro-batches: Q->A rows at ``qa_text_len``, QA->R at ``max_text_len``."""
-        qa, qar = self.collator("train"), self.collator("train")
-        qa.max_text_len = self.qa_text_len or self.max_text_len
-        return BlockCollator([qa, qar])
+        return BlockCollator(self.collator("train"))
 
     def loader(self, split: str) -> DataLoader:
         if split != "train" or self.vcr_steps != "separate":

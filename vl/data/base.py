@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vl.data.collate import REGION_MASKING, Collator, load_tokenizer
+from vl.data.collate import REGION_MASKING, Collator, load_tokenizer, text_fields
 from vl.data.features import RegionReader, open_region_features
 from vl.data.features.cache import ReaderView, cached
 from vl.data.samplers import (
@@ -416,9 +416,8 @@ class RetrievalQueries(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
-        text = self.texts[index]  # a string, or a row's text fields ({"text", "text_b"}: MM-BERT's joint queries)
         return {
-            **(dict(text) if isinstance(text, dict) else {"text": text}),
+            **text_fields(self.texts[index]),  # a string, or a row's text fields (MM-BERT's joint queries)
             "gold": self.gold[index],
             "query_index": index,
             "index": index,

@@ -135,6 +135,12 @@ def collate_labels(
             raise ValueError(f"label '{key}': unknown kind '{kind}'; choose from {LABEL_KINDS}")
 
 
+def text_fields(text: Any) -> dict[str, Any]:
+    """A gallery text as a collator's example fields: a string -> ``{"text": text}``; a dict of a row's text fields
+    (``{"text", "text_b"}``: MM-BERT's joint ``[CLS] EN [SEP] DE [SEP]`` queries) -> a copy of it."""
+    return dict(text) if isinstance(text, dict) else {"text": text}
+
+
 class Collator:
     """Turns a list of examples into a batch dict (see the module docstring).
 

@@ -391,7 +391,8 @@ class Multi30kDataModule(VLDataModule):
         """Pretraining with ``aux_text``: the image data and the aux text corpus batched jointly (Lightning
         ``CombinedLoader``). ``aux_epoch`` seed: an epoch is the image loader's length and the aux loader continues
         across epochs, pass after pass (``ContinuingDataLoader``, ``min_size``; the seed's ``MultiTaskDataLoader``);
-        cycle: ``max_size_cycle``, the longer loader sets the epoch and the shorter restarts within it (vl's earlier)."""
+        cycle: ``max_size_cycle``, the longer loader sets the epoch and the shorter restarts within it (vl's
+        earlier)."""
         main = self.loader("train")
         if not self.uses_aux:
             return main

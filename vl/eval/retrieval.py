@@ -15,10 +15,10 @@ import torch
 from omegaconf import DictConfig
 
 from vl.data.captions import CaptionsDataModule, load_captions
-from vl.data.collate import Collator
+from vl.data.collate import Collator, text_fields
 from vl.errors import ConfigError
 from vl.metrics import RetrievalRecall
-from vl.models.ranking import ScoreBlock, _as_numpy, chunked_ranks, gallery_scorer, text_fields
+from vl.models.ranking import ScoreBlock, _as_numpy, chunked_ranks, gallery_scorer
 from vl.progress import progress
 
 log = logging.getLogger(__name__)

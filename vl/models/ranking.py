@@ -11,20 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vl.data.collate import Collator, pad_regions
+from vl.data.collate import Collator, pad_regions, text_fields
 from vl.metrics import median_rank
 from vl.progress import progress
 
-__all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer", "text_fields"]
+__all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer"]
 
 #: score_block(text_indices, image_indices) -> (len(texts), len(images)) scores, higher = better match
 ScoreBlock = Callable[[list[int], list[int]], torch.Tensor]
-
-
-def text_fields(text: Any) -> dict[str, Any]:
-    """A gallery text as a collator's example fields: a string -> ``{"text": text}``; a dict of a row's text fields
-    (``{"text", "text_b"}``: MM-BERT's joint ``[CLS] EN [SEP] DE [SEP]`` queries) -> a copy of it."""
-    return dict(text) if isinstance(text, dict) else {"text": text}
 
 
 def chunked_ranks(

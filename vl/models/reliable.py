@@ -7,10 +7,10 @@
   carries every rank's gradients so far (`PARTIAL_GRADS`), so the resumed run's next optimizer step is the one the
   uninterrupted run took.
 - **Divergence guard.** Before each optimizer step the loss terms of its micro-batches and the gradients are checked
-  in one pass and one device sync (`all_finite`): a non-finite value stops the run with `TrainingDiverged` naming the step, the
-  micro-batch and the term (or the parameters), and the step is not applied. A large embedding table whose gradient
-  can only come from lookups is checked at the looked-up rows alone (`LookupRows`: the same verdict, without reading
-  the whole table: the word embeddings are ~90 % of a tiny BERT's gradient values).
+  in one pass and one device sync (`all_finite`): a non-finite value stops the run with `TrainingDiverged` naming the
+  step, the micro-batch and the term (or the parameters), and the step is not applied. A large embedding table whose
+  gradient can only come from lookups is checked at the looked-up rows alone (`LookupRows`: the same verdict, without
+  reading the whole table: the word embeddings are ~90 % of a tiny BERT's gradient values).
 - **No bad checkpoint.** A checkpoint with non-finite weights is never written (as best, last or any other).
 
 A subclass records each micro-batch's weighted loss terms in `self._terms` during `training_step` and appends

@@ -334,8 +334,9 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
     def infer(self, batch: dict[str, Any], top_k: int = 5) -> dict[str, torch.Tensor]:
         """What each head says about unlabelled (text, image) rows: `itm` (B,) aligned probability; `retrieval` (B,)
         the fine-tuned match score; `vqa` (B, A) per-answer sigmoid scores and `vqa_logits` (B, A) their logits (to rank
-        by: past a logit of ~17 the float32 sigmoid is exactly 1.0, so the scores tie); `mlm_ids` / `mlm_scores` (M, top_k) for
-        the M positions flagged in `batch["mlm_query"]` (B, T) (softmax over the vocabulary), with `mlm_rows` (M,)."""
+        by: past a logit of ~17 the float32 sigmoid is exactly 1.0, so the scores tie); `mlm_ids` / `mlm_scores`
+        (M, top_k) for the M positions flagged in `batch["mlm_query"]` (B, T) (softmax over the vocabulary), with
+        `mlm_rows` (M,)."""
         out = self(batch)
         result: dict[str, torch.Tensor] = {"index": batch["index"]}
         if "itm" in self.objectives:

@@ -227,9 +227,10 @@ def train_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int = 400, 
     """A cased WordPiece vocabulary (accents kept, as M-BERT's) trained on ``texts``, [STOP] included:
     ``out_dir/vocab.txt``. Words as BERT's normaliser and pre-tokeniser split them (HF ``tokenizers``); then
     WordPiece-style BPE (word-initial characters, ``##`` continuations, the most frequent adjacent pair merged until
-    ``vocab_size`` or no pair occurs ``min_frequency`` times), as HF's ``WordPieceTrainer`` does, but with ties broken by
-    the pair itself: HF's trainer breaks them by hash-map order, so every fresh corpus got another vocabulary (and
-    other token ids, losses and learning-test numbers; seen as 269 tokens, ~12 of them different, between two writes)."""
+    ``vocab_size`` or no pair occurs ``min_frequency`` times), as HF's ``WordPieceTrainer`` does, but with ties broken
+    by the pair itself: HF's trainer breaks them by hash-map order, so every fresh corpus got another vocabulary (and
+    other token ids, losses and learning-test numbers; seen as 269 tokens, ~12 of them different, between two
+    writes)."""
     from tokenizers.normalizers import BertNormalizer
     from tokenizers.pre_tokenizers import BertPreTokenizer
 

@@ -47,7 +47,7 @@ def test_fused_adamw_is_the_default_and_steps_like_the_for_loop(make_cfg) -> Non
 
 
 def test_fused_is_left_out_for_other_optimisers_and_kept_when_set() -> None:
-    from vl.models.system import build_optimizer
+    from vl.optimizers import build_optimizer
 
     groups = [{"params": [torch.nn.Parameter(torch.ones(3))]}]
     rms = build_optimizer({"_target_": "torch.optim.RMSprop", "_partial_": True, "lr": 0.1, "fused": None}, groups)

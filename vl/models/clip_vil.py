@@ -50,7 +50,8 @@ from vl.heads.qa import PretrainQA
 from vl.models.bert_backbone import build_bert
 from vl.models.checkpoints import load_bert_mlm_head, load_bert_parts
 from vl.models.clip_resnet import build_clip_resnet, load_clip_visual
-from vl.models.system import NO_DECAY, VLSystem
+from vl.models.optimisation import NO_DECAY
+from vl.models.system import VLSystem
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""The shared LightningModule: an injected encoder + the data's heads; losses, metrics, logging, optimisation and
-checkpoint loading, written once.
+"""The shared LightningModule: an injected encoder + the data's heads; losses, metrics, logging, optimisation
+(`Optimisation`) and checkpoint loading, written once.
 
 The encoder is any `nn.Module` (built from its own `_target_` node, `model.encoder`, or passed in built) with
   - `forward(batch) -> EncoderOutput` (text, visual, pooled states; `vl.batch`);
@@ -14,13 +14,11 @@ A subclass exists only for what is truly special about a system (e.g. CLIP-BERT'
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
@@ -30,6 +28,7 @@ from vl.config import instantiate_node
 from vl.errors import ConfigError
 from vl.heads import HeadContext, build_heads
 from vl.models.blocks import checkpoint_activations, mark_blocks
+from vl.models.optimisation import Optimisation
 from vl.models.reliable import ReliableTraining
 from vl.models.retrieval_eval import RetrievalEvaluation
 from vl.models.step_logging import StepLogging
@@ -38,7 +37,6 @@ from vl.pretrained import as_one_element, log_key_report
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 HEAD_INITS = ("seed", "bert", "torch")
 #: BERT's config.initializer_range: the std of the seeds' head init unless the encoder's config has its own
 BERT_INITIALIZER_RANGE = 0.02
@@ -61,32 +59,7 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-#: devices whose parameters torch's fused Adam/AdamW kernels take
-FUSED_DEVICES = ("cpu", "cuda")
-#: optimisers whose fused kernel runs on every device in `FUSED_DEVICES` (others keep torch's default unless asked)
-FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
-
-
-def build_optimizer(cfg: dict[str, Any], param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """Instantiate a `_partial_` optimizer config on `param_groups`. `fused` unset or null: pass `fused=True` to
-    torch's Adam / AdamW when every parameter is a floating tensor on a device with the fused kernel (measured: the
-    default run in 0.82x the time); false: torch's default (for-loop on CPU); true: passed as is."""
-    cfg = dict(cfg)
-    fused = cfg.pop("fused", None)
-    factory = instantiate(cfg)
-    if fused is None:
-        target = getattr(factory, "func", factory)
-        params = [p for group in param_groups for p in group["params"]]
-        fused = (
-            isinstance(target, type)
-            and issubclass(target, FUSED_OPTIMIZERS)
-            and bool(params)
-            and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
-        ) or None
-    return factory(param_groups, **({"fused": fused} if fused is not None else {}))
-
-
-class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
+class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining, Optimisation):
     """Sums weighted objective losses, updates per-stage torchmetrics, logs `stage/name`."""
 
     #: the shared optimiser options (`scheduler`, `head_lr`, `pretrained_lr_mult`) a subclass's own optimisers do not
@@ -369,65 +342,6 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining):
         """The trainer's `VLDataModule`, or None (a model run on bare dataloaders)."""
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
-
-    # ------------------------------------------------------------------ optimisation
-    def pretrained_parameter_names(self) -> set[str]:
-        """Names of parameters that came from pretrained weights (they get lr x `pretrained_lr_mult`)."""
-        names = getattr(self.encoder, "pretrained_parameter_names", None)
-        return {f"encoder.{name}" for name in names()} if names else set()
-
-    def decays(self, name: str, param: nn.Parameter) -> bool:
-        """Whether parameter `name` gets `model.optimizer.weight_decay`: the AdamW convention, every parameter but
-        biases, norms and other 1-d ones (a subclass may follow its seed instead)."""
-        return not any(name.endswith(nd) for nd in NO_DECAY) and param.ndim > 1
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The optimiser's parameter groups: weight decay where `decays` says so; pretrained params at lr x
-        pretrained_lr_mult; task heads (`objectives.*`) at `head_lr` when set."""
-        pretrained = self.pretrained_parameter_names()
-        base_lr = float(self.optimizer_cfg["lr"])
-        weight_decay = float(self.optimizer_cfg.get("weight_decay", 0.0))
-        groups: dict[tuple[bool, str], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            decay = self.decays(name, param)
-            kind = "pretrained" if name in pretrained else "head" if name.startswith("objectives.") else "other"
-            groups.setdefault((decay, kind), []).append(param)
-        lrs = {
-            "pretrained": base_lr * self.pretrained_lr_mult,
-            "head": float(self.head_lr) if self.head_lr is not None else base_lr,
-            "other": base_lr,
-        }
-        param_groups = [
-            {
-                "params": params,
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr": lrs[kind],
-                "name": f"{kind}{'' if decay else '_no_decay'}",
-            }
-            for (decay, kind), params in groups.items()
-        ]
-        return param_groups
-
-    def configure_optimizers(self) -> Any:
-        """`model.optimizer` over `param_groups()`. The scheduler gets `total_steps` from
-        `trainer.estimated_stepping_batches` (and `steps_per_epoch` when it takes one, and `steps_per_iteration`: the
-        datamodule's optimizer steps per iteration of a seed's multi-task loop, e.g. 2 for VCR's separate Q->A and
-        QA->R steps; 1 without one)."""
-        optimizer = build_optimizer(self.optimizer_cfg, self.param_groups())
-        if not self.scheduler_cfg:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        factory = instantiate(self.scheduler_cfg)
-        kwargs: dict[str, Any] = {"total_steps": total}
-        parameters = inspect.signature(factory).parameters
-        if "steps_per_epoch" in parameters:
-            kwargs["steps_per_epoch"] = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
-        if "steps_per_iteration" in parameters:
-            kwargs["steps_per_iteration"] = int(getattr(self.trainer.datamodule, "steps_per_iteration", 1) or 1)
-        scheduler = factory(optimizer, **kwargs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ loading
     def unbuilt_prefixes(self) -> tuple[str, ...]:

@@ -61,8 +61,9 @@ from vl.errors import ConfigError
 from vl.heads.vg_bert import GroundingContrastive, RelationalGrounding, TransferRetrieval
 from vl.models.bert_backbone import build_bert
 from vl.models.checkpoints import vg_bert_seed_layout, vg_bert_seed_to_vl
-from vl.models.system import VLSystem, build_optimizer
+from vl.models.system import VLSystem
 from vl.models.vgg import VGG16_CFG, VGGAttention, load_vgg_features
+from vl.optimizers import build_optimizer
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@
 Tasks (``task``):
 - ``pretrain``: Task A ``[CLS] EN [SEP] DE [SEP]`` + image; Task B the same images twice, EN only and DE only; Task C
   the text-only parallel pairs of ``wmt`` (WMT JSONL) without image. Objectives MLM (whole-word) + MVRC. With
-  ``aux_text`` the aux text corpus is batched jointly (CombinedLoader); with ``pretrain_tasks: []`` it is the only
-  data (``data=aux_text``, a file per split).
+  ``aux_text`` the aux text corpus (`vl.data.aux_text`) is batched jointly (CombinedLoader); with
+  ``pretrain_tasks: []`` it is the only data (``data=aux_text``, a file per split).
 - ``retrieval``: train = binary ITM, each caption paired with its image or (``negative_fraction`` 50 %) with a random
   other caption of the same language; ``languages`` en | de | both. Val/test: every caption (``eval_language``) ranked
   against every image of the split (the shared system's chunked gallery ranking); with ``exhaustive_test`` the test
@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
+from vl.data.aux_text import AUX_EPOCHS, AUX_WINDOWS, combine_with_aux, seed_windows, word_chunks
 from vl.data.base import RetrievalQueries, VLDataModule
 from vl.data.features import FrcnnJsonRegionReader
 from vl.data.formats.multi30k import (
@@ -61,8 +61,6 @@ from vl.errors import ConfigError, DataError
 TASKS = ("pretrain", "retrieval", "mlt", "mt")
 LANGUAGES = ("en", "de", "both")
 BOTH_LAYOUTS = ("joint", "per_language")
-AUX_WINDOWS = ("seed", "chunks")
-AUX_EPOCHS = ("seed", "cycle")
 
 
 def seed_bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -141,57 +139,6 @@ class Multi30kExamples(Dataset):
                             ex["text_b"] = other["text_b"]
                         break
         return ex
-
-
-class AuxWindows(Dataset):
-    """The aux text corpus as the seed's ``GeneralCorpus``: one example per non-empty (stripped) line ``i``, the line's
-    basic-tokeniser tokens followed by those of the next lines (wrapping past the end) until there are at least
-    ``min_tokens``; the example's ``text`` is those lines joined by a space (its basic tokens are the window's; the
-    collator truncates to ``aux_seq_len`` WordPiece tokens, as the seed does after tokenising). ``counts``: basic
-    tokens per line."""
-
-    def __init__(self, lines: list[str], counts: list[int], min_tokens: int) -> None:
-        n, total = len(lines), sum(counts)
-        if n == 0 or total == 0:
-            raise DataError("the aux text corpus has no tokens")
-        prefix = np.concatenate([[0], np.cumsum(counts)])
-
-        def upto(k: int) -> int:  # tokens of the unwrapped lines [0, k)
-            return (k // n) * total + int(prefix[k % n])
-
-        self.lines, self.stops, stop = lines, [], 0
-        for i in range(n):  # the seed's `while len(tokens) < min_seq_len` over the lines after i, as a sliding end
-            stop = max(stop, i + 1)
-            while upto(stop) - upto(i) < min_tokens:
-                stop += 1
-            self.stops.append(stop)
-        self.rows = _WindowRows(self)
-
-    def text(self, index: int) -> str:
-        n = len(self.lines)
-        return " ".join(self.lines[k % n] for k in range(index, self.stops[index]))
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = split_key(key)
-        return {"text": self.text(index), "index": index, "epoch": epoch}
-
-
-class _WindowRows(Sequence):
-    """``AuxWindows.rows``: the windows as ``{"text", "image": None}`` rows, built on access."""
-
-    def __init__(self, windows: AuxWindows) -> None:
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int | slice) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return {"text": self.windows.text(i), "image": None}
 
 
 class LazyVisuals(Sequence):
@@ -355,75 +302,33 @@ class Multi30kDataModule(VLDataModule):
         return self.batch_size_per_device + (self.aux_batch_size if self.uses_aux else 0)
 
     def aux_dataset(self, split: str = "train") -> Dataset:
-        """The aux text corpus (one sentence a line), no [CLS] / [SEP], the aux visual embedding and no regions.
-        ``aux_windows`` seed: one window per non-empty line, that line's basic-tokeniser tokens and the next lines'
-        (wrapping) until >= ``aux_min_words`` (``AuxWindows``, the seed's ``GeneralCorpus``); chunks: the lines
-        concatenated and cut into non-overlapping chunks of >= ``aux_min_words`` whitespace words (vl's earlier)."""
-        from vl.data.formats.multi30k import read_lines
-
+        """The aux text corpus (one sentence a line), no [CLS] / [SEP], the aux visual embedding and no regions, read
+        as ``aux_windows`` says (`vl.data.aux_text`): seed, the seed's ``GeneralCorpus`` windows (`seed_windows`);
+        chunks, non-overlapping chunks of >= ``aux_min_words`` whitespace words (`word_chunks`, vl's earlier)."""
         path = self.path(self.aux_text, split)
         if self.aux_windows == "seed":
-            if not Path(path).is_file():
-                raise DataError(f"{path}: file not found")
-            with open(path, encoding="utf-8") as f:  # the seed's readlines(): universal newlines only
-                lines = [line.strip() for line in f.readlines() if line.strip()]
-            if not lines:
-                raise DataError(f"{path}: the aux text corpus is empty")
-            backend = self.tokenizer.backend_tokenizer  # BertNormalizer + BertPreTokenizer = the basic tokeniser
-            counts = [len(backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(s))) for s in lines]
-            try:
-                return AuxWindows(lines, counts, self.aux_min_words)
-            except DataError:
-                raise DataError(f"{path}: the aux text corpus has no tokens") from None
-        chunks, current = [], []
-        for line in read_lines(path):
-            current += line.split()
-            if len(current) >= self.aux_min_words:
-                chunks.append(" ".join(current))
-                current = []
-        if current:
-            chunks.append(" ".join(current))
-        if not chunks:
-            raise DataError(f"{path}: the aux text corpus is empty")
+            return seed_windows(path, self.tokenizer, self.aux_min_words)
+        chunks = word_chunks(path, self.aux_min_words)
         return Multi30kExamples([{"text": c, "image": None} for c in chunks], self.max_regions)
 
     def train_dataloader(self) -> Any:
-        """Pretraining with ``aux_text``: the image data and the aux text corpus batched jointly (Lightning
-        ``CombinedLoader``). ``aux_epoch`` seed: an epoch is the image loader's length and the aux loader continues
-        across epochs, pass after pass (``ContinuingDataLoader``, ``min_size``; the seed's ``MultiTaskDataLoader``);
-        cycle: ``max_size_cycle``, the longer loader sets the epoch and the shorter restarts within it (vl's
-        earlier)."""
+        """Pretraining with ``aux_text``: the image data and the aux text corpus batched jointly, an epoch as
+        ``aux_epoch`` says (`vl.data.aux_text.combine_with_aux`: seed, the seed's ``MultiTaskDataLoader``; cycle,
+        ``max_size_cycle``)."""
         main = self.loader("train")
         if not self.uses_aux:
             return main
-        from lightning.pytorch.utilities import CombinedLoader
-
-        from vl.data.samplers import ContinuingDataLoader, EpochShuffleSampler, ResumableDataLoader
-
         if "aux" not in self.datasets:
             self.datasets["aux"] = self.aux_dataset()
-        trainer = self.trainer
-        sampler = EpochShuffleSampler(
+        return combine_with_aux(
+            main,
             self.datasets["aux"],
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            shuffle=True,
-            seed=global_seed(),
-        )
-        seed_epoch = self.aux_epoch == "seed"
-        sampler.set_epoch(0 if seed_epoch else trainer.current_epoch if trainer else 0)
-        aux = (ContinuingDataLoader if seed_epoch else ResumableDataLoader)(
-            self.datasets["aux"],
+            self.loader_collate(self.aux_collator()),
+            aux_epoch=self.aux_epoch,
             batch_size=self.aux_batch_size,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(global_seed()),
             num_workers=self.num_workers,
-            collate_fn=self.loader_collate(self.aux_collator()),
+            trainer=self.trainer,
         )
-        if seed_epoch:
-            aux.epoch_batches = len(main)
-            return CombinedLoader({"main": main, "aux": aux}, mode="min_size")
-        return CombinedLoader({"main": main, "aux": aux}, mode="max_size_cycle")
 
     @property
     def tokenizer(self) -> Any:

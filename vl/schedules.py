@@ -1,9 +1,12 @@
-"""LR schedules used as `_partial_: true` configs; `total_steps` comes from `trainer.estimated_stepping_batches`."""
+"""LR schedules used as `_partial_: true` configs; `total_steps` comes from `trainer.estimated_stepping_batches`.
+
+Also the per-group lambdas of CLIP-ViL's one `LambdaLR` over its fused AdamW + SGD (`warmup_linear`,
+`vl_warmup_linear`, `step_schedule`; `ClipVilSystem.configure_optimizers`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -155,3 +158,42 @@ def warmup_decay(
         return min_lr_ratio + (1.0 - min_lr_ratio) * gamma(step - 1)
 
     return LambdaLR(optimizer, factor)
+
+
+# ------------------------------------------------------------------------------------------------ per-group lambdas
+def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """CLIP-ViL's seed's AdamW schedule, transformers' `get_linear_schedule_with_warmup(num_warmup_steps=warmup_ratio
+    x t_total)` with W = warmup_ratio x `total_steps` left a float: update s at s / max(1, W) (the first at lr 0, the
+    scheduler steps after each update), then linear decay (T - s) / max(1, T - W) to 0 at T = `total_steps`."""
+    warmup = warmup_ratio * total_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1.0, warmup)
+        return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup))
+
+    return factor
+
+
+def vl_warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """vl's earlier CLIP-ViL schedule (`adamw_rules: vl`): (s + 1) / W during warmup, W = max(1, int(ratio x T)),
+    then (T - s) / max(1, T - W)."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def step_schedule(steps_per_epoch: int, milestones: Sequence[int], gamma: float = 0.1) -> Callable[[int], float]:
+    """x`gamma` from each (0-based) epoch in `milestones` on (CLIP-ViL's backbone SGD, `visual_optimizer.schedule`)."""
+    marks = sorted(int(m) for m in milestones)
+
+    def factor(step: int) -> float:
+        epoch = step // max(1, steps_per_epoch)
+        return gamma ** sum(epoch >= m for m in marks)
+
+    return factor

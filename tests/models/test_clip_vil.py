@@ -404,7 +404,7 @@ def test_adamw_schedule_is_transformers_linear_warmup_with_a_float_warmup(total,
     """The seed passes num_warmup_steps = warmup_ratio x t_total unrounded (5.925 for 237 x 0.025)."""
     from transformers import get_linear_schedule_with_warmup
 
-    from vl.models.clip_vil import warmup_linear
+    from vl.schedules import warmup_linear
 
     ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     ref = get_linear_schedule_with_warmup(ref_opt, num_warmup_steps=ratio * total, num_training_steps=total)

@@ -52,6 +52,7 @@ from vl.models.checkpoints import load_bert_mlm_head, load_bert_parts
 from vl.models.clip_resnet import build_clip_resnet, load_clip_visual
 from vl.models.optimisation import NO_DECAY
 from vl.models.system import VLSystem
+from vl.schedules import step_schedule, vl_warmup_linear, warmup_linear
 
 log = logging.getLogger(__name__)
 
@@ -256,44 +257,6 @@ class FusedOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return f"FusedOptimizer({', '.join(f'{k}: {type(v).__name__}' for k, v in self.optimizers.items())})"
-
-
-def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    """The seed's AdamW schedule, transformers' `get_linear_schedule_with_warmup(num_warmup_steps=warmup_ratio x
-    t_total)` with W = warmup_ratio x `total_steps` left a float: update s at s / max(1, W) (the first at lr 0, the
-    scheduler steps after each update), then linear decay (T - s) / max(1, T - W) to 0 at T = `total_steps`."""
-    warmup = warmup_ratio * total_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1.0, warmup)
-        return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup))
-
-    return factor
-
-
-def vl_warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    """vl's earlier CLIP-ViL schedule (`adamw_rules: vl`): (s + 1) / W during warmup, W = max(1, int(ratio x T)),
-    then (T - s) / max(1, T - W)."""
-    warmup = max(1, int(warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
-
-
-def step_schedule(steps_per_epoch: int, milestones: Sequence[int], gamma: float = 0.1) -> Callable[[int], float]:
-    """x`gamma` from each (0-based) epoch in `milestones` on."""
-    marks = sorted(int(m) for m in milestones)
-
-    def factor(step: int) -> float:
-        epoch = step // max(1, steps_per_epoch)
-        return gamma ** sum(epoch >= m for m in marks)
-
-    return factor
 
 
 def copy_answer_rows(

@@ -437,7 +437,7 @@ def test_translation_truncates_once_and_keeps_its_mask(data_dir) -> None:
     always predicts one German word (never [STOP]), so the text grows to 40 generated tokens."""
     from types import SimpleNamespace
 
-    from vl.models.mm_bert import greedy_translate
+    from vl.models.translation import greedy_translate
 
     dm = Multi30kDataModule(
         cache_dir=str(data_dir), corpus={"num_images": 150}, task="mt", objectives=["mlm"], seq_len=64, max_regions=40
@@ -483,7 +483,7 @@ def test_translation_runs_as_many_steps_as_the_seeds_loop(data_dir) -> None:
     data module's default `mt_max_steps` and with the system's call."""
     from types import SimpleNamespace
 
-    from vl.models.mm_bert import greedy_translate
+    from vl.models.translation import greedy_translate
 
     seed_steps, curr_len, max_len = 0, 0, 48
     while curr_len <= max_len:  # transcription of the seed's loop (no sentence stops)

@@ -164,7 +164,7 @@ class Multi30kDataModule(VLDataModule):
     datasets; None: none), applied per row after masking and per caption x image pair in the retrieval gallery
     (``Multi30kCollator.pair_batch``). ``mt_seq_len``: the same limit when translating (the seed's generate config:
     150), applied once, to the first decoding step's rows; the generated tokens are appended without truncating
-    again (`vl.models.mm_bert.greedy_translate`). ``mt_max_steps``: at most that many generated tokens (49: the
+    again (`vl.models.translation.greedy_translate`). ``mt_max_steps``: at most that many generated tokens (49: the
     seed's ``while not all(stop) and curr_len <= max_len`` with ``max_len = 48`` runs 49 steps). ``lowercase``: the tokenizer lower-cases and strips accents (True,
     the seed's: its ``BertTokenizer`` defaults to ``do_lower_case=True``; every task's text, MT targets included, so
     MT hypotheses come out lower-cased while the BLEU references keep their case, only unidecoded, as the seed's

@@ -288,8 +288,8 @@ class MMBertSystem(VLSystem):
     # ------------------------------------------------------------------ hybrid init
     def hybrid_init(self, mbert_dir: str | None, vlbert_checkpoint: str | None) -> None:
         """M-BERT's `MBERT_PARTS` from `mbert_dir`, then VL-BERT's `VLBERT_PARTS` from `vlbert_checkpoint` (both maps
-        and their loops in `vl.models.checkpoints`: `mbert_hybrid_state`, `vlbert_hybrid_state`); every missing /
-        unexpected key is logged. A source of which no tensor loads is a ConfigError."""
+        and their loops in `vl.models.checkpoints.mm_bert`: `mbert_hybrid_state`, `vlbert_hybrid_state`); every
+        missing / unexpected key is logged. A source of which no tensor loads is a ConfigError."""
         own = self.state_dict()
         if mbert_dir:
             model_dir = Path(mbert_dir).expanduser()

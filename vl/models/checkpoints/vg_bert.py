@@ -1,0 +1,70 @@
+"""VG-BERT's seed checkpoints (its stage-2/3 model or its stage-1 ImageNet classifier) -> vl keys
+(`vg_bert_seed_layout`, `vg_bert_seed_to_vl`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+#: VG-BERT's seed (`yizhen-zhang/VG-Bert`), its `full_model` state-dict prefixes (after `module.`) -> vl's
+VG_BERT_SEED_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("image_model.image_model.", "encoder.visual.vgg.features."),
+    ("image_model.embedder.", "encoder.visual.embedder."),
+    ("image_model.attention.", "encoder.visual.attention."),
+    ("language_model.language_model.", "encoder.bert."),
+    ("image_projection_head.0.", "encoder.image_projection_head."),
+    ("language_projection_head.0.", "encoder.language_projection_head."),
+    ("cross_attention_model.query_language.", "encoder.cross_attention.query_language."),
+    ("cross_attention_model.key_visual.", "encoder.cross_attention.key_visual."),
+    ("cross_attention_model.value_visual.", "encoder.cross_attention.value_visual."),
+    ("cross_attention_model.object_transform.", "objectives.vg_relational.object_transform."),
+    ("cross_attention_model.relational_matrix", "objectives.vg_relational.relational_matrix"),
+    ("object_classifier.", "objectives.vg_relational.object_classifier."),
+)
+
+
+#: the seed's stage-1 (`visual_stream_pretraining.py`, ImageNet) `VGG16_Attention_classification` /
+#: `VGG16_classification` prefixes (after `module.`): features at `image_model.<index>.`, then `embedder.`, `attention.`
+#: (`classifier.*`, the ImageNet classifier, maps to nothing: reported as unexpected)
+VG_BERT_VG_BERT_STAGE1_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("image_model.", "encoder.visual.vgg.features."),
+    ("embedder.", "encoder.visual.embedder."),
+    ("attention.", "encoder.visual.attention."),
+)
+_VG_BERT_FULL_STARTS = (
+    "image_model.image_model.",
+    "image_model.embedder.",
+    "image_model.attention.",
+    "language_model.",
+)
+_VG_BERT_STAGE1 = re.compile(r"(image_model\.\d+|embedder|attention)\.")
+
+
+def vg_bert_seed_layout(state: dict[str, Any]) -> str | None:
+    """The seed's layout: "full" for a state dict of its `TwoStreamPretrain` / `RelationalGrounding`
+    (`image_model.image_model.*`, `language_model.*`, ...), "stage1" for its ImageNet classifier
+    (`image_model.<i>.*`, `embedder.*`, `attention.*`; `classifier.*` too), None otherwise (`module.` prefixes of
+    DataParallel allowed)."""
+    keys = [str(k).removeprefix("module.") for k in state]
+    if any(k.startswith(_VG_BERT_FULL_STARTS) or k.startswith("cross_attention_model.") for k in keys):
+        return "full"
+    if keys and any(_VG_BERT_STAGE1.match(k) for k in keys):
+        return "stage1"
+    return None
+
+
+def vg_bert_seed_to_vl(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A state dict of the seed (`vg_bert_seed_layout`: the stage-2/3 `best_model.pth`, or the stage-1 ImageNet model's
+    `state_dict`; `module.` prefixes of DataParallel allowed) -> (vl keys, the seed keys that map to nothing, e.g.
+    BERT's pooler or the ImageNet classifier)."""
+    prefixes = VG_BERT_VG_BERT_STAGE1_PREFIXES if vg_bert_seed_layout(state) == "stage1" else VG_BERT_SEED_PREFIXES
+    out, unmapped = {}, []
+    for key, value in state.items():
+        k = key.removeprefix("module.")
+        for seed, ours in prefixes:
+            if k.startswith(seed):
+                out[ours + k[len(seed) :]] = value
+                break
+        else:
+            unmapped.append(key)
+    return out, unmapped

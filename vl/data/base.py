@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from vl.data.collate import REGION_MASKING, Collator, load_tokenizer, text_fields
 from vl.data.features import RegionReader, open_region_features
 from vl.data.features.cache import ReaderView, cached
+from vl.data.formats.vqa import label2ans_of
 from vl.data.samplers import (
     EpochShuffleSampler,
     ResumableDataLoader,
@@ -400,6 +402,38 @@ class VLDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")
+
+
+class AnswerVocabulary:
+    """Mixin of the VQA corpora (`data=vqa`, `data=clip_vil_vqa`; listed before `VLDataModule` in the bases): the
+    answer vocabulary `answers_file` under `root`, read once by the corpus's `read_answers`, and the test stage's
+    EvalAI file `vqa_predictions.json` (`[{"question_id", "answer"}]`: the VQA head's argmax of every question, of a
+    labelled split or one without answers alike)."""
+
+    prediction_file: ClassVar[str] = "vqa_predictions.json"
+    answers_file: str
+    _ans2label: dict[str, int] | None = None
+
+    def read_answers(self, path: Path) -> dict[str, int]:
+        """The vocabulary file -> {answer: label 0..N-1} (each corpus's own reader)."""
+        raise NotImplementedError
+
+    @property
+    def ans2label(self) -> dict[str, int]:
+        if self._ans2label is None:
+            self._ans2label = self.read_answers(self.path(self.answers_file))  # type: ignore[attr-defined]
+        return self._ans2label
+
+    @property
+    def label2ans(self) -> list[str]:
+        return label2ans_of(self.ans2label)
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path:
+        """The VQA head's test rows (`question_id`, `answer_idx`) -> EvalAI's file, sorted by question id."""
+        label2ans = self.label2ans
+        rows = [{"question_id": p["question_id"], "answer": label2ans[p["answer_idx"]]} for p in predictions]
+        path.write_text(json.dumps(sorted(rows, key=lambda r: r["question_id"])))
+        return path
 
 
 class RetrievalQueries(Dataset):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule
+from vl.data.base import AnswerVocabulary, VLDataModule
 from vl.data.formats.lxmert_pretrain import (
     convert_label,
     flatten_pretrain,
@@ -355,14 +355,13 @@ class ClipVilPretrainDataModule(ImageDataModule):
         return info
 
 
-class ClipVilVQADataModule(ImageDataModule):
+class ClipVilVQADataModule(AnswerVocabulary, ImageDataModule):
     """`data=clip_vil_vqa`: LXMERT-format VQA JSON from pixels (`vqa` objective, BCE x answers)."""
 
     label_keys: ClassVar[dict[str, tuple[str, str]]] = {
         "vqa_target": ("vqa_targets", "vector"),
         "question_id": ("question_id", "long"),
     }
-    prediction_file = "vqa_predictions.json"
 
     def __init__(
         self,
@@ -392,7 +391,6 @@ class ClipVilVQADataModule(ImageDataModule):
         self.train_splits = [str(t) for t in train_splits]
         self.questions_file = questions
         self.answers_file = answers
-        self._ans2label: dict[str, int] | None = None
 
     def required_files(self) -> list[Path]:
         files = [self.question_path(name) for split in ("train", "val", "test") for name in self.file_splits(split)]
@@ -416,18 +414,8 @@ class ClipVilVQADataModule(ImageDataModule):
             out += self.keep_with_image(rows, path) if keep_with_image else rows
         return out
 
-    @property
-    def ans2label(self) -> dict[str, int]:
-        if self._ans2label is None:
-            self._ans2label = load_ans2label(self.path(self.answers_file))
-        return self._ans2label
-
-    @property
-    def label2ans(self) -> list[str]:
-        out = [""] * len(self.ans2label)
-        for a, i in self.ans2label.items():
-            out[i] = a
-        return out
+    def read_answers(self, path: Path) -> dict[str, int]:
+        return load_ans2label(path)
 
     def build_dataset(self, split: str) -> VQAPixels:
         return VQAPixels(self.load_questions(split, keep_with_image=True), self.images(), self.ans2label)
@@ -459,11 +447,3 @@ class ClipVilVQADataModule(ImageDataModule):
             f"{split}/vqa_acc_chance": float(np.mean(chance)) / n,
             f"{split}/vqa_acc_prior": float(np.mean(prior_acc)),
         }
-
-    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path:
-        import json
-
-        label2ans = self.label2ans
-        rows = [{"question_id": p["question_id"], "answer": label2ans[p["answer_idx"]]} for p in predictions]
-        path.write_text(json.dumps(sorted(rows, key=lambda r: r["question_id"])))
-        return path

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, check_global_token
+from vl.data.base import AnswerVocabulary, VLDataModule, check_global_token
 from vl.data.features import RegionReader
 from vl.data.formats.vqa import load_answer_vocab, load_questions, load_targets
 from vl.data.formats.vqa_answers import trainval_minval_split
@@ -88,7 +87,7 @@ class VQAQuestions(Dataset):
         return {"num_answers": self.num_answers}
 
 
-class VQADataModule(VLDataModule):
+class VQADataModule(AnswerVocabulary, VLDataModule):
     """`data=vqa`. Files are relative to `root` with `{split}` filled from `splits`.
 
     Besides the file splits (`train`, `val`, ...), `splits` may name ViLBERT's composed ones: `trainval` = the train
@@ -111,8 +110,6 @@ class VQADataModule(VLDataModule):
         "question_id": ("question_id", "long"),
         "image_id": ("image_id", "long"),
     }
-
-    prediction_file = "vqa_predictions.json"  # EvalAI format, written into the run dir by `test`
 
     def __init__(
         self,
@@ -143,7 +140,6 @@ class VQADataModule(VLDataModule):
                     f"data.splits.{role}={self.splits[role]}: '{unlabelled[0]}' has no answers "
                     f"(data.split_files.{unlabelled[0]}.targets=null); only data.splits.test may name such a split"
                 )
-        self._ans2label: dict[str, int] | None = None
         self._split_regions: dict[str, RegionReader] = {}
 
     def _file_parts(self, split: str) -> list[tuple[str, str | None]]:
@@ -213,18 +209,8 @@ class VQADataModule(VLDataModule):
             self._split_regions[features] = reader
         return self._split_regions[features]
 
-    @property
-    def ans2label(self) -> dict[str, int]:
-        if self._ans2label is None:
-            self._ans2label = load_answer_vocab(self.path(self.answers_file))
-        return self._ans2label
-
-    @property
-    def label2ans(self) -> list[str]:
-        out = [""] * len(self.ans2label)
-        for ans, idx in self.ans2label.items():
-            out[idx] = ans
-        return out
+    def read_answers(self, path: Path) -> dict[str, int]:
+        return load_answer_vocab(path)  # ans2label or label2ans, JSON or pickle
 
     def answer_vocabulary(self) -> list[str]:
         return self.label2ans
@@ -298,13 +284,6 @@ class VQADataModule(VLDataModule):
             chance.append(sum(scores.values()) / data.num_answers)
             prior_acc.append(scores.get(best.get(_question_type(q["question"]), -1), 0.0))
         return {f"{split}/vqa_acc_chance": float(np.mean(chance)), f"{split}/vqa_acc_prior": float(np.mean(prior_acc))}
-
-    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path:
-        """EvalAI-style `[{"question_id", "answer"}]`."""
-        label2ans = self.label2ans
-        rows = [{"question_id": p["question_id"], "answer": label2ans[p["answer_idx"]]} for p in predictions]
-        path.write_text(json.dumps(sorted(rows, key=lambda r: r["question_id"])))
-        return path
 
 
 def _split_files(given: Any) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ __all__ = [
     "load_targets",
     "load_answer_vocab",
     "load_label2ans",
+    "label2ans_of",
 ]
 
 _SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
@@ -191,7 +192,11 @@ def load_answer_vocab(path: str | Path) -> dict[str, int]:
 
 def load_label2ans(path: str | Path) -> list[str]:
     """Answer vocabulary file (either layout) -> ``label2ans`` list."""
-    ans2label = load_answer_vocab(path)
+    return label2ans_of(load_answer_vocab(path))
+
+
+def label2ans_of(ans2label: Mapping[str, int]) -> list[str]:
+    """``ans2label`` (answer -> label 0..N-1) -> ``label2ans`` (the answer of each label)."""
     label2ans = [""] * len(ans2label)
     for a, lab in ans2label.items():
         label2ans[lab] = a

@@ -17,7 +17,9 @@ written in that layout on first use (`vl.data.scenes.writers.images`).
   (default `train` + `nominival`, the seed's `--train train,nominival`; without `root`, `train`: the embedded corpus
   has no nominival), validation `minival`; targets = the label's soft scores over
   `trainval_ans2label.json` (3129); baselines: chance and the question-type prior (the `question_type` field, fitted
-  on train); `vqa_predictions.json` in EvalAI format.
+  on train); `vqa_predictions.json` in EvalAI format. A test file without any "label" (LXMERT's official
+  `test.json`, test-dev / test-std: `data.splits.test=<its name>`) is unlabelled: no target, no metric, loss or
+  baseline, the test stage writes every question's answer; a file with some rows labelled fails (before the fit).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from vl.data.formats.lxmert_pretrain import (
     load_pretrain_json,
     load_vqa_json,
     load_width_heights,
+    vqa_rows_labelled,
 )
 from vl.data.images import AspectGroupedSampler, ImageCollator, PixelLoader, build_transform
 from vl.data.samplers import EpochShuffleSampler, global_seed, split_key
@@ -129,10 +132,19 @@ class PretrainPairs(Dataset):
 
 
 class VQAPixels(Dataset):
-    """LXMERT-format VQA questions -> `{"text", "pixels", "vqa_target" (A,), "question_id", "index", "epoch"}`."""
+    """LXMERT-format VQA questions -> `{"text", "pixels", "vqa_target" (A,), "question_id", "index", "epoch"}`;
+    `labelled=False` (a split without answers, LXMERT's official `test.json`): no `vqa_target` at all, so the test
+    stage writes each question's answer and scores nothing."""
 
-    def __init__(self, questions: list[dict[str, Any]], images: ImageSource, ans2label: dict[str, int]) -> None:
-        self.questions, self.images, self.ans2label = questions, images, ans2label
+    def __init__(
+        self,
+        questions: list[dict[str, Any]],
+        images: ImageSource,
+        ans2label: dict[str, int],
+        *,
+        labelled: bool = True,
+    ) -> None:
+        self.questions, self.images, self.ans2label, self.labelled = questions, images, ans2label, labelled
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -144,35 +156,29 @@ class VQAPixels(Dataset):
                 target[self.ans2label[ans]] = score
         return target
 
+    def fields(self, index: int) -> dict[str, Any]:
+        """Question `index`'s fields but the image: `text`, `vqa_target` (labelled splits only), `question_id`."""
+        q = self.questions[index]
+        out: dict[str, Any] = {"text": q["sent"]}
+        if self.labelled:
+            out["vqa_target"] = self.target(q)
+        return {**out, "question_id": int(q["question_id"]), "index": index}
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
         epoch, index = split_key(key)
-        q = self.questions[index]
-        pixels = self.images(q["img_id"])
+        pixels = self.images(self.questions[index]["img_id"])
         if pixels is None:
             return None
-        return {
-            "text": q["sent"],
-            "pixels": pixels,
-            "vqa_target": self.target(q),
-            "question_id": int(q["question_id"]),
-            "index": index,
-            "epoch": epoch,
-        }
+        return {**self.fields(index), "pixels": pixels, "epoch": epoch}
 
     def record(self, index: int) -> dict[str, Any]:
-        """The stored part of example `index` (`vl.data.streaming`): the image file's bytes (JPEG / PNG), not pixels."""
+        """The stored part of example `index` (`vl.data.streaming`): the image file's bytes (JPEG / PNG), not pixels;
+        no `vqa_target` on an unlabelled split (`finish` keeps what the record holds)."""
         q = self.questions[index]
         path = self.images.path(q["img_id"])
         if not path.is_file():
             raise DataError(f"{path}: image file not found")
-        return {
-            "text": q["sent"],
-            "img_id": str(q["img_id"]),
-            "image_bytes": path.read_bytes(),
-            "vqa_target": self.target(q),
-            "question_id": int(q["question_id"]),
-            "index": index,
-        }
+        return {**self.fields(index), "img_id": str(q["img_id"]), "image_bytes": path.read_bytes()}
 
     def finish(self, record: dict[str, Any], epoch: int) -> dict[str, Any] | None:
         """A record -> the example: the image decoded and transformed (None for a bad image under
@@ -236,8 +242,17 @@ class ImageDataModule(VLDataModule):
     def images(self) -> ImageSource:
         return ImageSource(self.root, self.transform, self.on_bad_image, self.image_format)
 
-    def keep_with_image(self, rows: list[dict[str, Any]], source: Path) -> list[dict[str, Any]]:
+    def keep_with_image(self, rows: list[dict[str, Any]], source: Path, *, every: bool = False) -> list[dict[str, Any]]:
+        """The rows whose image `width_heights` lists (the seed drops the others); `every`: a row without one is a
+        DataError naming it (an unlabelled test split: its submission answers every question)."""
         kept = [r for r in rows if image_path(r["img_id"]) in self.sizes]
+        if every and len(kept) < len(rows):
+            first = next(r for r in rows if image_path(r["img_id"]) not in self.sizes)
+            raise DataError(
+                f"{source}: {len(rows) - len(kept)} questions (first: {first['question_id']}, image "
+                f"{image_path(first['img_id'])}) have no image listed in {self.width_heights_file}; a submission "
+                "answers every question: list their images there (or name another data.splits.test)"
+            )
         if not kept:
             raise DataError(
                 f"{source}: none of its {len(rows)} examples has an image listed in {self.width_heights_file}"
@@ -391,6 +406,8 @@ class ClipVilVQADataModule(AnswerVocabulary, ImageDataModule):
         self.train_splits = [str(t) for t in train_splits]
         self.questions_file = questions
         self.answers_file = answers
+        self._labelled: dict[Path, bool] = {}  # file -> whether its rows carry answers (`vqa_rows_labelled`)
+        self._test_checked = False  # `prepare_data` read the test file
 
     def required_files(self) -> list[Path]:
         files = [self.question_path(name) for split in ("train", "val", "test") for name in self.file_splits(split)]
@@ -404,21 +421,46 @@ class ClipVilVQADataModule(AnswerVocabulary, ImageDataModule):
         return self.root / self.questions_file.format(split=file_split)
 
     def load_questions(self, split: str, keep_with_image: bool = False) -> list[dict[str, Any]]:
-        """The questions of `split`: its files concatenated (each filtered by `width_heights` when asked)."""
+        """The questions of `split`: its files concatenated (each filtered by `width_heights` when asked; an
+        unlabelled file keeps every question or fails). Only the test split may be unlabelled."""
         out: list[dict[str, Any]] = []
         for name in self.file_splits(split):
             path = self.question_path(name)
             if not path.is_file():
                 raise DataError(f"{path}: file not found (data.root={self.root})")
             rows = load_vqa_json(path)
-            out += self.keep_with_image(rows, path) if keep_with_image else rows
+            labelled = self._labelled[path] = vqa_rows_labelled(rows, path)
+            if not labelled and split != "test":
+                option = "data.train_splits" if split == "train" else f"data.splits.{split}"
+                raise DataError(
+                    f"{path}: no question has a 'label' (an unlabelled test split), but {option} names '{name}': "
+                    f"{'training' if split == 'train' else 'validation'} needs answers; only data.splits.test may "
+                    "name such a file"
+                )
+            out += self.keep_with_image(rows, path, every=not labelled) if keep_with_image else rows
         return out
+
+    def labelled(self, split: str) -> bool:
+        """Whether `split`'s rows carry answers (the test split may have none: LXMERT's official `test.json`)."""
+        paths = [self.question_path(name) for name in self.file_splits(split)]
+        if any(path not in self._labelled for path in paths):
+            self.load_questions(split)
+        return all(self._labelled[path] for path in paths)
+
+    def prepare_data(self) -> None:
+        """The files checked, and the test file's rows now, once (they are otherwise read only after the fit): labels
+        on all rows or none (`vqa_rows_labelled`), and an unlabelled file's images all in `width_heights`."""
+        super().prepare_data()
+        if not self._test_checked:
+            self.load_questions("test", keep_with_image=True)
+            self._test_checked = True
 
     def read_answers(self, path: Path) -> dict[str, int]:
         return load_ans2label(path)
 
     def build_dataset(self, split: str) -> VQAPixels:
-        return VQAPixels(self.load_questions(split, keep_with_image=True), self.images(), self.ans2label)
+        questions = self.load_questions(split, keep_with_image=True)
+        return VQAPixels(questions, self.images(), self.ans2label, labelled=self.labelled(split))
 
     def stream_finisher(self, split: str, context: dict[str, Any]) -> VQAPixels:
         n = len(self.ans2label)
@@ -431,7 +473,9 @@ class ClipVilVQADataModule(AnswerVocabulary, ImageDataModule):
 
     def baselines(self, split: str = "test") -> dict[str, float]:
         """Chance (a uniformly random answer) and the question-type prior (the best constant answer per
-        `question_type`, fitted on train's soft scores)."""
+        `question_type`, fitted on train's soft scores). None for a split without answers: nothing to score."""
+        if not self.labelled(split):
+            return {}
         train = self.load_questions("train")
         prior: dict[str, dict[str, float]] = {}
         for q in train:

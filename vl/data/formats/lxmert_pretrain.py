@@ -12,7 +12,8 @@
 - Answer lists: `lxmert/all_ans.json` (list of `{"ans", "dsets"}`, 9500 in the release) and the VQA
   `trainval_ans2label.json` (dict, 3129) / `trainval_label2ans.json` (list).
 - VQA JSON (`data/vqa/{train,nominival,minival}.json`): a list of
-  `{"answer_type", "img_id", "label": {ans: score}, "question_id", "question_type", "sent"}`.
+  `{"answer_type", "img_id", "label": {ans: score}, "question_id", "question_type", "sent"}`; the official test
+  split (`test.json`: test-dev / test-std) has no "label" in any row (`vqa_rows_labelled`).
 - `convert_ans`: the seed's `AnswerTable` normalisation of pretraining answers. It is NOT the VQA evaluator's
   (`vl.data.formats.vqa_answers.normalize_answer`): it only lower-cases, strips one trailing ".", drops a leading
   article word, maps number words to digits and "grey" -> "gray"; punctuation inside an answer and contractions are
@@ -35,6 +36,7 @@ __all__ = [
     "load_all_answers",
     "load_pretrain_json",
     "load_vqa_json",
+    "vqa_rows_labelled",
     "load_width_heights",
     "load_ans2label",
 ]
@@ -167,6 +169,20 @@ def load_vqa_json(path: str | Path) -> list[dict[str, Any]]:
         if "label" in q and not isinstance(q["label"], dict):
             raise DataError(f"{path}: question {q['question_id']}: 'label' is not a dict")
     return data
+
+
+def vqa_rows_labelled(rows: Sequence[dict[str, Any]], path: str | Path) -> bool:
+    """Whether the VQA JSON rows of `path` carry answers: True when every row has a "label" (an empty one too),
+    False when none has (LXMERT's official `test.json`: test-dev / test-std questions, no answers published); a
+    file with both is a DataError naming it and its first question without one."""
+    labelled = sum("label" in q for q in rows)
+    if 0 < labelled < len(rows):
+        first = next(q["question_id"] for q in rows if "label" not in q)
+        raise DataError(
+            f"{path}: question {first} has no 'label' while {labelled} of the file's {len(rows)} questions have "
+            "one; label every question, or none (an unlabelled test split)"
+        )
+    return labelled > 0 or not rows
 
 
 def load_width_heights(path: str | Path) -> dict[str, tuple[int, int]]:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ from vl.run_dir import is_requeued
 from vl.sweep_report import METRICS_FILE
 
 log = logging.getLogger(__name__)
+
+# Lightning 2.6's batch-transfer helper (`lightning.pytorch.utilities._pytree`) asks torch 2.13's deprecated
+# `isinstance(treespec, LeafSpec)`: a FutureWarning at every fit that no vl user can act on; only that one is silenced
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:

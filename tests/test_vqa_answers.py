@@ -9,6 +9,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import real_sample
@@ -205,7 +206,7 @@ def test_convert_official_json_to_targets(tmp_path: Path, capsys: pytest.Capture
     out = tmp_path / "vqa"
     args = ["--out", str(out), "--answers", str(src / "ans2label.json"), "--minval-size", "2"]
     args += ["--train-questions", str(tq), "--train-annotations", str(ta)]
-    assert convert_main(args + ["--val-questions", str(vq), "--val-annotations", str(va)]) == 0
+    assert convert_main(args + ["--val-questions", str(vq), "--val-annotations", str(va), "--matching", "2021"]) == 0
     assert "100%" in capsys.readouterr().err  # the progress bar
 
     expected = {  # question id -> {label: score}, by hand (2021 matching)
@@ -290,3 +291,30 @@ def test_converter_rejects_a_bad_file(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="q.json.*question"):
         convert_vqa(tmp_path / "out", tmp_path / "v.json", {"train": (tmp_path / "q.json", tmp_path / "a.json")})
+
+
+def test_convert_defaults_to_the_seeds_raw_string_counts(tmp_path: Path) -> None:
+    """Without --matching the targets are the bottom-up-attention `compute_softscore.py` ones the ViLBERT seed's caches
+    hold: raw human strings counted, a vocabulary entry scored 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / >= 4 of them
+    ("Yes" is not "yes", "two" is not "2"); transcribed here on random annotations."""
+    rng = np.random.default_rng(7)
+    pool = ["yes", "Yes", "no", "2", "two", "red", "t shirt", "t-shirt", "blue"]
+    train = {int(q): [str(a) for a in rng.choice(pool, size=10)] for q in range(10, 40)}
+    tq, ta = _write_official(tmp_path, "train", train)
+    (tmp_path / "ans2label.json").write_text(json.dumps(VOCAB))
+    out = tmp_path / "vqa"
+    args = ["--out", str(out), "--answers", str(tmp_path / "ans2label.json")]
+    assert convert_main(args + ["--train-questions", str(tq), "--train-annotations", str(ta), "-q"]) == 0
+
+    def seed_score(count: int) -> float:  # compute_softscore.get_score
+        return {0: 0.0, 1: 0.3, 2: 0.6, 3: 0.9}.get(count, 1.0)
+
+    got = {
+        t["question_id"]: dict(zip(t["labels"], t["scores"])) for t in load_targets(out / "cache" / "train_target.pkl")
+    }
+    for qid, answers in train.items():
+        counts: dict[str, int] = {}
+        for a in answers:
+            counts[a] = counts.get(a, 0) + 1
+        want = {VOCAB[a]: seed_score(c) for a, c in counts.items() if a in VOCAB}
+        assert got[qid] == pytest.approx(want), qid

@@ -8,7 +8,9 @@
 
 Writes, under `--out`:
 - `cache/{train,val}_target.pkl`: `[{question_id, image_id, labels, scores}]` (soft scores of the answers in the
-  vocabulary, matched as the official evaluator matches answers: `vqa_format.build_targets`, `--matching`);
+  vocabulary: `vqa_format.build_targets`; `--matching raw`, the default, counts the raw human strings as the
+  bottom-up-attention `compute_softscore.py` that built the ViLBERT seed's caches; `2021` / `2016` match answers as
+  that release of the official evaluator does, i.e. the credit a model predicting the answer gets);
 - with both train and val, the seed's split (`vqa_answers.trainval_minval_split`): `minval` = the last `--minval-size`
   (3000) val questions by question id, `trainval` = all train questions then the other val questions (each sorted by
   question id); `cache/{trainval,minval}_target.pkl` and `v2_OpenEnded_mscoco_{trainval,minval}2014_questions.json`;
@@ -75,7 +77,7 @@ def convert_vqa(
     splits: dict[str, tuple[str | Path, str | Path]],
     *,
     minval_size: int = 3000,
-    matching: str = "2021",
+    matching: str = "raw",
     progress: bool = True,
 ) -> dict[str, int]:
     """`splits`: {"train" | "val": (questions JSON, annotations JSON)}. Returns {file stem: number of entries}."""
@@ -126,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(f"--{split}-annotations", type=Path, help=f"v2_mscoco_{split}2014_annotations.json")
     parser.add_argument("--minval-size", type=int, default=3000, help="val questions kept out of trainval (3000)")
     parser.add_argument(
-        "--matching", choices=[*EVALUATORS, "raw"], default="2021", help="answer matching (vqa_format.build_targets)"
+        "--matching",
+        choices=[*EVALUATORS, "raw"],
+        default="raw",
+        help="answer matching (vqa_format.build_targets): raw = the ViLBERT seed's caches (default); 2021 / 2016 = the "
+        "official evaluator's",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

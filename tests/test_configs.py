@@ -215,3 +215,14 @@ def test_compare_recipe_is_the_same_schedule_for_every_region_encoder(model: str
         schedule.step()
     want = [min(1.0, (s + 1) / 6) * (1.0 if s < 40 else 0.1 if s < 50 else 0.01) for s in range(60)]
     assert lrs == pytest.approx(want, rel=1e-9)
+
+
+MM_BERT_TASKS = ["pretrain", "retrieval", "mlt", "mt"]
+
+
+@pytest.mark.parametrize("task", MM_BERT_TASKS)
+def test_mm_bert_flip_is_the_seeds_and_off_on_the_embedded_corpus(task: str, make_cfg) -> None:
+    """`data.flip_prob`: 0.5 in every published MM-BERT experiment (the seed's TRAIN.FLIP_PROB), 0 in the tiny ones
+    (the embedded corpus's captions say left / right)."""
+    assert make_cfg(f"experiment=mm_bert_{task}", tiny=False).data.flip_prob == 0.5
+    assert make_cfg(f"experiment=mm_bert_{task}_tiny").data.flip_prob == 0.0

@@ -23,6 +23,11 @@ Tasks (``task``):
 
 Batches: ``vl.data.multi30k_collate.Multi30kCollator`` (tokenisation of every task, whole-word MLM, MVRC).
 
+Flip (``flip_prob``, the seed's ``TRAIN.FLIP_PROB`` 0.5; training split only, val/test never): a training row's
+boxes are mirrored with that probability, drawn from (seed, epoch, index) (`flip_drawn`), as the seed's
+``RandomHorizontalFlip`` does with precomputed features: the box coordinates only (`mirror_boxes`), never the features;
+the whole-image box [0, 0, w-1, h-1] maps to itself.
+
 Regions: the per-image FRCNN JSON named by each record's ``frcnn`` field (``.zip@`` stripped), read through
 ``FrcnnJsonRegionReader`` (listed once, lazy handles), sorted by max class confidence, at most ``max_regions`` kept;
 then text and boxes of a row share ``seq_len`` (64) positions as in the seed (``seed_truncation``: the longer of the two
@@ -97,15 +102,54 @@ def load_multi30k_tokenizer(name_or_path: str, corpus_dir: Path | None = None, *
     return tok
 
 
+# ------------------------------------------------------------------------------------------------ flip
+FLIP_STREAM = 7  # the flip's own random stream: (seed, epoch, index, FLIP_STREAM), apart from the ITM negatives'
+
+
+def flip_drawn(epoch: int, index: int, probability: float) -> bool:
+    """Whether row ``index`` of epoch ``epoch`` is mirrored (`Multi30kExamples`): one draw < ``probability`` from
+    (seed, epoch, index), so a resumed run flips the same rows."""
+    if probability <= 0.0:
+        return False
+    return bool(np.random.default_rng([global_seed(), epoch, index, FLIP_STREAM]).random() < probability)
+
+
+def mirror_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """The seed's ``RandomHorizontalFlip`` on (N, 4) x1y1x2y2 boxes in the pixels of an image ``width`` px wide:
+    ``boxes[:, [0, 2]] = w - 1 - boxes[:, [2, 0]]`` in float32 (y unchanged; [0, 0, w-1, h-1] maps to itself)."""
+    boxes = np.asarray(boxes, dtype=np.float32)
+    out = boxes.copy()
+    out[:, [0, 2]] = (np.float32(width) - np.float32(1.0)) - boxes[:, [2, 0]]
+    return out
+
+
+def flip_regions(visual: dict[str, Any]) -> dict[str, Any]:
+    """A region dict (`select_regions`) with its boxes mirrored in the image's pixels (`mirror_boxes`, ``image_w``)
+    and ``boxes_norm`` recomputed as the readers compute it (`vl.data.features.base.make_item`: box / (w, h, w, h),
+    clipped to [0, 1]; the seed clamps to [0, w-1] after its flip); features, classes and order unchanged. The seed
+    flips after resizing to its SCALES (600, 1000), so its ``- 1`` is one resized pixel; vl keeps the image's own
+    pixels throughout (its whole-image box too), so the two agree up to that pixel's size."""
+    w, h = float(visual["image_w"]), float(visual["image_h"])
+    scale = np.array([w, h, w, h], dtype=np.float32)
+    boxes = visual.get("boxes")
+    if boxes is None:  # only normalised boxes: back to pixels first
+        boxes = np.asarray(visual["boxes_norm"], dtype=np.float32) * scale
+    boxes = mirror_boxes(boxes, w)
+    return {**visual, "boxes": boxes, "boxes_norm": np.clip(boxes / scale, 0.0, 1.0).astype(np.float32)}
+
+
 # ------------------------------------------------------------------------------------------------ datasets
 class Multi30kExamples(Dataset):
     """Plain rows ``{"text", "text_b"?, "image": (reader, id) | None, labels...}`` -> examples with the image's
     selected regions; ``negatives`` > 0: with that probability a row's caption is replaced by a random other row's
     caption of the same language (``itm_label`` 0), drawn from (seed, epoch, index); a row with ``text_b`` (the joint
-    ``[CLS] EN [SEP] DE [SEP]`` retrieval rows) takes ``text`` and ``text_b`` together from that one other row."""
+    ``[CLS] EN [SEP] DE [SEP]`` retrieval rows) takes ``text`` and ``text_b`` together from that one other row.
+    ``flip_prob`` > 0 (training): with that probability a row's boxes are mirrored (`flip_drawn`, `flip_regions`)."""
 
-    def __init__(self, rows: list[dict[str, Any]], max_regions: int, negatives: float = 0.0) -> None:
-        self.rows, self.max_regions, self.negatives = rows, max_regions, negatives
+    def __init__(
+        self, rows: list[dict[str, Any]], max_regions: int, negatives: float = 0.0, flip_prob: float = 0.0
+    ) -> None:
+        self.rows, self.max_regions, self.negatives, self.flip_prob = rows, max_regions, negatives, flip_prob
         self.by_language: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             self.by_language.setdefault(row.get("language", ""), []).append(i)
@@ -126,6 +170,8 @@ class Multi30kExamples(Dataset):
         ex.update(visual=self.visual(row["image"]), index=index, epoch=epoch)
         if ex["visual"] is None:
             del ex["visual"]
+        elif flip_drawn(epoch, index, self.flip_prob):
+            ex["visual"] = flip_regions(ex["visual"])
         if self.negatives:
             rng = np.random.default_rng([global_seed(), epoch, index])
             ex["itm_label"] = 1
@@ -157,18 +203,21 @@ class LazyVisuals(Sequence):
 
 # ------------------------------------------------------------------------------------------------ module
 class Multi30kDataModule(VLDataModule):
-    """See the module docstring (``pretrain_tasks``: a subset of A, B, C; None = all three). Files relative to ``root`` (the ``flickr30k/`` dir): ``annotations``
-    (``{split}_frcnn.json``), ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root).
+    """See the module docstring. ``pretrain_tasks``: a subset of A, B, C; None = all three. ``flip_prob``: training
+    rows' boxes mirrored with that probability (module docstring; 0.5 as the seed).
+    Files relative to ``root`` (the ``flickr30k/`` dir): ``annotations`` (``{split}_frcnn.json``),
+    ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root).
     ``mlt_outputs``: the MLT head's size (the seed's ``MLT_words`` 1536; None = the MLT vocabulary's size).
     ``seq_len``: VL-BERT's joint limit on a row's text tokens + boxes (whole-image box included; 64 as the seed's
     datasets; None: none), applied per row after masking and per caption x image pair in the retrieval gallery
     (``Multi30kCollator.pair_batch``). ``mt_seq_len``: the same limit when translating (the seed's generate config:
     150), applied once, to the first decoding step's rows; the generated tokens are appended without truncating
     again (`vl.models.translation.greedy_translate`). ``mt_max_steps``: at most that many generated tokens (49: the
-    seed's ``while not all(stop) and curr_len <= max_len`` with ``max_len = 48`` runs 49 steps). ``lowercase``: the tokenizer lower-cases and strips accents (True,
-    the seed's: its ``BertTokenizer`` defaults to ``do_lower_case=True``; every task's text, MT targets included, so
-    MT hypotheses come out lower-cased while the BLEU references keep their case, only unidecoded, as the seed's
-    ``evaluate_translation.py``); False: cased (`load_multi30k_tokenizer`)."""
+    seed's ``while not all(stop) and curr_len <= max_len`` with ``max_len = 48`` runs 49 steps). ``lowercase``: the
+    tokenizer lower-cases and strips accents (True, the seed's: its ``BertTokenizer`` defaults to
+    ``do_lower_case=True``; every task's text, MT targets included, so MT hypotheses come out lower-cased while the
+    BLEU references keep their case, only unidecoded, as the seed's ``evaluate_translation.py``); False: cased
+    (`load_multi30k_tokenizer`)."""
 
     label_keys = {
         "itm_label": ("itm_labels", "long"),
@@ -183,6 +232,7 @@ class Multi30kDataModule(VLDataModule):
         *,
         task: str = "pretrain",
         pretrain_tasks: list[str] | None = None,
+        flip_prob: float = 0.5,
         languages: str = "both",
         both_layout: str = "joint",
         eval_language: str = "en",
@@ -229,6 +279,9 @@ class Multi30kDataModule(VLDataModule):
         if unknown:
             raise ConfigError(f"data.pretrain_tasks: unknown task(s) {unknown}; choose from A, B, C")
         self.task, self.pretrain_tasks = task, list(pretrain_tasks)
+        if not 0.0 <= float(flip_prob) <= 1.0:
+            raise ConfigError(f"data.flip_prob: {flip_prob} is not a probability in [0, 1]")
+        self.flip_prob = float(flip_prob)
         if seq_len is not None and int(seq_len) < 3:
             raise ConfigError(f"data.seq_len: {seq_len} leaves no room for [CLS] ... [SEP] and the image box")
         self.seq_len = None if seq_len is None else int(seq_len)
@@ -385,6 +438,7 @@ class Multi30kDataModule(VLDataModule):
         if self.aux_alone:
             return self.aux_dataset(split)
         path, records, images = self.records(split)
+        flip = self.flip_prob if split == "train" else 0.0  # the seed's TRAIN.FLIP_PROB; VAL / TEST.FLIP_PROB 0
         rows: list[dict[str, Any]] = []
         if self.task == "pretrain":
             if "A" in self.pretrain_tasks:
@@ -397,22 +451,22 @@ class Multi30kDataModule(VLDataModule):
             if "C" in self.pretrain_tasks and self.wmt:
                 wmt = read_annotations(self.path(self.wmt, split), WMT_KEYS)
                 rows += [{"text": r["caption_en"], "text_b": r["caption_de"], "image": None} for r in wmt]
-            return Multi30kExamples(rows, self.max_regions)
+            return Multi30kExamples(rows, self.max_regions, flip_prob=flip)
         if self.task == "retrieval":
             if self.joint:  # Task A's text layout; a negative takes both captions of one other line
                 rows = [
                     {"text": r["caption_en"], "text_b": r["caption_de"], "image": im, "language": "both"}
                     for r, im in zip(records, images)
                 ]
-                return Multi30kExamples(rows, self.max_regions, negatives=self.negative_fraction)
+                return Multi30kExamples(rows, self.max_regions, negatives=self.negative_fraction, flip_prob=flip)
             for lang in self._languages():
                 rows += [
                     {"text": r[f"caption_{lang}"], "image": im, "language": lang} for r, im in zip(records, images)
                 ]
-            return Multi30kExamples(rows, self.max_regions, negatives=self.negative_fraction)
+            return Multi30kExamples(rows, self.max_regions, negatives=self.negative_fraction, flip_prob=flip)
         if self.task == "mt":
             return self.mt_dataset(split, records, images)
-        return Multi30kExamples(self.mlt_rows(path, records, images), self.max_regions)
+        return Multi30kExamples(self.mlt_rows(path, records, images), self.max_regions, flip_prob=flip)
 
     def mlt_rows(self, path: Path, records: list[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
         """MLT rows: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of ``word_de`` in the MLT vocabulary.
@@ -446,7 +500,8 @@ class Multi30kDataModule(VLDataModule):
         """MT (EN -> DE). Train / val: every German prefix of each sentence, its last token the labelled [MASK]
         (``tokenize(caption_de)[:pos + 1]``), plus one entry ending in [STOP]. Test: one row per sentence (the
         source, image and reference; ``MMBertSystem`` translates greedily; records marked ``"image_dependent": true``
-        also score as a subset, ``test/bleu_image_dependent``). ``mt_vision`` False: no image (the no-vision variant)."""
+        also score as a subset, ``test/bleu_image_dependent``). ``mt_vision`` False: no image (the no-vision
+        variant). Training rows' boxes are mirrored with ``flip_prob`` (each prefix row drawn on its own index)."""
         tok = self.tokenizer
         stop = tok.convert_tokens_to_ids("[STOP]")
         rows: list[dict[str, Any]] = []
@@ -472,7 +527,7 @@ class Multi30kDataModule(VLDataModule):
                         "image": image,
                     }
                 )
-        return Multi30kExamples(rows, self.max_regions)
+        return Multi30kExamples(rows, self.max_regions, flip_prob=self.flip_prob if split == "train" else 0.0)
 
     def gallery(self, split: str, language: str | None = None) -> dict[str, Any] | None:
         """Retrieval val/test: caption i (``language``, default ``eval_language``; ``"both"``, the default of the joint

@@ -73,7 +73,8 @@ class Multi30kCollator:
     corpus's (``aux_text`` (B,) True in the batch: the encoder gives them the learned aux visual embedding, other
     text-only rows zeros, as the seed). ``seq_len``: text and boxes of a row with an
     image truncated jointly as VL-BERT's datasets do (`seed_truncation`; after MLM and MVRC are drawn, the whole-image
-    box's mean still over every region: ``image_mean_mask``); None: no joint limit."""
+    box's mean still over every region: ``image_mean_mask``); None: no joint limit. A training row's regions arrive
+    already mirrored when the dataset drew a flip (`vl.data.multi30k.flip_regions`, ``data.flip_prob``)."""
 
     def __init__(
         self,

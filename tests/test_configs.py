@@ -226,3 +226,21 @@ def test_mm_bert_flip_is_the_seeds_and_off_on_the_embedded_corpus(task: str, mak
     (the embedded corpus's captions say left / right)."""
     assert make_cfg(f"experiment=mm_bert_{task}", tiny=False).data.flip_prob == 0.5
     assert make_cfg(f"experiment=mm_bert_{task}_tiny").data.flip_prob == 0.0
+
+
+def test_mm_bert_pretraining_is_task_a_as_published(make_cfg) -> None:
+    """The seed's cited config (`base_prec_16x16G_fp16_pretrained_LR6`) is Task A + the aux corpus; B and C are its
+    separate, chained configs. The tiny experiment mixes A, B and C (Task A alone learns too little on CPU)."""
+    from vl.data.multi30k import Multi30kDataModule
+
+    cfg = make_cfg("experiment=mm_bert_pretrain", tiny=False)
+    assert list(cfg.data.pretrain_tasks) == ["A"] and cfg.data.aux_text
+    assert list(make_cfg("experiment=mm_bert_pretrain_tiny").data.pretrain_tasks) == ["A", "B", "C"]
+    assert list(make_cfg("experiment=mm_bert_pretrain_tiny", "data=wmt_text").data.pretrain_tasks) == ["C"]
+    assert list(make_cfg("experiment=mm_bert_pretrain_tiny", "data=aux_text").data.pretrain_tasks) == []
+    assert list(make_cfg("experiment=mm_bert_pretrain", "data=multi30k_mixed", tiny=False).data.pretrain_tasks) == [
+        "A",
+        "B",
+        "C",
+    ]
+    assert Multi30kDataModule().pretrain_tasks == ["A"]  # the code default too

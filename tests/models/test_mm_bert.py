@@ -367,6 +367,73 @@ def test_hybrid_init_takes_mberts_mlm_head(tmp_path) -> None:
     torch.testing.assert_close(system.encoder.word_embeddings.weight[:V], ref["bert.embeddings.word_embeddings.weight"])
 
 
+def test_init_from_overwrites_the_hybrid_init_and_the_pooler_stays_mberts(tmp_path) -> None:
+    """The seed's downstream order (retrieval / MLT): the model is built from M-BERT (pooler included), then
+    ``PARTIAL_PRETRAIN`` (a pretraining checkpoint, no pooler) overwrites every key it has. So with `mbert_dir` and
+    `init_from` every key of the checkpoint file is the file's tensor and the pooler is M-BERT's, both compared
+    exactly against the files as written (safetensors / torch.load, not vl's loaders)."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(5)
+    mbert = BertForPreTraining(
+        BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    )
+    with torch.no_grad():
+        for p in mbert.parameters():
+            p.add_(torch.randn_like(p))
+    mbert.save_pretrained(tmp_path / "mbert")
+    torch.manual_seed(6)
+    pretrain = MMBertSystem(  # a pretraining run: with_pooler false, so its checkpoint has no pooler keys
+        encoder={
+            "_target_": "vl.models.mm_bert.MMBertEncoder",
+            "text_encoder": TINY,
+            "coord_dim": 4,
+            "with_pooler": False,
+        },
+        objectives=["mlm", "mvrc"],
+        data_info={"visual_dim": D, "vocab_size": V + 1, "num_region_classes": C},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+    )
+    with torch.no_grad():
+        for p in pretrain.parameters():
+            p.add_(torch.randn_like(p))
+    torch.save({"state_dict": pretrain.state_dict()}, tmp_path / "pretrain.ckpt")
+    system = _system(mbert_dir=str(tmp_path / "mbert"), init_from=str(tmp_path / "pretrain.ckpt"))
+    held = torch.load(tmp_path / "pretrain.ckpt", weights_only=True)["state_dict"]
+    ref = load_file(str(tmp_path / "mbert" / "model.safetensors"))
+    own = system.state_dict()
+    assert not any("pooler" in k for k in held)
+    for key, value in held.items():
+        assert torch.equal(own[key], value), key
+    # the hybrid init did load M-BERT's encoder before (and it differs from the checkpoint's): init_from's won
+    assert not torch.equal(
+        held["encoder.bert.encoder.layer.0.output.dense.weight"], ref["bert.encoder.layer.0.output.dense.weight"]
+    )
+    missing = sorted(set(own) - set(held))
+    assert missing == ["encoder.bert.pooler.dense.bias", "encoder.bert.pooler.dense.weight"]
+    for key in missing:
+        assert torch.equal(own[key], ref[key.replace("encoder.", "", 1)]), key
+    # without mbert_dir the pooler keeps its random init
+    plain = _system(init_from=str(tmp_path / "pretrain.ckpt")).state_dict()
+    assert not torch.equal(plain["encoder.bert.pooler.dense.weight"], ref["bert.pooler.dense.weight"])
+
+
+def test_only_mm_bert_overrides_the_initial_weights_step() -> None:
+    """`initial_weights` (before `init_from`) is a no-op in the shared system: no other system's load order moves."""
+    from vl.models.system import VLSystem
+
+    assert MMBertSystem.initial_weights is not VLSystem.initial_weights
+    import vl.models.clip_bert
+    import vl.models.clip_vil
+    import vl.models.vg_bert
+
+    for module in (vl.models.clip_bert, vl.models.clip_vil, vl.models.vg_bert):
+        for cls in vars(module).values():
+            if isinstance(cls, type) and issubclass(cls, VLSystem):
+                assert cls.initial_weights is VLSystem.initial_weights, cls
+
+
 def test_hybrid_init_fails_when_nothing_loads(tmp_path) -> None:
     from vl.errors import ConfigError
 

@@ -276,14 +276,21 @@ class MMBertSystem(VLSystem):
         lr is lr_per_example x total batch size (per device x world size x accumulation), as MM-BERT's configs.
         `decay_every_parameter`: True (the seed's): weight decay on every parameter, biases and LayerNorms included
         (VL-BERT's ``train.py`` builds one AdamW group, its ``LR_MULT`` empty); False: the shared rule (none on
-        biases / norms, `VLSystem.decays`)."""
-        super().__init__(**kwargs)
+        biases / norms, `VLSystem.decays`).
+        The hybrid init runs before `init_from` (`initial_weights`), as the seed's downstream modules build from
+        M-BERT and then load ``PARTIAL_PRETRAIN``: the checkpoint's keys win, the ones it lacks keep M-BERT's (the
+        pooler: pretraining runs without it)."""
         self.decay_every_parameter = decay_every_parameter
         self.mbert_dir = mbert_dir
         self.vlbert_checkpoint = vlbert_checkpoint
         self.lr_per_example = lr_per_example
-        if mbert_dir or vlbert_checkpoint:
-            self.hybrid_init(mbert_dir, vlbert_checkpoint)
+        super().__init__(**kwargs)
+
+    def initial_weights(self) -> None:
+        """The hybrid init (`hybrid_init`) when `mbert_dir` or `vlbert_checkpoint` is set; `VLSystem` calls it before
+        loading `init_from`."""
+        if self.mbert_dir or self.vlbert_checkpoint:
+            self.hybrid_init(self.mbert_dir, self.vlbert_checkpoint)
 
     # ------------------------------------------------------------------ hybrid init
     def hybrid_init(self, mbert_dir: str | None, vlbert_checkpoint: str | None) -> None:

@@ -161,8 +161,15 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining, Optimisation)
             }
         )
         self.init_retrieval()
+        self.initial_weights()  # a system's own weight sources first: `init_from`'s keys overwrite them
         if self.init_from:
             self.load_init_checkpoint(self.init_from)
+
+    def initial_weights(self) -> None:
+        """Load the weights a system builds from (e.g. MM-BERT's hybrid init from M-BERT / VL-BERT files) into the
+        built model, before `init_from`: the earlier run's checkpoint then overwrites every key it holds and the keys it
+        lacks keep these weights (the seeds' order: build-time pretrained language model, then the partial checkpoint).
+        Default: nothing."""
 
     def _refuse_unread_options(self) -> None:
         """`UNREAD_OPTIONS` set away from their defaults fail, naming the option and what is read instead."""

@@ -120,6 +120,27 @@ def test_published_vilbert_recipes(experiment: str, make_cfg) -> None:
         assert (cfg.data.vcr_steps, cfg.data.qa_text_len) == ("separate", 60)
 
 
+#: phaedonmit/VL-BERT cfgs (GPUS: one id each): TRAIN.BATCH_IMAGES, NETWORK.VLBERT.with_pooler; the seed's lr is
+#: TRAIN.LR (1e-6) x GPUs x BATCH_IMAGES, vl's lr_per_example x batch per device x devices (1) x accumulation (1)
+PUBLISHED_MM_BERT = {
+    "mm_bert_pretrain": (8, False),  # cfgs/pretrain/base_prec_16x16G_fp16_pretrained_LR6.yaml ([8, 8] with the aux)
+    "mm_bert_retrieval": (16, True),  # cfgs/retrieval/base_prec_16x16G_fp16_downstream_retrieval_*_LR6*.yaml
+    "mm_bert_mlt": (16, True),  # cfgs/MLT/base_prec_16x16G_fp16_MLT_LR6_startLR6.yaml
+    "mm_bert_mt": (8, False),  # cfgs/MT/base_prec_16x16G_fp16_MT_LR6.yaml
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PUBLISHED_MM_BERT))
+def test_published_mm_bert_batches_and_poolers(experiment: str, make_cfg) -> None:
+    batch, with_pooler = PUBLISHED_MM_BERT[experiment]
+    cfg = make_cfg(f"experiment={experiment}", tiny=False)
+    assert (cfg.data.batch_size, cfg.data.batch_size_per_device) == (batch, batch)
+    assert cfg.model.encoder.with_pooler is with_pooler
+    assert cfg.model.lr_per_example == 1e-6 and cfg.trainer.devices == 1
+    assert cfg.trainer.get("accumulate_grad_batches", 1) == 1
+    assert (cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val) == (20, 10.0)
+
+
 @pytest.mark.parametrize("task", ["vqa", "vcr", "refcoco", "retrieval"])
 def test_cpu_finetune_recipes_do_not_claim_to_be_published(task: str) -> None:
     text = (CONF / "experiment" / f"{task}_finetune.yaml").read_text()

@@ -66,6 +66,20 @@ from vl.errors import ConfigError, DataError
 TASKS = ("pretrain", "retrieval", "mlt", "mt")
 LANGUAGES = ("en", "de", "both")
 BOTH_LAYOUTS = ("joint", "per_language")
+#: how MT token ids become the hypothesis string (`detokenize`)
+MT_DETOKENIZE = ("seed", "hf")
+
+
+def detokenize(tokenizer: Any, ids: Sequence[int], mode: str = "seed") -> str:
+    """Token ids -> an MT hypothesis. "seed" (MM-BERT's generate module): ``' '.join(tokens).replace(' ##', '')`` of
+    the vocabulary's token strings, special tokens and [UNK] kept as written, no other clean-up (so "man ' s",
+    "Hand - in"); "hf": ``tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)`` (special
+    tokens dropped, " 's" -> "'s", " ." -> ".")."""
+    if mode == "seed":
+        return " ".join(tokenizer.convert_ids_to_tokens(list(ids))).replace(" ##", "")
+    if mode == "hf":
+        return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    raise ConfigError(f"data.mt_detokenize: '{mode}' is not one of {MT_DETOKENIZE}")
 
 
 def seed_bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -216,7 +230,9 @@ class Multi30kDataModule(VLDataModule):
     (``Multi30kCollator.pair_batch``). ``mt_seq_len``: the same limit when translating (the seed's generate config:
     150), applied once, to the first decoding step's rows; the generated tokens are appended without truncating
     again (`vl.models.translation.greedy_translate`). ``mt_max_steps``: at most that many generated tokens (49: the
-    seed's ``while not all(stop) and curr_len <= max_len`` with ``max_len = 48`` runs 49 steps). ``lowercase``: the
+    seed's ``while not all(stop) and curr_len <= max_len`` with ``max_len = 48`` runs 49 steps). ``mt_detokenize``:
+    how the generated ids become the hypothesis (`detokenize`: "seed", default, the seed's join of token strings;
+    "hf": the tokenizer's ``decode``); the copy-the-source BLEU baseline goes through the same. ``lowercase``: the
     tokenizer lower-cases and strips accents (True, the seed's: its ``BertTokenizer`` defaults to
     ``do_lower_case=True``; every task's text, MT targets included, so MT hypotheses come out lower-cased while the
     BLEU references keep their case, only unidecoded, as the seed's ``evaluate_translation.py``); False: cased
@@ -250,6 +266,7 @@ class Multi30kDataModule(VLDataModule):
         aux_epoch: str = "seed",
         mt_max_steps: int = 49,
         mt_seq_len: int | None = 150,
+        mt_detokenize: str = "seed",
         annotations: str = "{split}_frcnn.json",
         mlt_annotations: str = "{split}_MLT_frcnn.json",
         mlt_vocab: str = "utils/MLT_vocab.txt",
@@ -293,6 +310,9 @@ class Multi30kDataModule(VLDataModule):
         self.exhaustive_test = exhaustive_test
         self.mt_vision, self.mt_max_steps = mt_vision, int(mt_max_steps)
         self.mt_seq_len = None if mt_seq_len is None else int(mt_seq_len)
+        if mt_detokenize not in MT_DETOKENIZE:
+            raise ConfigError(f"data.mt_detokenize: '{mt_detokenize}' is not one of {MT_DETOKENIZE}")
+        self.mt_detokenize = mt_detokenize
         self.lowercase = bool(lowercase)
         self.aux_text, self.aux_batch_size = aux_text, int(aux_batch_size)
         self.aux_min_words, self.aux_seq_len = int(aux_min_words), int(aux_seq_len)
@@ -587,7 +607,9 @@ class Multi30kDataModule(VLDataModule):
             import sacrebleu
 
             _, records, _ = self.records(split)
-            sources = [r["caption_en"] for r in records]
+            # copying the source's tokens, detokenised as the model's hypotheses are
+            ids = self.tokenizer([r["caption_en"] for r in records], add_special_tokens=False)["input_ids"]
+            sources = [detokenize(self.tokenizer, i, self.mt_detokenize) for i in ids]
             refs = [r["caption_de"] for r in records]
             out = {
                 f"{split}/bleu_copy_source": seed_bleu(sources, refs),

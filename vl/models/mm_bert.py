@@ -368,6 +368,7 @@ class MMBertSystem(VLSystem):
             dm.tokenizer,
             max_steps=int(getattr(dm, "mt_max_steps", 49)),
             seq_len=getattr(dm, "mt_seq_len", 150),
+            detokenize=getattr(dm, "mt_detokenize", "seed"),
         )
         self.predictions.extend(
             {

@@ -1,11 +1,14 @@
 """Machine translation by an MLM head, greedily (MM-BERT's MT task, `data=multi30k_mt`): the decoding loop
-`MMBertSystem.test_step` runs over a batch of source sentences; BLEU is `vl.data.multi30k.seed_bleu`."""
+`MMBertSystem.test_step` runs over a batch of source sentences; the hypotheses' strings are
+`vl.data.multi30k.detokenize`'s, BLEU is `vl.data.multi30k.seed_bleu`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from vl.data.multi30k import detokenize as detokenize_ids
 
 
 @torch.no_grad()
@@ -17,6 +20,7 @@ def greedy_translate(
     *,
     max_steps: int = 49,
     seq_len: int | None = 150,
+    detokenize: str = "seed",
 ) -> list[str]:
     """Greedy autoregressive EN -> DE, batched over sentences: ``[CLS] EN [SEP] DE so far [MASK] [SEP]``, the MLM
     head's arg-max at [MASK] is written and a new [MASK] appended; a sentence stops at [STOP] or after
@@ -24,7 +28,9 @@ def greedy_translate(
     generation (its dataset truncates with SEQ_LEN 150, then the generated tokens are appended): a row keeps the
     boxes it kept there, and its text is never cut again (re-truncating each step with the training limit, 64,
     dropped the [MASK] itself once the text outgrew half of it; the source keeps the tokens the collator's
-    `max_text_len` gave it at the first step)."""
+    `max_text_len` gave it at the first step). ``detokenize``: how each sentence's generated ids (up to, not
+    including, [STOP]) become its string (`vl.data.multi30k.detokenize`: "seed", the seed's join of the token strings,
+    or "hf", the tokenizer's ``decode``)."""
     stop = tokenizer.convert_tokens_to_ids("[STOP]")
     mask = tokenizer.mask_token_id
     head = model.objectives["mlm"]
@@ -65,4 +71,4 @@ def greedy_translate(
                     generated[i].append(int(token))
     finally:
         collator.seq_len, collator.max_text_len = training_seq_len, max_text_len
-    return [tokenizer.decode(g, skip_special_tokens=True, clean_up_tokenization_spaces=True) for g in generated]
+    return [detokenize_ids(tokenizer, g, detokenize) for g in generated]

@@ -345,19 +345,25 @@ def test_hybrid_init_takes_mbert_encoder_and_vlbert_visual_parts(tmp_path, caplo
     assert "missing keys" in text and "unexpected keys" in text
 
 
-def test_hybrid_init_takes_mberts_mlm_head(tmp_path) -> None:
-    """The seed loads the language model's MLM head (`cls.predictions` transform and bias) into its own; the [STOP]
-    entry beyond M-BERT's vocabulary keeps its init (0), as its word row does. Checked against the saved HF model."""
+def _saved_mbert(path, *, seed: int):
+    """A tiny M-BERT-layout `BertForPreTraining` with non-default weights, saved as an HF model dir at `path`."""
     from transformers import BertConfig, BertForPreTraining
 
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     mbert = BertForPreTraining(
         BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
     )
     with torch.no_grad():
         for p in mbert.parameters():
             p.add_(torch.randn_like(p))
-    mbert.save_pretrained(tmp_path / "mbert")
+    mbert.save_pretrained(path)
+    return mbert
+
+
+def test_hybrid_init_takes_mberts_mlm_head(tmp_path) -> None:
+    """The seed loads the language model's MLM head (`cls.predictions` transform and bias) into its own; the [STOP]
+    entry beyond M-BERT's vocabulary keeps its init (0), as its word row does. Checked against the saved HF model."""
+    mbert = _saved_mbert(tmp_path / "mbert", seed=4)
     system = _system(mbert_dir=str(tmp_path / "mbert"))
     own, ref = system.state_dict(), mbert.state_dict()
     torch.testing.assert_close(own["objectives.mlm.transform.0.weight"], ref["cls.predictions.transform.dense.weight"])
@@ -373,16 +379,8 @@ def test_init_from_overwrites_the_hybrid_init_and_the_pooler_stays_mberts(tmp_pa
     `init_from` every key of the checkpoint file is the file's tensor and the pooler is M-BERT's, both compared
     exactly against the files as written (safetensors / torch.load, not vl's loaders)."""
     from safetensors.torch import load_file
-    from transformers import BertConfig, BertForPreTraining
 
-    torch.manual_seed(5)
-    mbert = BertForPreTraining(
-        BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
-    )
-    with torch.no_grad():
-        for p in mbert.parameters():
-            p.add_(torch.randn_like(p))
-    mbert.save_pretrained(tmp_path / "mbert")
+    _saved_mbert(tmp_path / "mbert", seed=5)
     torch.manual_seed(6)
     pretrain = MMBertSystem(  # a pretraining run: with_pooler false, so its checkpoint has no pooler keys
         encoder={

@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 from vl.data.aux_text import AUX_EPOCHS, AUX_WINDOWS, combine_with_aux, seed_windows, word_chunks
 from vl.data.base import RetrievalQueries, VLDataModule
 from vl.data.features import FrcnnJsonRegionReader
+from vl.data.features.base import normalise_boxes
 from vl.data.formats.multi30k import (
     ANNOTATION_KEYS,
     MLT_KEYS,
@@ -144,12 +145,11 @@ def flip_regions(visual: dict[str, Any]) -> dict[str, Any]:
     flips after resizing to its SCALES (600, 1000), so its ``- 1`` is one resized pixel; vl keeps the image's own
     pixels throughout (its whole-image box too), so the two agree up to that pixel's size."""
     w, h = float(visual["image_w"]), float(visual["image_h"])
-    scale = np.array([w, h, w, h], dtype=np.float32)
     boxes = visual.get("boxes")
     if boxes is None:  # only normalised boxes: back to pixels first
-        boxes = np.asarray(visual["boxes_norm"], dtype=np.float32) * scale
+        boxes = np.asarray(visual["boxes_norm"], dtype=np.float32) * np.array([w, h, w, h], dtype=np.float32)
     boxes = mirror_boxes(boxes, w)
-    return {**visual, "boxes": boxes, "boxes_norm": np.clip(boxes / scale, 0.0, 1.0).astype(np.float32)}
+    return {**visual, "boxes": boxes, "boxes_norm": normalise_boxes(boxes, w, h)}
 
 
 # ------------------------------------------------------------------------------------------------ datasets

@@ -89,6 +89,12 @@ def check_finite(path: Path, sid: str, field: str, arr: np.ndarray | None) -> No
         raise DataError(f"{path}: image id {sid!r}: {field!r} has {bad} non-finite value(s) (NaN/inf)")
 
 
+def normalise_boxes(boxes: np.ndarray, w: float, h: float) -> np.ndarray:
+    """(N, 4) x1y1x2y2 pixel boxes -> the readers' ``boxes_norm``: / (w, h, w, h), clipped to [0, 1], float32."""
+    scale = np.array([w, h, w, h], dtype=np.float32)
+    return np.clip(boxes / scale, 0.0, 1.0).astype(np.float32)
+
+
 def make_item(
     path: Path,
     sid: str,
@@ -104,8 +110,7 @@ def make_item(
         raise DataError(f"{path}: record for image id {sid!r} has image size {w}x{h}")
     for field, arr in (("features", features), ("boxes", boxes), ("cls_prob", cls_prob)):
         check_finite(path, sid, field, arr)
-    scale = np.array([w, h, w, h], dtype=np.float32)
-    boxes_norm = np.clip(boxes / scale, 0.0, 1.0).astype(np.float32)
+    boxes_norm = normalise_boxes(boxes, w, h)
     return {
         "image_id": sid,
         "features": features,

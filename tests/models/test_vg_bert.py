@@ -334,6 +334,48 @@ def test_recall_at_k_by_hand() -> None:
     assert r["r2_i2t"] == 1.0 and r["r2_t2i"] == 1.0
 
 
+def test_recall_at_k_counts_ties_against_the_gold() -> None:
+    """Ties rank the gold below every tied candidate (vl's rule): a constant scorer gets R@k = 0 (k < N), not 1; on random
+    scores with forced ties the ranks equal a loop that counts every candidate scoring >= the gold."""
+    n = 20
+    r = recall_at_k(torch.zeros(n, n), ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        assert r[f"r{k}_i2t"] == 0.0 and r[f"r{k}_t2i"] == 0.0
+    rng = np.random.default_rng(3)
+    sim = np.round(rng.normal(size=(n, n)), 1)  # one decimal: many exact ties
+    ranks_i2t = [sum(sim[i, j] >= sim[i, i] for j in range(n)) for i in range(n)]
+    ranks_t2i = [sum(sim[j, i] >= sim[i, i] for j in range(n)) for i in range(n)]
+    r = recall_at_k(torch.tensor(sim, dtype=torch.float32), ks=(1, 3))
+    for k in (1, 3):
+        assert r[f"r{k}_i2t"] == pytest.approx(np.mean(np.array(ranks_i2t) <= k))
+        assert r[f"r{k}_t2i"] == pytest.approx(np.mean(np.array(ranks_t2i) <= k))
+
+
+def test_similarity_matrix_chunks_within_its_block(monkeypatch) -> None:
+    """The default chunk keeps (chunk, N, P, T) within SIMILARITY_BLOCK values (a whole-split ranking of thousands of
+    images no longer holds a fixed 64 images' dot products) and gives the numpy similarity."""
+    import vl.heads.vg_bert as vg_heads
+
+    rng = np.random.default_rng(1)
+    v, w = rng.normal(size=(7, 5, 4)), rng.normal(size=(6, 3, 4))
+    nwords = np.array([1, 3, 2, 3, 1, 2])
+    block = 2 * 6 * 5 * 3  # two images' dot products
+    monkeypatch.setattr(vg_heads, "SIMILARITY_BLOCK", block)
+    seen: list[tuple[int, ...]] = []
+    einsum = torch.einsum
+
+    def spy(eq, *ops):
+        out = einsum(eq, *ops)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(vg_heads.torch, "einsum", spy)
+    tv, tw, tn = (torch.tensor(a, dtype=torch.float64) for a in (v, w, nwords))
+    got = vg_heads.similarity_matrix(tv, tw, tn.long())
+    assert np.allclose(got.numpy(), np_similarity(v, w, nwords), atol=1e-9)
+    assert seen and max(int(np.prod(s)) for s in seen) <= block and sum(s[0] for s in seen) == 7
+
+
 def test_seed_checkpoint_keys_map_to_vl(tmp_path: Path) -> None:
     """A state dict in the seed's layout (`RelationalGrounding` under DataParallel: `module.` + image_model.image_model.N
     / language_model.language_model.* / cross_attention_model.* / object_classifier.*) initialises the vl model."""

@@ -46,6 +46,7 @@ from vl.heads.base import EncoderOutput, HeadContext, Objective, ObjectiveResult
 from vl.metrics import Accuracy
 
 __all__ = [
+    "SIMILARITY_BLOCK",
     "similarity_matrix",
     "cross_modal_contrastive_loss",
     "pooled_contrastive_loss",
@@ -62,11 +63,19 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------ functions
+#: at most this many patch x word dot products are held at once by `similarity_matrix` (256 MiB in float32)
+SIMILARITY_BLOCK = 1 << 26
+
+
 def similarity_matrix(
-    patches: torch.Tensor, words: torch.Tensor, nwords: torch.Tensor, chunk: int = 64
+    patches: torch.Tensor, words: torch.Tensor, nwords: torch.Tensor, chunk: int | None = None
 ) -> torch.Tensor:
-    """patches (B, P, H), words (N, T, H), nwords (N,) -> S (B, N) (module docstring); images in chunks of `chunk`."""
+    """patches (B, P, H), words (N, T, H), nwords (N,) -> S (B, N) (module docstring); images in chunks of `chunk`
+    (None: as many as keep the chunk's (chunk, N, P, T) dot products within `SIMILARITY_BLOCK` values, so a
+    whole-split ranking of 5 000 images x 5 000 captions holds ~256 MiB, not a fixed 64 images' ~8 GB)."""
     t = words.shape[1]
+    if chunk is None:
+        chunk = max(1, SIMILARITY_BLOCK // max(1, words.shape[0] * patches.shape[1] * t))
     valid = (torch.arange(t, device=words.device)[None, :] < nwords.clamp(min=1)[:, None]).to(words.dtype)  # (N, T)
     rows = []
     for start in range(0, patches.shape[0], chunk):

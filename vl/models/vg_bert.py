@@ -274,11 +274,15 @@ class VGBertEncoder(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ retrieval
 def recall_at_k(sim: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """sim (N, N), image i <-> caption i gold: R@k image->text (rows) and text->image (columns), and their mean."""
+    """sim (N, N), image i <-> caption i gold: R@k image->text (rows) and text->image (columns), and their mean.
+
+    A gold's rank is the number of candidates scoring at least its score - 1e-9, itself included: ties count against
+    the gold, as in every vl ranking (`vl.models.ranking.chunked_ranks`), so a collapsed scorer (one score for
+    every pair) ranks every gold last (R@k = 0 for k < N), not first (R@k = 1)."""
     gold = torch.arange(sim.shape[0])
     sim = sim.float().cpu()
-    rank_i2t = (sim > sim[gold, gold][:, None]).sum(1) + 1
-    rank_t2i = (sim > sim[gold, gold][None, :]).sum(0) + 1
+    rank_i2t = (sim >= sim[gold, gold][:, None] - 1e-9).sum(1)
+    rank_t2i = (sim >= sim[gold, gold][None, :] - 1e-9).sum(0)
     out: dict[str, float] = {}
     for k in ks:
         out[f"r{k}_i2t"] = float((rank_i2t <= k).float().mean())

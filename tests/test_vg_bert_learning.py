@@ -49,6 +49,9 @@ class ConcretenessAtStart(L.Callback):
 
 @pytest.mark.slow  # ~30-40 min on 2 busy cores: three tiny fits from pixels
 def test_grounding_then_relational_then_transfer_learn(make_cfg) -> None:
+    """Measured 2026-12-06 with ties counted against the gold (`recall_at_k`), 2 cores, 12 min: grounding test R@5 /
+    R@10 0.199 / 0.333 (chance 0.054 / 0.108, 93 pairs); relational rel_acc 0.594 (majority 0.231); transfer R@10
+    0.296."""
     from vl.build import build_datamodule, build_model
     from vl.checkpoint import read_checkpoint
     from vl.data.collate import load_tokenizer

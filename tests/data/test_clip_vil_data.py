@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from tests.conftest import real_sample
-from vl.data.clip_vil import ClipVilPretrainDataModule, ClipVilVQADataModule, PretrainPairs, _orientation
+from vl.data.clip_vil import ClipVilPretrainDataModule, ClipVilVQADataModule, PretrainPairs
 from vl.data.formats.lxmert_pretrain import (
     convert_ans,
     convert_label,
@@ -343,8 +343,9 @@ def _seed_width_heigths(data: Path, root_name: str) -> dict:
 
 def test_width_heigths_json_is_read_in_the_seeds_own_format(tmp_path: Path) -> None:
     """A `width_heigths.json` written exactly as the seed writes it (json.dump of its records: `data/` keys, the
-    array's (rows, columns)) -> {path under data/: (w, h)} equal to PIL's sizes; the orientation groups equal the
-    seed's (`get_height_and_width` returns the pair reversed, aspect = its `width / height` quantised at bins [1.0])."""
+    array's (rows, columns)) -> {path under data/: (w, h)} equal to PIL's sizes; the k = 0 groups equal the seed's
+    (`get_height_and_width` returns the pair reversed, aspect = its `width / height` quantised at bins [1.0]): 0 =
+    landscape, 1 = portrait or square."""
     import bisect
 
     data = tmp_path / "data"
@@ -369,7 +370,7 @@ def test_width_heigths_json_is_read_in_the_seeds_own_format(tmp_path: Path) -> N
         stored_w, stored_h = records[f"data/{rel}"]
         height, width = stored_h, stored_w  # the seed's get_height_and_width: `w, h = records[...]; return h, w`
         seed_group = bisect.bisect_right([1.0], float(width) / float(height))
-        assert _orientation(sizes[rel]) == seed_group
+        assert seed_group == int(sizes[rel][0] <= sizes[rel][1])
     # keys without the `data/` prefix are read alike
     (tmp_path / "plain.json").write_text(json.dumps({k.removeprefix("data/"): v for k, v in records.items()}))
     assert load_width_heights(tmp_path / "plain.json") == sizes
@@ -389,14 +390,13 @@ def test_a_malformed_width_heigths_entry_fails_naming_the_file_and_the_key(tmp_p
         load_width_heights(path)
 
 
-def test_grouped_order_keeps_full_batches_in_one_group() -> None:
+def test_grouped_order_keeps_every_batch_in_one_group() -> None:
     groups = [0, 1] * 10 + [0] * 3
     order = list(np.random.default_rng(0).permutation(len(groups)))
     out = grouped_order(order, groups, 4)
-    assert sorted(out) == sorted(order)
-    full = len(out) // 4 * 4
-    batches = [out[i : i + 4] for i in range(0, full, 4)]
-    assert sum(len({groups[i] for i in b}) == 1 for b in batches) >= len(batches) - 1
+    assert len(out) == len(order) // 4 * 4 and set(out) <= set(order)
+    batches = [out[i : i + 4] for i in range(0, len(out), 4)]
+    assert all(len({groups[i] for i in b}) == 1 for b in batches)  # leftovers too (completed by repeats)
 
 
 def test_pretrain_loader_batches_from_pixels(data_dir: Path) -> None:
@@ -405,16 +405,15 @@ def test_pretrain_loader_batches_from_pixels(data_dir: Path) -> None:
     assert dm.info["num_qa_answers"] == len(load_all_answers(dm.path("lxmert/all_ans.json")))
     loader = dm.train_dataloader()
     assert loader.persistent_workers
-    n, mixed = 0, 0
-    for batch in loader:  # decoded, resized and normalised in the worker; grouped by orientation
+    n = 0
+    for batch in loader:  # decoded, resized and normalised in the worker; one canvas per batch
         x = batch["pixel_values"]
-        mixed += x.shape[1:] == (3, 96, 96)  # only the two groups' leftovers share a batch
-        assert x.shape[1:] in ((3, 64, 96), (3, 96, 64), (3, 96, 96))
+        assert x.shape[1:] in ((3, 64, 96), (3, 96, 64))
         assert set(batch) >= {"input_ids", "mlm_labels", "itm_labels", "qa_labels"}
         # QA labels only on matched pairs
         assert bool(((batch["qa_labels"] >= 0) <= (batch["itm_labels"] == 1)).all())
         n += 1
-    assert n == len(loader) and mixed <= 2 < n
+    assert n == len(loader) > 2
     # ITM draws ~half mismatched sentences
     labels = torch.cat([b["itm_labels"] for b in dm.val_dataloader()])
     assert 0.3 < labels.float().mean() < 0.7

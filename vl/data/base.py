@@ -18,6 +18,8 @@ from vl.data.features.cache import ReaderView, cached
 from vl.data.formats.vqa import label2ans_of
 from vl.data.samplers import (
     EpochShuffleSampler,
+    GroupedEvalSampler,
+    IndexBatches,
     ResumableDataLoader,
     UnpaddedDistributedSampler,
     global_seed,
@@ -344,6 +346,12 @@ class VLDataModule(L.LightningDataModule):
         sees the same order. Override to group batches (e.g. by image aspect ratio); keep `set_epoch`."""
         return EpochShuffleSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=self.shuffle, seed=seed)
 
+    def eval_groups(self, split: str) -> list[int] | None:
+        """Val / test: a group per example when batches must not mix groups (then `GroupedEvalSampler` cuts each
+        group's examples, in file order, into batches of at most `batch_size_per_device`; e.g. CLIP-ViL's canvas
+        orientation); None (the default): plain batches in file order."""
+        return None
+
     def stream_finisher(self, split: str, context: dict[str, Any]) -> Any:
         """For `data.streaming=true`: an object whose `finish(record, epoch)` turns a record read from the shards
         into the example `build_dataset(split)[(epoch, index)]` gives (`vl.data.streaming`); `context` is what the
@@ -362,24 +370,23 @@ class VLDataModule(L.LightningDataModule):
             from vl.data.streaming import streaming_train_loader
 
             return streaming_train_loader(self)
-        sampler = None
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        dataset: Dataset = self.datasets[split]
+        sampler: Any = None
+        batch_size: int | None = self.batch_size_per_device
+        groups = self.eval_groups(split) if split != "train" else None
         if split == "train":
-            trainer = self.trainer
-            sampler = self.train_sampler(
-                self.datasets[split],
-                num_replicas=trainer.world_size if trainer else 1,
-                rank=trainer.global_rank if trainer else 0,
-                seed=global_seed(),
-            )
-            sampler.set_epoch(trainer.current_epoch if trainer else 0)  # resumed fits start mid-way
-        elif self.trainer is not None and self.trainer.world_size > 1:
-            sampler = UnpaddedDistributedSampler(
-                self.datasets[split], num_replicas=self.trainer.world_size, rank=self.trainer.global_rank
-            )
+            sampler = self.train_sampler(dataset, num_replicas=world, rank=rank, seed=global_seed())
+            sampler.set_epoch(self.trainer.current_epoch if self.trainer else 0)  # resumed fits start mid-way
+        elif groups is not None:  # whole batches as keys, none mixing groups
+            sampler = GroupedEvalSampler(dataset, groups=groups, batch_size=batch_size, num_replicas=world, rank=rank)
+            dataset, batch_size = IndexBatches(dataset), None
+        elif world > 1:
+            sampler = UnpaddedDistributedSampler(dataset, num_replicas=world, rank=rank)
         loader_class = ResumableDataLoader if split == "train" else DataLoader
         return loader_class(
-            self.datasets[split],
-            batch_size=self.batch_size_per_device,
+            dataset,
+            batch_size=batch_size,
             sampler=sampler,
             # its own generator: creating an iterator then draws no number from the global RNG (resume parity)
             generator=torch.Generator().manual_seed(global_seed()),

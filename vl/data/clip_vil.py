@@ -44,7 +44,13 @@ from vl.data.formats.lxmert_pretrain import (
     load_width_heights,
     vqa_rows_labelled,
 )
-from vl.data.images import AspectGroupedSampler, ImageCollator, PixelLoader, build_transform
+from vl.data.images import (
+    AspectGroupedSampler,
+    ImageCollator,
+    PixelLoader,
+    ResizePadNormalize,
+    build_transform,
+)
 from vl.data.samplers import EpochShuffleSampler, global_seed, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.images import ensure_image_corpus
@@ -68,14 +74,6 @@ class ImageSource(PixelLoader):
 
     def __call__(self, img_id: str, data: bytes | None = None) -> torch.Tensor | None:  # type: ignore[override]
         return super().__call__(self.path(img_id), data)
-
-
-def _orientation(wh: tuple[int, int]) -> int:
-    """Aspect group: 0 = landscape canvas (w > h), 1 = portrait canvas (w <= h), the clip_vil transform's canvas (a
-    square image gets the portrait one), so a batch holds one canvas shape. The seed's groups are the same
-    partition: its `get_height_and_width` returns its width_heigths.json pair, (h, w), reversed as (height, width),
-    so its aspect ratio `width / height` is h / w and its group "aspect >= 1" holds the portraits and squares."""
-    return 0 if wh[0] > wh[1] else 1
 
 
 class PretrainPairs(Dataset):
@@ -197,12 +195,22 @@ class VQAPixels(Dataset):
 
 class ImageDataModule(VLDataModule):
     """Shared part of the pixel corpora: the image root (the embedded corpus in the seed's layout when `root` is
-    None), the transform, bad-image policy, aspect-ratio grouped training batches, `pin_memory` / persistent workers.
+    None), the transform, bad-image policy, batches grouped by aspect ratio, `pin_memory` / persistent workers.
 
     `transform`: "clip_vil" (ResizePadNormalize: `min_size`, `max_size`) or "vg_bert" (ResizeCenterCrop);
     `transform_options`: its keyword arguments. `width_heights`: the size file (filter + grouping), by default
     the seed's own `mscoco/width_heigths.json` (its spelling; `data/`-prefixed keys, [h, w] values:
-    `load_width_heights`)."""
+    `load_width_heights`).
+
+    Batches never mix canvases (the clip_vil transform pads a landscape image to min_size x max_size, a portrait or
+    square one to max_size x min_size):
+    - training (`group_by_aspect`, default on): `AspectGroupedSampler` over the groups of `groups`: the canvas
+      orientation (the seed's aspect_ratio_group_factor 0 groups, but for a near-square landscape image that resizes
+      to a square and gets the portrait canvas; the seed would batch it with landscapes and its collate crops it
+      into their canvas);
+    - val / test (clip_vil transform, whatever `group_by_aspect`): `GroupedEvalSampler` by canvas orientation, each
+      orientation's examples in file order in batches of at most `batch_size_per_device`, every example once (under
+      DDP: this rank's share, then grouped), so a prediction does not depend on what shares its batch."""
 
     def __init__(
         self,
@@ -263,13 +271,40 @@ class ImageDataModule(VLDataModule):
             )
         return kept
 
+    def _image_keys(self, split: str) -> list[str]:
+        """The size-file key (`image_path`) of each example of `split`, in order."""
+        dataset = self.datasets[split]
+        rows = dataset.examples if hasattr(dataset, "examples") else dataset.questions
+        return [image_path(r["img_id"]) for r in rows]
+
+    def canvas(self, size: tuple[int, int]) -> int:
+        """The canvas orientation of an image of (w, h) pixels: 1 = portrait (also squares, and the near-square
+        landscape images that resize to a square), 0 = landscape, as the clip_vil transform pads it; for another
+        transform, by its own w <= h."""
+        w, h = size
+        return int(self.transform.portrait(w, h) if isinstance(self.transform, ResizePadNormalize) else w <= h)
+
     def groups(self, split: str) -> list[int]:
-        rows = (
-            self.datasets[split].examples
-            if hasattr(self.datasets[split], "examples")
-            else self.datasets[split].questions
-        )
-        return [_orientation(self.sizes[image_path(r["img_id"])]) for r in rows]
+        """Training groups: each example's canvas orientation (`canvas`)."""
+        cache: dict[str, int] = {}
+        out = []
+        for key in self._image_keys(split):
+            if key not in cache:
+                cache[key] = self.canvas(self.sizes[key])
+            out.append(cache[key])
+        return out
+
+    def eval_groups(self, split: str) -> list[int] | None:
+        """Val / test batches by canvas orientation (the clip_vil transform; None for a fixed-size one)."""
+        if not isinstance(self.transform, ResizePadNormalize):
+            return None
+        cache: dict[str, int] = {}
+        out = []
+        for key in self._image_keys(split):
+            if key not in cache:
+                cache[key] = self.canvas(self.sizes[key])
+            out.append(cache[key])
+        return out
 
     def collator(self, split: str) -> ImageCollator:
         base = super().collator(split)
@@ -280,13 +315,25 @@ class ImageDataModule(VLDataModule):
             mlm=base.mlm,
             mlm_probability=base.mlm_probability,
             labels=self.label_keys,
+            pad_value=self.pad_value,
         )
 
+    @property
+    def pad_value(self) -> Any:
+        """What a batch of different canvases is padded with (`stack_pixels`): the transform's own padding."""
+        return getattr(self.transform, "batch_pad_value", None)
+
     def scoring_collator(self) -> ImageCollator:
-        return ImageCollator(self.tokenizer, max_text_len=self.max_text_len, fixed_shapes=True, labels=self.label_keys)
+        return ImageCollator(
+            self.tokenizer,
+            max_text_len=self.max_text_len,
+            fixed_shapes=True,
+            labels=self.label_keys,
+            pad_value=self.pad_value,
+        )
 
     def train_sampler(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> EpochShuffleSampler:
-        """Batches grouped by aspect ratio (`AspectGroupedSampler`), unless `group_by_aspect` is off."""
+        """Batches of one group each (`groups`, `AspectGroupedSampler`), unless `group_by_aspect` is off."""
         if not self.group_by_aspect:
             return super().train_sampler(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
         return AspectGroupedSampler(

@@ -428,7 +428,8 @@ class CustomDataModule(VLDataModule):
 
     # ------------------------------------------------------------------ collation, inference
     def _collator(self, base: Collator) -> Collator:
-        return source_collator(self.source.kind, base)
+        pixels = self.source.pixels
+        return source_collator(self.source.kind, base, getattr(pixels and pixels.transform, "batch_pad_value", None))
 
     def collator(self, split: str) -> Collator:
         return self._collator(super().collator(split))

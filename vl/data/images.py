@@ -12,12 +12,17 @@ never in the training step.
   resized w > h, else `min_size` wide x `max_size` high (a square image is portrait); then CLIP mean/std, so the
   padding is (0 - mean) / std, not 0.
 - `ResizeCenterCrop` (VG-BERT): shorter side -> 256 (bilinear), centre crop 224, ImageNet mean/std.
-- `AspectGroupedSampler`: `EpochShuffleSampler` whose order puts same-orientation images into the same batches
-  (the seed's `aspect_ratio_group_factor`, here the groups the caller gives: CLIP-ViL's canvas
-  orientation, w > h and w <= h); resumable like its parent.
-- `ImageCollator`: the shared `Collator` plus `pixel_values` (B, 3, H, W), zero-padded to the batch's largest H / W;
-  examples that are None (an image skipped under `on_bad_image="skip"`) are dropped and counted in
-  `images_skipped`.
+- `AspectGroupedSampler`: `EpochShuffleSampler` whose batches each hold one group (the caller's: CLIP-ViL's
+  canvas orientation), formed as the seed's `GroupedBatchSampler` (`grouped_batches`): full batches in the
+  shuffled order, then the largest leftover buffers completed with repeats of their group's examples, len // batch
+  batches in all; resumable like its parent.
+- `ImageCollator`: the shared `Collator` plus `pixel_values` (B, 3, H, W) (`stack_pixels`); examples that are None
+  (an image skipped under `on_bad_image="skip"`) are dropped and counted in `images_skipped`. A batch whose images
+  have different canvases (only where batches are not grouped: streaming training, `data.group_by_aspect=false`,
+  `data=custom`, a user's sampler) is padded bottom / right to the largest with the transform's own padding value
+  (`batch_pad_value`: black after normalisation for the padded clip_vil transform) and logged once per process:
+  its images then get more (padding) grid cells than in a grouped batch. Without fixed canvases (the unpadded
+  clip_vil transform) the padding is 0, as the seed's `to_image_list`, and nothing is logged.
 
 Why not torchvision: its PyPI wheels for torch 2.13 (0.28.*) are CUDA builds, whose ops library does not load with the
 CPU torch build these machines install (`import torchvision` fails: "operator torchvision::nms does not exist"); the
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +60,9 @@ __all__ = [
     "ResizeCenterCrop",
     "build_transform",
     "AspectGroupedSampler",
+    "grouped_batches",
     "grouped_order",
+    "stack_pixels",
     "ImageCollator",
 ]
 
@@ -151,6 +159,19 @@ class ResizePadNormalize:
             raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
         self.min_size, self.max_size, self.mean, self.std, self.pad = min_size, max_size, mean, std, pad
 
+    def portrait(self, width: int, height: int) -> bool:
+        """Whether an image of `width` x `height` gets the portrait canvas (`max_size` high): its resized w <= h. A
+        near-square landscape image (e.g. 500 x 499 -> 384 x 384) gets it too."""
+        w, h = clip_vil_resized_size(width, height, self.min_size, self.max_size)
+        return w <= h
+
+    @property
+    def batch_pad_value(self) -> tuple[float, ...] | None:
+        """What a batch of different canvases is padded with: the transform's own padding, black after normalisation
+        ((0 - mean) / std per channel); None without padding (`pad=False`: sizes vary by design, `stack_pixels` pads
+        with 0 as the seed's `to_image_list`)."""
+        return tuple(-m / s for m, s in zip(self.mean, self.std)) if self.pad else None
+
     def __call__(self, img: Any) -> torch.Tensor:
         from PIL import Image
 
@@ -201,30 +222,52 @@ def build_transform(name: str, **options: Any) -> Any:
     raise ConfigError(f"data.transform: '{name}' is not one of 'clip_vil', 'vg_bert'")
 
 
-def grouped_order(order: Sequence[int], groups: Sequence[int], batch_size: int) -> list[int]:
-    """Reorder `order` so every full batch holds one group: indices are dealt into per-group buffers in `order`;
-    a buffer that reaches `batch_size` is emitted as a batch; the leftovers come last (mixed batches)."""
+def grouped_batches(order: Sequence[int], groups: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The seed's `GroupedBatchSampler` over `order` (one rank's epoch order): indices are dealt into per-group
+    buffers; a buffer that reaches `batch_size` is a batch (and its group's buffer starts again, last in the buffers'
+    order, as the seed's defaultdict re-creates it). Then, for len(order) // batch_size batches in all, the leftover
+    buffers, largest first (ties: buffer order), are completed with their group's examples of this epoch from its
+    first, repeated as needed; the other leftovers are not seen this epoch. Every batch holds one group. vl's one
+    difference: fewer examples than `batch_size` give one batch (the seed gives none), so no epoch is empty."""
     buffers: dict[int, list[int]] = {}
-    out: list[int] = []
+    seen: dict[int, list[int]] = {}
+    batches: list[list[int]] = []
     for index in order:
-        buf = buffers.setdefault(int(groups[index]), [])
-        buf.append(int(index))
-        if len(buf) == batch_size:
-            out += buf
-            buf.clear()
-    for buf in buffers.values():
-        out += buf
-    return out
+        group = int(groups[index])
+        buffers.setdefault(group, []).append(int(index))
+        seen.setdefault(group, []).append(int(index))
+        if len(buffers[group]) == batch_size:
+            batches.append(buffers.pop(group))
+            buffers[group] = []
+    wanted = max(1, len(order) // batch_size) if len(order) else 0
+    for group, buffer in sorted(buffers.items(), key=lambda item: len(item[1]), reverse=True):
+        if len(batches) >= wanted:
+            break
+        missing = batch_size - len(buffer)
+        pool = seen[group] * math.ceil(missing / len(seen[group]))
+        batches.append(buffer + pool[:missing])
+    return batches
+
+
+def grouped_order(order: Sequence[int], groups: Sequence[int], batch_size: int) -> list[int]:
+    """`grouped_batches` flattened: consecutive runs of `batch_size` are the batches (a DataLoader's batching)."""
+    return [index for batch in grouped_batches(order, groups, batch_size) for index in batch]
 
 
 class AspectGroupedSampler(EpochShuffleSampler):
-    """`EpochShuffleSampler` (yields `(epoch, index)`; shuffles per epoch; resumable mid-epoch) with batches grouped
-    by `groups[index]` (e.g. 0 = landscape, 1 = portrait); `batch_size`: the per-device batch size."""
+    """`EpochShuffleSampler` (yields `(epoch, index)`; shuffles per epoch; resumable mid-epoch) with batches of one
+    group each, `groups[index]` (e.g. canvas orientation), formed by `grouped_batches` from this
+    rank's shuffled shard; `batch_size`: the per-device batch size. An epoch is len(shard) // batch_size (at least
+    one) full batches: `len()` counts their examples, so the DataLoader (same batch size, no `drop_last`) cuts
+    exactly those batches, and a saved position (batches x batch size) skips whole batches of the same order."""
 
     def __init__(self, *args: Any, groups: Sequence[int], batch_size: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.groups = list(groups)
         self.batch_size = int(batch_size)
+
+    def __len__(self) -> int:
+        return max(1, self.num_samples // self.batch_size) * self.batch_size if self.num_samples else 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         epoch = self.epoch
@@ -236,22 +279,46 @@ class AspectGroupedSampler(EpochShuffleSampler):
                 yield (epoch, index)
 
 
-def stack_pixels(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(3, H_i, W_i) tensors -> (B, 3, max H, max W), zero-padded bottom/right."""
+_MIXED_LOGGED = False
+
+
+def stack_pixels(pixels: Sequence[torch.Tensor], pad_value: float | Sequence[float] | None = None) -> torch.Tensor:
+    """(3, H_i, W_i) tensors -> (B, 3, max H, max W), padded bottom / right with `pad_value` (a number or one per
+    channel; None: 0, for images without fixed canvases). A collator whose transform pads to fixed canvases passes
+    its `batch_pad_value`, and a batch that then needs padding (images of different canvases) is logged once per
+    process."""
     h = max(p.shape[1] for p in pixels)
     w = max(p.shape[2] for p in pixels)
     if all(p.shape[1] == h and p.shape[2] == w for p in pixels):
         return torch.stack(list(pixels))
-    out = torch.zeros(len(pixels), pixels[0].shape[0], h, w, dtype=pixels[0].dtype)
+    if pad_value is not None:
+        global _MIXED_LOGGED
+        if not _MIXED_LOGGED:
+            _MIXED_LOGGED = True
+            log.warning(
+                "a batch mixes image canvases %s: padded to %d x %d with the transform's own padding value; its images "
+                "get more (padding) grid cells than in a batch of one canvas (logged once per process)",
+                sorted({tuple(p.shape[1:]) for p in pixels}),
+                h,
+                w,
+            )
+    channels = pixels[0].shape[0]
+    fill = torch.as_tensor(0.0 if pad_value is None else pad_value, dtype=pixels[0].dtype)
+    out = fill.reshape(1, -1, 1, 1).expand(len(pixels), channels, h, w).clone()
     for i, p in enumerate(pixels):
         out[i, :, : p.shape[1], : p.shape[2]] = p
     return out
 
 
 class ImageCollator(Collator):
-    """The shared collator plus `pixels` ((3, H, W) per example) -> `pixel_values` (B, 3, H, W)."""
+    """The shared collator plus `pixels` ((3, H, W) per example) -> `pixel_values` (B, 3, H, W); `pad_value`: the
+    transform's `batch_pad_value` (None: 0, see `stack_pixels`)."""
 
     extra_keys = frozenset({"pixels"})
+
+    def __init__(self, *args: Any, pad_value: float | Sequence[float] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pad_value = pad_value
 
     def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
         kept = [ex for ex in examples if ex is not None]
@@ -259,6 +326,6 @@ class ImageCollator(Collator):
             raise DataError(f"every image of a batch of {len(examples)} failed to load (on_bad_image=skip)")
         pixels = [ex["pixels"] for ex in kept]
         batch = super().__call__([{k: v for k, v in ex.items() if k != "pixels"} for ex in kept])
-        batch["pixel_values"] = stack_pixels(pixels)
+        batch["pixel_values"] = stack_pixels(pixels, self.pad_value)
         batch["images_skipped"] = len(examples) - len(kept)
         return batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,9 @@ __all__ = [
     "step_micro_batches",
     "ResumableDataLoader",
     "UnpaddedDistributedSampler",
+    "GroupedEvalSampler",
+    "IndexBatches",
+    "eval_batches",
 ]
 
 
@@ -289,3 +292,57 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+def eval_batches(indices: Sequence[int], groups: Sequence[int], batch_size: int) -> list[tuple[int, ...]]:
+    """Evaluation batches that never mix groups: each group's `indices` (in their order) cut into consecutive chunks
+    of at most `batch_size`; the batches ordered by their first example's position. Every index exactly once."""
+    position = {int(index): i for i, index in enumerate(indices)}
+    by_group: dict[int, list[int]] = {}
+    for index in indices:
+        by_group.setdefault(int(groups[index]), []).append(int(index))
+    batches = [
+        tuple(members[start : start + batch_size])
+        for members in by_group.values()
+        for start in range(0, len(members), batch_size)
+    ]
+    return sorted(batches, key=lambda batch: position[batch[0]])
+
+
+class GroupedEvalSampler(DistributedSampler):
+    """Val / test batches of one group each (e.g. CLIP-ViL's canvas orientation, so a prediction does not depend on
+    what shares its batch): this rank's examples r, r + world, ... (`UnpaddedDistributedSampler`'s share: every
+    example scored exactly once over the ranks), cut by `eval_batches`. Yields one tuple of indices per batch: use it
+    with `batch_size=None` over `IndexBatches(dataset)`. A DistributedSampler, so Lightning keeps it under DDP."""
+
+    def __init__(
+        self, dataset: Dataset, *, groups: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        n = len(dataset)  # type: ignore[arg-type]
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} groups for {n} examples")
+        self.num_samples = len(range(rank, n, num_replicas))
+        self.total_size = n
+        self.batch_size = int(batch_size)
+        self.batches = eval_batches(range(rank, n, num_replicas), groups, self.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:  # type: ignore[override]
+        return iter(self.batches)
+
+
+class IndexBatches(Dataset):
+    """`dataset` read a batch at a time: key = a tuple of indices (`GroupedEvalSampler`'s) -> the list of examples,
+    which the loader's collate function (`batch_size=None`) turns into the batch."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Sequence[int]) -> list[Any]:
+        return [self.dataset[index] for index in key]

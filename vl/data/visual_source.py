@@ -177,7 +177,7 @@ class PixelChoiceCollator(ImageCollator):
         return batch
 
     def visual_batch(self, visuals: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": stack_pixels([v["pixels"] for v in visuals])}
+        return {"pixel_values": stack_pixels([v["pixels"] for v in visuals], self.pad_value)}
 
 
 def clip_fields(feat: np.ndarray) -> dict[str, Any]:
@@ -220,9 +220,10 @@ class Expanded(Dataset):
         return None if fields is None else {**example, **fields}
 
 
-def source_collator(kind: str, base: Collator) -> Collator:
+def source_collator(kind: str, base: Collator, pad_value: Any = None) -> Collator:
     """`base` (a region collator) with its options, for a `VisualSource` of `kind`: `ClipRegionCollator` for a CLIP
-    file, `PixelChoiceCollator` for an image directory, `base` itself for region features."""
+    file, `PixelChoiceCollator` for an image directory (`pad_value`: its transform's `batch_pad_value`, what a batch
+    of different canvases is padded with), `base` itself for region features."""
     if kind == "regions":
         return base
     options = {
@@ -234,5 +235,6 @@ def source_collator(kind: str, base: Collator) -> Collator:
         "fixed_shapes": base.fixed_shapes,
         "labels": base.labels,
     }
-    collator = ClipRegionCollator if kind == "clip" else PixelChoiceCollator
-    return collator(base.tokenizer, **options)
+    if kind == "clip":
+        return ClipRegionCollator(base.tokenizer, **options)
+    return PixelChoiceCollator(base.tokenizer, **options, pad_value=pad_value)

@@ -233,7 +233,12 @@ def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------------- range checks
 #: (key, minimum, also allowed): counts that Hydra's types cannot bound; `None` is allowed where the schema says so
-_DATA_COUNTS = (("batch_size", 1, ()), ("batch_size_per_device", 1, ()), ("num_workers", 0, ()))
+_DATA_COUNTS = (
+    ("batch_size", 1, ()),
+    ("batch_size_per_device", 1, ()),
+    ("num_workers", 0, ()),
+    ("aspect_ratio_group_factor", 0, ()),  # the pixel corpora's aspect-ratio bins (0: by orientation)
+)
 _TRAINER_COUNTS = (
     ("max_epochs", 1, (-1,)),  # -1: unlimited (Lightning)
     ("min_epochs", 0, ()),

@@ -35,6 +35,7 @@ from vl.data.images import (
     ImageCollator,
     ResizeCenterCrop,
     ResizePadNormalize,
+    aspect_group,
     clip_vil_resized_size,
     grouped_order,
     load_rgb,
@@ -370,7 +371,7 @@ def test_width_heigths_json_is_read_in_the_seeds_own_format(tmp_path: Path) -> N
         stored_w, stored_h = records[f"data/{rel}"]
         height, width = stored_h, stored_w  # the seed's get_height_and_width: `w, h = records[...]; return h, w`
         seed_group = bisect.bisect_right([1.0], float(width) / float(height))
-        assert seed_group == int(sizes[rel][0] <= sizes[rel][1])
+        assert aspect_group(*sizes[rel], [1.0]) == seed_group == int(sizes[rel][0] <= sizes[rel][1])
     # keys without the `data/` prefix are read alike
     (tmp_path / "plain.json").write_text(json.dumps({k.removeprefix("data/"): v for k, v in records.items()}))
     assert load_width_heights(tmp_path / "plain.json") == sizes

@@ -1,10 +1,13 @@
-"""CLIP-ViL batches never mix image canvases, checked against independent computations: the seed's
-`GroupedBatchSampler` (transcribed, leftovers included), val / test batches by canvas orientation (every example
+"""CLIP-ViL batches never mix image canvases, checked against independent computations: the seed's aspect-ratio
+groups (torchvision's detection-reference `create_aspect_ratio_groups`, written out with the seed's size-file swap),
+its `GroupedBatchSampler` (transcribed, leftovers included), val / test batches by canvas orientation (every example
 once, also over two simulated ranks), a prediction that does not depend on what shares its batch, and a mixed batch
 padded with the transform's own padding value."""
 
 from __future__ import annotations
 
+import bisect
+import copy
 import logging
 import math
 from collections import defaultdict
@@ -25,13 +28,35 @@ from vl.data.images import (
     CLIP_STD,
     AspectGroupedSampler,
     ResizePadNormalize,
+    aspect_group,
+    aspect_ratio_bins,
     grouped_batches,
     stack_pixels,
 )
 from vl.data.samplers import GroupedEvalSampler
+from vl.errors import ConfigError
 
 
 # ------------------------------------------------------------------------------------------------ the seed, transcribed
+def _seed_quantize(x: list[float], bins: list[float]) -> list[int]:
+    """torchvision detection reference `_quantize` (the seed's `vision_helpers.py`)."""
+    bins = sorted(copy.deepcopy(bins))
+    return [bisect.bisect_right(bins, y) for y in x]
+
+
+def _seed_groups(stored: list[tuple[int, int]], k: int) -> list[int]:
+    """The seed's `create_aspect_ratio_groups(dataset, k)` over `_compute_aspect_ratios_custom_dataset`: its size file
+    stores `(w, h) = image.shape[:2]` (rows, columns); `get_height_and_width` does `w, h = records[...]; return h, w`;
+    the ratio is `float(width) / float(height)` of that pair."""
+    ratios = []
+    for record in stored:
+        w, h = record
+        height, width = h, w  # get_height_and_width's return value, unpacked as (height, width)
+        ratios.append(float(width) / float(height))
+    bins = (2 ** np.linspace(-1, 1, 2 * k + 1)).tolist() if k > 0 else [1.0]
+    return _seed_quantize(ratios, bins)
+
+
 def _seed_grouped_batch_sampler(order: list[int], group_ids: list[int], batch_size: int) -> list[list[int]]:
     """The seed's `GroupedBatchSampler.__iter__` (non-exhaustive), line by line; `len` = len(sampler) // batch."""
     buffer_per_group: defaultdict[int, list[int]] = defaultdict(list)
@@ -61,13 +86,50 @@ def _seed_grouped_batch_sampler(order: list[int], group_ids: list[int], batch_si
     return out
 
 
-# ------------------------------------------------------------------------------------------------ groups
-def test_training_groups_split_where_the_canvas_differs(data_dir: Path) -> None:
-    """A near-square landscape image (500 x 499 -> 384 x 384) gets the portrait canvas, so it is grouped with the
-    portraits: no training batch mixes canvases."""
-    dm = _dm(ClipVilVQADataModule, data_dir, transform_options={})
+# ------------------------------------------------------------------------------------------------ aspect groups
+@pytest.mark.parametrize("k", [0, 1, 2, 5, 7])
+def test_aspect_groups_are_the_seeds_create_aspect_ratio_groups(k: int) -> None:
+    rng = np.random.default_rng(k)
+    sizes = [(int(w), int(h)) for w, h in rng.integers(20, 2000, (2000, 2))]  # PIL (width, height)
+    # exact bin edges: h / w = 1/2, 1, 2 (the rational edges), and next to every edge
+    sizes += [(200, 100), (100, 200), (300, 300), (640, 320), (320, 640), (641, 320), (320, 641), (501, 500)]
+    for edge in aspect_ratio_bins(k):
+        w = 1000
+        for h in (math.floor(edge * w), math.ceil(edge * w), round(edge * w)):
+            sizes.append((w, max(1, h)))
+    stored = [(h, w) for w, h in sizes]  # the seed's width_heigths.json pair: image.shape[:2]
+    bins = aspect_ratio_bins(k)
+    assert [aspect_group(w, h, bins) for w, h in sizes] == _seed_groups(stored, k)
+
+
+def test_one_is_a_bin_edge_so_every_group_keeps_to_one_side_of_square() -> None:
+    for k in range(0, 49):
+        assert aspect_ratio_bins(k)[k] == 1.0, k
+    bins = aspect_ratio_bins(5)
+    assert aspect_group(10, 10, bins) == 6 and aspect_group(11, 10, bins) == 5  # square: the first group above 1
+    assert aspect_group(2, 1, bins) == 1 and aspect_group(1, 2, bins) == 11  # h / w = 0.5, 2: bisect_right
+    with pytest.raises(ConfigError, match=r"data\.aspect_ratio_group_factor"):
+        aspect_ratio_bins(-1)
+
+
+def test_a_negative_group_factor_fails_in_one_line_before_anything_is_built(make_cfg) -> None:
+    from vl.config import check_config
+
+    cfg = make_cfg("experiment=clip_vil_vqa_tiny", "data.aspect_ratio_group_factor=-1")
+    with pytest.raises(ConfigError, match=r"^data\.aspect_ratio_group_factor=-1: must be an integer >= 0"):
+        check_config(cfg)
+    assert make_cfg("experiment=clip_vil_pretrain", tiny=False).data.aspect_ratio_group_factor == 5
+    assert make_cfg("experiment=clip_vil_vqa", tiny=False).data.aspect_ratio_group_factor == 0
+
+
+def test_training_groups_split_an_aspect_group_where_the_canvas_differs(data_dir: Path) -> None:
+    """A near-square landscape image (500 x 499 -> 384 x 384) gets the portrait canvas: it is grouped apart from the
+    landscapes of its aspect group, so no training batch mixes canvases."""
+    dm = _dm(ClipVilVQADataModule, data_dir, aspect_ratio_group_factor=5, transform_options={})
+    bins = dm.aspect_bins
     assert dm.canvas((640, 480)) == 0 and dm.canvas((480, 640)) == 1 and dm.canvas((500, 500)) == 1
-    assert dm.canvas((500, 499)) == 1 and dm.canvas((640, 600)) == 0
+    assert aspect_group(500, 499, bins) == aspect_group(640, 600, bins) == 5
+    assert dm.canvas((500, 499)) == 1 != dm.canvas((640, 600))
     assert dm.transform(Image.new("RGB", (500, 499))).shape[1:] == (640, 384)  # its canvas, as the transform pads
 
 
@@ -117,7 +179,7 @@ def test_grouped_sampler_epochs_cover_its_batches_and_resume_mid_epoch_exactly()
 
 
 def test_pretrain_training_batches_hold_one_canvas(data_dir: Path) -> None:
-    dm = _dm(ClipVilPretrainDataModule, data_dir)
+    dm = _dm(ClipVilPretrainDataModule, data_dir, aspect_ratio_group_factor=5)
     dm.prepare_data()
     loader = dm.train_dataloader()
     groups = dm.groups("train")

@@ -49,6 +49,8 @@ from vl.data.images import (
     ImageCollator,
     PixelLoader,
     ResizePadNormalize,
+    aspect_group,
+    aspect_ratio_bins,
     build_transform,
 )
 from vl.data.samplers import EpochShuffleSampler, global_seed, split_key
@@ -204,10 +206,10 @@ class ImageDataModule(VLDataModule):
 
     Batches never mix canvases (the clip_vil transform pads a landscape image to min_size x max_size, a portrait or
     square one to max_size x min_size):
-    - training (`group_by_aspect`, default on): `AspectGroupedSampler` over the groups of `groups`: the canvas
-      orientation (the seed's aspect_ratio_group_factor 0 groups, but for a near-square landscape image that resizes
-      to a square and gets the portrait canvas; the seed would batch it with landscapes and its collate crops it
-      into their canvas);
+    - training (`group_by_aspect`, default on): `AspectGroupedSampler` over the groups of `groups`: the seed's
+      aspect-ratio group (`aspect_ratio_group_factor` k: `aspect_group`, bins 2 ** linspace(-1, 1, 2k + 1); k = 0:
+      by orientation), split by canvas where they disagree (a near-square landscape image that resizes to a square
+      gets the portrait canvas; the seed would batch it with landscapes and its collate crops it into their canvas);
     - val / test (clip_vil transform, whatever `group_by_aspect`): `GroupedEvalSampler` by canvas orientation, each
       orientation's examples in file order in batches of at most `batch_size_per_device`, every example once (under
       DDP: this rank's share, then grouped), so a prediction does not depend on what shares its batch."""
@@ -221,9 +223,12 @@ class ImageDataModule(VLDataModule):
         image_format: str = "jpg",
         width_heights: str = "mscoco/width_heigths.json",
         group_by_aspect: bool = True,
+        aspect_ratio_group_factor: int = 0,
         pin_memory: bool = True,
         **kwargs: Any,
     ) -> None:
+        """`aspect_ratio_group_factor`: the seed's k (`--aspect_ratio_group_factor`): 5 in the published
+        pretraining commands, 0 (its default, by orientation) for VQA; an integer >= 0."""
         # pinned memory only helps (and only exists) with an accelerator; on CPU it would just warn
         super().__init__(pin_memory=pin_memory and torch.cuda.is_available(), **kwargs)
         self.transform = build_transform(transform, **dict(transform_options or {}))
@@ -231,6 +236,8 @@ class ImageDataModule(VLDataModule):
         self.image_format = image_format
         self.width_heights_file = width_heights
         self.group_by_aspect = group_by_aspect
+        self.aspect_bins = aspect_ratio_bins(aspect_ratio_group_factor)  # a bad k fails here, in one line
+        self.aspect_ratio_group_factor = aspect_ratio_group_factor
         self._sizes: dict[str, tuple[int, int]] | None = None
         ImageSource(Path("."), None, on_bad_image, image_format)  # validates the two options now
 
@@ -285,12 +292,14 @@ class ImageDataModule(VLDataModule):
         return int(self.transform.portrait(w, h) if isinstance(self.transform, ResizePadNormalize) else w <= h)
 
     def groups(self, split: str) -> list[int]:
-        """Training groups: each example's canvas orientation (`canvas`)."""
+        """Training groups: the seed's aspect-ratio group of each example's image (`aspect_ratio_group_factor`)
+        and its canvas orientation, as one id (2 x group + canvas)."""
         cache: dict[str, int] = {}
         out = []
         for key in self._image_keys(split):
             if key not in cache:
-                cache[key] = self.canvas(self.sizes[key])
+                size = self.sizes[key]
+                cache[key] = 2 * aspect_group(*size, self.aspect_bins) + self.canvas(size)
             out.append(cache[key])
         return out
 

@@ -12,8 +12,11 @@ never in the training step.
   resized w > h, else `min_size` wide x `max_size` high (a square image is portrait); then CLIP mean/std, so the
   padding is (0 - mean) / std, not 0.
 - `ResizeCenterCrop` (VG-BERT): shorter side -> 256 (bilinear), centre crop 224, ImageNet mean/std.
-- `AspectGroupedSampler`: `EpochShuffleSampler` whose batches each hold one group (the caller's: CLIP-ViL's
-  canvas orientation), formed as the seed's `GroupedBatchSampler` (`grouped_batches`): full batches in the
+- `aspect_ratio_bins` / `aspect_group`: the seed's aspect-ratio groups (torchvision's detection reference
+  `create_aspect_ratio_groups(k)`, `data.aspect_ratio_group_factor`): bin edges 2 ** linspace(-1, 1, 2k + 1) ([1.0]
+  for k = 0), group = bisect_right(edges, height / width).
+- `AspectGroupedSampler`: `EpochShuffleSampler` whose batches each hold one group (the caller's: CLIP-ViL's aspect
+  group x canvas orientation), formed as the seed's `GroupedBatchSampler` (`grouped_batches`): full batches in the
   shuffled order, then the largest leftover buffers completed with repeats of their group's examples, len // batch
   batches in all; resumable like its parent.
 - `ImageCollator`: the shared `Collator` plus `pixel_values` (B, 3, H, W) (`stack_pixels`); examples that are None
@@ -32,6 +35,7 @@ and resizes instead; the transforms follow torchvision's size rules.
 
 from __future__ import annotations
 
+import bisect
 import io
 import logging
 import math
@@ -59,6 +63,8 @@ __all__ = [
     "ResizePadNormalize",
     "ResizeCenterCrop",
     "build_transform",
+    "aspect_ratio_bins",
+    "aspect_group",
     "AspectGroupedSampler",
     "grouped_batches",
     "grouped_order",
@@ -222,6 +228,21 @@ def build_transform(name: str, **options: Any) -> Any:
     raise ConfigError(f"data.transform: '{name}' is not one of 'clip_vil', 'vg_bert'")
 
 
+def aspect_ratio_bins(k: int) -> list[float]:
+    """The seed's aspect-ratio bin edges (torchvision detection reference, `create_aspect_ratio_groups(k)`):
+    2 ** linspace(-1, 1, 2k + 1), or [1.0] for k = 0; `ConfigError` for k < 0."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"data.aspect_ratio_group_factor: {k!r} must be an integer >= 0 (0: by orientation)")
+    return (2 ** np.linspace(-1, 1, 2 * k + 1)).tolist() if k > 0 else [1.0]
+
+
+def aspect_group(width: int, height: int, bins: Sequence[float]) -> int:
+    """The seed's group of a `width` x `height` image: bisect_right(bins (sorted), height / width). Its ratio is
+    `width / height` of `get_height_and_width`, which returns the size file's pair, (rows, columns), reversed: the
+    image's height over its width; 1.0 is an edge for k < 49 (a square is in the first group above it)."""
+    return bisect.bisect_right(bins, float(height) / float(width))
+
+
 def grouped_batches(order: Sequence[int], groups: Sequence[int], batch_size: int) -> list[list[int]]:
     """The seed's `GroupedBatchSampler` over `order` (one rank's epoch order): indices are dealt into per-group
     buffers; a buffer that reaches `batch_size` is a batch (and its group's buffer starts again, last in the buffers'
@@ -256,7 +277,7 @@ def grouped_order(order: Sequence[int], groups: Sequence[int], batch_size: int) 
 
 class AspectGroupedSampler(EpochShuffleSampler):
     """`EpochShuffleSampler` (yields `(epoch, index)`; shuffles per epoch; resumable mid-epoch) with batches of one
-    group each, `groups[index]` (e.g. canvas orientation), formed by `grouped_batches` from this
+    group each, `groups[index]` (e.g. aspect group x canvas orientation), formed by `grouped_batches` from this
     rank's shuffled shard; `batch_size`: the per-device batch size. An epoch is len(shard) // batch_size (at least
     one) full batches: `len()` counts their examples, so the DataLoader (same batch size, no `drop_last`) cuts
     exactly those batches, and a saved position (batches x batch size) skips whole batches of the same order."""

@@ -148,6 +148,56 @@ def test_cpu_finetune_recipes_do_not_claim_to_be_published(task: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- schema cache
+#: the seed's published pretraining commands (CLIP-ViL-Pretrain readme; spec: clip_vil.md): backbone, global batch
+#: (8 GPUs x accumulation 2), per-GPU batch, AdamW lr, backbone SGD x0.1 epochs, epochs run, epochs the AdamW decay
+#: is planned for (stage 1: `--epochs 20`, stopped after Epoch09), objectives, aspect_ratio_group_factor
+PUBLISHED_CLIP_VIL = {
+    "clip_vil_pretrain": ("RN50", 512, 32, 1e-4, [12, 17], 9, 20, ["mlm", "itm"], 5),
+    "clip_vil_pretrain_qa": ("RN50", 512, 32, 5e-5, [4, 8], 11, None, ["mlm", "itm", "qa"], 5),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PUBLISHED_CLIP_VIL))
+def test_published_clip_vil_pretraining_recipes(experiment: str, make_cfg) -> None:
+    backbone, batch, per_gpu, lr, schedule, epochs, planned, objectives, k = PUBLISHED_CLIP_VIL[experiment]
+    cfg = make_cfg(f"experiment={experiment}", tiny=False)
+    assert cfg.model.encoder.backbone.name == backbone
+    assert (cfg.data.batch_size, cfg.data.batch_size_per_device) == (batch, per_gpu) and batch == per_gpu * 8 * 2
+    assert cfg.model.optimizer.lr == lr and list(cfg.model.visual_optimizer.schedule) == schedule
+    assert (cfg.trainer.max_epochs, cfg.model.decay_epochs) == (epochs, planned)
+    assert list(cfg.data.objectives) == objectives and cfg.data.aspect_ratio_group_factor == k
+    assert cfg.model.visual_optimizer.lr == 0.003 and cfg.model.encoder.sub_feat_num == 100
+    assert cfg.model.warmup_ratio == 0.025 and cfg.trainer.gradient_clip_val == 1.0
+
+
+def test_clip_vil_stages_hand_on_their_last_checkpoint(make_cfg, tmp_path) -> None:
+    """The seed hands on each pretraining stage's last epoch (Epoch09, Epoch11): the chained tiny experiment's
+    `pretrain.hand_off` is `last`; `hand_off` picks last.ckpt (nothing when the stage saved nothing), and a missing
+    last.ckpt callback or an unknown choice is one line before anything runs."""
+    from vl.config import check_config
+    from vl.errors import ConfigError
+    from vl.pipeline import check_hand_off, hand_off
+
+    cfg = make_cfg("experiment=clip_vil_pretrain_qa_tiny")
+    assert cfg.pretrain.hand_off == "last" and cfg.callbacks.last_checkpoint.filename == "last"
+    check_config(cfg)
+    check_hand_off(cfg)
+    assert make_cfg("experiment=pretrain_vqa").pretrain.get("hand_off", "best") == "best"  # the default run: best
+    stage = tmp_path / "pretrain"
+    (stage / "checkpoints").mkdir(parents=True)
+    best = str(stage / "checkpoints" / "best.ckpt")
+    assert hand_off(cfg.pretrain, stage, None) is None  # fast_dev_run: nothing saved, nothing handed on
+    with pytest.raises(ConfigError, match=r"^pretrain\.hand_off=last: .*last\.ckpt was not written"):
+        hand_off(cfg.pretrain, stage, best)
+    (stage / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert hand_off(cfg.pretrain, stage, best) == str(stage / "checkpoints" / "last.ckpt")
+    assert hand_off(OmegaConf.create({"hand_off": "best"}), stage, best) == best
+    with pytest.raises(ConfigError, match=r"^pretrain\.hand_off=last: no callback writes last\.ckpt"):
+        check_hand_off(make_cfg("experiment=clip_vil_pretrain_qa_tiny", "callbacks=none"))
+    with pytest.raises(ConfigError, match=r"^pretrain\.hand_off=latest: must be one of best, last"):
+        check_config(make_cfg("experiment=clip_vil_pretrain_qa_tiny", "pretrain.hand_off=latest"))
+
+
 def test_the_cached_schemas_are_the_generated_ones() -> None:
     """`vl.compose` rebuilds each schema from JSON: same fields, types and defaults as the one generated from the
     signatures (compared as OmegaConf sees them: values, and the type every node validates against)."""

@@ -319,6 +319,35 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
 _stage_cfg = stage_config  # the pretrain stage's config (vl/build.py)
 
 
+def hand_off(pretrain: DictConfig, stage_dir: Path, best: str | None) -> str | None:
+    """The pretrain stage's checkpoint the main stage starts from: `best` (what `run_stage` returns: best.ckpt, or
+    last.ckpt when nothing is monitored) unless `pretrain.hand_off` is "last": `stage_dir`/checkpoints/last.ckpt
+    (the `last_checkpoint` callback writes it after every epoch; `check_hand_off` asks for it before the fit). A
+    stage that saved nothing (`fast_dev_run`) hands on nothing, as with `best`."""
+    if pretrain.get("hand_off", "best") != "last":
+        return best
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return str(last)
+    if best is None:
+        return None
+    raise ConfigError(f"pretrain.hand_off=last: {last} was not written (only {best})")
+
+
+def check_hand_off(cfg: DictConfig) -> None:
+    """`pretrain.hand_off=last` needs a callback that writes last.ckpt (`callbacks.last_checkpoint`, in the default
+    callbacks): a one-line ConfigError before any stage runs."""
+    pre = cfg.get("pretrain")
+    if not pre or pre.get("hand_off", "best") != "last":
+        return
+    nodes = (cfg.get("callbacks") or {}).values()
+    if not any(isinstance(n, DictConfig) and (n.get("filename") == "last" or n.get("save_last")) for n in nodes):
+        raise ConfigError(
+            "pretrain.hand_off=last: no callback writes last.ckpt (callbacks.last_checkpoint); add it or set "
+            "pretrain.hand_off=best"
+        )
+
+
 def _check_arguments(cfg: DictConfig) -> None:
     """Every `model` / `model.encoder` / `data` key of each stage is an argument of its `_target_` (a typo in a plugin
     architecture's config fails here, before the pretrain stage or any data is built)."""
@@ -415,6 +444,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         cfg = resumed_config(cfg)
     check_config(cfg)  # batch sizes, epochs, steps >= 1: one line before anything is built or written
     _check_arguments(cfg)
+    check_hand_off(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -433,6 +463,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
                 with open_dict(stage_cfg):
                     stage_cfg.ckpt_path = str(output_dir / "pretrain" / "checkpoints" / "last.ckpt")
             pre_metrics, init_from = run_stage(stage_cfg, "pretrain")
+            init_from = hand_off(cfg.pretrain, output_dir / "pretrain", init_from)
             rows.append(("pretrain", pre_metrics))
             _finish_wandb()
             L.seed_everything(cfg.seed, workers=True)

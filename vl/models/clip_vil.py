@@ -22,10 +22,11 @@ Encoder (`ClipVilEncoder`):
 System (`ClipVilSystem`, the shared `VLSystem` plus):
   - two optimisers fused into one (`FusedOptimizer`, as the seed's): AdamW (eps 1e-6, wd 0.01, no decay on bias /
     LayerNorm) for everything but the backbone, linear warmup (`warmup_ratio` 0.025) then linear decay to 0 at
-    `decay_epochs` (default: max_epochs; the RN50 stage 1 planned 20 and stopped at 10); SGD (lr 0.003, momentum 0,
-    wd 4e-4) for the backbone, x0.1 from each epoch (0-based) in `visual_optimizer.schedule`. Lightning's gradient
-    clipping (1.0) covers both (one norm over all parameters, as the seed's clip over `amp.master_params`); both
-    states are in the checkpoint (`{"adamw": ..., "sgd": ...}`);
+    `decay_epochs` (default: max_epochs; the published stage 1 planned 20 and stopped after 9: the seed's Epoch09,
+    its last epoch, starts stage 2); SGD (lr 0.003, momentum 0, wd 4e-4) for the backbone, x0.1 from each epoch
+    (0-based) in `visual_optimizer.schedule`. Lightning's gradient clipping (1.0) covers both (one norm over all
+    parameters, as the seed's clip over `amp.master_params`); both states are in the checkpoint
+    (`{"adamw": ..., "sgd": ...}`);
   - the shared optimiser options these two optimisers do not read (`model.scheduler`, `head_lr`,
     `pretrained_lr_mult`, another `optimizer._target_`, ...) raise a ConfigError naming the option;
   - `init_from` a stage-2 checkpoint into a VQA model also copies the QA head (the seed's `load_lxmert_qa`): its

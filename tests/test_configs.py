@@ -154,6 +154,8 @@ def test_cpu_finetune_recipes_do_not_claim_to_be_published(task: str) -> None:
 PUBLISHED_CLIP_VIL = {
     "clip_vil_pretrain": ("RN50", 512, 32, 1e-4, [12, 17], 9, 20, ["mlm", "itm"], 5),
     "clip_vil_pretrain_qa": ("RN50", 512, 32, 5e-5, [4, 8], 11, None, ["mlm", "itm", "qa"], 5),
+    "clip_vil_pretrain_rn50x4": ("RN50x4", 480, 30, 5e-5, [12, 17], 9, 20, ["mlm", "itm"], 5),
+    "clip_vil_pretrain_qa_rn50x4": ("RN50x4", 480, 30, 2.75e-5, [4, 9], 11, None, ["mlm", "itm", "qa"], 5),
 }
 
 

@@ -347,7 +347,7 @@ def test_tokenizer_lowercases_and_strips_accents_as_the_seed(tmp_path, lowercase
     """`data.lowercase` (default True): the seed's BertTokenizer.from_pretrained(<M-BERT dir>) lower-cases and strips
     accents (pytorch_pretrained_bert's do_lower_case=True default), even over a cased vocabulary whose tokenizer config
     says do_lower_case false (M-BERT cased's); checked against a transcription of the seed's tokenizer and by hand."""
-    from vl.data.multi30k import load_multi30k_tokenizer
+    from vl.data.multi30k_text import load_multi30k_tokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Zwei", "zwei", "M", "m", "##ä", "##a", "##nner", "Mann"]
     vocab += ["grün", "grun", "##e", "weiße", "weisse", "Hund", "hund", ".", "gr", "##un", "##ün", "##ü", "##n"]
@@ -397,7 +397,7 @@ def test_seed_bleu_equals_sacrebleu_with_the_seeds_normalisation() -> None:
     import sacrebleu
     from unidecode import unidecode
 
-    from vl.data.multi30k import seed_bleu
+    from vl.data.multi30k_text import seed_bleu
 
     hyps = ["Ein großer roter Kreis ist links.", "Zwei Männer gehen über die Straße.", "Ein Hund."]
     refs = ["Ein großer roter Kreis ist links.", "Zwei Männer laufen über die Straße.", "Eine Katze schläft."]

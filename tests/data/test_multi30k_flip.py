@@ -11,7 +11,8 @@ import torch
 
 from tests.data.test_multi30k import write_fixture
 from vl.data.formats.multi30k import select_regions
-from vl.data.multi30k import Multi30kDataModule, flip_drawn, flip_regions, mirror_boxes
+from vl.data.multi30k import Multi30kDataModule
+from vl.data.multi30k_examples import flip_drawn, flip_regions, mirror_boxes
 from vl.errors import ConfigError
 
 

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vl.data.multi30k import Multi30kDataModule, detokenize, seed_bleu
+from vl.data.multi30k import Multi30kDataModule
+from vl.data.multi30k_text import detokenize, seed_bleu
 from vl.errors import ConfigError
 from vl.models.translation import greedy_translate
 

@@ -23,10 +23,8 @@ Tasks (``task``):
 
 Batches: ``vl.data.multi30k_collate.Multi30kCollator`` (tokenisation of every task, whole-word MLM, MVRC).
 
-Flip (``flip_prob``, the seed's ``TRAIN.FLIP_PROB`` 0.5; training split only, val/test never): a training row's
-boxes are mirrored with that probability, drawn from (seed, epoch, index) (`flip_drawn`), as the seed's
-``RandomHorizontalFlip`` does with precomputed features: the box coordinates only (`mirror_boxes`), never the features;
-the whole-image box [0, 0, w-1, h-1] maps to itself.
+Rows -> examples: ``vl.data.multi30k_examples`` (regions, ITM negatives, the training flip ``flip_prob``: the seed's
+``RandomHorizontalFlip`` on the boxes). Tokenizer, MT detokenisation and BLEU: ``vl.data.multi30k_text``.
 
 Regions: the per-image FRCNN JSON named by each record's ``frcnn`` field (``.zip@`` stripped), read through
 ``FrcnnJsonRegionReader`` (listed once, lazy handles), sorted by max class confidence, at most ``max_regions`` kept;
@@ -37,17 +35,14 @@ loses one at a time), so a caption pair of ~30 tokens meets ~30 boxes, not 100.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch.utils.data import Dataset
 
 from vl.data.aux_text import AUX_EPOCHS, AUX_WINDOWS, combine_with_aux, seed_windows, word_chunks
 from vl.data.base import RetrievalQueries, VLDataModule
 from vl.data.features import FrcnnJsonRegionReader
-from vl.data.features.base import normalise_boxes
 from vl.data.formats.multi30k import (
     ANNOTATION_KEYS,
     MLT_KEYS,
@@ -59,7 +54,8 @@ from vl.data.formats.multi30k import (
     select_regions,
 )
 from vl.data.multi30k_collate import Multi30kCollator
-from vl.data.samplers import global_seed, split_key
+from vl.data.multi30k_examples import LazyVisuals, Multi30kExamples
+from vl.data.multi30k_text import MT_DETOKENIZE, detokenize, load_multi30k_tokenizer, seed_bleu
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.multi30k import ensure_multi30k
 from vl.errors import ConfigError, DataError
@@ -67,152 +63,6 @@ from vl.errors import ConfigError, DataError
 TASKS = ("pretrain", "retrieval", "mlt", "mt")
 LANGUAGES = ("en", "de", "both")
 BOTH_LAYOUTS = ("joint", "per_language")
-#: how MT token ids become the hypothesis string (`detokenize`)
-MT_DETOKENIZE = ("seed", "hf")
-
-
-def detokenize(tokenizer: Any, ids: Sequence[int], mode: str = "seed") -> str:
-    """Token ids -> an MT hypothesis. "seed" (MM-BERT's generate module): ``' '.join(tokens).replace(' ##', '')`` of
-    the vocabulary's token strings, special tokens and [UNK] kept as written, no other clean-up (so "man ' s",
-    "Hand - in"); "hf": ``tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)`` (special
-    tokens dropped, " 's" -> "'s", " ." -> ".")."""
-    if mode == "seed":
-        return " ".join(tokenizer.convert_ids_to_tokens(list(ids))).replace(" ##", "")
-    if mode == "hf":
-        return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)
-    raise ConfigError(f"data.mt_detokenize: '{mode}' is not one of {MT_DETOKENIZE}")
-
-
-def seed_bleu(hypotheses: list[str], references: list[str]) -> float:
-    """MM-BERT's MT metric: ``sacrebleu.corpus_bleu`` with the references passed through ``unidecode`` (accents
-    stripped) and ß -> ss in the hypotheses, as the seed's evaluation does."""
-    import sacrebleu
-    from unidecode import unidecode
-
-    return sacrebleu.corpus_bleu([h.replace("ß", "ss") for h in hypotheses], [[unidecode(r) for r in references]]).score
-
-
-def load_multi30k_tokenizer(name_or_path: str, corpus_dir: Path | None = None, *, lowercase: bool = True) -> Any:
-    """A `BertTokenizerFast` with a `[STOP]` token: ``"corpus"`` = the embedded corpus's trained WordPiece vocabulary
-    (``<corpus>/tokenizer/vocab.txt``), else a local M-BERT dir ([STOP] added when absent). ``lowercase`` True (the
-    seed's): lower-cased and accents stripped before WordPiece, whatever the dir's tokenizer config says, as the seed's
-    ``BertTokenizer.from_pretrained(<M-BERT dir>)`` (pytorch_pretrained_bert: ``do_lower_case=True`` by default, with
-    M-BERT's cased vocabulary); False: case and accents kept (vl's earlier tokenisation)."""
-    from transformers import BertTokenizerFast
-
-    case = {"do_lower_case": bool(lowercase), "strip_accents": bool(lowercase)}
-
-    if name_or_path == "corpus":
-        if corpus_dir is None:
-            raise ConfigError("data.tokenizer=corpus needs the embedded corpus (data.root=null); give an M-BERT dir")
-        vocab = corpus_dir / "tokenizer" / "vocab.txt"
-        if not vocab.is_file():
-            raise DataError(f"{vocab}: tokenizer vocabulary not found")
-        tok = BertTokenizerFast.from_pretrained(str(vocab.parent), **case)
-    else:
-        from vl.pretrained import resolve_model_dir
-
-        tok = BertTokenizerFast.from_pretrained(str(resolve_model_dir(name_or_path)), **case)
-    tok.add_special_tokens({"additional_special_tokens": ["[STOP]"]})  # added when absent; never split
-    return tok
-
-
-# ------------------------------------------------------------------------------------------------ flip
-FLIP_STREAM = 7  # the flip's own random stream: (seed, epoch, index, FLIP_STREAM), apart from the ITM negatives'
-
-
-def flip_drawn(epoch: int, index: int, probability: float) -> bool:
-    """Whether row ``index`` of epoch ``epoch`` is mirrored (`Multi30kExamples`): one draw < ``probability`` from
-    (seed, epoch, index), so a resumed run flips the same rows."""
-    if probability <= 0.0:
-        return False
-    return bool(np.random.default_rng([global_seed(), epoch, index, FLIP_STREAM]).random() < probability)
-
-
-def mirror_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
-    """The seed's ``RandomHorizontalFlip`` on (N, 4) x1y1x2y2 boxes in the pixels of an image ``width`` px wide:
-    ``boxes[:, [0, 2]] = w - 1 - boxes[:, [2, 0]]`` in float32 (y unchanged; [0, 0, w-1, h-1] maps to itself)."""
-    boxes = np.asarray(boxes, dtype=np.float32)
-    out = boxes.copy()
-    out[:, [0, 2]] = (np.float32(width) - np.float32(1.0)) - boxes[:, [2, 0]]
-    return out
-
-
-def flip_regions(visual: dict[str, Any]) -> dict[str, Any]:
-    """A region dict (`select_regions`) with its boxes mirrored in the image's pixels (`mirror_boxes`, ``image_w``)
-    and ``boxes_norm`` recomputed as the readers compute it (`vl.data.features.base.make_item`: box / (w, h, w, h),
-    clipped to [0, 1]; the seed clamps to [0, w-1] after its flip); features, classes and order unchanged. The seed
-    flips after resizing to its SCALES (600, 1000), so its ``- 1`` is one resized pixel; vl keeps the image's own
-    pixels throughout (its whole-image box too), so the two agree up to that pixel's size."""
-    w, h = float(visual["image_w"]), float(visual["image_h"])
-    boxes = visual.get("boxes")
-    if boxes is None:  # only normalised boxes: back to pixels first
-        boxes = np.asarray(visual["boxes_norm"], dtype=np.float32) * np.array([w, h, w, h], dtype=np.float32)
-    boxes = mirror_boxes(boxes, w)
-    return {**visual, "boxes": boxes, "boxes_norm": normalise_boxes(boxes, w, h)}
-
-
-# ------------------------------------------------------------------------------------------------ datasets
-class Multi30kExamples(Dataset):
-    """Plain rows ``{"text", "text_b"?, "image": (reader, id) | None, labels...}`` -> examples with the image's
-    selected regions; ``negatives`` > 0: with that probability a row's caption is replaced by a random other row's
-    caption of the same language (``itm_label`` 0), drawn from (seed, epoch, index); a row with ``text_b`` (the joint
-    ``[CLS] EN [SEP] DE [SEP]`` retrieval rows) takes ``text`` and ``text_b`` together from that one other row.
-    ``flip_prob`` > 0 (training): with that probability a row's boxes are mirrored (`flip_drawn`, `flip_regions`)."""
-
-    def __init__(
-        self, rows: list[dict[str, Any]], max_regions: int, negatives: float = 0.0, flip_prob: float = 0.0
-    ) -> None:
-        self.rows, self.max_regions, self.negatives, self.flip_prob = rows, max_regions, negatives, flip_prob
-        self.by_language: dict[str, list[int]] = {}
-        for i, row in enumerate(rows):
-            self.by_language.setdefault(row.get("language", ""), []).append(i)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def visual(self, image: tuple[Any, str] | None) -> dict[str, Any] | None:
-        if image is None:
-            return None
-        reader, image_id = image
-        return select_regions(reader[image_id], self.max_regions)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = split_key(key)
-        row = self.rows[index]
-        ex = {k: v for k, v in row.items() if k not in ("image", "language")}
-        ex.update(visual=self.visual(row["image"]), index=index, epoch=epoch)
-        if ex["visual"] is None:
-            del ex["visual"]
-        elif flip_drawn(epoch, index, self.flip_prob):
-            ex["visual"] = flip_regions(ex["visual"])
-        if self.negatives:
-            rng = np.random.default_rng([global_seed(), epoch, index])
-            ex["itm_label"] = 1
-            if rng.random() < self.negatives:
-                pool = self.by_language[row.get("language", "")]
-                for _ in range(16):  # a different caption text (joint rows: a different caption pair)
-                    other = self.rows[pool[int(rng.integers(len(pool)))]]
-                    if (other["text"], other.get("text_b")) != (row["text"], row.get("text_b")):
-                        ex["text"], ex["itm_label"] = other["text"], 0
-                        if "text_b" in row:  # both captions from the same other line, never mixed
-                            ex["text_b"] = other["text_b"]
-                        break
-        return ex
-
-
-class LazyVisuals(Sequence):
-    def __init__(self, images: list[tuple[Any, str]], max_regions: int) -> None:
-        self.images, self.max_regions = images, max_regions
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int | slice) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        reader, image_id = self.images[i]
-        return select_regions(reader[image_id], self.max_regions)
 
 
 # ------------------------------------------------------------------------------------------------ module

@@ -74,7 +74,7 @@ class Multi30kCollator:
     text-only rows zeros, as the seed). ``seq_len``: text and boxes of a row with an
     image truncated jointly as VL-BERT's datasets do (`seed_truncation`; after MLM and MVRC are drawn, the whole-image
     box's mean still over every region: ``image_mean_mask``); None: no joint limit. A training row's regions arrive
-    already mirrored when the dataset drew a flip (`vl.data.multi30k.flip_regions`, ``data.flip_prob``)."""
+    already mirrored when the dataset drew a flip (`vl.data.multi30k_examples.flip_regions`, ``data.flip_prob``)."""
 
     def __init__(
         self,

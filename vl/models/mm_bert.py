@@ -394,7 +394,7 @@ class MMBertSystem(VLSystem):
         if getattr(dm, "task", None) == "mt":
             import sacrebleu
 
-            from vl.data.multi30k import seed_bleu
+            from vl.data.multi30k_text import seed_bleu
 
             preds = sorted(self.gathered_predictions(), key=lambda p: p["index"])
             hyps, refs = [p["hypothesis"] for p in preds], [p["reference"] for p in preds]

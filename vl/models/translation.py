@@ -1,6 +1,6 @@
 """Machine translation by an MLM head, greedily (MM-BERT's MT task, `data=multi30k_mt`): the decoding loop
 `MMBertSystem.test_step` runs over a batch of source sentences; the hypotheses' strings are
-`vl.data.multi30k.detokenize`'s, BLEU is `vl.data.multi30k.seed_bleu`."""
+`vl.data.multi30k_text.detokenize`'s, BLEU is `vl.data.multi30k_text.seed_bleu`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from vl.data.multi30k import detokenize as detokenize_ids
+from vl.data.multi30k_text import detokenize as detokenize_ids
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def greedy_translate(
     boxes it kept there, and its text is never cut again (re-truncating each step with the training limit, 64,
     dropped the [MASK] itself once the text outgrew half of it; the source keeps the tokens the collator's
     `max_text_len` gave it at the first step). ``detokenize``: how each sentence's generated ids (up to, not
-    including, [STOP]) become its string (`vl.data.multi30k.detokenize`: "seed", the seed's join of the token strings,
+    including, [STOP]) become its string (`vl.data.multi30k_text.detokenize`: "seed", the seed's join of the token strings,
     or "hf", the tokenizer's ``decode``)."""
     stop = tokenizer.convert_tokens_to_ids("[STOP]")
     mask = tokenizer.mask_token_id

@@ -1,0 +1,119 @@
+"""Multi30k rows -> examples (`Multi30kExamples`: the image's selected regions, ITM negatives of the same language,
+the training flip) and `LazyVisuals` (the regions of a split's images, read when indexed).
+
+Flip (``data.flip_prob``, the seed's ``TRAIN.FLIP_PROB`` 0.5; training split only, val/test never): a training row's
+boxes are mirrored with that probability, drawn from (seed, epoch, index) (`flip_drawn`), as the seed's
+``RandomHorizontalFlip`` does with precomputed features: the box coordinates only (`mirror_boxes`), never the features;
+the whole-image box [0, 0, w-1, h-1] maps to itself."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from vl.data.features.base import normalise_boxes
+from vl.data.formats.multi30k import select_regions
+from vl.data.samplers import global_seed, split_key
+
+__all__ = ["FLIP_STREAM", "flip_drawn", "mirror_boxes", "flip_regions", "Multi30kExamples", "LazyVisuals"]
+
+
+# ------------------------------------------------------------------------------------------------ flip
+FLIP_STREAM = 7  # the flip's own random stream: (seed, epoch, index, FLIP_STREAM), apart from the ITM negatives'
+
+
+def flip_drawn(epoch: int, index: int, probability: float) -> bool:
+    """Whether row ``index`` of epoch ``epoch`` is mirrored (`Multi30kExamples`): one draw < ``probability`` from
+    (seed, epoch, index), so a resumed run flips the same rows."""
+    if probability <= 0.0:
+        return False
+    return bool(np.random.default_rng([global_seed(), epoch, index, FLIP_STREAM]).random() < probability)
+
+
+def mirror_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """The seed's ``RandomHorizontalFlip`` on (N, 4) x1y1x2y2 boxes in the pixels of an image ``width`` px wide:
+    ``boxes[:, [0, 2]] = w - 1 - boxes[:, [2, 0]]`` in float32 (y unchanged; [0, 0, w-1, h-1] maps to itself)."""
+    boxes = np.asarray(boxes, dtype=np.float32)
+    out = boxes.copy()
+    out[:, [0, 2]] = (np.float32(width) - np.float32(1.0)) - boxes[:, [2, 0]]
+    return out
+
+
+def flip_regions(visual: dict[str, Any]) -> dict[str, Any]:
+    """A region dict (`select_regions`) with its boxes mirrored in the image's pixels (`mirror_boxes`, ``image_w``)
+    and ``boxes_norm`` recomputed as the readers compute it (`vl.data.features.base.make_item`: box / (w, h, w, h),
+    clipped to [0, 1]; the seed clamps to [0, w-1] after its flip); features, classes and order unchanged. The seed
+    flips after resizing to its SCALES (600, 1000), so its ``- 1`` is one resized pixel; vl keeps the image's own
+    pixels throughout (its whole-image box too), so the two agree up to that pixel's size."""
+    w, h = float(visual["image_w"]), float(visual["image_h"])
+    boxes = visual.get("boxes")
+    if boxes is None:  # only normalised boxes: back to pixels first
+        boxes = np.asarray(visual["boxes_norm"], dtype=np.float32) * np.array([w, h, w, h], dtype=np.float32)
+    boxes = mirror_boxes(boxes, w)
+    return {**visual, "boxes": boxes, "boxes_norm": normalise_boxes(boxes, w, h)}
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+class Multi30kExamples(Dataset):
+    """Plain rows ``{"text", "text_b"?, "image": (reader, id) | None, labels...}`` -> examples with the image's
+    selected regions; ``negatives`` > 0: with that probability a row's caption is replaced by a random other row's
+    caption of the same language (``itm_label`` 0), drawn from (seed, epoch, index); a row with ``text_b`` (the joint
+    ``[CLS] EN [SEP] DE [SEP]`` retrieval rows) takes ``text`` and ``text_b`` together from that one other row.
+    ``flip_prob`` > 0 (training): with that probability a row's boxes are mirrored (`flip_drawn`, `flip_regions`)."""
+
+    def __init__(
+        self, rows: list[dict[str, Any]], max_regions: int, negatives: float = 0.0, flip_prob: float = 0.0
+    ) -> None:
+        self.rows, self.max_regions, self.negatives, self.flip_prob = rows, max_regions, negatives, flip_prob
+        self.by_language: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            self.by_language.setdefault(row.get("language", ""), []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def visual(self, image: tuple[Any, str] | None) -> dict[str, Any] | None:
+        if image is None:
+            return None
+        reader, image_id = image
+        return select_regions(reader[image_id], self.max_regions)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = split_key(key)
+        row = self.rows[index]
+        ex = {k: v for k, v in row.items() if k not in ("image", "language")}
+        ex.update(visual=self.visual(row["image"]), index=index, epoch=epoch)
+        if ex["visual"] is None:
+            del ex["visual"]
+        elif flip_drawn(epoch, index, self.flip_prob):
+            ex["visual"] = flip_regions(ex["visual"])
+        if self.negatives:
+            rng = np.random.default_rng([global_seed(), epoch, index])
+            ex["itm_label"] = 1
+            if rng.random() < self.negatives:
+                pool = self.by_language[row.get("language", "")]
+                for _ in range(16):  # a different caption text (joint rows: a different caption pair)
+                    other = self.rows[pool[int(rng.integers(len(pool)))]]
+                    if (other["text"], other.get("text_b")) != (row["text"], row.get("text_b")):
+                        ex["text"], ex["itm_label"] = other["text"], 0
+                        if "text_b" in row:  # both captions from the same other line, never mixed
+                            ex["text_b"] = other["text_b"]
+                        break
+        return ex
+
+
+class LazyVisuals(Sequence):
+    def __init__(self, images: list[tuple[Any, str]], max_regions: int) -> None:
+        self.images, self.max_regions = images, max_regions
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        reader, image_id = self.images[i]
+        return select_regions(reader[image_id], self.max_regions)

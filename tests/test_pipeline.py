@@ -407,3 +407,19 @@ def test_lightnings_leafspec_deprecation_is_silenced_and_only_it() -> None:
     assert "LeafSpec" in runs["lightning"]  # the warning exists, so its absence below means something
     assert "LeafSpec" not in runs["vl"]
     assert "another future change" in runs["vl"]
+
+
+def test_the_test_stage_does_not_warn_about_the_fits_callbacks(make_cfg) -> None:
+    """The test stage's fresh Trainer loads best.ckpt without the fit's callbacks by design: Lightning's warning about
+    them (printed in every run before) is not shown; the fit's own warnings are untouched (`TESTER_CALLBACKS_NOTE`)."""
+    import warnings
+
+    from vl.pipeline import TESTER_CALLBACKS_NOTE
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics, _ = train(make_cfg(*FAST, "data=vqa"))
+    assert "test/vqa_acc" in metrics
+    shown = [str(w.message) for w in caught]
+    assert not [m for m in shown if m.startswith(TESTER_CALLBACKS_NOTE.replace("\\", ""))], shown
+    assert TESTER_CALLBACKS_NOTE.startswith("Be aware that when using `ckpt_path`")

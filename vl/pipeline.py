@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # Lightning 2.6's batch-transfer helper (`lightning.pytorch.utilities._pytree`) asks torch 2.13's deprecated
 # `isinstance(treespec, LeafSpec)`: a FutureWarning at every fit that no vl user can act on; only that one is silenced
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+#: the start of Lightning's warning when a Trainer without the checkpoint's callbacks loads it (ignored for the tester)
+TESTER_CALLBACKS_NOTE = r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint"
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -302,7 +304,11 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
             trainer_config(cfg.trainer), logger=False, callbacks=[], enable_checkpointing=False
         )
         ckpt = None if trainer.fast_dev_run else ckpt
-        test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
+        with warnings.catch_warnings():
+            # the tester has no callbacks by design (it scores the checkpoint): Lightning's note that the callbacks
+            # which wrote it (ModelCheckpoint, EarlyStopping) are not given concerns resuming a fit, not this
+            warnings.filterwarnings("ignore", message=TESTER_CALLBACKS_NOTE)
+            test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
         if trainer.is_global_zero and loggers and test_metrics:  # the test metrics in the same run as the fit's curves
             _log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)

@@ -174,3 +174,43 @@ def test_model_names_compose_to_the_right_classes() -> None:
             cfg = compose("train", overrides=["model=visual_bert", "~experiment"]).model
         model = instantiate(cfg, objectives=["itm"], data_info={"visual_dim": 2048})
     assert model.encoder.visual_bert.config.hidden_size == 768  # BERT-base: the published size
+
+
+def test_init_from_reports_head_changes_as_info_and_other_keys_as_warnings(tmp_path: Path, caplog) -> None:
+    """Pretraining (mlm + itm) -> fine-tuning (vqa): the new head's keys and the unused heads' keys are what a stage
+    change means by design: one INFO line each, by head name; the encoder's keys all load. A missing encoder key
+    (an incompatible checkpoint) is still a WARNING naming the key."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    hf = VisualBertModel(config)
+    hf.save_pretrained(tmp_path / "vb")
+    pre = system(tmp_path / "vb", objectives=("mlm", "itm"))
+    path = tmp_path / "pre.ckpt"
+    torch.save({"state_dict": pre.state_dict()}, path)
+    vqa_info = {"visual_dim": FEAT, "num_answers": 5}
+    fine = VisualBertSystem(encoder=encoder({"pretrained": str(tmp_path / "vb")}), objectives=["vqa"],
+                            data_info=vqa_info, optimizer=OPT)  # fmt: skip
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    fine.load_init_checkpoint(str(path))
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if "init from" in r.getMessage()]
+    new = [m for level, m in records if level == logging.INFO and "heads new here, initialised fresh: vqa (" in m]
+    unused = [m for level, m in records if level == logging.INFO and "heads not used here: itm, mlm (" in m]
+    assert new and unused, records
+    assert not [m for level, m in records if level >= logging.WARNING], records
+    n_vqa = sum(k.startswith("objectives.vqa.") for k in fine.state_dict())
+    assert f"initialised fresh: vqa ({n_vqa} tensors)" in new[0]
+    for key, value in fine.state_dict().items():
+        if key.startswith("encoder."):
+            torch.testing.assert_close(value, pre.state_dict()[key], msg=key)
+
+    # an encoder key the checkpoint lacks: a warning naming it
+    state = {k: v for k, v in pre.state_dict().items() if k != "encoder.bert.pooler.dense.bias"}
+    if len(state) == len(pre.state_dict()):  # the pooler's name in this encoder
+        state.pop(next(k for k in pre.state_dict() if k.startswith("encoder.")))
+    torch.save({"state_dict": state}, path)
+    missing_key = sorted(set(pre.state_dict()) - set(state))[0]
+    caplog.clear()
+    fine.load_init_checkpoint(str(path))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("missing keys: " + missing_key in m for m in warnings), warnings

@@ -389,4 +389,31 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining, Optimisation)
         skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
         result = self.load_state_dict(usable, strict=False)
         unexpected = sorted(set(state) - set(own)) + [f"{k} (shape mismatch)" for k in skipped]
-        log_key_report(f"init from {path}", result.missing_keys, unexpected)
+        missing, unexpected = self._report_head_changes(path, state, list(result.missing_keys), unexpected)
+        log_key_report(f"init from {path}", missing, unexpected)
+
+    def _report_head_changes(
+        self, path: str, state: dict[str, Any], missing: list[str], unexpected: list[str]
+    ) -> tuple[list[str], list[str]]:
+        """Split off what a stage change means by design (pretraining -> fine-tuning): the keys of heads this model
+        has and the checkpoint has none of (initialised fresh) and of the checkpoint's heads this model does not have
+        (not used), each summarised in one INFO line by head name. Returns the other missing / unexpected keys, which
+        `log_key_report` warns about (an encoder key, or a head both sides have whose tensors differ)."""
+
+        def head(key: str) -> str | None:
+            parts = key.split(".")
+            return parts[1] if len(parts) > 2 and parts[0] == "objectives" else None
+
+        own_heads = set(self.objectives.keys())
+        held_heads = {h for h in map(head, state) if h is not None}
+        new, unused = sorted(own_heads - held_heads), sorted(held_heads - own_heads)
+        fresh = [k for k in missing if head(k) in new]
+        dropped = [k for k in unexpected if head(k) in unused and not k.endswith("(shape mismatch)")]
+        if fresh:
+            log.info(
+                "init from %s: heads new here, initialised fresh: %s (%d tensors)", path, ", ".join(new), len(fresh)
+            )
+        if dropped:
+            log.info("init from %s: the checkpoint's heads not used here: %s (%d tensors)", path, ", ".join(unused),
+                     len(dropped))  # fmt: skip
+        return [k for k in missing if k not in set(fresh)], [k for k in unexpected if k not in set(dropped)]

@@ -171,6 +171,34 @@ def test_bad_aux_windows_and_empty_corpus(tmp_path, data_dir) -> None:
         _module(data_dir, aux).aux_dataset()
 
 
+def test_plus_joined_aux_files_are_one_corpus_as_the_seeds_general_corpus(tmp_path, data_dir) -> None:
+    """``aux_text: a.txt+b.txt`` (the seed's ``ann_file.split('+')``): the files' lines one after another as one
+    corpus; windows (seed) wrap across the file boundary and from b's last line to a's first, as the seed's
+    ``load_corpus`` + ``__getitem__`` over both; chunks (vl's earlier) run across files; a missing file fails in
+    ``check_files`` (before any compute) naming it."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(LINES[:6]), encoding="utf-8")  # no newline at its end: its last line stays a line
+    b.write_text("\n".join(LINES[6:]) + "\n", encoding="utf-8")
+    joined = f"{a}+{b}"
+    corpus = seed_corpus(a) + seed_corpus(b)  # GeneralCorpus.load_corpus: extend file by file, then drop empties
+    assert len(corpus) == 7
+    for min_words in (1, 40, 96):
+        dm = _module(data_dir, joined, aux_min_words=min_words)
+        assert dm.aux_paths() == [a, b] and set(dm.aux_paths()) <= set(dm.required_files())
+        ds = dm.aux_dataset()
+        assert len(ds) == len(corpus)
+        for i in range(len(corpus)):
+            assert seed_basic_tokenize(ds[(0, i)]["text"]) == seed_window(corpus, i, min_words), (min_words, i)
+    assert ds[(0, 3)]["text"].startswith(LINES[5] + " " + LINES[7])  # "short" (the end of a) + b's first line
+    chunks = _module(data_dir, joined, aux_windows="chunks", aux_min_words=12).aux_dataset()
+    assert " ".join(r["text"] for r in chunks.rows).split() == [w for line in LINES for w in line.split()]
+    missing = tmp_path / "books.txt"
+    with pytest.raises(DataError, match=f"^{missing}"):
+        _module(data_dir, f"{a}+{missing}").check_files()
+    with pytest.raises(DataError, match=f"^{missing}: file not found"):
+        _module(data_dir, f"{a}+{missing}").aux_dataset()
+
+
 # ------------------------------------------------------------------------------------------------ aux loader epochs
 class SeedMultiTaskDataLoader:
     """common/utils/multi_task_dataloader.py's MultiTaskDataLoader, transcribed: the first loader is the master (its

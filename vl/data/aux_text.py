@@ -1,7 +1,8 @@
 """MM-BERT's aux text corpus (`data.aux_text`; the seed's ``general_corpus``: English Wiki + BooksCorpus lines, in the
 embedded corpus the scenes' English captions): one sentence a line, read as text-only rows (no [CLS] / [SEP], the aux
 visual embedding, no regions) that `Multi30kDataModule` batches jointly with the image data in pretraining, or alone
-(``data=aux_text``, a file per split).
+(``data=aux_text``, a file per split). ``data.aux_text`` may join several files with ``+`` (the seed's
+``general_corpus`` ann_file, e.g. ``wiki.txt+books.txt``): read one after another as one corpus.
 
 - Windows (``aux_windows``): ``seed``, the seed's ``GeneralCorpus`` (`AuxWindows`, `seed_windows`): one window per
   non-empty line, that line's basic-tokeniser tokens and the next lines' (wrapping) until >= ``aux_min_words``;
@@ -35,7 +36,7 @@ class AuxWindows(Dataset):
     basic-tokeniser tokens followed by those of the next lines (wrapping past the end) until there are at least
     ``min_tokens``; the example's ``text`` is those lines joined by a space (its basic tokens are the window's; the
     collator truncates to ``aux_seq_len`` WordPiece tokens, as the seed does after tokenising). ``counts``: basic
-    tokens per line; ``path``: the corpus file, named by the DataError of a corpus without tokens."""
+    tokens per line; ``path``: the corpus file(s), named by the DataError of a corpus without tokens."""
 
     def __init__(self, lines: list[str], counts: list[int], min_tokens: int, path: str | Path) -> None:
         n, total = len(lines), sum(counts)
@@ -81,25 +82,45 @@ class _WindowRows(Sequence):
         return {"text": self.windows.text(i), "image": None}
 
 
-def seed_windows(path: Path, tokenizer: Any, min_tokens: int) -> AuxWindows:
-    """``aux_windows: seed``: the file's non-empty lines (stripped) as `AuxWindows`, each line's tokens counted by the
-    tokenizer's basic tokeniser. DataError naming the file when it is missing, empty or without tokens."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:  # the seed's readlines(): universal newlines only
-        lines = [line.strip() for line in f.readlines() if line.strip()]
+def _read_corpus(paths: Path | Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """The corpus files in order (one path, or the list `data.aux_text` joins with ``+``, as the seed's
+    ``ann_file.split('+')``) and their lines read one after another (the seed's ``readlines()``: universal newlines).
+    DataError naming a missing file."""
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    lines: list[str] = []
+    for path in files:
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        with open(path, encoding="utf-8") as f:
+            lines += f.readlines()
+    return files, lines
+
+
+def _named(files: list[Path]) -> str:
+    return " + ".join(str(f) for f in files)
+
+
+def seed_windows(paths: Path | Sequence[Path], tokenizer: Any, min_tokens: int) -> AuxWindows:
+    """``aux_windows: seed``: the non-empty lines (stripped) of the file, or of the files in order (the seed's
+    ``GeneralCorpus.load_corpus`` over ``+``-joined files: one corpus, windows wrap across files and from the last
+    line to the first), as `AuxWindows`, each line's tokens counted by the tokenizer's basic tokeniser. DataError
+    naming the file(s) when one is missing, or the corpus is empty or without tokens."""
+    files, read = _read_corpus(paths)
+    lines = [line.strip() for line in read if line.strip()]
     if not lines:
-        raise DataError(f"{path}: the aux text corpus is empty")
+        raise DataError(f"{_named(files)}: the aux text corpus is empty")
     backend = tokenizer.backend_tokenizer  # BertNormalizer + BertPreTokenizer = the basic tokeniser
     counts = [len(backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(s))) for s in lines]
-    return AuxWindows(lines, counts, min_tokens, path)
+    return AuxWindows(lines, counts, min_tokens, _named(files))
 
 
-def word_chunks(path: Path, min_words: int) -> list[str]:
-    """``aux_windows: chunks``: the file's whitespace words concatenated and cut after each >= ``min_words`` (the rest
-    one last chunk). DataError naming the file when it has no words."""
+def word_chunks(paths: Path | Sequence[Path], min_words: int) -> list[str]:
+    """``aux_windows: chunks``: the whitespace words of the file(s), in order, concatenated and cut after each
+    >= ``min_words`` (the rest one last chunk). DataError naming the file(s) when one is missing or there are no
+    words."""
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     chunks, current = [], []
-    for line in read_lines(path):
+    for line in (line for path in files for line in read_lines(path)):
         current += line.split()
         if len(current) >= min_words:
             chunks.append(" ".join(current))
@@ -107,7 +128,7 @@ def word_chunks(path: Path, min_words: int) -> list[str]:
     if current:
         chunks.append(" ".join(current))
     if not chunks:
-        raise DataError(f"{path}: the aux text corpus is empty")
+        raise DataError(f"{_named(files)}: the aux text corpus is empty")
     return chunks
 
 

@@ -206,9 +206,9 @@ class Multi30kDataModule(VLDataModule):
         if self.task == "mlt":
             files.append(self.path(self.mlt_vocab_file))
         if self.uses_aux:
-            files.append(self.path(self.aux_text, "train"))
+            files += self.aux_paths("train")
         if self.aux_alone:
-            files += [self.path(self.aux_text, split) for split in ("train", "val", "test")]
+            files += [path for split in ("train", "val", "test") for path in self.aux_paths(split)]
         return files
 
     # ------------------------------------------------------------------ aux text corpus (pretraining)
@@ -227,14 +227,19 @@ class Multi30kDataModule(VLDataModule):
         """Examples one device sees per micro-batch: the image data plus the aux text batch (MM-BERT's [8, 8])."""
         return self.batch_size_per_device + (self.aux_batch_size if self.uses_aux else 0)
 
+    def aux_paths(self, split: str = "train") -> list[Path]:
+        """The aux corpus files of `split`: ``aux_text`` relative to ``root``, several joined with ``+`` (the seed's
+        ``general_corpus`` ann_file, e.g. ``wiki.txt+books.txt``), read in that order as one corpus."""
+        return [self.path(part, split) for part in str(self.aux_text).split("+")]
+
     def aux_dataset(self, split: str = "train") -> Dataset:
         """The aux text corpus (one sentence a line), no [CLS] / [SEP], the aux visual embedding and no regions, read
         as ``aux_windows`` says (`vl.data.aux_text`): seed, the seed's ``GeneralCorpus`` windows (`seed_windows`);
         chunks, non-overlapping chunks of >= ``aux_min_words`` whitespace words (`word_chunks`, vl's earlier)."""
-        path = self.path(self.aux_text, split)
+        paths = self.aux_paths(split)
         if self.aux_windows == "seed":
-            return seed_windows(path, self.tokenizer, self.aux_min_words)
-        chunks = word_chunks(path, self.aux_min_words)
+            return seed_windows(paths, self.tokenizer, self.aux_min_words)
+        chunks = word_chunks(paths, self.aux_min_words)
         return Multi30kExamples([{"text": c, "image": None} for c in chunks], self.max_regions)
 
     def train_dataloader(self) -> Any:

@@ -291,29 +291,26 @@ class ImageDataModule(VLDataModule):
         w, h = size
         return int(self.transform.portrait(w, h) if isinstance(self.transform, ResizePadNormalize) else w <= h)
 
-    def groups(self, split: str) -> list[int]:
-        """Training groups: the seed's aspect-ratio group of each example's image (`aspect_ratio_group_factor`)
-        and its canvas orientation, as one id (2 x group + canvas)."""
+    def _per_image(self, split: str, group: Any) -> list[int]:
+        """`group(size)` of each example's image in `split`, in order; computed once per image."""
         cache: dict[str, int] = {}
         out = []
         for key in self._image_keys(split):
             if key not in cache:
-                size = self.sizes[key]
-                cache[key] = 2 * aspect_group(*size, self.aspect_bins) + self.canvas(size)
+                cache[key] = group(self.sizes[key])
             out.append(cache[key])
         return out
+
+    def groups(self, split: str) -> list[int]:
+        """Training groups: the seed's aspect-ratio group of each example's image (`aspect_ratio_group_factor`)
+        and its canvas orientation, as one id (2 x group + canvas)."""
+        return self._per_image(split, lambda size: 2 * aspect_group(*size, self.aspect_bins) + self.canvas(size))
 
     def eval_groups(self, split: str) -> list[int] | None:
         """Val / test batches by canvas orientation (the clip_vil transform; None for a fixed-size one)."""
         if not isinstance(self.transform, ResizePadNormalize):
             return None
-        cache: dict[str, int] = {}
-        out = []
-        for key in self._image_keys(split):
-            if key not in cache:
-                cache[key] = self.canvas(self.sizes[key])
-            out.append(cache[key])
-        return out
+        return self._per_image(split, self.canvas)
 
     def collator(self, split: str) -> ImageCollator:
         base = super().collator(split)

@@ -82,11 +82,16 @@ class _WindowRows(Sequence):
         return {"text": self.windows.text(i), "image": None}
 
 
+def _as_files(paths: Path | Sequence[Path]) -> list[Path]:
+    """One corpus path, or the list `data.aux_text` joins with ``+``, as a list of paths."""
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+
 def _read_corpus(paths: Path | Sequence[Path]) -> tuple[list[Path], list[str]]:
     """The corpus files in order (one path, or the list `data.aux_text` joins with ``+``, as the seed's
     ``ann_file.split('+')``) and their lines read one after another (the seed's ``readlines()``: universal newlines).
     DataError naming a missing file."""
-    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    files = _as_files(paths)
     lines: list[str] = []
     for path in files:
         if not path.is_file():
@@ -118,7 +123,7 @@ def word_chunks(paths: Path | Sequence[Path], min_words: int) -> list[str]:
     """``aux_windows: chunks``: the whitespace words of the file(s), in order, concatenated and cut after each
     >= ``min_words`` (the rest one last chunk). DataError naming the file(s) when one is missing or there are no
     words."""
-    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    files = _as_files(paths)
     chunks, current = [], []
     for line in (line for path in files for line in read_lines(path)):
         current += line.split()

@@ -416,4 +416,5 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining, Optimisation)
         if dropped:
             log.info("init from %s: the checkpoint's heads not used here: %s (%d tensors)", path, ", ".join(unused),
                      len(dropped))  # fmt: skip
-        return [k for k in missing if k not in set(fresh)], [k for k in unexpected if k not in set(dropped)]
+        fresh_set, dropped_set = set(fresh), set(dropped)
+        return [k for k in missing if k not in fresh_set], [k for k in unexpected if k not in dropped_set]

@@ -423,3 +423,114 @@ def test_two_runs_started_at_once_in_one_dir_one_proceeds(tmp_path: Path, data_d
     assert (run / "csv" / "metrics.csv").read_text().count(header) == 1  # one run wrote it
     winner_seed = 1 if results[0][0] == 0 else 2
     assert f"seed: {winner_seed}" in (run / ".hydra" / "config.yaml").read_text()
+
+
+BEST_BEFORE_KILL = (  # val/loss, highest is best: epoch 0's (the loss falls), before the kill at epoch 2
+    "experiment=none",
+    "data=vqa",
+    "trainer.deterministic=true",
+    "trainer.max_epochs=4",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "data.monitor=val/loss",
+    "data.monitor_mode=max",
+)
+
+
+def test_resume_into_a_new_run_dir_keeps_the_best_checkpoint(make_cfg, tmp_path: Path) -> None:
+    """`ckpt_path=<old run>/checkpoints/last.ckpt` in a new run dir: the best score and checkpoint so far come along
+    (Lightning only reloads them when the checkpoint dir is unchanged, so best.ckpt used to restart at the resumed
+    epoch and the test stage scored the best since the resume). The earlier best file is linked / copied into the
+    new run dir; the test metrics equal the uninterrupted run's."""
+    import warnings
+
+    straight = make_cfg(*BEST_BEFORE_KILL, name="straight")
+    straight_metrics, _ = train(straight)
+    first = make_cfg(
+        *BEST_BEFORE_KILL,
+        "test=false",
+        "+callbacks.kill._target_=tests.conftest.InterruptAt",
+        "+callbacks.kill.epoch=2",
+        "+callbacks.kill.batch=0",
+        name="first",
+    )
+    with pytest.raises(Exception, match="interrupted before epoch 2 batch 0"):
+        train(first)
+    first_best = Path(first.paths.output_dir) / "checkpoints" / "best.ckpt"
+    assert torch.load(first_best, weights_only=False)["epoch"] == 0  # the precondition: best before the kill
+    before = first_best.read_bytes()
+    resumed = make_cfg(*BEST_BEFORE_KILL, f"ckpt_path={first.paths.output_dir}/checkpoints/last.ckpt", name="resumed")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dirpath has changed.*")
+        resumed_metrics, _ = train(resumed)
+    assert resumed_metrics["val/loss_best"] == straight_metrics["val/loss_best"]
+    tests = {k: v for k, v in straight_metrics.items() if k.startswith("test/")}
+    assert tests and {k: resumed_metrics[k] for k in tests} == tests
+    copied = Path(resumed.paths.output_dir) / "checkpoints" / "best.ckpt"
+    assert copied.read_bytes() == before  # the run dir holds its best checkpoint
+    assert first_best.read_bytes() == before  # and the earlier run's is untouched
+
+
+def _earlier_state(old_dir: Path, score: float) -> dict[str, object]:
+    """The state an earlier run's best-checkpoint callback saved (top 1, file `best.ckpt` in `old_dir`)."""
+    best = str(old_dir / "best.ckpt")
+    return {
+        "monitor": "val/loss",
+        "best_model_score": torch.tensor(score),
+        "best_model_path": best,
+        "current_score": torch.tensor(score),
+        "dirpath": str(old_dir),
+        "best_k_models": {best: torch.tensor(score)},
+        "kth_best_model_path": best,
+        "kth_value": torch.tensor(score),
+        "last_model_path": "",
+    }
+
+
+@pytest.mark.parametrize("where", ["earlier dir", "moved dir", "gone"])
+def test_best_checkpoint_state_follows_a_resume_into_another_dir(tmp_path: Path, caplog, where: str) -> None:
+    """The earlier run's file is copied in ("earlier dir"); found under its own name in this dir when the run dir was
+    moved ("moved dir"); when it is nowhere, tracking restarts, with a warning naming the file ("gone")."""
+    import logging
+    import warnings
+
+    from vl.checkpoint_io import ModelCheckpoint
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    if where == "earlier dir":
+        (old / "best.ckpt").write_bytes(b"earlier best")
+    elif where == "moved dir":
+        (new / "best.ckpt").write_bytes(b"moved best")
+    cb = ModelCheckpoint(dirpath=new, filename="best", monitor="val/loss", mode="min")
+    caplog.set_level(logging.INFO, logger="vl.checkpoint_io")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb.load_state_dict(_earlier_state(old, 0.25))
+    if where == "gone":
+        assert cb.best_model_score is None and cb.best_k_models == {}
+        assert f"{old / 'best.ckpt'} (val/loss=0.25) is gone" in caplog.text
+        return
+    target = str(new / "best.ckpt")
+    assert cb.best_model_score == torch.tensor(0.25) and cb.best_model_path == target
+    assert cb.best_k_models == {target: torch.tensor(0.25)} and cb.kth_best_model_path == target
+    assert (new / "best.ckpt").read_bytes() == (b"earlier best" if where == "earlier dir" else b"moved best")
+    if where == "earlier dir":
+        assert (old / "best.ckpt").read_bytes() == b"earlier best"
+    assert not list(new.glob(".*.tmp"))
+
+
+def test_last_checkpoint_callback_resumes_into_another_dir_quietly(tmp_path: Path) -> None:
+    """No monitored metric (`last.ckpt`): nothing to carry, and no "dirpath has changed" warning."""
+    import warnings
+
+    from vl.checkpoint_io import ModelCheckpoint
+
+    cb = ModelCheckpoint(dirpath=tmp_path / "new", filename="last", monitor=None)
+    state = {**_earlier_state(tmp_path / "old", 0.0), "monitor": None, "best_model_score": None, "best_k_models": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb.load_state_dict(state)
+    assert cb.best_model_score is None

@@ -175,7 +175,10 @@ def _run_tags(cfg: DictConfig, tags: list[str]) -> list[str]:
 
 def _stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
     """`cfg.logger` with W&B's run name (from the overrides, unless set) and `job_type` = the stage (`pretrain`,
-    `finetune` after a pretrain stage, else the configured one)."""
+    `finetune` after a pretrain stage, else the configured one). A stage that resumes in its own run dir (`resume=`,
+    a requeued job, `ckpt_path=` of a checkpoint under `paths.output_dir`) continues the W&B run the earlier process
+    of that dir started (its id, unless `id` is set; Lightning's WandbLogger resumes with "allow"), so the dashboard
+    shows one run with one set of curves, not one run per restart."""
     node = cfg.get("logger")
     if not node:
         return node
@@ -188,7 +191,34 @@ def _stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
                 lg.tags = _run_tags(cfg, list(lg.get("tags") or []))
                 if stage in ("pretrain", "finetune"):
                     lg.job_type = stage
+                save_dir = lg.get("save_dir") or lg.get("dir")
+                if lg.get("id") is None and lg.get("version") is None and save_dir and _resumes_in_place(cfg):
+                    earlier = earlier_wandb_run(Path(save_dir))
+                    if earlier is not None:
+                        lg.id = earlier
+                        log.info("resumed in place: continuing W&B run %s", earlier)
     return node
+
+
+def _resumes_in_place(cfg: DictConfig) -> bool:
+    """Whether this stage continues from a checkpoint inside its own run dir."""
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
+        return False
+    return Path(str(ckpt)).expanduser().resolve().is_relative_to(Path(cfg.paths.output_dir).expanduser().resolve())
+
+
+def earlier_wandb_run(save_dir: Path) -> str | None:
+    """The id of the W&B run last started with `save_dir` (`<save_dir>/wandb/latest-run` -> `run-<time>-<id>`, or
+    `offline-run-<time>-<id>`; else the newest such dir), None when there is none."""
+    root = save_dir / "wandb"
+    latest = root / "latest-run"
+    if latest.exists():
+        runs = [latest.resolve()]
+    else:  # by the start time in the name (`offline-` sorts apart otherwise)
+        runs = sorted(root.glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
+    runs = [p for p in runs if p.is_dir()]
+    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:

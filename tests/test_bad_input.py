@@ -121,3 +121,32 @@ def test_conceptual_captions_tsv_reads_and_bad_line_is_named(make_cfg, corpus_co
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"val\.tsv:5: expected 'caption<TAB>image_id'"):
         _datamodule(make_cfg, "data=captions", f"data.root={corpus_copy}", "data.captions='cc/{split}.tsv'")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("data.batch_size=7", "data.batch_size_per_device=2"), r"data\.batch_size=7 is not a multiple of"),
+        (("trainer.devices=3", "data.batch_size=32", "data.batch_size_per_device=8"), r"8 x 3"),
+        (("+data.splits.test=test-dev2015",), r"test-dev2015_questions\.json: file not found"),
+    ],
+)
+def test_a_bad_main_stage_fails_before_the_pretrain_stage_runs(make_cfg, overrides, message) -> None:
+    """The default experiment pretrains, then fine-tunes: a main-stage setting only that stage reads (its batch
+    sizes against the planned world size, its files) fails in one line before pretraining spends anything (it used to
+    fail after the whole pretrain stage)."""
+    cfg = make_cfg(*overrides)  # the default experiment: a pretrain stage, then VQA
+    assert cfg.pretrain
+    with pytest.raises((ConfigError, DataError), match=message):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "pretrain").exists()
+
+
+def test_a_gpu_config_without_a_gpu_is_one_line(make_cfg, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = make_cfg("experiment=none", "hardware=ddp")
+    with pytest.raises(ConfigError, match=r"trainer\.accelerator=gpu: no GPU is visible here .*hardware=ddp_cpu"):
+        train(cfg)

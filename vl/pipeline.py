@@ -87,6 +87,39 @@ def _accumulation(cfg: DictConfig, dm: Any, world_size: int) -> int:
     return dm.batch_size // per_step
 
 
+def _planned_world_size(trainer: DictConfig) -> int | None:
+    """The number of processes `trainer.devices` x `trainer.num_nodes` will start, where the config says it without
+    a Trainer (an integer device count, or -1 on CUDA: every visible GPU); else None."""
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+    if not isinstance(nodes, int) or isinstance(devices, bool) or not isinstance(devices, int):
+        return None
+    if devices == -1 and str(trainer.get("accelerator")) in ("gpu", "cuda"):
+        devices = torch.cuda.device_count()
+    return devices * nodes if devices > 0 else None
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """`trainer.accelerator=gpu` (hardware=gpu / ddp / multi_node) on a machine without a visible GPU: one line
+    naming the key and the CPU alternatives, before anything is built (Lightning's "No supported gpu backend found!"
+    came wrapped in Hydra's instantiation error)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: no GPU is visible here (torch.cuda.is_available() is False); "
+            "use hardware=cpu, or hardware=ddp_cpu for several CPU processes"
+        )
+
+
+def preflight_main_stage(cfg: DictConfig) -> None:
+    """Before a pretrain stage spends its compute: the main stage's data module is built (its constructor's checks,
+    e.g. the batch sizes, and its files) and its global batch is checked against the planned world size, so a bad
+    main-stage setting fails in one line now, not after pretraining."""
+    dm = build_datamodule(cfg)
+    world = _planned_world_size(cfg.trainer)
+    if world is not None:
+        _accumulation(cfg, dm, world)
+
+
 @contextlib.contextmanager
 def _own_rendezvous() -> Iterator[None]:
     """Spawned DDP (`ddp_spawn`) picks a free MASTER_PORT and leaves it in os.environ; the next run in this process
@@ -481,6 +514,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     check_config(cfg)  # batch sizes, epochs, steps >= 1: one line before anything is built or written
     _check_arguments(cfg)
     check_hand_off(cfg)
+    check_devices(cfg)
+    if cfg.get("pretrain") and cfg.get("ckpt_path") is None:
+        preflight_main_stage(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -550,6 +586,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.model.init_from = None
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
     check_config(run_cfg)
+    check_devices(run_cfg)
     L.seed_everything(cfg.seed, workers=True)
     mode = str(cfg.get("mode") or "test")
     if mode not in ("test", "predict"):

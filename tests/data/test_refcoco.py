@@ -323,6 +323,13 @@ def test_datamodule_contract(corpus: tuple[Path, list[Path]]) -> None:
         assert ex["visual"]["num_boxes"] == dets[ds.examples[0].image_id]["num_boxes"]  # detections only
         assert isinstance(ex["text"], str) and isinstance(ex["ref_id"], int) and isinstance(ex["sent_id"], int)
     assert max(val[i]["refer_ious"].max() for i in range(len(val))) > 0.5
+    # evaluation targets are the raw IoUs (vilbert_beta thresholds at 0.5 under `split == 'train'` only)
+    for ds in (val, test):
+        for i in range(len(ds)):
+            ex = ds[i]
+            np.testing.assert_array_equal(ex["refer_targets"], ex["refer_ious"])
+            assert ex["refer_image_target"] == ex["refer_image_iou"]
+    assert any(((val[i]["refer_ious"] > 0) & (val[i]["refer_ious"] < 0.5)).any() for i in range(len(val)))
 
     batch = dm.collator("train")([train[i] for i in range(4)])
     r = batch["visual_mask"].shape[1]

@@ -4,8 +4,9 @@ One example per (ref, sentence). Regions are the image's detections; for trainin
 image are appended after them, and the combined list is cut from its end to ``max_regions`` (vilbert_beta's
 ``refer_expression_dataset.py``; ``gt_regions_first=True``: cut detections first, so the GT regions always stay). Each
 example's regions carry ``global_feature``, ViLBERT's whole-image token: the mean of all the image's detections (the
-seed's reader computes it before any GT region is added or any row cut). Each region's target is its IoU with the ref's GT box, zeroed below ``iou_threshold``;
-a prediction is correct when the IoU of the arg-max region is > 0.5. IoU follows ViLBERT's pixel-inclusive (+1)
+seed's reader computes it before any GT region is added or any row cut). Each region's target is its IoU with the ref's GT box, zeroed below ``iou_threshold``
+in the training split only (the seed's ``mix_target[mix_target < 0.5] = 0`` under ``split == 'train'``: val / test
+targets, so the logged val / test loss, are the raw IoUs); a prediction is correct when the IoU of the arg-max region is > 0.5. IoU follows ViLBERT's pixel-inclusive (+1)
 convention unless ``iou_plus_one=False``. Every example also carries the whole image's IoU / target
 (``refer_image_iou`` / ``refer_image_target``, box [0, 0, W, H]): ViLBERT scores its whole-image token as a candidate
 too (`RegionGrounding`, ``whole_image_candidate``).
@@ -252,7 +253,7 @@ class RefCOCODataModule(VLDataModule):
             examples,
             self.dets,
             gt,
-            iou_threshold=self.iou_threshold,
+            iou_threshold=self.iou_threshold if split == "train" else 0.0,  # the seed thresholds training targets only
             max_regions=self.max_regions,
             iou_plus_one=self.iou_plus_one,
             gt_regions_first=self.gt_regions_first,

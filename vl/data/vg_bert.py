@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vl.data.clip_vil import ImageDataModule
 from vl.data.formats.vg_bert import load_coco_json, load_vg_json
+from vl.data.image_base import ImageDataModule
 from vl.data.images import PixelLoader, build_transform, stack_pixels
 from vl.data.samplers import global_seed, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus

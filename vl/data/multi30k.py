@@ -24,7 +24,8 @@ Tasks (``task``):
 Batches: ``vl.data.multi30k_collate.Multi30kCollator`` (tokenisation of every task, whole-word MLM, MVRC).
 
 Rows -> examples: ``vl.data.multi30k_examples`` (regions, ITM negatives, the training flip ``flip_prob``: the seed's
-``RandomHorizontalFlip`` on the boxes). Tokenizer, MT detokenisation and BLEU: ``vl.data.multi30k_text``.
+``RandomHorizontalFlip`` on the boxes; the MLT and MT rows, ``TranslationRows``). Tokenizer, MT detokenisation and
+BLEU: ``vl.data.multi30k_text``.
 
 Regions: the per-image FRCNN JSON named by each record's ``frcnn`` field (``.zip@`` stripped), read through
 ``FrcnnJsonRegionReader`` (listed once, lazy handles), sorted by max class confidence, at most ``max_regions`` kept;
@@ -54,7 +55,7 @@ from vl.data.formats.multi30k import (
     select_regions,
 )
 from vl.data.multi30k_collate import Multi30kCollator
-from vl.data.multi30k_examples import LazyVisuals, Multi30kExamples
+from vl.data.multi30k_examples import LazyVisuals, Multi30kExamples, TranslationRows
 from vl.data.multi30k_text import MT_DETOKENIZE, detokenize, load_multi30k_tokenizer, seed_bleu
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.multi30k import ensure_multi30k
@@ -66,7 +67,7 @@ BOTH_LAYOUTS = ("joint", "per_language")
 
 
 # ------------------------------------------------------------------------------------------------ module
-class Multi30kDataModule(VLDataModule):
+class Multi30kDataModule(TranslationRows, VLDataModule):
     """See the module docstring. ``pretrain_tasks``: a subset of A, B, C; None = ["A"], the published config
     (``base_prec_16x16G_fp16_pretrained_LR6``: Task A + the aux corpus; the seed runs B and C as separate configs,
     chained through their checkpoints); [A, B, C] mixes the three in one loader (vl's earlier default, the tiny
@@ -345,67 +346,6 @@ class Multi30kDataModule(VLDataModule):
         if self.task == "mt":
             return self.mt_dataset(split, records, images)
         return Multi30kExamples(self.mlt_rows(path, records, images), self.max_regions, flip_prob=flip)
-
-    def mlt_rows(self, path: Path, records: list[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
-        """MLT rows: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of ``word_de`` in the MLT vocabulary.
-        A ``word_de`` of several space-separated words (the seed's test2018: every accepted translation) is correct
-        when the prediction is any of them (the seed's ``evaluate2018.py``: ``word_pred in word_de.split(' ')``); its
-        training label is the first listed word in the vocabulary. DataError naming file and line when no listed word
-        is in the vocabulary."""
-        index = {w: i for i, w in enumerate(self.mlt_words)}
-        rows = []
-        for lineno, (rec, image) in enumerate(zip(records, images), 1):
-            known = [index[w] for w in str(rec["word_de"]).split(" ") if w in index]
-            if not known:
-                raise DataError(f"{path}:{lineno}: word_de {rec['word_de']!r} is not in {self.mlt_vocab_file}")
-            rows.append(
-                {
-                    "text": rec["word_en"],
-                    "text_b": rec["caption_en"],
-                    "image": image,
-                    "mlt_label": known[0],
-                    "options": known,
-                }
-            )
-        width = max((len(r["options"]) for r in rows), default=1)
-        for r in rows:
-            options = r.pop("options")
-            if width > 1:  # any listed word counts: the head reads `mlt_options` (-1 padded)
-                r["mlt_options"] = options + [-1] * (width - len(options))
-        return rows
-
-    def mt_dataset(self, split: str, records: list[dict[str, Any]], images: list[Any]) -> Dataset:
-        """MT (EN -> DE). Train / val: every German prefix of each sentence, its last token the labelled [MASK]
-        (``tokenize(caption_de)[:pos + 1]``), plus one entry ending in [STOP]. Test: one row per sentence (the
-        source, image and reference; ``MMBertSystem`` translates greedily; records marked ``"image_dependent": true``
-        also score as a subset, ``test/bleu_image_dependent``). ``mt_vision`` False: no image (the no-vision
-        variant). Training rows' boxes are mirrored with ``flip_prob`` (each prefix row drawn on its own index)."""
-        tok = self.tokenizer
-        stop = tok.convert_tokens_to_ids("[STOP]")
-        rows: list[dict[str, Any]] = []
-        for rec, image in zip(records, images):
-            image = image if self.mt_vision else None
-            if split == "test":
-                rows.append(
-                    {
-                        "text": rec["caption_en"],
-                        "reference": rec["caption_de"],
-                        "image": image,
-                        "image_dependent": bool(rec.get("image_dependent")),
-                    }
-                )
-                continue
-            target = tok(rec["caption_de"], add_special_tokens=False)["input_ids"] + [stop]
-            for pos, label in enumerate(target):
-                rows.append(
-                    {
-                        "text": rec["caption_en"],
-                        "text_b_ids": [*target[:pos], tok.mask_token_id],
-                        "mt_label": label,
-                        "image": image,
-                    }
-                )
-        return Multi30kExamples(rows, self.max_regions, flip_prob=self.flip_prob if split == "train" else 0.0)
 
     def gallery(self, split: str, language: str | None = None) -> dict[str, Any] | None:
         """Retrieval val/test: caption i (``language``, default ``eval_language``; ``"both"``, the default of the joint

@@ -1,5 +1,6 @@
 """Multi30k rows -> examples (`Multi30kExamples`: the image's selected regions, ITM negatives of the same language,
-the training flip) and `LazyVisuals` (the regions of a split's images, read when indexed).
+the training flip), `LazyVisuals` (the regions of a split's images, read when indexed) and `TranslationRows` (the rows
+of the MLT and MT tasks, a mixin of `Multi30kDataModule`).
 
 Flip (``data.flip_prob``, the seed's ``TRAIN.FLIP_PROB`` 0.5; training split only, val/test never): a training row's
 boxes are mirrored with that probability, drawn from (seed, epoch, index) (`flip_drawn`), as the seed's
@@ -9,6 +10,7 @@ the whole-image box [0, 0, w-1, h-1] maps to itself."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +19,17 @@ from torch.utils.data import Dataset
 from vl.data.features.base import normalise_boxes
 from vl.data.formats.multi30k import select_regions
 from vl.data.samplers import global_seed, split_key
+from vl.errors import DataError
 
-__all__ = ["FLIP_STREAM", "flip_drawn", "mirror_boxes", "flip_regions", "Multi30kExamples", "LazyVisuals"]
+__all__ = [
+    "FLIP_STREAM",
+    "flip_drawn",
+    "mirror_boxes",
+    "flip_regions",
+    "Multi30kExamples",
+    "LazyVisuals",
+    "TranslationRows",
+]
 
 
 # ------------------------------------------------------------------------------------------------ flip
@@ -117,3 +128,70 @@ class LazyVisuals(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         reader, image_id = self.images[i]
         return select_regions(reader[image_id], self.max_regions)
+
+
+# ------------------------------------------------------------------------------------------------ task rows
+class TranslationRows:
+    """Mixin of `Multi30kDataModule` (listed before `VLDataModule` in its bases): the rows of the two translation
+    tasks, MLT (`mlt_rows`) and MT (`mt_dataset`)."""
+
+    def mlt_rows(self, path: Path, records: list[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
+        """MLT rows: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of ``word_de`` in the MLT vocabulary.
+        A ``word_de`` of several space-separated words (the seed's test2018: every accepted translation) is correct
+        when the prediction is any of them (the seed's ``evaluate2018.py``: ``word_pred in word_de.split(' ')``); its
+        training label is the first listed word in the vocabulary. DataError naming file and line when no listed word
+        is in the vocabulary."""
+        index = {w: i for i, w in enumerate(self.mlt_words)}
+        rows = []
+        for lineno, (rec, image) in enumerate(zip(records, images), 1):
+            known = [index[w] for w in str(rec["word_de"]).split(" ") if w in index]
+            if not known:
+                raise DataError(f"{path}:{lineno}: word_de {rec['word_de']!r} is not in {self.mlt_vocab_file}")
+            rows.append(
+                {
+                    "text": rec["word_en"],
+                    "text_b": rec["caption_en"],
+                    "image": image,
+                    "mlt_label": known[0],
+                    "options": known,
+                }
+            )
+        width = max((len(r["options"]) for r in rows), default=1)
+        for r in rows:
+            options = r.pop("options")
+            if width > 1:  # any listed word counts: the head reads `mlt_options` (-1 padded)
+                r["mlt_options"] = options + [-1] * (width - len(options))
+        return rows
+
+    def mt_dataset(self, split: str, records: list[dict[str, Any]], images: list[Any]) -> Dataset:
+        """MT (EN -> DE). Train / val: every German prefix of each sentence, its last token the labelled [MASK]
+        (``tokenize(caption_de)[:pos + 1]``), plus one entry ending in [STOP]. Test: one row per sentence (the
+        source, image and reference; ``MMBertSystem`` translates greedily; records marked ``"image_dependent": true``
+        also score as a subset, ``test/bleu_image_dependent``). ``mt_vision`` False: no image (the no-vision
+        variant). Training rows' boxes are mirrored with ``flip_prob`` (each prefix row drawn on its own index)."""
+        tok = self.tokenizer
+        stop = tok.convert_tokens_to_ids("[STOP]")
+        rows: list[dict[str, Any]] = []
+        for rec, image in zip(records, images):
+            image = image if self.mt_vision else None
+            if split == "test":
+                rows.append(
+                    {
+                        "text": rec["caption_en"],
+                        "reference": rec["caption_de"],
+                        "image": image,
+                        "image_dependent": bool(rec.get("image_dependent")),
+                    }
+                )
+                continue
+            target = tok(rec["caption_de"], add_special_tokens=False)["input_ids"] + [stop]
+            for pos, label in enumerate(target):
+                rows.append(
+                    {
+                        "text": rec["caption_en"],
+                        "text_b_ids": [*target[:pos], tok.mask_token_id],
+                        "mt_label": label,
+                        "image": image,
+                    }
+                )
+        return Multi30kExamples(rows, self.max_regions, flip_prob=self.flip_prob if split == "train" else 0.0)

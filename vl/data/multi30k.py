@@ -41,7 +41,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from vl.data.aux_text import AUX_EPOCHS, AUX_WINDOWS, combine_with_aux, seed_windows, word_chunks
+from vl.data.aux_text import AUX_EPOCHS, AUX_WINDOWS, AuxTextCorpus
 from vl.data.base import RetrievalQueries, VLDataModule
 from vl.data.features import FrcnnJsonRegionReader
 from vl.data.formats.multi30k import (
@@ -67,7 +67,7 @@ BOTH_LAYOUTS = ("joint", "per_language")
 
 
 # ------------------------------------------------------------------------------------------------ module
-class Multi30kDataModule(TranslationRows, VLDataModule):
+class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
     """See the module docstring. ``pretrain_tasks``: a subset of A, B, C; None = ["A"], the published config
     (``base_prec_16x16G_fp16_pretrained_LR6``: Task A + the aux corpus; the seed runs B and C as separate configs,
     chained through their checkpoints); [A, B, C] mixes the three in one loader (vl's earlier default, the tiny
@@ -211,56 +211,6 @@ class Multi30kDataModule(TranslationRows, VLDataModule):
         if self.aux_alone:
             files += [path for split in ("train", "val", "test") for path in self.aux_paths(split)]
         return files
-
-    # ------------------------------------------------------------------ aux text corpus (pretraining)
-    @property
-    def uses_aux(self) -> bool:
-        """The aux text corpus batched jointly with the image data (pretraining with some of Tasks A / B / C)."""
-        return self.task == "pretrain" and bool(self.aux_text) and bool(self.pretrain_tasks)
-
-    @property
-    def aux_alone(self) -> bool:
-        """`data=aux_text`: pretraining on the aux text corpus only (``pretrain_tasks: []``), ``aux_text`` per split."""
-        return self.task == "pretrain" and bool(self.aux_text) and not self.pretrain_tasks
-
-    @property
-    def examples_per_device_step(self) -> int:
-        """Examples one device sees per micro-batch: the image data plus the aux text batch (MM-BERT's [8, 8])."""
-        return self.batch_size_per_device + (self.aux_batch_size if self.uses_aux else 0)
-
-    def aux_paths(self, split: str = "train") -> list[Path]:
-        """The aux corpus files of `split`: ``aux_text`` relative to ``root``, several joined with ``+`` (the seed's
-        ``general_corpus`` ann_file, e.g. ``wiki.txt+books.txt``), read in that order as one corpus."""
-        return [self.path(part, split) for part in str(self.aux_text).split("+")]
-
-    def aux_dataset(self, split: str = "train") -> Dataset:
-        """The aux text corpus (one sentence a line), no [CLS] / [SEP], the aux visual embedding and no regions, read
-        as ``aux_windows`` says (`vl.data.aux_text`): seed, the seed's ``GeneralCorpus`` windows (`seed_windows`);
-        chunks, non-overlapping chunks of >= ``aux_min_words`` whitespace words (`word_chunks`, vl's earlier)."""
-        paths = self.aux_paths(split)
-        if self.aux_windows == "seed":
-            return seed_windows(paths, self.tokenizer, self.aux_min_words)
-        chunks = word_chunks(paths, self.aux_min_words)
-        return Multi30kExamples([{"text": c, "image": None} for c in chunks], self.max_regions)
-
-    def train_dataloader(self) -> Any:
-        """Pretraining with ``aux_text``: the image data and the aux text corpus batched jointly, an epoch as
-        ``aux_epoch`` says (`vl.data.aux_text.combine_with_aux`: seed, the seed's ``MultiTaskDataLoader``; cycle,
-        ``max_size_cycle``)."""
-        main = self.loader("train")
-        if not self.uses_aux:
-            return main
-        if "aux" not in self.datasets:
-            self.datasets["aux"] = self.aux_dataset()
-        return combine_with_aux(
-            main,
-            self.datasets["aux"],
-            self.loader_collate(self.aux_collator()),
-            aux_epoch=self.aux_epoch,
-            batch_size=self.aux_batch_size,
-            num_workers=self.num_workers,
-            trainer=self.trainer,
-        )
 
     @property
     def tokenizer(self) -> Any:
@@ -437,17 +387,6 @@ class Multi30kDataModule(TranslationRows, VLDataModule):
         return Path(path)
 
     # ------------------------------------------------------------------ loaders
-    def aux_collator(self) -> Multi30kCollator:
-        """Aux text chunks: ``aux_seq_len`` tokens, no [CLS] / [SEP], whole-word MLM."""
-        return Multi30kCollator(
-            self.tokenizer,
-            max_text_len=self.aux_seq_len,
-            mlm="mlm" in self.objectives,
-            mlm_probability=self.mlm_probability,
-            add_special_tokens=False,
-            aux_text=True,
-        )
-
     def collator(self, split: str) -> Multi30kCollator:
         if self.aux_alone:
             return self.aux_collator()

@@ -4,6 +4,8 @@
 `BertAdam` is the optimiser of ViLBERT's `train_concap.py` (pytorch-pretrained-bert 0.6.2's `BertAdam`) and
 `train_tasks.py` (`vilbert/optimization.py`, the same update). Its warmup / decay schedule is not part of it here: vl's
 LR scheduler (`vl.schedules`) sets each group's `lr`, which `step` reads, as the seed's `lr x schedule(step)`.
+
+`FusedOptimizer` steps several optimisers as one (CLIP-ViL's AdamW + SGD pair, the seed's `FusedOptimizer`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 from hydra.utils import instantiate
 from torch.optim import Optimizer
 
-__all__ = ["BertAdam", "build_optimizer"]
+from vl.errors import ConfigError
+
+__all__ = ["BertAdam", "FusedOptimizer", "build_optimizer"]
 
 
 class BertAdam(Optimizer):
@@ -115,3 +119,52 @@ def build_optimizer(cfg: dict[str, Any], param_groups: list[dict[str, Any]]) -> 
             and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
         ) or None
     return factory(param_groups, **({"fused": fused} if fused is not None else {}))
+
+
+class FusedOptimizer(Optimizer):
+    """Several optimisers stepped as one (the seed's `FusedOptimizer`): `param_groups` is the concatenation of theirs
+    (the same dicts: schedulers and gradient clipping see every group), `step` runs the closure once then steps each,
+    `state_dict` = {name: each one's state_dict}."""
+
+    def __init__(self, optimizers: dict[str, Optimizer]) -> None:  # noqa: D107 - Optimizer.__init__ is not called
+        self.optimizers = dict(optimizers)
+        self.defaults: dict[str, Any] = {}
+        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+        self._optimizer_state_dict_pre_hooks: dict = {}
+        self._optimizer_state_dict_post_hooks: dict = {}
+        self._optimizer_load_state_dict_pre_hooks: dict = {}
+        self._optimizer_load_state_dict_post_hooks: dict = {}
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers.values():
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        missing = sorted(set(self.optimizers) - set(state_dict))
+        if missing:
+            raise ConfigError(
+                f"optimizer state: the checkpoint has no state for {missing} (not a CLIP-ViL checkpoint?)"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state_dict[name])
+
+    def __repr__(self) -> str:
+        return f"FusedOptimizer({', '.join(f'{k}: {type(v).__name__}' for k, v in self.optimizers.items())})"

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from vl.errors import ConfigError
 from vl.heads.qa import answer_mlp
 from vl.models.clip_resnet import CLIP_RESNETS, build_clip_resnet
-from vl.models.clip_vil import ClipVilEncoder, ClipVilSystem, FusedOptimizer, copy_answer_rows
+from vl.models.clip_vil import ClipVilEncoder, ClipVilSystem, copy_answer_rows
+from vl.optimizers import FusedOptimizer
 
 TINY_TEXT = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "dropout": 0.0}
 TINY_BACKBONE = {"layers": [1, 2, 1, 1], "width": 8}

@@ -53,11 +53,12 @@ from vl.models.checkpoints import load_bert_mlm_head, load_bert_parts
 from vl.models.clip_resnet import build_clip_resnet, load_clip_visual
 from vl.models.optimisation import NO_DECAY
 from vl.models.system import VLSystem
+from vl.optimizers import FusedOptimizer
 from vl.schedules import step_schedule, vl_warmup_linear, warmup_linear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipVilEncoder", "ClipVilSystem", "FusedOptimizer", "copy_answer_rows", "PretrainQA"]
+__all__ = ["ClipVilEncoder", "ClipVilSystem", "copy_answer_rows", "PretrainQA"]
 
 
 class ClipVilEncoder(nn.Module):
@@ -208,56 +209,6 @@ class ClipVilEncoder(nn.Module):
             weights = mask.unsqueeze(-1).to(states.dtype)
             pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return EncoderOutput(text=states[:, :t], visual=states[:, t:], pooled=pooled)
-
-
-# ------------------------------------------------------------------------------------------------ optimisation
-class FusedOptimizer(Optimizer):
-    """Several optimisers stepped as one (the seed's `FusedOptimizer`): `param_groups` is the concatenation of theirs
-    (the same dicts: schedulers and gradient clipping see every group), `step` runs the closure once then steps each,
-    `state_dict` = {name: each one's state_dict}."""
-
-    def __init__(self, optimizers: dict[str, Optimizer]) -> None:  # noqa: D107 - Optimizer.__init__ is not called
-        self.optimizers = dict(optimizers)
-        self.defaults: dict[str, Any] = {}
-        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
-        self._optimizer_state_dict_pre_hooks: dict = {}
-        self._optimizer_state_dict_post_hooks: dict = {}
-        self._optimizer_load_state_dict_pre_hooks: dict = {}
-        self._optimizer_load_state_dict_post_hooks: dict = {}
-
-    @property
-    def state(self) -> dict:  # type: ignore[override]
-        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for opt in self.optimizers.values():
-            opt.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        missing = sorted(set(self.optimizers) - set(state_dict))
-        if missing:
-            raise ConfigError(
-                f"optimizer state: the checkpoint has no state for {missing} (not a CLIP-ViL checkpoint?)"
-            )
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state_dict[name])
-
-    def __repr__(self) -> str:
-        return f"FusedOptimizer({', '.join(f'{k}: {type(v).__name__}' for k, v in self.optimizers.items())})"
 
 
 def copy_answer_rows(

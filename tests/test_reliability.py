@@ -381,6 +381,39 @@ def test_refused_rerun_leaves_the_old_run_config_untouched(tmp_path: Path) -> No
     assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml"]
 
 
+@pytest.mark.parametrize("script", ["evaluate.py", "train.py"])
+def test_an_output_dir_holding_a_run_is_refused_like_the_run_dir(tmp_path: Path, script: str) -> None:
+    """`paths.output_dir=<a run dir>` (the dir the run writes to, apart from Hydra's run dir) gets the same claim:
+    `evaluate.py ckpt_path=<run>/checkpoints/best.ckpt paths.output_dir=<run>` wrote its results.md and predictions
+    over the training run's; now one line, before anything is read, and the run's files stay as they were."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"old weights")
+    (run / "results.md").write_text("old results\n")
+    args = ["experiment=none"] if script == "train.py" else [f"ckpt_path={run}/checkpoints/best.ckpt"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / script), *args, f"paths.output_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: paths.output_dir: {run} already holds checkpoints of an earlier run"), last
+    if script == "evaluate.py":
+        assert "an evaluation writes its results and predictions there" in last
+    assert (run / "results.md").read_text() == "old results\n"
+    assert {p.name for p in run.iterdir()} - {".vl-run.lock"} == {"checkpoints", "results.md"}
+
+
 def test_a_run_dir_in_use_is_refused(tmp_path: Path) -> None:
     from vl.run_dir import claim_run_dir, release_run_dir
 

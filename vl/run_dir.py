@@ -39,9 +39,12 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     return found
 
 
-def claim_run_dir(run_dir: str | Path, *, resume: bool = False) -> Path:
+def claim_run_dir(
+    run_dir: str | Path, *, resume: bool = False, key: str = "hydra.run.dir", instead: str | None = None
+) -> Path:
     """Claim `run_dir` for this process (created if needed). Raises ConfigError when another live process holds it,
-    or when it already holds checkpoints and `resume` is false. Idempotent within one process."""
+    or when it already holds checkpoints and `resume` is false (naming `key`; `instead`: what to do, when not the
+    default "use a new dir, or ckpt_path=<checkpoint> to resume"). Idempotent within one process."""
     import fcntl
 
     run_dir = Path(run_dir).expanduser().resolve()
@@ -55,15 +58,13 @@ def claim_run_dir(run_dir: str | Path, *, resume: bool = False) -> Path:
     except OSError:
         owner = lock.read_text().strip() or "another process"
         os.close(fd)
-        raise ConfigError(
-            f"hydra.run.dir: {run_dir} is in use by another run ({owner}); give each run its own dir"
-        ) from None
+        raise ConfigError(f"{key}: {run_dir} is in use by another run ({owner}); give each run its own dir") from None
     ckpts = [] if resume else _checkpoint_dirs(run_dir)
     if ckpts:
         os.close(fd)  # releases the lock
         raise ConfigError(
-            f"hydra.run.dir: {run_dir} already holds checkpoints of an earlier run ({ckpts[0]}); refusing to overwrite "
-            "them or its .hydra/config.yaml (use a new dir, or ckpt_path=<checkpoint> to resume)"
+            f"{key}: {run_dir} already holds checkpoints of an earlier run ({ckpts[0]}); refusing to overwrite "
+            f"them, its results or its .hydra/config.yaml ({instead or 'use a new dir, or ckpt_path=<checkpoint> to resume'})"
         )
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
@@ -116,6 +117,8 @@ class RunDirGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._guard(config, "hydra.run.dir")
+        if not _is_secondary_rank() and _chosen_output_dir(config):  # the run writes there, not in hydra.run.dir
+            self._guard(config, "paths.output_dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._guard(config, "hydra.sweep.dir")
@@ -127,8 +130,20 @@ class RunDirGuard(Callback):
         run_dir = OmegaConf.select(config, key)
         keys = [self.resume_key, "resume"] if self.resume_key else []  # `resume=<run dir>` continues in its dir
         resume = any(OmegaConf.select(config, k, default=None) for k in keys) or is_requeued()
+        instead = (
+            None if self.resume_key else "an evaluation writes its results and predictions there: give it another dir"
+        )
         try:
-            claim_run_dir(str(run_dir), resume=resume)
+            claim_run_dir(str(run_dir), resume=resume, key=key, instead=instead)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+
+
+def _chosen_output_dir(config: DictConfig) -> bool:
+    """Whether `paths.output_dir` is set to a dir of its own (`paths.output_dir=<dir>`), not Hydra's run dir."""
+    paths = config.get("paths")
+    if not isinstance(paths, DictConfig) or "output_dir" not in paths:
+        return False
+    raw = OmegaConf.to_container(paths, resolve=False).get("output_dir")
+    return isinstance(raw, str) and "hydra:runtime.output_dir" not in raw

@@ -82,11 +82,11 @@ def test_wandb_run_names_job_types_resolved_config_and_curves(make_cfg, monkeypa
 
 
 def test_wandb_tags_are_the_configured_ones_plus_the_overrides(monkeypatch) -> None:
-    import vl.pipeline as pipeline
+    import vl.run_loggers as run_loggers
 
     overrides = ["model=vilbert", "+model.loss_weights.itm=2", "paths.output_dir=/x", "model=vilbert", "x=" + "y" * 80]
-    monkeypatch.setattr(pipeline, "_command_overrides", lambda: overrides)
-    tags = pipeline._run_tags(OmegaConf.create({}), ["vqa", "model=vilbert"])
+    monkeypatch.setattr(run_loggers, "command_overrides", lambda: overrides)
+    tags = run_loggers.run_tags(OmegaConf.create({}), ["vqa", "model=vilbert"])
     assert tags == ["vqa", "model=vilbert", "model.loss_weights.itm=2", ("x=" + "y" * 80)[:64]]
 
 
@@ -106,16 +106,16 @@ def test_a_failed_run_closes_wandb_with_its_exit_code(make_cfg, monkeypatch) -> 
 
 
 def test_stage_job_types_and_debug_limit_shrinks_every_stage(tmp_path: Path, data_dir: Path) -> None:
-    from vl.pipeline import _stage_loggers
+    from vl.run_loggers import stage_loggers
 
     cfg = compose_cfg(["debug=limit", "logger=wandb"], output_dir=tmp_path, data_dir=data_dir)
     pre = stage_config(cfg, cfg.pretrain, tmp_path / "pretrain")
     assert cfg.pretrain.trainer.max_epochs == 16  # the default experiment's pretrain stage ...
     assert (pre.trainer.max_epochs, pre.trainer.limit_train_batches, pre.trainer.limit_test_batches) == (2, 5, 2)
     assert pre.trainer.default_root_dir == str(tmp_path / "pretrain")  # the stage's own dir
-    assert _stage_loggers(cfg, "pretrain").wandb.job_type == "pretrain"
-    assert _stage_loggers(cfg, "finetune").wandb.job_type == "finetune"
-    assert _stage_loggers(cfg, "train").wandb.job_type == "train"
+    assert stage_loggers(cfg, "pretrain").wandb.job_type == "pretrain"
+    assert stage_loggers(cfg, "finetune").wandb.job_type == "finetune"
+    assert stage_loggers(cfg, "train").wandb.job_type == "train"
 
 
 def test_tensorboard_logger_writes_event_files_with_the_test_metrics(make_cfg) -> None:
@@ -301,7 +301,7 @@ def test_a_run_resumed_in_its_own_dir_continues_its_wandb_run(make_cfg, monkeypa
 
 
 def test_earlier_wandb_run_reads_the_latest_run_or_the_newest_dir(tmp_path: Path) -> None:
-    from vl.pipeline import earlier_wandb_run
+    from vl.run_loggers import earlier_wandb_run
 
     assert earlier_wandb_run(tmp_path) is None
     root = tmp_path / "wandb"

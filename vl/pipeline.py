@@ -28,6 +28,15 @@ from vl.errors import ConfigError, VLError
 from vl.eval.tasks import run_eval_task, task_name
 from vl.report import plot_curves, write_results
 from vl.run_dir import is_requeued
+from vl.run_loggers import (
+    command_overrides,
+    finish_wandb,
+    flat_config,
+    log_test_metrics,
+    read_csv,
+    stage_loggers,
+    write_csv,
+)
 from vl.sweep_report import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -173,124 +182,6 @@ def run_record(cfg: DictConfig, dm: Any) -> dict[str, Any]:
     }
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"optimizer": {"lr": 1e-3}}} -> {"model.optimizer.lr": 1e-3} (lists as strings)."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: str(tree) if isinstance(tree, (list, tuple)) else tree}
-
-
-def _run_name(cfg: DictConfig) -> str:
-    """`<task_name>` + the command line's overrides (a multirun job's own ones), e.g. `vqa lr=1e-4 seed=2`."""
-    overrides = [o for o in _command_overrides() if not o.split("=", 1)[0].endswith("_dir")]
-    return " ".join([str(cfg.task_name), *overrides])
-
-
-#: W&B's limit on a tag's length
-_TAG_CHARS = 64
-
-
-def _run_tags(cfg: DictConfig, tags: list[str]) -> list[str]:
-    """The configured tags + one per command-line override (`model=vilbert`, `model.optimizer.lr=1e-4`; paths and
-    dirs left out), so the dashboard can filter and group a sweep by what was swept. De-duplicated, each cut to
-    W&B's 64 characters."""
-    overrides = [o.lstrip("+~") for o in _command_overrides() if not o.split("=", 1)[0].endswith(("_dir", "_path"))]
-    out: list[str] = []
-    for tag in [*map(str, tags), *overrides]:
-        tag = tag[:_TAG_CHARS]
-        if tag and tag not in out:
-            out.append(tag)
-    return out
-
-
-def _stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
-    """`cfg.logger` with W&B's run name (from the overrides, unless set) and `job_type` = the stage (`pretrain`,
-    `finetune` after a pretrain stage, else the configured one). A stage that resumes in its own run dir (`resume=`,
-    a requeued job, `ckpt_path=` of a checkpoint under `paths.output_dir`) continues the W&B run the earlier process
-    of that dir started (its id, unless `id` is set; Lightning's WandbLogger resumes with "allow"), so the dashboard
-    shows one run with one set of curves, not one run per restart."""
-    node = cfg.get("logger")
-    if not node:
-        return node
-    node = node.copy()
-    with open_dict(node):
-        for lg in node.values():
-            if isinstance(lg, DictConfig) and str(lg.get("_target_", "")).endswith("WandbLogger"):
-                if lg.get("name") is None:
-                    lg.name = _run_name(cfg)
-                lg.tags = _run_tags(cfg, list(lg.get("tags") or []))
-                if stage in ("pretrain", "finetune"):
-                    lg.job_type = stage
-                save_dir = lg.get("save_dir") or lg.get("dir")
-                if lg.get("id") is None and lg.get("version") is None and save_dir and _resumes_in_place(cfg):
-                    earlier = earlier_wandb_run(Path(save_dir))
-                    if earlier is not None:
-                        lg.id = earlier
-                        log.info("resumed in place: continuing W&B run %s", earlier)
-    return node
-
-
-def _resumes_in_place(cfg: DictConfig) -> bool:
-    """Whether this stage continues from a checkpoint inside its own run dir."""
-    ckpt = cfg.get("ckpt_path")
-    if not ckpt:
-        return False
-    return Path(str(ckpt)).expanduser().resolve().is_relative_to(Path(cfg.paths.output_dir).expanduser().resolve())
-
-
-def earlier_wandb_run(save_dir: Path) -> str | None:
-    """The id of the W&B run last started with `save_dir` (`<save_dir>/wandb/latest-run` -> `run-<time>-<id>`, or
-    `offline-run-<time>-<id>`; else the newest such dir), None when there is none."""
-    root = save_dir / "wandb"
-    latest = root / "latest-run"
-    if latest.exists():
-        runs = [latest.resolve()]
-    else:  # by the start time in the name (`offline-` sorts apart otherwise)
-        runs = sorted(root.glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
-    runs = [p for p in runs if p.is_dir()]
-    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    import csv
-
-    if not path.is_file():
-        return [], []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
-
-
-def _write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
-    import csv
-
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _log_test_metrics(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
-    """Send the test stage's metrics to the fit's loggers. A CSVLogger gets the row appended to its file here: its
-    writer may live in other processes (spawned DDP: creating one in this process would delete the file), or be one
-    that this process made for the hyper-parameters only and that knows none of the columns the fit wrote (its own
-    save would then rewrite the file with too few columns)."""
-    for lg in loggers:
-        if isinstance(lg, CSVLogger):
-            if getattr(lg, "_experiment", None) is not None:
-                lg.save()  # rows this process still buffers reach the file first
-            path = Path(lg.log_dir) / "metrics.csv"
-            header, rows = _read_csv(path)
-            row = {"step": step, **metrics}
-            _write_csv(path, [*header, *(k for k in row if k not in header)], [*rows, row])
-            continue
-        lg.log_metrics(metrics, step=step)
-        lg.save()
-
-
 def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple[dict[str, float], str | None]:
     """Fit (and test) one stage. Returns (metrics, path of the checkpoint to continue from)."""
     with _own_rendezvous():
@@ -320,8 +211,8 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     if hasattr(model, "run_record"):
         model.run_record = record
     csv_file = output_dir / "csv" / "metrics.csv"
-    earlier = _read_csv(csv_file) if cfg.get("ckpt_path") else ([], [])  # a run resumed in place keeps its curves
-    loggers = _instantiate_dict(_stage_loggers(cfg, name))
+    earlier = read_csv(csv_file) if cfg.get("ckpt_path") else ([], [])  # a run resumed in place keeps its curves
+    loggers = _instantiate_dict(stage_loggers(cfg, name))
     if loggers and not any(isinstance(lg, CSVLogger) for lg in loggers):  # curves and metrics.csv, whatever the logger
         loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
     trainer = build_trainer(cfg, _instantiate_dict(cfg.get("callbacks")), loggers)
@@ -345,7 +236,7 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         "params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     for lg in loggers:  # the resolved config, flat (`model.optimizer.lr`), once; the system logs no hparams itself
-        lg.log_hyperparams({**_flat(record["config"]), **params})
+        lg.log_hyperparams({**flat_config(record["config"]), **params})
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
@@ -374,12 +265,12 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
             test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
         if trainer.is_global_zero and loggers and test_metrics:  # the test metrics in the same run as the fit's curves
-            _log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)
+            log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)
         if not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))
     if trainer.is_global_zero and earlier[1] and csv_file.is_file():
-        header, rows = _read_csv(csv_file)
-        _write_csv(csv_file, [*earlier[0], *(k for k in header if k not in earlier[0])], [*earlier[1], *rows])
+        header, rows = read_csv(csv_file)
+        write_csv(csv_file, [*earlier[0], *(k for k in header if k not in earlier[0])], [*earlier[1], *rows])
     if trainer.is_global_zero and loggers:
         plot_curves(output_dir, title=f"{cfg.task_name} / {name}")
     return metrics, ckpt
@@ -451,15 +342,6 @@ def _single_log_lines() -> None:
         rank_zero.addFilter(_NoAdverts())
 
 
-def _command_overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # outside Hydra
-        return []
-
-
 def resumed_config(cfg: DictConfig) -> DictConfig:
     """`resume=<run dir>`: the run's own config (stored in its `checkpoints/last.ckpt`) with this command's overrides
     applied (e.g. `trainer.max_epochs=10`; a config group choice such as `model=x` is refused: a resumed run keeps its
@@ -478,7 +360,7 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
             "and the run's own overrides"
         )
     restored = OmegaConf.create(record["config"])
-    for override in OverridesParser.create().parse_overrides(_command_overrides()):
+    for override in OverridesParser.create().parse_overrides(command_overrides()):
         key = override.key_or_group
         if key == "resume" or key.startswith("hydra.") or key.startswith("paths."):
             continue
@@ -537,13 +419,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
             pre_metrics, init_from = run_stage(stage_cfg, "pretrain")
             init_from = hand_off(cfg.pretrain, output_dir / "pretrain", init_from)
             rows.append(("pretrain", pre_metrics))
-            _finish_wandb()
+            finish_wandb()
             L.seed_everything(cfg.seed, workers=True)
         metrics, _ = run_stage(cfg, "finetune" if rows else "train", init_from=init_from)
         rows.append(("main" if rows else "train", metrics))
         failed = False
     finally:
-        _finish_wandb(exit_code=1 if failed else 0)  # a crashed job is closed as failed
+        finish_wandb(exit_code=1 if failed else 0)  # a crashed job is closed as failed
     merged = {f"{stage}:{k}" if stage == "pretrain" else k: v for stage, m in rows for k, v in m.items()}
     if rows and launcher_rank() == 0:  # under torchrun / srun every rank runs train(): rank 0 writes the run dir
         write_results(output_dir, rows, title=str(cfg.task_name))
@@ -557,16 +439,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         record = {"metrics": merged, "monitor": opt, "mode": mode, "value": value}
         (output_dir / METRICS_FILE).write_text(json.dumps(record, indent=1, default=float))
     return merged, value
-
-
-def _finish_wandb(exit_code: int = 0) -> None:
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=exit_code)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

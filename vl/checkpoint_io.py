@@ -140,7 +140,7 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         earlier: dict[str, Any] = dict(state_dict.get("best_k_models") or {})
         if not earlier or state_dict.get("best_model_score") is None:
             return None
-        moved: dict[str, str] = {}
+        found: dict[str, tuple[Path, Path]] = {}  # earlier path -> (where it is now, where it goes)
         for old in earlier:
             target = dirpath / Path(old).name
             source = next((p for p in (Path(old), target) if p.is_file()), None)
@@ -154,9 +154,11 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
                     float(earlier[old]),
                 )
                 return None
+            found[old] = (source, target)
+        for source, target in found.values():  # every file found before any is copied
             if self._writes_files and source != target:
                 atomic_copy(source, target)
-            moved[old] = str(target)
+        moved = {old: str(target) for old, (_, target) in found.items()}
         log.info("resumed into %s: carried over the best checkpoint(s) so far: %s", dirpath, ", ".join(moved))
         return {
             "best_k_models": {moved[old]: score for old, score in earlier.items()},

@@ -567,3 +567,43 @@ def test_last_checkpoint_callback_resumes_into_another_dir_quietly(tmp_path: Pat
         warnings.simplefilter("error")
         cb.load_state_dict(state)
     assert cb.best_model_score is None
+
+
+def _loss_rows(run: Path) -> list[tuple[str, str]]:
+    """(step, train/loss) of every training-loss row of the run's metrics.csv, in file order."""
+    import csv
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return [(r["step"], r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+KILL_AT = ("+callbacks.kill._target_=tests.conftest.InterruptAt", "+callbacks.kill.epoch=1")
+
+
+def test_metrics_csv_of_a_run_resumed_in_place_is_the_uninterrupted_runs(make_cfg, tmp_path: Path) -> None:
+    """Killed before epoch 1 micro-batch 5 (last.ckpt every 3 steps: the last after micro-batch 2, so the killed fit
+    logged steps past it), killed again before micro-batch 4 of the fit resumed in place (`ckpt_path=` under the run
+    dir), then resumed in place to the end: metrics.csv holds the uninterrupted run's training-loss rows, each step once (the earlier code
+    appended the resumed rows after every earlier one: the steps logged after the checkpoint stood twice). After the
+    second kill the rows before the checkpoint are all still there (Lightning's writer deleted the file when the
+    resumed fit started; vl wrote the earlier rows back only at the stage's end)."""
+    every3 = "+callbacks.last_checkpoint.every_n_train_steps=3"
+    base = tuple(o for o in RESUME if not o.startswith("+callbacks.record")) + (every3,)
+    straight = make_cfg(*base, name="straight")
+    train(straight)
+    want = _loss_rows(Path(straight.paths.output_dir))
+    first = make_cfg(*base, *KILL_AT, "+callbacks.kill.batch=5", name="run")
+    with pytest.raises(Exception, match="interrupted before epoch 1 batch 5"):
+        train(first)
+    run = Path(first.paths.output_dir)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    logged = _loss_rows(run)
+    assert float(logged[-1][0]) >= last["global_step"]  # rows past the checkpoint, logged again on resume
+    again = make_cfg(*base, *KILL_AT, "+callbacks.kill.batch=4", f"ckpt_path={run}/checkpoints/last.ckpt", name="run")
+    with pytest.raises(Exception, match="interrupted before epoch 1 batch 4"):
+        train(again)
+    kept = _loss_rows(run)
+    before = [row for row in want if float(row[0]) < last["global_step"]]
+    assert kept[: len(before)] == before  # nothing lost to the second kill
+    train(make_cfg(*base, f"ckpt_path={run}/checkpoints/last.ckpt", name="run"))
+    assert _loss_rows(run) == want

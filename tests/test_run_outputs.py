@@ -281,6 +281,8 @@ def test_a_run_resumed_in_its_own_dir_continues_its_wandb_run(make_cfg, monkeypa
     """Killed and resumed in place (`ckpt_path=` under the run dir, as `resume=` and a requeued job do): the second
     process logs to the same W&B run id (before: a new run per restart); resumed into a new dir: a new run."""
     pytest.importorskip("wandb")
+    from vl.run_loggers import wandb_run_id
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     base = (*FAST, "logger=wandb", "test=false", "trainer.max_epochs=2")
@@ -290,14 +292,14 @@ def test_a_run_resumed_in_its_own_dir_continues_its_wandb_run(make_cfg, monkeypa
         train(first)
     run = Path(first.paths.output_dir)
     (started,) = run.glob("wandb/offline-run-*")
-    run_id = started.name.rsplit("-", 1)[-1]
+    run_id = wandb_run_id(started)
     train(make_cfg(*base, f"ckpt_path={run}/checkpoints/last.ckpt", name="run"))
-    ids = [p.name.rsplit("-", 1)[-1] for p in run.glob("wandb/offline-run-*")]
+    ids = [wandb_run_id(p) for p in run.glob("wandb/offline-run-*")]
     assert len(ids) == 2 and set(ids) == {run_id}, ids
     elsewhere = make_cfg(*base, f"ckpt_path={run}/checkpoints/last.ckpt", name="elsewhere")
     train(elsewhere)
     (other,) = Path(elsewhere.paths.output_dir).glob("wandb/offline-run-*")
-    assert other.name.rsplit("-", 1)[-1] != run_id
+    assert wandb_run_id(other) != run_id
 
 
 def test_earlier_wandb_run_reads_the_latest_run_or_the_newest_dir(tmp_path: Path) -> None:
@@ -308,5 +310,8 @@ def test_earlier_wandb_run_reads_the_latest_run_or_the_newest_dir(tmp_path: Path
     for name in ("run-20261201_100000-aaaa1111", "offline-run-20261202_090000-bbbb2222"):
         (root / name).mkdir(parents=True)
     assert earlier_wandb_run(tmp_path) == "bbbb2222"  # newest by its start time
+    (root / "offline-run-20261202_090000-bbbb2222-1").mkdir()  # the same id restarted within the same second
+    (root / "offline-run-20261202_090000-bbbb2222-1" / "run-bbbb2222.wandb").write_bytes(b"")
+    assert earlier_wandb_run(tmp_path) == "bbbb2222"
     (root / "latest-run").symlink_to(root / "run-20261201_100000-aaaa1111")
     assert earlier_wandb_run(tmp_path) == "aaaa1111"  # what wandb itself marks as the latest

@@ -15,7 +15,6 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vl.build import build_datamodule, build_model, check_arguments, load_run_config, stage_config
@@ -29,13 +28,13 @@ from vl.eval.tasks import run_eval_task, task_name
 from vl.report import plot_curves, write_results
 from vl.run_dir import is_requeued
 from vl.run_loggers import (
+    CSVLogger,
     command_overrides,
     finish_wandb,
     flat_config,
     log_test_metrics,
-    read_csv,
+    resumes_in_place,
     stage_loggers,
-    write_csv,
 )
 from vl.sweep_report import METRICS_FILE
 
@@ -210,11 +209,12 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     record = run_record(cfg, dm)
     if hasattr(model, "run_record"):
         model.run_record = record
-    csv_file = output_dir / "csv" / "metrics.csv"
-    earlier = read_csv(csv_file) if cfg.get("ckpt_path") else ([], [])  # a run resumed in place keeps its curves
     loggers = _instantiate_dict(stage_loggers(cfg, name))
-    if loggers and not any(isinstance(lg, CSVLogger) for lg in loggers):  # curves and metrics.csv, whatever the logger
+    if loggers and not any(isinstance(lg, L.pytorch.loggers.CSVLogger) for lg in loggers):  # metrics.csv, always
         loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
+    for lg in loggers:  # a fit resumed in its own run dir keeps the earlier rows of metrics.csv
+        if isinstance(lg, CSVLogger):
+            lg.resumed = resumes_in_place(cfg)
     trainer = build_trainer(cfg, _instantiate_dict(cfg.get("callbacks")), loggers)
     trainer.accumulate_grad_batches = _accumulation(cfg, dm, trainer.world_size)
     _validate_every(trainer, cfg.trainer.get("val_every_n_steps"))
@@ -268,9 +268,6 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
             log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)
         if not trainer.fast_dev_run:
             metrics.update(dm.baselines("test"))
-    if trainer.is_global_zero and earlier[1] and csv_file.is_file():
-        header, rows = read_csv(csv_file)
-        write_csv(csv_file, [*earlier[0], *(k for k in header if k not in earlier[0])], [*earlier[1], *rows])
     if trainer.is_global_zero and loggers:
         plot_curves(output_dir, title=f"{cfg.task_name} / {name}")
     return metrics, ckpt

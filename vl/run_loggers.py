@@ -5,25 +5,32 @@ rows kept across a resume in place (`read_csv` / `write_csv`) and W&B closed wit
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger
+import lightning as L
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CSVLogger",
     "command_overrides",
     "earlier_wandb_run",
     "finish_wandb",
     "flat_config",
     "log_test_metrics",
     "read_csv",
+    "resumes_in_place",
     "run_name",
     "run_tags",
     "stage_loggers",
+    "wandb_run_id",
     "write_csv",
 ]
 
@@ -90,7 +97,7 @@ def stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
                 if stage in ("pretrain", "finetune"):
                     lg.job_type = stage
                 save_dir = lg.get("save_dir") or lg.get("dir")
-                if lg.get("id") is None and lg.get("version") is None and save_dir and _resumes_in_place(cfg):
+                if lg.get("id") is None and lg.get("version") is None and save_dir and resumes_in_place(cfg):
                     earlier = earlier_wandb_run(Path(save_dir))
                     if earlier is not None:
                         lg.id = earlier
@@ -98,7 +105,7 @@ def stage_loggers(cfg: DictConfig, stage: str) -> DictConfig | None:
     return node
 
 
-def _resumes_in_place(cfg: DictConfig) -> bool:
+def resumes_in_place(cfg: DictConfig) -> bool:
     """Whether this stage continues from a checkpoint inside its own run dir."""
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
@@ -116,12 +123,19 @@ def earlier_wandb_run(save_dir: Path) -> str | None:
     else:  # by the start time in the name (`offline-` sorts apart otherwise)
         runs = sorted(root.glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
     runs = [p for p in runs if p.is_dir()]
-    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
+    return wandb_run_id(runs[-1]) if runs else None
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The id of the W&B run whose files are in `run_dir`: from its record file `run-<id>.wandb` (the dir's name can
+    carry a suffix, `...-<id>-1`, when two runs of one id start within a second), else the dir name's last part."""
+    records = sorted(run_dir.glob("run-*.wandb"))
+    if records:
+        return records[0].name[len("run-") : -len(".wandb")]
+    return run_dir.name.rsplit("-", 1)[-1]
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    import csv
-
     if not path.is_file():
         return [], []
     with path.open(newline="") as f:
@@ -130,12 +144,74 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
-    import csv
-
-    with path.open("w", newline="") as f:
+    """`rows` under `header` to `path`, through a temp file beside it and `os.replace`: a kill leaves the old file or
+    the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, restval="")
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _step(row: dict[str, Any]) -> float | None:
+    try:
+        return float(row.get("step"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer, which for a fit resumed in its own run dir keeps the earlier `metrics.csv` instead of
+    deleting it when it starts: at its first save the earlier rows are cut where the resumed fit's first row's step
+    begins (the rows the killed fit logged after its last checkpoint, which the resumed fit logs again) and the new
+    rows follow, in one atomic rewrite; later saves append as Lightning's do. Until then the earlier file is as it was,
+    so a resumed fit killed again loses none of it."""
+
+    def __init__(self, log_dir: str, *, resumed: bool) -> None:
+        self._resumed = resumed
+        self._cut_pending = False
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._resumed:
+            super()._check_log_dir_exists()
+            return
+        header, _ = read_csv(Path(self.metrics_file_path))
+        self.metrics_keys = list(header)
+        self._cut_pending = bool(header)
+
+    def save(self) -> None:
+        if not (self._cut_pending and self.metrics):
+            super().save()
+            return
+        path = Path(self.metrics_file_path)
+        header, rows = read_csv(path)
+        start = _step(self.metrics[0])
+        steps = [_step(r) for r in rows]
+        cut = next((i for i, x in enumerate(steps) if None not in (start, x) and x >= start), len(rows))
+        self.metrics_keys = sorted(set(header).union(*self.metrics))
+        write_csv(path, self.metrics_keys, [*rows[:cut], *self.metrics])
+        self.metrics, self._cut_pending = [], False
+
+
+class CSVLogger(L.pytorch.loggers.CSVLogger):
+    """Lightning's CSVLogger (`csv/metrics.csv`), which keeps the earlier rows when its fit resumes in its own run dir
+    (`resumed`, set by `vl.pipeline` for `resume=`, a requeued job or `ckpt_path=` under the run dir; see
+    `_ContinuingWriter`). Lightning's writer deleted the file when the resumed fit started, and vl wrote the earlier
+    rows back only when the stage ended, so a resumed fit killed again lost them; and the rows the killed fit logged
+    after its last checkpoint stood twice."""
+
+    resumed = False
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is not None:
+            return self._experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = _ContinuingWriter(log_dir=self.log_dir, resumed=self.resumed)
+        return self._experiment
 
 
 def log_test_metrics(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
@@ -144,7 +220,7 @@ def log_test_metrics(loggers: list[Any], metrics: dict[str, float], step: int) -
     that this process made for the hyper-parameters only and that knows none of the columns the fit wrote (its own
     save would then rewrite the file with too few columns)."""
     for lg in loggers:
-        if isinstance(lg, CSVLogger):
+        if isinstance(lg, L.pytorch.loggers.CSVLogger):
             if getattr(lg, "_experiment", None) is not None:
                 lg.save()  # rows this process still buffers reach the file first
             path = Path(lg.log_dir) / "metrics.csv"

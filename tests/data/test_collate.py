@@ -107,3 +107,90 @@ def test_rows_with_their_own_text_length_equal_the_tokenizer_on_each_row_alone(f
                 for e in examples
             )
         )
+
+
+_VOCABS: dict[int, dict[str, int]] = {}
+
+
+def _seed_reader_ids(tok, text: str, max_length: int) -> list[int]:
+    """vilbert_beta's readers (VQA `tokenize`, RefCOCO+ and retrieval alike), transcribed: word pieces between
+    [CLS] and [SEP], looked up in the vocab ([UNK] when absent), then cut to max_length; no padding here."""
+    if id(tok) not in _VOCABS:  # a fast tokenizer's `vocab` builds the dict at every call
+        _VOCABS[id(tok)] = tok.get_vocab()
+    vocab = _VOCABS[id(tok)]
+    tokens = ["[CLS]"] + tok.tokenize(text) + ["[SEP]"]
+    ids = [vocab.get(w, vocab["[UNK]"]) for w in tokens]
+    return ids[:max_length]
+
+
+def _check_against_seed(tok, collator: Collator, texts: list[str], length: int) -> int:
+    batch = collator([{"text": t} for t in texts])
+    width = batch["input_ids"].shape[1]
+    cut = 0
+    for i, text in enumerate(texts):
+        want = _seed_reader_ids(tok, text, length)
+        n = len(want)
+        assert batch["input_ids"][i, :n].tolist() == want, text
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+        assert (batch["token_type_ids"][i] == 0).all() and (batch["input_ids"][i, n:] == tok.pad_token_id).all()
+        cut += len(tok.tokenize(text)) + 2 > length
+    return cut
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_vilbert_truncation_is_the_seed_readers_cut(fixed: bool) -> None:
+    """`truncation="vilbert"` (the default of the ViLBERT task corpora) equals vilbert_beta's readers on every length
+    around the limit: a text of max_text_len - 1 word pieces or more loses its [SEP] (the tokenizer's truncation
+    would cut a word piece and keep [SEP]); shorter texts are untouched. First call and memo hits alike."""
+    tok = load_tokenizer("minilm")
+    rng = np.random.default_rng(2)
+    words = "a red circle left of the small blue square what colour is it unbelievably zigzagging".split()
+    collator = Collator(tok, max_text_len=12, fixed_shapes=fixed, truncation="vilbert")
+    cut = 0
+    for _ in range(3):
+        texts = [" ".join(rng.choice(words, size=rng.integers(6, 14))) for _ in range(16)]
+        cut += _check_against_seed(tok, collator, texts, 12)
+    assert cut >= 10  # the cut rows are the point
+    # the tokenizer's truncation is the other option (and differs on those rows)
+    plain = Collator(tok, max_text_len=12, truncation="tokenizer")([{"text": " ".join(["red"] * 20)}])
+    assert plain["input_ids"][0, -1].item() == tok.sep_token_id
+
+
+def test_vilbert_truncation_on_real_coco_captions() -> None:
+    """The real COCO captions (the retrieval corpus's text) through the retrieval data module's collator equal the
+    seed reader's ids at the retrieval length (30) and at 12, where many are cut."""
+    import json
+
+    from tests.conftest import real_sample
+    from vl.data.retrieval import RetrievalDataModule
+
+    path = real_sample("coco", "captions_val2014_first200images.json")
+    captions = [a["caption"] for a in json.loads(path.read_text())["annotations"]]
+    tok = load_tokenizer("minilm")
+    for length, at_least in ((30, 1), (12, 200)):
+        dm = RetrievalDataModule(max_text_len=length)
+        collator = dm.collator("train")
+        assert collator.truncation == "vilbert"
+        cut = sum(
+            _check_against_seed(tok, collator, captions[i : i + 128], length) for i in range(0, len(captions), 128)
+        )
+        assert cut >= at_least
+
+
+def test_the_vilbert_task_corpora_cut_as_their_seed_readers_by_default() -> None:
+    from vl.data.refcoco import RefCOCODataModule
+    from vl.data.retrieval import RetrievalDataModule
+    from vl.data.vqa import VQADataModule
+    from vl.errors import ConfigError
+
+    for cls in (VQADataModule, RefCOCODataModule, RetrievalDataModule):
+        assert cls().text_truncation == "vilbert"
+        assert cls(text_truncation="tokenizer").text_truncation == "tokenizer"
+        with pytest.raises(ConfigError, match="data.text_truncation: 'cut'"):
+            cls(text_truncation="cut")
+    with pytest.raises(ConfigError, match="data.text_truncation"):
+        Collator(load_tokenizer("minilm"), truncation="keep")
+    tok = load_tokenizer("minilm")
+    tok.padding_side = "left"
+    with pytest.raises(ConfigError, match="right-padding tokenizer"):
+        Collator(tok, truncation="vilbert").encode(["a red square"], None)

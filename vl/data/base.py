@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vl.data.collate import REGION_MASKING, Collator, load_tokenizer, text_fields
+from vl.data.collate import REGION_MASKING, TEXT_TRUNCATION, Collator, load_tokenizer, text_fields
 from vl.data.features import RegionReader, open_region_features
 from vl.data.features.cache import ReaderView, cached
 from vl.data.formats.vqa import label2ans_of
@@ -55,6 +55,12 @@ class GlobalFeatureRegions(ReaderView):
         item = dict(self.reader[image_id])
         item["global_feature"] = global_feature(item)
         return item
+
+
+def check_text_truncation(value: str) -> str:
+    if value not in TEXT_TRUNCATION:
+        raise ConfigError(f"data.text_truncation: '{value}' is not one of {TEXT_TRUNCATION}")
+    return value
 
 
 def check_global_token(value: str) -> str:
@@ -117,6 +123,9 @@ class VLDataModule(L.LightningDataModule):
     mlm_skip_special_ids: bool = False
     #: where ViLBERT's global image token feature comes from (`GLOBAL_TOKEN`); VQA and retrieval take it as an option
     global_token: str = "kept"
+    #: how an over-long single text is cut (`vl.data.collate.TEXT_TRUNCATION`); the ViLBERT task corpora (VQA,
+    #: RefCOCO+, retrieval) take it as an option, "vilbert" by default (their seed readers' cut)
+    text_truncation: str = "tokenizer"
 
     def __init__(
         self,
@@ -270,6 +279,7 @@ class VLDataModule(L.LightningDataModule):
             mlm_skip_special_ids=self.mlm_skip_special_ids,
             region_masking=any(name in REGION_MASKING for name in self.objectives),
             labels=self.label_keys,
+            truncation=self.text_truncation,
         )
 
     def scoring_collator(self) -> Collator:
@@ -281,6 +291,7 @@ class VLDataModule(L.LightningDataModule):
             max_regions=self.max_regions,
             fixed_shapes=True,
             labels=self.label_keys,
+            truncation=self.text_truncation,
         )
 
     # ------------------------------------------------------------------ optional hooks (defaults: nothing)
@@ -339,7 +350,12 @@ class VLDataModule(L.LightningDataModule):
 
     def inference_collator(self) -> Collator:
         """Unlabelled rows, no masking: what `vl.load`'s calls and `mode=predict` batch with."""
-        return Collator(self.tokenizer, max_text_len=self.max_text_len, max_regions=self.max_regions)
+        return Collator(
+            self.tokenizer,
+            max_text_len=self.max_text_len,
+            max_regions=self.max_regions,
+            truncation=self.text_truncation,
+        )
 
     def train_sampler(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> EpochShuffleSampler:
         """The training order: this rank's share of a per-epoch shuffle derived from (seed, epoch), so a resumed run

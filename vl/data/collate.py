@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from vl.batch import IGNORE_INDEX
+from vl.errors import ConfigError
 from vl.pretrained import resolve_model_dir
 
 #: example keys every collator reads itself
@@ -29,6 +30,10 @@ SHARED_EXAMPLE_KEYS = frozenset({"text", "text_b", "visual", "index", "epoch", "
 LABEL_KINDS = ("long", "float", "vector", "regions", "str")
 #: objectives whose labels come from masked regions (the collator masks regions when the data lists one)
 REGION_MASKING = ("mrc", "mrfr")
+#: how a single text longer than `max_text_len` is cut (`Collator(truncation=...)`, `data.text_truncation`):
+#: "vilbert": vilbert_beta's readers (VQA, RefCOCO+, retrieval): `[CLS] tokens [SEP]` cut to `max_text_len`, so an
+#: over-long text loses its [SEP]; "tokenizer": the tokenizer's truncation, which cuts the tokens and keeps [SEP]
+TEXT_TRUNCATION = ("vilbert", "tokenizer")
 
 
 def load_tokenizer(name_or_path: str):
@@ -169,8 +174,12 @@ class Collator:
         region_mask_probability: float = 0.15,
         fixed_shapes: bool = False,
         labels: Mapping[str, tuple[str, str]] | None = None,
+        truncation: str = "tokenizer",
     ) -> None:
+        if truncation not in TEXT_TRUNCATION:
+            raise ConfigError(f"data.text_truncation: '{truncation}' is not one of {TEXT_TRUNCATION}")
         self.tokenizer = tokenizer
+        self.truncation = truncation  # single texts only: a text pair is always truncated by the tokenizer
         self.labels = dict(labels or {})
         self.max_text_len = max_text_len
         self.max_regions = max_regions
@@ -236,25 +245,35 @@ class Collator:
         corpora within one), and the tokenizer call was ~2 ms of a ~30 ms tiny training step. Only the truncated
         ids are kept; padding is done here (right-padding tokenizers; others take the tokenizer's own path).
         `max_lens`: a row's own truncation length (None: `max_text_len`), each row then as the tokenizer truncates
-        it alone at that length, all padded to the batch's longest (right-padding tokenizers only)."""
+        it alone at that length, all padded to the batch's longest (right-padding tokenizers only).
+        `truncation="vilbert"` (single texts): each row is the tokenizer's `[CLS] tokens [SEP]` at one more token,
+        cut to its length: `[CLS] tokens [SEP]` cut at the length, as vilbert_beta's readers cut (`TEXT_TRUNCATION`)."""
         tok = self.tokenizer
         lens = [self.max_text_len if n is None else int(n) for n in (max_lens or [None] * len(texts))]
         per_row = any(n != self.max_text_len for n in lens)
+        cut = 1 if self.truncation == "vilbert" and pairs is None else 0  # tokenised one longer, then cut
         if per_row and self.fixed_shapes and max(lens) > self.max_text_len:
             raise ValueError(f"collate: a row's max_text_len {max(lens)} exceeds the fixed {self.max_text_len}")
-        if getattr(tok, "padding_side", "right") != "right" or tok.pad_token_id is None:
+        right = getattr(tok, "padding_side", "right") == "right"
+        if not right or tok.pad_token_id is None:
             if per_row:
                 raise ValueError("collate: per-row text lengths need a right-padding tokenizer with a pad token")
-            return tok(
+            if cut and not right:
+                raise ConfigError(
+                    "data.text_truncation=vilbert cuts each row's end: it needs a right-padding tokenizer "
+                    f"({type(tok).__name__} pads on the {tok.padding_side}); use data.text_truncation=tokenizer"
+                )
+            enc = tok(
                 texts,
                 pairs,
                 padding="max_length" if self.fixed_shapes else True,
                 truncation=True,
-                max_length=self.max_text_len,
+                max_length=self.max_text_len + cut,
                 return_tensors="pt",
                 return_special_tokens_mask=True,
                 return_token_type_ids=True,
             )
+            return {key: value[:, : self.max_text_len] for key, value in enc.items()} if cut else enc
         memo = self.__dict__.get("_memo")
         if (
             memo is None or self.__dict__.get("_memo_tokenizer") is not tok
@@ -273,7 +292,7 @@ class Collator:
                     [k[1] for k in group] if pairs is not None else None,
                     padding=False,
                     truncation=True,
-                    max_length=length,
+                    max_length=length + cut,
                     return_special_tokens_mask=True,
                     return_token_type_ids=True,
                     return_attention_mask=False,
@@ -281,7 +300,7 @@ class Collator:
                 for k, ids, types, special in zip(
                     group, new["input_ids"], new["token_type_ids"], new["special_tokens_mask"], strict=True
                 ):
-                    memo[k] = (ids, types, special)
+                    memo[k] = (ids[:length], types[:length], special[:length])
         rows = [memo[k] for k in keys]
         length = self.max_text_len if self.fixed_shapes else max(len(r[0]) for r in rows)
         ids = np.full((len(rows), length), tok.pad_token_id, dtype=np.int64)

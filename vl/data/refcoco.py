@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, concat_regions, global_feature
+from vl.data.base import VLDataModule, check_text_truncation, concat_regions, global_feature
 from vl.data.features import RegionReader
 from vl.data.formats.refcoco import (
     Instances,
@@ -143,6 +143,7 @@ class RefCOCODataModule(VLDataModule):
         iou_plus_one: bool = True,
         sentence_field: str = "raw",
         gt_regions_first: bool = False,
+        text_truncation: str = "vilbert",
         splits: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -150,8 +151,12 @@ class RefCOCODataModule(VLDataModule):
         ViLBERT's `sent['raw']`, default) or `sent` (REFER's lower-cased, punctuation-stripped form).
         `gt_regions_first`: when detections + GT regions exceed `max_regions`, false (default, vilbert_beta's): cut
         the combined list from its end (GT regions first); true (vl's earlier rule): cut detections, so a training
-        example always keeps its GT regions and so a positive."""
+        example always keeps its GT regions and so a positive.
+        `text_truncation` (`vl.data.collate.TEXT_TRUNCATION`): "vilbert" (default, vilbert_beta's reader):
+        `[CLS] expression [SEP]` cut to `max_text_len`, so an over-long expression loses its [SEP]; "tokenizer": the
+        tokenizer's truncation (cuts the expression's tokens, keeps [SEP])."""
         super().__init__(splits={"test": "testA", **dict(splits or {})}, **kwargs)
+        self.text_truncation = check_text_truncation(text_truncation)
         if not 0.0 <= float(iou_threshold) <= 1.0:
             raise ConfigError(f"data.iou_threshold={iou_threshold} is not in [0, 1]")
         if sentence_field not in ("raw", "sent"):

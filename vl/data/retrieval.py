@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import RetrievalQueries, VLDataModule, check_global_token
+from vl.data.base import RetrievalQueries, VLDataModule, check_global_token, check_text_truncation
 from vl.data.features import RegionReader
 from vl.data.formats.retrieval import (
     image_key,
@@ -150,7 +150,11 @@ class RetrievalDataModule(VLDataModule):
 
     ``global_token`` (``vl.data.base.GLOBAL_TOKEN``): "all" (default, vilbert_beta's reader): ViLBERT's global image
     token is the mean of all the image's regions in the feature file, also those past ``max_regions``; "kept": of the
-    kept ones (vl's earlier behaviour). Other models do not read it."""
+    kept ones (vl's earlier behaviour). Other models do not read it.
+
+    ``text_truncation`` (``vl.data.collate.TEXT_TRUNCATION``): "vilbert" (default, vilbert_beta's reader): ``[CLS] caption
+    [SEP]`` cut to ``max_text_len``, so an over-long caption loses its [SEP]; "tokenizer": the tokenizer's truncation (cuts
+    the caption's tokens, keeps [SEP])."""
 
     corpus_parts = ("retrieval",)
 
@@ -167,10 +171,12 @@ class RetrievalDataModule(VLDataModule):
         captions_per_image: int = 5,
         max_images: int | None = None,
         global_token: str = "all",
+        text_truncation: str = "vilbert",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.global_token = check_global_token(global_token)
+        self.text_truncation = check_text_truncation(text_truncation)
         if int(captions_per_image) < 1:
             raise ConfigError(f"data.captions_per_image must be >= 1, got {captions_per_image}")
         if max_images is not None and int(max_images) < 1:

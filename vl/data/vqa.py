@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import AnswerVocabulary, VLDataModule, check_global_token
+from vl.data.base import AnswerVocabulary, VLDataModule, check_global_token, check_text_truncation
 from vl.data.features import RegionReader
 from vl.data.formats.vqa import load_answer_vocab, load_questions, load_targets
 from vl.data.formats.vqa_answers import trainval_minval_split
@@ -100,6 +100,10 @@ class VQADataModule(AnswerVocabulary, VLDataModule):
     is the mean of all the image's regions in the feature file, also those past `max_regions`; "kept": of the kept
     ones (vl's earlier behaviour). Other models do not read it.
 
+    `text_truncation` (`vl.data.collate.TEXT_TRUNCATION`): "vilbert" (default, vilbert_beta's reader): `[CLS] question
+    [SEP]` cut to `max_text_len`, so an over-long question loses its [SEP]; "tokenizer": the tokenizer's truncation (cuts
+    the question's tokens, keeps [SEP]).
+
     `split_files.<file split>`: that split's own `questions` / `targets` / `features` files instead of the templates
     and `features` (each optional). `targets: null` declares a split without answers (the official `test2015` and
     `test-dev2015`, `OFFICIAL_SPLIT_FILES`): only `splits.test` may name one; its test stage writes the EvalAI file and
@@ -120,11 +124,13 @@ class VQADataModule(AnswerVocabulary, VLDataModule):
         features: str = "regions.lmdb",
         minval_size: int = 3000,
         global_token: str = "all",
+        text_truncation: str = "vilbert",
         split_files: dict[str, dict[str, Any]] | None = OFFICIAL_SPLIT_FILES,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.global_token = check_global_token(global_token)
+        self.text_truncation = check_text_truncation(text_truncation)
         if int(minval_size) < 0:
             raise ConfigError(f"data.minval_size={minval_size}: must be >= 0 (the val questions held out as minval)")
         self.minval_size = int(minval_size)

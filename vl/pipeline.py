@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 #: the start of Lightning's warning when a Trainer without the checkpoint's callbacks loads it (ignored for the tester)
 TESTER_CALLBACKS_NOTE = r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint"
+#: Lightning's warning when a fit's checkpoint dir holds files (ignored when the fit resumes from one of them)
+CHECKPOINT_DIR_NOTE = r"Checkpoint directory .* exists and is not empty"
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -212,9 +214,10 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     loggers = _instantiate_dict(stage_loggers(cfg, name))
     if loggers and not any(isinstance(lg, L.pytorch.loggers.CSVLogger) for lg in loggers):  # metrics.csv, always
         loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
+    in_place = resumes_in_place(cfg)
     for lg in loggers:  # a fit resumed in its own run dir keeps the earlier rows of metrics.csv
         if isinstance(lg, CSVLogger):
-            lg.resumed = resumes_in_place(cfg)
+            lg.resumed = in_place
     trainer = build_trainer(cfg, _instantiate_dict(cfg.get("callbacks")), loggers)
     trainer.accumulate_grad_batches = _accumulation(cfg, dm, trainer.world_size)
     _validate_every(trainer, cfg.trainer.get("val_every_n_steps"))
@@ -240,7 +243,10 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        with warnings.catch_warnings():
+            if in_place:  # the run's own checkpoints are there (it is resuming from one): Lightning's note is noise
+                warnings.filterwarnings("ignore", message=CHECKPOINT_DIR_NOTE)
+            trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         if getattr(model, "last_train_loss", None) is not None:  # the last step's, also when it was not `self.log`ged
             metrics["train/loss"] = float(model.last_train_loss)

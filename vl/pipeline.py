@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vl.build import build_datamodule, build_model, check_arguments, load_run_config, stage_config
+from vl.build import build_datamodule, build_model, load_run_config, stage_config
 from vl.callbacks import MetricsLine, ValidateAtMaxSteps
 from vl.checkpoint import CHECKPOINT_FORMAT, check_architecture, is_deepspeed_dir, read_checkpoint
 from vl.checkpoint import run_record as run_record_of
@@ -25,6 +25,14 @@ from vl.checkpoint_io import AtomicCheckpointIO
 from vl.config import check_config, launcher_rank, trainer_config
 from vl.errors import ConfigError, VLError
 from vl.eval.tasks import run_eval_task, task_name
+from vl.preflight import (
+    accumulation,
+    check_devices,
+    check_fresh_output,
+    check_hand_off,
+    check_stage_arguments,
+    preflight_main_stage,
+)
 from vl.report import plot_curves, write_results
 from vl.run_dir import is_requeued
 from vl.run_loggers import (
@@ -56,14 +64,6 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def _check_fresh_output(output_dir: Path) -> None:
-    ckpts = output_dir / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.iterdir()):
-        raise ConfigError(
-            f"paths.output_dir: {output_dir} already holds checkpoints of an earlier run; refusing to overwrite them"
-        )
-
-
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
     """The fitting Trainer: `cfg.trainer` + the configured callbacks/loggers + what every vl fit gets: crash-safe
     checkpoint writes (`AtomicCheckpointIO`) and validation when `max_steps` ends an epoch early."""
@@ -85,49 +85,6 @@ def _validate_every(trainer: L.Trainer, steps: int | None) -> None:
         return
     trainer.val_check_interval = int(steps) * int(trainer.accumulate_grad_batches)
     trainer.check_val_every_n_epoch = None
-
-
-def _accumulation(cfg: DictConfig, dm: Any, world_size: int) -> int:
-    per_step = dm.batch_size_per_device * world_size
-    if dm.batch_size % per_step:
-        raise ConfigError(
-            f"data.batch_size={dm.batch_size} is not divisible by batch_size_per_device x world size = "
-            f"{dm.batch_size_per_device} x {world_size}"
-        )
-    return dm.batch_size // per_step
-
-
-def _planned_world_size(trainer: DictConfig) -> int | None:
-    """The number of processes `trainer.devices` x `trainer.num_nodes` will start, where the config says it without
-    a Trainer (an integer device count, or -1 on CUDA: every visible GPU); else None."""
-    devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
-    if not isinstance(nodes, int) or isinstance(devices, bool) or not isinstance(devices, int):
-        return None
-    if devices == -1 and str(trainer.get("accelerator")) in ("gpu", "cuda"):
-        devices = torch.cuda.device_count()
-    return devices * nodes if devices > 0 else None
-
-
-def check_devices(cfg: DictConfig) -> None:
-    """`trainer.accelerator=gpu` (hardware=gpu / ddp / multi_node) on a machine without a visible GPU: one line
-    naming the key and the CPU alternatives, before anything is built (Lightning's "No supported gpu backend found!"
-    came wrapped in Hydra's instantiation error)."""
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
-        raise ConfigError(
-            f"trainer.accelerator={accelerator}: no GPU is visible here (torch.cuda.is_available() is False); "
-            "use hardware=cpu, or hardware=ddp_cpu for several CPU processes"
-        )
-
-
-def preflight_main_stage(cfg: DictConfig) -> None:
-    """Before a pretrain stage spends its compute: the main stage's data module is built (its constructor's checks,
-    e.g. the batch sizes, and its files) and its global batch is checked against the planned world size, so a bad
-    main-stage setting fails in one line now, not after pretraining."""
-    dm = build_datamodule(cfg)
-    world = _planned_world_size(cfg.trainer)
-    if world is not None:
-        _accumulation(cfg, dm, world)
 
 
 @contextlib.contextmanager
@@ -197,7 +154,7 @@ def run_stage(cfg: DictConfig, name: str, init_from: str | None = None) -> tuple
 def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[str, float], str | None]:
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path") is None:
-        _check_fresh_output(output_dir)
+        check_fresh_output(output_dir)
         resume = None
     elif is_deepspeed_dir(cfg.ckpt_path):  # hardware=deepspeed checkpoints are directories DeepSpeed loads itself
         resume = None
@@ -219,7 +176,7 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
         if isinstance(lg, CSVLogger):
             lg.resumed = in_place
     trainer = build_trainer(cfg, _instantiate_dict(cfg.get("callbacks")), loggers)
-    trainer.accumulate_grad_batches = _accumulation(cfg, dm, trainer.world_size)
+    trainer.accumulate_grad_batches = accumulation(cfg, dm, trainer.world_size)
     _validate_every(trainer, cfg.trainer.get("val_every_n_steps"))
     log.info(
         "[%s] %s on %s: global batch %d = %d per device x %d devices x %d accumulation",
@@ -297,32 +254,6 @@ def hand_off(pretrain: DictConfig, stage_dir: Path, best: str | None) -> str | N
     raise ConfigError(f"pretrain.hand_off=last: {last} was not written (only {best})")
 
 
-def check_hand_off(cfg: DictConfig) -> None:
-    """`pretrain.hand_off=last` needs a callback that writes last.ckpt (`callbacks.last_checkpoint`, in the default
-    callbacks): a one-line ConfigError before any stage runs."""
-    pre = cfg.get("pretrain")
-    if not pre or pre.get("hand_off", "best") != "last":
-        return
-    nodes = (cfg.get("callbacks") or {}).values()
-    if not any(isinstance(n, DictConfig) and (n.get("filename") == "last" or n.get("save_last")) for n in nodes):
-        raise ConfigError(
-            "pretrain.hand_off=last: no callback writes last.ckpt (callbacks.last_checkpoint); add it or set "
-            "pretrain.hand_off=best"
-        )
-
-
-def _check_arguments(cfg: DictConfig) -> None:
-    """Every `model` / `model.encoder` / `data` key of each stage is an argument of its `_target_` (a typo in a plugin
-    architecture's config fails here, before the pretrain stage or any data is built)."""
-    check_arguments(cfg.get("model"), "model")
-    check_arguments(cfg.get("data"), "data")
-    pre = cfg.get("pretrain")
-    if pre:
-        check_arguments(pre.get("data"), "pretrain.data")
-        if pre.get("model"):
-            check_arguments(OmegaConf.merge(cfg.model, pre.model), "pretrain.model")
-
-
 class _NoAdverts(logging.Filter):
     """Drops Lightning's "💡 Tip:" lines (install litlogger / litmodels, a cloud platform), printed at every fit."""
 
@@ -397,7 +328,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     if cfg.get("resume"):
         cfg = resumed_config(cfg)
     check_config(cfg)  # batch sizes, epochs, steps >= 1: one line before anything is built or written
-    _check_arguments(cfg)
+    check_stage_arguments(cfg)
     check_hand_off(cfg)
     check_devices(cfg)
     if cfg.get("pretrain") and cfg.get("ckpt_path") is None:

@@ -443,12 +443,12 @@ def test_published_recipes_take_each_loss_over_the_whole_batch(experiment: str, 
     derived gradient accumulation is 1 (and micro-batch negatives are off)."""
     from types import SimpleNamespace
 
-    from vl.pipeline import _accumulation
+    from vl.preflight import accumulation
 
     cfg = make_cfg(f"experiment={experiment}", tiny=False)
     assert cfg.data.batch_size == batch and cfg.data.batch_size_per_device == batch
     dm = SimpleNamespace(batch_size=cfg.data.batch_size, batch_size_per_device=cfg.data.batch_size_per_device)
-    assert _accumulation(cfg, dm, 1) == 1
+    assert accumulation(cfg, dm, 1) == 1
     assert cfg.model.micro_batch_negatives is False
 
 

@@ -26,6 +26,7 @@ from vl.data.collate import Collator
 from vl.data.features import RegionReader
 from vl.data.formats.vcr import (
     NUM_CHOICES,
+    PERSON_NAMES,
     image_int_id,
     load_metadata,
     load_names_table,
@@ -60,7 +61,8 @@ class VCRQuestions(Dataset):
       leaderboard wants all four); ``mc_labels = [-1] * 5``, or when labelled ``[answer_label] + [rationale_label if
       a == answer_label else -1 for a in 0..3]`` (metrics read the block conditioned on the gold answer).
 
-    Person detections are named from ``names`` (``vcr_format.person_names``, fixed per annot_id)."""
+    Person detections are named from ``names`` (``vcr_format.person_names``, fixed per annot_id; ``person_names``:
+    drawn independently per person as the seed, or "distinct")."""
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class VCRQuestions(Dataset):
         self.gt: RegionReader | None = None  # GT-box regions merged after the detections (see `VCRDataModule`)
         self.max_regions = 10**9
         self.qa_text_len: int | None = None  # the Q->A rows' own text length (`data.qa_text_len`), None: the collator's
+        self.person_names = "independent"  # `data.person_names` (`vcr_format.PERSON_NAMES`)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -119,7 +122,7 @@ class VCRQuestions(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
         rec = self.records[index]
-        texts = record_texts(rec, self.names)
+        texts = record_texts(rec, self.names, self.person_names)
         question, answers, rationales = texts["question"], texts["answers"], texts["rationales"]
         qa_len = {} if self.qa_text_len is None else {"max_text_len": self.qa_text_len}
         choices = [{"text": question, "text_b": a, **qa_len} for a in answers]
@@ -193,7 +196,10 @@ class VCRDataModule(VLDataModule):
     (default, the seed's): ViLBERT's global image token from all the image's detections (and GT boxes: see
     ``VCRQuestions.visual``), before the ``max_regions`` cut; "kept": the mean of the kept rows (vl's earlier). The
     seed's warmup counts iterations of its task loop, one step per block: ``steps_per_iteration`` (2 under
-    ``separate``) tells the schedule (``vl.schedules``)."""
+    ``separate``) tells the schedule (``vl.schedules``). ``person_names`` (``vcr_format.PERSON_NAMES``): "independent"
+    (default, the seed's ``generate_random_name``): each person detection's name drawn from the whole names table, so
+    two persons may share one; "distinct" (vl's earlier rule): no repeats within a record. Either is seeded by the
+    annot_id (the seed's unseeded draw was fixed by its dataset cache)."""
 
     corpus_parts = ("vcr",)
 
@@ -216,10 +222,14 @@ class VCRDataModule(VLDataModule):
         vcr_steps: str = "separate",
         qa_text_len: int | None = None,
         global_token: str = "all",
+        person_names: str = "independent",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.global_token = check_global_token(global_token)
+        if person_names not in PERSON_NAMES:
+            raise ConfigError(f"data.person_names: '{person_names}' is not one of {PERSON_NAMES}")
+        self.person_names = person_names
         if vcr_steps not in VCR_STEPS:
             raise ConfigError(f"data.vcr_steps={vcr_steps!r}: choose 'separate' (the seed's) or 'joint'")
         if qa_text_len is not None and (isinstance(qa_text_len, bool) or int(qa_text_len) < 3):
@@ -299,7 +309,7 @@ class VCRDataModule(VLDataModule):
         data = VCRQuestions(
             records, regions, names, has_labels=bool(records) and all(labelled), all_rationales=split == "test"
         )
-        data.gt, data.max_regions = gt, self.max_regions
+        data.gt, data.max_regions, data.person_names = gt, self.max_regions, self.person_names
         if self.vcr_steps == "separate" and self.qa_text_len is not None:  # Q->A rows at the seed's TASK1 length,
             data.qa_text_len = self.qa_text_len  # in every split (vilbert_beta evaluates each task at its own length)
         return data

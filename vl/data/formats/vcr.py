@@ -35,6 +35,7 @@ __all__ = [
     "load_vcr_jsonl",
     "load_names_table",
     "load_metadata",
+    "PERSON_NAMES",
     "person_names",
     "token_detections",
     "tokens_to_text",
@@ -222,16 +223,26 @@ def _stable_seed(key: str) -> int:
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "little")
 
 
-def person_names(objects: Sequence[str], names: Sequence[str], key: str) -> dict[int, str]:
-    """Detection index -> name for every ``"person"`` in ``objects``: distinct random names from ``names`` (repeats
-    only when there are more persons than names), seeded by ``key`` (the annot_id), so a record always reads the same."""
+#: how person detections are named (`data.person_names`): "independent" (the seed's `generate_random_name`: each
+#: person draws from the whole table, so two persons of a record may share a name) or "distinct" (vl's earlier rule)
+PERSON_NAMES = ("independent", "distinct")
+
+
+def person_names(objects: Sequence[str], names: Sequence[str], key: str, draw: str = "independent") -> dict[int, str]:
+    """Detection index -> name for every ``"person"`` in ``objects``, random names from ``names`` seeded by ``key``
+    (the annot_id), so a record always reads the same. ``draw`` (``PERSON_NAMES``): "independent" (default, vilbert_beta's
+    `generate_random_name`: one `random.choice(names)` per person, with replacement), "distinct" (no two persons of a
+    record share a name unless there are more persons than names)."""
+    if draw not in PERSON_NAMES:
+        raise ValueError(f"person names: '{draw}' is not one of {PERSON_NAMES}")
     persons = [i for i, o in enumerate(objects) if o == "person"]
     if not persons:
         return {}
     if not names:
         raise ValueError("the names table is empty")
     rng = np.random.default_rng(_stable_seed(str(key)))
-    picks = rng.choice(len(names), size=len(persons), replace=len(persons) > len(names))
+    replace = draw == "independent" or len(persons) > len(names)
+    picks = rng.choice(len(names), size=len(persons), replace=replace)
     return {i: names[int(p)] for i, p in zip(persons, picks)}
 
 
@@ -249,12 +260,12 @@ def tokens_to_text(tokens: Sequence[Any], objects: Sequence[str], person_names: 
     return " ".join(words)
 
 
-def record_texts(record: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+def record_texts(record: Mapping[str, Any], names: Sequence[str], draw: str = "independent") -> dict[str, Any]:
     """A VCR record as text: ``{"question": str, "answers": [4] str, "rationales": [4] str, "detections": [int]}``
     (detections referenced anywhere, in order of appearance), persons named by ``person_names(objects, names,
-    annot_id)``, consistently across question, answers and rationales."""
+    annot_id, draw)``, consistently across question, answers and rationales."""
     objects = record["objects"]
-    mapping = person_names(objects, names, record["annot_id"])
+    mapping = person_names(objects, names, record["annot_id"], draw)
     detections: dict[int, None] = {}
     for tokens in [record["question"], *record["answer_choices"], *record["rationale_choices"]]:
         detections.update(dict.fromkeys(token_detections(tokens)))

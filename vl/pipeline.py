@@ -414,10 +414,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = build_model(run_cfg, dm)
     check_architecture(ckpt, model, cfg.ckpt_path)
     del ckpt
-    trainer: L.Trainer = instantiate(trainer_config(run_cfg.trainer), logger=False, callbacks=[])
+    # no callbacks, no checkpointing (it scores the checkpoint): Lightning's default ModelCheckpoint would load the
+    # training run's callback state and warn that its dirpath changed; its note on the missing callbacks is the same
+    trainer: L.Trainer = instantiate(
+        trainer_config(run_cfg.trainer), logger=False, callbacks=[], enable_checkpointing=False
+    )
     testing = cfg.get("split", "test") != "val"
     run = trainer.test if testing else trainer.validate
-    with _own_rendezvous():
+    with _own_rendezvous(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TESTER_CALLBACKS_NOTE)
         results = run(model, datamodule=dm, ckpt_path=str(cfg.ckpt_path), weights_only=True)[0]
     metrics = {k: float(v) for k, v in results.items()}
     if testing:  # the computed baselines of the split evaluated (e.g. another test split), as train's

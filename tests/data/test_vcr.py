@@ -407,3 +407,73 @@ def test_person_names_option_of_the_data_module(corpus) -> None:
         VCRDataModule(person_names="unique")
     with pytest.raises(ConfigError, match="data.person_names: 'unique'"):
         VCRDataModule(person_names="unique")
+
+
+def _seed_word_pieces(tok, words: list[str]) -> list[str]:
+    """vilbert_beta's `replace_det_with_name`: each token of the VCR row tokenised on its own."""
+    return [piece for w in words for piece in tok.tokenize(w)]
+
+
+def _seed_vcr_rows(
+    tok, tokens_a: list[str], choices: list[list[str]], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """vilbert_beta's `VCRDataset.tokenize` for one entry, transcribed: `tokens_a` is shared by the entry's choices and
+    `_truncate_seq_pair(tokens_a, tokens_b, max_length - 3)` pops from it in place (the longer one, `tokens_b` on a
+    tie), then `[CLS] a [SEP] b [SEP]` with segment ids 0 ... 0 1 ... 1 (no padding here)."""
+    rows = []
+    for words in choices:
+        tokens_b = _seed_word_pieces(tok, words)
+        while len(tokens_a) + len(tokens_b) > max_length - 3:
+            if len(tokens_a) > len(tokens_b):
+                tokens_a.pop()
+            else:
+                tokens_b.pop()
+        tokens = ["[CLS]", *tokens_a, "[SEP]", *tokens_b, "[SEP]"]
+        rows.append((tok.convert_tokens_to_ids(tokens), [0] * (len(tokens_a) + 2) + [1] * (len(tokens_b) + 1)))
+    return rows
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_vilbert_truncation_is_the_seed_vcr_readers(fixed: bool) -> None:
+    """VCR rows over their length, collated with `truncation="vilbert"` (the VCR default), equal the seed reader's on
+    random Q->A blocks (at 60, as the seed's TASK1) and QA->R blocks (`question [SEP] answer`, at 80) of long texts:
+    ties cut the choice, and the question cut for one choice stays cut for the next ones of its block (not across
+    examples that happen to share the question text)."""
+    from vl.data.collate import Collator, load_tokenizer
+
+    tok = load_tokenizer("minilm")
+    rng = np.random.default_rng(3)
+    vocab = "the person on the left is holding a large umbrella because it rains heavily outside today".split()
+
+    def words(lo: int, hi: int) -> list[str]:
+        return [str(w) for w in rng.choice(vocab, size=int(rng.integers(lo, hi)))]
+
+    collator = Collator(tok, max_text_len=80, fixed_shapes=fixed, truncation="vilbert")
+    differs = 0
+    for _ in range(4):
+        examples, want = [], []
+        question = words(20, 70)
+        for k in range(3):  # the first two examples share their question text
+            q = question if k < 2 else words(20, 70)
+            answers = [words(5, 60) for _ in range(4)]
+            rationales = [words(10, 70) for _ in range(4)]
+            gold = answers[int(rng.integers(4))]
+            choices = [{"text": " ".join(q), "text_b": " ".join(a), "max_text_len": 60} for a in answers]
+            choices += [{"text": " ".join([*q, "[SEP]", *gold]), "text_b": " ".join(r)} for r in rationales]
+            visual = {"features": np.ones((2, 4), np.float32), "boxes_norm": np.zeros((2, 4), np.float32)}
+            examples.append({"choices": choices, "mc_labels": [0, 0], "visual": visual})
+            want += _seed_vcr_rows(tok, _seed_word_pieces(tok, q), answers, 60)
+            want += _seed_vcr_rows(
+                tok, [*_seed_word_pieces(tok, q), "[SEP]", *_seed_word_pieces(tok, gold)], rationales, 80
+            )
+        batch = collator(examples)
+        plain = Collator(tok, max_text_len=80, fixed_shapes=fixed)(examples)
+        width = batch["input_ids"].shape[1]
+        for i, (ids, segments) in enumerate(want):
+            n = len(ids)
+            assert batch["input_ids"][i, :n].tolist() == ids, i
+            assert batch["token_type_ids"][i, :n].tolist() == segments, i
+            assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+            differs += batch["input_ids"][i, :n].tolist() != plain["input_ids"][i, :n].tolist()
+    assert differs >= 20  # the tokenizer's own truncation is another function on these rows
+    assert VCRDataModule().text_truncation == "vilbert"

@@ -26,7 +26,9 @@ from vl.errors import ConfigError
 from vl.pretrained import resolve_model_dir
 
 #: example keys every collator reads itself
-SHARED_EXAMPLE_KEYS = frozenset({"text", "text_b", "visual", "index", "epoch", "choices", "mc_labels", "max_text_len"})
+SHARED_EXAMPLE_KEYS = frozenset(
+    {"text", "text_b", "visual", "index", "epoch", "choices", "mc_labels", "max_text_len", "choice_of"}
+)
 LABEL_KINDS = ("long", "float", "vector", "regions", "str")
 #: objectives whose labels come from masked regions (the collator masks regions when the data lists one)
 REGION_MASKING = ("mrc", "mrfr")
@@ -197,7 +199,8 @@ class Collator:
         texts = [ex["text"] for ex in examples]
         pairs = [ex["text_b"] for ex in examples] if "text_b" in examples[0] else None
         lens = [ex.get("max_text_len") for ex in examples]  # a row's own text length (e.g. VCR's Q->A rows), if any
-        enc = self.encode(texts, pairs, max_lens=lens if any(n is not None for n in lens) else None)
+        groups = [ex["choice_of"] for ex in examples] if "choice_of" in examples[0] else None
+        enc = self.encode(texts, pairs, max_lens=lens if any(n is not None for n in lens) else None, groups=groups)
         batch: dict[str, torch.Tensor] = {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
@@ -237,7 +240,11 @@ class Collator:
     MEMO_SIZE = 200_000
 
     def encode(
-        self, texts: list[str], pairs: list[str] | None, max_lens: list[int | None] | None = None
+        self,
+        texts: list[str],
+        pairs: list[str] | None,
+        max_lens: list[int | None] | None = None,
+        groups: list[Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The tokenizer's padded batch (`input_ids`, `attention_mask`, `token_type_ids`, `special_tokens_mask`),
         equal to calling it on the batch with padding and truncation to `max_text_len`, but each distinct text (pair)
@@ -247,7 +254,9 @@ class Collator:
         `max_lens`: a row's own truncation length (None: `max_text_len`), each row then as the tokenizer truncates
         it alone at that length, all padded to the batch's longest (right-padding tokenizers only).
         `truncation="vilbert"` (single texts): each row is the tokenizer's `[CLS] tokens [SEP]` at one more token,
-        cut to its length: `[CLS] tokens [SEP]` cut at the length, as vilbert_beta's readers cut (`TEXT_TRUNCATION`)."""
+        cut to its length: `[CLS] tokens [SEP]` cut at the length, as vilbert_beta's readers cut (`TEXT_TRUNCATION`).
+        With pairs, `seed_pairs`: the seed's `_truncate_seq_pair`, the first text cut in place across the rows of one
+        group (`groups`: a row's example; consecutive rows of one group with the same first text share it)."""
         tok = self.tokenizer
         lens = [self.max_text_len if n is None else int(n) for n in (max_lens or [None] * len(texts))]
         per_row = any(n != self.max_text_len for n in lens)
@@ -274,6 +283,8 @@ class Collator:
                 return_token_type_ids=True,
             )
             return {key: value[:, : self.max_text_len] for key, value in enc.items()} if cut else enc
+        if self.truncation == "vilbert" and pairs is not None:
+            return self._padded(self.seed_pairs(texts, pairs, lens, groups))
         memo = self.__dict__.get("_memo")
         if (
             memo is None or self.__dict__.get("_memo_tokenizer") is not tok
@@ -301,7 +312,11 @@ class Collator:
                     group, new["input_ids"], new["token_type_ids"], new["special_tokens_mask"], strict=True
                 ):
                     memo[k] = (ids[:length], types[:length], special[:length])
-        rows = [memo[k] for k in keys]
+        return self._padded([memo[k] for k in keys])
+
+    def _padded(self, rows: list[tuple[list[int], list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """(ids, token types, special-tokens mask) per row -> the right-padded batch."""
+        tok = self.tokenizer
         length = self.max_text_len if self.fixed_shapes else max(len(r[0]) for r in rows)
         ids = np.full((len(rows), length), tok.pad_token_id, dtype=np.int64)
         types = np.full((len(rows), length), getattr(tok, "pad_token_type_id", 0), dtype=np.int64)
@@ -317,9 +332,61 @@ class Collator:
             "special_tokens_mask": torch.from_numpy(special),
         }
 
+    def _pieces(self, texts: list[str]) -> dict[str, tuple[list[int], list[int]]]:
+        """text -> (word-piece ids without added special tokens, their special-tokens mask), memoised per process."""
+        tok = self.tokenizer
+        memo = self.__dict__.get("_piece_memo")
+        if memo is None or self.__dict__.get("_piece_tokenizer") is not tok:
+            memo = self.__dict__["_piece_memo"] = {}
+            self.__dict__["_piece_tokenizer"] = tok
+        missing = [t for t in dict.fromkeys(texts) if t not in memo]
+        if missing:
+            if len(memo) + len(missing) > self.MEMO_SIZE:
+                memo.clear()
+            new = tok(missing, add_special_tokens=False, return_special_tokens_mask=True, return_attention_mask=False)
+            for text, ids, special in zip(missing, new["input_ids"], new["special_tokens_mask"], strict=True):
+                memo[text] = (ids, special)
+        return memo
+
+    def seed_pairs(
+        self, texts: list[str], pairs: list[str], lens: list[int], groups: list[Any] | None
+    ) -> list[tuple[list[int], list[int], list[int]]]:
+        """`[CLS] a [SEP] b [SEP]` rows cut as vilbert_beta's VCR reader cuts them (`_truncate_seq_pair` at the row's
+        length - 3: one word piece at a time from the longer text, from `b` when they are as long), with its in-place
+        carry-over: the first text's cut stays for the next rows of its group with the same first text (the seed
+        truncates `tokens_a`, shared by an entry's four choices, in place), so a later choice sees the question as an
+        earlier choice cut it. Without `groups` every row stands alone. Token types 0 up to the first [SEP], then 1."""
+        tok = self.tokenizer
+        if tok.cls_token_id is None or tok.sep_token_id is None:
+            raise ConfigError(
+                f"data.text_truncation=vilbert builds [CLS] a [SEP] b [SEP]: {type(tok).__name__} has no [CLS] / [SEP]"
+            )
+        pieces = self._pieces([*texts, *pairs])
+        rows = []
+        shared: tuple[Any, str] | None = None
+        kept_a = 0
+        for i, (text, pair, n) in enumerate(zip(texts, pairs, lens, strict=True)):
+            (a, a_special), (b, b_special) = pieces[text], pieces[pair]
+            here = None if groups is None else (groups[i], text)
+            la = kept_a if here is not None and here == shared else len(a)
+            lb = len(b)
+            while la + lb > n - 3:
+                if la > lb:
+                    la -= 1
+                else:
+                    lb -= 1
+            shared, kept_a = here, la
+            ids = [tok.cls_token_id, *a[:la], tok.sep_token_id, *b[:lb], tok.sep_token_id]
+            types = [0] * (la + 2) + [1] * (lb + 1)
+            special = [1, *a_special[:la], 1, *b_special[:lb], 1]
+            rows.append((ids, types, special))
+        return rows
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_memo", None)  # a worker / another process starts with an empty memo
+        state.pop("_piece_memo", None)
+        state.pop("_piece_tokenizer", None)
         state.pop("_memo_tokenizer", None)
         return state
 
@@ -327,9 +394,9 @@ class Collator:
         """Multiple-choice examples (`choices`: K*C dicts with `text`, optional `text_b` / `visual`, else the
         example's `visual`; `mc_labels`: K ints) -> B*K*C rows, block-major per example, plus `mc_labels` (B, K)."""
         rows = []
-        for ex in examples:
+        for position, ex in enumerate(examples):
             for choice in ex["choices"]:
-                row = {"text": choice["text"], "visual": choice.get("visual", ex.get("visual"))}
+                row = {"text": choice["text"], "visual": choice.get("visual", ex.get("visual")), "choice_of": position}
                 if "text_b" in choice:
                     row["text_b"] = choice["text_b"]
                 if choice.get("max_text_len") is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vl.data.base import VLDataModule, check_global_token, concat_regions
+from vl.data.base import VLDataModule, check_global_token, check_text_truncation, concat_regions
 from vl.data.collate import Collator
 from vl.data.features import RegionReader
 from vl.data.formats.vcr import (
@@ -199,7 +199,11 @@ class VCRDataModule(VLDataModule):
     ``separate``) tells the schedule (``vl.schedules``). ``person_names`` (``vcr_format.PERSON_NAMES``): "independent"
     (default, the seed's ``generate_random_name``): each person detection's name drawn from the whole names table, so
     two persons may share one; "distinct" (vl's earlier rule): no repeats within a record. Either is seeded by the
-    annot_id (the seed's unseeded draw was fixed by its dataset cache)."""
+    annot_id (the seed's unseeded draw was fixed by its dataset cache). ``text_truncation``
+    (``vl.data.collate.TEXT_TRUNCATION``): "vilbert" (default, the seed's ``_truncate_seq_pair``: one word piece at a
+    time from the longer text, from the choice when they are as long, and the question cut in place, so a later
+    choice of the same block sees the question as an earlier one cut it: ``Collator.seed_pairs``); "tokenizer": the
+    tokenizer's longest-first truncation of each row alone."""
 
     corpus_parts = ("vcr",)
 
@@ -223,10 +227,12 @@ class VCRDataModule(VLDataModule):
         qa_text_len: int | None = None,
         global_token: str = "all",
         person_names: str = "independent",
+        text_truncation: str = "vilbert",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.global_token = check_global_token(global_token)
+        self.text_truncation = check_text_truncation(text_truncation)
         if person_names not in PERSON_NAMES:
             raise ConfigError(f"data.person_names: '{person_names}' is not one of {PERSON_NAMES}")
         self.person_names = person_names

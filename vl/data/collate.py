@@ -38,6 +38,12 @@ REGION_MASKING = ("mrc", "mrfr")
 TEXT_TRUNCATION = ("vilbert", "tokenizer")
 
 
+def check_text_truncation(value: str) -> str:
+    if value not in TEXT_TRUNCATION:
+        raise ConfigError(f"data.text_truncation: '{value}' is not one of {TEXT_TRUNCATION}")
+    return value
+
+
 def load_tokenizer(name_or_path: str):
     """A `BertTokenizerFast` from a local dir, or `"minilm"` for the packaged bert-base-uncased vocab."""
     from transformers import BertTokenizerFast

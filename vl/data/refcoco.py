@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import VLDataModule, check_text_truncation, concat_regions, global_feature
+from vl.data.base import VLDataModule
+from vl.data.collate import check_text_truncation
 from vl.data.features import RegionReader
 from vl.data.formats.refcoco import (
     Instances,
@@ -31,6 +32,7 @@ from vl.data.formats.refcoco import (
     load_refs,
     split_counts,
 )
+from vl.data.region_rules import concat_regions, global_feature
 from vl.data.samplers import split_key
 from vl.errors import ConfigError, DataError
 

@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import RetrievalQueries, VLDataModule, check_global_token, check_text_truncation
+from vl.data.base import RetrievalQueries, VLDataModule
+from vl.data.collate import check_text_truncation
 from vl.data.features import RegionReader
 from vl.data.formats.retrieval import (
     image_key,
     load_hard_negatives,
     load_retrieval_jsonl,
 )
+from vl.data.region_rules import check_global_token
 from vl.data.samplers import global_seed, split_key
 from vl.errors import ConfigError, DataError
 
@@ -148,7 +150,7 @@ class RetrievalDataModule(VLDataModule):
     None) x their first ``captions_per_image`` captions as queries (``RetrievalQueries``) over ``gallery(split)``.
     With ``root=None`` the embedded scene corpus (``vl.data.scenes.corpus``) holds these files.
 
-    ``global_token`` (``vl.data.base.GLOBAL_TOKEN``): "all" (default, vilbert_beta's reader): ViLBERT's global image
+    ``global_token`` (``vl.data.region_rules.GLOBAL_TOKEN``): "all" (default, vilbert_beta's reader): ViLBERT's global image
     token is the mean of all the image's regions in the feature file, also those past ``max_regions``; "kept": of the
     kept ones (vl's earlier behaviour). Other models do not read it.
 

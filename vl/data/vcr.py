@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vl.data.base import VLDataModule, check_global_token, check_text_truncation, concat_regions
-from vl.data.collate import Collator
+from vl.data.base import VLDataModule
+from vl.data.collate import Collator, check_text_truncation
 from vl.data.features import RegionReader
 from vl.data.formats.vcr import (
     NUM_CHOICES,
@@ -34,6 +34,7 @@ from vl.data.formats.vcr import (
     record_texts,
     write_vcr_submission,
 )
+from vl.data.region_rules import check_global_token, concat_regions
 from vl.data.samplers import AlternatingStepSampler, ResumableDataLoader, global_seed, split_key
 from vl.errors import ConfigError, DataError
 
@@ -192,7 +193,7 @@ class VCRDataModule(VLDataModule):
     2 x ceil(questions / batch_size) optimizer steps per epoch; ``joint`` (vl's earlier behaviour): both blocks of every
     question in the same step (ceil(questions / batch_size) steps). ``qa_text_len``: under ``separate``, the Q->A rows'
     text length in every split (the seed: 60, its TASK1 length, in training and evaluation; QA->R rows use
-    ``max_text_len``, the seed's 80); null: ``max_text_len``. ``global_token`` (``vl.data.base.GLOBAL_TOKEN``): "all"
+    ``max_text_len``, the seed's 80); null: ``max_text_len``. ``global_token`` (``vl.data.region_rules.GLOBAL_TOKEN``): "all"
     (default, the seed's): ViLBERT's global image token from all the image's detections (and GT boxes: see
     ``VCRQuestions.visual``), before the ``max_regions`` cut; "kept": the mean of the kept rows (vl's earlier). The
     seed's warmup counts iterations of its task loop, one step per block: ``steps_per_iteration`` (2 under

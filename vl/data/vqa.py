@@ -8,10 +8,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vl.data.base import AnswerVocabulary, VLDataModule, check_global_token, check_text_truncation
+from vl.data.base import AnswerVocabulary, VLDataModule
+from vl.data.collate import check_text_truncation
 from vl.data.features import RegionReader
 from vl.data.formats.vqa import load_answer_vocab, load_questions, load_targets
 from vl.data.formats.vqa_answers import trainval_minval_split
+from vl.data.region_rules import check_global_token
 from vl.data.samplers import split_key
 from vl.errors import ConfigError, DataError
 
@@ -96,7 +98,7 @@ class VQADataModule(AnswerVocabulary, VLDataModule):
     `vl.tools.vqa_convert` also writes files by). Their questions and targets are read from the train and val files,
     as the seed reads them; the published ViLBERT recipe trains on trainval and validates on minval.
 
-    `global_token` (`vl.data.base.GLOBAL_TOKEN`): "all" (default, vilbert_beta's reader): ViLBERT's global image token
+    `global_token` (`vl.data.region_rules.GLOBAL_TOKEN`): "all" (default, vilbert_beta's reader): ViLBERT's global image token
     is the mean of all the image's regions in the feature file, also those past `max_regions`; "kept": of the kept
     ones (vl's earlier behaviour). Other models do not read it.
 

@@ -417,6 +417,88 @@ def test_seed_checkpoint_keys_map_to_vl(tmp_path: Path) -> None:
     assert torch.equal(got["encoder.visual.embedder.weight"], ref["encoder.visual.embedder.weight"])  # not in file
 
 
+def test_the_seeds_transfer_checkpoint_loads_its_projection_heads(tmp_path: Path) -> None:
+    """The seed's released model is a `TransferCrossModalRetrieval` state dict: its two-layer heads (Conv1x1 pair on the
+    image side, Linear pair on the language side, at `.0` / `.3`) land in vl's transfer head (they were read as stage
+    2's one-layer heads and dropped), and compute the seed's pooled embeddings: its conv head on a (B, H, h, w) key map,
+    then `torch.mean(..., (2, 3))`, equals vl's head per cell then the mean over cells; its language head likewise."""
+    from torch import nn
+
+    from vl.models.vg_bert import VGBertSystem
+
+    def build(init_from=None):
+        torch.manual_seed(0)
+        return VGBertSystem(
+            encoder={"_target_": "vl.models.vg_bert.VGBertEncoder", "stage": "transfer", "text_encoder": TINY_TEXT,
+                     "vgg_cfg": TINY_VGG, "visual_heads": 2, "visual_intermediate_size": 32, "num_positions": 16,
+                     "cross_heads": 2, "learnable_layers": 2},
+            objectives=["vg_transfer"], data_info={"pixels": True},
+            optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}, init_from=init_from,
+        )  # fmt: skip
+
+    hidden = build().state_dict()["objectives.vg_transfer.image_projection_head.0.weight"].shape[0]
+    torch.manual_seed(1)
+    image_head = nn.Sequential(nn.Conv2d(hidden, hidden, 1), nn.ReLU(True), nn.Dropout(), nn.Conv2d(hidden, hidden, 1))
+    language_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(), nn.Linear(hidden, hidden))
+    seed = {f"module.image_projection_head.{k}": v for k, v in image_head.state_dict().items()}
+    seed |= {f"module.language_projection_head.{k}": v for k, v in language_head.state_dict().items()}
+    seed["module.cross_attention_model.key_visual.weight"] = torch.randn(hidden, hidden)
+    seed["module.image_model.image_model.2.weight"] = torch.randn_like(
+        build().state_dict()["encoder.visual.vgg.features.2.weight"]
+    )
+    torch.save(seed, tmp_path / "best_model.pth")
+    model = build(str(tmp_path / "best_model.pth")).eval()
+    head = model.objectives["vg_transfer"]
+    image_head.eval(), language_head.eval()
+    keys = torch.randn(3, hidden, 4, 4)
+    want = torch.mean(image_head(keys), (2, 3))
+    got = head.image_projection_head(keys.flatten(2).transpose(1, 2)).mean(1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    words = torch.randn(3, 7, hidden)
+    torch.testing.assert_close(head.language_projection_head(words).mean(1), language_head(words).mean(1))
+    state = model.state_dict()
+    assert torch.equal(
+        state["encoder.cross_attention.key_visual.weight"], seed["module.cross_attention_model.key_visual.weight"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "init", "warned"),
+    [
+        ({"freeze_vgg": True}, False, "freeze_vgg=true without model.encoder.vgg_weights"),
+        ({"freeze_vgg": False}, False, None),
+        ({"freeze_vgg": True, "stage": "transfer", "freeze_encoder": True}, False, "freeze_encoder=true without"),
+        ({"freeze_vgg": True, "stage": "transfer", "freeze_encoder": True}, True, None),
+    ],
+)
+def test_frozen_weights_that_nothing_loaded_are_named(options, init, warned, tmp_path: Path, caplog) -> None:
+    """The full-size recipes freeze the VGG convs (and, for transfer, the whole encoder): with no weights loaded they
+    stay random for the whole run, where the seed starts from trained ones. One warning naming the keys."""
+    import logging
+
+    from vl.models.vg_bert import VGBertSystem
+
+    stage = options.get("stage", "grounding")
+    objective = {"grounding": "vg_contrastive", "transfer": "vg_transfer"}[stage]
+    encoder = {"_target_": "vl.models.vg_bert.VGBertEncoder", "stage": stage, "text_encoder": TINY_TEXT,
+               "vgg_cfg": TINY_VGG, "visual_heads": 2, "visual_intermediate_size": 32, "num_positions": 16,
+               "cross_heads": 2, "learnable_layers": 2, **{k: v for k, v in options.items() if k != "stage"}}  # fmt: skip
+    init_from = None
+    if init:
+        torch.save({"module.cross_attention_model.key_visual.weight": torch.randn(16, 16)}, tmp_path / "best_model.pth")
+        init_from = str(tmp_path / "best_model.pth")
+    with caplog.at_level(logging.WARNING, logger="vl.models.vg_bert"):
+        VGBertSystem(
+            encoder=encoder, objectives=[objective], data_info={"pixels": True}, init_from=init_from,
+            optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
+        )  # fmt: skip
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if warned is None:
+        assert not [m for m in messages if "stay" in m]
+    else:
+        assert [m for m in messages if warned in m]
+
+
 # ------------------------------------------------------------------------------------------------ whole-batch losses
 def _system(stage: str = "grounding", objective: str = "vg_contrastive", **kw):
     from vl.models.vg_bert import VGBertSystem

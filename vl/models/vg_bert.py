@@ -206,6 +206,7 @@ class VGBertEncoder(nn.Module):
             self.visual.vgg.requires_grad_(False)
         if freeze_encoder:
             self.requires_grad_(False)
+        self.frozen = {"vgg": bool(freeze_vgg), "encoder": bool(freeze_encoder)}
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         self.parameter_counts = {"trainable": trainable, "frozen": frozen}
@@ -322,6 +323,7 @@ class VGBertSystem(VLSystem):
         self.lr_decay_epochs, self.lr_ratio = int(lr_decay_epochs), float(lr_ratio)
         self.micro_batch_negatives = bool(micro_batch_negatives)
         super().__init__(**kwargs)
+        self._warn_frozen_at_random(bool(kwargs.get("init_from")))
         self._last_out: EncoderOutput | None = None
         self._store: dict[str, list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]] = {}
         own = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -330,6 +332,23 @@ class VGBertSystem(VLSystem):
             own,
             sum(p.numel() for p in self.parameters() if not p.requires_grad),
         )
+
+    def _warn_frozen_at_random(self, initialised: bool) -> None:
+        """Frozen weights nothing loaded stay at their random init for the whole run: the seed always starts its frozen
+        parts from trained weights (ImageNet VGG16; its stage-2/3 model for transfer). One warning naming the keys."""
+        frozen = getattr(self.encoder, "frozen", {})
+        if initialised:
+            return
+        if frozen.get("encoder"):
+            log.warning(
+                "model.encoder.freeze_encoder=true without model.init_from: the whole encoder stays at its random "
+                "initialisation (the seed's transfer starts from its stage-2/3 model); only the heads train"
+            )
+        elif frozen.get("vgg") and getattr(self.encoder, "vgg_report", None) is None:
+            log.warning(
+                "model.encoder.freeze_vgg=true without model.encoder.vgg_weights or model.init_from: the frozen VGG "
+                "convs stay random (the seed starts from ImageNet VGG16 weights)"
+            )
 
     def load_init_checkpoint(self, path: str) -> None:
         """vl checkpoints as the shared system loads them; a state dict of the seed (`vg_bert_seed_layout`: the stage-2/3

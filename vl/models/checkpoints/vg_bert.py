@@ -22,6 +22,14 @@ VG_BERT_SEED_PREFIXES: tuple[tuple[str, str], ...] = (
     ("object_classifier.", "objectives.vg_relational.object_classifier."),
 )
 
+#: the seed's `TransferCrossModalRetrieval` heads (its released `best_model.pth`, "finetuned for multimodal image
+#: search"): `Sequential(Conv2d 1x1, ReLU, Dropout, Conv2d 1x1)` on the image side, the same with Linear on the language
+#: side, at `.0` and `.3` -> vl's transfer head, whose image side is a Linear per cell (a 1x1 conv's weight, squeezed)
+VG_BERT_TRANSFER_HEADS: tuple[tuple[str, str], ...] = (
+    ("image_projection_head.", "objectives.vg_transfer.image_projection_head."),
+    ("language_projection_head.", "objectives.vg_transfer.language_projection_head."),
+)
+_VG_BERT_TRANSFER = "image_projection_head.3."
 
 #: the seed's stage-1 (`visual_stream_pretraining.py`, ImageNet) `VGG16_Attention_classification` /
 #: `VGG16_classification` prefixes (after `module.`): features at `image_model.<index>.`, then `embedder.`, `attention.`
@@ -41,28 +49,33 @@ _VG_BERT_STAGE1 = re.compile(r"(image_model\.\d+|embedder|attention)\.")
 
 
 def vg_bert_seed_layout(state: dict[str, Any]) -> str | None:
-    """The seed's layout: "full" for a state dict of its `TwoStreamPretrain` / `RelationalGrounding`
-    (`image_model.image_model.*`, `language_model.*`, ...), "stage1" for its ImageNet classifier
-    (`image_model.<i>.*`, `embedder.*`, `attention.*`; `classifier.*` too), None otherwise (`module.` prefixes of
-    DataParallel allowed)."""
+    """The seed's layout: "transfer" for a state dict of its `TransferCrossModalRetrieval` (two-layer projection heads:
+    `image_projection_head.3.*`), "full" for its `TwoStreamPretrain` / `RelationalGrounding` (`image_model.image_model.*`,
+    `language_model.*`, ...), "stage1" for its ImageNet classifier (`image_model.<i>.*`, `embedder.*`, `attention.*`;
+    `classifier.*` too), None otherwise (`module.` prefixes of DataParallel allowed)."""
     keys = [str(k).removeprefix("module.") for k in state]
     if any(k.startswith(_VG_BERT_FULL_STARTS) or k.startswith("cross_attention_model.") for k in keys):
-        return "full"
+        return "transfer" if any(k.startswith(_VG_BERT_TRANSFER) for k in keys) else "full"
     if keys and any(_VG_BERT_STAGE1.match(k) for k in keys):
         return "stage1"
     return None
 
 
 def vg_bert_seed_to_vl(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A state dict of the seed (`vg_bert_seed_layout`: the stage-2/3 `best_model.pth`, or the stage-1 ImageNet model's
-    `state_dict`; `module.` prefixes of DataParallel allowed) -> (vl keys, the seed keys that map to nothing, e.g.
-    BERT's pooler or the ImageNet classifier)."""
-    prefixes = VG_BERT_VG_BERT_STAGE1_PREFIXES if vg_bert_seed_layout(state) == "stage1" else VG_BERT_SEED_PREFIXES
+    """A state dict of the seed (`vg_bert_seed_layout`: the stage-2/3 or transfer `best_model.pth`, or the stage-1
+    ImageNet model's `state_dict`; `module.` prefixes of DataParallel allowed) -> (vl keys, the seed keys that map to
+    nothing, e.g. BERT's pooler or the ImageNet classifier)."""
+    layout = vg_bert_seed_layout(state)
+    prefixes = VG_BERT_VG_BERT_STAGE1_PREFIXES if layout == "stage1" else VG_BERT_SEED_PREFIXES
+    if layout == "transfer":  # its projection heads are the transfer head's, not stage 2's
+        prefixes = VG_BERT_TRANSFER_HEADS + prefixes
     out, unmapped = {}, []
     for key, value in state.items():
         k = key.removeprefix("module.")
         for seed, ours in prefixes:
             if k.startswith(seed):
+                if layout == "transfer" and seed.startswith("image_projection_head") and value.ndim == 4:
+                    value = value.reshape(value.shape[0], value.shape[1])  # a 1x1 conv per cell = a Linear per cell
                 out[ours + k[len(seed) :]] = value
                 break
         else:

@@ -553,3 +553,45 @@ def test_the_embedded_vocabulary_is_the_same_in_every_process(tmp_path) -> None:
             assert "[UNK]" not in pieces and "".join(p.removeprefix("##") for p in pieces) == word[0]
     small = train_tokenizer(tmp_path / "small", texts, vocab_size=80).read_text().split()
     assert len(small) == 80 and small[:6] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[STOP]"]
+
+
+def _seed_parallel_text(tok, en: str, de: str, seq_len: int) -> list[int]:
+    """The seed's `pretrain/data/datasets/parallel_text.py` (Task C) without MLM, transcribed: `[CLS] EN [SEP] DE
+    [SEP]` word pieces as ids, and over `seq_len` its first `seq_len - 1` ids + its last."""
+    tokens = ["[CLS]", *tok.tokenize(en), "[SEP]", *tok.tokenize(de), "[SEP]"]
+    text = tok.convert_tokens_to_ids(tokens)
+    if len(text) > seq_len:
+        keep = max(seq_len, 2)
+        text = text[: keep - 1] + [text[-1]]
+    return text
+
+
+@pytest.mark.parametrize("mlm", [False, True])
+def test_text_only_pairs_are_cut_as_the_seeds_parallel_text(mlm: bool) -> None:
+    """Task C rows (`[CLS] EN [SEP] DE [SEP]`, no image) over `seq_len` keep their first seq_len - 1 tokens and the
+    last [SEP], as the seed (the tokenizer's longest-first cut EN and DE each and kept the middle [SEP]); with MLM the
+    labels are cut with the row: each label is the original id at its position, and the last [SEP] has none."""
+    from vl.data.collate import load_tokenizer
+    from vl.data.multi30k_collate import IGNORE_INDEX, Multi30kCollator
+
+    tok = load_tokenizer("minilm")
+    rng = np.random.default_rng(4)
+    words = "a man in a red shirt is riding a bicycle down the busy street near the old market square".split()
+    rows = [(" ".join(rng.choice(words, size=int(rng.integers(3, 40)))), " ".join(rng.choice(words, size=int(rng.integers(3, 40))))) for _ in range(24)]  # fmt: skip
+    collator = Multi30kCollator(tok, max_text_len=32, seq_len=32, mlm=mlm)
+    batch = collator([{"text": en, "text_b": de, "index": i} for i, (en, de) in enumerate(rows)])
+    cut = 0
+    for i, (en, de) in enumerate(rows):
+        want = _seed_parallel_text(tok, en, de, 32)
+        n = int(batch["attention_mask"][i].sum())
+        got = batch["input_ids"][i, :n].tolist()
+        assert n == len(want)
+        if not mlm:
+            assert got == want
+        else:
+            labels = batch["mlm_labels"][i, :n].tolist()
+            for pos, (g, w, lab) in enumerate(zip(got, want, labels, strict=True)):
+                assert lab in (IGNORE_INDEX, w) and (lab != IGNORE_INDEX or g == w), pos
+            assert labels[-1] == IGNORE_INDEX and got[-1] == tok.sep_token_id
+        cut += len(tok.tokenize(en)) + len(tok.tokenize(de)) + 3 > 32
+    assert cut >= 5

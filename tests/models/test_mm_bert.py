@@ -541,6 +541,71 @@ def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) ->
     np.testing.assert_allclose(got, full, atol=1e-5)
 
 
+class _TiedPairModel(_PairModel):
+    """`_PairModel`'s scores rounded to halves (five values): most pairs tie with several others."""
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        return SimpleNamespace(pooled=torch.round(out.pooled * 2) / 2)
+
+
+def _seed_evaluate(scores_file) -> dict[str, float]:
+    """MM-BERT's seed `retrieval/evaluate.py`, transcribed: the scores file into {caption: {image: logit}} and
+    {image: {caption: logit}} in file order; R@1 when `max` (the first of the highest) is the gold, R@5 / R@10 when
+    the gold is among the first k of the stable `sorted(..., reverse=True)`."""
+    import json
+    import operator
+
+    captions_dict: dict[int, dict[int, float]] = {}
+    image_dict: dict[int, dict[int, float]] = {}
+    for p in json.loads(scores_file.read_text()):
+        captions_dict.setdefault(p["caption_id"], {})[p["image_ids"]] = p["logit"][0]
+        image_dict.setdefault(p["image_ids"], {})[p["caption_id"]] = p["logit"][0]
+    out = {}
+    for name, table in (("t2i", captions_dict), ("i2t", image_dict)):
+        correct = [0, 0, 0]
+        for index, value in table.items():
+            correct[0] += max(value.items(), key=operator.itemgetter(1))[0] == index
+            ranked = sorted(value.items(), key=operator.itemgetter(1), reverse=True)
+            correct[1] += index in dict(ranked[:5])
+            correct[2] += index in dict(ranked[:10])
+        for k, c in zip((1, 5, 10), correct):
+            out[f"{name}_recall@{k}"] = c / len(table)
+    return out
+
+
+def test_exhaustive_retrieval_breaks_ties_as_the_seeds_evaluate(tmp_path) -> None:
+    """With many tied scores, R@1/5/10 both ways equal the seed's `retrieval/evaluate.py` read over the scores file
+    vl writes (ties: the lower index first); vl's earlier rule (`ties="gold"`, ties in the gold's favour) is
+    another function on these scores."""
+    from vl.data.multi30k_collate import Multi30kCollator
+    from vl.models.ranking import exhaustive_retrieval
+
+    class Tok:
+        pad_token_id = 0
+
+        def __call__(self, text, text_b=None, **kwargs):
+            return {"input_ids": [ord(c) % 50 + 1 for c in text]}
+
+    n = 23
+    rng = np.random.default_rng(2)
+    texts = [f"caption {i} {'x' * int(rng.integers(7))}" for i in range(n)]
+    visuals = [
+        {"features": rng.standard_normal((2, 3)).astype(np.float32), "boxes_norm": np.zeros((2, 4), np.float32),
+         "image_w": 500, "image_h": 375}
+        for _ in range(n)
+    ]  # fmt: skip
+    collator = Multi30kCollator(Tok(), max_text_len=32, max_regions=2, fixed_shapes=True)
+    got = exhaustive_retrieval(
+        _TiedPairModel(), collator, texts, visuals, text_chunk=4, scores_path=tmp_path / "s.json"
+    )
+    want = _seed_evaluate(tmp_path / "s.json")
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+    earlier = exhaustive_retrieval(_TiedPairModel(), collator, texts, visuals, text_chunk=4, ties="gold")
+    assert any(earlier[key] != pytest.approx(value) for key, value in want.items())
+
+
 def test_exhaustive_retrieval_scores_joint_caption_pairs(tmp_path) -> None:
     """`data.both_layout: joint`: the gallery's texts are `{"text": EN, "text_b": DE}` rows; each scores as the one
     joint row (EN ids, a separator, DE ids), one N x N matrix, as the seed's test scores `[CLS] EN [SEP] DE [SEP]`."""

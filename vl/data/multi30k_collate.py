@@ -120,11 +120,16 @@ class Multi30kCollator:
                 label_rows.append(labels)
                 rows.append(ids)
                 continue
+            # an EN-DE pair is cut as the seed's datasets cut it (Task C's `parallel_text`; with an image, the joint cut
+            # of `pair_batch` after this one keeps the same first tokens): `[CLS] EN [SEP] DE [SEP]` whole, MLM drawn,
+            # then its first seq_len - 1 tokens + the last [SEP] (the tokenizer's longest-first cut EN and DE each)
+            pair_row = ex.get("text_b") is not None and self.add_special_tokens
+            limit = min(self.seq_len or self.max_text_len, self.max_text_len)
             enc = self.tokenizer(
                 ex["text"],
                 ex.get("text_b"),
-                truncation=True,
-                max_length=self.max_text_len,
+                truncation=not pair_row,
+                max_length=None if pair_row else self.max_text_len,
                 add_special_tokens=self.add_special_tokens,
             )
             ids = list(enc["input_ids"])
@@ -139,6 +144,11 @@ class Multi30kCollator:
                     vocab_size=len(self.tokenizer),
                     probability=self.mlm_probability,
                 )
+            if pair_row and len(ids) > limit:
+                ids = ids[: max(limit, 2) - 1] + ids[-1:]
+                if self.mlm:  # cut with the row (the seed leaves its labels uncut: a bug, not copied)
+                    labels = labels[: max(limit, 2) - 1] + labels[-1:]
+            if self.mlm:
                 label_rows.append(labels)
             rows.append(ids)
         width = self.max_text_len if self.fixed_shapes else max(len(r) for r in rows)

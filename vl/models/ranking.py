@@ -150,15 +150,23 @@ def exhaustive_retrieval(
     text_chunk: int = 16,
     scores_path: Path | None = None,
     tolerance: float = 1e-6,
+    ties: str = "index",
 ) -> dict[str, float]:
     """Caption i belongs to image i. Scores all N x N pairs, one chunk of captions against every image at a time
     (memory O(text_chunk x N), never N x N), and ranks both ways: image retrieval (``t2i``: the images for each caption)
     and caption retrieval (``i2t``: the captions for each image). Rank = 1 + the number of others scoring more than the
-    gold pair's score + ``tolerance`` (ties count in the gold's favour). ``scores_path``: the seed's scores file
-    ``[{"caption_id", "image_ids", "logit": [p]}]``, one entry per pair, streamed."""
+    gold pair's score + ``tolerance``, + with ``ties="index"`` (default, MM-BERT's seed ``retrieval/evaluate.py``: its
+    ``max`` / stable ``sorted`` over the scores file's order put the lower index first) the others within
+    ``tolerance`` of the gold at a lower index (image index for ``t2i``, caption index for ``i2t``); ``ties="gold"``
+    (vl's earlier rule): ties count in the gold's favour. The tolerance absorbs float noise between the gold pair's
+    own pass and the blocks (exact ties, e.g. sigmoid scores saturated at 1.0, are the seed's case). ``scores_path``:
+    the seed's scores file ``[{"caption_id", "image_ids", "logit": [p]}]``, one entry per pair, streamed."""
+    if ties not in ("index", "gold"):
+        raise ValueError(f"exhaustive_retrieval: ties '{ties}' is not 'index' or 'gold'")
     n = len(texts)
     score = gallery_scorer(model, collator, texts, visuals, batch_size=batch_size)
     gold = score.pairs(list(range(n)), list(range(n))).double().numpy()  # (N,) the aligned pairs
+    images = torch.arange(n)
     t2i_better = torch.zeros(n, dtype=torch.long)
     i2t_better = torch.zeros(n, dtype=torch.long)
     out = open(scores_path, "w", encoding="utf-8") if scores_path is not None else None  # noqa: SIM115
@@ -173,9 +181,14 @@ def exhaustive_retrieval(
             cols = torch.tensor(rows_idx)
             not_gold = torch.ones_like(block, dtype=torch.bool)
             not_gold[own, cols] = False
-            gold_t = torch.from_numpy(gold[rows_idx])
-            t2i_better[cols] += ((block > gold_t[:, None] + tolerance) & not_gold).sum(1)
-            i2t_better += ((block > torch.from_numpy(gold)[None, :] + tolerance) & not_gold).sum(0)
+            gold_t, gold_i = torch.from_numpy(gold[rows_idx])[:, None], torch.from_numpy(gold)[None, :]
+            t2i_wins, i2t_wins = block > gold_t + tolerance, block > gold_i + tolerance
+            if ties == "index":  # (c, N): image j before caption c's gold image c; caption c before image j's gold j
+                image_first, caption_first = images[None, :] < cols[:, None], cols[:, None] < images[None, :]
+                t2i_wins |= ((block - gold_t).abs() <= tolerance) & image_first
+                i2t_wins |= ((block - gold_i).abs() <= tolerance) & caption_first
+            t2i_better[cols] += (t2i_wins & not_gold).sum(1)
+            i2t_better += (i2t_wins & not_gold).sum(0)
             if out is not None:
                 for r, caption in enumerate(rows_idx):
                     for image in range(n):

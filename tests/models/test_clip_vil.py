@@ -575,3 +575,39 @@ def test_default_optimizer_options_are_accepted() -> None:
     system = tiny_system(head_lr=None, pretrained_lr_mult=1.0, scheduler=None)
     optimizer, _ = configured(system)
     assert isinstance(optimizer, FusedOptimizer)
+
+
+@pytest.mark.parametrize("padding_rows", [True, False])
+def test_position_and_type_row_zero_train_as_the_seeds_padding_idx(padding_rows: bool) -> None:
+    """The seed's LXRT `BertEmbeddings` builds its position and token-type tables with `padding_idx=0`: row 0 of each
+    (the [CLS] position; the one token type every CLIP-ViL token has) gets no gradient. An independent twin: the same
+    tables as `nn.Embedding(..., padding_idx=0)` looked up at the same ids give the same gradients."""
+    torch.manual_seed(0)
+    enc = tiny_encoder(padding_rows=padding_rows)
+    emb = enc.bert.embeddings
+    ids = torch.randint(5, 100, (3, 7))
+    types = torch.zeros_like(ids)
+    out = emb(input_ids=ids, token_type_ids=types)
+    out.pow(2).sum().backward()
+    pos_grad, type_grad = emb.position_embeddings.weight.grad, emb.token_type_embeddings.weight.grad
+    if padding_rows:
+        assert torch.equal(pos_grad[0], torch.zeros_like(pos_grad[0]))
+        assert torch.equal(type_grad[0], torch.zeros_like(type_grad[0]))
+        assert pos_grad[1:7].abs().sum() > 0
+        # the twin: a plain padding_idx=0 table looked up at the same ids, fed the same output gradient
+        captured = {}
+
+        def keep(module, inputs, output):
+            output.retain_grad()
+            captured["ids"], captured["out"] = inputs[0], output
+
+        handle = emb.position_embeddings.register_forward_hook(keep)
+        emb.zero_grad()
+        emb(input_ids=ids, token_type_ids=types).pow(2).sum().backward()
+        handle.remove()
+        twin = torch.nn.Embedding(*emb.position_embeddings.weight.shape, padding_idx=0)
+        twin.weight.data.copy_(emb.position_embeddings.weight.data)
+        twin(captured["ids"]).backward(captured["out"].grad)
+        torch.testing.assert_close(emb.position_embeddings.weight.grad, twin.weight.grad)
+    else:
+        assert pos_grad[0].abs().sum() > 0 and type_grad[0].abs().sum() > 0

@@ -83,13 +83,17 @@ class ClipVilEncoder(nn.Module):
         sub_sampling_in_eval: bool = True,
         visual_dropout: float = 0.1,
         pooling: str = "cls",
+        padding_rows: bool = True,
     ) -> None:
         """`backbone`: `build_clip_resnet` arguments (`name`: RN50 / RN50x4, or sizes); `backbone_weights`: a local
         OpenAI / open_clip state dict (key report logged); random init otherwise. `freeze_backbone`: no gradients
         and BatchNorm kept in eval mode. `position_axes`: "seed" (default): `pos_x` indexes the grid's rows and `pos_y`
         its columns, the seed's `LinearPositionEmbedding` (which calls the rows "width"), so the tables are its x / y
         ones; "vl": vl's earlier order (`pos_x` columns, `pos_y` rows), the same model from random init with the
-        tables' roles exchanged, which `model=clip_vil_tiny` keeps (its learning tests were calibrated with it)."""
+        tables' roles exchanged, which `model=clip_vil_tiny` keeps (its learning tests were calibrated with it).
+        `padding_rows`: true (default, the seed's LXRT `BertEmbeddings`: `padding_idx=0` on the position and token-type
+        tables): row 0 of each gets no gradient, so the [CLS] position and the one token type every CLIP-ViL token
+        has keep their loaded (BERT) values, moved only by weight decay; false: vl's earlier, trainable rows."""
         super().__init__()
         if position_axes not in ("seed", "vl"):
             raise ConfigError(f"model.encoder.position_axes: '{position_axes}' is not one of 'seed', 'vl'")
@@ -114,6 +118,9 @@ class ClipVilEncoder(nn.Module):
         channels = self.backbone.out_channels
         self.pretrained = (text_encoder or {}).get("pretrained")
         self.bert = build_bert(**{**(text_encoder or {}), "add_pooling_layer": False})
+        if padding_rows:  # read by nn.Embedding.forward: F.embedding then gives index 0 no gradient
+            self.bert.embeddings.position_embeddings.padding_idx = 0
+            self.bert.embeddings.token_type_embeddings.padding_idx = 0
         hidden = self.bert.config.hidden_size
         self.hidden_size = self.pooled_size = self.text_size = self.visual_size = hidden
         self.use_positional_embedding = use_positional_embedding

@@ -180,6 +180,7 @@ def test_clip_vil_recipes_keep_batchnorm_per_device(experiment: str, hardware: s
     assert make_cfg(f"hardware={hardware}", tiny=False).trainer.sync_batchnorm is True  # the presets' own choice
     assert make_cfg(f"experiment={experiment}", f"hardware={hardware}", tiny=False).trainer.sync_batchnorm is False
 
+
 def test_the_published_clip_vil_vqa_command_is_rn50x4(make_cfg) -> None:
     """The seed's readme gives one VQA command, on RN50x4 from its RN50x4 stage 2: batch 256, lr 5e-5, warmup 0.05,
     backbone SGD 1e-3 x0.1 at epoch 2, 5 epochs, loss scale 500; `clip_vil_vqa` is the same recipe on RN50."""
@@ -190,6 +191,7 @@ def test_the_published_clip_vil_vqa_command_is_rn50x4(make_cfg) -> None:
         assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.model.warmup_ratio) == (256, 5e-5, 0.05)
         assert cfg.model.visual_optimizer.lr == 1e-3 and list(cfg.model.visual_optimizer.schedule) == [2]
         assert cfg.trainer.max_epochs == 5 and cfg.model.heads.vqa.loss_scale == 500
+
 
 def test_clip_vil_stages_hand_on_their_last_checkpoint(make_cfg, tmp_path) -> None:
     """The seed hands on each pretraining stage's last epoch (Epoch09, Epoch11): the chained tiny experiment's

@@ -139,13 +139,13 @@ def _check_against_seed(tok, collator: Collator, texts: list[str], length: int) 
 
 @pytest.mark.parametrize("fixed", [False, True])
 def test_vilbert_truncation_is_the_seed_readers_cut(fixed: bool) -> None:
-    """`truncation="vilbert"` (the default of the ViLBERT task corpora) equals vilbert_beta's readers on every length
+    """`truncation="seed"` (the default of the ViLBERT task corpora) equals vilbert_beta's readers on every length
     around the limit: a text of max_text_len - 1 word pieces or more loses its [SEP] (the tokenizer's truncation
     would cut a word piece and keep [SEP]); shorter texts are untouched. First call and memo hits alike."""
     tok = load_tokenizer("minilm")
     rng = np.random.default_rng(2)
     words = "a red circle left of the small blue square what colour is it unbelievably zigzagging".split()
-    collator = Collator(tok, max_text_len=12, fixed_shapes=fixed, truncation="vilbert")
+    collator = Collator(tok, max_text_len=12, fixed_shapes=fixed, truncation="seed")
     cut = 0
     for _ in range(3):
         texts = [" ".join(rng.choice(words, size=rng.integers(6, 14))) for _ in range(16)]
@@ -170,7 +170,7 @@ def test_vilbert_truncation_on_real_coco_captions() -> None:
     for length, at_least in ((30, 1), (12, 200)):
         dm = RetrievalDataModule(max_text_len=length)
         collator = dm.collator("train")
-        assert collator.truncation == "vilbert"
+        assert collator.truncation == "seed"
         cut = sum(
             _check_against_seed(tok, collator, captions[i : i + 128], length) for i in range(0, len(captions), 128)
         )
@@ -184,7 +184,7 @@ def test_the_vilbert_task_corpora_cut_as_their_seed_readers_by_default() -> None
     from vl.errors import ConfigError
 
     for cls in (VQADataModule, RefCOCODataModule, RetrievalDataModule):
-        assert cls().text_truncation == "vilbert"
+        assert cls().text_truncation == "seed"
         assert cls(text_truncation="tokenizer").text_truncation == "tokenizer"
         with pytest.raises(ConfigError, match="data.text_truncation: 'cut'"):
             cls(text_truncation="cut")
@@ -193,4 +193,4 @@ def test_the_vilbert_task_corpora_cut_as_their_seed_readers_by_default() -> None
     tok = load_tokenizer("minilm")
     tok.padding_side = "left"
     with pytest.raises(ConfigError, match="right-padding tokenizer"):
-        Collator(tok, truncation="vilbert").encode(["a red square"], None)
+        Collator(tok, truncation="seed").encode(["a red square"], None)

@@ -435,7 +435,7 @@ def _seed_vcr_rows(
 
 @pytest.mark.parametrize("fixed", [False, True])
 def test_vilbert_truncation_is_the_seed_vcr_readers(fixed: bool) -> None:
-    """VCR rows over their length, collated with `truncation="vilbert"` (the VCR default), equal the seed reader's on
+    """VCR rows over their length, collated with `truncation="seed"` (the VCR default), equal the seed reader's on
     random Q->A blocks (at 60, as the seed's TASK1) and QA->R blocks (`question [SEP] answer`, at 80) of long texts:
     ties cut the choice, and the question cut for one choice stays cut for the next ones of its block (not across
     examples that happen to share the question text)."""
@@ -448,7 +448,7 @@ def test_vilbert_truncation_is_the_seed_vcr_readers(fixed: bool) -> None:
     def words(lo: int, hi: int) -> list[str]:
         return [str(w) for w in rng.choice(vocab, size=int(rng.integers(lo, hi)))]
 
-    collator = Collator(tok, max_text_len=80, fixed_shapes=fixed, truncation="vilbert")
+    collator = Collator(tok, max_text_len=80, fixed_shapes=fixed, truncation="seed")
     differs = 0
     for _ in range(4):
         examples, want = [], []
@@ -476,4 +476,4 @@ def test_vilbert_truncation_is_the_seed_vcr_readers(fixed: bool) -> None:
             assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
             differs += batch["input_ids"][i, :n].tolist() != plain["input_ids"][i, :n].tolist()
     assert differs >= 20  # the tokenizer's own truncation is another function on these rows
-    assert VCRDataModule().text_truncation == "vilbert"
+    assert VCRDataModule().text_truncation == "seed"

@@ -56,7 +56,7 @@ class VLDataModule(L.LightningDataModule):
     #: where ViLBERT's global image token feature comes from (`GLOBAL_TOKEN`); VQA and retrieval take it as an option
     global_token: str = "kept"
     #: how an over-long single text is cut (`vl.data.collate.TEXT_TRUNCATION`); the ViLBERT task corpora (VQA,
-    #: RefCOCO+, retrieval) take it as an option, "vilbert" by default (their seed readers' cut)
+    #: RefCOCO+, retrieval) take it as an option, "seed" by default (their seed readers' cut)
     text_truncation: str = "tokenizer"
 
     def __init__(

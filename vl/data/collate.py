@@ -32,10 +32,11 @@ SHARED_EXAMPLE_KEYS = frozenset(
 LABEL_KINDS = ("long", "float", "vector", "regions", "str")
 #: objectives whose labels come from masked regions (the collator masks regions when the data lists one)
 REGION_MASKING = ("mrc", "mrfr")
-#: how a single text longer than `max_text_len` is cut (`Collator(truncation=...)`, `data.text_truncation`):
-#: "vilbert": vilbert_beta's readers (VQA, RefCOCO+, retrieval): `[CLS] tokens [SEP]` cut to `max_text_len`, so an
-#: over-long text loses its [SEP]; "tokenizer": the tokenizer's truncation, which cuts the tokens and keeps [SEP]
-TEXT_TRUNCATION = ("vilbert", "tokenizer")
+#: how a text longer than `max_text_len` is cut (`Collator(truncation=...)`, `data.text_truncation`): "seed": as the
+#: corpus's seed reader cuts it (vilbert_beta's VQA / RefCOCO+ / retrieval readers: `[CLS] tokens [SEP]` cut to
+#: `max_text_len`, so an over-long text loses its [SEP]; its VCR reader: `Collator.seed_pairs`); "tokenizer": the
+#: tokenizer's truncation (single texts: the tokens cut, [SEP] kept; pairs: longest-first, each row alone)
+TEXT_TRUNCATION = ("seed", "tokenizer")
 
 
 def check_text_truncation(value: str) -> str:
@@ -259,14 +260,14 @@ class Collator:
         ids are kept; padding is done here (right-padding tokenizers; others take the tokenizer's own path).
         `max_lens`: a row's own truncation length (None: `max_text_len`), each row then as the tokenizer truncates
         it alone at that length, all padded to the batch's longest (right-padding tokenizers only).
-        `truncation="vilbert"` (single texts): each row is the tokenizer's `[CLS] tokens [SEP]` at one more token,
+        `truncation="seed"` (single texts): each row is the tokenizer's `[CLS] tokens [SEP]` at one more token,
         cut to its length: `[CLS] tokens [SEP]` cut at the length, as vilbert_beta's readers cut (`TEXT_TRUNCATION`).
         With pairs, `seed_pairs`: the seed's `_truncate_seq_pair`, the first text cut in place across the rows of one
         group (`groups`: a row's example; consecutive rows of one group with the same first text share it)."""
         tok = self.tokenizer
         lens = [self.max_text_len if n is None else int(n) for n in (max_lens or [None] * len(texts))]
         per_row = any(n != self.max_text_len for n in lens)
-        cut = 1 if self.truncation == "vilbert" and pairs is None else 0  # tokenised one longer, then cut
+        cut = 1 if self.truncation == "seed" and pairs is None else 0  # tokenised one longer, then cut
         if per_row and self.fixed_shapes and max(lens) > self.max_text_len:
             raise ValueError(f"collate: a row's max_text_len {max(lens)} exceeds the fixed {self.max_text_len}")
         right = getattr(tok, "padding_side", "right") == "right"
@@ -275,7 +276,7 @@ class Collator:
                 raise ValueError("collate: per-row text lengths need a right-padding tokenizer with a pad token")
             if cut and not right:
                 raise ConfigError(
-                    "data.text_truncation=vilbert cuts each row's end: it needs a right-padding tokenizer "
+                    "data.text_truncation=seed cuts each row's end: it needs a right-padding tokenizer "
                     f"({type(tok).__name__} pads on the {tok.padding_side}); use data.text_truncation=tokenizer"
                 )
             enc = tok(
@@ -289,7 +290,7 @@ class Collator:
                 return_token_type_ids=True,
             )
             return {key: value[:, : self.max_text_len] for key, value in enc.items()} if cut else enc
-        if self.truncation == "vilbert" and pairs is not None:
+        if self.truncation == "seed" and pairs is not None:
             return self._padded(self.seed_pairs(texts, pairs, lens, groups))
         memo = self.__dict__.get("_memo")
         if (
@@ -365,7 +366,7 @@ class Collator:
         tok = self.tokenizer
         if tok.cls_token_id is None or tok.sep_token_id is None:
             raise ConfigError(
-                f"data.text_truncation=vilbert builds [CLS] a [SEP] b [SEP]: {type(tok).__name__} has no [CLS] / [SEP]"
+                f"data.text_truncation=seed builds [CLS] a [SEP] b [SEP]: {type(tok).__name__} has no [CLS] / [SEP]"
             )
         pieces = self._pieces([*texts, *pairs])
         rows = []

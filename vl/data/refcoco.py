@@ -145,7 +145,7 @@ class RefCOCODataModule(VLDataModule):
         iou_plus_one: bool = True,
         sentence_field: str = "raw",
         gt_regions_first: bool = False,
-        text_truncation: str = "vilbert",
+        text_truncation: str = "seed",
         splits: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -154,7 +154,7 @@ class RefCOCODataModule(VLDataModule):
         `gt_regions_first`: when detections + GT regions exceed `max_regions`, false (default, vilbert_beta's): cut
         the combined list from its end (GT regions first); true (vl's earlier rule): cut detections, so a training
         example always keeps its GT regions and so a positive.
-        `text_truncation` (`vl.data.collate.TEXT_TRUNCATION`): "vilbert" (default, vilbert_beta's reader):
+        `text_truncation` (`vl.data.collate.TEXT_TRUNCATION`): "seed" (default, vilbert_beta's reader):
         `[CLS] expression [SEP]` cut to `max_text_len`, so an over-long expression loses its [SEP]; "tokenizer": the
         tokenizer's truncation (cuts the expression's tokens, keeps [SEP])."""
         super().__init__(splits={"test": "testA", **dict(splits or {})}, **kwargs)

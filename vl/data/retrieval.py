@@ -154,7 +154,7 @@ class RetrievalDataModule(VLDataModule):
     token is the mean of all the image's regions in the feature file, also those past ``max_regions``; "kept": of the
     kept ones (vl's earlier behaviour). Other models do not read it.
 
-    ``text_truncation`` (``vl.data.collate.TEXT_TRUNCATION``): "vilbert" (default, vilbert_beta's reader): ``[CLS] caption
+    ``text_truncation`` (``vl.data.collate.TEXT_TRUNCATION``): "seed" (default, vilbert_beta's reader): ``[CLS] caption
     [SEP]`` cut to ``max_text_len``, so an over-long caption loses its [SEP]; "tokenizer": the tokenizer's truncation (cuts
     the caption's tokens, keeps [SEP])."""
 
@@ -173,7 +173,7 @@ class RetrievalDataModule(VLDataModule):
         captions_per_image: int = 5,
         max_images: int | None = None,
         global_token: str = "all",
-        text_truncation: str = "vilbert",
+        text_truncation: str = "seed",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

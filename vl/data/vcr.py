@@ -201,7 +201,7 @@ class VCRDataModule(VLDataModule):
     (default, the seed's ``generate_random_name``): each person detection's name drawn from the whole names table, so
     two persons may share one; "distinct" (vl's earlier rule): no repeats within a record. Either is seeded by the
     annot_id (the seed's unseeded draw was fixed by its dataset cache). ``text_truncation``
-    (``vl.data.collate.TEXT_TRUNCATION``): "vilbert" (default, the seed's ``_truncate_seq_pair``: one word piece at a
+    (``vl.data.collate.TEXT_TRUNCATION``): "seed" (default, the seed's ``_truncate_seq_pair``: one word piece at a
     time from the longer text, from the choice when they are as long, and the question cut in place, so a later
     choice of the same block sees the question as an earlier one cut it: ``Collator.seed_pairs``); "tokenizer": the
     tokenizer's longest-first truncation of each row alone."""
@@ -228,7 +228,7 @@ class VCRDataModule(VLDataModule):
         qa_text_len: int | None = None,
         global_token: str = "all",
         person_names: str = "independent",
-        text_truncation: str = "vilbert",
+        text_truncation: str = "seed",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

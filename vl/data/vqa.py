@@ -102,7 +102,7 @@ class VQADataModule(AnswerVocabulary, VLDataModule):
     is the mean of all the image's regions in the feature file, also those past `max_regions`; "kept": of the kept
     ones (vl's earlier behaviour). Other models do not read it.
 
-    `text_truncation` (`vl.data.collate.TEXT_TRUNCATION`): "vilbert" (default, vilbert_beta's reader): `[CLS] question
+    `text_truncation` (`vl.data.collate.TEXT_TRUNCATION`): "seed" (default, vilbert_beta's reader): `[CLS] question
     [SEP]` cut to `max_text_len`, so an over-long question loses its [SEP]; "tokenizer": the tokenizer's truncation (cuts
     the question's tokens, keeps [SEP]).
 
@@ -126,7 +126,7 @@ class VQADataModule(AnswerVocabulary, VLDataModule):
         features: str = "regions.lmdb",
         minval_size: int = 3000,
         global_token: str = "all",
-        text_truncation: str = "vilbert",
+        text_truncation: str = "seed",
         split_files: dict[str, dict[str, Any]] | None = OFFICIAL_SPLIT_FILES,
         **kwargs: Any,
     ) -> None:

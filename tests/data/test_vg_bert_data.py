@@ -168,3 +168,41 @@ def test_the_training_split_can_have_its_own_transform(make_cfg) -> None:
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["pixel_values"].shape[1:] == (3, 48, 48)
     assert next(iter(dm.val_dataloader()))["pixel_values"].shape[1:] == (3, 64, 64)
+
+
+def _seed_tokens(tok, text: str, length: int) -> tuple[list[int], list[int]]:
+    """The seed's `image_caption_dataset.py`, transcribed (captions at 32, object phrases at 10): `tokenize('[CLS] ' +
+    text + ' [SEP]')`, ids, zero-padded to `length` or cut to its first `length` tokens; mask 1 on the kept tokens."""
+    tokens = tok.tokenize("[CLS] " + text + " [SEP]")
+    ids, mask = tok.convert_tokens_to_ids(tokens), [1] * len(tokens)
+    p = length - len(ids)
+    if p > 0:
+        return ids + [0] * p, mask + [0] * p
+    return ids[:length], mask[:length]
+
+
+@pytest.mark.parametrize("length", [10, 32])
+def test_captions_and_phrases_are_cut_as_the_seeds_loaders(length: int) -> None:
+    """Over-long captions (at 32) and object phrases (at 10) lose their [SEP] as in the seed's loaders (HF truncation,
+    `text_truncation=tokenizer`, keeps it); shorter ones are padded alike. Token types: the model sets them (1)."""
+    import numpy as np
+
+    from vl.data.collate import load_tokenizer
+    from vl.data.vg_bert import CaptionCollator, encode_padded
+
+    tok = load_tokenizer("minilm")
+    rng = np.random.default_rng(5)
+    words = "a small brown dog runs across the green grass towards an old wooden fence".split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(2, length + 6)))) for _ in range(30)]
+    enc = encode_padded(tok, texts, length, "seed")
+    cut = 0
+    for i, text in enumerate(texts):
+        ids, mask = _seed_tokens(tok, text, length)
+        assert enc["input_ids"][i].tolist() == ids and enc["attention_mask"][i].tolist() == mask
+        cut += len(tok.tokenize(text)) + 2 > length
+    assert cut >= 5
+    plain = encode_padded(tok, texts, length, "tokenizer")
+    assert not torch.equal(plain["input_ids"], enc["input_ids"])
+    examples = [{"text": t, "pixels": torch.zeros(3, 4, 4), "index": i} for i, t in enumerate(texts)]
+    batch = CaptionCollator(tok, length)(examples)  # the default is the seed's
+    assert torch.equal(batch["input_ids"], enc["input_ids"])

@@ -8,8 +8,10 @@ Without `root`, the embedded corpus is written in these layouts on first use (`v
 - `data=vg_bert_coco` (`VGBertCocoDataModule`): `json` per split (`{split}` replaced); one example per image; each
   `__getitem__` picks one line of its caption file at random (from (seed, epoch, index): resumed runs draw the same;
   val / test always draw the same line), tokenised as `[CLS] caption [SEP]`, padded / truncated to `max_text_len`
-  (32; HF truncation keeps [SEP], the seed's cut could drop it). Baselines: chance R@k = k / N of the split.
-- `data=vg_bert_vg` (`VGBertVGDataModule`): at most `max_objects` (32) objects of `max_object_tokens` (10) tokens;
+  (32; `text_truncation: seed`, the default, cuts `[CLS] caption [SEP]` at that length as the seed does, so an
+  over-long caption loses its [SEP]; `tokenizer`: HF truncation keeps it). Baselines: chance R@k = k / N of the split.
+- `data=vg_bert_vg` (`VGBertVGDataModule`): at most `max_objects` (32) objects of `max_object_tokens` (10) tokens
+  (an object phrase cut as the captions are);
   batch keys object_ids / object_token_mask (B, 32, 10), object_mask (B, 32), object_target (B, 32) (0 for padding),
   relation_target (B, 32, 32) (0 = none / padding). Baselines: the majority relation (fitted on train) and the
   majority object class, as top-1 accuracies on the split.
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vl.data.collate import check_text_truncation
 from vl.data.formats.vg_bert import load_coco_json, load_vg_json
 from vl.data.image_base import ImageDataModule
 from vl.data.images import PixelLoader, build_transform, stack_pixels
@@ -60,25 +63,33 @@ class CocoCaptions(Dataset):
         return {"text": text, "pixels": pixels, "index": index, "epoch": epoch}
 
 
+def encode_padded(tokenizer: Any, texts: list[str], length: int, truncation: str) -> dict[str, torch.Tensor]:
+    """`[CLS] text [SEP]` rows padded to `length`; over it, "seed" (the seed's loaders: the tokenised `[CLS] text [SEP]`
+    cut to `length`, [SEP] lost) or "tokenizer" (HF truncation: [SEP] kept)."""
+    cut = 1 if truncation == "seed" else 0  # tokenised one longer, then cut: the seed's cut
+    enc = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=length + cut,
+        return_tensors="pt",
+        return_token_type_ids=True,
+    )
+    return {key: value[:, :length] for key, value in enc.items()} if cut else dict(enc)
+
+
 class CaptionCollator:
     """Examples -> input_ids / attention_mask / token_type_ids (B, max_text_len, padded to it as the seed),
     pixel_values (B, 3, H, W), index, images_skipped."""
 
-    def __init__(self, tokenizer: Any, max_text_len: int = 32) -> None:
-        self.tokenizer, self.max_text_len = tokenizer, max_text_len
+    def __init__(self, tokenizer: Any, max_text_len: int = 32, truncation: str = "seed") -> None:
+        self.tokenizer, self.max_text_len, self.truncation = tokenizer, max_text_len, truncation
 
     def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
         kept = [ex for ex in examples if ex is not None]
         if not kept:
             raise DataError(f"every image of a batch of {len(examples)} failed to load (on_bad_image=skip)")
-        enc = self.tokenizer(
-            [ex["text"] for ex in kept],
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_text_len,
-            return_tensors="pt",
-            return_token_type_ids=True,
-        )
+        enc = encode_padded(self.tokenizer, [ex["text"] for ex in kept], self.max_text_len, self.truncation)
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
@@ -94,10 +105,16 @@ class VGObjects(Dataset):
     "relation_target", "index"}` (objects beyond `max_objects` dropped, as the seed)."""
 
     def __init__(
-        self, records: list[dict[str, Any]], pixels: PixelLoader, tokenizer: Any, max_objects: int, max_tokens: int
+        self,
+        records: list[dict[str, Any]],
+        pixels: PixelLoader,
+        tokenizer: Any,
+        max_objects: int,
+        max_tokens: int,
+        truncation: str = "seed",
     ) -> None:
         self.records, self.pixels, self.tokenizer = records, pixels, tokenizer
-        self.max_objects, self.max_tokens = max_objects, max_tokens
+        self.max_objects, self.max_tokens, self.truncation = max_objects, max_tokens, truncation
 
     def __len__(self) -> int:
         return len(self.records)
@@ -113,9 +130,7 @@ class VGObjects(Dataset):
         ids = torch.zeros(m, t, dtype=torch.long)
         token_mask = torch.zeros(m, t, dtype=torch.long)
         if n:
-            enc = self.tokenizer(
-                rec["objects"][:n], padding="max_length", truncation=True, max_length=t, return_tensors="pt"
-            )
+            enc = encode_padded(self.tokenizer, list(rec["objects"][:n]), t, self.truncation)
             ids[:n], token_mask[:n] = enc["input_ids"], enc["attention_mask"]
         object_mask = torch.zeros(m, dtype=torch.long)
         object_mask[:n] = 1
@@ -165,12 +180,16 @@ class _VGBertData(ImageDataModule):
         transform: str = "vg_bert",
         group_by_aspect: bool = False,
         train_transform_options: dict[str, Any] | None = None,
+        text_truncation: str = "seed",
         **kwargs: Any,
     ) -> None:
         """`train_transform_options`: the training split's transform options, when they differ from
         `transform_options` (the seed's transfer training loader: Resize(224) + CenterCrop(224); its evaluation
-        256 / 224); None or empty: `transform_options` for every split."""
+        256 / 224); None or empty: `transform_options` for every split. `text_truncation`
+        (`vl.data.collate.TEXT_TRUNCATION`): "seed" (default): captions and object phrases cut as the seed's loaders
+        cut `[CLS] text [SEP]`, losing [SEP] when over-long; "tokenizer": HF truncation, [SEP] kept."""
         super().__init__(transform=transform, group_by_aspect=group_by_aspect, **kwargs)
+        self.text_truncation = check_text_truncation(text_truncation)
         self.json = json
         self.train_transform = (
             build_transform(transform, **dict(train_transform_options)) if train_transform_options else None
@@ -218,7 +237,7 @@ class VGBertCocoDataModule(_VGBertData):
         return CocoCaptions(self.records(split), self.pixels(split), self.seed, fixed_line=split != "train")
 
     def collator(self, split: str) -> CaptionCollator:
-        return CaptionCollator(self.tokenizer, self.max_text_len)
+        return CaptionCollator(self.tokenizer, self.max_text_len, self.text_truncation)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -263,7 +282,12 @@ class VGBertVGDataModule(_VGBertData):
 
     def build_dataset(self, split: str) -> VGObjects:
         return VGObjects(
-            self.records(split), self.pixels(split), self.tokenizer, self.max_objects, self.max_object_tokens
+            self.records(split),
+            self.pixels(split),
+            self.tokenizer,
+            self.max_objects,
+            self.max_object_tokens,
+            self.text_truncation,
         )
 
     def collator(self, split: str) -> VGCollator:

@@ -706,3 +706,49 @@ def test_transfer_recipe_is_the_published_command(make_cfg) -> None:
     assert cfg.model.encoder.dropout_rate == 0.1
     assert cfg.model.lr_decay_epochs == 30 and cfg.model.lr_ratio == 0.5
     assert cfg.model.encoder.freeze_encoder is True and list(cfg.data.objectives) == ["vg_transfer"]
+
+
+def test_relation_and_object_top_k_as_the_seeds_traintest() -> None:
+    """`rel_acc` / `rel_acc5` / `rel_acc10` and `obj_acc1/5/10` equal the seed's `traintest.py` meters: per image, the
+    non-null pairs' (objects') scores into its `accuracy(output, target, topk=(1, 5, 10))`, averaged weighted by count."""
+    from torch import nn
+
+    from vl.batch import EncoderOutput
+    from vl.heads.vg_bert import RelationalGrounding
+
+    def seed_accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...]) -> list[float]:
+        _, pred = output.topk(max(topk), 1, True, True)
+        correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
+        return [float(correct[:k].reshape(-1).float().sum() * 100.0 / target.shape[0]) for k in topk]
+
+    torch.manual_seed(6)
+    b, n, h, k, c = 4, 6, 8, 20, 15
+    head = RelationalGrounding(hidden_size=h, num_relations=k, num_object_classes=c, subspace_dim=4).eval()
+    metrics = nn.ModuleDict(head.make_metrics())
+    rel = torch.randint(0, k, (b, n, n)) * (torch.rand(b, n, n) < 0.3)
+    cls = torch.randint(0, c, (b, n))
+    objects = torch.randn(b, n, h)
+    batch = {"relation_target": rel, "object_target": cls, "object_mask": torch.ones(b, n, dtype=torch.long)}
+    with torch.no_grad():
+        result = head(EncoderOutput(text=objects, visual=None, pooled=None), batch)
+        head.update_metrics(metrics, result)
+        scores, obj_logits = head.outputs(EncoderOutput(text=objects, visual=None, pooled=None))
+    sums = {name: 0.0 for name in metrics}
+    counts = {"rel": 0, "obj": 0}
+    for bi in range(b):  # the seed's per-image loops
+        output, target = torch.flatten(scores[bi], 1), torch.flatten(rel[bi])
+        mask = target > 0
+        if mask.any():
+            accs = seed_accuracy(output[:, mask].t(), target[mask], (1, 5, 10))
+            for name, acc in zip(("rel_acc", "rel_acc5", "rel_acc10"), accs):
+                sums[name] += acc * int(mask.sum())
+            counts["rel"] += int(mask.sum())
+        mask = cls[bi] > 0
+        if mask.any():
+            accs = seed_accuracy(obj_logits[bi][mask], cls[bi][mask], (1, 5, 10))
+            for name, acc in zip(("obj_acc1", "obj_acc5", "obj_acc10"), accs):
+                sums[name] += acc * int(mask.sum())
+            counts["obj"] += int(mask.sum())
+    for name, metric in metrics.items():
+        want = sums[name] / counts[name[:3]] / 100.0
+        assert float(metric.compute()) == pytest.approx(want, abs=1e-6), name

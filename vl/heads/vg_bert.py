@@ -304,8 +304,9 @@ class RelationalGrounding(Objective):
     """Stage 3 on the cross-attended object states (`out.text` (B, N, H)): `object_transform` Linear(H, d=32),
     `relational_matrix` (K=115, d, d) xavier-initialised, each matrix L2-normalised flattened then dropped out,
     scores r_k(i, j) = o_i^T M_k o_j; object classifier Linear(H,256)-ReLU-Dropout-Linear(256,C=56). Loss = object CE
-    + pair term + relation term (module docstring; T = `temperature`, 1). Metrics: `rel_acc` (top-1 over the non-null
-    pairs), `obj_acc1` / `obj_acc5` / `obj_acc10` (over the counted objects)."""
+    + pair term + relation term (module docstring; T = `temperature`, 1). Metrics, as the seed's `traintest.py`
+    reports them: `rel_acc` / `rel_acc5` / `rel_acc10` (relation top-1 / 5 / 10 over the non-null pairs; `rel_acc` is
+    the stage's monitor), `obj_acc1` / `obj_acc5` / `obj_acc10` (over the counted objects)."""
 
     name = "vg_relational"
     needs = ("image", "text")
@@ -380,11 +381,15 @@ class RelationalGrounding(Objective):
         return ObjectiveResult(obj_loss + pair + relation, rel_logits, relations[valid])
 
     def make_metrics(self) -> dict[str, Metric]:
-        return {"rel_acc": Accuracy(), "obj_acc1": Accuracy(), "obj_acc5": Accuracy(), "obj_acc10": Accuracy()}
+        names = ("rel_acc", "rel_acc5", "rel_acc10", "obj_acc1", "obj_acc5", "obj_acc10")
+        return {name: Accuracy() for name in names}
 
     def update_metrics(self, metrics: nn.ModuleDict, result: ObjectiveResult) -> None:
         if result.target.numel():
             metrics["rel_acc"].update(result.logits.argmax(-1), result.target)
+            for k in (5, 10):
+                hits = _topk_hits(result.logits, result.target, min(k, result.logits.shape[-1]))
+                metrics[f"rel_acc{k}"].update(hits, torch.ones_like(hits))
         obj_logits, obj_target = self.last_objects
         if obj_target.numel():
             for k in (1, 5, 10):

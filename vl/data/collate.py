@@ -185,10 +185,8 @@ class Collator:
         labels: Mapping[str, tuple[str, str]] | None = None,
         truncation: str = "tokenizer",
     ) -> None:
-        if truncation not in TEXT_TRUNCATION:
-            raise ConfigError(f"data.text_truncation: '{truncation}' is not one of {TEXT_TRUNCATION}")
         self.tokenizer = tokenizer
-        self.truncation = truncation  # single texts only: a text pair is always truncated by the tokenizer
+        self.truncation = check_text_truncation(truncation)  # "seed": single texts cut, pairs by `seed_pairs`
         self.labels = dict(labels or {})
         self.max_text_len = max_text_len
         self.max_regions = max_regions
@@ -274,10 +272,11 @@ class Collator:
         if not right or tok.pad_token_id is None:
             if per_row:
                 raise ValueError("collate: per-row text lengths need a right-padding tokenizer with a pad token")
-            if cut and not right:
+            if self.truncation == "seed" and (not right or pairs is not None):
                 raise ConfigError(
-                    "data.text_truncation=seed cuts each row's end: it needs a right-padding tokenizer "
-                    f"({type(tok).__name__} pads on the {tok.padding_side}); use data.text_truncation=tokenizer"
+                    "data.text_truncation=seed cuts each row's end: it needs a right-padding tokenizer with a pad "
+                    f"token ({type(tok).__name__}: {tok.padding_side} padding, pad token {tok.pad_token!r}); use "
+                    "data.text_truncation=tokenizer"
                 )
             enc = tok(
                 texts,

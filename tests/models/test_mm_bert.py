@@ -493,32 +493,36 @@ class _PairModel(nn.Module):
         return SimpleNamespace(pooled=torch.sin(text * 0.37 + image * 3.0).unsqueeze(-1))
 
 
+class _CharTok:
+    """One id per character: a caption's score depends on its text only."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, text_b=None, **kwargs):
+        return {"input_ids": [ord(c) % 50 + 1 for c in text]}
+
+
+def _gallery(n: int, rng: np.random.Generator, *, longest_suffix: int) -> tuple[list[str], list[dict]]:
+    """n captions `caption <i> x..x` and n images of 2 random regions (whole-image size 500 x 375)."""
+    texts = [f"caption {i} {'x' * int(rng.integers(longest_suffix))}" for i in range(n)]
+    visuals = [
+        {"features": rng.standard_normal((2, 3)).astype(np.float32), "boxes_norm": np.zeros((2, 4), np.float32),
+         "image_w": 500, "image_h": 375}
+        for _ in range(n)
+    ]  # fmt: skip
+    return texts, visuals
+
+
 def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) -> None:
     import json
 
     from vl.data.multi30k_collate import Multi30kCollator
     from vl.models.ranking import exhaustive_retrieval
 
-    class Tok:  # one id per character: a caption's score depends on its text only
-        pad_token_id = 0
-
-        def __call__(self, text, text_b=None, **kwargs):
-            return {"input_ids": [ord(c) % 50 + 1 for c in text]}
-
     n = 11
-    rng = np.random.default_rng(0)
-    texts = [f"caption {i} {'x' * int(rng.integers(5))}" for i in range(n)]
-    visuals = [
-        {
-            "features": rng.standard_normal((2, 3)).astype(np.float32),
-            "boxes_norm": np.zeros((2, 4), np.float32),
-            "image_w": 500,
-            "image_h": 375,
-        }
-        for _ in range(n)
-    ]
+    texts, visuals = _gallery(n, np.random.default_rng(0), longest_suffix=5)
     model = _PairModel()
-    collator = Multi30kCollator(Tok(), max_text_len=32, max_regions=2, fixed_shapes=True)
+    collator = Multi30kCollator(_CharTok(), max_text_len=32, max_regions=2, fixed_shapes=True)
     metrics = exhaustive_retrieval(model, collator, texts, visuals, text_chunk=4, scores_path=tmp_path / "s.json")
     # independent: the full N x N matrix, pair by pair
     full = np.zeros((n, n))
@@ -581,21 +585,9 @@ def test_exhaustive_retrieval_breaks_ties_as_the_seeds_evaluate(tmp_path) -> Non
     from vl.data.multi30k_collate import Multi30kCollator
     from vl.models.ranking import exhaustive_retrieval
 
-    class Tok:
-        pad_token_id = 0
-
-        def __call__(self, text, text_b=None, **kwargs):
-            return {"input_ids": [ord(c) % 50 + 1 for c in text]}
-
     n = 23
-    rng = np.random.default_rng(2)
-    texts = [f"caption {i} {'x' * int(rng.integers(7))}" for i in range(n)]
-    visuals = [
-        {"features": rng.standard_normal((2, 3)).astype(np.float32), "boxes_norm": np.zeros((2, 4), np.float32),
-         "image_w": 500, "image_h": 375}
-        for _ in range(n)
-    ]  # fmt: skip
-    collator = Multi30kCollator(Tok(), max_text_len=32, max_regions=2, fixed_shapes=True)
+    texts, visuals = _gallery(n, np.random.default_rng(2), longest_suffix=7)
+    collator = Multi30kCollator(_CharTok(), max_text_len=32, max_regions=2, fixed_shapes=True)
     got = exhaustive_retrieval(
         _TiedPairModel(), collator, texts, visuals, text_chunk=4, scores_path=tmp_path / "s.json"
     )

@@ -376,20 +376,27 @@ def test_similarity_matrix_chunks_within_its_block(monkeypatch) -> None:
     assert seen and max(int(np.prod(s)) for s in seen) <= block and sum(s[0] for s in seen) == 7
 
 
+def _tiny_system(stage: str, objective: str, *, init_from=None, data_info=None, **encoder_options):
+    """A seeded tiny `VGBertSystem` of `stage` with one objective (the seed-checkpoint and freezing tests)."""
+    from vl.models.vg_bert import VGBertSystem
+
+    torch.manual_seed(0)
+    encoder = {"_target_": "vl.models.vg_bert.VGBertEncoder", "stage": stage, "text_encoder": TINY_TEXT,
+               "vgg_cfg": TINY_VGG, "visual_heads": 2, "visual_intermediate_size": 32, "num_positions": 16,
+               "cross_heads": 2, "learnable_layers": 2, **encoder_options}  # fmt: skip
+    return VGBertSystem(
+        encoder=encoder, objectives=[objective], data_info={"pixels": True, **(data_info or {})}, init_from=init_from,
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
+    )  # fmt: skip
+
+
 def test_seed_checkpoint_keys_map_to_vl(tmp_path: Path) -> None:
     """A state dict in the seed's layout (`RelationalGrounding` under DataParallel: `module.` + image_model.image_model.N
     / language_model.language_model.* / cross_attention_model.* / object_classifier.*) initialises the vl model."""
-    from vl.models.vg_bert import VGBertSystem
 
     def build(init_from=None):
-        torch.manual_seed(0)
-        return VGBertSystem(
-            encoder={"_target_": "vl.models.vg_bert.VGBertEncoder", "stage": "relational", "text_encoder": TINY_TEXT,
-                     "vgg_cfg": TINY_VGG, "visual_heads": 2, "visual_intermediate_size": 32, "num_positions": 16,
-                     "cross_heads": 2, "learnable_layers": 2},
-            objectives=["vg_relational"], data_info={"pixels": True, "num_relations": 115, "num_object_classes": 56},
-            optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}, init_from=init_from,
-        )  # fmt: skip
+        info = {"num_relations": 115, "num_object_classes": 56}
+        return _tiny_system("relational", "vg_relational", init_from=init_from, data_info=info)
 
     ref = build().state_dict()
     seed = {
@@ -424,17 +431,8 @@ def test_the_seeds_transfer_checkpoint_loads_its_projection_heads(tmp_path: Path
     then `torch.mean(..., (2, 3))`, equals vl's head per cell then the mean over cells; its language head likewise."""
     from torch import nn
 
-    from vl.models.vg_bert import VGBertSystem
-
     def build(init_from=None):
-        torch.manual_seed(0)
-        return VGBertSystem(
-            encoder={"_target_": "vl.models.vg_bert.VGBertEncoder", "stage": "transfer", "text_encoder": TINY_TEXT,
-                     "vgg_cfg": TINY_VGG, "visual_heads": 2, "visual_intermediate_size": 32, "num_positions": 16,
-                     "cross_heads": 2, "learnable_layers": 2},
-            objectives=["vg_transfer"], data_info={"pixels": True},
-            optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}, init_from=init_from,
-        )  # fmt: skip
+        return _tiny_system("transfer", "vg_transfer", init_from=init_from)
 
     hidden = build().state_dict()["objectives.vg_transfer.image_projection_head.0.weight"].shape[0]
     torch.manual_seed(1)
@@ -476,22 +474,15 @@ def test_frozen_weights_that_nothing_loaded_are_named(options, init, warned, tmp
     stay random for the whole run, where the seed starts from trained ones. One warning naming the keys."""
     import logging
 
-    from vl.models.vg_bert import VGBertSystem
-
     stage = options.get("stage", "grounding")
     objective = {"grounding": "vg_contrastive", "transfer": "vg_transfer"}[stage]
-    encoder = {"_target_": "vl.models.vg_bert.VGBertEncoder", "stage": stage, "text_encoder": TINY_TEXT,
-               "vgg_cfg": TINY_VGG, "visual_heads": 2, "visual_intermediate_size": 32, "num_positions": 16,
-               "cross_heads": 2, "learnable_layers": 2, **{k: v for k, v in options.items() if k != "stage"}}  # fmt: skip
+    encoder_options = {k: v for k, v in options.items() if k != "stage"}
     init_from = None
     if init:
         torch.save({"module.cross_attention_model.key_visual.weight": torch.randn(16, 16)}, tmp_path / "best_model.pth")
         init_from = str(tmp_path / "best_model.pth")
     with caplog.at_level(logging.WARNING, logger="vl.models.vg_bert"):
-        VGBertSystem(
-            encoder=encoder, objectives=[objective], data_info={"pixels": True}, init_from=init_from,
-            optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
-        )  # fmt: skip
+        _tiny_system(stage, objective, init_from=init_from, **encoder_options)
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     if warned is None:
         assert not [m for m in messages if "stay" in m]

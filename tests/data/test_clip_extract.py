@@ -137,3 +137,27 @@ def test_errors(tmp_path, clip_dir):
     with pytest.raises(DataError, match="not found"):
         extract_clip_features(read_image_jsonl(bad), clip_dir, tmp_path / "o.hdf5", progress=False)
     assert main(["--jsonl", str(bad), "--model", str(clip_dir), "--out", str(tmp_path / "o.hdf5")]) == 2
+
+
+def test_centre_crop_starts_where_the_seeds_feature_extractor_starts(tmp_path) -> None:
+    """transformers 4.11.3's `CLIPFeatureExtractor.center_crop` (the seed's pin), transcribed: `crop_left =
+    int((image_width - crop_width + 1) * 0.5)`; an odd margin (a 640 x 427 COCO image resized to 335 x 224) starts the
+    crop at 56, not 55. The crop of a column-coded image shows where it started."""
+    from vl.tools.clip_extract import crop_origin, resized_size
+
+    def seed(length: int, size: int) -> int:
+        return int((length - size + 1) * 0.5)
+
+    for length in (224, 225, 298, 299, 335, 336, 401):
+        assert crop_origin(length, 224) == seed(length, 224)
+    new_w, new_h = resized_size(640, 427)
+    assert (new_w, new_h) == (335, 224) and crop_origin(new_w, 224) == 56
+    arr = np.zeros((10, 32, 3), np.uint8)  # column j has red value 8 * j: the crop's first column tells its origin
+    arr[:, :, 0] = (np.arange(32) * 8)[None, :]
+    Image.fromarray(arr).save(tmp_path / "cols.png")
+    new_w, new_h = resized_size(32, 10, 9)  # (28, 9): an odd margin of 19
+    assert (new_w, new_h) == (28, 9)
+    resized = np.asarray(Image.fromarray(arr).resize((new_w, new_h), Image.BICUBIC), np.float32) / 255.0
+    x = preprocess(tmp_path / "cols.png", np.zeros(3, np.float32), np.ones(3, np.float32), size=9)
+    left = seed(new_w, 9)  # 10 (the floor division gave 9)
+    assert np.allclose(x[0], resized[:, left : left + 9, 0])

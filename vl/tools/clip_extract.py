@@ -88,6 +88,13 @@ def resized_size(w: int, h: int, size: int = 224) -> tuple[int, int]:
     return (long, size) if w > h else (size, long)
 
 
+def crop_origin(length: int, size: int) -> int:
+    """Where a centre crop of `size` starts along a side of `length`: transformers 4.11's
+    `CLIPFeatureExtractor.center_crop` (the seed's pin), `int((length - size + 1) * 0.5)`, which rounds an odd margin
+    up: 335 -> 56 (`(335 - 224) // 2` is 55)."""
+    return int((length - size + 1) * 0.5)
+
+
 def preprocess(path: Path, mean: np.ndarray, std: np.ndarray, size: int = 224) -> np.ndarray:
     """(3, size, size) float32: short side -> size keeping aspect (bicubic), centre crop, normalise."""
     from PIL import Image
@@ -99,7 +106,7 @@ def preprocess(path: Path, mean: np.ndarray, std: np.ndarray, size: int = 224) -
         raise DataError(f"{path}: cannot read image ({e})") from None
     new_w, new_h = resized_size(*img.size, size)
     img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    left, top = crop_origin(new_w, size), crop_origin(new_h, size)
     img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - mean) / std

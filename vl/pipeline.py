@@ -87,6 +87,22 @@ def _validate_every(trainer: L.Trainer, steps: int | None) -> None:
     trainer.check_val_every_n_epoch = None
 
 
+def score_checkpoint(
+    trainer_cfg: DictConfig, model: Any, dm: Any, ckpt: str | None, *, testing: bool = True
+) -> tuple[dict[str, Any], bool]:
+    """(`test` / `validate` metrics of `ckpt`, whether this process is rank 0) from a fresh Trainer without loggers,
+    callbacks or checkpointing: it scores the checkpoint (test metrics go to results.md; CSVLogger cannot take new
+    columns in the processes a ddp_spawn test starts). Lightning's default ModelCheckpoint would load the fit's callback
+    state and warn that its dirpath changed, and its note that the callbacks which wrote the checkpoint are not given
+    concerns resuming a fit, not this (filtered)."""
+    scorer: L.Trainer = instantiate(trainer_config(trainer_cfg), logger=False, callbacks=[], enable_checkpointing=False)
+    run = scorer.test if testing else scorer.validate
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TESTER_CALLBACKS_NOTE)
+        results = run(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
+    return results, scorer.is_global_zero
+
+
 @contextlib.contextmanager
 def _own_rendezvous() -> Iterator[None]:
     """Spawned DDP (`ddp_spawn`) picks a free MASTER_PORT and leaves it in os.environ; the next run in this process
@@ -215,17 +231,9 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     last = str(output_dir / "checkpoints" / "last.ckpt")
     ckpt = best or (last if Path(last).exists() else None)
     if cfg.get("test", True):
-        # a fresh Trainer without loggers: test metrics go to results.md (and CSVLogger cannot take new columns
-        # in the processes a ddp_spawn test starts); VQA predictions are written by the model's test hook
-        tester: L.Trainer = instantiate(
-            trainer_config(cfg.trainer), logger=False, callbacks=[], enable_checkpointing=False
-        )
+        # VQA predictions are written by the model's test hook
         ckpt = None if trainer.fast_dev_run else ckpt
-        with warnings.catch_warnings():
-            # the tester has no callbacks by design (it scores the checkpoint): Lightning's note that the callbacks
-            # which wrote it (ModelCheckpoint, EarlyStopping) are not given concerns resuming a fit, not this
-            warnings.filterwarnings("ignore", message=TESTER_CALLBACKS_NOTE)
-            test_metrics = tester.test(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)[0]
+        test_metrics = score_checkpoint(cfg.trainer, model, dm, ckpt)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
         if trainer.is_global_zero and loggers and test_metrics:  # the test metrics in the same run as the fit's curves
             log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)
@@ -414,20 +422,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = build_model(run_cfg, dm)
     check_architecture(ckpt, model, cfg.ckpt_path)
     del ckpt
-    # no callbacks, no checkpointing (it scores the checkpoint): Lightning's default ModelCheckpoint would load the
-    # training run's callback state and warn that its dirpath changed; its note on the missing callbacks is the same
-    trainer: L.Trainer = instantiate(
-        trainer_config(run_cfg.trainer), logger=False, callbacks=[], enable_checkpointing=False
-    )
     testing = cfg.get("split", "test") != "val"
-    run = trainer.test if testing else trainer.validate
-    with _own_rendezvous(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=TESTER_CALLBACKS_NOTE)
-        results = run(model, datamodule=dm, ckpt_path=str(cfg.ckpt_path), weights_only=True)[0]
+    with _own_rendezvous():
+        results, is_global_zero = score_checkpoint(run_cfg.trainer, model, dm, str(cfg.ckpt_path), testing=testing)
     metrics = {k: float(v) for k, v in results.items()}
     if testing:  # the computed baselines of the split evaluated (e.g. another test split), as train's
         metrics.update(dm.baselines("test"))
-    if trainer.is_global_zero:
+    if is_global_zero:
         write_results(output_dir, [("evaluate", metrics)], title=f"evaluate {cfg.ckpt_path}")
     return metrics
 

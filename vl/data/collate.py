@@ -291,12 +291,7 @@ class Collator:
             return {key: value[:, : self.max_text_len] for key, value in enc.items()} if cut else enc
         if self.truncation == "seed" and pairs is not None:
             return self._padded(self.seed_pairs(texts, pairs, lens, groups))
-        memo = self.__dict__.get("_memo")
-        if (
-            memo is None or self.__dict__.get("_memo_tokenizer") is not tok
-        ):  # ids belong to the tokenizer that made them
-            memo = self.__dict__["_memo"] = {}
-            self.__dict__["_memo_tokenizer"] = tok
+        memo = self._memo_of("_memo")
         keys = list(zip(texts, pairs or [None] * len(texts), lens))  # (text, pair, truncation length)
         missing = [k for k in dict.fromkeys(keys) if k not in memo]
         if missing:
@@ -338,13 +333,21 @@ class Collator:
             "special_tokens_mask": torch.from_numpy(special),
         }
 
+    #: per-process memos of token ids (never pickled), each beside the tokenizer that made them (`<name>_tokenizer`)
+    _MEMOS = ("_memo", "_piece_memo")
+
+    def _memo_of(self, name: str) -> dict[Any, Any]:
+        """The memo `name`, emptied when the tokenizer changed: ids belong to the tokenizer that made them."""
+        memo = self.__dict__.get(name)
+        if memo is None or self.__dict__.get(f"{name}_tokenizer") is not self.tokenizer:
+            memo = self.__dict__[name] = {}
+            self.__dict__[f"{name}_tokenizer"] = self.tokenizer
+        return memo
+
     def _pieces(self, texts: list[str]) -> dict[str, tuple[list[int], list[int]]]:
         """text -> (word-piece ids without added special tokens, their special-tokens mask), memoised per process."""
         tok = self.tokenizer
-        memo = self.__dict__.get("_piece_memo")
-        if memo is None or self.__dict__.get("_piece_tokenizer") is not tok:
-            memo = self.__dict__["_piece_memo"] = {}
-            self.__dict__["_piece_tokenizer"] = tok
+        memo = self._memo_of("_piece_memo")
         missing = [t for t in dict.fromkeys(texts) if t not in memo]
         if missing:
             if len(memo) + len(missing) > self.MEMO_SIZE:
@@ -390,10 +393,9 @@ class Collator:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_memo", None)  # a worker / another process starts with an empty memo
-        state.pop("_piece_memo", None)
-        state.pop("_piece_tokenizer", None)
-        state.pop("_memo_tokenizer", None)
+        for name in self._MEMOS:  # a worker / another process starts with empty memos
+            state.pop(name, None)
+            state.pop(f"{name}_tokenizer", None)
         return state
 
     def collate_choices(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -5,11 +5,15 @@
 `train_tasks.py` (`vilbert/optimization.py`, the same update). Its warmup / decay schedule is not part of it here: vl's
 LR scheduler (`vl.schedules`) sets each group's `lr`, which `step` reads, as the seed's `lr x schedule(step)`.
 
+`TransformersAdamW` is the AdamW of CLIP-ViL's scripts (transformers 3.3.1's `AdamW`, removed from transformers since)
+and of MM-BERT's VL-BERT trainers (`common/nlp/bert/optimization.py`'s `AdamW`, the same update).
+
 `FusedOptimizer` steps several optimisers as one (CLIP-ViL's AdamW + SGD pair, the seed's `FusedOptimizer`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -19,7 +23,7 @@ from torch.optim import Optimizer
 
 from vl.errors import ConfigError
 
-__all__ = ["BertAdam", "FusedOptimizer", "build_optimizer"]
+__all__ = ["BertAdam", "FusedOptimizer", "TransformersAdamW", "build_optimizer"]
 
 
 class BertAdam(Optimizer):
@@ -94,6 +98,116 @@ class BertAdam(Optimizer):
                 p.add_(update, alpha=-lr)
                 state["step"] += 1
         return loss
+
+
+class TransformersAdamW(Optimizer):
+    """AdamW as transformers (<= 4) and VL-BERT implement it. Per parameter p with gradient g, at its step t:
+
+        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+        p <- p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)      (correct_bias; else lr * m / (...))
+        p <- p - lr * weight_decay * p                                          (after the update)
+
+    Unlike `torch.optim.AdamW` (p <- p (1 - lr wd) first, then lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)):
+    eps is added to the uncorrected sqrt(v), i.e. torch's eps times 1 / sqrt(1 - b2^t) (x31.6 at the first step, x1
+    after ~5 / (1 - b2) steps), and the decay multiplies the updated weights (p (1 - lr wd) - (1 - lr wd) u instead of
+    p (1 - lr wd) - u).
+
+    Run by torch's fused AdamW kernel where it exists (float parameters on CPU / CUDA), with per-step arguments that
+    make its update this one exactly (up to float rounding): lr' = lr (1 - lr wd) k, wd' = lr wd / lr', eps' = eps /
+    sqrt(1 - b2^t), with k = 1 (correct_bias) or (1 - b1^t) / sqrt(1 - b2^t); parameters are stepped in buckets of one
+    (device, dtype, t). Elsewhere the seed's update in `torch._foreach_*` ops. Sparse gradients are refused; `step` in
+    the state is an int."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+    ) -> None:
+        b1, b2 = (float(b) for b in betas)
+        if lr < 0.0:
+            raise ValueError(f"TransformersAdamW: invalid learning rate {lr} (must be >= 0)")
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"TransformersAdamW: invalid betas {tuple(betas)} (each in [0, 1))")
+        if eps < 0.0:
+            raise ValueError(f"TransformersAdamW: invalid eps {eps} (must be >= 0)")
+        if weight_decay < 0.0:
+            raise ValueError(f"TransformersAdamW: invalid weight_decay {weight_decay} (must be >= 0)")
+        defaults = {"lr": lr, "betas": (b1, b2), "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple[torch.device, torch.dtype, int], list[list[torch.Tensor]]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("TransformersAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] = t = int(state["step"]) + 1
+                lists = buckets.setdefault((p.device, p.dtype, t), [[], [], [], []])
+                for i, tensor in enumerate((p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
+                    lists[i].append(tensor)
+            for (_, _, t), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+                _transformers_adamw(params, grads, exp_avgs, exp_avg_sqs, t, group)
+        return loss
+
+
+def _transformers_adamw(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    t: int,
+    group: dict[str, Any],
+) -> None:
+    """`TransformersAdamW`'s update of tensors at one step `t`, on one device and dtype."""
+    (beta1, beta2), lr, eps, weight_decay = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+    bias1, bias2 = 1.0 - beta1**t, 1.0 - beta2**t
+    kept = 1.0 - lr * weight_decay  # the seed's decay after the update scales the update too
+    device = params[0].device
+    if device.type in FUSED_DEVICES and params[0].is_floating_point() and kept != 0.0:
+        lr_fused = lr * kept * (1.0 if group["correct_bias"] else bias1 / math.sqrt(bias2))
+        steps = [torch.full((), float(t), dtype=torch.float32, device=device)] * len(params)
+        torch._fused_adamw_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            lr=lr_fused,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=lr * weight_decay / lr_fused if lr_fused != 0.0 else 0.0,
+            eps=eps / math.sqrt(bias2),
+            amsgrad=False,
+            maximize=False,
+        )
+        return
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    size = lr * math.sqrt(bias2) / bias1 if group["correct_bias"] else lr
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-size)
+    if weight_decay > 0.0:
+        torch._foreach_add_(params, params, alpha=-lr * weight_decay)
 
 
 #: devices whose parameters torch's fused Adam/AdamW kernels take

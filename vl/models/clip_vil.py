@@ -21,7 +21,9 @@ Encoder (`ClipVilEncoder`):
 
 System (`ClipVilSystem`, the shared `VLSystem` plus):
   - two optimisers fused into one (`FusedOptimizer`, as the seed's): AdamW (eps 1e-6, wd 0.01, no decay on bias /
-    LayerNorm) for everything but the backbone, linear warmup (`warmup_ratio` 0.025) then linear decay to 0 at
+    LayerNorm; the seed's transformers 3.3.1 `AdamW`, `vl.optimizers.TransformersAdamW`, by default;
+    `model.optimizer._target_=torch.optim.AdamW`: torch's, which adds eps after the bias correction and decays
+    before the update) for everything but the backbone, linear warmup (`warmup_ratio` 0.025) then linear decay to 0 at
     `decay_epochs` (default: max_epochs; the published stage 1 planned 20 and stopped after 9: the seed's Epoch09,
     its last epoch, starts stage 2); SGD (lr 0.003, momentum 0, wd 4e-4) for the backbone, x0.1 from each epoch
     (0-based) in `visual_optimizer.schedule`. Lightning's gradient clipping (1.0) covers both (one norm over all
@@ -53,7 +55,7 @@ from vl.models.checkpoints import load_bert_mlm_head, load_bert_parts
 from vl.models.clip_resnet import build_clip_resnet, load_clip_visual
 from vl.models.optimisation import NO_DECAY
 from vl.models.system import VLSystem
-from vl.optimizers import FusedOptimizer
+from vl.optimizers import FusedOptimizer, TransformersAdamW
 from vl.schedules import step_schedule, vl_warmup_linear, warmup_linear
 
 log = logging.getLogger(__name__)
@@ -252,6 +254,14 @@ def copy_answer_rows(
 SEED_NO_DECAY = ("bias", "LayerNorm.weight", "objectives.mlm.transform.2.weight")
 
 
+#: `model.optimizer._target_` -> the AdamW of everything but the backbone: the seed's (transformers 3.3.1) or torch's
+ADAMW: dict[str, type[Optimizer]] = {
+    "vl.optimizers.TransformersAdamW": TransformersAdamW,
+    "torch.optim.AdamW": torch.optim.AdamW,
+    "torch.optim.adamw.AdamW": torch.optim.AdamW,
+}
+
+
 class ClipVilSystem(VLSystem):
     """The shared system with CLIP-ViL's two optimisers and the QA -> VQA head initialisation (module docstring)."""
 
@@ -317,13 +327,14 @@ class ClipVilSystem(VLSystem):
 
     def check_optimizer_options(self) -> None:
         """The shared system's optimiser options CLIP-ViL's two optimisers do not use fail here, naming the option:
-        `model.optimizer._target_` other than AdamW, `fused: true`, keys AdamW here does not read, unknown
+        `model.optimizer._target_` other than one of `ADAMW`, `fused: true`, keys AdamW here does not read, unknown
         `model.visual_optimizer` keys (`model.scheduler` / `head_lr` / `pretrained_lr_mult`: `UNREAD_OPTIONS`)."""
         cfg = dict(self.optimizer_cfg)
         target = cfg.get("_target_", "torch.optim.AdamW")
-        if target not in ("torch.optim.AdamW", "torch.optim.adamw.AdamW"):
+        if target not in ADAMW:
             raise ConfigError(
-                f"model.optimizer._target_: '{target}' has no effect on CLIP-ViL (AdamW + backbone SGD, the seed's)"
+                f"model.optimizer._target_: '{target}' has no effect on CLIP-ViL (AdamW + backbone SGD, the seed's; "
+                f"one of {sorted(set(ADAMW))})"
             )
         if cfg.get("fused"):
             raise ConfigError("model.optimizer.fused: true has no effect on CLIP-ViL (torch's default AdamW is used)")
@@ -352,8 +363,9 @@ class ClipVilSystem(VLSystem):
                 no_decay.append(param)
             else:
                 decay.append(param)
+        adamw = ADAMW[cfg.get("_target_", "torch.optim.AdamW")]
         optimizers: dict[str, Optimizer] = {
-            "adamw": torch.optim.AdamW(
+            "adamw": adamw(
                 [
                     {"params": decay, "weight_decay": weight_decay, "name": "adamw"},
                     {"params": no_decay, "weight_decay": 0.0, "name": "adamw_no_decay"},

@@ -26,118 +26,27 @@ from vl.errors import ConfigError
 __all__ = ["BertAdam", "FusedOptimizer", "TransformersAdamW", "build_optimizer"]
 
 
-class BertAdam(Optimizer):
-    """Adam as BERT / ViLBERT trained with it. Per parameter p with gradient g, at every step:
+class _SeedAdam(Optimizer):
+    """The Adam variants of the seeds, stepped per bucket of parameters with one (device, dtype, step t) (`_update`):
+    torch's fused AdamW kernel where it exists (`FUSED_DEVICES`, floating parameters), with per-step lr, weight decay
+    and eps that turn its update into the variant's (up to float rounding); elsewhere the variant's own update in
+    `torch._foreach_*` ops. Sparse gradients are refused; `step` in the state is an int."""
 
-        g <- g * min(1, max_grad_norm / (||g||_2 + 1e-6))      (clipped per parameter, in place on p.grad)
-        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
-        p <- p - lr * (m / (sqrt(v) + eps) + weight_decay * p)
-
-    Unlike `torch.optim.AdamW`: no bias correction of m and v; eps 1e-6 (AdamW: 1e-8); the gradient norm is clipped
-    to `max_grad_norm` for each parameter tensor on its own (`clip_grad_norm_(p, ...)` upstream), not over the model;
-    the decoupled weight decay is added to the update before the lr multiplies it (as AdamW's `p *= 1 - lr wd`).
-    `max_grad_norm` <= 0: no clipping. Sparse gradients are refused.
-    """
+    NAME = "Adam"
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-4,
-        betas: Sequence[float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-        max_grad_norm: float = 1.0,
+        self, params: Iterable[Any], *, lr: float, betas: Sequence[float], eps: float, **defaults: Any
     ) -> None:
         b1, b2 = (float(b) for b in betas)
         if lr < 0.0:
-            raise ValueError(f"BertAdam: invalid learning rate {lr} (must be >= 0)")
+            raise ValueError(f"{self.NAME}: invalid learning rate {lr} (must be >= 0)")
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"BertAdam: invalid betas {tuple(betas)} (each in [0, 1))")
+            raise ValueError(f"{self.NAME}: invalid betas {tuple(betas)} (each in [0, 1))")
         if eps < 0.0:
-            raise ValueError(f"BertAdam: invalid eps {eps} (must be >= 0)")
-        if weight_decay < 0.0:
-            raise ValueError(f"BertAdam: invalid weight_decay {weight_decay} (must be >= 0)")
-        defaults = {
-            "lr": lr,
-            "betas": (b1, b2),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "max_grad_norm": max_grad_norm,
-        }
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, weight_decay, max_norm = group["lr"], group["eps"], group["weight_decay"], group["max_grad_norm"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("BertAdam does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if max_norm > 0:  # torch's clip_grad_norm_ on this one tensor, without a host sync
-                    norm = torch.linalg.vector_norm(grad, 2.0)
-                    grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                update = exp_avg / (exp_avg_sq.sqrt() + eps)
-                if weight_decay > 0.0:
-                    update.add_(p, alpha=weight_decay)
-                p.add_(update, alpha=-lr)
-                state["step"] += 1
-        return loss
-
-
-class TransformersAdamW(Optimizer):
-    """AdamW as transformers (<= 4) and VL-BERT implement it. Per parameter p with gradient g, at its step t:
-
-        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
-        p <- p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)      (correct_bias; else lr * m / (...))
-        p <- p - lr * weight_decay * p                                          (after the update)
-
-    Unlike `torch.optim.AdamW` (p <- p (1 - lr wd) first, then lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)):
-    eps is added to the uncorrected sqrt(v), i.e. torch's eps times 1 / sqrt(1 - b2^t) (x31.6 at the first step, x1
-    after ~5 / (1 - b2) steps), and the decay multiplies the updated weights (p (1 - lr wd) - (1 - lr wd) u instead of
-    p (1 - lr wd) - u).
-
-    Run by torch's fused AdamW kernel where it exists (float parameters on CPU / CUDA), with per-step arguments that
-    make its update this one exactly (up to float rounding): lr' = lr (1 - lr wd) k, wd' = lr wd / lr', eps' = eps /
-    sqrt(1 - b2^t), with k = 1 (correct_bias) or (1 - b1^t) / sqrt(1 - b2^t); parameters are stepped in buckets of one
-    (device, dtype, t). Elsewhere the seed's update in `torch._foreach_*` ops. Sparse gradients are refused; `step` in
-    the state is an int."""
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: Sequence[float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-    ) -> None:
-        b1, b2 = (float(b) for b in betas)
-        if lr < 0.0:
-            raise ValueError(f"TransformersAdamW: invalid learning rate {lr} (must be >= 0)")
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"TransformersAdamW: invalid betas {tuple(betas)} (each in [0, 1))")
-        if eps < 0.0:
-            raise ValueError(f"TransformersAdamW: invalid eps {eps} (must be >= 0)")
-        if weight_decay < 0.0:
-            raise ValueError(f"TransformersAdamW: invalid weight_decay {weight_decay} (must be >= 0)")
-        defaults = {"lr": lr, "betas": (b1, b2), "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
-        super().__init__(params, defaults)
+            raise ValueError(f"{self.NAME}: invalid eps {eps} (must be >= 0)")
+        if defaults.get("weight_decay", 0.0) < 0.0:
+            raise ValueError(f"{self.NAME}: invalid weight_decay {defaults['weight_decay']} (must be >= 0)")
+        super().__init__(params, {"lr": lr, "betas": (b1, b2), "eps": eps, **defaults})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -151,7 +60,7 @@ class TransformersAdamW(Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("TransformersAdamW does not support sparse gradients")
+                    raise RuntimeError(f"{self.NAME} does not support sparse gradients")
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -162,52 +71,151 @@ class TransformersAdamW(Optimizer):
                 for i, tensor in enumerate((p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
                     lists[i].append(tensor)
             for (_, _, t), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
-                _transformers_adamw(params, grads, exp_avgs, exp_avg_sqs, t, group)
+                self._update(params, grads, exp_avgs, exp_avg_sqs, t, group)
         return loss
 
+    def _update(self, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, t: int, group: dict) -> None:
+        raise NotImplementedError
 
-def _transformers_adamw(
+
+def _fused_adamw(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     t: int,
-    group: dict[str, Any],
-) -> None:
-    """`TransformersAdamW`'s update of tensors at one step `t`, on one device and dtype."""
-    (beta1, beta2), lr, eps, weight_decay = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-    bias1, bias2 = 1.0 - beta1**t, 1.0 - beta2**t
-    kept = 1.0 - lr * weight_decay  # the seed's decay after the update scales the update too
+    *,
+    betas: tuple[float, float],
+    lr: float,
+    decay: float,
+    eps: float,
+) -> bool:
+    """torch's fused AdamW update of tensors at step `t`, with `lr`, `eps` and the decay factor lr * wd = `decay`
+    (`weight_decay` = decay / lr): p <- p (1 - decay) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+    False (nothing done) where the kernel does not exist or the arguments cannot say it (lr 0 with decay)."""
     device = params[0].device
-    if device.type in FUSED_DEVICES and params[0].is_floating_point() and kept != 0.0:
-        lr_fused = lr * kept * (1.0 if group["correct_bias"] else bias1 / math.sqrt(bias2))
-        steps = [torch.full((), float(t), dtype=torch.float32, device=device)] * len(params)
-        torch._fused_adamw_(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            [],
-            steps,
-            lr=lr_fused,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=lr * weight_decay / lr_fused if lr_fused != 0.0 else 0.0,
-            eps=eps / math.sqrt(bias2),
-            amsgrad=False,
-            maximize=False,
-        )
-        return
+    if device.type not in FUSED_DEVICES or not params[0].is_floating_point() or (lr == 0.0 and decay != 0.0):
+        return False
+    steps = [torch.full((), float(t), dtype=torch.float32, device=device)] * len(params)
+    torch._fused_adamw_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        lr=lr,
+        beta1=betas[0],
+        beta2=betas[1],
+        weight_decay=decay / lr if lr != 0.0 else 0.0,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
+    return True
+
+
+def _moments(grads: list, exp_avgs: list, exp_avg_sqs: list, betas: tuple[float, float]) -> list[torch.Tensor]:
+    """m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2 (in place); returns sqrt(v) (new tensors)."""
+    beta1, beta2 = betas
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, eps)
-    size = lr * math.sqrt(bias2) / bias1 if group["correct_bias"] else lr
-    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-size)
-    if weight_decay > 0.0:
-        torch._foreach_add_(params, params, alpha=-lr * weight_decay)
+    return torch._foreach_sqrt(exp_avg_sqs)
+
+
+class BertAdam(_SeedAdam):
+    """Adam as BERT / ViLBERT trained with it. Per parameter p with gradient g, at every step:
+
+        g <- g * min(1, max_grad_norm / (||g||_2 + 1e-6))      (clipped per parameter, in place on p.grad)
+        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+        p <- p - lr * (m / (sqrt(v) + eps) + weight_decay * p)
+
+    Unlike `torch.optim.AdamW`: no bias correction of m and v; eps 1e-6 (AdamW: 1e-8); the gradient norm is clipped
+    to `max_grad_norm` for each parameter tensor on its own (`clip_grad_norm_(p, ...)` upstream), not over the model;
+    the decoupled weight decay is added to the update before the lr multiplies it (as AdamW's `p *= 1 - lr wd`).
+    `max_grad_norm` <= 0: no clipping. Sparse gradients are refused.
+
+    Run by torch's fused AdamW kernel (`_SeedAdam`) with lr' = lr (1 - b1^t) / sqrt(1 - b2^t) (undoing its bias
+    correction), eps' = eps / sqrt(1 - b2^t), decay lr wd; the per-parameter norms in one `torch._foreach_norm`.
+    """
+
+    NAME = "BertAdam"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        max_grad_norm: float = 1.0,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+
+    def _update(self, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, t: int, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay, max_norm = group["lr"], group["eps"], group["weight_decay"], group["max_grad_norm"]
+        if max_norm > 0:  # torch's clip_grad_norm_ on each tensor on its own, without a host sync
+            norms = torch.stack(torch._foreach_norm(grads, 2.0))
+            coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
+            torch._foreach_mul_(grads, list(coefs.unbind()))
+        bias1, root2 = 1.0 - beta1**t, math.sqrt(1.0 - beta2**t)
+        fused = dict(betas=group["betas"], lr=lr * bias1 / root2, decay=lr * weight_decay, eps=eps / root2)
+        if _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, t, **fused):
+            return
+        denom = _moments(grads, exp_avgs, exp_avg_sqs, group["betas"])
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(exp_avgs, denom)
+        if weight_decay > 0.0:
+            torch._foreach_add_(update, params, alpha=weight_decay)
+        torch._foreach_add_(params, update, alpha=-lr)
+
+
+class TransformersAdamW(_SeedAdam):
+    """AdamW as transformers (<= 4) and VL-BERT implement it. Per parameter p with gradient g, at its step t:
+
+        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+        p <- p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)      (correct_bias; else lr * m / (...))
+        p <- p - lr * weight_decay * p                                          (after the update)
+
+    Unlike `torch.optim.AdamW` (p <- p (1 - lr wd) first, then lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)):
+    eps is added to the uncorrected sqrt(v), i.e. torch's eps times 1 / sqrt(1 - b2^t) (x31.6 at the first step, x1
+    after ~5 / (1 - b2) steps), and the decay multiplies the updated weights (p (1 - lr wd) - (1 - lr wd) u instead of
+    p (1 - lr wd) - u).
+
+    Run by torch's fused AdamW kernel (`_SeedAdam`) with lr' = lr (1 - lr wd) k, decay lr wd, eps' = eps /
+    sqrt(1 - b2^t), k = 1 (correct_bias) or (1 - b1^t) / sqrt(1 - b2^t)."""
+
+    NAME = "TransformersAdamW"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+
+    def _update(self, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, t: int, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        bias1, root2 = 1.0 - beta1**t, math.sqrt(1.0 - beta2**t)
+        kept = 1.0 - lr * weight_decay  # the seed's decay after the update scales the update too
+        lr_fused = lr * kept * (1.0 if group["correct_bias"] else bias1 / root2)
+        fused = dict(betas=group["betas"], lr=lr_fused, decay=lr * weight_decay, eps=eps / root2)
+        if _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, t, **fused):
+            return
+        denom = _moments(grads, exp_avgs, exp_avg_sqs, group["betas"])
+        torch._foreach_add_(denom, eps)
+        size = lr * root2 / bias1 if group["correct_bias"] else lr
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-size)
+        if weight_decay > 0.0:
+            torch._foreach_add_(params, params, alpha=-lr * weight_decay)
 
 
 #: devices whose parameters torch's fused Adam/AdamW kernels take

@@ -1,7 +1,9 @@
 """Framework overhead per training step: `vl` (Lightning fit of the default VQA model and data) against a bare PyTorch
 loop over the same model, data loader, optimiser and scheduler (`configure_optimizers()` on both sides).
 
-Two Lightning variants, each a fit of one epoch of `--steps` batches:
+Three Lightning variants, each a fit of one epoch of `--steps` batches:
+  lightning  a plain LightningModule around the same model (training_step = the summed loss, the same optimiser and
+           scheduler), no logger, progress bar or checkpoint: Lightning's own loop, the floor of any variant;
   minimal  `vl` with no logger, progress bar or checkpoint (the framework alone);
   real     `vl` with `train.py`'s own Trainer (`vl.pipeline.build_trainer`): the configured callbacks and loggers
            (checkpoints, early stopping, lr monitor, throughput, progress bar, CSV logger) and the ones every vl fit
@@ -38,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _table import emit  # noqa: E402
 
-VARIANTS = ("minimal", "real")
+VARIANTS = ("lightning", "minimal", "real")
 
 
 def compose_cfg(data_dir: str, output_dir: str):
@@ -138,7 +140,33 @@ class BareTwin:
         bare_step(self.model, self.opt, next(self.batches), self.sched)
 
 
-def paired_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> list[float]:
+def plain_module(model, steps: int, max_epochs: int):
+    """`model` in a LightningModule with nothing of vl's system hooks: the summed loss, the same optimiser and
+    scheduler (`configure_optimizers()` of the model, built once here)."""
+    import lightning as L
+
+    opt, sched = optimiser(model, steps, max_epochs)
+
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return batch_loss(self.model, batch)
+
+        def validation_step(self, batch, batch_idx):
+            return None
+
+        def configure_optimizers(self):
+            if sched is None:
+                return opt
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return Plain()
+
+
+def paired_fit(cfg, steps: int, warmup: int, *, variant: str, output_dir: str) -> list[float]:
     """Lightning step k / bare step k for the pairs after `warmup` (see the module docstring)."""
     import lightning as L
     from hydra.utils import instantiate
@@ -167,7 +195,7 @@ def paired_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> 
     # one epoch of `steps` batches, then a short validation (after the timed window): ending mid-epoch by max_steps
     # would run EarlyStopping's epoch-end check without a validation metric, which raises
     one_epoch = {"max_epochs": 1, "limit_train_batches": steps, "limit_val_batches": 2}
-    if real:  # the Trainer train.py fits with (vl.pipeline.build_trainer: + vl's own callbacks and checkpoint IO)
+    if variant == "real":  # the Trainer train.py fits with (vl.pipeline.build_trainer: + vl's callbacks and IO)
         callbacks, loggers = _instantiate_dict(cfg.get("callbacks")), _instantiate_dict(cfg.get("logger"))
         with open_dict(cfg):
             cfg.trainer.update(one_epoch)
@@ -182,6 +210,8 @@ def paired_fit(cfg, steps: int, warmup: int, *, real: bool, output_dir: str) -> 
             enable_model_summary=False,
             **one_epoch,
         )
+    if variant == "lightning":
+        model = plain_module(model, steps, 1)
     trainer.fit(model, datamodule=dm)
     ratios = []
     for k in range(warmup, len(marks) - 1):
@@ -203,22 +233,24 @@ def main() -> None:
         for r in range(args.repeats):
             for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
                 cfg = compose_cfg(args.data_dir, f"{tmp}/{r}-{variant}")
-                ratios = paired_fit(
-                    cfg, args.steps, args.warmup, real=variant == "real", output_dir=f"{tmp}/{r}-{variant}"
-                )
+                ratios = paired_fit(cfg, args.steps, args.warmup, variant=variant, output_dir=f"{tmp}/{r}-{variant}")
                 medians[variant].append(statistics.median(ratios))
     print(
         f"default VQA model (visual_bert_tiny, batch 32), {args.steps} step pairs per run, first {args.warmup} not "
         f"timed, {args.repeats} repeats, {torch.get_num_threads()} torch thread(s)"
     )
+    why = {
+        "lightning": "Lightning's loop alone (a plain LightningModule): the floor of the two below",
+        "minimal": "Lightning's loop + vl's per-step reseed, divergence guard, logging and metrics",
+        "real": "the minimal variant + train.py's callbacks and loggers",
+    }
     for variant in VARIANTS:
         values = medians[variant]
         emit(
             f"Lightning ({variant}) / bare loop per step (tiny)",
             values,
-            goal=1.05,
-            why="Lightning's loop + vl's per-step reseed and divergence guard"
-            + (" + train.py's callbacks and loggers" if variant == "real" else ""),
+            goal=1.05 if variant != "lightning" else None,
+            why=why[variant],
         )
         print(
             f"  {variant} / bare per step (median pair): min {min(values):.3f}  median {statistics.median(values):.3f}"

@@ -45,6 +45,53 @@ def test_chunked_ranks_in_own_dtype_keep_the_float64_tie_rule(dtype) -> None:
         assert got[0] == n_images  # all of row 0 is within 1e-9 of the gold
 
 
+@pytest.mark.parametrize("k", [1, 4, 20])
+def test_chunked_ranks_list_each_texts_best_images_as_a_stable_sort(k: int) -> None:
+    """`top`: each text's k best images, best first, ties in image order: the first k of a stable argsort of -scores
+    (numpy's, independent of vl's partition); a gallery smaller than k fills only its first n_images columns."""
+    rng = np.random.default_rng(5)
+    n_texts, n_images = 13, 9
+    scores = rng.integers(0, 4, size=(n_texts, n_images)).astype(np.float32)  # many ties
+    top = np.full((n_texts, k), -1, dtype=np.int64)
+    gold = rng.integers(0, n_images, size=n_texts).tolist()
+    ranks = chunked_ranks(_block_of(scores), n_texts, n_images, gold, text_chunk=4, image_chunk=5, top=top)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    assert (top[:, : min(k, n_images)] == expected).all()
+    assert (top[:, n_images:] == -1).all()
+    assert (ranks == chunked_ranks(_block_of(scores), n_texts, n_images, gold, text_chunk=4, image_chunk=5)).all()
+
+
+def test_gallery_scores_are_float32_under_bf16_autocast(make_cfg) -> None:
+    """Under `precision=bf16-mixed` (autocast) the score head runs in float32 on the encoder's pooled output: scores
+    equal the float32 head applied to the autocast pooled vectors, not bfloat16-rounded ones (which tie, and every
+    tie counts against the gold)."""
+    from vl.pipeline import build_datamodule, build_model
+
+    cfg = make_cfg("experiment=vilbert_pretrain_tiny")
+    dm = build_datamodule(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, dm).eval()
+    collator = dm.scoring_collator()
+    rng = np.random.default_rng(0)
+    visuals = [
+        {
+            "features": rng.normal(size=(n, 2048)).astype(np.float32),
+            "boxes_norm": np.sort(rng.uniform(0, 1, size=(n, 4)).astype(np.float32), axis=1),
+            "cls_prob": rng.dirichlet(np.ones(33), size=n).astype(np.float32),
+        }
+        for n in (3, 8, 5, 6)
+    ]
+    texts = ["a dog on a red sofa", "two people", "x"]
+    head = model.pair_scorer()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gallery_scorer(model, collator, texts, visuals, batch_size=4)([0, 1, 2], [0, 1, 2, 3])
+        pooled = [[model(collator([{"text": t, "visual": v}])).pooled for v in visuals] for t in texts]
+        rounded = torch.tensor([[head(p).float().item() for p in row] for row in pooled])
+    exact = torch.tensor([[head(p.float()).item() for p in row] for row in pooled])
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-5)
+    assert (rounded == rounded.bfloat16().float()).all() and not (got == got.bfloat16().float()).all()
+
+
 def test_a_collapsed_scorer_ranks_every_gold_last() -> None:
     """The same score for every image (e.g. dead ReLU poolers: the head's bias alone) gives R@1 = 0, never 1; the
     shortlist (k = N) agrees."""
@@ -224,6 +271,7 @@ def test_train_step_bench_runs_every_variant(tmp_path, monkeypatch, capsys) -> N
         "train_step", "--steps", "6", "--warmup", "2", data=tmp_path, monkeypatch=monkeypatch, capsys=capsys
     )
     assert "real / bare per step" in printed and "minimal / bare per step" in printed
+    assert "lightning / bare per step" in printed
 
 
 @pytest.mark.slow

@@ -298,6 +298,12 @@ def test_custom_retrieval_ranks_the_split_gallery(visual: str, model: str, tmp_p
     assert metrics["test/recall@1_chance"] == pytest.approx(1 / n)
     written = json.loads(next(Path(tmp_path / "run").rglob("retrieval_predictions.json")).read_text())
     assert len(written) == 5 and all(1 <= p["rank"] <= n for p in written)
+    ids = dm.gallery("test")["image_ids"]
+    for p in written:  # each query's best images, as the seed's result file: the gold at its rank, all distinct
+        assert len(p["top_images"]) == min(20, n) and len(set(p["top_images"])) == len(p["top_images"])
+        assert set(p["top_images"]) <= set(ids)
+        if p["rank"] <= len(p["top_images"]):  # ties rank against the gold, the list puts them in image order
+            assert p["gold_image"] in p["top_images"][: p["rank"]]
 
 
 def test_new_inputs_name_file_and_line(tmp_path: Path, data_dir: Path) -> None:

@@ -193,3 +193,18 @@ def test_missing_or_wrong_files_are_named_before_compute(make_cfg, corpus: Path)
         _module(make_cfg, corpus, "+data.split_files.test2015.feature=x.lmdb")
     with pytest.raises(InstantiationException, match=r"data\.splits\.val=test-dev2015: .* only data\.splits\.test"):
         _module(make_cfg, corpus, "+data.splits.val=test-dev2015")
+
+
+def test_a_labelled_question_without_a_target_entry_is_named(make_cfg, corpus: Path) -> None:
+    """The seed's reader asserts that questions and targets line up; a targets file missing a question's entry would
+    otherwise train and score that question against an all-zero target."""
+    from vl.data.formats.vqa import load_targets
+
+    entries = load_targets(corpus / "vqa/cache/val_target.pkl")
+    first = _questions(corpus, "val2014")[0]["question_id"]
+    kept = [e for e in entries if int(e["question_id"]) != first]
+    assert len(kept) == len(entries) - 1
+    (corpus / "vqa/cache/val_target_gap.json").write_text(json.dumps(kept))
+    dm = _module(make_cfg, corpus, "+data.split_files.val.targets=vqa/cache/val_target_gap.json")
+    with pytest.raises(DataError, match=rf"val_target_gap\.json: no target entry for question {first} of .*val"):
+        dm.setup("fit")

@@ -247,15 +247,18 @@ class VQADataModule(AnswerVocabulary, VLDataModule):
                 bad = [label for label in t["labels"] if not 0 <= int(label) < n]
                 if bad:
                     raise DataError(f"{tpath}: question {t['question_id']} has answer label {bad[0]} outside [0, {n})")
+            unlabelled = next((q for q in file_questions if q["question_id"] not in file_targets), None)
+            if tpath is not None and unlabelled is not None:  # the seed's reader asserts questions and targets align
+                raise DataError(
+                    f"{tpath}: no target entry for question {unlabelled['question_id']} of {qpath} (a labelled split "
+                    "needs one per question, its labels may be empty; targets=null declares a split without answers)"
+                )
             missing = next((q["image_id"] for q in file_questions if str(q["image_id"]) not in regions), None)
             if missing is not None:
                 raise DataError(f"{regions.path}: no region features for image id {missing} (used in {qpath})")
             questions += file_questions
-            targets.update(
-                (q["question_id"], file_targets[q["question_id"]])
-                for q in file_questions
-                if q["question_id"] in file_targets
-            )
+            if tpath is not None:
+                targets.update((q["question_id"], file_targets[q["question_id"]]) for q in file_questions)
         return VQAQuestions(questions, targets, regions, n, labelled=parts[0][2] is not None)
 
     def stream_finisher(self, split: str, context: dict[str, Any]) -> VQAQuestions:

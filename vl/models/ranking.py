@@ -30,6 +30,7 @@ def chunked_ranks(
     text_chunk: int,
     image_chunk: int,
     desc: str | None = None,
+    top: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rank (1 = best) of `gold[t]` among all images for each text t, scoring (text_chunk x image_chunk) blocks.
 
@@ -38,7 +39,10 @@ def chunked_ranks(
     (the same score for every image, e.g. dead poolers) ranks every gold last instead of first (R@1 = 0, not 1); with
     no ties this is 1 + the number of images scoring higher. One chunk of texts is held against every image at a time, in the scores' own dtype: memory
     O(text_chunk x images), never texts x images, and the gold score is the one from the same pass (no extra
-    forwards). `desc`: show a progress bar (`vl.progress`) over the text chunks under that name.
+    forwards). `desc`: show a progress bar (`vl.progress`) over the text chunks under that name. `top`: an
+    (n_texts, k) integer array to fill with each text's k best images, best first (ties in image order), from the same
+    rows (only its first n_images columns when k is larger): the seed's result file lists each caption's top 20
+    (`eval_retrieval.py`).
     """
     gold_arr = np.asarray(gold, dtype=np.int64)
     ranks = np.empty(n_texts, dtype=np.int64)
@@ -56,7 +60,16 @@ def chunked_ranks(
         own = np.arange(len(texts))
         g = gold_arr[t0 : t0 + len(texts)]
         ranks[t0 : t0 + len(texts)] = (rows >= _tie_threshold(rows[own, g])[:, None]).sum(1)  # gold included
+        if top is not None and top.shape[1]:
+            best = _best(rows, top.shape[1])  # fewer columns when the gallery is smaller than k
+            top[t0 : t0 + len(texts), : best.shape[1]] = best
     return ranks
+
+
+def _best(rows: np.ndarray, k: int) -> np.ndarray:
+    """(texts, min(k, images)) indices of each row's k highest scores, best first, ties in index order (a stable sort:
+    a partition would pick any of the images tied at the k-th score)."""
+    return np.argsort(-rows, axis=1, kind="stable")[:, :k]
 
 
 def _as_numpy(scores: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -80,6 +93,16 @@ def _tie_threshold(gold_scores: np.ndarray) -> np.ndarray:
     under = t.astype(np.float64) < exact
     t[under] = np.nextafter(t[under], np.asarray(np.inf, dtype=t.dtype))
     return t
+
+
+def _head_in_float32(head: Callable[[torch.Tensor], torch.Tensor], pooled: torch.Tensor, model: Any) -> torch.Tensor:
+    """`head(pooled)` in float32 (the model's own dtype when its weights are lower: `precision=*-true`), outside any
+    autocast: under `bf16-mixed` the head's Linear would round the scores to bfloat16 (steps of ~0.03 at a logit of 5),
+    and the rank counts every tie against the gold; the seed scores in float32."""
+    dtype = getattr(model, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    with torch.autocast(pooled.device.type, enabled=False):
+        return head(pooled.to(dtype)).float()
 
 
 def gallery_scorer(model: Any, collator: Collator, texts: list[Any], visuals: Any, *, batch_size: int) -> ScoreBlock:
@@ -112,7 +135,7 @@ def gallery_scorer(model: Any, collator: Collator, texts: list[Any], visuals: An
             if hasattr(collator, "pair_batch"):  # a limit on a pair's joint length (MM-BERT's seq_len)
                 batch = collator.pair_batch(batch)
             batch = {n: v.to(model.device) for n, v in batch.items()}
-            out[start : start + len(t)] = head(model(batch).pooled).float().cpu()
+            out[start : start + len(t)] = _head_in_float32(head, model(batch).pooled, model).cpu()
         return out
 
     def regions(image_idx: list[int]) -> dict[str, torch.Tensor]:

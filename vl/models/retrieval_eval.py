@@ -4,7 +4,7 @@
 When the data module says a stage's examples are retrieval queries (its `gallery(split)` hook, asked once per epoch),
 each query batch ranks its gold image among the whole gallery of the split by cross-encoder scores, in chunks
 (`vl.models.ranking`), instead of computing losses; `<stage>/recall@k`, median and mean rank are logged at the
-epoch's end, and the test ranks join the run's predictions. The scorer is the fine-tuned `retrieval` head, else ITM's
+epoch's end, and the test ranks join the run's predictions with each query's `TOP_IMAGES` best images. The scorer is the fine-tuned `retrieval` head, else ITM's
 aligned probability (`pair_scorer`; a system may override it).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +21,10 @@ from vl.errors import ConfigError
 from vl.metrics import RetrievalRecall
 from vl.models.ranking import chunked_ranks, gallery_scorer
 
-__all__ = ["RetrievalEvaluation"]
+__all__ = ["TOP_IMAGES", "RetrievalEvaluation"]
+
+#: images listed per test query in the predictions file, best first (the seed's `eval_retrieval.py` writes 20)
+TOP_IMAGES = 20
 
 
 class RetrievalEvaluation(L.LightningModule):
@@ -50,6 +54,7 @@ class RetrievalEvaluation(L.LightningModule):
         gallery, collator = self._stage_gallery(stage)
         texts = [gallery["texts"][int(q)] for q in batch["query_index"]]
         score = gallery_scorer(self, collator, texts, gallery["visuals"], batch_size=self.retrieval_batch_size)
+        top = np.zeros((len(texts), TOP_IMAGES if stage == "test" else 0), dtype=np.int64)
         ranks = chunked_ranks(
             score,
             len(texts),
@@ -57,12 +62,14 @@ class RetrievalEvaluation(L.LightningModule):
             batch["gold"].tolist(),
             text_chunk=len(texts),
             image_chunk=max(1, self.retrieval_batch_size // max(1, len(texts))),
+            top=top,
         )
         metric = self.retrieval_metrics[f"{stage}_"]
         metric.update(torch.as_tensor(ranks, device=self.device))
         if stage == "test":
             self.predictions.extend(
-                {"key": int(q), "query_index": int(q), "rank": int(r)} for q, r in zip(batch["query_index"], ranks)
+                {"key": int(q), "query_index": int(q), "rank": int(r), "top": best[: len(gallery["visuals"])].tolist()}
+                for q, r, best in zip(batch["query_index"], ranks, top)
             )
         return torch.zeros((), device=self.device)
 

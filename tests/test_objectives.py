@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from vl.data.collate import mask_regions
 from vl.errors import ConfigError
@@ -270,6 +271,27 @@ def test_vcr_five_block_layout_scores_the_gold_answer_block() -> None:
     assert torch.isclose(metrics["vcr_q2ar_acc"].compute(), (qa & qar).float().mean())
     rows = head.predictions(result, {"annot_id": [f"test-{i}" for i in range(30)]})
     assert len(rows[0]["rationale_probs"]) == 4 and len(rows[0]["rationale_probs"][0]) == 4
+    # the leaderboard file, read back with csv: vilbert-multi-task `script/VCR_submission.py`'s columns, each block of
+    # 4 a softmax of that block's vil_logits (computed here in numpy)
+    import csv
+    import tempfile
+    from pathlib import Path
+
+    from vl.data.formats.vcr import write_vcr_submission
+
+    z = head.score(out.pooled).detach().double().view(30, 5, 4).numpy()
+    probs = np.exp(z - z.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_vcr_submission(rows, Path(tmp) / "vcr_submission.csv")
+        with open(path, newline="") as f:
+            table = list(csv.DictReader(f))
+    groups = ["answer"] + [f"rationale_conditioned_on_a{i}" for i in range(4)]
+    assert list(table[0]) == ["annot_id"] + [f"{g}_{j}" for g in groups for j in range(4)]
+    for i, line in enumerate(table):
+        assert line["annot_id"] == f"test-{i}"
+        got = np.array([[float(line[f"{g}_{j}"]) for j in range(4)] for g in groups])
+        np.testing.assert_allclose(got, probs[i], rtol=0, atol=1e-6)
 
 
 def test_a_second_head_with_a_taken_name_is_refused() -> None:
@@ -387,3 +409,129 @@ class _TinyEncoder(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.word_embeddings = torch.nn.Embedding(10, 8)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.0])
+def test_mm_bert_itm_accuracy_is_the_seeds_raw_logit_over_a_half(threshold) -> None:
+    """VL-BERT `common/metrics/retrieval_metrics.py` `RelationshipAccuracy`: `((logits > 0.5) == label)` on the raw
+    logit (default); `logit_threshold=0`: sigmoid > 0.5. The loss is BCE either way."""
+    from vl.heads.mm_bert import BinaryImageTextMatching
+
+    torch.manual_seed(0)
+    head = BinaryImageTextMatching(hidden_size=8, **({} if threshold is None else {"logit_threshold": threshold}))
+    pooled = torch.randn(400, 8) * 2
+    labels = (torch.rand(400) < 0.5).float()
+    out = EncoderOutput(text=torch.zeros(400, 1, 8), visual=None, pooled=pooled)
+    result = head(out, {"itm_labels": labels})
+    z = head.classifier(pooled).squeeze(-1).detach().numpy()
+    cut = 0.5 if threshold is None else threshold
+    metrics = nn.ModuleDict(head.make_metrics())
+    head.update_metrics(metrics, result)
+    seed = float(((z > cut).astype(np.float32) == labels.numpy()).mean())
+    assert float(metrics["itm_bce_acc"].compute()) == pytest.approx(seed, abs=1e-7)
+    assert ((z > 0) != (z > 0.5)).any()  # the two rules disagree on some rows of this draw
+    y = labels.numpy().astype(np.float64)
+    bce = (np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))).mean()
+    assert result.loss.item() == pytest.approx(bce, rel=1e-5)
+
+
+def test_vqa_accuracy_and_accuracy_match_numpy_on_random_inputs() -> None:
+    """`VQAAccuracy`: mean over questions of the soft score of the arg-max answer (the seed's
+    `compute_score_with_logits`); `Accuracy`: correct / counted, entries labelled `ignore_index` not counted."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(57, 13)).astype(np.float32)
+    scores = (rng.choice([0.0, 0.3, 0.6, 0.9, 1.0], size=(57, 13)) * (rng.random((57, 13)) < 0.2)).astype(np.float32)
+    metric = VQAAccuracy()
+    for part in np.array_split(np.arange(57), 4):  # several updates, as batches
+        metric.update(torch.from_numpy(logits[part]), torch.from_numpy(scores[part]))
+    want = scores[np.arange(57), logits.argmax(1)].mean()
+    assert float(metric.compute()) == pytest.approx(float(want), abs=1e-6)
+    from vl.metrics import Accuracy
+
+    preds, target = rng.integers(0, 4, size=200), rng.integers(0, 4, size=200)
+    target[rng.random(200) < 0.3] = -100
+    acc = Accuracy()
+    acc.update(torch.from_numpy(preds), torch.from_numpy(target))
+    keep = target != -100
+    assert float(acc.compute()) == pytest.approx(float((preds[keep] == target[keep]).mean()), abs=1e-6)
+
+
+def test_masked_region_feature_regression_is_the_seeds_masked_mean() -> None:
+    """vilbert_beta `vilbert.py` (`predict_feature`): sum(MSE(pred, target) * mask) / max(#masked x D, 1) over the
+    regions after the global token; 0 when nothing is masked."""
+    from vl.heads.regions import MaskedRegionFeatureRegression
+
+    torch.manual_seed(0)
+    b, r, h, d = 3, 5, 8, 6
+    head = MaskedRegionFeatureRegression(hidden_size=h, feature_dim=d)
+    visual = torch.randn(b, 1 + r, h)
+    out = EncoderOutput(text=torch.zeros(b, 2, h), visual=visual, pooled=torch.zeros(b, h), visual_prefix=1)
+    mask = torch.rand(b, r) < 0.4
+    target = torch.randn(b, r, d)
+    loss = head(out, {"region_mask_labels": mask.long(), "region_feat_targets": target}).loss
+    pred = head.head(visual[:, 1:]).detach().numpy()
+    sq = (pred - target.numpy()) ** 2 * mask.numpy()[..., None]
+    want = sq.sum() / max(int(mask.sum()) * d, 1)
+    assert loss.item() == pytest.approx(float(want), rel=1e-5)
+    none = head(out, {"region_mask_labels": torch.zeros(b, r, dtype=torch.long), "region_feat_targets": target})
+    assert none.loss.item() == 0.0
+
+
+def test_pretrain_qa_is_the_seeds_cross_entropy_over_labelled_matched_pairs() -> None:
+    """CLIP-ViL `lxrt/modeling.py`: CE(ignore_index=-1) of `logit_fc` over rows whose answer is not -1; the seed's
+    `lxmert_data.py` sets -1 for unlabelled rows and mismatched pairs (here: `itm_labels` 0). Accuracy over the same
+    rows. vl: 0 for a batch with no such row (the seed's CE would be NaN there)."""
+    from vl.heads.qa import PretrainQA
+
+    torch.manual_seed(0)
+    head = PretrainQA(hidden_size=8, num_answers=7)
+    pooled = torch.randn(40, 8)
+    labels = torch.randint(0, 7, (40,))
+    labels[torch.rand(40) < 0.3] = -1
+    itm = (torch.rand(40) < 0.7).long()
+    out = EncoderOutput(text=torch.zeros(40, 1, 8), visual=None, pooled=pooled)
+    result = head(out, {"qa_labels": labels, "itm_labels": itm})
+    seed_ans = torch.where(itm == 1, labels, torch.full_like(labels, -1)).numpy()  # the data side's -1 rule
+    logp = _log_softmax(head.classifier(pooled).detach().double().numpy())
+    rows = np.flatnonzero(seed_ans >= 0)
+    assert result.loss.item() == pytest.approx(float(-logp[rows, seed_ans[rows]].mean()), rel=1e-5)
+    metrics = nn.ModuleDict(head.make_metrics())
+    head.update_metrics(metrics, result)
+    want = float((logp[rows].argmax(1) == seed_ans[rows]).mean())
+    assert float(metrics["qa_acc"].compute()) == pytest.approx(want, abs=1e-7)
+    none = head(out, {"qa_labels": torch.full((40,), -1), "itm_labels": itm})
+    assert none.loss.item() == 0.0
+
+
+def test_mask_tokens_draws_bert_masking_rates() -> None:
+    """BERT / the seeds' `random_word`: each non-special token chosen with p 0.15; of those 80 % [MASK], 10 % a random
+    vocabulary token, 10 % kept; labels are the original ids where chosen, -100 elsewhere; special tokens never chosen,
+    unchosen tokens untouched. Rates within 5 standard errors on 40 000 tokens."""
+    from vl.data.collate import mask_tokens
+
+    g = torch.Generator().manual_seed(0)
+    vocab, mask_id = 5000, 3
+    ids = torch.randint(10, vocab, (400, 100), generator=g)
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = special[:, -1] = True
+    special[::7, 50:] = True  # padding-like tails
+    out, labels = mask_tokens(ids, special, mask_token_id=mask_id, vocab_size=vocab, generator=g)
+    chosen = labels != -100
+    assert not chosen[special].any() and torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(out[~chosen], ids[~chosen])
+
+    def within(count: int, n: int, p: float) -> bool:
+        return abs(count / n - p) <= 5 * (p * (1 - p) / n) ** 0.5
+
+    n_free, n_chosen = int((~special).sum()), int(chosen.sum())
+    assert within(n_chosen, n_free, 0.15)
+    masked = int((out[chosen] == mask_id).sum())
+    kept = int((out[chosen] == ids[chosen]).sum())
+    assert within(masked, n_chosen, 0.8)
+    assert within(kept, n_chosen, 0.1 + 0.1 / vocab)  # kept, or a random draw of the same id
+    assert within(n_chosen - masked - kept, n_chosen, 0.1 * (1 - 1 / vocab))

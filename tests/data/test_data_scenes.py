@@ -354,6 +354,12 @@ def test_vqa_round_trip(corpus: Path) -> None:
                 a: vqa_soft_score(c) for a, c in counts.items()
             }
             assert t["scores"][t["labels"].index(ans2label[q["answer"]])] == 1.0
+        # LXMERT's pretraining JSON carries the same soft scores (0.3 / 0.6 / 0.9 / 1 of the annotator count, written
+        # here from the counts: not the min(1, count / 3) it had)
+        datums = json.loads(paths[f"lxmert_{split}"].read_text())
+        written = [label for d in datums for label in d["labelf"]["vqa"]]
+        soft = {1: 0.3, 2: 0.6, 3: 0.9}
+        assert written == [{a: soft.get(c, 1.0) for a, c in Counter(q["answers"]).items()} for _, q in expected]
 
 
 # --------------------------------------------------------------------------------------------------- ensure_corpus

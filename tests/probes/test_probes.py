@@ -17,7 +17,7 @@ from sklearn.metrics import average_precision_score
 from transformers import BertConfig, BertForMaskedLM
 
 from tests.conftest import REAL_SAMPLES
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 from vl.eval.probes import memory_colors as mc
 from vl.eval.probes import visual_property_norms as vpn
 from vl.eval.probes.report import probe_metrics, write_probe_report
@@ -385,6 +385,14 @@ def test_vpn_averaging_on_a_hand_computed_example():
     )
     with pytest.raises(ValueError, match="average"):
         vpn.run_visual_property_norms(Fixed(), queries, labels, average="mean")
+
+    class Wider(Fixed):  # an MLM head one row wider than the tokenizer: the seed's notebook asserts equal widths
+        def mask_logits(self, texts, image_embeds=None):
+            rows = super().mask_logits(texts, image_embeds)
+            return torch.cat([rows, torch.zeros(len(rows), 1)], 1)
+
+    with pytest.raises(ConfigError, match=rf"MLM head scores {len(tok) + 1} tokens, its tokenizer has {len(tok)}"):
+        vpn.run_visual_property_norms(Wider(), queries, labels)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint scorer

@@ -64,6 +64,9 @@ FIELDS = ("image_id", "text", "answers", "label", "split")
 
 
 def _soft_scores(answers: list[str], ans2label: dict[str, int]) -> tuple[list[int], list[float]]:
+    """(labels, scores) of a line's answers in the vocabulary: min(1, count / 3), the VQA paper's accuracy, for any
+    number of answers (the VQA corpus's 10-annotator targets average it over the leave-one-out subsets instead:
+    `vl.data.formats.vqa.vqa_soft_score`, 0.3 / 0.6 / 0.9 / 1; a line here need not have 10)."""
     counts = Counter(answers)
     labels = [ans2label[a] for a in counts if a in ans2label]
     return labels, [min(1.0, counts[a] / 3.0) for a in counts if a in ans2label]

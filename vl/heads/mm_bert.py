@@ -54,15 +54,21 @@ class MaskedVisualRegionClassification(Objective):
 
 class BinaryImageTextMatching(Objective):
     """MM-BERT's relationship head: Linear(H, 1) on the pooled output, BCE(sigmoid(logit), ``itm_labels``) (1 =
-    aligned). `score(pooled)` = sigmoid(logit), the retrieval score. Accuracy: logit > 0 agrees with the label."""
+    aligned). `score(pooled)` = sigmoid(logit), the retrieval score.
+
+    Accuracy (`itm_bce_acc`): "aligned" when the raw logit > `logit_threshold`, 0.5 by default as the seed's
+    `RelationshipAccuracy` (VL-BERT `common/metrics/retrieval_metrics.py`, its "sigmoid, single output" edit compares
+    the logit itself with 0.5, i.e. sigmoid > 0.62); `model.heads.itm_bce.logit_threshold=0`: sigmoid > 0.5. A logged
+    metric only: the loss and the retrieval scores do not depend on it."""
 
     name = "itm_bce"
     needs = ("image",)
     requires = ("itm_labels",)
 
-    def __init__(self, *, hidden_size: int) -> None:
+    def __init__(self, *, hidden_size: int, logit_threshold: float = 0.5) -> None:
         super().__init__()
         self.classifier = nn.Linear(hidden_size, 1)
+        self.logit_threshold = float(logit_threshold)
 
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.classifier(pooled).squeeze(-1))
@@ -71,7 +77,8 @@ class BinaryImageTextMatching(Objective):
         logit = self.classifier(out.pooled).squeeze(-1)
         labels = batch["itm_labels"]
         loss = F.binary_cross_entropy_with_logits(logit, labels.to(logit.dtype))
-        return ObjectiveResult(loss, torch.stack([-logit, logit], dim=-1), labels.long())
+        shifted = logit - self.logit_threshold  # two columns whose arg-max is 1 exactly when logit > the threshold
+        return ObjectiveResult(loss, torch.stack([-shifted, shifted], dim=-1), labels.long())
 
 
 class MultimodalLexicalTranslation(Objective):

@@ -43,7 +43,7 @@ __all__ = [
     "answer_vocab",
 ]
 
-GENERATOR_VERSION = "scenes-v4"
+GENERATOR_VERSION = "scenes-v5"
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "white", "black", "purple", "orange")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from vl.data.formats.jsonl import load_jsonl
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 from vl.eval.probes.memory_colors import single_wordpiece_ids
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,12 @@ def run_visual_property_norms(
         image = clip_text(chunk) if clip_text is not None else None
         for text, row in zip(chunk, scorer.mask_logits(chunk, image)):
             logits[text] = row
+    width = next(iter(logits.values())).shape[0] if logits else len(tok)
+    if width != len(tok):  # the seed asserts it: a wider head would score its extra rows as negatives
+        raise ConfigError(
+            f"visual property norms: the model's MLM head scores {width} tokens, its tokenizer has {len(tok)}; the "
+            "whole-vocabulary MAP needs one score per tokenizer entry"
+        )
     per_query = []
     # (pf, template) -> concept -> [(score, masked_score)]
     groups: dict[tuple[int, Any], dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))

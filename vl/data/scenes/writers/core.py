@@ -17,7 +17,7 @@ import numpy as np
 from vl.data.features import write_clip_hdf5, write_region_hdf5, write_region_json, write_region_lmdb
 from vl.data.formats.jsonl import write_jsonl
 from vl.data.formats.lxmert import lxmert_texts
-from vl.data.formats.vqa import build_targets
+from vl.data.formats.vqa import build_targets, vqa_soft_score
 from vl.data.scenes.generator import SPLITS, Scene, SceneSettings, clip_embedding, region_features, render
 from vl.progress import progress
 
@@ -144,13 +144,14 @@ def write_vqa(
 
 def write_lxmert(paths: dict[str, Path], by_split: dict[str, list[Scene]]) -> list[Path]:
     """LXMERT pretraining JSON per split (``[{"img_id", "sentf": {"mscoco": captions, "vqa": questions},
-    "labelf": {"vqa": [{answer: score}]}}]``, VQA scores min(1, count / 3)) and its MLM text JSONL
+    "labelf": {"vqa": [{answer: score}]}}]``, VQA soft scores 0.3 / 0.6 / 0.9 / 1 of the annotator count as LXMERT's
+    files have them, `vqa_soft_score`) and its MLM text JSONL
     (``vl.data.formats.lxmert`` rules)."""
     written: list[Path] = []
     for s in SPLITS:
         datums = []
         for sc in by_split[s]:
-            labels = [{a: min(1.0, c / 3) for a, c in Counter(q["answers"]).items()} for q in sc.questions]
+            labels = [{a: vqa_soft_score(c) for a, c in Counter(q["answers"]).items()} for q in sc.questions]
             datums.append(
                 {
                     "img_id": f"scene_{sc.image_id}",

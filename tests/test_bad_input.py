@@ -72,6 +72,18 @@ def test_malformed_captions_json_is_named(make_cfg, corpus_copy: Path) -> None:
         _datamodule(make_cfg, "data=captions", f"data.root={corpus_copy}")
 
 
+def test_captions_itm_split_of_one_image_is_named(make_cfg, corpus_copy: Path) -> None:
+    """ITM draws each negative from another image's captions: a split with one image has none (the draw looped
+    forever)."""
+    path = corpus_copy / "annotations" / "captions_val.json"
+    data = json.loads(path.read_text())
+    one = data["annotations"][0]["image_id"]
+    data["annotations"] = [{**a, "image_id": one} for a in data["annotations"]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"captions_val\.json: split 'val' needs captions of 2\+ images for ITM"):
+        _datamodule(make_cfg, "data=captions", f"data.root={corpus_copy}", "data.objectives=[mlm,itm]")
+
+
 def test_image_without_features_is_named(make_cfg, corpus_copy: Path) -> None:
     path = corpus_copy / "annotations" / "captions_val.json"
     data = json.loads(path.read_text())

@@ -194,3 +194,22 @@ def test_the_vilbert_task_corpora_cut_as_their_seed_readers_by_default() -> None
     tok.padding_side = "left"
     with pytest.raises(ConfigError, match="right-padding tokenizer"):
         Collator(tok, truncation="seed").encode(["a red square"], None)
+
+
+def test_a_batch_with_class_distributions_on_some_images_only_is_refused() -> None:
+    """MRC / MVRC need every row's `cls_prob`; a batch mixing images with and without one would have the head skip
+    it silently (the system skips a head whose inputs are missing)."""
+    from vl.data.collate import pad_regions
+    from vl.errors import DataError
+
+    rng = np.random.default_rng(0)
+    with_cls = {
+        "features": rng.normal(size=(3, 4)),
+        "boxes_norm": rng.uniform(size=(3, 4)),
+        "cls_prob": np.ones((3, 2)),
+    }
+    without = {"features": rng.normal(size=(2, 4)), "boxes_norm": rng.uniform(size=(2, 4))}
+    assert "region_cls_prob" in pad_regions([with_cls, with_cls], 4)
+    assert "region_cls_prob" not in pad_regions([without, without], 4)
+    with pytest.raises(DataError, match=r"1 of 3 images of a batch have no class distribution \(cls_prob\)"):
+        pad_regions([with_cls, without, with_cls], 4)

@@ -306,6 +306,20 @@ def test_custom_retrieval_ranks_the_split_gallery(visual: str, model: str, tmp_p
             assert p["gold_image"] in p["top_images"][: p["rank"]]
 
 
+def test_itm_labels_on_some_lines_only_are_refused(tmp_path: Path, data_dir: Path) -> None:
+    """ITM reads the file's own `label`s when every line of a split has one, else draws negatives: a file with labels
+    on some lines would have its `label: 0` lines trained as matching pairs."""
+    root = tmp_path / "mydata"
+    rows = [{k: v for k, v in r.items() if k != "answers"} for r in _lines()]
+    for r in rows[:5]:
+        r["label"] = 0
+    _write(root, rows)
+    _features(root)
+    dm = build_datamodule(_cfg(root, tmp_path, data_dir, "data.objectives=[mlm,itm]", "data.monitor=val/itm_acc"))
+    with pytest.raises(DataError, match=r"data\.jsonl: split 'train' has 'label' on \d+ of \d+ lines"):
+        dm.setup("fit")
+
+
 def test_new_inputs_name_file_and_line(tmp_path: Path, data_dir: Path) -> None:
     root = tmp_path / "mydata"
     rows = _lines(split=False)

@@ -89,6 +89,17 @@ def test_targets_pickle_and_json(tmp_path: Path) -> None:
     (tmp_path / "junk.pkl").write_bytes(b"\x80\x04junk")
     with pytest.raises(DataError, match=r"junk\.pkl: cannot unpickle"):
         load_targets(tmp_path / "junk.pkl")
+    # a soft score outside [0, 1] (NaN too), a label twice, a question twice (its later entry would replace the first)
+    for name, entries, message in [
+        ("big", [{**targets[0], "scores": [1.0, 1.5]}], r"entry 0 \(question 1\) has a score outside \[0, 1\]"),
+        ("nan", [{**targets[0], "scores": [float("nan"), 0.3]}], r"entry 0 \(question 1\) has a score outside"),
+        ("twice", [{**targets[0], "labels": [3, 3]}], r"entry 0 \(question 1\) repeats a label: \[3, 3\]"),
+        ("repeat", [targets[0], {**targets[0], "labels": [], "scores": []}], r"entries 0 and 1 are both question 1"),
+    ]:
+        with (tmp_path / f"{name}.pkl").open("wb") as f:
+            pickle.dump(entries, f)
+        with pytest.raises(DataError, match=rf"{name}\.pkl: {message}"):
+            load_targets(tmp_path / f"{name}.pkl")
 
 
 def test_answer_vocab_layouts(tmp_path: Path) -> None:

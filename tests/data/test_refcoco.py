@@ -135,13 +135,14 @@ def test_expressions_json_errors(tmp_path: Path) -> None:
 
 
 def _ref(**over) -> dict:
+    sid = 4 + over.get("ref_id", 1)  # sent_ids are unique across a refs file, as in refs(unc).p
     ref = {
         "ref_id": 1,
         "ann_id": 10,
         "image_id": 100,
         "split": "train",
-        "sentences": [{"raw": "The cat", "sent": "the cat", "tokens": ["the", "cat"], "sent_id": 5}],
-        "sent_ids": [5],
+        "sentences": [{"raw": "The cat", "sent": "the cat", "tokens": ["the", "cat"], "sent_id": sid}],
+        "sent_ids": [sid],
         "category_id": 1,
     }
     return ref | over
@@ -169,8 +170,11 @@ def test_load_refs_and_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"ref 0 sentences\[0\] has no string 'raw'"):
         load_refs(p)
     assert load_refs(p, "sent")[0]["sentences"][0]["sent"] == "the cat"
-    _pickle(p, [_ref(), _ref()])
+    _pickle(p, [_ref(), _ref(sentences=[{"raw": "A dog", "sent_id": 9}])])
     with pytest.raises(DataError, match="ref 1 repeats ref_id 1"):
+        load_refs(p)
+    _pickle(p, [_ref(), _ref(ref_id=2, sentences=[{"raw": "A dog", "sent_id": 5}])])  # keyed by sent_id: refused
+    with pytest.raises(DataError, match=r"ref 1 sentences\[0\] repeats sent_id 5 \(first in ref 0\)"):
         load_refs(p)
     _pickle(p, {"refs": []})
     with pytest.raises(DataError, match="expected a list of refs"):

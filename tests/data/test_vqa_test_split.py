@@ -208,3 +208,19 @@ def test_a_labelled_question_without_a_target_entry_is_named(make_cfg, corpus: P
     dm = _module(make_cfg, corpus, "+data.split_files.val.targets=vqa/cache/val_target_gap.json")
     with pytest.raises(DataError, match=rf"val_target_gap\.json: no target entry for question {first} of .*val"):
         dm.setup("fit")
+
+
+def test_a_target_on_another_image_than_its_question_is_named(make_cfg, corpus: Path) -> None:
+    """The seed's reader asserts each target's image id is its question's."""
+    from vl.data.formats.vqa import load_targets
+
+    entries = load_targets(corpus / "vqa/cache/val_target.pkl")
+    first = _questions(corpus, "val2014")[0]
+    moved = [{**e, "image_id": e["image_id"] + 1} if e["question_id"] == first["question_id"] else e for e in entries]
+    (corpus / "vqa/cache/val_target_moved.json").write_text(json.dumps(moved))
+    dm = _module(make_cfg, corpus, "+data.split_files.val.targets=vqa/cache/val_target_moved.json")
+    with pytest.raises(
+        DataError,
+        match=rf"val_target_moved\.json: question {first['question_id']} is on image {first['image_id'] + 1} there",
+    ):
+        dm.setup("fit")

@@ -122,6 +122,8 @@ class CaptionsDataModule(VLDataModule):
         missing = next((a["image_id"] for a in annotations if str(a["image_id"]) not in self.regions), None)
         if missing is not None:
             raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {path})")
+        if "itm" in self.objectives and len({str(a["image_id"]) for a in annotations}) < 2:  # no negative to draw
+            raise DataError(f"{path}: split '{split}' needs captions of 2+ images for ITM negatives")
         return CaptionPairs(annotations, self.regions, itm="itm" in self.objectives)
 
     def stream_finisher(self, split: str, context: dict[str, Any]) -> CaptionPairs:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vl.batch import IGNORE_INDEX
-from vl.errors import ConfigError
+from vl.errors import ConfigError, DataError
 from vl.pretrained import resolve_model_dir
 
 #: example keys every collator reads itself
@@ -82,7 +82,13 @@ def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int, fixed: b
     visual_global (B,D) (only when every example has it)."""
     n = max_regions if fixed else min(max(v["features"].shape[0] for v in visuals), max_regions)
     dim = visuals[0]["features"].shape[1]
-    with_cls = all(v.get("cls_prob") is not None for v in visuals)
+    have_cls = sum(v.get("cls_prob") is not None for v in visuals)
+    if 0 < have_cls < len(visuals):  # MRC / MVRC would silently skip the batch: the head needs every row's
+        raise DataError(
+            f"region features: {len(visuals) - have_cls} of {len(visuals)} images of a batch have no class "
+            "distribution (cls_prob) while the others have one; a feature file's records must all carry it or none"
+        )
+    with_cls = have_cls == len(visuals)
     # filled as numpy arrays (a row copy is ~10x cheaper than a torch slice assignment), handed to torch once
     feats = np.zeros((len(visuals), n, dim), dtype=np.float32)
     boxes = np.zeros((len(visuals), n, 4), dtype=np.float32)

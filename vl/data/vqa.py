@@ -69,7 +69,7 @@ class VQAQuestions(Dataset):
             "index": index,
         }
         if self.labelled:
-            entry = self.targets.get(q["question_id"]) or {"labels": [], "scores": []}
+            entry = self.targets[q["question_id"]]  # every labelled question has one (`build_dataset` checks)
             record["vqa_labels"] = np.asarray(entry["labels"], dtype=np.int64).reshape(-1)
             record["vqa_scores"] = np.asarray(entry["scores"], dtype=np.float32).reshape(-1)
         record["visual"] = self.regions[str(q["image_id"])]
@@ -247,6 +247,19 @@ class VQADataModule(AnswerVocabulary, VLDataModule):
                 bad = [label for label in t["labels"] if not 0 <= int(label) < n]
                 if bad:
                     raise DataError(f"{tpath}: question {t['question_id']} has answer label {bad[0]} outside [0, {n})")
+            other = next(
+                (
+                    q
+                    for q in file_questions
+                    if str(file_targets.get(q["question_id"], q)["image_id"]) != str(q["image_id"])
+                ),
+                None,
+            )
+            if other is not None:  # the seed's reader asserts the image ids agree too
+                raise DataError(
+                    f"{tpath}: question {other['question_id']} is on image {file_targets[other['question_id']]['image_id']} "
+                    f"there, on image {other['image_id']} in {qpath}"
+                )
             unlabelled = next((q for q in file_questions if q["question_id"] not in file_targets), None)
             if tpath is not None and unlabelled is not None:  # the seed's reader asserts questions and targets align
                 raise DataError(

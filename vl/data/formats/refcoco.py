@@ -74,12 +74,13 @@ def load_refs(path: str | Path, text_field: str = "raw") -> list[dict[str, Any]]
 
     Each ref must hold ``ref_id``, ``ann_id``, ``image_id`` (ints), ``split`` (str) and ``sentences``: a list of
     ``{"raw": str, "sent": str, "sent_id": int, ...}`` (``text_field``, the one read as the expression, must be a
-    string); ``ref_id`` values must be unique. Raises DataError naming the file, the ref index and the field."""
+    string); ``ref_id`` and ``sent_id`` values must be unique. Raises DataError naming the file, the ref index and the field."""
     path = Path(path)
     refs = _read_pickle(path)
     if not isinstance(refs, list):
         raise DataError(f"{path}: expected a list of refs, got {type(refs).__name__}")
     seen: dict[int, int] = {}
+    sent_at: dict[int, int] = {}  # sent_id -> the ref that holds it
     for i, ref in enumerate(refs):
         if not isinstance(ref, dict):
             raise DataError(f"{path}: ref {i} is a {type(ref).__name__}, expected a dict")
@@ -95,6 +96,10 @@ def load_refs(path: str | Path, text_field: str = "raw") -> list[dict[str, Any]]
                 raise DataError(f"{path}: ref {i} sentences[{j}] has no string {text_field!r}")
             if not _is_int(sent.get("sent_id")):
                 raise DataError(f"{path}: ref {i} sentences[{j}] has no integer 'sent_id'")
+            sid = int(sent["sent_id"])
+            if sid in sent_at:  # an expression is keyed by its sent_id: a repeat would replace the earlier one
+                raise DataError(f"{path}: ref {i} sentences[{j}] repeats sent_id {sid} (first in ref {sent_at[sid]})")
+            sent_at[sid] = i
         rid = int(ref["ref_id"])
         if rid in seen:
             raise DataError(f"{path}: ref {i} repeats ref_id {rid} (first at ref {seen[rid]})")

@@ -163,6 +163,17 @@ def load_targets(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: entry {i} field 'labels' must hold integers")
         if any(not isinstance(x, int | float) or isinstance(x, bool) for x in e["scores"]):
             raise DataError(f"{path}: entry {i} field 'scores' must hold numbers")
+        if not all(0.0 <= x <= 1.0 for x in e["scores"]):  # NaN fails too: a soft VQA score is in [0, 1]
+            raise DataError(
+                f"{path}: entry {i} (question {e['question_id']}) has a score outside [0, 1]: {e['scores']}"
+            )
+        if len(set(e["labels"])) != len(e["labels"]):
+            raise DataError(f"{path}: entry {i} (question {e['question_id']}) repeats a label: {e['labels']}")
+    seen: dict[int, int] = {}
+    for i, e in enumerate(entries):  # a repeated question would replace the earlier entry's target
+        first = seen.setdefault(int(e["question_id"]), i)
+        if first != i:
+            raise DataError(f"{path}: entries {first} and {i} are both question {e['question_id']}")
     return entries
 
 

@@ -55,6 +55,13 @@ def test_pretrain_then_zero_shot_retrieval_runs(make_cfg) -> None:
         "task.shortlist_k=3",
     )
     assert short["test/mean_rank"] <= 4  # a gold image outside the top 3 counts as rank k + 1 = 4
+    # another corpus than the run's (`evaluate.py data=retrieval`): the seed's zero-shot setting, its Flickr30k
+    # retrieval files ranked by the pretraining run's own ITM head and vocabulary
+    other = _retrieval(
+        make_cfg, Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", "data=retrieval", "data.max_images=10"
+    )
+    assert other["test/num_images"] == 10 and other["test/num_captions"] >= 10
+    assert 1 <= other["test/median_rank"] <= 10 and other["test/recall@1_chance"] == pytest.approx(0.1)
     with pytest.raises(Exception, match="shortlist_kk"):  # the task schema rejects it while Hydra composes
         _retrieval(make_cfg, Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", "task.shortlist_kk=3")
 

@@ -48,6 +48,7 @@ __all__ = [
     "build_datamodule",
     "check_arguments",
     "build_model",
+    "model_from_checkpoint",
     "load_run_config",
     "stage_config",
     "model_schema",
@@ -171,6 +172,25 @@ def build_model(cfg: DictConfig, dm: Any, init_from: str | None = None) -> L.Lig
     if init_from:
         extra["init_from"] = init_from
     return instantiate_node(cfg.model, **extra)
+
+
+def model_from_checkpoint(run_cfg: DictConfig, ckpt: dict[str, Any], path: str | Path) -> L.LightningModule:
+    """The system the checkpoint holds, built from its config and saved hyper-parameters (objectives, corpus facts:
+    no data file is read) with the weights loaded strictly; nothing from `init_from` / `state_dict_path` is re-read."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "objectives" not in hparams or "data_info" not in hparams:
+        raise ConfigError(f"ckpt_path: '{path}' has no saved objectives / data_info hyper-parameters")
+    model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
+    assert isinstance(model_cfg, dict)
+    for key in ("init_from", "state_dict_path"):
+        if key in model_cfg:
+            model_cfg[key] = None
+    model = instantiate_node(model_cfg, objectives=list(hparams["objectives"]), data_info=dict(hparams["data_info"]))
+    from vl.checkpoint import check_architecture
+
+    check_architecture(ckpt, model, path)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model
 
 
 def stage_config(cfg: DictConfig, stage: DictConfig, output_dir: Path) -> DictConfig:

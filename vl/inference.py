@@ -28,11 +28,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from vl.build import load_run_config, stage_config
-from vl.checkpoint import architecture_of, check_architecture, read_checkpoint, run_record
+from vl.build import load_run_config, model_from_checkpoint, stage_config
+from vl.checkpoint import architecture_of, read_checkpoint, run_record
 from vl.config import instantiate_node, trainer_config
 from vl.errors import ConfigError, DataError
 
@@ -48,23 +48,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 return path / "checkpoints" / name
         raise ConfigError(f"load: '{path}' is a directory without checkpoints/best.ckpt or checkpoints/last.ckpt")
     return path
-
-
-def model_from_checkpoint(run_cfg: DictConfig, ckpt: dict[str, Any], path: str | Path) -> L.LightningModule:
-    """The system the checkpoint holds, built from its config and saved hyper-parameters (objectives, corpus facts:
-    no data file is read) with the weights loaded strictly; nothing from `init_from` / `state_dict_path` is re-read."""
-    hparams = ckpt.get("hyper_parameters") or {}
-    if "objectives" not in hparams or "data_info" not in hparams:
-        raise ConfigError(f"ckpt_path: '{path}' has no saved objectives / data_info hyper-parameters")
-    model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
-    assert isinstance(model_cfg, dict)
-    for key in ("init_from", "state_dict_path"):
-        if key in model_cfg:
-            model_cfg[key] = None
-    model = instantiate_node(model_cfg, objectives=list(hparams["objectives"]), data_info=dict(hparams["data_info"]))
-    check_architecture(ckpt, model, path)
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    return model
 
 
 class QueryCollator:

@@ -383,6 +383,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     return merged, value
 
 
+def evaluation_data(chosen: DictConfig, run_data: DictConfig) -> DictConfig:
+    """`evaluate.py data=<corpus>`: that corpus's config with the run's `tokenizer` and `objectives` (the model's
+    vocabulary and heads: a checkpoint is evaluated as it was trained; its heads score the new corpus, e.g. a
+    pretraining run's ITM head ranks a retrieval gallery)."""
+    data = OmegaConf.create(OmegaConf.to_container(chosen, resolve=True))
+    for key in ("tokenizer", "objectives"):
+        if key in run_data:
+            data[key] = run_data[key]
+    return data
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from the run's saved config, load `cfg.ckpt_path`, test, write predictions + results."""
     _single_log_lines()
@@ -398,6 +409,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.trainer = OmegaConf.merge(run_cfg.trainer, cfg.get("trainer") or {})
         run_cfg.trainer.default_root_dir = str(output_dir)
         run_cfg.model.init_from = None
+        if cfg.get("data") is not None:  # another corpus: the model's own vocabulary and heads
+            run_cfg.data = evaluation_data(cfg.data, run_cfg.data)
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
     check_config(run_cfg)
     check_devices(run_cfg)

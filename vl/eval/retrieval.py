@@ -165,7 +165,7 @@ def zero_shot_retrieval(
     forward), `text_chunk` / `image_chunk` (exhaustive scoring blocks), `shortlist_k` (shortlist the top k images per
     caption by the dual-encoder cosine, then re-rank them with the cross-encoder; k = all images equals the
     exhaustive ranking)."""
-    from vl.build import build_datamodule, build_model
+    from vl.build import build_datamodule, build_model, model_from_checkpoint
 
     opts = {
         "max_images": max_images,
@@ -190,12 +190,16 @@ def zero_shot_retrieval(
             "corpus (data=retrieval)"
         )
     n_images = len(visuals)
-    model = build_model(run_cfg, dm)
     from vl.checkpoint import check_architecture, read_checkpoint
 
     state = read_checkpoint(cfg.ckpt_path, "ckpt_path")  # weights_only: a file that would run code is refused
-    check_architecture(state, model, cfg.ckpt_path)
-    model.load_state_dict(state["state_dict"])
+    hparams = state.get("hyper_parameters") or {}
+    if "objectives" in hparams and "data_info" in hparams:  # the heads as trained, also on another corpus
+        model = model_from_checkpoint(run_cfg, state, cfg.ckpt_path)
+    else:  # a checkpoint without them: the heads the run's data module says
+        model = build_model(run_cfg, dm)
+        check_architecture(state, model, cfg.ckpt_path)
+        model.load_state_dict(state["state_dict"])
     model.eval()
     # fixed shapes: a pair's score must not depend on which other pairs share its batch (exact rank comparisons)
     collator = dm.scoring_collator()

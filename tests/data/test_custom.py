@@ -4,6 +4,7 @@ problem named by file and line."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -62,12 +63,15 @@ def _cfg(root: Path, tmp_path: Path, data_dir: Path, *extra: str):
     )
 
 
-def test_custom_vqa_trains_and_writes_derived_files(tmp_path: Path, data_dir: Path) -> None:
+def test_custom_vqa_trains_and_writes_derived_files(tmp_path: Path, data_dir: Path, caplog) -> None:
     root = tmp_path / "mydata"
     rows = _lines()
     _write(root, rows)
     _features(root)
-    metrics, _ = train(_cfg(root, tmp_path, data_dir, "data.min_answer_count=2"))
+    with caplog.at_level(logging.INFO, logger="vl.data.custom"):
+        metrics, _ = train(_cfg(root, tmp_path, data_dir, "data.min_answer_count=2"))
+    # line 1's only answer ("purple") is on one train line: outside the vocabulary, its target is all zeros, and said
+    assert "1 of 20 train lines have no answer in the answer vocabulary" in caplog.text
     assert 0.0 <= metrics["test/vqa_acc"] <= 1.0
     # vocabulary: answers on >= 2 train lines, counted here from the lines themselves
     counts = Counter(a for r in rows if r["split"] == "train" for a in set(r["answers"]))

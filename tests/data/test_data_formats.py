@@ -145,6 +145,9 @@ def test_coco_errors(tmp_path: Path) -> None:
         load_coco_captions(_dump(tmp_path / "noimg.json", {"annotations": []}))
     with pytest.raises(DataError, match=r"nocap\.json: annotations\[0\] has no 'caption'"):
         load_coco_captions(_dump(tmp_path / "nocap.json", {"images": [img], "annotations": [{"image_id": 1}]}))
+    blank = {"images": [img], "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 1, "caption": "  "}]}
+    with pytest.raises(DataError, match=r"blank\.json: annotations\[1\] field 'caption' is empty or not a string"):
+        load_coco_captions(_dump(tmp_path / "blank.json", blank))
     with pytest.raises(DataError, match=r"dangling\.json: annotations\[0\] refers to unknown image id 9"):
         load_coco_captions(
             _dump(tmp_path / "dangling.json", {"images": [img], "annotations": [{"image_id": 9, "caption": "x"}]})

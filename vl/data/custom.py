@@ -397,6 +397,16 @@ class CustomDataModule(VLDataModule):
         lines = self.lines()[split]
         source = self.source
         if "vqa" in self.objectives:
+            outside = sum(not any(a in self._ans2label for a in r.get("answers") or []) for r in lines)
+            if outside:  # as VQA's targets (an answer outside the vocabulary scores nothing), but said
+                log.info(
+                    "%s: %d of %d %s lines have no answer in the answer vocabulary (built on train): their target is "
+                    "all zeros",
+                    self.path(self.jsonl_file),
+                    outside,
+                    len(lines),
+                    split,
+                )
             return AnswerLines(lines, source, self._ans2label)
         if "retrieval" in self.objectives:
             if split != "train":

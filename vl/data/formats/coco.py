@@ -44,8 +44,8 @@ def load_coco_captions(path: str | Path) -> tuple[dict[int, dict[str, Any]], lis
     annotations: list[dict[str, Any]] = data["annotations"]
     for i, ann in enumerate(annotations):
         _check_object(path, f"annotations[{i}]", ann, ("image_id", "caption"))
-        if not isinstance(ann["caption"], str):
-            raise DataError(f"{path}: annotations[{i}] field 'caption' is not a string")
+        if not isinstance(ann["caption"], str) or not ann["caption"].strip():  # an empty text would train as one
+            raise DataError(f"{path}: annotations[{i}] field 'caption' is empty or not a string")
         if ann["image_id"] not in images:
             raise DataError(f"{path}: annotations[{i}] refers to unknown image id {ann['image_id']!r}")
     return images, annotations

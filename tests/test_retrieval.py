@@ -61,17 +61,14 @@ def test_chunked_ranks_list_each_texts_best_images_as_a_stable_sort(k: int) -> N
     assert (ranks == chunked_ranks(_block_of(scores), n_texts, n_images, gold, text_chunk=4, image_chunk=5)).all()
 
 
-def test_gallery_scores_are_float32_under_bf16_autocast(make_cfg) -> None:
-    """Under `precision=bf16-mixed` (autocast) the score head runs in float32 on the encoder's pooled output: scores
-    equal the float32 head applied to the autocast pooled vectors, not bfloat16-rounded ones (which tie, and every
-    tie counts against the gold)."""
+def _tiny_vilbert_scoring(make_cfg, region_counts: tuple[int, ...]):
+    """(`vilbert_pretrain_tiny` in eval mode, its scoring collator, random region records of those sizes)."""
     from vl.pipeline import build_datamodule, build_model
 
     cfg = make_cfg("experiment=vilbert_pretrain_tiny")
     dm = build_datamodule(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, dm).eval()
-    collator = dm.scoring_collator()
     rng = np.random.default_rng(0)
     visuals = [
         {
@@ -79,8 +76,16 @@ def test_gallery_scores_are_float32_under_bf16_autocast(make_cfg) -> None:
             "boxes_norm": np.sort(rng.uniform(0, 1, size=(n, 4)).astype(np.float32), axis=1),
             "cls_prob": rng.dirichlet(np.ones(33), size=n).astype(np.float32),
         }
-        for n in (3, 8, 5, 6)
+        for n in region_counts
     ]
+    return model, dm.scoring_collator(), visuals
+
+
+def test_gallery_scores_are_float32_under_bf16_autocast(make_cfg) -> None:
+    """Under `precision=bf16-mixed` (autocast) the score head runs in float32 on the encoder's pooled output: scores
+    equal the float32 head applied to the autocast pooled vectors, not bfloat16-rounded ones (which tie, and every
+    tie counts against the gold)."""
+    model, collator, visuals = _tiny_vilbert_scoring(make_cfg, (3, 8, 5, 6))
     texts = ["a dog on a red sofa", "two people", "x"]
     head = model.pair_scorer()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -198,21 +203,8 @@ class _CountingTokenizer:
 def test_gallery_scorer_equals_per_pair_collation_and_tokenises_once(make_cfg) -> None:
     """Scores from cached tokens and padded images equal each pair collated and scored alone (the path before), and
     the exhaustive ranking tokenises each caption once, not once per image chunk."""
-    from vl.pipeline import build_datamodule, build_model
-
-    cfg = make_cfg("experiment=vilbert_pretrain_tiny")
-    dm = build_datamodule(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg, dm).eval()
-    collator = dm.scoring_collator()
-    rng = np.random.default_rng(0)
-    dim = 2048
-    visuals = []
-    for n in (3, 8, 12, 5, 1, 8, 9):  # fewer and more regions than max_regions
-        boxes = np.sort(rng.uniform(0, 1, size=(n, 4)).astype(np.float32), axis=1)
-        cls_prob = rng.dirichlet(np.ones(33), size=n).astype(np.float32)
-        visuals.append({"features": rng.normal(size=(n, dim)).astype(np.float32), "boxes_norm": boxes})
-        visuals[-1]["cls_prob"] = cls_prob
+    model, collator, visuals = _tiny_vilbert_scoring(make_cfg, (3, 8, 12, 5, 1, 8, 9))  # fewer / more than max_regions
+    rng = np.random.default_rng(1)
     texts = ["a dog on a red sofa", "two people", "a very long caption " * 8, "x", "the cat sat on the mat"]
     head = model.pair_scorer()
     with torch.no_grad():

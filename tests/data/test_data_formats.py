@@ -74,6 +74,9 @@ def test_question_loader_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"absent\.json: file not found"):
         load_questions(tmp_path / "absent.json")
     assert load_questions(_dump(tmp_path / "ok.json", {"questions": [good]})) == [good]
+    twice = {"questions": [good, {**good, "question_id": 2}, {**good, "question": "again?"}]}
+    with pytest.raises(DataError, match=r"twice\.json: questions 0 and 2 are both question 1"):
+        load_questions(_dump(tmp_path / "twice.json", twice))
 
 
 def test_targets_pickle_and_json(tmp_path: Path) -> None:

@@ -129,7 +129,19 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
     data = read_json(path)
     if not isinstance(data, dict) or "questions" not in data:
         raise DataError(f"{path}: missing top-level field 'questions'")
-    return _check_entries(path, data["questions"], {"question_id": int, "image_id": int, "question": str})
+    questions = _check_entries(path, data["questions"], {"question_id": int, "image_id": int, "question": str})
+    _unique_question_ids(path, questions, "questions")
+    return questions
+
+
+def _unique_question_ids(path: Path, entries: list[dict[str, Any]], what: str) -> None:
+    """A question id twice: its target would be replaced by the later entry's, its prediction row dropped (the
+    EvalAI file is keyed by question id)."""
+    seen: dict[int, int] = {}
+    for i, e in enumerate(entries):
+        first = seen.setdefault(int(e["question_id"]), i)
+        if first != i:
+            raise DataError(f"{path}: {what} {first} and {i} are both question {e['question_id']}")
 
 
 def load_annotations(path: str | Path) -> list[dict[str, Any]]:
@@ -169,11 +181,7 @@ def load_targets(path: str | Path) -> list[dict[str, Any]]:
             )
         if len(set(e["labels"])) != len(e["labels"]):
             raise DataError(f"{path}: entry {i} (question {e['question_id']}) repeats a label: {e['labels']}")
-    seen: dict[int, int] = {}
-    for i, e in enumerate(entries):  # a repeated question would replace the earlier entry's target
-        first = seen.setdefault(int(e["question_id"]), i)
-        if first != i:
-            raise DataError(f"{path}: entries {first} and {i} are both question {e['question_id']}")
+    _unique_question_ids(path, entries, "entries")
     return entries
 
 

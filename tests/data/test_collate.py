@@ -213,3 +213,33 @@ def test_a_batch_with_class_distributions_on_some_images_only_is_refused() -> No
     assert "region_cls_prob" not in pad_regions([without, without], 4)
     with pytest.raises(DataError, match=r"1 of 3 images of a batch have no class distribution \(cls_prob\)"):
         pad_regions([with_cls, without, with_cls], 4)
+
+
+def test_an_image_without_regions_is_an_all_padding_row() -> None:
+    """Per-record readers give an image with no boxes (0, 0) features: it pads to a masked-out row (it crashed the
+    collator with a broadcast error naming no file); its missing `cls_prob` does not count against the others'."""
+    from vl.data.collate import pad_regions
+
+    full = {"features": np.ones((3, 4), np.float32), "boxes_norm": np.ones((3, 4), np.float32)}
+    full["cls_prob"] = np.full((3, 2), 0.5, np.float32)
+    empty = {"features": np.zeros((0, 0), np.float32), "boxes_norm": np.zeros((0, 4), np.float32), "cls_prob": None}
+    out = pad_regions([empty, full], 5)
+    assert tuple(out["visual_feats"].shape) == (2, 3, 4) and out["visual_mask"].tolist() == [[0, 0, 0], [1, 1, 1]]
+    assert out["visual_feats"][0].abs().sum() == 0 and torch.equal(out["visual_feats"][1], torch.ones(3, 4))
+    assert out["region_cls_prob"][1].eq(0.5).all() and out["region_cls_prob"][0].eq(0).all()
+
+
+def test_vilberts_global_token_of_an_image_without_regions_is_named() -> None:
+    """The global image token is the mean of the image's regions: with none, the seed's reader divides by zero (NaN)."""
+    from vl.data.region_rules import GlobalFeatureRegions
+    from vl.errors import DataError
+
+    items = {"7": {"features": np.zeros((0, 0), np.float32)}, "8": {"features": np.ones((2, 3), np.float32)}}
+
+    class Reader(dict):
+        path = "feats.lmdb"
+
+    view = GlobalFeatureRegions(Reader(items))
+    assert view["8"]["global_feature"].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(DataError, match=r"feats\.lmdb: image id 7 has no regions \(num_boxes 0\)"):
+        view["7"]

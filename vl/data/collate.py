@@ -81,21 +81,25 @@ def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int, fixed: b
     (D,)) into padded visual_feats (B,R,D), visual_boxes (B,R,4), visual_mask (B,R), region_cls_prob (B,R,C) and
     visual_global (B,D) (only when every example has it)."""
     n = max_regions if fixed else min(max(v["features"].shape[0] for v in visuals), max_regions)
-    dim = visuals[0]["features"].shape[1]
-    have_cls = sum(v.get("cls_prob") is not None for v in visuals)
-    if 0 < have_cls < len(visuals):  # MRC / MVRC would silently skip the batch: the head needs every row's
+    regions = [v for v in visuals if v["features"].shape[0]]  # an image without regions is an all-padding row
+    dim = (regions or visuals)[0]["features"].shape[1]
+    have_cls = sum(v.get("cls_prob") is not None for v in regions)
+    if 0 < have_cls < len(regions):  # MRC / MVRC would silently skip the batch: the head needs every row's
         raise DataError(
-            f"region features: {len(visuals) - have_cls} of {len(visuals)} images of a batch have no class "
+            f"region features: {len(regions) - have_cls} of {len(regions)} images of a batch have no class "
             "distribution (cls_prob) while the others have one; a feature file's records must all carry it or none"
         )
-    with_cls = have_cls == len(visuals)
+    with_cls = have_cls == len(regions) if regions else all(v.get("cls_prob") is not None for v in visuals)
     # filled as numpy arrays (a row copy is ~10x cheaper than a torch slice assignment), handed to torch once
     feats = np.zeros((len(visuals), n, dim), dtype=np.float32)
     boxes = np.zeros((len(visuals), n, 4), dtype=np.float32)
     mask = np.zeros((len(visuals), n), dtype=np.int64)
-    cls = np.zeros((len(visuals), n, visuals[0]["cls_prob"].shape[1]), dtype=np.float32) if with_cls else None
+    classes = next((v["cls_prob"].shape[1] for v in (regions or visuals) if v.get("cls_prob") is not None), 0)
+    cls = np.zeros((len(visuals), n, classes), dtype=np.float32) if with_cls else None
     for i, v in enumerate(visuals):
         k = min(v["features"].shape[0], n)
+        if not k:  # an image without regions (a per-record reader gives (0, 0) features): an all-padding row
+            continue
         feats[i, :k] = v["features"][:k]
         boxes[i, :k] = v["boxes_norm"][:k]
         mask[i, :k] = 1

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from vl.data.features.cache import ReaderView
-from vl.errors import ConfigError
+from vl.errors import ConfigError, DataError
 
 __all__ = ["GLOBAL_TOKEN", "GlobalFeatureRegions", "check_global_token", "concat_regions", "global_feature"]
 
@@ -31,6 +31,11 @@ class GlobalFeatureRegions(ReaderView):
 
     def __getitem__(self, image_id: str | int) -> dict[str, Any]:
         item = dict(self.reader[image_id])
+        if not len(item["features"]):  # the seed's reader divides by num_boxes = 0: a NaN global token
+            raise DataError(
+                f"{self.reader.path}: image id {image_id} has no regions (num_boxes 0): ViLBERT's global image token "
+                "is their mean; drop the image or re-extract its features"
+            )
         item["global_feature"] = global_feature(item)
         return item
 

@@ -535,3 +535,21 @@ def test_mask_tokens_draws_bert_masking_rates() -> None:
     assert within(masked, n_chosen, 0.8)
     assert within(kept, n_chosen, 0.1 + 0.1 / vocab)  # kept, or a random draw of the same id
     assert within(n_chosen - masked - kept, n_chosen, 0.1 * (1 - 1 / vocab))
+
+
+def test_itm_ranking_score_orders_as_the_aligned_probability_without_saturating() -> None:
+    """`aligned_logit` (the ITM pair scorer) orders pairs as softmax(logits)[:, 1] in exact arithmetic (float64
+    here), also where the float32 probability is exactly 1.0 for several of them (a tie the rank counts against the
+    gold)."""
+    from vl.models.retrieval_eval import aligned_logit
+
+    rng = np.random.default_rng(0)
+    logits = np.stack([rng.normal(size=200) * 3, rng.normal(size=200) * 3 + rng.choice([0, 25], size=200)], 1)
+    score = aligned_logit(torch.from_numpy(logits.astype(np.float32))).numpy()
+    z = logits.astype(np.float64)
+    p64 = 1.0 / (1.0 + np.exp(-(z[:, 1] - z[:, 0])))  # softmax(.)[:, 1] of two logits, in float64
+    p32 = torch.from_numpy(logits.astype(np.float32)).softmax(-1)[:, 1].numpy()
+    assert (p32 == 1.0).sum() > 20  # saturated: ties in float32
+    assert (np.argsort(-score, kind="stable") == np.argsort(-(z[:, 1] - z[:, 0]), kind="stable")).all()
+    order = np.argsort(-score, kind="stable")
+    assert (np.diff(p64[order]) <= 1e-12).all()  # descending in the exact probability too

@@ -5,7 +5,7 @@ When the data module says a stage's examples are retrieval queries (its `gallery
 each query batch ranks its gold image among the whole gallery of the split by cross-encoder scores, in chunks
 (`vl.models.ranking`), instead of computing losses; `<stage>/recall@k`, median and mean rank are logged at the
 epoch's end, and the test ranks join the run's predictions with each query's `TOP_IMAGES` best images. The scorer is the fine-tuned `retrieval` head, else ITM's
-aligned probability (`pair_scorer`; a system may override it).
+aligned probability, ranked by its log-odds (`pair_scorer`; a system may override it).
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ from vl.errors import ConfigError
 from vl.metrics import RetrievalRecall
 from vl.models.ranking import chunked_ranks, gallery_scorer
 
-__all__ = ["TOP_IMAGES", "RetrievalEvaluation"]
+__all__ = ["TOP_IMAGES", "RetrievalEvaluation", "aligned_logit"]
 
 #: images listed per test query in the predictions file, best first (the seed's `eval_retrieval.py` writes 20)
 TOP_IMAGES = 20
+
+
+def aligned_logit(logits: torch.Tensor) -> torch.Tensor:
+    """(N, 2) ITM logits (1 = aligned) -> (N,) the log-odds of "aligned", whose order is softmax(logits)[:, 1]'s."""
+    return logits[:, 1] - logits[:, 0]
 
 
 class RetrievalEvaluation(L.LightningModule):
@@ -40,11 +45,14 @@ class RetrievalEvaluation(L.LightningModule):
         self.retrieval_metrics = nn.ModuleDict({f"{stage}_": RetrievalRecall() for stage in ("val", "test")})
 
     def pair_scorer(self) -> Any:
-        """(pooled (N, H)) -> (N,) image-text match score: the fine-tuned `retrieval` head, else ITM's aligned prob."""
+        """(pooled (N, H)) -> (N,) image-text match score: the fine-tuned `retrieval` head, else ITM's aligned
+        probability ranked by its logit, logit(aligned) - logit(not aligned): the same order as softmax(.)[:, 1]
+        (a monotone function of it), without its float32 saturation (past a gap of ~16.6 the probability is exactly
+        1.0, so confident pairs tied, and a tie counts against the gold)."""
         if "retrieval" in self.objectives:
             return self.objectives["retrieval"].score
         if "itm" in self.objectives:
-            return lambda pooled: self.objectives["itm"].classifier(pooled).softmax(-1)[:, 1]
+            return lambda pooled: aligned_logit(self.objectives["itm"].classifier(pooled))
         raise ConfigError("retrieval needs a model with a 'retrieval' or 'itm' head")
 
     @torch.no_grad()

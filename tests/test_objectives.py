@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from vl.data.collate import mask_regions
+from vl.data.region_batch import mask_regions
 from vl.errors import ConfigError
 from vl.eval.retrieval import chunked_ranks
 from vl.heads import (

@@ -199,7 +199,7 @@ def test_the_vilbert_task_corpora_cut_as_their_seed_readers_by_default() -> None
 def test_a_batch_with_class_distributions_on_some_images_only_is_refused() -> None:
     """MRC / MVRC need every row's `cls_prob`; a batch mixing images with and without one would have the head skip
     it silently (the system skips a head whose inputs are missing)."""
-    from vl.data.collate import pad_regions
+    from vl.data.region_batch import pad_regions
     from vl.errors import DataError
 
     rng = np.random.default_rng(0)
@@ -218,7 +218,7 @@ def test_a_batch_with_class_distributions_on_some_images_only_is_refused() -> No
 def test_an_image_without_regions_is_an_all_padding_row() -> None:
     """Per-record readers give an image with no boxes (0, 0) features: it pads to a masked-out row (it crashed the
     collator with a broadcast error naming no file); its missing `cls_prob` does not count against the others'."""
-    from vl.data.collate import pad_regions
+    from vl.data.region_batch import pad_regions
 
     full = {"features": np.ones((3, 4), np.float32), "boxes_norm": np.ones((3, 4), np.float32)}
     full["cls_prob"] = np.full((3, 2), 0.5, np.float32)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from vl.batch import IGNORE_INDEX
-from vl.data.collate import collate_labels, pad_regions
+from vl.data.collate import collate_labels
+from vl.data.region_batch import pad_regions
 from vl.data.samplers import global_seed
 from vl.errors import DataError
 

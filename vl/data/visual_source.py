@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vl.data.collate import Collator, pad_regions
+from vl.data.collate import Collator
 from vl.data.features import ClipFeatureReader, open_region_features
 from vl.data.images import ImageCollator, PixelLoader, stack_pixels
+from vl.data.region_batch import pad_regions
 from vl.data.vlp import WHOLE_IMAGE_BOX, ClipCollator
 from vl.errors import DataError
 

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vl.data.collate import Collator, pad_regions, text_fields
+from vl.data.collate import Collator, text_fields
+from vl.data.region_batch import pad_regions
 from vl.metrics import median_rank
 from vl.progress import progress
 

@@ -60,7 +60,7 @@ from vl.batch import EncoderOutput
 from vl.errors import ConfigError
 from vl.heads.vg_bert import GroundingContrastive, RelationalGrounding, TransferRetrieval
 from vl.models.bert_backbone import build_bert
-from vl.models.checkpoints import vg_bert_seed_layout, vg_bert_seed_to_vl
+from vl.models.checkpoints import load_vg_bert_seed, vg_bert_seed_layout
 from vl.models.system import VLSystem
 from vl.models.vgg import VGG16_CFG, VGGAttention, load_vgg_features
 from vl.optimizers import build_optimizer
@@ -354,11 +354,10 @@ class VGBertSystem(VLSystem):
         """vl checkpoints as the shared system loads them; a state dict of the seed (`vg_bert_seed_layout`: the stage-2/3
         `best_model.pth`: keys `image_model.image_model.*`, `language_model.language_model.*`, ...; or the stage-1
         ImageNet model, bare as `best_model.pth` or in `checkpoint.pth.tar`'s {"state_dict", "arch", ...}: keys
-        `image_model.<i>.*` (VGG features), `embedder.*`, `attention.*`, `classifier.*`) is mapped to vl's names first
-        (`vl.models.checkpoints.vg_bert_seed_to_vl`), then loaded non-strictly with the key report (BERT's pooler, the ImageNet classifier and other
-        unmapped keys reported as unexpected). A file none of whose tensors lands in this model is a `ConfigError`."""
+        `image_model.<i>.*` (VGG features), `embedder.*`, `attention.*`, `classifier.*`) is mapped to vl's names and
+        loaded with the key report (`vl.models.checkpoints.load_vg_bert_seed`). A file none of whose tensors lands in
+        this model is a `ConfigError`."""
         from vl.checkpoint import load_torch_file
-        from vl.pretrained import log_key_report
 
         state = load_torch_file(path, "model.init_from")
         inner = state.get("state_dict", state) if isinstance(state, dict) else state
@@ -375,16 +374,7 @@ class VGBertSystem(VLSystem):
                     "VGG16 weights go to model.encoder.vgg_weights)"
                 )
             return
-        mapped, unmapped = vg_bert_seed_to_vl(inner)
-        usable = {k: v for k, v in mapped.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-        if not usable:
-            raise ConfigError(
-                f"model.init_from: '{path}' (the seed's {layout} layout) loaded nothing: none of its {len(inner)} "
-                "keys maps to a parameter of this model with the same shape"
-            )
-        result = self.load_state_dict(usable, strict=False)
-        unexpected = unmapped + sorted(k for k in mapped if k not in usable)
-        log_key_report(f"init from the seed's ({layout}) {path}", result.missing_keys, unexpected)
+        load_vg_bert_seed(self, inner, layout, path)
 
     def setup(self, stage: str) -> None:
         """At fit time: refuse gradient accumulation under a batch-level contrastive objective unless

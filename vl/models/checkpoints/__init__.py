@@ -12,7 +12,7 @@ checkpoint format, every public name importable from here.
 - `mm_bert`: `mbert_hybrid_state` / `vlbert_hybrid_state` take MM-BERT's hybrid init from M-BERT and VL-BERT
   checkpoints.
 - `vg_bert`: `vg_bert_seed_to_vl` renames VG-BERT's seed checkpoints (its stage-2/3 model or its stage-1 ImageNet
-  classifier).
+  classifier); `load_vg_bert_seed` loads one with the key report.
 """
 
 from vl.models.checkpoints.base import load_mapped_state_dict, read_state_dict
@@ -28,6 +28,7 @@ from vl.models.checkpoints.mm_bert import MBERT_PARTS, VLBERT_PARTS, mbert_hybri
 from vl.models.checkpoints.vg_bert import (
     VG_BERT_SEED_PREFIXES,
     VG_BERT_VG_BERT_STAGE1_PREFIXES,
+    load_vg_bert_seed,
     vg_bert_seed_layout,
     vg_bert_seed_to_vl,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "load_bert_parts",
     "load_mapped_state_dict",
     "load_mlm_head_file",
+    "load_vg_bert_seed",
     "map_vilbert_key",
     "mbert_hybrid_state",
     "read_state_dict",

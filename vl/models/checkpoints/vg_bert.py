@@ -1,10 +1,15 @@
 """VG-BERT's seed checkpoints (its stage-2/3 model or its stage-1 ImageNet classifier) -> vl keys
-(`vg_bert_seed_layout`, `vg_bert_seed_to_vl`)."""
+(`vg_bert_seed_layout`, `vg_bert_seed_to_vl`), loaded into a model with the key report (`load_vg_bert_seed`)."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+from torch import nn
+
+from vl.errors import ConfigError
+from vl.pretrained import log_key_report
 
 #: VG-BERT's seed (`yizhen-zhang/VG-Bert`), its `full_model` state-dict prefixes (after `module.`) -> vl's
 VG_BERT_SEED_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -81,3 +86,20 @@ def vg_bert_seed_to_vl(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]
         else:
             unmapped.append(key)
     return out, unmapped
+
+
+def load_vg_bert_seed(model: nn.Module, state: dict[str, Any], layout: str, path: str) -> None:
+    """A seed state dict (`layout`: `vg_bert_seed_layout(state)`) into `model`: its keys mapped to vl's, loaded
+    non-strictly where name and shape match, the rest in the key report (BERT's pooler, the ImageNet classifier and
+    other unmapped keys as unexpected); a file none of whose tensors lands in the model is a `ConfigError`."""
+    own = model.state_dict()
+    mapped, unmapped = vg_bert_seed_to_vl(state)
+    usable = {k: v for k, v in mapped.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not usable:
+        raise ConfigError(
+            f"model.init_from: '{path}' (the seed's {layout} layout) loaded nothing: none of its {len(state)} "
+            "keys maps to a parameter of this model with the same shape"
+        )
+    result = model.load_state_dict(usable, strict=False)
+    unexpected = unmapped + sorted(k for k in mapped if k not in usable)
+    log_key_report(f"init from the seed's ({layout}) {path}", result.missing_keys, unexpected)

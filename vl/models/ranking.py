@@ -108,7 +108,8 @@ def _head_in_float32(head: Callable[[torch.Tensor], torch.Tensor], pooled: torch
 
 def gallery_scorer(model: Any, collator: Collator, texts: list[Any], visuals: Any, *, batch_size: int) -> ScoreBlock:
     """A `ScoreBlock` from a system's `pair_scorer()`: its fine-tuned retrieval head (`vil_logit`), else the ITM
-    head's aligned probability softmax(logits)[:, 1] (1 = aligned in vl).
+    head's aligned probability (1 = aligned in vl) as its log-odds (`RetrievalEvaluation.pair_scorer`), the head in
+    float32 (`_head_in_float32`).
 
     Each call tokenises its texts once and pads its images once (the last call's tokens are kept, so the image chunks
     of one text chunk reuse them), then forms the pair batches by indexing: a caption is tokenised once per text

@@ -4,8 +4,9 @@
 When the data module says a stage's examples are retrieval queries (its `gallery(split)` hook, asked once per epoch),
 each query batch ranks its gold image among the whole gallery of the split by cross-encoder scores, in chunks
 (`vl.models.ranking`), instead of computing losses; `<stage>/recall@k`, median and mean rank are logged at the
-epoch's end, and the test ranks join the run's predictions with each query's `TOP_IMAGES` best images. The scorer is the fine-tuned `retrieval` head, else ITM's
-aligned probability, ranked by its log-odds (`pair_scorer`; a system may override it).
+epoch's end, and the test ranks join the run's predictions with each query's `TOP_IMAGES` best images. The scorer is
+the fine-tuned `retrieval` head, else ITM's aligned probability, ranked by its log-odds (`pair_scorer`; a system may
+override it).
 """
 
 from __future__ import annotations

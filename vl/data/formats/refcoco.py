@@ -74,7 +74,8 @@ def load_refs(path: str | Path, text_field: str = "raw") -> list[dict[str, Any]]
 
     Each ref must hold ``ref_id``, ``ann_id``, ``image_id`` (ints), ``split`` (str) and ``sentences``: a list of
     ``{"raw": str, "sent": str, "sent_id": int, ...}`` (``text_field``, the one read as the expression, must be a
-    string); ``ref_id`` and ``sent_id`` values must be unique. Raises DataError naming the file, the ref index and the field."""
+    string); ``ref_id`` and ``sent_id`` values must be unique. Raises DataError naming the file, the ref index and the
+    field."""
     path = Path(path)
     refs = _read_pickle(path)
     if not isinstance(refs, list):

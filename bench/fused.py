@@ -119,8 +119,8 @@ def main() -> None:
         "seed `BertAdam` / torch's fused AdamW, optimiser step alone (tiny)",
         seeds["bert_adam"],
         goal=1.5,
-        why="ViLBERT recipes: the fused kernel's 7 passes over parameter-sized tensors + 3 for the seed's per-parameter "
-        "clipping (norm, scale): ~1.4 where memory-bound",
+        why="ViLBERT recipes: the fused kernel's 7 passes over parameter-sized tensors + 3 for the seed's "
+        "per-parameter clipping (norm, scale): ~1.4 where memory-bound",
     )
 
 

@@ -256,9 +256,10 @@ class VQADataModule(AnswerVocabulary, VLDataModule):
                 None,
             )
             if other is not None:  # the seed's reader asserts the image ids agree too
+                there = file_targets[other["question_id"]]["image_id"]
                 raise DataError(
-                    f"{tpath}: question {other['question_id']} is on image {file_targets[other['question_id']]['image_id']} "
-                    f"there, on image {other['image_id']} in {qpath}"
+                    f"{tpath}: question {other['question_id']} is on image {there} there, on image "
+                    f"{other['image_id']} in {qpath}"
                 )
             unlabelled = next((q for q in file_questions if q["question_id"] not in file_targets), None)
             if tpath is not None and unlabelled is not None:  # the seed's reader asserts questions and targets align

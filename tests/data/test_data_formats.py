@@ -137,6 +137,11 @@ def test_jsonl_round_trip_and_errors(tmp_path: Path) -> None:
         load_jsonl(tmp_path / "list.jsonl")
     with pytest.raises(DataError, match=r"gone\.jsonl: file not found"):
         load_jsonl(tmp_path / "gone.jsonl")
+    for i, bad in enumerate(['"  "', "null", "3"]):  # a text field that is empty or not a string
+        (tmp_path / f"text{i}.jsonl").write_text('{"text": "a"}\n{"text": ' + bad + "}\n")
+        with pytest.raises(DataError, match=rf"text{i}\.jsonl:2: field 'text' is empty or not a string"):
+            load_jsonl(tmp_path / f"text{i}.jsonl", texts=("text",))
+        assert len(load_jsonl(tmp_path / f"text{i}.jsonl")) == 2  # only checked where asked
 
 
 def test_coco_errors(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ class VLPDataModule(VLDataModule):
 
     def build_dataset(self, split: str) -> TextImageLines:
         path = self.path(self.jsonl_file, split)
-        records = load_jsonl(path, required=("text",) if self.text_only else ("text", "image_id"))
+        records = load_jsonl(path, required=("text",) if self.text_only else ("text", "image_id"), texts=("text",))
         clip = self.clip
         if clip is not None:
             missing = next((r["image_id"] for r in records if str(r["image_id"]) not in clip), None)

@@ -83,12 +83,16 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: invalid JSON ({e})") from None
 
 
-def load_jsonl(path: str | Path, required: tuple[str, ...] = (), record: str | None = None) -> list[dict[str, Any]]:
+def load_jsonl(
+    path: str | Path, required: tuple[str, ...] = (), record: str | None = None, texts: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """Read a JSONL file -> list of objects (blank lines skipped).
 
     Raises DataError ``"<path>:<lineno>: invalid JSON ..."`` for a malformed line, ``"<path>:<lineno>: missing field
     'text'"`` when a ``required`` field is absent (``"... (a <record> needs [...])"`` when ``record`` names what a
-    line is), and ``"<path>: file not found"`` for a missing file.
+    line is), ``"<path>:<lineno>: field 'text' is empty or not a string"`` for a present ``texts`` field that is not
+    a non-empty string (an empty text would train as ``[CLS] [SEP]``, a non-string crash in the collator), and
+    ``"<path>: file not found"`` for a missing file.
     """
     path = Path(path)
     if not path.is_file():
@@ -108,6 +112,9 @@ def load_jsonl(path: str | Path, required: tuple[str, ...] = (), record: str | N
                 if name not in obj:
                     needs = f" (a {record} needs {list(required)})" if record else ""
                     raise DataError(f"{path}:{lineno}: missing field {name!r}{needs}")
+            for name in texts:
+                if name in obj and not (isinstance(obj[name], str) and obj[name].strip()):
+                    raise DataError(f"{path}:{lineno}: field {name!r} is empty or not a string")
             records.append(obj)
     return records
 

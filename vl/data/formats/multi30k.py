@@ -84,7 +84,8 @@ def read_parallel(root: str | Path, split: str) -> list[dict[str, str]]:
 def read_annotations(path: str | Path, keys: tuple[str, ...] = ANNOTATION_KEYS) -> list[dict[str, Any]]:
     """The annotation JSONL (``*_frcnn.json``, ``*_MLT_frcnn.json``, WMT JSONL): one object per line, each with
     ``keys``; DataError ``<path>:<line>: ...`` for a malformed line or a missing key."""
-    return load_jsonl(path, required=tuple(keys), record="Multi30k record")
+    texts = tuple(k for k in keys if k in ("caption_en", "caption_de", "word_en", "word_de"))
+    return load_jsonl(path, required=tuple(keys), record="Multi30k record", texts=texts)
 
 
 def read_raw_gz(path: str | Path) -> list[str]:

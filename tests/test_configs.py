@@ -86,6 +86,23 @@ def test_task_options_are_checked_at_compose_time(override: str, needle: str, ma
     assert needle in str(err.value) + str(err.value.__cause__ or "")
 
 
+def test_evaluate_takes_another_corpus_only_from_a_data_config(make_cfg) -> None:
+    """`evaluate.py data=<corpus>` replaces the run's data (`vl.pipeline.evaluation_data`, keeping its tokenizer and
+    objectives); a hardware preset's data keys alone (ddp_cpu's, bf16's) do not (they made a data node without a
+    `_target_`, which once replaced the run's corpus)."""
+    from omegaconf import OmegaConf
+
+    from vl.pipeline import evaluation_data
+
+    preset = make_cfg("ckpt_path=x.ckpt", "hardware=ddp_cpu", config_name="evaluate")
+    assert not (preset.get("data") or {}).get("_target_")
+    chosen = make_cfg("ckpt_path=x.ckpt", "data=retrieval", "data.max_images=5", config_name="evaluate")
+    assert chosen.data._target_ == "vl.data.retrieval.RetrievalDataModule"
+    run = OmegaConf.create({"tokenizer": "run-vocab", "objectives": ["mlm", "itm"], "max_regions": 3})
+    data = evaluation_data(chosen.data, run)
+    assert data.tokenizer == "run-vocab" and list(data.objectives) == ["mlm", "itm"] and data.max_images == 5
+
+
 def test_unknown_task_lists_options(make_cfg) -> None:
     with pytest.raises(Exception) as err:
         make_cfg("ckpt_path=x.ckpt", "task=zero_shot", config_name="evaluate")

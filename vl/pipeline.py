@@ -409,8 +409,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.trainer = OmegaConf.merge(run_cfg.trainer, cfg.get("trainer") or {})
         run_cfg.trainer.default_root_dir = str(output_dir)
         run_cfg.model.init_from = None
-        if cfg.get("data") is not None:  # another corpus: the model's own vocabulary and heads
-            run_cfg.data = evaluation_data(cfg.data, run_cfg.data)
+        if (cfg.get("data") or {}).get("_target_"):  # `data=<corpus>`: its config, the model's vocabulary and heads
+            run_cfg.data = evaluation_data(cfg.data, run_cfg.data)  # (a hardware preset's data keys alone: not)
         run_cfg = OmegaConf.merge(run_cfg, cfg.get("overrides") or {})
     check_config(run_cfg)
     check_devices(run_cfg)

@@ -66,6 +66,14 @@ def test_npy_and_csv_inputs(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("word,concreteness\ndog,4.9\n")
     with pytest.raises(DataError, match=r"bad\.csv: needs the columns"):
         load_csv_inputs(tmp_path / "bad.csv")
+    (tmp_path / "sel.csv").write_text("word,category,concreteness,common\ndog,animal,4.9,1\nidea,abstract,1.6,0\n")
+    assert load_csv_inputs(tmp_path / "sel.csv")[3].tolist() == [True, False]
+    (tmp_path / "nan.csv").write_text("word,category,concreteness\ndog,animal,4.9\nidea,abstract,nan\n")
+    with pytest.raises(DataError, match=r"nan\.csv:3: concreteness 'nan' is not a finite number"):
+        load_csv_inputs(tmp_path / "nan.csv")
+    (tmp_path / "blank.csv").write_text("word,category,concreteness,common\ndog,animal,4.9,1\nidea,abstract,1.6,\n")
+    with pytest.raises(DataError, match=r"blank\.csv:3: empty 'common' cell"):  # it counted as selected
+        load_csv_inputs(tmp_path / "blank.csv")
 
 
 def test_embedded_default_and_report(tmp_path: Path) -> None:

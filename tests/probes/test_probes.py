@@ -288,6 +288,9 @@ def test_vpn_builder(vpn_data):
     with pytest.raises(DataError, match="feature type"):
         (root / "bad.dat").write_text("concept\tfeature\tpf\nx\tis red\t3\n")
         vpn.build_vpn_queries(root / "bad.dat", root / "descriptors.csv", None, root / "out")
+    (root / "twice.csv").write_text("concept,descriptor\napple,an\nsheep,a\napple,a\n")  # a later row replaced one
+    with pytest.raises(DataError, match=r"twice\.csv:4: concept 'apple' is listed twice"):
+        vpn.load_descriptors(root / "twice.csv")
 
 
 def test_vpn_equals_direct_computation(vpn_data, scorer, tiny_bert_dir):

@@ -109,9 +109,16 @@ def load_csv_inputs(path: str | Path) -> tuple[list[str], list[str], np.ndarray,
         raise DataError(f"{path}: needs the columns {sorted(need)} (and optionally 'common')")
     try:
         ratings = np.asarray([float(r["concreteness"]) for r in rows])
+        common = [float(r["common"]) if (r.get("common") or "").strip() else None for r in rows]
     except ValueError as e:
-        raise DataError(f"{path}: a concreteness value is not a number ({e})") from None
-    select = np.asarray([float(r.get("common") or 1) > 0 for r in rows])
+        raise DataError(f"{path}: a concreteness / common value is not a number ({e})") from None
+    bad = next((i for i, v in enumerate(ratings) if not np.isfinite(v)), None)
+    if bad is not None:  # "nan" parses as a float: a rating that would turn every correlation into NaN
+        raise DataError(f"{path}:{bad + 2}: concreteness {rows[bad]['concreteness']!r} is not a finite number")
+    if "common" in rows[0] and any(v is None for v in common):  # an empty cell is not "selected"
+        blank = next(i for i, v in enumerate(common) if v is None)
+        raise DataError(f"{path}:{blank + 2}: empty 'common' cell (1 = the word is selected, 0 = not)")
+    select = np.asarray([v is None or v > 0 for v in common])
     return [r["word"] for r in rows], [r["category"] for r in rows], ratings, select
 
 

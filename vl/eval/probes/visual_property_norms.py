@@ -113,7 +113,12 @@ def load_descriptors(path: str | Path) -> dict[str, str]:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"concept", "descriptor"} <= set(reader.fieldnames):
             raise DataError(f"{path}: expected the header 'concept,descriptor', got {reader.fieldnames}")
-        return {row["concept"]: (row["descriptor"] or "").strip() for row in reader}
+        out: dict[str, str] = {}
+        for line, row in enumerate(reader, start=2):
+            if row["concept"] in out:  # a second row would replace the first's descriptor
+                raise DataError(f"{path}:{line}: concept {row['concept']!r} is listed twice")
+            out[row["concept"]] = (row["descriptor"] or "").strip()
+        return out
 
 
 def load_queries(path: str | Path) -> list[dict[str, Any]]:

@@ -354,15 +354,15 @@ class CustomDataModule(VLDataModule):
                 assert g is not None
                 return RetrievalQueries(g["texts"], g["gold"])
             return RetrievalTrain(*self._retrieval_images("train"), self.regions)
-        labelled = [r for r in lines if "label" in r]
-        if "itm" in self.objectives and labelled and len(labelled) < len(lines):  # half of a file's own labels
-            first = next(i for i, r in enumerate(lines) if "label" not in r)
-            raise DataError(
-                f"{self.path(self.jsonl_file)}: split '{split}' has 'label' on {len(labelled)} of {len(lines)} lines "
-                f"(its line {first + 1} in the split has none): ITM uses the file's labels when every line has one, "
-                "else draws its own negatives; give all or none"
-            )
-        if "itm" in self.objectives and labelled:  # the file's own matching labels
+        labelled = sum("label" in r for r in lines)
+        if "itm" in self.objectives and labelled:  # the file's own matching labels, on every line or on none
+            if labelled < len(lines):
+                first = next(i for i, r in enumerate(lines) if "label" not in r)
+                raise DataError(
+                    f"{self.path(self.jsonl_file)}: split '{split}' has 'label' on {labelled} of {len(lines)} lines "
+                    f"(its line {first + 1} in the split has none): ITM uses the file's labels when every line has "
+                    "one, else draws its own negatives; give all or none"
+                )
             return LabelledPairs(lines, source)
         captions = [{"caption": r["text"], "image_id": str(r["image_id"])} for r in lines]
         if "itm" in self.objectives and len({c["image_id"] for c in captions}) < 2:

@@ -247,26 +247,19 @@ class VQADataModule(AnswerVocabulary, VLDataModule):
                 bad = [label for label in t["labels"] if not 0 <= int(label) < n]
                 if bad:
                     raise DataError(f"{tpath}: question {t['question_id']} has answer label {bad[0]} outside [0, {n})")
-            other = next(
-                (
-                    q
-                    for q in file_questions
-                    if str(file_targets.get(q["question_id"], q)["image_id"]) != str(q["image_id"])
-                ),
-                None,
-            )
-            if other is not None:  # the seed's reader asserts the image ids agree too
-                there = file_targets[other["question_id"]]["image_id"]
-                raise DataError(
-                    f"{tpath}: question {other['question_id']} is on image {there} there, on image "
-                    f"{other['image_id']} in {qpath}"
-                )
-            unlabelled = next((q for q in file_questions if q["question_id"] not in file_targets), None)
-            if tpath is not None and unlabelled is not None:  # the seed's reader asserts questions and targets align
-                raise DataError(
-                    f"{tpath}: no target entry for question {unlabelled['question_id']} of {qpath} (a labelled split "
-                    "needs one per question, its labels may be empty; targets=null declares a split without answers)"
-                )
+            # the seed's reader asserts that questions and targets line up, image ids included
+            for q in file_questions if tpath is not None else []:
+                target = file_targets.get(q["question_id"])
+                if target is None:
+                    raise DataError(
+                        f"{tpath}: no target entry for question {q['question_id']} of {qpath} (a labelled split needs "
+                        "one per question, its labels may be empty; targets=null declares a split without answers)"
+                    )
+                if str(target["image_id"]) != str(q["image_id"]):
+                    raise DataError(
+                        f"{tpath}: question {q['question_id']} is on image {target['image_id']} there, on image "
+                        f"{q['image_id']} in {qpath}"
+                    )
             missing = next((q["image_id"] for q in file_questions if str(q["image_id"]) not in regions), None)
             if missing is not None:
                 raise DataError(f"{regions.path}: no region features for image id {missing} (used in {qpath})")

@@ -63,7 +63,7 @@ class RetrievalEvaluation(L.LightningModule):
         gallery, collator = self._stage_gallery(stage)
         texts = [gallery["texts"][int(q)] for q in batch["query_index"]]
         score = gallery_scorer(self, collator, texts, gallery["visuals"], batch_size=self.retrieval_batch_size)
-        top = np.zeros((len(texts), TOP_IMAGES if stage == "test" else 0), dtype=np.int64)
+        top = np.zeros((len(texts), TOP_IMAGES), dtype=np.int64) if stage == "test" else None
         ranks = chunked_ranks(
             score,
             len(texts),

@@ -40,13 +40,13 @@ def _records(n_images: int = 9, dim: int = 12, classes: int = 5, seed: int = 0, 
     recs = []
     for i in range(n_images):
         n = int(rng.integers(1, 6))
-        xy = rng.uniform(0, 50, (n, 2))
+        xy = rng.uniform(0, 40, (n, 2))  # boxes inside the 80+ x 60 image (a reader refuses boxes outside it)
         recs.append(
             {
                 "image_id": 1000 + i if i % 3 else f"img_{i}",
                 "image_w": 80 + i,
                 "image_h": 60,
-                "boxes": np.concatenate([xy, xy + rng.uniform(1, 40, (n, 2))], 1).astype(np.float32),
+                "boxes": np.concatenate([xy, xy + rng.uniform(1, 20, (n, 2))], 1).astype(np.float32),
                 "features": rng.standard_normal((n, dim)).astype(np.float32),
                 "cls_prob": rng.dirichlet(np.ones(classes), n).astype(np.float32) if cls else None,
             }
@@ -288,6 +288,42 @@ def test_truncated_records_name_file_and_id(tmp_path: Path) -> None:
         with pytest.raises(DataError, match="truncated") as e:
             reader[last]
         assert str(file) in str(e.value) and repr(last) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("box", "w", "h", "ok"),
+    [
+        ([0, 0, 80, 60], 80, 60, True),  # the whole image (x2 = w)
+        ([-1, -1, 81, 61], 80, 60, True),  # 1 px of slack (BOX_SLACK_PX) each side
+        ([10, 10, 30, 95], 80, 60, False),  # y2 beyond h: boxes of a taller image
+        ([10, 10, 90, 30], 80, 60, False),  # x2 beyond w (e.g. image_w / image_h swapped)
+        ([-5, 10, 20, 30], 80, 60, False),
+        ([30, 10, 20, 30], 80, 60, False),  # x2 < x1
+    ],
+)
+def test_boxes_outside_the_image_are_refused_naming_file_and_id(
+    tmp_path: Path, box: list[float], w: int, h: int, ok: bool
+) -> None:
+    """A box beyond its record's image (more than BOX_SLACK_PX) says the size fields are not the detection image's:
+    every normalised box (and RefCOCO IoU) of the image would be wrong, where the reader clipped them silently."""
+    recs = _records(2)
+    recs[1] = {**recs[1], "image_w": w, "image_h": h}
+    recs[1]["boxes"] = recs[1]["boxes"].copy()
+    recs[1]["boxes"][-1] = box
+    sid = str(recs[1]["image_id"])
+    write_region_lmdb(tmp_path / "a.lmdb", recs, map_size=1 << 20)
+    write_region_hdf5(tmp_path / "a.h5", recs)
+    write_region_json(tmp_path / "js", recs)
+    for path in (tmp_path / "a.lmdb", tmp_path / "a.h5", tmp_path / "js"):
+        reader = open_region_features(path)
+        reader[str(recs[0]["image_id"])]  # the other record reads
+        if ok:
+            item = reader[sid]
+            assert 0 <= item["boxes_norm"].min() and item["boxes_norm"].max() <= 1
+            continue
+        with pytest.raises(DataError, match="'boxes' row") as e:
+            reader[sid]
+        assert str(path) in str(e.value) and repr(sid) in str(e.value) and f"{w}x{h}" in str(e.value), str(e.value)
 
 
 def test_wrong_paths_and_formats(tmp_path: Path) -> None:

@@ -438,6 +438,28 @@ def test_image_without_features(corpus: tuple[Path, list[Path]], tmp_path: Path)
     _module(root, features="refcoco+/dets_new.lmdb", gt_features="refcoco+/gt_new.lmdb").dataset("val")
 
 
+def test_feature_image_size_must_be_the_instances(corpus: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """Region records whose image_w x image_h differ from the COCO instances' width x height (features of a resized
+    image): every IoU of that image would mix two pixel scales, so fetching its example fails naming both files."""
+    root = _copy(corpus, tmp_path)
+    refs = load_refs(root / "refcoco+" / "refs(unc).p")
+    ref = next(r for r in refs if r["split"] == "train")
+    inst_path = root / "refcoco+" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    image = next(img for img in inst["images"] if img["id"] == ref["image_id"])
+    feats = open_region_features(root / "refcoco+" / "dets.lmdb")[str(ref["image_id"])]
+    assert (image["width"], image["height"]) == (feats["image_w"], feats["image_h"])  # the corpus agrees
+    image["width"] *= 2
+    inst_path.write_text(json.dumps(inst))
+    data = _module(root).dataset("train")
+    index = next(i for i, ex in enumerate(data.examples) if ex.image_id == ref["image_id"])
+    other = next(i for i, ex in enumerate(data.examples) if ex.image_id != ref["image_id"])
+    data[other]  # the other images read
+    with pytest.raises(DataError, match=rf"dets\.lmdb: image id {ref['image_id']} has image_w x image_h") as e:
+        data[index]
+    assert "instances.json" in str(e.value) and f"{image['width']}x{image['height']}" in str(e.value)
+
+
 def test_embedded_corpus_gets_refcoco_files(data_dir: Path) -> None:
     from tests.conftest import TINY_CORPUS_IMAGES
 

@@ -71,8 +71,14 @@ class RefCOCOExpressions(Dataset):
         max_regions: int = 36,
         iou_plus_one: bool = True,
         gt_regions_first: bool = False,
+        image_sizes: dict[int, tuple[int, int]] | None = None,
+        sizes_file: Path | None = None,
     ) -> None:
+        """`image_sizes` (image id -> (width, height), the COCO instances' `images`, read from `sizes_file`): each
+        image's region records must carry the same `image_w` / `image_h` (`check_size`)."""
         self.examples = examples
+        self.image_sizes = image_sizes
+        self.sizes_file = sizes_file
         self.gt_regions_first = bool(gt_regions_first)
         self.dets = dets
         self.gt = gt
@@ -88,11 +94,29 @@ class RefCOCOExpressions(Dataset):
         """The example's region dict (detections, + GT regions when this split has them), <= max_regions rows, and
         `global_feature` (D,): the mean of all the image's detections (see the module docstring)."""
         image_id = str(self.examples[index].image_id)
-        dets = self.dets[image_id]
-        gt = self.gt[image_id] if self.gt is not None else None
+        dets = self.check_size(self.dets, self.dets[image_id])
+        gt = self.check_size(self.gt, self.gt[image_id]) if self.gt is not None else None
         out = concat_regions(dets, gt, self.max_regions, gt_first=self.gt_regions_first)
         out["global_feature"] = global_feature(dets)
         return out
+
+    def check_size(self, reader: RegionReader, visual: dict[str, Any]) -> dict[str, Any]:
+        """`visual` (a region record of `reader`), or a DataError naming both files and the image when its
+        `image_w` x `image_h` is not the COCO instances' width x height: the GT box is in the instances' pixels and
+        the regions in the record's, so every IoU (targets, accuracy) of the image would be computed across two
+        scales (features extracted from a resized image, or another image under that id)."""
+        if self.image_sizes is None:
+            return visual
+        image_id = int(visual["image_id"])
+        want = self.image_sizes.get(image_id)
+        have = (int(visual["image_w"]), int(visual["image_h"]))
+        if want is not None and have != want:
+            raise DataError(
+                f"{reader.path}: image id {image_id} has image_w x image_h = {have[0]}x{have[1]}, but {self.sizes_file} "
+                f"gives that image width x height = {want[0]}x{want[1]}: its region boxes and the referred boxes are in "
+                "different pixels (features of a resized image?)"
+            )
+        return visual
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
@@ -264,6 +288,8 @@ class RefCOCODataModule(VLDataModule):
             max_regions=self.max_regions,
             iou_plus_one=self.iou_plus_one,
             gt_regions_first=self.gt_regions_first,
+            image_sizes=inst.sizes,
+            sizes_file=inst.path,
         )
 
     def _check_dims(self, gt: RegionReader) -> None:

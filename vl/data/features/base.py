@@ -89,6 +89,30 @@ def check_finite(path: Path, sid: str, field: str, arr: np.ndarray | None) -> No
         raise DataError(f"{path}: image id {sid!r}: {field!r} has {bad} non-finite value(s) (NaN/inf)")
 
 
+#: how far (pixels) a region box may reach outside its record's image before the record is refused: detectors clip their
+#: boxes to the image (bottom-up attention: to [0, w - 1]), so a box further out says the record's image_w / image_h
+#: are not the size its boxes were detected at (e.g. features of a resized image), and every normalised box and IoU
+#: of that image would be wrong
+BOX_SLACK_PX = 1.0
+
+
+def check_boxes_inside(path: Path, sid: str, boxes: np.ndarray, w: int, h: int) -> None:
+    """DataError naming the file, image id and first box when a box reaches more than `BOX_SLACK_PX` outside the
+    record's image [0, w] x [0, h], or has x2 < x1 / y2 < y1."""
+    if not boxes.size:
+        return
+    limit = np.array([w, h, w, h], dtype=np.float64) + BOX_SLACK_PX
+    b = boxes.astype(np.float64)
+    bad = (b < -BOX_SLACK_PX).any(1) | (b > limit).any(1) | (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{path}: image id {sid!r}: field 'boxes' row {i} = {[round(float(v), 2) for v in b[i]]} is not an x1y1x2y2 "
+            f"box inside the record's image ({w}x{h}, image_w x image_h; {int(bad.sum())} such box(es)): the boxes "
+            "were detected on an image of another size, or the size fields are wrong"
+        )
+
+
 def normalise_boxes(boxes: np.ndarray, w: float, h: float) -> np.ndarray:
     """(N, 4) x1y1x2y2 pixel boxes -> the readers' ``boxes_norm``: / (w, h, w, h), clipped to [0, 1], float32."""
     scale = np.array([w, h, w, h], dtype=np.float32)
@@ -105,11 +129,13 @@ def make_item(
     h: int,
 ) -> dict[str, Any]:
     """The reader output dict (shared by every format so they agree bit for bit). Non-finite values (NaN/inf, e.g.
-    from same-size damage of the file) are a DataError naming the file, image id and field."""
+    from same-size damage of the file) and boxes outside the record's image (`check_boxes_inside`) are a DataError
+    naming the file, image id and field."""
     if w <= 0 or h <= 0:
         raise DataError(f"{path}: record for image id {sid!r} has image size {w}x{h}")
     for field, arr in (("features", features), ("boxes", boxes), ("cls_prob", cls_prob)):
         check_finite(path, sid, field, arr)
+    check_boxes_inside(path, sid, boxes, w, h)
     boxes_norm = normalise_boxes(boxes, w, h)
     return {
         "image_id": sid,

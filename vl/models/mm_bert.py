@@ -31,27 +31,17 @@ exhaustive retrieval test) is `vl.models.mm_bert_test_stage.MMBertTestStage`.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from vl.batch import EncoderOutput, region_feature_dim
-from vl.errors import ConfigError
 from vl.heads.mm_bert import BinaryImageTextMatching  # noqa: F401  (registers the MM-BERT heads)
 from vl.models.bert_backbone import build_bert
-from vl.models.checkpoints import (
-    VLBERT_PARTS,
-    bert_weights_file,
-    load_mlm_head_file,
-    mbert_hybrid_state,
-    read_state_dict,
-    vlbert_hybrid_state,
-)
+from vl.models.checkpoints import load_hybrid_init
 from vl.models.mm_bert_test_stage import MMBertTestStage
 from vl.models.system import VLSystem
-from vl.pretrained import log_key_report
 
 log = logging.getLogger(__name__)
 
@@ -294,41 +284,10 @@ class MMBertSystem(MMBertTestStage, VLSystem):
 
     # ------------------------------------------------------------------ hybrid init
     def hybrid_init(self, mbert_dir: str | None, vlbert_checkpoint: str | None) -> None:
-        """M-BERT's `MBERT_PARTS` from `mbert_dir`, then VL-BERT's `VLBERT_PARTS` from `vlbert_checkpoint` (both maps
-        and their loops in `vl.models.checkpoints.mm_bert`: `mbert_hybrid_state`, `vlbert_hybrid_state`); every
-        missing / unexpected key is logged. A source of which no tensor loads is a ConfigError."""
-        own = self.state_dict()
-        if mbert_dir:
-            model_dir = Path(mbert_dir).expanduser()
-            weights = bert_weights_file(model_dir)
-            if weights is None:
-                raise ConfigError(f"model.mbert_dir: '{model_dir}' holds no model.safetensors or pytorch_model.bin")
-            loaded, unexpected = mbert_hybrid_state(read_state_dict(weights, key="model.mbert_dir"), own)
-            if not loaded:
-                raise ConfigError(f"model.mbert_dir: no M-BERT tensor of '{mbert_dir}' matches the model's names")
-            self.load_state_dict(loaded, strict=False)
-            missing = [k for k in own if k.startswith("encoder.bert.") and k not in loaded]
-            log_key_report(f"hybrid init: M-BERT from {mbert_dir}", missing, unexpected)
-            if "mlm" in self.objectives:  # M-BERT's MLM head, as the seed loads it from the language model
-                _, bad = load_mlm_head_file(self, weights)
-                if bad:
-                    raise ConfigError(f"model.mbert_dir: {weights}: the MLM head's {bad[0]} has another shape")
-        if vlbert_checkpoint:
-            loaded, unexpected = vlbert_hybrid_state(
-                read_state_dict(vlbert_checkpoint, key="model.vlbert_checkpoint"), own
-            )
-            if not loaded:
-                raise ConfigError(
-                    f"model.vlbert_checkpoint: no tensor of '{vlbert_checkpoint}' is one of the hybrid init's VL-BERT "
-                    f"parts ({', '.join(VLBERT_PARTS)})"
-                )
-            self.load_state_dict(loaded, strict=False)
-            wanted = [k for k in own if any(k.startswith(v) for v in VLBERT_PARTS.values())]
-            log_key_report(
-                f"hybrid init: VL-BERT parts from {vlbert_checkpoint}",
-                [k for k in wanted if k not in loaded],
-                unexpected,
-            )
+        """M-BERT's `MBERT_PARTS` (and its MLM head when the model trains MLM) from `mbert_dir`, then VL-BERT's
+        `VLBERT_PARTS` from `vlbert_checkpoint` (`vl.models.checkpoints.load_hybrid_init`); every missing / unexpected
+        key is logged. A source of which no tensor loads is a ConfigError."""
+        load_hybrid_init(self, mbert_dir, vlbert_checkpoint, mlm_head="mlm" in self.objectives)
 
     # ------------------------------------------------------------------ optimisation
     def total_batch_size(self) -> int:

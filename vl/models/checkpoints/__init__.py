@@ -10,7 +10,8 @@ checkpoint format, every public name importable from here.
 - `vilbert`: `map_vilbert_key` renames a `vilbert-multi-task` / `vilbert_beta` checkpoint to `VilbertSystem` keys;
   the seed's alignment head becomes vl's ITM head (`seed_itm_transform`).
 - `mm_bert`: `mbert_hybrid_state` / `vlbert_hybrid_state` take MM-BERT's hybrid init from M-BERT and VL-BERT
-  checkpoints.
+  checkpoints; `load_hybrid_init` loads both with the key report (an M-BERT dir is a BERT dir: `mm_bert` sits on
+  `bert`).
 - `vg_bert`: `vg_bert_seed_to_vl` renames VG-BERT's seed checkpoints (its stage-2/3 model or its stage-1 ImageNet
   classifier); `load_vg_bert_seed` loads one with the key report.
 """
@@ -24,7 +25,13 @@ from vl.models.checkpoints.bert import (
     load_bert_parts,
     load_mlm_head_file,
 )
-from vl.models.checkpoints.mm_bert import MBERT_PARTS, VLBERT_PARTS, mbert_hybrid_state, vlbert_hybrid_state
+from vl.models.checkpoints.mm_bert import (
+    MBERT_PARTS,
+    VLBERT_PARTS,
+    load_hybrid_init,
+    mbert_hybrid_state,
+    vlbert_hybrid_state,
+)
 from vl.models.checkpoints.vg_bert import (
     VG_BERT_SEED_PREFIXES,
     VG_BERT_VG_BERT_STAGE1_PREFIXES,
@@ -52,6 +59,7 @@ __all__ = [
     "bert_weights_file",
     "load_bert_mlm_head",
     "load_bert_parts",
+    "load_hybrid_init",
     "load_mapped_state_dict",
     "load_mlm_head_file",
     "load_vg_bert_seed",

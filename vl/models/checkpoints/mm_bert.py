@@ -1,11 +1,19 @@
 """MM-BERT's hybrid init from an M-BERT and a VL-BERT checkpoint: the parts each one gives (`MBERT_PARTS`,
-`VLBERT_PARTS`) under `MMBertSystem`'s names (`mbert_hybrid_state`, `vlbert_hybrid_state`)."""
+`VLBERT_PARTS`) under `MMBertSystem`'s names (`mbert_hybrid_state`, `vlbert_hybrid_state`), loaded into a model with
+the key report (`load_hybrid_init`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from torch import nn
+
+from vl.errors import ConfigError
+from vl.models.checkpoints.base import read_state_dict
+from vl.models.checkpoints.bert import bert_weights_file, load_mlm_head_file
+from vl.pretrained import log_key_report
 
 #: VL-BERT (``vl-bert-base-prec.model``, ``ResNetVLBERTForPretraining*``) key prefixes taken by the hybrid init
 #: (after stripping ``module.``) -> vl parameter names: the seed's list (``smart_hybrid_partial_load_model_state_dict``)
@@ -84,3 +92,38 @@ def vlbert_hybrid_state(
             continue
         loaded[target] = value
     return loaded, unexpected
+
+
+def load_hybrid_init(model: nn.Module, mbert_dir: str | None, vlbert_checkpoint: str | None, *, mlm_head: bool) -> None:
+    """MM-BERT's hybrid init into `model` (an `MMBertSystem`): M-BERT's `MBERT_PARTS` from the HF model dir
+    `mbert_dir` (and its `BertForMaskedLM` head when `mlm_head`, as the seed loads it from the language model), then
+    VL-BERT's `VLBERT_PARTS` from `vlbert_checkpoint`; every missing / unexpected key is logged. A source of which no
+    tensor loads, or an MLM head of another shape, is a ConfigError naming the option and the file."""
+    own = model.state_dict()
+    if mbert_dir:
+        model_dir = Path(mbert_dir).expanduser()
+        weights = bert_weights_file(model_dir)
+        if weights is None:
+            raise ConfigError(f"model.mbert_dir: '{model_dir}' holds no model.safetensors or pytorch_model.bin")
+        loaded, unexpected = mbert_hybrid_state(read_state_dict(weights, key="model.mbert_dir"), own)
+        if not loaded:
+            raise ConfigError(f"model.mbert_dir: no M-BERT tensor of '{mbert_dir}' matches the model's names")
+        model.load_state_dict(loaded, strict=False)
+        missing = [k for k in own if k.startswith("encoder.bert.") and k not in loaded]
+        log_key_report(f"hybrid init: M-BERT from {mbert_dir}", missing, unexpected)
+        if mlm_head:
+            _, bad = load_mlm_head_file(model, weights)
+            if bad:
+                raise ConfigError(f"model.mbert_dir: {weights}: the MLM head's {bad[0]} has another shape")
+    if vlbert_checkpoint:
+        loaded, unexpected = vlbert_hybrid_state(read_state_dict(vlbert_checkpoint, key="model.vlbert_checkpoint"), own)
+        if not loaded:
+            raise ConfigError(
+                f"model.vlbert_checkpoint: no tensor of '{vlbert_checkpoint}' is one of the hybrid init's VL-BERT "
+                f"parts ({', '.join(VLBERT_PARTS)})"
+            )
+        model.load_state_dict(loaded, strict=False)
+        wanted = [k for k in own if any(k.startswith(v) for v in VLBERT_PARTS.values())]
+        log_key_report(
+            f"hybrid init: VL-BERT parts from {vlbert_checkpoint}", [k for k in wanted if k not in loaded], unexpected
+        )

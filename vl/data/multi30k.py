@@ -227,10 +227,13 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
             self._readers[path] = FrcnnJsonRegionReader(path)
         return self._readers[path]
 
-    def records(self, split: str) -> tuple[Path, list[dict[str, Any]], list[tuple[Any, str]]]:
+    def records(
+        self, split: str, *, mlt: bool | None = None
+    ) -> tuple[Path, list[dict[str, Any]], list[tuple[Any, str]]]:
         """(annotation file, its records, (reader, image id) per record); DataError naming file and line for an image
-        without a per-image FRCNN file."""
-        mlt = self.task == "mlt"
+        without a per-image FRCNN file. `mlt`: the MLT annotations (a line per word pair) or the plain ones (a line per
+        image); None: the MLT ones for `task: mlt`."""
+        mlt = self.task == "mlt" if mlt is None else mlt
         path = self.path(self.mlt_annotations if mlt else self.annotations, split)
         records = read_annotations(path, MLT_KEYS if mlt else ANNOTATION_KEYS)
         images = []

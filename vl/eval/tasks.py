@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vl.config import schema_from_signature
+from vl.eval.distance import distance_translation
 from vl.eval.retrieval import zero_shot_retrieval
 
 #: the arguments every task receives from `evaluate`; the rest are its options
@@ -135,6 +136,7 @@ TASKS = {
     "memory_colors": memory_colors,
     "visual_property_norms": visual_property_norms,
     "concreteness": concreteness,
+    "distance_translation": distance_translation,
 }
 
 

@@ -20,6 +20,7 @@ The seed's pieces (phaedonmit/VL-BERT, reference only):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,14 @@ def distance_recalls(en: np.ndarray, de: np.ndarray, prefix: str = "test") -> di
 
 @torch.no_grad()
 def caption_vectors(
-    model: torch.nn.Module, collator: Any, examples: list[dict[str, Any]], *, batch_size: int, device: str
+    model: torch.nn.Module, collator: Any, examples: Sequence[dict[str, Any]], *, batch_size: int, device: str
 ) -> np.ndarray:
     """(N, H) float32: the encoder's last-layer state at each row's [CLS] (text position 0), rows in `batch_size`
-    blocks of fixed shape (a row's vector does not depend on the rows beside it)."""
+    blocks of fixed shape (a row's vector does not depend on the rows beside it); `examples` is indexed one block at
+    a time, so a dataset reads only that block's images."""
     out = []
     for start in range(0, len(examples), batch_size):
-        batch = collator(examples[start : start + batch_size])
+        batch = collator([examples[i] for i in range(start, min(start + batch_size, len(examples)))])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         out.append(model(batch).text[:, 0].float().cpu().numpy())
     return np.concatenate(out)
@@ -120,8 +122,6 @@ def distance_translation(
     for language in ("en", "de"):
         rows = [{"text": r[f"caption_{language}"], "image": im if vision else None} for r, im in zip(records, images)]
         examples = Multi30kExamples(rows, dm.max_regions)
-        vectors[language] = caption_vectors(
-            model, collator, [examples[i] for i in range(len(examples))], batch_size=int(batch_size), device=device
-        )
+        vectors[language] = caption_vectors(model, collator, examples, batch_size=int(batch_size), device=device)
         write_vectors(Path(output_dir) / f"distance_{language}_{split}.json", vectors[language])
     return distance_recalls(vectors["en"], vectors["de"], prefix=split)

@@ -619,3 +619,112 @@ def test_checkpoint_scorer_region_model_gets_masked_zero_region(tmp_path):
         )  # masked-out region content does not matter
         pos = (enc["input_ids"][0] == sc.tokenizer.mask_token_id).nonzero().item()
         assert torch.allclose(logits[0], sc.system.objectives["mlm"].logits(out.text[0, pos]), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ LXMERT: the seed's dropout
+def _seed_language_only_x_layer(config):
+    """The seed's `LxmertLanguageOnlyXLayer` (`models/src/lxmert/alterations.py`), transcribed."""
+    from transformers.models.lxmert.modeling_lxmert import LxmertXLayer
+
+    class SeedLayer(LxmertXLayer):
+        def forward(
+            self, lang_feats, lang_attention_mask, visual_feats, visual_attention_mask, output_attentions=False
+        ):
+            lang_att_output = self.visual_attention.output(torch.zeros_like(lang_feats), lang_feats)
+            lang_att_output, visual_att_output = self.self_att(
+                lang_att_output, lang_attention_mask, torch.zeros_like(visual_feats), visual_attention_mask
+            )
+            return self.output_fc(lang_att_output, visual_att_output)
+
+    return SeedLayer(config)
+
+
+def _seed_vpn_lxmert(model_dir: Path):
+    """The seed's Visual Property Norms notebook, LXMERT cell: `from_pretrained`, the encoder copied, fresh
+    language-only x-layers, the copy's weights loaded; no `eval()` after it."""
+    import copy
+
+    from transformers import LxmertForPreTraining
+
+    model = LxmertForPreTraining.from_pretrained(str(model_dir))
+    prev_encoder = copy.deepcopy(model.lxmert.encoder)
+    model.lxmert.encoder.x_layers = torch.nn.ModuleList(
+        [_seed_language_only_x_layer(model.lxmert.encoder.config) for _ in range(model.lxmert.encoder.config.x_layers)]
+    )
+    model.lxmert.encoder.load_state_dict(prev_encoder.state_dict())
+    return model
+
+
+def test_vpn_lxmert_scores_with_the_seed_notebooks_dropout(vpn_data, tmp_path):
+    """`lxmert_dropout="seed"` (default): the text-only LXMERT scores Visual Property Norms with dropout on in its
+    cross-modality layers, as the seed's notebook (fresh layers after `from_pretrained`, no `eval()`): vl's logits equal
+    that construction's under the same torch seed per batch; reproducible, the caller's random state untouched;
+    Memory Colors (its notebook calls `eval()`) and `lxmert_dropout="off"` score in eval mode."""
+    from transformers import LxmertForPreTraining
+
+    from vl.eval.probes import run_probes
+    from vl.eval.probes.scorers import build_scorer
+    from vl.models.text_only import tiny_lxmert_config
+
+    root, _ = vpn_data
+    model_dir = tmp_path / "lxmert"
+    torch.manual_seed(0)
+    LxmertForPreTraining(tiny_lxmert_config()).save_pretrained(model_dir)
+    scorer = build_scorer(f"lxmert:{model_dir}", name="lxmert")
+    scorer.batch_size = 3
+    texts = [r["query"] for r in vpn.load_queries(root / "queries" / "template_0_pf_2.jsonl")]
+    assert len(texts) == 8  # three batches of 3, 3, 2
+
+    seed_model = _seed_vpn_lxmert(model_dir)
+    assert not seed_model.lxmert.embeddings.training and all(x.training for x in seed_model.lxmert.encoder.x_layers)
+    expected = []
+    with torch.no_grad():
+        for i, start in enumerate(range(0, len(texts), 3)):
+            enc = scorer.tokenizer(texts[start : start + 3], return_tensors="pt", padding=True)
+            n = enc["input_ids"].shape[0]
+            torch.manual_seed(11 + i)
+            logits = seed_model(
+                **enc, visual_feats=torch.zeros(n, 1, 2048), visual_pos=torch.zeros(n, 1, 4)
+            ).prediction_logits
+            pos = (enc["input_ids"] == scorer.tokenizer.mask_token_id).long().argmax(1)
+            expected.append(logits[torch.arange(n), pos])
+    expected = torch.cat(expected)
+    seed_model.eval()
+    with torch.no_grad():
+        enc = scorer.tokenizer(texts, return_tensors="pt", padding=True)
+        n = enc["input_ids"].shape[0]
+        logits = seed_model(
+            **enc, visual_feats=torch.zeros(n, 1, 2048), visual_pos=torch.zeros(n, 1, 4)
+        ).prediction_logits
+        pos = (enc["input_ids"] == scorer.tokenizer.mask_token_id).long().argmax(1)
+        eval_mode = logits[torch.arange(n), pos]
+
+    scorer.set_cross_dropout(True, seed=11)
+    state = torch.get_rng_state()
+    got = scorer.mask_logits(texts)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is where it was
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (got - eval_mode).abs().max() > 1e-3  # dropout is really on
+    scorer.set_cross_dropout(True, seed=11)
+    assert torch.equal(scorer.mask_logits(texts), got)  # reproducible
+    scorer.set_cross_dropout(False)
+    assert torch.allclose(scorer.mask_logits(texts), eval_mode, atol=1e-5)
+
+    # run_probes: on for Visual Property Norms by default, off with lxmert_dropout="off" and for Memory Colors
+    common = dict(queries=root / "queries", labels=root / "labels.txt", random_baseline=False, seed=11)
+    first, _ = run_probes("visual_property_norms", {"lxmert": scorer}, out_dir=tmp_path / "a", **common)
+    assert scorer.cross_dropout and all(x.training for x in scorer.model.model.lxmert.encoder.x_layers)
+    again, _ = run_probes("visual_property_norms", {"lxmert": scorer}, out_dir=tmp_path / "b", **common)
+    assert first == again
+    off, _ = run_probes(
+        "visual_property_norms", {"lxmert": scorer}, out_dir=tmp_path / "c", lxmert_dropout="off", **common
+    )
+    assert not scorer.cross_dropout and not any(m.training for m in scorer.model.modules())
+    assert off != first
+    items = tmp_path / "mc.jsonl"
+    items.write_text('{"item": "banana", "descriptor": "a", "label": "yellow"}\n')
+    scorer.set_cross_dropout(True)
+    run_probes("memory_colors", {"lxmert": scorer}, out_dir=tmp_path / "d", data=items, random_baseline=False)
+    assert not scorer.cross_dropout
+    with pytest.raises(ConfigError, match="lxmert_dropout"):
+        run_probes("visual_property_norms", {"lxmert": scorer}, out_dir=tmp_path / "e", lxmert_dropout="on", **common)

@@ -166,6 +166,14 @@ class LxmertTextOnly(nn.Module):
         self.config = model.config
         self.generator = torch.Generator().manual_seed(seed)
 
+    def cross_layer_dropout(self, on: bool) -> None:
+        """Dropout in the language-only cross-modality layers on (their training mode) or off; the rest of the model
+        keeps its mode. The seed's Visual Property Norms notebook builds those layers fresh after `from_pretrained`
+        (which leaves the model in eval mode) and never calls `eval()`, so its published LXMERT row ran them with
+        dropout; its Memory Colors notebook calls `eval()` after the swap."""
+        for layer in self.model.lxmert.encoder.x_layers:
+            layer.train(on)
+
     def dummy_visual(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         feats = torch.rand(batch_size, 1, self.config.visual_feat_dim, generator=self.generator) * 10.0
         pos = torch.rand(batch_size, 1, self.config.visual_pos_dim, generator=self.generator)

@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         default="query",
         help="visual_property_norms: MAP over all queries of a (pf, template) as the seed (default) or per concept first",
     )
+    parser.add_argument(
+        "--lxmert-dropout",
+        choices=["seed", "off"],
+        default="seed",
+        help="text-only LXMERT: as the seed's notebooks (Visual Property Norms with dropout on in the cross-modality "
+        "layers, seeded by --seed; Memory Colors in eval mode; default) or eval mode for both",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -54,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
             average=args.average,
+            lxmert_dropout=args.lxmert_dropout,
         )
     except VLError as err:
         print(f"error: {err}", file=sys.stderr)

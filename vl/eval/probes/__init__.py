@@ -69,13 +69,24 @@ def run_probes(
     seed: int = 0,
     device: str = "cpu",
     average: str = "query",
+    lxmert_dropout: str = "seed",
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """Run `task` for every scorer; returns (results per model name, flat metrics) and writes the report.
-    `average`: visual_property_norms' averaging within a (pf, template) (`run_visual_property_norms`)."""
+    `average`: visual_property_norms' averaging within a (pf, template) (`run_visual_property_norms`).
+    `lxmert_dropout`: "seed" scores the text-only LXMERT as the seed's notebook of the task did: Visual Property Norms
+    with dropout on in its language-only cross-modality layers (the notebook never called `eval()` after swapping
+    them in; seeded from `seed`, `LxmertTextOnlyScorer.set_cross_dropout`), Memory Colors in eval mode; "off": eval
+    mode for both (deterministic logits)."""
     from vl.eval.probes.scorers import ClipTextEmbedder, RandomScorer
 
     if average not in ("query", "concept"):
         raise ConfigError(f"average: '{average}' is not 'query' (the seed's mean over queries) or 'concept'")
+    if lxmert_dropout not in ("seed", "off"):
+        raise ConfigError(f"lxmert_dropout: '{lxmert_dropout}' is not 'seed' (as the seed's notebooks) or 'off'")
+    for scorer in scorers.values():
+        set_cross_dropout = getattr(scorer, "set_cross_dropout", None)
+        if set_cross_dropout is not None:
+            set_cross_dropout(task == "visual_property_norms" and lxmert_dropout == "seed", seed=seed)
     clip_text = ClipTextEmbedder(clip_model, device=device) if clip_model else None
     runs: list[tuple[str, Any, Any]] = []
     for name, scorer in scorers.items():

@@ -206,10 +206,10 @@ class CheckpointScorer(_BatchedScorer):
         return self.system.objectives["mlm"].logits(_at(out.text, positions))
 
 
-class LxmertTextOnlyScorer(_BatchedScorer):
-    """`vl.models.text_only.LxmertTextOnly` (dummy visual input; it cannot affect the logits)."""
+class _TextOnlyScorer(_BatchedScorer):
+    """A `vl.models.text_only` wrapper: `model(input_ids, attention_mask, token_type_ids) -> (B, T, V)` logits."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str = "lxmert", device: str = "cpu") -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, name: str = "model", device: str = "cpu") -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -220,7 +220,36 @@ class LxmertTextOnlyScorer(_BatchedScorer):
         return _at(logits, positions)
 
 
-class VisualBertTextOnlyScorer(LxmertTextOnlyScorer):
+class LxmertTextOnlyScorer(_TextOnlyScorer):
+    """`vl.models.text_only.LxmertTextOnly` (dummy visual input; it cannot affect the logits).
+
+    `set_cross_dropout(True, seed=s)`: the language-only cross-modality layers score with dropout on, as the seed's
+    Visual Property Norms notebook ran them (`LxmertTextOnly.cross_layer_dropout`), reproducibly: batch i of the
+    scorer's calls runs with torch's generators seeded to s + i inside `torch.random.fork_rng` (the caller's random
+    state is left as it was). `run_probes(lxmert_dropout="seed")` turns it on for that probe only."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str = "lxmert", device: str = "cpu") -> None:
+        super().__init__(model, tokenizer, name=name, device=device)
+        self.cross_dropout = False
+        self.dropout_seed = 0
+        self._batches = 0
+
+    def set_cross_dropout(self, on: bool, *, seed: int = 0) -> None:
+        self.model.eval()
+        self.model.cross_layer_dropout(on)
+        self.cross_dropout, self.dropout_seed, self._batches = bool(on), int(seed), 0
+
+    def _logits(self, enc, positions, image_embeds):
+        if not self.cross_dropout:
+            return super()._logits(enc, positions, image_embeds)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.dropout_seed + self._batches)
+            self._batches += 1
+            return super()._logits(enc, positions, image_embeds)
+
+
+class VisualBertTextOnlyScorer(_TextOnlyScorer):
     """`vl.models.text_only.VisualBertTextOnly` (no visual embeddings)."""
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,8 @@ import lightning as L
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, open_dict
+
+from vl.data.formats.jsonl import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,14 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 def write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
     """`rows` under `header` to `path`, through a temp file beside it and `os.replace`: a kill leaves the old file or
     the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
 
 
 def _step(row: dict[str, Any]) -> float | None:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vl.data.formats.jsonl import write_atomically
 from vl.data.formats.vqa import build_targets, load_annotations, load_answer_vocab, load_label2ans, load_questions
 from vl.data.formats.vqa_answers import EVALUATORS, trainval_minval_split
 from vl.errors import DataError
@@ -44,9 +44,7 @@ def _progress(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _read_split(questions_path: Path, annotations_path: Path) -> tuple[dict[str, Any], list[dict], list[dict]]:

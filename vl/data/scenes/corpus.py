@@ -47,6 +47,7 @@ from vl.data.features import (
     HDF5RegionReader,
     RegionFeatureReader,
 )
+from vl.data.formats.jsonl import write_atomically
 from vl.data.scenes.generator import (
     GENERATOR_VERSION,
     NUM_REGION_CLASSES,
@@ -219,9 +220,7 @@ def write_part(root: str | Path, part: str, scenes: Sequence[Scene], settings: S
         "settings": settings.to_dict(),
         "files": _file_entries(root, written),
     }
-    tmp = manifest.with_name(f".{part}.json.tmp")
-    write_json(tmp, record)
-    os.replace(tmp, manifest)
+    write_atomically(manifest, lambda tmp: write_json(tmp, record))
 
 
 def _file_entries(root: Path, written: Sequence[Path], unhashed_dir: Path | None = None) -> list[dict[str, Any]]:
@@ -264,9 +263,7 @@ def _write_manifest(
         },
         "files": files,
     }
-    tmp = paths["manifest"].with_name(".manifest.json.tmp")
-    write_json(tmp, manifest)
-    os.replace(tmp, paths["manifest"])
+    write_atomically(paths["manifest"], lambda tmp: write_json(tmp, manifest))
 
 
 # ------------------------------------------------------------------------------------------- checking and caching

@@ -22,7 +22,8 @@ from vl.heads.vg_bert import (
     relation_scores,
     similarity_matrix,
 )
-from vl.models.vg_bert import CrossAttention, VGBertEncoder, object_pool, recall_at_k
+from vl.models.ranking import recall_at_k
+from vl.models.vg_bert import CrossAttention, VGBertEncoder, object_pool
 from vl.models.vgg import SpatialSelfAttention, VGG16Features, VGGAttention, load_vgg_features
 
 # torchvision's vgg16 "D" configuration, written out by hand (not imported from vl)

@@ -1,6 +1,7 @@
 """Ranking a retrieval gallery with a cross-encoder, in chunks: each caption's gold rank among all images, never a
 captions x images score matrix. Used by the system's val/test retrieval step and by `vl.eval.retrieval`; and both
-directions at once (`exhaustive_retrieval`: image and caption retrieval over N aligned pairs, MM-BERT's protocol)."""
+directions at once (`exhaustive_retrieval`: image and caption retrieval over N aligned pairs, MM-BERT's protocol).
+`recall_at_k` ranks a dual encoder's (N, N) similarity matrix of N aligned pairs (VG-BERT's whole-split retrieval)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from vl.data.region_batch import pad_regions
 from vl.metrics import median_rank
 from vl.progress import progress
 
-__all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer"]
+__all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer", "recall_at_k"]
 
 #: score_block(text_indices, image_indices) -> (len(texts), len(images)) scores, higher = better match
 ScoreBlock = Callable[[list[int], list[int]], torch.Tensor]
@@ -234,3 +235,21 @@ def exhaustive_retrieval(
             metrics[f"{name}_recall@{k}"] = float((ranks <= k).double().mean())
         metrics[f"{name}_median_rank"] = float(median_rank(ranks))  # the same medR as every vl retrieval metric
     return metrics
+
+
+def recall_at_k(sim: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """sim (N, N), image i <-> caption i gold: R@k image->text (rows) and text->image (columns), and their mean.
+
+    A gold's rank is the number of candidates scoring at least its score - 1e-9, itself included: ties count against
+    the gold, as in every vl ranking (`chunked_ranks`), so a collapsed scorer (one score for
+    every pair) ranks every gold last (R@k = 0 for k < N), not first (R@k = 1)."""
+    gold = torch.arange(sim.shape[0])
+    sim = sim.float().cpu()
+    rank_i2t = (sim >= sim[gold, gold][:, None] - 1e-9).sum(1)
+    rank_t2i = (sim >= sim[gold, gold][None, :] - 1e-9).sum(0)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"r{k}_i2t"] = float((rank_i2t <= k).float().mean())
+        out[f"r{k}_t2i"] = float((rank_t2i <= k).float().mean())
+        out[f"r{k}_mean"] = (out[f"r{k}_i2t"] + out[f"r{k}_t2i"]) / 2
+    return out

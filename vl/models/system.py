@@ -336,14 +336,18 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining, Optimisation)
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return {k: v.detach().cpu() for k, v in self.infer(batch, top_k=int(getattr(self, "predict_top_k", 5))).items()}
 
-    def gathered_predictions(self) -> list[dict[str, Any]]:
-        """Predictions from all ranks, de-duplicated by their `key`."""
-        preds = self.predictions
+    @staticmethod
+    def from_all_ranks(items: list[Any]) -> list[Any]:
+        """Every rank's `items`, rank 0's first (`all_gather_object`); `items` itself in a single process."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             everything: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(everything, preds)
-            preds = [p for part in everything for p in part]
-        return list({p["key"]: p for p in preds}.values())
+            torch.distributed.all_gather_object(everything, items)
+            return [item for part in everything for item in part]
+        return items
+
+    def gathered_predictions(self) -> list[dict[str, Any]]:
+        """Predictions from all ranks, de-duplicated by their `key`."""
+        return list({p["key"]: p for p in self.from_all_ranks(self.predictions)}.values())
 
     def _datamodule(self) -> Any:
         """The trainer's `VLDataModule`, or None (a model run on bare dataloaders)."""

@@ -61,6 +61,7 @@ from vl.errors import ConfigError
 from vl.heads.vg_bert import GroundingContrastive, RelationalGrounding, TransferRetrieval
 from vl.models.bert_backbone import build_bert
 from vl.models.checkpoints import load_vg_bert_seed, vg_bert_seed_layout
+from vl.models.ranking import recall_at_k
 from vl.models.system import VLSystem
 from vl.models.vgg import VGG16_CFG, VGGAttention, load_vgg_features
 from vl.optimizers import build_optimizer
@@ -273,25 +274,6 @@ class VGBertEncoder(nn.Module):
         return EncoderOutput(text=text, visual=visual, pooled=text.mean(1))
 
 
-# ------------------------------------------------------------------------------------------------ retrieval
-def recall_at_k(sim: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """sim (N, N), image i <-> caption i gold: R@k image->text (rows) and text->image (columns), and their mean.
-
-    A gold's rank is the number of candidates scoring at least its score - 1e-9, itself included: ties count against
-    the gold, as in every vl ranking (`vl.models.ranking.chunked_ranks`), so a collapsed scorer (one score for
-    every pair) ranks every gold last (R@k = 0 for k < N), not first (R@k = 1)."""
-    gold = torch.arange(sim.shape[0])
-    sim = sim.float().cpu()
-    rank_i2t = (sim >= sim[gold, gold][:, None] - 1e-9).sum(1)
-    rank_t2i = (sim >= sim[gold, gold][None, :] - 1e-9).sum(0)
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"r{k}_i2t"] = float((rank_i2t <= k).float().mean())
-        out[f"r{k}_t2i"] = float((rank_t2i <= k).float().mean())
-        out[f"r{k}_mean"] = (out[f"r{k}_i2t"] + out[f"r{k}_t2i"]) / 2
-    return out
-
-
 class VGBertSystem(VLSystem):
     """The shared system with VG-BERT's optimiser / schedule and whole-split retrieval ranks (module docstring)."""
 
@@ -440,12 +422,7 @@ class VGBertSystem(VLSystem):
         head = self._retrieval_head()
         if head is None:
             return
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            everyone: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, items)
-            items = [it for part in everyone for it in part]
+        items = self.from_all_ranks(items)
         if not items:
             return
         images = tuple(torch.cat([it[0][i] for it in items]) for i in range(len(items[0][0])))

@@ -225,15 +225,20 @@ def test_datamodule_contract(corpus) -> None:
             a, r = rec["answer_label"], rec["rationale_label"]
             choices = ex["choices"]
             assert all(set(c) == {"text", "text_b"} for c in choices)
+            # the Q->A rows and the QA->R rows named by their own draws, as the seed's two task datasets
+            qa, qar = (record_texts(rec, dm.names, task=t) for t in ("Q-A", "QA-R"))
             q = choices[0]["text"]
-            assert all(c["text"] == q for c in choices[:4])
-            gold = choices[a]["text_b"]
+            assert all(c["text"] == qa["question"] for c in choices[:4])
+            assert [c["text_b"] for c in choices[:4]] == qa["answers"]
             if split == "test":  # every answer's QA->R block (a complete leaderboard file); labelled under the gold
                 assert ex["mc_labels"] == [a] + [r if i == a else -1 for i in range(4)] and len(choices) == 20
-                assert all(c["text"] == f"{q} [SEP] {choices[i // 4]['text_b']}" for i, c in enumerate(choices[4:]))
+                assert all(
+                    c["text"] == f"{qar['question']} [SEP] {qar['answers'][i // 4]}" for i, c in enumerate(choices[4:])
+                )
             else:
                 assert ex["mc_labels"] == [a, r] and len(choices) == 8
-                assert all(c["text"] == f"{q} [SEP] {gold}" for c in choices[4:])
+                assert all(c["text"] == f"{qar['question']} [SEP] {qar['answers'][a]}" for c in choices[4:])
+            assert [c["text_b"] for c in choices[4:8]] == qar["rationales"]
             visual = ex["visual"]
             assert visual["features"].shape[1] == 2048 and visual["cls_prob"] is not None
             assert int(visual["image_id"]) == image_int_id(rec["img_id"])
@@ -263,7 +268,7 @@ def test_unlabelled_layout(corpus) -> None:
         del r["answer_label"], r["rationale_label"]
     data = VCRQuestions(records, dm.regions, dm.names, has_labels=False)
     ex = data[0]
-    texts = record_texts(records[0], dm.names)
+    texts = record_texts(records[0], dm.names, task="QA-R")
     assert ex["mc_labels"] == [-1] * 5 and len(ex["choices"]) == 20
     for a in range(4):
         for r in range(4):
@@ -282,7 +287,7 @@ def test_qa_to_r_row_tokenises_as_question_sep_answer_then_rationale(corpus) -> 
     dm.setup("fit")
     ex = dm.datasets["train"][0]
     rec = dm.datasets["train"].records[0]
-    texts = record_texts(rec, dm.names)
+    texts = record_texts(rec, dm.names, task="QA-R")
     batch = dm.collator("train")([ex])
     tok = dm.tokenizer
     row = 4 + int(rec["rationale_label"])  # a QA->R row of the first example
@@ -401,12 +406,50 @@ def test_person_names_option_of_the_data_module(corpus) -> None:
         dm.setup("fit")
         data = dm.datasets["train"]
         for i in range(len(data.records)):
-            texts = record_texts(data.records[i], dm.names, draw)
+            texts = record_texts(data.records[i], dm.names, draw, task="Q-A")
             assert data[i]["choices"][0]["text"] == texts["question"]
     with pytest.raises(ConfigError, match="data.person_names: 'unique'"):
         VCRDataModule(person_names="unique")
-    with pytest.raises(ConfigError, match="data.person_names: 'unique'"):
-        VCRDataModule(person_names="unique")
+    dm = VCRDataModule(root=str(root), max_text_len=128, person_names_per="record")  # vl's earlier rule
+    dm.setup("fit")
+    data = dm.datasets["train"]
+    for i in range(len(data.records)):
+        texts = record_texts(data.records[i], dm.names)
+        rec = data.records[i]
+        assert data[i]["choices"][0]["text"] == texts["question"]
+        assert data[i]["choices"][4]["text"] == f"{texts['question']} [SEP] {texts['answers'][rec['answer_label']]}"
+    with pytest.raises(ConfigError, match="data.person_names_per: 'question'"):
+        VCRDataModule(person_names_per="question")
+
+
+def test_the_two_blocks_of_a_question_are_named_by_separate_draws_as_the_seed_tasks() -> None:
+    """vilbert_beta builds its Q->A and QA->R datasets apart (`_load_annotationsQ_A` / `_load_annotationsQA_R`), each
+    calling `generate_random_name` on the record's detections, so a person is named by two independent draws: the same
+    name in both blocks with probability 1 / len(names). Default `person_names_per="task"` draws so (3000 records of one
+    person, a 4-name table: the same name in ~1/4 of them, ~5 sd bounds); "record" names both blocks alike."""
+    names, n = ["A", "B", "C", "D"], 3000
+    records = [
+        {
+            "annot_id": f"val-{k}",
+            "objects": ["person", "car"],
+            "question": ["Is", [0], "near", [1], "?"],
+            "answer_choices": [["Yes", [0], "is", "."], ["No", "."], ["Maybe", "."], ["Never", "."]],
+            "rationale_choices": [[[0], "stands", "."], ["Far", "."], ["Near", "."], ["None", "."]],
+        }
+        for k in range(n)
+    ]
+    qa = [record_texts(r, names, task="Q-A")["question"].split()[1] for r in records]
+    qar = [record_texts(r, names, task="QA-R")["question"].split()[1] for r in records]
+    same = sum(a == b for a, b in zip(qa, qar))
+    sd = (n * (1 / 4) * (3 / 4)) ** 0.5
+    assert abs(same - n / 4) < 5 * sd
+    assert collections.Counter(qar).keys() == set(names)
+    # within a block the naming is consistent: question, answers and rationales name the person alike
+    texts = record_texts(records[0], names, task="QA-R")
+    name = texts["question"].split()[1]
+    assert texts["answers"][0] == f"Yes {name} is ." and texts["rationales"][0] == f"{name} stands ."
+    with pytest.raises(ValueError, match="VCR task 'Q-R'"):
+        record_texts(records[0], names, task="Q-R")
 
 
 def _seed_word_pieces(tok, words: list[str]) -> list[str]:

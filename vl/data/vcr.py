@@ -27,6 +27,7 @@ from vl.data.features import RegionReader
 from vl.data.formats.vcr import (
     NUM_CHOICES,
     PERSON_NAMES,
+    PERSON_NAMES_PER,
     image_int_id,
     load_metadata,
     load_names_table,
@@ -63,7 +64,8 @@ class VCRQuestions(Dataset):
       a == answer_label else -1 for a in 0..3]`` (metrics read the block conditioned on the gold answer).
 
     Person detections are named from ``names`` (``vcr_format.person_names``, fixed per annot_id; ``person_names``:
-    drawn independently per person as the seed, or "distinct")."""
+    drawn independently per person as the seed, or "distinct"; ``person_names_per`` "task": the Q->A rows and the
+    QA->R rows by separate draws, as the seed's two task datasets, or "record": one naming for both)."""
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class VCRQuestions(Dataset):
         self.max_regions = 10**9
         self.qa_text_len: int | None = None  # the Q->A rows' own text length (`data.qa_text_len`), None: the collator's
         self.person_names = "independent"  # `data.person_names` (`vcr_format.PERSON_NAMES`)
+        self.person_names_per = "task"  # `data.person_names_per` (`vcr_format.PERSON_NAMES_PER`)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -123,10 +126,14 @@ class VCRQuestions(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = split_key(key)
         rec = self.records[index]
-        texts = record_texts(rec, self.names, self.person_names)
-        question, answers, rationales = texts["question"], texts["answers"], texts["rationales"]
+        if self.person_names_per == "task":  # the Q->A rows and the QA->R rows named by separate draws, as the
+            qa = record_texts(rec, self.names, self.person_names, task="Q-A")  # seed's two task datasets
+            qar = record_texts(rec, self.names, self.person_names, task="QA-R")
+        else:
+            qa = qar = record_texts(rec, self.names, self.person_names)
         qa_len = {} if self.qa_text_len is None else {"max_text_len": self.qa_text_len}
-        choices = [{"text": question, "text_b": a, **qa_len} for a in answers]
+        choices = [{"text": qa["question"], "text_b": a, **qa_len} for a in qa["answers"]]
+        question, answers, rationales = qar["question"], qar["answers"], qar["rationales"]
         gold = int(rec["answer_label"]) if self.has_labels else -1
         rationale = int(rec.get("rationale_label", -1)) if self.has_labels else -1
         if self.all_rationales:
@@ -200,7 +207,10 @@ class VCRDataModule(VLDataModule):
     ``separate``) tells the schedule (``vl.schedules``). ``person_names`` (``vcr_format.PERSON_NAMES``): "independent"
     (default, the seed's ``generate_random_name``): each person detection's name drawn from the whole names table, so
     two persons may share one; "distinct" (vl's earlier rule): no repeats within a record. Either is seeded by the
-    annot_id (the seed's unseeded draw was fixed by its dataset cache). ``text_truncation``
+    annot_id (the seed's unseeded draw was fixed by its dataset cache). ``person_names_per``
+    (``vcr_format.PERSON_NAMES_PER``): "task" (default, the seed's: its Q->A and QA->R task datasets each name a
+    record's persons with their own draw, so the two blocks of a question may call a person differently; seeded by
+    annot_id and task) or "record" (vl's earlier rule: one naming for both blocks). ``text_truncation``
     (``vl.data.collate.TEXT_TRUNCATION``): "seed" (default, the seed's ``_truncate_seq_pair``: one word piece at a
     time from the longer text, from the choice when they are as long, and the question cut in place, so a later
     choice of the same block sees the question as an earlier one cut it: ``Collator.seed_pairs``); "tokenizer": the
@@ -228,6 +238,7 @@ class VCRDataModule(VLDataModule):
         qa_text_len: int | None = None,
         global_token: str = "all",
         person_names: str = "independent",
+        person_names_per: str = "task",
         text_truncation: str = "seed",
         **kwargs: Any,
     ) -> None:
@@ -237,6 +248,9 @@ class VCRDataModule(VLDataModule):
         if person_names not in PERSON_NAMES:
             raise ConfigError(f"data.person_names: '{person_names}' is not one of {PERSON_NAMES}")
         self.person_names = person_names
+        if person_names_per not in PERSON_NAMES_PER:
+            raise ConfigError(f"data.person_names_per: '{person_names_per}' is not one of {PERSON_NAMES_PER}")
+        self.person_names_per = person_names_per
         if vcr_steps not in VCR_STEPS:
             raise ConfigError(f"data.vcr_steps={vcr_steps!r}: choose 'separate' (the seed's) or 'joint'")
         if qa_text_len is not None and (isinstance(qa_text_len, bool) or int(qa_text_len) < 3):
@@ -317,6 +331,7 @@ class VCRDataModule(VLDataModule):
             records, regions, names, has_labels=bool(records) and all(labelled), all_rationales=split == "test"
         )
         data.gt, data.max_regions, data.person_names = gt, self.max_regions, self.person_names
+        data.person_names_per = self.person_names_per
         if self.vcr_steps == "separate" and self.qa_text_len is not None:  # Q->A rows at the seed's TASK1 length,
             data.qa_text_len = self.qa_text_len  # in every split (vilbert_beta evaluates each task at its own length)
         return data

@@ -36,6 +36,8 @@ __all__ = [
     "load_names_table",
     "load_metadata",
     "PERSON_NAMES",
+    "PERSON_NAMES_PER",
+    "VCR_TASKS",
     "person_names",
     "token_detections",
     "tokens_to_text",
@@ -226,6 +228,12 @@ def _stable_seed(key: str) -> int:
 #: how person detections are named (`data.person_names`): "independent" (the seed's `generate_random_name`: each
 #: person draws from the whole table, so two persons of a record may share a name) or "distinct" (vl's earlier rule)
 PERSON_NAMES = ("independent", "distinct")
+#: which rows share a naming (`data.person_names_per`): "task" (the seed's: its Q->A and QA->R datasets each draw a
+#: record's names on their own, so the two blocks of a question may name a person differently) or "record" (one
+#: naming for both blocks: vl's earlier rule)
+PERSON_NAMES_PER = ("task", "record")
+#: the seed's two VCR task datasets (vilbert_beta `VCR_Q-A`, `VCR_QA-R`): the keys of their separate name draws
+VCR_TASKS = ("Q-A", "QA-R")
 
 
 def person_names(objects: Sequence[str], names: Sequence[str], key: str, draw: str = "independent") -> dict[int, str]:
@@ -260,12 +268,18 @@ def tokens_to_text(tokens: Sequence[Any], objects: Sequence[str], person_names: 
     return " ".join(words)
 
 
-def record_texts(record: Mapping[str, Any], names: Sequence[str], draw: str = "independent") -> dict[str, Any]:
+def record_texts(
+    record: Mapping[str, Any], names: Sequence[str], draw: str = "independent", *, task: str | None = None
+) -> dict[str, Any]:
     """A VCR record as text: ``{"question": str, "answers": [4] str, "rationales": [4] str, "detections": [int]}``
-    (detections referenced anywhere, in order of appearance), persons named by ``person_names(objects, names,
-    annot_id, draw)``, consistently across question, answers and rationales."""
+    (detections referenced anywhere, in order of appearance), persons named by ``person_names(objects, names, key,
+    draw)``, consistently across question, answers and rationales. ``key``: the annot_id, or ``"<annot_id>/<task>"``
+    for one of the seed's task datasets (``VCR_TASKS``), each of which draws its own names."""
     objects = record["objects"]
-    mapping = person_names(objects, names, record["annot_id"], draw)
+    if task is not None and task not in VCR_TASKS:
+        raise ValueError(f"VCR task '{task}' is not one of {VCR_TASKS}")
+    key = str(record["annot_id"]) if task is None else f"{record['annot_id']}/{task}"
+    mapping = person_names(objects, names, key, draw)
     detections: dict[int, None] = {}
     for tokens in [record["question"], *record["answer_choices"], *record["rationale_choices"]]:
         detections.update(dict.fromkeys(token_detections(tokens)))

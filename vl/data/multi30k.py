@@ -1,5 +1,5 @@
-"""Multi30k for MM-BERT (`data=multi30k`, `data=multi30k_retrieval`, `data=multi30k_mlt`, `data=multi30k_mt`,
-`data=wmt_text`, `data=aux_text`): the real layout of
+"""Multi30k for MM-BERT (`data=multi30k`, `data=multi30k_retrieval`, `data=multi30k_translation`,
+`data=multi30k_mlt`, `data=multi30k_mt`, `data=wmt_text`, `data=aux_text`): the real layout of
 ``vl.data.formats.multi30k`` (``root`` = the ``flickr30k/`` dir), or the embedded scene corpus's Multi30k copy
 (``root=null``: ``vl.data.scenes.writers.multi30k``, German captions generated from the scenes).
 
@@ -17,6 +17,11 @@ Tasks (``task``):
   training (a negative takes both captions of one other line) and as the val/test queries (``eval_language`` unused;
   exhaustive test: one joint caption x image matrix, ``test/both_*``, ``retrieval_scores_both.json``);
   ``both_layout: per_language``: an EN row and a DE row per line, ranked per language as above (vl's earlier rows).
+- ``translation`` (the seed's ``translation_multi30k`` with vision, `ResNetVLBERTForPretrainingMultitask`): binary ITM
+  on ``[CLS] EN [SEP] DE [SEP]`` + the EN line's image, a negative (``negative_fraction``) taking another line's DE
+  caption only; val/test the same rows (ITM loss / accuracy); with ``exhaustive_test`` the test stage scores every EN x
+  DE pair of the split with EN's image, ranks both ways (``test/translation_<de|en>_*``: the German caption retrieval
+  of EN queries, and its transpose) and writes the seed's ``translation_scores.json`` (``translation_pairs``).
 - ``mlt``: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of word_de in ``MLT_vocab.txt`` (test2018:
   word_de lists every accepted word, any of them counts; ``mlt_rows``).
 - ``mt``: EN -> DE on every German prefix (``mt_dataset``); greedy decoding and BLEU in ``MMBertSystem``.
@@ -61,7 +66,7 @@ from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.multi30k import ensure_multi30k
 from vl.errors import ConfigError, DataError
 
-TASKS = ("pretrain", "retrieval", "mlt", "mt")
+TASKS = ("pretrain", "retrieval", "translation", "mlt", "mt")
 LANGUAGES = ("en", "de", "both")
 BOTH_LAYOUTS = ("joint", "per_language")
 
@@ -296,6 +301,11 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
                     {"text": r[f"caption_{lang}"], "image": im, "language": lang} for r, im in zip(records, images)
                 ]
             return Multi30kExamples(rows, self.max_regions, negatives=self.negative_fraction, flip_prob=flip)
+        if self.task == "translation":  # EN + its image with its own DE, or (negatives) another line's DE
+            rows = [{"text": r["caption_en"], "text_b": r["caption_de"], "image": im} for r, im in zip(records, images)]
+            return Multi30kExamples(
+                rows, self.max_regions, negatives=self.negative_fraction, flip_prob=flip, negative_fields=("text_b",)
+            )
         if self.task == "mt":
             return self.mt_dataset(split, records, images)
         return Multi30kExamples(self.mlt_rows(path, records, images), self.max_regions, flip_prob=flip)
@@ -320,6 +330,12 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
                 "visuals": LazyVisuals(images, self.max_regions),
             }
         return self._galleries[split, language]
+
+    def translation_pairs(self, split: str) -> tuple[list[str], list[str], LazyVisuals]:
+        """The split's EN captions, DE captions and images, line-aligned: EN i with DE j is scored on image i."""
+        _, records, images = self.records(split)
+        en, de = [r["caption_en"] for r in records], [r["caption_de"] for r in records]
+        return en, de, LazyVisuals(images, self.max_regions)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -348,6 +364,13 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
         return self.mlt_outputs
 
     def baselines(self, split: str = "test") -> dict[str, float]:
+        if self.task == "translation":
+            n = len(self.records(split)[1])
+            return {
+                f"{split}/translation_{lang}_recall@{k}_chance": min(1.0, k / n)
+                for lang in ("de", "en")
+                for k in (1, 5, 10)
+            }
         if self.task == "retrieval":
             n = len(self.gallery(split)["image_ids"])
             return {f"{split}/recall@{k}_chance": min(1.0, k / n) for k in (1, 5, 10)}

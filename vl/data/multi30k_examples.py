@@ -73,12 +73,20 @@ class Multi30kExamples(Dataset):
     selected regions; ``negatives`` > 0: with that probability a row's caption is replaced by a random other row's
     caption of the same language (``itm_label`` 0), drawn from (seed, epoch, index); a row with ``text_b`` (the joint
     ``[CLS] EN [SEP] DE [SEP]`` retrieval rows) takes ``text`` and ``text_b`` together from that one other row.
-    ``flip_prob`` > 0 (training): with that probability a row's boxes are mirrored (`flip_drawn`, `flip_regions`)."""
+    ``flip_prob`` > 0 (training): with that probability a row's boxes are mirrored (`flip_drawn`, `flip_regions`).
+    ``negative_fields``: the fields a negative takes from the other row (default both captions; ``("text_b",)``: the
+    translation rows' DE caption alone, the EN caption and the image kept, as the seed's ``translation_multi30k``)."""
 
     def __init__(
-        self, rows: list[dict[str, Any]], max_regions: int, negatives: float = 0.0, flip_prob: float = 0.0
+        self,
+        rows: list[dict[str, Any]],
+        max_regions: int,
+        negatives: float = 0.0,
+        flip_prob: float = 0.0,
+        negative_fields: tuple[str, ...] = ("text", "text_b"),
     ) -> None:
         self.rows, self.max_regions, self.negatives, self.flip_prob = rows, max_regions, negatives, flip_prob
+        self.negative_fields = tuple(negative_fields)
         self.by_language: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             self.by_language.setdefault(row.get("language", ""), []).append(i)
@@ -106,12 +114,11 @@ class Multi30kExamples(Dataset):
             ex["itm_label"] = 1
             if rng.random() < self.negatives:
                 pool = self.by_language[row.get("language", "")]
+                fields = [f for f in self.negative_fields if f in row]  # joint rows: both captions of one other line
                 for _ in range(16):  # a different caption text (joint rows: a different caption pair)
                     other = self.rows[pool[int(rng.integers(len(pool)))]]
-                    if (other["text"], other.get("text_b")) != (row["text"], row.get("text_b")):
-                        ex["text"], ex["itm_label"] = other["text"], 0
-                        if "text_b" in row:  # both captions from the same other line, never mixed
-                            ex["text_b"] = other["text_b"]
+                    if any(other.get(f) != row[f] for f in fields):
+                        ex.update({f: other[f] for f in fields}, itm_label=0)
                         break
         return ex
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vl.models.ranking import exhaustive_retrieval
+from vl.models.ranking import exhaustive_retrieval, translation_retrieval
 from vl.models.translation import greedy_translate
 
 
@@ -51,7 +51,8 @@ class MMBertTestStage:
         directions, R@1/5/10, median rank: ``test/<en|de>_<t2i|i2t>_*``) and write the seed-layout scores file
         ``retrieval_scores_<lang>.json``; with joint rows (``data.both_layout: joint``) one matrix of the
         ``[CLS] EN [SEP] DE [SEP]`` captions x images, as the seed's test writes for both languages: ``test/both_*``,
-        ``retrieval_scores_both.json``."""
+        ``retrieval_scores_both.json``. Translation data: every EN x DE caption pair of the test split on EN's image
+        (``test/translation_<de|en>_*``, the seed's ``translation_scores.json``; `translation_retrieval`)."""
         dm = self._datamodule()
         if getattr(dm, "task", None) == "mt":
             import sacrebleu
@@ -68,7 +69,24 @@ class MMBertTestStage:
                 hyps, refs = [p["hypothesis"] for p in subset], [p["reference"] for p in subset]
                 self.log("test/bleu_image_dependent", seed_bleu(hyps, refs), sync_dist=False)
         super().on_test_epoch_end()
-        if dm is None or getattr(dm, "task", None) != "retrieval" or not getattr(dm, "exhaustive_test", False):
+        if dm is None or not getattr(dm, "exhaustive_test", False):
+            return
+        if getattr(dm, "task", None) == "translation":  # every EN x DE pair on EN's image, ranked both ways
+            en, de, visuals = dm.translation_pairs("test")
+            root = Path(self.trainer.default_root_dir)
+            metrics = translation_retrieval(
+                self,
+                dm.scoring_collator(),
+                en,
+                de,
+                visuals,
+                batch_size=self.retrieval_batch_size,
+                scores_path=root / "translation_scores.json" if self.trainer.is_global_zero else None,
+            )
+            for key, value in metrics.items():
+                self.log(f"test/translation_{key}", value, sync_dist=False)
+            return
+        if getattr(dm, "task", None) != "retrieval":
             return
         # the joint layout (the seed's `LANGUAGES_USED: both`): one matrix, [CLS] EN [SEP] DE [SEP] caption x image
         for lang in ("both",) if getattr(dm, "joint", False) else ("en", "de"):

@@ -17,7 +17,14 @@ from vl.data.region_batch import pad_regions
 from vl.metrics import median_rank
 from vl.progress import progress
 
-__all__ = ["ScoreBlock", "chunked_ranks", "gallery_scorer", "recall_at_k"]
+__all__ = [
+    "ScoreBlock",
+    "chunked_ranks",
+    "exhaustive_retrieval",
+    "gallery_scorer",
+    "recall_at_k",
+    "translation_retrieval",
+]
 
 #: score_block(text_indices, image_indices) -> (len(texts), len(images)) scores, higher = better match
 ScoreBlock = Callable[[list[int], list[int]], torch.Tensor]
@@ -187,49 +194,138 @@ def exhaustive_retrieval(
     (vl's earlier rule): ties count in the gold's favour. The tolerance absorbs float noise between the gold pair's
     own pass and the blocks (exact ties, e.g. sigmoid scores saturated at 1.0, are the seed's case). ``scores_path``:
     the seed's scores file ``[{"caption_id", "image_ids", "logit": [p]}]``, one entry per pair, streamed."""
-    if ties not in ("index", "gold"):
-        raise ValueError(f"exhaustive_retrieval: ties '{ties}' is not 'index' or 'gold'")
-    n = len(texts)
     score = gallery_scorer(model, collator, texts, visuals, batch_size=batch_size)
+    return _rank_both_ways(
+        score,
+        len(texts),
+        names=("t2i", "i2t"),
+        keys=("caption_id", "image_ids"),
+        text_chunk=text_chunk,
+        scores_path=scores_path,
+        tolerance=tolerance,
+        ties=ties,
+    )
+
+
+@torch.no_grad()
+def translation_retrieval(
+    model: Any,
+    collator: Any,
+    en: list[str],
+    de: list[str],
+    visuals: Any,
+    *,
+    batch_size: int = 256,
+    text_chunk: int = 16,
+    scores_path: Path | None = None,
+    tolerance: float = 1e-6,
+    ties: str = "index",
+) -> dict[str, float]:
+    """MM-BERT's translation retrieval (the seed's ``test_translation.py`` + ``evaluate_translation.py``): EN caption i
+    and DE caption j scored as ``[CLS] EN_i [SEP] DE_j [SEP]`` on image i (EN's image: ``visuals[i]``; None: no image)
+    by the system's pair scorer, for all N x N pairs, one chunk of EN rows at a time; gold = the same line. ``de_*``:
+    for each EN caption the DE captions ranked (the seed's "German caption retrieval"), ``en_*``: the transpose.
+    Ranks and ties as ``exhaustive_retrieval`` (the seed's ``max`` / stable ``sorted`` over its file's order: the lower
+    index first); ``scores_path``: the seed's file ``[{"caption_en_index", "caption_de_index", "logit": [p]}]``."""
+    if len(en) != len(de):
+        raise ValueError(f"translation retrieval: {len(en)} EN captions but {len(de)} DE captions")
+    head = model.pair_scorer()
+
+    def regions(rows: list[int]) -> dict[str, torch.Tensor]:
+        images = [visuals[i] for i in rows] if visuals is not None else []
+        if not images or images[0] is None:
+            return {}
+        if hasattr(collator, "visual_batch"):
+            return collator.visual_batch(images)
+        return pad_regions(images, collator.max_regions, fixed=collator.fixed_shapes)
+
+    def forward(pairs: list[tuple[int, int]]) -> torch.Tensor:
+        out = torch.empty(len(pairs))
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            enc = collator([{"text": en[i], "text_b": de[j]} for i, j in chunk])
+            batch = {n: v for n, v in enc.items() if n != "index"}
+            rows = sorted({i for i, _ in chunk})
+            image = regions(rows)
+            if image:
+                where = torch.tensor([rows.index(i) for i, _ in chunk])
+                batch |= {n: v[where] for n, v in image.items()}
+            batch["index"] = torch.zeros(len(chunk), dtype=torch.long)
+            if hasattr(collator, "pair_batch"):  # a limit on a pair's joint length (MM-BERT's seq_len)
+                batch = collator.pair_batch(batch)
+            batch = {n: v.to(model.device) for n, v in batch.items()}
+            out[start : start + len(chunk)] = _head_in_float32(head, model(batch).pooled, model).cpu()
+        return out
+
+    def score_block(en_idx: list[int], de_idx: list[int]) -> torch.Tensor:
+        return forward([(i, j) for i in en_idx for j in de_idx]).view(len(en_idx), len(de_idx))
+
+    score_block.pairs = lambda en_idx, de_idx: forward(list(zip(en_idx, de_idx)))  # type: ignore[attr-defined]
+    return _rank_both_ways(
+        score_block,
+        len(en),
+        names=("de", "en"),
+        keys=("caption_en_index", "caption_de_index"),
+        text_chunk=text_chunk,
+        scores_path=scores_path,
+        tolerance=tolerance,
+        ties=ties,
+    )
+
+
+def _rank_both_ways(
+    score: Any,
+    n: int,
+    *,
+    names: tuple[str, str],
+    keys: tuple[str, str],
+    text_chunk: int,
+    scores_path: Path | None,
+    tolerance: float,
+    ties: str,
+) -> dict[str, float]:
+    """N x N scores `score(rows, cols)` (gold: row i with column i), chunk by chunk of rows: each row's rank among the
+    columns (``names[0]``) and each column's among the rows (``names[1]``), R@1/5/10 and median rank; the scores file
+    ``[{keys[0]: row, keys[1]: col, "logit": [p]}]`` streamed (see `exhaustive_retrieval` for ranks and ties)."""
+    if ties not in ("index", "gold"):
+        raise ValueError(f"exhaustive ranking: ties '{ties}' is not 'index' or 'gold'")
     gold = score.pairs(list(range(n)), list(range(n))).double().numpy()  # (N,) the aligned pairs
-    images = torch.arange(n)
-    t2i_better = torch.zeros(n, dtype=torch.long)
-    i2t_better = torch.zeros(n, dtype=torch.long)
+    columns = torch.arange(n)
+    row_better = torch.zeros(n, dtype=torch.long)
+    col_better = torch.zeros(n, dtype=torch.long)
     out = open(scores_path, "w", encoding="utf-8") if scores_path is not None else None  # noqa: SIM115
     try:
         if out is not None:
             out.write("[")
         first = True
-        for t0 in range(0, n, text_chunk):
-            rows_idx = list(range(t0, min(n, t0 + text_chunk)))
+        for r0 in range(0, n, text_chunk):
+            rows_idx = list(range(r0, min(n, r0 + text_chunk)))
             block = score(rows_idx, list(range(n))).double()  # (c, N)
             own = torch.arange(len(rows_idx))
-            cols = torch.tensor(rows_idx)
+            rows = torch.tensor(rows_idx)
             not_gold = torch.ones_like(block, dtype=torch.bool)
-            not_gold[own, cols] = False
-            gold_t, gold_i = torch.from_numpy(gold[rows_idx])[:, None], torch.from_numpy(gold)[None, :]
-            t2i_wins, i2t_wins = block > gold_t + tolerance, block > gold_i + tolerance
-            if ties == "index":  # (c, N): image j before caption c's gold image c; caption c before image j's gold j
-                image_first, caption_first = images[None, :] < cols[:, None], cols[:, None] < images[None, :]
-                t2i_wins |= ((block - gold_t).abs() <= tolerance) & image_first
-                i2t_wins |= ((block - gold_i).abs() <= tolerance) & caption_first
-            t2i_better[cols] += (t2i_wins & not_gold).sum(1)
-            i2t_better += (i2t_wins & not_gold).sum(0)
+            not_gold[own, rows] = False
+            gold_r, gold_c = torch.from_numpy(gold[rows_idx])[:, None], torch.from_numpy(gold)[None, :]
+            row_wins, col_wins = block > gold_r + tolerance, block > gold_c + tolerance
+            if ties == "index":  # (c, N): column j before row c's gold column c; row c before column j's gold row j
+                column_first, row_first = columns[None, :] < rows[:, None], rows[:, None] < columns[None, :]
+                row_wins |= ((block - gold_r).abs() <= tolerance) & column_first
+                col_wins |= ((block - gold_c).abs() <= tolerance) & row_first
+            row_better[rows] += (row_wins & not_gold).sum(1)
+            col_better += (col_wins & not_gold).sum(0)
             if out is not None:
-                for r, caption in enumerate(rows_idx):
-                    for image in range(n):
+                for r, row in enumerate(rows_idx):
+                    for col in range(n):
                         sep = "" if first else ","
                         first = False
-                        out.write(
-                            f'{sep}{{"caption_id": {caption}, "image_ids": {image}, "logit": [{float(block[r, image])}]}}'
-                        )
+                        out.write(f'{sep}{{"{keys[0]}": {row}, "{keys[1]}": {col}, "logit": [{float(block[r, col])}]}}')
         if out is not None:
             out.write("]")
     finally:
         if out is not None:
             out.close()
     metrics: dict[str, float] = {}
-    for name, better in (("t2i", t2i_better), ("i2t", i2t_better)):
+    for name, better in zip(names, (row_better, col_better)):
         ranks = (better + 1).double()
         for k in (1, 5, 10):
             metrics[f"{name}_recall@{k}"] = float((ranks <= k).double().mean())

@@ -114,6 +114,24 @@ def _head_in_float32(head: Callable[[torch.Tensor], torch.Tensor], pooled: torch
         return head(pooled.to(dtype)).float()
 
 
+def _pad_images(collator: Any, images: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The images' batch keys, padded as the collator pads them (its `visual_batch` when its images give more keys
+    than the regions)."""
+    if hasattr(collator, "visual_batch"):
+        return collator.visual_batch(images)
+    return pad_regions(images, collator.max_regions, fixed=collator.fixed_shapes)
+
+
+def _pair_scores(model: Any, head: Any, collator: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) the pair scorer's scores of a batch of pair rows (text keys + image keys), on the model's device, the head
+    in float32; the collator's `pair_batch` applies a limit on a pair's joint length (MM-BERT's seq_len)."""
+    batch = {**batch, "index": torch.zeros(len(batch["input_ids"]), dtype=torch.long)}
+    if hasattr(collator, "pair_batch"):
+        batch = collator.pair_batch(batch)
+    batch = {n: v.to(model.device) for n, v in batch.items()}
+    return _head_in_float32(head, model(batch).pooled, model).cpu()
+
+
 def gallery_scorer(model: Any, collator: Collator, texts: list[Any], visuals: Any, *, batch_size: int) -> ScoreBlock:
     """A `ScoreBlock` from a system's `pair_scorer()`: its fine-tuned retrieval head (`vil_logit`), else the ITM
     head's aligned probability (1 = aligned in vl) as its log-odds (`RetrievalEvaluation.pair_scorer`), the head in
@@ -141,18 +159,11 @@ def gallery_scorer(model: Any, collator: Collator, texts: list[Any], visuals: An
         for start in range(0, len(t_rows), batch_size):
             t, i = t_rows[start : start + batch_size], i_rows[start : start + batch_size]
             batch = {n: v[t] for n, v in text.items()} | {n: v[i] for n, v in image.items()}
-            batch["index"] = torch.zeros(len(t), dtype=torch.long)
-            if hasattr(collator, "pair_batch"):  # a limit on a pair's joint length (MM-BERT's seq_len)
-                batch = collator.pair_batch(batch)
-            batch = {n: v.to(model.device) for n, v in batch.items()}
-            out[start : start + len(t)] = _head_in_float32(head, model(batch).pooled, model).cpu()
+            out[start : start + len(t)] = _pair_scores(model, head, collator, batch)
         return out
 
     def regions(image_idx: list[int]) -> dict[str, torch.Tensor]:
-        images = [visuals[i] for i in image_idx]
-        if hasattr(collator, "visual_batch"):  # a collator whose images give more batch keys than the regions
-            return collator.visual_batch(images)
-        return pad_regions(images, collator.max_regions, fixed=collator.fixed_shapes)
+        return _pad_images(collator, [visuals[i] for i in image_idx])
 
     @torch.no_grad()
     def score_block(text_idx: list[int], image_idx: list[int]) -> torch.Tensor:
@@ -231,36 +242,37 @@ def translation_retrieval(
         raise ValueError(f"translation retrieval: {len(en)} EN captions but {len(de)} DE captions")
     head = model.pair_scorer()
 
-    def regions(rows: list[int]) -> dict[str, torch.Tensor]:
-        images = [visuals[i] for i in rows] if visuals is not None else []
-        if not images or images[0] is None:
-            return {}
-        if hasattr(collator, "visual_batch"):
-            return collator.visual_batch(images)
-        return pad_regions(images, collator.max_regions, fixed=collator.fixed_shapes)
-
-    def forward(pairs: list[tuple[int, int]]) -> torch.Tensor:
+    def forward(pairs: list[tuple[int, int]], image: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
+        """Scores of the pairs (EN i, DE j), `batch_size` per forward; `image`: padded images, pair p's at `where[p]`."""
         out = torch.empty(len(pairs))
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             enc = collator([{"text": en[i], "text_b": de[j]} for i, j in chunk])
             batch = {n: v for n, v in enc.items() if n != "index"}
-            rows = sorted({i for i, _ in chunk})
-            image = regions(rows)
-            if image:
-                where = torch.tensor([rows.index(i) for i, _ in chunk])
-                batch |= {n: v[where] for n, v in image.items()}
-            batch["index"] = torch.zeros(len(chunk), dtype=torch.long)
-            if hasattr(collator, "pair_batch"):  # a limit on a pair's joint length (MM-BERT's seq_len)
-                batch = collator.pair_batch(batch)
-            batch = {n: v.to(model.device) for n, v in batch.items()}
-            out[start : start + len(chunk)] = _head_in_float32(head, model(batch).pooled, model).cpu()
+            batch |= {n: v[where[start : start + len(chunk)]] for n, v in image.items()}
+            out[start : start + len(chunk)] = _pair_scores(model, head, collator, batch)
         return out
 
-    def score_block(en_idx: list[int], de_idx: list[int]) -> torch.Tensor:
-        return forward([(i, j) for i in en_idx for j in de_idx]).view(len(en_idx), len(de_idx))
+    def regions(en_idx: list[int]) -> dict[str, torch.Tensor]:
+        """EN lines' images padded once (none without vision)."""
+        images = [visuals[i] for i in en_idx] if visuals is not None else []
+        return _pad_images(collator, images) if images and images[0] is not None else {}
 
-    score_block.pairs = lambda en_idx, de_idx: forward(list(zip(en_idx, de_idx)))  # type: ignore[attr-defined]
+    def score_block(en_idx: list[int], de_idx: list[int]) -> torch.Tensor:
+        where = torch.arange(len(en_idx)).repeat_interleave(len(de_idx))
+        pairs = [(i, j) for i in en_idx for j in de_idx]
+        return forward(pairs, regions(en_idx), where).view(len(en_idx), len(de_idx))
+
+    def score_pairs(en_idx: list[int], de_idx: list[int]) -> torch.Tensor:
+        """(n,) scores of the pairs zip(en_idx, de_idx), each EN line's image padded with its batch."""
+        out = [torch.empty(0)]
+        for start in range(0, len(en_idx), batch_size):
+            rows = en_idx[start : start + batch_size]
+            pairs = list(zip(rows, de_idx[start : start + batch_size]))
+            out.append(forward(pairs, regions(rows), torch.arange(len(rows))))
+        return torch.cat(out)
+
+    score_block.pairs = score_pairs  # type: ignore[attr-defined]
     return _rank_both_ways(
         score_block,
         len(en),

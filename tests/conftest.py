@@ -150,6 +150,17 @@ def save_run_config(cfg: DictConfig) -> None:
     OmegaConf.save(plain, out / "config.yaml")
 
 
+def trained_run(overrides: Sequence[str], *, output_dir: Path, data_dir: Path) -> tuple[DictConfig, dict[str, float]]:
+    """A run to evaluate: composed as `compose_cfg` does, fitted, its config saved where `evaluate` finds it;
+    returns (config, the fit's metrics)."""
+    from vl.pipeline import train
+
+    cfg = compose_cfg(overrides, output_dir=output_dir, data_dir=data_dir)
+    metrics, _ = train(cfg)
+    save_run_config(cfg)
+    return cfg, metrics
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One embedded-corpus cache for the whole session."""

@@ -23,7 +23,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import ROOT, TINY_MODEL, compose_cfg, save_run_config
+from tests.conftest import ROOT, TINY_MODEL, trained_run
 from vl.checkpoint import read_checkpoint
 from vl.data.formats.safe_pickle import read_pickle_file, safe_loads
 from vl.data.scenes import SceneSettings, ensure_corpus
@@ -59,9 +59,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, 
         "visual_bert": ("model=visual_bert", "data=vqa", *TINY_MODEL),
         "clip_bert": ("model=clip_bert_tiny", "data=vlp"),
     }.items():
-        cfg = compose_cfg([*FAST, *overrides], output_dir=tmp_path_factory.mktemp(name), data_dir=data_dir)
-        train(cfg)
-        save_run_config(cfg)
+        cfg, _ = trained_run([*FAST, *overrides], output_dir=tmp_path_factory.mktemp(name), data_dir=data_dir)
         out[name] = Path(cfg.paths.output_dir)
     return out
 

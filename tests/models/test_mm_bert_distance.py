@@ -64,16 +64,11 @@ def test_distance_recalls_are_the_seeds(n: int) -> None:
 
 @pytest.fixture(scope="module")
 def mm_bert_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
-    from tests.conftest import compose_cfg
+    from tests.conftest import trained_run
 
     out = tmp_path_factory.mktemp("mm_bert_distance")
-    cfg = compose_cfg(
-        ["experiment=mm_bert_pretrain_tiny", "trainer.max_steps=3", "trainer.max_epochs=1", *CPU],
-        output_dir=out / "run",
-        data_dir=data_dir,
-    )
-    train(cfg)
-    save_run_config(cfg)
+    overrides = ["experiment=mm_bert_pretrain_tiny", "trainer.max_steps=3", "trainer.max_epochs=1", *CPU]
+    cfg, _ = trained_run(overrides, output_dir=out / "run", data_dir=data_dir)
     return cfg, Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", out
 
 

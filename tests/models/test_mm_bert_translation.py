@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import save_run_config
 from vl.pipeline import evaluate, train
 
 CPU = ("callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false")
@@ -72,16 +71,11 @@ def test_translation_negatives_take_another_lines_german_caption_only(data_dir: 
 
 @pytest.fixture(scope="module")
 def translation_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
-    from tests.conftest import compose_cfg
+    from tests.conftest import trained_run
 
     out = tmp_path_factory.mktemp("mm_bert_translation")
-    cfg = compose_cfg(
-        ["experiment=mm_bert_translation_tiny", "trainer.max_steps=3", "trainer.max_epochs=1", *CPU],
-        output_dir=out / "run",
-        data_dir=data_dir,
-    )
-    metrics, _ = train(cfg)
-    save_run_config(cfg)
+    overrides = ["experiment=mm_bert_translation_tiny", "trainer.max_steps=3", "trainer.max_epochs=1", *CPU]
+    cfg, metrics = trained_run(overrides, output_dir=out / "run", data_dir=data_dir)
     return cfg, metrics, Path(cfg.paths.output_dir)
 
 

@@ -63,6 +63,7 @@ from vl.models.bert_backbone import build_bert
 from vl.models.checkpoints import load_vg_bert_seed, vg_bert_seed_layout
 from vl.models.ranking import recall_at_k
 from vl.models.system import VLSystem
+from vl.models.vg_bert_retrieval import VGBertSplitRetrieval
 from vl.models.vgg import VGG16_CFG, VGGAttention, load_vgg_features
 from vl.optimizers import build_optimizer
 
@@ -274,10 +275,8 @@ class VGBertEncoder(nn.Module):
         return EncoderOutput(text=text, visual=visual, pooled=text.mean(1))
 
 
-class VGBertSystem(VLSystem):
+class VGBertSystem(VGBertSplitRetrieval, VLSystem):
     """The shared system with VG-BERT's optimiser / schedule and whole-split retrieval ranks (module docstring)."""
-
-    RETRIEVAL_HEADS = ("vg_contrastive", "vg_transfer")
 
     SYSTEM_NAME = "VG-BERT"
     SEED_HEAD_INIT = "torch"  # the seed's heads are plain modules with PyTorch's default init (`model.head_init`)
@@ -306,8 +305,6 @@ class VGBertSystem(VLSystem):
         self.micro_batch_negatives = bool(micro_batch_negatives)
         super().__init__(**kwargs)
         self._warn_frozen_at_random(bool(kwargs.get("init_from")))
-        self._last_out: EncoderOutput | None = None
-        self._store: dict[str, list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]] = {}
         own = sum(p.numel() for p in self.parameters() if p.requires_grad)
         log.info(
             "VG-BERT system: %d trainable parameters (heads included), %d frozen",
@@ -385,13 +382,6 @@ class VGBertSystem(VLSystem):
         scheduler = LambdaLR(optimizer, lambda epoch: ratio ** ((epoch + 1) // decay))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
-    # ------------------------------------------------------------------ whole-split retrieval
-    def _retrieval_head(self) -> Any:
-        for name in self.RETRIEVAL_HEADS:
-            if name in self.objectives:
-                return self.objectives[name]
-        return None
-
     def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         total = super().shared_step(batch, stage)
         if "vg_relational" in self.objectives and hasattr(self.objectives["vg_relational"], "last_parts"):
@@ -400,43 +390,5 @@ class VGBertSystem(VLSystem):
                     self.log_step_value(f"train/vg_{part}_loss", value, batch_size=batch["index"].shape[0])
                 else:
                     self.log(f"{stage}/vg_{part}_loss", value, batch_size=batch["index"].shape[0])
-        head = self._retrieval_head()
-        if stage != "train" and head is not None and self._last_out is not None:
-            with torch.no_grad():
-                parts = head.embeddings(self._last_out, batch)
-            if isinstance(head, GroundingContrastive):
-                item = ((parts[0].detach().cpu(),), (parts[1].detach().cpu(), parts[2].detach().cpu()))
-            else:
-                item = ((parts[0].detach().cpu(),), (parts[1].detach().cpu(),))
-            self._store.setdefault(stage, []).append(item)
-        self._last_out = None
+        self.store_retrieval_embeddings(batch, stage)
         return total
-
-    def forward(self, batch: dict[str, Any]) -> EncoderOutput:
-        out = self.encoder(batch)
-        self._last_out = out if not self.training else None
-        return out
-
-    def _log_split_retrieval(self, stage: str) -> None:
-        items = self._store.pop(stage, [])
-        head = self._retrieval_head()
-        if head is None:
-            return
-        items = self.from_all_ranks(items)
-        if not items:
-            return
-        images = tuple(torch.cat([it[0][i] for it in items]) for i in range(len(items[0][0])))
-        texts = tuple(torch.cat([it[1][i] for it in items]) for i in range(len(items[0][1])))
-        with torch.no_grad():
-            sim = head.score(images, texts)
-        for key, value in recall_at_k(sim).items():
-            self.log(f"{stage}/{key}", value, sync_dist=False, prog_bar=key == "r1_mean")
-        self.log(f"{stage}/retrieval_size", float(sim.shape[0]), sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self._log_split_retrieval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_split_retrieval("test")
-        super().on_test_epoch_end()

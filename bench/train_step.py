@@ -4,6 +4,9 @@ loop over the same model, data loader, optimiser and scheduler (`configure_optim
 Three Lightning variants, each a fit of one epoch of `--steps` batches:
   lightning  a plain LightningModule around the same model (training_step = the summed loss, the same optimiser and
            scheduler), no logger, progress bar or checkpoint: Lightning's own loop, the floor of any variant;
+  manual   (only with --variants) the same module in Lightning's manual optimisation: its training_step does
+           zero_grad, `manual_backward`, the optimiser and scheduler steps itself, so Lightning's closure, optimizer
+           and zero_grad hooks are out of the loop: what is left is the loop proper (fetch, hook dispatch, progress);
   minimal  `vl` with no logger, progress bar or checkpoint (the framework alone);
   real     `vl` with `train.py`'s own Trainer (`vl.pipeline.build_trainer`): the configured callbacks and loggers
            (checkpoints, early stopping, lr monitor, throughput, progress bar, CSV logger) and the ones every vl fit
@@ -17,7 +20,7 @@ fetch, hooks, forward, backward, divergence guard, optimiser and scheduler steps
 statistic is the median pair ratio after `--warmup` pairs (setup, teardown, warm-up and the epoch-end validation are
 excluded); prints each repeat's statistic with min and median.
 
-    python bench/train_step.py [--steps 60] [--warmup 10] [--repeats 3] [--threads 1]
+    python bench/train_step.py [--steps 60] [--warmup 10] [--repeats 3] [--threads 1] [--variants lightning,manual]
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _table import emit  # noqa: E402
 
-VARIANTS = ("lightning", "minimal", "real")
+VARIANTS = ("lightning", "minimal", "real")  # the default; `manual` on request
 
 
 def compose_cfg(data_dir: str, output_dir: str):
@@ -148,9 +151,10 @@ class BareTwin:
         self.batch = next(self.batches, None)  # None after the epoch's last batch (no step follows it)
 
 
-def plain_module(model, steps: int, max_epochs: int):
+def plain_module(model, steps: int, max_epochs: int, *, manual: bool = False):
     """`model` in a LightningModule with nothing of vl's system hooks: the summed loss, the same optimiser and
-    scheduler (`configure_optimizers()` of the model, built once here)."""
+    scheduler (`configure_optimizers()` of the model, built once here). `manual`: Lightning's manual optimisation,
+    the step written as the bare loop's (`bare_step`) inside `training_step`."""
     import lightning as L
 
     opt, sched = optimiser(model, steps, max_epochs)
@@ -159,9 +163,19 @@ def plain_module(model, steps: int, max_epochs: int):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            self.automatic_optimization = not manual
 
         def training_step(self, batch, batch_idx):
-            return batch_loss(self.model, batch)
+            if not manual:
+                return batch_loss(self.model, batch)
+            loss = batch_loss(self.model, batch)
+            optimizer = self.optimizers()
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            if sched is not None:
+                self.lr_schedulers().step()
+            return None
 
         def validation_step(self, batch, batch_idx):
             return None
@@ -218,8 +232,8 @@ def paired_fit(cfg, steps: int, warmup: int, *, variant: str, output_dir: str) -
             enable_model_summary=False,
             **one_epoch,
         )
-    if variant == "lightning":
-        model = plain_module(model, steps, 1)
+    if variant in ("lightning", "manual"):
+        model = plain_module(model, steps, 1, manual=variant == "manual")
     trainer.fit(model, datamodule=dm)
     ratios = []
     for k in range(warmup, len(marks) - 1):
@@ -231,15 +245,29 @@ def paired_fit(cfg, steps: int, warmup: int, *, variant: str, output_dir: str) -
     return ratios
 
 
+WHY = {
+    "lightning": "Lightning's loop alone (a plain LightningModule): the floor of the two below",
+    "manual": "the same in Lightning's manual optimisation (no closure, optimizer or zero_grad hooks)",
+    "minimal": "Lightning's loop + vl's per-step reseed, divergence guard, logging and metrics",
+    "real": "the minimal variant + train.py's callbacks and loggers",
+}
+
+
 def main() -> None:
-    args = step_args(__doc__, steps=60, warmup=10).parse_args()
+    parser = step_args(__doc__, steps=60, warmup=10)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(WHY)}")
+    args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(WHY))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(WHY)})")
     import torch
 
     quiet(args.threads)
-    medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    medians: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            for variant in variants if r % 2 == 0 else variants[::-1]:
                 cfg = compose_cfg(args.data_dir, f"{tmp}/{r}-{variant}")
                 ratios = paired_fit(cfg, args.steps, args.warmup, variant=variant, output_dir=f"{tmp}/{r}-{variant}")
                 medians[variant].append(statistics.median(ratios))
@@ -247,18 +275,13 @@ def main() -> None:
         f"default VQA model (visual_bert_tiny, batch 32), {args.steps} step pairs per run, first {args.warmup} not "
         f"timed, {args.repeats} repeats, {torch.get_num_threads()} torch thread(s)"
     )
-    why = {
-        "lightning": "Lightning's loop alone (a plain LightningModule): the floor of the two below",
-        "minimal": "Lightning's loop + vl's per-step reseed, divergence guard, logging and metrics",
-        "real": "the minimal variant + train.py's callbacks and loggers",
-    }
-    for variant in VARIANTS:
+    for variant in variants:
         values = medians[variant]
         emit(
             f"Lightning ({variant}) / bare loop per step (tiny)",
             values,
-            goal=1.05 if variant != "lightning" else None,
-            why=why[variant],
+            goal=1.05 if variant in ("minimal", "real") else None,
+            why=WHY[variant],
         )
         print(
             f"  {variant} / bare per step (median pair): min {min(values):.3f}  median {statistics.median(values):.3f}"

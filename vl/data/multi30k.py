@@ -79,7 +79,10 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
     experiment's). ``flip_prob``: training rows' boxes mirrored with that probability (module docstring; 0.5 as the
     seed).
     Files relative to ``root`` (the ``flickr30k/`` dir): ``annotations`` (``{split}_frcnn.json``),
-    ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root).
+    ``train_annotations`` (the training split's file when it is another one: ``data=multi30k_5x``, the seed's
+    ``multi30k_5x`` / ``multi30k_5x_mixed`` datasets, read ``train_frcnn_5captions_both.json``, five caption pairs an
+    image, the same record fields; val / test keep ``annotations``; the seed also strips ``.0``-``.3`` from FRCNN
+    paths, which its five-caption generator never writes: a no-op on its files, not copied), ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root).
     ``mlt_outputs``: the MLT head's size (the seed's ``MLT_words`` 1536; None = the MLT vocabulary's size).
     ``seq_len``: VL-BERT's joint limit on a row's text tokens + boxes (whole-image box included; 64 as the seed's
     datasets; None: none), applied per row after masking and per caption x image pair in the retrieval gallery
@@ -124,6 +127,7 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
         mt_seq_len: int | None = 150,
         mt_detokenize: str = "seed",
         annotations: str = "{split}_frcnn.json",
+        train_annotations: str | None = None,
         mlt_annotations: str = "{split}_MLT_frcnn.json",
         mlt_vocab: str = "utils/MLT_vocab.txt",
         mlt_outputs: int | None = 1536,
@@ -178,6 +182,7 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
         if aux_epoch not in AUX_EPOCHS:
             raise ConfigError(f"data.aux_epoch: '{aux_epoch}' is not one of {AUX_EPOCHS}")
         self.aux_epoch = aux_epoch
+        self.train_annotations = train_annotations
         self.annotations, self.mlt_annotations, self.mlt_vocab_file, self.wmt = (
             annotations,
             mlt_annotations,
@@ -206,7 +211,7 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
             if self.task == "mlt":
                 files.append(self.path(self.mlt_annotations, split))
             else:
-                files.append(self.path(self.annotations, split))
+                files.append(self.annotation_file(split))
             if self.task == "pretrain" and "C" in self.pretrain_tasks and self.wmt:
                 files.append(self.path(self.wmt, split))
         if self.task == "mlt":
@@ -239,7 +244,7 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
         without a per-image FRCNN file. `mlt`: the MLT annotations (a line per word pair) or the plain ones (a line per
         image); None: the MLT ones for `task: mlt`."""
         mlt = self.task == "mlt" if mlt is None else mlt
-        path = self.path(self.mlt_annotations if mlt else self.annotations, split)
+        path = self.path(self.mlt_annotations, split) if mlt else self.annotation_file(split)
         records = read_annotations(path, MLT_KEYS if mlt else ANNOTATION_KEYS)
         images = []
         for lineno, rec in enumerate(records, 1):
@@ -251,6 +256,13 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
                 )
             images.append((reader, image_id))
         return path, records, images
+
+    def annotation_file(self, split: str) -> Path:
+        """The annotation JSONL of ``split``: ``train_annotations`` for the training split when set (the seed's
+        ``multi30k_5x``: ``train_frcnn_5captions_both.json``), else ``annotations`` (``{split}_frcnn.json``)."""
+        if split == "train" and self.train_annotations:
+            return self.path(self.train_annotations, split)
+        return self.path(self.annotations, split)
 
     @property
     def mlt_words(self) -> list[str]:

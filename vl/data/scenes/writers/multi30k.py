@@ -23,10 +23,20 @@ Written under ``<corpus root>/multi30k/`` (``ensure_multi30k``; its own ``manife
     flickr30k/{split}_frcnn.json                                           annotation JSONL (zip@ paths)
     flickr30k/{split}_MLT_frcnn.json, utils/MLT_vocab.txt                  MLT word pairs (a colour / shape word)
     flickr30k/{split}_frcnn/<id 8 digits>.json                             per-image FRCNN JSON (base64, "classes")
+    flickr30k/train_frcnn_5captions_both.json                              the seed's `multi30k_5x` training file
+    task2/tok/train.lc.norm.tok.{1..5}.{en,de}                             its sources: five caption pairs an image
     wmt/{split}.jsonl (file splits)                                       text-only EN-DE pairs {"caption_en","caption_de"}
     aux/{train,val,test_2016_flickr}.txt                                   aux text corpus: the scenes' English captions
     tokenizer/vocab.txt                                                    WordPiece trained on the train EN+DE text
                                                                            (HF tokenizers; cased, accents kept, [STOP])
+
+Five captions an image (``write_five_captions``), as the seed's `multi30k_5x` reads them: the upstream Multi30k task 2
+files ``task2/tok/train.lc.norm.tok.{i}.{en,de}`` (i = 1..5; lower-cased, tokenised, one caption a line in
+``utils/train.txt`` order; in real task 2 the English and German captions of an image are independent descriptions,
+not translations: here caption i's English and German sentences are drawn from separate templates), and the JSONL the
+seed's ``data/flickr30k/utils/5captions_gen_both_train_image_json.py`` writes from them,
+``train_frcnn_5captions_both.json``: caption set 1 for every image, then set 2, ... (the image list repeated five
+times), with the image's ``zip@`` image and FRCNN paths (the id zero-padded to 8).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,9 +55,18 @@ from vl.data.scenes.generator import SceneSettings, SceneShape, generate_scenes,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MULTI30K_VERSION", "SPLIT_FILES", "caption_pair", "ensure_multi30k", "write_multi30k_corpus"]
+__all__ = [
+    "FIVE_CAPTIONS_FILE",
+    "MULTI30K_VERSION",
+    "SPLIT_FILES",
+    "caption_pair",
+    "ensure_multi30k",
+    "write_five_captions",
+    "write_multi30k_corpus",
+]
 
-MULTI30K_VERSION = "multi30k-v5"  # v5: a deterministic WordPiece vocabulary
+MULTI30K_VERSION = "multi30k-v6"  # v6: + the five-caption training files (multi30k_5x); v5: a deterministic vocabulary
+FIVE_CAPTIONS_FILE = "train_frcnn_5captions_both.json"  # the seed's name (retrieval/data/datasets/multi30k_5x.py)
 SPLIT_FILES = {"train": "train", "val": "val", "test": "test_2016_flickr", "test2018": "test_2018_flickr"}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[STOP]"]
 
@@ -218,9 +238,52 @@ def write_multi30k_corpus(out: str | Path, settings: SceneSettings) -> Path:
         lines = [c for sc in scenes if sc.split == split for c in sc.captions]
         (out / "aux" / f"{SPLIT_FILES[split]}.txt").write_text("".join(f"{c}\n" for c in lines), encoding="utf-8")
     aux = [c for sc in scenes if sc.split == "train" for c in sc.captions]
+    write_five_captions(out, [sc for sc in scenes if sc.split == "train"], settings.seed)
     (root / "utils" / "MLT_vocab.txt").write_text("".join(f"{w}\n" for w in mlt_words), encoding="utf-8")
     train_tokenizer(out / "tokenizer", train_text + aux)
     return out
+
+
+def lc_norm_tok(text: str) -> str:
+    """A caption as the upstream task 2 ``*.lc.norm.tok`` files hold it: lower-cased, words and punctuation split by
+    single spaces ("A red circle." -> "a red circle .")."""
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    return " ".join(w for w, _ in BertPreTokenizer().pre_tokenize_str(text.lower()))
+
+
+def write_five_captions(out: Path, scenes: Sequence[Any], seed: int) -> Path:
+    """The task 2 caption files of the training ``scenes`` (in their ``utils/train.txt`` order) and the seed's
+    five-caption JSONL built from them (see the module docstring); returns the JSONL's path. Caption set i of a scene:
+    an English and a German sentence, each of a template drawn from (seed, 13 | 14, image id, i), so the training
+    file's own captions (stream 11) are not reused."""
+    tok = out / "task2" / "tok"
+    tok.mkdir(parents=True, exist_ok=True)
+    sets: dict[str, list[list[str]]] = {"en": [], "de": []}
+    for i in range(1, 6):
+        en_lines, de_lines = [], []
+        for sc in scenes:
+            options = _templates(sc.shapes)
+            draw_en = np.random.default_rng([seed, 13, sc.image_id, i])
+            draw_de = np.random.default_rng([seed, 14, sc.image_id, i])
+            en_lines.append(lc_norm_tok(caption_pair(sc.shapes, options[int(draw_en.integers(len(options)))])[0]))
+            de_lines.append(lc_norm_tok(caption_pair(sc.shapes, options[int(draw_de.integers(len(options)))])[1]))
+        for lang, lines in (("en", en_lines), ("de", de_lines)):
+            sets[lang].append(lines)
+            (tok / f"train.lc.norm.tok.{i}.{lang}").write_text("".join(f"{t}\n" for t in lines), encoding="utf-8")
+    records = [
+        {
+            "image": f"train_image.zip@/{sc.image_id}.jpg",
+            "caption_en": sets["en"][i][k],
+            "caption_de": sets["de"][i][k],
+            "frcnn": f"train_frcnn.zip@/{sc.image_id:08d}.json",
+        }
+        for i in range(5)
+        for k, sc in enumerate(scenes)
+    ]
+    path = out / "flickr30k" / FIVE_CAPTIONS_FILE
+    write_jsonl(path, records)
+    return path
 
 
 def train_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int = 400, min_frequency: int = 1) -> Path:

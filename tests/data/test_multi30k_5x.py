@@ -95,7 +95,9 @@ def test_mixed_rows_are_the_seeds_doubled_database(data_dir) -> None:
     rows = dm.datasets["train"].rows
     seed_db = [(r["caption_en"], "en") for r in records] + [(r["caption_de"], "de") for r in records]
     assert [(r["text"], r["language"]) for r in rows] == seed_db
-    assert dm.gallery("test")["texts"] == [r["caption_en"] for r in read_annotations(dm.path("{split}_frcnn.json", "test"))]
+    assert dm.gallery("test")["texts"] == [
+        r["caption_en"] for r in read_annotations(dm.path("{split}_frcnn.json", "test"))
+    ]
 
 
 def test_real_layout_fixture_and_a_missing_file(tmp_path) -> None:
@@ -106,10 +108,16 @@ def test_real_layout_fixture_and_a_missing_file(tmp_path) -> None:
     with open(root / FIVE_CAPTIONS_FILE, "w") as f:  # the generator's own json.dump layout
         for i in range(5):
             for r in plain:
-                f.write(json.dumps({**r, "caption_en": f"{r['caption_en']} {i}", "caption_de": f"{r['caption_de']} {i}"}))
+                f.write(
+                    json.dumps({**r, "caption_en": f"{r['caption_en']} {i}", "caption_de": f"{r['caption_de']} {i}"})
+                )
                 f.write("\n")
     dm = Multi30kDataModule(
-        root=str(root), task="retrieval", train_annotations=FIVE_CAPTIONS_FILE, languages="en", objectives=["itm_bce"],
+        root=str(root),
+        task="retrieval",
+        train_annotations=FIVE_CAPTIONS_FILE,
+        languages="en",
+        objectives=["itm_bce"],
         tokenizer=str(tmp_path / "vocab.txt"),
     )
     assert root / FIVE_CAPTIONS_FILE in dm.required_files()

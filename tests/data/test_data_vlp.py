@@ -33,20 +33,44 @@ def first_batch(dm, split: str = "train") -> dict[str, torch.Tensor]:
 def test_vlp_batch_has_one_clip_token_per_caption(tmp_path: Path) -> None:
     dm = VLPDataModule(cache_dir=str(tmp_path), corpus=SMALL_CORPUS, objectives=["mlm"], batch_size=4)
     batch = first_batch(dm)
-    assert batch["clip_feats"].shape == (4, 1, 512) and batch["clip_feats"].dtype == torch.float32
+    assert batch["clip_feats"].shape == (4, 1, 512) and batch["clip_feats"].dtype == torch.float16
     assert batch["visual_feats"].shape == (4, 1, 512) and batch["visual_mask"].tolist() == [[1]] * 4
     assert batch["mlm_labels"].shape == batch["input_ids"].shape
     assert dm.info["clip_dim"] == 512
     # the feature is the image's row of the HDF5
     line = load_jsonl(dm.path("vlp/{split}.jsonl", "train"))[int(batch["index"][0])]
-    np.testing.assert_allclose(batch["clip_feats"][0, 0].numpy(), dm.clip[line["image_id"]])
+    np.testing.assert_allclose(batch["clip_feats"][0, 0].numpy(), dm.clip[line["image_id"]], rtol=1e-3)
 
 
-def test_vlp_fp16_features_and_text_only(tmp_path: Path) -> None:
-    dm = VLPDataModule(
-        cache_dir=str(tmp_path), corpus=SMALL_CORPUS, objectives=["mlm"], batch_size=4, feature_dtype="float16"
+def seed_clip_feature(hdf5: Path, image_id: str) -> torch.Tensor:
+    """The seed's CLIP feature loader (spec clip_bert.md): the HDF5's `ids` read as strings map an id to its row of
+    `features` (float32, (N, 512)), returned as fp16 (1, 512)."""
+    import h5py
+
+    with h5py.File(hdf5, "r") as f:
+        row = {name: i for i, name in enumerate(f["ids"].asstr()[()])}[image_id]
+        return torch.from_numpy(f["features"][row]).half().reshape(1, -1)
+
+
+def test_vlp_features_are_the_seeds_fp16_rows_by_default_float32_on_request(tmp_path: Path) -> None:
+    dm = VLPDataModule(cache_dir=str(tmp_path), corpus=SMALL_CORPUS, objectives=["mlm"], batch_size=4)
+    batch = first_batch(dm, "val")
+    lines = load_jsonl(dm.path("vlp/{split}.jsonl", "val"))
+    hdf5 = dm.path("clip_features.hdf5")
+    for b, index in enumerate(batch["index"].tolist()):
+        expected = seed_clip_feature(hdf5, str(lines[index]["image_id"]))
+        assert batch["clip_feats"][b].dtype == torch.float16 and torch.equal(batch["clip_feats"][b], expected)
+    full = VLPDataModule(
+        cache_dir=str(tmp_path), corpus=SMALL_CORPUS, objectives=["mlm"], batch_size=4, feature_dtype="float32"
     )
-    assert first_batch(dm, "val")["clip_feats"].dtype == torch.float16
+    unrounded = first_batch(full, "val")["clip_feats"]
+    assert unrounded.dtype == torch.float32 and not torch.equal(unrounded, unrounded.half().float())
+    assert torch.equal(unrounded.half(), batch["clip_feats"])
+
+
+def test_vlp_text_only(tmp_path: Path) -> None:
+    dm = VLPDataModule(cache_dir=str(tmp_path), corpus=SMALL_CORPUS, objectives=["mlm"], batch_size=4)
+    dm.prepare_data()
     # text-only: only the JSONL files exist; no features are required or read
     root = tmp_path / "text_only"
     shutil.copytree(dm.root / "vlp", root / "vlp")

@@ -1,7 +1,8 @@
 """`data=vlp`: the CLIP-BERT pretraining corpus: JSONL `{"text", "image_id"}` + CLIP image embeddings in HDF5.
 
-Each example's image is one CLIP embedding, fed as `clip_feats` (B, 1, D) (float32, or float16 with
-`feature_dtype: float16` as in the original loader). The same embedding is also given as a one-region visual input
+Each example's image is one CLIP embedding, fed as `clip_feats` (B, 1, D) in float16 (`feature_dtype: float16`, the
+default: the seed's loader returns the HDF5's float32 row as fp16, so the model sees it rounded to half precision; the
+model casts it to its projection's dtype), or unrounded with `feature_dtype: float32` (vl's earlier default). The same embedding is also given as a one-region visual input
 (`visual_feats` (B,1,D), whole-image box) so region-based models can read this corpus too.
 `text_only: true` is the text-only baseline corpus (BERT-CLIP-BERT-train): the same captions, no image features at
 all (the HDF5 is then neither required nor opened).
@@ -77,7 +78,7 @@ class VLPDataModule(VLDataModule):
         jsonl: str = "vlp/{split}.jsonl",
         features: str = "clip_features.hdf5",
         text_only: bool = False,
-        feature_dtype: str = "float32",
+        feature_dtype: str = "float16",
         mlm_skip_special_ids: bool = True,
         **kwargs: Any,
     ) -> None:

@@ -825,3 +825,63 @@ def test_the_scheduler_is_vl_berts_triangle() -> None:
         assert abs(opt.param_groups[0]["lr"] - want) < 1e-12, step
         opt.step()
         sched.step()
+
+
+@torch.no_grad()
+def test_blank_vision_is_the_seeds_no_vision_translation_module() -> None:
+    """`blank_vision` (the seed's `ResNetVLBERTForPretrainingTranslationNoVision`): `text_visual_embeddings[:] =
+    aux_text_visual_embedding` and `object_vl_embeddings = zeros` fed to VL-BERT's `embedding`, so every text token
+    gets visual_ln_text(aux), every object (whole-image box + regions, still attended, type 2, position n)
+    visual_ln_object(0) = its bias, [END] at n + 1; built by hand per row (numpy LayerNorms)."""
+    torch.manual_seed(0)
+    enc = make_encoder()
+    enc.blank_vision = True
+    batch = {**make_batch(), "has_image": torch.ones(3, dtype=torch.bool)}  # translation rows all have an image
+    out = enc(batch)
+    aux = enc.aux_text_visual_embedding.weight[0].numpy().astype(np.float64)
+    text_visual = seed_layer_norm(aux, enc.visual_ln_text.weight.numpy(), enc.visual_ln_text.bias.numpy())
+    blank_object = seed_layer_norm(np.zeros(H), enc.visual_ln_object.weight.numpy(), enc.visual_ln_object.bias.numpy())
+    for b in range(3):
+        n_t = int(batch["attention_mask"][b].sum())
+        n_o = 1 + int(batch["visual_mask"][b].sum())  # the whole-image box (ADD_IMAGE_AS_A_BOX) + the regions
+        words = enc.bert.embeddings.word_embeddings(batch["input_ids"][b, :n_t])
+        embs = torch.cat(
+            [
+                words + torch.tensor(text_visual, dtype=torch.float32),
+                torch.tensor(blank_object, dtype=torch.float32).expand(n_o, -1),
+                enc.end_embedding.weight,
+            ]
+        )
+        ref = enc.bert(
+            inputs_embeds=embs[None],
+            position_ids=torch.tensor([[*range(n_t), *[n_t] * n_o, n_t + 1]]),
+            token_type_ids=torch.tensor([[0] * n_t + [2] * (n_o + 1)]),
+            attention_mask=torch.ones(1, n_t + n_o + 1, dtype=torch.long),
+        )
+        states = ref.last_hidden_state[0]
+        torch.testing.assert_close(out.text[b, :n_t], states[:n_t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.visual[b, :n_o], states[n_t : n_t + n_o], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.pooled[b], ref.pooler_output[0], atol=1e-5, rtol=1e-5)
+    # nothing of the image but its number of boxes: other features / boxes give the same output, one box fewer not
+    other = {
+        **batch,
+        "visual_feats": torch.randn_like(batch["visual_feats"]),
+        "visual_boxes": batch["visual_boxes"] / 2,
+    }
+    torch.testing.assert_close(enc(other).pooled, out.pooled)
+    fewer = {**batch, "visual_mask": batch["visual_mask"].clone()}
+    fewer["visual_mask"][0, 4] = 0
+    assert (enc(fewer).text[0] - out.text[0]).abs().max() > 1e-4  # the text attends to one blank key fewer
+
+
+def test_blank_vision_keeps_the_visual_parts_in_the_graph() -> None:
+    """Under DDP every parameter must get a gradient each step: the blanked parts get zeros, not None."""
+    enc = make_encoder()
+    enc.blank_vision = True
+    enc.train()
+    batch = {**make_batch(), "has_image": torch.ones(3, dtype=torch.bool)}
+    enc(batch).pooled.sum().backward()
+    weight = enc.obj_downsample[1].weight.grad
+    assert weight is not None and weight.abs().sum() == 0
+    assert enc.object_linguistic_embeddings.weight.grad is not None
+    assert enc.aux_text_visual_embedding.weight.grad.abs().sum() > 0

@@ -42,6 +42,33 @@ def seed_evaluate_translation(path: Path) -> dict[str, float]:
     return out
 
 
+def test_the_no_vision_experiment_is_the_vision_one_with_blank_regions(make_cfg) -> None:
+    """The seed's two translation configs differ only in MODULE (`..._translate_vision` / `..._translate_no_vision`):
+    vl's two experiments only in `model.encoder.blank_vision` (and their names / tags)."""
+    from omegaconf import OmegaConf
+
+    def flat(experiment: str) -> dict:
+        cfg = OmegaConf.to_container(make_cfg(f"experiment={experiment}", name=experiment), resolve=False)
+        out: dict = {}
+
+        def walk(node, prefix=""):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    out[f"{prefix}{key}"] = value
+
+        walk(cfg)
+        return out
+
+    for suffix in ("", "_tiny"):
+        vision, blank = flat(f"mm_bert_translation{suffix}"), flat(f"mm_bert_translation_no_vision{suffix}")
+        differ = {k for k in vision.keys() | blank.keys() if vision.get(k) != blank.get(k)}
+        differ = {k for k in differ if not k.startswith(("hydra.", "paths."))}  # the run's name and dirs
+        assert differ <= {"task_name", "tags", "model.encoder.blank_vision"}, differ
+        assert blank["model.encoder.blank_vision"] is True and not vision.get("model.encoder.blank_vision")
+
+
 def test_translation_negatives_take_another_lines_german_caption_only(data_dir: Path) -> None:
     """The seed's `translation_multi30k` training rows: EN caption and its image kept, with p = 0.5 the DE caption of a
     random other line (`relationship_label` 0), else the line's own (1)."""
@@ -138,11 +165,13 @@ def test_evaluate_reproduces_the_translation_test(translation_run, make_cfg) -> 
 
 
 @pytest.mark.slow
-def test_translation_retrieval_learns_above_chance(make_cfg) -> None:
+@pytest.mark.parametrize("experiment", ["mm_bert_translation_tiny", "mm_bert_translation_no_vision_tiny"])
+def test_translation_retrieval_learns_above_chance(make_cfg, experiment) -> None:
     """8 epochs of `mm_bert_translation_tiny` from random init (~25 s): the German caption retrieval of EN queries
     well above chance, and ITM accuracy above the 0.5 of the balanced test rows. Measured 2026-12-06 (seed 12345):
-    test ITM accuracy 0.893, DE R@10 0.540 / R@1 0.053 against chance 0.067 / 0.0067, EN R@10 0.500."""
-    cfg = make_cfg("experiment=mm_bert_translation_tiny", "data.corpus.num_images=1500", *CPU)
+    test ITM accuracy 0.893, DE R@10 0.540 / R@1 0.053 against chance 0.067 / 0.0067, EN R@10 0.500; without vision
+    (`mm_bert_translation_no_vision_tiny`, the seed's no-vision module) 0.900, 0.533 / 0.053, EN 0.513."""
+    cfg = make_cfg(f"experiment={experiment}", "data.corpus.num_images=1500", *CPU)
     metrics, _ = train(cfg)
     assert metrics["test/translation_de_recall@10"] > 4 * metrics["test/translation_de_recall@10_chance"], metrics
     assert metrics["test/translation_en_recall@10"] > 4 * metrics["test/translation_en_recall@10_chance"], metrics

@@ -82,7 +82,13 @@ class MMBertEncoder(nn.Module):
     type 0); visual_feats (B,R,D), visual_boxes (B,R,4) normalised x1y1x2y2, visual_mask (B,R) (valid regions first);
     optional visual_image_size (B,2), has_image (B,) bool (False: a text-only row), aux_text (B,) bool (a row of the
     aux text corpus: its text visual embedding is the learned aux one; other text-only rows get zeros), mvrc_replace
-    (B,R) bool (regions whose feature and [IMG] embedding are replaced by the mask embeddings)."""
+    (B,R) bool (regions whose feature and [IMG] embedding are replaced by the mask embeddings).
+
+    ``blank_vision`` (False; the seed's ``ResNetVLBERTForPretrainingTranslationNoVision``, `experiment=
+    mm_bert_translation_no_vision`): every text token's visual embedding is the learned aux text one and every region's
+    input embedding is zero (its feature and its [IMG] embedding alike, so a region is ``visual_ln_object``(0), the
+    LayerNorm's bias), while the regions (whole-image box included) stay attended positions of type 2 as with vision:
+    the row's number of boxes is all that is left of its image."""
 
     visual_input = "regions"
 
@@ -96,6 +102,7 @@ class MMBertEncoder(nn.Module):
         coord_base: float = 1000.0,
         visual_dropout: float = 0.1,
         visual_scale_init: float = 0.0,
+        blank_vision: bool = False,
     ) -> None:
         """`text_encoder`: `build_bert` arguments (type_vocab_size is 3; vocab_size = data_info["vocab_size"], the
         tokenizer's with [STOP], when given; `pretrained`: a BERT dir, widened to 3 types and that vocabulary). `with_pooler`: BERT's pooler on [CLS] (retrieval / MLT heads); False:
@@ -108,6 +115,7 @@ class MMBertEncoder(nn.Module):
         options.pop("vocab_size", None)
         options.pop("type_vocab_size", None)  # MM-BERT has 3 token types
         self.with_pooler = with_pooler
+        self.blank_vision = bool(blank_vision)
         if options.get("pretrained"):  # a BERT dir (M-BERT: prefer the hybrid init, `model.mbert_dir`)
             self.bert = build_bert(pretrained=options["pretrained"], add_pooling_layer=with_pooler)
             self._widen(vocab_size)
@@ -201,6 +209,9 @@ class MMBertEncoder(nn.Module):
         aux_rows = batch.get("aux_text")
         aux_rows = torch.zeros_like(has_image) if aux_rows is None else aux_rows.to(device).bool()
         aux = self.aux_text_visual_embedding.weight[0].to(reps.dtype)
+        if self.blank_vision:  # the seed's no-vision translation module: the aux embedding for every row's text
+            aux_rows = torch.ones_like(has_image)
+            has_image = torch.zeros_like(has_image)
         text_only = torch.where(aux_rows[:, None], aux, torch.zeros_like(reps[:, 0]))
         text_visual = self.visual_ln_text(torch.where(has_image[:, None], reps[:, 0], text_only))
         text_emb = words + text_visual.unsqueeze(1)
@@ -210,6 +221,10 @@ class MMBertEncoder(nn.Module):
             self.object_linguistic_embeddings.weight[0],
         )
         obj_emb = ling + self.visual_ln_object(reps)  # (B,1+R,H)
+        if self.blank_vision:  # zero region inputs, the positions kept (torch.where: the parts stay in the graph)
+            obj_emb = torch.where(
+                torch.ones((), dtype=torch.bool, device=device), self.visual_ln_object(torch.zeros_like(reps)), obj_emb
+            )
         end_emb = self.end_embedding.weight[0].expand(bsz, -1).unsqueeze(1)  # (B,1,H)
 
         # compacted layout per row: text (n_t) | regions (n_o) | [END] | padding; as VL-BERT's `embedding`, [END]

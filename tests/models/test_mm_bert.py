@@ -885,3 +885,32 @@ def test_blank_vision_keeps_the_visual_parts_in_the_graph() -> None:
     assert weight is not None and weight.abs().sum() == 0
     assert enc.object_linguistic_embeddings.weight.grad is not None
     assert enc.aux_text_visual_embedding.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("task", ["translation", "mlt"])
+def test_the_no_vision_experiment_is_the_vision_one_with_blank_regions(make_cfg, task) -> None:
+    """The seed's no-vision configs differ from their with-vision twins only in MODULE (translation:
+    `..._translate_vision` / `..._translate_no_vision`; MLT: `..._MLT_LR6_startLR6[_no_vision]`): vl's experiments
+    only in `model.encoder.blank_vision` (and their names / tags)."""
+    from omegaconf import OmegaConf
+
+    def flat(experiment: str) -> dict:
+        cfg = OmegaConf.to_container(make_cfg(f"experiment={experiment}", name=experiment), resolve=False)
+        out: dict = {}
+
+        def walk(node, prefix=""):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    out[f"{prefix}{key}"] = value
+
+        walk(cfg)
+        return out
+
+    for suffix in ("", "_tiny"):
+        vision, blank = flat(f"mm_bert_{task}{suffix}"), flat(f"mm_bert_{task}_no_vision{suffix}")
+        differ = {k for k in vision.keys() | blank.keys() if vision.get(k) != blank.get(k)}
+        differ = {k for k in differ if not k.startswith(("hydra.", "paths."))}  # the run's name and dirs
+        assert differ <= {"task_name", "tags", "model.encoder.blank_vision"}, differ
+        assert blank["model.encoder.blank_vision"] is True and not vision.get("model.encoder.blank_vision")

@@ -42,33 +42,6 @@ def seed_evaluate_translation(path: Path) -> dict[str, float]:
     return out
 
 
-def test_the_no_vision_experiment_is_the_vision_one_with_blank_regions(make_cfg) -> None:
-    """The seed's two translation configs differ only in MODULE (`..._translate_vision` / `..._translate_no_vision`):
-    vl's two experiments only in `model.encoder.blank_vision` (and their names / tags)."""
-    from omegaconf import OmegaConf
-
-    def flat(experiment: str) -> dict:
-        cfg = OmegaConf.to_container(make_cfg(f"experiment={experiment}", name=experiment), resolve=False)
-        out: dict = {}
-
-        def walk(node, prefix=""):
-            for key, value in node.items():
-                if isinstance(value, dict):
-                    walk(value, f"{prefix}{key}.")
-                else:
-                    out[f"{prefix}{key}"] = value
-
-        walk(cfg)
-        return out
-
-    for suffix in ("", "_tiny"):
-        vision, blank = flat(f"mm_bert_translation{suffix}"), flat(f"mm_bert_translation_no_vision{suffix}")
-        differ = {k for k in vision.keys() | blank.keys() if vision.get(k) != blank.get(k)}
-        differ = {k for k in differ if not k.startswith(("hydra.", "paths."))}  # the run's name and dirs
-        assert differ <= {"task_name", "tags", "model.encoder.blank_vision"}, differ
-        assert blank["model.encoder.blank_vision"] is True and not vision.get("model.encoder.blank_vision")
-
-
 def test_translation_negatives_take_another_lines_german_caption_only(data_dir: Path) -> None:
     """The seed's `translation_multi30k` training rows: EN caption and its image kept, with p = 0.5 the DE caption of a
     random other line (`relationship_label` 0), else the line's own (1)."""

@@ -82,7 +82,8 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
     ``train_annotations`` (the training split's file when it is another one: ``data=multi30k_5x``, the seed's
     ``multi30k_5x`` / ``multi30k_5x_mixed`` datasets, read ``train_frcnn_5captions_both.json``, five caption pairs an
     image, the same record fields; val / test keep ``annotations``; the seed also strips ``.0``-``.3`` from FRCNN
-    paths, which its five-caption generator never writes: a no-op on its files, not copied), ``mlt_annotations`` / ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root).
+    paths, which its five-caption generator never writes: a no-op on its files, not copied), ``mlt_annotations`` /
+    ``mlt_vocab`` (task mlt), ``wmt`` (Task C; relative to root).
     ``mlt_outputs``: the MLT head's size (the seed's ``MLT_words`` 1536; None = the MLT vocabulary's size).
     ``seq_len``: VL-BERT's joint limit on a row's text tokens + boxes (whole-image box included; 64 as the seed's
     datasets; None: none), applied per row after masking and per caption x image pair in the retrieval gallery

@@ -2,8 +2,9 @@
 
 Each example's image is one CLIP embedding, fed as `clip_feats` (B, 1, D) in float16 (`feature_dtype: float16`, the
 default: the seed's loader returns the HDF5's float32 row as fp16, so the model sees it rounded to half precision; the
-model casts it to its projection's dtype), or unrounded with `feature_dtype: float32` (vl's earlier default). The same embedding is also given as a one-region visual input
-(`visual_feats` (B,1,D), whole-image box) so region-based models can read this corpus too.
+model casts it to its projection's dtype), or unrounded with `feature_dtype: float32` (vl's earlier default). The
+same embedding is also given as a one-region visual input (`visual_feats` (B,1,D), whole-image box, float32) so
+region-based models can read this corpus too.
 `text_only: true` is the text-only baseline corpus (BERT-CLIP-BERT-train): the same captions, no image features at
 all (the HDF5 is then neither required nor opened).
 

@@ -84,8 +84,8 @@ class MMBertEncoder(nn.Module):
     aux text corpus: its text visual embedding is the learned aux one; other text-only rows get zeros), mvrc_replace
     (B,R) bool (regions whose feature and [IMG] embedding are replaced by the mask embeddings).
 
-    ``blank_vision`` (False; the seed's ``ResNetVLBERTForPretrainingTranslationNoVision``, `experiment=
-    mm_bert_translation_no_vision`): every text token's visual embedding is the learned aux text one and every region's
+    ``blank_vision`` (False; the seed's ``ResNetVLBERTForPretrainingTranslationNoVision`` and MLT's
+    ``...MultitaskNoVision``, `experiment=mm_bert_translation_no_vision`, `mm_bert_mlt_no_vision`): every text token's visual embedding is the learned aux text one and every region's
     input embedding is zero (its feature and its [IMG] embedding alike, so a region is ``visual_ln_object``(0), the
     LayerNorm's bias), while the regions (whole-image box included) stay attended positions of type 2 as with vision:
     the row's number of boxes is all that is left of its image."""
@@ -209,7 +209,7 @@ class MMBertEncoder(nn.Module):
         aux_rows = batch.get("aux_text")
         aux_rows = torch.zeros_like(has_image) if aux_rows is None else aux_rows.to(device).bool()
         aux = self.aux_text_visual_embedding.weight[0].to(reps.dtype)
-        if self.blank_vision:  # the seed's no-vision translation module: the aux embedding for every row's text
+        if self.blank_vision:  # the seed's no-vision modules: the aux embedding for every row's text
             aux_rows = torch.ones_like(has_image)
             has_image = torch.zeros_like(has_image)
         text_only = torch.where(aux_rows[:, None], aux, torch.zeros_like(reps[:, 0]))

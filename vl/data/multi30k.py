@@ -40,7 +40,6 @@ loses one at a time), so a caption pair of ~30 tokens meets ~30 boxes, not 100.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +55,11 @@ from vl.data.formats.multi30k import (
     WMT_KEYS,
     frcnn_location,
     read_annotations,
-    read_mlt_vocab,
     select_regions,
 )
 from vl.data.multi30k_collate import Multi30kCollator
 from vl.data.multi30k_examples import LazyVisuals, Multi30kExamples, TranslationRows
-from vl.data.multi30k_text import MT_DETOKENIZE, detokenize, load_multi30k_tokenizer, seed_bleu
+from vl.data.multi30k_text import MT_DETOKENIZE, load_multi30k_tokenizer
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.multi30k import ensure_multi30k
 from vl.errors import ConfigError, DataError
@@ -265,12 +263,6 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
             return self.path(self.train_annotations, split)
         return self.path(self.annotations, split)
 
-    @property
-    def mlt_words(self) -> list[str]:
-        if self._mlt_vocab is None:
-            self._mlt_vocab = read_mlt_vocab(self.path(self.mlt_vocab_file))
-        return self._mlt_vocab
-
     # ------------------------------------------------------------------ datasets
     def _languages(self) -> list[str]:
         return ["en", "de"] if self.languages == "both" else [self.languages]
@@ -364,18 +356,6 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
             info["num_mlt_words"] = self.num_mlt_outputs()
         return info
 
-    def num_mlt_outputs(self) -> int:
-        """The MLT head's outputs: ``mlt_outputs`` (the seed's ``MLT_words`` 1536 for its 1535-line MLT_vocab.txt),
-        or the vocabulary's size when None; never fewer than the vocabulary's words (ConfigError)."""
-        words = len(self.mlt_words)
-        if self.mlt_outputs is None:
-            return words
-        if self.mlt_outputs < words:
-            raise ConfigError(
-                f"data.mlt_outputs: {self.mlt_outputs} is smaller than the {words} words of {self.mlt_vocab_file}"
-            )
-        return self.mlt_outputs
-
     def baselines(self, split: str = "test") -> dict[str, float]:
         if self.task == "translation":
             n = len(self.records(split)[1])
@@ -387,43 +367,7 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
         if self.task == "retrieval":
             n = len(self.gallery(split)["image_ids"])
             return {f"{split}/recall@{k}_chance": min(1.0, k / n) for k in (1, 5, 10)}
-        if self.task == "mt":
-            import sacrebleu
-
-            _, records, _ = self.records(split)
-            # copying the source's tokens, detokenised as the model's hypotheses are
-            ids = self.tokenizer([r["caption_en"] for r in records], add_special_tokens=False)["input_ids"]
-            sources = [detokenize(self.tokenizer, i, self.mt_detokenize) for i in ids]
-            refs = [r["caption_de"] for r in records]
-            out = {
-                f"{split}/bleu_copy_source": seed_bleu(sources, refs),
-                f"{split}/bleu_plain_copy_source": sacrebleu.corpus_bleu(sources, [refs]).score,
-            }
-            subset = [i for i, r in enumerate(records) if r.get("image_dependent")]
-            if subset:
-                out[f"{split}/bleu_image_dependent_copy_source"] = seed_bleu(
-                    [sources[i] for i in subset], [refs[i] for i in subset]
-                )
-            return out
-        if self.task == "mlt":
-            train = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, "train"), MLT_KEYS)]
-            test = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, split), MLT_KEYS)]
-            top = Counter(train).most_common(1)[0][0]  # ties: the first seen (a set's order varies per process)
-            hits = sum(top in w.split(" ") for w in test)  # any listed word counts (test2018)
-            return {f"{split}/mlt_acc_most_frequent": hits / max(1, len(test))}
-        return {}
-
-    @property
-    def prediction_file(self) -> str:  # type: ignore[override]
-        return "mt_hypotheses.txt" if self.task == "mt" else "predictions.json"
-
-    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path | None:
-        """MT: the greedy translations, one line per source sentence, in the test file's order."""
-        if self.task != "mt":
-            return None
-        lines = [p["hypothesis"].replace("\n", " ") for p in sorted(predictions, key=lambda p: p["index"])]
-        Path(path).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-        return Path(path)
+        return self.translation_baselines(split)
 
     # ------------------------------------------------------------------ loaders
     def collator(self, split: str) -> Multi30kCollator:

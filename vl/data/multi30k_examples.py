@@ -1,6 +1,6 @@
 """Multi30k rows -> examples (`Multi30kExamples`: the image's selected regions, ITM negatives of the same language,
-the training flip), `LazyVisuals` (the regions of a split's images, read when indexed) and `TranslationRows` (the rows
-of the MLT and MT tasks, a mixin of `Multi30kDataModule`).
+the training flip), `LazyVisuals` (the regions of a split's images, read when indexed) and `TranslationRows` (the rows,
+vocabulary, baselines and hypotheses file of the MLT and MT tasks, a mixin of `Multi30kDataModule`).
 
 Flip (``data.flip_prob``, the seed's ``TRAIN.FLIP_PROB`` 0.5; training split only, val/test never): a training row's
 boxes are mirrored with that probability, drawn from (seed, epoch, index) (`flip_drawn`), as the seed's
@@ -9,6 +9,7 @@ the whole-image box [0, 0, w-1, h-1] maps to itself."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vl.data.features.base import normalise_boxes
-from vl.data.formats.multi30k import select_regions
+from vl.data.formats.multi30k import MLT_KEYS, read_annotations, read_mlt_vocab, select_regions
+from vl.data.multi30k_text import detokenize, seed_bleu
 from vl.data.samplers import global_seed, split_key
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 
 __all__ = [
     "FLIP_STREAM",
@@ -139,8 +141,9 @@ class LazyVisuals(Sequence):
 
 # ------------------------------------------------------------------------------------------------ task rows
 class TranslationRows:
-    """Mixin of `Multi30kDataModule` (listed before `VLDataModule` in its bases): the rows of the two translation
-    tasks, MLT (`mlt_rows`) and MT (`mt_dataset`)."""
+    """Mixin of `Multi30kDataModule` (listed before `VLDataModule` in its bases): what is particular to the two
+    translation tasks, MLT (`mlt_rows`, its vocabulary `mlt_words` and head size `num_mlt_outputs`) and MT
+    (`mt_dataset`, the hypotheses file `write_predictions`), and their computed baselines (`translation_baselines`)."""
 
     def mlt_rows(self, path: Path, records: list[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
         """MLT rows: ``[CLS] word_en [SEP] caption_en [SEP]`` + image -> the index of ``word_de`` in the MLT vocabulary.
@@ -202,3 +205,62 @@ class TranslationRows:
                     }
                 )
         return Multi30kExamples(rows, self.max_regions, flip_prob=self.flip_prob if split == "train" else 0.0)
+
+    @property
+    def mlt_words(self) -> list[str]:
+        if self._mlt_vocab is None:
+            self._mlt_vocab = read_mlt_vocab(self.path(self.mlt_vocab_file))
+        return self._mlt_vocab
+
+    def num_mlt_outputs(self) -> int:
+        """The MLT head's outputs: ``mlt_outputs`` (the seed's ``MLT_words`` 1536 for its 1535-line MLT_vocab.txt),
+        or the vocabulary's size when None; never fewer than the vocabulary's words (ConfigError)."""
+        words = len(self.mlt_words)
+        if self.mlt_outputs is None:
+            return words
+        if self.mlt_outputs < words:
+            raise ConfigError(
+                f"data.mlt_outputs: {self.mlt_outputs} is smaller than the {words} words of {self.mlt_vocab_file}"
+            )
+        return self.mlt_outputs
+
+    def translation_baselines(self, split: str = "test") -> dict[str, float]:
+        """The computed baselines of MT (BLEU of copying the source, detokenised as the hypotheses) and MLT (accuracy
+        of the most frequent training word); {} for the other tasks."""
+        if self.task == "mt":
+            import sacrebleu
+
+            _, records, _ = self.records(split)
+            # copying the source's tokens, detokenised as the model's hypotheses are
+            ids = self.tokenizer([r["caption_en"] for r in records], add_special_tokens=False)["input_ids"]
+            sources = [detokenize(self.tokenizer, i, self.mt_detokenize) for i in ids]
+            refs = [r["caption_de"] for r in records]
+            out = {
+                f"{split}/bleu_copy_source": seed_bleu(sources, refs),
+                f"{split}/bleu_plain_copy_source": sacrebleu.corpus_bleu(sources, [refs]).score,
+            }
+            subset = [i for i, r in enumerate(records) if r.get("image_dependent")]
+            if subset:
+                out[f"{split}/bleu_image_dependent_copy_source"] = seed_bleu(
+                    [sources[i] for i in subset], [refs[i] for i in subset]
+                )
+            return out
+        if self.task == "mlt":
+            train = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, "train"), MLT_KEYS)]
+            test = [r["word_de"] for r in read_annotations(self.path(self.mlt_annotations, split), MLT_KEYS)]
+            top = Counter(train).most_common(1)[0][0]  # ties: the first seen (a set's order varies per process)
+            hits = sum(top in w.split(" ") for w in test)  # any listed word counts (test2018)
+            return {f"{split}/mlt_acc_most_frequent": hits / max(1, len(test))}
+        return {}
+
+    @property
+    def prediction_file(self) -> str:  # type: ignore[override]
+        return "mt_hypotheses.txt" if self.task == "mt" else "predictions.json"
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> Path | None:
+        """MT: the greedy translations, one line per source sentence, in the test file's order."""
+        if self.task != "mt":
+            return None
+        lines = [p["hypothesis"].replace("\n", " ") for p in sorted(predictions, key=lambda p: p["index"])]
+        Path(path).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        return Path(path)

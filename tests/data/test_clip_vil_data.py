@@ -511,6 +511,26 @@ def test_published_training_files_by_default_and_the_embedded_corpus_without_nom
         _dm(ClipVilPretrainDataModule, data_dir, root=str(root)).prepare_data()
 
 
+def test_pretraining_reads_the_published_release_which_has_no_test_file(tmp_path: Path, data_dir: Path) -> None:
+    """LXMERT's release (the seed readme's downloads) has mscoco_train / nominival / minival and vgnococo, no
+    mscoco_test.json: with `data.root` the test stage reads minival (the seed's evaluation set), and the fit's checks
+    pass; the embedded corpus keeps its held-out mscoco_test.json."""
+    embedded = _dm(ClipVilPretrainDataModule, data_dir)
+    assert embedded.files["test"] == ["lxmert/mscoco_test.json"]
+    root = _real_layout_with_nominival(embedded.root, tmp_path)
+    (root / "lxmert" / "mscoco_test.json").unlink()
+    assert sorted(f.name for f in (root / "lxmert").glob("mscoco_*.json")) == [
+        "mscoco_minival.json",
+        "mscoco_nominival.json",
+        "mscoco_train.json",
+    ]
+    dm = _dm(ClipVilPretrainDataModule, data_dir, root=str(root))
+    dm.prepare_data()
+    assert dm.files["test"] == dm.files["val"] == ["lxmert/mscoco_minival.json"]
+    minival = json.loads((root / "lxmert" / "mscoco_minival.json").read_text())
+    assert len(dm.build_dataset("test")) == sum(len(s) for d in minival for s in d["sentf"].values())
+
+
 def test_train_splits_and_splits_train_together_are_refused(data_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.train_splits"):
         _dm(ClipVilVQADataModule, data_dir, train_splits=["train"], splits={"train": "train"})

@@ -306,8 +306,11 @@ def tiny_system(objectives=("itm",), data_info=None, **kwargs) -> ClipVilSystem:
     kwargs.setdefault(
         "optimizer", {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.01, "eps": 1e-6}
     )
+    kwargs.setdefault(
+        "encoder",
+        {"_target_": "vl.models.clip_vil.ClipVilEncoder", "text_encoder": TINY_TEXT, "backbone": TINY_BACKBONE},
+    )
     return ClipVilSystem(
-        encoder={"_target_": "vl.models.clip_vil.ClipVilEncoder", "text_encoder": TINY_TEXT, "backbone": TINY_BACKBONE},
         objectives=list(objectives),
         data_info=info,
         **kwargs,
@@ -575,6 +578,30 @@ def test_default_optimizer_options_are_accepted() -> None:
     system = tiny_system(head_lr=None, pretrained_lr_mult=1.0, scheduler=None)
     optimizer, _ = configured(system)
     assert isinstance(optimizer, FusedOptimizer)
+
+
+def test_without_a_target_the_adamw_is_the_seeds_transformers_adamw() -> None:
+    """`model.optimizer` without `_target_` (a Python caller, a config that drops it) gets the seed's AdamW, as the
+    shipped config names it, not torch's."""
+    from vl.optimizers import TransformersAdamW
+
+    system = tiny_system(optimizer={"lr": 1e-3, "weight_decay": 0.01, "eps": 1e-6})
+    optimizer, _ = configured(system)
+    assert type(optimizer.optimizers["adamw"]) is TransformersAdamW
+
+
+def test_a_frozen_backbone_nothing_loaded_is_named_in_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    backbone = {"_target_": "vl.models.clip_vil.ClipVilEncoder", "text_encoder": TINY_TEXT, "backbone": TINY_BACKBONE}
+    with caplog.at_level("WARNING", logger="vl.models.clip_vil"):
+        tiny_system(encoder={**backbone, "freeze_backbone": True})
+    assert [r.message for r in caplog.records if "freeze_backbone" in r.message] == [
+        "model.encoder.freeze_backbone=true without model.encoder.backbone_weights or model.init_from: the frozen CLIP "
+        "ResNet stays at its random initialisation (the seed starts from CLIP's weights)"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vl.models.clip_vil"):
+        tiny_system()  # trained from random init: nothing to say
+    assert not [r for r in caplog.records if "freeze_backbone" in r.message]
 
 
 @pytest.mark.parametrize("padding_rows", [True, False])

@@ -181,14 +181,17 @@ class ClipVilPretrainDataModule(ImageDataModule):
         """`files`: {"train" / "val" / "test": LXMERT JSON files under `root`, concatenated}; a split left out keeps
         its default: train `lxmert/{mscoco_train,mscoco_nominival,vgnococo}.json` (the seed's `--train`; without
         `root`, the embedded corpus's `mscoco_train` + `vgnococo`: it writes no nominival), val
-        `lxmert/mscoco_minival.json`, test `lxmert/mscoco_test.json`. A missing file is a DataError naming it."""
+        `lxmert/mscoco_minival.json`, test: with `root` `lxmert/mscoco_minival.json` (LXMERT releases no pretraining
+        test file; the seed evaluates on minival), on the embedded corpus its held-out `lxmert/mscoco_test.json`. A
+        missing file is a DataError naming it."""
         super().__init__(**kwargs)
         published = ["lxmert/mscoco_train.json", "lxmert/mscoco_nominival.json", "lxmert/vgnococo.json"]
         default = {
             # the embedded corpus (root null) writes no mscoco_nominival.json
             "train": published if self.root_arg else [f for f in published if "nominival" not in f],
             "val": ["lxmert/mscoco_minival.json"],
-            "test": ["lxmert/mscoco_test.json"],
+            # the release has no mscoco_test.json (the seed's --valid is minival); the embedded corpus writes one
+            "test": ["lxmert/mscoco_minival.json"] if self.root_arg else ["lxmert/mscoco_test.json"],
         }
         self.files = default | dict(files or {})
         self.answers_file = answers

@@ -255,6 +255,8 @@ SEED_NO_DECAY = ("bias", "LayerNorm.weight", "objectives.mlm.transform.2.weight"
 
 
 #: `model.optimizer._target_` -> the AdamW of everything but the backbone: the seed's (transformers 3.3.1) or torch's
+#: `model.optimizer._target_` when the config names none: the seed's (transformers 3.3.1) AdamW, as conf/model/clip_vil.yaml
+DEFAULT_ADAMW = "vl.optimizers.TransformersAdamW"
 ADAMW: dict[str, type[Optimizer]] = {
     "vl.optimizers.TransformersAdamW": TransformersAdamW,
     "torch.optim.AdamW": torch.optim.AdamW,
@@ -304,6 +306,11 @@ class ClipVilSystem(VLSystem):
         self.bert_parts_loaded: list[str] = []
         if self.encoder.pretrained and not self.init_from:
             self.load_bert_pretraining_heads(self.encoder.pretrained)
+        if self.encoder.freeze_backbone and self.encoder.backbone_report is None and not self.init_from:
+            log.warning(
+                "model.encoder.freeze_backbone=true without model.encoder.backbone_weights or model.init_from: the "
+                "frozen CLIP ResNet stays at its random initialisation (the seed starts from CLIP's weights)"
+            )
 
     def _no_decay(self, name: str, param: nn.Parameter) -> bool:
         if self.adamw_rules == "seed":
@@ -330,7 +337,7 @@ class ClipVilSystem(VLSystem):
         `model.optimizer._target_` other than one of `ADAMW`, `fused: true`, keys AdamW here does not read, unknown
         `model.visual_optimizer` keys (`model.scheduler` / `head_lr` / `pretrained_lr_mult`: `UNREAD_OPTIONS`)."""
         cfg = dict(self.optimizer_cfg)
-        target = cfg.get("_target_", "torch.optim.AdamW")
+        target = cfg.get("_target_", DEFAULT_ADAMW)
         if target not in ADAMW:
             raise ConfigError(
                 f"model.optimizer._target_: '{target}' has no effect on CLIP-ViL (AdamW + backbone SGD, the seed's; "
@@ -363,7 +370,7 @@ class ClipVilSystem(VLSystem):
                 no_decay.append(param)
             else:
                 decay.append(param)
-        adamw = ADAMW[cfg.get("_target_", "torch.optim.AdamW")]
+        adamw = ADAMW[cfg.get("_target_", DEFAULT_ADAMW)]
         optimizers: dict[str, Optimizer] = {
             "adamw": adamw(
                 [

@@ -49,6 +49,47 @@ def test_test_metrics_reach_the_logger_and_the_log_has_a_line_per_validation(mak
     assert saved["value"] == saved["metrics"]["val/vqa_acc_best"]  # what a sweeper optimises: the best, not the last
 
 
+@pytest.mark.parametrize("choice", ["best", "last"])
+def test_the_test_stage_scores_the_chosen_checkpoint(choice: str, make_cfg, monkeypatch) -> None:
+    """`test_checkpoint`: best.ckpt (the default) or last.ckpt, the final epoch's weights (ViLBERT's seed tests its
+    last epoch); the returned checkpoint (what a pretrain stage hands on) stays the best."""
+    import torch
+
+    import vl.pipeline
+
+    scored: list[str | None] = []
+    real = vl.pipeline.score_checkpoint
+
+    def recording(trainer_cfg, model, dm, ckpt, **kwargs):
+        scored.append(ckpt)
+        return real(trainer_cfg, model, dm, ckpt, **kwargs)
+
+    monkeypatch.setattr(vl.pipeline, "score_checkpoint", recording)
+    cfg = make_cfg(*FAST, "data.batch_size=16", f"test_checkpoint={choice}")
+    run = Path(cfg.paths.output_dir) / "checkpoints"
+    metrics, _ = train(cfg)
+    assert scored == [str(run / f"{choice}.ckpt")]
+    assert torch.load(scored[0], weights_only=True, map_location="cpu")["epoch"] == (
+        1 if choice == "last" else torch.load(run / "best.ckpt", weights_only=True, map_location="cpu")["epoch"]
+    )
+    assert "test/vqa_acc" in metrics
+
+
+def test_test_checkpoint_choices_are_checked_before_the_fit(make_cfg) -> None:
+    from vl.config import check_config
+    from vl.errors import ConfigError
+    from vl.preflight import check_hand_off
+
+    for exp in ("vilbert_vqa", "vilbert_vcr", "vilbert_retrieval", "vilbert_refcoco"):
+        assert make_cfg(f"experiment={exp}", tiny=False).test_checkpoint == "last"
+    assert make_cfg(*FAST).test_checkpoint == "best"
+    with pytest.raises(ConfigError, match=r"^test_checkpoint=latest: must be one of best, last"):
+        check_config(make_cfg(*FAST, "test_checkpoint=latest"))
+    with pytest.raises(ConfigError, match=r"^test_checkpoint=last: no callback writes last\.ckpt"):
+        check_hand_off(make_cfg(*FAST, "test_checkpoint=last", "callbacks=none"))
+    check_hand_off(make_cfg(*FAST, "test_checkpoint=last", "callbacks=none", "test=false"))  # nothing is tested
+
+
 def _wandb_record(run_dir: Path, expected: bytes, timeout: float = 60.0) -> bytes:
     """The offline run record once it holds `expected`: wandb's writer process may still be flushing it after
     `finish()` returns on a busy machine (seen: a record of 8 bytes)."""

@@ -250,8 +250,9 @@ _TRAINER_COUNTS = (
     ("log_every_n_steps", 1, ()),
     ("num_nodes", 1, ()),
 )
-#: `pretrain.hand_off`: which checkpoint of the pretrain stage initialises the main stage (`best.ckpt`: the monitored
-#: metric's best epoch, `last.ckpt`: the last epoch, as CLIP-ViL's seed hands its last epoch on)
+#: `pretrain.hand_off` / `test_checkpoint`: which checkpoint of the pretrain stage initialises the main stage / the
+#: test stage scores (`best.ckpt`: the monitored metric's best epoch; `last.ckpt`: the last epoch, as CLIP-ViL's seed
+#: hands its last epoch on and ViLBERT's tests its last epoch)
 PRETRAIN_HAND_OFF = ("best", "last")
 _FRACTION_OR_COUNT = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")
 
@@ -297,6 +298,8 @@ def check_config(cfg: Any) -> None:
                 _bad(f"{prefix}trainer.{key}", value, "must be a fraction in [0, 1] or a batch count >= 0")
         if prefix and node.get("hand_off", "best") not in PRETRAIN_HAND_OFF:
             _bad("pretrain.hand_off", node.get("hand_off"), f"must be one of {', '.join(PRETRAIN_HAND_OFF)}")
+        if not prefix and node.get("test_checkpoint", "best") not in PRETRAIN_HAND_OFF:
+            _bad("test_checkpoint", node.get("test_checkpoint"), f"must be one of {', '.join(PRETRAIN_HAND_OFF)}")
         if trainer.get("val_every_n_steps") is not None and trainer.get("val_check_interval") is not None:
             _bad(f"{prefix}trainer.val_every_n_steps", trainer.get("val_every_n_steps"), "set it or val_check_interval")
         interval = trainer.get("val_check_interval")

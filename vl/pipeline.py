@@ -231,9 +231,11 @@ def _run_stage(cfg: DictConfig, name: str, init_from: str | None) -> tuple[dict[
     last = str(output_dir / "checkpoints" / "last.ckpt")
     ckpt = best or (last if Path(last).exists() else None)
     if cfg.get("test", True):
-        # VQA predictions are written by the model's test hook
+        # VQA predictions are written by the model's test hook; `test_checkpoint: last`: the final epoch's weights
         ckpt = None if trainer.fast_dev_run else ckpt
-        test_metrics = score_checkpoint(cfg.trainer, model, dm, ckpt)[0]
+        tested = last if ckpt and cfg.get("test_checkpoint", "best") == "last" and Path(last).exists() else ckpt
+        log.info("[%s] testing %s", name, tested or "the model in memory")
+        test_metrics = score_checkpoint(cfg.trainer, model, dm, tested)[0]
         metrics.update({k: float(v) for k, v in test_metrics.items()})
         if trainer.is_global_zero and loggers and test_metrics:  # the test metrics in the same run as the fit's curves
             log_test_metrics(loggers, {k: float(v) for k, v in test_metrics.items()}, trainer.global_step)

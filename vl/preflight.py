@@ -3,7 +3,7 @@ any data is built (`vl.pipeline.train` / `evaluate` call these first).
 
 - `check_stage_arguments`: every `model` / `data` key of each stage is an argument of its `_target_`;
 - `check_devices`: a GPU accelerator on a machine without a visible GPU;
-- `check_hand_off`: `pretrain.hand_off=last` with no callback that writes last.ckpt;
+- `check_hand_off`: `pretrain.hand_off=last` / `test_checkpoint=last` with no callback that writes last.ckpt;
 - `preflight_main_stage`: with a pretrain stage, the main stage's data module (its checks, its files) and its global
   batch against the planned world size (`accumulation`, which every stage's Trainer also uses);
 - `check_fresh_output`: a fresh run's dir already holding an earlier run's checkpoints.
@@ -86,17 +86,19 @@ def preflight_main_stage(cfg: DictConfig) -> None:
 
 
 def check_hand_off(cfg: DictConfig) -> None:
-    """`pretrain.hand_off=last` needs a callback that writes last.ckpt (`callbacks.last_checkpoint`, in the default
-    callbacks): a one-line ConfigError before any stage runs."""
+    """`pretrain.hand_off=last` / `test_checkpoint=last` (with `test`) need a callback that writes last.ckpt
+    (`callbacks.last_checkpoint`, in the default callbacks): a one-line ConfigError before any stage runs."""
     pre = cfg.get("pretrain")
-    if not pre or pre.get("hand_off", "best") != "last":
-        return
+    choices = {"test_checkpoint": cfg.get("test_checkpoint", "best") if cfg.get("test", True) else "best"}
+    if pre:
+        choices["pretrain.hand_off"] = pre.get("hand_off", "best")
     nodes = (cfg.get("callbacks") or {}).values()
-    if not any(isinstance(n, DictConfig) and (n.get("filename") == "last" or n.get("save_last")) for n in nodes):
-        raise ConfigError(
-            "pretrain.hand_off=last: no callback writes last.ckpt (callbacks.last_checkpoint); add it or set "
-            "pretrain.hand_off=best"
-        )
+    writes_last = any(isinstance(n, DictConfig) and (n.get("filename") == "last" or n.get("save_last")) for n in nodes)
+    for key, value in choices.items():
+        if value == "last" and not writes_last:
+            raise ConfigError(
+                f"{key}=last: no callback writes last.ckpt (callbacks.last_checkpoint); add it or set {key}=best"
+            )
 
 
 def check_stage_arguments(cfg: DictConfig) -> None:

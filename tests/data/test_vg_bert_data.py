@@ -116,9 +116,46 @@ def test_data_modules_make_batches(make_cfg) -> None:
     batch = next(iter(dm.val_dataloader()))
     assert batch["input_ids"].shape[1] == cfg.data.max_text_len and bool((batch["input_ids"][:, 0] == 101).all())
     again = next(iter(dm.val_dataloader()))
-    assert torch.equal(batch["input_ids"], again["input_ids"])  # val draws the same caption line
+    assert torch.equal(batch["input_ids"], again["input_ids"])  # one epoch's validation draws the same caption lines
     n = len(dm.records("test"))
     assert dm.baselines("test")["test/r1_i2t_chance"] == pytest.approx(1 / n)
+
+
+@pytest.mark.parametrize("eval_caption", ["random", "fixed"])
+def test_validation_draws_a_caption_line_per_epoch_as_the_seed_or_a_fixed_one(eval_caption: str, make_cfg) -> None:
+    """The seed's val loader draws `lines[np.random.randint(len(lines))]` on every call: `eval_caption: random` (the
+    default) draws by the epoch Lightning sets on the val sampler before each validation (`_set_sampler_epoch`, what
+    its evaluation loop calls), uniformly among the image's lines; `fixed`: the same line in every epoch."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    from vl.build import build_datamodule
+
+    overrides = ("experiment=vg_bert_grounding_tiny", "data.num_workers=0", "data.corpus.num_images=150")
+    cfg = make_cfg(*overrides, f"data.eval_caption={eval_caption}")
+    assert make_cfg(*overrides).data.eval_caption == "random"
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    tok = dm.tokenizer
+    records = dm.records("val")
+    loader = dm.val_dataloader()
+
+    def words(ids: torch.Tensor) -> tuple[str, ...]:
+        kept = [t for t in tok.convert_ids_to_tokens(ids.tolist()) if t not in ("[CLS]", "[SEP]", "[PAD]")]
+        return tuple(kept)
+
+    drawn: list[list[tuple[str, ...]]] = []
+    for epoch in range(6):
+        _set_sampler_epoch(loader, epoch)
+        drawn.append([words(row) for batch in loader for row in batch["input_ids"]])
+    for epoch_draws in drawn:
+        assert len(epoch_draws) == len(records)
+        for got, rec in zip(epoch_draws, records, strict=True):
+            assert got in {tuple(tok.tokenize(line)) for line in rec["captions"]}
+    per_image = [len({d[i] for d in drawn}) for i in range(len(records))]
+    if eval_caption == "fixed":
+        assert max(per_image) == 1
+    else:  # 6 uniform draws among >= 2 lines: most images show more than one
+        assert sum(c > 1 for c in per_image) > len(records) // 2
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,9 @@ class VLDataModule(L.LightningDataModule):
     #: how an over-long single text is cut (`vl.data.collate.TEXT_TRUNCATION`); the ViLBERT task corpora (VQA,
     #: RefCOCO+, retrieval) take it as an option, "seed" by default (their seed readers' cut)
     text_truncation: str = "tokenizer"
+    #: val / test datasets get `(epoch, index)` keys (the fit's epoch; `UnpaddedDistributedSampler`), for examples
+    #: drawn per evaluation as the seed's were (VG-BERT's caption line: `data.eval_caption`)
+    eval_epoch_keys: bool = False
 
     def __init__(
         self,
@@ -329,8 +332,10 @@ class VLDataModule(L.LightningDataModule):
         elif groups is not None:  # whole batches as keys, none mixing groups
             sampler = GroupedEvalSampler(dataset, groups=groups, batch_size=batch_size, num_replicas=world, rank=rank)
             dataset, batch_size = IndexBatches(dataset), None
-        elif world > 1:
-            sampler = UnpaddedDistributedSampler(dataset, num_replicas=world, rank=rank)
+        elif world > 1 or self.eval_epoch_keys:
+            sampler = UnpaddedDistributedSampler(
+                dataset, num_replicas=world, rank=rank, epoch_keys=self.eval_epoch_keys
+            )
         loader_class = ResumableDataLoader if split == "train" else DataLoader
         return loader_class(
             dataset,

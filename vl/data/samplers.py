@@ -285,13 +285,17 @@ class UnpaddedDistributedSampler(DistributedSampler):
     """Evaluation sharding without padding: rank r gets examples r, r + world, ... so every example is scored exactly
     once (torch's DistributedSampler repeats examples to even out the ranks, which would count them twice)."""
 
-    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int) -> None:
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, epoch_keys: bool = False) -> None:
+        """`epoch_keys`: yield `(epoch, index)` keys (the epoch Lightning sets before each evaluation: the fit's epoch,
+        0 in a separate test), for a dataset whose evaluation examples vary by epoch as its seed's did."""
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
         self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
         self.total_size = len(dataset)  # type: ignore[arg-type]
+        self.epoch_keys = epoch_keys
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
+    def __iter__(self) -> Iterator[Any]:
+        indices = range(self.rank, self.total_size, self.num_replicas)
+        return iter([(self.epoch, i) for i in indices] if self.epoch_keys else indices)
 
 
 def eval_batches(indices: Sequence[int], groups: Sequence[int], batch_size: int) -> list[tuple[int, ...]]:

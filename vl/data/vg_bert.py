@@ -6,8 +6,11 @@ uses Resize(224) + CenterCrop(224): `transform_options: {size: 224}`).
 Without `root`, the embedded corpus is written in these layouts on first use (`vl.data.scenes.writers.vg_bert`).
 
 - `data=vg_bert_coco` (`VGBertCocoDataModule`): `json` per split (`{split}` replaced); one example per image; each
-  `__getitem__` picks one line of its caption file at random (from (seed, epoch, index): resumed runs draw the same;
-  val / test always draw the same line), tokenised as `[CLS] caption [SEP]`, padded / truncated to `max_text_len`
+  `__getitem__` picks one line of its caption file at random (from (seed, epoch, index): resumed runs draw the same);
+  in val / test too by default (`eval_caption: random`: the seed draws a line on every call, its val loader
+  included; here each validation draws by the fit's epoch, a separate test by epoch 0); `eval_caption: fixed`: one
+  line per image in every evaluation (vl's earlier rule: a val loss without the draw's noise). Tokenised as
+  `[CLS] caption [SEP]`, padded / truncated to `max_text_len`
   (32; `text_truncation: seed`, the default, cuts `[CLS] caption [SEP]` at that length as the seed does, so an
   over-long caption loses its [SEP]; `tokenizer`: HF truncation keeps it). Baselines: chance R@k = k / N of the split.
 - `data=vg_bert_vg` (`VGBertVGDataModule`): at most `max_objects` (32) objects of `max_object_tokens` (10) tokens
@@ -36,7 +39,7 @@ from vl.data.samplers import global_seed, split_key
 from vl.data.scenes import SceneSettings, ensure_corpus
 from vl.data.scenes.writers.images import ensure_image_corpus
 from vl.data.scenes.writers.vg_bert import ensure_vg_bert_corpus
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +222,14 @@ class _VGBertData(ImageDataModule):
 class VGBertCocoDataModule(_VGBertData):
     """`data=vg_bert_coco`: COCO-layout captions + images (module docstring)."""
 
-    def __init__(self, *, json: str = "vg_bert/coco_{split}.json", **kwargs: Any) -> None:
+    def __init__(self, *, json: str = "vg_bert/coco_{split}.json", eval_caption: str = "random", **kwargs: Any) -> None:
+        """`eval_caption`: "random" (the seed's: val / test draw a caption line per evaluation) or "fixed" (the same
+        line every evaluation)."""
+        if eval_caption not in ("random", "fixed"):
+            raise ConfigError(f"data.eval_caption: '{eval_caption}' is not one of 'random', 'fixed'")
         super().__init__(json=json, **kwargs)
+        self.eval_caption = eval_caption
+        self.eval_epoch_keys = eval_caption == "random"
         self._records: dict[str, list[dict[str, Any]]] = {}
 
     def prepare_data(self) -> None:
@@ -234,7 +243,8 @@ class VGBertCocoDataModule(_VGBertData):
         return self._records[split]
 
     def build_dataset(self, split: str) -> CocoCaptions:
-        return CocoCaptions(self.records(split), self.pixels(split), self.seed, fixed_line=split != "train")
+        fixed = split != "train" and self.eval_caption == "fixed"
+        return CocoCaptions(self.records(split), self.pixels(split), self.seed, fixed_line=fixed)
 
     def collator(self, split: str) -> CaptionCollator:
         return CaptionCollator(self.tokenizer, self.max_text_len, self.text_truncation)

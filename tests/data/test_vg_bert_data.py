@@ -181,6 +181,10 @@ def test_published_configs_compose(make_cfg, experiment, stage, lr) -> None:
         assert enc.learnable_layers == 2 and enc.dropout_rate == 0.1 and cfg.data.monitor == "val/rel_acc"
         assert cfg.data.transform_options.size == 224 and cfg.data.max_objects == 32
         assert cfg.data.num_relations == 115 and cfg.data.num_object_classes == 56
+        # run.py: CrossAttention(dropout_rate=args.dropout_rate): the relation matrices' dropout is the one flag's
+        assert cfg.model.heads.vg_relational.dropout == 0.1
+        other = make_cfg(f"experiment={experiment}", "model.encoder.dropout_rate=0.3", tiny=False)
+        assert other.model.heads.vg_relational.dropout == 0.3
     if stage == "transfer":
         assert enc.freeze_encoder and list(cfg.data.objectives) == ["vg_transfer"] and cfg.data.batch_size == 300
         assert enc.dropout_rate == 0.1 and cfg.trainer.max_epochs == 150  # README: --dropout-rate 0.1 --n_epochs 150

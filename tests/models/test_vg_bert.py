@@ -467,7 +467,9 @@ def test_the_seeds_transfer_checkpoint_loads_its_projection_heads(tmp_path: Path
         ({"freeze_vgg": True}, False, "freeze_vgg=true without model.encoder.vgg_weights"),
         ({"freeze_vgg": False}, False, None),
         ({"freeze_vgg": True, "stage": "transfer", "freeze_encoder": True}, False, "freeze_encoder=true without"),
-        ({"freeze_vgg": True, "stage": "transfer", "freeze_encoder": True}, True, None),
+        ({"freeze_vgg": True, "stage": "transfer", "freeze_encoder": True}, "stage3", None),
+        # a stage-2 model has no cross-attention: transfer's frozen query / key projections would stay random
+        ({"freeze_vgg": True, "stage": "transfer", "freeze_encoder": True}, "stage2", "has no cross-attention weights"),
     ],
 )
 def test_frozen_weights_that_nothing_loaded_are_named(options, init, warned, tmp_path: Path, caplog) -> None:
@@ -480,8 +482,15 @@ def test_frozen_weights_that_nothing_loaded_are_named(options, init, warned, tmp
     encoder_options = {k: v for k, v in options.items() if k != "stage"}
     init_from = None
     if init:
-        torch.save({"module.cross_attention_model.key_visual.weight": torch.randn(16, 16)}, tmp_path / "best_model.pth")
+        grounding = _tiny_system("grounding", "vg_contrastive").state_dict()
+        seed = {  # the seed's stage-2 `full_model` layout: no cross_attention_model.*
+            f"module.image_model.embedder.{k}": grounding[f"encoder.visual.embedder.{k}"] for k in ("weight", "bias")
+        }
+        if init == "stage3":
+            seed["module.cross_attention_model.key_visual.weight"] = torch.randn(16, 16)
+        torch.save(seed, tmp_path / "best_model.pth")
         init_from = str(tmp_path / "best_model.pth")
+        caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vl.models.vg_bert"):
         _tiny_system(stage, objective, init_from=init_from, **encoder_options)
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -285,6 +285,8 @@ class VGBertSystem(VGBertSplitRetrieval, VLSystem):
 
     #: objectives whose loss couples the examples of a batch (softmax over the batch's negatives)
     BATCH_LEVEL_OBJECTIVES = ("vg_contrastive", "vg_transfer", "vg_relational")
+    #: whether `model.init_from` held cross-attention weights (set by `load_init_checkpoint`)
+    _cross_attention_loaded = True
 
     def __init__(
         self,
@@ -317,6 +319,12 @@ class VGBertSystem(VGBertSplitRetrieval, VLSystem):
         parts from trained weights (ImageNet VGG16; its stage-2/3 model for transfer). One warning naming the keys."""
         frozen = getattr(self.encoder, "frozen", {})
         if initialised:
+            if frozen.get("encoder") and self.encoder.stage == "transfer" and not self._cross_attention_loaded:
+                log.warning(
+                    "model.init_from has no cross-attention weights (a stage-2 checkpoint): the frozen "
+                    "encoder.cross_attention.query_language / key_visual that transfer retrieval scores with stay at "
+                    "their random initialisation; the published transfer starts from the stage-3 model"
+                )
             return
         if frozen.get("encoder"):
             log.warning(
@@ -340,6 +348,8 @@ class VGBertSystem(VGBertSplitRetrieval, VLSystem):
 
         state = load_torch_file(path, "model.init_from")
         inner = state.get("state_dict", state) if isinstance(state, dict) else state
+        # vl's `encoder.cross_attention.*` or the seed's `cross_attention_model.*` (stage 3 and transfer have them)
+        self._cross_attention_loaded = isinstance(inner, dict) and any("cross_attention" in k for k in inner)
         own = self.state_dict()
         layout = vg_bert_seed_layout(inner) if isinstance(inner, dict) else None
         if layout is None:

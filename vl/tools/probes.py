@@ -1,6 +1,7 @@
 """`python -m vl.tools.probes --task memory_colors --data FILE --models NAME=SPEC ... --out DIR`: compare several masked-LM
 scorers on one probe in one table and plot. SPEC: "minilm", "random", a `vl` .ckpt, a HF dir (bert / lxmert /
-visual_bert by its config.json) or "lxmert:DIR" / "visual_bert:DIR" / "bert:DIR"."""
+visual_bert by its config.json), "lxmert:DIR" / "visual_bert:DIR" / "bert:DIR", or a released CLIP-BERT / BERT-baseline
+state dict (`mp_rank_00_model_states.pt`): "clip_bert:FILE[@BERT_CONFIG_DIR]" / "bert:FILE[@BERT_CONFIG_DIR]"."""
 
 from __future__ import annotations
 

@@ -11,11 +11,19 @@ Implementations:
   where the encoder really reads a CLIP image (`encoder.use_image` and `visual_input == "global"`: not `model=bert`,
   not CLIP-BERT built on text-only data, not region/grid models). Models that cannot run without a visual input (region models) get a
   single all-zero region with `visual_mask` 0, i.e. no visual input where the model honours the mask.
+* `ReleasedClipBertScorer`: a released CLIP-BERT / BERT-baseline state dict (the study's DeepSpeed
+  `mp_rank_00_model_states.pt`, weights under `"module"`, keys of the seed's `BertImageForMaskedLM`), loaded as the
+  seed's notebooks do (`BertImageForMaskedLM(BertConfig.from_pretrained("bert-base-uncased"))`, non-strict): a
+  `ClipBertSystem` at bert-base sizes (or those of a given BERT config dir) with the 512-d image projection, through
+  `ClipBertSystem.load_original_state_dict` (read with `weights_only=True`; every missing / unused key logged).
 * `LxmertTextOnlyScorer` / `VisualBertTextOnlyScorer`: `vl.models.text_only` wrappers (no visual input).
 * `RandomScorer`: `torch.rand` logits (the random baseline).
 
 `build_scorer(spec)` turns a CLI/config string into one of these: "random", "minilm", a `.ckpt` file, a HF dir
-(`model_type` bert / lxmert / visual_bert picks the wrapper), or "lxmert:DIR" / "visual_bert:DIR" / "bert:DIR".
+(`model_type` bert / lxmert / visual_bert picks the wrapper), "lxmert:DIR" / "visual_bert:DIR" / "bert:DIR", or a
+released state file: "clip_bert:FILE[@BERT_CONFIG_DIR]" (CLIP-BERT; takes the "-explicit" image) /
+"bert:FILE[@BERT_CONFIG_DIR]" (the BERT baselines, trained with the same class on text: probed without an image, as
+the seed's notebooks).
 """
 
 from __future__ import annotations
@@ -206,6 +214,105 @@ class CheckpointScorer(_BatchedScorer):
         return self.system.objectives["mlm"].logits(_at(out.text, positions))
 
 
+#: the seed's `BertConfig.from_pretrained("bert-base-uncased")` sizes, in `build_bert`'s names
+BERT_BASE_SIZES: dict[str, Any] = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_layers": 12,
+    "num_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "initializer_range": 0.02,
+}
+#: `BertConfig` fields `build_bert` cannot set: a config dir must hold bert-base-uncased's values
+_FIXED_BERT_FIELDS: dict[str, Any] = {
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "position_embedding_type": "absolute",
+}
+#: the seed's `CLIP_EMBED_DIM` (`models/src/clip_bert/modeling_bert.py`): the image projection's input size
+CLIP_EMBED_DIM = 512
+
+
+def bert_sizes_from_config_dir(config_dir: str | Path) -> dict[str, Any]:
+    """`build_bert` size arguments from a HF BERT dir's config.json (e.g. a local bert-base-uncased); a field this
+    model cannot reproduce (`_FIXED_BERT_FIELDS`) with another value is a `ConfigError` naming the file and field."""
+    path = Path(config_dir).expanduser() / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model: cannot read the BERT config '{path}' ({e})") from None
+    names = {
+        "vocab_size": "vocab_size",
+        "hidden_size": "hidden_size",
+        "num_layers": "num_hidden_layers",
+        "num_heads": "num_attention_heads",
+        "intermediate_size": "intermediate_size",
+        "max_position_embeddings": "max_position_embeddings",
+        "type_vocab_size": "type_vocab_size",
+        "initializer_range": "initializer_range",
+    }
+    for field, value in _FIXED_BERT_FIELDS.items():
+        if field in cfg and cfg[field] != value:
+            raise ConfigError(f"{path}: {field}={cfg[field]!r}; the CLIP-BERT model supports {value!r} only")
+    return {ours: cfg.get(theirs, BERT_BASE_SIZES[ours]) for ours, theirs in names.items()}
+
+
+class ReleasedClipBertScorer(CheckpointScorer):
+    """A released CLIP-BERT or BERT-baseline state dict (see the module docstring), probed as the seed's notebooks.
+
+    `config_dir`: a HF BERT dir whose config.json gives the sizes (None: bert-base-uncased's, as the seed) and whose
+    tokenizer files, where present, give the tokenizer (else the packaged bert-base-uncased vocab, "minilm").
+    `image=False` (the BERT baselines, `bert:FILE`): the same model, probed without an image and with no
+    "-explicit" row (`accepts_image` False), as the seed probed them."""
+
+    def __init__(
+        self,
+        state_path: str | Path,
+        *,
+        config_dir: str | Path | None = None,
+        image: bool = True,
+        name: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        from vl.data.collate import load_tokenizer
+        from vl.models.clip_bert import ClipBertSystem
+
+        state_path = Path(state_path).expanduser()
+        if not state_path.is_file():
+            raise ConfigError(f"model: released state dict '{state_path}' is not a file")
+        sizes = dict(BERT_BASE_SIZES) if config_dir is None else bert_sizes_from_config_dir(config_dir)
+        system = ClipBertSystem(
+            encoder={
+                "_target_": "vl.models.clip_bert.ClipBertEncoder",
+                "text_encoder": {**sizes, "dropout": 0.1},  # eval mode: dropout off
+                "image_dim": CLIP_EMBED_DIM,
+            },
+            objectives=["mlm"],
+            data_info={"clip_dim": CLIP_EMBED_DIM},
+            optimizer={"_target_": "torch.optim.Adam", "_partial_": True},
+            state_dict_path=str(state_path),  # weights_only read, non-strict, keys logged (load_original_state_dict)
+        )
+        self.system = system.to(device).eval()
+        self.device = torch.device(device)
+        self.data_info = dict(system.data_info)
+        self.image = bool(image)
+        tokenizer_dir = "minilm"
+        if config_dir is not None and any(
+            (Path(config_dir).expanduser() / f).is_file() for f in ("vocab.txt", "tokenizer.json")
+        ):
+            tokenizer_dir = str(Path(config_dir).expanduser())
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.name = name or state_path.parent.name
+        self._needs_visual = False
+
+    @property
+    def accepts_image(self) -> bool:  # type: ignore[override]
+        """CLIP-BERT (`clip_bert:FILE`) only; the BERT baselines (`bert:FILE`) are probed text-only."""
+        return self.image
+
+
 class _TextOnlyScorer(_BatchedScorer):
     """A `vl.models.text_only` wrapper: `model(input_ids, attention_mask, token_type_ids) -> (B, T, V)` logits."""
 
@@ -278,14 +385,23 @@ def _model_type(path: Path) -> str:
 
 
 def build_scorer(spec: str, *, name: str | None = None, device: str = "cpu") -> MaskedLMScorer:
-    """ "random" | "minilm" | path/to.ckpt | HF dir (bert/lxmert/visual_bert by config.json) | "<kind>:DIR"."""
+    """ "random" | "minilm" | path/to.ckpt | HF dir (bert/lxmert/visual_bert by config.json) | "<kind>:DIR" |
+    "clip_bert:FILE[@BERT_CONFIG_DIR]" / "bert:FILE[@BERT_CONFIG_DIR]" (a released state dict: `ReleasedClipBertScorer`)."""
     from vl.models.text_only import load_text_only_tokenizer, lxmert_text_only, visual_bert_text_only
 
     kind, _, rest = spec.partition(":")
-    if rest and kind in ("bert", "lxmert", "visual_bert", "ckpt"):
+    if rest and kind in ("bert", "clip_bert", "lxmert", "visual_bert", "ckpt"):
         target = rest
     else:
         kind, target = "", spec
+    if kind in ("bert", "clip_bert"):
+        state, config_dir = _state_and_config_dir(target)
+        if kind == "clip_bert" or state is not None:
+            if state is None:
+                raise ConfigError(f"model '{spec}': '{target}' is not a state-dict file (clip_bert:FILE[@BERT_DIR])")
+            return ReleasedClipBertScorer(
+                state, config_dir=config_dir, image=kind == "clip_bert", name=name, device=device
+            )
     if target == "random":
         return RandomScorer(name=name or "random")
     if target == "minilm":
@@ -307,6 +423,20 @@ def build_scorer(spec: str, *, name: str | None = None, device: str = "cpu") -> 
     if kind == "bert":
         return HFMaskedLMScorer(str(path), name=name, device=device)
     raise ConfigError(f"model '{spec}': unsupported model_type '{kind}' (bert, lxmert, visual_bert)")
+
+
+def _state_and_config_dir(target: str) -> tuple[Path | None, Path | None]:
+    """ "FILE" or "FILE@BERT_CONFIG_DIR" -> (state file, config dir); (None, None) when FILE is not a file."""
+    path = Path(target).expanduser()
+    if path.is_file():
+        return path, None
+    head, at, tail = target.rpartition("@")
+    if not at or not Path(head).expanduser().is_file():
+        return None, None
+    config_dir = Path(tail).expanduser()
+    if not (config_dir / "config.json").is_file():
+        raise ConfigError(f"model '{target}': '{config_dir}' is not a BERT config dir (no config.json)")
+    return Path(head).expanduser(), config_dir
 
 
 class ClipTextEmbedder:

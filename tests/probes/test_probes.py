@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from sklearn.metrics import average_precision_score
 from transformers import BertConfig, BertForMaskedLM
 
-from tests.conftest import REAL_SAMPLES
+from tests.conftest import REAL_SAMPLES, real_sample
 from vl.errors import ConfigError, DataError
 from vl.eval.probes import memory_colors as mc
 from vl.eval.probes import visual_property_norms as vpn
@@ -85,22 +85,33 @@ def test_real_memory_colors_and_vpn_samples_load():
 
 
 # ------------------------------------------------------------------------------------------ templates / errors
-#: the 13 published Memory Colors templates, in the order of ../shared/spec/clip_bert.md (copied by hand from the spec)
+#: the 13 published Memory Colors templates, in the order of the `question_template` column of the seed's
+#: `memory_colors/data/results.csv` (lovhag/measure-visual-commonsense-knowledge; copied by hand from that file, whose
+#: order is also its notebook's `QUESTION_TEMPLATES`; ../shared/spec/clip_bert.md lists them in another order)
 PUBLISHED_MC_TEMPLATES = [
     "Q: What is the color of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
     "Q: What is the color of [DESCRIPTOR] [ITEM]? [SEP] A: It is [MASK].",
     "Q: What is the colour of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
-    "The color of [DESCRIPTOR] [ITEM] is [MASK].",
-    "The usual color of [DESCRIPTOR] [ITEM] is [MASK].",
     "What is the color of [DESCRIPTOR] [ITEM]? [MASK].",
     "What is the color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
     "What is the colour of [DESCRIPTOR] [ITEM]? [MASK].",
-    "What is the typical color of [DESCRIPTOR] [ITEM]? [MASK].",
-    "What is the typical color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "The color of [DESCRIPTOR] [ITEM] is [MASK].",
+    "The usual color of [DESCRIPTOR] [ITEM] is [MASK].",
+    "[DESCRIPTOR] [ITEM] usually has the color of [MASK].",
     "What is the usual color of [DESCRIPTOR] [ITEM]? [MASK].",
     "What is the usual color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
-    "[DESCRIPTOR] [ITEM] usually has the color of [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
 ]
+
+
+def test_memory_colors_template_order_is_the_published_results_files():
+    """The order of first appearance in the real `results.csv` (`question_template` column), read from the file."""
+    path = real_sample("memory_colors", "results.csv")  # skips, naming the path, where the sample is absent
+    with open(path, newline="") as f:
+        order = list(dict.fromkeys(row["question_template"] for row in csv.DictReader(f)))
+    assert order == PUBLISHED_MC_TEMPLATES
+    assert list(mc.TEMPLATES) == order
 
 
 def test_memory_colors_templates_are_the_published_ones(tmp_path):

@@ -8,8 +8,9 @@ top-1 accuracy per template, reported as mean ± sd (sample sd, ddof=1) over tem
 CLIP-BERT variants: *implicit* = no image token; *explicit* = the image token is the CLIP **text** embedding of the
 filled query sentence (`ClipTextEmbedder`), passed to the scorer as `image_embeds`.
 
-Templates: the 13 published ones (the `question_template` column of the original `memory_colors/data/results.csv`),
-in the order of the spec; results are reported per template by its text.
+Templates: the 13 published ones, in the order of the `question_template` column of the original
+`memory_colors/data/results.csv` (and of the seed notebook's `QUESTION_TEMPLATES`; the spec lists them in another order,
+the published file wins); results are reported per template by its text.
 """
 
 from __future__ import annotations
@@ -38,20 +39,23 @@ COLORS: tuple[str, ...] = (
     "purple",
 )
 
+#: The 13 published templates in the order of the `question_template` column of the seed's
+#: `memory_colors/data/results.csv` (= its notebook's `QUESTION_TEMPLATES`). ../shared/spec/clip_bert.md lists the same
+#: 13 in another order; the published file wins.
 TEMPLATES: tuple[str, ...] = (
     "Q: What is the color of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
     "Q: What is the color of [DESCRIPTOR] [ITEM]? [SEP] A: It is [MASK].",
     "Q: What is the colour of [DESCRIPTOR] [ITEM]? A: It is [MASK].",
-    "The color of [DESCRIPTOR] [ITEM] is [MASK].",
-    "The usual color of [DESCRIPTOR] [ITEM] is [MASK].",
     "What is the color of [DESCRIPTOR] [ITEM]? [MASK].",
     "What is the color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
     "What is the colour of [DESCRIPTOR] [ITEM]? [MASK].",
-    "What is the typical color of [DESCRIPTOR] [ITEM]? [MASK].",
-    "What is the typical color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
+    "The color of [DESCRIPTOR] [ITEM] is [MASK].",
+    "The usual color of [DESCRIPTOR] [ITEM] is [MASK].",
+    "[DESCRIPTOR] [ITEM] usually has the color of [MASK].",
     "What is the usual color of [DESCRIPTOR] [ITEM]? [MASK].",
     "What is the usual color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
-    "[DESCRIPTOR] [ITEM] usually has the color of [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [MASK].",
+    "What is the typical color of [DESCRIPTOR] [ITEM]? [SEP] [MASK].",
 )
 
 REQUIRED_FIELDS = ("descriptor", "item", "label")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import shutil
 import statistics
 from pathlib import Path
@@ -193,6 +194,56 @@ def test_memory_colors_equals_direct_computation(scorer, tiny_bert_dir):
     assert len(res["predictions"]) == len(items) * len(templates)
 
 
+def test_sd_over_templates_published_ddof_on_a_hand_example(tmp_path):
+    """Per-template accuracies 1/4, 2/4, 3/4, 4/4, ... (item i right under template k iff i < k % 4 + 1): the sd
+    over templates is np.std(..., ddof=1) by default for Memory Colors (the seed's printed table, pandas .std()) and
+    np.std(..., ddof=0) with sd_ddof=0 (its figure); run_probes / the CLI pick the published ddof per task."""
+    from vl.data.collate import load_tokenizer
+    from vl.eval.probes import run_probes
+
+    tok = load_tokenizer("minilm")
+    items = [{"descriptor": "", "item": f"thing{i}", "label": "red"} for i in range(4)]
+    red, green = tok.convert_tokens_to_ids("red"), tok.convert_tokens_to_ids("green")
+    right = {
+        mc.fill_template(t, "", it["item"]): i < k % 4 + 1
+        for k, t in enumerate(mc.TEMPLATES)
+        for i, it in enumerate(items)
+    }
+    accuracies = [(k % 4 + 1) / 4 for k in range(len(mc.TEMPLATES))]
+
+    class Fixed:
+        tokenizer = tok
+
+        def mask_logits(self, texts, image_embeds=None):
+            rows = torch.zeros(len(texts), len(tok))
+            for row, text in zip(rows, texts):
+                row[red if right[text] else green] = 1.0
+            return rows
+
+    assert mc.template_sd([0.25, 0.5, 1.0], 0) == pytest.approx(np.std([0.25, 0.5, 1.0]), abs=1e-12)
+    assert mc.template_sd([0.25, 0.5, 1.0], 1) == pytest.approx(np.std([0.25, 0.5, 1.0], ddof=1), abs=1e-12)
+    assert mc.template_sd([0.25], 1) == 0.0 and mc.template_sd([0.25], 0) == 0.0
+    res = mc.run_memory_colors(Fixed(), items)
+    assert list(res["per_template"].values()) == pytest.approx(accuracies)
+    assert res["accuracy_sd"] == pytest.approx(np.std(accuracies, ddof=1), abs=1e-12)
+    assert mc.run_memory_colors(Fixed(), items, sd_ddof=0)["accuracy_sd"] == pytest.approx(np.std(accuracies))
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in items))
+    for ddof, want in ((None, np.std(accuracies, ddof=1)), (0, np.std(accuracies)), (1, np.std(accuracies, ddof=1))):
+        results, _ = run_probes(
+            "memory_colors",
+            {"m": Fixed()},
+            out_dir=tmp_path / str(ddof),
+            data=data,
+            random_baseline=False,
+            sd_ddof=ddof,
+        )
+        assert results["m"]["accuracy_sd"] == pytest.approx(want, abs=1e-12)
+    with pytest.raises(ConfigError, match="sd_ddof: 2"):
+        run_probes("memory_colors", {"m": Fixed()}, out_dir=tmp_path, data=data, sd_ddof=2)
+    assert mc.PUBLISHED_SD_DDOF == {"memory_colors": 1, "visual_property_norms": 0}
+
+
 def test_random_baseline_memory_colors():
     items = [{"descriptor": "the", "item": f"thing{i}", "label": mc.COLORS[i % 11]} for i in range(200)]
     res = mc.run_memory_colors(RandomScorer(seed=3), items, mc.TEMPLATES[:2])
@@ -339,15 +390,17 @@ def test_vpn_equals_direct_computation(vpn_data, scorer, tiny_bert_dir):
             assert res["per_template"][key]["n_queries"] == len(all_scores)
         masked = [v[1] for v in per_template.values()]
         assert res["per_pf"][pf]["masked_map_mean"] == pytest.approx(np.mean(masked), abs=1e-5)
-        assert res["per_pf"][pf]["masked_map_sd"] == pytest.approx(statistics.stdev(masked), abs=1e-5)
+        # the default sd is the seed's VPN figure's (seaborn ci="sd" = np.std, ddof=0)
+        assert res["per_pf"][pf]["masked_map_sd"] == pytest.approx(np.std(masked), abs=1e-5)
     # the two averages differ on this data (concepts have different numbers of queries), so the test can tell them
     assert res["per_pf"][2]["masked_map_mean"] != pytest.approx(res_concept["per_pf"][2]["masked_map_mean"], abs=1e-6)
 
 
-def test_vpn_averaging_on_a_hand_computed_example():
+def test_vpn_averaging_on_a_hand_computed_example(tmp_path):
     """Two templates; under template T, concept A has 2 queries (masked AP 1 and 1/2), concept B one (AP 1/3); under
     T2 every query ranks its label first (AP 1). Over queries: T = (1 + 1/2 + 1/3) / 3 = 11/18; per concept:
-    (3/4 + 1/3) / 2 = 13/24. pf mean over templates (11/18 + 1) / 2 = 29/36, sd |1 - 11/18| / sqrt(2)."""
+    (3/4 + 1/3) / 2 = 13/24. pf mean over templates (11/18 + 1) / 2 = 29/36; sd over the two templates
+    |1 - 11/18| / 2 = 7/36 with ddof=0 (the default: the seed's figure, np.std), |1 - 11/18| / sqrt(2) with ddof=1."""
     from vl.data.collate import load_tokenizer
 
     tok = load_tokenizer("minilm")
@@ -393,12 +446,34 @@ def test_vpn_averaging_on_a_hand_computed_example():
         assert by_concept["per_template"][(2, "T")][key] == pytest.approx(13 / 24, abs=1e-12)
         assert by_query["per_template"][(2, "T2")][key] == pytest.approx(1.0, abs=1e-12)
     assert by_query["per_pf"][2]["masked_map_mean"] == pytest.approx(29 / 36, abs=1e-12)
-    assert by_query["per_pf"][2]["masked_map_sd"] == pytest.approx((7 / 18) / 2**0.5, abs=1e-12)
+    assert by_query["per_pf"][2]["masked_map_sd"] == pytest.approx(7 / 36, abs=1e-12)
+    assert np.std([11 / 18, 1.0]) == pytest.approx(7 / 36, abs=1e-12)  # the hand value is np.std's
+    sample = vpn.run_visual_property_norms(Fixed(), queries, labels, sd_ddof=1)
+    assert sample["per_pf"][2]["masked_map_sd"] == pytest.approx((7 / 18) / 2**0.5, abs=1e-12)
+    assert sample["per_pf"][2]["map_sd"] == pytest.approx(np.std([11 / 18, 1.0], ddof=1), abs=1e-12)
     assert (
         by_query["per_template"][(2, "T")]["n_queries"] == 3 and by_query["per_template"][(2, "T")]["n_concepts"] == 2
     )
     with pytest.raises(ValueError, match="average"):
         vpn.run_visual_property_norms(Fixed(), queries, labels, average="mean")
+    with pytest.raises(ConfigError, match="sd_ddof: 2"):
+        vpn.run_visual_property_norms(Fixed(), queries, labels, sd_ddof=2)
+    # run_probes (the CLI and evaluate.py) default to the published VPN sd, ddof=0
+    from vl.eval.probes import run_probes
+
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(row) + "\n" for row in queries))
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
+    for ddof, want in ((None, 7 / 36), (1, (7 / 18) / 2**0.5)):
+        results, _ = run_probes(
+            "visual_property_norms",
+            {"f": Fixed()},
+            out_dir=tmp_path / f"out{ddof}",
+            queries=tmp_path / "q.jsonl",
+            labels=tmp_path / "labels.txt",
+            random_baseline=False,
+            sd_ddof=ddof,
+        )
+        assert results["f"]["per_pf"][2]["masked_map_sd"] == pytest.approx(want, abs=1e-12)
 
     class Wider(Fixed):  # an MLM head one row wider than the tokenizer: the seed's notebook asserts equal widths
         def mask_logits(self, texts, image_embeds=None):

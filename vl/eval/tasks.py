@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from vl.config import schema_from_signature
 from vl.eval.distance import distance_translation
+from vl.eval.probes.memory_colors import PUBLISHED_SD_DDOF
 from vl.eval.retrieval import zero_shot_retrieval
 
 #: the arguments every task receives from `evaluate`; the rest are its options
@@ -47,9 +48,11 @@ def memory_colors(
     clip_model: str | None = None,
     random_baseline: bool = True,
     device: str = "cpu",
+    sd_ddof: int = PUBLISHED_SD_DDOF["memory_colors"],
 ) -> dict[str, float]:
     """Memory Colors: `data` the probe's JSONL; `clip_model` a local CLIP dir (adds the CLIP-BERT-explicit variant);
-    `random_baseline` adds the random scorer."""
+    `random_baseline` adds the random scorer; `sd_ddof`: the sd over templates, 1 (the seed's printed table, pandas
+    `.std()`) or 0 (its figure's error bars, `np.std`)."""
     return _probe(
         "memory_colors",
         cfg=cfg,
@@ -59,6 +62,7 @@ def memory_colors(
         clip_model=clip_model,
         random_baseline=bool(random_baseline),
         device=device,
+        sd_ddof=int(sd_ddof),
     )
 
 
@@ -73,9 +77,11 @@ def visual_property_norms(
     random_baseline: bool = True,
     device: str = "cpu",
     average: str = "query",
+    sd_ddof: int = PUBLISHED_SD_DDOF["visual_property_norms"],
 ) -> dict[str, float]:
     """Visual Property Norms: `queries` a query dir or JSONL, `labels` labels.txt; `clip_model`, `random_baseline`
-    as for Memory Colors; `average`: "query" (the seed's mean over all queries) or "concept"."""
+    as for Memory Colors; `average`: "query" (the seed's mean over all queries) or "concept"; `sd_ddof`: the sd over
+    templates, 0 (the seed's figure, seaborn `ci="sd"` = `np.std`, its only published numbers) or 1 (sample sd)."""
     return _probe(
         "visual_property_norms",
         cfg=cfg,
@@ -87,6 +93,7 @@ def visual_property_norms(
         random_baseline=bool(random_baseline),
         device=device,
         average=str(average),
+        sd_ddof=int(sd_ddof),
     )
 
 

@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         help="text-only LXMERT: as the seed's notebooks (Visual Property Norms with dropout on in the cross-modality "
         "layers, seeded by --seed; Memory Colors in eval mode; default) or eval mode for both",
     )
+    parser.add_argument(
+        "--sd-ddof",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="the sd over templates: 1 = pandas .std() (the seed's Memory Colors table), 0 = np.std (its figures, "
+        "the only published Visual Property Norms numbers); default: the task's published one",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -63,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             average=args.average,
             lxmert_dropout=args.lxmert_dropout,
+            sd_ddof=args.sd_ddof,
         )
     except VLError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from vl.errors import ConfigError
-from vl.eval.probes.memory_colors import COLORS, TEMPLATES, load_memory_colors, run_memory_colors
+from vl.eval.probes.memory_colors import (
+    COLORS,
+    PUBLISHED_SD_DDOF,
+    TEMPLATES,
+    load_memory_colors,
+    run_memory_colors,
+)
 from vl.eval.probes.report import probe_metrics, write_probe_report
 from vl.eval.probes.visual_property_norms import (
     PF_SPLITS,
@@ -36,6 +42,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "COLORS",
     "PF_SPLITS",
+    "PUBLISHED_SD_DDOF",
     "TEMPLATES",
     "average_precision",
     "build_vpn_queries",
@@ -70,17 +77,23 @@ def run_probes(
     device: str = "cpu",
     average: str = "query",
     lxmert_dropout: str = "seed",
+    sd_ddof: int | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """Run `task` for every scorer; returns (results per model name, flat metrics) and writes the report.
     `average`: visual_property_norms' averaging within a (pf, template) (`run_visual_property_norms`).
     `lxmert_dropout`: "seed" scores the text-only LXMERT as the seed's notebook of the task did: Visual Property Norms
     with dropout on in its language-only cross-modality layers (the notebook never called `eval()` after swapping
     them in; seeded from `seed`, `LxmertTextOnlyScorer.set_cross_dropout`), Memory Colors in eval mode; "off": eval
-    mode for both (deterministic logits)."""
+    mode for both (deterministic logits).
+    `sd_ddof`: the sd over templates' delta degrees of freedom; None: the task's published one (`PUBLISHED_SD_DDOF`:
+    Memory Colors 1, as the seed's printed table; Visual Property Norms 0, as its figure, its only published numbers)."""
     from vl.eval.probes.scorers import ClipTextEmbedder, RandomScorer
 
     if average not in ("query", "concept"):
         raise ConfigError(f"average: '{average}' is not 'query' (the seed's mean over queries) or 'concept'")
+    ddof = PUBLISHED_SD_DDOF.get(task, 1) if sd_ddof is None else int(sd_ddof)
+    if ddof not in (0, 1):
+        raise ConfigError(f"sd_ddof: {sd_ddof!r} is not 0 (np.std, the seed's figures) or 1 (pandas .std(), its table)")
     if lxmert_dropout not in ("seed", "off"):
         raise ConfigError(f"lxmert_dropout: '{lxmert_dropout}' is not 'seed' (as the seed's notebooks) or 'off'")
     for scorer in scorers.values():
@@ -107,7 +120,7 @@ def run_probes(
             raise ConfigError("task_cfg.data: the Memory Colors JSONL path is required")
         items = load_memory_colors(data)
         for name, scorer, clip in runs:
-            results[name] = run_memory_colors(scorer, items, TEMPLATES, clip_text=clip)
+            results[name] = run_memory_colors(scorer, items, TEMPLATES, clip_text=clip, sd_ddof=ddof)
             log.info(
                 "memory_colors %s: %.3f ± %.3f", name, results[name]["accuracy_mean"], results[name]["accuracy_sd"]
             )
@@ -117,7 +130,9 @@ def run_probes(
         rows = _load_vpn_queries(queries)
         words = load_labels(labels)
         for name, scorer, clip in runs:
-            results[name] = run_visual_property_norms(scorer, rows, words, clip_text=clip, average=average)
+            results[name] = run_visual_property_norms(
+                scorer, rows, words, clip_text=clip, average=average, sd_ddof=ddof
+            )
     else:
         raise ConfigError(f"task: unknown probe '{task}'; choose from memory_colors, visual_property_norms")
     write_probe_report(out_dir, task, results)

@@ -3,7 +3,9 @@
 Input: the Memory Colors JSONL (`{"descriptor", "item", "label", "picture", "picture_path"}`, 109 items). Each item
 fills each of the 13 `TEMPLATES`; an empty descriptor removes "[DESCRIPTOR] ". The scorer's logits at the single
 [MASK] are restricted to the 11 `COLORS` (each must be a single wordpiece) and the arg-max is the prediction. Metric:
-top-1 accuracy per template, reported as mean ± sd (sample sd, ddof=1) over templates.
+top-1 accuracy per template, reported as mean ± sd over templates: by default the sample sd (ddof=1), as the seed's
+printed table (`results.groupby("model").agg({"accuracy": ["mean", "std", ...]})`, pandas' ddof=1); its figure's
+error bars (seaborn `ci="sd"`, `np.std`) are ddof=0: `sd_ddof=0`.
 
 CLIP-BERT variants: *implicit* = no image token; *explicit* = the image token is the CLIP **text** embedding of the
 filled query sentence (`ClipTextEmbedder`), passed to the scorer as `image_embeds`.
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from vl.data.formats.jsonl import load_jsonl
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 
 COLORS: tuple[str, ...] = (
     "white",
@@ -91,8 +93,19 @@ def single_wordpiece_ids(tokenizer: Any, words: Sequence[str], what: str = "colo
     return ids
 
 
-def _sd(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+#: the published sd of each probe: Memory Colors' printed table (pandas `.std()`); VPN's only published numbers are its
+#: figure's error bars (seaborn `ci="sd"` = `np.std`)
+PUBLISHED_SD_DDOF = {"memory_colors": 1, "visual_property_norms": 0}
+
+
+def template_sd(values: Sequence[float], ddof: int) -> float:
+    """The sd of per-template numbers with `ddof` 0 (`np.std`, population) or 1 (pandas `.std()`, sample); 0.0 where
+    there are no more values than `ddof`."""
+    if ddof not in (0, 1):
+        raise ConfigError(f"sd_ddof: {ddof!r} is not 0 (np.std, the seed's figures) or 1 (pandas .std(), its table)")
+    if len(values) <= ddof:
+        return 0.0
+    return statistics.stdev(values) if ddof == 1 else statistics.pstdev(values)
 
 
 def run_memory_colors(
@@ -102,11 +115,14 @@ def run_memory_colors(
     *,
     clip_text: Callable[[list[str]], torch.Tensor] | None = None,
     colors: Sequence[str] = COLORS,
+    sd_ddof: int = PUBLISHED_SD_DDOF["memory_colors"],
 ) -> dict[str, Any]:
     """Run the probe. `clip_text` (e.g. `ClipTextEmbedder`): the explicit variant's image embeddings per query.
+    `sd_ddof`: `accuracy_sd`'s delta degrees of freedom (1: the seed's table, default; 0: its figure).
 
     Returns {"accuracy_mean", "accuracy_sd", "per_template": {template text: accuracy} (in `templates` order),
     "n_items", "n_templates", "predictions": [{"template" (its text), "query", "item", "label", "prediction"}]}."""
+    template_sd([], sd_ddof)  # a bad ddof fails before any model runs
     if len(set(templates)) != len(templates):
         raise DataError("memory_colors: the templates must be distinct (results are keyed by template text)")
     color_ids = torch.tensor(single_wordpiece_ids(scorer.tokenizer, colors))
@@ -126,7 +142,7 @@ def run_memory_colors(
             )
     return {
         "accuracy_mean": float(statistics.fmean(per_template.values())),
-        "accuracy_sd": _sd(list(per_template.values())),
+        "accuracy_sd": template_sd(list(per_template.values()), sd_ddof),
         "per_template": per_template,
         "n_items": len(items),
         "n_templates": len(templates),

@@ -18,7 +18,8 @@ Data (derived from the CSLB property norms `norms.dat`, licence-restricted, not 
 Metric per query: average precision of the [MASK] logits against the labels, over the whole vocabulary (`score`)
 and over the label-set tokens only (`masked_score`, the headline). Averaged over all queries of a (model, pf,
 template) as the seed does (`average="query"`; `average="concept"` averages each concept's queries first), then
-reported as mean ± sd (ddof=1) over templates per pf.
+reported as mean ± sd over templates per pf: by default ddof=0, as the seed's figure (seaborn `ci="sd"` = `np.std`),
+its only published numbers; `sd_ddof=1`: the sample sd (pandas `.std()`).
 
 Templates: the nine of the seed's notebook, in its order.
 """
@@ -39,7 +40,7 @@ import torch
 
 from vl.data.formats.jsonl import load_jsonl
 from vl.errors import ConfigError, DataError
-from vl.eval.probes.memory_colors import single_wordpiece_ids
+from vl.eval.probes.memory_colors import PUBLISHED_SD_DDOF, single_wordpiece_ids, template_sd
 
 log = logging.getLogger(__name__)
 
@@ -294,15 +295,18 @@ def run_visual_property_norms(
     clip_text: Callable[[list[str]], torch.Tensor] | None = None,
     batch_size: int = 256,
     average: str = "query",
+    sd_ddof: int = PUBLISHED_SD_DDOF["visual_property_norms"],
 ) -> dict[str, Any]:
     """Queries need `query`, `labels`, `concept`, `pf` and `query_template` (its text; results are keyed by it).
 
     `average="query"` (the seed): a (pf, template)'s MAP is the mean over all its queries (concept x starter);
-    `"concept"`: the mean over concepts of each concept's mean.
+    `"concept"`: the mean over concepts of each concept's mean. `sd_ddof`: the delta degrees of freedom of the sd over
+    templates (0: the seed's figure, default; 1: the sample sd).
     Returns {"per_pf": {pf: {"masked_map_mean", "masked_map_sd", "map_mean", "map_sd", "n_templates"}},
     "per_template": {(pf, template text): {"masked_map", "map", "n_queries", "n_concepts"}}, "per_query": [...]}."""
     if average not in ("query", "concept"):
         raise ValueError(f"average must be 'query' (the seed) or 'concept', got {average!r}")
+    template_sd([], sd_ddof)  # a bad ddof fails before any model runs
     tok = scorer.tokenizer
     label_ids = single_wordpiece_ids(tok, labels, what="label")
     label_pos = {w: i for i, w in enumerate(labels)}
@@ -359,9 +363,9 @@ def run_visual_property_norms(
         full_vals = [v["map"] for v in vals]
         per_pf[pf] = {
             "masked_map_mean": float(statistics.fmean(masked_vals)),
-            "masked_map_sd": statistics.stdev(masked_vals) if len(vals) > 1 else 0.0,
+            "masked_map_sd": template_sd(masked_vals, sd_ddof),
             "map_mean": float(statistics.fmean(full_vals)),
-            "map_sd": statistics.stdev(full_vals) if len(vals) > 1 else 0.0,
+            "map_sd": template_sd(full_vals, sd_ddof),
             "n_templates": len(vals),
         }
     return {"per_pf": per_pf, "per_template": per_template, "per_query": per_query}

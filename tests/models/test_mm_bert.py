@@ -530,19 +530,31 @@ def test_exhaustive_retrieval_both_directions_against_a_full_matrix(tmp_path) ->
         ids = np.asarray([ord(c) % 50 + 1 for c in texts[t]], np.float64)
         for i in range(n):
             full[t, i] = np.sin(ids.sum() * 0.37 + float(visuals[i]["features"][0, 0]) * 3.0)
-    gold = np.diag(full)
-    t2i = 1 + np.asarray([(np.delete(full[t], t) > gold[t] + 1e-6).sum() for t in range(n)])
-    i2t = 1 + np.asarray([(np.delete(full[:, i], i) > gold[i] + 1e-6).sum() for i in range(n)])
-    for name, ranks in (("t2i", t2i), ("i2t", i2t)):
-        for k in (1, 5, 10):
-            assert metrics[f"{name}_recall@{k}"] == pytest.approx((ranks <= k).mean())
-        assert metrics[f"{name}_median_rank"] == pytest.approx(np.floor(np.median(ranks)))  # the seed's medR
     rows = json.loads((tmp_path / "s.json").read_text())
     assert len(rows) == n * n and set(rows[0]) == {"caption_id", "image_ids", "logit"}
     got = np.zeros((n, n))
     for r in rows:
         got[r["caption_id"], r["image_ids"]] = r["logit"][0]
-    np.testing.assert_allclose(got, full, atol=1e-5)
+    np.testing.assert_allclose(got, full, atol=1e-5)  # the file's scores are the pairs' (float32) scores
+    # the ranks: the seed's evaluate.py rule (stable sort, exact scores) over those scores
+    t2i, i2t = _seed_ranks(got), _seed_ranks(got.T)
+    for name, ranks in (("t2i", t2i), ("i2t", i2t)):
+        for k in (1, 5, 10):
+            assert metrics[f"{name}_recall@{k}"] == pytest.approx((ranks <= k).mean())
+        assert metrics[f"{name}_median_rank"] == pytest.approx(np.floor(np.median(ranks)))  # the seed's medR
+
+
+def _seed_ranks(scores: np.ndarray) -> np.ndarray:
+    """Each row's gold (row i: column i) position, 1-based, in the seed's `sorted(value.items(),
+    key=operator.itemgetter(1), reverse=True)` over the row in index order (`retrieval/evaluate.py`): a stable sort of
+    the exact scores, so an equal score at a lower index comes first."""
+    import operator
+
+    ranks = []
+    for i, row in enumerate(scores):
+        ranked = sorted(enumerate(row.tolist()), key=operator.itemgetter(1), reverse=True)
+        ranks.append([c for c, _ in ranked].index(i) + 1)
+    return np.asarray(ranks)
 
 
 class _TiedPairModel(_PairModel):
@@ -598,6 +610,112 @@ def test_exhaustive_retrieval_breaks_ties_as_the_seeds_evaluate(tmp_path) -> Non
     assert any(earlier[key] != pytest.approx(value) for key, value in want.items())
 
 
+class _LogitTableModel(nn.Module):
+    """MM-BERT's ITM scorer (`BinaryImageTextMatching.score`: a float32 sigmoid) over a fixed logit table: caption t
+    (token id t + 1) with image i (feature i), or EN line t (first id t + 1) with DE line j (last id j + 1)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, logits: np.ndarray) -> None:
+        super().__init__()
+        self.logits = torch.as_tensor(logits, dtype=torch.float32)
+
+    def pair_scorer(self):
+        return lambda pooled: torch.sigmoid(pooled[:, 0])
+
+    def forward(self, batch):
+        ids = batch["input_ids"]
+        row = ids[:, 0] - 1
+        if "visual_feats" in batch:
+            col = batch["visual_feats"][:, 0, 0].round().long()
+        else:
+            col = ids.gather(1, (batch["attention_mask"].sum(1, keepdim=True) - 1).long())[:, 0] - 1
+        return SimpleNamespace(pooled=self.logits[row, col].unsqueeze(-1))
+
+
+class _IndexTok:
+    """Text 't<i>' -> id i + 1; a pair (text, text_b) -> [i + 1, 99, j + 1]."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, text_b=None, **kwargs):
+        ids = [int(text[1:]) + 1]
+        return {"input_ids": ids if text_b is None else [*ids, 99, int(text_b[1:]) + 1]}
+
+
+def _seed_metrics(logits: np.ndarray, names: tuple[str, str]) -> dict[str, float]:
+    """The seed's ranking over its scores: `F.sigmoid(logit)` in float32 (`retrieval/function/test.py`), then
+    `retrieval/evaluate.py`'s `max` (R@1) and stable `sorted` (R@5/10) both ways, by `_seed_ranks`."""
+    scores = torch.sigmoid(torch.as_tensor(logits, dtype=torch.float32)).double().numpy()
+    out = {}
+    for name, ranks in zip(names, (_seed_ranks(scores), _seed_ranks(scores.T))):
+        for k in (1, 5, 10):
+            out[f"{name}_recall@{k}"] = float((ranks <= k).mean())
+    return out
+
+
+def _confident_logits() -> list[np.ndarray]:
+    """The 3 x 3 case (gold (0, 0) at logit 14, image 1 at 15 for caption 0: distinct float32 sigmoids 4.8e-7 apart)
+    and a 20 x 20 one with logits in [10, 17] (sigmoids within ~5e-5 of 1.0, ~6e-8 apart, some exactly 1.0)."""
+    small = np.array([[14.0, 15.0, -5.0], [-5.0, 14.0, -5.0], [-5.0, -5.0, 14.0]])
+    return [small, np.random.default_rng(5).uniform(10.0, 17.0, size=(20, 20))]
+
+
+@pytest.mark.parametrize("text_chunk", [1, 3, 7, 32])
+def test_exhaustive_retrieval_ranks_a_confident_models_exact_scores_as_the_seed(text_chunk) -> None:
+    """A confident model's float32 sigmoid scores near 1.0 differ by ~6e-8: ranked as the seed's evaluate.py ranks
+    them (exact scores, ties only between equal floats, the lower index first), in every chunking; the 3 x 3 case's
+    caption 0 ranks its gold 2nd (R@1 2/3), not 1st as a 1e-6 tolerance made it."""
+    from vl.data.multi30k_collate import Multi30kCollator
+    from vl.models.ranking import exhaustive_retrieval
+
+    for logits in _confident_logits():
+        n = len(logits)
+        texts = [f"t{i}" for i in range(n)]
+        visuals = [
+            {"features": np.full((1, 3), i, np.float32), "boxes_norm": np.zeros((1, 4), np.float32),
+             "image_w": 500, "image_h": 375}
+            for i in range(n)
+        ]  # fmt: skip
+        collator = Multi30kCollator(_IndexTok(), max_text_len=8, max_regions=1, fixed_shapes=True)
+        got = exhaustive_retrieval(
+            _LogitTableModel(logits), collator, texts, visuals, text_chunk=text_chunk, batch_size=5
+        )
+        want = _seed_metrics(logits, ("t2i", "i2t"))
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value), (n, key)
+        if n == 3:
+            assert got["t2i_recall@1"] == pytest.approx(2 / 3)
+            loose = exhaustive_retrieval(
+                _LogitTableModel(logits), collator, texts, visuals, text_chunk=text_chunk, tolerance=1e-6
+            )
+            assert loose["t2i_recall@1"] == pytest.approx(1.0)  # the opt-in tolerance: 14 and 15 tie
+
+
+@pytest.mark.parametrize("text_chunk", [4, 32])
+def test_translation_retrieval_ranks_exact_scores_as_the_seed(text_chunk) -> None:
+    """The same cases through `translation_retrieval` (no image): EN line i x DE line j, ranked as the seed's
+    `evaluate_translation.py` (the same `max` / stable `sorted` rule as `evaluate.py`)."""
+    from vl.data.multi30k_collate import Multi30kCollator
+    from vl.models.ranking import translation_retrieval
+
+    for logits in _confident_logits():
+        n = len(logits)
+        collator = Multi30kCollator(_IndexTok(), max_text_len=8, max_regions=1, fixed_shapes=True)
+        got = translation_retrieval(
+            _LogitTableModel(logits),
+            collator,
+            [f"t{i}" for i in range(n)],
+            [f"t{j}" for j in range(n)],
+            None,
+            text_chunk=text_chunk,
+            batch_size=7,
+        )
+        want = _seed_metrics(logits, ("de", "en"))
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value), (n, key)
+
+
 def test_exhaustive_retrieval_scores_joint_caption_pairs(tmp_path) -> None:
     """`data.both_layout: joint`: the gallery's texts are `{"text": EN, "text_b": DE}` rows; each scores as the one
     joint row (EN ids, a separator, DE ids), one N x N matrix, as the seed's test scores `[CLS] EN [SEP] DE [SEP]`."""
@@ -630,12 +748,11 @@ def test_exhaustive_retrieval_scores_joint_caption_pairs(tmp_path) -> None:
         joint = [ord(c) % 40 + 1 for c in texts[t]["text"]] + [49] + [ord(c) % 40 + 1 for c in texts[t]["text_b"]]
         for i in range(n):
             full[t, i] = np.sin(float(sum(joint)) * 0.37 + float(visuals[i]["features"][0, 0]) * 3.0)
-    t2i = 1 + np.asarray([(np.delete(full[t], t) > full[t, t] + 1e-6).sum() for t in range(n)])
-    assert metrics["t2i_recall@1"] == pytest.approx((t2i <= 1).mean())
     got = np.zeros((n, n))
     for r in json.loads((tmp_path / "s.json").read_text()):
         got[r["caption_id"], r["image_ids"]] = r["logit"][0]
     np.testing.assert_allclose(got, full, atol=1e-5)
+    assert metrics["t2i_recall@1"] == pytest.approx((_seed_ranks(got) <= 1).mean())
 
 
 def _tokenizer(tmp_path: Path):

@@ -193,18 +193,22 @@ def exhaustive_retrieval(
     batch_size: int = 256,
     text_chunk: int = 16,
     scores_path: Path | None = None,
-    tolerance: float = 1e-6,
+    tolerance: float = 0.0,
     ties: str = "index",
 ) -> dict[str, float]:
     """Caption i belongs to image i. Scores all N x N pairs, one chunk of captions against every image at a time
-    (memory O(text_chunk x N), never N x N), and ranks both ways: image retrieval (``t2i``: the images for each caption)
+    (scored O(text_chunk x N) at a time; the caption direction holds the earlier rows' scores of the columns whose gold
+    is not yet scored, at most N^2 / 4 floats), and ranks both ways: image retrieval (``t2i``: the images for each caption)
     and caption retrieval (``i2t``: the captions for each image). Rank = 1 + the number of others scoring more than the
     gold pair's score + ``tolerance``, + with ``ties="index"`` (default, MM-BERT's seed ``retrieval/evaluate.py``: its
     ``max`` / stable ``sorted`` over the scores file's order put the lower index first) the others within
     ``tolerance`` of the gold at a lower index (image index for ``t2i``, caption index for ``i2t``); ``ties="gold"``
-    (vl's earlier rule): ties count in the gold's favour. The tolerance absorbs float noise between the gold pair's
-    own pass and the blocks (exact ties, e.g. sigmoid scores saturated at 1.0, are the seed's case). ``scores_path``:
-    the seed's scores file ``[{"caption_id", "image_ids", "logit": [p]}]``, one entry per pair, streamed."""
+    (vl's earlier rule): ties count in the gold's favour. The gold score is the pair's entry in its own block, the
+    same float as the scores it is compared with, so ``tolerance=0`` (default, the seed's rule) ranks the exact
+    scores: only equal scores tie. Near 1.0 distinct float32 sigmoids are ~6e-8 apart, so any tolerance above that
+    merges a confident model's distinct scores into ties; a tolerance > 0 is an opt-in (not the seed's) that treats
+    scores within it of the gold as ties. ``scores_path``: the seed's scores file
+    ``[{"caption_id", "image_ids", "logit": [p]}]``, one entry per pair, streamed."""
     score = gallery_scorer(model, collator, texts, visuals, batch_size=batch_size)
     return _rank_both_ways(
         score,
@@ -229,15 +233,16 @@ def translation_retrieval(
     batch_size: int = 256,
     text_chunk: int = 16,
     scores_path: Path | None = None,
-    tolerance: float = 1e-6,
+    tolerance: float = 0.0,
     ties: str = "index",
 ) -> dict[str, float]:
     """MM-BERT's translation retrieval (the seed's ``test_translation.py`` + ``evaluate_translation.py``): EN caption i
     and DE caption j scored as ``[CLS] EN_i [SEP] DE_j [SEP]`` on image i (EN's image: ``visuals[i]``; None: no image)
     by the system's pair scorer, for all N x N pairs, one chunk of EN rows at a time; gold = the same line. ``de_*``:
     for each EN caption the DE captions ranked (the seed's "German caption retrieval"), ``en_*``: the transpose.
-    Ranks and ties as ``exhaustive_retrieval`` (the seed's ``max`` / stable ``sorted`` over its file's order: the lower
-    index first); ``scores_path``: the seed's file ``[{"caption_en_index", "caption_de_index", "logit": [p]}]``."""
+    Ranks, ties and ``tolerance`` as ``exhaustive_retrieval`` (the exact scores, the seed's ``max`` / stable ``sorted``
+    over its file's order: the lower index first); ``scores_path``: the seed's file
+    ``[{"caption_en_index", "caption_de_index", "logit": [p]}]``."""
     if len(en) != len(de):
         raise ValueError(f"translation retrieval: {len(en)} EN captions but {len(de)} DE captions")
     head = model.pair_scorer()
@@ -263,16 +268,6 @@ def translation_retrieval(
         pairs = [(i, j) for i in en_idx for j in de_idx]
         return forward(pairs, regions(en_idx), where).view(len(en_idx), len(de_idx))
 
-    def score_pairs(en_idx: list[int], de_idx: list[int]) -> torch.Tensor:
-        """(n,) scores of the pairs zip(en_idx, de_idx), each EN line's image padded with its batch."""
-        out = [torch.empty(0)]
-        for start in range(0, len(en_idx), batch_size):
-            rows = en_idx[start : start + batch_size]
-            pairs = list(zip(rows, de_idx[start : start + batch_size]))
-            out.append(forward(pairs, regions(rows), torch.arange(len(rows))))
-        return torch.cat(out)
-
-    score_block.pairs = score_pairs  # type: ignore[attr-defined]
     return _rank_both_ways(
         score_block,
         len(en),
@@ -298,33 +293,52 @@ def _rank_both_ways(
 ) -> dict[str, float]:
     """N x N scores `score(rows, cols)` (gold: row i with column i), chunk by chunk of rows: each row's rank among the
     columns (``names[0]``) and each column's among the rows (``names[1]``), R@1/5/10 and median rank; the scores file
-    ``[{keys[0]: row, keys[1]: col, "logit": [p]}]`` streamed (see `exhaustive_retrieval` for ranks and ties)."""
+    ``[{keys[0]: row, keys[1]: col, "logit": [p]}]`` streamed (see `exhaustive_retrieval` for ranks and ties).
+
+    Every gold score is the diagonal entry of its own row's block, the same value the other scores of that row and
+    column are compared with (and the value written to the scores file): no separate pass that float noise could set
+    apart. A row is ranked within its block; a column's gold is known only once its row's chunk is scored, so the
+    scores of the rows before it are held until then (the rows scored so far x the columns not yet reached: at most
+    N^2 / 4 values in the scores' dtype)."""
     if ties not in ("index", "gold"):
         raise ValueError(f"exhaustive ranking: ties '{ties}' is not 'index' or 'gold'")
-    gold = score.pairs(list(range(n)), list(range(n))).double().numpy()  # (N,) the aligned pairs
-    columns = torch.arange(n)
-    row_better = torch.zeros(n, dtype=torch.long)
-    col_better = torch.zeros(n, dtype=torch.long)
+    if not tolerance >= 0:
+        raise ValueError(f"exhaustive ranking: tolerance {tolerance} is not >= 0")
+
+    def beats(scores: np.ndarray, gold: np.ndarray, first: np.ndarray | bool) -> np.ndarray:
+        """Others ranked above their gold: higher by more than the tolerance, or (``ties="index"``) within it and first
+        in index order. float64 of the scores' own values: exact (no rounding of gold + tolerance)."""
+        scores, gold = scores.astype(np.float64), gold.astype(np.float64)
+        wins = scores > gold + tolerance
+        if ties == "index":
+            wins |= (np.abs(scores - gold) <= tolerance) & first
+        return wins
+
+    gold = np.empty(n, dtype=np.float64)  # the diagonal, from the blocks
+    row_better = np.zeros(n, dtype=np.int64)
+    col_better = np.zeros(n, dtype=np.int64)
+    index = np.arange(n)
+    held: np.ndarray | None = None  # (rows scored so far, columns from the current chunk's first row on)
     out = open(scores_path, "w", encoding="utf-8") if scores_path is not None else None  # noqa: SIM115
     try:
         if out is not None:
             out.write("[")
         first = True
         for r0 in range(0, n, text_chunk):
-            rows_idx = list(range(r0, min(n, r0 + text_chunk)))
-            block = score(rows_idx, list(range(n))).double()  # (c, N)
-            own = torch.arange(len(rows_idx))
-            rows = torch.tensor(rows_idx)
-            not_gold = torch.ones_like(block, dtype=torch.bool)
-            not_gold[own, rows] = False
-            gold_r, gold_c = torch.from_numpy(gold[rows_idx])[:, None], torch.from_numpy(gold)[None, :]
-            row_wins, col_wins = block > gold_r + tolerance, block > gold_c + tolerance
-            if ties == "index":  # (c, N): column j before row c's gold column c; row c before column j's gold row j
-                column_first, row_first = columns[None, :] < rows[:, None], rows[:, None] < columns[None, :]
-                row_wins |= ((block - gold_r).abs() <= tolerance) & column_first
-                col_wins |= ((block - gold_c).abs() <= tolerance) & row_first
-            row_better[rows] += (row_wins & not_gold).sum(1)
-            col_better += (col_wins & not_gold).sum(0)
+            r1 = min(n, r0 + text_chunk)
+            rows_idx = list(range(r0, r1))
+            block = _as_numpy(score(rows_idx, list(range(n))))  # (c, N), the scores' own dtype
+            rows = index[r0:r1]
+            gold[r0:r1] = block[np.arange(r1 - r0), rows]  # the gold itself never beats itself: not >, not first
+            # rows: column j before row r's gold column r when j < r
+            row_better[r0:r1] += beats(block, gold[r0:r1, None], index[None, :] < rows[:, None]).sum(1)
+            # columns up to this chunk's last row (their gold known): row r before column j's gold row j when r < j
+            col_better[:r1] += beats(block[:, :r1], gold[None, :r1], rows[:, None] < index[None, :r1]).sum(0)
+            if held is not None:  # the earlier rows, all before these columns' gold rows
+                col_better[r0:r1] += beats(held[:, : r1 - r0], gold[None, r0:r1], True).sum(0)
+                held = np.concatenate([held[:, r1 - r0 :], block[:, r1:]])
+            else:
+                held = block[:, r1:].copy()
             if out is not None:
                 for r, row in enumerate(rows_idx):
                     for col in range(n):
@@ -338,7 +352,7 @@ def _rank_both_ways(
             out.close()
     metrics: dict[str, float] = {}
     for name, better in zip(names, (row_better, col_better)):
-        ranks = (better + 1).double()
+        ranks = torch.from_numpy(better + 1).double()
         for k in (1, 5, 10):
             metrics[f"{name}_recall@{k}"] = float((ranks <= k).double().mean())
         metrics[f"{name}_median_rank"] = float(median_rank(ranks))  # the same medR as every vl retrieval metric

@@ -27,7 +27,7 @@ from vl.data.multi30k import Multi30kDataModule
 from vl.data.multi30k_collate import whole_word_mask
 from vl.data.scenes import SceneSettings, SceneShape
 from vl.data.scenes.writers.multi30k import NOUNS, caption_pair, german_np
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 
 SPLIT_COUNTS = {"train": 29000, "val": 1014, "test_2016_flickr": 1000, "test_2018_flickr": 1071}
 
@@ -595,3 +595,120 @@ def test_text_only_pairs_are_cut_as_the_seeds_parallel_text(mlm: bool) -> None:
             assert labels[-1] == IGNORE_INDEX and got[-1] == tok.sep_token_id
         cut += len(tok.tokenize(en)) + len(tok.tokenize(de)) + 3 > 32
     assert cut >= 5
+
+
+IGNORE = -100  # vl's ignore index (the seed's -1)
+
+
+def _seed_mt_row(tok, en: str, prefix: list[int], label: int, seq_len: int, n_boxes: int | None):
+    """The seed's MT datasets (`MT/data/datasets/multi30k.py`, `multi30k_no_vision.py`), transcribed for one training
+    row: `caption_tokens_de` the German prefix with its last token replaced by [MASK] (labelled with that token),
+    `text = [CLS] EN [SEP] DE [SEP]`, `mlm_labels` -1 elsewhere; then with an image (`n_boxes` boxes, the whole-image
+    box included) `while text + boxes > seq_len: drop a box if boxes > text else a token`, at least 2 tokens / 1 box;
+    without one `while text > seq_len: drop a token`; text and labels kept as `x[:keep - 1] + [x[-1]]`. Returns
+    (text ids, labels, boxes kept)."""
+    caption_tokens_en = tok.tokenize(en)
+    caption_tokens_de = [*tok.convert_ids_to_tokens(prefix), tok.convert_ids_to_tokens(label)]
+    mlm_labels_de = [-1] * (len(caption_tokens_de) - 1) + [label]
+    caption_tokens_de[-1] = "[MASK]"
+    text_tokens = ["[CLS]", *caption_tokens_en, "[SEP]", *caption_tokens_de, "[SEP]"]
+    mlm_labels = [-1] + [-1] * len(caption_tokens_en) + [-1] + mlm_labels_de + [-1]
+    text = tok.convert_tokens_to_ids(text_tokens)
+    boxes = n_boxes
+    if n_boxes is not None and len(text) + n_boxes > seq_len:
+        text_len_keep, box_len_keep = len(text), n_boxes
+        while (text_len_keep + box_len_keep) > seq_len and text_len_keep > 0 and box_len_keep > 0:
+            if box_len_keep > text_len_keep:
+                box_len_keep -= 1
+            else:
+                text_len_keep -= 1
+        text_len_keep, boxes = max(text_len_keep, 2), max(box_len_keep, 1)
+        text = text[: text_len_keep - 1] + [text[-1]]
+        mlm_labels = mlm_labels[: text_len_keep - 1] + [mlm_labels[-1]]
+    elif n_boxes is None and len(text) > seq_len:
+        text_len_keep = len(text)
+        while text_len_keep > seq_len and text_len_keep > 0:
+            text_len_keep -= 1
+        text_len_keep = max(text_len_keep, 2)
+        text = text[: text_len_keep - 1] + [text[-1]]
+        mlm_labels = mlm_labels[: text_len_keep - 1] + [mlm_labels[-1]]
+    return text, [IGNORE if v == -1 else v for v in mlm_labels], boxes
+
+
+@pytest.mark.parametrize("vision", [False, True])
+def test_long_mt_rows_are_cut_as_the_seeds_mt_datasets(vision: bool) -> None:
+    """MT prefix rows of 20 - 90 tokens, with images of 0 - 60 regions or none (the no-vision variant): input ids,
+    labels and kept regions equal the seed's MT datasets' cut, transcribed (`_seed_mt_row`): over seq_len the row's
+    first tokens and its last [SEP] stay, so the [MASK] and its label go; `mt_truncation="source"` (vl's earlier)
+    instead keeps every row's [MASK] and label, shortening the EN source."""
+    from vl.data.collate import load_tokenizer
+    from vl.data.multi30k_collate import Multi30kCollator
+
+    tok = load_tokenizer("minilm")
+    rng = np.random.default_rng(7)
+    words = "a man in a red shirt is riding a bicycle down the busy street near the old market square".split()
+    de_ids = tok(" ".join(words), add_special_tokens=False)["input_ids"]
+    examples, seed_rows = [], []
+    for i in range(40):
+        en = " ".join(rng.choice(words, size=int(rng.integers(3, 60))))
+        pos = int(rng.integers(0, 30))
+        prefix = [int(rng.choice(de_ids)) for _ in range(pos)]
+        label = int(rng.choice(de_ids))
+        ex = {"text": en, "text_b_ids": [*prefix, tok.mask_token_id], "mt_label": label, "index": i}
+        n_boxes = None
+        if vision:
+            r = int(rng.integers(0, 61))
+            ex["visual"] = {"features": rng.standard_normal((r, 3)).astype(np.float32),
+                            "boxes_norm": np.zeros((r, 4), np.float32), "image_w": 500, "image_h": 375}  # fmt: skip
+            n_boxes = r + 1
+        examples.append(ex)
+        seed_rows.append(_seed_mt_row(tok, en, prefix, label, 64, n_boxes))
+    batch = Multi30kCollator(tok, max_text_len=64, max_regions=60, seq_len=64)(examples)  # default: seed
+    lost = 0
+    for i, (text, labels, boxes) in enumerate(seed_rows):
+        n = int(batch["attention_mask"][i].sum())
+        assert batch["input_ids"][i, :n].tolist() == text, i
+        assert batch["mlm_labels"][i, :n].tolist() == labels, i
+        if vision:
+            assert int(batch["visual_mask"][i].sum()) == boxes - 1, i
+        lost += all(v == IGNORE for v in labels)
+    assert lost >= 3  # rows whose [MASK] the cut took
+    source = Multi30kCollator(tok, max_text_len=64, max_regions=60, seq_len=None, mt_truncation="source")(examples)
+    for i, ex in enumerate(examples):
+        n = int(source["attention_mask"][i].sum())
+        assert n <= 64 and source["input_ids"][i, n - 2] == tok.mask_token_id
+        assert source["mlm_labels"][i, n - 2] == ex["mt_label"]
+    with pytest.raises(ConfigError, match="data.mt_truncation"):
+        Multi30kCollator(tok, mt_truncation="end")
+
+
+def test_decoding_keeps_the_mask_of_a_long_source_whatever_mt_truncation(data_dir) -> None:
+    """Greedy decoding shortens a source over max_text_len (the [MASK] stays at length - 2 every step) even with the
+    seed's training cut (`mt_truncation="seed"`, restored afterwards)."""
+    from types import SimpleNamespace
+
+    from vl.models.translation import greedy_translate
+
+    dm = Multi30kDataModule(cache_dir=str(data_dir), corpus={"num_images": 150}, task="mt", objectives=["mlm"])
+    dm.setup("test")
+    tok, collator = dm.tokenizer, dm.collator("test")
+    assert collator.mt_truncation == "seed"
+    examples = [dm.datasets["test"][i] for i in range(2)]
+    examples = [ex | {"text": " ".join([ex["text"]] * 12)} for ex in examples]  # sources over 64 tokens
+    word = tok.convert_tokens_to_ids(tok.tokenize("hund")[0])
+    seen: list[torch.Tensor] = []
+
+    class Recorder(torch.nn.Module):
+        device = torch.device("cpu")
+        objectives = {
+            "mlm": SimpleNamespace(logits=lambda s: torch.nn.functional.one_hot(s[:, 0].long(), len(tok)).float())
+        }
+
+        def forward(self, batch):
+            length = batch["attention_mask"].sum(1)
+            seen.append(batch["input_ids"][torch.arange(len(length)), length - 2])
+            return SimpleNamespace(text=torch.full((*batch["input_ids"].shape, 1), float(word)))
+
+    greedy_translate(Recorder(), collator, examples, tok, max_steps=3, seq_len=150)
+    assert len(seen) == 3 and all((s == tok.mask_token_id).all() for s in seen)
+    assert collator.mt_truncation == "seed"

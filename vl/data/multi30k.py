@@ -57,7 +57,7 @@ from vl.data.formats.multi30k import (
     read_annotations,
     select_regions,
 )
-from vl.data.multi30k_collate import Multi30kCollator
+from vl.data.multi30k_collate import MT_TRUNCATION, Multi30kCollator
 from vl.data.multi30k_examples import LazyVisuals, Multi30kExamples, TranslationRows
 from vl.data.multi30k_text import MT_DETOKENIZE, load_multi30k_tokenizer
 from vl.data.scenes import SceneSettings, ensure_corpus
@@ -87,7 +87,10 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
     datasets; None: none), applied per row after masking and per caption x image pair in the retrieval gallery
     (``Multi30kCollator.pair_batch``). ``mt_seq_len``: the same limit when translating (the seed's generate config:
     150), applied once, to the first decoding step's rows; the generated tokens are appended without truncating
-    again (`vl.models.translation.greedy_translate`). ``mt_max_steps``: at most that many generated tokens (49: the
+    again (`vl.models.translation.greedy_translate`). ``mt_truncation``: an MT training / val row over ``seq_len``
+    tokens: "seed" (default: its first seq_len - 1 tokens and its last [SEP], the [MASK] and label cut with it, as the
+    seed's MT datasets) or "source" (vl's earlier: the EN source shortened, the [MASK] kept; `Multi30kCollator`).
+    ``mt_max_steps``: at most that many generated tokens (49: the
     seed's ``while not all(stop) and curr_len <= max_len`` with ``max_len = 48`` runs 49 steps). ``mt_detokenize``:
     how the generated ids become the hypothesis (`detokenize`: "seed", default, the seed's join of token strings;
     "hf": the tokenizer's ``decode``); the copy-the-source BLEU baseline goes through the same. ``lowercase``: the
@@ -125,6 +128,7 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
         mt_max_steps: int = 49,
         mt_seq_len: int | None = 150,
         mt_detokenize: str = "seed",
+        mt_truncation: str = "seed",
         annotations: str = "{split}_frcnn.json",
         train_annotations: str | None = None,
         mlt_annotations: str = "{split}_MLT_frcnn.json",
@@ -172,6 +176,9 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
         if mt_detokenize not in MT_DETOKENIZE:
             raise ConfigError(f"data.mt_detokenize: '{mt_detokenize}' is not one of {MT_DETOKENIZE}")
         self.mt_detokenize = mt_detokenize
+        if mt_truncation not in MT_TRUNCATION:
+            raise ConfigError(f"data.mt_truncation: '{mt_truncation}' is not one of {MT_TRUNCATION}")
+        self.mt_truncation = mt_truncation
         self.lowercase = bool(lowercase)
         self.aux_text, self.aux_batch_size = aux_text, int(aux_batch_size)
         self.aux_min_words, self.aux_seq_len = int(aux_min_words), int(aux_seq_len)
@@ -382,6 +389,7 @@ class Multi30kDataModule(AuxTextCorpus, TranslationRows, VLDataModule):
             mvrc="mvrc" in self.objectives and self.task != "mt",
             labels=self.label_keys,
             seq_len=self.seq_len,
+            mt_truncation=self.mt_truncation,
         )
 
     def scoring_collator(self) -> Multi30kCollator:

@@ -14,9 +14,12 @@ from vl.batch import IGNORE_INDEX
 from vl.data.collate import collate_labels
 from vl.data.region_batch import pad_regions
 from vl.data.samplers import global_seed
-from vl.errors import DataError
+from vl.errors import ConfigError, DataError
 
-__all__ = ["Multi30kCollator", "seed_truncation", "whole_word_mask"]
+__all__ = ["MT_TRUNCATION", "Multi30kCollator", "seed_truncation", "whole_word_mask"]
+
+#: how an MT row ``[CLS] EN [SEP] DE prefix [MASK] [SEP]`` longer than its limit is cut (`Multi30kCollator`)
+MT_TRUNCATION = ("seed", "source")
 
 
 def seed_truncation(n_text: int, n_boxes: int, seq_len: int) -> tuple[int, int]:
@@ -75,7 +78,12 @@ class Multi30kCollator:
     text-only rows zeros, as the seed). ``seq_len``: text and boxes of a row with an
     image truncated jointly as VL-BERT's datasets do (`seed_truncation`; after MLM and MVRC are drawn, the whole-image
     box's mean still over every region: ``image_mean_mask``); None: no joint limit. A training row's regions arrive
-    already mirrored when the dataset drew a flip (`vl.data.multi30k_examples.flip_regions`, ``data.flip_prob``)."""
+    already mirrored when the dataset drew a flip (`vl.data.multi30k_examples.flip_regions`, ``data.flip_prob``).
+    ``mt_truncation``: an MT prefix row longer than ``min(seq_len, max_text_len)`` tokens: "seed" (default, the
+    seed's MT datasets ``MT/data/datasets/multi30k.py`` / ``multi30k_no_vision.py``) keeps its first limit - 1 tokens
+    and its last [SEP], so the [MASK] and its label go with the cut (the row then has no label); "source" (vl's
+    earlier rule) shortens the EN source so the DE prefix, the [MASK] and its label stay. With an image the joint cut
+    (``seq_len``) follows either way. Greedy decoding (`vl.models.translation.greedy_translate`) always uses "source"."""
 
     def __init__(
         self,
@@ -93,7 +101,11 @@ class Multi30kCollator:
         add_special_tokens: bool = True,
         aux_text: bool = False,
         seq_len: int | None = None,
+        mt_truncation: str = "seed",
     ) -> None:
+        if mt_truncation not in MT_TRUNCATION:
+            raise ConfigError(f"data.mt_truncation: '{mt_truncation}' is not one of {MT_TRUNCATION}")
+        self.mt_truncation = mt_truncation
         self.tokenizer = tokenizer
         self.seq_len = None if seq_len is None else int(seq_len)
         self.max_text_len, self.max_regions = max_text_len, max_regions
@@ -108,17 +120,25 @@ class Multi30kCollator:
         key = (int(examples[0].get("epoch", 0)), *[int(ex.get("index", 0)) for ex in examples])
         rng = np.random.default_rng([global_seed(), abs(hash(key)) & 0x7FFF_FFFF])
         rows, label_rows = [], []
+        mt_rows = False
         for ex in examples:
             if "text_b_ids" in ex:  # MT: [CLS] EN [SEP] DE prefix ... [MASK] [SEP], only the [MASK] labelled
                 tail = list(ex["text_b_ids"])
-                room = max(1, self.max_text_len - len(tail) - 3)
-                source = self.tokenizer(ex["text"], add_special_tokens=False, truncation=True, max_length=room)
                 tok = self.tokenizer
-                ids = [tok.cls_token_id, *source["input_ids"], tok.sep_token_id, *tail, tok.sep_token_id]
+                if self.mt_truncation == "source":  # the EN source shortened: the [MASK] and its label stay
+                    room = max(1, self.max_text_len - len(tail) - 3)
+                    source = tok(ex["text"], add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+                else:
+                    source = tok(ex["text"], add_special_tokens=False)["input_ids"]
+                ids = [tok.cls_token_id, *source, tok.sep_token_id, *tail, tok.sep_token_id]
                 labels = [IGNORE_INDEX] * len(ids)
                 if "mt_label" in ex:
                     labels[len(ids) - 2] = int(ex["mt_label"])
+                limit = max(min(self.seq_len or self.max_text_len, self.max_text_len), 2)
+                if self.mt_truncation == "seed" and len(ids) > limit:  # the first limit - 1 tokens and the last [SEP]
+                    ids, labels = ids[: limit - 1] + ids[-1:], labels[: limit - 1] + labels[-1:]
                 label_rows.append(labels)
+                mt_rows = True
                 rows.append(ids)
                 continue
             # an EN-DE pair is cut as the seed's datasets cut it (Task C's `parallel_text`; with an image, the joint cut
@@ -166,7 +186,7 @@ class Multi30kCollator:
         }
         if self.aux_text:
             batch["aux_text"] = torch.ones(len(rows), dtype=torch.bool)
-        if label_rows and (self.mlm or any(v != IGNORE_INDEX for r in label_rows for v in r)):
+        if label_rows and (self.mlm or mt_rows or any(v != IGNORE_INDEX for r in label_rows for v in r)):
             mlm_labels = torch.full_like(input_ids, IGNORE_INDEX)
             for i, r in enumerate(label_rows):
                 mlm_labels[i, : len(r)] = torch.tensor(r)

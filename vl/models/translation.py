@@ -28,7 +28,8 @@ def greedy_translate(
     generation (its dataset truncates with SEQ_LEN 150, then the generated tokens are appended): a row keeps the
     boxes it kept there, and its text is never cut again (re-truncating each step with the training limit, 64,
     dropped the [MASK] itself once the text outgrew half of it; the source keeps the tokens the collator's
-    `max_text_len` gave it at the first step). ``detokenize``: how each sentence's generated ids (up to, not
+    `max_text_len` gave it at the first step: the collator's ``mt_truncation`` is "source" while decoding, so a long
+    source is shortened and the [MASK] stays). ``detokenize``: how each sentence's generated ids (up to, not
     including, [STOP]) become its string (`vl.data.multi30k_text.detokenize`: "seed", the seed's join of the token strings,
     or "hf", the tokenizer's ``decode``)."""
     stop = tokenizer.convert_tokens_to_ids("[STOP]")
@@ -38,6 +39,9 @@ def greedy_translate(
     done = [False] * len(examples)
     kept_regions: dict[int, int] = {}  # row -> regions kept by the first step's truncation
     training_seq_len, max_text_len = collator.seq_len, collator.max_text_len
+    truncation = getattr(collator, "mt_truncation", None)
+    if truncation is not None:  # the rows' [MASK] must stay: a long source is shortened instead
+        collator.mt_truncation = "source"
     try:
         for step in range(max_steps):
             live = [i for i, d in enumerate(done) if not d]
@@ -71,4 +75,6 @@ def greedy_translate(
                     generated[i].append(int(token))
     finally:
         collator.seq_len, collator.max_text_len = training_seq_len, max_text_len
+        if truncation is not None:
+            collator.mt_truncation = truncation
     return [detokenize_ids(tokenizer, g, detokenize) for g in generated]

@@ -613,3 +613,22 @@ def test_metrics_csv_of_a_run_resumed_in_place_is_the_uninterrupted_runs(make_cf
     assert _loss_rows(run) == want
     # resuming from its own checkpoint dir is no surprise: Lightning's "exists and is not empty" note is not shown
     assert not [w for w in seen if "exists and is not empty" in str(w.message)]
+
+
+@pytest.mark.parametrize("every", [2, 50])
+def test_a_step_interval_last_checkpoint_also_holds_the_final_step(every: int, make_cfg) -> None:
+    """`callbacks.last_checkpoint.every_n_train_steps=n` (the CLIP-BERT recipes: 50 / 1000) saves last.ckpt at the
+    multiples of n; the fit's final state is saved too, so `trainer.max_steps=3` leaves last.ckpt at step 3 (Lightning
+    alone: step 2 with n = 2, none with n = 50), for the probes, `resume=` and `test_checkpoint=last`."""
+    cfg = make_cfg(
+        "experiment=none",
+        "data=vqa",
+        "data.batch_size=16",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=1",
+        "test=false",
+        f"+callbacks.last_checkpoint.every_n_train_steps={every}",
+    )
+    train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 3

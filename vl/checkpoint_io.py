@@ -121,6 +121,14 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         self._writes_files = trainer.is_global_zero
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A callback without a monitored metric (`last.ckpt`) also saves the fit's final state when its schedule did
+        not (`every_n_train_steps` past the last multiple, e.g. `trainer.max_steps=3` with a 50-step interval: no
+        last.ckpt at all in Lightning), so the last checkpoint is the end of training, to test, probe or resume."""
+        super().on_train_end(trainer, pl_module)
+        if self.monitor is None and not self._should_skip_saving_checkpoint(trainer):
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         earlier = state_dict.get("dirpath", self.dirpath)
         if earlier == self.dirpath or self.dirpath is None or not _is_local_file_protocol(str(self.dirpath)):

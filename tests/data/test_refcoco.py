@@ -14,7 +14,7 @@ import pytest
 
 from vl.data.features import open_region_features, write_region_lmdb
 from vl.data.formats.boxes import box_iou, pairwise_iou, xywh_to_xyxy
-from vl.data.formats.refcoco import load_expressions_json, load_instances, load_refs
+from vl.data.formats.refcoco import REFER_SPLIT_NAMES, load_expressions_json, load_instances, load_refs, refs_of_split
 from vl.data.refcoco import RefCOCODataModule
 from vl.data.scenes import SceneSettings, generate_scenes
 from vl.data.scenes.writers.refcoco import scene_expressions, write_refcoco_corpus
@@ -383,6 +383,55 @@ def test_predictions_and_baselines(corpus: tuple[Path, list[Path]], tmp_path: Pa
     assert 0 < base["test/refer_acc_chance"] < 1 and 0 <= base["test/refer_acc_largest"] <= 1
     by_hand = np.mean([np.mean(test[i]["refer_ious"] > 0.5) for i in range(len(test))])
     assert base["test/refer_acc_chance"] == pytest.approx(by_hand)
+
+
+def refer_get_ref_ids(refs: list[dict], split: str) -> list[int]:
+    """Transcription of REFER's `getRefIds(split=split)` (lichengunc/refer `refer.py`, also vilbert_beta's
+    `tools/refer/refer.py`), the split branch only (`sys.exit()` -> SystemExit)."""
+    if split in ["testA", "testB", "testC"]:
+        refs = [ref for ref in refs if split[-1] in ref["split"]]  # we also consider testAB, testBC, ...
+    elif split in ["testAB", "testBC", "testAC"]:
+        refs = [ref for ref in refs if ref["split"] == split]
+    elif split == "test":
+        refs = [ref for ref in refs if "test" in ref["split"]]
+    elif split == "train" or split == "val":
+        refs = [ref for ref in refs if ref["split"] == split]
+    else:
+        raise SystemExit(f"No such split [{split}]")
+    return [ref["ref_id"] for ref in refs]
+
+
+def test_split_selection_is_refers_get_ref_ids(corpus: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """testA / testB also take the testAB refs, `test` every test split (REFER's rule, which ViLBERT's reader uses)."""
+    kinds = ["train", "val", "testA", "testB", "testAB", "train", "testAB", "testB", "val", "testA", "testBC"]
+    refs = [_ref(ref_id=i + 1, split=k) for i, k in enumerate(kinds)]
+    for name in REFER_SPLIT_NAMES:
+        assert [r["ref_id"] for r in refs_of_split(refs, name)] == refer_get_ref_ids(refs, name), name
+    assert [r["ref_id"] for r in refs_of_split(refs, "testA")] == [3, 5, 7, 10]  # by hand
+    assert [r["ref_id"] for r in refs_of_split(refs, "test")] == [3, 4, 5, 7, 8, 10, 11]
+    with pytest.raises(SystemExit):
+        refer_get_ref_ids(refs, "testD")
+    with pytest.raises(ValueError, match="testD"):
+        refs_of_split(refs, "testD")
+
+    # the data module: some testA / testB refs of the embedded corpus relabelled testAB
+    root = _copy(corpus, tmp_path)
+    refs_path = root / "refcoco+" / "refs(unc).p"
+    file_refs = load_refs(refs_path)
+    for r in [r for r in file_refs if r["split"] in ("testA", "testB")][::3]:
+        r["split"] = "testAB"
+    _pickle(refs_path, file_refs)
+    assert sum(r["split"] == "testAB" for r in file_refs) > 0
+    for name in ("testA", "testB", "test", "testAB"):
+        ds = _module(root, splits={"test": name}).dataset("test")
+        want = set(refer_get_ref_ids(file_refs, name))
+        assert {ex.ref_id for ex in ds.examples} == want, name
+        by_id = {r["ref_id"]: r for r in file_refs}
+        assert len(ds) == sum(len(by_id[i]["sentences"]) for i in want)
+    with pytest.raises(ConfigError, match=r"^data\.splits\.test: 'testD' is not a REFER split name"):
+        _module(root, splits={"test": "testD"})
+    with pytest.raises(ConfigError, match=r"^data\.splits\.val: 'validation'"):
+        _module(root, splits={"val": "validation"})
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

@@ -25,11 +25,13 @@ from vl.data.base import VLDataModule
 from vl.data.collate import check_text_truncation
 from vl.data.features import RegionReader
 from vl.data.formats.refcoco import (
+    REFER_SPLIT_NAMES,
     Instances,
     box_area,
     box_iou,
     load_instances,
     load_refs,
+    refs_of_split,
     split_counts,
 )
 from vl.data.region_rules import concat_regions, global_feature
@@ -141,7 +143,9 @@ class RefCOCOExpressions(Dataset):
 
 class RefCOCODataModule(VLDataModule):
     """`data=refcoco`. Files are relative to `root`; `splits` maps train/val/test to the refs' split names (default
-    test -> testA; set `splits={"test": "testB"}` for the other half). `gt_features=None` trains on detections only.
+    test -> testA; set `splits={"test": "testB"}` for the other half), selected as REFER's `getRefIds(split=...)`
+    does (`refs_of_split`: testA / testB / testC also take the refs of testAB / testBC / testAC, `test` every test
+    split; the names are REFER's, `REFER_SPLIT_NAMES`). `gt_features=None` trains on detections only.
 
     With `root=None` the embedded scene corpus (`vl.data.scenes.corpus`) holds these files."""
 
@@ -183,6 +187,11 @@ class RefCOCODataModule(VLDataModule):
         tokenizer's truncation (cuts the expression's tokens, keeps [SEP])."""
         super().__init__(splits={"test": "testA", **dict(splits or {})}, **kwargs)
         self.text_truncation = check_text_truncation(text_truncation)
+        for stage, name in self.splits.items():
+            if name not in REFER_SPLIT_NAMES:
+                raise ConfigError(
+                    f"data.splits.{stage}: '{name}' is not a REFER split name ({', '.join(REFER_SPLIT_NAMES)})"
+                )
         if not 0.0 <= float(iou_threshold) <= 1.0:
             raise ConfigError(f"data.iou_threshold={iou_threshold} is not in [0, 1]")
         if sentence_field not in ("raw", "sent"):
@@ -238,7 +247,7 @@ class RefCOCODataModule(VLDataModule):
         self.check_files()
         refs_path = self.path(self.refs_file)
         name = self.splits[split]
-        refs = [r for r in self.refs if r["split"] == name]
+        refs = refs_of_split(self.refs, name)
         if not refs:
             raise DataError(
                 f"{refs_path}: no refs with split {name!r} (data.splits.{split}); the file has {split_counts(self.refs)}"

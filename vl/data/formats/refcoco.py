@@ -2,7 +2,9 @@
 
 Formats:
 - ``refs(unc).p``: pickle, list of refs ``{ref_id, ann_id, image_id, split, sentences: [{raw, sent, tokens,
-  sent_id}], sent_ids, category_id, ...}``; ``split`` is one of train / val / testA / testB.
+  sent_id}], sent_ids, category_id, ...}``; ``split`` is one of train / val / testA / testB (RefCOCO / RefCOCO+
+  unc), also testC / testAB / testBC / testAC in other REFER releases; ``refs_of_split`` selects a split by REFER's
+  ``getRefIds`` rule.
 - ``instances.json``: COCO instances ``{images: [{id, width, height, ...}], annotations: [{id, image_id, bbox
   [x, y, w, h], category_id, area, ...}], categories: [{id, name}]}``.
 - REFER expressions / predictions JSON: ``{"predictions": [{"sent", "ref_id"}]}``.
@@ -41,10 +43,14 @@ __all__ = [
     "load_expressions_json",
     "refcoco_paths",
     "split_counts",
+    "REFER_SPLIT_NAMES",
+    "refs_of_split",
 ]
 
 REFCOCO_DIR = "refcoco+"
 REFCOCO_SPLITS: tuple[str, ...] = ("train", "val", "testA", "testB")
+# the split names REFER's `getRefIds(split=...)` accepts (any other: "No such split", exit)
+REFER_SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
 
 
 def _is_int(x: Any) -> bool:
@@ -195,6 +201,20 @@ def refcoco_paths(root: str | Path) -> dict[str, Path]:
         "dets": base / "dets.lmdb",
         "gt": base / "gt.lmdb",
     }
+
+
+def refs_of_split(refs: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The refs of split `name`, in file order, by REFER's ``getRefIds(split=name)`` (``refer.py``, which ViLBERT's
+    reader calls): ``testA`` / ``testB`` / ``testC``: every ref whose split contains the letter (``testAB`` counts for
+    testA and testB); ``testAB`` / ``testBC`` / ``testAC``, ``train``, ``val``: equal split; ``test``: every ref whose
+    split contains ``test``. Another name: ``ValueError`` (REFER exits)."""
+    if name in ("testA", "testB", "testC"):
+        return [r for r in refs if name[-1] in str(r["split"])]
+    if name == "test":
+        return [r for r in refs if "test" in str(r["split"])]
+    if name in REFER_SPLIT_NAMES:
+        return [r for r in refs if r["split"] == name]
+    raise ValueError(f"no such REFER split {name!r}; one of {', '.join(REFER_SPLIT_NAMES)}")
 
 
 def split_counts(refs: Sequence[dict[str, Any]]) -> dict[str, int]:

@@ -155,3 +155,53 @@ def test_vcr_global_token_is_the_seeds_merge_of_both_files(tmp_path: Path) -> No
     kept = VCRDataModule(root=str(root), gt_features="vcr/gt.lmdb", max_regions=max_regions, global_token="kept")
     kept.setup("fit")
     assert "global_feature" not in kept.datasets["train"][(0, 0)]["visual"]
+
+
+def _seed_masked_global(image_feat: np.ndarray, image_mask: np.ndarray) -> np.ndarray:
+    """vilbert_beta `ConceptCapLoaderTrain.__iter__`: the global feature of a batch whose regions `random_region`
+    already masked (zeroed), padding rows zero: `np.sum(image_feat, axis=1) / np.sum(image_mask, axis=1, ...)`."""
+    return np.sum(image_feat, axis=1) / np.sum(image_mask, axis=1, keepdims=True)
+
+
+def _assert_global_is_the_masked_mean(batch: dict) -> None:
+    feats, mask = batch["visual_feats"].numpy(), batch["visual_mask"].numpy()
+    zeroed = (np.abs(feats).sum(-1) == 0) & (np.abs(batch["region_feat_targets"].numpy()).sum(-1) > 0) & (mask > 0)
+    assert zeroed.any(), "the fixture must mask some region"
+    want = _seed_masked_global(feats * mask[..., None], mask)
+    np.testing.assert_allclose(batch["visual_global"].numpy(), want, rtol=0, atol=1e-6)
+    # the reader's global (mean of the unmasked regions) is not what the batch carries where a region was zeroed
+    rows = zeroed.any(1)
+    unmasked = _seed_masked_global(batch["region_feat_targets"].numpy(), mask)
+    assert not np.allclose(batch["visual_global"].numpy()[rows], unmasked[rows], atol=1e-4)
+
+
+@pytest.mark.parametrize("data", ["vqa", "retrieval"])
+def test_region_masking_global_token_is_the_masked_mean(make_cfg, data: str) -> None:
+    """`data.global_token=all` with a region-masking objective: the reader's mean (of unmasked regions, masked ones
+    too) would leak the masked features; the collator recomputes it from the masked batch as the seed's pretraining
+    loader does."""
+    task = "vqa" if data == "vqa" else "retrieval"
+    dm = _module(
+        make_cfg, data, f"data.objectives=[{task},mrfr]", "data.batch_size=32", "data.batch_size_per_device=32"
+    )
+    for batch in [b for _, b in zip(range(3), dm.train_dataloader(), strict=False)]:
+        _assert_global_is_the_masked_mean(batch)
+
+
+def test_refcoco_region_masking_global_token_is_the_masked_mean(tmp_path: Path) -> None:
+    from vl.data.refcoco import RefCOCODataModule
+    from vl.data.scenes import SceneSettings, generate_scenes
+    from vl.data.scenes.writers.refcoco import write_refcoco_corpus
+
+    settings = SceneSettings(num_images=40)
+    write_refcoco_corpus(tmp_path, generate_scenes(settings), settings)
+    dm = RefCOCODataModule(root=str(tmp_path), objectives=["refer", "mrfr"])
+    dm.setup("fit")
+    data = dm.datasets["train"]
+    examples = [data[(0, i)] for i in range(min(64, len(data)))]
+    batch = dm.collator("train")(examples)
+    _assert_global_is_the_masked_mean(batch)
+    plain = RefCOCODataModule(root=str(tmp_path)).collator("train")(examples)  # no masking: the reader's mean stays
+    np.testing.assert_array_equal(
+        plain["visual_global"].numpy(), np.stack([ex["visual"]["global_feature"] for ex in examples])
+    )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vl.batch import IGNORE_INDEX
-from vl.data.region_batch import mask_regions, pad_regions
+from vl.data.region_batch import mask_regions, masked_global, pad_regions
 from vl.errors import ConfigError
 from vl.pretrained import resolve_model_dir
 
@@ -120,6 +120,11 @@ class Collator:
     also never picks any other id in `tokenizer.all_special_ids` ([UNK], [MASK], ... in the text), as HF's
     `DataCollatorForLanguageModeling` does when the batch carries no special-tokens mask (the CLIP-BERT seed's
     collator: `get_special_tokens_mask(ids, already_has_special_tokens=True)`).
+
+    `region_masking` (a region-masking objective, `REGION_MASKING`) zeroes regions (`mask_regions`); a batch whose
+    readers gave ViLBERT's global feature (`visual_global`: `data.global_token=all`, RefCOCO+) then gets it from the
+    masked features instead (`masked_global`: the mean of the kept rows after masking, as vilbert_beta's pretraining
+    loader computes it), so the global token never carries a masked region's feature.
     """
 
     extra_keys: frozenset[str] = frozenset()
@@ -179,6 +184,8 @@ class Collator:
                 probability=self.region_mask_probability,
                 generator=generator,
             )
+            if "visual_global" in batch:  # the reader's mean of the unmasked regions would carry the masked ones
+                batch["visual_global"] = masked_global(batch["visual_feats"], batch["visual_mask"])
         if self.mlm:
             special = enc["special_tokens_mask"].bool() | (enc["attention_mask"] == 0)
             if self.mlm_skip_special_ids:

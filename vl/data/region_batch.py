@@ -9,7 +9,7 @@ import torch
 
 from vl.errors import DataError
 
-__all__ = ["mask_regions", "pad_regions"]
+__all__ = ["mask_regions", "masked_global", "pad_regions"]
 
 
 def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int, fixed: bool = False) -> dict[str, torch.Tensor]:
@@ -51,6 +51,14 @@ def pad_regions(visuals: list[dict[str, np.ndarray]], max_regions: int, fixed: b
     if all(v.get("global_feature") is not None for v in visuals):
         out["visual_global"] = torch.from_numpy(np.stack([v["global_feature"] for v in visuals]).astype(np.float32))
     return out
+
+
+def masked_global(feats: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
+    """(B,D): the mean of each row's real regions as given (after region masking: zeroed rows count as zeros), as
+    vilbert_beta's pretraining loader computes the global image token after its `random_region` masking
+    (`np.sum(image_feat, axis=1) / np.sum(image_mask, axis=1)`, `ConceptCapLoaderTrain`). A row without regions: 0."""
+    weights = visual_mask.unsqueeze(-1).to(feats.dtype)
+    return (feats * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def mask_regions(

@@ -245,6 +245,15 @@ def seed_weight_decay(seed_key: str) -> float:
     return 0.0
 
 
+def seed_scratch_weight_decay(seed_key: str) -> float:
+    """vilbert_beta `train_concap.py` ~366-381 (vilbert-multi-task ~402-417) without --from_pretrained, as written:
+    the first group (`not any(nd in n for nd in no_decay)`) at 0.01, the second at 0.0."""
+    no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
+    if not any(nd in seed_key for nd in no_decay):
+        return 0.01
+    return 0.0
+
+
 def _tiny_vilbert(*overrides: str):
     from vl.config import instantiate_node
 
@@ -283,6 +292,29 @@ def test_vilbert_weight_decay_groups_follow_the_seeds_swapped_rule() -> None:
     assert got["objectives.vqa.classifier.0.bias"] == 0.01
 
 
+def test_vilbert_weight_decay_groups_seed_scratch_is_train_concaps_scratch_rule() -> None:
+    """`weight_decay_groups: seed_scratch`: each parameter decays as the seed's scratch pretraining decays its seed
+    name: the co-attention output norms' weights (`biOutput.LayerNorm1` / `LayerNorm2`, no `LayerNorm.` substring)
+    decay, unlike under `vl`."""
+    from vl.models.checkpoints import map_vilbert_key
+
+    system = _tiny_vilbert("model.optimizer.weight_decay=0.01", "model.weight_decay_groups=seed_scratch")
+    got = _decay_of(system)
+    want = {}
+    for name in got:
+        key = seed_name(name)
+        assert map_vilbert_key(key) == name, (name, key)
+        want[name] = seed_scratch_weight_decay(key)
+    assert got == want
+    assert got["encoder.bert.encoder.layer.0.attention.self.query.weight"] == 0.01
+    assert got["encoder.bert.encoder.layer.0.attention.output.LayerNorm.weight"] == 0.0
+    assert got["encoder.co_layers.0.vision_out.norm.weight"] == got["encoder.co_layers.0.text_out.norm.weight"] == 0.01
+    assert got["encoder.co_layers.0.vision_ffn.output.norm.weight"] == 0.0
+    assert got["encoder.image_embedding.norm.bias"] == 0.0
+    vl = _decay_of(_tiny_vilbert("model.optimizer.weight_decay=0.01", "model.weight_decay_groups=vl"))
+    assert {n for n in got if got[n] != vl[n]} >= {"encoder.co_layers.0.vision_out.norm.weight"}
+
+
 def test_vilbert_weight_decay_groups_vl_is_the_adamw_convention() -> None:
     system = _tiny_vilbert("model.optimizer.weight_decay=0.01", "model.weight_decay_groups=vl")
     got = _decay_of(system)
@@ -304,9 +336,9 @@ def test_vilbert_weight_decay_groups_unknown_value_is_refused() -> None:
     ["vilbert_pretrain", "vilbert_vqa", "vilbert_vcr", "vilbert_retrieval", "vilbert_refcoco", "vilbert_pretrain_tiny"],
 )
 def test_vilbert_recipes_use_the_seeds_weight_decay_groups(experiment: str) -> None:
-    """The published recipes decay as the seed does; the tiny pretraining, from scratch like the seed's
-    `train_concap.py` without --from_pretrained, keeps the AdamW groups it was calibrated with."""
+    """The published recipes decay as the seed does; the tiny pretraining, from scratch, as the seed's
+    `train_concap.py` without --from_pretrained does."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("train", overrides=[f"experiment={experiment}"])
-    assert cfg.model.weight_decay_groups == ("vl" if experiment == "vilbert_pretrain_tiny" else "seed")
+    assert cfg.model.weight_decay_groups == ("seed_scratch" if experiment == "vilbert_pretrain_tiny" else "seed")

@@ -341,7 +341,7 @@ SEED_LAYERNORM_WEIGHT = re.compile(
     r"(.*\.LayerNorm|encoder\.image_embedding\.norm|encoder\.co_layers\.\d+\.(text|vision)_ffn\.output\.norm"
     r"|objectives\.mlm\.transform\.2|objectives\.mrc\.head\.2)\.weight"
 )
-WEIGHT_DECAY_GROUPS = ("seed", "vl")
+WEIGHT_DECAY_GROUPS = ("seed", "seed_scratch", "vl")
 
 
 class VilbertSystem(VLSystem):
@@ -366,9 +366,13 @@ class VilbertSystem(VLSystem):
         parameters get `model.optimizer.weight_decay`. "seed" (default): vilbert_beta's (`train_tasks.py`, and
         `train_concap.py` when it starts from BERT, the published pretraining): its `no_decay` list ("bias",
         "LayerNorm.bias", "LayerNorm.weight") is matched the wrong way round, so every bias and the weights of the
-        LayerNorms it names `LayerNorm` (`SEED_LAYERNORM_WEIGHT`) decay and nothing else does. "vl": the AdamW
-        convention, every weight matrix but no bias / norm (what vilbert_beta's pretraining from scratch and
-        vilbert-multi-task do; `experiment=vilbert_pretrain_tiny` keeps it). The rest: `VLSystem`'s."""
+        LayerNorms it names `LayerNorm` (`SEED_LAYERNORM_WEIGHT`) decay and nothing else does. "seed_scratch":
+        `train_concap.py` without `--from_pretrained` (pretraining from scratch, vilbert_beta and vilbert-multi-task
+        alike): the same list matched the right way round, so everything decays but the biases and those `LayerNorm`
+        weights; the co-attention outputs' norm weights (`biOutput.LayerNorm1` / `LayerNorm2`, vl's `vision_out.norm`
+        / `text_out.norm`) decay. "vl": the AdamW convention, every weight matrix but no bias / norm (no 1-d parameter
+        decays: close to "seed_scratch", not the seed's rule; `experiment=vilbert_pretrain_tiny` was calibrated with
+        it). The rest: `VLSystem`'s."""
         if weight_decay_groups not in WEIGHT_DECAY_GROUPS:
             raise ConfigError(f"model.weight_decay_groups: '{weight_decay_groups}' is not one of {WEIGHT_DECAY_GROUPS}")
         self.weight_decay_groups = weight_decay_groups
@@ -381,9 +385,11 @@ class VilbertSystem(VLSystem):
             self.load_released_state_dict(state_dict_path)
 
     def decays(self, name: str, param: nn.Parameter) -> bool:
-        """`weight_decay_groups` (see `__init__`): "seed": a bias or a `SEED_LAYERNORM_WEIGHT`; "vl": `VLSystem`'s."""
-        if self.weight_decay_groups == "seed":
-            return "bias" in name or SEED_LAYERNORM_WEIGHT.fullmatch(name) is not None
+        """`weight_decay_groups` (see `__init__`): "seed": a bias or a `SEED_LAYERNORM_WEIGHT`; "seed_scratch":
+        anything else; "vl": `VLSystem`'s."""
+        if self.weight_decay_groups in ("seed", "seed_scratch"):
+            seed_no_decay = "bias" in name or SEED_LAYERNORM_WEIGHT.fullmatch(name) is not None  # the seed's list hit
+            return seed_no_decay if self.weight_decay_groups == "seed" else not seed_no_decay
         return super().decays(name, param)
 
     def load_released_state_dict(self, path: str) -> dict[str, list[str]]:

@@ -355,3 +355,26 @@ def test_mm_bert_pretraining_is_task_a_as_published(make_cfg) -> None:
         "C",
     ]
     assert Multi30kDataModule().pretrain_tasks == ["A"]  # the code default too
+
+
+def test_the_global_batch_is_split_over_the_devices_or_refused_in_one_line(caplog) -> None:
+    """`accumulation`: batch_size / (per device x world). A one-device config run on 2 processes (per device 32 of
+    32, `hardware=ddp_cpu`) keeps the recipe's global batch: 16 per device, said in one line; a global batch the
+    devices cannot share equally is refused naming the three numbers."""
+    from types import SimpleNamespace
+
+    from vl.errors import ConfigError
+    from vl.preflight import accumulation
+
+    dm = SimpleNamespace(batch_size=32, batch_size_per_device=32)
+    with caplog.at_level("INFO", logger="vl.preflight"):
+        assert accumulation(None, dm, 2) == 1
+    assert dm.batch_size_per_device == 16
+    assert "data.batch_size_per_device=32 x 2 devices exceeds data.batch_size=32: 16 per device" in caplog.text
+    dm = SimpleNamespace(batch_size=64, batch_size_per_device=8)
+    assert accumulation(None, dm, 2) == 4 and dm.batch_size_per_device == 8
+    dm = SimpleNamespace(batch_size=32, batch_size_per_device=32)
+    assert accumulation(None, dm, 1) == 1 and dm.batch_size_per_device == 32
+    for batch, per_device, world in ((30, 30, 4), (32, 12, 2)):
+        with pytest.raises(ConfigError, match=rf"^data\.batch_size={batch} is not divisible by batch_size_per_device"):
+            accumulation(None, SimpleNamespace(batch_size=batch, batch_size_per_device=per_device), world)

@@ -11,6 +11,7 @@ any data is built (`vl.pipeline.train` / `evaluate` call these first).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vl.build import build_datamodule, check_arguments
 from vl.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "accumulation",
@@ -42,8 +45,20 @@ def check_fresh_output(output_dir: Path) -> None:
 
 def accumulation(cfg: DictConfig, dm: Any, world_size: int) -> int:
     """Gradient accumulation = `data.batch_size` / (`batch_size_per_device` x world size); not a whole number: one
-    line naming the three."""
+    line naming the three. The global batch is the recipe's: when the devices' share would exceed it (a one-device
+    config, e.g. per device 32 of 32, run with `hardware=ddp_cpu`), each device takes `batch_size / world size`
+    (said in one line); a global batch the devices cannot share equally fails as above."""
     per_step = dm.batch_size_per_device * world_size
+    if world_size > 1 and per_step > dm.batch_size and dm.batch_size % world_size == 0:
+        log.info(
+            "data.batch_size_per_device=%d x %d devices exceeds data.batch_size=%d: %d per device",
+            dm.batch_size_per_device,
+            world_size,
+            dm.batch_size,
+            dm.batch_size // world_size,
+        )
+        dm.batch_size_per_device = dm.batch_size // world_size
+        per_step = dm.batch_size
     if dm.batch_size % per_step:
         raise ConfigError(
             f"data.batch_size={dm.batch_size} is not divisible by batch_size_per_device x world size = "

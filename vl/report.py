@@ -18,8 +18,14 @@ def results_markdown(rows: list[tuple[str, dict[str, float]]], title: str) -> st
     return "\n".join(lines) + "\n"
 
 
+def shown(key: str) -> bool:
+    """The printed table's rows: every metric but the training ones (their curves are in the plot; `results.md` keeps
+    all), so a probe's or evaluation task's own keys (`memory_colors/...`) are shown as `test/` and `val/` ones."""
+    return not key.startswith("train/")
+
+
 def write_results(output_dir: Path, rows: list[tuple[str, dict[str, float]]], title: str) -> Path:
-    """Write `results.md` and print the same table."""
+    """Write `results.md` and print the same table (the rows `shown`)."""
     path = Path(output_dir) / "results.md"
     path.write_text(results_markdown(rows, title))
     try:
@@ -31,7 +37,7 @@ def write_results(output_dir: Path, rows: list[tuple[str, dict[str, float]]], ti
             table.add_column(col)
         for stage, metrics in rows:
             for key in sorted(metrics):
-                if key.startswith(("test/", "val/")):
+                if shown(key):
                     table.add_row(stage, key, f"{metrics[key]:.4f}")
         Console().print(table)
     except ImportError:  # pragma: no cover

@@ -76,6 +76,35 @@ def test_slurm_launcher_takes_the_hardware_preset(make_cfg) -> None:
     assert make_cfg(tiny=False).trainer.num_nodes == 1
 
 
+def test_a_slurm_sweep_off_the_cluster_is_one_line_before_the_sweep_dir(
+    make_cfg, tmp_path, monkeypatch, capsys
+) -> None:
+    """`-m hydra/launcher=slurm` where no `sbatch` is on PATH: one line and exit 2 at the multirun's start, before the
+    sweep dir is claimed (submitit printed a traceback, "Could not detect srun", at the first submission)."""
+    import shutil
+
+    from vl.run_dir import RunDirGuard
+
+    def multirun(launcher: str, sweep: str) -> OmegaConf:
+        """What the callback reads of the composed config: the launcher's target, the sweep dir."""
+        target = make_cfg(f"hydra/launcher={launcher}", name=launcher, tiny=False).hydra.launcher._target_
+        return OmegaConf.create({"hydra": {"launcher": {"_target_": target}, "sweep": {"dir": str(tmp_path / sweep)}}})
+
+    slurm = multirun("slurm", "sweep")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as exit_:
+        RunDirGuard().on_multirun_start(slurm)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: hydra/launcher=slurm: no `sbatch` on PATH")
+    assert not (tmp_path / "sweep").exists()
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # on a cluster: the sweep goes on
+    RunDirGuard().on_multirun_start(slurm)
+    assert (tmp_path / "sweep").is_dir()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    RunDirGuard().on_multirun_start(multirun("local", "local"))  # the local launcher needs no SLURM
+    assert (tmp_path / "local").is_dir()
+
+
 def test_a_requeued_job_may_reuse_its_run_dir(tmp_path, clean_env) -> None:
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

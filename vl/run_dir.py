@@ -25,7 +25,7 @@ from vl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "RunDirGuard", "claim_run_dir", "is_requeued", "release_run_dir"]
+__all__ = ["LOCK_NAME", "RunDirGuard", "check_launcher", "claim_run_dir", "is_requeued", "release_run_dir"]
 
 LOCK_NAME = ".vl-run.lock"
 _held: dict[Path, int] = {}  # run dir -> fd of its lock file, for this process
@@ -121,6 +121,7 @@ class RunDirGuard(Callback):
             self._guard(config, "paths.output_dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_launcher(config)  # before the sweep dir is claimed (created)
         self._guard(config, "hydra.sweep.dir")
 
     def _guard(self, config: DictConfig, key: str) -> None:
@@ -138,6 +139,21 @@ class RunDirGuard(Callback):
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+
+
+def check_launcher(config: DictConfig) -> None:
+    """`hydra/launcher=slurm` where SLURM is not (no `sbatch` on PATH): one line and exit 2 before any job is planned,
+    instead of submitit's traceback ("Could not detect srun") at the first submission."""
+    import shutil
+
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "submitit" in target and "Slurm" in target and shutil.which("sbatch") is None:
+        print(
+            "error: hydra/launcher=slurm: no `sbatch` on PATH (not a SLURM node); run the sweep on the cluster's login "
+            "node, or drop hydra/launcher=slurm to run its jobs here",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def _chosen_output_dir(config: DictConfig) -> bool:

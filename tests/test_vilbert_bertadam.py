@@ -270,20 +270,25 @@ def _decay_of(system) -> dict[str, float]:
     return {name: by_id[id(p)] for name, p in system.named_parameters()}
 
 
-def test_vilbert_weight_decay_groups_follow_the_seeds_swapped_rule() -> None:
-    """Default `weight_decay_groups: seed`: every parameter gets the weight decay vilbert_beta's rule gives its seed
-    name (0.01 on biases and `LayerNorm.*` weights, 0 on everything else, the co-attention outputs' `LayerNorm1` /
-    `LayerNorm2` weights included). The transcribed seed names are the ones the checkpoint loader maps to vl's."""
+def _by_seed_rule(got: dict[str, float], rule) -> dict[str, float]:
+    """Each of vl's parameters' weight decay by `rule` applied to its transcribed seed name (checked to be the name
+    the checkpoint loader maps to vl's)."""
     from vl.models.checkpoints import map_vilbert_key
 
-    system = _tiny_vilbert("model.optimizer.weight_decay=0.01")
-    got = _decay_of(system)
     want = {}
     for name in got:
         key = seed_name(name)
         assert map_vilbert_key(key) == name, (name, key)
-        want[name] = seed_weight_decay(key)
-    assert got == want
+        want[name] = rule(key)
+    return want
+
+
+def test_vilbert_weight_decay_groups_follow_the_seeds_swapped_rule() -> None:
+    """Default `weight_decay_groups: seed`: every parameter gets the weight decay vilbert_beta's rule gives its seed
+    name (0.01 on biases and `LayerNorm.*` weights, 0 on everything else, the co-attention outputs' `LayerNorm1` /
+    `LayerNorm2` weights included). The transcribed seed names are the ones the checkpoint loader maps to vl's."""
+    got = _decay_of(_tiny_vilbert("model.optimizer.weight_decay=0.01"))
+    assert got == _by_seed_rule(got, seed_weight_decay)
     # the swap: weight matrices and embeddings do not decay, the co-attention output norms' weights neither
     assert got["encoder.bert.encoder.layer.0.attention.self.query.weight"] == 0.0
     assert got["encoder.bert.embeddings.word_embeddings.weight"] == 0.0
@@ -296,16 +301,8 @@ def test_vilbert_weight_decay_groups_seed_scratch_is_train_concaps_scratch_rule(
     """`weight_decay_groups: seed_scratch`: each parameter decays as the seed's scratch pretraining decays its seed
     name: the co-attention output norms' weights (`biOutput.LayerNorm1` / `LayerNorm2`, no `LayerNorm.` substring)
     decay, unlike under `vl`."""
-    from vl.models.checkpoints import map_vilbert_key
-
-    system = _tiny_vilbert("model.optimizer.weight_decay=0.01", "model.weight_decay_groups=seed_scratch")
-    got = _decay_of(system)
-    want = {}
-    for name in got:
-        key = seed_name(name)
-        assert map_vilbert_key(key) == name, (name, key)
-        want[name] = seed_scratch_weight_decay(key)
-    assert got == want
+    got = _decay_of(_tiny_vilbert("model.optimizer.weight_decay=0.01", "model.weight_decay_groups=seed_scratch"))
+    assert got == _by_seed_rule(got, seed_scratch_weight_decay)
     assert got["encoder.bert.encoder.layer.0.attention.self.query.weight"] == 0.01
     assert got["encoder.bert.encoder.layer.0.attention.output.LayerNorm.weight"] == 0.0
     assert got["encoder.co_layers.0.vision_out.norm.weight"] == got["encoder.co_layers.0.text_out.norm.weight"] == 0.01

@@ -243,3 +243,39 @@ def test_vilberts_global_token_of_an_image_without_regions_is_named() -> None:
     assert view["8"]["global_feature"].tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(DataError, match=r"feats\.lmdb: image id 7 has no regions \(num_boxes 0\)"):
         view["7"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("experiment=vilbert_pretrain_tiny", "data.objectives=[mlm,itm,mrc]"),  # MLM + masked regions (ViLBERT's)
+        ("experiment=none", "data=multi30k", "model=mm_bert_tiny"),  # whole-word MLM + MVRC (MM-BERT's collator)
+    ],
+)
+def test_an_examples_masks_do_not_depend_on_its_batch(overrides, make_cfg) -> None:
+    """Each row's MLM / region masks come from (run seed, epoch, index) and its own positions: the same example
+    collated among other examples (another rank's share, another per-device batch, another padded width) gets the
+    same masked ids, MLM labels and region choices; another epoch or run seed other ones."""
+    from vl.build import build_datamodule
+
+    dm = build_datamodule(make_cfg(*overrides, "data.num_workers=0"))
+    dm.setup("fit")
+    data, collate = dm.datasets["train"], dm.collator("train")
+    examples = [data[(0, i)] for i in range(16)]
+
+    def rows(batch: dict, position: int) -> dict[str, torch.Tensor]:
+        n = int(batch["attention_mask"][position].sum())
+        out = {"input_ids": batch["input_ids"][position, :n], "mlm_labels": batch["mlm_labels"][position, :n]}
+        if "region_mask_labels" in batch:
+            r = int(batch["visual_mask"][position].sum())
+            out["regions"] = batch["region_mask_labels"][position, :r]
+        return out
+
+    one = collate(examples[:8])  # examples 0..7 (one process)
+    other = collate(examples[::2])  # 0, 2, ..., 14 (rank 0 of two)
+    assert int(one["mlm_labels"].ne(-100).sum()) > 0 and "regions" in rows(one, 0)
+    for i in (0, 2, 4, 6):
+        a, b = rows(one, i), rows(other, i // 2)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), i
+    later = collate([data[(1, i)] for i in range(8)])
+    assert any(not torch.equal(rows(one, i)["mlm_labels"], rows(later, i)["mlm_labels"]) for i in range(8))

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from vl.batch import IGNORE_INDEX
+from vl.data.draws import example_keys, global_seed, uniforms
 from vl.data.region_batch import mask_regions, masked_global, pad_regions
 from vl.errors import ConfigError
 from vl.pretrained import resolve_model_dir
 
 #: example keys every collator reads itself
 SHARED_EXAMPLE_KEYS = frozenset(
-    {"text", "text_b", "visual", "index", "epoch", "choices", "mc_labels", "max_text_len", "choice_of"}
+    {"text", "text_b", "visual", "index", "epoch", "choices", "mc_labels", "max_text_len", "choice_of", "choice"}
 )
 LABEL_KINDS = ("long", "float", "vector", "regions", "str")
 #: objectives whose labels come from masked regions (the collator masks regions when the data lists one)
@@ -61,19 +62,31 @@ def mask_tokens(
     vocab_size: int,
     probability: float = 0.15,
     generator: torch.Generator | None = None,
+    keys: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: choose `probability` of the non-special tokens; of those 80 % -> [MASK], 10 % -> a random token,
-    10 % unchanged. Returns (masked input_ids, labels with -100 where not chosen). Shapes (B, T)."""
+    10 % unchanged. Returns (masked input_ids, labels with -100 where not chosen). Shapes (B, T). `keys` (B,): each
+    row's draws from its own key and token position (`vl.data.draws`: the same in any batch or padding); else from
+    `generator` over the batch."""
     labels = input_ids.clone()
-    probs = torch.full(input_ids.shape, probability)
-    probs.masked_fill_(special_mask.bool(), 0.0)
-    chosen = torch.bernoulli(probs, generator=generator).bool()
-    labels[~chosen] = IGNORE_INDEX
     ids = input_ids.clone()
-    to_mask = torch.bernoulli(torch.full(ids.shape, 0.8), generator=generator).bool() & chosen
+    if keys is not None:
+        width = input_ids.shape[1]
+        u = [torch.from_numpy(uniforms(keys, width, stream)) for stream in range(4)]
+        chosen = (u[0] < probability) & ~special_mask.bool()
+        to_mask = (u[1] < 0.8) & chosen
+        to_random = (u[2] < 0.5) & chosen & ~to_mask
+        random_ids = (u[3] * vocab_size).long().clamp_(max=vocab_size - 1)
+    else:
+        probs = torch.full(input_ids.shape, probability)
+        probs.masked_fill_(special_mask.bool(), 0.0)
+        chosen = torch.bernoulli(probs, generator=generator).bool()
+        to_mask = torch.bernoulli(torch.full(ids.shape, 0.8), generator=generator).bool() & chosen
+        to_random = torch.bernoulli(torch.full(ids.shape, 0.5), generator=generator).bool() & chosen & ~to_mask
+        random_ids = torch.randint(vocab_size, ids.shape, generator=generator)
+    labels[~chosen] = IGNORE_INDEX
     ids[to_mask] = mask_token_id
-    to_random = torch.bernoulli(torch.full(ids.shape, 0.5), generator=generator).bool() & chosen & ~to_mask
-    ids[to_random] = torch.randint(vocab_size, ids.shape, generator=generator)[to_random]
+    ids[to_random] = random_ids[to_random]
     return ids, labels
 
 
@@ -174,15 +187,20 @@ class Collator:
         if "visual" in examples[0]:
             batch.update(pad_regions([ex["visual"] for ex in examples], self.max_regions, fixed=self.fixed_shapes))
         collate_labels(examples, self.labels, batch)
-        key = (int(examples[0].get("epoch", 0)), *batch["index"].tolist())
-        generator = torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+        # each row's masks from (run seed, epoch, index, choice) and its own positions: not from its batch
+        keys = example_keys(
+            global_seed(),
+            [int(ex.get("epoch", 0)) for ex in examples],
+            batch["index"].tolist(),
+            [int(ex.get("choice", 0)) for ex in examples],
+        )
         if self.region_masking and "visual_feats" in batch:
             batch["region_feat_targets"] = batch["visual_feats"]
             batch["visual_feats"], batch["region_mask_labels"] = mask_regions(
                 batch["visual_feats"],
                 batch["visual_mask"],
                 probability=self.region_mask_probability,
-                generator=generator,
+                keys=keys,
             )
             if "visual_global" in batch:  # the reader's mean of the unmasked regions would carry the masked ones
                 batch["visual_global"] = masked_global(batch["visual_feats"], batch["visual_mask"])
@@ -196,7 +214,7 @@ class Collator:
                 mask_token_id=self.tokenizer.mask_token_id,
                 vocab_size=len(self.tokenizer),
                 probability=self.mlm_probability,
-                generator=generator,
+                keys=keys,
             )
             # labels on every pair, mismatched ones too (ViLBERT's reference); whether the MLM loss counts the
             # mismatched pairs is the MLM head's option (`model.heads.mlm.on_mismatched_pairs`)
@@ -364,8 +382,13 @@ class Collator:
         example's `visual`; `mc_labels`: K ints) -> B*K*C rows, block-major per example, plus `mc_labels` (B, K)."""
         rows = []
         for position, ex in enumerate(examples):
-            for choice in ex["choices"]:
-                row = {"text": choice["text"], "visual": choice.get("visual", ex.get("visual")), "choice_of": position}
+            for k, choice in enumerate(ex["choices"]):
+                row = {
+                    "text": choice["text"],
+                    "visual": choice.get("visual", ex.get("visual")),
+                    "choice_of": position,
+                    "choice": k,
+                }
                 if "text_b" in choice:
                     row["text_b"] = choice["text_b"]
                 if choice.get("max_text_len") is not None:

@@ -1,6 +1,6 @@
 """MM-BERT's batches (`vl.data.multi30k`): `Multi30kCollator` tokenises each row (``[CLS] EN [SEP] DE [SEP]``, the MT
 prefix rows, the aux text chunks), masks whole words for MLM (`whole_word_mask`, VL-BERT's ``random_word_wwm``), pads
-the regions and draws the MVRC choices; its randomness comes from (seed, epoch, indices)."""
+the regions and draws the MVRC choices; its randomness comes from (seed, epoch, index) per row (`vl.data.draws`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 from vl.batch import IGNORE_INDEX
 from vl.data.collate import collate_labels
+from vl.data.draws import example_keys, global_seed, uniforms
 from vl.data.region_batch import pad_regions
-from vl.data.samplers import global_seed
 from vl.errors import ConfigError, DataError
 
 __all__ = ["MT_TRUNCATION", "Multi30kCollator", "seed_truncation", "whole_word_mask"]
@@ -72,7 +72,7 @@ def whole_word_mask(
 class Multi30kCollator:
     """Examples -> MM-BERT batch: per-row tokenisation (``text`` [+ ``text_b``]: ``[CLS] EN [SEP] DE [SEP]``; all token
     types 0), whole-word MLM, regions padded (``has_image``, ``visual_image_size``), MVRC choices (15 % of the real
-    regions; 90 % of them ``mvrc_replace``d), declared labels. Randomness from (epoch, indices), never the global RNG.
+    regions; 90 % of them ``mvrc_replace``d), declared labels. Randomness per row from (seed, epoch, index), never the global RNG or the batch.
     ``add_special_tokens`` False: the aux text corpus (no [CLS] / [SEP]). ``aux_text``: the rows are the aux text
     corpus's (``aux_text`` (B,) True in the batch: the encoder gives them the learned aux visual embedding, other
     text-only rows zeros, as the seed). ``seq_len``: text and boxes of a row with an
@@ -117,11 +117,13 @@ class Multi30kCollator:
         self.aux_text = aux_text
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        key = (int(examples[0].get("epoch", 0)), *[int(ex.get("index", 0)) for ex in examples])
-        rng = np.random.default_rng([global_seed(), abs(hash(key)) & 0x7FFF_FFFF])
+        # each row's draws from (run seed, epoch, index), not from its batch (`vl.data.draws`)
+        epochs = [int(ex.get("epoch", 0)) for ex in examples]
+        indices = [int(ex.get("index", 0)) for ex in examples]
+        keys = example_keys(global_seed(), epochs, indices)
         rows, label_rows = [], []
         mt_rows = False
-        for ex in examples:
+        for ex, key in zip(examples, keys, strict=True):
             if "text_b_ids" in ex:  # MT: [CLS] EN [SEP] DE prefix ... [MASK] [SEP], only the [MASK] labelled
                 tail = list(ex["text_b_ids"])
                 tok = self.tokenizer
@@ -156,11 +158,11 @@ class Multi30kCollator:
             ids = list(enc["input_ids"])
             if self.mlm:
                 seq, words = enc.sequence_ids(), enc.word_ids()
-                keys = [None if s is None else (s, w) for s, w in zip(seq, words)]
+                word_keys = [None if s is None else (s, w) for s, w in zip(seq, words)]
                 ids, labels = whole_word_mask(
                     ids,
-                    keys,
-                    rng=rng,
+                    word_keys,
+                    rng=np.random.default_rng(int(key)),
                     mask_token_id=self.tokenizer.mask_token_id,
                     vocab_size=len(self.tokenizer),
                     probability=self.mlm_probability,
@@ -216,8 +218,9 @@ class Multi30kCollator:
             batch["visual_image_size"] = image_sizes(with_visual)
             if self.mvrc and "region_cls_prob" in batch:
                 valid = batch["visual_mask"].bool()
-                chosen = torch.from_numpy(rng.random(valid.shape) < self.mvrc_probability) & valid
-                replace = torch.from_numpy(rng.random(valid.shape) < self.mvrc_replace_fraction) & chosen
+                width = valid.shape[1]
+                chosen = torch.from_numpy(uniforms(keys, width, 8) < self.mvrc_probability) & valid
+                replace = torch.from_numpy(uniforms(keys, width, 9) < self.mvrc_replace_fraction) & chosen
                 batch["region_mask_labels"], batch["mvrc_replace"] = chosen, replace
             self.pair_batch(batch)
         collate_labels(examples, self.labels, batch)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from vl.data.draws import global_seed  # noqa: F401  (re-exported: the run's seed)
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,6 @@ __all__ = [
     "IndexBatches",
     "eval_batches",
 ]
-
-
-def global_seed() -> int:
-    """The run's seed (`$PL_GLOBAL_SEED`, which `L.seed_everything` sets; 0 without one): data randomness is drawn
-    from it with (epoch, index), never from the global RNG."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def split_key(key: int | tuple[int, int]) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from vl.data.base import VLDataModule
 from vl.data.features import RegionReader
 from vl.data.formats.coco import load_coco_captions
-from vl.data.samplers import split_key
+from vl.data.samplers import global_seed, split_key
 from vl.errors import DataError
 
 
@@ -124,13 +124,13 @@ class CaptionsDataModule(VLDataModule):
             raise DataError(f"{self.regions.path}: no region features for image id {missing} (used in {path})")
         if "itm" in self.objectives and len({str(a["image_id"]) for a in annotations}) < 2:  # no negative to draw
             raise DataError(f"{path}: split '{split}' needs captions of 2+ images for ITM negatives")
-        return CaptionPairs(annotations, self.regions, itm="itm" in self.objectives)
+        return CaptionPairs(annotations, self.regions, itm="itm" in self.objectives, seed=global_seed())
 
     def stream_finisher(self, split: str, context: dict[str, Any]) -> CaptionPairs:
         captions = context.get("captions")
         if not isinstance(captions, list) or not captions:
             raise DataError(f"{self.streaming_dir}: the shard side file has no caption list for split {split}")
-        return CaptionPairs(captions, None, itm="itm" in self.objectives)  # type: ignore[arg-type]
+        return CaptionPairs(captions, None, itm="itm" in self.objectives, seed=global_seed())  # type: ignore[arg-type]
 
     @property
     def info(self) -> dict[str, Any]:

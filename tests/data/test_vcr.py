@@ -131,6 +131,23 @@ def test_load_vcr_jsonl_errors(tmp_path: Path, over: dict, match: str) -> None:
     assert str(e.value).startswith(str(path))
 
 
+def test_answer_label_without_rationale_label_is_named(tmp_path: Path) -> None:
+    """A record with `answer_label` but no `rationale_label` gave QA->R the label -1, which the choice head drops from
+    the loss: QA->R never trained, silently. Refused on the line, as the opposite case is."""
+    answer_only = _record(annot_id="val-1")
+    del answer_only["rationale_label"]
+    path = _write_jsonl(tmp_path / "v.jsonl", [_record(), answer_only])
+    with pytest.raises(
+        DataError, match=r"v\.jsonl:2: field 'rationale_label' is missing while 'answer_label' is given$"
+    ):
+        load_vcr_jsonl(path)
+    rationale_only = _record(annot_id="val-1")
+    del rationale_only["answer_label"]
+    path = _write_jsonl(tmp_path / "v.jsonl", [_record(), rationale_only])
+    with pytest.raises(DataError, match=r"v\.jsonl:2: field 'rationale_label' is given without 'answer_label'$"):
+        load_vcr_jsonl(path)
+
+
 def test_format_reader_errors(tmp_path: Path) -> None:
     rec = _record()
     del rec["objects"]
@@ -341,6 +358,14 @@ def test_datamodule_errors(corpus, tmp_path: Path) -> None:
     unlabelled = {k: v for k, v in records[1].items() if k not in ("answer_label", "rationale_label")}
     _write_jsonl(bad / "vcr" / "val.jsonl", [records[0], unlabelled])
     with pytest.raises(DataError, match=r"val.jsonl: field 'answer_label' is present in some records"):
+        VCRDataModule(root=str(bad)).setup("validate")
+
+    (bad / "vcr" / "val.jsonl").unlink()
+    answer_only = {k: v for k, v in records[1].items() if k != "rationale_label"}
+    _write_jsonl(bad / "vcr" / "val.jsonl", [records[0], answer_only])
+    with pytest.raises(
+        DataError, match=r"val.jsonl:2: field 'rationale_label' is missing while 'answer_label' is given"
+    ):
         VCRDataModule(root=str(bad)).setup("validate")
 
     (bad / "vcr" / "val.jsonl").unlink()

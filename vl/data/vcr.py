@@ -57,7 +57,7 @@ class VCRQuestions(Dataset):
     - labelled (``has_labels``): 8 rows, block-major: 4 Q->A rows (text = question, text_b = answer i), then 4 QA->R
       rows (text = question + " [SEP] " + gold answer, text_b = rationale i: ``[CLS] q [SEP] a [SEP] r [SEP]``,
       segment 0 up to the second [SEP], as vilbert-multi-task's ``_load_annotationsQA_R``); ``mc_labels = [answer_label,
-      rationale_label]`` (rationale -1 when only the answer label is known).
+      rationale_label]`` (a labelled record has both labels: ``load_vcr_jsonl`` refuses one without the other).
     - unlabelled (the real test split), or ``all_rationales`` (the test split of labelled data, so that its
       submission file is complete too): 4 + 16 rows: Q->A, then QA->R conditioned on answer 0, 1, 2, 3 in turn (the
       leaderboard wants all four); ``mc_labels = [-1] * 5``, or when labelled ``[answer_label] + [rationale_label if
@@ -135,7 +135,7 @@ class VCRQuestions(Dataset):
         choices = [{"text": qa["question"], "text_b": a, **qa_len} for a in qa["answers"]]
         question, answers, rationales = qar["question"], qar["answers"], qar["rationales"]
         gold = int(rec["answer_label"]) if self.has_labels else -1
-        rationale = int(rec.get("rationale_label", -1)) if self.has_labels else -1
+        rationale = int(rec["rationale_label"]) if self.has_labels else -1
         if self.all_rationales:
             for a in answers:
                 choices += [{"text": f"{question} {QA_SEP} {a}", "text_b": r} for r in rationales]

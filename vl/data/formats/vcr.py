@@ -142,6 +142,8 @@ def _record_error(rec: dict[str, Any]) -> str | None:
                 return f"field {field!r} is {label!r}, expected an integer in [0, {NUM_CHOICES})"
     if "rationale_label" in rec and "answer_label" not in rec:
         return "field 'rationale_label' is given without 'answer_label'"
+    if "answer_label" in rec and "rationale_label" not in rec:  # QA->R would have no label and never train
+        return "field 'rationale_label' is missing while 'answer_label' is given"
     return None
 
 
@@ -150,7 +152,7 @@ def load_vcr_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
     Required fields: ``question``, ``answer_choices`` / ``rationale_choices`` (4 token lists each), ``img_id``
     (``"<split>-<n>"``), ``annot_id``, ``objects`` (class names); ``answer_label`` / ``rationale_label`` (0..3) are
-    optional (the real test split has none). Every detection index must be < len(objects). Raises DataError
+    optional (the real test split has none), but a record has both or neither. Every detection index must be < len(objects). Raises DataError
     ``"<path>:<line>: field '...' ..."``; annot_ids must be unique within the file."""
     path = Path(path)
     records = load_jsonl(path, required=_REQUIRED)

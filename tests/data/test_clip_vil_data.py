@@ -6,6 +6,7 @@ sample files), and `convert_ans` against the VQA evaluator's normalisation."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from vl.data.formats.lxmert_pretrain import (
     image_path,
     load_all_answers,
     load_ans2label,
+    load_pretrain_json,
     load_vqa_json,
     load_width_heights,
 )
@@ -148,6 +150,60 @@ def test_pretrain_json_is_flattened_as_the_seed_does(tmp_path: Path) -> None:
     assert image_path("2345") == "vg_raw_images/VG_100K/2345.jpg"
     with pytest.raises(DataError, match="does not match sentf"):
         flatten_pretrain([{"img_id": "1", "sentf": {"vqa": ["a?"]}, "labelf": {"vqa": []}}], source="x.json")
+
+
+_VQA_ROW = {
+    "answer_type": "number",
+    "img_id": "COCO_val2014_000000000042",
+    "label": {"2": 1.0, "3": 0.3},
+    "question_id": 42000,
+    "question_type": "how many",
+    "sent": "How many cats?",
+}
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        # VQA soft scores are min(1, 0.3 x annotators): a NaN, a negative or a string score became a NaN loss mid-fit
+        ({"label": {"yes": float("nan")}}, r"question 42000: label 'yes' score nan is not a number in \[0, 1\]$"),
+        ({"label": {"2": 1.0, "two": -5}}, r"question 42000: label 'two' score -5 is not a number in \[0, 1\]$"),
+        ({"label": {"no": "abc"}}, r"question 42000: label 'no' score 'abc' is not a number in \[0, 1\]$"),
+        ({"label": {"no": 1.5}}, r"question 42000: label 'no' score 1.5 is not a number in \[0, 1\]$"),
+        ({"label": {"no": True}}, r"question 42000: label 'no' score True is not a number in \[0, 1\]$"),
+        # a non-string image id loaded, then a TypeError traceback in `image_path`; a null sentence loaded
+        ({"img_id": 42}, r"question 1 field 'img_id' must be a non-empty string, got 42$"),
+        ({"sent": None}, r"question 1 field 'sent' must be a non-empty string, got None$"),
+    ],
+)
+def test_a_bad_vqa_json_row_is_named(tmp_path: Path, over: dict, match: str) -> None:
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([_VQA_ROW, {**_VQA_ROW, **over}]))  # json writes NaN as the bare token NaN
+    with pytest.raises(DataError, match=r"^" + re.escape(str(path)) + ": " + match):
+        load_vqa_json(path)
+    path.write_text(json.dumps([_VQA_ROW, {**_VQA_ROW, "label": {"yes": 0.0, "no": 1}}]))
+    assert len(load_vqa_json(path)) == 2  # the bounds themselves are scores
+
+
+@pytest.mark.parametrize(
+    ("datum", "match"),
+    [
+        ({"labelf": {"vqa": [{"yes": float("nan")}]}}, r"labelf\['vqa'\]\[0\]: label 'yes' score nan is not a number"),
+        ({"labelf": {"vqa": [{"two": -5}]}}, r"labelf\['vqa'\]\[0\]: label 'two' score -5 is not a number"),
+        ({"labelf": {"vqa": ["yes"]}}, r"labelf\['vqa'\] must be a list of \{answer: score\} dicts"),
+        ({"sentf": {"vqa": [None]}}, r"sentf\['vqa'\]\[0\] must be a non-empty string, got None"),
+        ({"sentf": {"vqa": "how many?"}}, r"sentf\['vqa'\] must be a list of sentences"),
+    ],
+)
+def test_a_bad_pretrain_datum_is_named(tmp_path: Path, datum: dict, match: str) -> None:
+    good = {"img_id": "COCO_val2014_000000000042", "sentf": {"vqa": ["how many?"]}, "labelf": {"vqa": [{"2": 1.0}]}}
+    path = tmp_path / "mscoco_train.json"
+    path.write_text(json.dumps([good, {**good, **datum}]))
+    with pytest.raises(DataError, match=r"mscoco_train\.json: datum 1 \(COCO_val2014_000000000042\): " + match):
+        load_pretrain_json(path)
+    path.write_text(json.dumps([good, {**good, "img_id": 42}]))
+    with pytest.raises(DataError, match=r"mscoco_train\.json: datum 1 field 'img_id' must be a non-empty string"):
+        load_pretrain_json(path)
 
 
 def test_answer_sampling_follows_the_scores() -> None:

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from vl.data.formats.jsonl import read_json, write_jsonl
+from vl.data.formats.jsonl import write_jsonl
+from vl.data.formats.lxmert_pretrain import load_pretrain_json
 from vl.errors import DataError
 
 CAPTION_SOURCES = ("mscoco", "vg")
@@ -51,13 +52,11 @@ def lxmert_texts(datums: Iterable[dict[str, Any]], *, source: str = "<lxmert jso
 
 
 def convert_lxmert_json(inputs: Sequence[str | Path], out: str | Path) -> int:
-    """LXMERT pretraining JSON files -> one `{"text"}` JSONL. Returns the number of lines written."""
+    """LXMERT pretraining JSON files -> one `{"text"}` JSONL. Returns the number of lines written. Each file is
+    checked as CLIP-ViL pretraining reads it (`load_pretrain_json`: string sentences, scores in [0, 1])."""
     lines = []
     for path in inputs:
-        data = read_json(path)
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of LXMERT datums")
-        lines += [{"text": t} for t in lxmert_texts(data, source=str(path))]
+        lines += [{"text": t} for t in lxmert_texts(load_pretrain_json(path), source=str(path))]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out, lines)
     return len(lines)

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,48 @@ def image_path(img_id: str) -> str:
     return f"vg_raw_images/VG_100K/{img_id}.jpg"
 
 
+def _score_error(label: dict[str, Any]) -> str | None:
+    """Why an answer -> score dict is not one of VQA soft scores (finite numbers in [0, 1]), or None."""
+    for ans, score in label.items():
+        number = isinstance(score, int | float) and not isinstance(score, bool)
+        if not number or not math.isfinite(score) or not 0 <= score <= 1:
+            return f"label {ans!r} score {score!r} is not a number in [0, 1]"
+    return None
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
 def load_pretrain_json(path: str | Path) -> list[dict[str, Any]]:
+    """An LXMERT pretraining JSON -> its datums, checked: `img_id` a non-empty string, `sentf` `{src: [sentence]}`
+    (non-empty strings), `labelf` (optional) `{src: [{answer: score}]}` with VQA soft scores (numbers in [0, 1]: the
+    seed samples an answer in proportion to them). A bad one is a DataError naming the file, the datum and the field."""
     data = read_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of LXMERT datums")
     for n, datum in enumerate(data):
         if not isinstance(datum, dict) or "img_id" not in datum or not isinstance(datum.get("sentf"), dict):
             raise DataError(f"{path}: datum {n} lacks 'img_id' or a 'sentf' dict")
+        if not _nonempty_str(datum["img_id"]):
+            raise DataError(f"{path}: datum {n} field 'img_id' must be a non-empty string, got {datum['img_id']!r}")
+        where = f"{path}: datum {n} ({datum['img_id']})"
+        for src, sents in datum["sentf"].items():
+            if not isinstance(sents, list):
+                raise DataError(f"{where}: sentf[{src!r}] must be a list of sentences")
+            for idx, sent in enumerate(sents):
+                if not _nonempty_str(sent):
+                    raise DataError(f"{where}: sentf[{src!r}][{idx}] must be a non-empty string, got {sent!r}")
+        labelf = datum.get("labelf") or {}
+        if not isinstance(labelf, dict):
+            raise DataError(f"{where}: 'labelf' must be a dict {{src: [{{answer: score}}]}}")
+        for src, labels in labelf.items():
+            if not isinstance(labels, list) or not all(isinstance(label, dict) for label in labels):
+                raise DataError(f"{where}: labelf[{src!r}] must be a list of {{answer: score}} dicts")
+            for idx, label in enumerate(labels):
+                why = _score_error(label)
+                if why:
+                    raise DataError(f"{where}: labelf[{src!r}][{idx}]: {why}")
     return data
 
 
@@ -158,6 +194,9 @@ def load_ans2label(path: str | Path) -> dict[str, int]:
 
 
 def load_vqa_json(path: str | Path) -> list[dict[str, Any]]:
+    """An LXMERT-format VQA JSON -> its rows, checked: `img_id` and `sent` non-empty strings, `label` (when
+    present) `{answer: score}` with VQA soft scores (numbers in [0, 1]; a NaN or a string became a NaN loss or a
+    crash mid-fit). A bad row is a DataError naming the file and the question."""
     data = read_json(path)
     required = ("img_id", "question_id", "sent")
     if not isinstance(data, list):
@@ -166,8 +205,14 @@ def load_vqa_json(path: str | Path) -> list[dict[str, Any]]:
         missing = [k for k in required if not isinstance(q, dict) or k not in q]
         if missing:
             raise DataError(f"{path}: question {n} lacks {missing}")
+        for field in ("img_id", "sent"):
+            if not _nonempty_str(q[field]):
+                raise DataError(f"{path}: question {n} field {field!r} must be a non-empty string, got {q[field]!r}")
         if "label" in q and not isinstance(q["label"], dict):
             raise DataError(f"{path}: question {q['question_id']}: 'label' is not a dict")
+        why = _score_error(q.get("label") or {})
+        if why:
+            raise DataError(f"{path}: question {q['question_id']}: {why}")
     return data
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -451,3 +452,37 @@ def test_deepspeed_checkpoint_dirs_are_left_to_deepspeed(tmp_path: Path) -> None
     (ds / "checkpoint").mkdir(parents=True)
     (ds / "latest").write_text("checkpoint")
     assert is_deepspeed_dir(ds) and not is_deepspeed_dir(tmp_path / "nothing") and not is_deepspeed_dir(tmp_path)
+
+
+def _damaged_safetensors(path: Path, how: str) -> Path:
+    """A `.safetensors` file that safetensors cannot read: `garbage` (an 8-byte header length, then bytes that are
+    no JSON header), `truncated` (a real file cut inside its tensor data)."""
+    if how == "garbage":
+        path.write_bytes((40).to_bytes(8, "little") + b"garbage!" * 3)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"features.0.weight": torch.randn(4, 3, 3, 3), "visual.conv1.weight": torch.randn(8, 3, 3, 3)}, path)
+        path.write_bytes(path.read_bytes()[:-100])
+    return path
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_damaged_safetensors_weights_are_one_line_naming_the_key(tmp_path: Path, how: str) -> None:
+    """Every `.safetensors` reader (VGG features, the CLIP ResNet, a BERT dir's weights, `model.state_dict_path`)
+    names its config key and the file; safetensors' own `SafetensorError` was a traceback."""
+    from vl.models.checkpoints import bert_file_tensors, read_state_dict
+    from vl.models.clip_resnet import build_clip_resnet, load_clip_visual
+    from vl.models.vgg import VGG16Features, load_vgg_features
+
+    path = _damaged_safetensors(tmp_path / "model.safetensors", how)
+    where = re.escape(f"'{path}' is not a readable safetensors file (")
+    with pytest.raises(ConfigError, match=r"^model\.encoder\.vgg_weights: " + where):
+        load_vgg_features(VGG16Features([4, "M"]), path)
+    backbone = build_clip_resnet(layers=[1, 1, 1, 1], width=8)
+    with pytest.raises(ConfigError, match=r"^model\.encoder\.backbone_weights: " + where):
+        load_clip_visual(backbone, path)
+    with pytest.raises(ConfigError, match=r"^text_encoder\.pretrained: " + where):
+        bert_file_tensors(path, {"cls.predictions.bias"})
+    with pytest.raises(ConfigError, match=r"^model\.state_dict_path: " + where):
+        read_state_dict(path)

@@ -101,6 +101,28 @@ def load_torch_file(path: str | Path, what: str, *, error: type[VLError] = Confi
         raise error(f"{where} is not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
 
 
+def load_safetensors(
+    path: str | Path, what: str, *, keys: Any = None, error: type[VLError] = ConfigError
+) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file (only those whose names are in `keys` when given: the others are not
+    read), with a one-line `error` naming `what` and the file when it is missing or not a readable safetensors file
+    (truncated, damaged, foreign: safetensors' own `SafetensorError` was a traceback)."""
+    path = Path(path).expanduser()
+    where = f"{what}: '{path}'"
+    if not path.is_file():
+        raise error(f"{where} does not exist")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        if keys is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k in keys}
+    except Exception as e:  # noqa: BLE001 - a truncated / foreign file: one line naming it
+        raise error(f"{where} is not a readable safetensors file ({_first_line(e)})") from None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:160]

@@ -176,13 +176,10 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """A state dict from a `.safetensors` file or a torch file (`weights_only`; a `{"state_dict": ...}` wrapper is
     unwrapped). A TorchScript archive (OpenAI's released `RN50.pt`) is refused: save its `state_dict()` first."""
     path = Path(path).expanduser()
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise ConfigError(f"{what}: '{path}' does not exist")
-        from safetensors.torch import load_file
+    from vl.checkpoint import load_safetensors, load_torch_file
 
-        return load_file(str(path))
-    from vl.checkpoint import load_torch_file
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, what)  # damage named in one line
 
     try:
         state = load_torch_file(path, what)

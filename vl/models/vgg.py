@@ -98,15 +98,13 @@ def load_vgg_features(module: VGG16Features, path: str | Path) -> dict[str, list
     """Load the `features.*` tensors of a torchvision VGG16 state dict (`.pth` read with `weights_only=True`, or
     `.safetensors`) into `module`; other keys (`classifier.*`) are reported as unused. A conv weight the file lacks or
     holds with another shape is a `ConfigError` naming it. Returns {"loaded", "missing", "unused"}."""
-    from vl.checkpoint import load_torch_file
+    from vl.checkpoint import load_safetensors, load_torch_file
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"model.encoder.vgg_weights: '{path}' does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_safetensors(path, "model.encoder.vgg_weights")
     else:
         state = load_torch_file(str(path), "model.encoder.vgg_weights")
         state = state.get("state_dict", state) if isinstance(state, dict) else state

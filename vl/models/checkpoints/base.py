@@ -24,16 +24,10 @@ def read_state_dict(path: str | Path, *, key: str = "model.state_dict_path") -> 
     """A state dict from `.safetensors`, or a torch file (loaded with `weights_only=True`: no code runs) holding it
     directly or under `module` (DeepSpeed) / `state_dict` (Lightning) / `model`."""
     path = Path(path).expanduser()
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise ConfigError(f"{key}: '{path}' does not exist")
-        from safetensors.torch import load_file
+    from vl.checkpoint import load_safetensors, load_torch_file
 
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - a truncated / foreign file: one line naming it
-            raise ConfigError(f"{key}: '{path}' is not a readable safetensors file ({e})") from None
-    from vl.checkpoint import load_torch_file
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, key)  # damage named in one line
 
     state = load_torch_file(path, key)  # weights_only: a file that would run code is refused, damage named
     for inner in ("module", "state_dict", "model"):

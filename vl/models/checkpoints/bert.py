@@ -38,12 +38,12 @@ def bert_weights_file(model_dir: Path) -> Path | None:
 
 
 def bert_file_tensors(weights: Path, keys: Any) -> dict[str, torch.Tensor]:
-    """The tensors of a BERT weights file whose names are in `keys` (a safetensors file: only those are read)."""
+    """The tensors of a BERT weights file whose names are in `keys` (a safetensors file: only those are read). A
+    damaged file is a ConfigError naming `text_encoder.pretrained` and the file."""
     if weights.suffix == ".safetensors":
-        from safetensors import safe_open
+        from vl.checkpoint import load_safetensors
 
-        with safe_open(str(weights), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if k in keys}
+        return load_safetensors(weights, "text_encoder.pretrained", keys=keys)
     state = read_state_dict(weights, key="text_encoder.pretrained")
     return {k: v for k, v in state.items() if k in keys}
 

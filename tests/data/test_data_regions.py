@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import pickle
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -539,3 +540,90 @@ def test_a_reader_dropped_while_the_registry_is_locked_does_not_deadlock(tmp_pat
     assert region_lmdb._PENDING_RELEASES == []
     second.close()
     assert key not in region_lmdb._SHARED_ENVS  # closed with its last reader
+
+
+# ------------------------------------------------------------------------------------------------ widths across records
+def _width_record(image_id: int, cols: int, classes: int = 3) -> dict[str, Any]:
+    """A one-box record of `cols` feature columns and `classes` class columns, base64 as the files store them."""
+
+    def b64(a: list) -> str:
+        return base64.b64encode(np.asarray(a, np.float32).tobytes()).decode()
+
+    return {
+        "image_id": image_id,
+        "image_h": 10,
+        "image_w": 10,
+        "num_boxes": 1,
+        "boxes": b64([[1, 1, 5, 5]]),
+        "features": b64([[0.5] * cols]),
+        "cls_prob": b64([[1 / classes] * classes]),
+    }
+
+
+def _mixed_width_file(tmp_path: Path, fmt: str, records: list[dict[str, Any]]) -> Path:
+    """`records` in format `fmt`, written by hand (the writers refuse mixed widths)."""
+    if fmt == "lmdb":
+        import lmdb
+
+        path = tmp_path / "mixed.lmdb"
+        env = lmdb.open(str(path), map_size=1 << 20, subdir=True)
+        with env.begin(write=True) as txn:
+            txn.put(b"keys", pickle.dumps([str(r["image_id"]).encode() for r in records]))
+            for r in records:
+                txn.put(str(r["image_id"]).encode(), pickle.dumps(r))
+        env.close()
+    elif fmt == "json_dir":
+        path = tmp_path / "mixed"
+        path.mkdir()
+        for r in records:
+            (path / f"{r['image_id']}.json").write_text(json.dumps(r))
+    else:
+        path = tmp_path / "mixed.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["lmdb", "json_dir", "jsonl"])
+def test_a_record_of_another_width_is_named_when_read(tmp_path: Path, fmt: str) -> None:
+    """A 1x6 record among 1x4 ones failed mid-epoch in `pad_regions` with a numpy broadcast error. Each record read is
+    checked against the file's first record (read once, not the whole file at setup), also when it is read first."""
+    records = [_width_record(1, 4), _width_record(2, 6), _width_record(3, 4, classes=5), _width_record(4, 4)]
+    path = _mixed_width_file(tmp_path, fmt, records)
+    file, whose = (path / "2.json", "directory") if fmt == "json_dir" else (path, "file")
+    reader = open_region_features(path)
+    with pytest.raises(DataError) as e:
+        reader[2]  # read before the first record: that one is still the reference
+    assert (
+        str(e.value)
+        == f"{file}: image id '2' field 'features' has 6 columns, the {whose}'s first record (image id '1') has 4"
+    )
+    assert reader[4]["features"].shape == (1, 4) and reader[1]["features"].shape == (1, 4)
+    with pytest.raises(DataError, match=r"image id '3' field 'cls_prob' has 5 columns, .* \(image id '1'\) has 3$"):
+        reader[3]
+    reader = open_region_features(path)
+    assert reader[4]["features"].shape == (1, 4)  # fresh reader, a good record first
+    with pytest.raises(DataError, match=r"image id '2' field 'features' has 6 columns"):
+        reader[2]
+
+
+def test_a_record_of_another_width_is_refused_by_the_writers(tmp_path: Path) -> None:
+    recs = _records(3)
+    recs[1] = {**recs[1], "features": np.ones((len(recs[1]["boxes"]), 6), np.float32)}
+    bad = str(recs[1]["image_id"])
+    message = (
+        rf"image '{bad}': features \({len(recs[1]['boxes'])}, 6\) has 6 columns, the first image \('img_0'\) has 12"
+    )
+    with pytest.raises(ValueError, match=message):
+        write_region_lmdb(tmp_path / "a.lmdb", recs, map_size=1 << 20)
+    with pytest.raises(ValueError, match=message):
+        write_region_json(tmp_path / "js", recs)
+    _write_tsv(tmp_path / "in.tsv", recs, cls=True)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'in.tsv'))}: {message}"):
+        convert("tsv2lmdb", tmp_path / "in.tsv", tmp_path / "b.lmdb")
+    recs = _records(3)
+    recs[2] = {**recs[2], "cls_prob": np.full((len(recs[2]["boxes"]), 7), 1 / 7, np.float32)}
+    with pytest.raises(
+        ValueError, match=r"image '1002': cls_prob \(\d+, 7\) has 7 columns, the first image \('img_0'\) has 5"
+    ):
+        write_region_lmdb(tmp_path / "a.lmdb", recs, map_size=1 << 20)
+    assert not (tmp_path / "a.lmdb").exists() and not (tmp_path / "js").exists() and not (tmp_path / "b.lmdb").exists()

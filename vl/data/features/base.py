@@ -170,6 +170,76 @@ def record_to_item(path: Path, sid: str, rec: Any) -> dict[str, Any]:
     return make_item(path, sid, features, boxes, cls_prob, w, h)
 
 
+# ------------------------------------------------------------------------------------------------ widths agree
+
+#: the per-region fields whose column count must be the same in every record of a file (the padding collate stacks
+#: them: a record of another width failed mid-epoch with a numpy broadcast error)
+WIDTH_FIELDS = ("features", "cls_prob")
+
+
+def _columns(arr: Any) -> int | None:
+    """The column count of a (N, D) array with rows, else None (a record without boxes fixes no width)."""
+    return int(arr.shape[1]) if isinstance(arr, np.ndarray) and arr.ndim == 2 and arr.shape[0] else None
+
+
+class WriterWidths:
+    """A writer's check that every record's `features` / `cls_prob` have the columns of the first record with boxes
+    (`check` raises ValueError naming both image ids; the HDF5 writer checks the same against its datasets)."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, tuple[str, int]] = {}
+
+    def check(self, sid: str, field: str, arr: np.ndarray | None) -> None:
+        cols = _columns(arr)
+        if cols is None:
+            return
+        first_id, want = self.first.setdefault(field, (sid, cols))
+        if cols != want:
+            raise ValueError(
+                f"image {sid!r}: {field} {tuple(arr.shape)} has {cols} columns, the first image ({first_id!r}) "
+                f"has {want}; every record of a feature file must have the same width"
+            )
+
+
+class ReaderWidths:
+    """A reader's check of each decoded record's `features` / `cls_prob` columns against those of the file's first
+    record (`ids()[0]`, read once per reader: a file of 120k images is not scanned at setup); a record of another
+    width is a DataError naming the file, the image id and the field. When the first record has no boxes (or cannot
+    be read: its own error comes when it is read), the first record with boxes read by this reader is the reference."""
+
+    _first_widths: dict[str, tuple[str, int, bool]] | None = None  # field -> (image id, columns, is the first record)
+    _widths_of: str = "file"  # "the file's first record" (or "directory")
+
+    def _read_item(self, image_id: str | int) -> tuple[Path, dict[str, Any]]:
+        """(the file the record was read from, the decoded item), unchecked against the first record."""
+        raise NotImplementedError
+
+    def _checked_item(self, image_id: str | int) -> dict[str, Any]:
+        file, item = self._read_item(image_id)
+        sid = item["image_id"]
+        if self._first_widths is None:
+            try:
+                ids = self.ids()  # type: ignore[attr-defined]  # the reader's own
+                ref = item if not ids or ids[0] == sid else self._read_item(ids[0])[1]
+                is_first = bool(ids)
+            except DataError:  # a damaged first record is named when it is read itself; this one is the reference
+                ref, is_first = item, False
+            first = {f: _columns(ref.get(f)) for f in WIDTH_FIELDS}
+            self._first_widths = {f: (str(ref["image_id"]), c, is_first) for f, c in first.items() if c is not None}
+        for field in WIDTH_FIELDS:
+            cols = _columns(item.get(field))
+            if cols is None:
+                continue
+            first_id, want, is_first = self._first_widths.setdefault(field, (sid, cols, False))
+            if cols != want:
+                whose = f"the {self._widths_of}'s first record" if is_first else "the first record read"
+                raise DataError(
+                    f"{file}: image id {sid!r} field {field!r} has {cols} columns, {whose} (image id {first_id!r}) "
+                    f"has {want}"
+                )
+        return item
+
+
 # ------------------------------------------------------------------------------------------------- lazy handles
 
 

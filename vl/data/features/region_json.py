@@ -13,14 +13,23 @@ from typing import Any
 
 import numpy as np
 
-from vl.data.features.base import LazyIndex, encode_array, record_to_item, remove_path, replace_path, tmp_sibling
+from vl.data.features.base import (
+    LazyIndex,
+    ReaderWidths,
+    WriterWidths,
+    encode_array,
+    record_to_item,
+    remove_path,
+    replace_path,
+    tmp_sibling,
+)
 from vl.errors import DataError
 
 _JSON_ID_RE = re.compile(rb'(?<!\\)"image_id"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|(-?\d+))')
 _JSON_IN_MEMORY_LIMIT = 256 * 1024 * 1024
 
 
-class FrcnnJsonRegionReader(LazyIndex):
+class FrcnnJsonRegionReader(ReaderWidths, LazyIndex):
     """Reads MM-BERT / bottom-up-attention per-image Faster R-CNN JSON records (``data/generate_tsv_v2.py``)::
 
         {"image_id", "image_h", "image_w", "num_boxes", "boxes": b64 float32 (N,4) x1y1x2y2 px,
@@ -36,6 +45,8 @@ class FrcnnJsonRegionReader(LazyIndex):
       without decoding the arrays), records are read with ``os.pread`` from a handle opened once per process.
     - a ``.json`` file holding one record or a list of records (loaded into memory; for small files).
 
+    A record whose D or C differs from the first record's is a DataError naming it (`ReaderWidths`).
+
     MM-BERT's *annotation* JSONL (``val_frcnn.json``: ``{"image", "caption_en", "caption_de", "frcnn"}``) holds no
     features; it is rejected with a DataError that points at the per-image directory its ``frcnn`` field names.
     """
@@ -47,6 +58,7 @@ class FrcnnJsonRegionReader(LazyIndex):
         if not self.path.exists():
             raise DataError(f"{self.path}: FRCNN JSON features not found")
         self._mode = "dir" if self.path.is_dir() else "file"
+        self._widths_of = "directory" if self._mode == "dir" else "file"
         self._index: dict[str, int] | None = None
         self._ids: list[str] | None = None
         self._files: list[str] | None = None  # dir mode: file name per row
@@ -177,9 +189,12 @@ class FrcnnJsonRegionReader(LazyIndex):
         return self._ids
 
     def __getitem__(self, image_id: str | int) -> dict[str, Any]:
+        return self._checked_item(image_id)
+
+    def _read_item(self, image_id: str | int) -> tuple[Path, dict[str, Any]]:
         sid, row = self._row(image_id)
         if self._records is not None:
-            return self._to_item(self.path, sid, self._records[row])
+            return self.path, self._to_item(self.path, sid, self._records[row])
         if self._files is not None:
             file = self.path / self._files[row]
             try:
@@ -197,7 +212,7 @@ class FrcnnJsonRegionReader(LazyIndex):
             rec = json.loads(data)
         except ValueError as e:
             raise DataError(f"{file}: record for image id {sid!r} is not valid JSON ({e}; truncated?)") from None
-        return self._to_item(file, sid, rec)
+        return file, self._to_item(file, sid, rec)
 
     @staticmethod
     def _to_item(file: Path, sid: str, rec: Any) -> dict[str, Any]:
@@ -210,12 +225,14 @@ def write_region_json(
     out_dir: str | Path, records: Iterable[Mapping[str, Any]], *, classes_key: str = "classes"
 ) -> int:
     """Write one per-image FRCNN JSON file ``out_dir/<image_id>.json`` per record (base64 float32 arrays;
-    ``cls_prob`` is stored under ``classes_key``). Written into a temporary sibling directory then renamed."""
+    ``cls_prob`` is stored under ``classes_key``; D and C the same in every record with boxes, else a ValueError naming
+    the image ids). Written into a temporary sibling directory then renamed."""
     out_dir = Path(out_dir)
     tmp = tmp_sibling(out_dir)
     remove_path(tmp)
     tmp.mkdir(parents=True)
     count = 0
+    widths = WriterWidths()
     try:
         for rec in records:
             sid = str(rec["image_id"])
@@ -223,6 +240,7 @@ def write_region_json(
                 raise ValueError(f"image id {sid!r} cannot be a file name")
             boxes = np.asarray(rec["boxes"], dtype=np.float32)
             feats = np.asarray(rec["features"], dtype=np.float32)
+            widths.check(sid, "features", feats)
             value: dict[str, Any] = {
                 "image_id": rec["image_id"],
                 "image_h": int(rec["image_h"]),
@@ -232,7 +250,9 @@ def write_region_json(
                 "features": encode_array(feats).decode(),
             }
             if rec.get("cls_prob") is not None:
-                value[classes_key] = encode_array(rec["cls_prob"]).decode()
+                cls_prob = np.asarray(rec["cls_prob"], dtype=np.float32)
+                widths.check(sid, "cls_prob", cls_prob)
+                value[classes_key] = encode_array(cls_prob).decode()
             path = tmp / f"{sid}.json"
             if path.exists():
                 raise ValueError(f"duplicate image id {sid!r}")

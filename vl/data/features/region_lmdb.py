@@ -16,7 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from vl.data.features.base import decode_array, encode_array, record_to_item, remove_path, replace_path, tmp_sibling
+from vl.data.features.base import (
+    ReaderWidths,
+    WriterWidths,
+    decode_array,
+    encode_array,
+    record_to_item,
+    remove_path,
+    replace_path,
+    tmp_sibling,
+)
 from vl.data.formats.safe_pickle import safe_loads
 from vl.errors import DataError
 
@@ -34,7 +43,8 @@ def write_region_lmdb(
     """Write region-feature records to an LMDB directory at ``path``; returns the number of records.
 
     Each record: ``image_id`` (int|str), ``image_h``, ``image_w``, ``boxes`` (N,4) x1y1x2y2 px, ``features`` (N,D),
-    optional ``cls_prob`` (N,C); arrays are stored as base64 float32. Written to a temporary sibling then renamed,
+    optional ``cls_prob`` (N,C); arrays are stored as base64 float32. D and C must be the same in every record with
+    boxes (ValueError naming the image ids; the readers batch them). Written to a temporary sibling then renamed,
     so ``path`` is never left half-written. ``map_size`` grows automatically when full.
     """
     import lmdb
@@ -46,6 +56,7 @@ def write_region_lmdb(
     env = lmdb.open(str(tmp), map_size=map_size, subdir=True, sync=False, meminit=False, map_async=True)
     keys: list[bytes] = []
     seen: set[bytes] = set()
+    widths = WriterWidths()
     pending: list[tuple[bytes, bytes]] = []
 
     def flush() -> None:
@@ -73,6 +84,7 @@ def write_region_lmdb(
                 raise ValueError(
                     f"image {rec['image_id']!r}: boxes {boxes.shape} / features {feats.shape} are not (N,4) / (N,D)"
                 )
+            widths.check(str(rec["image_id"]), "features", feats)
             value: dict[str, Any] = {
                 "image_id": rec["image_id"],
                 "image_h": int(rec["image_h"]),
@@ -85,6 +97,7 @@ def write_region_lmdb(
                 cls_prob = np.asarray(rec["cls_prob"], dtype=np.float32)
                 if cls_prob.ndim != 2 or cls_prob.shape[0] != n:
                     raise ValueError(f"image {rec['image_id']!r}: cls_prob {cls_prob.shape} is not (N,C) with N={n}")
+                widths.check(str(rec["image_id"]), "cls_prob", cls_prob)
                 value["cls_prob"] = encode_array(cls_prob)
             pending.append((key, pickle.dumps(value, protocol=_PICKLE_PROTOCOL)))
             keys.append(key)
@@ -207,11 +220,12 @@ def _release_env(key: tuple[int, int] | None, *, finaliser: bool = False) -> Non
         _SHARED_ENVS_LOCK.release()
 
 
-class RegionFeatureReader:
+class RegionFeatureReader(ReaderWidths):
     """Reads the ViLBERT region-feature LMDB. ``reader[image_id]`` -> dict:
 
     ``features`` float32 (N,D), ``boxes`` float32 (N,4) x1y1x2y2 px, ``boxes_norm`` float32 (N,4) in [0,1],
-    ``cls_prob`` float32 (N,C) or None, ``image_w``/``image_h``/``num_boxes`` int, ``image_id`` str.
+    ``cls_prob`` float32 (N,C) or None, ``image_w``/``image_h``/``num_boxes`` int, ``image_id`` str. A record whose D
+    or C differs from the file's first record is a DataError (`ReaderWidths`).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -291,6 +305,9 @@ class RegionFeatureReader:
         return key != KEYS_KEY and self._get(key) is not None
 
     def __getitem__(self, image_id: str | int) -> dict[str, Any]:
+        return self._checked_item(image_id)
+
+    def _read_item(self, image_id: str | int) -> tuple[Path, dict[str, Any]]:
         sid = str(image_id)
         key = sid.encode()
         raw = None if key == KEYS_KEY else self._get(key)
@@ -302,7 +319,7 @@ class RegionFeatureReader:
             raise
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{self.path}: record for image id {sid!r} is corrupt ({type(e).__name__}: {e})") from None
-        return record_to_item(self.path, sid, rec)
+        return self.path, record_to_item(self.path, sid, rec)
 
     def _decode(self, value: Any, n: int, cols: int | None, sid: str, field: str) -> np.ndarray:
         """base64 float32 (or a raw array) -> writable float32 (n, cols); cols inferred when None."""

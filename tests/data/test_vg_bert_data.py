@@ -5,6 +5,7 @@ published configs composing."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,54 @@ def test_captions_and_phrases_are_cut_as_the_seeds_loaders(length: int) -> None:
     examples = [{"text": t, "pixels": torch.zeros(3, 4, 4), "index": i} for i, t in enumerate(texts)]
     batch = CaptionCollator(tok, length)(examples)  # the default is the seed's
     assert torch.equal(batch["input_ids"], enc["input_ids"])
+
+
+@pytest.mark.parametrize("data", ["vg_bert_coco", "vg_bert_vg"])
+def test_missing_image_files_fail_in_prepare_data_naming_json_record_and_path(
+    make_cfg, tmp_path: Path, data: str, caplog
+) -> None:
+    """`image_base_path: /nonexistent` loaded and failed at the first decode, mid-fit. `prepare_data` stats every
+    image: under `on_bad_image=error` the first missing one is named; `=skip` (a missing image is skipped when read)
+    fails only when a split has none of its images, and logs the count otherwise."""
+    from hydra.utils import instantiate
+    from PIL import Image
+
+    root = tmp_path / "root"
+    (root / "vg_bert" / "captions").mkdir(parents=True)
+    (root / "images").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(root / "images" / f"{name}.jpg")
+    for name in ("a", "b", "c"):  # c.jpg is never written
+        (root / "vg_bert" / "captions" / f"{name}.txt").write_text("a red square\n")
+    obj = {"object_description": ["a red square"], "object_class": [1], "relation": [[0]]}
+
+    def write(base: str, images: tuple[str, str] = ("a", "b")) -> None:
+        for split in ("train", "val", "test"):
+            if data == "vg_bert_coco":
+                rows = [{"image": f"images/{i}.jpg", "caption": f"{i}.txt"} for i in images]
+                doc = {"image_base_path": base, "caption_base_path": "captions", "data": rows}
+            else:
+                doc = {"image_base_path": base, "data": [{"image": f"images/{i}.jpg", **obj} for i in images]}
+            _write(root / "vg_bert" / f"{data.removeprefix('vg_bert_')}_{split}.json", doc)
+
+    def prepare(*overrides: str) -> None:
+        cfg = make_cfg("experiment=none", f"data={data}", f"data.root={root}", *overrides)
+        instantiate(cfg.data).prepare_data()
+
+    write("..")
+    prepare()
+    train_json = root / "vg_bert" / f"{data.removeprefix('vg_bert_')}_train.json"
+    write("/nonexistent")
+    message = (
+        f"{train_json}: data[0]: image file /nonexistent/images/a.jpg not found (its 'image' under 'image_base_path')"
+    )
+    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+        prepare()
+    with pytest.raises(DataError, match=re.escape(f"{train_json}: none of its 2 image files exists (first: data[0]")):
+        prepare("data.on_bad_image=skip")
+    write("..", images=("a", "c"))
+    with pytest.raises(DataError, match=re.escape(f"{train_json}: data[1]: image file {root}/vg_bert/../images/c.jpg")):
+        prepare()
+    with caplog.at_level("WARNING"):
+        prepare("data.on_bad_image=skip")  # the promise of skip: a missing image is skipped (and counted) when read
+    assert f"{train_json}: 1 of 2 image files not found, skipped when read" in caplog.text

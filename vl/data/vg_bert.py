@@ -210,6 +210,27 @@ class _VGBertData(ImageDataModule):
     def required_files(self) -> list[Path]:
         return [self.path(self.json, split) for split in ("train", "val", "test")]
 
+    def check_images(self, split: str, records: list[dict[str, Any]]) -> None:
+        """Every record's image file exists (a stat each, in `prepare_data`, before any compute; a wrong
+        `image_base_path` failed at the first decode, mid-fit). `on_bad_image=error`: the first missing one is a
+        DataError naming the JSON, the record and the path. `=skip` keeps its promise (a missing image is skipped
+        and counted when read): the missing ones are logged once here, and a split with none of its images is a
+        DataError (nothing to train or score on: a wrong path, not bad images)."""
+        path = self.path(self.json, split)
+        missing = [r for r in records if not Path(r["image"]).is_file()]
+        if not missing:
+            return
+        first = f"data[{missing[0]['record']}]: image file {missing[0]['image']} not found"
+        if self.on_bad_image == "error":
+            raise DataError(f"{path}: {first} (its 'image' under 'image_base_path')")
+        if len(missing) == len(records):
+            raise DataError(
+                f"{path}: none of its {len(records)} image files exists (first: {first}); check 'image_base_path'"
+            )
+        log.warning(
+            "%s: %d of %d image files not found, skipped when read (first: %s)", path, len(missing), len(records), first
+        )
+
     def pixels(self, split: str) -> PixelLoader:
         transform = self.train_transform if split == "train" and self.train_transform is not None else self.transform
         return PixelLoader(transform, self.on_bad_image)
@@ -234,8 +255,8 @@ class VGBertCocoDataModule(_VGBertData):
 
     def prepare_data(self) -> None:
         super().prepare_data()
-        for split in ("train", "val", "test"):  # every record and caption file checked before any compute
-            self.records(split)
+        for split in ("train", "val", "test"):  # every record, caption file and image file checked before any compute
+            self.check_images(split, self.records(split))
 
     def records(self, split: str) -> list[dict[str, Any]]:
         if split not in self._records:
@@ -278,8 +299,8 @@ class VGBertVGDataModule(_VGBertData):
 
     def prepare_data(self) -> None:
         super().prepare_data()
-        for split in ("train", "val", "test"):
-            self.records(split)
+        for split in ("train", "val", "test"):  # every record and image file checked before any compute
+            self.check_images(split, self.records(split))
 
     def records(self, split: str) -> list[dict[str, Any]]:
         if split not in self._records:

@@ -524,6 +524,51 @@ def clip_bert_ckpt(tmp_path_factory) -> Path:
     return _write_run(tmp_path_factory.mktemp("run"))
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"labels": "red"}, r"q\.jsonl:2: field 'labels' is 'red', expected a non-empty list of words$"),
+        ({"labels": []}, r"q\.jsonl:2: field 'labels' is \[\], expected a non-empty list of words$"),
+        ({"pf": "x"}, r"q\.jsonl:2: field 'pf' is 'x', expected an integer \(production frequency\)$"),
+        ({"labels": ["red", "mauve"]}, r"q\.jsonl:2: field 'labels' has \['mauve'\], not in .*labels\.txt$"),
+    ],
+)
+def test_bad_vpn_query_lines_fail_before_any_model_scores(tmp_path, change, message):
+    """`"labels": "red"`, `"pf": "x"` and a label missing from labels.txt passed `load_queries` and failed only after
+    the first model was scored; now one line naming the file and line, before any scorer runs."""
+    from vl.eval.probes import run_probes
+
+    class Never:
+        tokenizer = None
+
+        def mask_logits(self, texts, image_embeds=None):
+            raise AssertionError("a model was scored")
+
+    good = {"query": "a is [MASK].", "labels": ["red"], "concept": "a", "pf": 2, "query_template": "T"}
+    (tmp_path / "q.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps({**good, **change}) + "\n")
+    (tmp_path / "labels.txt").write_text("red\ngreen\n")
+    # the blank line is skipped, so the bad line is the file's line 3 but record 2: the message names the line
+    message = message.replace("jsonl:2", "jsonl:3")
+    with pytest.raises(DataError, match=message):
+        run_probes(
+            "visual_property_norms",
+            {"m": Never()},
+            out_dir=tmp_path / "out",
+            queries=tmp_path / "q.jsonl",
+            labels=tmp_path / "labels.txt",
+            random_baseline=False,
+        )
+
+
+def test_a_vpn_query_file_name_without_integers_is_named(tmp_path):
+    row = {"query": "a is [MASK].", "labels": ["red"], "concept": "a", "pf": 30, "query_template": "T"}
+    (tmp_path / "template_0_pf_30.jsonl").write_text(json.dumps(row) + "\n")
+    assert [(r["template"], r["pf"]) for r in vpn.load_query_dir(tmp_path)] == [(0, 30)]
+    (tmp_path / "template_best_pf_30.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"template_best_pf_30\.jsonl: the name is not template_\{i\}_pf_\{pf\}\.jsonl"):
+        vpn.load_query_dir(tmp_path)
+
+
 def test_checkpoint_scorer_implicit_and_explicit(clip_bert_ckpt, tmp_path):
     from vl.eval.probes.scorers import ClipTextEmbedder
     from vl.tools.clip_extract import save_tiny_clip

@@ -56,11 +56,11 @@ __all__ = [
 ]
 
 
-def _load_vpn_queries(path: str | Path) -> list[dict[str, Any]]:
+def _load_vpn_queries(path: str | Path, labels: list[str], labels_file: str) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
-        return load_query_dir(path)
-    return load_queries(path)
+        return load_query_dir(path, labels, labels_file)
+    return load_queries(path, labels, labels_file)
 
 
 def run_probes(
@@ -127,8 +127,8 @@ def run_probes(
     elif task == "visual_property_norms":
         if not queries or not labels:
             raise ConfigError("task_cfg.queries (query dir or JSONL) and task_cfg.labels (labels.txt) are required")
-        rows = _load_vpn_queries(queries)
         words = load_labels(labels)
+        rows = _load_vpn_queries(queries, words, str(labels))  # every query checked before any model scores
         for name, scorer, clip in runs:
             results[name] = run_visual_property_norms(
                 scorer, rows, words, clip_text=clip, average=average, sd_ddof=ddof

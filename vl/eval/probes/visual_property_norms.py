@@ -31,7 +31,7 @@ import json
 import logging
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +122,36 @@ def load_descriptors(path: str | Path) -> dict[str, str]:
         return out
 
 
-def load_queries(path: str | Path) -> list[dict[str, Any]]:
-    """One query JSONL (`{"query", "labels", "concept", "query_template", "pf", ...}` a line)."""
-    return load_jsonl(path, required=("query", "labels", "concept", "query_template", "pf"))
+def load_queries(
+    path: str | Path, labels: Collection[str] | None = None, labels_file: str = "labels.txt"
+) -> list[dict[str, Any]]:
+    """One query JSONL (`{"query", "labels", "concept", "query_template", "pf", ...}` a line), checked before any
+    model scores it: `labels` a non-empty list of strings (each in `labels` when given, the words of `labels_file`),
+    `pf` an integer; a bad line is a DataError naming the file and the line (they failed after scoring a model)."""
+    path = Path(path)
+    rows = load_jsonl(path, required=("query", "labels", "concept", "query_template", "pf"), texts=("query", "concept"))
+    with path.open("r", encoding="utf-8") as f:
+        lines = [n for n, line in enumerate(f, start=1) if line.strip()]
+    vocabulary = None if labels is None else set(labels)
+    for lineno, row in zip(lines, rows):
+        words = row["labels"]
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
+            raise DataError(f"{path}:{lineno}: field 'labels' is {words!r}, expected a non-empty list of words")
+        pf = row["pf"]
+        if isinstance(pf, bool) or not (isinstance(pf, int) or (isinstance(pf, float) and pf.is_integer())):
+            raise DataError(f"{path}:{lineno}: field 'pf' is {pf!r}, expected an integer (production frequency)")
+        if vocabulary is not None:
+            unknown = [w for w in words if w not in vocabulary]
+            if unknown:
+                raise DataError(f"{path}:{lineno}: field 'labels' has {unknown}, not in {labels_file}")
+    return rows
 
 
-def load_query_dir(query_dir: str | Path) -> list[dict[str, Any]]:
-    """All `template_{i}_pf_{pf}.jsonl` under `query_dir`, each row tagged with `template` (i) and `pf`."""
+def load_query_dir(
+    query_dir: str | Path, labels: Collection[str] | None = None, labels_file: str = "labels.txt"
+) -> list[dict[str, Any]]:
+    """All `template_{i}_pf_{pf}.jsonl` under `query_dir` (`load_queries`), each row tagged with `template` (i) and
+    `pf`; a file so named whose i or pf is not an integer is a DataError naming it."""
     query_dir = Path(query_dir)
     files = sorted(query_dir.glob("template_*_pf_*.jsonl"))
     if not files:
@@ -136,7 +159,9 @@ def load_query_dir(query_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
     for path in files:
         parts = path.stem.split("_")  # template, i, pf, s
-        for row in load_queries(path):
+        if len(parts) != 4 or not parts[1].isdigit() or not parts[3].isdigit():
+            raise DataError(f"{path}: the name is not template_{{i}}_pf_{{pf}}.jsonl with integers i and pf")
+        for row in load_queries(path, labels, labels_file):
             rows.append({**row, "template": int(parts[1]), "pf": int(parts[3])})
     return rows
 

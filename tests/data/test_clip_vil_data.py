@@ -173,7 +173,7 @@ _VQA_ROW = {
         ({"label": {"no": True}}, r"question 42000: label 'no' score True is not a number in \[0, 1\]$"),
         # a non-string image id loaded, then a TypeError traceback in `image_path`; a null sentence loaded
         ({"img_id": 42}, r"question 1 field 'img_id' must be a non-empty string, got 42$"),
-        ({"sent": None}, r"question 1 field 'sent' must be a non-empty string, got None$"),
+        ({"sent": None}, r"question 1 field 'sent' must be a string, got None$"),
     ],
 )
 def test_a_bad_vqa_json_row_is_named(tmp_path: Path, over: dict, match: str) -> None:
@@ -181,8 +181,10 @@ def test_a_bad_vqa_json_row_is_named(tmp_path: Path, over: dict, match: str) -> 
     path.write_text(json.dumps([_VQA_ROW, {**_VQA_ROW, **over}]))  # json writes NaN as the bare token NaN
     with pytest.raises(DataError, match=r"^" + re.escape(str(path)) + ": " + match):
         load_vqa_json(path)
-    path.write_text(json.dumps([_VQA_ROW, {**_VQA_ROW, "label": {"yes": 0.0, "no": 1}}]))
-    assert len(load_vqa_json(path)) == 2  # the bounds themselves are scores
+    path.write_text(json.dumps([_VQA_ROW, {**_VQA_ROW, "label": {"yes": 0.0, "no": 1}, "sent": ""}]))
+    assert (
+        len(load_vqa_json(path)) == 2
+    )  # the bounds themselves are scores; an empty question is the seed's [CLS] [SEP]
 
 
 @pytest.mark.parametrize(
@@ -191,7 +193,7 @@ def test_a_bad_vqa_json_row_is_named(tmp_path: Path, over: dict, match: str) -> 
         ({"labelf": {"vqa": [{"yes": float("nan")}]}}, r"labelf\['vqa'\]\[0\]: label 'yes' score nan is not a number"),
         ({"labelf": {"vqa": [{"two": -5}]}}, r"labelf\['vqa'\]\[0\]: label 'two' score -5 is not a number"),
         ({"labelf": {"vqa": ["yes"]}}, r"labelf\['vqa'\] must be a list of \{answer: score\} dicts"),
-        ({"sentf": {"vqa": [None]}}, r"sentf\['vqa'\]\[0\] must be a non-empty string, got None"),
+        ({"sentf": {"vqa": [None]}}, r"sentf\['vqa'\]\[0\] must be a string, got None"),
         ({"sentf": {"vqa": "how many?"}}, r"sentf\['vqa'\] must be a list of sentences"),
     ],
 )

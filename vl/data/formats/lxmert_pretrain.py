@@ -119,7 +119,7 @@ def _nonempty_str(value: Any) -> bool:
 
 def load_pretrain_json(path: str | Path) -> list[dict[str, Any]]:
     """An LXMERT pretraining JSON -> its datums, checked: `img_id` a non-empty string, `sentf` `{src: [sentence]}`
-    (non-empty strings), `labelf` (optional) `{src: [{answer: score}]}` with VQA soft scores (numbers in [0, 1]: the
+    (strings; an empty one is kept, as the seed tokenises it), `labelf` (optional) `{src: [{answer: score}]}` with VQA soft scores (numbers in [0, 1]: the
     seed samples an answer in proportion to them). A bad one is a DataError naming the file, the datum and the field."""
     data = read_json(path)
     if not isinstance(data, list):
@@ -133,9 +133,9 @@ def load_pretrain_json(path: str | Path) -> list[dict[str, Any]]:
         for src, sents in datum["sentf"].items():
             if not isinstance(sents, list):
                 raise DataError(f"{where}: sentf[{src!r}] must be a list of sentences")
-            for idx, sent in enumerate(sents):
-                if not _nonempty_str(sent):
-                    raise DataError(f"{where}: sentf[{src!r}][{idx}] must be a non-empty string, got {sent!r}")
+            for idx, sent in enumerate(sents):  # an empty one is the seed's [CLS] [SEP]: kept
+                if not isinstance(sent, str):
+                    raise DataError(f"{where}: sentf[{src!r}][{idx}] must be a string, got {sent!r}")
         labelf = datum.get("labelf") or {}
         if not isinstance(labelf, dict):
             raise DataError(f"{where}: 'labelf' must be a dict {{src: [{{answer: score}}]}}")
@@ -194,7 +194,7 @@ def load_ans2label(path: str | Path) -> dict[str, int]:
 
 
 def load_vqa_json(path: str | Path) -> list[dict[str, Any]]:
-    """An LXMERT-format VQA JSON -> its rows, checked: `img_id` and `sent` non-empty strings, `label` (when
+    """An LXMERT-format VQA JSON -> its rows, checked: `img_id` a non-empty string, `sent` a string, `label` (when
     present) `{answer: score}` with VQA soft scores (numbers in [0, 1]; a NaN or a string became a NaN loss or a
     crash mid-fit). A bad row is a DataError naming the file and the question."""
     data = read_json(path)
@@ -205,9 +205,10 @@ def load_vqa_json(path: str | Path) -> list[dict[str, Any]]:
         missing = [k for k in required if not isinstance(q, dict) or k not in q]
         if missing:
             raise DataError(f"{path}: question {n} lacks {missing}")
-        for field in ("img_id", "sent"):
-            if not _nonempty_str(q[field]):
-                raise DataError(f"{path}: question {n} field {field!r} must be a non-empty string, got {q[field]!r}")
+        if not _nonempty_str(q["img_id"]):
+            raise DataError(f"{path}: question {n} field 'img_id' must be a non-empty string, got {q['img_id']!r}")
+        if not isinstance(q["sent"], str):  # an empty one is the seed's [CLS] [SEP]: kept
+            raise DataError(f"{path}: question {n} field 'sent' must be a string, got {q['sent']!r}")
         if "label" in q and not isinstance(q["label"], dict):
             raise DataError(f"{path}: question {q['question_id']}: 'label' is not a dict")
         why = _score_error(q.get("label") or {})

@@ -260,13 +260,18 @@ def predict(
         trainer_config(run_cfg.trainer), logger=False, callbacks=[_RowWriter(output_dir)], enable_checkpointing=False
     )
     trainer.predict(model, dataloaders=loader, return_predictions=False)
-    parts = sorted(output_dir.glob("predict.rank*.pt"))
-    outputs = [out for part in parts for out in torch.load(part, weights_only=True)]
-    rows = rows_from_outputs(outputs, answers, dm.tokenizer, k)
     path = output_dir / "predictions.jsonl"
-    with path.open("w") as f:
-        for i, q in enumerate(queries):
-            f.write(json.dumps({**q, **rows[i]}) + "\n")
-    for part in parts:
-        part.unlink()
+    # under a launched DDP (torchrun, SLURM) every rank returns here: all parts written before rank 0 merges them,
+    # and no rank leaves before the merge (`ddp_spawn` returns in the launching process only: the barriers are no-ops)
+    trainer.strategy.barrier("predict-parts-written")
+    if trainer.is_global_zero:
+        parts = sorted(output_dir.glob("predict.rank*.pt"))
+        outputs = [out for part in parts for out in torch.load(part, weights_only=True)]
+        rows = rows_from_outputs(outputs, answers, dm.tokenizer, k)
+        with path.open("w") as f:
+            for i, q in enumerate(queries):
+                f.write(json.dumps({**q, **rows[i]}) + "\n")
+        for part in parts:
+            part.unlink()
+    trainer.strategy.barrier("predictions-merged")
     return path

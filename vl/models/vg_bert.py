@@ -399,6 +399,6 @@ class VGBertSystem(VGBertSplitRetrieval, VLSystem):
                 if stage == "train":
                     self.log_step_value(f"train/vg_{part}_loss", value, batch_size=batch["index"].shape[0])
                 else:
-                    self.log(f"{stage}/vg_{part}_loss", value, batch_size=batch["index"].shape[0])
+                    self.log(f"{stage}/vg_{part}_loss", value, batch_size=batch["index"].shape[0], sync_dist=True)
         self.store_retrieval_embeddings(batch, stage)
         return total

@@ -142,7 +142,7 @@ def test_lxmert_text_rules_on_a_hand_written_fixture(tmp_path: Path) -> None:
         list(lxmert_texts(bad))
     src.write_text(json.dumps([LXMERT_FIXTURE[0], {**LXMERT_FIXTURE[1], "sentf": {"vg": [None]}}]))
     with pytest.raises(
-        DataError, match=r"mscoco_minival\.json: datum 1 \(2345\): sentf\['vg'\]\[0\] must be a non-empty"
+        DataError, match=r"mscoco_minival\.json: datum 1 \(2345\): sentf\['vg'\]\[0\] must be a string, got None"
     ):
         convert_lxmert_json([src], tmp_path / "val_mlm.jsonl")  # it wrote {"text": null}
 

@@ -14,9 +14,8 @@ Encoder (`ClipVilEncoder`):
     (it samples whenever `--sub_sampling` is on), in evaluation too; `sub_sampling_in_eval=false`: every cell in
     evaluation. All cells when the grid is smaller (the seed's `np.random.choice` would fail there). Fine-tuning
     configs turn `sub_sampling` off;
-  - visual tokens = Dropout(LayerNorm(Linear(C -> H))): no BERT position / type embeddings, no boxes;
-  - text tokens = BERT embeddings (word + position + type, LayerNorm, dropout);
-  - the attention mask of the visual tokens is all ones (zero-padded image areas included);
+  - visual tokens = Dropout(LayerNorm(Linear(C -> H))), no BERT position / type embeddings, no boxes; their
+    attention mask is all ones (zero-padded image areas included); text tokens = BERT embeddings;
   - pooled = Linear(H, H) on the first token, no tanh (`pooling: mean` is an option for tiny random-init models).
 
 System (`ClipVilSystem`, the shared `VLSystem` plus):
@@ -255,8 +254,11 @@ SEED_NO_DECAY = ("bias", "LayerNorm.weight", "objectives.mlm.transform.2.weight"
 
 
 #: `model.optimizer._target_` -> the AdamW of everything but the backbone: the seed's (transformers 3.3.1) or torch's
-#: `model.optimizer._target_` when the config names none: the seed's (transformers 3.3.1) AdamW, as conf/model/clip_vil.yaml
-DEFAULT_ADAMW = "vl.optimizers.TransformersAdamW"
+FROZEN_AT_RANDOM = (
+    "model.encoder.freeze_backbone=true without model.encoder.backbone_weights or model.init_from: the frozen CLIP "
+    "ResNet stays at its random initialisation (the seed starts from CLIP's weights)"
+)
+DEFAULT_ADAMW = "vl.optimizers.TransformersAdamW"  # no `_target_`: the seed's AdamW
 ADAMW: dict[str, type[Optimizer]] = {
     "vl.optimizers.TransformersAdamW": TransformersAdamW,
     "torch.optim.AdamW": torch.optim.AdamW,
@@ -307,10 +309,7 @@ class ClipVilSystem(VLSystem):
         if self.encoder.pretrained and not self.init_from:
             self.load_bert_pretraining_heads(self.encoder.pretrained)
         if self.encoder.freeze_backbone and self.encoder.backbone_report is None and not self.init_from:
-            log.warning(
-                "model.encoder.freeze_backbone=true without model.encoder.backbone_weights or model.init_from: the "
-                "frozen CLIP ResNet stays at its random initialisation (the seed starts from CLIP's weights)"
-            )
+            log.warning(FROZEN_AT_RANDOM)
 
     def _no_decay(self, name: str, param: nn.Parameter) -> bool:
         if self.adamw_rules == "seed":

@@ -41,16 +41,13 @@ def test_masked_region_kl_equals_hand_computation() -> None:
     ]
 
 
-@pytest.mark.parametrize("draws", ["generator", "keys"])
-def test_region_masking_rates_and_padding(draws: str) -> None:
+def test_region_masking_rates_and_padding() -> None:
     from vl.data.draws import example_keys
 
-    g = torch.Generator().manual_seed(0)
     feats = torch.ones(400, 10, 3)
     vmask = torch.ones(400, 10, dtype=torch.long)
     vmask[:, 8:] = 0
-    source = {"generator": g} if draws == "generator" else {"keys": example_keys(7, [0] * 400, range(400))}
-    masked, chosen = mask_regions(feats, vmask, **source)
+    masked, chosen = mask_regions(feats, vmask, keys=example_keys(7, [0] * 400, range(400)))
     assert not chosen[:, 8:].any()  # padding is never chosen
     assert abs(chosen[:, :8].float().mean().item() - 0.15) < 0.02
     zeroed = (masked.abs().sum(-1) == 0) & chosen
@@ -512,12 +509,10 @@ def test_pretrain_qa_is_the_seeds_cross_entropy_over_labelled_matched_pairs() ->
     assert none.loss.item() == 0.0
 
 
-@pytest.mark.parametrize("draws", ["generator", "keys"])
-def test_mask_tokens_draws_bert_masking_rates(draws: str) -> None:
+def test_mask_tokens_draws_bert_masking_rates() -> None:
     """BERT / the seeds' `random_word`: each non-special token chosen with p 0.15; of those 80 % [MASK], 10 % a random
     vocabulary token, 10 % kept; labels are the original ids where chosen, -100 elsewhere; special tokens never chosen,
-    unchosen tokens untouched. Rates within 5 standard errors on 40 000 tokens; drawn from a generator over the batch
-    or per row from its key (what the collators use)."""
+    unchosen tokens untouched. Rates within 5 standard errors on 40 000 tokens, drawn per row from its key."""
     from vl.data.collate import mask_tokens
     from vl.data.draws import example_keys
 
@@ -527,11 +522,10 @@ def test_mask_tokens_draws_bert_masking_rates(draws: str) -> None:
     special = torch.zeros_like(ids, dtype=torch.bool)
     special[:, 0] = special[:, -1] = True
     special[::7, 50:] = True  # padding-like tails
-    source = {"generator": g} if draws == "generator" else {"keys": example_keys(7, [0] * 400, range(400))}
-    out, labels = mask_tokens(ids, special, mask_token_id=mask_id, vocab_size=vocab, **source)
-    if draws == "keys":  # random tokens cover the vocabulary
-        random = out[(labels != -100) & (out != mask_id) & (out != ids)]
-        assert int(random.min()) < vocab // 20 and int(random.max()) > vocab - vocab // 20
+    keys = example_keys(7, [0] * 400, range(400))
+    out, labels = mask_tokens(ids, special, mask_token_id=mask_id, vocab_size=vocab, keys=keys)
+    random = out[(labels != -100) & (out != mask_id) & (out != ids)]  # random tokens cover the vocabulary
+    assert int(random.min()) < vocab // 20 and int(random.max()) > vocab - vocab // 20
     chosen = labels != -100
     assert not chosen[special].any() and torch.equal(labels[chosen], ids[chosen])
     assert torch.equal(out[~chosen], ids[~chosen])

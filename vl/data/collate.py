@@ -61,29 +61,18 @@ def mask_tokens(
     mask_token_id: int,
     vocab_size: int,
     probability: float = 0.15,
-    generator: torch.Generator | None = None,
-    keys: np.ndarray | None = None,
+    keys: np.ndarray,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: choose `probability` of the non-special tokens; of those 80 % -> [MASK], 10 % -> a random token,
     10 % unchanged. Returns (masked input_ids, labels with -100 where not chosen). Shapes (B, T). `keys` (B,): each
-    row's draws from its own key and token position (`vl.data.draws`: the same in any batch or padding); else from
-    `generator` over the batch."""
+    row's draws from its own key and token position (`vl.data.draws`: the same in any batch or padding)."""
     labels = input_ids.clone()
     ids = input_ids.clone()
-    if keys is not None:
-        width = input_ids.shape[1]
-        u = [torch.from_numpy(uniforms(keys, width, stream)) for stream in range(4)]
-        chosen = (u[0] < probability) & ~special_mask.bool()
-        to_mask = (u[1] < 0.8) & chosen
-        to_random = (u[2] < 0.5) & chosen & ~to_mask
-        random_ids = (u[3] * vocab_size).long().clamp_(max=vocab_size - 1)
-    else:
-        probs = torch.full(input_ids.shape, probability)
-        probs.masked_fill_(special_mask.bool(), 0.0)
-        chosen = torch.bernoulli(probs, generator=generator).bool()
-        to_mask = torch.bernoulli(torch.full(ids.shape, 0.8), generator=generator).bool() & chosen
-        to_random = torch.bernoulli(torch.full(ids.shape, 0.5), generator=generator).bool() & chosen & ~to_mask
-        random_ids = torch.randint(vocab_size, ids.shape, generator=generator)
+    u = [torch.from_numpy(uniforms(keys, input_ids.shape[1], stream)) for stream in range(4)]
+    chosen = (u[0] < probability) & ~special_mask.bool()
+    to_mask = (u[1] < 0.8) & chosen
+    to_random = (u[2] < 0.5) & chosen & ~to_mask
+    random_ids = (u[3] * vocab_size).long().clamp_(max=vocab_size - 1)
     labels[~chosen] = IGNORE_INDEX
     ids[to_mask] = mask_token_id
     ids[to_random] = random_ids[to_random]

@@ -68,18 +68,12 @@ def mask_regions(
     *,
     probability: float = 0.15,
     zero_fraction: float = 0.9,
-    generator: torch.Generator | None = None,
-    keys: np.ndarray | None = None,
+    keys: np.ndarray,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ViLBERT region masking: choose `probability` of the real regions; zero the features of `zero_fraction` of
     those, keep the rest. Returns (masked feats (B,R,D), chosen (B,R) bool). `keys` (B,): each row's draws from its
-    own key and region slot (`vl.data.draws`: the same in any batch); else from `generator` over the batch."""
-    if keys is not None:
-        width = visual_mask.shape[1]
-        chosen = torch.from_numpy(uniforms(keys, width, 8) < probability) & visual_mask.bool()
-        zero = chosen & torch.from_numpy(uniforms(keys, width, 9) < zero_fraction)
-    else:
-        chosen = torch.bernoulli(torch.full(visual_mask.shape, probability), generator=generator).bool()
-        chosen &= visual_mask.bool()
-        zero = chosen & torch.bernoulli(torch.full(visual_mask.shape, zero_fraction), generator=generator).bool()
+    own key and region slot (`vl.data.draws`: the same in any batch)."""
+    width = visual_mask.shape[1]
+    chosen = torch.from_numpy(uniforms(keys, width, 8) < probability) & visual_mask.bool()
+    zero = chosen & torch.from_numpy(uniforms(keys, width, 9) < zero_fraction)
     return feats.masked_fill(zero.unsqueeze(-1), 0.0), chosen

@@ -8,6 +8,9 @@ Three Lightning variants, each a fit of one epoch of `--steps` batches:
            zero_grad, `manual_backward`, the optimiser and scheduler steps itself, so Lightning's closure, optimizer
            and zero_grad hooks are out of the loop: what is left is the loop proper (fetch, hook dispatch, progress);
   minimal  `vl` with no logger, progress bar or checkpoint (the framework alone);
+  unguarded (only with --variants) `minimal` with the divergence guard's two hooks (`on_before_backward`,
+           `on_before_optimizer_step`) off for the fit: what the guard costs inside the paired step (a measurement
+           only: no `train.py` run can turn the guard off);
   real     `vl` with `train.py`'s own Trainer (`vl.pipeline.build_trainer`): the configured callbacks and loggers
            (checkpoints, early stopping, lr monitor, throughput, progress bar, CSV logger) and the ones every vl fit
            gets, i.e. what a user runs.
@@ -20,7 +23,7 @@ fetch, hooks, forward, backward, divergence guard, optimiser and scheduler steps
 statistic is the median pair ratio after `--warmup` pairs (setup, teardown, warm-up and the epoch-end validation are
 excluded); prints each repeat's statistic with min and median.
 
-    python bench/train_step.py [--steps 60] [--warmup 10] [--repeats 3] [--threads 1] [--variants lightning,manual]
+    python bench/train_step.py [--steps 60] [--warmup 10] [--repeats 3] [--threads 1] [--variants lightning,manual,unguarded]
 """
 
 from __future__ import annotations
@@ -234,6 +237,9 @@ def paired_fit(cfg, steps: int, warmup: int, *, variant: str, output_dir: str) -
         )
     if variant in ("lightning", "manual"):
         model = plain_module(model, steps, 1, manual=variant == "manual")
+    if variant == "unguarded":  # instance attributes: Lightning looks its hooks up on the module by name
+        model.on_before_backward = lambda loss: None
+        model.on_before_optimizer_step = lambda optimizer: None
     trainer.fit(model, datamodule=dm)
     ratios = []
     for k in range(warmup, len(marks) - 1):
@@ -249,6 +255,7 @@ WHY = {
     "lightning": "Lightning's loop alone (a plain LightningModule): the floor of the two below",
     "manual": "the same in Lightning's manual optimisation (no closure, optimizer or zero_grad hooks)",
     "minimal": "Lightning's loop + vl's per-step reseed, divergence guard, logging and metrics",
+    "unguarded": "the minimal variant without the divergence guard (its cost: minimal - unguarded)",
     "real": "the minimal variant + train.py's callbacks and loggers",
 }
 

@@ -267,6 +267,36 @@ def test_train_step_bench_runs_every_variant(tmp_path, monkeypatch, capsys) -> N
 
 
 @pytest.mark.slow
+def test_train_step_bench_unguarded_variant_runs_without_the_guard(tmp_path, monkeypatch, capsys) -> None:
+    """`--variants unguarded` (the guard's cost: minimal - unguarded) really fits with the divergence guard off, and
+    `minimal` with it on: the guard's check (`all_finite`) counted in each fit."""
+    import vl.models.reliable as reliable
+
+    calls = {"n": 0}
+    real_check = reliable.all_finite
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(reliable, "all_finite", counted)
+    bench = _bench("train_step")
+    seen = {}
+    for variant in ("unguarded", "minimal"):
+        calls["n"] = 0
+        cfg = bench.compose_cfg(str(tmp_path / "data"), str(tmp_path / variant))
+        ratios = bench.paired_fit(cfg, 6, 2, variant=variant, output_dir=str(tmp_path / variant))
+        seen[variant] = calls["n"]
+        assert ratios and all(r > 0 for r in ratios)
+    assert seen == {"unguarded": 0, "minimal": 6}
+    printed = _run_bench(
+        "train_step", "--steps", "6", "--warmup", "2", "--variants", "unguarded", data=tmp_path,
+        monkeypatch=monkeypatch, capsys=capsys,
+    )
+    assert "unguarded / bare per step" in printed
+
+
+@pytest.mark.slow
 def test_step_parts_bench_times_the_guard_both_ways(tmp_path, monkeypatch, capsys) -> None:
     """bench/step_parts.py end to end at one epoch (numbers not checked)."""
     printed = _run_bench(

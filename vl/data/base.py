@@ -197,6 +197,25 @@ class VLDataModule(L.LightningDataModule):
         for split in wanted.get(stage or "", SPLITS):
             if split not in self.datasets:
                 self.datasets[split] = self.build_dataset(split)
+        scored = {"fit": "val", "validate": "val", "test": "test"}.get(stage or "")
+        if scored is not None:
+            self.check_eval_share(scored)
+
+    def check_eval_share(self, split: str) -> None:
+        """ConfigError, when the fit / validate / test starts, if the val / test `split` has fewer examples than the
+        run has processes: each example is scored once over the ranks (`UnpaddedDistributedSampler`), so a rank would
+        get none and never join the others' metric sync at the epoch's end (they would wait until the process-group
+        timeout). Not for predict (no metrics)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        dataset = self.datasets.get(split)
+        if world <= 1 or dataset is None or not hasattr(dataset, "__len__"):
+            return
+        if len(dataset) < world:
+            raise ConfigError(
+                f"data: the {split} split has {len(dataset)} example(s), fewer than this run's {world} processes; "
+                f"each is scored by one process and a process with none would wait forever for the others' metrics: "
+                f"run it on at most {max(1, len(dataset))} device(s) (trainer.devices / trainer.num_nodes)"
+            )
 
     @property
     def info(self) -> dict[str, Any]:

@@ -290,8 +290,16 @@ def test_train_step_bench_unguarded_variant_runs_without_the_guard(tmp_path, mon
         assert ratios and all(r > 0 for r in ratios)
     assert seen == {"unguarded": 0, "minimal": 6}
     printed = _run_bench(
-        "train_step", "--steps", "6", "--warmup", "2", "--variants", "unguarded", data=tmp_path,
-        monkeypatch=monkeypatch, capsys=capsys,
+        "train_step",
+        "--steps",
+        "6",
+        "--warmup",
+        "2",
+        "--variants",
+        "unguarded",
+        data=tmp_path,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
     )
     assert "unguarded / bare per step" in printed
 

@@ -39,7 +39,7 @@ def main() -> None:
         else []
     )
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_cfg(args.data_dir, tmp)
+        cfg = compose_cfg(args.data_dir, tmp, args.set)
         dm, _ = build(cfg)
         batches = list(itertools.islice(dm.train_dataloader(), 8))
         runs: dict[bool, list[float]] = {True: [], False: []}

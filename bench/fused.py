@@ -78,7 +78,7 @@ def main() -> None:
 
     quiet(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_cfg(args.data_dir, tmp)
+        cfg = compose_cfg(args.data_dir, tmp, args.set)
         dm, _ = build(cfg)
         batches = list(itertools.islice(dm.train_dataloader(), 8))
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}

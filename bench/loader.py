@@ -81,7 +81,7 @@ def main() -> None:
     runs = [(workers, epoch) for workers in args.workers for epoch in (0, 1)]
     medians: dict[tuple[int, int], list[float]] = {run: [] for run in runs}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_cfg(args.data_dir, tmp)
+        cfg = compose_cfg(args.data_dir, tmp, args.set)
         for r in range(args.repeats):
             for workers, epoch in runs if r % 2 == 0 else runs[::-1]:
                 with open_dict(cfg):

@@ -24,6 +24,7 @@ statistic is the median pair ratio after `--warmup` pairs (setup, teardown, warm
 excluded); prints each repeat's statistic with min and median.
 
     python bench/train_step.py [--steps 60] [--warmup 10] [--repeats 3] [--threads 1] [--variants lightning,manual,unguarded]
+                               [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import tempfile
 import time
 import types
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -49,7 +51,7 @@ from _table import emit  # noqa: E402
 VARIANTS = ("lightning", "minimal", "real")  # the default; `manual` on request
 
 
-def compose_cfg(data_dir: str, output_dir: str):
+def compose_cfg(data_dir: str, output_dir: str, overrides: Sequence[str] = ()):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -67,6 +69,7 @@ def compose_cfg(data_dir: str, output_dir: str):
                 f"paths.output_dir={output_dir}",
                 "data.batch_size=32",
                 "data.batch_size_per_device=32",
+                *overrides,  # e.g. a larger model: model.encoder.text_encoder.hidden_size=256
             ],
         )
 
@@ -90,6 +93,14 @@ def step_args(description: str, *, steps: int, warmup: int) -> argparse.Argument
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "vl-bench-data"))
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override of the benched config (repeatable), e.g. a larger model: "
+        "--set model.encoder.text_encoder.hidden_size=256 --set model.encoder.text_encoder.intermediate_size=1024",
+    )
     return parser
 
 
@@ -275,19 +286,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for variant in variants if r % 2 == 0 else variants[::-1]:
-                cfg = compose_cfg(args.data_dir, f"{tmp}/{r}-{variant}")
+                cfg = compose_cfg(args.data_dir, f"{tmp}/{r}-{variant}", args.set)
                 ratios = paired_fit(cfg, args.steps, args.warmup, variant=variant, output_dir=f"{tmp}/{r}-{variant}")
                 medians[variant].append(statistics.median(ratios))
     print(
-        f"default VQA model (visual_bert_tiny, batch 32), {args.steps} step pairs per run, first {args.warmup} not "
-        f"timed, {args.repeats} repeats, {torch.get_num_threads()} torch thread(s)"
+        f"default VQA model (visual_bert_tiny, batch 32{''.join(', ' + o for o in args.set)}), {args.steps} step pairs "
+        f"per run, first {args.warmup} not timed, {args.repeats} repeats, {torch.get_num_threads()} torch thread(s)"
     )
     for variant in variants:
         values = medians[variant]
         emit(
-            f"Lightning ({variant}) / bare loop per step (tiny)",
+            f"Lightning ({variant}) / bare loop per step ({', '.join(args.set) or 'tiny'})",
             values,
-            goal=1.05 if variant in ("minimal", "real") else None,
+            goal=1.05 if variant in ("minimal", "real") and not args.set else None,  # the issue's goal: tiny
             why=WHY[variant],
         )
         print(

@@ -297,11 +297,14 @@ def test_train_step_bench_unguarded_variant_runs_without_the_guard(tmp_path, mon
         "2",
         "--variants",
         "unguarded",
+        "--set",
+        "model.encoder.text_encoder.intermediate_size=128",  # --set: another size than the tiny default
         data=tmp_path,
         monkeypatch=monkeypatch,
         capsys=capsys,
     )
     assert "unguarded / bare per step" in printed
+    assert '"Lightning (unguarded) / bare loop per step (model.encoder.text_encoder.intermediate_size=128)"' in printed
 
 
 @pytest.mark.slow

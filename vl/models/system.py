@@ -263,9 +263,7 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining, Optimisation)
                 with warnings.catch_warnings():  # this rank may have no update of its own: the synced states count
                     warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
                     value = metric.compute()
-                # already over every rank: sync_dist averages the ranks' identical values (and Lightning then does not
-                # warn that an epoch-level value of a distributed run was not synchronised)
-                self.log(f"train/{key}", value, sync_dist=world > 1)
+                self.log(f"train/{key}", value, sync_dist=False)  # already over every rank
             metric.reset()
 
     # ------------------------------------------------------------------ training

@@ -207,9 +207,6 @@ def test_ddp_cpu_two_processes_fit(make_cfg) -> None:
     metrics, _ = train(cfg)
     assert "test/vqa_acc" in metrics
     assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
-    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv", newline="") as f:  # summed over both ranks
-        accs = [float(r["train/vqa_acc"]) for r in csv.DictReader(f) if r.get("train/vqa_acc")]
-    assert len(accs) == cfg.trainer.max_epochs and all(0 <= a <= 1 for a in accs)
 
 
 def test_global_batch_derives_accumulation(make_cfg, caplog) -> None:

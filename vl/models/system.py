@@ -15,7 +15,6 @@ A subclass exists only for what is truly special about a system (e.g. CLIP-BERT'
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -246,24 +245,14 @@ class VLSystem(StepLogging, RetrievalEvaluation, ReliableTraining, Optimisation)
 
     def _log_train_metrics(self) -> None:
         """Each head's training metrics over the epoch (torchmetrics, updated every step), logged once at the epoch's
-        end and reset. Under DDP every rank computes every metric in the same order, so torchmetrics sums the states
-        over the ranks (the epoch's accuracy over all processes' examples); a metric no rank updated is not logged
-        (one all-reduce of a flag per metric). A metric with a list state is only reset there: a rank that saw no
-        batch of its head holds an empty list, which joins no gather, and the others would wait for it."""
+        end and reset. One process only: under DDP a head may see no batch on some rank, and torchmetrics' state sync
+        then hangs (an empty list state joins no gather), so there the metrics are only reset (val/test metrics are
+        the synchronised ones)."""
         metrics = [(key, metric) for name in self.objectives for key, metric in self.metrics["train_"][name].items()]
-        world = 1 if self._trainer is None else self.trainer.world_size
+        single = self._trainer is None or self.trainer.world_size == 1
         for key, metric in metrics:
-            updated = metric.update_count > 0
-            if world > 1:
-                if any(isinstance(state, list) for state in metric.metric_state.values()):
-                    metric.reset()
-                    continue
-                updated = self.trainer.strategy.reduce_boolean_decision(updated, all=False)
-            if updated:
-                with warnings.catch_warnings():  # this rank may have no update of its own: the synced states count
-                    warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
-                    value = metric.compute()
-                self.log(f"train/{key}", value, sync_dist=False)  # already over every rank
+            if single and metric.update_count > 0:
+                self.log(f"train/{key}", metric.compute(), sync_dist=False)
             metric.reset()
 
     # ------------------------------------------------------------------ training

@@ -1,7 +1,7 @@
 """Framework overhead per training step: `vl` (Lightning fit of the default VQA model and data) against a bare PyTorch
 loop over the same model, data loader, optimiser and scheduler (`configure_optimizers()` on both sides).
 
-Three Lightning variants, each a fit of one epoch of `--steps` batches:
+The Lightning variants, each a fit of one epoch of `--steps` batches (`manual` and `unguarded` only on request):
   lightning  a plain LightningModule around the same model (training_step = the summed loss, the same optimiser and
            scheduler), no logger, progress bar or checkpoint: Lightning's own loop, the floor of any variant;
   manual   (only with --variants) the same module in Lightning's manual optimisation: its training_step does
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _table import emit  # noqa: E402
 
-VARIANTS = ("lightning", "minimal", "real")  # the default; `manual` on request
+VARIANTS = ("lightning", "minimal", "real")  # the default; `manual` and `unguarded` on request
 
 
 def compose_cfg(data_dir: str, output_dir: str, overrides: Sequence[str] = ()):

@@ -253,11 +253,11 @@ def copy_answer_rows(
 SEED_NO_DECAY = ("bias", "LayerNorm.weight", "objectives.mlm.transform.2.weight")
 
 
-#: `model.optimizer._target_` -> the AdamW of everything but the backbone: the seed's (transformers 3.3.1) or torch's
 FROZEN_AT_RANDOM = (
     "model.encoder.freeze_backbone=true without model.encoder.backbone_weights or model.init_from: the frozen CLIP "
     "ResNet stays at its random initialisation (the seed starts from CLIP's weights)"
 )
+#: `model.optimizer._target_` -> the AdamW of everything but the backbone: the seed's (transformers 3.3.1) or torch's
 DEFAULT_ADAMW = "vl.optimizers.TransformersAdamW"  # no `_target_`: the seed's AdamW
 ADAMW: dict[str, type[Optimizer]] = {
     "vl.optimizers.TransformersAdamW": TransformersAdamW,
